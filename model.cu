@@ -1,0 +1,214 @@
+// model.cu — the model behind the binaries: creation, the training step
+// (gradient accumulation, clipping, AdamW, expert-bias update), evaluation,
+// sampling and checkpoints. Today every step runs on the CPU reference
+// (reference.h); the CUDA path plugs in here.
+#include "model.h"
+
+#include <algorithm>
+
+#include "fileutil.h"
+#include "safetensors.h"
+
+void model_create(Model& m, const Config& c, uint64_t seed) {
+    ref_init(m.ref, c);
+    ref_init_weights(m.ref, seed);
+    m.adam_m.assign(m.ref.layout.total, 0);
+    m.adam_v.assign(m.ref.layout.total, 0);
+    m.tokenizer = tokenizer_bytes();
+    m.expert_load.assign(c.num_hidden_layers, std::vector<int64_t>(c.n_routed_experts, 0));
+}
+
+StepStats model_train_step(Model& m, DataLoader& loader, const TrainOptions& o, int step) {
+    const Config& c = m.ref.cfg;
+    std::fill(m.ref.grads.begin(), m.ref.grads.end(), 0.0f);
+    std::vector<std::vector<int64_t>> load(c.num_hidden_layers, std::vector<int64_t>(c.n_routed_experts, 0));
+    std::vector<int> inputs, targets;
+    StepStats s{0, 0, 0, 0};
+    for (int micro = 0; micro < o.grad_accum; micro++) {
+        dataloader_next(loader, inputs, targets);
+        StepOptions so;
+        so.dropout = o.dropout;
+        so.balance_alpha = o.balance_alpha;
+        so.dropout_key = mix64(o.seed ^ mix64((uint64_t)step * o.grad_accum + micro));
+        ref_forward(m.ref, inputs.data(), targets.data(), o.batch_size, o.seq_len, so);
+        ref_backward(m.ref, 1.0f / o.grad_accum);
+        s.loss += m.ref.ce_loss / o.grad_accum;
+        s.balance_loss += m.ref.balance_loss / o.grad_accum;
+        for (int l = 0; l < c.num_hidden_layers; l++)
+            for (int e = 0; e < c.n_routed_experts; e++) load[l][e] += m.ref.expert_load[l][e];
+    }
+    s.grad_norm = grad_norm(m.ref.layout, m.ref.grads.data());
+    s.lr = learning_rate(o.optim, step);
+    adamw_update(m.ref.layout, m.ref.params.data(), m.ref.grads.data(), m.adam_m.data(), m.adam_v.data(), o.optim, s.lr, step + 1,
+                 s.grad_norm);
+    if (o.optim.bias_update_speed > 0) expert_bias_update(c, m.ref.layout, m.ref.params.data(), load, o.optim.bias_update_speed);
+    for (int l = 0; l < c.num_hidden_layers; l++)
+        for (int e = 0; e < c.n_routed_experts; e++) m.expert_load[l][e] += load[l][e];
+    return s;
+}
+
+double model_eval_loss(Model& m, const std::vector<int>& tokens, int seq_len, int batch_size) {
+    if (tokens.size() < 2) fail("evaluation needs at least 2 tokens, got %zu", tokens.size());
+    const size_t predictions = tokens.size() - 1;
+    double total = 0;
+    std::vector<int> inputs, targets;
+    // full windows go in batches; the last partial window runs on its own
+    size_t start = 0;
+    while (start < predictions) {
+        size_t len = std::min((size_t)seq_len, predictions - start);
+        int rows = 1;
+        if (len == (size_t)seq_len)
+            while (rows < batch_size && start + (size_t)(rows + 1) * seq_len <= predictions) rows++;
+        inputs.assign(tokens.begin() + start, tokens.begin() + start + rows * len);
+        targets.assign(tokens.begin() + start + 1, tokens.begin() + start + 1 + rows * len);
+        double mean = ref_forward(m.ref, inputs.data(), targets.data(), rows, (int)len, StepOptions{});
+        total += mean * (double)(rows * len);
+        start += rows * len;
+    }
+    return total / (double)predictions;
+}
+
+const std::vector<float>& model_logits(Model& m, const std::vector<int>& tokens) {
+    ref_forward(m.ref, tokens.data(), nullptr, 1, (int)tokens.size(), StepOptions{});
+    return m.ref.logits;
+}
+
+int sample_token(const float* logits, int V, const SamplingOptions& s, float coin) {
+    if (s.temperature <= 0) return (int)(std::max_element(logits, logits + V) - logits);
+    std::vector<int> order(V);
+    for (int i = 0; i < V; i++) order[i] = i;
+    // ties keep the lower id first, so a fixed seed repeats exactly
+    std::stable_sort(order.begin(), order.end(), [&](int a, int b) { return logits[a] > logits[b]; });
+    int keep = (s.top_k > 0 && s.top_k < V) ? s.top_k : V;
+    std::vector<double> p(keep);
+    double sum = 0;
+    for (int i = 0; i < keep; i++) sum += (p[i] = std::exp((double)(logits[order[i]] - logits[order[0]]) / s.temperature));
+    if (s.top_p < 1) {
+        // the smallest prefix whose mass reaches top_p
+        double mass = 0;
+        int n = 0;
+        while (n < keep && mass < s.top_p * sum) mass += p[n++];
+        keep = std::max(n, 1);
+        sum = mass;
+    }
+    double target = coin * sum, acc = 0;
+    for (int i = 0; i < keep; i++) {
+        acc += p[i];
+        if (target < acc) return order[i];
+    }
+    return order[keep - 1];
+}
+
+// ----------------------------------------------------------------------------
+// Checkpoints
+
+static std::vector<SafeTensor> tensors_of(const ParamLayout& L, const float* data, const std::string& prefix, const char* dtype) {
+    std::vector<SafeTensor> out;
+    for (const TensorSpec& s : L.tensors) {
+        // the correction bias steers routing by tiny steps: never round it to bf16
+        const char* d = s.kind == TENSOR_BUFFER ? "F32" : dtype;
+        out.push_back({prefix + s.name, d, s.shape, std::vector<float>(data + s.offset, data + s.offset + s.numel)});
+    }
+    return out;
+}
+
+static std::string state_to_json(const TrainState& st) {
+    const TrainOptions& o = st.options;
+    std::string s = "{\n";
+    s += strfmt("  \"step\": %d,\n  \"data_position\": %llu,\n", st.step, (unsigned long long)st.data_position);
+    s += std::isfinite(st.best_val_loss) ? strfmt("  \"best_val_loss\": %.17g,\n", st.best_val_loss) : "  \"best_val_loss\": null,\n";
+    s += strfmt("  \"seed\": %llu,\n  \"batch_size\": %d,\n  \"seq_len\": %d,\n  \"grad_accum\": %d,\n", (unsigned long long)o.seed,
+                o.batch_size, o.seq_len, o.grad_accum);
+    s += strfmt("  \"dropout\": %.9g,\n  \"balance_alpha\": %.9g,\n", o.dropout, o.balance_alpha);
+    s += strfmt("  \"lr\": %.9g,\n  \"min_lr_fraction\": %.9g,\n  \"warmup_steps\": %d,\n  \"total_steps\": %d,\n", o.optim.lr,
+                o.optim.min_lr_fraction, o.optim.warmup_steps, o.optim.total_steps);
+    s += strfmt("  \"beta1\": %.9g,\n  \"beta2\": %.9g,\n  \"eps\": %.9g,\n  \"weight_decay\": %.9g,\n", o.optim.beta1, o.optim.beta2,
+                o.optim.eps, o.optim.weight_decay);
+    s += strfmt("  \"grad_clip\": %.9g,\n  \"bias_update_speed\": %.9g\n}\n", o.optim.grad_clip, o.optim.bias_update_speed);
+    return s;
+}
+
+static TrainState state_from_json(const std::string& text, const std::string& where) {
+    JsonValue root;
+    std::string err;
+    if (!json_parse(text, root, err)) fail("%s: invalid JSON: %s", where.c_str(), err.c_str());
+    auto num = [&](const char* key) {
+        const JsonValue* v = root.get(key);
+        if (!v || v->type != JsonValue::Number) fail("%s: missing or non-numeric field \"%s\"", where.c_str(), key);
+        return v->number;
+    };
+    TrainState st;
+    TrainOptions& o = st.options;
+    st.step = (int)num("step");
+    st.data_position = (uint64_t)num("data_position");
+    const JsonValue* best = root.get("best_val_loss");
+    st.best_val_loss = best && best->type == JsonValue::Number ? best->number : INFINITY;
+    o.seed = (uint64_t)num("seed");
+    o.batch_size = (int)num("batch_size");
+    o.seq_len = (int)num("seq_len");
+    o.grad_accum = (int)num("grad_accum");
+    o.dropout = (float)num("dropout");
+    o.balance_alpha = (float)num("balance_alpha");
+    o.optim.lr = (float)num("lr");
+    o.optim.min_lr_fraction = (float)num("min_lr_fraction");
+    o.optim.warmup_steps = (int)num("warmup_steps");
+    o.optim.total_steps = (int)num("total_steps");
+    o.optim.beta1 = (float)num("beta1");
+    o.optim.beta2 = (float)num("beta2");
+    o.optim.eps = (float)num("eps");
+    o.optim.weight_decay = (float)num("weight_decay");
+    o.optim.grad_clip = (float)num("grad_clip");
+    o.optim.bias_update_speed = (float)num("bias_update_speed");
+    if (st.step < 0 || o.batch_size < 1 || o.seq_len < 1 || o.grad_accum < 1) fail("%s: inconsistent training state", where.c_str());
+    return st;
+}
+
+void model_save(const Model& m, const std::string& dir, const TrainState* state, bool bf16) {
+    std::string tmp = atomic_dir_begin(dir);
+    write_file_atomic(tmp + "/config.json", config_to_json(m.ref.cfg));
+    safetensors_write(tmp + "/model.safetensors", tensors_of(m.ref.layout, m.ref.params.data(), "", bf16 ? "BF16" : "F32"),
+                      {{"format", "pt"}});
+    tokenizer_save(m.tokenizer, tmp + "/tokenizer.bin");
+    if (state) {
+        std::vector<SafeTensor> moments = tensors_of(m.ref.layout, m.adam_m.data(), "exp_avg.", "F32");
+        std::vector<SafeTensor> second = tensors_of(m.ref.layout, m.adam_v.data(), "exp_avg_sq.", "F32");
+        moments.insert(moments.end(), second.begin(), second.end());
+        safetensors_write(tmp + "/optimizer.safetensors", moments);
+        write_file_atomic(tmp + "/trainer_state.json", state_to_json(*state));
+    }
+    atomic_dir_commit(tmp, dir);
+}
+
+bool checkpoint_has_state(const std::string& dir) {
+    return path_exists(dir + "/trainer_state.json") && path_exists(dir + "/optimizer.safetensors");
+}
+
+// copies every tensor of the layout from f into dst, refusing missing,
+// mis-shaped and unexpected tensors
+static void take_all(const SafeTensorsFile& f, const ParamLayout& L, float* dst) {
+    for (const TensorSpec& s : L.tensors) safetensors_take(f, s.name, s.shape, dst + s.offset);
+    for (const SafeTensor& t : f.tensors)
+        if (!L.index.count(t.name)) fail("%s: unexpected tensor '%s' (not part of this config)", f.path.c_str(), t.name.c_str());
+}
+
+void model_load(Model& m, const std::string& dir, TrainState* state) {
+    if (!path_exists(dir)) fail("%s: checkpoint directory does not exist", dir.c_str());
+    std::string config_path = dir + "/config.json";
+    Config c = config_from_json(read_file(config_path), config_path);
+    model_create(m, c, 0);
+    SafeTensorsFile weights = safetensors_read(dir + "/model.safetensors");
+    take_all(weights, m.ref.layout, m.ref.params.data());
+    std::string tok_path = dir + "/tokenizer.bin";
+    m.tokenizer = path_exists(tok_path) ? tokenizer_load(tok_path) : tokenizer_bytes();
+    if (m.tokenizer.vocab_size > c.vocab_size)
+        fail("%s: tokenizer has %d tokens but the model's vocab_size is %d", tok_path.c_str(), m.tokenizer.vocab_size, c.vocab_size);
+    if (!state) return;
+    if (!checkpoint_has_state(dir)) fail("%s: no training state (trainer_state.json, optimizer.safetensors) to resume from", dir.c_str());
+    std::string state_path = dir + "/trainer_state.json";
+    *state = state_from_json(read_file(state_path), state_path);
+    SafeTensorsFile opt = safetensors_read(dir + "/optimizer.safetensors");
+    for (const TensorSpec& s : m.ref.layout.tensors) {
+        safetensors_take(opt, "exp_avg." + s.name, s.shape, m.adam_m.data() + s.offset);
+        safetensors_take(opt, "exp_avg_sq." + s.name, s.shape, m.adam_v.data() + s.offset);
+    }
+}

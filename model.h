@@ -1,0 +1,82 @@
+// model.h — the model as the binaries use it: creation, one training step with
+// gradient accumulation, evaluation, sampling, and checkpoints (a directory with
+// config.json, model.safetensors with HF tensor names, tokenizer.bin and the
+// training state) written atomically and read back bit-exactly.
+#pragma once
+
+#include <string>
+#include <vector>
+
+#include "config.h"
+#include "dataloader.h"
+#include "reference.h"
+#include "tokenizer.h"
+
+struct TrainOptions {
+    OptimOptions optim;
+    int batch_size = 8;
+    int seq_len = 256;
+    int grad_accum = 1;          // micro-batches per optimizer step
+    float dropout = 0;           // after the embedding, attention output and FFN output
+    float balance_alpha = 1e-4f; // sequence-wise balance loss weight (0 = off)
+    uint64_t seed = 1337;
+};
+
+// What exact resume needs beyond the weights (the optimizer moments live in
+// optimizer.safetensors). Dropout masks are keyed by (seed, step), so no RNG
+// stream has to be saved.
+struct TrainState {
+    int step = 0;                  // optimizer steps done
+    uint64_t data_position = 0;    // the training loader's position
+    double best_val_loss = INFINITY;
+    TrainOptions options;
+};
+
+struct Model {
+    RefModel<float> ref;           // the CPU reference; parameters in ref.params
+    std::vector<float> adam_m, adam_v;
+    Tokenizer tokenizer;           // the byte tokenizer when the checkpoint has none
+    std::vector<std::vector<int64_t>> expert_load;  // [layer][expert] tokens routed since the last reset
+};
+
+struct StepStats {
+    float loss;          // mean cross-entropy over the step's micro-batches
+    float balance_loss;  // the sequence-wise balance loss term (0 when off)
+    double grad_norm;    // before clipping
+    float lr;
+};
+
+// fresh weights (HF's init: normal(0, 0.02), unit norms, zero expert bias)
+void model_create(Model& m, const Config& c, uint64_t seed);
+
+// One optimizer step (step counts from 0): grad_accum micro-batches from the loader,
+// clipping, AdamW, then the aux-loss-free expert-bias update.
+StepStats model_train_step(Model& m, DataLoader& loader, const TrainOptions& o, int step);
+
+// Mean next-token loss over tokens: consecutive non-overlapping windows of seq_len
+// predictions (inputs tokens[i*L .. i*L+L), targets shifted by one); the last,
+// partial window is used as it is, so every token but the first is predicted once.
+double model_eval_loss(Model& m, const std::vector<int>& tokens, int seq_len, int batch_size);
+
+// logits [T, V] at every position of one sequence (a forward pass without targets)
+const std::vector<float>& model_logits(Model& m, const std::vector<int>& tokens);
+
+struct SamplingOptions {
+    float temperature = 1.0f;  // 0 = greedy
+    int top_k = 0;             // 0 = off
+    float top_p = 1.0f;        // 1 = off
+};
+
+// Picks a token from logits [V]; coin is uniform in [0, 1).
+int sample_token(const float* logits, int V, const SamplingOptions& s, float coin);
+
+// Writes dir atomically. state may be null (weights only). bf16 halves the file but
+// is not an exact resume point.
+void model_save(const Model& m, const std::string& dir, const TrainState* state, bool bf16);
+
+// Reads config.json, model.safetensors and tokenizer.bin (bytes when absent). When
+// state is not null the training state must be present too.
+void model_load(Model& m, const std::string& dir, TrainState* state);
+
+// true when dir holds a training state (a resumable checkpoint)
+bool checkpoint_has_state(const std::string& dir);

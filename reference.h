@@ -1,0 +1,1090 @@
+// reference.h — the CPU reference of every layer of the DeepSeek-V3 model, forward
+// and backward, in plain C++17 + OpenMP, templated on the float type so the
+// gradient checks can run in double. Read it top to bottom: the parameter layout
+// (Hugging Face tensor names), then one *_forward / *_backward pair per layer, then
+// the whole model, then the optimizer.
+//
+// Conventions: N = B*T token rows; a weight W[OC, C] maps C inputs to OC outputs
+// (PyTorch's nn.Linear layout, so checkpoints load as they are); every backward
+// ACCUMULATES (+=) into its input and weight gradients, so callers zero them once.
+// Loops are parallel over independent outputs only, so results never depend on
+// the thread count.
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <numeric>
+#include <string>
+#include <unordered_map>
+#include <vector>
+
+#include "common.h"
+#include "config.h"
+
+// ----------------------------------------------------------------------------
+// Parameter layout: every tensor of the model, with its HF name and shape, in one
+// flat array.
+
+enum TensorKind {
+    TENSOR_DECAY = 0,     // a matrix: AdamW applies weight decay
+    TENSOR_NO_DECAY = 1,  // a norm weight: no weight decay
+    TENSOR_BUFFER = 2,    // e_score_correction_bias: saved, but no gradient
+};
+
+struct TensorSpec {
+    std::string name;
+    std::vector<int64_t> shape;
+    size_t offset;
+    size_t numel;
+    int kind;
+};
+
+struct ParamLayout {
+    std::vector<TensorSpec> tensors;
+    std::unordered_map<std::string, size_t> index;
+    size_t total = 0;
+    size_t offset_of(const std::string& name) const {
+        auto it = index.find(name);
+        if (it == index.end()) fail("internal: no tensor named '%s'", name.c_str());
+        return tensors[it->second].offset;
+    }
+};
+
+inline ParamLayout param_layout(const Config& c) {
+    ParamLayout L;
+    auto add = [&](const std::string& name, std::vector<int64_t> shape, int kind) {
+        size_t n = 1;
+        for (int64_t s : shape) n *= (size_t)s;
+        L.index[name] = L.tensors.size();
+        L.tensors.push_back({name, shape, L.total, n, kind});
+        L.total += n;
+    };
+    const int D = c.hidden_size, H = c.num_attention_heads, dqk = c.qk_head_dim();
+    add("model.embed_tokens.weight", {c.vocab_size, D}, TENSOR_DECAY);
+    for (int l = 0; l < c.num_hidden_layers; l++) {
+        std::string p = strfmt("model.layers.%d.", l);
+        add(p + "input_layernorm.weight", {D}, TENSOR_NO_DECAY);
+        if (c.q_lora_rank > 0) {
+            add(p + "self_attn.q_a_proj.weight", {c.q_lora_rank, D}, TENSOR_DECAY);
+            add(p + "self_attn.q_a_layernorm.weight", {c.q_lora_rank}, TENSOR_NO_DECAY);
+            add(p + "self_attn.q_b_proj.weight", {H * dqk, c.q_lora_rank}, TENSOR_DECAY);
+        } else {
+            add(p + "self_attn.q_proj.weight", {H * dqk, D}, TENSOR_DECAY);
+        }
+        add(p + "self_attn.kv_a_proj_with_mqa.weight", {c.kv_lora_rank + c.qk_rope_head_dim, D}, TENSOR_DECAY);
+        add(p + "self_attn.kv_a_layernorm.weight", {c.kv_lora_rank}, TENSOR_NO_DECAY);
+        add(p + "self_attn.kv_b_proj.weight", {H * (c.qk_nope_head_dim + c.v_head_dim), c.kv_lora_rank}, TENSOR_DECAY);
+        add(p + "self_attn.o_proj.weight", {D, H * c.v_head_dim}, TENSOR_DECAY);
+        add(p + "post_attention_layernorm.weight", {D}, TENSOR_NO_DECAY);
+        if (!c.is_moe_layer(l)) {
+            add(p + "mlp.gate_proj.weight", {c.intermediate_size, D}, TENSOR_DECAY);
+            add(p + "mlp.up_proj.weight", {c.intermediate_size, D}, TENSOR_DECAY);
+            add(p + "mlp.down_proj.weight", {D, c.intermediate_size}, TENSOR_DECAY);
+            continue;
+        }
+        const int I = c.moe_intermediate_size;
+        add(p + "mlp.gate.weight", {c.n_routed_experts, D}, TENSOR_DECAY);
+        add(p + "mlp.gate.e_score_correction_bias", {c.n_routed_experts}, TENSOR_BUFFER);
+        for (int e = 0; e < c.n_routed_experts; e++) {
+            std::string q = p + strfmt("mlp.experts.%d.", e);
+            add(q + "gate_proj.weight", {I, D}, TENSOR_DECAY);
+            add(q + "up_proj.weight", {I, D}, TENSOR_DECAY);
+            add(q + "down_proj.weight", {D, I}, TENSOR_DECAY);
+        }
+        if (c.n_shared_experts > 0) {
+            const int S = c.n_shared_experts * I;
+            add(p + "mlp.shared_experts.gate_proj.weight", {S, D}, TENSOR_DECAY);
+            add(p + "mlp.shared_experts.up_proj.weight", {S, D}, TENSOR_DECAY);
+            add(p + "mlp.shared_experts.down_proj.weight", {D, S}, TENSOR_DECAY);
+        }
+    }
+    add("model.norm.weight", {D}, TENSOR_NO_DECAY);
+    add("lm_head.weight", {c.vocab_size, D}, TENSOR_DECAY);
+    return L;
+}
+
+// ----------------------------------------------------------------------------
+// Matmul: out[N, OC] = inp[N, C] @ W[OC, C]^T
+
+template <typename T>
+inline T dot(const T* a, const T* b, int n) {
+    // eight partial sums let the compiler vectorise without -ffast-math
+    T s[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    int i = 0;
+    for (; i + 8 <= n; i += 8)
+        for (int j = 0; j < 8; j++) s[j] += a[i + j] * b[i + j];
+    T total = ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]));
+    for (; i < n; i++) total += a[i] * b[i];
+    return total;
+}
+
+template <typename T>
+void matmul_forward(T* out, const T* inp, const T* weight, int N, int C, int OC) {
+#pragma omp parallel for collapse(2) schedule(static)
+    for (int n = 0; n < N; n++)
+        for (int o = 0; o < OC; o++) out[(size_t)n * OC + o] = dot(inp + (size_t)n * C, weight + (size_t)o * C, C);
+}
+
+// dinp[N, C] += dout[N, OC] @ W ; dweight[OC, C] += dout^T @ inp
+template <typename T>
+void matmul_backward(T* dinp, T* dweight, const T* dout, const T* inp, const T* weight, int N, int C, int OC) {
+    if (dinp) {
+#pragma omp parallel for schedule(static)
+        for (int n = 0; n < N; n++) {
+            T* di = dinp + (size_t)n * C;
+            for (int o = 0; o < OC; o++) {
+                T d = dout[(size_t)n * OC + o];
+                const T* w = weight + (size_t)o * C;
+                for (int c = 0; c < C; c++) di[c] += d * w[c];
+            }
+        }
+    }
+#pragma omp parallel for schedule(static)
+    for (int o = 0; o < OC; o++) {
+        T* dw = dweight + (size_t)o * C;
+        for (int n = 0; n < N; n++) {
+            T d = dout[(size_t)n * OC + o];
+            const T* x = inp + (size_t)n * C;
+            for (int c = 0; c < C; c++) dw[c] += d * x[c];
+        }
+    }
+}
+
+// ----------------------------------------------------------------------------
+// Embedding: out[N, D] = wte[tokens[n], :]
+
+template <typename T>
+void embedding_forward(T* out, const int* tokens, const T* wte, int N, int D) {
+    for (int n = 0; n < N; n++) std::copy(wte + (size_t)tokens[n] * D, wte + (size_t)(tokens[n] + 1) * D, out + (size_t)n * D);
+}
+
+// rows of dwte are summed in token order, so the result is deterministic
+template <typename T>
+void embedding_backward(T* dwte, const T* dout, const int* tokens, int N, int D) {
+    for (int n = 0; n < N; n++) {
+        T* row = dwte + (size_t)tokens[n] * D;
+        for (int i = 0; i < D; i++) row[i] += dout[(size_t)n * D + i];
+    }
+}
+
+// ----------------------------------------------------------------------------
+// RMSNorm: out[N, C] = w * x / sqrt(mean(x^2) + eps); rstd[N] is saved for backward
+
+template <typename T>
+void rmsnorm_forward(T* out, T* rstd, const T* inp, const T* weight, int N, int C, float eps) {
+#pragma omp parallel for schedule(static)
+    for (int n = 0; n < N; n++) {
+        const T* x = inp + (size_t)n * C;
+        T ms = dot(x, x, C) / C;
+        T r = 1 / std::sqrt(ms + (T)eps);
+        rstd[n] = r;
+        for (int i = 0; i < C; i++) out[(size_t)n * C + i] = weight[i] * (x[i] * r);
+    }
+}
+
+// dx_i = r * w_i dy_i - r^3 / C * x_i * sum_j w_j dy_j x_j
+template <typename T>
+void rmsnorm_backward(T* dinp, T* dweight, const T* dout, const T* inp, const T* weight, const T* rstd, int N, int C) {
+#pragma omp parallel for schedule(static)
+    for (int n = 0; n < N; n++) {
+        const T* x = inp + (size_t)n * C;
+        const T* dy = dout + (size_t)n * C;
+        T r = rstd[n];
+        T s = 0;
+        for (int i = 0; i < C; i++) s += weight[i] * dy[i] * x[i];
+        T k = r * r * r * s / C;
+        for (int i = 0; i < C; i++) dinp[(size_t)n * C + i] += r * weight[i] * dy[i] - k * x[i];
+    }
+    for (int n = 0; n < N; n++)
+        for (int i = 0; i < C; i++) dweight[i] += dout[(size_t)n * C + i] * inp[(size_t)n * C + i] * rstd[n];
+}
+
+// ----------------------------------------------------------------------------
+// RoPE with HF's rope_interleave=True convention: pairs (2i, 2i+1) are rotated by
+// pos * inv_freq[i]. YaRN blends interpolated and extrapolated frequencies and
+// scales cos/sin by its attention factor, as transformers' yarn rope does.
+
+struct RopeTable {
+    int dim = 0, max_len = 0;
+    std::vector<double> cos, sin;  // [max_len, dim/2], attention factor included
+    double softmax_scale = 1;      // (dn+dr)^-0.5, times mscale^2 under YaRN with mscale_all_dim
+};
+
+inline double yarn_get_mscale(double scale, double mscale) { return scale <= 1 ? 1.0 : 0.1 * mscale * std::log(scale) + 1.0; }
+
+inline RopeTable rope_build(const Config& c, int max_len) {
+    RopeTable r;
+    const int d = c.qk_rope_head_dim, half = d / 2;
+    r.dim = d;
+    r.max_len = max_len;
+    std::vector<double> inv_freq(half);
+    for (int i = 0; i < half; i++) inv_freq[i] = 1.0 / std::pow((double)c.rope_theta, 2.0 * i / d);
+    double attention_factor = 1.0;
+    r.softmax_scale = 1.0 / std::sqrt((double)c.qk_head_dim());
+    if (c.yarn) {
+        const double f = c.yarn_factor, base = c.rope_theta, orig = c.yarn_original_max_position_embeddings;
+        auto correction_dim = [&](double rotations) { return d * std::log(orig / (rotations * 2 * M_PI)) / (2 * std::log(base)); };
+        double low = std::max(std::floor(correction_dim(c.yarn_beta_fast)), 0.0);
+        double high = std::min(std::ceil(correction_dim(c.yarn_beta_slow)), (double)(d - 1));
+        if (low == high) high += 0.001;
+        for (int i = 0; i < half; i++) {
+            double ramp = std::min(std::max((i - low) / (high - low), 0.0), 1.0);
+            double extrapolation_weight = 1 - ramp;
+            inv_freq[i] = inv_freq[i] / f * (1 - extrapolation_weight) + inv_freq[i] * extrapolation_weight;
+        }
+        if (c.yarn_mscale != 0 && c.yarn_mscale_all_dim != 0)
+            attention_factor = yarn_get_mscale(f, c.yarn_mscale) / yarn_get_mscale(f, c.yarn_mscale_all_dim);
+        else
+            attention_factor = yarn_get_mscale(f, 1.0);
+        if (c.yarn_mscale_all_dim != 0) {
+            double m = yarn_get_mscale(f, c.yarn_mscale_all_dim);
+            r.softmax_scale *= m * m;
+        }
+    }
+    r.cos.resize((size_t)max_len * half);
+    r.sin.resize((size_t)max_len * half);
+    for (int p = 0; p < max_len; p++)
+        for (int i = 0; i < half; i++) {
+            double angle = p * inv_freq[i];
+            r.cos[(size_t)p * half + i] = std::cos(angle) * attention_factor;
+            r.sin[(size_t)p * half + i] = std::sin(angle) * attention_factor;
+        }
+    return r;
+}
+
+// rotates x[dim] in place for position pos
+template <typename T>
+void rope_forward(T* x, int pos, const RopeTable& r) {
+    const int half = r.dim / 2;
+    for (int i = 0; i < half; i++) {
+        T c = (T)r.cos[(size_t)pos * half + i], s = (T)r.sin[(size_t)pos * half + i];
+        T x0 = x[2 * i], x1 = x[2 * i + 1];
+        x[2 * i] = x0 * c - x1 * s;
+        x[2 * i + 1] = x1 * c + x0 * s;
+    }
+}
+
+// the transpose of the rotation, applied in place to the gradient
+template <typename T>
+void rope_backward(T* dx, int pos, const RopeTable& r) {
+    const int half = r.dim / 2;
+    for (int i = 0; i < half; i++) {
+        T c = (T)r.cos[(size_t)pos * half + i], s = (T)r.sin[(size_t)pos * half + i];
+        T d0 = dx[2 * i], d1 = dx[2 * i + 1];
+        dx[2 * i] = d0 * c + d1 * s;
+        dx[2 * i + 1] = d1 * c - d0 * s;
+    }
+}
+
+// ----------------------------------------------------------------------------
+// Causal attention, expanded form (each head has its own K and V):
+// q, k [B, T, H, dqk], v [B, T, H, dv] -> out [B, T, H, dv]; att [B, H, T, T] keeps
+// the probabilities for backward (zero above the diagonal).
+
+template <typename T>
+void attention_forward(T* out, T* att, const T* q, const T* k, const T* v, int B, int Tlen, int H, int dqk, int dv, double scale) {
+#pragma omp parallel for collapse(2) schedule(static)
+    for (int b = 0; b < B; b++)
+        for (int h = 0; h < H; h++)
+            for (int t = 0; t < Tlen; t++) {
+                const T* qt = q + (((size_t)b * Tlen + t) * H + h) * dqk;
+                T* p = att + (((size_t)b * H + h) * Tlen + t) * Tlen;
+                T mx = -INFINITY;
+                for (int j = 0; j <= t; j++) {
+                    p[j] = dot(qt, k + (((size_t)b * Tlen + j) * H + h) * dqk, dqk) * (T)scale;
+                    mx = std::max(mx, p[j]);
+                }
+                T sum = 0;
+                for (int j = 0; j <= t; j++) sum += (p[j] = std::exp(p[j] - mx));
+                for (int j = 0; j <= t; j++) p[j] /= sum;
+                for (int j = t + 1; j < Tlen; j++) p[j] = 0;
+                T* o = out + (((size_t)b * Tlen + t) * H + h) * dv;
+                for (int i = 0; i < dv; i++) o[i] = 0;
+                for (int j = 0; j <= t; j++) {
+                    const T* vj = v + (((size_t)b * Tlen + j) * H + h) * dv;
+                    for (int i = 0; i < dv; i++) o[i] += p[j] * vj[i];
+                }
+            }
+}
+
+// dscore_tj = p_tj (dp_tj - sum_j' p_tj' dp_tj'), dp_tj = dout_t . v_j
+template <typename T>
+void attention_backward(T* dq, T* dk, T* dv_, const T* dout, const T* att, const T* q, const T* k, const T* v, int B, int Tlen,
+                        int H, int dqk, int dv, double scale) {
+#pragma omp parallel for collapse(2) schedule(static)
+    for (int b = 0; b < B; b++)
+        for (int h = 0; h < H; h++) {
+            std::vector<T> dp(Tlen);
+            for (int t = 0; t < Tlen; t++) {
+                const T* p = att + (((size_t)b * H + h) * Tlen + t) * Tlen;
+                const T* dot_ = dout + (((size_t)b * Tlen + t) * H + h) * dv;
+                T sum = 0;
+                for (int j = 0; j <= t; j++) {
+                    dp[j] = dot(dot_, v + (((size_t)b * Tlen + j) * H + h) * dv, dv);
+                    sum += p[j] * dp[j];
+                    T* dvj = dv_ + (((size_t)b * Tlen + j) * H + h) * dv;
+                    for (int i = 0; i < dv; i++) dvj[i] += p[j] * dot_[i];
+                }
+                const T* qt = q + (((size_t)b * Tlen + t) * H + h) * dqk;
+                T* dqt = dq + (((size_t)b * Tlen + t) * H + h) * dqk;
+                for (int j = 0; j <= t; j++) {
+                    T ds = p[j] * (dp[j] - sum) * (T)scale;
+                    const T* kj = k + (((size_t)b * Tlen + j) * H + h) * dqk;
+                    T* dkj = dk + (((size_t)b * Tlen + j) * H + h) * dqk;
+                    for (int i = 0; i < dqk; i++) {
+                        dqt[i] += ds * kj[i];
+                        dkj[i] += ds * qt[i];
+                    }
+                }
+            }
+        }
+}
+
+// ----------------------------------------------------------------------------
+// Multi-head Latent Attention (expanded form, as in training):
+//   q = Wq_b RMSNorm(Wq_a x)  (or Wq x)          per head [q_nope(dn); q_pe(dr)]
+//   [c; k_pe] = Wkv_a x,  [k_nope; v] = Wkv_b RMSNorm(c)   per head
+//   RoPE on q_pe and on k_pe (one k_pe shared by all heads)
+//   out = Wo attention(q, [k_nope; k_pe], v)
+
+template <typename T>
+struct MlaParams {  // pointers into the flat parameter (or gradient) array
+    T *q_proj, *q_a, *q_a_norm, *q_b, *kv_a, *kv_a_norm, *kv_b, *o_proj;
+};
+
+template <typename T>
+struct MlaActs {
+    std::vector<T> qa, qa_norm, qa_rstd;  // [N, qr], [N, qr], [N]  (q_lora only)
+    std::vector<T> q;                     // [N, H, dqk], q_pe roped
+    std::vector<T> kv_a;                  // [N, dc + dr], k_pe part roped
+    std::vector<T> c_norm, c_rstd;        // [N, dc], [N]
+    std::vector<T> kv_b;                  // [N, H, dn + dv]
+    std::vector<T> k, v;                  // [N, H, dqk], [N, H, dv]
+    std::vector<T> att;                   // [B, H, T, T]
+    std::vector<T> o;                     // [N, H, dv]
+};
+
+template <typename T>
+void mla_forward(const Config& c, const MlaParams<T>& w, const RopeTable& rope, T* out, const T* x, int B, int Tlen, MlaActs<T>& a) {
+    const int N = B * Tlen, D = c.hidden_size, H = c.num_attention_heads, qr = c.q_lora_rank, dc = c.kv_lora_rank;
+    const int dn = c.qk_nope_head_dim, dr = c.qk_rope_head_dim, dv = c.v_head_dim, dqk = dn + dr;
+    a.q.resize((size_t)N * H * dqk);
+    if (qr > 0) {
+        a.qa.resize((size_t)N * qr);
+        a.qa_norm.resize((size_t)N * qr);
+        a.qa_rstd.resize(N);
+        matmul_forward(a.qa.data(), x, w.q_a, N, D, qr);
+        rmsnorm_forward(a.qa_norm.data(), a.qa_rstd.data(), a.qa.data(), w.q_a_norm, N, qr, c.rms_norm_eps);
+        matmul_forward(a.q.data(), a.qa_norm.data(), w.q_b, N, qr, H * dqk);
+    } else {
+        matmul_forward(a.q.data(), x, w.q_proj, N, D, H * dqk);
+    }
+    a.kv_a.resize((size_t)N * (dc + dr));
+    matmul_forward(a.kv_a.data(), x, w.kv_a, N, D, dc + dr);
+    a.c_norm.resize((size_t)N * dc);
+    a.c_rstd.resize(N);
+    std::vector<T> latent((size_t)N * dc);
+    for (int n = 0; n < N; n++) std::copy_n(&a.kv_a[(size_t)n * (dc + dr)], dc, &latent[(size_t)n * dc]);
+    rmsnorm_forward(a.c_norm.data(), a.c_rstd.data(), latent.data(), w.kv_a_norm, N, dc, c.rms_norm_eps);
+    a.kv_b.resize((size_t)N * H * (dn + dv));
+    matmul_forward(a.kv_b.data(), a.c_norm.data(), w.kv_b, N, dc, H * (dn + dv));
+    a.k.resize((size_t)N * H * dqk);
+    a.v.resize((size_t)N * H * dv);
+    for (int n = 0; n < N; n++) {
+        int pos = n % Tlen;
+        T* k_pe = &a.kv_a[(size_t)n * (dc + dr) + dc];
+        rope_forward(k_pe, pos, rope);
+        for (int h = 0; h < H; h++) {
+            rope_forward(&a.q[((size_t)n * H + h) * dqk + dn], pos, rope);
+            const T* kvb = &a.kv_b[((size_t)n * H + h) * (dn + dv)];
+            T* k = &a.k[((size_t)n * H + h) * dqk];
+            std::copy_n(kvb, dn, k);
+            std::copy_n(k_pe, dr, k + dn);
+            std::copy_n(kvb + dn, dv, &a.v[((size_t)n * H + h) * dv]);
+        }
+    }
+    a.att.resize((size_t)B * H * Tlen * Tlen);
+    a.o.resize((size_t)N * H * dv);
+    attention_forward(a.o.data(), a.att.data(), a.q.data(), a.k.data(), a.v.data(), B, Tlen, H, dqk, dv, rope.softmax_scale);
+    matmul_forward(out, a.o.data(), w.o_proj, N, H * dv, D);
+}
+
+template <typename T>
+void mla_backward(const Config& c, const MlaParams<T>& w, const MlaParams<T>& dw, const RopeTable& rope, T* dx, const T* dout,
+                  const T* x, int B, int Tlen, const MlaActs<T>& a) {
+    const int N = B * Tlen, D = c.hidden_size, H = c.num_attention_heads, qr = c.q_lora_rank, dc = c.kv_lora_rank;
+    const int dn = c.qk_nope_head_dim, dr = c.qk_rope_head_dim, dv = c.v_head_dim, dqk = dn + dr;
+    std::vector<T> d_o((size_t)N * H * dv, 0);
+    matmul_backward(d_o.data(), dw.o_proj, dout, a.o.data(), w.o_proj, N, H * dv, D);
+    std::vector<T> dq((size_t)N * H * dqk, 0), dk((size_t)N * H * dqk, 0), dvv((size_t)N * H * dv, 0);
+    attention_backward(dq.data(), dk.data(), dvv.data(), d_o.data(), a.att.data(), a.q.data(), a.k.data(), a.v.data(), B, Tlen, H,
+                       dqk, dv, rope.softmax_scale);
+    // split dK, dV back into d kv_b and the shared d k_pe, then undo the rotations
+    std::vector<T> dkv_b((size_t)N * H * (dn + dv)), dkv_a((size_t)N * (dc + dr), 0);
+    for (int n = 0; n < N; n++) {
+        int pos = n % Tlen;
+        T* dk_pe = &dkv_a[(size_t)n * (dc + dr) + dc];
+        for (int h = 0; h < H; h++) {
+            const T* dkh = &dk[((size_t)n * H + h) * dqk];
+            T* dkvb = &dkv_b[((size_t)n * H + h) * (dn + dv)];
+            std::copy_n(dkh, dn, dkvb);
+            std::copy_n(&dvv[((size_t)n * H + h) * dv], dv, dkvb + dn);
+            for (int i = 0; i < dr; i++) dk_pe[i] += dkh[dn + i];
+            rope_backward(&dq[((size_t)n * H + h) * dqk + dn], pos, rope);
+        }
+        rope_backward(dk_pe, pos, rope);
+    }
+    std::vector<T> dc_norm((size_t)N * dc, 0), dlatent((size_t)N * dc, 0), latent((size_t)N * dc);
+    matmul_backward(dc_norm.data(), dw.kv_b, dkv_b.data(), a.c_norm.data(), w.kv_b, N, dc, H * (dn + dv));
+    for (int n = 0; n < N; n++) std::copy_n(&a.kv_a[(size_t)n * (dc + dr)], dc, &latent[(size_t)n * dc]);
+    rmsnorm_backward(dlatent.data(), dw.kv_a_norm, dc_norm.data(), latent.data(), w.kv_a_norm, a.c_rstd.data(), N, dc);
+    for (int n = 0; n < N; n++) std::copy_n(&dlatent[(size_t)n * dc], dc, &dkv_a[(size_t)n * (dc + dr)]);
+    matmul_backward(dx, dw.kv_a, dkv_a.data(), x, w.kv_a, N, D, dc + dr);
+    if (qr > 0) {
+        std::vector<T> dqa_norm((size_t)N * qr, 0), dqa((size_t)N * qr, 0);
+        matmul_backward(dqa_norm.data(), dw.q_b, dq.data(), a.qa_norm.data(), w.q_b, N, qr, H * dqk);
+        rmsnorm_backward(dqa.data(), dw.q_a_norm, dqa_norm.data(), a.qa.data(), w.q_a_norm, a.qa_rstd.data(), N, qr);
+        matmul_backward(dx, dw.q_a, dqa.data(), x, w.q_a, N, D, qr);
+    } else {
+        matmul_backward(dx, dw.q_proj, dq.data(), x, w.q_proj, N, D, H * dqk);
+    }
+}
+
+// ----------------------------------------------------------------------------
+// SwiGLU FFN (dense layers, every routed expert and the shared experts):
+// out[n, D] = W_down (silu(W_gate x) * W_up x), hidden width I
+
+template <typename T>
+struct FfnActs {
+    std::vector<T> gate, up, hidden;  // [n, I] each
+};
+
+template <typename T>
+inline T sigmoid(T x) {
+    return 1 / (1 + std::exp(-x));
+}
+
+template <typename T>
+void ffn_forward(T* out, const T* x, const T* w_gate, const T* w_up, const T* w_down, int n, int D, int I, FfnActs<T>& a) {
+    a.gate.resize((size_t)n * I);
+    a.up.resize((size_t)n * I);
+    a.hidden.resize((size_t)n * I);
+    matmul_forward(a.gate.data(), x, w_gate, n, D, I);
+    matmul_forward(a.up.data(), x, w_up, n, D, I);
+    for (size_t i = 0; i < (size_t)n * I; i++) a.hidden[i] = a.gate[i] * sigmoid(a.gate[i]) * a.up[i];
+    matmul_forward(out, a.hidden.data(), w_down, n, I, D);
+}
+
+// silu'(g) = s + g s (1 - s), s = sigmoid(g)
+template <typename T>
+void ffn_backward(T* dx, T* dw_gate, T* dw_up, T* dw_down, const T* dout, const T* x, const T* w_gate, const T* w_up,
+                  const T* w_down, int n, int D, int I, const FfnActs<T>& a) {
+    std::vector<T> dhidden((size_t)n * I, 0), dgate((size_t)n * I), dup((size_t)n * I);
+    matmul_backward(dhidden.data(), dw_down, dout, a.hidden.data(), w_down, n, I, D);
+    for (size_t i = 0; i < (size_t)n * I; i++) {
+        T g = a.gate[i], s = sigmoid(g);
+        dup[i] = dhidden[i] * g * s;
+        dgate[i] = dhidden[i] * a.up[i] * (s + g * s * (1 - s));
+    }
+    matmul_backward(dx, dw_gate, dgate.data(), x, w_gate, n, D, I);
+    matmul_backward(dx, dw_up, dup.data(), x, w_up, n, D, I);
+}
+
+// ----------------------------------------------------------------------------
+// MoE router: scores s = sigmoid(W_g u) (or softmax); experts are chosen on s + b
+// (b = e_score_correction_bias, no gradient) within the topk_group best groups
+// (group score = sum of its two best biased scores); the gates are the unbiased s
+// of the chosen, normalised when norm_topk_prob, times routed_scaling_factor.
+
+template <typename T>
+struct RouterActs {
+    std::vector<T> scores;        // [N, E]
+    std::vector<int> expert;      // [N, K] chosen experts, in order of selection
+    std::vector<T> gate;          // [N, K]
+};
+
+template <typename T>
+void router_forward(const Config& c, T* logits, const T* u, const T* w_router, const T* bias, int N, RouterActs<T>& a) {
+    const int D = c.hidden_size, E = c.n_routed_experts, K = c.num_experts_per_tok, G = c.n_group, per_group = E / G;
+    matmul_forward(logits, u, w_router, N, D, E);
+    a.scores.resize((size_t)N * E);
+    a.expert.resize((size_t)N * K);
+    a.gate.resize((size_t)N * K);
+#pragma omp parallel for schedule(static)
+    for (int n = 0; n < N; n++) {
+        const T* z = logits + (size_t)n * E;
+        T* s = &a.scores[(size_t)n * E];
+        if (c.scoring_func == SCORING_SIGMOID) {
+            for (int e = 0; e < E; e++) s[e] = sigmoid(z[e]);
+        } else {
+            T mx = *std::max_element(z, z + E), sum = 0;
+            for (int e = 0; e < E; e++) sum += (s[e] = std::exp(z[e] - mx));
+            for (int e = 0; e < E; e++) s[e] /= sum;
+        }
+        std::vector<T> biased(E);
+        for (int e = 0; e < E; e++) biased[e] = s[e] + bias[e];
+        if (G > 1) {
+            std::vector<std::pair<T, int>> group_score(G);
+            for (int g = 0; g < G; g++) {
+                std::vector<T> v(biased.begin() + g * per_group, biased.begin() + (g + 1) * per_group);
+                std::partial_sort(v.begin(), v.begin() + 2, v.end(), std::greater<T>());
+                group_score[g] = {v[0] + v[1], g};
+            }
+            // ties go to the lower index, as torch.topk does on CPU
+            std::stable_sort(group_score.begin(), group_score.end(),
+                             [](const std::pair<T, int>& x, const std::pair<T, int>& y) { return x.first > y.first; });
+            for (int r = c.topk_group; r < G; r++)
+                for (int e = 0; e < per_group; e++) biased[group_score[r].second * per_group + e] = -INFINITY;
+        }
+        std::vector<int> order(E);
+        std::iota(order.begin(), order.end(), 0);
+        std::stable_sort(order.begin(), order.end(), [&](int x, int y) { return biased[x] > biased[y]; });
+        T sum = 0;
+        for (int k = 0; k < K; k++) {
+            a.expert[(size_t)n * K + k] = order[k];
+            sum += s[order[k]];
+        }
+        T norm = c.norm_topk_prob ? 1 / (sum + (T)1e-20) : 1;
+        for (int k = 0; k < K; k++) a.gate[(size_t)n * K + k] = s[order[k]] * norm * (T)c.routed_scaling_factor;
+    }
+}
+
+// dgate [N, K] -> dscores [N, E] (into dscores, which it overwrites) -> dlogits [N, E]
+template <typename T>
+void router_backward(const Config& c, T* dlogits, const T* dgate, const T* dscores_extra, const RouterActs<T>& a, int N) {
+    const int E = c.n_routed_experts, K = c.num_experts_per_tok;
+    const T rsf = (T)c.routed_scaling_factor;
+#pragma omp parallel for schedule(static)
+    for (int n = 0; n < N; n++) {
+        const T* s = &a.scores[(size_t)n * E];
+        const int* ex = &a.expert[(size_t)n * K];
+        const T* dg = dgate + (size_t)n * K;
+        std::vector<T> ds(E, 0);
+        if (dscores_extra)
+            for (int e = 0; e < E; e++) ds[e] = dscores_extra[(size_t)n * E + e];
+        if (c.norm_topk_prob) {
+            // g_k = rsf * s_k / S, S = sum of chosen s
+            T S = 0, dot_ = 0;
+            for (int k = 0; k < K; k++) S += s[ex[k]];
+            S += (T)1e-20;
+            for (int k = 0; k < K; k++) dot_ += dg[k] * s[ex[k]];
+            for (int k = 0; k < K; k++) ds[ex[k]] += rsf * (dg[k] / S - dot_ / (S * S));
+        } else {
+            for (int k = 0; k < K; k++) ds[ex[k]] += rsf * dg[k];
+        }
+        T* dz = dlogits + (size_t)n * E;
+        if (c.scoring_func == SCORING_SIGMOID) {
+            for (int e = 0; e < E; e++) dz[e] = ds[e] * s[e] * (1 - s[e]);
+        } else {
+            T sum = 0;
+            for (int e = 0; e < E; e++) sum += ds[e] * s[e];
+            for (int e = 0; e < E; e++) dz[e] = s[e] * (ds[e] - sum);
+        }
+    }
+}
+
+// ----------------------------------------------------------------------------
+// Sequence-wise balance loss (DeepSeek-V3 eq. 17-20), averaged over sequences:
+//   L = alpha * sum_i f_i P_i,  f_i = E/(K T) * #{t : i chosen at t},
+//   P_i = 1/T sum_t s_i,t / sum_j s_j,t
+// f is a count, so only P carries gradient.
+
+// f [B, E] of the routing decisions
+template <typename T>
+std::vector<T> balance_fractions(const Config& c, const RouterActs<T>& a, int B, int Tlen) {
+    const int E = c.n_routed_experts, K = c.num_experts_per_tok;
+    std::vector<T> f((size_t)B * E, 0);
+    for (int n = 0; n < B * Tlen; n++)
+        for (int k = 0; k < K; k++) f[(size_t)(n / Tlen) * E + a.expert[(size_t)n * K + k]] += (T)E / ((T)K * Tlen);
+    return f;
+}
+
+template <typename T>
+T balance_loss_forward(const Config& c, const RouterActs<T>& a, int B, int Tlen, double alpha) {
+    const int E = c.n_routed_experts;
+    std::vector<T> f = balance_fractions(c, a, B, Tlen);
+    T loss = 0;
+    for (int n = 0; n < B * Tlen; n++) {
+        const T* s = &a.scores[(size_t)n * E];
+        const T* fb = &f[(size_t)(n / Tlen) * E];
+        T sum = 0, fs = 0;
+        for (int e = 0; e < E; e++) sum += s[e];
+        for (int e = 0; e < E; e++) fs += fb[e] * s[e];
+        loss += fs / sum;
+    }
+    return loss * (T)(alpha / ((double)B * Tlen));
+}
+
+// dscores [N, E] (overwritten): d(s_e / sum)/ds = (f_e - sum_j f_j s_j / sum) / sum
+template <typename T>
+void balance_loss_backward(const Config& c, T* dscores, const RouterActs<T>& a, int B, int Tlen, double alpha, double dloss) {
+    const int E = c.n_routed_experts;
+    std::vector<T> f = balance_fractions(c, a, B, Tlen);
+    const T scale = (T)(dloss * alpha / ((double)B * Tlen));
+    for (int n = 0; n < B * Tlen; n++) {
+        const T* s = &a.scores[(size_t)n * E];
+        const T* fb = &f[(size_t)(n / Tlen) * E];
+        T sum = 0, fs = 0;
+        for (int e = 0; e < E; e++) sum += s[e];
+        for (int e = 0; e < E; e++) fs += fb[e] * s[e];
+        for (int e = 0; e < E; e++) dscores[(size_t)n * E + e] = scale * (fb[e] - fs / sum) / sum;
+    }
+}
+
+// ----------------------------------------------------------------------------
+// MoE layer: out = sum_k gate_k E_{expert_k}(u) + Shared(u). Tokens are grouped
+// by expert in token order, so each expert runs one matmul over its rows.
+
+template <typename T>
+struct MoeParams {
+    T* router;
+    T* bias;                                   // e_score_correction_bias [E]
+    std::vector<T*> gate_proj, up_proj, down_proj;  // per expert
+    T *shared_gate, *shared_up, *shared_down;  // null when no shared experts
+};
+
+template <typename T>
+struct MoeActs {
+    std::vector<T> logits;                 // [N, E]
+    RouterActs<T> router;
+    std::vector<std::vector<int>> rows;    // per expert: (token n, slot k) as n * K + k, ascending
+    std::vector<std::pair<int, int>> slot; // [N * K] -> (expert, row in that expert's batch)
+    std::vector<std::vector<T>> x, y;      // per expert: gathered inputs and outputs [rows, D]
+    std::vector<FfnActs<T>> ffn;           // per expert
+    FfnActs<T> shared;
+    std::vector<T> shared_out;             // [N, D]
+};
+
+template <typename T>
+void moe_forward(const Config& c, const MoeParams<T>& w, T* out, const T* u, int N, MoeActs<T>& a) {
+    const int D = c.hidden_size, E = c.n_routed_experts, K = c.num_experts_per_tok, I = c.moe_intermediate_size;
+    a.logits.resize((size_t)N * E);
+    router_forward(c, a.logits.data(), u, w.router, w.bias, N, a.router);
+    a.rows.assign(E, {});
+    for (int n = 0; n < N; n++)
+        for (int k = 0; k < K; k++) a.rows[a.router.expert[(size_t)n * K + k]].push_back(n * K + k);
+    a.x.resize(E);
+    a.y.resize(E);
+    a.ffn.resize(E);
+    std::fill(out, out + (size_t)N * D, (T)0);
+    for (int e = 0; e < E; e++) {
+        const int m = (int)a.rows[e].size();
+        a.x[e].resize((size_t)m * D);
+        a.y[e].resize((size_t)m * D);
+        for (int r = 0; r < m; r++) std::copy_n(u + (size_t)(a.rows[e][r] / K) * D, D, &a.x[e][(size_t)r * D]);
+        if (m == 0) continue;
+        ffn_forward(a.y[e].data(), a.x[e].data(), w.gate_proj[e], w.up_proj[e], w.down_proj[e], m, D, I, a.ffn[e]);
+    }
+    // combine in token order, slots in selection order: deterministic sums
+    a.slot.resize((size_t)N * K);
+    for (int e = 0; e < E; e++)
+        for (int r = 0; r < (int)a.rows[e].size(); r++) a.slot[a.rows[e][r]] = {e, r};
+    for (int n = 0; n < N; n++)
+        for (int k = 0; k < K; k++) {
+            auto er = a.slot[(size_t)n * K + k];
+            T g = a.router.gate[(size_t)n * K + k];
+            const T* y = &a.y[er.first][(size_t)er.second * D];
+            for (int i = 0; i < D; i++) out[(size_t)n * D + i] += g * y[i];
+        }
+    if (c.n_shared_experts > 0) {
+        a.shared_out.resize((size_t)N * D);
+        ffn_forward(a.shared_out.data(), u, w.shared_gate, w.shared_up, w.shared_down, N, D, c.n_shared_experts * I, a.shared);
+        for (size_t i = 0; i < (size_t)N * D; i++) out[i] += a.shared_out[i];
+    }
+}
+
+// dscores_balance [N, E] (or null) is the balance loss's gradient w.r.t. the scores
+template <typename T>
+void moe_backward(const Config& c, const MoeParams<T>& w, const MoeParams<T>& dw, T* du, const T* dout, const T* u, int N,
+                  const MoeActs<T>& a, const T* dscores_balance) {
+    const int D = c.hidden_size, E = c.n_routed_experts, K = c.num_experts_per_tok, I = c.moe_intermediate_size;
+    std::vector<T> dgate((size_t)N * K);
+    std::vector<std::vector<T>> dx(E);
+    for (int e = 0; e < E; e++) {
+        const int m = (int)a.rows[e].size();
+        if (m == 0) continue;
+        std::vector<T> dy((size_t)m * D);
+        for (int r = 0; r < m; r++) {
+            int slot = a.rows[e][r];
+            const T* go = dout + (size_t)(slot / K) * D;
+            T g = a.router.gate[slot];
+            dgate[slot] = dot(go, &a.y[e][(size_t)r * D], D);
+            for (int i = 0; i < D; i++) dy[(size_t)r * D + i] = g * go[i];
+        }
+        dx[e].assign((size_t)m * D, 0);
+        ffn_backward(dx[e].data(), dw.gate_proj[e], dw.up_proj[e], dw.down_proj[e], dy.data(), a.x[e].data(), w.gate_proj[e],
+                     w.up_proj[e], w.down_proj[e], m, D, I, a.ffn[e]);
+    }
+    // scatter expert input gradients back in token order
+    for (int n = 0; n < N; n++)
+        for (int k = 0; k < K; k++) {
+            auto er = a.slot[(size_t)n * K + k];
+            const T* d = &dx[er.first][(size_t)er.second * D];
+            for (int i = 0; i < D; i++) du[(size_t)n * D + i] += d[i];
+        }
+    std::vector<T> dlogits((size_t)N * E);
+    router_backward(c, dlogits.data(), dgate.data(), dscores_balance, a.router, N);
+    matmul_backward(du, dw.router, dlogits.data(), u, w.router, N, D, E);
+    if (c.n_shared_experts > 0)
+        ffn_backward(du, dw.shared_gate, dw.shared_up, dw.shared_down, dout, u, w.shared_gate, w.shared_up, w.shared_down, N, D,
+                     c.n_shared_experts * I, a.shared);
+}
+
+// ----------------------------------------------------------------------------
+// Fused softmax + cross-entropy: mean over targets >= 0 of -log p[target].
+// probs [N, V] keeps the softmax for backward.
+
+template <typename T>
+T crossentropy_forward(T* probs, const T* logits, const int* targets, int N, int V) {
+    T loss = 0;
+    int count = 0;
+    for (int n = 0; n < N; n++) {
+        const T* z = logits + (size_t)n * V;
+        T* p = probs + (size_t)n * V;
+        T mx = *std::max_element(z, z + V), sum = 0;
+        for (int i = 0; i < V; i++) sum += (p[i] = std::exp(z[i] - mx));
+        for (int i = 0; i < V; i++) p[i] /= sum;
+        if (targets[n] < 0) continue;
+        loss += -(z[targets[n]] - mx - std::log(sum));
+        count++;
+    }
+    return count ? loss / count : 0;
+}
+
+// dlogits = (p - onehot(target)) * dloss / count
+template <typename T>
+void crossentropy_backward(T* dlogits, const T* probs, const int* targets, int N, int V, T dloss) {
+    int count = 0;
+    for (int n = 0; n < N; n++) count += targets[n] >= 0;
+    if (count == 0) return;
+    T scale = dloss / count;
+#pragma omp parallel for schedule(static)
+    for (int n = 0; n < N; n++) {
+        if (targets[n] < 0) continue;
+        for (int i = 0; i < V; i++) dlogits[(size_t)n * V + i] += scale * (probs[(size_t)n * V + i] - (i == targets[n] ? 1 : 0));
+    }
+}
+
+// ----------------------------------------------------------------------------
+// Dropout (inverted): mask [n] holds 0 or 1/(1-p), drawn from the counter RNG keyed
+// by (seed, step, site), so a resumed run draws the same masks.
+
+template <typename T>
+void dropout_forward(T* x, T* mask, size_t n, float p, uint64_t key) {
+    for (size_t i = 0; i < n; i++) {
+        mask[i] = rng_uniform(key, i) < p ? (T)0 : (T)(1.0 / (1.0 - p));
+        x[i] *= mask[i];
+    }
+}
+
+// ----------------------------------------------------------------------------
+// The whole model: h = Emb[tok]; per layer h += MLA(RMSNorm(h)), h += FFN(RMSNorm(h));
+// logits = Head(RMSNorm(h)); loss = mean cross-entropy (+ balance loss).
+
+struct StepOptions {
+    float dropout = 0;          // probability; 0 = off
+    float balance_alpha = 0;    // sequence-wise balance loss weight; 0 = off
+    uint64_t dropout_key = 0;   // varies per micro-step so every step draws new masks
+};
+
+template <typename T>
+struct LayerActs {
+    std::vector<T> h_in, xn, xn_rstd;    // [N, D], [N, D], [N]   residual in, normed
+    MlaActs<T> mla;
+    std::vector<T> attn_out;             // [N, D]
+    std::vector<T> h_mid, xn2, xn2_rstd; // residual after attention, normed
+    FfnActs<T> ffn;                      // dense layers
+    MoeActs<T> moe;                      // MoE layers
+    std::vector<T> ffn_out;              // [N, D]
+    std::vector<T> attn_mask, ffn_mask;  // dropout masks
+};
+
+template <typename T>
+struct RefModel {
+    Config cfg;
+    ParamLayout layout;
+    RopeTable rope;
+    std::vector<T> params, grads;
+    std::vector<MlaParams<T>> mla_w, mla_g;
+    std::vector<MoeParams<T>> moe_w, moe_g;
+    // activations of the last forward
+    int B = 0, Tlen = 0;
+    std::vector<int> inputs, targets;
+    std::vector<T> emb_mask;
+    std::vector<LayerActs<T>> layers;
+    std::vector<T> h_final, hn, hn_rstd, logits, probs;
+    StepOptions opt;
+    T ce_loss = 0, balance_loss = 0;
+    std::vector<std::vector<int64_t>> expert_load;  // [layer][expert] tokens routed in the last forward
+};
+
+// points the per-layer parameter structs at the flat array `base`
+template <typename T>
+void ref_bind(const Config& c, const ParamLayout& L, T* base, std::vector<MlaParams<T>>& mla, std::vector<MoeParams<T>>& moe) {
+    mla.assign(c.num_hidden_layers, MlaParams<T>{});
+    moe.assign(c.num_hidden_layers, MoeParams<T>{});
+    auto at = [&](const std::string& name) { return base + L.offset_of(name); };
+    for (int l = 0; l < c.num_hidden_layers; l++) {
+        std::string p = strfmt("model.layers.%d.self_attn.", l);
+        MlaParams<T>& m = mla[l];
+        if (c.q_lora_rank > 0) {
+            m.q_a = at(p + "q_a_proj.weight");
+            m.q_a_norm = at(p + "q_a_layernorm.weight");
+            m.q_b = at(p + "q_b_proj.weight");
+        } else {
+            m.q_proj = at(p + "q_proj.weight");
+        }
+        m.kv_a = at(p + "kv_a_proj_with_mqa.weight");
+        m.kv_a_norm = at(p + "kv_a_layernorm.weight");
+        m.kv_b = at(p + "kv_b_proj.weight");
+        m.o_proj = at(p + "o_proj.weight");
+        if (!c.is_moe_layer(l)) continue;
+        std::string q = strfmt("model.layers.%d.mlp.", l);
+        MoeParams<T>& e = moe[l];
+        e.router = at(q + "gate.weight");
+        e.bias = at(q + "gate.e_score_correction_bias");
+        for (int x = 0; x < c.n_routed_experts; x++) {
+            e.gate_proj.push_back(at(q + strfmt("experts.%d.gate_proj.weight", x)));
+            e.up_proj.push_back(at(q + strfmt("experts.%d.up_proj.weight", x)));
+            e.down_proj.push_back(at(q + strfmt("experts.%d.down_proj.weight", x)));
+        }
+        if (c.n_shared_experts > 0) {
+            e.shared_gate = at(q + "shared_experts.gate_proj.weight");
+            e.shared_up = at(q + "shared_experts.up_proj.weight");
+            e.shared_down = at(q + "shared_experts.down_proj.weight");
+        }
+    }
+}
+
+template <typename T>
+void ref_init(RefModel<T>& m, const Config& c) {
+    config_check(c);
+    m.cfg = c;
+    m.layout = param_layout(c);
+    m.rope = rope_build(c, c.max_position_embeddings);
+    m.params.assign(m.layout.total, 0);
+    m.grads.assign(m.layout.total, 0);
+    ref_bind(c, m.layout, m.params.data(), m.mla_w, m.moe_w);
+    ref_bind(c, m.layout, m.grads.data(), m.mla_g, m.moe_g);
+}
+
+// HF's initialisation: normal(0, 0.02) matrices, unit norm weights, zero bias
+template <typename T>
+void ref_init_weights(RefModel<T>& m, uint64_t seed) {
+    for (size_t t = 0; t < m.layout.tensors.size(); t++) {
+        const TensorSpec& s = m.layout.tensors[t];
+        for (size_t i = 0; i < s.numel; i++) {
+            T v = 0;
+            if (s.kind == TENSOR_DECAY) v = (T)(0.02 * rng_normal(seed + t, i));
+            else if (s.kind == TENSOR_NO_DECAY) v = 1;
+            m.params[s.offset + i] = v;
+        }
+    }
+}
+
+template <typename T>
+const T* ref_param(const RefModel<T>& m, const std::string& name) {
+    return m.params.data() + m.layout.offset_of(name);
+}
+
+template <typename T>
+T* ref_grad(RefModel<T>& m, const std::string& name) {
+    return m.grads.data() + m.layout.offset_of(name);
+}
+
+// Runs the forward pass over inputs [B, T]; targets may be null (logits only;
+// entries < 0 are ignored). Returns the cross-entropy plus the balance loss.
+template <typename T>
+T ref_forward(RefModel<T>& m, const int* inputs, const int* targets, int B, int Tlen, const StepOptions& opt) {
+    const Config& c = m.cfg;
+    const int N = B * Tlen, D = c.hidden_size, V = c.vocab_size;
+    if (Tlen > c.max_position_embeddings) fail("sequence length %d exceeds max_position_embeddings %d", Tlen, c.max_position_embeddings);
+    for (int n = 0; n < N; n++)
+        if (inputs[n] < 0 || inputs[n] >= V) fail("token id %d at position %d is outside the vocabulary (%d)", inputs[n], n, V);
+    m.B = B;
+    m.Tlen = Tlen;
+    m.opt = opt;
+    m.inputs.assign(inputs, inputs + N);
+    m.targets.assign(N, -1);
+    if (targets) m.targets.assign(targets, targets + N);
+    m.layers.resize(c.num_hidden_layers);
+    m.expert_load.assign(c.num_hidden_layers, std::vector<int64_t>(c.n_routed_experts, 0));
+    m.balance_loss = 0;
+    uint64_t site = 0;
+    auto dropout_key = [&]() { return mix64(opt.dropout_key ^ mix64(++site)); };
+
+    std::vector<T> h((size_t)N * D);
+    embedding_forward(h.data(), inputs, ref_param(m, "model.embed_tokens.weight"), N, D);
+    if (opt.dropout > 0) {
+        m.emb_mask.resize(h.size());
+        dropout_forward(h.data(), m.emb_mask.data(), h.size(), opt.dropout, dropout_key());
+    }
+    for (int l = 0; l < c.num_hidden_layers; l++) {
+        LayerActs<T>& a = m.layers[l];
+        std::string p = strfmt("model.layers.%d.", l);
+        a.h_in = h;
+        a.xn.resize(h.size());
+        a.xn_rstd.resize(N);
+        rmsnorm_forward(a.xn.data(), a.xn_rstd.data(), h.data(), ref_param(m, p + "input_layernorm.weight"), N, D, c.rms_norm_eps);
+        a.attn_out.resize(h.size());
+        mla_forward(c, m.mla_w[l], m.rope, a.attn_out.data(), a.xn.data(), B, Tlen, a.mla);
+        if (opt.dropout > 0) {
+            a.attn_mask.resize(h.size());
+            dropout_forward(a.attn_out.data(), a.attn_mask.data(), h.size(), opt.dropout, dropout_key());
+        }
+        for (size_t i = 0; i < h.size(); i++) h[i] += a.attn_out[i];
+        a.h_mid = h;
+        a.xn2.resize(h.size());
+        a.xn2_rstd.resize(N);
+        rmsnorm_forward(a.xn2.data(), a.xn2_rstd.data(), h.data(), ref_param(m, p + "post_attention_layernorm.weight"), N, D,
+                        c.rms_norm_eps);
+        a.ffn_out.resize(h.size());
+        if (c.is_moe_layer(l)) {
+            moe_forward(c, m.moe_w[l], a.ffn_out.data(), a.xn2.data(), N, a.moe);
+            for (int n = 0; n < N * c.num_experts_per_tok; n++) m.expert_load[l][a.moe.router.expert[n]]++;
+        } else {
+            ffn_forward(a.ffn_out.data(), a.xn2.data(), ref_param(m, p + "mlp.gate_proj.weight"), ref_param(m, p + "mlp.up_proj.weight"),
+                        ref_param(m, p + "mlp.down_proj.weight"), N, D, c.intermediate_size, a.ffn);
+        }
+        if (opt.dropout > 0) {
+            a.ffn_mask.resize(h.size());
+            dropout_forward(a.ffn_out.data(), a.ffn_mask.data(), h.size(), opt.dropout, dropout_key());
+        }
+        for (size_t i = 0; i < h.size(); i++) h[i] += a.ffn_out[i];
+    }
+    m.h_final = h;
+    m.hn.resize(h.size());
+    m.hn_rstd.resize(N);
+    rmsnorm_forward(m.hn.data(), m.hn_rstd.data(), h.data(), ref_param(m, "model.norm.weight"), N, D, c.rms_norm_eps);
+    m.logits.resize((size_t)N * V);
+    matmul_forward(m.logits.data(), m.hn.data(), ref_param(m, "lm_head.weight"), N, D, V);
+    if (!targets) return 0;
+    for (int n = 0; n < N; n++)
+        if (targets[n] >= V) fail("target id %d at position %d is outside the vocabulary (%d)", targets[n], n, V);
+    m.probs.resize(m.logits.size());
+    m.ce_loss = crossentropy_forward(m.probs.data(), m.logits.data(), targets, N, V);
+    if (opt.balance_alpha > 0)
+        for (int l = 0; l < c.num_hidden_layers; l++)
+            if (c.is_moe_layer(l)) m.balance_loss += balance_loss_forward(c, m.layers[l].moe.router, B, Tlen, opt.balance_alpha);
+    return m.ce_loss + m.balance_loss;
+}
+
+// Accumulates the gradient of the last forward's loss (times dloss) into m.grads.
+template <typename T>
+void ref_backward(RefModel<T>& m, T dloss = 1) {
+    const Config& c = m.cfg;
+    const int B = m.B, Tlen = m.Tlen, N = B * Tlen, D = c.hidden_size, V = c.vocab_size;
+    std::vector<T> dlogits((size_t)N * V, 0), dhn((size_t)N * D, 0), dh((size_t)N * D, 0);
+    crossentropy_backward(dlogits.data(), m.probs.data(), m.targets.data(), N, V, dloss);
+    matmul_backward(dhn.data(), ref_grad(m, "lm_head.weight"), dlogits.data(), m.hn.data(), ref_param(m, "lm_head.weight"), N, D, V);
+    rmsnorm_backward(dh.data(), ref_grad(m, "model.norm.weight"), dhn.data(), m.h_final.data(), ref_param(m, "model.norm.weight"),
+                     m.hn_rstd.data(), N, D);
+    for (int l = c.num_hidden_layers - 1; l >= 0; l--) {
+        LayerActs<T>& a = m.layers[l];
+        std::string p = strfmt("model.layers.%d.", l);
+        // dh flows to the FFN branch and straight through the residual
+        std::vector<T> dbranch = dh, dxn((size_t)N * D, 0);
+        if (m.opt.dropout > 0)
+            for (size_t i = 0; i < dbranch.size(); i++) dbranch[i] *= a.ffn_mask[i];
+        if (c.is_moe_layer(l)) {
+            std::vector<T> dscores;
+            if (m.opt.balance_alpha > 0) {
+                dscores.resize((size_t)N * c.n_routed_experts);
+                balance_loss_backward(c, dscores.data(), a.moe.router, B, Tlen, m.opt.balance_alpha, (double)dloss);
+            }
+            moe_backward(c, m.moe_w[l], m.moe_g[l], dxn.data(), dbranch.data(), a.xn2.data(), N, a.moe,
+                         dscores.empty() ? nullptr : dscores.data());
+        } else {
+            ffn_backward(dxn.data(), ref_grad(m, p + "mlp.gate_proj.weight"), ref_grad(m, p + "mlp.up_proj.weight"),
+                         ref_grad(m, p + "mlp.down_proj.weight"), dbranch.data(), a.xn2.data(), ref_param(m, p + "mlp.gate_proj.weight"),
+                         ref_param(m, p + "mlp.up_proj.weight"), ref_param(m, p + "mlp.down_proj.weight"), N, D, c.intermediate_size,
+                         a.ffn);
+        }
+        rmsnorm_backward(dh.data(), ref_grad(m, p + "post_attention_layernorm.weight"), dxn.data(), a.h_mid.data(),
+                         ref_param(m, p + "post_attention_layernorm.weight"), a.xn2_rstd.data(), N, D);
+        dbranch = dh;
+        if (m.opt.dropout > 0)
+            for (size_t i = 0; i < dbranch.size(); i++) dbranch[i] *= a.attn_mask[i];
+        std::fill(dxn.begin(), dxn.end(), (T)0);
+        mla_backward(c, m.mla_w[l], m.mla_g[l], m.rope, dxn.data(), dbranch.data(), a.xn.data(), B, Tlen, a.mla);
+        rmsnorm_backward(dh.data(), ref_grad(m, p + "input_layernorm.weight"), dxn.data(), a.h_in.data(),
+                         ref_param(m, p + "input_layernorm.weight"), a.xn_rstd.data(), N, D);
+    }
+    if (m.opt.dropout > 0)
+        for (size_t i = 0; i < dh.size(); i++) dh[i] *= m.emb_mask[i];
+    embedding_backward(ref_grad(m, "model.embed_tokens.weight"), dh.data(), m.inputs.data(), N, D);
+}
+
+// ----------------------------------------------------------------------------
+// Optimizer: global-norm clipping, AdamW (no decay on norm weights), warmup +
+// cosine learning rate, and the aux-loss-free bias update.
+
+struct OptimOptions {
+    float lr = 1e-3f;
+    float min_lr_fraction = 0.1f;   // cosine decays to lr * this
+    int warmup_steps = 100;
+    int total_steps = 1000;
+    float beta1 = 0.9f, beta2 = 0.95f, eps = 1e-8f;
+    float weight_decay = 0.1f;
+    float grad_clip = 1.0f;         // 0 = off
+    float bias_update_speed = 1e-3f;  // gamma of the aux-loss-free balancing; 0 = off
+};
+
+// linear warmup from lr/warmup to lr, then cosine down to lr * min_lr_fraction
+inline float learning_rate(const OptimOptions& o, int step) {
+    if (step < o.warmup_steps) return o.lr * (step + 1) / o.warmup_steps;
+    if (step >= o.total_steps) return o.lr * o.min_lr_fraction;
+    double progress = (double)(step - o.warmup_steps) / std::max(1, o.total_steps - o.warmup_steps);
+    double coeff = 0.5 * (1.0 + std::cos(M_PI * progress));
+    return (float)(o.lr * (o.min_lr_fraction + (1 - o.min_lr_fraction) * coeff));
+}
+
+// the L2 norm over every trainable gradient, summed in a fixed order
+template <typename T>
+double grad_norm(const ParamLayout& L, const T* grads) {
+    double total = 0;
+    for (const TensorSpec& s : L.tensors) {
+        if (s.kind == TENSOR_BUFFER) continue;
+        double part = 0;
+        for (size_t i = 0; i < s.numel; i++) part += (double)grads[s.offset + i] * grads[s.offset + i];
+        total += part;
+    }
+    return std::sqrt(total);
+}
+
+// One AdamW step over every trainable tensor; step counts from 1 (bias correction).
+// Gradients are scaled by clip / norm first when the norm exceeds clip.
+template <typename T>
+void adamw_update(const ParamLayout& L, T* params, const T* grads, float* m, float* v, const OptimOptions& o, float lr, int step,
+                  double norm) {
+    const double scale = (o.grad_clip > 0 && norm > o.grad_clip) ? o.grad_clip / norm : 1.0;
+    const double bc1 = 1 - std::pow((double)o.beta1, step), bc2 = 1 - std::pow((double)o.beta2, step);
+    for (const TensorSpec& s : L.tensors) {
+        if (s.kind == TENSOR_BUFFER) continue;
+        const float wd = s.kind == TENSOR_DECAY ? o.weight_decay : 0.0f;
+#pragma omp parallel for schedule(static)
+        for (size_t i = s.offset; i < s.offset + s.numel; i++) {
+            float g = (float)(grads[i] * scale);
+            m[i] = o.beta1 * m[i] + (1 - o.beta1) * g;
+            v[i] = o.beta2 * v[i] + (1 - o.beta2) * g * g;
+            float mhat = (float)(m[i] / bc1), vhat = (float)(v[i] / bc2);
+            params[i] -= (T)(lr * (mhat / (std::sqrt(vhat) + o.eps) + wd * (float)params[i]));
+        }
+    }
+}
+
+// b_i += gamma * sign(mean load - load_i) for every MoE layer (DeepSeek-V3 §2.1.2)
+template <typename T>
+void expert_bias_update(const Config& c, const ParamLayout& L, T* params, const std::vector<std::vector<int64_t>>& load, float gamma) {
+    for (int l = 0; l < c.num_hidden_layers; l++) {
+        if (!c.is_moe_layer(l)) continue;
+        T* bias = params + L.offset_of(strfmt("model.layers.%d.mlp.gate.e_score_correction_bias", l));
+        double mean = 0;
+        for (int64_t x : load[l]) mean += (double)x;
+        mean /= c.n_routed_experts;
+        for (int e = 0; e < c.n_routed_experts; e++) {
+            double diff = mean - (double)load[l][e];
+            bias[e] += (T)(gamma * (diff > 0 ? 1 : diff < 0 ? -1 : 0));
+        }
+    }
+}
