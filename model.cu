@@ -168,7 +168,8 @@ void model_save(const Model& m, const std::string& dir, const TrainState* state,
     write_file_atomic(tmp + "/config.json", config_to_json(m.ref.cfg));
     safetensors_write(tmp + "/model.safetensors", tensors_of(m.ref.layout, m.ref.params.data(), "", bf16 ? "BF16" : "F32"),
                       {{"format", "pt"}});
-    tokenizer_save(m.tokenizer, tmp + "/tokenizer.bin");
+    // no file stands for the byte tokenizer, so byte-level models of any vocab size load
+    if (!m.tokenizer.merges.empty()) tokenizer_save(m.tokenizer, tmp + "/tokenizer.bin");
     if (state) {
         std::vector<SafeTensor> moments = tensors_of(m.ref.layout, m.adam_m.data(), "exp_avg.", "F32");
         std::vector<SafeTensor> second = tensors_of(m.ref.layout, m.adam_v.data(), "exp_avg_sq.", "F32");
@@ -199,9 +200,11 @@ void model_load(Model& m, const std::string& dir, TrainState* state) {
     SafeTensorsFile weights = safetensors_read(dir + "/model.safetensors");
     take_all(weights, m.ref.layout, m.ref.params.data());
     std::string tok_path = dir + "/tokenizer.bin";
-    m.tokenizer = path_exists(tok_path) ? tokenizer_load(tok_path) : tokenizer_bytes();
-    if (m.tokenizer.vocab_size > c.vocab_size)
-        fail("%s: tokenizer has %d tokens but the model's vocab_size is %d", tok_path.c_str(), m.tokenizer.vocab_size, c.vocab_size);
+    if (path_exists(tok_path)) {
+        m.tokenizer = tokenizer_load(tok_path);
+        if (m.tokenizer.vocab_size > c.vocab_size)
+            fail("%s: tokenizer has %d tokens but the model's vocab_size is %d", tok_path.c_str(), m.tokenizer.vocab_size, c.vocab_size);
+    }
     if (!state) return;
     if (!checkpoint_has_state(dir)) fail("%s: no training state (trainer_state.json, optimizer.safetensors) to resume from", dir.c_str());
     std::string state_path = dir + "/trainer_state.json";

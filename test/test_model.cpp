@@ -1,0 +1,235 @@
+// test_model.cpp — the model as the binaries use it: checkpoints round-trip
+// bit-exactly and refuse damaged ones, training resumes exactly, the loss falls,
+// and sampling keeps the tokens it should.
+#include <doctest/doctest.h>
+
+#include <unistd.h>
+
+#include <set>
+
+#include "fileutil.h"
+#include "model.h"
+#include "safetensors.h"
+
+namespace {
+
+std::string temp_dir(const char* name) {
+    std::string d = strfmt("/tmp/dsv3_test_model_%d_%s", (int)getpid(), name);
+    remove_tree(d);
+    make_dirs(d);
+    return d;
+}
+
+// a token file of n tokens with some structure (a repeating phrase plus noise)
+std::string structured_tokens(const std::string& dir, int n, int vocab) {
+    std::vector<int> t(n);
+    for (int i = 0; i < n; i++) t[i] = (i % 7 == 3) ? (int)(rng_hash(5, i) % vocab) : (i * 3) % 11 + 1;
+    std::string path = dir + "/train.bin";
+    write_token_file(path, t, 1);
+    return path;
+}
+
+TrainOptions tiny_options() {
+    TrainOptions o;
+    o.batch_size = 2;
+    o.seq_len = 8;
+    o.grad_accum = 2;
+    o.dropout = 0.1f;
+    o.optim.lr = 3e-3f;
+    o.optim.warmup_steps = 2;
+    o.optim.total_steps = 8;
+    return o;
+}
+
+}  // namespace
+
+TEST_CASE("checkpoint round trip is bit-exact, including the optimizer state") {
+    std::string dir = temp_dir("roundtrip");
+    Config c = config_preset("tiny");
+    Model m;
+    model_create(m, c, 42);
+    for (size_t i = 0; i < m.adam_m.size(); i++) {
+        m.adam_m[i] = rng_uniform(1, i) - 0.5f;
+        m.adam_v[i] = rng_uniform(2, i);
+    }
+    float* bias = m.ref.params.data() + m.ref.layout.offset_of("model.layers.1.mlp.gate.e_score_correction_bias");
+    bias[3] = 0.0123f;
+    TrainState st;
+    st.step = 17;
+    st.data_position = 4242;
+    st.best_val_loss = 1.25;
+    st.options = tiny_options();
+    model_save(m, dir + "/ckpt", &st, false);
+    Model back;
+    TrainState st2;
+    model_load(back, dir + "/ckpt", &st2);
+    CHECK(back.ref.params == m.ref.params);
+    CHECK(back.adam_m == m.adam_m);
+    CHECK(back.adam_v == m.adam_v);
+    CHECK(st2.step == 17);
+    CHECK(st2.data_position == 4242);
+    CHECK(st2.best_val_loss == 1.25);
+    CHECK(st2.options.grad_accum == 2);
+    CHECK(st2.options.dropout == doctest::Approx(0.1f));
+    CHECK(config_to_json(back.ref.cfg) == config_to_json(c));
+
+    // bf16 weights round to bf16, except the routing bias, which stays fp32
+    model_save(m, dir + "/ckpt16", nullptr, true);
+    Model half;
+    model_load(half, dir + "/ckpt16", nullptr);
+    size_t mismatched = 0;
+    for (const TensorSpec& s : m.ref.layout.tensors)
+        for (size_t i = s.offset; i < s.offset + s.numel; i++)
+            mismatched += half.ref.params[i] != (s.kind == TENSOR_BUFFER ? m.ref.params[i] : bf16_to_float(float_to_bf16(m.ref.params[i])));
+    CHECK(mismatched == 0);
+    CHECK(half.ref.params[m.ref.layout.offset_of("model.layers.1.mlp.gate.e_score_correction_bias") + 3] == 0.0123f);
+    CHECK_THROWS_WITH_AS(model_load(half, dir + "/ckpt16", &st2), doctest::Contains("no training state"), std::runtime_error);
+    remove_tree(dir);
+}
+
+TEST_CASE("damaged checkpoints are refused with a message naming the file") {
+    std::string dir = temp_dir("damaged");
+    Config c = config_preset("tiny");
+    Model m;
+    model_create(m, c, 3);
+    model_save(m, dir + "/ok", nullptr, false);
+    Model x;
+    CHECK_THROWS_WITH_AS(model_load(x, dir + "/absent", nullptr), doctest::Contains("does not exist"), std::runtime_error);
+
+    // a config with one more layer than the weights hold: a missing tensor
+    Config bigger = c;
+    bigger.num_hidden_layers = 4;
+    write_file_atomic(dir + "/ok/config.json", config_to_json(bigger));
+    CHECK_THROWS_WITH_AS(model_load(x, dir + "/ok", nullptr), doctest::Contains("missing tensor 'model.layers.3."), std::runtime_error);
+
+    // a wider model: mis-shaped tensors
+    Config wider = c;
+    wider.hidden_size = 40;
+    write_file_atomic(dir + "/ok/config.json", config_to_json(wider));
+    CHECK_THROWS_WITH_AS(model_load(x, dir + "/ok", nullptr), doctest::Contains("has shape"), std::runtime_error);
+
+    // fewer layers: tensors the config does not know
+    Config fewer = c;
+    fewer.num_hidden_layers = 2;
+    write_file_atomic(dir + "/ok/config.json", config_to_json(fewer));
+    CHECK_THROWS_WITH_AS(model_load(x, dir + "/ok", nullptr), doctest::Contains("unexpected tensor"), std::runtime_error);
+
+    // an inconsistent config
+    std::string bad = config_to_json(c);
+    size_t at = bad.find("\"num_experts_per_tok\": 3");
+    REQUIRE(at != std::string::npos);
+    bad.replace(at, 24, "\"num_experts_per_tok\": 9");
+    write_file_atomic(dir + "/ok/config.json", bad);
+    CHECK_THROWS_WITH_AS(model_load(x, dir + "/ok", nullptr), doctest::Contains("num_experts_per_tok"), std::runtime_error);
+
+    // truncated weights
+    write_file_atomic(dir + "/ok/config.json", config_to_json(c));
+    std::string weights = read_file(dir + "/ok/model.safetensors");
+    write_file_atomic(dir + "/ok/model.safetensors", weights.substr(0, weights.size() / 2));
+    CHECK_THROWS_WITH_AS(model_load(x, dir + "/ok", nullptr), doctest::Contains("model.safetensors"), std::runtime_error);
+    remove_tree(dir);
+}
+
+TEST_CASE("training: the loss falls, and a resumed run repeats the uninterrupted one exactly") {
+    std::string dir = temp_dir("resume");
+    Config c = config_preset("tiny");
+    std::string data = structured_tokens(dir, 4000, c.vocab_size);
+    TrainOptions o = tiny_options();
+
+    auto run = [&](Model& m, DataLoader& dl, int from, int to, std::vector<float>& losses) {
+        for (int step = from; step < to; step++) losses.push_back(model_train_step(m, dl, o, step).loss);
+    };
+    Model straight;
+    model_create(straight, c, 7);
+    DataLoader dl;
+    dataloader_open(dl, data, o.batch_size, o.seq_len, c.vocab_size);
+    std::vector<float> expected;
+    run(straight, dl, 0, 8, expected);
+
+    Model first;
+    model_create(first, c, 7);
+    DataLoader dl1;
+    dataloader_open(dl1, data, o.batch_size, o.seq_len, c.vocab_size);
+    std::vector<float> got;
+    run(first, dl1, 0, 4, got);
+    TrainState st;
+    st.step = 4;
+    st.data_position = dataloader_position(dl1);
+    st.options = o;
+    model_save(first, dir + "/ckpt", &st, false);
+
+    Model resumed;
+    TrainState back;
+    model_load(resumed, dir + "/ckpt", &back);
+    DataLoader dl2;
+    dataloader_open(dl2, data, o.batch_size, o.seq_len, c.vocab_size);
+    dataloader_seek(dl2, back.data_position);
+    run(resumed, dl2, back.step, 8, got);
+    REQUIRE(got.size() == expected.size());
+    for (size_t i = 0; i < got.size(); i++) CHECK(got[i] == expected[i]);  // bit-identical
+    CHECK(resumed.ref.params == straight.ref.params);
+
+    // keep training the structured data: the loss must fall well below its start
+    o.optim.total_steps = 60;
+    std::vector<float> more;
+    run(straight, dl, 8, 60, more);
+    CHECK(more.back() < 0.7f * expected.front());
+    // the aux-loss-free update moved the routing biases
+    const float* bias = straight.ref.params.data() + straight.ref.layout.offset_of("model.layers.1.mlp.gate.e_score_correction_bias");
+    double moved = 0;
+    for (int e = 0; e < c.n_routed_experts; e++) moved += std::fabs(bias[e]);
+    CHECK(moved > 0);
+    remove_tree(dir);
+}
+
+TEST_CASE("evaluation: windows cover every prediction once, and agree with a direct forward") {
+    Config c = config_preset("tiny");
+    Model m;
+    model_create(m, c, 9);
+    std::vector<int> tokens(53);
+    for (size_t i = 0; i < tokens.size(); i++) tokens[i] = (int)(rng_hash(11, i) % c.vocab_size);
+    // 52 predictions in windows of 16: three full (batched) windows and one of 4
+    double loss = model_eval_loss(m, tokens, 16, 2);
+    double total = 0;
+    for (int start = 0; start < 52; start += 16) {
+        int len = std::min(16, 52 - start);
+        std::vector<int> in(tokens.begin() + start, tokens.begin() + start + len);
+        std::vector<int> tg(tokens.begin() + start + 1, tokens.begin() + start + 1 + len);
+        total += ref_forward(m.ref, in.data(), tg.data(), 1, len, StepOptions{}) * len;
+    }
+    CHECK(loss == doctest::Approx(total / 52).epsilon(1e-6));
+    CHECK(loss == doctest::Approx(std::log((double)c.vocab_size)).epsilon(0.05));  // untrained: near uniform
+}
+
+TEST_CASE("sampling: greedy, top-k, top-p and a fixed coin") {
+    const int V = 10;
+    float logits[V] = {0.1f, 2.0f, -1.0f, 1.5f, 0.3f, 3.0f, -0.5f, 0.0f, 1.0f, 2.5f};
+    SamplingOptions greedy;
+    greedy.temperature = 0;
+    CHECK(sample_token(logits, V, greedy, 0.99f) == 5);
+
+    SamplingOptions k3;
+    k3.top_k = 3;
+    std::set<int> seen;
+    for (int i = 0; i < 1000; i++) seen.insert(sample_token(logits, V, k3, i / 1000.0f));
+    CHECK(seen == std::set<int>{5, 9, 1});
+
+    // top-p: the smallest set of most likely tokens with mass >= p
+    SamplingOptions p;
+    p.top_p = 0.6f;
+    double z = 0;
+    for (float l : logits) z += std::exp(l);
+    double p5 = std::exp(3.0) / z, p9 = std::exp(2.5) / z;
+    REQUIRE(p5 < 0.6);
+    REQUIRE(p5 + p9 >= 0.6);  // so exactly {5, 9}
+    seen.clear();
+    for (int i = 0; i < 1000; i++) seen.insert(sample_token(logits, V, p, i / 1000.0f));
+    CHECK(seen == std::set<int>{5, 9});
+
+    // low temperature approaches argmax; the same coin repeats the same token
+    SamplingOptions cold;
+    cold.temperature = 0.01f;
+    for (int i = 0; i < 100; i++) CHECK(sample_token(logits, V, cold, i / 100.0f) == 5);
+    SamplingOptions warm;
+    CHECK(sample_token(logits, V, warm, 0.37f) == sample_token(logits, V, warm, 0.37f));
+}

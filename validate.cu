@@ -1,0 +1,438 @@
+// validate.cu — checks a model from the outside. Two modes:
+//
+// Loss mode (--model DIR --data FILE): the mean next-token loss over an llm.c token
+// file, taken over consecutive non-overlapping windows of --seq-len tokens, so any
+// checkpoint can be compared with another implementation on the same tokens.
+//
+//   ./validate --model runs/default --data data/default/val.bin
+//   loss 2.345678912 over 123456 predictions (seq_len 512)
+//
+// Integration checks (everything else; the seed's checks) on a checkpoint or on
+// fresh random weights of a preset:
+//   1. forward          logits have shape [B, T, V] and are all finite
+//   2. gradient flow    one forward + backward: every trainable tensor's gradient is
+//                       finite and every non-expert tensor's is non-zero (coverage
+//                       reported; routed experts that got no token are listed idle)
+//   3. expert balance   per MoE layer, over --batches batches: load fraction per
+//                       expert, variance of load/mean load, max/min ratio; balanced
+//                       when the mean variance < 0.3 and every ratio < 5
+//   4. KV-cache memory  the MLA latent cache vs an MHA cache of the same model, per
+//                       token and per sequence length (computed from the config)
+// printed as a table, or as one JSON object with --json; the exit status is
+// non-zero when a check fails.
+#include <cmath>
+#include <cstdio>
+#include <string>
+#include <vector>
+
+#include "cli.h"
+#include "common.h"
+#include "fileutil.h"
+#include "model.h"
+
+static const char* USAGE =
+    "usage: ./validate [--model DIR | --preset NAME] [--data FILE] [options]\n"
+    "\n"
+    "With --model and --data: prints the mean next-token loss over the token file\n"
+    "(consecutive non-overlapping windows of --seq-len tokens; the last, partial window\n"
+    "is used as it is). Otherwise runs the integration checks (forward, gradient flow,\n"
+    "expert utilisation, KV-cache memory) and exits non-zero when one fails.\n"
+    "\n"
+    "  --model DIR            checkpoint directory, or a training run directory holding\n"
+    "                         checkpoint/ (default runs/default)\n"
+    "  --preset NAME          fresh random weights of a preset instead: tiny, mini or small\n"
+    "  --seed N               seed of the preset's weights and of the random token batches\n"
+    "                         (default 1337)\n"
+    "  --data FILE            llm.c token file (.bin); the checks draw their batches from it\n"
+    "                         instead of from random tokens\n"
+    "  --checks               run the integration checks even with --model and --data\n"
+    "  --seq-len N            window length; loss mode default: the model's context\n"
+    "                         (max_position_embeddings); checks default: min(64, context)\n"
+    "  --batch-size N         sequences per forward pass (default 4 for the checks, 1 for the loss)\n"
+    "  --batches N            batches for the expert utilisation check (default 8)\n"
+    "  --json                 one JSON object on stdout instead of the table\n"
+    "  --device auto|cpu|gpu  where to run (default auto = cpu until the CUDA path exists)\n"
+    "  --help                 show this help\n";
+
+// A training run directory keeps its checkpoint in DIR/checkpoint.
+static std::string resolve_model_dir(const std::string& dir, bool is_default) {
+    if (path_exists(dir + "/config.json")) return dir;
+    if (path_exists(dir + "/checkpoint/config.json")) return dir + "/checkpoint";
+    if (!path_exists(dir))
+        fail("%s: model directory does not exist%s", dir.c_str(),
+             is_default ? " (train one with ./train, or pass --model DIR or --preset NAME)" : "");
+    fail("%s: not a checkpoint directory (no config.json, and no checkpoint/config.json)", dir.c_str());
+}
+
+// JSON has no inf or nan: they become null
+static std::string jnum(double x) { return std::isfinite(x) ? strfmt("%.9g", x) : "null"; }
+
+static std::string jstr(const std::string& s) {
+    std::string out = "\"";
+    for (unsigned char ch : s) {
+        if (ch == '"' || ch == '\\') out += '\\', out += (char)ch;
+        else if (ch < 0x20) out += strfmt("\\u%04x", ch);
+        else out += (char)ch;
+    }
+    return out + "\"";
+}
+
+static std::string jbool(bool b) { return b ? "true" : "false"; }
+
+static bool is_routed_expert_tensor(const std::string& name, int* layer, int* expert) {
+    // model.layers.L.mlp.experts.E.<proj>.weight
+    return sscanf(name.c_str(), "model.layers.%d.mlp.experts.%d.", layer, expert) == 2;
+}
+
+static std::string human_bytes(double b) {
+    const char* unit[] = {"B", "KiB", "MiB", "GiB", "TiB"};
+    int u = 0;
+    while (b >= 1024 && u < 4) b /= 1024, u++;
+    return u == 0 ? strfmt("%.0f %s", b, unit[u]) : strfmt("%.1f %s", b, unit[u]);
+}
+
+// ----------------------------------------------------------------------------
+// loss mode
+
+static int run_loss(Model& m, const std::string& data_path, int seq_len, int batch_size, bool json) {
+    std::vector<int> tokens = read_token_file(data_path, m.ref.cfg.vocab_size);
+    if (tokens.size() < 2) fail("%s: needs at least 2 tokens to predict one, has %zu", data_path.c_str(), tokens.size());
+    double loss = model_eval_loss(m, tokens, seq_len, batch_size);
+    size_t predictions = tokens.size() - 1;
+    if (json)
+        printf("{\"loss\": %.17g, \"predictions\": %zu, \"seq_len\": %d}\n", loss, predictions, seq_len);
+    else
+        printf("loss %.10g over %zu predictions (seq_len %d)\n", loss, predictions, seq_len);
+    return std::isfinite(loss) ? 0 : 1;
+}
+
+// ----------------------------------------------------------------------------
+// integration checks
+
+struct BatchSource {
+    const std::vector<int>* data = nullptr;  // token file, or null for random tokens
+    uint64_t key = 0;
+    int B = 0, T = 0, V = 0;
+
+    // batch b: inputs [B*T] and their next tokens; from the file, consecutive
+    // windows that wrap around at its end
+    void get(int b, std::vector<int>& inputs, std::vector<int>& targets) const {
+        const size_t n = (size_t)B * T;
+        std::vector<int> seq(n + 1);
+        if (data) {
+            const size_t size = data->size();
+            size_t start = ((size_t)b * n) % size;
+            for (size_t i = 0; i <= n; i++) seq[i] = (*data)[(start + i) % size];
+        } else {
+            for (size_t i = 0; i <= n; i++) seq[i] = (int)(rng_hash(key, (uint64_t)b * (n + 1) + i) % (uint64_t)V);
+        }
+        inputs.assign(seq.begin(), seq.end() - 1);
+        targets.assign(seq.begin() + 1, seq.end());
+    }
+};
+
+static int run_checks(Model& m, const std::string& model_name, const std::string& data_path, int T, int B, int batches,
+                      uint64_t seed, bool json) {
+    RefModel<float>& r = m.ref;
+    const Config& c = r.cfg;
+    const int V = c.vocab_size, L = c.num_hidden_layers, E = c.n_routed_experts;
+
+    std::vector<int> data;
+    BatchSource src;
+    src.B = B;
+    src.T = T;
+    src.V = V;
+    src.key = mix64(seed ^ 0x7a11d47eull);
+    if (!data_path.empty()) {
+        data = read_token_file(data_path, V);
+        if (data.size() < 2) fail("%s: needs at least 2 tokens, has %zu", data_path.c_str(), data.size());
+        src.data = &data;
+    }
+    std::string source = data_path.empty() ? strfmt("random tokens (seed %llu)", (unsigned long long)seed) : data_path;
+    size_t trainable = 0, trainable_numel = 0;
+    for (const TensorSpec& s : r.layout.tensors)
+        if (s.kind != TENSOR_BUFFER) trainable++, trainable_numel += s.numel;
+
+    // 1. forward, on batch 0, with targets so that check 2 can run backward on it
+    std::vector<int> inputs, targets;
+    src.get(0, inputs, targets);
+    double t0 = now_seconds();
+    float loss = ref_forward(r, inputs.data(), targets.data(), B, T, StepOptions{});
+    double forward_s = now_seconds() - t0;
+    size_t nonfinite_logits = 0;
+    for (float x : r.logits)
+        if (!std::isfinite(x)) nonfinite_logits++;
+    const bool shape_ok = r.logits.size() == (size_t)B * T * V && r.B == B && r.Tlen == T;
+    const bool forward_ok = shape_ok && nonfinite_logits == 0 && std::isfinite(loss);
+    std::vector<std::vector<int64_t>> load0 = r.expert_load;
+
+    // 2. gradient flow
+    std::fill(r.grads.begin(), r.grads.end(), 0.0f);
+    t0 = now_seconds();
+    ref_backward(r, 1.0f);
+    double backward_s = now_seconds() - t0;
+    size_t with_grad = 0, nonfinite_tensors = 0;
+    std::vector<std::string> dead, nonfinite_names, idle, dead_busy_experts;
+    // with one expert per token and normalised gates every gate is exactly 1, so
+    // the router gets no gradient from the loss: that is the model, not a bug
+    const bool router_frozen = c.num_experts_per_tok == 1 && c.norm_topk_prob;
+    for (const TensorSpec& s : r.layout.tensors) {
+        if (s.kind == TENSOR_BUFFER) continue;
+        bool finite = true, nonzero = false;
+        const float* g = r.grads.data() + s.offset;
+        for (size_t i = 0; i < s.numel; i++) {
+            if (!std::isfinite(g[i])) finite = false;
+            if (g[i] != 0) nonzero = true;
+        }
+        if (!finite) nonfinite_tensors++, nonfinite_names.push_back(s.name);
+        if (nonzero) with_grad++;
+        int layer, expert;
+        if (is_routed_expert_tensor(s.name, &layer, &expert)) {
+            bool busy = load0[layer][expert] > 0;
+            if (!nonzero && busy) dead_busy_experts.push_back(s.name);
+            else if (!nonzero && (idle.empty() || idle.back() != strfmt("layer %d expert %d", layer, expert)))
+                idle.push_back(strfmt("layer %d expert %d", layer, expert));
+        } else if (!nonzero && !(router_frozen && ends_with(s.name, ".mlp.gate.weight"))) {
+            dead.push_back(s.name);
+        }
+    }
+    const double coverage = trainable ? (double)with_grad / trainable : 1.0;
+    const bool grad_ok = nonfinite_tensors == 0 && dead.empty() && dead_busy_experts.empty();
+
+    // 3. expert utilisation over `batches` batches
+    std::vector<int> moe_layers;
+    for (int l = 0; l < L; l++)
+        if (c.is_moe_layer(l)) moe_layers.push_back(l);
+    std::vector<std::vector<int64_t>> load(L, std::vector<int64_t>(E, 0));
+    t0 = now_seconds();
+    for (int b = 0; b < batches; b++) {
+        const std::vector<std::vector<int64_t>>* counts = &load0;
+        if (b > 0) {
+            src.get(b, inputs, targets);
+            ref_forward(r, inputs.data(), nullptr, B, T, StepOptions{});
+            counts = &r.expert_load;
+        }
+        for (int l : moe_layers)
+            for (int e = 0; e < E; e++) load[l][e] += (*counts)[l][e];
+    }
+    double util_s = now_seconds() - t0;
+    struct LayerUtil {
+        int layer;
+        std::vector<double> fraction;
+        double variance, ratio;
+        int idle;
+    };
+    std::vector<LayerUtil> util;
+    double mean_variance = 0, worst_ratio = 0;
+    for (int l : moe_layers) {
+        LayerUtil u{l, std::vector<double>(E), 0, 0, 0};
+        int64_t total = 0, mx = 0, mn = INT64_MAX;
+        for (int e = 0; e < E; e++) total += load[l][e], mx = std::max(mx, load[l][e]), mn = std::min(mn, load[l][e]);
+        const double mean = (double)total / E;
+        for (int e = 0; e < E; e++) {
+            u.fraction[e] = total ? (double)load[l][e] / total : 0;
+            double rel = mean > 0 ? load[l][e] / mean - 1 : 0;
+            u.variance += rel * rel / E;
+            if (load[l][e] == 0) u.idle++;
+        }
+        u.ratio = mn > 0 ? (double)mx / mn : INFINITY;
+        mean_variance += u.variance / moe_layers.size();
+        worst_ratio = std::max(worst_ratio, u.ratio);
+        util.push_back(u);
+    }
+    const bool util_ok = moe_layers.empty() || (mean_variance < 0.3 && worst_ratio < 5);
+
+    // 4. KV-cache memory (bf16), computed from the config
+    const int H = c.num_attention_heads;
+    const double mla_per_token = 2.0 * (c.kv_lora_rank + c.qk_rope_head_dim) * L;
+    const double mha_per_token = 2.0 * ((double)H * (c.qk_nope_head_dim + c.qk_rope_head_dim) + (double)H * c.v_head_dim) * L;
+    std::vector<int> lengths = {64, 128, 256, 512};
+    for (long long len = 1024; len <= c.max_position_embeddings; len *= 2) lengths.push_back((int)len);
+    const bool kv_ok = true;  // informational: nothing to fail until the GPU measures it
+
+    const bool all_ok = forward_ok && grad_ok && util_ok && kv_ok;
+
+    if (json) {
+        std::string s = "{";
+        s += "\"model\": " + jstr(model_name) + ", \"data\": " + jstr(source);
+        s += strfmt(", \"parameters\": %zu, \"trainable_parameters\": %zu", r.layout.total, trainable_numel);
+        s += ", \"forward\": {\"pass\": " + jbool(forward_ok) + strfmt(", \"batch_size\": %d, \"seq_len\": %d, \"vocab_size\": %d", B, T, V);
+        s += strfmt(", \"shape\": [%d, %d, %d], \"shape_ok\": %s, \"nonfinite_logits\": %zu, \"loss\": %s, \"seconds\": %.3f}", r.B, r.Tlen,
+                    r.B && r.Tlen ? (int)(r.logits.size() / ((size_t)r.B * r.Tlen)) : 0, jbool(shape_ok).c_str(), nonfinite_logits,
+                    jnum(loss).c_str(), forward_s);
+        s += ", \"gradient_flow\": {\"pass\": " + jbool(grad_ok);
+        s += strfmt(", \"trainable_tensors\": %zu, \"tensors_with_gradient\": %zu, \"coverage\": %s, \"nonfinite_tensors\": %zu",
+                    trainable, with_grad, jnum(coverage).c_str(), nonfinite_tensors);
+        auto list = [&](const char* key, const std::vector<std::string>& v) {
+            s += strfmt(", \"%s\": [", key);
+            for (size_t i = 0; i < v.size(); i++) s += (i ? ", " : "") + jstr(v[i]);
+            s += "]";
+        };
+        list("nonfinite", nonfinite_names);
+        list("no_gradient", dead);
+        list("busy_experts_without_gradient", dead_busy_experts);
+        list("idle_experts", idle);
+        s += strfmt(", \"seconds\": %.3f}", backward_s);
+        s += ", \"expert_utilization\": {\"pass\": " + jbool(util_ok);
+        s += strfmt(", \"batches\": %d, \"tokens_per_batch\": %d, \"moe_layers\": %zu, \"mean_variance\": %s, \"max_ratio\": %s",
+                    batches, B * T, moe_layers.size(), jnum(mean_variance).c_str(), jnum(moe_layers.empty() ? 0 : worst_ratio).c_str());
+        s += ", \"thresholds\": {\"mean_variance\": 0.3, \"max_ratio\": 5}, \"layers\": [";
+        for (size_t i = 0; i < util.size(); i++) {
+            const LayerUtil& u = util[i];
+            s += strfmt("%s{\"layer\": %d, \"load\": [", i ? ", " : "", u.layer);
+            for (int e = 0; e < E; e++) s += (e ? ", " : "") + strfmt("%.6g", u.fraction[e]);
+            s += strfmt("], \"variance\": %s, \"max_min_ratio\": %s, \"idle_experts\": %d}", jnum(u.variance).c_str(),
+                        jnum(u.ratio).c_str(), u.idle);
+        }
+        s += strfmt("], \"seconds\": %.3f}", util_s);
+        s += ", \"kv_cache\": {\"pass\": " + jbool(kv_ok) + ", \"computed\": true, \"dtype\": \"bf16\"";
+        s += strfmt(", \"mla_bytes_per_token\": %.0f, \"mha_bytes_per_token\": %.0f, \"ratio\": %s, \"lengths\": [", mla_per_token,
+                    mha_per_token, jnum(mha_per_token / mla_per_token).c_str());
+        for (size_t i = 0; i < lengths.size(); i++)
+            s += strfmt("%s{\"seq_len\": %d, \"mla_bytes\": %.0f, \"mha_bytes\": %.0f, \"within_context\": %s}", i ? ", " : "", lengths[i],
+                        mla_per_token * lengths[i], mha_per_token * lengths[i], jbool(lengths[i] <= c.max_position_embeddings).c_str());
+        s += "]}";
+        s += ", \"passed\": " + jbool(all_ok) + "}";
+        printf("%s\n", s.c_str());
+        return all_ok ? 0 : 1;
+    }
+
+    auto status = [](bool ok) { return ok ? "PASS" : "FAIL"; };
+    printf("model: %s\n", model_name.c_str());
+    printf("  %d layers (%zu MoE), hidden %d, %d heads, vocab %d, context %d, %d routed experts (top-%d), %d shared\n", L,
+           moe_layers.size(), c.hidden_size, H, V, c.max_position_embeddings, E, c.num_experts_per_tok, c.n_shared_experts);
+    printf("  %zu parameters; batches of %d x %d tokens from %s; running on the cpu reference\n\n", r.layout.total, B, T,
+           source.c_str());
+
+    printf("1. forward                                                      %s\n", status(forward_ok));
+    printf("   logits shape [%d, %d, %zu] (expected [%d, %d, %d]), %zu non-finite, loss %.6f (ln V = %.4f), %.2f s\n", r.B, r.Tlen,
+           r.B && r.Tlen ? r.logits.size() / ((size_t)r.B * r.Tlen) : (size_t)0, B, T, V, nonfinite_logits, loss, std::log((double)V),
+           forward_s);
+
+    printf("\n2. gradient flow                                                %s\n", status(grad_ok));
+    printf("   %zu of %zu trainable tensors have a non-zero gradient (coverage %.1f%%), %zu non-finite, %.2f s\n", with_grad, trainable,
+           100 * coverage, nonfinite_tensors, backward_s);
+    for (const std::string& n : nonfinite_names) printf("   non-finite gradient: %s\n", n.c_str());
+    for (const std::string& n : dead) printf("   no gradient: %s\n", n.c_str());
+    for (const std::string& n : dead_busy_experts) printf("   no gradient although the expert got tokens: %s\n", n.c_str());
+    if (router_frozen) printf("   (top-1 routing with norm_topk_prob: every gate is 1, so the routers get no gradient)\n");
+    if (!idle.empty()) {
+        printf("   idle routed experts (no token in this batch, so no gradient; not a failure): ");
+        for (size_t i = 0; i < idle.size(); i++) printf("%s%s", i ? ", " : "", idle[i].c_str());
+        printf("\n");
+    }
+
+    printf("\n3. expert utilisation                                           %s\n", status(util_ok));
+    if (moe_layers.empty()) {
+        printf("   no MoE layers\n");
+    } else {
+        printf("   %d batches of %d tokens; balanced when mean variance < 0.3 and every max/min ratio < 5\n", batches, B * T);
+        const bool show_all = E <= 16;
+        printf("   %5s  %s  %9s  %9s  %4s\n", "layer", show_all ? "load per expert (%)" : "load min..max (%)", "variance", "max/min",
+               "idle");
+        for (const LayerUtil& u : util) {
+            std::string loads;
+            if (show_all) {
+                for (int e = 0; e < E; e++) loads += strfmt("%s%4.1f", e ? " " : "", 100 * u.fraction[e]);
+            } else {
+                double lo = *std::min_element(u.fraction.begin(), u.fraction.end());
+                double hi = *std::max_element(u.fraction.begin(), u.fraction.end());
+                loads = strfmt("%.2f .. %.2f", 100 * lo, 100 * hi);
+            }
+            if (loads.size() < 19) loads.resize(19, ' ');
+            printf("   %5d  %s  %9.4f  %9s  %4d\n", u.layer, loads.c_str(), u.variance,
+                   std::isfinite(u.ratio) ? strfmt("%.3f", u.ratio).c_str() : "inf", u.idle);
+        }
+        printf("   mean variance %.4f, worst max/min ratio %s, %.2f s\n", mean_variance,
+               std::isfinite(worst_ratio) ? strfmt("%.3f", worst_ratio).c_str() : "inf", util_s);
+    }
+
+    printf("\n4. KV-cache memory (computed from the config, bf16; the GPU path will measure it)   %s\n", status(kv_ok));
+    printf("   per token: MLA latent cache %.0f B = 2*(kv_lora_rank %d + qk_rope_head_dim %d)*%d layers\n", mla_per_token,
+           c.kv_lora_rank, c.qk_rope_head_dim, L);
+    printf("              MHA cache       %.0f B = 2*(%d heads*(%d+%d) + %d heads*%d)*%d layers; %.2fx the MLA cache\n",
+           mha_per_token, H, c.qk_nope_head_dim, c.qk_rope_head_dim, H, c.v_head_dim, L, mha_per_token / mla_per_token);
+    printf("   %8s  %12s  %12s\n", "seq_len", "MLA (batch 1)", "MHA (batch 1)");
+    for (int len : lengths)
+        printf("   %8d  %12s  %12s%s\n", len, human_bytes(mla_per_token * len).c_str(), human_bytes(mha_per_token * len).c_str(),
+               len > c.max_position_embeddings ? "   (beyond the context)" : "");
+
+    printf("\n%s\n", all_ok ? "all checks passed" : "some checks FAILED");
+    return all_ok ? 0 : 1;
+}
+
+// ----------------------------------------------------------------------------
+
+static int run(int argc, char** argv) {
+    std::string model_dir = "runs/default", preset, data_path, device = "auto";
+    bool has_model = false, json = false, force_checks = false;
+    long long seq_len = 0, batch_size = 0, batches = 8;
+    unsigned long long seed = 1337;
+    CliParser cli{argc, argv};
+    while (cli_next(cli)) {
+        if (cli.name == "--help") {
+            cli_flag(cli);
+            printf("%s", USAGE);
+            return 0;
+        } else if (cli.name == "--model") {
+            model_dir = cli_value(cli);
+            has_model = true;
+        } else if (cli.name == "--preset") {
+            preset = cli_value(cli);
+            config_preset(preset);  // refuses an unknown name before anything runs
+        } else if (cli.name == "--data") {
+            data_path = cli_value(cli);
+        } else if (cli.name == "--seq-len") {
+            seq_len = cli_int(cli, 1, INT32_MAX);
+        } else if (cli.name == "--batch-size") {
+            batch_size = cli_int(cli, 1, 1 << 20);
+        } else if (cli.name == "--batches") {
+            batches = cli_int(cli, 1, 1 << 20);
+        } else if (cli.name == "--seed") {
+            seed = (unsigned long long)cli_int(cli, 0, LLONG_MAX);
+        } else if (cli.name == "--json") {
+            cli_flag(cli);
+            json = true;
+        } else if (cli.name == "--checks") {
+            cli_flag(cli);
+            force_checks = true;
+        } else if (cli.name == "--device") {
+            device = cli_value(cli);
+            if (device != "auto" && device != "cpu" && device != "gpu")
+                fail("option --device: '%s' must be auto, cpu or gpu", device.c_str());
+        } else {
+            cli_unknown(cli);
+        }
+    }
+    if (!cli.positional.empty()) fail("unexpected argument '%s' (see --help)", cli.positional[0].c_str());
+    if (has_model && !preset.empty()) fail("give --model DIR or --preset NAME, not both");
+    if (device == "gpu") fail("--device gpu: the CUDA path is not built yet; use --device cpu (or auto)");
+
+    Model m;
+    std::string model_name;
+    if (!preset.empty()) {
+        model_create(m, config_preset(preset), seed);
+        model_name = strfmt("preset %s, fresh weights (seed %llu)", preset.c_str(), (unsigned long long)seed);
+    } else {
+        std::string dir = resolve_model_dir(model_dir, !has_model);
+        model_load(m, dir, nullptr);
+        model_name = dir;
+    }
+    const int context = m.ref.cfg.max_position_embeddings;
+    if (seq_len > context) fail("--seq-len %lld exceeds the model's context (max_position_embeddings %d)", seq_len, context);
+
+    if (preset.empty() && !data_path.empty() && !force_checks)
+        return run_loss(m, data_path, seq_len ? (int)seq_len : context, batch_size ? (int)batch_size : 1, json);
+    return run_checks(m, model_name, data_path, seq_len ? (int)seq_len : std::min(64, context), batch_size ? (int)batch_size : 4,
+                      (int)batches, seed, json);
+}
+
+int main(int argc, char** argv) {
+    try {
+        return run(argc, argv);
+    } catch (const std::exception& e) {
+        fflush(stdout);
+        fprintf(stderr, "error: %s\n", e.what());
+        return 1;
+    }
+}
