@@ -44,23 +44,31 @@ inline std::string strfmt(const char* fmt, ...) {
     throw std::runtime_error(s);
 }
 
+// Functions marked HD run on the host and, compiled by nvcc, on the device too, so
+// the CPU reference and the kernels draw the same random numbers.
+#ifdef __CUDACC__
+#define HD __host__ __device__
+#else
+#define HD
+#endif
+
 // ----------------------------------------------------------------------------
 // Counter-based RNG. A pure function of (key, counter), so any element of a
 // random stream can be drawn in any order, on any thread or device, and a run can
 // resume from a step number alone. SplitMix64's finaliser is a good enough mixer
 // for initialisation, dropout masks and sampling.
 
-inline uint64_t mix64(uint64_t x) {
+HD inline uint64_t mix64(uint64_t x) {
     x += 0x9E3779B97F4A7C15ull;
     x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ull;
     x = (x ^ (x >> 27)) * 0x94D049BB133111EBull;
     return x ^ (x >> 31);
 }
 
-inline uint64_t rng_hash(uint64_t key, uint64_t counter) { return mix64(mix64(key) ^ counter); }
+HD inline uint64_t rng_hash(uint64_t key, uint64_t counter) { return mix64(mix64(key) ^ counter); }
 
 // uniform in [0, 1) with 24 random bits
-inline float rng_uniform(uint64_t key, uint64_t counter) {
+HD inline float rng_uniform(uint64_t key, uint64_t counter) {
     return (float)(rng_hash(key, counter) >> 40) * (1.0f / 16777216.0f);
 }
 

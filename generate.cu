@@ -46,16 +46,6 @@ static const char* USAGE =
     "(max_position_embeddings) is full. An empty prompt starts from token 10 ('\\n').\n"
     "Statistics (tokens, tokens/s, time to first token) go to stderr.\n";
 
-// A training run directory keeps its checkpoint in DIR/checkpoint.
-static std::string resolve_model_dir(const std::string& dir, bool is_default) {
-    if (path_exists(dir + "/config.json")) return dir;
-    if (path_exists(dir + "/checkpoint/config.json")) return dir + "/checkpoint";
-    if (!path_exists(dir))
-        fail("%s: model directory does not exist%s", dir.c_str(),
-             is_default ? " (train one with ./train, or pass --model DIR)" : "");
-    fail("%s: not a checkpoint directory (no config.json, and no checkpoint/config.json)", dir.c_str());
-}
-
 // "1 2, 3" -> {1, 2, 3}; every id must be in 0..vocab_size-1
 static std::vector<int> parse_token_ids(const std::string& text, int vocab_size) {
     std::vector<int> ids;
@@ -155,7 +145,7 @@ static int run(int argc, char** argv) {
     if (device == "gpu") fail("--device gpu: the CUDA path is not built yet; use --device cpu (or auto)");
 
     Model m;
-    model_load(m, resolve_model_dir(model_dir, !has_model), nullptr);
+    model_load(m, model_resolve_dir(model_dir, !has_model), nullptr);
     const int V = m.ref.cfg.vocab_size, context = m.ref.cfg.max_position_embeddings;
     const bool token_mode = has_tokens;
 

@@ -205,7 +205,12 @@ void model_load(Model& m, const std::string& dir, TrainState* state) {
         if (m.tokenizer.vocab_size > c.vocab_size)
             fail("%s: tokenizer has %d tokens but the model's vocab_size is %d", tok_path.c_str(), m.tokenizer.vocab_size, c.vocab_size);
     }
-    if (!state) return;
+    if (!state) {
+        // inference needs no optimizer moments: give their memory back
+        std::vector<float>().swap(m.adam_m);
+        std::vector<float>().swap(m.adam_v);
+        return;
+    }
     if (!checkpoint_has_state(dir)) fail("%s: no training state (trainer_state.json, optimizer.safetensors) to resume from", dir.c_str());
     std::string state_path = dir + "/trainer_state.json";
     *state = state_from_json(read_file(state_path), state_path);
@@ -214,4 +219,12 @@ void model_load(Model& m, const std::string& dir, TrainState* state) {
         safetensors_take(opt, "exp_avg." + s.name, s.shape, m.adam_m.data() + s.offset);
         safetensors_take(opt, "exp_avg_sq." + s.name, s.shape, m.adam_v.data() + s.offset);
     }
+}
+
+std::string model_resolve_dir(const std::string& dir, bool is_default) {
+    if (path_exists(dir + "/config.json")) return dir;
+    if (path_exists(dir + "/checkpoint/config.json")) return dir + "/checkpoint";
+    if (!path_exists(dir))
+        fail("%s: model directory does not exist%s", dir.c_str(), is_default ? " (train one with ./train, or pass --model DIR)" : "");
+    fail("%s: not a checkpoint directory (no config.json, and no checkpoint/config.json)", dir.c_str());
 }

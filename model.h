@@ -80,3 +80,8 @@ void model_load(Model& m, const std::string& dir, TrainState* state);
 
 // true when dir holds a training state (a resumable checkpoint)
 bool checkpoint_has_state(const std::string& dir);
+
+// A --model argument names a checkpoint directory or a training run directory
+// holding checkpoint/; returns the checkpoint directory. is_default adds a hint
+// to train one first.
+std::string model_resolve_dir(const std::string& dir, bool is_default);

@@ -19,7 +19,9 @@
 //   4. KV-cache memory  the MLA latent cache vs an MHA cache of the same model, per
 //                       token and per sequence length (computed from the config)
 // printed as a table, or as one JSON object with --json; the exit status is
-// non-zero when a check fails.
+// non-zero when a check fails. The batches are random tokens, or windows of --data
+// with --preset, or with --model --data --checks (a trained model is best checked
+// on text like its training data: random tokens are far from it).
 #include <cmath>
 #include <cstdio>
 #include <string>
@@ -54,16 +56,6 @@ static const char* USAGE =
     "  --device auto|cpu|gpu  where to run (default auto = cpu until the CUDA path exists)\n"
     "  --help                 show this help\n";
 
-// A training run directory keeps its checkpoint in DIR/checkpoint.
-static std::string resolve_model_dir(const std::string& dir, bool is_default) {
-    if (path_exists(dir + "/config.json")) return dir;
-    if (path_exists(dir + "/checkpoint/config.json")) return dir + "/checkpoint";
-    if (!path_exists(dir))
-        fail("%s: model directory does not exist%s", dir.c_str(),
-             is_default ? " (train one with ./train, or pass --model DIR or --preset NAME)" : "");
-    fail("%s: not a checkpoint directory (no config.json, and no checkpoint/config.json)", dir.c_str());
-}
-
 // JSON has no inf or nan: they become null
 static std::string jnum(double x) { return std::isfinite(x) ? strfmt("%.9g", x) : "null"; }
 
@@ -78,6 +70,15 @@ static std::string jstr(const std::string& s) {
 }
 
 static std::string jbool(bool b) { return b ? "true" : "false"; }
+
+// x with `digits` significant digits in fixed notation, trailing zeros kept
+// (2.345678912 rather than %g's 2.34567891), so the precision is visible
+static std::string fixed_significant(double x, int digits) {
+    if (!std::isfinite(x)) return strfmt("%g", x);
+    int magnitude = x == 0 ? 0 : (int)std::floor(std::log10(std::fabs(x)));
+    int decimals = std::min(std::max(digits - 1 - magnitude, 0), 17);
+    return strfmt("%.*f", decimals, x);
+}
 
 static bool is_routed_expert_tensor(const std::string& name, int* layer, int* expert) {
     // model.layers.L.mlp.experts.E.<proj>.weight
@@ -102,7 +103,7 @@ static int run_loss(Model& m, const std::string& data_path, int seq_len, int bat
     if (json)
         printf("{\"loss\": %.17g, \"predictions\": %zu, \"seq_len\": %d}\n", loss, predictions, seq_len);
     else
-        printf("loss %.10g over %zu predictions (seq_len %d)\n", loss, predictions, seq_len);
+        printf("loss %s over %zu predictions (seq_len %d)\n", fixed_significant(loss, 10).c_str(), predictions, seq_len);
     return std::isfinite(loss) ? 0 : 1;
 }
 
@@ -347,7 +348,8 @@ static int run_checks(Model& m, const std::string& model_name, const std::string
                std::isfinite(worst_ratio) ? strfmt("%.3f", worst_ratio).c_str() : "inf", util_s);
     }
 
-    printf("\n4. KV-cache memory (computed from the config, bf16; the GPU path will measure it)   %s\n", status(kv_ok));
+    printf("\n4. KV-cache memory                                              %s\n", status(kv_ok));
+    printf("   computed from the config (bf16 entries, batch 1); the GPU decode path will measure it\n");
     printf("   per token: MLA latent cache %.0f B = 2*(kv_lora_rank %d + qk_rope_head_dim %d)*%d layers\n", mla_per_token,
            c.kv_lora_rank, c.qk_rope_head_dim, L);
     printf("              MHA cache       %.0f B = 2*(%d heads*(%d+%d) + %d heads*%d)*%d layers; %.2fx the MLA cache\n",
@@ -414,7 +416,7 @@ static int run(int argc, char** argv) {
         model_create(m, config_preset(preset), seed);
         model_name = strfmt("preset %s, fresh weights (seed %llu)", preset.c_str(), (unsigned long long)seed);
     } else {
-        std::string dir = resolve_model_dir(model_dir, !has_model);
+        std::string dir = model_resolve_dir(model_dir, !has_model);
         model_load(m, dir, nullptr);
         model_name = dir;
     }

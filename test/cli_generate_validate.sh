@@ -1,0 +1,207 @@
+#!/usr/bin/env bash
+# test/cli_generate_validate.sh — black-box checks of ./generate and ./validate:
+# help, bad input (one 'error:' line and a non-zero exit), repeatable sampling,
+# raw token mode, the integration checks and the loss mode. Runs from the repo root
+# after the build (make test); needs ./train and ./data/prepare too. No Python.
+set -euo pipefail
+
+TMP=$(mktemp -d)
+trap 'rm -rf "$TMP"' EXIT
+
+passed=0
+failed=0
+pass() { echo "PASS: $1"; passed=$((passed + 1)); }
+fail() { echo "FAIL: $1"; failed=$((failed + 1)); }
+
+for bin in ./generate ./validate ./train ./data/prepare; do
+    if [ ! -x "$bin" ]; then
+        echo "FAIL: $bin is not built (run make first)"
+        exit 1
+    fi
+done
+
+# runs "$@" and expects a non-zero exit with exactly one stderr line "error: ..."
+# that contains $2 (may be empty)
+expect_error() {
+    local desc=$1 want=$2
+    shift 2
+    if "$@" >"$TMP/out" 2>"$TMP/err" </dev/null; then
+        fail "$desc: exit status 0"
+        return
+    fi
+    local lines
+    lines=$(wc -l <"$TMP/err")
+    if [ "$lines" -eq 1 ] && grep -q '^error: ' "$TMP/err" && grep -qF -- "$want" "$TMP/err"; then
+        pass "$desc ($(cat "$TMP/err"))"
+    else
+        fail "$desc: expected one 'error:' line containing '$want', stderr was: $(cat "$TMP/err")"
+    fi
+}
+
+# runs "$@" and expects exit status 0
+expect_ok() {
+    local desc=$1
+    shift
+    if "$@" >"$TMP/out" 2>"$TMP/err" </dev/null; then
+        pass "$desc"
+    else
+        fail "$desc: exit status $?, stderr: $(tail -n 3 "$TMP/err")"
+    fi
+}
+
+# ---------------------------------------------------------------------------
+# a tiny checkpoint: bytes dataset from the repo's own sources, 3 training steps
+cat common.h cli.h config.h >"$TMP/text.txt"
+./data/prepare --input "$TMP/text.txt" --out "$TMP/data" --vocab 256 >/dev/null
+./train --preset tiny --steps 3 --seq-len 16 --batch-size 2 --out "$TMP/run" --data "$TMP/data" >"$TMP/train.log" 2>&1 ||
+    { echo "FAIL: ./train could not make the test checkpoint:"; tail -n 5 "$TMP/train.log"; exit 1; }
+RUN=$TMP/run        # a run directory: the binaries find RUN/checkpoint
+CKPT=$TMP/run/checkpoint
+CONTEXT=64          # the tiny preset's max_position_embeddings
+GEN=(./generate --model "$RUN" --max-new-tokens 12 --quiet)
+
+# ---------------------------------------------------------------------------
+# help and bad command lines
+expect_ok "generate --help exits 0" ./generate --help
+grep -q -- "--max-new-tokens" "$TMP/out" && pass "generate --help lists the options" || fail "generate --help lists the options"
+expect_ok "validate --help exits 0" ./validate --help
+grep -q -- "--preset" "$TMP/out" && pass "validate --help lists the options" || fail "validate --help lists the options"
+
+expect_error "generate: unknown flag" "--bogus" ./generate --model "$RUN" --bogus
+expect_error "validate: unknown flag" "--bogus" ./validate --model "$RUN" --bogus
+expect_error "generate: missing model dir" "does not exist" ./generate --model "$TMP/nowhere" --prompt hi
+expect_error "validate: missing model dir" "does not exist" ./validate --model "$TMP/nowhere"
+expect_error "generate: bad number" "not an integer" ./generate --model "$RUN" --max-new-tokens 12x
+expect_error "generate: bad float" "not a number" ./generate --model "$RUN" --temperature hot
+expect_error "generate: top-p out of range" "outside" ./generate --model "$RUN" --top-p 2
+expect_error "validate: bad number" "not an integer" ./validate --preset tiny --batches many
+expect_error "validate: unknown preset" "unknown preset" ./validate --preset huge
+expect_error "validate: --model and --preset" "not both" ./validate --model "$RUN" --preset tiny
+expect_error "validate: --seq-len beyond the context" "exceeds" ./validate --preset tiny --seq-len 65
+expect_error "generate: --device gpu" "not built" ./generate --model "$RUN" --device gpu --prompt hi
+expect_error "generate: --tokens id >= vocab" "outside the model's vocabulary" "${GEN[@]}" --tokens "1 2 256"
+expect_error "generate: --tokens not a number" "not a token id" "${GEN[@]}" --tokens "1 two"
+LONG=$(printf 'a%.0s' $(seq 1 100))
+expect_error "generate: prompt longer than the context" "prompt is 100 tokens but the model's context is $CONTEXT" \
+    "${GEN[@]}" --prompt "$LONG"
+
+# damaged checkpoints: each one is refused by both binaries
+damaged() {  # damaged NAME: a copy of the checkpoint to break
+    rm -rf "${TMP:?}/$1"
+    cp -r "$CKPT" "$TMP/$1"
+    echo "$TMP/$1"
+}
+D=$(damaged truncated)
+size=$(wc -c <"$D/model.safetensors")
+head -c $((size - 100)) "$CKPT/model.safetensors" >"$D/model.safetensors"
+expect_error "generate: truncated model.safetensors" "model.safetensors" ./generate --model "$D" --prompt hi
+expect_error "validate: truncated model.safetensors" "model.safetensors" ./validate --model "$D"
+
+D=$(damaged badconfig)
+sed 's/"num_experts_per_tok": [0-9]*/"num_experts_per_tok": 9/' "$CKPT/config.json" >"$D/config.json"
+grep -q '"num_experts_per_tok": 9' "$D/config.json" || fail "test setup: could not edit num_experts_per_tok"
+expect_error "generate: config with top-k > experts" "num_experts_per_tok" ./generate --model "$D" --prompt hi
+expect_error "validate: config with top-k > experts" "num_experts_per_tok" ./validate --model "$D"
+
+D=$(damaged missingtensor)
+sed 's/"num_hidden_layers": [0-9]*/"num_hidden_layers": 4/' "$CKPT/config.json" >"$D/config.json"
+grep -q '"num_hidden_layers": 4' "$D/config.json" || fail "test setup: could not edit num_hidden_layers"
+expect_error "generate: safetensors missing a tensor" "model.layers.3" ./generate --model "$D" --prompt hi
+expect_error "validate: safetensors missing a tensor" "model.layers.3" ./validate --model "$D"
+
+D=$(damaged notjson)
+echo '{"vocab_size": 256,' >"$D/config.json"
+expect_error "validate: config.json that is not JSON" "config.json" ./validate --model "$D"
+
+# ---------------------------------------------------------------------------
+# sampling
+"${GEN[@]}" --prompt "int main" --seed 5 >"$TMP/a.txt" || fail "generate exited with status $? (line 118)"
+"${GEN[@]}" --prompt "int main" --seed 5 >"$TMP/b.txt" || fail "generate exited with status $? (line 119)"
+cmp -s "$TMP/a.txt" "$TMP/b.txt" && pass "generate: the same seed gives the same output" ||
+    fail "generate: the same seed gives different outputs"
+head -c 8 "$TMP/a.txt" | grep -q "^int main" && pass "generate: the prompt is printed first" ||
+    fail "generate: output does not start with the prompt"
+printf 'int main' | "${GEN[@]}" --seed 5 >"$TMP/c.txt" || fail "generate exited with status $? (line 124)"
+cmp -s "$TMP/a.txt" "$TMP/c.txt" && pass "generate: a prompt on stdin equals --prompt" ||
+    fail "generate: a prompt on stdin differs from --prompt"
+"${GEN[@]}" --prompt "int main" --temperature 0 --seed 1 >"$TMP/g1.txt" || fail "generate exited with status $? (line 127)"
+"${GEN[@]}" --prompt "int main" --temperature 0 --seed 2 >"$TMP/g2.txt" || fail "generate exited with status $? (line 128)"
+cmp -s "$TMP/g1.txt" "$TMP/g2.txt" && pass "generate: --temperature 0 is the same for every seed" ||
+    fail "generate: --temperature 0 depends on the seed"
+"${GEN[@]}" --tokens "105 110 116 32" --seed 3 >"$TMP/t.txt" || fail "generate exited with status $? (line 131)"
+if grep -Eq '^[0-9]+( [0-9]+)*$' "$TMP/t.txt" && [ "$(wc -l <"$TMP/t.txt")" -eq 1 ] &&
+    [ "$(wc -w <"$TMP/t.txt")" -eq 16 ]; then
+    pass "generate --tokens prints only integers (4 prompt ids + 12 new): $(cat "$TMP/t.txt")"
+else
+    fail "generate --tokens output is not 16 integers on one line: $(cat "$TMP/t.txt")"
+fi
+"${GEN[@]}" --tokens "" --seed 3 >"$TMP/e.txt" || fail "generate exited with status $? (line 138)"
+[ "$(wc -w <"$TMP/e.txt")" -eq 12 ] && pass "generate: an empty prompt starts from '\\n' and generates" ||
+    fail "generate: empty prompt output: $(cat "$TMP/e.txt")"
+./generate --model "$RUN" --prompt "int main" --max-new-tokens 1000 >"$TMP/full.txt" 2>"$TMP/full.err" || fail "generate exited with status $? (line 141)"
+grep -q "context is full" "$TMP/full.err" && grep -q "tokens/s" "$TMP/full.err" &&
+    grep -q "time to first token" "$TMP/full.err" &&
+    pass "generate: stops at a full context and reports tokens/s and time to first token" ||
+    fail "generate: stderr was: $(cat "$TMP/full.err")"
+
+# ---------------------------------------------------------------------------
+# integration checks
+expect_ok "validate: integration checks pass on the checkpoint" ./validate --model "$RUN"
+grep -q "all checks passed" "$TMP/out" && pass "validate: the table says all checks passed" ||
+    fail "validate: table output: $(cat "$TMP/out")"
+expect_ok "validate: integration checks pass on --preset tiny" ./validate --preset tiny --batches 4
+expect_ok "validate --json runs" ./validate --preset tiny --batches 2 --json
+if [ "$(wc -l <"$TMP/out")" -eq 1 ] && grep -q '^{.*"forward": {.*}$' "$TMP/out" && grep -q '"passed": true' "$TMP/out"; then
+    pass "validate --json prints one object with \"forward\""
+else
+    fail "validate --json output: $(cat "$TMP/out")"
+fi
+expect_ok "validate --checks on the checkpoint with --data" ./validate --model "$RUN" --data "$TMP/data/val.bin" --checks --json
+grep -q '"gradient_flow": {"pass": true' "$TMP/out" && pass "validate --checks: gradient flow passes on real data" ||
+    fail "validate --checks output: $(cat "$TMP/out")"
+
+# ---------------------------------------------------------------------------
+# loss mode
+expect_ok "validate: loss mode" ./validate --model "$RUN" --data "$TMP/data/val.bin"
+LOSS1=$(cat "$TMP/out")
+if [[ $LOSS1 =~ ^loss\ ([0-9.]+)\ over\ ([0-9]+)\ predictions\ \(seq_len\ $CONTEXT\)$ ]]; then
+    digits=$(echo "${BASH_REMATCH[1]}" | tr -d '.' | sed 's/^0*//')
+    [ "${#digits}" -ge 7 ] && pass "validate: loss printed with ${#digits} significant digits ($LOSS1)" ||
+        fail "validate: loss has only ${#digits} significant digits: $LOSS1"
+else
+    fail "validate: loss line has the wrong form: $LOSS1"
+fi
+./validate --model "$RUN" --data "$TMP/data/val.bin" >"$TMP/loss2.txt" || fail "validate exited with status $? (line 174)"
+[ "$LOSS1" = "$(cat "$TMP/loss2.txt")" ] && pass "validate: the loss is the same when run twice" ||
+    fail "validate: losses differ: $LOSS1 vs $(cat "$TMP/loss2.txt")"
+./validate --model "$RUN" --data "$TMP/data/val.bin" --json >"$TMP/loss.json" || fail "validate exited with status $? (line 177)"
+grep -Eq '^\{"loss": [0-9.e+-]+, "predictions": [0-9]+, "seq_len": 64\}$' "$TMP/loss.json" &&
+    pass "validate --json loss mode: $(cat "$TMP/loss.json")" || fail "validate --json loss mode: $(cat "$TMP/loss.json")"
+./validate --model "$RUN" --data "$TMP/data/val.bin" --seq-len 16 --batch-size 3 >"$TMP/loss16.txt" || fail "validate exited with status $? (line 180)"
+grep -q "(seq_len 16)" "$TMP/loss16.txt" && pass "validate: --seq-len sets the window ($(cat "$TMP/loss16.txt"))" ||
+    fail "validate --seq-len 16: $(cat "$TMP/loss16.txt")"
+
+# an llm.c token file (magic 20240520, version 1, uint16) whose third token, 300, is >= vocab 256
+le32() { printf "\\x$(printf %02x $(($1 & 255)))\\x$(printf %02x $(($1 >> 8 & 255)))\\x$(printf %02x $(($1 >> 16 & 255)))\\x$(printf %02x $(($1 >> 24 & 255)))"; }
+{
+    le32 20240520
+    le32 1
+    le32 4
+    head -c $((253 * 4)) /dev/zero
+    printf '\x41\x00\x42\x00\x2c\x01\x43\x00'
+} >"$TMP/bad_vocab.bin"
+expect_error "validate: loss on a token file with a token >= vocab" "token 300 at position 2 is >= vocab_size 256" \
+    ./validate --model "$RUN" --data "$TMP/bad_vocab.bin"
+head -c 2000 "$TMP/data/val.bin" >"$TMP/truncated.bin"
+expect_error "validate: truncated token file" "truncated: header says" ./validate --model "$RUN" --data "$TMP/truncated.bin"
+{
+    le32 12345
+    le32 1
+    le32 0
+    head -c $((253 * 4)) /dev/zero
+} >"$TMP/bad_magic.bin"
+expect_error "validate: token file with a wrong magic" "bad magic" ./validate --model "$RUN" --data "$TMP/bad_magic.bin"
+expect_error "validate: missing token file" "cannot open" ./validate --model "$RUN" --data "$TMP/nothing.bin"
+
+echo "cli_generate_validate: $passed passed, $failed failed"
+[ "$failed" -eq 0 ]

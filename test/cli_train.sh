@@ -1,0 +1,205 @@
+#!/usr/bin/env bash
+# test/cli_train.sh — black-box checks of ./train from the repository root (run by
+# `make test` after the build): help, one-line errors for bad input, the run
+# directory a short run leaves, the loss falling, exact resume, and Ctrl-C.
+# Uses the tiny preset on a few kilobytes of text; finishes in well under a minute.
+set -euo pipefail
+# libgomp spin-waits at every barrier by default; on a busy 2-core machine that makes
+# the tiny model dozens of times slower. Passive waiting changes no result.
+export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-passive}
+
+T=$(mktemp -d /tmp/cli_train.XXXXXX)
+trap 'rm -rf "$T"' EXIT
+failures=0
+
+pass() { printf 'PASS  %s\n' "$1"; }
+fail() {
+    printf 'FAIL  %s\n' "$1"
+    [ $# -gt 1 ] && printf '      %s\n' "$2"
+    failures=$((failures + 1))
+}
+
+# expect_error NAME WANT CMD... : CMD exits non-zero with exactly one stderr line,
+# "error: ...", that contains WANT (the flag or file at fault)
+expect_error() {
+    local name=$1 want=$2 rc=0
+    shift 2
+    "$@" >"$T/stdout" 2>"$T/stderr" || rc=$?
+    local lines
+    lines=$(wc -l <"$T/stderr")
+    if [ "$rc" -ne 0 ] && [ "$lines" -eq 1 ] && grep -q '^error: ' "$T/stderr" && grep -qF -- "$want" "$T/stderr"; then
+        pass "$name"
+    else
+        fail "$name" "exit $rc, $lines stderr line(s), wanted one 'error: ...' naming '$want': $(head -c 300 "$T/stderr")"
+    fi
+}
+
+# le32 N: N as 4 little-endian bytes; le16 N: 2 bytes
+le32() { printf "\\x$(printf %02x $(($1 & 255)))\\x$(printf %02x $((($1 >> 8) & 255)))\\x$(printf %02x $((($1 >> 16) & 255)))\\x$(printf %02x $((($1 >> 24) & 255)))"; }
+le16() { printf "\\x$(printf %02x $(($1 & 255)))\\x$(printf %02x $((($1 >> 8) & 255)))"; }
+
+# loss column of metrics.csv for steps FROM..TO
+losses() { awk -F, -v a="$2" -v b="$3" 'NR > 1 && $1 >= a && $1 <= b { print $1, $2 }' "$1/metrics.csv"; }
+
+# ---------------------------------------------------------------------------
+# a small dataset: repetitive text, a 300-token BPE vocabulary
+for i in $(seq 1 150); do
+    printf 'the quick brown fox number %d jumps over the lazy dog. the dog sleeps.\n' "$i"
+done >"$T/text.txt"
+./data/prepare --input "$T/text.txt" --out "$T/data" --vocab 300 >/dev/null
+D="$T/data"
+SMALL=(--data "$D" --preset tiny --batch-size 4 --seq-len 32 --val-tokens 512 --sample-tokens 16)
+
+# ---------------------------------------------------------------------------
+# help
+if ./train --help >"$T/help" 2>&1 && grep -q -- '--resume' "$T/help" && grep -q -- '--val-every' "$T/help"; then
+    pass "--help exits 0 and documents --resume"
+else
+    fail "--help exits 0 and documents --resume"
+fi
+
+# ---------------------------------------------------------------------------
+# bad input: one line, "error: ...", naming the flag or file
+expect_error "unknown flag" "--bogus" ./train --bogus
+expect_error "bad number" "--steps" ./train --steps 12x
+expect_error "number out of range" "--lr" ./train --lr -1
+expect_error "bad choice" "--save-dtype" ./train --save-dtype fp16
+expect_error "unknown preset" "huge" ./train --preset huge
+expect_error "missing data directory" "$T/nope" ./train --data "$T/nope" --out "$T/r_missing"
+expect_error "missing token file" "$T/nope.bin" ./train --train-data "$T/nope.bin" --out "$T/r_missing"
+expect_error "--device gpu refused" "issue 3" ./train --device gpu
+
+cp "$D/train.bin" "$T/badmagic.bin"
+printf '\x01\x02\x03\x04' | dd of="$T/badmagic.bin" bs=1 count=4 conv=notrunc status=none
+expect_error "wrong magic" "badmagic.bin" ./train --train-data "$T/badmagic.bin" --preset tiny --out "$T/r_bad1"
+grep -q magic "$T/stderr" || fail "wrong magic message says 'magic'" "$(cat "$T/stderr")"
+
+size=$(wc -c <"$D/train.bin")
+head -c $((size - 7)) "$D/train.bin" >"$T/truncated.bin"
+expect_error "truncated token file" "truncated.bin" ./train --train-data "$T/truncated.bin" --preset tiny --out "$T/r_bad2"
+grep -q truncated "$T/stderr" || fail "truncated message says 'truncated'" "$(cat "$T/stderr")"
+
+# a valid version-1 file of 400 tokens whose last id (300) is >= the byte vocabulary (256)
+{
+    le32 20240520
+    le32 1
+    le32 400
+    head -c $((253 * 4)) /dev/zero
+    for _ in $(seq 1 399); do le16 65; done
+    le16 300
+} >"$T/bigid.bin"
+expect_error "token id >= vocab" "bigid.bin" ./train --train-data "$T/bigid.bin" --preset tiny --batch-size 2 --seq-len 16 --out "$T/r_bad3"
+grep -q 'vocab_size 256' "$T/stderr" || fail "token id message names vocab_size" "$(cat "$T/stderr")"
+
+# ---------------------------------------------------------------------------
+# a short run: the run directory
+R="$T/run"
+if ./train "${SMALL[@]}" --steps 12 --val-every 4 --save-every 5 --sample-every 6 --out "$R" >"$T/run.log" 2>&1; then
+    pass "short run exits 0"
+else
+    fail "short run exits 0" "$(tail -5 "$T/run.log")"
+fi
+for f in checkpoint/config.json checkpoint/model.safetensors checkpoint/tokenizer.bin checkpoint/trainer_state.json \
+    checkpoint/optimizer.safetensors metrics.csv loss.svg; do
+    if [ -s "$R/$f" ]; then pass "run writes $f"; else fail "run writes $f"; fi
+done
+if [ "$(wc -l <"$R/metrics.csv")" -eq 13 ] && head -1 "$R/metrics.csv" | grep -qx 'step,loss,val_loss,lr,grad_norm,tokens_per_sec'; then
+    pass "metrics.csv has a header and 12 step lines"
+else
+    fail "metrics.csv has a header and 12 step lines" "$(head -3 "$R/metrics.csv")"
+fi
+if [ "$(awk -F, 'NR > 1 && $3 != ""' "$R/metrics.csv" | wc -l)" -eq 3 ]; then
+    pass "val loss logged at steps 4, 8, 12"
+else
+    fail "val loss logged at steps 4, 8, 12" "$(cat "$R/metrics.csv")"
+fi
+if grep -q '<svg' "$R/loss.svg" && grep -q '</svg>' "$R/loss.svg" && grep -q 'polyline' "$R/loss.svg"; then
+    pass "loss.svg is an SVG with a curve"
+else
+    fail "loss.svg is an SVG with a curve"
+fi
+if grep -q '^step  *12/12 | loss ' "$T/run.log" && grep -q '^val loss ' "$T/run.log" && grep -q '^sample at step 6' "$T/run.log"; then
+    pass "progress, val and sample lines printed"
+else
+    fail "progress, val and sample lines printed" "$(head -5 "$T/run.log")"
+fi
+expect_error "refuses to overwrite a checkpoint" "--overwrite" ./train "${SMALL[@]}" --steps 2 --out "$R"
+expect_error "--resume keeps the checkpoint's options" "--lr" ./train --data "$D" --out "$R" --resume --steps 20 --lr 1e-3
+expect_error "--resume without a checkpoint" "--resume" ./train --data "$D" --out "$T/empty" --resume
+
+# a bad config.json: top-k above the number of experts
+sed 's/"num_experts_per_tok": [0-9]*/"num_experts_per_tok": 99/' "$R/checkpoint/config.json" >"$T/badconfig.json"
+expect_error "bad --config (top-k > experts)" "badconfig.json" ./train --data "$D" --config "$T/badconfig.json" --out "$T/r_bad4"
+grep -q num_experts_per_tok "$T/stderr" || fail "bad config message names the field" "$(cat "$T/stderr")"
+
+# ---------------------------------------------------------------------------
+# the loss falls
+L="$T/learn"
+./train "${SMALL[@]}" --steps 25 --warmup 2 --lr 1e-2 --val-every 0 --sample-every 0 --out "$L" >"$T/learn.log" 2>&1
+first=$(awk -F, 'NR == 2 { print $2 }' "$L/metrics.csv")
+last=$(awk -F, 'END { print $2 }' "$L/metrics.csv")
+if awk -v a="$first" -v b="$last" 'BEGIN { exit !(b < a - 0.5) }'; then
+    pass "loss falls ($first -> $last)"
+else
+    fail "loss falls ($first -> $last)"
+fi
+
+# ---------------------------------------------------------------------------
+# exact resume: steps 1..6 straight vs 1..3 then --resume to 6 (within the warmup,
+# so the first leg's shorter schedule does not change its learning rates)
+EXACT=("${SMALL[@]}" --warmup 10 --dropout 0.1 --val-every 2 --sample-every 0)
+./train "${EXACT[@]}" --steps 6 --out "$T/straight" >/dev/null
+./train "${EXACT[@]}" --steps 3 --out "$T/resumed" >/dev/null
+./train --data "$D" --out "$T/resumed" --resume --steps 6 >"$T/resume.log"
+if grep -q 'resuming from .* at step 3' "$T/resume.log" && [ "$(losses "$T/straight" 4 6)" = "$(losses "$T/resumed" 4 6)" ] &&
+    [ -n "$(losses "$T/straight" 4 6)" ]; then
+    pass "exact resume: identical losses at steps 4..6"
+else
+    fail "exact resume: identical losses at steps 4..6" "straight: $(losses "$T/straight" 4 6 | tr '\n' ' ') resumed: $(losses "$T/resumed" 4 6 | tr '\n' ' ')"
+fi
+if [ "$(awk -F, 'NR > 1 { print $1 }' "$T/resumed/metrics.csv" | tr '\n' ' ')" = "1 2 3 4 5 6 " ]; then
+    pass "resumed metrics.csv has each step once"
+else
+    fail "resumed metrics.csv has each step once" "$(cat "$T/resumed/metrics.csv")"
+fi
+# lines logged after the last checkpoint (a crash before the next save) are dropped on resume
+./train "${EXACT[@]}" --steps 3 --out "$T/rewind" >/dev/null
+printf '4,9.9,,0,0,0\n5,9.9,,0,0,0\n' >>"$T/rewind/metrics.csv"
+./train --data "$D" --out "$T/rewind" --resume --steps 4 >/dev/null
+if [ "$(awk -F, 'NR > 1 { print $1 }' "$T/rewind/metrics.csv" | tr '\n' ' ')" = "1 2 3 4 " ] && ! grep -q '9\.9' "$T/rewind/metrics.csv"; then
+    pass "resume drops metrics lines after the checkpoint's step"
+else
+    fail "resume drops metrics lines after the checkpoint's step" "$(cat "$T/rewind/metrics.csv")"
+fi
+
+# ---------------------------------------------------------------------------
+# Ctrl-C: SIGINT after the first progress line saves a loadable checkpoint, exit 130
+S="$T/sigint"
+./train "${SMALL[@]}" --steps 1000000 --val-every 0 --save-every 0 --sample-every 0 --out "$S" >"$T/sigint.log" 2>&1 &
+pid=$!
+for _ in $(seq 1 300); do
+    grep -q '^step ' "$T/sigint.log" && break
+    sleep 0.1
+done
+kill -INT "$pid"
+rc=0
+wait "$pid" || rc=$?
+if [ "$rc" -eq 130 ] && grep -q '^interrupted: saved checkpoint at step [0-9]* to ' "$T/sigint.log"; then
+    pass "SIGINT saves and exits 130"
+else
+    fail "SIGINT saves and exits 130" "exit $rc: $(tail -3 "$T/sigint.log")"
+fi
+n=$(sed -n 's/^interrupted: saved checkpoint at step \([0-9]*\) .*/\1/p' "$T/sigint.log")
+if [ -n "$n" ] && ./train --data "$D" --out "$S" --resume --steps $((n + 1)) >"$T/sigint2.log" 2>&1 &&
+    grep -q "resuming from .* at step $n" "$T/sigint2.log"; then
+    pass "the interrupted checkpoint loads and resumes (step $n)"
+else
+    fail "the interrupted checkpoint loads and resumes" "$(tail -3 "$T/sigint2.log" 2>/dev/null)"
+fi
+
+# ---------------------------------------------------------------------------
+if [ "$failures" -ne 0 ]; then
+    echo "cli_train.sh: $failures check(s) failed"
+    exit 1
+fi
+echo "cli_train.sh: all checks passed"

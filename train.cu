@@ -1,0 +1,812 @@
+// train.cu — the trainer: reads llm.c token files, trains a DeepSeek-V3-style model
+// (MLA + DeepSeekMoE) with AdamW, warmup + cosine, clipping and gradient
+// accumulation, and keeps a run directory with a resumable checkpoint, a per-step
+// metrics log and a loss-curve picture (SVG, drawn here, no external tools).
+//
+//   ./train                                   # the generated default data, mini preset
+//   ./train --data data/shakespeare --preset small --steps 5000 --out runs/shk
+//   ./train --out runs/shk --resume --steps 8000
+//
+// The run directory (--out):
+//   checkpoint/   config.json, model.safetensors, tokenizer.bin (none for bytes),
+//                 optimizer.safetensors, trainer_state.json (model_save; replaced
+//                 atomically at every save)
+//   metrics.csv   step,loss,val_loss,lr,grad_norm,tokens_per_sec (one line per step)
+//   loss.svg      train and val loss against step
+//
+// The model runs on the CPU reference today; the CUDA path (issue 3) plugs in
+// behind model.h.
+#include <algorithm>
+#include <cerrno>
+#include <climits>
+#include <csignal>
+#include <cstdio>
+#include <string>
+#include <vector>
+
+#include <glob.h>
+#include <omp.h>
+#include <unistd.h>
+
+#include "cli.h"
+#include "common.h"
+#include "config.h"
+#include "dataloader.h"
+#include "fileutil.h"
+#include "model.h"
+#include "tokenizer.h"
+
+static const char* USAGE =
+    "usage: ./train [options]\n"
+    "\n"
+    "Trains a small DeepSeek-V3-style model (MLA attention, DeepSeekMoE) on llm.c token\n"
+    "files. With no options it trains the 'mini' preset on the generated default\n"
+    "dataset in data/default (created on first use, no network needed).\n"
+    "\n"
+    "Data\n"
+    "  --data DIR              prepared dataset: DIR/train.bin, DIR/val.bin, DIR/tokenizer.bin\n"
+    "                          (make one with: data/prepare --input FILE --out DIR --vocab N)\n"
+    "                          default data/default, generated when missing\n"
+    "  --train-data PATTERN    llm.c token file(s) to train on, a path or a glob such as\n"
+    "                          'fineweb_train_*.bin'; replaces DIR/train.bin\n"
+    "  --val-data PATTERN      token file(s) for validation; replaces DIR/val.bin. With\n"
+    "                          --train-data but neither --val-data nor --data there is no\n"
+    "                          validation. The tokenizer is DIR/tokenizer.bin; with\n"
+    "                          --train-data, only when --data is given too; else raw\n"
+    "                          bytes (ids 0..255)\n"
+    "\n"
+    "Model\n"
+    "  --preset NAME           tiny | mini | small (default mini)\n"
+    "  --config FILE           a Hugging Face config.json; replaces --preset (its\n"
+    "                          vocab_size is kept)\n"
+    "  --vocab-size N          the model's vocabulary (default: the tokenizer's size for a\n"
+    "                          preset); every token id in the data must be below it\n"
+    "\n"
+    "Run directory\n"
+    "  --out DIR               default runs/default; holds checkpoint/ (config.json,\n"
+    "                          model.safetensors, tokenizer.bin unless bytes,\n"
+    "                          optimizer.safetensors, trainer_state.json), metrics.csv\n"
+    "                          and loss.svg\n"
+    "  --resume                continue exactly from DIR/checkpoint: weights, optimizer\n"
+    "                          moments, step, data position and all training options come\n"
+    "                          from the checkpoint; only --steps may be changed (pass the\n"
+    "                          same data). metrics.csv lines after the checkpoint's step\n"
+    "                          are dropped. A resumed run prints the same losses as one\n"
+    "                          that was never stopped, as long as the learning-rate\n"
+    "                          schedule is the same (e.g. stopped by Ctrl-C, or --steps\n"
+    "                          unchanged, or the first part within --warmup)\n"
+    "  --overwrite             start afresh even though DIR/checkpoint exists (without it\n"
+    "                          train refuses, so that no checkpoint is lost by accident)\n"
+    "\n"
+    "Optimisation\n"
+    "  --steps N               optimizer steps; the cosine schedule ends here (default 200)\n"
+    "  --batch-size B          sequences per micro-batch (default 8)\n"
+    "  --seq-len T             tokens per sequence, <= max_position_embeddings (default 64)\n"
+    "  --grad-accum K          micro-batches per step; tokens/step = B*T*K (default 1)\n"
+    "  --lr X                  peak learning rate (default 3e-3)\n"
+    "  --min-lr-fraction F     cosine decays to lr*F (default 0.1)\n"
+    "  --warmup N              linear warmup steps (default 20)\n"
+    "  --weight-decay X        AdamW decay of the matrices, not the norms (default 0.1)\n"
+    "  --grad-clip X           global gradient-norm clip, 0 = off (default 1.0)\n"
+    "  --beta1 X, --beta2 X    AdamW betas (default 0.9, 0.95)\n"
+    "  --dropout P             after the embedding, attention and FFN outputs (default 0)\n"
+    "  --balance-alpha X       sequence-wise MoE balance loss weight, 0 = off (default 1e-4)\n"
+    "  --bias-update-speed X   aux-loss-free expert-bias step gamma, 0 = off (default 1e-3)\n"
+    "  --seed N                weight init, dropout and sampling seed (default 1337)\n"
+    "\n"
+    "Logging and checkpoints\n"
+    "  --val-every N           val loss and expert load every N steps and at the end;\n"
+    "                          0 = only at the end (default 50)\n"
+    "  --val-tokens N          at most N val tokens are evaluated (default 8192)\n"
+    "  --save-every N          checkpoint every N steps and at the end; 0 = only at the\n"
+    "                          end (default 100)\n"
+    "  --sample-every N        print a sample every N steps and at the end; 0 = off\n"
+    "                          (default 100). Prompt: the first 8 val tokens;\n"
+    "                          temperature 0.8, top-k 40, a fixed seed\n"
+    "  --sample-tokens N       tokens per sample (default 48)\n"
+    "  --save-dtype fp32|bf16  weights in the checkpoint (default fp32; bf16 halves\n"
+    "                          model.safetensors but is not an exact resume point)\n"
+    "  --device auto|cpu|gpu   auto = cpu for now (default auto)\n"
+    "  --help                  show this help\n"
+    "\n"
+    "Ctrl-C (SIGINT) or SIGTERM: the current step finishes, the checkpoint is saved and\n"
+    "train exits with status 130. A NaN or infinite loss stops the run at once with\n"
+    "status 1, leaving the last good checkpoint untouched. Errors print one line,\n"
+    "'error: ...', and exit with status 1.\n";
+
+// ----------------------------------------------------------------------------
+// Options
+
+struct Args {
+    std::string data_dir = "data/default";
+    bool data_given = false;
+    std::string train_pattern, val_pattern;
+    std::string preset = "mini";
+    bool preset_given = false;
+    std::string config_path;
+    int vocab_size = 0;  // 0 = from the tokenizer (preset) or the config file
+    std::string out_dir = "runs/default";
+    bool resume = false, overwrite = false;
+    int steps = 200;
+    bool steps_given = false;
+    TrainOptions opt;
+    int val_every = 50;
+    int val_tokens = 8192;
+    int save_every = 100;
+    int sample_every = 100;
+    int sample_tokens = 48;
+    bool save_bf16 = false;
+    std::string device = "auto";
+    std::vector<std::string> fixed_on_resume;  // options given that a resumed run takes from its checkpoint
+};
+
+static bool parse_args(int argc, char** argv, Args& a) {
+    a.opt.batch_size = 8;
+    a.opt.seq_len = 64;
+    a.opt.grad_accum = 1;
+    a.opt.dropout = 0;
+    a.opt.balance_alpha = 1e-4f;
+    a.opt.seed = 1337;
+    a.opt.optim.lr = 3e-3f;
+    a.opt.optim.min_lr_fraction = 0.1f;
+    a.opt.optim.warmup_steps = 20;
+    a.opt.optim.weight_decay = 0.1f;
+    a.opt.optim.grad_clip = 1.0f;
+    a.opt.optim.beta1 = 0.9f;
+    a.opt.optim.beta2 = 0.95f;
+    a.opt.optim.bias_update_speed = 1e-3f;
+
+    const int BIG = 1 << 30;
+    CliParser cli{argc, argv};
+    while (cli_next(cli)) {
+        const std::string& n = cli.name;
+        bool fixed = true;  // the option is part of the checkpoint's training state
+        if (n == "--help") {
+            cli_flag(cli);
+            printf("%s", USAGE);
+            return false;
+        } else if (n == "--data") {
+            a.data_dir = strip_trailing_slashes(cli_value(cli));
+            a.data_given = true;
+            fixed = false;
+        } else if (n == "--train-data") {
+            a.train_pattern = cli_value(cli);
+            fixed = false;
+        } else if (n == "--val-data") {
+            a.val_pattern = cli_value(cli);
+            fixed = false;
+        } else if (n == "--preset") {
+            a.preset = cli_value(cli);
+            a.preset_given = true;
+            config_preset(a.preset);  // an unknown name fails here, naming the choices
+        } else if (n == "--config") {
+            a.config_path = cli_value(cli);
+        } else if (n == "--vocab-size") {
+            a.vocab_size = (int)cli_int(cli, 1, INT32_MAX);
+        } else if (n == "--out") {
+            a.out_dir = strip_trailing_slashes(cli_value(cli));
+            fixed = false;
+        } else if (n == "--resume") {
+            cli_flag(cli);
+            a.resume = true;
+            fixed = false;
+        } else if (n == "--overwrite") {
+            cli_flag(cli);
+            a.overwrite = true;
+            fixed = false;
+        } else if (n == "--steps") {
+            a.steps = (int)cli_int(cli, 1, BIG);
+            a.steps_given = true;
+            fixed = false;
+        } else if (n == "--batch-size") {
+            a.opt.batch_size = (int)cli_int(cli, 1, 1 << 16);
+        } else if (n == "--seq-len") {
+            a.opt.seq_len = (int)cli_int(cli, 1, 1 << 20);
+        } else if (n == "--grad-accum") {
+            a.opt.grad_accum = (int)cli_int(cli, 1, 1 << 16);
+        } else if (n == "--lr") {
+            a.opt.optim.lr = (float)cli_float(cli, 0, 10);
+        } else if (n == "--min-lr-fraction") {
+            a.opt.optim.min_lr_fraction = (float)cli_float(cli, 0, 1);
+        } else if (n == "--warmup") {
+            a.opt.optim.warmup_steps = (int)cli_int(cli, 0, BIG);
+        } else if (n == "--weight-decay") {
+            a.opt.optim.weight_decay = (float)cli_float(cli, 0, 10);
+        } else if (n == "--grad-clip") {
+            a.opt.optim.grad_clip = (float)cli_float(cli, 0, 1e6);
+        } else if (n == "--beta1") {
+            a.opt.optim.beta1 = (float)cli_float(cli, 0, 0.99999);
+        } else if (n == "--beta2") {
+            a.opt.optim.beta2 = (float)cli_float(cli, 0, 0.99999);
+        } else if (n == "--dropout") {
+            a.opt.dropout = (float)cli_float(cli, 0, 0.99);
+        } else if (n == "--balance-alpha") {
+            a.opt.balance_alpha = (float)cli_float(cli, 0, 10);
+        } else if (n == "--bias-update-speed") {
+            a.opt.optim.bias_update_speed = (float)cli_float(cli, 0, 1);
+        } else if (n == "--seed") {
+            a.opt.seed = (uint64_t)cli_int(cli, 0, LLONG_MAX);
+        } else if (n == "--val-every") {
+            a.val_every = (int)cli_int(cli, 0, BIG);
+            fixed = false;
+        } else if (n == "--val-tokens") {
+            a.val_tokens = (int)cli_int(cli, 2, INT32_MAX);
+            fixed = false;
+        } else if (n == "--save-every") {
+            a.save_every = (int)cli_int(cli, 0, BIG);
+            fixed = false;
+        } else if (n == "--sample-every") {
+            a.sample_every = (int)cli_int(cli, 0, BIG);
+            fixed = false;
+        } else if (n == "--sample-tokens") {
+            a.sample_tokens = (int)cli_int(cli, 1, 1 << 20);
+            fixed = false;
+        } else if (n == "--save-dtype") {
+            std::string v = cli_value(cli);
+            if (v != "fp32" && v != "bf16") fail("option --save-dtype: '%s' is not fp32 or bf16", v.c_str());
+            a.save_bf16 = v == "bf16";
+            fixed = false;
+        } else if (n == "--device") {
+            a.device = cli_value(cli);
+            if (a.device != "auto" && a.device != "cpu" && a.device != "gpu")
+                fail("option --device: '%s' is not auto, cpu or gpu", a.device.c_str());
+            fixed = false;
+        } else {
+            cli_unknown(cli);
+        }
+        if (fixed) a.fixed_on_resume.push_back(n);
+    }
+    if (!cli.positional.empty()) fail("unexpected argument '%s' (options are --long-names; see --help)", cli.positional[0].c_str());
+    if (a.preset_given && !a.config_path.empty()) fail("give --preset or --config, not both");
+    if (a.resume && a.overwrite) fail("--resume and --overwrite contradict each other");
+    return true;
+}
+
+// ----------------------------------------------------------------------------
+// Small formatting helpers
+
+static std::string fmt_count(double n) {
+    if (n >= 1e9) return strfmt("%.2fB", n / 1e9);
+    if (n >= 1e6) return strfmt("%.2fM", n / 1e6);
+    if (n >= 1e3) return strfmt("%.1fK", n / 1e3);
+    return strfmt("%.0f", n);
+}
+
+static std::string fmt_duration(double s) {
+    if (!std::isfinite(s) || s < 0) return "?";
+    long t = (long)(s + 0.5);
+    if (t < 60) return strfmt("%lds", t);
+    if (t < 3600) return strfmt("%ldm%02lds", t / 60, t % 60);
+    return strfmt("%ldh%02ldm", t / 3600, (t % 3600) / 60);
+}
+
+// Sample text for a terminal: printable ASCII, tabs and complete UTF-8 sequences as
+// they are, newlines as a new line with `indent`, every other byte as \xNN.
+static std::string printable(const std::string& s, const std::string& indent) {
+    std::string out;
+    for (size_t i = 0; i < s.size();) {
+        unsigned char c = (unsigned char)s[i];
+        if (c == '\n') {
+            out += "\n" + indent;
+            i++;
+            continue;
+        }
+        if ((c >= 0x20 && c < 0x7f) || c == '\t') {
+            out += (char)c;
+            i++;
+            continue;
+        }
+        int len = c >= 0xf0 && c < 0xf5 ? 4 : c >= 0xe0 && c < 0xf0 ? 3 : c >= 0xc2 && c < 0xe0 ? 2 : 0;
+        bool ok = len > 0 && i + len <= s.size();
+        for (int k = 1; ok && k < len; k++) ok = ((unsigned char)s[i + k] & 0xc0) == 0x80;
+        if (ok) {
+            out += s.substr(i, len);
+            i += len;
+        } else {
+            out += strfmt("\\x%02x", c);
+            i++;
+        }
+    }
+    return out;
+}
+
+static std::string decode(const Tokenizer& tok, const std::vector<int>& ids) {
+    std::string s;
+    for (int id : ids) s += id >= 0 && id < tok.vocab_size ? tok.token_bytes[id] : strfmt("<%d>", id);
+    return s;
+}
+
+// ----------------------------------------------------------------------------
+// Loss curve as a self-contained SVG
+
+struct MetricsRow {
+    int step;
+    double loss;
+    double val_loss;  // NaN when not evaluated at this step
+};
+
+static std::string xml_escape(const std::string& s) {
+    std::string out;
+    for (char c : s) {
+        if (c == '&') out += "&amp;";
+        else if (c == '<') out += "&lt;";
+        else if (c == '>') out += "&gt;";
+        else if (c == '"') out += "&quot;";
+        else out += c;
+    }
+    return out;
+}
+
+// "nice" axis ticks (1, 2, 5 times a power of ten) covering [lo, hi]
+static std::vector<double> nice_ticks(double& lo, double& hi, int target) {
+    if (!(hi > lo)) {
+        double pad = std::max(std::fabs(lo) * 0.05, 0.5);
+        lo -= pad;
+        hi += pad;
+    }
+    double raw = (hi - lo) / std::max(target, 1);
+    double mag = std::pow(10.0, std::floor(std::log10(raw)));
+    double step = mag;
+    for (double m : {1.0, 2.0, 5.0, 10.0})
+        if (raw <= m * mag * 1.0000001) {
+            step = m * mag;
+            break;
+        }
+    lo = std::floor(lo / step) * step;
+    hi = std::ceil(hi / step) * step;
+    std::vector<double> ticks;
+    for (double t = lo; t <= hi + step * 1e-6; t += step) ticks.push_back(std::fabs(t) < step * 1e-9 ? 0 : t);
+    return ticks;
+}
+
+static std::string tick_label(double v, double step) {
+    int decimals = std::max(0, (int)std::ceil(-std::log10(step) - 1e-9));
+    return strfmt("%.*f", std::min(decimals, 6), v);
+}
+
+static void write_loss_svg(const std::string& path, const std::vector<MetricsRow>& rows, const std::string& title) {
+    const double W = 800, H = 480, left = 72, right = 24, top = 48, bottom = 60;
+    const double pw = W - left - right, ph = H - top - bottom;
+
+    // train loss, averaged in buckets so that a long run stays a small file
+    std::vector<std::pair<double, double>> train, val;
+    size_t bucket = std::max<size_t>(1, (rows.size() + 1499) / 1500);
+    for (size_t i = 0; i < rows.size(); i += bucket) {
+        double s = 0, l = 0;
+        size_t n = 0;
+        for (size_t j = i; j < std::min(rows.size(), i + bucket); j++)
+            if (std::isfinite(rows[j].loss)) {
+                s += rows[j].step;
+                l += rows[j].loss;
+                n++;
+            }
+        if (n) train.push_back({s / n, l / n});
+    }
+    for (const MetricsRow& r : rows)
+        if (std::isfinite(r.val_loss)) val.push_back({(double)r.step, r.val_loss});
+
+    double x0 = INFINITY, x1 = -INFINITY, y0 = INFINITY, y1 = -INFINITY;
+    for (const auto* series : {&train, &val})
+        for (const auto& p : *series) {
+            x0 = std::min(x0, p.first), x1 = std::max(x1, p.first);
+            y0 = std::min(y0, p.second), y1 = std::max(y1, p.second);
+        }
+    if (!std::isfinite(x0)) x0 = 0, x1 = 1, y0 = 0, y1 = 1;
+    x0 = std::min(x0, 0.0);
+    std::vector<double> xt = nice_ticks(x0, x1, 8), yt = nice_ticks(y0, y1, 6);
+    double xstep = xt.size() > 1 ? xt[1] - xt[0] : 1, ystep = yt.size() > 1 ? yt[1] - yt[0] : 1;
+    auto X = [&](double x) { return left + (x - x0) / (x1 - x0) * pw; };
+    auto Y = [&](double y) { return top + (1 - (y - y0) / (y1 - y0)) * ph; };
+
+    std::string s;
+    s += strfmt("<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"%.0f\" height=\"%.0f\" viewBox=\"0 0 %.0f %.0f\" "
+                "font-family=\"Helvetica, Arial, sans-serif\" font-size=\"12\">\n", W, H, W, H);
+    s += strfmt("<rect width=\"%.0f\" height=\"%.0f\" fill=\"white\"/>\n", W, H);
+    s += strfmt("<text x=\"%.1f\" y=\"28\" text-anchor=\"middle\" font-size=\"16\" font-weight=\"bold\">%s</text>\n",
+                left + pw / 2, xml_escape(title).c_str());
+    // grid, ticks and labels
+    s += "<g stroke=\"#e5e5e5\" stroke-width=\"1\">\n";
+    for (double t : xt) s += strfmt("<line x1=\"%.1f\" y1=\"%.1f\" x2=\"%.1f\" y2=\"%.1f\"/>\n", X(t), top, X(t), top + ph);
+    for (double t : yt) s += strfmt("<line x1=\"%.1f\" y1=\"%.1f\" x2=\"%.1f\" y2=\"%.1f\"/>\n", left, Y(t), left + pw, Y(t));
+    s += "</g>\n<g fill=\"#333\">\n";
+    for (double t : xt) {
+        s += strfmt("<line x1=\"%.1f\" y1=\"%.1f\" x2=\"%.1f\" y2=\"%.1f\" stroke=\"#333\"/>\n", X(t), top + ph, X(t), top + ph + 5);
+        s += strfmt("<text x=\"%.1f\" y=\"%.1f\" text-anchor=\"middle\">%s</text>\n", X(t), top + ph + 19,
+                    tick_label(t, xstep).c_str());
+    }
+    for (double t : yt) {
+        s += strfmt("<line x1=\"%.1f\" y1=\"%.1f\" x2=\"%.1f\" y2=\"%.1f\" stroke=\"#333\"/>\n", left - 5, Y(t), left, Y(t));
+        s += strfmt("<text x=\"%.1f\" y=\"%.1f\" text-anchor=\"end\">%s</text>\n", left - 8, Y(t) + 4,
+                    tick_label(t, ystep).c_str());
+    }
+    s += "</g>\n";
+    s += strfmt("<rect x=\"%.1f\" y=\"%.1f\" width=\"%.1f\" height=\"%.1f\" fill=\"none\" stroke=\"#333\"/>\n", left, top, pw, ph);
+    s += strfmt("<text x=\"%.1f\" y=\"%.1f\" text-anchor=\"middle\" font-size=\"13\">step</text>\n", left + pw / 2, H - 16);
+    s += strfmt("<text x=\"18\" y=\"%.1f\" text-anchor=\"middle\" font-size=\"13\" transform=\"rotate(-90 18 %.1f)\">"
+                "loss (cross-entropy, nats)</text>\n", top + ph / 2, top + ph / 2);
+    // the curves
+    auto polyline = [&](const std::vector<std::pair<double, double>>& pts, const char* color, double width) {
+        if (pts.empty()) return;
+        s += strfmt("<polyline fill=\"none\" stroke=\"%s\" stroke-width=\"%.1f\" stroke-linejoin=\"round\" points=\"", color, width);
+        for (const auto& p : pts) s += strfmt("%.1f,%.1f ", X(p.first), Y(p.second));
+        s += "\"/>\n";
+    };
+    polyline(train, "#1f77b4", 1.2);
+    polyline(val, "#ff7f0e", 2.0);
+    for (const auto& p : val)
+        s += strfmt("<circle cx=\"%.1f\" cy=\"%.1f\" r=\"3.5\" fill=\"#ff7f0e\" stroke=\"white\" stroke-width=\"1\"/>\n",
+                    X(p.first), Y(p.second));
+    // legend, top right
+    double lx = left + pw - 150, ly = top + 12;
+    s += strfmt("<rect x=\"%.1f\" y=\"%.1f\" width=\"140\" height=\"%d\" fill=\"white\" fill-opacity=\"0.9\" stroke=\"#ccc\"/>\n",
+                lx, ly, val.empty() ? 26 : 46);
+    s += strfmt("<line x1=\"%.1f\" y1=\"%.1f\" x2=\"%.1f\" y2=\"%.1f\" stroke=\"#1f77b4\" stroke-width=\"2\"/>\n", lx + 10,
+                ly + 14, lx + 34, ly + 14);
+    s += strfmt("<text x=\"%.1f\" y=\"%.1f\">train loss</text>\n", lx + 42, ly + 18);
+    if (!val.empty()) {
+        s += strfmt("<line x1=\"%.1f\" y1=\"%.1f\" x2=\"%.1f\" y2=\"%.1f\" stroke=\"#ff7f0e\" stroke-width=\"2\"/>\n", lx + 10,
+                    ly + 34, lx + 34, ly + 34);
+        s += strfmt("<circle cx=\"%.1f\" cy=\"%.1f\" r=\"3.5\" fill=\"#ff7f0e\"/>\n", lx + 22, ly + 34);
+        s += strfmt("<text x=\"%.1f\" y=\"%.1f\">val loss</text>\n", lx + 42, ly + 38);
+    }
+    s += "</svg>\n";
+    write_file_atomic(path, s);
+}
+
+// ----------------------------------------------------------------------------
+// metrics.csv
+
+static const char* METRICS_HEADER = "step,loss,val_loss,lr,grad_norm,tokens_per_sec";
+
+// Keeps the lines of steps <= keep_through (the resumed checkpoint's step), rewrites
+// the file with them, and returns them for the loss curve.
+static std::vector<MetricsRow> metrics_truncate(const std::string& path, int keep_through) {
+    std::vector<MetricsRow> rows;
+    std::string kept = std::string(METRICS_HEADER) + "\n";
+    if (path_exists(path)) {
+        std::string text = read_file(path);
+        size_t at = 0;
+        while (at < text.size()) {
+            size_t end = text.find('\n', at);
+            if (end == std::string::npos) end = text.size();  // a last line cut short by a crash is dropped below
+            std::string line = text.substr(at, end - at);
+            bool complete = end < text.size();
+            at = end + 1;
+            std::vector<std::string> f;
+            for (size_t b = 0, e; b <= line.size(); b = e + 1) {
+                e = line.find(',', b);
+                if (e == std::string::npos) e = line.size();
+                f.push_back(line.substr(b, e - b));
+            }
+            char* num_end = nullptr;
+            long step = f[0].empty() ? 0 : strtol(f[0].c_str(), &num_end, 10);
+            if (!complete || f.size() < 3 || !num_end || *num_end) continue;  // the header, or a line cut short by a crash
+            if (step < 1 || step > keep_through) continue;
+            kept += line + "\n";
+            rows.push_back({(int)step, strtod(f[1].c_str(), nullptr), f[2].empty() ? NAN : strtod(f[2].c_str(), nullptr)});
+        }
+    }
+    write_file_atomic(path, kept);
+    return rows;
+}
+
+// ----------------------------------------------------------------------------
+// Data
+
+static bool dataset_complete(const std::string& dir) {
+    return path_exists(dir + "/train.bin") && path_exists(dir + "/val.bin") && path_exists(dir + "/tokenizer.bin");
+}
+
+// The token files a pattern names, sorted (as the DataLoader orders them).
+static std::vector<std::string> glob_files(const std::string& pattern) {
+    glob_t g;
+    int rc = glob(pattern.c_str(), 0, nullptr, &g);
+    if (rc == GLOB_NOMATCH) fail("%s: no such file (no file matches this path or pattern)", pattern.c_str());
+    if (rc != 0) fail("%s: cannot list files (glob error %d)", pattern.c_str(), rc);
+    std::vector<std::string> files(g.gl_pathv, g.gl_pathv + g.gl_pathc);
+    globfree(&g);
+    std::sort(files.begin(), files.end());
+    return files;
+}
+
+// The first `limit` tokens of the files, every id checked against vocab_size;
+// *total gets the token count of all the files.
+static std::vector<int> read_val_tokens(const std::string& pattern, int vocab_size, size_t limit, uint64_t* total) {
+    std::vector<int> out;
+    *total = 0;
+    for (const std::string& f : glob_files(pattern)) {
+        uint64_t n = token_file_count(f);
+        *total += n;
+        if (out.size() < limit && n > 0) {
+            std::vector<int> t = read_token_file(f, vocab_size);
+            out.insert(out.end(), t.begin(), t.begin() + std::min<size_t>(t.size(), limit - out.size()));
+        }
+    }
+    if (out.size() < 2) fail("%s: validation needs at least 2 tokens, the file(s) have %zu", pattern.c_str(), out.size());
+    return out;
+}
+
+// ----------------------------------------------------------------------------
+// Sampling
+
+static std::vector<int> sample(Model& m, const std::vector<int>& prompt, int n, uint64_t seed) {
+    const int V = m.ref.cfg.vocab_size, ctx_max = m.ref.cfg.max_position_embeddings;
+    SamplingOptions so;
+    so.temperature = 0.8f;
+    so.top_k = 40;
+    Rng rng{mix64(seed ^ 0x73616d706c65ull), 0};  // the same draws at every sample, so samples compare
+    std::vector<int> toks = prompt, ctx;
+    for (int i = 0; i < n; i++) {
+        size_t from = toks.size() > (size_t)ctx_max ? toks.size() - ctx_max : 0;
+        ctx.assign(toks.begin() + from, toks.end());
+        const std::vector<float>& logits = model_logits(m, ctx);
+        toks.push_back(sample_token(logits.data() + (ctx.size() - 1) * (size_t)V, V, so, rng.uniform()));
+    }
+    return std::vector<int>(toks.begin() + prompt.size(), toks.end());
+}
+
+// ----------------------------------------------------------------------------
+// Ctrl-C
+
+static volatile sig_atomic_t g_stop_signal = 0;
+
+static void on_stop_signal(int sig) {
+    g_stop_signal = sig;
+    static const char msg[] = "\n(stopping after this step to save a checkpoint; press Ctrl-C again to quit at once)\n";
+    ssize_t ignored = write(STDERR_FILENO, msg, sizeof(msg) - 1);
+    (void)ignored;
+}
+
+static void install_stop_handlers() {
+    struct sigaction sa;
+    memset(&sa, 0, sizeof(sa));
+    sa.sa_handler = on_stop_signal;
+    sa.sa_flags = SA_RESETHAND;  // a second signal takes the default action: quit at once
+    sigemptyset(&sa.sa_mask);
+    sigaction(SIGINT, &sa, nullptr);
+    sigaction(SIGTERM, &sa, nullptr);
+}
+
+// ----------------------------------------------------------------------------
+
+static int run(int argc, char** argv) {
+    Args a;
+    if (!parse_args(argc, argv, a)) return 0;
+    if (a.device == "gpu")
+        fail("--device gpu: the CUDA training path is not built yet (issue 3); use --device cpu");
+    if (a.resume && !a.fixed_on_resume.empty())
+        fail("%s cannot be used with --resume: a resumed run keeps the checkpoint's model and training options "
+             "(only --steps may change)", a.fixed_on_resume[0].c_str());
+
+    const std::string ckpt = a.out_dir + "/checkpoint";
+    const std::string metrics_path = a.out_dir + "/metrics.csv", svg_path = a.out_dir + "/loss.svg";
+    if (a.resume && !checkpoint_has_state(ckpt))
+        fail("--resume: %s has no resumable checkpoint (%s)", a.out_dir.c_str(),
+             path_exists(ckpt) ? "no trainer_state.json / optimizer.safetensors in checkpoint/" : "no checkpoint/ directory");
+    if (!a.resume && !a.overwrite && path_exists(ckpt))
+        fail("--out %s already holds a checkpoint: pass --resume to continue it, --overwrite to start afresh, "
+             "or another --out", a.out_dir.c_str());
+
+    // the data files
+    const bool default_data = a.data_dir == "data/default";
+    if (a.train_pattern.empty() || (a.val_pattern.empty() && a.data_given)) {
+        if (default_data && !dataset_complete(a.data_dir)) {
+            printf("data/default is missing: generating the default dataset (1 MiB of generated English-like text, "
+                   "BPE vocab 1024, 10%% val)\n");
+            fflush(stdout);
+            prepare_dataset(default_corpus(1 << 20), a.data_dir, 1024, 0.1);
+        } else if (!path_exists(a.data_dir)) {
+            fail("--data %s: no such directory (make one with data/prepare --input FILE --out %s)", a.data_dir.c_str(),
+                 a.data_dir.c_str());
+        }
+    }
+    std::string train_pattern = a.train_pattern.empty() ? a.data_dir + "/train.bin" : a.train_pattern;
+    std::string val_pattern = a.val_pattern;
+    if (val_pattern.empty() && (a.train_pattern.empty() || a.data_given)) val_pattern = a.data_dir + "/val.bin";
+    if (a.train_pattern.empty() && !path_exists(train_pattern))
+        fail("--data %s: %s is missing (make a dataset with data/prepare --input FILE --out %s)", a.data_dir.c_str(),
+             train_pattern.c_str(), a.data_dir.c_str());
+    if (a.val_pattern.empty() && !val_pattern.empty() && !path_exists(val_pattern))
+        fail("--data %s: %s is missing (pass --val-data, or make the dataset with data/prepare)", a.data_dir.c_str(),
+             val_pattern.c_str());
+
+    // the model: from the checkpoint, or fresh from a preset / config.json
+    Model m;
+    TrainState st;
+    int last_saved = -1;  // the step of the last good checkpoint in ckpt (-1: none of this run)
+    if (a.resume) {
+        model_load(m, ckpt, &st);
+        if (a.steps_given) st.options.optim.total_steps = a.steps;
+        a.steps = st.options.optim.total_steps;
+        if (a.steps <= st.step)
+            fail("--resume: the checkpoint is already at step %d of %d; pass --steps N with N > %d to train further",
+                 st.step, a.steps, st.step);
+        last_saved = st.step;
+    } else {
+        std::string tok_path = a.data_dir + "/tokenizer.bin";
+        bool has_tok = path_exists(tok_path) && (a.train_pattern.empty() || a.data_given);
+        Tokenizer tok = has_tok ? tokenizer_load(tok_path) : tokenizer_bytes();
+        Config c;
+        if (a.config_path.empty()) {
+            c = config_preset(a.preset);
+            c.vocab_size = tok.vocab_size;
+        } else {
+            try {
+                c = config_from_json(read_file(a.config_path), a.config_path);
+            } catch (const std::exception& e) {
+                std::string msg = e.what();
+                if (msg.compare(0, a.config_path.size(), a.config_path) == 0) throw;
+                fail("%s: %s", a.config_path.c_str(), msg.c_str());
+            }
+        }
+        if (a.vocab_size > 0) c.vocab_size = a.vocab_size;
+        if (c.vocab_size < tok.vocab_size)
+            fail("%s %d is smaller than the tokenizer's %d tokens (%s)",
+                 a.vocab_size > 0 ? "--vocab-size" : strfmt("%s: vocab_size", a.config_path.c_str()).c_str(), c.vocab_size,
+                 tok.vocab_size, has_tok ? tok_path.c_str() : "the byte tokenizer");
+        config_check(c);
+        st.options = a.opt;
+        st.options.optim.total_steps = a.steps;
+        if (st.options.seq_len > c.max_position_embeddings)
+            fail("--seq-len %d exceeds the model's context, max_position_embeddings %d", st.options.seq_len,
+                 c.max_position_embeddings);
+        model_create(m, c, st.options.seed);
+        m.tokenizer = tok;
+    }
+    TrainOptions& o = st.options;
+    const Config& c = m.ref.cfg;
+    if (o.seq_len > c.max_position_embeddings)
+        fail("%s: seq_len %d exceeds max_position_embeddings %d", ckpt.c_str(), o.seq_len, c.max_position_embeddings);
+
+    DataLoader loader;
+    dataloader_open(loader, train_pattern, o.batch_size, o.seq_len, c.vocab_size);
+    if (a.resume) dataloader_seek(loader, st.data_position);
+    std::vector<int> val_tokens;
+    uint64_t val_total = 0;
+    if (!val_pattern.empty()) val_tokens = read_val_tokens(val_pattern, c.vocab_size, (size_t)a.val_tokens, &val_total);
+
+    // the header
+    size_t params = 0, inactive = 0;
+    for (const TensorSpec& t : m.ref.layout.tensors)
+        if (t.kind != TENSOR_BUFFER) params += t.numel;
+    int moe_layers = 0;
+    for (int l = 0; l < c.num_hidden_layers; l++)
+        if (c.is_moe_layer(l)) moe_layers++;
+    if (moe_layers)
+        inactive = (size_t)moe_layers * (c.n_routed_experts - c.num_experts_per_tok) * 3 * (size_t)c.moe_intermediate_size *
+                   c.hidden_size;
+    const long long tokens_per_step = (long long)o.batch_size * o.seq_len * o.grad_accum;
+    std::string arch = a.resume ? "checkpoint " + ckpt : a.config_path.empty() ? "preset " + a.preset : "config " + a.config_path;
+    printf("model: %s | %d layers, d_model %d, %d heads, kv_lora_rank %d", arch.c_str(), c.num_hidden_layers,
+           c.hidden_size, c.num_attention_heads, c.kv_lora_rank);
+    if (moe_layers)
+        printf(", %d experts top-%d (+%d shared) in %d MoE layers", c.n_routed_experts, c.num_experts_per_tok,
+               c.n_shared_experts, moe_layers);
+    printf(", vocab %d | %s params, %s active per token\n", c.vocab_size, fmt_count((double)params).c_str(),
+           fmt_count((double)(params - inactive)).c_str());
+    printf("data: train %s (%s tokens)", train_pattern.c_str(), fmt_count((double)loader.total).c_str());
+    if (val_tokens.empty()) printf(" | no validation data\n");
+    else printf(" | val %s (%s tokens, %zu evaluated)\n", val_pattern.c_str(), fmt_count((double)val_total).c_str(), val_tokens.size());
+    printf("training: %d steps of %d x %d x %d = %lld tokens | lr %g, warmup %d, cosine to %g | device cpu (%d threads)\n",
+           a.steps, o.batch_size, o.seq_len, o.grad_accum, tokens_per_step, o.optim.lr, o.optim.warmup_steps,
+           o.optim.lr * o.optim.min_lr_fraction, omp_get_max_threads());
+    if (a.resume) printf("resuming from %s at step %d\n", ckpt.c_str(), st.step);
+    fflush(stdout);
+
+    // the run directory
+    make_dirs(a.out_dir);
+    std::vector<MetricsRow> history;
+    if (a.resume) history = metrics_truncate(metrics_path, st.step);
+    else write_file_atomic(metrics_path, std::string(METRICS_HEADER) + "\n");
+    FILE* metrics = fopen(metrics_path.c_str(), "ab");
+    if (!metrics) fail("%s: cannot open for appending (%s)", metrics_path.c_str(), strerror(errno));
+    struct Closer {
+        FILE* f;
+        ~Closer() { fclose(f); }
+    } closer{metrics};
+
+    const std::string title = "dsv3 training loss — " + a.out_dir;
+    std::vector<int> prompt(val_tokens.empty() ? loader.tokens.begin() : val_tokens.begin(),
+                            (val_tokens.empty() ? loader.tokens.begin() : val_tokens.begin()) +
+                                std::min<size_t>(8, val_tokens.empty() ? loader.tokens.size() : val_tokens.size()));
+    double last_val = NAN;
+
+    auto save = [&](int step) {
+        double t0 = now_seconds();
+        st.step = step;
+        st.data_position = dataloader_position(loader);
+        model_save(m, ckpt, &st, a.save_bf16);
+        last_saved = step;
+        printf("checkpoint: step %d saved to %s (%.2fs)\n", step, ckpt.c_str(), now_seconds() - t0);
+        fflush(stdout);
+    };
+
+    install_stop_handlers();
+    const int width = std::max(4, (int)strlen(strfmt("%d", a.steps).c_str()) + 1);
+    const double t_begin = now_seconds();
+    double ema_step = 0;
+    const int first = st.step;
+    for (int step = first; step < a.steps; step++) {
+        double t0 = now_seconds();
+        StepStats s = model_train_step(m, loader, o, step);
+        double dt = now_seconds() - t0;
+        const int done = step + 1;
+        if (!std::isfinite(s.loss) || !std::isfinite(s.grad_norm)) {
+            std::string what = !std::isfinite(s.loss) ? strfmt("loss is %s", std::isnan(s.loss) ? "NaN" : "inf")
+                                                       : strfmt("gradient norm is %s", std::isnan(s.grad_norm) ? "NaN" : "inf");
+            if (last_saved >= 0)
+                fail("%s at step %d; the last good checkpoint is %s (step %d)", what.c_str(), done, ckpt.c_str(), last_saved);
+            fail("%s at step %d; no checkpoint was saved by this run", what.c_str(), done);
+        }
+        st.step = done;
+        st.data_position = dataloader_position(loader);
+        ema_step = step == first ? dt : 0.9 * ema_step + 0.1 * dt;
+        printf("step %*d/%d | loss %.4f | lr %.2e | norm %.4f | %.0f tok/s | eta %s\n", width, done, a.steps, s.loss, s.lr,
+               s.grad_norm, tokens_per_step / dt, fmt_duration(ema_step * (a.steps - done)).c_str());
+
+        const bool last = done == a.steps;
+        const bool stopping = g_stop_signal != 0;
+        double val = NAN;
+        if (!val_tokens.empty() && !stopping && (last || (a.val_every > 0 && done % a.val_every == 0))) {
+            val = model_eval_loss(m, val_tokens, o.seq_len, o.batch_size);
+            last_val = val;
+            if (val < st.best_val_loss) st.best_val_loss = val;
+            printf("val loss %.4f (best %.4f)\n", val, st.best_val_loss);
+            // expert utilisation since the last report: the fraction of tokens routed to each expert
+            if (moe_layers) {
+                printf("expert load (fraction of tokens per expert; balanced = %.3f):\n",
+                       (double)c.num_experts_per_tok / c.n_routed_experts);
+                for (int l = 0; l < c.num_hidden_layers; l++) {
+                    if (!c.is_moe_layer(l)) continue;
+                    std::vector<int64_t>& load = m.expert_load[l];
+                    int64_t sum = 0, lo = INT64_MAX, hi = 0;
+                    for (int64_t x : load) sum += x, lo = std::min(lo, x), hi = std::max(hi, x);
+                    double tokens = (double)sum / c.num_experts_per_tok;
+                    std::string line = strfmt("  layer %2d:", l);
+                    for (int64_t x : load) line += strfmt(" %.3f", tokens > 0 ? x / tokens : 0.0);
+                    if (lo > 0) line += strfmt(" | max/min %.2f", (double)hi / lo);
+                    else line += " | max/min inf";
+                    printf("%s\n", line.c_str());
+                    std::fill(load.begin(), load.end(), 0);
+                }
+            }
+        }
+        fprintf(metrics, "%d,%.9g,%s,%.6g,%.6g,%.1f\n", done, s.loss, std::isfinite(val) ? strfmt("%.9g", val).c_str() : "",
+                s.lr, s.grad_norm, tokens_per_step / dt);
+        fflush(metrics);
+        history.push_back({done, s.loss, val});
+        if (std::isfinite(val) || last || g_stop_signal) write_loss_svg(svg_path, history, title);
+
+        if (a.sample_every > 0 && !g_stop_signal && (last || done % a.sample_every == 0) && !prompt.empty()) {
+            std::vector<int> text = prompt, out = sample(m, prompt, a.sample_tokens, o.seed);
+            text.insert(text.end(), out.begin(), out.end());
+            printf("sample at step %d (%zu prompt tokens, then temperature 0.8, top-k 40):\n  | %s\n", done, prompt.size(),
+                   printable(decode(m.tokenizer, text), "  | ").c_str());
+        }
+        fflush(stdout);
+
+        // a signal that came during the evaluation or the sample stops the run here too
+        if (last || g_stop_signal || (a.save_every > 0 && done % a.save_every == 0)) save(done);
+        if (g_stop_signal) {
+            printf("interrupted: saved checkpoint at step %d to %s\n", done, ckpt.c_str());
+            fflush(stdout);
+            return 130;
+        }
+    }
+
+    printf("done: %d steps in %s", a.steps - first, fmt_duration(now_seconds() - t_begin).c_str());
+    if (!val_tokens.empty()) printf(" | final val loss %.4f, best %.4f", last_val, st.best_val_loss);
+    printf(" | checkpoint %s | metrics %s | curve %s\n", ckpt.c_str(), metrics_path.c_str(), svg_path.c_str());
+    return 0;
+}
+
+int main(int argc, char** argv) {
+    setvbuf(stdout, nullptr, _IOLBF, 0);
+    try {
+        return run(argc, argv);
+    } catch (const std::exception& e) {
+        fflush(stdout);
+        fprintf(stderr, "error: %s\n", e.what());
+        return 1;
+    }
+}
