@@ -54,7 +54,7 @@ struct Config {
     float yarn_mscale = 0.0f;          // 0 = absent, as transformers treats it
     float yarn_mscale_all_dim = 0.0f;  // 0 = absent
     int max_position_embeddings = 1024;
-    int num_nextn_predict_layers = 0;
+    int num_nextn_predict_layers = 0;  // carried through checkpoints; the MTP module is not built yet
 
     int qk_head_dim() const { return qk_nope_head_dim + qk_rope_head_dim; }
     bool is_moe_layer(int layer) const { return n_routed_experts > 0 && layer >= first_k_dense_replace; }
@@ -129,7 +129,7 @@ inline void config_check(const Config& c) {
     need(c.rms_norm_eps > 0, "rms_norm_eps must be positive");
     need(c.rope_theta > 1, "rope_theta must be greater than 1");
     need(c.first_k_dense_replace >= 0, "first_k_dense_replace must be >= 0");
-    need(c.num_nextn_predict_layers == 0, "num_nextn_predict_layers > 0 (multi-token prediction) is not supported yet");
+    need(c.num_nextn_predict_layers >= 0, "num_nextn_predict_layers must be >= 0");
     bool any_dense = c.n_routed_experts == 0 || c.first_k_dense_replace > 0;
     if (any_dense) need(c.intermediate_size > 0, "intermediate_size must be positive");
     if (c.n_routed_experts > 0 && c.first_k_dense_replace < c.num_hidden_layers) {
