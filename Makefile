@@ -10,7 +10,7 @@ NVCC ?= nvcc
 GPU_ARCH ?= 90a
 NVCC_FLAGS ?= -O3
 FLAGS = -std=c++17 $(NVCC_FLAGS) -gencode=arch=compute_$(GPU_ARCH),code=sm_$(GPU_ARCH) -Xcompiler -fopenmp,-Wall -I.
-LIBS = -lgomp
+LIBS = -lcublasLt -lgomp
 
 HEADERS = common.h cli.h config.h json.h fileutil.h safetensors.h tokenizer.h dataloader.h reference.h model.h
 BINARIES = train generate validate data/prepare
@@ -20,7 +20,7 @@ TEST_SOURCES = $(wildcard test/test_*.cpp)
 
 all: $(BINARIES)
 
-model.o: model.cu $(HEADERS)
+model.o: model.cu $(HEADERS) cuda_common.cuh kernels.cuh mla.cuh moe.cuh
 	$(NVCC) $(FLAGS) -c $< -o $@
 
 train generate validate: %: %.cu model.o $(HEADERS)
@@ -50,7 +50,7 @@ test/gpu_%.o: test/gpu_%.cu $(HEADERS) $(wildcard *.cuh)
 	$(NVCC) $(FLAGS) -c $< -o $@
 
 test/test_gpu: test/test_main.o $(GPU_TEST_SOURCES:.cu=.o) model.o
-	$(NVCC) $(FLAGS) $^ -o $@ $(LIBS) -lcublasLt
+	$(NVCC) $(FLAGS) $^ -o $@ $(LIBS)
 
 test-gpu: test/test_gpu
 	./test/test_gpu

@@ -94,6 +94,12 @@ inline void matmul_free(Matmul& mm) {
     mm = Matmul{};
 }
 
+// the largest power of two (up to 256) dividing both the address and the row pitch
+inline uint32_t alignment_bytes(const void* p, size_t pitch_bytes) {
+    uintptr_t bits = (uintptr_t)p | (uintptr_t)pitch_bytes | 256;
+    return (uint32_t)(bits & (~bits + 1));
+}
+
 // trans_a: A is stored [K, M]; trans_b: B is stored [N, K]. out_fp32 selects the
 // output type. Leading dimensions are the dense ones unless given.
 inline void matmul(Matmul& mm, void* out, const bf16* A, const bf16* B, int M, int N, int K, bool trans_a, bool trans_b,
@@ -118,6 +124,15 @@ inline void matmul(Matmul& mm, void* out, const bf16* A, const bf16* B, int M, i
     CUBLAS_CHECK(cublasLtMatmulPreferenceCreate(&pref));
     CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &mm.workspace_bytes,
                                                       sizeof(mm.workspace_bytes)));
+    // the heuristic assumes 256-byte aligned operands unless told otherwise, and the
+    // chosen kernel then refuses a sub-tensor such as kv_a's k_pe columns
+    const int out_bytes = out_fp32 ? 4 : 2;
+    uint32_t align_b = alignment_bytes(B, (size_t)ldb * 2), align_a = alignment_bytes(A, (size_t)lda * 2);
+    uint32_t align_c = alignment_bytes(out, (size_t)ldc * out_bytes);
+    CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, &align_b, sizeof(align_b)));
+    CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, &align_a, sizeof(align_a)));
+    CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, &align_c, sizeof(align_c)));
+    CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, &align_c, sizeof(align_c)));
     cublasLtMatmulHeuristicResult_t heuristic;
     int found = 0;
     CUBLAS_CHECK(cublasLtMatmulAlgoGetHeuristic(mm.handle, desc, lb, la, lc, lc, pref, 1, &heuristic, &found));

@@ -18,7 +18,11 @@ void model_create(Model& m, const Config& c, uint64_t seed) {
     m.expert_load.assign(c.num_hidden_layers, std::vector<int64_t>(c.n_routed_experts, 0));
 }
 
+static StepStats gpu_train_step(Model& m, DataLoader& loader, const TrainOptions& o, int step);
+static double gpu_eval_window(Model& m, const std::vector<int>& inputs, const std::vector<int>& targets, int rows, int len);
+
 StepStats model_train_step(Model& m, DataLoader& loader, const TrainOptions& o, int step) {
+    if (m.gpu) return gpu_train_step(m, loader, o, step);
     const Config& c = m.ref.cfg;
     std::fill(m.ref.grads.begin(), m.ref.grads.end(), 0.0f);
     std::vector<std::vector<int64_t>> load(c.num_hidden_layers, std::vector<int64_t>(c.n_routed_experts, 0));
@@ -61,15 +65,19 @@ double model_eval_loss(Model& m, const std::vector<int>& tokens, int seq_len, in
             while (rows < batch_size && start + (size_t)(rows + 1) * seq_len <= predictions) rows++;
         inputs.assign(tokens.begin() + start, tokens.begin() + start + rows * len);
         targets.assign(tokens.begin() + start + 1, tokens.begin() + start + 1 + rows * len);
-        double mean = ref_forward(m.ref, inputs.data(), targets.data(), rows, (int)len, StepOptions{});
+        double mean = m.gpu ? gpu_eval_window(m, inputs, targets, rows, (int)len)
+                            : ref_forward(m.ref, inputs.data(), targets.data(), rows, (int)len, StepOptions{});
         total += mean * (double)(rows * len);
         start += rows * len;
     }
     return total / (double)predictions;
 }
 
+static void gpu_logits(Model& m, const std::vector<int>& tokens);
+
 const std::vector<float>& model_logits(Model& m, const std::vector<int>& tokens) {
-    ref_forward(m.ref, tokens.data(), nullptr, 1, (int)tokens.size(), StepOptions{});
+    if (m.gpu) gpu_logits(m, tokens);
+    else ref_forward(m.ref, tokens.data(), nullptr, 1, (int)tokens.size(), StepOptions{});
     return m.ref.logits;
 }
 
@@ -163,7 +171,8 @@ static TrainState state_from_json(const std::string& text, const std::string& wh
     return st;
 }
 
-void model_save(const Model& m, const std::string& dir, const TrainState* state, bool bf16) {
+void model_save(Model& m, const std::string& dir, const TrainState* state, bool bf16) {
+    model_sync_host(m);
     std::string tmp = atomic_dir_begin(dir);
     write_file_atomic(tmp + "/config.json", config_to_json(m.ref.cfg));
     safetensors_write(tmp + "/model.safetensors", tensors_of(m.ref.layout, m.ref.params.data(), "", bf16 ? "BF16" : "F32"),
@@ -227,4 +236,542 @@ std::string model_resolve_dir(const std::string& dir, bool is_default) {
     if (!path_exists(dir))
         fail("%s: model directory does not exist%s", dir.c_str(), is_default ? " (train one with ./train, or pass --model DIR)" : "");
     fail("%s: not a checkpoint directory (no config.json, and no checkpoint/config.json)", dir.c_str());
+}
+
+// ----------------------------------------------------------------------------
+// The CUDA training path. The same step as model_train_step's CPU loop, layer by
+// layer with the kernels of kernels.cuh, mla.cuh and moe.cuh and cuBLASLt GEMMs:
+// bf16 weights and activations, fp32 weight gradients, master weights and AdamW
+// moments. Nothing waits for the host inside a step; the loss, the gradient norm
+// and the expert loads come back once per step, for logging.
+//
+// Activations of one layer for a batch of N = B*T tokens (bf16 unless noted),
+// kept from forward to backward:
+//   res_in [N,D]  residual stream entering the layer     xn, rstd1  its RMSNorm
+//   q [N,H*dqk] (q_pe roped), qa/qa_norm/qa_rstd (q_lora), c/c_norm/c_rstd [N,dc],
+//   kv_a [N,dc+dr] (only k_pe, roped, is used), kv_b [N,H*(dn+dv)], k, v, o, lse
+//   attn_out [N,D]  (after dropout)                      res_mid, xn2, rstd2
+//   dense FFN: gate_up [N,2I], hidden [N,I]
+//   MoE: router logits/scores [N,E] fp32, expert/gate [N,K], permutation,
+//        x/gu/h/y sorted by expert [S,*], shared expert gate_up/hidden/out
+//   ffn_out [N,D]  (after dropout)
+
+#include "kernels.cuh"
+#include "mla.cuh"
+#include "moe.cuh"
+
+struct GpuLayer {
+    bf16 *res_in, *xn, *qa, *qa_norm, *q, *c, *c_norm, *kv_a, *kv_b, *k, *v, *o, *attn_out, *res_mid, *xn2;
+    float *rstd1, *qa_rstd, *c_rstd, *lse, *rstd2;
+    bf16 *gate_up, *hidden;                                   // dense FFN
+    float *router_logits, *scores, *gate, *frac, *seq_loss;  // MoE
+    int *expert, *offsets, *slot_row, *row_slot;
+    bf16 *x_sorted, *gu_sorted, *h_sorted, *y_sorted, *shared_gu, *shared_h, *shared_out;
+    bf16* ffn_out;
+};
+
+struct GpuModel {
+    int B, T, N;  // the largest batch the buffers hold
+    cudaStream_t stream;
+    Matmul mm;
+    RopeGpu rope;
+    float *params32, *grads, *adam_m, *adam_v;
+    bf16* params16;
+    ParamChunk* chunks;
+    int num_chunks;
+    std::vector<GpuLayer> layers;
+    int moe_layers;
+    size_t* bias_offsets;  // [moe_layers] offsets of the correction biases in params32
+    int* load;             // [moe_layers, E] tokens routed this step
+    int *tokens, *targets;
+    bf16 *emb, *h_final, *hn, *logits;
+    float *hn_rstd, *losses, *ce_scale, *step_loss, *balance_loss, *norm2;
+    // backward temporaries, reused by every layer
+    float* dres;  // the residual stream's gradient: fp32, it sums a term from every layer
+    bf16 *dbranch, *dxn, *d_o, *dq, *dk, *dv, *dkv_b, *dkv_a, *dc_norm, *dc, *dqa_norm, *dqa;
+    bf16 *dgate_up, *dhidden, *dy_sorted, *dh_sorted, *dgu_sorted, *dx_sorted, *router_dlogits16;
+    float *dgate, *dscores, *router_dlogits;
+    void* scratch;
+    size_t scratch_bytes;
+    std::vector<void*> allocations;
+};
+
+template <typename T>
+static T* gpu_buffer(GpuModel& g, size_t count, const char* what) {
+    T* p = device_alloc<T>(count, what);
+    g.allocations.push_back(p);
+    return p;
+}
+
+bool gpu_available() {
+    int count = 0;
+    return cudaGetDeviceCount(&count) == cudaSuccess && count > 0;
+}
+
+// the GPU router's limits (experts, top-k, groups)
+static void gpu_check_config(const Config& c) {
+    if (c.n_routed_experts > 0) router_check(c);
+}
+
+void model_to_gpu(Model& m, int B, int T) {
+    const Config& c = m.ref.cfg;
+    gpu_check_config(c);
+    if (!gpu_available()) fail("--device gpu: no CUDA device is available");
+    GpuModel* gp = new GpuModel();
+    GpuModel& g = *gp;
+    g.B = B;
+    g.T = T;
+    g.N = B * T;
+    const int N = g.N, D = c.hidden_size, H = c.num_attention_heads, qr = c.q_lora_rank, dc = c.kv_lora_rank;
+    const int dn = c.qk_nope_head_dim, dr = c.qk_rope_head_dim, dv = c.v_head_dim, dqk = dn + dr, V = c.vocab_size;
+    const int E = c.n_routed_experts, K = c.num_experts_per_tok, I = c.intermediate_size, MI = c.moe_intermediate_size;
+    const int SI = c.n_shared_experts * MI, S = N * K;
+    const size_t P = m.ref.layout.total;
+    CUDA_CHECK(cudaStreamCreate(&g.stream));
+    matmul_init(g.mm);
+    g.rope = rope_table_upload(m.ref.rope);
+    g.params32 = gpu_buffer<float>(g, P, "fp32 master weights");
+    g.grads = gpu_buffer<float>(g, P, "gradients");
+    g.adam_m = gpu_buffer<float>(g, P, "AdamW first moments");
+    g.adam_v = gpu_buffer<float>(g, P, "AdamW second moments");
+    g.params16 = gpu_buffer<bf16>(g, P, "bf16 weights");
+    CUDA_CHECK(cudaMemcpy(g.params32, m.ref.params.data(), P * sizeof(float), cudaMemcpyHostToDevice));
+    if (m.adam_m.size() == P) {
+        CUDA_CHECK(cudaMemcpy(g.adam_m, m.adam_m.data(), P * sizeof(float), cudaMemcpyHostToDevice));
+        CUDA_CHECK(cudaMemcpy(g.adam_v, m.adam_v.data(), P * sizeof(float), cudaMemcpyHostToDevice));
+    }
+    float_to_bf16_gpu(g.params16, g.params32, P, g.stream);
+    CUDA_CHECK(cudaMemset(g.grads, 0, P * sizeof(float)));
+    std::vector<ParamChunk> chunks = param_chunks(m.ref.layout);
+    g.chunks = param_chunks_upload(chunks);
+    g.allocations.push_back(g.chunks);
+    g.num_chunks = (int)chunks.size();
+
+    std::vector<size_t> bias_offsets;
+    for (int l = 0; l < c.num_hidden_layers; l++)
+        if (c.is_moe_layer(l)) bias_offsets.push_back(m.ref.layout.offset_of(strfmt("model.layers.%d.mlp.gate.e_score_correction_bias", l)));
+    g.moe_layers = (int)bias_offsets.size();
+    g.bias_offsets = gpu_buffer<size_t>(g, bias_offsets.size(), "expert bias offsets");
+    CUDA_CHECK(cudaMemcpy(g.bias_offsets, bias_offsets.data(), bias_offsets.size() * sizeof(size_t), cudaMemcpyHostToDevice));
+    g.load = gpu_buffer<int>(g, (size_t)std::max(1, g.moe_layers) * std::max(1, E), "expert loads");
+
+    g.layers.resize(c.num_hidden_layers);
+    for (int l = 0; l < c.num_hidden_layers; l++) {
+        GpuLayer& a = g.layers[l];
+        a = GpuLayer{};
+        a.res_in = gpu_buffer<bf16>(g, (size_t)N * D, "activations");
+        a.xn = gpu_buffer<bf16>(g, (size_t)N * D, "activations");
+        a.rstd1 = gpu_buffer<float>(g, N, "activations");
+        if (qr > 0) {
+            a.qa = gpu_buffer<bf16>(g, (size_t)N * qr, "activations");
+            a.qa_norm = gpu_buffer<bf16>(g, (size_t)N * qr, "activations");
+            a.qa_rstd = gpu_buffer<float>(g, N, "activations");
+        }
+        a.q = gpu_buffer<bf16>(g, (size_t)N * H * dqk, "activations");
+        a.c = gpu_buffer<bf16>(g, (size_t)N * dc, "activations");
+        a.c_norm = gpu_buffer<bf16>(g, (size_t)N * dc, "activations");
+        a.c_rstd = gpu_buffer<float>(g, N, "activations");
+        a.kv_a = gpu_buffer<bf16>(g, (size_t)N * (dc + dr), "activations");
+        a.kv_b = gpu_buffer<bf16>(g, (size_t)N * H * (dn + dv), "activations");
+        a.k = gpu_buffer<bf16>(g, (size_t)N * H * dqk, "activations");
+        a.v = gpu_buffer<bf16>(g, (size_t)N * H * dv, "activations");
+        a.o = gpu_buffer<bf16>(g, (size_t)N * H * dv, "activations");
+        a.lse = gpu_buffer<float>(g, (size_t)N * H, "activations");
+        a.attn_out = gpu_buffer<bf16>(g, (size_t)N * D, "activations");
+        a.res_mid = gpu_buffer<bf16>(g, (size_t)N * D, "activations");
+        a.xn2 = gpu_buffer<bf16>(g, (size_t)N * D, "activations");
+        a.rstd2 = gpu_buffer<float>(g, N, "activations");
+        a.ffn_out = gpu_buffer<bf16>(g, (size_t)N * D, "activations");
+        if (!c.is_moe_layer(l)) {
+            a.gate_up = gpu_buffer<bf16>(g, (size_t)N * 2 * I, "activations");
+            a.hidden = gpu_buffer<bf16>(g, (size_t)N * I, "activations");
+            continue;
+        }
+        a.router_logits = gpu_buffer<float>(g, (size_t)N * E, "activations");
+        a.scores = gpu_buffer<float>(g, (size_t)N * E, "activations");
+        a.gate = gpu_buffer<float>(g, (size_t)N * K, "activations");
+        a.frac = gpu_buffer<float>(g, (size_t)B * E, "activations");
+        a.seq_loss = gpu_buffer<float>(g, B, "activations");
+        a.expert = gpu_buffer<int>(g, (size_t)N * K, "activations");
+        a.offsets = gpu_buffer<int>(g, E + 1, "activations");
+        a.slot_row = gpu_buffer<int>(g, S, "activations");
+        a.row_slot = gpu_buffer<int>(g, S, "activations");
+        a.x_sorted = gpu_buffer<bf16>(g, (size_t)S * D, "activations");
+        a.gu_sorted = gpu_buffer<bf16>(g, (size_t)S * 2 * MI, "activations");
+        a.h_sorted = gpu_buffer<bf16>(g, (size_t)S * MI, "activations");
+        a.y_sorted = gpu_buffer<bf16>(g, (size_t)S * D, "activations");
+        if (SI > 0) {
+            a.shared_gu = gpu_buffer<bf16>(g, (size_t)N * 2 * SI, "activations");
+            a.shared_h = gpu_buffer<bf16>(g, (size_t)N * SI, "activations");
+            a.shared_out = gpu_buffer<bf16>(g, (size_t)N * D, "activations");
+        }
+    }
+    g.tokens = gpu_buffer<int>(g, N, "tokens");
+    g.targets = gpu_buffer<int>(g, N, "targets");
+    g.emb = gpu_buffer<bf16>(g, (size_t)N * D, "activations");
+    g.h_final = gpu_buffer<bf16>(g, (size_t)N * D, "activations");
+    g.hn = gpu_buffer<bf16>(g, (size_t)N * D, "activations");
+    g.hn_rstd = gpu_buffer<float>(g, N, "activations");
+    g.logits = gpu_buffer<bf16>(g, (size_t)N * V, "logits");
+    g.losses = gpu_buffer<float>(g, N, "losses");
+    g.ce_scale = gpu_buffer<float>(g, 1, "scalars");
+    g.step_loss = gpu_buffer<float>(g, 1, "scalars");
+    g.balance_loss = gpu_buffer<float>(g, std::max(1, g.moe_layers), "scalars");
+    g.norm2 = gpu_buffer<float>(g, 1, "scalars");
+
+    const size_t wide = (size_t)N * std::max({D, H * dqk, H * (dn + dv), dc + dr, std::max(qr, 1), 2 * I, 2 * SI});
+    g.dres = gpu_buffer<float>(g, (size_t)N * D, "gradients");
+    g.dbranch = gpu_buffer<bf16>(g, (size_t)N * D, "gradients");
+    g.dxn = gpu_buffer<bf16>(g, (size_t)N * D, "gradients");
+    g.d_o = gpu_buffer<bf16>(g, (size_t)N * H * dv, "gradients");
+    g.dq = gpu_buffer<bf16>(g, (size_t)N * H * dqk, "gradients");
+    g.dk = gpu_buffer<bf16>(g, (size_t)N * H * dqk, "gradients");
+    g.dv = gpu_buffer<bf16>(g, (size_t)N * H * dv, "gradients");
+    g.dkv_b = gpu_buffer<bf16>(g, (size_t)N * H * (dn + dv), "gradients");
+    g.dkv_a = gpu_buffer<bf16>(g, (size_t)N * (dc + dr), "gradients");
+    g.dc_norm = gpu_buffer<bf16>(g, (size_t)N * dc, "gradients");
+    g.dc = gpu_buffer<bf16>(g, (size_t)N * dc, "gradients");
+    if (qr > 0) {
+        g.dqa_norm = gpu_buffer<bf16>(g, (size_t)N * qr, "gradients");
+        g.dqa = gpu_buffer<bf16>(g, (size_t)N * qr, "gradients");
+    }
+    g.dgate_up = gpu_buffer<bf16>(g, wide, "gradients");
+    g.dhidden = gpu_buffer<bf16>(g, wide, "gradients");
+    if (E > 0) {
+        g.dy_sorted = gpu_buffer<bf16>(g, (size_t)S * D, "gradients");
+        g.dh_sorted = gpu_buffer<bf16>(g, (size_t)S * MI, "gradients");
+        g.dgu_sorted = gpu_buffer<bf16>(g, (size_t)S * 2 * MI, "gradients");
+        g.dx_sorted = gpu_buffer<bf16>(g, (size_t)S * D, "gradients");
+        g.dgate = gpu_buffer<float>(g, (size_t)N * K, "gradients");
+        g.dscores = gpu_buffer<float>(g, (size_t)N * E, "gradients");
+        g.router_dlogits = gpu_buffer<float>(g, (size_t)N * E, "gradients");
+        g.router_dlogits16 = gpu_buffer<bf16>(g, (size_t)N * E, "gradients");
+    }
+    g.scratch_bytes = std::max({embedding_backward_scratch_bytes(N, D, V), rmsnorm_backward_scratch_bytes(N, std::max({D, dc, qr})),
+                                grad_norm_scratch_bytes(g.num_chunks), attention_backward_scratch_floats(B, T, H) * sizeof(float),
+                                E > 0 ? moe_permute_scratch_ints(S, E) * sizeof(int) : (size_t)0});
+    g.scratch = gpu_buffer<char>(g, g.scratch_bytes, "scratch");
+    CUDA_CHECK(cudaStreamSynchronize(g.stream));
+    m.gpu = gp;
+}
+
+void model_free_gpu(Model& m) {
+    if (!m.gpu) return;
+    GpuModel& g = *m.gpu;
+    CUDA_CHECK(cudaStreamSynchronize(g.stream));
+    for (void* p : g.allocations) cudaFree(p);
+    rope_table_free(g.rope);
+    matmul_free(g.mm);
+    cudaStreamDestroy(g.stream);
+    delete m.gpu;
+    m.gpu = nullptr;
+}
+
+void model_sync_host(Model& m) {
+    if (!m.gpu) return;
+    GpuModel& g = *m.gpu;
+    const size_t P = m.ref.layout.total;
+    CUDA_CHECK(cudaStreamSynchronize(g.stream));
+    CUDA_CHECK(cudaMemcpy(m.ref.params.data(), g.params32, P * sizeof(float), cudaMemcpyDeviceToHost));
+    CUDA_CHECK(cudaMemcpy(m.ref.grads.data(), g.grads, P * sizeof(float), cudaMemcpyDeviceToHost));
+    m.adam_m.resize(P);
+    m.adam_v.resize(P);
+    CUDA_CHECK(cudaMemcpy(m.adam_m.data(), g.adam_m, P * sizeof(float), cudaMemcpyDeviceToHost));
+    CUDA_CHECK(cudaMemcpy(m.adam_v.data(), g.adam_v, P * sizeof(float), cudaMemcpyDeviceToHost));
+}
+
+// pointers to one tensor of the bf16 weights and of the fp32 gradients
+struct GpuTensor {
+    const bf16* w;
+    float* g;
+};
+
+static GpuTensor gpu_tensor(const Model& m, const std::string& name) {
+    size_t off = m.ref.layout.offset_of(name);
+    return {m.gpu->params16 + off, m.gpu->grads + off};
+}
+
+// out[N, OC] = x[N, C] @ W^T (bf16 out); the nn.Linear forward
+static void linear_forward(GpuModel& g, bf16* out, const bf16* x, const bf16* w, int N, int C, int OC, int ldc = 0) {
+    matmul(g.mm, out, x, w, N, OC, C, false, true, 0.0f, false, g.stream, 0, 0, ldc);
+}
+
+// dx[N, C] (= or += when accumulate) dout[N, OC] @ W; dW[OC, C] += dout^T @ x
+static void linear_backward(GpuModel& g, bf16* dx, float* dw, const bf16* dout, const bf16* x, const bf16* w, int N, int C, int OC,
+                            bool accumulate, int ld_dout = 0) {
+    if (dx) matmul(g.mm, dx, dout, w, N, C, OC, false, false, accumulate ? 1.0f : 0.0f, false, g.stream, ld_dout);
+    matmul(g.mm, dw, dout, x, OC, C, N, true, false, 1.0f, true, g.stream, ld_dout);
+}
+
+static uint64_t dropout_site_key(uint64_t step_key, uint64_t site) { return mix64(step_key ^ mix64(site)); }
+
+// forward of one micro-batch already in g.tokens/g.targets (B rows of T tokens).
+// train: dropout on, CE gradient written into g.logits; otherwise losses only.
+static void gpu_forward(Model& m, int B, int T, const StepOptions& so, bool train, float dloss) {
+    GpuModel& g = *m.gpu;
+    const Config& c = m.ref.cfg;
+    const int N = B * T, D = c.hidden_size, H = c.num_attention_heads, qr = c.q_lora_rank, dc = c.kv_lora_rank;
+    const int dn = c.qk_nope_head_dim, dr = c.qk_rope_head_dim, dv = c.v_head_dim, dqk = dn + dr, V = c.vocab_size;
+    const int E = c.n_routed_experts, K = c.num_experts_per_tok, I = c.intermediate_size, MI = c.moe_intermediate_size;
+    const int SI = c.n_shared_experts * MI, S = N * K;
+    const float p = train ? so.dropout : 0.0f;
+    const float eps = c.rms_norm_eps;
+    cudaStream_t st = g.stream;
+    uint64_t site = 0;
+
+    embedding_forward_gpu(g.emb, g.tokens, gpu_tensor(m, "model.embed_tokens.weight").w, N, D, st);
+    if (p > 0) dropout_forward_gpu(g.emb, (size_t)N * D, p, dropout_site_key(so.dropout_key, ++site), st);
+    int moe_index = 0;
+    for (int l = 0; l < c.num_hidden_layers; l++) {
+        GpuLayer& a = g.layers[l];
+        std::string pre = strfmt("model.layers.%d.", l);
+        const bf16* prev_res = l == 0 ? g.emb : g.layers[l - 1].res_mid;
+        const bf16* prev_branch = l == 0 ? nullptr : g.layers[l - 1].ffn_out;
+        rmsnorm_residual_forward_gpu(a.res_in, a.xn, a.rstd1, prev_res, prev_branch, gpu_tensor(m, pre + "input_layernorm.weight").w, N,
+                                     D, eps, st);
+        // MLA
+        if (qr > 0) {
+            linear_forward(g, a.qa, a.xn, gpu_tensor(m, pre + "self_attn.q_a_proj.weight").w, N, D, qr);
+            rmsnorm_residual_forward_gpu(nullptr, a.qa_norm, a.qa_rstd, a.qa, nullptr, gpu_tensor(m, pre + "self_attn.q_a_layernorm.weight").w,
+                                         N, qr, eps, st);
+            linear_forward(g, a.q, a.qa_norm, gpu_tensor(m, pre + "self_attn.q_b_proj.weight").w, N, qr, H * dqk);
+        } else {
+            linear_forward(g, a.q, a.xn, gpu_tensor(m, pre + "self_attn.q_proj.weight").w, N, D, H * dqk);
+        }
+        const bf16* w_kv_a = gpu_tensor(m, pre + "self_attn.kv_a_proj_with_mqa.weight").w;
+        linear_forward(g, a.c, a.xn, w_kv_a, N, D, dc);
+        linear_forward(g, a.kv_a + dc, a.xn, w_kv_a + (size_t)dc * D, N, D, dr, dc + dr);
+        rmsnorm_residual_forward_gpu(nullptr, a.c_norm, a.c_rstd, a.c, nullptr, gpu_tensor(m, pre + "self_attn.kv_a_layernorm.weight").w, N,
+                                     dc, eps, st);
+        linear_forward(g, a.kv_b, a.c_norm, gpu_tensor(m, pre + "self_attn.kv_b_proj.weight").w, N, dc, H * (dn + dv));
+        rope_forward_gpu(a.q, a.kv_a, g.rope, N, T, H, dn, dc, 0, st);
+        mla_assemble_kv_gpu(a.k, a.v, a.kv_b, a.kv_a, N, H, dn, dr, dv, dc, st);
+        attention_forward_gpu(a.o, a.lse, a.q, a.k, a.v, B, T, H, dqk, dv, g.rope.softmax_scale, st);
+        linear_forward(g, a.attn_out, a.o, gpu_tensor(m, pre + "self_attn.o_proj.weight").w, N, H * dv, D);
+        if (p > 0) dropout_forward_gpu(a.attn_out, (size_t)N * D, p, dropout_site_key(so.dropout_key, ++site), st);
+        rmsnorm_residual_forward_gpu(a.res_mid, a.xn2, a.rstd2, a.res_in, a.attn_out, gpu_tensor(m, pre + "post_attention_layernorm.weight").w,
+                                     N, D, eps, st);
+        // FFN
+        if (!c.is_moe_layer(l)) {
+            linear_forward(g, a.gate_up, a.xn2, gpu_tensor(m, pre + "mlp.gate_proj.weight").w, N, D, 2 * I);
+            swiglu_forward_fused_gpu(a.hidden, a.gate_up, N, I, st);
+            linear_forward(g, a.ffn_out, a.hidden, gpu_tensor(m, pre + "mlp.down_proj.weight").w, N, I, D);
+        } else {
+            const size_t bias_off = m.ref.layout.offset_of(pre + "mlp.gate.e_score_correction_bias");
+            matmul(g.mm, a.router_logits, a.xn2, gpu_tensor(m, pre + "mlp.gate.weight").w, N, E, D, false, true, 0.0f, true, st);
+            router_forward_gpu(a.scores, a.expert, a.gate, train ? g.load + (size_t)moe_index * E : nullptr, a.router_logits,
+                               g.params32 + bias_off, c, N, st);
+            moe_permute_gpu(a.offsets, a.slot_row, a.row_slot, (int*)g.scratch, a.expert, S, E, st);
+            moe_gather_gpu(a.x_sorted, a.xn2, a.row_slot, N, K, D, st);
+            const GpuTensor expert0_gate = gpu_tensor(m, pre + "mlp.experts.0.gate_proj.weight");
+            const GpuTensor expert0_down = gpu_tensor(m, pre + "mlp.experts.0.down_proj.weight");
+            const size_t expert_stride = (size_t)3 * MI * D;
+            grouped_gemm_forward_gpu(a.gu_sorted, a.x_sorted, expert0_gate.w, expert_stride, a.offsets, S, E, D, 2 * MI, st);
+            swiglu_forward_fused_gpu(a.h_sorted, a.gu_sorted, S, MI, st);
+            grouped_gemm_forward_gpu(a.y_sorted, a.h_sorted, expert0_down.w, expert_stride, a.offsets, S, E, MI, D, st);
+            if (SI > 0) {
+                linear_forward(g, a.shared_gu, a.xn2, gpu_tensor(m, pre + "mlp.shared_experts.gate_proj.weight").w, N, D, 2 * SI);
+                swiglu_forward_fused_gpu(a.shared_h, a.shared_gu, N, SI, st);
+                linear_forward(g, a.shared_out, a.shared_h, gpu_tensor(m, pre + "mlp.shared_experts.down_proj.weight").w, N, SI, D);
+            }
+            moe_combine_forward_gpu(a.ffn_out, a.y_sorted, a.gate, a.slot_row, SI > 0 ? a.shared_out : nullptr, N, K, D, st);
+            if (train && so.balance_alpha > 0)
+                balance_loss_forward_gpu(g.balance_loss + moe_index, a.frac, a.seq_loss, a.scores, a.expert, B, T, E, K, so.balance_alpha,
+                                         st);
+            moe_index++;
+        }
+        if (p > 0) dropout_forward_gpu(a.ffn_out, (size_t)N * D, p, dropout_site_key(so.dropout_key, ++site), st);
+    }
+    const GpuLayer& last = g.layers.back();
+    rmsnorm_residual_forward_gpu(g.h_final, g.hn, g.hn_rstd, last.res_mid, last.ffn_out, gpu_tensor(m, "model.norm.weight").w, N, D, eps,
+                                 st);
+    linear_forward(g, g.logits, g.hn, gpu_tensor(m, "lm_head.weight").w, N, D, V);
+    if (train) {
+        crossentropy_scale_gpu(g.ce_scale, g.targets, N, 1.0f, st);
+        crossentropy_forward_backward_gpu(g.losses, g.logits, g.targets, N, V, dloss, g.ce_scale, st);
+    } else {
+        crossentropy_forward_gpu(g.losses, g.logits, g.targets, N, V, st);
+    }
+}
+
+// backward of the last gpu_forward(train=true); accumulates into g.grads
+static void gpu_backward(Model& m, int B, int T, const StepOptions& so, float dloss) {
+    GpuModel& g = *m.gpu;
+    const Config& c = m.ref.cfg;
+    const int N = B * T, D = c.hidden_size, H = c.num_attention_heads, qr = c.q_lora_rank, dc = c.kv_lora_rank;
+    const int dn = c.qk_nope_head_dim, dr = c.qk_rope_head_dim, dv = c.v_head_dim, dqk = dn + dr, V = c.vocab_size;
+    const int E = c.n_routed_experts, K = c.num_experts_per_tok, I = c.intermediate_size, MI = c.moe_intermediate_size;
+    const int SI = c.n_shared_experts * MI, S = N * K;
+    const float p = so.dropout;
+    cudaStream_t st = g.stream;
+    // dropout sites were numbered 1 (embedding), then 2 per layer
+    uint64_t site = 1 + 2 * (uint64_t)c.num_hidden_layers;
+
+    const GpuTensor head = gpu_tensor(m, "lm_head.weight");
+    linear_backward(g, g.dxn, head.g, g.logits, g.hn, head.w, N, D, V, false);
+    const GpuTensor norm = gpu_tensor(m, "model.norm.weight");
+    rmsnorm_backward_gpu(g.dres, norm.g, nullptr, g.dxn, g.h_final, norm.w, g.hn_rstd, N, D, g.scratch, g.scratch_bytes, st);
+    int moe_index = g.moe_layers;
+    for (int l = c.num_hidden_layers - 1; l >= 0; l--) {
+        GpuLayer& a = g.layers[l];
+        std::string pre = strfmt("model.layers.%d.", l);
+        // FFN branch: its output gradient is the residual gradient (through dropout)
+        dropout_to_bf16_gpu(g.dbranch, g.dres, (size_t)N * D, p, dropout_site_key(so.dropout_key, site--), st);
+        const bf16* dffn = g.dbranch;
+        if (!c.is_moe_layer(l)) {
+            const GpuTensor down = gpu_tensor(m, pre + "mlp.down_proj.weight"), gate_up = gpu_tensor(m, pre + "mlp.gate_proj.weight");
+            linear_backward(g, g.dhidden, down.g, dffn, a.hidden, down.w, N, I, D, false);
+            swiglu_backward_fused_gpu(g.dgate_up, g.dhidden, a.gate_up, N, I, st);
+            linear_backward(g, g.dxn, gate_up.g, g.dgate_up, a.xn2, gate_up.w, N, D, 2 * I, false);
+        } else {
+            moe_index--;
+            const GpuTensor expert0_gate = gpu_tensor(m, pre + "mlp.experts.0.gate_proj.weight");
+            const GpuTensor expert0_down = gpu_tensor(m, pre + "mlp.experts.0.down_proj.weight");
+            const size_t expert_stride = (size_t)3 * MI * D;
+            moe_combine_backward_gpu(g.dy_sorted, g.dgate, dffn, a.y_sorted, a.gate, a.slot_row, N, K, D, st);
+            grouped_gemm_backward_input_gpu(g.dh_sorted, g.dy_sorted, expert0_down.w, expert_stride, a.offsets, S, E, MI, D, st);
+            grouped_gemm_backward_weight_gpu(expert0_down.g, expert_stride, g.dy_sorted, a.h_sorted, a.offsets, S, E, MI, D, st);
+            swiglu_backward_fused_gpu(g.dgu_sorted, g.dh_sorted, a.gu_sorted, S, MI, st);
+            grouped_gemm_backward_input_gpu(g.dx_sorted, g.dgu_sorted, expert0_gate.w, expert_stride, a.offsets, S, E, D, 2 * MI, st);
+            grouped_gemm_backward_weight_gpu(expert0_gate.g, expert_stride, g.dgu_sorted, a.x_sorted, a.offsets, S, E, D, 2 * MI, st);
+            moe_scatter_backward_gpu(g.dxn, g.dx_sorted, a.slot_row, N, K, D, false, st);
+            if (SI > 0) {
+                const GpuTensor down = gpu_tensor(m, pre + "mlp.shared_experts.down_proj.weight");
+                const GpuTensor gate_up = gpu_tensor(m, pre + "mlp.shared_experts.gate_proj.weight");
+                linear_backward(g, g.dhidden, down.g, dffn, a.shared_h, down.w, N, SI, D, false);
+                swiglu_backward_fused_gpu(g.dgate_up, g.dhidden, a.shared_gu, N, SI, st);
+                linear_backward(g, g.dxn, gate_up.g, g.dgate_up, a.xn2, gate_up.w, N, D, 2 * SI, true);
+            }
+            const float* dscores = nullptr;
+            if (so.balance_alpha > 0) {
+                balance_loss_backward_gpu(g.dscores, a.frac, a.scores, B, T, E, so.balance_alpha, dloss, st);
+                dscores = g.dscores;
+            }
+            router_backward_gpu(g.router_dlogits, g.dgate, dscores, a.scores, a.expert, c, N, st);
+            float_to_bf16_gpu(g.router_dlogits16, g.router_dlogits, (size_t)N * E, st);
+            const GpuTensor router = gpu_tensor(m, pre + "mlp.gate.weight");
+            linear_backward(g, g.dxn, router.g, g.router_dlogits16, a.xn2, router.w, N, D, E, true);
+        }
+        const GpuTensor post_norm = gpu_tensor(m, pre + "post_attention_layernorm.weight");
+        rmsnorm_backward_gpu(g.dres, post_norm.g, g.dres, g.dxn, a.res_mid, post_norm.w, a.rstd2, N, D, g.scratch, g.scratch_bytes, st);
+
+        // attention branch
+        dropout_to_bf16_gpu(g.dbranch, g.dres, (size_t)N * D, p, dropout_site_key(so.dropout_key, site--), st);
+        const bf16* dattn = g.dbranch;
+        const GpuTensor o_proj = gpu_tensor(m, pre + "self_attn.o_proj.weight");
+        linear_backward(g, g.d_o, o_proj.g, dattn, a.o, o_proj.w, N, H * dv, D, false);
+        attention_backward_gpu(g.dq, g.dk, g.dv, g.d_o, a.o, a.lse, a.q, a.k, a.v, B, T, H, dqk, dv, g.rope.softmax_scale, (float*)g.scratch,
+                               st);
+        mla_assemble_kv_backward_gpu(g.dkv_b, g.dkv_a, g.dk, g.dv, N, H, dn, dr, dv, dc, st);
+        rope_backward_gpu(g.dq, g.dkv_a, g.rope, N, T, H, dn, dc, 0, st);
+        const GpuTensor kv_b = gpu_tensor(m, pre + "self_attn.kv_b_proj.weight");
+        linear_backward(g, g.dc_norm, kv_b.g, g.dkv_b, a.c_norm, kv_b.w, N, dc, H * (dn + dv), false);
+        const GpuTensor kv_norm = gpu_tensor(m, pre + "self_attn.kv_a_layernorm.weight");
+        rmsnorm_backward_gpu(g.dc, kv_norm.g, nullptr, g.dc_norm, a.c, kv_norm.w, a.c_rstd, N, dc, g.scratch, g.scratch_bytes, st);
+        const GpuTensor kv_a = gpu_tensor(m, pre + "self_attn.kv_a_proj_with_mqa.weight");
+        linear_backward(g, g.dxn, kv_a.g, g.dc, a.xn, kv_a.w, N, D, dc, false);
+        linear_backward(g, g.dxn, kv_a.g + (size_t)dc * D, g.dkv_a + dc, a.xn, kv_a.w + (size_t)dc * D, N, D, dr, true, dc + dr);
+        if (qr > 0) {
+            const GpuTensor q_b = gpu_tensor(m, pre + "self_attn.q_b_proj.weight");
+            linear_backward(g, g.dqa_norm, q_b.g, g.dq, a.qa_norm, q_b.w, N, qr, H * dqk, false);
+            const GpuTensor q_norm = gpu_tensor(m, pre + "self_attn.q_a_layernorm.weight");
+            rmsnorm_backward_gpu(g.dqa, q_norm.g, nullptr, g.dqa_norm, a.qa, q_norm.w, a.qa_rstd, N, qr, g.scratch, g.scratch_bytes, st);
+            const GpuTensor q_a = gpu_tensor(m, pre + "self_attn.q_a_proj.weight");
+            linear_backward(g, g.dxn, q_a.g, g.dqa, a.xn, q_a.w, N, D, qr, true);
+        } else {
+            const GpuTensor q = gpu_tensor(m, pre + "self_attn.q_proj.weight");
+            linear_backward(g, g.dxn, q.g, g.dq, a.xn, q.w, N, D, H * dqk, true);
+        }
+        const GpuTensor in_norm = gpu_tensor(m, pre + "input_layernorm.weight");
+        rmsnorm_backward_gpu(g.dres, in_norm.g, g.dres, g.dxn, a.res_in, in_norm.w, a.rstd1, N, D, g.scratch, g.scratch_bytes, st);
+    }
+    dropout_to_bf16_gpu(g.dbranch, g.dres, (size_t)N * D, p, dropout_site_key(so.dropout_key, site--), st);
+    embedding_backward_gpu(gpu_tensor(m, "model.embed_tokens.weight").g, g.dbranch, g.tokens, N, D, V, g.scratch, g.scratch_bytes, st);
+}
+
+// Copies from pageable host memory return once the data is staged, so the host
+// vectors may change right after; no synchronisation needed.
+static void gpu_upload_batch(GpuModel& g, const std::vector<int>& inputs, const std::vector<int>& targets) {
+    if (inputs.size() > (size_t)g.N) fail("internal: a batch of %zu tokens exceeds the GPU buffers (%d)", inputs.size(), g.N);
+    CUDA_CHECK(cudaMemcpyAsync(g.tokens, inputs.data(), inputs.size() * sizeof(int), cudaMemcpyHostToDevice, g.stream));
+    CUDA_CHECK(cudaMemcpyAsync(g.targets, targets.data(), targets.size() * sizeof(int), cudaMemcpyHostToDevice, g.stream));
+}
+
+static StepStats gpu_train_step(Model& m, DataLoader& loader, const TrainOptions& o, int step) {
+    GpuModel& g = *m.gpu;
+    const Config& c = m.ref.cfg;
+    const int E = c.n_routed_experts;
+    const float dloss = 1.0f / o.grad_accum;
+    std::vector<int> inputs, targets;
+    // gradients are cleared at the start, so after the step they still show what it used
+    CUDA_CHECK(cudaMemsetAsync(g.grads, 0, m.ref.layout.total * sizeof(float), g.stream));
+    CUDA_CHECK(cudaMemsetAsync(g.load, 0, (size_t)std::max(1, g.moe_layers) * std::max(1, E) * sizeof(int), g.stream));
+    std::vector<float> balance_total(std::max(1, g.moe_layers), 0.0f), balance(g.moe_layers);
+    for (int micro = 0; micro < o.grad_accum; micro++) {
+        dataloader_next(loader, inputs, targets);
+        gpu_upload_batch(g, inputs, targets);
+        StepOptions so;
+        so.dropout = o.dropout;
+        so.balance_alpha = o.balance_alpha;
+        so.dropout_key = mix64(o.seed ^ mix64((uint64_t)step * o.grad_accum + micro));
+        gpu_forward(m, o.batch_size, o.seq_len, so, true, dloss);
+        mean_loss_gpu(g.step_loss, g.losses, g.targets, o.batch_size * o.seq_len, dloss, micro > 0, g.stream);
+        gpu_backward(m, o.batch_size, o.seq_len, so, dloss);
+        if (o.balance_alpha > 0 && g.moe_layers > 0) {
+            CUDA_CHECK(cudaMemcpyAsync(balance.data(), g.balance_loss, g.moe_layers * sizeof(float), cudaMemcpyDeviceToHost, g.stream));
+            CUDA_CHECK(cudaStreamSynchronize(g.stream));
+            for (int i = 0; i < g.moe_layers; i++) balance_total[i] += balance[i] * dloss;
+        }
+    }
+    StepStats s{0, 0, 0, 0};
+    s.lr = learning_rate(o.optim, step);
+    grad_norm_squared_gpu(g.norm2, g.grads, g.chunks, g.num_chunks, g.scratch, g.scratch_bytes, g.stream);
+    adamw_gpu(g.params32, g.params16, g.grads, g.adam_m, g.adam_v, g.chunks, g.num_chunks, s.lr, o.optim.beta1, o.optim.beta2, o.optim.eps,
+              o.optim.weight_decay, step + 1, g.norm2, o.optim.grad_clip, g.stream);
+    if (o.optim.bias_update_speed > 0 && g.moe_layers > 0)
+        expert_bias_update_gpu(g.params32, g.bias_offsets, g.load, g.moe_layers, E, o.optim.bias_update_speed, g.stream);
+    float loss = 0, norm2 = 0;
+    std::vector<int> load((size_t)g.moe_layers * E);
+    CUDA_CHECK(cudaMemcpyAsync(&loss, g.step_loss, sizeof(float), cudaMemcpyDeviceToHost, g.stream));
+    CUDA_CHECK(cudaMemcpyAsync(&norm2, g.norm2, sizeof(float), cudaMemcpyDeviceToHost, g.stream));
+    if (!load.empty()) CUDA_CHECK(cudaMemcpyAsync(load.data(), g.load, load.size() * sizeof(int), cudaMemcpyDeviceToHost, g.stream));
+    CUDA_CHECK(cudaStreamSynchronize(g.stream));
+    s.loss = loss;
+    s.grad_norm = std::sqrt((double)norm2);
+    for (int i = 0; i < g.moe_layers; i++) s.balance_loss += balance_total[i];
+    int moe_index = 0;
+    for (int l = 0; l < c.num_hidden_layers; l++)
+        if (c.is_moe_layer(l)) {
+            for (int e = 0; e < E; e++) m.expert_load[l][e] += load[(size_t)moe_index * E + e];
+            moe_index++;
+        }
+    return s;
+}
+
+// mean loss of rows x len tokens on the GPU (forward only)
+static double gpu_eval_window(Model& m, const std::vector<int>& inputs, const std::vector<int>& targets, int rows, int len) {
+    GpuModel& g = *m.gpu;
+    gpu_upload_batch(g, inputs, targets);
+    gpu_forward(m, rows, len, StepOptions{}, false, 1.0f);
+    mean_loss_gpu(g.step_loss, g.losses, g.targets, rows * len, 1.0f, false, g.stream);
+    float loss = 0;
+    CUDA_CHECK(cudaMemcpyAsync(&loss, g.step_loss, sizeof(float), cudaMemcpyDeviceToHost, g.stream));
+    CUDA_CHECK(cudaStreamSynchronize(g.stream));
+    return loss;
+}
+
+// logits [T, V] of one sequence into m.ref.logits (the GPU buffers hold up to B*T tokens)
+static void gpu_logits(Model& m, const std::vector<int>& tokens) {
+    GpuModel& g = *m.gpu;
+    const int T = (int)tokens.size(), V = m.ref.cfg.vocab_size;
+    if (T > g.T) {
+        // longer than the training batches the buffers were sized for: use the CPU
+        model_sync_host(m);
+        ref_forward(m.ref, tokens.data(), nullptr, 1, T, StepOptions{});
+        return;
+    }
+    gpu_upload_batch(g, tokens, std::vector<int>(T, -1));
+    gpu_forward(m, 1, T, StepOptions{}, false, 1.0f);
+    std::vector<float> logits = to_host(g.logits, (size_t)T * V);
+    m.ref.logits.swap(logits);
 }

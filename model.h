@@ -32,8 +32,12 @@ struct TrainState {
     TrainOptions options;
 };
 
+struct GpuModel;  // the CUDA path's device state (model.cu)
+
 struct Model {
     RefModel<float> ref;           // the CPU reference; parameters in ref.params
+    GpuModel* gpu = nullptr;       // set by model_to_gpu: steps run on the GPU and
+                                   // ref.params is stale until model_sync_host
     std::vector<float> adam_m, adam_v;
     Tokenizer tokenizer;           // the byte tokenizer when the checkpoint has none
     std::vector<std::vector<int64_t>> expert_load;  // [layer][expert] tokens routed since the last reset
@@ -48,6 +52,19 @@ struct StepStats {
 
 // fresh weights (HF's init: normal(0, 0.02), unit norms, zero expert bias)
 void model_create(Model& m, const Config& c, uint64_t seed);
+
+// true when a CUDA device is present
+bool gpu_available();
+
+// Moves training to the GPU: uploads weights and optimizer moments and allocates
+// activations for batches of up to B sequences of T tokens. Fails with a clear
+// message (no device, out of memory with the size needed, unsupported shapes).
+void model_to_gpu(Model& m, int B, int T);
+
+// copies the GPU's weights, last gradients and optimizer moments back into m
+void model_sync_host(Model& m);
+
+void model_free_gpu(Model& m);
 
 // One optimizer step (step counts from 0): grad_accum micro-batches from the loader,
 // clipping, AdamW, then the aux-loss-free expert-bias update.
@@ -72,7 +89,7 @@ int sample_token(const float* logits, int V, const SamplingOptions& s, float coi
 
 // Writes dir atomically. state may be null (weights only). bf16 halves the file but
 // is not an exact resume point.
-void model_save(const Model& m, const std::string& dir, const TrainState* state, bool bf16);
+void model_save(Model& m, const std::string& dir, const TrainState* state, bool bf16);
 
 // Reads config.json, model.safetensors and tokenizer.bin (bytes when absent). When
 // state is not null the training state must be present too.

@@ -50,11 +50,21 @@ struct ParamLayout {
     }
 };
 
+// Tensors start on 64-element boundaries (256 bytes of fp32) so the GPU reads them
+// with wide loads, except where the GPU needs neighbours contiguous: up_proj and
+// down_proj follow their gate_proj (gate and up form one [2I, D] GEMM), and the
+// routed experts of a layer follow one another at a fixed stride (the grouped
+// GEMMs step from expert to expert).
+constexpr size_t PARAM_ALIGN = 64;
+
 inline ParamLayout param_layout(const Config& c) {
     ParamLayout L;
     auto add = [&](const std::string& name, std::vector<int64_t> shape, int kind) {
         size_t n = 1;
         for (int64_t s : shape) n *= (size_t)s;
+        bool follows = ends_with(name, "up_proj.weight") || ends_with(name, "down_proj.weight") ||
+                       (name.find(".mlp.experts.") != std::string::npos && name.find(".experts.0.gate_proj") == std::string::npos);
+        if (!follows) L.total = (L.total + PARAM_ALIGN - 1) / PARAM_ALIGN * PARAM_ALIGN;
         L.index[name] = L.tensors.size();
         L.tensors.push_back({name, shape, L.total, n, kind});
         L.total += n;

@@ -106,7 +106,7 @@ static const char* USAGE =
     "  --sample-tokens N       tokens per sample (default 48)\n"
     "  --save-dtype fp32|bf16  weights in the checkpoint (default fp32; bf16 halves\n"
     "                          model.safetensors but is not an exact resume point)\n"
-    "  --device auto|cpu|gpu   auto = cpu for now (default auto)\n"
+    "  --device auto|cpu|gpu   auto = the GPU when one is present (default auto)\n"
     "  --help                  show this help\n"
     "\n"
     "Ctrl-C (SIGINT) or SIGTERM: the current step finishes, the checkpoint is saved and\n"
@@ -572,8 +572,6 @@ static void install_stop_handlers() {
 static int run(int argc, char** argv) {
     Args a;
     if (!parse_args(argc, argv, a)) return 0;
-    if (a.device == "gpu")
-        fail("--device gpu: the CUDA training path is not built yet (issue 3); use --device cpu");
     if (a.resume && !a.fixed_on_resume.empty())
         fail("%s cannot be used with --resume: a resumed run keeps the checkpoint's model and training options "
              "(only --steps may change)", a.fixed_on_resume[0].c_str());
@@ -658,6 +656,9 @@ static int run(int argc, char** argv) {
     if (o.seq_len > c.max_position_embeddings)
         fail("%s: seq_len %d exceeds max_position_embeddings %d", ckpt.c_str(), o.seq_len, c.max_position_embeddings);
 
+    const bool use_gpu = a.device == "gpu" || (a.device == "auto" && gpu_available());
+    if (use_gpu) model_to_gpu(m, o.batch_size, o.seq_len);
+
     DataLoader loader;
     dataloader_open(loader, train_pattern, o.batch_size, o.seq_len, c.vocab_size);
     if (a.resume) dataloader_seek(loader, st.data_position);
@@ -687,9 +688,10 @@ static int run(int argc, char** argv) {
     printf("data: train %s (%s tokens)", train_pattern.c_str(), fmt_count((double)loader.total).c_str());
     if (val_tokens.empty()) printf(" | no validation data\n");
     else printf(" | val %s (%s tokens, %zu evaluated)\n", val_pattern.c_str(), fmt_count((double)val_total).c_str(), val_tokens.size());
-    printf("training: %d steps of %d x %d x %d = %lld tokens | lr %g, warmup %d, cosine to %g | device cpu (%d threads)\n",
-           a.steps, o.batch_size, o.seq_len, o.grad_accum, tokens_per_step, o.optim.lr, o.optim.warmup_steps,
-           o.optim.lr * o.optim.min_lr_fraction, omp_get_max_threads());
+    printf("training: %d steps of %d x %d x %d = %lld tokens | lr %g, warmup %d, cosine to %g | device %s\n", a.steps,
+           o.batch_size, o.seq_len, o.grad_accum, tokens_per_step, o.optim.lr, o.optim.warmup_steps,
+           o.optim.lr * o.optim.min_lr_fraction,
+           use_gpu ? "gpu" : strfmt("cpu (%d threads)", omp_get_max_threads()).c_str());
     if (a.resume) printf("resuming from %s at step %d\n", ckpt.c_str(), st.step);
     fflush(stdout);
 

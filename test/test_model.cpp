@@ -48,10 +48,11 @@ TEST_CASE("checkpoint round trip is bit-exact, including the optimizer state") {
     Config c = config_preset("tiny");
     Model m;
     model_create(m, c, 42);
-    for (size_t i = 0; i < m.adam_m.size(); i++) {
-        m.adam_m[i] = rng_uniform(1, i) - 0.5f;
-        m.adam_v[i] = rng_uniform(2, i);
-    }
+    for (const TensorSpec& s : m.ref.layout.tensors)
+        for (size_t i = s.offset; i < s.offset + s.numel; i++) {
+            m.adam_m[i] = rng_uniform(1, i) - 0.5f;
+            m.adam_v[i] = rng_uniform(2, i);
+        }
     float* bias = m.ref.params.data() + m.ref.layout.offset_of("model.layers.1.mlp.gate.e_score_correction_bias");
     bias[3] = 0.0123f;
     TrainState st;

@@ -1,0 +1,919 @@
+// kernels.cuh — the hand-written CUDA kernels shared by every layer that is not
+// attention, MoE routing or a GEMM: embedding, RMSNorm fused with the residual add,
+// SwiGLU, dropout, fused softmax + cross-entropy + dlogits, and the optimizer
+// (global grad norm, AdamW, the aux-loss-free expert-bias update, fp32 -> bf16).
+// Each *_kernel has a host launcher *_gpu(..., stream) that checks the launch, and
+// each matches the function of the same name in reference.h (read that first: the
+// math here is the same, line for line, in fp32).
+//
+// Conventions: bf16 activations and weights, fp32 math inside the kernels, fp32
+// weight gradients, master weights and AdamW moments. Row-major [N, C] as in
+// reference.h. Backward kernels that produce weight gradients ACCUMULATE (+=).
+//
+// Determinism: no float atomics anywhere. Every reduction runs in an order fixed by
+// the problem size alone (never by timing or by the GPU model), so the same inputs
+// give bit-identical outputs run to run.
+//
+// Scratch memory: a kernel that needs temporary device memory takes
+// (void* scratch, size_t scratch_bytes) and has a *_scratch_bytes(...) query, so the
+// caller allocates once at start-up (one buffer can serve every such kernel, sized
+// for the largest) and the training step never calls cudaMalloc.
+#pragma once
+
+#include <cub/cub.cuh>
+
+#include <algorithm>
+#include <cstdint>
+#include <initializer_list>
+#include <vector>
+
+#include "cuda_common.cuh"
+#include "reference.h"
+
+// ----------------------------------------------------------------------------
+// helpers
+
+namespace kdetail {
+
+// 8 bf16 move as one 16-byte load/store when the size is a multiple of 8 and every
+// pointer involved is 16-byte aligned; otherwise the kernels fall back to scalars
+// (the tests use odd sizes such as C = 37 on purpose).
+inline bool aligned16(std::initializer_list<const void*> ptrs) {
+    for (const void* p : ptrs)
+        if (p && ((uintptr_t)p & 15) != 0) return false;
+    return true;
+}
+
+template <int VEC>
+__device__ inline void load_bf16(float* out, const bf16* p) {
+    if constexpr (VEC == 8) {
+        int4 raw = *reinterpret_cast<const int4*>(p);
+        const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&raw);
+#pragma unroll
+        for (int k = 0; k < 4; k++) {
+            float2 f = __bfloat1622float2(h[k]);
+            out[2 * k] = f.x;
+            out[2 * k + 1] = f.y;
+        }
+    } else {
+#pragma unroll
+        for (int k = 0; k < VEC; k++) out[k] = __bfloat162float(p[k]);
+    }
+}
+
+template <int VEC>
+__device__ inline void store_bf16(bf16* p, const float* in) {
+    if constexpr (VEC == 8) {
+        int4 raw;
+        bf16* h = reinterpret_cast<bf16*>(&raw);
+#pragma unroll
+        for (int k = 0; k < 8; k++) h[k] = __float2bfloat16(in[k]);
+        *reinterpret_cast<int4*>(p) = raw;
+    } else {
+#pragma unroll
+        for (int k = 0; k < VEC; k++) p[k] = __float2bfloat16(in[k]);
+    }
+}
+
+// the same for fp32 rows (the backward's residual gradient stream)
+template <int VEC>
+__device__ inline void load_bf16(float* out, const float* p) {
+#pragma unroll
+    for (int k = 0; k < VEC; k++) out[k] = p[k];
+}
+
+template <int VEC>
+__device__ inline void store_bf16(float* p, const float* in) {
+#pragma unroll
+    for (int k = 0; k < VEC; k++) p[k] = in[k];
+}
+
+// keeps a template parameter out of deduction (a null pointer argument has no type)
+template <typename T>
+struct same_type {
+    typedef T type;
+};
+
+// threads for a block that walks a row of `work` items: a multiple of 32 (block_sum
+// needs whole warps), at least one warp, at most max_threads
+inline int row_threads(long long work, int max_threads) {
+    long long t = (work + 31) / 32 * 32;
+    return (int)std::max<long long>(32, std::min<long long>(max_threads, t));
+}
+
+// blocks for a grid-stride elementwise kernel: depends on the size only
+inline int elementwise_blocks(size_t items, int threads) {
+    return (int)std::min<size_t>((items + threads - 1) / threads, (size_t)1 << 16);
+}
+
+// block-wide sum for any arithmetic type (double for the grad norm, int for
+// counts), same fixed tree as block_sum in cuda_common.cuh
+template <typename T>
+__device__ inline T block_sum_t(T v) {
+    __shared__ T partial[32];
+    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, warps = (blockDim.x + 31) / 32;
+    for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
+    __syncthreads();
+    if (lane == 0) partial[warp] = v;
+    __syncthreads();
+    v = lane < warps ? partial[lane] : (T)0;
+    for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
+    return v;
+}
+
+// running (max, sum of exp(x - max)) of the online softmax
+struct MaxSum {
+    float m, s;
+};
+
+__device__ inline MaxSum maxsum_combine(MaxSum a, MaxSum b) {
+    const float m = fmaxf(a.m, b.m);
+    if (m == -INFINITY) return {m, 0.0f};  // both empty: avoid exp(-inf - -inf) = NaN
+    return {m, a.s * expf(a.m - m) + b.s * expf(b.m - m)};
+}
+
+__device__ inline MaxSum block_maxsum(MaxSum v) {
+    __shared__ MaxSum partial[32];
+    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, warps = (blockDim.x + 31) / 32;
+    for (int off = 16; off > 0; off >>= 1)
+        v = maxsum_combine(v, {__shfl_xor_sync(0xffffffffu, v.m, off), __shfl_xor_sync(0xffffffffu, v.s, off)});
+    __syncthreads();
+    if (lane == 0) partial[warp] = v;
+    __syncthreads();
+    v = lane < warps ? partial[lane] : MaxSum{-INFINITY, 0.0f};
+    for (int off = 16; off > 0; off >>= 1)
+        v = maxsum_combine(v, {__shfl_xor_sync(0xffffffffu, v.m, off), __shfl_xor_sync(0xffffffffu, v.s, off)});
+    return v;
+}
+
+// carves one scratch buffer into 256-byte-aligned pieces; with base == nullptr it
+// only counts, so the *_scratch_bytes queries and the launchers share one layout
+struct Carver {
+    char* base;
+    size_t used = 0;
+    template <typename T>
+    T* take(size_t count) {
+        used = (used + 255) & ~(size_t)255;
+        T* p = base ? (T*)(base + used) : nullptr;
+        used += count * sizeof(T);
+        return p;
+    }
+};
+
+inline void check_scratch(size_t have, size_t need, const char* what) {
+    if (have < need) fail("internal: %s needs %zu bytes of scratch, got %zu", what, need, have);
+}
+
+}  // namespace kdetail
+
+// ----------------------------------------------------------------------------
+// Embedding: out[N, D] = wte[tokens[n], :]
+
+// one block per row; a plain copy
+template <int VEC>
+static __global__ void embedding_forward_kernel(bf16* out, const int* tokens, const bf16* wte, int D) {
+    const int n = blockIdx.x;
+    const bf16* src = wte + (size_t)tokens[n] * D;
+    bf16* dst = out + (size_t)n * D;
+    for (int i = threadIdx.x * VEC; i < D; i += blockDim.x * VEC) {
+        if constexpr (VEC == 8) *reinterpret_cast<int4*>(dst + i) = *reinterpret_cast<const int4*>(src + i);
+        else dst[i] = src[i];
+    }
+}
+
+// out[N, D], tokens[N] (each in [0, V): the caller checks), wte[V, D]
+inline void embedding_forward_gpu(bf16* out, const int* tokens, const bf16* wte, int N, int D, cudaStream_t stream) {
+    if (N == 0 || D == 0) return;
+    if (D % 8 == 0 && kdetail::aligned16({out, wte})) {
+        embedding_forward_kernel<8><<<N, kdetail::row_threads(D / 8, 256), 0, stream>>>(out, tokens, wte, D);
+    } else {
+        embedding_forward_kernel<1><<<N, kdetail::row_threads(D, 256), 0, stream>>>(out, tokens, wte, D);
+    }
+    CUDA_LAUNCH_CHECK();
+}
+
+// Deterministic backward, dwte[V, D] += scatter of dout[N, D] by tokens. A float
+// atomicAdd per row would make the sum order depend on timing, so instead:
+//   1. a stable radix sort of (token, position) pairs groups the positions of each
+//      token together, in position order;
+//   2. the sorted list is cut into chunks of EMB_CHUNK entries; one block per
+//      (chunk, column tile) walks its chunk in order, one thread per column, summing
+//      runs of equal tokens. A run wholly inside the chunk is added to dwte at once
+//      (no other block touches that token). A run that crosses a chunk boundary
+//      leaves its pieces in scratch: `tail` for the piece where the run starts,
+//      `head` for pieces in later chunks;
+//   3. the chunk where a crossing run starts adds tail + the following heads, in
+//      chunk order, to dwte.
+// Chunking keeps frequent tokens (a space in byte-level text) from serialising one
+// thread over thousands of rows. Every sum has a fixed order: bit-identical results.
+constexpr int EMB_CHUNK = 64;
+
+inline int embedding_key_bits(int V) {
+    int bits = 1;
+    while (bits < 31 && (1ll << bits) < (long long)V) bits++;
+    return bits;
+}
+
+struct EmbeddingBackwardScratch {
+    unsigned* tok_sorted;  // [N]
+    int* pos;              // [N] 0..N-1, the sort's values
+    int* pos_sorted;       // [N]
+    float* head;           // [chunks, D]
+    float* tail;           // [chunks, D]
+    void* sort_temp;
+    size_t sort_bytes;
+    size_t total;
+};
+
+inline EmbeddingBackwardScratch embedding_backward_carve(void* base, int N, int D, int V) {
+    EmbeddingBackwardScratch s{};
+    kdetail::Carver c{(char*)base};
+    const int chunks = ceil_div(N, EMB_CHUNK);
+    s.tok_sorted = c.take<unsigned>(N);
+    s.pos = c.take<int>(N);
+    s.pos_sorted = c.take<int>(N);
+    s.head = c.take<float>((size_t)chunks * D);
+    s.tail = c.take<float>((size_t)chunks * D);
+    CUDA_CHECK(cub::DeviceRadixSort::SortPairs(nullptr, s.sort_bytes, (const unsigned*)nullptr, (unsigned*)nullptr,
+                                               (const int*)nullptr, (int*)nullptr, N, 0, embedding_key_bits(V)));
+    s.sort_temp = c.take<char>(s.sort_bytes);
+    s.total = c.used;
+    return s;
+}
+
+// scratch bytes embedding_backward_gpu needs for N rows of width D, vocabulary V
+inline size_t embedding_backward_scratch_bytes(int N, int D, int V) { return embedding_backward_carve(nullptr, N, D, V).total; }
+
+static __global__ void embedding_iota_kernel(int* out, int n) {
+    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x) out[i] = i;
+}
+
+// grid (chunks, column tiles), one thread per column
+static __global__ void embedding_backward_chunk_kernel(float* dwte, float* head, float* tail, const bf16* dout, const unsigned* tok_sorted,
+                                                const int* pos_sorted, int N, int D) {
+    __shared__ unsigned s_tok[EMB_CHUNK];
+    __shared__ int s_pos[EMB_CHUNK];
+    const int chunk = blockIdx.x, begin = chunk * EMB_CHUNK, len = min(EMB_CHUNK, N - begin);
+    for (int j = threadIdx.x; j < len; j += blockDim.x) {
+        s_tok[j] = tok_sorted[begin + j];
+        s_pos[j] = pos_sorted[begin + j];
+    }
+    __syncthreads();
+    const int d = blockIdx.y * blockDim.x + threadIdx.x;
+    if (d >= D) return;
+    // does the first run come from the previous chunk / the last go on into the next?
+    const bool first_continues = begin > 0 && tok_sorted[begin - 1] == s_tok[0];
+    const bool last_continues = begin + len < N && tok_sorted[begin + len] == s_tok[len - 1];
+    float acc = 0.0f;
+    int start = 0;
+    for (int j = 0; j < len; j++) {
+        acc += __bfloat162float(dout[(size_t)s_pos[j] * D + d]);
+        if (j == len - 1 || s_tok[j + 1] != s_tok[j]) {
+            if (start == 0 && first_continues) head[(size_t)chunk * D + d] = acc;
+            else if (j == len - 1 && last_continues) tail[(size_t)chunk * D + d] = acc;
+            else dwte[(size_t)s_tok[j] * D + d] += acc;
+            acc = 0.0f;
+            start = j + 1;
+        }
+    }
+}
+
+// grid (chunks, column tiles): the chunk where a boundary-crossing run starts sums it
+static __global__ void embedding_backward_merge_kernel(float* dwte, const float* head, const float* tail, const unsigned* tok_sorted, int N,
+                                                int D) {
+    const int chunk = blockIdx.x, begin = chunk * EMB_CHUNK, end = min(N, begin + EMB_CHUNK);
+    const unsigned t = tok_sorted[end - 1];
+    const bool last_continues = end < N && tok_sorted[end] == t;
+    // the run started here unless the whole chunk is its middle piece (a head)
+    const bool started_here = tok_sorted[begin] != t || begin == 0 || tok_sorted[begin - 1] != t;
+    const int d = blockIdx.y * blockDim.x + threadIdx.x;
+    if (!last_continues || !started_here || d >= D) return;
+    float acc = tail[(size_t)chunk * D + d];
+    for (int k = chunk + 1;; k++) {
+        acc += head[(size_t)k * D + d];
+        const int next = (k + 1) * EMB_CHUNK;
+        if (next >= N || tok_sorted[next] != t) break;
+    }
+    dwte[(size_t)t * D + d] += acc;
+}
+
+// dwte[V, D] (fp32, +=), dout[N, D], tokens[N] in [0, V); scratch of
+// embedding_backward_scratch_bytes(N, D, V) bytes
+inline void embedding_backward_gpu(float* dwte, const bf16* dout, const int* tokens, int N, int D, int V, void* scratch,
+                                   size_t scratch_bytes, cudaStream_t stream) {
+    if (N == 0 || D == 0) return;
+    EmbeddingBackwardScratch s = embedding_backward_carve(scratch, N, D, V);
+    kdetail::check_scratch(scratch_bytes, s.total, "embedding_backward_gpu");
+    embedding_iota_kernel<<<kdetail::elementwise_blocks(N, 256), 256, 0, stream>>>(s.pos, N);
+    CUDA_LAUNCH_CHECK();
+    size_t sort_bytes = s.sort_bytes;
+    // radix sort is stable: within a token, positions stay in increasing order
+    CUDA_CHECK(cub::DeviceRadixSort::SortPairs(s.sort_temp, sort_bytes, (const unsigned*)tokens, s.tok_sorted, s.pos, s.pos_sorted, N, 0,
+                                               embedding_key_bits(V), stream));
+    const int threads = kdetail::row_threads(D, 128);
+    dim3 grid(ceil_div(N, EMB_CHUNK), ceil_div(D, threads));
+    embedding_backward_chunk_kernel<<<grid, threads, 0, stream>>>(dwte, s.head, s.tail, dout, s.tok_sorted, s.pos_sorted, N, D);
+    CUDA_LAUNCH_CHECK();
+    embedding_backward_merge_kernel<<<grid, threads, 0, stream>>>(dwte, s.head, s.tail, s.tok_sorted, N, D);
+    CUDA_LAUNCH_CHECK();
+}
+
+// ----------------------------------------------------------------------------
+// RMSNorm fused with the residual add:
+//   residual_out = residual_in + branch          (rounded to bf16: the stream's value)
+//   out = weight * (residual_out * rstd),  rstd = 1 / sqrt(mean(residual_out^2) + eps)
+// The norm is taken of the bf16-rounded sum, the same tensor the backward reads, so
+// forward and backward see one consistent input.
+
+// one block per row; the row lives in shared memory between the two passes because
+// residual_out may overwrite residual_in in place
+template <int VEC>
+static __global__ void rmsnorm_residual_forward_kernel(bf16* residual_out, bf16* out, float* rstd, const bf16* residual_in, const bf16* branch,
+                                                const bf16* weight, int C, float eps) {
+    extern __shared__ float xs[];  // [C]
+    const size_t base = (size_t)blockIdx.x * C;
+    float ss = 0.0f;
+    for (int i = threadIdx.x * VEC; i < C; i += blockDim.x * VEC) {
+        float x[VEC];
+        kdetail::load_bf16<VEC>(x, residual_in + base + i);
+        if (branch) {
+            float b[VEC];
+            kdetail::load_bf16<VEC>(b, branch + base + i);
+#pragma unroll
+            for (int k = 0; k < VEC; k++) x[k] = __bfloat162float(__float2bfloat16(x[k] + b[k]));
+        }
+        if (residual_out) kdetail::store_bf16<VEC>(residual_out + base + i, x);
+#pragma unroll
+        for (int k = 0; k < VEC; k++) {
+            xs[i + k] = x[k];
+            ss += x[k] * x[k];
+        }
+    }
+    ss = block_sum(ss);
+    const float r = 1.0f / sqrtf(ss / C + eps);
+    if (rstd && threadIdx.x == 0) rstd[blockIdx.x] = r;
+    for (int i = threadIdx.x * VEC; i < C; i += blockDim.x * VEC) {
+        float w[VEC], y[VEC];
+        kdetail::load_bf16<VEC>(w, weight + i);
+#pragma unroll
+        for (int k = 0; k < VEC; k++) y[k] = w[k] * (xs[i + k] * r);
+        kdetail::store_bf16<VEC>(out + base + i, y);
+    }
+}
+
+constexpr int RMSNORM_MAX_C = 12288;  // the row in 48 KiB of shared memory
+
+// residual_out[N, C] (may be null; may alias residual_in), out[N, C], rstd[N] (may be
+// null: inference), residual_in[N, C], branch[N, C] (null: a plain RMSNorm of
+// residual_in), weight[C]
+inline void rmsnorm_residual_forward_gpu(bf16* residual_out, bf16* out, float* rstd, const bf16* residual_in, const bf16* branch,
+                                         const bf16* weight, int N, int C, float eps, cudaStream_t stream) {
+    if (N == 0) return;
+    if (C <= 0 || C > RMSNORM_MAX_C) fail("rmsnorm_residual_forward_gpu: width %d is outside 1..%d", C, RMSNORM_MAX_C);
+    const size_t shmem = (size_t)C * sizeof(float);
+    if (C % 8 == 0 && kdetail::aligned16({residual_out, out, residual_in, branch, weight})) {
+        rmsnorm_residual_forward_kernel<8><<<N, kdetail::row_threads(C / 8, 512), shmem, stream>>>(residual_out, out, rstd, residual_in,
+                                                                                                   branch, weight, C, eps);
+    } else {
+        rmsnorm_residual_forward_kernel<1><<<N, kdetail::row_threads(C, 512), shmem, stream>>>(residual_out, out, rstd, residual_in,
+                                                                                               branch, weight, C, eps);
+    }
+    CUDA_LAUNCH_CHECK();
+}
+
+// Backward (reference.h rmsnorm_backward, with the residual gradient folded in):
+//   dinp = dresidual + r w dy - r^3/C x sum_j(w_j dy_j x_j)        (bf16, written)
+//   dweight += sum_n dy x r                                         (fp32)
+// dweight is deterministic: the rows are split into a fixed number of contiguous
+// ranges (a function of N and C only), each block sums its range's dweight in
+// shared memory (each thread owns its columns: no atomics) and writes a partial
+// row to scratch; a second kernel adds the partials in block order.
+template <int VEC, typename G>
+static __global__ void rmsnorm_backward_kernel(G* dinp, float* dweight_partial, const G* dresidual, const bf16* dout, const bf16* inp,
+                                        const bf16* weight, const float* rstd, int N, int C, int rows_per_block) {
+    extern __shared__ float dw[];  // [C]
+    for (int i = threadIdx.x * VEC; i < C; i += blockDim.x * VEC)
+#pragma unroll
+        for (int k = 0; k < VEC; k++) dw[i + k] = 0.0f;
+    const int row0 = blockIdx.x * rows_per_block, row1 = min(N, row0 + rows_per_block);
+    for (int row = row0; row < row1; row++) {
+        const size_t base = (size_t)row * C;
+        float s = 0.0f;
+        for (int i = threadIdx.x * VEC; i < C; i += blockDim.x * VEC) {
+            float dy[VEC], x[VEC], w[VEC];
+            kdetail::load_bf16<VEC>(dy, dout + base + i);
+            kdetail::load_bf16<VEC>(x, inp + base + i);
+            kdetail::load_bf16<VEC>(w, weight + i);
+#pragma unroll
+            for (int k = 0; k < VEC; k++) s += w[k] * dy[k] * x[k];
+        }
+        s = block_sum(s);
+        const float r = rstd[row];
+        const float kk = r * r * r * s / C;
+        // second pass re-reads the row (from L1/L2): holding it in registers would
+        // cap C
+        for (int i = threadIdx.x * VEC; i < C; i += blockDim.x * VEC) {
+            float dy[VEC], x[VEC], w[VEC], dx[VEC];
+            kdetail::load_bf16<VEC>(dy, dout + base + i);
+            kdetail::load_bf16<VEC>(x, inp + base + i);
+            kdetail::load_bf16<VEC>(w, weight + i);
+            if (dresidual) kdetail::load_bf16<VEC>(dx, dresidual + base + i);
+#pragma unroll
+            for (int k = 0; k < VEC; k++) {
+                const float g = r * w[k] * dy[k] - kk * x[k];
+                dx[k] = dresidual ? dx[k] + g : g;
+                dw[i + k] += dy[k] * x[k] * r;
+            }
+            kdetail::store_bf16<VEC>(dinp + base + i, dx);
+        }
+    }
+    for (int i = threadIdx.x * VEC; i < C; i += blockDim.x * VEC)
+#pragma unroll
+        for (int k = 0; k < VEC; k++) dweight_partial[(size_t)blockIdx.x * C + i + k] = dw[i + k];
+}
+
+// block (32 columns, 16 row groups): group g sums partials g, g+16, ... of its
+// column, then group 0 adds the 16 group sums in order
+static __global__ void rmsnorm_dweight_reduce_kernel(float* dweight, const float* partial, int blocks, int C) {
+    __shared__ float sums[16][33];
+    const int c = blockIdx.x * 32 + threadIdx.x;
+    float s = 0.0f;
+    if (c < C)
+        for (int b = threadIdx.y; b < blocks; b += 16) s += partial[(size_t)b * C + c];
+    sums[threadIdx.y][threadIdx.x] = s;
+    __syncthreads();
+    if (threadIdx.y == 0 && c < C) {
+        float total = 0.0f;
+        for (int g = 0; g < 16; g++) total += sums[g][threadIdx.x];
+        dweight[c] += total;
+    }
+}
+
+// how many blocks (row ranges) the backward uses: enough to fill the GPU, few
+// enough that the partials stay near 8 MiB; a function of N and C only
+inline int rmsnorm_backward_blocks(int N, int C, int* rows_per_block) {
+    const int max_blocks = std::max(256, std::min(2048, (1 << 21) / std::max(C, 1)));
+    const int rpb = ceil_div(N, max_blocks);
+    if (rows_per_block) *rows_per_block = rpb;
+    return ceil_div(N, rpb);
+}
+
+inline size_t rmsnorm_backward_scratch_bytes(int N, int C) {
+    if (N == 0) return 0;
+    return (size_t)rmsnorm_backward_blocks(N, C, nullptr) * C * sizeof(float);
+}
+
+// dinp[N, C] (written = dresidual + norm backward; may alias dresidual),
+// dweight[C] (fp32, +=), dresidual[N, C] (the gradient already in the residual
+// stream; null = none), dout[N, C], inp[N, C] (the forward's residual_out), weight[C],
+// rstd[N]; scratch of rmsnorm_backward_scratch_bytes(N, C) bytes. G, the type of
+// dinp and dresidual, is bf16, or float for the residual stream's gradient, which
+// gathers a term from every layer and so keeps fp32.
+template <typename G>
+inline void rmsnorm_backward_gpu(G* dinp, float* dweight, const typename kdetail::same_type<G>::type* dresidual, const bf16* dout,
+                                 const bf16* inp, const bf16* weight, const float* rstd, int N, int C, void* scratch, size_t scratch_bytes,
+                                 cudaStream_t stream) {
+    if (N == 0) return;
+    if (C <= 0 || C > RMSNORM_MAX_C) fail("rmsnorm_backward_gpu: width %d is outside 1..%d", C, RMSNORM_MAX_C);
+    kdetail::check_scratch(scratch_bytes, rmsnorm_backward_scratch_bytes(N, C), "rmsnorm_backward_gpu");
+    int rpb = 0;
+    const int blocks = rmsnorm_backward_blocks(N, C, &rpb);
+    float* partial = (float*)scratch;
+    const size_t shmem = (size_t)C * sizeof(float);
+    if (C % 8 == 0 && kdetail::aligned16({dinp, dresidual, dout, inp, weight})) {
+        rmsnorm_backward_kernel<8, G><<<blocks, kdetail::row_threads(C / 8, 512), shmem, stream>>>(dinp, partial, dresidual, dout, inp,
+                                                                                                   weight, rstd, N, C, rpb);
+    } else {
+        rmsnorm_backward_kernel<1, G><<<blocks, kdetail::row_threads(C, 512), shmem, stream>>>(dinp, partial, dresidual, dout, inp, weight,
+                                                                                               rstd, N, C, rpb);
+    }
+    CUDA_LAUNCH_CHECK();
+    rmsnorm_dweight_reduce_kernel<<<ceil_div(C, 32), dim3(32, 16), 0, stream>>>(dweight, partial, blocks, C);
+    CUDA_LAUNCH_CHECK();
+}
+
+// ----------------------------------------------------------------------------
+// SwiGLU: hidden = silu(gate) * up = gate * sigmoid(gate) * up
+// backward: dup = dh * gate * s, dgate = dh * up * (s + gate * s * (1 - s))
+//
+// One kernel serves the separate layout (gate, up dense [count]) and the fused one
+// (gate_up [n, 2I] from one GEMM: gate in columns 0..I-1, up in I..2I-1): element e
+// of hidden (row e / I, column e % I) reads gate[row * ld + col] and up[row * ld + col]
+// with ld = 2I (fused) or ld = I (separate, where the index is simply e).
+
+__device__ inline float swiglu_sigmoid(float x) { return 1.0f / (1.0f + expf(-x)); }
+
+template <int VEC>
+static __global__ void swiglu_forward_kernel(bf16* hidden, const bf16* gate, const bf16* up, size_t packs, long long I, long long ld) {
+    for (size_t p = (size_t)blockIdx.x * blockDim.x + threadIdx.x; p < packs; p += (size_t)gridDim.x * blockDim.x) {
+        const size_t e = p * VEC, row = e / I, col = e % I, in = row * ld + col;
+        float g[VEC], u[VEC], h[VEC];
+        kdetail::load_bf16<VEC>(g, gate + in);
+        kdetail::load_bf16<VEC>(u, up + in);
+#pragma unroll
+        for (int k = 0; k < VEC; k++) h[k] = g[k] * swiglu_sigmoid(g[k]) * u[k];
+        kdetail::store_bf16<VEC>(hidden + e, h);
+    }
+}
+
+// dgate/dup may alias gate/up (each thread reads its elements before writing them)
+template <int VEC>
+static __global__ void swiglu_backward_kernel(bf16* dgate, bf16* dup, const bf16* dhidden, const bf16* gate, const bf16* up, size_t packs,
+                                       long long I, long long ld) {
+    for (size_t p = (size_t)blockIdx.x * blockDim.x + threadIdx.x; p < packs; p += (size_t)gridDim.x * blockDim.x) {
+        const size_t e = p * VEC, row = e / I, col = e % I, in = row * ld + col;
+        float g[VEC], u[VEC], dh[VEC], dg[VEC], du[VEC];
+        kdetail::load_bf16<VEC>(g, gate + in);
+        kdetail::load_bf16<VEC>(u, up + in);
+        kdetail::load_bf16<VEC>(dh, dhidden + e);
+#pragma unroll
+        for (int k = 0; k < VEC; k++) {
+            const float s = swiglu_sigmoid(g[k]);
+            du[k] = dh[k] * g[k] * s;
+            dg[k] = dh[k] * u[k] * (s + g[k] * s * (1.0f - s));
+        }
+        kdetail::store_bf16<VEC>(dgate + in, dg);
+        kdetail::store_bf16<VEC>(dup + in, du);
+    }
+}
+
+namespace kdetail {
+inline void swiglu_forward_launch(bf16* hidden, const bf16* gate, const bf16* up, size_t count, long long I, long long ld, cudaStream_t stream) {
+    if (count == 0) return;
+    if (count % 8 == 0 && I % 8 == 0 && ld % 8 == 0 && aligned16({hidden, gate, up})) {
+        swiglu_forward_kernel<8><<<elementwise_blocks(count / 8, 256), 256, 0, stream>>>(hidden, gate, up, count / 8, I, ld);
+    } else {
+        swiglu_forward_kernel<1><<<elementwise_blocks(count, 256), 256, 0, stream>>>(hidden, gate, up, count, I, ld);
+    }
+    CUDA_LAUNCH_CHECK();
+}
+inline void swiglu_backward_launch(bf16* dgate, bf16* dup, const bf16* dhidden, const bf16* gate, const bf16* up, size_t count, long long I,
+                                   long long ld, cudaStream_t stream) {
+    if (count == 0) return;
+    if (count % 8 == 0 && I % 8 == 0 && ld % 8 == 0 && aligned16({dgate, dup, dhidden, gate, up})) {
+        swiglu_backward_kernel<8><<<elementwise_blocks(count / 8, 256), 256, 0, stream>>>(dgate, dup, dhidden, gate, up, count / 8, I, ld);
+    } else {
+        swiglu_backward_kernel<1><<<elementwise_blocks(count, 256), 256, 0, stream>>>(dgate, dup, dhidden, gate, up, count, I, ld);
+    }
+    CUDA_LAUNCH_CHECK();
+}
+}  // namespace kdetail
+
+// hidden[count], gate[count], up[count] (count = n * I)
+inline void swiglu_forward_gpu(bf16* hidden, const bf16* gate, const bf16* up, size_t count, cudaStream_t stream) {
+    const long long any = 1ll << 30;  // ld == I: the input index is e itself
+    kdetail::swiglu_forward_launch(hidden, gate, up, count, any, any, stream);
+}
+
+// dgate[count], dup[count] (written; may alias gate/up), dhidden[count], gate, up
+inline void swiglu_backward_gpu(bf16* dgate, bf16* dup, const bf16* dhidden, const bf16* gate, const bf16* up, size_t count,
+                                cudaStream_t stream) {
+    const long long any = 1ll << 30;
+    kdetail::swiglu_backward_launch(dgate, dup, dhidden, gate, up, count, any, any, stream);
+}
+
+// hidden[n, I], gate_up[n, 2I] (gate = columns 0..I-1, up = columns I..2I-1)
+inline void swiglu_forward_fused_gpu(bf16* hidden, const bf16* gate_up, int n, int I, cudaStream_t stream) {
+    kdetail::swiglu_forward_launch(hidden, gate_up, gate_up + I, (size_t)n * I, I, 2ll * I, stream);
+}
+
+// dgate_up[n, 2I] (written; may alias gate_up), dhidden[n, I], gate_up[n, 2I]
+inline void swiglu_backward_fused_gpu(bf16* dgate_up, const bf16* dhidden, const bf16* gate_up, int n, int I, cudaStream_t stream) {
+    kdetail::swiglu_backward_launch(dgate_up, dgate_up + I, dhidden, gate_up, gate_up + I, (size_t)n * I, I, 2ll * I, stream);
+}
+
+// ----------------------------------------------------------------------------
+// Dropout (inverted), in place: x[i] *= mask[i], mask[i] = rng_uniform(key, i) < p ?
+// 0 : 1/(1-p), the same counter RNG as reference.h's dropout_forward, so the GPU's
+// mask equals the CPU's bit for bit and no mask is stored: backward redraws it.
+
+// out = bf16(in * mask); in is bf16 (may alias out) or fp32
+template <int VEC, typename In>
+static __global__ void dropout_kernel(bf16* out, const In* in, size_t packs, float p, float scale, uint64_t key) {
+    for (size_t q = (size_t)blockIdx.x * blockDim.x + threadIdx.x; q < packs; q += (size_t)gridDim.x * blockDim.x) {
+        const size_t i = q * VEC;
+        float v[VEC];
+        kdetail::load_bf16<VEC>(v, in + i);
+        if (p > 0)
+#pragma unroll
+            for (int k = 0; k < VEC; k++) v[k] *= rng_uniform(key, i + k) < p ? 0.0f : scale;
+        kdetail::store_bf16<VEC>(out + i, v);
+    }
+}
+
+namespace kdetail {
+template <typename In>
+inline void dropout_launch(bf16* out, const In* in, size_t n, float p, uint64_t key, cudaStream_t stream) {
+    if (n == 0 || (p <= 0 && (const void*)out == (const void*)in)) return;  // p = 0: the mask is all ones
+    const float scale = (float)(1.0 / (1.0 - p));  // as reference.h: (T)(1.0 / (1.0 - p))
+    if (n % 8 == 0 && aligned16({out, in})) {
+        dropout_kernel<8, In><<<elementwise_blocks(n / 8, 256), 256, 0, stream>>>(out, in, n / 8, p, scale, key);
+    } else {
+        dropout_kernel<1, In><<<elementwise_blocks(n, 256), 256, 0, stream>>>(out, in, n, p, scale, key);
+    }
+    CUDA_LAUNCH_CHECK();
+}
+}  // namespace kdetail
+
+// x[n] in place; key as reference.h's dropout keys (one per site and micro-step)
+inline void dropout_forward_gpu(bf16* x, size_t n, float p, uint64_t key, cudaStream_t stream) {
+    kdetail::dropout_launch(x, x, n, p, key, stream);
+}
+
+// dx[n] in place: dx *= the same mask as the forward with the same key
+inline void dropout_backward_gpu(bf16* dx, size_t n, float p, uint64_t key, cudaStream_t stream) {
+    kdetail::dropout_launch(dx, dx, n, p, key, stream);
+}
+
+// out[n] (bf16) = in[n] (fp32) times the forward's mask for this key (p = 0: a plain
+// conversion): a branch's output gradient taken from the fp32 residual gradient
+inline void dropout_to_bf16_gpu(bf16* out, const float* in, size_t n, float p, uint64_t key, cudaStream_t stream) {
+    kdetail::dropout_launch(out, in, n, p, key, stream);
+}
+
+// ----------------------------------------------------------------------------
+// Fused softmax + cross-entropy + dlogits, one block per row:
+//   pass 1: online max and sum of exp over the row, in fp32;
+//   loss[row] = -(z[t] - max - log(sum))   (0 for an ignored row, target < 0);
+//   pass 2: logits[row] = (softmax - onehot(t)) * scale in place (all zeros for an
+//   ignored row), scale = dloss_scale (* *dloss_scale_dev when given), normally
+//   dloss / (number of targets >= 0): see crossentropy_scale_gpu.
+// The logits buffer [N, V] is overwritten with dlogits, so no second N x V buffer.
+
+template <int VEC, bool WRITE>
+static __global__ void __launch_bounds__(1024)
+    crossentropy_kernel(float* losses, bf16* logits, const int* targets, int V, float dloss_scale, const float* dloss_scale_dev) {
+    const int row = blockIdx.x;
+    bf16* z = logits + (size_t)row * V;
+    const int target = targets[row];
+    // every thread reads z[target] before the barriers in block_maxsum, so before
+    // any thread overwrites the row
+    const float zt = target >= 0 ? __bfloat162float(z[target]) : 0.0f;
+    kdetail::MaxSum ms{-INFINITY, 0.0f};
+    for (int i = threadIdx.x * VEC; i < V; i += blockDim.x * VEC) {
+        float x[VEC];
+        kdetail::load_bf16<VEC>(x, z + i);
+#pragma unroll
+        for (int k = 0; k < VEC; k++) {
+            if (x[k] > ms.m) {
+                ms.s = ms.s * expf(ms.m - x[k]) + 1.0f;
+                ms.m = x[k];
+            } else {
+                ms.s += expf(x[k] - ms.m);
+            }
+        }
+    }
+    ms = kdetail::block_maxsum(ms);
+    if (threadIdx.x == 0) losses[row] = target >= 0 ? -((zt - ms.m) - logf(ms.s)) : 0.0f;
+    if constexpr (WRITE) {
+        const float scale = target < 0 ? 0.0f : dloss_scale * (dloss_scale_dev ? *dloss_scale_dev : 1.0f);
+        for (int i = threadIdx.x * VEC; i < V; i += blockDim.x * VEC) {
+            float x[VEC];
+            kdetail::load_bf16<VEC>(x, z + i);
+#pragma unroll
+            for (int k = 0; k < VEC; k++) x[k] = scale * (expf(x[k] - ms.m) / ms.s - (i + k == target ? 1.0f : 0.0f));
+            kdetail::store_bf16<VEC>(z + i, x);
+        }
+    }
+}
+
+namespace kdetail {
+template <bool WRITE>
+inline void crossentropy_launch(float* losses, bf16* logits, const int* targets, int N, int V, float dloss_scale, const float* dloss_scale_dev,
+                                cudaStream_t stream) {
+    if (N == 0) return;
+    if (V <= 0) fail("crossentropy: vocabulary size %d", V);
+    if (V % 8 == 0 && aligned16({logits})) {
+        crossentropy_kernel<8, WRITE>
+            <<<N, row_threads(V / 8, 1024), 0, stream>>>(losses, logits, targets, V, dloss_scale, dloss_scale_dev);
+    } else {
+        crossentropy_kernel<1, WRITE><<<N, row_threads(V, 1024), 0, stream>>>(losses, logits, targets, V, dloss_scale, dloss_scale_dev);
+    }
+    CUDA_LAUNCH_CHECK();
+}
+}  // namespace kdetail
+
+// losses[N] (per row; 0 where targets < 0), logits[N, V] -> dlogits in place,
+// targets[N] (< 0 ignored, else < V: the caller checks). The dlogits scale is
+// dloss_scale, times *dloss_scale_dev when that is not null (so it can come from
+// crossentropy_scale_gpu without a host sync).
+inline void crossentropy_forward_backward_gpu(float* losses, bf16* logits, const int* targets, int N, int V, float dloss_scale,
+                                              const float* dloss_scale_dev, cudaStream_t stream) {
+    kdetail::crossentropy_launch<true>(losses, logits, targets, N, V, dloss_scale, dloss_scale_dev, stream);
+}
+
+// evaluation: the per-row losses only, logits left as they are
+inline void crossentropy_forward_gpu(float* losses, const bf16* logits, const int* targets, int N, int V, cudaStream_t stream) {
+    kdetail::crossentropy_launch<false>(losses, const_cast<bf16*>(logits), targets, N, V, 0.0f, nullptr, stream);
+}
+
+// one block: count of targets >= 0 (exact integer sum) and the mean loss (double
+// sum in a fixed order)
+static __global__ void mean_loss_kernel(float* out, const float* losses, const int* targets, int N, float multiplier, int accumulate) {
+    double sum = 0;
+    int count = 0;
+    for (int i = threadIdx.x; i < N; i += blockDim.x)
+        if (targets[i] >= 0) {
+            sum += losses[i];
+            count++;
+        }
+    sum = kdetail::block_sum_t<double>(sum);
+    count = kdetail::block_sum_t<int>(count);
+    if (threadIdx.x == 0) {
+        const float mean = count ? (float)(sum / count) : 0.0f;
+        out[0] = (accumulate ? out[0] : 0.0f) + multiplier * mean;
+    }
+}
+
+// out[0] (device) = (accumulate ? out[0] : 0) + multiplier * mean of losses[N] over
+// rows with targets >= 0 (0 if none): multiplier 1/grad_accum and accumulate across
+// micro-steps gives the step's loss with no host sync
+inline void mean_loss_gpu(float* out, const float* losses, const int* targets, int N, float multiplier, bool accumulate, cudaStream_t stream) {
+    mean_loss_kernel<<<1, 1024, 0, stream>>>(out, losses, targets, N, multiplier, accumulate ? 1 : 0);
+    CUDA_LAUNCH_CHECK();
+}
+
+static __global__ void crossentropy_scale_kernel(float* scale, const int* targets, int N, float dloss) {
+    int count = 0;
+    for (int i = threadIdx.x; i < N; i += blockDim.x) count += targets[i] >= 0;
+    count = kdetail::block_sum_t<int>(count);
+    if (threadIdx.x == 0) scale[0] = count ? dloss / (float)count : 0.0f;
+}
+
+// scale[0] (device) = dloss / (number of targets >= 0), 0 if none: reference.h's
+// crossentropy_backward scale, computed on the device from the device targets
+inline void crossentropy_scale_gpu(float* scale, const int* targets, int N, float dloss, cudaStream_t stream) {
+    crossentropy_scale_kernel<<<1, 1024, 0, stream>>>(scale, targets, N, dloss);
+    CUDA_LAUNCH_CHECK();
+}
+
+// ----------------------------------------------------------------------------
+// Optimizer over the flat fp32 parameter array of a ParamLayout.
+//
+// Which elements are trained is described by a device array of ParamChunk: every
+// non-buffer tensor of the layout cut into pieces of at most PARAM_CHUNK elements,
+// each with its weight-decay flag; TENSOR_BUFFER tensors (the expert correction
+// biases) are simply absent, so the grad norm skips them and AdamW never touches
+// them. Build it once with param_chunks(layout) and upload it (param_chunks_upload).
+// One block per chunk: a fixed grid, so the grad norm's partial sums have a fixed
+// order (bit-identical results).
+
+struct ParamChunk {
+    size_t begin;  // first element in the flat array
+    int len;       // elements
+    int decay;     // 1 = TENSOR_DECAY (AdamW applies weight decay), 0 = TENSOR_NO_DECAY
+};
+
+constexpr int PARAM_CHUNK = 32768;
+
+inline std::vector<ParamChunk> param_chunks(const ParamLayout& L, int max_len = PARAM_CHUNK) {
+    std::vector<ParamChunk> out;
+    for (const TensorSpec& s : L.tensors) {
+        if (s.kind == TENSOR_BUFFER) continue;
+        for (size_t at = 0; at < s.numel; at += (size_t)max_len)
+            out.push_back({s.offset + at, (int)std::min<size_t>(max_len, s.numel - at), s.kind == TENSOR_DECAY ? 1 : 0});
+    }
+    return out;
+}
+
+// a device copy of the chunk list (cudaFree it when done)
+inline ParamChunk* param_chunks_upload(const std::vector<ParamChunk>& chunks) {
+    ParamChunk* d = device_alloc<ParamChunk>(chunks.size(), "optimizer chunk list");
+    CUDA_CHECK(cudaMemcpy(d, chunks.data(), chunks.size() * sizeof(ParamChunk), cudaMemcpyHostToDevice));
+    return d;
+}
+
+// sum of squares in double (as reference.h's grad_norm), one partial per chunk
+static __global__ void grad_norm_partial_kernel(double* partial, const float* grads, const ParamChunk* chunks) {
+    const ParamChunk c = chunks[blockIdx.x];
+    double s = 0;
+    for (int i = threadIdx.x; i < c.len; i += blockDim.x) {
+        const double g = grads[c.begin + i];
+        s += g * g;
+    }
+    s = kdetail::block_sum_t<double>(s);
+    if (threadIdx.x == 0) partial[blockIdx.x] = s;
+}
+
+static __global__ void grad_norm_final_kernel(float* out, const double* partial, int count) {
+    double s = 0;
+    for (int i = threadIdx.x; i < count; i += blockDim.x) s += partial[i];
+    s = kdetail::block_sum_t<double>(s);
+    if (threadIdx.x == 0) out[0] = (float)s;
+}
+
+inline size_t grad_norm_scratch_bytes(int num_chunks) { return (size_t)std::max(num_chunks, 1) * sizeof(double); }
+
+// out[0] (device) = sum of grads^2 over the chunks (the squared global norm, before
+// clipping; sqrt it on the host for logging). grads: the flat fp32 gradient array;
+// chunks: device array from param_chunks_upload; scratch of
+// grad_norm_scratch_bytes(num_chunks) bytes
+inline void grad_norm_squared_gpu(float* out, const float* grads, const ParamChunk* chunks, int num_chunks, void* scratch, size_t scratch_bytes,
+                                  cudaStream_t stream) {
+    kdetail::check_scratch(scratch_bytes, grad_norm_scratch_bytes(num_chunks), "grad_norm_squared_gpu");
+    if (num_chunks > 0) {
+        grad_norm_partial_kernel<<<num_chunks, 256, 0, stream>>>((double*)scratch, grads, chunks);
+        CUDA_LAUNCH_CHECK();
+    }
+    grad_norm_final_kernel<<<1, 1024, 0, stream>>>(out, (const double*)scratch, num_chunks);
+    CUDA_LAUNCH_CHECK();
+}
+
+// reference.h adamw_update, element for element. The explicit __f*_rn intrinsics
+// stop nvcc fusing multiply-adds, so each operation rounds exactly as the CPU's;
+// given the same norm the update is bit-identical to the reference. The clipping
+// scale min(1, clip / norm) is computed here from the device norm^2: no host sync.
+static __global__ void adamw_kernel(float* params32, bf16* params16, const float* grads, float* m, float* v, const ParamChunk* chunks, float lr,
+                             float beta1, float beta2, float eps, float weight_decay, double bc1, double bc2,
+                             const float* grad_norm_squared, float grad_clip) {
+    const ParamChunk c = chunks[blockIdx.x];
+    double scale = 1.0;
+    if (grad_norm_squared && grad_clip > 0) {
+        const double norm = sqrt((double)*grad_norm_squared);
+        if (norm > grad_clip) scale = grad_clip / norm;
+    }
+    const float wd = c.decay ? weight_decay : 0.0f;
+    const float one_b1 = __fsub_rn(1.0f, beta1), one_b2 = __fsub_rn(1.0f, beta2);
+    for (int j = threadIdx.x; j < c.len; j += blockDim.x) {
+        const size_t i = c.begin + j;
+        const float g = (float)((double)grads[i] * scale);
+        const float mi = __fadd_rn(__fmul_rn(beta1, m[i]), __fmul_rn(one_b1, g));
+        const float vi = __fadd_rn(__fmul_rn(beta2, v[i]), __fmul_rn(__fmul_rn(one_b2, g), g));
+        m[i] = mi;
+        v[i] = vi;
+        const float mhat = (float)((double)mi / bc1), vhat = (float)((double)vi / bc2);
+        const float p = params32[i];
+        const float update = __fmul_rn(lr, __fadd_rn(__fdiv_rn(mhat, __fadd_rn(__fsqrt_rn(vhat), eps)), __fmul_rn(wd, p)));
+        const float np = __fsub_rn(p, update);
+        params32[i] = np;
+        if (params16) params16[i] = __float2bfloat16(np);
+    }
+}
+
+// One AdamW step (step counts from 1) over the chunks. params32/grads/m/v: the flat
+// fp32 arrays; params16: the bf16 working copy in the same layout, refreshed for the
+// updated elements (null: none). grad_norm_squared: device scalar from
+// grad_norm_squared_gpu (null or grad_clip <= 0: no clipping). weight_decay applies
+// to chunks with decay = 1.
+inline void adamw_gpu(float* params32, bf16* params16, const float* grads, float* m, float* v, const ParamChunk* chunks, int num_chunks,
+                      float lr, float beta1, float beta2, float eps, float weight_decay, int step, const float* grad_norm_squared,
+                      float grad_clip, cudaStream_t stream) {
+    if (num_chunks == 0) return;
+    if (step < 1) fail("adamw_gpu: step %d (steps count from 1)", step);
+    const double bc1 = 1 - std::pow((double)beta1, step), bc2 = 1 - std::pow((double)beta2, step);
+    adamw_kernel<<<num_chunks, 256, 0, stream>>>(params32, params16, grads, m, v, chunks, lr, beta1, beta2, eps, weight_decay, bc1, bc2,
+                                                 grad_norm_squared, grad_clip);
+    CUDA_LAUNCH_CHECK();
+}
+
+// b_e += gamma * sign(mean load - load_e), one block per MoE layer (reference.h
+// expert_bias_update). The mean is an exact double sum of integer loads.
+template <typename LoadT>
+static __global__ void expert_bias_update_kernel(float* bias_base, const size_t* bias_offsets, const LoadT* load, int E, float gamma) {
+    float* bias = bias_base + (bias_offsets ? bias_offsets[blockIdx.x] : 0);
+    const LoadT* l = load + (size_t)blockIdx.x * E;
+    __shared__ double mean;
+    if (threadIdx.x == 0) {
+        double s = 0;
+        for (int e = 0; e < E; e++) s += (double)l[e];
+        mean = s / E;
+    }
+    __syncthreads();
+    for (int e = threadIdx.x; e < E; e += blockDim.x) {
+        const double diff = mean - (double)l[e];
+        const int sign = diff > 0 ? 1 : diff < 0 ? -1 : 0;
+        bias[e] = __fadd_rn(bias[e], __fmul_rn(gamma, (float)sign));
+    }
+}
+
+// Every MoE layer in one launch: layer k's bias is params32 + bias_offsets[k]
+// (device array [layers]) and its load is load[k * E .. k * E + E) (device
+// [layers, E], int or int64_t counts of tokens routed to each expert).
+template <typename LoadT>
+inline void expert_bias_update_gpu(float* params32, const size_t* bias_offsets, const LoadT* load, int layers, int E, float gamma,
+                                   cudaStream_t stream) {
+    if (layers == 0 || E == 0) return;
+    expert_bias_update_kernel<LoadT><<<layers, kdetail::row_threads(E, 256), 0, stream>>>(params32, bias_offsets, load, E, gamma);
+    CUDA_LAUNCH_CHECK();
+}
+
+// one layer: bias[E] (fp32), load[E]
+template <typename LoadT>
+inline void expert_bias_update_gpu(float* bias, const LoadT* load, int E, float gamma, cudaStream_t stream) {
+    expert_bias_update_gpu(bias, (const size_t*)nullptr, load, 1, E, gamma, stream);
+}
+
+// ----------------------------------------------------------------------------
+// fp32 master -> bf16 working copy (round to nearest even, as common.h's float_to_bf16)
+
+static __global__ void float_to_bf16_kernel(bf16* dst, const float* src, size_t n) {
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x)
+        dst[i] = __float2bfloat16(src[i]);
+}
+
+// dst[n] = bf16(src[n])
+inline void float_to_bf16_gpu(bf16* dst, const float* src, size_t n, cudaStream_t stream) {
+    if (n == 0) return;
+    float_to_bf16_kernel<<<kdetail::elementwise_blocks(n, 256), 256, 0, stream>>>(dst, src, n);
+    CUDA_LAUNCH_CHECK();
+}

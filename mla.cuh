@@ -1,0 +1,914 @@
+// mla.cuh — the GPU kernels of Multi-head Latent Attention, forward and backward:
+// RoPE on q_pe and the shared k_pe (with the YaRN table built on the host), the
+// assembly of per-head K = [k_nope; k_pe] and V from kv_b and kv_a, and a
+// flash-style causal attention (tensor cores, online softmax, no T x T matrix in
+// device memory) whose backward is deterministic (no atomics).
+//
+// Shapes follow reference.h (N = B*T token rows, row-major):
+//   q     [N, H, dqk]    per head [q_nope (dn); q_pe (dr)], dqk = dn + dr
+//   kv_a  [N, dc + dr]   [latent c (dc); k_pe (dr)], k_pe shared by all heads
+//   kv_b  [N, H, dn+dv]  per head [k_nope (dn); v (dv)]
+//   k     [N, H, dqk]    per head [k_nope; k_pe]      (materialised by mla_assemble_kv_gpu)
+//   v     [N, H, dv]
+//   out   [N, H, dv]     attention output, lse [B, H, T] (natural log, of the scaled scores)
+//
+// Design choice: K and V are materialised (2 small copy kernels) rather than read
+// with strides from kv_b/kv_a inside the attention kernels. It keeps the attention
+// kernels generic (any q/k/v with the reference layout, testable on their own), and
+// the backward's k_pe gradient (a sum over heads) becomes a plain fixed-order sum
+// in mla_assemble_kv_backward_gpu instead of a cross-block reduction.
+//
+// Every *_gpu function OVERWRITES its outputs (unlike reference.h's backward
+// functions, which accumulate) and touches nothing else.
+#pragma once
+
+#include <cmath>
+
+#include "cuda_common.cuh"
+#include "reference.h"
+
+// ----------------------------------------------------------------------------
+// RoPE. The table is the host RopeTable (YaRN frequencies and attention factor
+// already folded in) converted to fp32 (cos, sin) pairs, so the GPU rotates with
+// exactly the reference's angles.
+
+struct RopeGpu {
+    float2* cs = nullptr;  // [max_len, dim/2] (cos, sin)
+    int dim = 0, max_len = 0;
+    float softmax_scale = 1.0f;  // copied from the RopeTable for the attention calls
+};
+
+inline RopeGpu rope_table_upload(const RopeTable& r) {
+    RopeGpu g;
+    g.dim = r.dim;
+    g.max_len = r.max_len;
+    g.softmax_scale = (float)r.softmax_scale;
+    const size_t n = (size_t)r.max_len * (r.dim / 2);
+    std::vector<float2> host(n);
+    for (size_t i = 0; i < n; i++) host[i] = make_float2((float)r.cos[i], (float)r.sin[i]);
+    g.cs = device_alloc<float2>(n, "RoPE table");
+    CUDA_CHECK(cudaMemcpy(g.cs, host.data(), n * sizeof(float2), cudaMemcpyHostToDevice));
+    return g;
+}
+
+inline void rope_table_free(RopeGpu& g) {
+    if (g.cs) CUDA_CHECK(cudaFree(g.cs));
+    g = RopeGpu{};
+}
+
+// One thread per rotated pair: items [0, N*H*half) are q's heads, items
+// [N*H*half, N*(H+1)*half) are kv_a's k_pe. backward = 1 applies the transpose
+// (rotation by -angle), which is the gradient of the rotation.
+static __global__ void rope_kernel(bf16* q, bf16* kv_a, const float2* __restrict__ cs, int N, int T, int H, int dn, int dr,
+                                   int dc, int pos0, int backward) {
+    const int half = dr / 2;
+    const long long total = (long long)N * (H + 1) * half;
+    for (long long idx = (long long)blockIdx.x * blockDim.x + threadIdx.x; idx < total; idx += (long long)gridDim.x * blockDim.x) {
+        const int i = (int)(idx % half);
+        long long rest = idx / half;
+        bf16* x;
+        int n;
+        if (rest < (long long)N * H) {  // q_pe of token n, head h
+            n = (int)(rest / H);
+            const int h = (int)(rest % H);
+            if (!q) continue;
+            x = q + ((size_t)n * H + h) * (dn + dr) + dn;
+        } else {  // the shared k_pe of token n
+            n = (int)(rest - (long long)N * H);
+            if (!kv_a) continue;
+            x = kv_a + (size_t)n * (dc + dr) + dc;
+        }
+        const float2 r = cs[(size_t)(pos0 + n % T) * half + i];
+        const float x0 = __bfloat162float(x[2 * i]), x1 = __bfloat162float(x[2 * i + 1]);
+        const float s = backward ? -r.y : r.y;
+        x[2 * i] = __float2bfloat16(x0 * r.x - x1 * s);
+        x[2 * i + 1] = __float2bfloat16(x1 * r.x + x0 * s);
+    }
+}
+
+inline void rope_launch(bf16* q, bf16* kv_a, const RopeGpu& rope, int N, int T, int H, int dn, int dc, int pos0, int backward,
+                        cudaStream_t stream) {
+    if (N <= 0) return;
+    if (!rope.cs || rope.dim <= 0 || rope.dim % 2) fail("RoPE: the table is not uploaded or its dimension is odd");
+    if (T <= 0 || pos0 < 0 || pos0 + std::min(T, N) > rope.max_len)
+        fail("RoPE: positions up to %d exceed the table's %d (max_position_embeddings)", pos0 + std::min(T, N), rope.max_len);
+    const long long total = (long long)N * (H + 1) * (rope.dim / 2);
+    const int threads = 256, blocks = (int)std::min<long long>((total + threads - 1) / threads, 1 << 20);
+    rope_kernel<<<blocks, threads, 0, stream>>>(q, kv_a, rope.cs, N, T, H, dn, rope.dim, dc, pos0, backward);
+    CUDA_LAUNCH_CHECK();
+}
+
+// Rotates, in place, q_pe inside q [N, H, dn+dr] (columns dn.. of each head) and
+// k_pe inside kv_a [N, dc+dr] (columns dc..). Token n is at position pos0 + n % T
+// (pos0 = 0 in training; the decode step passes its cache length). Either pointer
+// may be null to rotate only the other. dr = rope.dim.
+inline void rope_forward_gpu(bf16* q, bf16* kv_a, const RopeGpu& rope, int N, int T, int H, int dn, int dc, int pos0,
+                             cudaStream_t stream) {
+    rope_launch(q, kv_a, rope, N, T, H, dn, dc, pos0, 0, stream);
+}
+
+// The transpose, in place, on the gradients: dq [N, H, dn+dr] and dkv_a [N, dc+dr]
+// (columns dc.. hold the k_pe gradient summed over heads).
+inline void rope_backward_gpu(bf16* dq, bf16* dkv_a, const RopeGpu& rope, int N, int T, int H, int dn, int dc, int pos0,
+                              cudaStream_t stream) {
+    rope_launch(dq, dkv_a, rope, N, T, H, dn, dc, pos0, 1, stream);
+}
+
+// ----------------------------------------------------------------------------
+// MLA assembly: k [N, H, dn+dr] = [kv_b[:, h, :dn]; kv_a[:, dc:]] and
+// v [N, H, dv] = kv_b[:, h, dn:]. Pure copies (memory-bound, element per thread).
+
+static __global__ void mla_assemble_kv_kernel(bf16* __restrict__ k, bf16* __restrict__ v, const bf16* __restrict__ kv_b,
+                                              const bf16* __restrict__ kv_a, int N, int H, int dn, int dr, int dv, int dc) {
+    const int dqk = dn + dr;
+    const long long nk = (long long)N * H * dqk, total = nk + (long long)N * H * dv;
+    for (long long idx = (long long)blockIdx.x * blockDim.x + threadIdx.x; idx < total; idx += (long long)gridDim.x * blockDim.x) {
+        if (idx < nk) {
+            const int i = (int)(idx % dqk);
+            const long long nh = idx / dqk;
+            const int n = (int)(nh / H);
+            k[idx] = i < dn ? kv_b[nh * (dn + dv) + i] : kv_a[(size_t)n * (dc + dr) + dc + (i - dn)];
+        } else {
+            const long long e = idx - nk;
+            const int i = (int)(e % dv);
+            const long long nh = e / dv;
+            v[e] = kv_b[nh * (dn + dv) + dn + i];
+        }
+    }
+}
+
+// dkv_b [N, H, dn+dv] = [dk[:, h, :dn]; dv]; dkv_a[:, dc:dc+dr] = sum over h of
+// dk[:, h, dn:] (fp32, heads in order 0..H-1, so deterministic). dkv_a's columns
+// [0, dc) are not touched (the RMSNorm backward writes them).
+static __global__ void mla_assemble_kv_backward_kernel(bf16* __restrict__ dkv_b, bf16* __restrict__ dkv_a,
+                                                       const bf16* __restrict__ dk, const bf16* __restrict__ dv, int N, int H,
+                                                       int dn, int dr, int dvd, int dc) {
+    const int dqk = dn + dr, dkv = dn + dvd;
+    const long long nb = (long long)N * H * dkv, total = nb + (long long)N * dr;
+    for (long long idx = (long long)blockIdx.x * blockDim.x + threadIdx.x; idx < total; idx += (long long)gridDim.x * blockDim.x) {
+        if (idx < nb) {
+            const int i = (int)(idx % dkv);
+            const long long nh = idx / dkv;
+            dkv_b[idx] = i < dn ? dk[nh * dqk + i] : dv[nh * dvd + (i - dn)];
+        } else {
+            const long long e = idx - nb;
+            const int i = (int)(e % dr);
+            const long long n = e / dr;
+            float s = 0.0f;
+            for (int h = 0; h < H; h++) s += __bfloat162float(dk[(n * H + h) * dqk + dn + i]);
+            dkv_a[n * (dc + dr) + dc + i] = __float2bfloat16(s);
+        }
+    }
+}
+
+inline int mla_grid(long long total, int threads) { return (int)std::max<long long>(1, std::min<long long>((total + threads - 1) / threads, 1 << 20)); }
+
+// k [N, H, dn+dr], v [N, H, dv] from kv_b [N, H, dn+dv] and kv_a [N, dc+dr] (k_pe roped)
+inline void mla_assemble_kv_gpu(bf16* k, bf16* v, const bf16* kv_b, const bf16* kv_a, int N, int H, int dn, int dr, int dv, int dc,
+                                cudaStream_t stream) {
+    const long long total = (long long)N * H * (dn + dr + dv);
+    if (total == 0) return;
+    mla_assemble_kv_kernel<<<mla_grid(total, 256), 256, 0, stream>>>(k, v, kv_b, kv_a, N, H, dn, dr, dv, dc);
+    CUDA_LAUNCH_CHECK();
+}
+
+// dkv_b [N, H, dn+dv] and dkv_a[:, dc:] (of a [N, dc+dr] buffer) from dk [N, H, dn+dr], dv [N, H, dv]
+inline void mla_assemble_kv_backward_gpu(bf16* dkv_b, bf16* dkv_a, const bf16* dk, const bf16* dv, int N, int H, int dn, int dr,
+                                         int dvd, int dc, cudaStream_t stream) {
+    const long long total = (long long)N * H * (dn + dvd) + (long long)N * dr;
+    if (total == 0) return;
+    mla_assemble_kv_backward_kernel<<<mla_grid(total, 256), 256, 0, stream>>>(dkv_b, dkv_a, dk, dv, N, H, dn, dr, dvd, dc);
+    CUDA_LAUNCH_CHECK();
+}
+
+// ----------------------------------------------------------------------------
+// Flash attention (causal), FlashAttention-2 style on mma.sync m16n8k16 bf16
+// tensor cores with fp32 accumulation.
+//
+// Tiles: 64 queries x 64 keys. A (64 x d) tile lives in shared memory with rows
+// padded to d_p + 8 elements (d_p = d rounded up to 32, zero-filled), so ldmatrix
+// reads are bank-conflict free and any head size <= 256 works (the padding
+// columns contribute zeros). Accumulators are register arrays sized by a
+// compile-time bucket (64/128/256) of the head size; loops past the real size
+// are predicated off, so only 3 (forward, dQ) or 9 (dK/dV) instantiations exist.
+//
+// forward: 4 warps, each owns 16 query rows; S = Q K^T and P stay in registers
+//   (the S accumulator layout equals the A-operand layout of P V). K and V tiles
+//   are fetched with cp.async one stage ahead of their use.
+// backward: D = rowsum(dO * O) first; then two kernels, neither with atomics:
+//   dkdv: one block per 64-key block, loops over the query blocks at or after it;
+//         dV += P^T dO, dK += dS^T Q (scaled), P recomputed from lse.
+//   dq:   one block per 64-query block, loops over key blocks up to the diagonal;
+//         dQ += dS K (scaled).
+//   Both use 8 warps in two phases: phase 1 computes the 64x64 P and dS tiles
+//   (warps tiled 4 x 2 over the tile) into shared memory; phase 2 multiplies them
+//   (warps tiled 4 row groups x 2 column halves of the head dim), which keeps the
+//   per-thread accumulators at (d/2)/8*4 floats even for d = 256.
+
+namespace mla_detail {
+
+constexpr int TILE = 64;    // queries and keys per tile
+constexpr int LDP = 64 + 8;  // row stride of the 64x64 P / dS tiles in shared memory
+constexpr float LOG2E = 1.4426950408889634f;
+constexpr float LN2 = 0.6931471805599453f;
+
+__host__ __device__ inline int pad32(int d) { return (d + 31) / 32 * 32; }
+
+__device__ inline uint32_t smem_u32(const void* p) { return (uint32_t)__cvta_generic_to_shared(p); }
+
+__device__ inline void ldsm_x4(uint32_t (&r)[4], uint32_t addr) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(addr));
+}
+
+__device__ inline void ldsm_x4_trans(uint32_t (&r)[4], uint32_t addr) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(addr));
+}
+
+// c[16x8] += a[16x16] b[16x8]
+__device__ inline void mma16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
+                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// 2^x in one MUFU op (exp2f adds range handling we do not need: x <= 0 here, and
+// -inf must give 0, which ex2.approx does)
+__device__ inline float ex2(float x) {
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+    return y;
+}
+
+__device__ inline uint32_t pack_bf16(float lo, float hi) {
+    __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<uint32_t*>(&v);
+}
+
+__device__ inline void cp_async16(uint32_t dst, const void* src, int src_bytes) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(src_bytes));
+}
+
+__device__ inline void cp_async4(uint32_t dst, const void* src, int src_bytes) {
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(dst), "l"(src), "r"(src_bytes));
+}
+
+__device__ inline void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+
+template <int N>
+__device__ inline void cp_async_wait() {
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+
+// Loads rows row0..row0+63 of one head into a [64][ld] shared tile, columns
+// [0, dp): g points at (t = 0) of the head, consecutive t are gstride elements
+// apart. Rows >= T and columns >= d are zero. vec: 16-byte cp.async (d % 8 == 0,
+// gstride % 8 == 0, g 16-byte aligned); otherwise element loads (odd head sizes).
+template <int NTHREADS>
+__device__ inline void load_tile(bf16* s, int ld, const bf16* __restrict__ g, long long gstride, int row0, int T, int d, int dp,
+                                 bool vec) {
+    const int chunks = dp / 8;
+    for (int c = threadIdx.x; c < TILE * chunks; c += NTHREADS) {
+        const int r = c / chunks, col = (c % chunks) * 8, t = row0 + r;
+        bf16* dst = s + r * ld + col;
+        if (vec) {
+            const bool ok = t < T && col < d;
+            cp_async16(smem_u32(dst), ok ? (const void*)(g + (long long)t * gstride + col) : (const void*)g, ok ? 16 : 0);
+        } else {
+#pragma unroll
+            for (int e = 0; e < 8; e++)
+                dst[e] = (t < T && col + e < d) ? g[(long long)t * gstride + col + e] : __float2bfloat16(0.0f);
+        }
+    }
+}
+
+// 64 floats of a [T] row (lse or D) into shared memory, zero past T
+__device__ inline void load_row64(float* s, const float* __restrict__ g, int row0, int T) {
+    if (threadIdx.x < TILE) {
+        const int t = row0 + threadIdx.x;
+        cp_async4(smem_u32(s + threadIdx.x), t < T ? (const void*)(g + t) : (const void*)g, t < T ? 4 : 0);
+    }
+}
+
+// stores two adjacent fp32 values as bf16 at row[col], row[col+1], within d columns
+__device__ inline void store_pair(bf16* row, int col, int d, float x0, float x1, bool vec2) {
+    if (col >= d) return;
+    if (vec2 && col + 1 < d) {
+        *reinterpret_cast<__nv_bfloat162*>(row + col) = __floats2bfloat162_rn(x0, x1);
+    } else {
+        row[col] = __float2bfloat16(x0);
+        if (col + 1 < d) row[col + 1] = __float2bfloat16(x1);
+    }
+}
+
+inline bool aligned(const void* p, int bytes) { return ((uintptr_t)p % bytes) == 0; }
+inline int bucket(int d) { return d <= 64 ? 64 : d <= 128 ? 128 : 256; }
+
+}  // namespace mla_detail
+
+// out [B, T, H, dv], lse [B, H, T] from q, k [B, T, H, dqk], v [B, T, H, dv].
+// grid (ceil(T/64), B*H), 128 threads; query blocks run last-first so the
+// longest (most keys) start first.
+template <int DV_MAX>
+__global__ void __launch_bounds__(128) attention_forward_kernel(bf16* __restrict__ out, float* __restrict__ lse,
+                                                                const bf16* __restrict__ q, const bf16* __restrict__ k,
+                                                                const bf16* __restrict__ v, int T, int H, int dqk, int dv,
+                                                                float scale_log2, bool vec_qk, bool vec_v, bool vec_out) {
+    using namespace mla_detail;
+    extern __shared__ __align__(16) unsigned char smem_raw[];
+    const int dqp = pad32(dqk), dvp = pad32(dv), ldq = dqp + 8, ldv = dvp + 8;
+    bf16* sQ = reinterpret_cast<bf16*>(smem_raw);
+    bf16* sK = sQ + TILE * ldq;
+    bf16* sV = sK + TILE * ldq;
+
+    const int nqb = (T + TILE - 1) / TILE, qb = nqb - 1 - blockIdx.x, q0 = qb * TILE;
+    const int bh = blockIdx.y, b = bh / H, h = bh % H;
+    const long long sqk = (long long)H * dqk, sv = (long long)H * dv;
+    const bf16* qg = q + ((long long)b * T * H + h) * dqk;
+    const bf16* kg = k + ((long long)b * T * H + h) * dqk;
+    const bf16* vg = v + ((long long)b * T * H + h) * dv;
+
+    load_tile<128>(sQ, ldq, qg, sqk, q0, T, dqk, dqp, vec_qk);
+    load_tile<128>(sK, ldq, kg, sqk, 0, T, dqk, dqp, vec_qk);
+    cp_async_commit();
+    load_tile<128>(sV, ldv, vg, sv, 0, T, dv, dvp, vec_v);
+    cp_async_commit();
+
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane >> 2, t4 = lane & 3;
+    const int row_a = q0 + warp * 16 + g, row_b = row_a + 8;  // the two query rows this thread holds
+    const int nk = dqp / 16, npair = dvp / 16;
+
+    float o[DV_MAX / 8][4];
+#pragma unroll
+    for (int i = 0; i < DV_MAX / 8; i++) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.0f;
+    float m_a = -INFINITY, m_b = -INFINITY, l_a = 0.0f, l_b = 0.0f;
+
+    for (int j = 0; j <= qb; j++) {
+        cp_async_wait<1>();  // K_j (and Q) landed; V_j may be in flight
+        __syncthreads();
+        float s[8][4];
+#pragma unroll
+        for (int i = 0; i < 8; i++) s[i][0] = s[i][1] = s[i][2] = s[i][3] = 0.0f;
+        for (int k2 = 0; k2 < nk; k2 += 2)  // nk is even (dqp is a multiple of 32); 2 steps for ILP
+#pragma unroll
+            for (int u = 0; u < 2; u++) {
+                const int kk = k2 + u;
+                uint32_t a[4];
+                ldsm_x4(a, smem_u32(sQ + (warp * 16 + (lane & 15)) * ldq + kk * 16 + (lane >> 4) * 8));
+#pragma unroll
+                for (int p = 0; p < 4; p++) {
+                    uint32_t bb[4];
+                    ldsm_x4(bb, smem_u32(sK + (p * 16 + (lane & 7) + ((lane >> 4) << 3)) * ldq + kk * 16 + ((lane >> 3) & 1) * 8));
+                    mma16816(s[2 * p], a, bb[0], bb[1]);
+                    mma16816(s[2 * p + 1], a, bb[2], bb[3]);
+                }
+            }
+        __syncthreads();  // every warp is done with K_j
+        if (j < qb) load_tile<128>(sK, ldq, kg, sqk, (j + 1) * TILE, T, dqk, dqp, vec_qk);
+        cp_async_commit();
+
+        // causal mask (the diagonal block only), then online softmax in log2 units:
+        // m is the running max of score * scale * log2(e), p = 2^(s * scale_log2 - m)
+        if (j == qb) {
+#pragma unroll
+            for (int nt = 0; nt < 8; nt++)
+#pragma unroll
+                for (int e = 0; e < 4; e++)
+                    if (j * TILE + nt * 8 + 2 * t4 + (e & 1) > (e < 2 ? row_a : row_b)) s[nt][e] = -INFINITY;
+        }
+        float mx_a = -INFINITY, mx_b = -INFINITY;
+#pragma unroll
+        for (int nt = 0; nt < 8; nt++) {
+            mx_a = fmaxf(mx_a, fmaxf(s[nt][0], s[nt][1]));
+            mx_b = fmaxf(mx_b, fmaxf(s[nt][2], s[nt][3]));
+        }
+        mx_a = fmaxf(mx_a, __shfl_xor_sync(0xffffffffu, mx_a, 1));
+        mx_a = fmaxf(mx_a, __shfl_xor_sync(0xffffffffu, mx_a, 2));
+        mx_b = fmaxf(mx_b, __shfl_xor_sync(0xffffffffu, mx_b, 1));
+        mx_b = fmaxf(mx_b, __shfl_xor_sync(0xffffffffu, mx_b, 2));
+        // key j*64 <= every row of this block, so the new maxima are finite (scale > 0)
+        const float mn_a = fmaxf(m_a, mx_a * scale_log2), mn_b = fmaxf(m_b, mx_b * scale_log2);
+        const float al_a = ex2(m_a - mn_a), al_b = ex2(m_b - mn_b);
+        m_a = mn_a;
+        m_b = mn_b;
+        float sum_a = 0.0f, sum_b = 0.0f;
+#pragma unroll
+        for (int nt = 0; nt < 8; nt++) {
+            s[nt][0] = ex2(fmaf(s[nt][0], scale_log2, -mn_a));
+            s[nt][1] = ex2(fmaf(s[nt][1], scale_log2, -mn_a));
+            s[nt][2] = ex2(fmaf(s[nt][2], scale_log2, -mn_b));
+            s[nt][3] = ex2(fmaf(s[nt][3], scale_log2, -mn_b));
+            sum_a += s[nt][0] + s[nt][1];
+            sum_b += s[nt][2] + s[nt][3];
+        }
+        l_a = l_a * al_a + sum_a;  // per-thread partial sums; the quad is summed at the end
+        l_b = l_b * al_b + sum_b;
+#pragma unroll
+        for (int i = 0; i < DV_MAX / 8; i++) {
+            o[i][0] *= al_a;
+            o[i][1] *= al_a;
+            o[i][2] *= al_b;
+            o[i][3] *= al_b;
+        }
+
+        cp_async_wait<1>();  // V_j landed (K_{j+1} may be in flight)
+        __syncthreads();
+#pragma unroll
+        for (int kk = 0; kk < 4; kk++) {
+            const uint32_t a[4] = {pack_bf16(s[2 * kk][0], s[2 * kk][1]), pack_bf16(s[2 * kk][2], s[2 * kk][3]),
+                                   pack_bf16(s[2 * kk + 1][0], s[2 * kk + 1][1]), pack_bf16(s[2 * kk + 1][2], s[2 * kk + 1][3])};
+#pragma unroll
+            for (int p = 0; p < DV_MAX / 16; p++)
+                if (p < npair) {
+                    uint32_t bb[4];
+                    ldsm_x4_trans(bb, smem_u32(sV + (kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * ldv + p * 16 + (lane >> 4) * 8));
+                    mma16816(o[2 * p], a, bb[0], bb[1]);
+                    mma16816(o[2 * p + 1], a, bb[2], bb[3]);
+                }
+        }
+        __syncthreads();  // every warp is done with V_j
+        if (j < qb) load_tile<128>(sV, ldv, vg, sv, (j + 1) * TILE, T, dv, dvp, vec_v);
+        cp_async_commit();
+    }
+    cp_async_wait<0>();
+
+    l_a += __shfl_xor_sync(0xffffffffu, l_a, 1);
+    l_a += __shfl_xor_sync(0xffffffffu, l_a, 2);
+    l_b += __shfl_xor_sync(0xffffffffu, l_b, 1);
+    l_b += __shfl_xor_sync(0xffffffffu, l_b, 2);
+    const float inv_a = 1.0f / l_a, inv_b = 1.0f / l_b;
+    bf16* og = out + ((long long)b * T * H + h) * dv;
+#pragma unroll
+    for (int nt = 0; nt < DV_MAX / 8; nt++) {
+        const int col = nt * 8 + 2 * t4;
+        if (col < dvp) {
+            if (row_a < T) store_pair(og + row_a * sv, col, dv, o[nt][0] * inv_a, o[nt][1] * inv_a, vec_out);
+            if (row_b < T) store_pair(og + row_b * sv, col, dv, o[nt][2] * inv_b, o[nt][3] * inv_b, vec_out);
+        }
+    }
+    if (t4 == 0) {
+        if (row_a < T) lse[(long long)bh * T + row_a] = (m_a + log2f(l_a)) * LN2;
+        if (row_b < T) lse[(long long)bh * T + row_b] = (m_b + log2f(l_b)) * LN2;
+    }
+}
+
+// D [B, H, T] = rowsum(dout * out) in fp32 (one warp per row, fixed-order sum)
+static __global__ void attention_backward_preprocess_kernel(float* __restrict__ D, const bf16* __restrict__ dout,
+                                                            const bf16* __restrict__ out, int B, int T, int H, int dv) {
+    const long long row = (long long)blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;  // (b, t, h)
+    const int lane = threadIdx.x % 32;
+    if (row >= (long long)B * T * H) return;
+    float s = 0.0f;
+    for (int i = lane; i < dv; i += 32) s += __bfloat162float(dout[row * dv + i]) * __bfloat162float(out[row * dv + i]);
+    s = warp_sum(s);
+    if (lane == 0) {
+        const int h = (int)(row % H);
+        const long long bt = row / H;
+        const int t = (int)(bt % T), b = (int)(bt / T);
+        D[((long long)b * H + h) * T + t] = s;
+    }
+}
+
+// dk [B, T, H, dqk], dv [B, T, H, dv]; grid (ceil(T/64), B*H), 256 threads; block x
+// owns keys 64x..64x+63 and visits query blocks x..end (double-buffered Q/dO).
+template <int DQK_MAX, int DV_MAX>
+__global__ void __launch_bounds__(256) attention_backward_dkdv_kernel(bf16* __restrict__ dk, bf16* __restrict__ dv_out,
+                                                                      const bf16* __restrict__ q, const bf16* __restrict__ k,
+                                                                      const bf16* __restrict__ v, const bf16* __restrict__ dout,
+                                                                      const float* __restrict__ lse, const float* __restrict__ D,
+                                                                      int T, int H, int dqk, int dv, float scale, float scale_log2,
+                                                                      bool vec_qk, bool vec_v, bool vec_out_k, bool vec_out_v) {
+    using namespace mla_detail;
+    extern __shared__ __align__(16) unsigned char smem_raw[];
+    const int dqp = pad32(dqk), dvp = pad32(dv), ldq = dqp + 8, ldv = dvp + 8;
+    bf16* sK = reinterpret_cast<bf16*>(smem_raw);
+    bf16* sV = sK + TILE * ldq;
+    bf16* sQ = sV + TILE * ldv;   // [2][64][ldq]
+    bf16* sdO = sQ + 2 * TILE * ldq;  // [2][64][ldv]
+    bf16* sP = sdO + 2 * TILE * ldv;  // [64 keys][LDP] P^T
+    bf16* sdS = sP + TILE * LDP;      // [64 keys][LDP] dS^T
+    float* sL = reinterpret_cast<float*>(sdS + TILE * LDP);  // [2][64] lse
+    float* sD = sL + 2 * TILE;                                // [2][64] D
+
+    const int nqb = (T + TILE - 1) / TILE, kb = blockIdx.x, k0 = kb * TILE;
+    const int bh = blockIdx.y, b = bh / H, h = bh % H;
+    const long long sqk = (long long)H * dqk, sv = (long long)H * dv;
+    const bf16* qg = q + ((long long)b * T * H + h) * dqk;
+    const bf16* kg = k + ((long long)b * T * H + h) * dqk;
+    const bf16* vg = v + ((long long)b * T * H + h) * dv;
+    const bf16* dog = dout + ((long long)b * T * H + h) * dv;
+    const float* lg = lse + (long long)bh * T;
+    const float* Dg = D + (long long)bh * T;
+
+    load_tile<256>(sK, ldq, kg, sqk, k0, T, dqk, dqp, vec_qk);
+    load_tile<256>(sV, ldv, vg, sv, k0, T, dv, dvp, vec_v);
+    load_tile<256>(sQ, ldq, qg, sqk, k0, T, dqk, dqp, vec_qk);
+    load_tile<256>(sdO, ldv, dog, sv, k0, T, dv, dvp, vec_v);
+    load_row64(sL, lg, k0, T);
+    load_row64(sD, Dg, k0, T);
+    cp_async_commit();
+
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane >> 2, t4 = lane & 3;
+    const int rg = warp & 3, half = warp >> 2;  // 16-key row group; query half (phase 1) / head-dim half (phase 2)
+    const int nkq = dqp / 16, nkv = dvp / 16;
+    const int pq = dqp / 32, pv = dvp / 32;  // n-tile pairs per head-dim half
+    const int cq0 = half * (dqp / 2), cv0 = half * (dvp / 2);
+
+    float acc_k[DQK_MAX / 16][4], acc_v[DV_MAX / 16][4];
+#pragma unroll
+    for (int i = 0; i < DQK_MAX / 16; i++) acc_k[i][0] = acc_k[i][1] = acc_k[i][2] = acc_k[i][3] = 0.0f;
+#pragma unroll
+    for (int i = 0; i < DV_MAX / 16; i++) acc_v[i][0] = acc_v[i][1] = acc_v[i][2] = acc_v[i][3] = 0.0f;
+
+    for (int i = kb; i < nqb; i++) {
+        const int buf = (i - kb) & 1, q0 = i * TILE;
+        bf16* cQ = sQ + buf * TILE * ldq;
+        bf16* cdO = sdO + buf * TILE * ldv;
+        const float* cL = sL + buf * TILE;
+        const float* cD = sD + buf * TILE;
+        cp_async_wait<0>();
+        __syncthreads();  // tiles of block i landed; every warp is done with block i-1
+        if (i + 1 < nqb) {
+            const int nb = buf ^ 1;
+            load_tile<256>(sQ + nb * TILE * ldq, ldq, qg, sqk, q0 + TILE, T, dqk, dqp, vec_qk);
+            load_tile<256>(sdO + nb * TILE * ldv, ldv, dog, sv, q0 + TILE, T, dv, dvp, vec_v);
+            load_row64(sL + nb * TILE, lg, q0 + TILE, T);
+            load_row64(sD + nb * TILE, Dg, q0 + TILE, T);
+        }
+        cp_async_commit();
+
+        // phase 1: S^T = K Q^T and dP^T = V dO^T for 16 keys x 32 queries per warp
+        float st[4][4], dpt[4][4];
+#pragma unroll
+        for (int n = 0; n < 4; n++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) st[n][e] = dpt[n][e] = 0.0f;
+        for (int k2 = 0; k2 < nkq; k2 += 2)  // even trip count; 2 steps for ILP
+#pragma unroll
+            for (int u = 0; u < 2; u++) {
+                const int kk = k2 + u;
+                uint32_t a[4];
+                ldsm_x4(a, smem_u32(sK + (rg * 16 + (lane & 15)) * ldq + kk * 16 + (lane >> 4) * 8));
+#pragma unroll
+                for (int p = 0; p < 2; p++) {
+                    uint32_t bb[4];
+                    ldsm_x4(bb, smem_u32(cQ + (half * 32 + p * 16 + (lane & 7) + ((lane >> 4) << 3)) * ldq + kk * 16 + ((lane >> 3) & 1) * 8));
+                    mma16816(st[2 * p], a, bb[0], bb[1]);
+                    mma16816(st[2 * p + 1], a, bb[2], bb[3]);
+                }
+            }
+        for (int k2 = 0; k2 < nkv; k2 += 2)  // even trip count; 2 steps for ILP
+#pragma unroll
+            for (int u = 0; u < 2; u++) {
+                const int kk = k2 + u;
+                uint32_t a[4];
+                ldsm_x4(a, smem_u32(sV + (rg * 16 + (lane & 15)) * ldv + kk * 16 + (lane >> 4) * 8));
+#pragma unroll
+                for (int p = 0; p < 2; p++) {
+                    uint32_t bb[4];
+                    ldsm_x4(bb, smem_u32(cdO + (half * 32 + p * 16 + (lane & 7) + ((lane >> 4) << 3)) * ldv + kk * 16 + ((lane >> 3) & 1) * 8));
+                    mma16816(dpt[2 * p], a, bb[0], bb[1]);
+                    mma16816(dpt[2 * p + 1], a, bb[2], bb[3]);
+                }
+            }
+        // P^T = exp(S^T scale - lse), dS^T = P^T (dP^T - D), masked to key <= query < T
+        // (only the diagonal block and the ragged last block need the mask)
+        const bool masked = i == kb || i == nqb - 1;
+#pragma unroll
+        for (int nt = 0; nt < 4; nt++)
+#pragma unroll
+            for (int hi = 0; hi < 2; hi++) {
+                const int kl = rg * 16 + g + hi * 8, key = k0 + kl;
+                const int ql = half * 32 + nt * 8 + 2 * t4;
+                float pr[2], ds[2];
+#pragma unroll
+                for (int e = 0; e < 2; e++) {
+                    const int qq = q0 + ql + e;
+                    pr[e] = ex2(fmaf(st[nt][2 * hi + e], scale_log2, -cL[ql + e] * LOG2E));
+                    if (masked && !(qq < T && key <= qq)) pr[e] = 0.0f;
+                    ds[e] = pr[e] * (dpt[nt][2 * hi + e] - cD[ql + e]);
+                }
+                *reinterpret_cast<uint32_t*>(sP + kl * LDP + ql) = pack_bf16(pr[0], pr[1]);
+                *reinterpret_cast<uint32_t*>(sdS + kl * LDP + ql) = pack_bf16(ds[0], ds[1]);
+            }
+        __syncthreads();
+
+        // phase 2: dV += P^T dO, dK += dS^T Q over this warp's 16 keys x head-dim half
+#pragma unroll
+        for (int kk = 0; kk < 4; kk++) {
+            uint32_t ap[4], ad[4];
+            ldsm_x4(ap, smem_u32(sP + (rg * 16 + (lane & 15)) * LDP + kk * 16 + (lane >> 4) * 8));
+            ldsm_x4(ad, smem_u32(sdS + (rg * 16 + (lane & 15)) * LDP + kk * 16 + (lane >> 4) * 8));
+#pragma unroll
+            for (int p = 0; p < DV_MAX / 32; p++)
+                if (p < pv) {
+                    uint32_t bb[4];
+                    ldsm_x4_trans(bb, smem_u32(cdO + (kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * ldv + cv0 + p * 16 + (lane >> 4) * 8));
+                    mma16816(acc_v[2 * p], ap, bb[0], bb[1]);
+                    mma16816(acc_v[2 * p + 1], ap, bb[2], bb[3]);
+                }
+#pragma unroll
+            for (int p = 0; p < DQK_MAX / 32; p++)
+                if (p < pq) {
+                    uint32_t bb[4];
+                    ldsm_x4_trans(bb, smem_u32(cQ + (kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * ldq + cq0 + p * 16 + (lane >> 4) * 8));
+                    mma16816(acc_k[2 * p], ad, bb[0], bb[1]);
+                    mma16816(acc_k[2 * p + 1], ad, bb[2], bb[3]);
+                }
+        }
+    }
+    cp_async_wait<0>();
+
+    const int key_a = k0 + rg * 16 + g, key_b = key_a + 8;
+    bf16* dkg = dk + ((long long)b * T * H + h) * dqk;
+    bf16* dvg = dv_out + ((long long)b * T * H + h) * dv;
+#pragma unroll
+    for (int nt = 0; nt < DQK_MAX / 16; nt++) {
+        const int col = cq0 + nt * 8 + 2 * t4;
+        if (nt < 2 * pq) {
+            if (key_a < T) store_pair(dkg + key_a * sqk, col, dqk, acc_k[nt][0] * scale, acc_k[nt][1] * scale, vec_out_k);
+            if (key_b < T) store_pair(dkg + key_b * sqk, col, dqk, acc_k[nt][2] * scale, acc_k[nt][3] * scale, vec_out_k);
+        }
+    }
+#pragma unroll
+    for (int nt = 0; nt < DV_MAX / 16; nt++) {
+        const int col = cv0 + nt * 8 + 2 * t4;
+        if (nt < 2 * pv) {
+            if (key_a < T) store_pair(dvg + key_a * sv, col, dv, acc_v[nt][0], acc_v[nt][1], vec_out_v);
+            if (key_b < T) store_pair(dvg + key_b * sv, col, dv, acc_v[nt][2], acc_v[nt][3], vec_out_v);
+        }
+    }
+}
+
+// dq [B, T, H, dqk]; grid (ceil(T/64), B*H), 256 threads; block x owns query block
+// nqb-1-x (longest first) and visits key blocks 0..diagonal (double-buffered K/V).
+template <int DQK_MAX>
+__global__ void __launch_bounds__(256) attention_backward_dq_kernel(bf16* __restrict__ dq, const bf16* __restrict__ q,
+                                                                    const bf16* __restrict__ k, const bf16* __restrict__ v,
+                                                                    const bf16* __restrict__ dout, const float* __restrict__ lse,
+                                                                    const float* __restrict__ D, int T, int H, int dqk, int dv,
+                                                                    float scale, float scale_log2, bool vec_qk, bool vec_v,
+                                                                    bool vec_out) {
+    using namespace mla_detail;
+    extern __shared__ __align__(16) unsigned char smem_raw[];
+    const int dqp = pad32(dqk), dvp = pad32(dv), ldq = dqp + 8, ldv = dvp + 8;
+    bf16* sQ = reinterpret_cast<bf16*>(smem_raw);
+    bf16* sdO = sQ + TILE * ldq;
+    bf16* sK = sdO + TILE * ldv;      // [2][64][ldq]
+    bf16* sV = sK + 2 * TILE * ldq;   // [2][64][ldv]
+    bf16* sdS = sV + 2 * TILE * ldv;  // [64 queries][LDP]
+    float* sL = reinterpret_cast<float*>(sdS + TILE * LDP);
+    float* sD = sL + TILE;
+
+    const int nqb = (T + TILE - 1) / TILE, qb = nqb - 1 - blockIdx.x, q0 = qb * TILE;
+    const int bh = blockIdx.y, b = bh / H, h = bh % H;
+    const long long sqk = (long long)H * dqk, sv = (long long)H * dv;
+    const bf16* qg = q + ((long long)b * T * H + h) * dqk;
+    const bf16* kg = k + ((long long)b * T * H + h) * dqk;
+    const bf16* vg = v + ((long long)b * T * H + h) * dv;
+    const bf16* dog = dout + ((long long)b * T * H + h) * dv;
+
+    load_tile<256>(sQ, ldq, qg, sqk, q0, T, dqk, dqp, vec_qk);
+    load_tile<256>(sdO, ldv, dog, sv, q0, T, dv, dvp, vec_v);
+    load_row64(sL, lse + (long long)bh * T, q0, T);
+    load_row64(sD, D + (long long)bh * T, q0, T);
+    load_tile<256>(sK, ldq, kg, sqk, 0, T, dqk, dqp, vec_qk);
+    load_tile<256>(sV, ldv, vg, sv, 0, T, dv, dvp, vec_v);
+    cp_async_commit();
+
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane >> 2, t4 = lane & 3;
+    const int rg = warp & 3, half = warp >> 2;  // 16-query row group; key half (phase 1) / head-dim half (phase 2)
+    const int nkq = dqp / 16, nkv = dvp / 16, pq = dqp / 32, cq0 = half * (dqp / 2);
+    const int row_a = q0 + rg * 16 + g, row_b = row_a + 8;
+
+    float acc[DQK_MAX / 16][4];
+#pragma unroll
+    for (int i = 0; i < DQK_MAX / 16; i++) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.0f;
+    float lse_a = 0.0f, lse_b = 0.0f, D_a = 0.0f, D_b = 0.0f;
+
+    for (int j = 0; j <= qb; j++) {
+        const int buf = j & 1, k0 = j * TILE;
+        bf16* cK = sK + buf * TILE * ldq;
+        bf16* cV = sV + buf * TILE * ldv;
+        cp_async_wait<0>();
+        __syncthreads();  // tiles of block j landed; every warp is done with block j-1
+        if (j == 0) {
+            lse_a = sL[rg * 16 + g] * LOG2E;
+            lse_b = sL[rg * 16 + g + 8] * LOG2E;
+            D_a = sD[rg * 16 + g];
+            D_b = sD[rg * 16 + g + 8];
+        }
+        if (j < qb) {
+            load_tile<256>(sK + (buf ^ 1) * TILE * ldq, ldq, kg, sqk, k0 + TILE, T, dqk, dqp, vec_qk);
+            load_tile<256>(sV + (buf ^ 1) * TILE * ldv, ldv, vg, sv, k0 + TILE, T, dv, dvp, vec_v);
+        }
+        cp_async_commit();
+
+        // phase 1: S = Q K^T, dP = dO V^T for 16 queries x 32 keys per warp
+        float s[4][4], dp[4][4];
+#pragma unroll
+        for (int n = 0; n < 4; n++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) s[n][e] = dp[n][e] = 0.0f;
+        for (int k2 = 0; k2 < nkq; k2 += 2)  // even trip count; 2 steps for ILP
+#pragma unroll
+            for (int u = 0; u < 2; u++) {
+                const int kk = k2 + u;
+                uint32_t a[4];
+                ldsm_x4(a, smem_u32(sQ + (rg * 16 + (lane & 15)) * ldq + kk * 16 + (lane >> 4) * 8));
+#pragma unroll
+                for (int p = 0; p < 2; p++) {
+                    uint32_t bb[4];
+                    ldsm_x4(bb, smem_u32(cK + (half * 32 + p * 16 + (lane & 7) + ((lane >> 4) << 3)) * ldq + kk * 16 + ((lane >> 3) & 1) * 8));
+                    mma16816(s[2 * p], a, bb[0], bb[1]);
+                    mma16816(s[2 * p + 1], a, bb[2], bb[3]);
+                }
+            }
+        for (int k2 = 0; k2 < nkv; k2 += 2)  // even trip count; 2 steps for ILP
+#pragma unroll
+            for (int u = 0; u < 2; u++) {
+                const int kk = k2 + u;
+                uint32_t a[4];
+                ldsm_x4(a, smem_u32(sdO + (rg * 16 + (lane & 15)) * ldv + kk * 16 + (lane >> 4) * 8));
+#pragma unroll
+                for (int p = 0; p < 2; p++) {
+                    uint32_t bb[4];
+                    ldsm_x4(bb, smem_u32(cV + (half * 32 + p * 16 + (lane & 7) + ((lane >> 4) << 3)) * ldv + kk * 16 + ((lane >> 3) & 1) * 8));
+                    mma16816(dp[2 * p], a, bb[0], bb[1]);
+                    mma16816(dp[2 * p + 1], a, bb[2], bb[3]);
+                }
+            }
+#pragma unroll
+        for (int nt = 0; nt < 4; nt++)
+#pragma unroll
+            for (int hi = 0; hi < 2; hi++) {
+                const int ql = rg * 16 + g + hi * 8, row = q0 + ql;
+                const int kl = half * 32 + nt * 8 + 2 * t4;
+                const float lrow = hi ? lse_b : lse_a, Drow = hi ? D_b : D_a;
+                float ds[2];
+#pragma unroll
+                for (int e = 0; e < 2; e++) {
+                    // rows >= T are never stored and each dQ row depends only on its own dS row,
+                    // so only the causal mask of the diagonal block is needed
+                    float pr = ex2(fmaf(s[nt][2 * hi + e], scale_log2, -lrow));
+                    if (j == qb && k0 + kl + e > row) pr = 0.0f;
+                    ds[e] = pr * (dp[nt][2 * hi + e] - Drow);
+                }
+                *reinterpret_cast<uint32_t*>(sdS + ql * LDP + kl) = pack_bf16(ds[0], ds[1]);
+            }
+        __syncthreads();
+
+        // phase 2: dQ += dS K over this warp's 16 queries x head-dim half
+#pragma unroll
+        for (int kk = 0; kk < 4; kk++) {
+            uint32_t a[4];
+            ldsm_x4(a, smem_u32(sdS + (rg * 16 + (lane & 15)) * LDP + kk * 16 + (lane >> 4) * 8));
+#pragma unroll
+            for (int p = 0; p < DQK_MAX / 32; p++)
+                if (p < pq) {
+                    uint32_t bb[4];
+                    ldsm_x4_trans(bb, smem_u32(cK + (kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * ldq + cq0 + p * 16 + (lane >> 4) * 8));
+                    mma16816(acc[2 * p], a, bb[0], bb[1]);
+                    mma16816(acc[2 * p + 1], a, bb[2], bb[3]);
+                }
+        }
+    }
+    cp_async_wait<0>();
+
+    bf16* dqg = dq + ((long long)b * T * H + h) * dqk;
+#pragma unroll
+    for (int nt = 0; nt < DQK_MAX / 16; nt++) {
+        const int col = cq0 + nt * 8 + 2 * t4;
+        if (nt < 2 * pq) {
+            if (row_a < T) store_pair(dqg + row_a * sqk, col, dqk, acc[nt][0] * scale, acc[nt][1] * scale, vec_out);
+            if (row_b < T) store_pair(dqg + row_b * sqk, col, dqk, acc[nt][2] * scale, acc[nt][3] * scale, vec_out);
+        }
+    }
+}
+
+namespace mla_detail {
+
+inline void check_attention_shape(int B, int T, int H, int dqk, int dv) {
+    if (B < 0 || T < 0 || H <= 0 || dqk <= 0 || dv <= 0 || dqk > 256 || dv > 256)
+        fail("attention: unsupported shape B=%d T=%d H=%d dqk=%d dv=%d (head sizes must be 1..256)", B, T, H, dqk, dv);
+    if ((long long)B * H > 65535) fail("attention: B*H = %lld exceeds the grid limit 65535", (long long)B * H);
+}
+
+// Opts a kernel into more than 48 KiB of dynamic shared memory, with a clear error.
+// `done` (a static of the calling launcher, so one per kernel; the launchers are
+// static like the kernels, so each translation unit keeps its own) remembers the size
+// already granted per device: after the first call with a shape, later calls make
+// no CUDA API call at all, so a step can be captured into a CUDA graph once it has
+// run eagerly.
+constexpr int MAX_DEVICES = 64;
+template <typename K>
+inline void set_smem(K kernel, size_t bytes, size_t (&done)[MAX_DEVICES]) {
+    int dev = 0;
+    CUDA_CHECK(cudaGetDevice(&dev));
+    if (dev < MAX_DEVICES && bytes <= done[dev]) return;
+    int optin = 0;
+    CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
+    if (bytes > (size_t)optin)
+        fail("attention: needs %zu bytes of shared memory per block, the GPU allows %d", bytes, optin);
+    CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)bytes));
+    if (dev < MAX_DEVICES) done[dev] = bytes;
+}
+
+inline bool vec16(const void* p, int d, int H) { return d % 8 == 0 && aligned(p, 16) && ((long long)H * d) % 8 == 0; }
+inline bool vec4(const void* p, int d) { return d % 2 == 0 && aligned(p, 4); }
+
+template <int DV_MAX>
+static void launch_forward(bf16* out, float* lse, const bf16* q, const bf16* k, const bf16* v, int B, int T, int H, int dqk, int dv,
+                    float scale, cudaStream_t stream) {
+    const int ldq = pad32(dqk) + 8, ldv = pad32(dv) + 8;
+    const size_t smem = (size_t)(2 * TILE * ldq + TILE * ldv) * sizeof(bf16);
+    static size_t done[MAX_DEVICES] = {};
+    set_smem(attention_forward_kernel<DV_MAX>, smem, done);
+    dim3 grid(ceil_div(T, TILE), B * H);
+    attention_forward_kernel<DV_MAX><<<grid, 128, smem, stream>>>(out, lse, q, k, v, T, H, dqk, dv, scale * LOG2E,
+                                                                  vec16(q, dqk, H) && vec16(k, dqk, H), vec16(v, dv, H), vec4(out, dv));
+    CUDA_LAUNCH_CHECK();
+}
+
+template <int DQK_MAX, int DV_MAX>
+static void launch_dkdv(bf16* dk, bf16* dv_out, const bf16* q, const bf16* k, const bf16* v, const bf16* dout, const float* lse,
+                 const float* D, int B, int T, int H, int dqk, int dv, float scale, cudaStream_t stream) {
+    const int ldq = pad32(dqk) + 8, ldv = pad32(dv) + 8;
+    const size_t smem = (size_t)(3 * TILE * ldq + 3 * TILE * ldv + 2 * TILE * LDP) * sizeof(bf16) + 4 * TILE * sizeof(float);
+    static size_t done[MAX_DEVICES] = {};
+    set_smem(attention_backward_dkdv_kernel<DQK_MAX, DV_MAX>, smem, done);
+    dim3 grid(ceil_div(T, TILE), B * H);
+    attention_backward_dkdv_kernel<DQK_MAX, DV_MAX><<<grid, 256, smem, stream>>>(
+        dk, dv_out, q, k, v, dout, lse, D, T, H, dqk, dv, scale, scale * LOG2E, vec16(q, dqk, H) && vec16(k, dqk, H),
+        vec16(v, dv, H) && vec16(dout, dv, H), vec4(dk, dqk), vec4(dv_out, dv));
+    CUDA_LAUNCH_CHECK();
+}
+
+template <int DQK_MAX>
+static void launch_dq(bf16* dq, const bf16* q, const bf16* k, const bf16* v, const bf16* dout, const float* lse, const float* D, int B,
+               int T, int H, int dqk, int dv, float scale, cudaStream_t stream) {
+    const int ldq = pad32(dqk) + 8, ldv = pad32(dv) + 8;
+    const size_t smem = (size_t)(3 * TILE * ldq + 3 * TILE * ldv + TILE * LDP) * sizeof(bf16) + 2 * TILE * sizeof(float);
+    static size_t done[MAX_DEVICES] = {};
+    set_smem(attention_backward_dq_kernel<DQK_MAX>, smem, done);
+    dim3 grid(ceil_div(T, TILE), B * H);
+    attention_backward_dq_kernel<DQK_MAX><<<grid, 256, smem, stream>>>(dq, q, k, v, dout, lse, D, T, H, dqk, dv, scale,
+                                                                       scale * LOG2E, vec16(q, dqk, H) && vec16(k, dqk, H),
+                                                                       vec16(v, dv, H) && vec16(dout, dv, H), vec4(dq, dqk));
+    CUDA_LAUNCH_CHECK();
+}
+
+template <int DQK_MAX>
+void launch_dkdv_dv(int dvb, bf16* dk, bf16* dv_out, const bf16* q, const bf16* k, const bf16* v, const bf16* dout, const float* lse,
+                    const float* D, int B, int T, int H, int dqk, int dv, float scale, cudaStream_t stream) {
+    if (dvb == 64) launch_dkdv<DQK_MAX, 64>(dk, dv_out, q, k, v, dout, lse, D, B, T, H, dqk, dv, scale, stream);
+    else if (dvb == 128) launch_dkdv<DQK_MAX, 128>(dk, dv_out, q, k, v, dout, lse, D, B, T, H, dqk, dv, scale, stream);
+    else launch_dkdv<DQK_MAX, 256>(dk, dv_out, q, k, v, dout, lse, D, B, T, H, dqk, dv, scale, stream);
+}
+
+}  // namespace mla_detail
+
+// Causal attention forward. out [B, T, H, dv] (bf16), lse [B, H, T] (fp32,
+// logsumexp of the scaled scores, kept for backward); q, k [B, T, H, dqk],
+// v [B, T, H, dv]; scale = RopeTable::softmax_scale. Head sizes 1..256 (multiples
+// of 8 take the fast 16-byte load path). Graph capture: run each head-size
+// combination once outside capture first (the shared-memory opt-in happens then).
+inline void attention_forward_gpu(bf16* out, float* lse, const bf16* q, const bf16* k, const bf16* v, int B, int T, int H, int dqk,
+                                  int dv, float scale, cudaStream_t stream) {
+    using namespace mla_detail;
+    check_attention_shape(B, T, H, dqk, dv);
+    if (B == 0 || T == 0) return;
+    const int vb = bucket(dv);
+    if (vb == 64) launch_forward<64>(out, lse, q, k, v, B, T, H, dqk, dv, scale, stream);
+    else if (vb == 128) launch_forward<128>(out, lse, q, k, v, B, T, H, dqk, dv, scale, stream);
+    else launch_forward<256>(out, lse, q, k, v, B, T, H, dqk, dv, scale, stream);
+}
+
+// floats of scratch attention_backward_gpu needs (D = rowsum(dout * out), [B, H, T])
+inline size_t attention_backward_scratch_floats(int B, int T, int H) { return (size_t)B * H * T; }
+
+// Causal attention backward: writes (overwrites) dq, dk [B, T, H, dqk] and
+// dv [B, T, H, dv] from dout [B, T, H, dv] and the forward's out and lse.
+// Deterministic: every output element is written by exactly one thread after a
+// fixed-order reduction. scratch: attention_backward_scratch_floats(B, T, H) floats.
+inline void attention_backward_gpu(bf16* dq, bf16* dk, bf16* dv, const bf16* dout, const bf16* out, const float* lse, const bf16* q,
+                                   const bf16* k, const bf16* v, int B, int T, int H, int dqk, int dvd, float scale, float* scratch,
+                                   cudaStream_t stream) {
+    using namespace mla_detail;
+    check_attention_shape(B, T, H, dqk, dvd);
+    if (B == 0 || T == 0) return;
+    float* D = scratch;
+    const long long rows = (long long)B * T * H;
+    attention_backward_preprocess_kernel<<<(int)((rows + 7) / 8), 256, 0, stream>>>(D, dout, out, B, T, H, dvd);
+    CUDA_LAUNCH_CHECK();
+    const int qb = bucket(dqk), vb = bucket(dvd);
+    if (qb == 64) launch_dkdv_dv<64>(vb, dk, dv, q, k, v, dout, lse, D, B, T, H, dqk, dvd, scale, stream);
+    else if (qb == 128) launch_dkdv_dv<128>(vb, dk, dv, q, k, v, dout, lse, D, B, T, H, dqk, dvd, scale, stream);
+    else launch_dkdv_dv<256>(vb, dk, dv, q, k, v, dout, lse, D, B, T, H, dqk, dvd, scale, stream);
+    if (qb == 64) launch_dq<64>(dq, q, k, v, dout, lse, D, B, T, H, dqk, dvd, scale, stream);
+    else if (qb == 128) launch_dq<128>(dq, q, k, v, dout, lse, D, B, T, H, dqk, dvd, scale, stream);
+    else launch_dq<256>(dq, q, k, v, dout, lse, D, B, T, H, dqk, dvd, scale, stream);
+}

@@ -1,0 +1,1022 @@
+// moe.cuh — the DeepSeekMoE layer on the GPU, forward and backward: the router
+// (sigmoid/softmax scores, correction bias, group-limited top-k, gate
+// normalisation and scaling, expert-load counters), the sequence-wise balance
+// loss, the deterministic permutation of token slots by expert, gather / weighted
+// combine / scatter, and a tensor-core grouped GEMM whose per-expert row counts
+// stay on the device (no host sync anywhere in the layer).
+//
+// The CPU reference is reference.h (router_forward/backward,
+// balance_loss_forward/backward, moe_forward/backward); every kernel here computes
+// the same thing, in the same summation order where the order is ours to choose.
+// Router math is fp32 (its logits come from a GEMM as fp32); expert activations
+// are bf16 with fp32 accumulation. Nothing uses float atomics: every result is
+// bit-identical run to run (integer atomics commute, so counters may use them).
+//
+// How a layer is put together (N tokens, K experts per token, S = N*K slots;
+// slot n*K+k is the k-th choice of token n):
+//   logits [N,E] fp32 = u @ W_router^T                      (cuBLASLt matmul)
+//   router_forward_gpu      -> scores [N,E], expert [N,K], gate [N,K], load [E]
+//   moe_permute_gpu         -> offsets [E+1], slot_row [S], row_slot [S]
+//   moe_gather_gpu          -> x_sorted [S,D]   (rows grouped by expert)
+//   grouped_gemm_forward_gpu (W = gate_proj|up_proj, OC = 2I) -> gu [S,2I]
+//   SwiGLU                  -> h [S,I]   (kernels.cuh's swiglu_*_fused_gpu read this [S,2I] layout)
+//   grouped_gemm_forward_gpu (W = down_proj, OC = D) -> y_sorted [S,D]
+//   moe_combine_forward_gpu -> out [N,D] = sum_k gate * y (+ shared expert output)
+// and backward in reverse: moe_combine_backward_gpu (dy_sorted, dgate),
+// grouped_gemm_backward_input/weight_gpu, moe_scatter_backward_gpu (du),
+// router_backward_gpu (dlogits), with balance_loss_backward_gpu feeding its
+// dscores_extra.
+//
+// Expert weights: the grouped GEMMs take a base pointer and an expert stride in
+// elements, W_e = w + e * w_stride, each W_e [OC, C] row-major. The model stores
+// experts in Hugging Face order (per expert gate_proj [I,D], up_proj [I,D],
+// down_proj [D,I]), so with stride 3*I*D: gate_proj of expert 0 as the base and
+// OC = 2I runs gate_proj and up_proj as one GEMM (they are adjacent, forming one
+// [2I, D] matrix), and down_proj of expert 0 as the base runs the down
+// projection. A contiguous [E, OC, C] block is stride OC*C. Weight gradients use
+// the same scheme in fp32.
+#pragma once
+
+#include <climits>
+#include <cstdint>
+#include <initializer_list>
+
+#include "config.h"
+#include "cuda_common.cuh"
+
+// limits of the router kernel: one warp per token holds E/32 scores per lane
+constexpr int MOE_MAX_EXPERTS = 256;
+constexpr int MOE_MAX_TOPK = 8;
+constexpr int MOE_MAX_GROUPS = 8;
+
+// ----------------------------------------------------------------------------
+// Router forward. One warp per token; lane l holds experts l, l+32, ... in
+// registers (J of them, a template argument, so small E costs little). Selection runs on biased = s + bias; the group step keeps the
+// topk_group groups with the largest sum of their two best biased scores (ties
+// to the lower group index, like the reference's stable sort), masks the rest to
+// -inf, then K rounds of a warp arg-max (ties to the lower expert index) pick the
+// experts in order. Gates are the unbiased scores of the chosen, normalised when
+// norm_topk_prob, times routed_scaling_factor.
+//
+// scores [N,E] fp32, expert [N,K] int, gate [N,K] fp32, load [E] int (+=, may be
+// null), logits [N,E] fp32, bias [E] fp32.
+
+template <int J>  // experts per lane: E <= 32 * J
+static __global__ void router_forward_kernel(float* scores, int* expert, float* gate, int* load, const float* logits,
+                                             const float* bias, int N, int E, int K, int G, int topk_group, int softmax,
+                                             int norm_topk, float rsf) {
+    __shared__ int hist[MOE_MAX_EXPERTS];  // this block's expert counts: one global atomic per expert per block
+    if (load)
+        for (int e = threadIdx.x; e < E; e += blockDim.x) hist[e] = 0;
+    __syncthreads();
+
+    const int lane = threadIdx.x % 32;
+    const int n = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
+    if (n < N) {  // no early return: the block syncs again below
+        const float* z = logits + (size_t)n * E;
+        float s[J], b[J];
+        // scores
+        float mx = -INFINITY;
+#pragma unroll
+        for (int j = 0; j < J; j++) {
+            int e = j * 32 + lane;
+            s[j] = e < E ? z[e] : -INFINITY;
+            mx = fmaxf(mx, s[j]);
+        }
+        if (softmax) {
+            mx = warp_max(mx);
+            float sum = 0;
+#pragma unroll
+            for (int j = 0; j < J; j++) {
+                int e = j * 32 + lane;
+                s[j] = e < E ? expf(s[j] - mx) : 0.0f;
+                sum += s[j];
+            }
+            sum = warp_sum(sum);
+#pragma unroll
+            for (int j = 0; j < J; j++) s[j] /= sum;
+        } else {
+#pragma unroll
+            for (int j = 0; j < J; j++) s[j] = 1.0f / (1.0f + expf(-s[j]));
+        }
+#pragma unroll
+        for (int j = 0; j < J; j++) {
+            int e = j * 32 + lane;
+            if (e < E) scores[(size_t)n * E + e] = s[j];
+            b[j] = e < E ? s[j] + bias[e] : -INFINITY;
+        }
+        // group-limited routing
+        if (G > 1) {
+            const int per_group = E / G;
+            int gid[J];  // group of each held expert (G for none): one division each, not one per group
+#pragma unroll
+            for (int j = 0; j < J; j++) gid[j] = j * 32 + lane < E ? (j * 32 + lane) / per_group : G;
+            float gs[MOE_MAX_GROUPS];
+#pragma unroll
+            for (int g = 0; g < MOE_MAX_GROUPS; g++) {
+                gs[g] = -INFINITY;
+                if (g >= G) continue;
+                float m1 = -INFINITY, m2 = -INFINITY;  // this lane's two best in group g
+#pragma unroll
+                for (int j = 0; j < J; j++) {
+                    if (gid[j] == g) {
+                        float v = b[j];
+                        if (v > m1) { m2 = m1; m1 = v; }
+                        else if (v > m2) m2 = v;
+                    }
+                }
+                // merge the lanes' pairs: the two best of four values
+                for (int off = 16; off > 0; off >>= 1) {
+                    float o1 = __shfl_xor_sync(0xffffffffu, m1, off), o2 = __shfl_xor_sync(0xffffffffu, m2, off);
+                    float hi = fmaxf(m1, o1), lo = fmaxf(fminf(m1, o1), fmaxf(m2, o2));
+                    m1 = hi;
+                    m2 = lo;
+                }
+                gs[g] = m1 + m2;
+            }
+            // group g survives when fewer than topk_group groups rank before it
+            unsigned keep = 0;
+#pragma unroll
+            for (int g = 0; g < MOE_MAX_GROUPS; g++) {
+                if (g >= G) continue;
+                int rank = 0;
+#pragma unroll
+                for (int h = 0; h < MOE_MAX_GROUPS; h++)
+                    if (h < G && (gs[h] > gs[g] || (gs[h] == gs[g] && h < g))) rank++;
+                if (rank < topk_group) keep |= 1u << g;
+            }
+#pragma unroll
+            for (int j = 0; j < J; j++) {
+                if (gid[j] < G && !((keep >> gid[j]) & 1u)) b[j] = -INFINITY;
+            }
+        }
+        // top-k by repeated warp arg-max; `taken` marks this lane's chosen experts
+        unsigned taken = 0;
+        int sel_e[MOE_MAX_TOPK];
+        float sel_s[MOE_MAX_TOPK];
+#pragma unroll
+        for (int k = 0; k < MOE_MAX_TOPK; k++) {
+            sel_e[k] = 0;
+            sel_s[k] = 0;
+            if (k >= K) continue;
+            float bv = -INFINITY, bs = 0;
+            int bi = INT_MAX;
+#pragma unroll
+            for (int j = 0; j < J; j++) {
+                int e = j * 32 + lane;
+                // e ascends with j, so `>` keeps the lower index on ties (but a
+                // first valid candidate always replaces the INT_MAX sentinel)
+                if (e < E && !((taken >> j) & 1u) && (b[j] > bv || bi == INT_MAX)) {
+                    bv = b[j];
+                    bi = e;
+                    bs = s[j];
+                }
+            }
+            for (int off = 16; off > 0; off >>= 1) {
+                float ov = __shfl_xor_sync(0xffffffffu, bv, off), os = __shfl_xor_sync(0xffffffffu, bs, off);
+                int oi = __shfl_xor_sync(0xffffffffu, bi, off);
+                if (oi != INT_MAX && (bi == INT_MAX || ov > bv || (ov == bv && oi < bi))) {
+                    bv = ov;
+                    bi = oi;
+                    bs = os;
+                }
+            }
+            if (bi % 32 == lane) taken |= 1u << (bi / 32);
+            sel_e[k] = bi;
+            sel_s[k] = bs;
+        }
+        float sum = 0;
+#pragma unroll
+        for (int k = 0; k < MOE_MAX_TOPK; k++)
+            if (k < K) sum += sel_s[k];
+        const float scale = norm_topk ? 1.0f / (sum + 1e-20f) : 1.0f;
+#pragma unroll
+        for (int k = 0; k < MOE_MAX_TOPK; k++) {
+            if (k < K && lane == k) {
+                expert[(size_t)n * K + k] = sel_e[k];
+                gate[(size_t)n * K + k] = sel_s[k] * scale * rsf;
+                if (load) atomicAdd(&hist[sel_e[k]], 1);
+            }
+        }
+    }
+    if (load) {
+        __syncthreads();
+        for (int e = threadIdx.x; e < E; e += blockDim.x)
+            if (hist[e]) atomicAdd(&load[e], hist[e]);
+    }
+}
+
+inline void router_check(const Config& c) {
+    const int E = c.n_routed_experts, K = c.num_experts_per_tok, G = c.n_group;
+    if (E < 1 || E > MOE_MAX_EXPERTS) fail("router: n_routed_experts = %d, the GPU router supports 1..%d", E, MOE_MAX_EXPERTS);
+    if (K < 1 || K > MOE_MAX_TOPK || K > E) fail("router: num_experts_per_tok = %d, the GPU router supports 1..%d", K, MOE_MAX_TOPK);
+    if (G < 1 || G > MOE_MAX_GROUPS || E % G) fail("router: n_group = %d, the GPU router supports 1..%d dividing n_routed_experts", G, MOE_MAX_GROUPS);
+}
+
+inline void router_forward_gpu(float* scores, int* expert, float* gate, int* load, const float* logits, const float* bias,
+                               const Config& c, int N, cudaStream_t stream) {
+    router_check(c);
+    if (N <= 0) return;
+    const int warps = 8, E = c.n_routed_experts;
+    auto kernel = E <= 32 ? router_forward_kernel<1> : E <= 64 ? router_forward_kernel<2> : E <= 128 ? router_forward_kernel<4>
+                                                                                                   : router_forward_kernel<8>;
+    kernel<<<ceil_div(N, warps), warps * 32, 0, stream>>>(scores, expert, gate, load, logits, bias, N, E, c.num_experts_per_tok,
+                                                          c.n_group, c.topk_group, c.scoring_func == SCORING_SOFTMAX,
+                                                          c.norm_topk_prob, c.routed_scaling_factor);
+    CUDA_LAUNCH_CHECK();
+}
+
+// ----------------------------------------------------------------------------
+// Router backward: dgate [N,K] -> dscores [N,E] (+ dscores_extra, the balance
+// loss's gradient, when not null) -> dlogits [N,E] (overwritten). One warp per
+// token. With norm_topk_prob, g_k = rsf * s_k / S (S = sum of the chosen s), so
+// ds_k = rsf * (dg_k / S - sum_j dg_j s_j / S^2).
+
+template <int J>  // experts per lane: E <= 32 * J
+static __global__ void router_backward_kernel(float* dlogits, const float* dgate, const float* dscores_extra,
+                                              const float* scores, const int* expert, int N, int E, int K, int softmax,
+                                              int norm_topk, float rsf) {
+    const int lane = threadIdx.x % 32;
+    const int n = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
+    if (n >= N) return;
+    const float* s_row = scores + (size_t)n * E;
+    float s[J], ds[J];
+#pragma unroll
+    for (int j = 0; j < J; j++) {
+        int e = j * 32 + lane;
+        s[j] = e < E ? s_row[e] : 0.0f;
+        ds[j] = e < E && dscores_extra ? dscores_extra[(size_t)n * E + e] : 0.0f;
+    }
+    // every lane computes S and the dot product in selection order (broadcast loads)
+    float S = 0, dot = 0;
+    if (norm_topk) {
+        for (int k = 0; k < K; k++) S += s_row[expert[(size_t)n * K + k]];
+        S += 1e-20f;
+        for (int k = 0; k < K; k++) dot += dgate[(size_t)n * K + k] * s_row[expert[(size_t)n * K + k]];
+    }
+    for (int k = 0; k < K; k++) {
+        int e = expert[(size_t)n * K + k];
+        float dg = dgate[(size_t)n * K + k];
+        float d = norm_topk ? rsf * (dg / S - dot / (S * S)) : rsf * dg;
+#pragma unroll
+        for (int j = 0; j < J; j++)
+            if (j * 32 + lane == e) ds[j] += d;
+    }
+    float* dz = dlogits + (size_t)n * E;
+    if (softmax) {
+        float sum = 0;
+#pragma unroll
+        for (int j = 0; j < J; j++) sum += ds[j] * s[j];
+        sum = warp_sum(sum);
+#pragma unroll
+        for (int j = 0; j < J; j++)
+            if (j * 32 + lane < E) dz[j * 32 + lane] = s[j] * (ds[j] - sum);
+    } else {
+#pragma unroll
+        for (int j = 0; j < J; j++)
+            if (j * 32 + lane < E) dz[j * 32 + lane] = ds[j] * s[j] * (1.0f - s[j]);
+    }
+}
+
+inline void router_backward_gpu(float* dlogits, const float* dgate, const float* dscores_extra, const float* scores,
+                                const int* expert, const Config& c, int N, cudaStream_t stream) {
+    router_check(c);
+    if (N <= 0) return;
+    const int warps = 8, E = c.n_routed_experts;
+    auto kernel = E <= 32 ? router_backward_kernel<1> : E <= 64 ? router_backward_kernel<2> : E <= 128 ? router_backward_kernel<4>
+                                                                                                     : router_backward_kernel<8>;
+    kernel<<<ceil_div(N, warps), warps * 32, 0, stream>>>(dlogits, dgate, dscores_extra, scores, expert, N, E, c.num_experts_per_tok,
+                                                          c.scoring_func == SCORING_SOFTMAX, c.norm_topk_prob, c.routed_scaling_factor);
+    CUDA_LAUNCH_CHECK();
+}
+
+// ----------------------------------------------------------------------------
+// Sequence-wise balance loss over B sequences of T tokens (N = B*T):
+//   L = alpha / (B*T) * sum_n sum_e f[b(n), e] * s[n, e] / sum_e s[n, e],
+//   f[b, e] = E / (K*T) * (times expert e was chosen in sequence b).
+// Forward: one block per sequence counts its choices (integer shared atomics),
+// writes frac [B,E] (kept for backward) and the sequence's sum to seq_loss [B]
+// (tokens summed in a fixed order); a one-warp kernel then sums the B sequence
+// terms in a fixed order into the device scalar *loss (overwritten).
+
+static __global__ void balance_loss_sequence_kernel(float* frac, float* seq_loss, const float* scores, const int* expert,
+                                                    int T, int E, int K) {
+    __shared__ int count[MOE_MAX_EXPERTS];
+    __shared__ float f[MOE_MAX_EXPERTS];
+    __shared__ float partial[32];
+    const int b = blockIdx.x, lane = threadIdx.x % 32, warp = threadIdx.x / 32, warps = blockDim.x / 32;
+    for (int e = threadIdx.x; e < E; e += blockDim.x) count[e] = 0;
+    __syncthreads();
+    for (int i = threadIdx.x; i < T * K; i += blockDim.x) atomicAdd(&count[expert[(size_t)b * T * K + i]], 1);
+    __syncthreads();
+    const float unit = (float)E / ((float)K * (float)T);
+    for (int e = threadIdx.x; e < E; e += blockDim.x) {
+        f[e] = (float)count[e] * unit;
+        frac[(size_t)b * E + e] = f[e];
+    }
+    __syncthreads();
+    float acc = 0;  // warp `warp` sums tokens warp, warp + warps, ... in order
+    for (int t = warp; t < T; t += warps) {
+        const float* s = scores + ((size_t)b * T + t) * E;
+        float sum = 0, fs = 0;
+        for (int e = lane; e < E; e += 32) {
+            sum += s[e];
+            fs += f[e] * s[e];
+        }
+        sum = warp_sum(sum);
+        fs = warp_sum(fs);
+        acc += fs / sum;
+    }
+    if (lane == 0) partial[warp] = acc;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        float total = 0;
+        for (int w = 0; w < warps; w++) total += partial[w];
+        seq_loss[b] = total;
+    }
+}
+
+static __global__ void balance_loss_finish_kernel(float* loss, const float* seq_loss, int B, float scale) {
+    float acc = 0;
+    for (int b = threadIdx.x; b < B; b += 32) acc += seq_loss[b];
+    acc = warp_sum(acc);
+    if (threadIdx.x == 0) *loss = acc * scale;
+}
+
+// loss: device scalar (overwritten); frac [B,E] and seq_loss [B]: fp32 scratch,
+// frac is read again by the backward. scores [N,E], expert [N,K] from the router.
+inline void balance_loss_forward_gpu(float* loss, float* frac, float* seq_loss, const float* scores, const int* expert, int B,
+                                     int T, int E, int K, float alpha, cudaStream_t stream) {
+    if (E < 1 || E > MOE_MAX_EXPERTS) fail("balance loss: %d experts, supported 1..%d", E, MOE_MAX_EXPERTS);
+    if (B <= 0 || T <= 0) return;
+    balance_loss_sequence_kernel<<<B, 256, 0, stream>>>(frac, seq_loss, scores, expert, T, E, K);
+    CUDA_LAUNCH_CHECK();
+    balance_loss_finish_kernel<<<1, 32, 0, stream>>>(loss, seq_loss, B, (float)(alpha / ((double)B * T)));
+    CUDA_LAUNCH_CHECK();
+}
+
+// dscores [N,E] (overwritten) = scale * (f_e - sum_j f_j s_j / sum_j s_j) / sum_j s_j,
+// scale = dloss * alpha / (B*T); one warp per token; frac [B,E] from the forward.
+static __global__ void balance_loss_backward_kernel(float* dscores, const float* frac, const float* scores, int N, int T, int E,
+                                                    float scale) {
+    const int lane = threadIdx.x % 32;
+    const int n = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
+    if (n >= N) return;
+    const float* s = scores + (size_t)n * E;
+    const float* f = frac + (size_t)(n / T) * E;
+    float sum = 0, fs = 0;
+    for (int e = lane; e < E; e += 32) {
+        sum += s[e];
+        fs += f[e] * s[e];
+    }
+    sum = warp_sum(sum);
+    fs = warp_sum(fs);
+    for (int e = lane; e < E; e += 32) dscores[(size_t)n * E + e] = scale * (f[e] - fs / sum) / sum;
+}
+
+inline void balance_loss_backward_gpu(float* dscores, const float* frac, const float* scores, int B, int T, int E,
+                                      float alpha, float dloss, cudaStream_t stream) {
+    const int N = B * T;
+    if (N <= 0) return;
+    const int warps = 8;
+    balance_loss_backward_kernel<<<ceil_div(N, warps), warps * 32, 0, stream>>>(
+        dscores, frac, scores, N, T, E, (float)((double)dloss * alpha / ((double)B * T)));
+    CUDA_LAUNCH_CHECK();
+}
+
+// ----------------------------------------------------------------------------
+// Permutation of the S = N*K slots by expert, stable (an expert's rows are its
+// slots in ascending slot order, as in the reference's per-expert lists):
+//   offsets [E+1]: expert e owns rows offsets[e] .. offsets[e+1]-1,
+//   slot_row [S]:  the row of slot n*K+k,  row_slot [S]: its inverse.
+// Three kernels, all deterministic (integer counts only): count each chunk's
+// slots per expert; one block scans the counts (per expert over chunks, then over
+// experts); each chunk then places its slots, ranking equal experts within a warp
+// with __match_any_sync and across the block's warps through shared counts.
+
+constexpr int MOE_PERM_CHUNK = 2048;   // slots per block
+constexpr int MOE_PERM_THREADS = 256;  // threads per block (8 warps)
+
+// ints of scratch moe_permute_gpu needs: [chunks, E] chunk bases
+inline size_t moe_permute_scratch_ints(int S, int E) { return (size_t)ceil_div(S, MOE_PERM_CHUNK) * E + 1; }
+
+static __global__ void moe_permute_count_kernel(int* chunk_count, const int* expert, int S, int E) {
+    __shared__ int count[MOE_MAX_EXPERTS];
+    for (int e = threadIdx.x; e < E; e += blockDim.x) count[e] = 0;
+    __syncthreads();
+    const int start = blockIdx.x * MOE_PERM_CHUNK, end = min(S, start + MOE_PERM_CHUNK);
+    for (int i = start + threadIdx.x; i < end; i += blockDim.x) atomicAdd(&count[expert[i]], 1);
+    __syncthreads();
+    for (int e = threadIdx.x; e < E; e += blockDim.x) chunk_count[(size_t)blockIdx.x * E + e] = count[e];
+}
+
+// one block of MOE_MAX_EXPERTS threads: chunk_count becomes each chunk's first row per expert
+static __global__ void moe_permute_scan_kernel(int* offsets, int* chunk_count, int chunks, int E) {
+    __shared__ int total[MOE_MAX_EXPERTS + 1];
+    const int e = threadIdx.x;
+    int running = 0;
+    if (e < E)
+        for (int c = 0; c < chunks; c++) {
+            int v = chunk_count[(size_t)c * E + e];
+            chunk_count[(size_t)c * E + e] = running;
+            running += v;
+        }
+    if (e < E) total[e] = running;
+    __syncthreads();
+    if (e == 0) {
+        int acc = 0;
+        for (int i = 0; i < E; i++) {
+            int v = total[i];
+            total[i] = acc;
+            acc += v;
+        }
+        total[E] = acc;
+    }
+    __syncthreads();
+    if (e < E) offsets[e] = total[e];
+    if (e == 0) offsets[E] = total[E];  // (E may equal the block size)
+    if (e < E)
+        for (int c = 0; c < chunks; c++) chunk_count[(size_t)c * E + e] += total[e];
+}
+
+static __global__ void moe_permute_place_kernel(int* slot_row, int* row_slot, const int* chunk_base, const int* expert, int S,
+                                                int E) {
+    constexpr int W = MOE_PERM_THREADS / 32;
+    __shared__ int base[MOE_MAX_EXPERTS];
+    __shared__ int warp_count[W][MOE_MAX_EXPERTS];
+    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+    for (int e = threadIdx.x; e < E; e += blockDim.x) {
+        base[e] = chunk_base[(size_t)blockIdx.x * E + e];
+        for (int w = 0; w < W; w++) warp_count[w][e] = 0;
+    }
+    __syncthreads();
+    const unsigned lower = (1u << lane) - 1;
+    const int start = blockIdx.x * MOE_PERM_CHUNK;
+    for (int i0 = start; i0 < min(S, start + MOE_PERM_CHUNK); i0 += MOE_PERM_THREADS) {
+        const int slot = i0 + threadIdx.x;
+        const bool valid = slot < S;
+        const int e = valid ? expert[slot] : -1;
+        const unsigned peers = __match_any_sync(0xffffffffu, e);
+        const int rank = __popc(peers & lower);
+        const bool leader = rank == 0;
+        if (valid && leader) warp_count[warp][e] = __popc(peers);
+        __syncthreads();
+        if (valid) {
+            int row = base[e] + rank;
+            for (int w = 0; w < warp; w++) row += warp_count[w][e];
+            slot_row[slot] = row;
+            row_slot[row] = slot;
+        }
+        __syncthreads();
+        if (valid && leader) {
+            atomicAdd(&base[e], __popc(peers));  // integer: the order of the adds does not matter
+            warp_count[warp][e] = 0;
+        }
+        __syncthreads();
+    }
+}
+
+// expert [S] (values 0..E-1) -> offsets [E+1], slot_row [S], row_slot [S];
+// scratch: moe_permute_scratch_ints(S, E) ints
+inline void moe_permute_gpu(int* offsets, int* slot_row, int* row_slot, int* scratch, const int* expert, int S, int E,
+                            cudaStream_t stream) {
+    if (E < 1 || E > MOE_MAX_EXPERTS) fail("moe permutation: %d experts, supported 1..%d", E, MOE_MAX_EXPERTS);
+    const int chunks = ceil_div(S, MOE_PERM_CHUNK);
+    if (chunks > 0) {
+        moe_permute_count_kernel<<<chunks, MOE_PERM_THREADS, 0, stream>>>(scratch, expert, S, E);
+        CUDA_LAUNCH_CHECK();
+    }
+    moe_permute_scan_kernel<<<1, MOE_MAX_EXPERTS, 0, stream>>>(offsets, scratch, chunks, E);
+    CUDA_LAUNCH_CHECK();
+    if (chunks > 0) {
+        moe_permute_place_kernel<<<chunks, MOE_PERM_THREADS, 0, stream>>>(slot_row, row_slot, scratch, expert, S, E);
+        CUDA_LAUNCH_CHECK();
+    }
+}
+
+// ----------------------------------------------------------------------------
+// Gather, combine, scatter. Rows of D elements move as 16-byte vectors of 8 bf16
+// when D % 8 == 0 (and element by element otherwise). Sums are fp32 in the
+// reference's order: slots of a token in selection order k = 0..K-1.
+
+struct MoeBf16x8 {
+    float v[8];
+};
+
+template <bool VEC>
+__device__ inline MoeBf16x8 moe_load8(const bf16* p, int valid) {
+    MoeBf16x8 r;
+    if (VEC) {
+        uint4 raw = *(const uint4*)p;
+        const __nv_bfloat162* h = (const __nv_bfloat162*)&raw;
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
+            float2 f = __bfloat1622float2(h[i]);
+            r.v[2 * i] = f.x;
+            r.v[2 * i + 1] = f.y;
+        }
+    } else {
+#pragma unroll
+        for (int i = 0; i < 8; i++) r.v[i] = i < valid ? __bfloat162float(p[i]) : 0.0f;
+    }
+    return r;
+}
+
+template <bool VEC>
+__device__ inline void moe_store8(bf16* p, const MoeBf16x8& r, int valid) {
+    if (VEC) {
+        uint4 raw;
+        __nv_bfloat162* h = (__nv_bfloat162*)&raw;
+#pragma unroll
+        for (int i = 0; i < 4; i++) h[i] = __floats2bfloat162_rn(r.v[2 * i], r.v[2 * i + 1]);
+        *(uint4*)p = raw;
+    } else {
+#pragma unroll
+        for (int i = 0; i < 8; i++)
+            if (i < valid) p[i] = __float2bfloat16(r.v[i]);
+    }
+}
+
+// x_sorted [S,D]: row r is u[row_slot[r] / K]; one thread per 8 elements
+template <bool VEC>
+static __global__ void moe_gather_kernel(bf16* x_sorted, const bf16* u, const int* row_slot, int S, int D, int K) {
+    const int chunks = (D + 7) / 8;
+    const size_t idx = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (idx >= (size_t)S * chunks) return;
+    const int r = (int)(idx / chunks), i = (int)(idx % chunks) * 8;
+    const int n = row_slot[r] / K;
+    if (VEC) {
+        *(uint4*)(x_sorted + (size_t)r * D + i) = *(const uint4*)(u + (size_t)n * D + i);
+    } else {
+        for (int j = i; j < min(D, i + 8); j++) x_sorted[(size_t)r * D + j] = u[(size_t)n * D + j];
+    }
+}
+
+inline bool moe_aligned16(const void* p) { return ((uintptr_t)p & 15) == 0; }
+
+inline void moe_gather_gpu(bf16* x_sorted, const bf16* u, const int* row_slot, int N, int K, int D, cudaStream_t stream) {
+    const size_t work = (size_t)N * K * ceil_div(D, 8);
+    if (work == 0) return;
+    const bool vec = D % 8 == 0 && moe_aligned16(x_sorted) && moe_aligned16(u);
+    if (vec) moe_gather_kernel<true><<<ceil_div(work, 256), 256, 0, stream>>>(x_sorted, u, row_slot, N * K, D, K);
+    else moe_gather_kernel<false><<<ceil_div(work, 256), 256, 0, stream>>>(x_sorted, u, row_slot, N * K, D, K);
+    CUDA_LAUNCH_CHECK();
+}
+
+// out [N,D] = sum_k gate[n,k] * y_sorted[slot_row[n*K+k]] (+ shared [N,D] when not null)
+template <bool VEC>
+static __global__ void moe_combine_forward_kernel(bf16* out, const bf16* y_sorted, const float* gate, const int* slot_row,
+                                                  const bf16* shared, int N, int D, int K) {
+    const int chunks = (D + 7) / 8;
+    const size_t idx = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (idx >= (size_t)N * chunks) return;
+    const int n = (int)(idx / chunks), i = (int)(idx % chunks) * 8, valid = min(8, D - i);
+    MoeBf16x8 acc;
+#pragma unroll
+    for (int j = 0; j < 8; j++) acc.v[j] = 0.0f;
+    for (int k = 0; k < K; k++) {
+        const float g = gate[(size_t)n * K + k];
+        const MoeBf16x8 y = moe_load8<VEC>(y_sorted + (size_t)slot_row[(size_t)n * K + k] * D + i, valid);
+#pragma unroll
+        for (int j = 0; j < 8; j++) acc.v[j] += g * y.v[j];
+    }
+    if (shared) {
+        const MoeBf16x8 sh = moe_load8<VEC>(shared + (size_t)n * D + i, valid);
+#pragma unroll
+        for (int j = 0; j < 8; j++) acc.v[j] += sh.v[j];
+    }
+    moe_store8<VEC>(out + (size_t)n * D + i, acc, valid);
+}
+
+inline void moe_combine_forward_gpu(bf16* out, const bf16* y_sorted, const float* gate, const int* slot_row, const bf16* shared,
+                                    int N, int K, int D, cudaStream_t stream) {
+    const size_t work = (size_t)N * ceil_div(D, 8);
+    if (work == 0) return;
+    const bool vec = D % 8 == 0 && moe_aligned16(out) && moe_aligned16(y_sorted) && (!shared || moe_aligned16(shared));
+    if (vec) moe_combine_forward_kernel<true><<<ceil_div(work, 256), 256, 0, stream>>>(out, y_sorted, gate, slot_row, shared, N, D, K);
+    else moe_combine_forward_kernel<false><<<ceil_div(work, 256), 256, 0, stream>>>(out, y_sorted, gate, slot_row, shared, N, D, K);
+    CUDA_LAUNCH_CHECK();
+}
+
+// one warp per slot: dy_sorted[row] = gate * dout[n] (bf16), dgate[slot] = dout[n] . y_sorted[row]
+template <bool VEC>
+static __global__ void moe_combine_backward_kernel(bf16* dy_sorted, float* dgate, const bf16* dout, const bf16* y_sorted,
+                                                   const float* gate, const int* slot_row, int S, int D, int K) {
+    const int lane = threadIdx.x % 32;
+    const int slot = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
+    if (slot >= S) return;
+    const int n = slot / K, row = slot_row[slot];
+    const float g = gate[slot];
+    float dot = 0;
+    for (int i = lane * 8; i < D; i += 32 * 8) {
+        const int valid = min(8, D - i);
+        const MoeBf16x8 d = moe_load8<VEC>(dout + (size_t)n * D + i, valid);
+        const MoeBf16x8 y = moe_load8<VEC>(y_sorted + (size_t)row * D + i, valid);
+        MoeBf16x8 dy;
+#pragma unroll
+        for (int j = 0; j < 8; j++) {
+            dot += d.v[j] * y.v[j];
+            dy.v[j] = g * d.v[j];
+        }
+        moe_store8<VEC>(dy_sorted + (size_t)row * D + i, dy, valid);
+    }
+    dot = warp_sum(dot);
+    if (lane == 0) dgate[slot] = dot;
+}
+
+inline void moe_combine_backward_gpu(bf16* dy_sorted, float* dgate, const bf16* dout, const bf16* y_sorted, const float* gate,
+                                     const int* slot_row, int N, int K, int D, cudaStream_t stream) {
+    const int S = N * K, warps = 8;
+    if (S == 0) return;
+    const bool vec = D % 8 == 0 && moe_aligned16(dy_sorted) && moe_aligned16(dout) && moe_aligned16(y_sorted);
+    if (vec) moe_combine_backward_kernel<true><<<ceil_div(S, warps), warps * 32, 0, stream>>>(dy_sorted, dgate, dout, y_sorted, gate, slot_row, S, D, K);
+    else moe_combine_backward_kernel<false><<<ceil_div(S, warps), warps * 32, 0, stream>>>(dy_sorted, dgate, dout, y_sorted, gate, slot_row, S, D, K);
+    CUDA_LAUNCH_CHECK();
+}
+
+// du [N,D] (+= when accumulate, else =) sum_k dx_sorted[slot_row[n*K+k]], fp32 sum, one rounding
+template <bool VEC>
+static __global__ void moe_scatter_backward_kernel(bf16* du, const bf16* dx_sorted, const int* slot_row, int N, int D, int K,
+                                                   int accumulate) {
+    const int chunks = (D + 7) / 8;
+    const size_t idx = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (idx >= (size_t)N * chunks) return;
+    const int n = (int)(idx / chunks), i = (int)(idx % chunks) * 8, valid = min(8, D - i);
+    MoeBf16x8 acc;
+    if (accumulate) acc = moe_load8<VEC>(du + (size_t)n * D + i, valid);
+    else
+#pragma unroll
+        for (int j = 0; j < 8; j++) acc.v[j] = 0.0f;
+    for (int k = 0; k < K; k++) {
+        const MoeBf16x8 d = moe_load8<VEC>(dx_sorted + (size_t)slot_row[(size_t)n * K + k] * D + i, valid);
+#pragma unroll
+        for (int j = 0; j < 8; j++) acc.v[j] += d.v[j];
+    }
+    moe_store8<VEC>(du + (size_t)n * D + i, acc, valid);
+}
+
+inline void moe_scatter_backward_gpu(bf16* du, const bf16* dx_sorted, const int* slot_row, int N, int K, int D, bool accumulate,
+                                     cudaStream_t stream) {
+    const size_t work = (size_t)N * ceil_div(D, 8);
+    if (work == 0) return;
+    const bool vec = D % 8 == 0 && moe_aligned16(du) && moe_aligned16(dx_sorted);
+    if (vec) moe_scatter_backward_kernel<true><<<ceil_div(work, 256), 256, 0, stream>>>(du, dx_sorted, slot_row, N, D, K, accumulate);
+    else moe_scatter_backward_kernel<false><<<ceil_div(work, 256), 256, 0, stream>>>(du, dx_sorted, slot_row, N, D, K, accumulate);
+    CUDA_LAUNCH_CHECK();
+}
+
+// ----------------------------------------------------------------------------
+// Grouped expert GEMM on tensor cores (mma.sync m16n8k16 bf16, fp32 accumulate).
+//
+// One kernel template computes a BM x BN tile (BM = 128, BN = 128 or 64) of
+// D[m, n] = sum_k A[m, k] B[k, n] for one expert, with a multi-stage cp.async
+// pipeline of BK-wide k slices; 8 warps in a 2x4 grid each own 64 x BN/4 outputs.
+// Operands are read either k-contiguous ("K-major": smem [row][k], plain
+// ldmatrix) or m/n-contiguous (smem [k][row], ldmatrix.trans), which covers the
+// three products without transposing anything in memory:
+//   forward          out[r, o] = x[r, :] . W_e[o, :]    A = x (K-major),    B = W_e (K-major)
+//   backward input   dx[r, c]  = dout[r, :] @ W_e[:, c]  A = dout (K-major), B = W_e (N-major)
+//   backward weight  dW_e[o,c] += sum_r dout[r,o] x[r,c]  A = dout (M-major), B = x (N-major)
+// Forward and backward-input CTAs find their expert and row tile from the device
+// offsets (grid.y is the worst case, ceil(S/BM) + E tiles; surplus CTAs exit);
+// grid.x runs over output columns so CTAs in flight share their A rows in L2.
+// Backward-weight CTAs own one (expert, OC tile, C tile) and walk all of the
+// expert's rows in order, so dW needs no atomics and is bit-reproducible.
+// Every output element accumulates its k16 steps in ascending k whatever the tile
+// config, so all configs give bit-identical results.
+// Rows past an expert's end and columns past C/OC are zero-filled (cp.async with
+// src-size 0). The 16-byte path needs C % 8 == 0, OC % 8 == 0 and 16-byte aligned
+// pointers and strides; otherwise a scalar-load path handles any size (e.g. the
+// tiny preset's moe_intermediate_size = 12), more slowly.
+
+constexpr int MOE_GEMM_BM = 128, MOE_GEMM_THREADS = 256;
+constexpr int MOE_GEMM_PAD = 8;  // bf16 of padding per smem row: the 8 rows of an ldmatrix land in distinct banks
+
+// smem elements of one stage of an operand tile with `rows` rows (BM or BN)
+template <bool KMAJOR, int BK>
+__host__ __device__ constexpr int moe_gemm_tile_elems(int rows) {
+    return KMAJOR ? rows * (BK + MOE_GEMM_PAD) : BK * (rows + MOE_GEMM_PAD);
+}
+
+template <int MODE, bool B_KMAJOR, int BN, int BK, int STAGES>
+constexpr int moe_gemm_smem_bytes() {
+    return STAGES * 2 * (moe_gemm_tile_elems<MODE == 0, BK>(MOE_GEMM_BM) + moe_gemm_tile_elems<B_KMAJOR, BK>(BN));
+}
+
+__device__ inline void moe_cp_async16(void* smem, const void* gmem, bool valid) {
+    unsigned s = (unsigned)__cvta_generic_to_shared(smem);
+    int bytes = valid ? 16 : 0;
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem), "r"(bytes));
+}
+__device__ inline void moe_cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N>
+__device__ inline void moe_cp_async_wait() {
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+
+__device__ inline void moe_ldmatrix_x4(unsigned* r, const bf16* p) {
+    unsigned s = (unsigned)__cvta_generic_to_shared(p);
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(s));
+}
+__device__ inline void moe_ldmatrix_x4_trans(unsigned* r, const bf16* p) {
+    unsigned s = (unsigned)__cvta_generic_to_shared(p);
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(s));
+}
+__device__ inline void moe_mma_bf16(float* c, const unsigned* a, const unsigned* b) {
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+
+// Loads one BK-wide k slice of an operand tile into smem. The operand holds ROWS
+// rows starting at its base; element (row, k) lives at base[row * ld + k] when
+// KMAJOR, else at base[k * ld + row]. Valid rows < row_end, valid k < k_end; the
+// rest is zero-filled.
+template <bool KMAJOR, bool VEC, int ROWS, int BK>
+__device__ inline void moe_gemm_load_tile(bf16* smem, const bf16* base, int ld, int row_end, int k0, int k_end) {
+    constexpr int CHUNKS = ROWS * BK / 8;  // 16-byte chunks per tile
+    static_assert(CHUNKS % MOE_GEMM_THREADS == 0, "tile chunks must divide among the threads");
+#pragma unroll
+    for (int it = 0; it < CHUNKS / MOE_GEMM_THREADS; it++) {
+        const int idx = threadIdx.x + it * MOE_GEMM_THREADS;
+        int row, k;  // first element of the chunk; the chunk runs along the contiguous dimension
+        bf16* dst;
+        if (KMAJOR) {
+            row = idx / (BK / 8);
+            k = (idx % (BK / 8)) * 8;
+            dst = smem + row * (BK + MOE_GEMM_PAD) + k;
+        } else {
+            k = idx / (ROWS / 8);
+            row = (idx % (ROWS / 8)) * 8;
+            dst = smem + k * (ROWS + MOE_GEMM_PAD) + row;
+        }
+        const int kk = k0 + k;
+        const bf16* src = KMAJOR ? base + (size_t)row * ld + kk : base + (size_t)kk * ld + row;
+        if (VEC) {
+            const bool valid = row < row_end && kk < k_end;
+            moe_cp_async16(dst, valid ? src : base, valid);
+        } else {
+            // scalar path: 8 bounds-checked loads along the contiguous dimension
+            MoeBf16x8 v;
+#pragma unroll
+            for (int j = 0; j < 8; j++) {
+                const bool valid = KMAJOR ? (row < row_end && kk + j < k_end) : (row + j < row_end && kk < k_end);
+                v.v[j] = valid ? __bfloat162float(src[j]) : 0.0f;
+            }
+            moe_store8<true>(dst, v, 8);
+        }
+    }
+}
+
+// MOE_GEMM_FWD: bf16 out, m runs over the expert's rows. MOE_GEMM_WGRAD: fp32 dW +=.
+enum { MOE_GEMM_FWD = 0, MOE_GEMM_WGRAD = 1 };
+
+// Forward / backward-input (MOE_GEMM_FWD): A is the [S, lda] activations
+// (K-major), B is W_e = Bw + e * b_stride (K-major for forward, N-major for
+// backward input), out [S, N]. Backward weight (MOE_GEMM_WGRAD): M = OC, N = C,
+// K = the expert's rows; A = dout [S, OC] (M-major), B = x [S, C] (N-major),
+// dw + e * dw_stride [OC, C] fp32 +=.
+template <int MODE, bool B_KMAJOR, bool VEC, int BN, int BK, int STAGES>
+static __global__ void __launch_bounds__(MOE_GEMM_THREADS, 2)
+    grouped_gemm_kernel(bf16* out, float* dw, size_t dw_stride, const bf16* A, int lda, const bf16* Bw, size_t b_stride,
+                        int ldb, const int* offsets, int E, int M, int N, int K) {
+    constexpr bool A_KMAJOR = MODE == MOE_GEMM_FWD;
+    constexpr int BM = MOE_GEMM_BM;
+    constexpr int A_ELEMS = moe_gemm_tile_elems<A_KMAJOR, BK>(BM), B_ELEMS = moe_gemm_tile_elems<B_KMAJOR, BK>(BN);
+    constexpr int WN = BN / 4, NI = WN / 8;  // warp tile 64 x WN: 4 x NI mma tiles
+    static_assert(NI % 2 == 0, "B fragments load in pairs of n8 tiles");
+    extern __shared__ __align__(16) unsigned char moe_gemm_smem[];
+    bf16* As = (bf16*)moe_gemm_smem;
+    bf16* Bs = As + STAGES * A_ELEMS;
+
+    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+    const int warp_m = warp / 4, warp_n = warp % 4;
+    const int n0 = blockIdx.x * BN;
+
+    const bf16 *a_base, *b_base;
+    int m_end, n_end, k_end, e;
+    int row0 = 0;  // MOE_GEMM_FWD: first output row of this tile
+    if (MODE == MOE_GEMM_FWD) {
+        // which expert and which of its row tiles: a warp-wide scan of the tile counts
+        const int t = blockIdx.y;
+        e = -1;
+        int tile_in = 0, before = 0;
+        for (int e0 = 0; e0 < E; e0 += 32) {
+            const int ee = e0 + lane;
+            const int cnt = ee < E ? offsets[ee + 1] - offsets[ee] : 0;
+            const int tiles = (cnt + BM - 1) / BM;
+            int incl = tiles;
+            for (int off = 1; off < 32; off <<= 1) {
+                int v = __shfl_up_sync(0xffffffffu, incl, off);
+                if (lane >= off) incl += v;
+            }
+            const int excl = incl - tiles;
+            const unsigned hit = __ballot_sync(0xffffffffu, t >= before + excl && t < before + incl);
+            if (hit) {
+                const int l = __ffs(hit) - 1;
+                e = e0 + l;
+                tile_in = t - before - __shfl_sync(0xffffffffu, excl, l);
+                break;
+            }
+            before += __shfl_sync(0xffffffffu, incl, 31);
+        }
+        if (e < 0) return;  // surplus CTA of the worst-case grid (uniform over the block)
+        row0 = offsets[e] + tile_in * BM;
+        m_end = min(BM, offsets[e + 1] - row0);
+        a_base = A + (size_t)row0 * lda;
+        b_base = Bw + (size_t)e * b_stride + (B_KMAJOR ? (size_t)n0 * ldb : (size_t)n0);
+        n_end = N - n0;
+        k_end = K;
+    } else {
+        e = blockIdx.z;
+        const int r0 = offsets[e], rows = offsets[e + 1] - r0;
+        if (rows == 0) return;  // dW_e += 0
+        const int m0 = blockIdx.y * BM;
+        a_base = A + (size_t)r0 * lda + m0;  // element (m, k) at [k * lda + m]
+        b_base = Bw + (size_t)r0 * ldb + n0;
+        m_end = M - m0;
+        n_end = N - n0;
+        k_end = rows;
+    }
+
+    float acc[4][NI][4];
+#pragma unroll
+    for (int i = 0; i < 4; i++)
+#pragma unroll
+        for (int j = 0; j < NI; j++)
+#pragma unroll
+            for (int q = 0; q < 4; q++) acc[i][j][q] = 0.0f;
+
+    const int KT = (k_end + BK - 1) / BK;
+    auto load_stage = [&](int stage, int kt) {
+        moe_gemm_load_tile<A_KMAJOR, VEC, BM, BK>(As + stage * A_ELEMS, a_base, lda, m_end, kt * BK, k_end);
+        moe_gemm_load_tile<B_KMAJOR, VEC, BN, BK>(Bs + stage * B_ELEMS, b_base, ldb, n_end, kt * BK, k_end);
+    };
+#pragma unroll
+    for (int s = 0; s < STAGES - 1; s++) {
+        if (s < KT) load_stage(s, s);
+        moe_cp_async_commit();
+    }
+    for (int kt = 0; kt < KT; kt++) {
+        moe_cp_async_wait<STAGES - 2>();
+        __syncthreads();  // slice kt is in smem for everyone; slice kt-1's stage is free again
+        if (kt + STAGES - 1 < KT) load_stage((kt + STAGES - 1) % STAGES, kt + STAGES - 1);
+        moe_cp_async_commit();
+        const bf16* as = As + (kt % STAGES) * A_ELEMS;
+        const bf16* bs = Bs + (kt % STAGES) * B_ELEMS;
+#pragma unroll
+        for (int kk = 0; kk < BK; kk += 16) {
+            unsigned af[4][4], bfr[NI][2];
+            const int mat = lane / 8, r8 = lane % 8;
+#pragma unroll
+            for (int mi = 0; mi < 4; mi++) {
+                const int mb = warp_m * 64 + mi * 16;
+                if (A_KMAJOR) moe_ldmatrix_x4(af[mi], as + (mb + lane % 16) * (BK + MOE_GEMM_PAD) + kk + (lane / 16) * 8);
+                else moe_ldmatrix_x4_trans(af[mi], as + (kk + r8 + (mat / 2) * 8) * (BM + MOE_GEMM_PAD) + mb + (mat % 2) * 8);
+            }
+#pragma unroll
+            for (int p = 0; p < NI / 2; p++) {
+                const int nb = warp_n * WN + p * 16;
+                unsigned r[4];
+                if (B_KMAJOR) moe_ldmatrix_x4(r, bs + (nb + r8 + (mat / 2) * 8) * (BK + MOE_GEMM_PAD) + kk + (mat % 2) * 8);
+                else moe_ldmatrix_x4_trans(r, bs + (kk + r8 + (mat % 2) * 8) * (BN + MOE_GEMM_PAD) + nb + (mat / 2) * 8);
+                bfr[2 * p][0] = r[0];
+                bfr[2 * p][1] = r[1];
+                bfr[2 * p + 1][0] = r[2];
+                bfr[2 * p + 1][1] = r[3];
+            }
+#pragma unroll
+            for (int mi = 0; mi < 4; mi++)
+#pragma unroll
+                for (int ni = 0; ni < NI; ni++) moe_mma_bf16(acc[mi][ni], af[mi], bfr[ni]);
+        }
+    }
+    moe_cp_async_wait<0>();
+
+    // epilogue: the thread holds rows lane/4 (+8), columns 2*(lane%4) (+1) of each 16x8 tile
+#pragma unroll
+    for (int mi = 0; mi < 4; mi++)
+#pragma unroll
+        for (int ni = 0; ni < NI; ni++)
+#pragma unroll
+            for (int h = 0; h < 2; h++) {
+                const int m = warp_m * 64 + mi * 16 + lane / 4 + h * 8;
+                const int n = warp_n * WN + ni * 8 + (lane % 4) * 2;
+                const float v0 = acc[mi][ni][2 * h], v1 = acc[mi][ni][2 * h + 1];
+                if (m >= m_end || n >= n_end) continue;
+                if (MODE == MOE_GEMM_FWD) {
+                    bf16* o = out + (size_t)(row0 + m) * N + n0 + n;
+                    if (VEC) {
+                        *(__nv_bfloat162*)o = __floats2bfloat162_rn(v0, v1);
+                    } else {
+                        o[0] = __float2bfloat16(v0);
+                        if (n + 1 < n_end) o[1] = __float2bfloat16(v1);
+                    }
+                } else {
+                    float* o = dw + (size_t)e * dw_stride + (size_t)(blockIdx.y * BM + m) * N + n0 + n;
+                    if (VEC) {
+                        float2 old = *(float2*)o;
+                        *(float2*)o = make_float2(old.x + v0, old.y + v1);
+                    } else {
+                        o[0] += v0;
+                        if (n + 1 < n_end) o[1] += v1;
+                    }
+                }
+            }
+}
+
+template <int MODE, bool B_KMAJOR, bool VEC, int BN, int BK, int STAGES>
+static inline void grouped_gemm_launch(dim3 grid, cudaStream_t stream, bf16* out, float* dw, size_t dw_stride, const bf16* A, int lda,
+                                const bf16* B, size_t b_stride, int ldb, const int* offsets, int E, int M, int N, int K) {
+    constexpr int smem = moe_gemm_smem_bytes<MODE, B_KMAJOR, BN, BK, STAGES>();
+    auto kernel = grouped_gemm_kernel<MODE, B_KMAJOR, VEC, BN, BK, STAGES>;
+    // the > 48 KiB shared-memory opt-in, once per instantiation; the launcher is static
+    // like the kernel, so every translation unit opts its own copy in
+    static bool configured = false;
+    if (!configured) {
+        CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+        configured = true;
+    }
+    kernel<<<grid, MOE_GEMM_THREADS, smem, stream>>>(out, dw, dw_stride, A, lda, B, b_stride, ldb, offsets, E, M, N, K);
+    CUDA_LAUNCH_CHECK();
+}
+
+inline void grouped_gemm_check(const char* what, int S, int E, int C, int OC) {
+    if (E < 1 || E > MOE_MAX_EXPERTS) fail("%s: %d experts, supported 1..%d", what, E, MOE_MAX_EXPERTS);
+    if (S < 0 || C <= 0 || OC <= 0) fail("%s: bad shape rows=%d C=%d OC=%d", what, S, C, OC);
+    if ((long long)ceil_div(S, MOE_GEMM_BM) + E > 65535) fail("%s: %d rows exceed the grid limit", what, S);
+}
+
+// the 16-byte path: dimensions multiples of 8, 16-byte aligned pointers, strides multiples of 8
+inline bool grouped_gemm_vec(int C, int OC, size_t stride, std::initializer_list<const void*> ptrs) {
+    bool ok = C % 8 == 0 && OC % 8 == 0 && stride % 8 == 0;
+    for (const void* p : ptrs) ok = ok && moe_aligned16(p);
+    return ok;
+}
+
+// The *_cfg entry points take the tile config (BN in {64, 128}, BK in {32, 64},
+// STAGES); the plain ones below use BN=128, BK=64, 3 stages (110.6 KB of shared
+// memory, 2 CTAs per SM), measured fastest of {128,32,4}, {128,64,3}, {128,64,4},
+// {64,64,4}, {64,32,4} for all three products at rows=32768, C=768, OC=768/1536,
+// E=8 (test/gpu_moe.cu's "moe timing" case).
+
+template <int BN, int BK, int STAGES>
+inline void grouped_gemm_forward_cfg(bf16* out, const bf16* x, const bf16* w, size_t w_stride, const int* offsets, int S, int E,
+                                     int C, int OC, cudaStream_t stream) {
+    grouped_gemm_check("grouped_gemm_forward", S, E, C, OC);
+    if (S == 0) return;
+    dim3 grid(ceil_div(OC, BN), ceil_div(S, MOE_GEMM_BM) + E);
+    if (grouped_gemm_vec(C, OC, w_stride, {out, x, w}))
+        grouped_gemm_launch<MOE_GEMM_FWD, true, true, BN, BK, STAGES>(grid, stream, out, nullptr, 0, x, C, w, w_stride, C, offsets, E, S, OC, C);
+    else
+        grouped_gemm_launch<MOE_GEMM_FWD, true, false, BN, BK, STAGES>(grid, stream, out, nullptr, 0, x, C, w, w_stride, C, offsets, E, S, OC, C);
+}
+
+template <int BN, int BK, int STAGES>
+inline void grouped_gemm_backward_input_cfg(bf16* dx, const bf16* dout, const bf16* w, size_t w_stride, const int* offsets, int S,
+                                            int E, int C, int OC, cudaStream_t stream) {
+    grouped_gemm_check("grouped_gemm_backward_input", S, E, C, OC);
+    if (S == 0) return;
+    dim3 grid(ceil_div(C, BN), ceil_div(S, MOE_GEMM_BM) + E);
+    if (grouped_gemm_vec(C, OC, w_stride, {dx, dout, w}))
+        grouped_gemm_launch<MOE_GEMM_FWD, false, true, BN, BK, STAGES>(grid, stream, dx, nullptr, 0, dout, OC, w, w_stride, C, offsets, E, S, C, OC);
+    else
+        grouped_gemm_launch<MOE_GEMM_FWD, false, false, BN, BK, STAGES>(grid, stream, dx, nullptr, 0, dout, OC, w, w_stride, C, offsets, E, S, C, OC);
+}
+
+template <int BN, int BK, int STAGES>
+inline void grouped_gemm_backward_weight_cfg(float* dw, size_t dw_stride, const bf16* dout, const bf16* x, const int* offsets, int S,
+                                             int E, int C, int OC, cudaStream_t stream) {
+    grouped_gemm_check("grouped_gemm_backward_weight", S, E, C, OC);
+    if (S == 0) return;
+    dim3 grid(ceil_div(C, BN), ceil_div(OC, MOE_GEMM_BM), E);
+    if (grouped_gemm_vec(C, OC, dw_stride, {dw, dout, x}))
+        grouped_gemm_launch<MOE_GEMM_WGRAD, false, true, BN, BK, STAGES>(grid, stream, nullptr, dw, dw_stride, dout, OC, x, 0, C, offsets, E, OC, C, 0);
+    else
+        grouped_gemm_launch<MOE_GEMM_WGRAD, false, false, BN, BK, STAGES>(grid, stream, nullptr, dw, dw_stride, dout, OC, x, 0, C, offsets, E, OC, C, 0);
+}
+
+// out [S, OC] = x [S, C] @ W_e^T for the rows offsets[e]..offsets[e+1]-1 of each
+// expert e; W_e = w + e * w_stride is [OC, C]. S = N*K is the total row count
+// (offsets[E] must equal it; the host uses it only to size the grid).
+inline void grouped_gemm_forward_gpu(bf16* out, const bf16* x, const bf16* w, size_t w_stride, const int* offsets, int S, int E,
+                                     int C, int OC, cudaStream_t stream) {
+    grouped_gemm_forward_cfg<128, 64, 3>(out, x, w, w_stride, offsets, S, E, C, OC, stream);
+}
+
+// dx [S, C] = dout [S, OC] @ W_e for each expert's rows (overwritten)
+inline void grouped_gemm_backward_input_gpu(bf16* dx, const bf16* dout, const bf16* w, size_t w_stride, const int* offsets, int S,
+                                            int E, int C, int OC, cudaStream_t stream) {
+    grouped_gemm_backward_input_cfg<128, 64, 3>(dx, dout, w, w_stride, offsets, S, E, C, OC, stream);
+}
+
+// dW_e [OC, C] += dout[rows_e, OC]^T @ x[rows_e, C] in fp32, dW_e = dw + e * dw_stride;
+// each element sums its expert's rows in a fixed order (deterministic, no atomics)
+inline void grouped_gemm_backward_weight_gpu(float* dw, size_t dw_stride, const bf16* dout, const bf16* x, const int* offsets,
+                                             int S, int E, int C, int OC, cudaStream_t stream) {
+    grouped_gemm_backward_weight_cfg<128, 64, 3>(dw, dw_stride, dout, x, offsets, S, E, C, OC, stream);
+}

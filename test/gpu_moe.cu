@@ -1,0 +1,856 @@
+// gpu_moe.cu — the MoE kernels of moe.cuh against the CPU reference (reference.h,
+// run in double on the same bf16-rounded / fp32 inputs): router forward and
+// backward (routing decisions identical, fp32 values < 1e-5 relative), balance
+// loss, the permutation, gather / combine / scatter, the grouped GEMMs (experts
+// with 0 and 1 rows, tile-unaligned counts, both load paths), a whole MoE layer
+// forward and backward on the tiny preset and its variants, and determinism.
+// Every output is poisoned first (0xFF bytes: NaN / -1) and checked to be written.
+// Relative error is ||gpu - ref|| / ||ref||; measured values are printed.
+#include <doctest/doctest.h>
+
+#include <algorithm>
+#include <cstring>
+#include <functional>
+#include <type_traits>
+
+#include "moe.cuh"
+#include "reference.h"
+
+namespace {
+
+// a device buffer that frees itself
+template <typename T>
+struct Dev {
+    T* p = nullptr;
+    size_t n = 0;
+    explicit Dev(size_t count, const char* what = "test buffer") : p(device_alloc<T>(count, what)), n(count) {}
+    ~Dev() { cudaFree(p); }
+    Dev(const Dev&) = delete;
+    Dev& operator=(const Dev&) = delete;
+    operator T*() const { return p; }
+    void poison() { CUDA_CHECK(cudaMemset(p, 0xFF, n * sizeof(T) + (n == 0))); }
+    void zero() { CUDA_CHECK(cudaMemset(p, 0, n * sizeof(T) + (n == 0))); }
+    template <typename H>
+    void upload(const std::vector<H>& h) {
+        REQUIRE(h.size() == n);
+        if constexpr (std::is_same<T, int>::value) CUDA_CHECK(cudaMemcpy(p, h.data(), n * sizeof(int), cudaMemcpyHostToDevice));
+        else to_device(p, h.data(), n);
+    }
+    std::vector<float> download() const { return to_host(p, n); }
+};
+
+std::vector<int> download_ints(const int* p, size_t n) {
+    std::vector<int> h(n);
+    CUDA_CHECK(cudaMemcpy(h.data(), p, n * sizeof(int), cudaMemcpyDeviceToHost));
+    return h;
+}
+
+template <typename T>
+std::vector<T> download_raw(const T* p, size_t n) {
+    std::vector<T> h(n);
+    CUDA_CHECK(cudaMemcpy(h.data(), p, n * sizeof(T), cudaMemcpyDeviceToHost));
+    return h;
+}
+
+// fresh non-zero random values: scale * N(0, 1)
+std::vector<double> randn(size_t n, uint64_t key, double scale = 1.0) {
+    std::vector<double> v(n);
+    for (size_t i = 0; i < n; i++) {
+        v[i] = scale * rng_normal(key, i);
+        if (v[i] == 0) v[i] = scale * 1e-3;
+    }
+    return v;
+}
+
+// rounds to what the device sees: bf16 or fp32
+std::vector<double> round_bf16(std::vector<double> v) {
+    for (double& x : v) x = (double)(float)__float2bfloat16((float)x);
+    return v;
+}
+std::vector<double> round_f32(std::vector<double> v) {
+    for (double& x : v) x = (double)(float)x;
+    return v;
+}
+
+double rel_err(const std::vector<float>& gpu, const std::vector<double>& ref) {
+    REQUIRE(gpu.size() == ref.size());
+    double d = 0, r = 0;
+    for (size_t i = 0; i < ref.size(); i++) {
+        d += ((double)gpu[i] - ref[i]) * ((double)gpu[i] - ref[i]);
+        r += ref[i] * ref[i];
+    }
+    return r > 0 ? std::sqrt(d / r) : std::sqrt(d);
+}
+
+// measured errors go to stdout (doctest prints MESSAGE only in some modes)
+void report(const std::string& line) {
+    printf("%s\n", line.c_str());
+    fflush(stdout);
+}
+
+bool all_finite(const std::vector<float>& v) {
+    for (float x : v)
+        if (!std::isfinite(x)) return false;
+    return true;
+}
+
+bool bit_equal(const std::vector<float>& a, const std::vector<float>& b) {
+    return a.size() == b.size() && std::memcmp(a.data(), b.data(), a.size() * sizeof(float)) == 0;
+}
+
+// the CPU reference's router on given logits: hidden_size = E and an identity router matrix
+RouterActs<double> reference_router(const Config& c, const std::vector<double>& logits, const std::vector<double>& bias, int N) {
+    const int E = c.n_routed_experts;
+    Config ci = c;
+    ci.hidden_size = E;
+    std::vector<double> eye((size_t)E * E, 0.0), z((size_t)N * E);
+    for (int e = 0; e < E; e++) eye[(size_t)e * E + e] = 1.0;
+    RouterActs<double> ra;
+    router_forward(ci, z.data(), logits.data(), eye.data(), bias.data(), N, ra);
+    return ra;
+}
+
+// ----------------------------------------------------------------------------
+// small kernels the layer test needs (the model's own live elsewhere)
+
+// h [R, I] = silu(gu[:, :I]) * gu[:, I:], gu [R, 2I] (gate_proj | up_proj columns)
+__global__ void test_swiglu_forward_kernel(bf16* h, const bf16* gu, int R, int I) {
+    const size_t idx = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (idx >= (size_t)R * I) return;
+    const size_t r = idx / I, i = idx % I;
+    const float g = __bfloat162float(gu[r * 2 * I + i]), u = __bfloat162float(gu[r * 2 * I + I + i]);
+    h[idx] = __float2bfloat16(g / (1.0f + expf(-g)) * u);
+}
+
+// dgu [R, 2I] from dh [R, I]: silu'(g) = s + g s (1 - s)
+__global__ void test_swiglu_backward_kernel(bf16* dgu, const bf16* dh, const bf16* gu, int R, int I) {
+    const size_t idx = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (idx >= (size_t)R * I) return;
+    const size_t r = idx / I, i = idx % I;
+    const float g = __bfloat162float(gu[r * 2 * I + i]), u = __bfloat162float(gu[r * 2 * I + I + i]);
+    const float d = __bfloat162float(dh[idx]), s = 1.0f / (1.0f + expf(-g));
+    dgu[r * 2 * I + i] = __float2bfloat16(d * u * (s + g * s * (1.0f - s)));
+    dgu[r * 2 * I + I + i] = __float2bfloat16(d * g * s);
+}
+
+__global__ void test_f32_to_bf16_kernel(bf16* out, const float* in, size_t n) {
+    const size_t idx = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (idx < n) out[idx] = __float2bfloat16(in[idx]);
+}
+
+void swiglu_forward(bf16* h, const bf16* gu, int R, int I) {
+    test_swiglu_forward_kernel<<<ceil_div((size_t)R * I, 256), 256>>>(h, gu, R, I);
+    CUDA_LAUNCH_CHECK();
+}
+void swiglu_backward(bf16* dgu, const bf16* dh, const bf16* gu, int R, int I) {
+    test_swiglu_backward_kernel<<<ceil_div((size_t)R * I, 256), 256>>>(dgu, dh, gu, R, I);
+    CUDA_LAUNCH_CHECK();
+}
+
+// ----------------------------------------------------------------------------
+// router
+
+void check_router(Config c, int N, uint64_t seed, bool extra) {
+    config_check(c);
+    const int E = c.n_routed_experts, K = c.num_experts_per_tok;
+    auto logits = round_f32(randn((size_t)N * E, seed, c.scoring_func == SCORING_SOFTMAX ? 2.0 : 1.5));
+    auto bias = round_f32(randn(E, seed + 1, 0.1));
+    RouterActs<double> ra = reference_router(c, logits, bias, N);
+
+    Dev<float> d_logits((size_t)N * E), d_bias(E), d_scores((size_t)N * E), d_gate((size_t)N * K);
+    Dev<int> d_expert((size_t)N * K), d_load(E);
+    d_logits.upload(logits);
+    d_bias.upload(bias);
+    d_scores.poison();
+    d_gate.poison();
+    d_expert.poison();
+    std::vector<int> load0(E, 5);  // load accumulates
+    d_load.upload(load0);
+    router_forward_gpu(d_scores, d_expert, d_gate, d_load, d_logits, d_bias, c, N, 0);
+    CUDA_CHECK(cudaDeviceSynchronize());
+
+    auto scores = d_scores.download(), gate = d_gate.download();
+    auto expert = download_ints(d_expert, (size_t)N * K), load = download_ints(d_load, E);
+    CHECK(all_finite(scores));
+    CHECK(all_finite(gate));
+    CHECK(expert == ra.expert);
+    std::vector<int> want_load(E, 5);
+    for (int x : ra.expert) want_load[x]++;
+    CHECK(load == want_load);
+    const double es = rel_err(scores, ra.scores), eg = rel_err(gate, ra.gate);
+    CHECK(es < 1e-5);
+    CHECK(eg < 1e-5);
+
+    // backward, on the GPU's (identical) routing
+    auto dgate = round_f32(randn((size_t)N * K, seed + 2));
+    auto dextra = round_f32(randn((size_t)N * E, seed + 3, 0.3));
+    std::vector<double> dlogits_ref((size_t)N * E);
+    router_backward(c, dlogits_ref.data(), dgate.data(), extra ? dextra.data() : nullptr, ra, N);
+    Dev<float> d_dgate((size_t)N * K), d_dextra((size_t)N * E), d_dlogits((size_t)N * E);
+    d_dgate.upload(dgate);
+    d_dextra.upload(dextra);
+    d_dlogits.poison();
+    router_backward_gpu(d_dlogits, d_dgate, extra ? d_dextra.p : nullptr, d_scores, d_expert, c, N, 0);
+    CUDA_CHECK(cudaDeviceSynchronize());
+    auto dlogits = d_dlogits.download();
+    CHECK(all_finite(dlogits));
+    const double ed = rel_err(dlogits, dlogits_ref);
+    CHECK(ed < 1e-5);
+    report(strfmt("router E=%d K=%d G=%d/%d %s norm=%d N=%d: scores %.2e gate %.2e dlogits %.2e", E, K, c.n_group, c.topk_group,
+                   c.scoring_func == SCORING_SOFTMAX ? "softmax" : "sigmoid", (int)c.norm_topk_prob, N, es, eg, ed));
+}
+
+Config tiny() { return config_preset("tiny"); }
+
+}  // namespace
+
+TEST_CASE("moe router forward/backward match the reference") {
+    Config c = tiny();
+    check_router(c, 300, 11, false);
+    check_router(c, 300, 12, true);
+    Config s = tiny();
+    s.scoring_func = SCORING_SOFTMAX;
+    check_router(s, 257, 13, true);
+    Config g1 = tiny();
+    g1.n_group = 1;
+    g1.topk_group = 1;
+    check_router(g1, 200, 14, true);
+    Config nn = tiny();
+    nn.norm_topk_prob = false;
+    check_router(nn, 200, 15, true);
+    // DeepSeek-V3's routing shape: 256 experts, 8 groups, 4 kept, top-8
+    Config big = tiny();
+    big.n_routed_experts = 256;
+    big.num_experts_per_tok = 8;
+    big.n_group = 8;
+    big.topk_group = 4;
+    check_router(big, 2048, 16, true);
+    big.scoring_func = SCORING_SOFTMAX;
+    check_router(big, 1024, 17, false);
+    // E not a multiple of 32, groups straddling lanes
+    Config odd = tiny();
+    odd.n_routed_experts = 48;
+    odd.num_experts_per_tok = 5;
+    odd.n_group = 4;
+    odd.topk_group = 2;
+    check_router(odd, 777, 18, true);
+    odd.n_group = 1;
+    odd.topk_group = 1;
+    odd.norm_topk_prob = false;
+    check_router(odd, 333, 19, false);
+}
+
+// ----------------------------------------------------------------------------
+// balance loss
+
+namespace {
+void check_balance(Config c, int B, int T, uint64_t seed) {
+    const int E = c.n_routed_experts, K = c.num_experts_per_tok, N = B * T;
+    auto logits = round_f32(randn((size_t)N * E, seed, 1.5));
+    auto bias = round_f32(randn(E, seed + 1, 0.1));
+    RouterActs<double> ra = reference_router(c, logits, bias, N);
+    ra.scores = round_f32(ra.scores);  // the device gets fp32 scores
+    const double alpha = 0.01, dloss = 1.3;
+    const double loss_ref = balance_loss_forward(c, ra, B, T, alpha);
+    std::vector<double> ds_ref((size_t)N * E);
+    balance_loss_backward(c, ds_ref.data(), ra, B, T, alpha, dloss);
+
+    Dev<float> d_scores((size_t)N * E), d_loss(1), d_frac((size_t)B * E), d_seq(B), d_ds((size_t)N * E);
+    Dev<int> d_expert((size_t)N * K);
+    d_scores.upload(ra.scores);
+    d_expert.upload(ra.expert);
+    d_loss.poison();
+    d_frac.poison();
+    d_ds.poison();
+    balance_loss_forward_gpu(d_loss, d_frac, d_seq, d_scores, d_expert, B, T, E, K, (float)alpha, 0);
+    balance_loss_backward_gpu(d_ds, d_frac, d_scores, B, T, E, (float)alpha, (float)dloss, 0);
+    CUDA_CHECK(cudaDeviceSynchronize());
+    const float loss = d_loss.download()[0];
+    auto ds = d_ds.download();
+    CHECK(std::isfinite(loss));
+    CHECK(all_finite(ds));
+    const double el = std::fabs(loss - loss_ref) / std::fabs(loss_ref), ed = rel_err(ds, ds_ref);
+    CHECK(el < 1e-5);
+    CHECK(ed < 1e-5);
+    // deterministic scalar
+    balance_loss_forward_gpu(d_loss, d_frac, d_seq, d_scores, d_expert, B, T, E, K, (float)alpha, 0);
+    CHECK(d_loss.download()[0] == loss);
+    report(strfmt("balance loss E=%d K=%d B=%d T=%d: loss %.2e dscores %.2e", E, K, B, T, el, ed));
+}
+}  // namespace
+
+TEST_CASE("moe balance loss forward/backward match the reference") {
+    check_balance(tiny(), 3, 37, 21);
+    Config big = tiny();
+    big.n_routed_experts = 256;
+    big.num_experts_per_tok = 8;
+    big.n_group = 8;
+    big.topk_group = 4;
+    check_balance(big, 4, 512, 22);
+}
+
+// ----------------------------------------------------------------------------
+// permutation
+
+namespace {
+void check_permute(int S, int E, uint64_t seed) {
+    std::vector<int> expert(S);
+    for (int i = 0; i < S; i++) {
+        int e = (int)(rng_hash(seed, i) % (uint64_t)E);
+        if (E > 2 && e == 1) e = 0;  // expert 1 gets no rows
+        expert[i] = e;
+    }
+    // reference: rows of each expert in ascending slot order
+    std::vector<int> offsets(E + 1, 0), slot_row(S), row_slot(S);
+    for (int x : expert) offsets[x + 1]++;
+    for (int e = 0; e < E; e++) offsets[e + 1] += offsets[e];
+    std::vector<int> next(offsets.begin(), offsets.end() - 1);
+    for (int i = 0; i < S; i++) {
+        slot_row[i] = next[expert[i]]++;
+        row_slot[slot_row[i]] = i;
+    }
+    Dev<int> d_expert(S), d_offsets(E + 1), d_slot_row(S), d_row_slot(S), d_scratch(moe_permute_scratch_ints(S, E));
+    d_expert.upload(expert);
+    for (int rep = 0; rep < 2; rep++) {
+        d_offsets.poison();
+        d_slot_row.poison();
+        d_row_slot.poison();
+        d_scratch.poison();
+        moe_permute_gpu(d_offsets, d_slot_row, d_row_slot, d_scratch, d_expert, S, E, 0);
+        CUDA_CHECK(cudaDeviceSynchronize());
+        CHECK(download_ints(d_offsets, E + 1) == offsets);
+        CHECK(download_ints(d_slot_row, S) == slot_row);
+        CHECK(download_ints(d_row_slot, S) == row_slot);
+    }
+}
+}  // namespace
+
+TEST_CASE("moe permutation by expert is stable and exact") {
+    check_permute(30, 8, 31);
+    check_permute(5000, 3, 32);
+    check_permute(2048 * 3 + 17, 64, 33);
+    check_permute(131072 * 8, 256, 34);  // 1M slots
+    check_permute(96, 256, 35);          // more experts than slots
+}
+
+// ----------------------------------------------------------------------------
+// gather, combine, scatter
+
+namespace {
+void check_gather_combine(int N, int K, int D, int E, uint64_t seed) {
+    const int S = N * K;
+    std::vector<int> expert(S);
+    for (int i = 0; i < S; i++) expert[i] = (int)(rng_hash(seed, i) % (uint64_t)E);
+    Dev<int> d_expert(S), d_offsets(E + 1), d_slot_row(S), d_row_slot(S), d_scratch(moe_permute_scratch_ints(S, E));
+    d_expert.upload(expert);
+    moe_permute_gpu(d_offsets, d_slot_row, d_row_slot, d_scratch, d_expert, S, E, 0);
+    auto slot_row = download_ints(d_slot_row, S), row_slot = download_ints(d_row_slot, S);
+
+    auto u = round_bf16(randn((size_t)N * D, seed + 1));
+    auto y = round_bf16(randn((size_t)S * D, seed + 2));
+    auto shared = round_bf16(randn((size_t)N * D, seed + 3));
+    auto gate = round_f32(randn((size_t)S, seed + 4, 0.5));
+    auto dout = round_bf16(randn((size_t)N * D, seed + 5));
+    auto dx = round_bf16(randn((size_t)S * D, seed + 6));
+    auto du0 = round_bf16(randn((size_t)N * D, seed + 7));
+
+    Dev<bf16> d_u((size_t)N * D), d_x((size_t)S * D), d_y((size_t)S * D), d_sh((size_t)N * D), d_out((size_t)N * D),
+        d_dout((size_t)N * D), d_dy((size_t)S * D), d_dx((size_t)S * D), d_du((size_t)N * D);
+    Dev<float> d_gate(S), d_dgate(S);
+    d_u.upload(u);
+    d_y.upload(y);
+    d_sh.upload(shared);
+    d_gate.upload(gate);
+    d_dout.upload(dout);
+    d_dx.upload(dx);
+    d_x.poison();
+    d_out.poison();
+    d_dy.poison();
+    d_dgate.poison();
+    moe_gather_gpu(d_x, d_u, d_row_slot, N, K, D, 0);
+    moe_combine_forward_gpu(d_out, d_y, d_gate, d_slot_row, d_sh, N, K, D, 0);
+    moe_combine_backward_gpu(d_dy, d_dgate, d_dout, d_y, d_gate, d_slot_row, N, K, D, 0);
+    CUDA_CHECK(cudaDeviceSynchronize());
+
+    std::vector<double> x_ref((size_t)S * D), out_ref((size_t)N * D, 0), dy_ref((size_t)S * D), dgate_ref(S), du_ref = du0;
+    for (int r = 0; r < S; r++)
+        for (int i = 0; i < D; i++) x_ref[(size_t)r * D + i] = u[(size_t)(row_slot[r] / K) * D + i];
+    for (int n = 0; n < N; n++)
+        for (int k = 0; k < K; k++) {
+            const int slot = n * K + k, row = slot_row[slot];
+            double dot = 0;
+            for (int i = 0; i < D; i++) {
+                out_ref[(size_t)n * D + i] += gate[slot] * y[(size_t)row * D + i];
+                dy_ref[(size_t)row * D + i] = gate[slot] * dout[(size_t)n * D + i];
+                dot += dout[(size_t)n * D + i] * y[(size_t)row * D + i];
+                du_ref[(size_t)n * D + i] += dx[(size_t)row * D + i];
+            }
+            dgate_ref[slot] = dot;
+        }
+    for (size_t i = 0; i < out_ref.size(); i++) out_ref[i] += shared[i];
+
+    auto xs = d_x.download();
+    CHECK(rel_err(xs, x_ref) == 0.0);  // a copy
+    auto out = d_out.download(), dy = d_dy.download(), dgate = d_dgate.download();
+    CHECK(all_finite(out));
+    CHECK(all_finite(dy));
+    CHECK(all_finite(dgate));
+    const double eo = rel_err(out, out_ref), ey = rel_err(dy, dy_ref), eg = rel_err(dgate, dgate_ref);
+    CHECK(eo < 2e-2);
+    CHECK(ey < 2e-2);
+    CHECK(eg < 1e-5);  // fp32 dot of bf16 values
+
+    // scatter: overwrite, then accumulate onto du0
+    d_du.poison();
+    moe_scatter_backward_gpu(d_du, d_dx, d_slot_row, N, K, D, false, 0);
+    CUDA_CHECK(cudaDeviceSynchronize());
+    std::vector<double> du_only(du_ref.size());
+    for (size_t i = 0; i < du_ref.size(); i++) du_only[i] = du_ref[i] - du0[i];
+    auto du1 = d_du.download();
+    CHECK(all_finite(du1));
+    const double es1 = rel_err(du1, du_only);
+    CHECK(es1 < 2e-2);
+    d_du.upload(du0);
+    moe_scatter_backward_gpu(d_du, d_dx, d_slot_row, N, K, D, true, 0);
+    CUDA_CHECK(cudaDeviceSynchronize());
+    const double es2 = rel_err(d_du.download(), du_ref);
+    CHECK(es2 < 2e-2);
+    report(strfmt("gather/combine N=%d K=%d D=%d: out %.2e dy %.2e dgate %.2e du %.2e / %.2e (accumulated)", N, K, D, eo, ey, eg,
+                   es1, es2));
+}
+}  // namespace
+
+TEST_CASE("moe gather / combine / scatter match the reference") {
+    check_gather_combine(100, 3, 40, 8, 41);   // 16-byte path
+    check_gather_combine(77, 2, 12, 5, 42);    // D not a multiple of 8
+    check_gather_combine(64, 8, 264, 32, 43);  // several vectors per lane
+}
+
+// ----------------------------------------------------------------------------
+// grouped GEMM
+
+namespace {
+struct GemmResult {
+    std::vector<float> out, dx, dw;
+};
+
+// counts per expert; w_stride/dw_stride are the expert strides (>= OC*C)
+void check_grouped_gemm(const std::vector<int>& counts, int C, int OC, size_t w_stride, size_t dw_stride, uint64_t seed) {
+    const int E = (int)counts.size();
+    std::vector<int> offsets(E + 1, 0);
+    for (int e = 0; e < E; e++) offsets[e + 1] = offsets[e] + counts[e];
+    const int S = offsets[E];
+    auto x = round_bf16(randn((size_t)S * C, seed));
+    auto w = round_bf16(randn((size_t)E * w_stride, seed + 1, 1.0 / std::sqrt((double)C)));
+    auto dout = round_bf16(randn((size_t)S * OC, seed + 2));
+    auto dw0 = round_f32(randn((size_t)E * dw_stride, seed + 3, 0.5));
+
+    std::vector<double> out_ref((size_t)S * OC, 0), dx_ref((size_t)S * C, 0), dw_inc((size_t)E * dw_stride, 0);
+    for (int e = 0; e < E; e++) {
+        const double* W = &w[(size_t)e * w_stride];
+        for (int r = offsets[e]; r < offsets[e + 1]; r++) {
+            for (int o = 0; o < OC; o++) {
+                double s = 0;
+                for (int c = 0; c < C; c++) s += x[(size_t)r * C + c] * W[(size_t)o * C + c];
+                out_ref[(size_t)r * OC + o] = s;
+                const double d = dout[(size_t)r * OC + o];
+                for (int c = 0; c < C; c++) {
+                    dx_ref[(size_t)r * C + c] += d * W[(size_t)o * C + c];
+                    dw_inc[(size_t)e * dw_stride + (size_t)o * C + c] += d * x[(size_t)r * C + c];
+                }
+            }
+        }
+    }
+
+    Dev<bf16> d_x((size_t)S * C), d_w((size_t)E * w_stride), d_dout((size_t)S * OC), d_out((size_t)S * OC), d_dx((size_t)S * C);
+    Dev<float> d_dw((size_t)E * dw_stride);
+    Dev<int> d_offsets(E + 1);
+    d_x.upload(x);
+    d_w.upload(w);
+    d_dout.upload(dout);
+    d_offsets.upload(offsets);
+
+    GemmResult runs[2];
+    for (int rep = 0; rep < 2; rep++) {
+        d_out.poison();
+        d_dx.poison();
+        d_dw.upload(dw0);
+        grouped_gemm_forward_gpu(d_out, d_x, d_w, w_stride, d_offsets, S, E, C, OC, 0);
+        grouped_gemm_backward_input_gpu(d_dx, d_dout, d_w, w_stride, d_offsets, S, E, C, OC, 0);
+        grouped_gemm_backward_weight_gpu(d_dw, dw_stride, d_dout, d_x, d_offsets, S, E, C, OC, 0);
+        CUDA_CHECK(cudaDeviceSynchronize());
+        runs[rep] = {d_out.download(), d_dx.download(), d_dw.download()};
+    }
+    const GemmResult& g = runs[0];
+    CHECK(all_finite(g.out));
+    CHECK(all_finite(g.dx));
+    CHECK(bit_equal(runs[0].dw, runs[1].dw));
+    CHECK(bit_equal(runs[0].dx, runs[1].dx));
+    CHECK(bit_equal(runs[0].out, runs[1].out));
+
+    // dW: compare the increment over the matrices; elements outside them (the
+    // stride gap) and the matrices of experts with no rows must be untouched
+    std::vector<float> inc;
+    std::vector<double> inc_ref;
+    bool untouched = true;
+    for (int e = 0; e < E; e++)
+        for (size_t i = 0; i < dw_stride; i++) {
+            const size_t j = (size_t)e * dw_stride + i;
+            if (i < (size_t)OC * C && counts[e] > 0) {
+                inc.push_back((float)((double)g.dw[j] - dw0[j]));
+                inc_ref.push_back(dw_inc[j]);
+            } else if (g.dw[j] != (float)dw0[j]) {
+                untouched = false;
+            }
+        }
+    CHECK(untouched);
+    const double eo = rel_err(g.out, out_ref), ex = rel_err(g.dx, dx_ref), ew = rel_err(inc, inc_ref);
+    CHECK(eo < 2e-2);
+    CHECK(ex < 2e-2);
+    CHECK(ew < 1e-5);  // fp32 output of exact bf16 products
+    std::string cs;
+    for (int cnt : counts) cs += strfmt("%d ", cnt);
+    report(strfmt("grouped GEMM C=%d OC=%d rows [%s]: out %.2e dx %.2e dW %.2e (fp32)", C, OC, cs.c_str(), eo, ex, ew));
+}
+}  // namespace
+
+TEST_CASE("moe grouped GEMM forward/backward match a per-expert matmul") {
+    const std::vector<int> counts = {0, 1, 37, 128, 300, 129, 0, 5};
+    check_grouped_gemm(counts, 96, 72, 96 * 72 + 16, 96 * 72 + 8, 51);    // 16-byte path, strided experts
+    check_grouped_gemm(counts, 12, 20, 12 * 20, 12 * 20, 52);             // scalar path (tiny's I = 12)
+    check_grouped_gemm(counts, 264, 136, 264 * 136, 264 * 136, 53);       // several tiles in C and OC
+    check_grouped_gemm({1}, 32, 8, 32 * 8, 32 * 8, 54);                   // one row, one expert
+    check_grouped_gemm({0, 0, 250, 0}, 40, 24, 40 * 24 + 3, 40 * 24, 55);  // odd stride: scalar path
+}
+
+// ----------------------------------------------------------------------------
+// a whole MoE layer, composed from the kernels above plus cuBLASLt for the shared
+// expert and the router projection, against moe_forward / moe_backward
+
+namespace {
+struct LayerGpuResult {
+    std::vector<float> out, du, dexperts, drouter, dshared;
+    std::vector<int> expert;
+};
+
+void check_layer(Config c, int B, int T, float balance_alpha, uint64_t seed) {
+    config_check(c);
+    const int N = B * T, D = c.hidden_size, E = c.n_routed_experts, K = c.num_experts_per_tok, I = c.moe_intermediate_size;
+    const int SI = c.n_shared_experts * I, S = N * K;
+    const size_t XS = (size_t)3 * I * D;  // one expert's gate, up, down
+    REQUIRE(c.n_shared_experts > 0);
+
+    // parameters, bf16-rounded, in the model's layout
+    auto router = round_bf16(randn((size_t)E * D, seed, 1.0 / std::sqrt((double)D)));
+    auto bias = round_f32(randn(E, seed + 1, 0.05));
+    std::vector<double> experts = round_bf16(randn((size_t)E * XS, seed + 2, 1.0 / std::sqrt((double)D)));
+    for (int e = 0; e < E; e++)  // down_proj has fan-in I
+        for (size_t i = 2 * (size_t)I * D; i < XS; i++) experts[e * XS + i] *= std::sqrt((double)D / I);
+    auto shared = round_bf16(randn((size_t)3 * SI * D, seed + 3, 1.0 / std::sqrt((double)D)));
+    auto u = round_bf16(randn((size_t)N * D, seed + 4));
+    auto dout = round_bf16(randn((size_t)N * D, seed + 5));
+
+    // reference
+    std::vector<double> g_router((size_t)E * D, 0), g_bias(E, 0), g_experts(experts.size(), 0), g_shared(shared.size(), 0);
+    MoeParams<double> w, gw;
+    w.router = router.data();
+    w.bias = bias.data();
+    gw.router = g_router.data();
+    gw.bias = g_bias.data();
+    for (int e = 0; e < E; e++) {
+        w.gate_proj.push_back(&experts[e * XS]);
+        w.up_proj.push_back(&experts[e * XS + (size_t)I * D]);
+        w.down_proj.push_back(&experts[e * XS + 2 * (size_t)I * D]);
+        gw.gate_proj.push_back(&g_experts[e * XS]);
+        gw.up_proj.push_back(&g_experts[e * XS + (size_t)I * D]);
+        gw.down_proj.push_back(&g_experts[e * XS + 2 * (size_t)I * D]);
+    }
+    w.shared_gate = &shared[0];
+    w.shared_up = &shared[(size_t)SI * D];
+    w.shared_down = &shared[2 * (size_t)SI * D];
+    gw.shared_gate = &g_shared[0];
+    gw.shared_up = &g_shared[(size_t)SI * D];
+    gw.shared_down = &g_shared[2 * (size_t)SI * D];
+    MoeActs<double> acts;
+    std::vector<double> out_ref((size_t)N * D), du_ref((size_t)N * D, 0), dsb;
+    moe_forward(c, w, out_ref.data(), u.data(), N, acts);
+    if (balance_alpha > 0) {
+        dsb.resize((size_t)N * E);
+        balance_loss_backward(c, dsb.data(), acts.router, B, T, balance_alpha, 1.0);
+    }
+    moe_backward(c, w, gw, du_ref.data(), dout.data(), u.data(), N, acts, balance_alpha > 0 ? dsb.data() : nullptr);
+
+    // device
+    Matmul mm;
+    matmul_init(mm);
+    Dev<bf16> d_router((size_t)E * D), d_experts(experts.size()), d_shared(shared.size()), d_u((size_t)N * D), d_dout((size_t)N * D);
+    Dev<float> d_bias(E);
+    d_router.upload(router);
+    d_bias.upload(bias);
+    d_experts.upload(experts);
+    d_shared.upload(shared);
+    d_u.upload(u);
+    d_dout.upload(dout);
+    Dev<float> d_logits((size_t)N * E), d_scores((size_t)N * E), d_gate(S), d_dgate(S), d_dlogits((size_t)N * E),
+        d_dsb((size_t)N * E), d_frac((size_t)B * E), d_seq(B), d_loss(1);
+    Dev<int> d_expert(S), d_load(E), d_offsets(E + 1), d_slot_row(S), d_row_slot(S), d_scratch(moe_permute_scratch_ints(S, E));
+    Dev<bf16> d_x((size_t)S * D), d_gu((size_t)S * 2 * I), d_h((size_t)S * I), d_y((size_t)S * D), d_gus((size_t)N * 2 * SI),
+        d_hs((size_t)N * SI), d_sout((size_t)N * D), d_out((size_t)N * D);
+    Dev<bf16> d_dy((size_t)S * D), d_dh((size_t)S * I), d_dgu((size_t)S * 2 * I), d_dx((size_t)S * D), d_du((size_t)N * D),
+        d_dlogits_bf((size_t)N * E), d_dhs((size_t)N * SI), d_dgus((size_t)N * 2 * SI);
+    Dev<float> d_gexperts(experts.size()), d_grouter((size_t)E * D), d_gshared(shared.size());
+    const bf16* w_down = d_experts.p + 2 * (size_t)I * D;
+    float* g_down = d_gexperts.p + 2 * (size_t)I * D;
+    const bf16* s_down = d_shared.p + 2 * (size_t)SI * D;
+    float* gs_down = d_gshared.p + 2 * (size_t)SI * D;
+
+    auto run = [&]() {
+        for (Dev<float>* b : {&d_logits, &d_scores, &d_gate, &d_dgate, &d_dlogits, &d_dsb}) b->poison();
+        for (Dev<int>* b : {&d_expert, &d_offsets, &d_slot_row, &d_row_slot}) b->poison();
+        for (Dev<bf16>* b : {&d_x, &d_gu, &d_h, &d_y, &d_gus, &d_hs, &d_sout, &d_out, &d_dy, &d_dh, &d_dgu, &d_dx, &d_du,
+                             &d_dlogits_bf, &d_dhs, &d_dgus})
+            b->poison();
+        d_load.zero();
+        d_gexperts.zero();
+        d_grouter.zero();
+        d_gshared.zero();
+        // forward
+        matmul(mm, d_logits, d_u, d_router, N, E, D, false, true, 0.0f, true, 0);
+        router_forward_gpu(d_scores, d_expert, d_gate, d_load, d_logits, d_bias, c, N, 0);
+        moe_permute_gpu(d_offsets, d_slot_row, d_row_slot, d_scratch, d_expert, S, E, 0);
+        moe_gather_gpu(d_x, d_u, d_row_slot, N, K, D, 0);
+        grouped_gemm_forward_gpu(d_gu, d_x, d_experts, XS, d_offsets, S, E, D, 2 * I, 0);
+        swiglu_forward(d_h, d_gu, S, I);
+        grouped_gemm_forward_gpu(d_y, d_h, w_down, XS, d_offsets, S, E, I, D, 0);
+        matmul(mm, d_gus, d_u, d_shared, N, 2 * SI, D, false, true, 0.0f, false, 0);
+        swiglu_forward(d_hs, d_gus, N, SI);
+        matmul(mm, d_sout, d_hs, s_down, N, D, SI, false, true, 0.0f, false, 0);
+        moe_combine_forward_gpu(d_out, d_y, d_gate, d_slot_row, d_sout, N, K, D, 0);
+        // backward: routed experts
+        moe_combine_backward_gpu(d_dy, d_dgate, d_dout, d_y, d_gate, d_slot_row, N, K, D, 0);
+        grouped_gemm_backward_input_gpu(d_dh, d_dy, w_down, XS, d_offsets, S, E, I, D, 0);
+        grouped_gemm_backward_weight_gpu(g_down, XS, d_dy, d_h, d_offsets, S, E, I, D, 0);
+        swiglu_backward(d_dgu, d_dh, d_gu, S, I);
+        grouped_gemm_backward_input_gpu(d_dx, d_dgu, d_experts, XS, d_offsets, S, E, D, 2 * I, 0);
+        grouped_gemm_backward_weight_gpu(d_gexperts, XS, d_dgu, d_x, d_offsets, S, E, D, 2 * I, 0);
+        moe_scatter_backward_gpu(d_du, d_dx, d_slot_row, N, K, D, false, 0);
+        // router (+ balance loss)
+        if (balance_alpha > 0) {
+            balance_loss_forward_gpu(d_loss, d_frac, d_seq, d_scores, d_expert, B, T, E, K, balance_alpha, 0);
+            balance_loss_backward_gpu(d_dsb, d_frac, d_scores, B, T, E, balance_alpha, 1.0f, 0);
+        }
+        router_backward_gpu(d_dlogits, d_dgate, balance_alpha > 0 ? d_dsb.p : nullptr, d_scores, d_expert, c, N, 0);
+        test_f32_to_bf16_kernel<<<ceil_div((size_t)N * E, 256), 256>>>(d_dlogits_bf, d_dlogits, (size_t)N * E);
+        CUDA_LAUNCH_CHECK();
+        matmul(mm, d_du, d_dlogits_bf, d_router, N, D, E, false, false, 1.0f, false, 0);
+        matmul(mm, d_grouter, d_dlogits_bf, d_u, E, D, N, true, false, 1.0f, true, 0);
+        // shared expert
+        matmul(mm, d_dhs, d_dout, s_down, N, SI, D, false, false, 0.0f, false, 0);
+        matmul(mm, gs_down, d_dout, d_hs, D, SI, N, true, false, 1.0f, true, 0);
+        swiglu_backward(d_dgus, d_dhs, d_gus, N, SI);
+        matmul(mm, d_du, d_dgus, d_shared, N, D, 2 * SI, false, false, 1.0f, false, 0);
+        matmul(mm, d_gshared, d_dgus, d_u, 2 * SI, D, N, true, false, 1.0f, true, 0);
+        CUDA_CHECK(cudaDeviceSynchronize());
+        LayerGpuResult r;
+        r.out = d_out.download();
+        r.du = d_du.download();
+        r.dexperts = d_gexperts.download();
+        r.drouter = d_grouter.download();
+        r.dshared = d_gshared.download();
+        r.expert = download_ints(d_expert, S);
+        return r;
+    };
+    LayerGpuResult r1 = run(), r2 = run();
+    matmul_free(mm);
+
+    CHECK(r1.expert == acts.router.expert);
+    auto load = download_ints(d_load, E);
+    std::vector<int> want_load(E, 0);
+    for (int x : acts.router.expert) want_load[x]++;
+    CHECK(load == want_load);
+    const double e_scores = rel_err(d_scores.download(), acts.router.scores);
+    const double e_gate = rel_err(d_gate.download(), acts.router.gate);
+    CHECK(e_scores < 1e-5);
+    CHECK(e_gate < 1e-5);
+    for (auto* v : {&r1.out, &r1.du, &r1.dexperts, &r1.drouter, &r1.dshared}) CHECK(all_finite(*v));
+    const double eo = rel_err(r1.out, out_ref), edu = rel_err(r1.du, du_ref), eex = rel_err(r1.dexperts, g_experts),
+                 er = rel_err(r1.drouter, g_router), esh = rel_err(r1.dshared, g_shared);
+    CHECK(eo < 2e-2);
+    CHECK(edu < 2e-2);
+    CHECK(eex < 2e-2);
+    CHECK(er < 2e-2);
+    CHECK(esh < 2e-2);
+    // determinism: the second run is bit-identical
+    CHECK(bit_equal(r1.out, r2.out));
+    CHECK(bit_equal(r1.du, r2.du));
+    CHECK(bit_equal(r1.dexperts, r2.dexperts));
+    CHECK(bit_equal(r1.drouter, r2.drouter));
+    CHECK(bit_equal(r1.dshared, r2.dshared));
+    report(strfmt("MoE layer D=%d E=%d K=%d I=%d G=%d/%d %s norm=%d balance=%g N=%d: scores %.2e gate %.2e out %.2e du %.2e "
+                   "dW_experts %.2e dW_router %.2e dW_shared %.2e",
+                   D, E, K, I, c.n_group, c.topk_group, c.scoring_func == SCORING_SOFTMAX ? "softmax" : "sigmoid",
+                   (int)c.norm_topk_prob, balance_alpha, N, e_scores, e_gate, eo, edu, eex, er, esh));
+}
+}  // namespace
+
+TEST_CASE("moe layer forward/backward (kernels + cuBLASLt) match moe_forward/moe_backward") {
+    check_layer(tiny(), 2, 48, 0.0f, 61);
+    check_layer(tiny(), 2, 48, 0.01f, 62);  // with the balance loss's gradient
+    Config s = tiny();
+    s.scoring_func = SCORING_SOFTMAX;
+    check_layer(s, 2, 48, 0.0f, 63);
+    Config g1 = tiny();
+    g1.n_group = 1;
+    g1.topk_group = 1;
+    check_layer(g1, 3, 40, 0.0f, 64);
+    Config nn = tiny();
+    nn.norm_topk_prob = false;
+    check_layer(nn, 2, 48, 0.0f, 65);
+    // aligned sizes: the 16-byte paths throughout, two shared experts
+    Config a = tiny();
+    a.hidden_size = 64;
+    a.moe_intermediate_size = 32;
+    a.n_shared_experts = 2;
+    a.n_routed_experts = 16;
+    a.num_experts_per_tok = 4;
+    check_layer(a, 4, 100, 0.01f, 66);
+}
+
+// ----------------------------------------------------------------------------
+// timing (skipped by default; run with -ns -tc="moe timing")
+
+namespace {
+struct Timer {
+    cudaEvent_t t0, t1;
+    Timer() {
+        CUDA_CHECK(cudaEventCreate(&t0));
+        CUDA_CHECK(cudaEventCreate(&t1));
+    }
+    ~Timer() {
+        cudaEventDestroy(t0);
+        cudaEventDestroy(t1);
+    }
+    // median of 10 timed runs after a warm-up, printed with TFLOP/s when flops > 0
+    float time(const std::string& name, double flops, const std::function<void()>& f) {
+        f();
+        CUDA_CHECK(cudaDeviceSynchronize());
+        std::vector<float> ms;
+        for (int i = 0; i < 10; i++) {
+            CUDA_CHECK(cudaEventRecord(t0));
+            f();
+            CUDA_CHECK(cudaEventRecord(t1));
+            CUDA_CHECK(cudaEventSynchronize(t1));
+            float m = 0;
+            CUDA_CHECK(cudaEventElapsedTime(&m, t0, t1));
+            ms.push_back(m);
+        }
+        std::sort(ms.begin(), ms.end());
+        const float med = (ms[4] + ms[5]) / 2;
+        if (flops > 0) printf("timing %-60s %8.3f ms %7.1f TFLOP/s\n", name.c_str(), med, flops / (med * 1e-3) / 1e12);
+        else printf("timing %-60s %8.3f ms\n", name.c_str(), med);
+        fflush(stdout);
+        return med;
+    }
+};
+
+struct GemmBench {
+    int S, C, OC, E;
+    Dev<int>& offsets;
+    Dev<bf16>&x, &w, &out, &dout, &dx;
+    Dev<float>& dw;
+    std::vector<float> ref_out, ref_dx, ref_dw;  // from the default config
+};
+
+// times one tile config and checks it is bit-identical to the default config
+template <int BN, int BK, int ST>
+void bench_config(Timer& timer, GemmBench& b) {
+    const double fl = 2.0 * b.S * b.C * b.OC;
+    const std::string cfg = strfmt("BN=%d BK=%d stages=%d", BN, BK, ST);
+    timer.time("fwd   " + cfg, fl, [&] { grouped_gemm_forward_cfg<BN, BK, ST>(b.out, b.x, b.w, (size_t)b.OC * b.C, b.offsets, b.S, b.E, b.C, b.OC, 0); });
+    timer.time("dgrad " + cfg, fl, [&] { grouped_gemm_backward_input_cfg<BN, BK, ST>(b.dx, b.dout, b.w, (size_t)b.OC * b.C, b.offsets, b.S, b.E, b.C, b.OC, 0); });
+    timer.time("wgrad " + cfg, fl, [&] { grouped_gemm_backward_weight_cfg<BN, BK, ST>(b.dw, (size_t)b.OC * b.C, b.dout, b.x, b.offsets, b.S, b.E, b.C, b.OC, 0); });
+    b.dw.zero();
+    grouped_gemm_backward_weight_cfg<BN, BK, ST>(b.dw, (size_t)b.OC * b.C, b.dout, b.x, b.offsets, b.S, b.E, b.C, b.OC, 0);
+    CUDA_CHECK(cudaDeviceSynchronize());
+    const bool same = bit_equal(b.out.download(), b.ref_out) && bit_equal(b.dx.download(), b.ref_dx) && bit_equal(b.dw.download(), b.ref_dw);
+    CHECK(same);
+    if (!same) printf("  config %s differs from the default\n", cfg.c_str());
+}
+
+void bench_grouped_gemm(Timer& timer, int S, int C, int OC, int E) {
+    printf("grouped GEMM rows=%d C=%d OC=%d E=%d (equal counts)\n", S, C, OC, E);
+    std::vector<int> offsets(E + 1);
+    for (int e = 0; e <= E; e++) offsets[e] = (int)((long long)e * S / E);
+    Dev<int> d_offsets(E + 1);
+    d_offsets.upload(offsets);
+    Dev<bf16> d_x((size_t)S * C), d_w((size_t)E * OC * C), d_out((size_t)S * OC), d_dout((size_t)S * OC), d_dx((size_t)S * C);
+    Dev<float> d_dw((size_t)E * OC * C);
+    d_x.upload(round_bf16(randn((size_t)S * C, 71)));
+    d_w.upload(round_bf16(randn((size_t)E * OC * C, 72, 0.03)));
+    d_dout.upload(round_bf16(randn((size_t)S * OC, 73)));
+    GemmBench b{S, C, OC, E, d_offsets, d_x, d_w, d_out, d_dout, d_dx, d_dw, {}, {}, {}};
+    d_dw.zero();
+    grouped_gemm_forward_gpu(d_out, d_x, d_w, (size_t)OC * C, d_offsets, S, E, C, OC, 0);
+    grouped_gemm_backward_input_gpu(d_dx, d_dout, d_w, (size_t)OC * C, d_offsets, S, E, C, OC, 0);
+    grouped_gemm_backward_weight_gpu(d_dw, (size_t)OC * C, d_dout, d_x, d_offsets, S, E, C, OC, 0);
+    CUDA_CHECK(cudaDeviceSynchronize());
+    b.ref_out = d_out.download();
+    b.ref_dx = d_dx.download();
+    b.ref_dw = d_dw.download();
+    bench_config<128, 32, 4>(timer, b);
+    bench_config<128, 64, 3>(timer, b);
+    bench_config<128, 64, 4>(timer, b);
+    bench_config<64, 64, 4>(timer, b);
+    bench_config<64, 32, 4>(timer, b);
+    // peers: cuBLASLt, one dense GEMM of the same size and one launch per expert
+    Matmul mm;
+    matmul_init(mm);
+    const double fl = 2.0 * S * C * OC;
+    const int R = S / E;
+    timer.time("cuBLASLt one dense GEMM [rows,C] x [OC,C]^T", fl, [&] { matmul(mm, d_out, d_x, d_w, S, OC, C, false, true, 0.0f, false, 0); });
+    timer.time("cuBLASLt fwd, one launch per expert", fl, [&] {
+        for (int e = 0; e < E; e++)
+            matmul(mm, d_out.p + (size_t)e * R * OC, d_x.p + (size_t)e * R * C, d_w.p + (size_t)e * OC * C, R, OC, C, false, true, 0.0f, false, 0);
+    });
+    timer.time("cuBLASLt dgrad, one launch per expert", fl, [&] {
+        for (int e = 0; e < E; e++)
+            matmul(mm, d_dx.p + (size_t)e * R * C, d_dout.p + (size_t)e * R * OC, d_w.p + (size_t)e * OC * C, R, C, OC, false, false, 0.0f, false, 0);
+    });
+    timer.time("cuBLASLt wgrad (fp32 +=), one launch per expert", fl, [&] {
+        for (int e = 0; e < E; e++)
+            matmul(mm, d_dw.p + (size_t)e * OC * C, d_dout.p + (size_t)e * R * OC, d_x.p + (size_t)e * R * C, OC, C, R, true, false, 1.0f, true, 0);
+    });
+    matmul_free(mm);
+}
+}  // namespace
+
+TEST_CASE("moe timing" * doctest::skip()) {
+    Timer timer;
+    bench_grouped_gemm(timer, 32768, 768, 768, 8);
+    bench_grouped_gemm(timer, 32768, 768, 1536, 8);  // the fused gate|up projection of the small preset
+    // routing pieces at N = 32768 tokens
+    const int N = 32768;
+    for (int big = 0; big < 2; big++) {
+        Config c = tiny();
+        if (big) {  // DeepSeek-V3's routing shape
+            c.n_routed_experts = 256;
+            c.num_experts_per_tok = 8;
+            c.n_group = 8;
+            c.topk_group = 4;
+        } else {  // the small preset's
+            c.n_routed_experts = 8;
+            c.num_experts_per_tok = 2;
+        }
+        const int E = c.n_routed_experts, K = c.num_experts_per_tok;
+        Dev<float> d_logits((size_t)N * E), d_scores((size_t)N * E), d_gate((size_t)N * K), d_bias(E), d_dlogits((size_t)N * E);
+        Dev<int> d_expert((size_t)N * K), d_load(E), d_off(E + 1), d_sr((size_t)N * K), d_rs((size_t)N * K),
+            d_scr(moe_permute_scratch_ints(N * K, E));
+        d_logits.upload(round_f32(randn((size_t)N * E, 74)));
+        d_bias.upload(round_f32(randn(E, 75, 0.05)));
+        d_load.zero();
+        const std::string shape = strfmt("N=%d E=%d K=%d G=%d/%d", N, E, K, c.n_group, c.topk_group);
+        timer.time("router_forward " + shape, 0, [&] { router_forward_gpu(d_scores, d_expert, d_gate, d_load, d_logits, d_bias, c, N, 0); });
+        timer.time("router_backward " + shape, 0, [&] { router_backward_gpu(d_dlogits, d_gate, nullptr, d_scores, d_expert, c, N, 0); });
+        timer.time("moe_permute " + shape, 0, [&] { moe_permute_gpu(d_off, d_sr, d_rs, d_scr, d_expert, N * K, E, 0); });
+    }
+}
