@@ -85,3 +85,22 @@ inline void cli_flag(CliParser& p) {
 [[noreturn]] inline void cli_unknown(const CliParser& p) {
     fail("unknown option '%s' (see --help)", p.name.c_str());
 }
+
+// --device auto|cpu|gpu
+inline std::string cli_device(CliParser& p) {
+    std::string d = cli_value(p);
+    if (d != "auto" && d != "cpu" && d != "gpu") fail("option %s: '%s' must be auto, cpu or gpu", p.name.c_str(), d.c_str());
+    return d;
+}
+
+// Every binary's main(): runs run(argc, argv) and turns an exception into the
+// one-line "error: ..." on stderr and exit status 1.
+inline int cli_main(int (*run)(int, char**), int argc, char** argv) {
+    try {
+        return run(argc, argv);
+    } catch (const std::exception& e) {
+        fflush(stdout);
+        fprintf(stderr, "error: %s\n", e.what());
+        return 1;
+    }
+}

@@ -17,15 +17,20 @@
 #include <vector>
 
 // printf-style formatting into a std::string
-inline std::string strfmt(const char* fmt, ...) {
-    va_list args;
-    va_start(args, fmt);
+inline std::string vstrfmt(const char* fmt, va_list args) {
     va_list copy;
     va_copy(copy, args);
     int n = vsnprintf(nullptr, 0, fmt, copy);
     va_end(copy);
     std::string s(n > 0 ? n : 0, '\0');
     if (n > 0) vsnprintf(&s[0], n + 1, fmt, args);
+    return s;
+}
+
+inline std::string strfmt(const char* fmt, ...) {
+    va_list args;
+    va_start(args, fmt);
+    std::string s = vstrfmt(fmt, args);
     va_end(args);
     return s;
 }
@@ -34,12 +39,7 @@ inline std::string strfmt(const char* fmt, ...) {
 [[noreturn]] inline void fail(const char* fmt, ...) {
     va_list args;
     va_start(args, fmt);
-    va_list copy;
-    va_copy(copy, args);
-    int n = vsnprintf(nullptr, 0, fmt, copy);
-    va_end(copy);
-    std::string s(n > 0 ? n : 0, '\0');
-    if (n > 0) vsnprintf(&s[0], n + 1, fmt, args);
+    std::string s = vstrfmt(fmt, args);
     va_end(args);
     throw std::runtime_error(s);
 }

@@ -133,9 +133,7 @@ static int run(int argc, char** argv) {
             cli_flag(cli);
             quiet = true;
         } else if (cli.name == "--device") {
-            device = cli_value(cli);
-            if (device != "auto" && device != "cpu" && device != "gpu")
-                fail("option --device: '%s' must be auto, cpu or gpu", device.c_str());
+            device = cli_device(cli);
         } else {
             cli_unknown(cli);
         }
@@ -208,11 +206,5 @@ static int run(int argc, char** argv) {
 }
 
 int main(int argc, char** argv) {
-    try {
-        return run(argc, argv);
-    } catch (const std::exception& e) {
-        fflush(stdout);
-        fprintf(stderr, "error: %s\n", e.what());
-        return 1;
-    }
+    return cli_main(run, argc, argv);
 }

@@ -247,9 +247,7 @@ static bool parse_args(int argc, char** argv, Args& a) {
             a.save_bf16 = v == "bf16";
             fixed = false;
         } else if (n == "--device") {
-            a.device = cli_value(cli);
-            if (a.device != "auto" && a.device != "cpu" && a.device != "gpu")
-                fail("option --device: '%s' is not auto, cpu or gpu", a.device.c_str());
+            a.device = cli_device(cli);
             fixed = false;
         } else {
             cli_unknown(cli);
@@ -572,6 +570,7 @@ static void install_stop_handlers() {
 static int run(int argc, char** argv) {
     Args a;
     if (!parse_args(argc, argv, a)) return 0;
+    if (a.device == "gpu" && !gpu_available()) fail("--device gpu: no CUDA device is available (use --device cpu or auto)");
     if (a.resume && !a.fixed_on_resume.empty())
         fail("%s cannot be used with --resume: a resumed run keeps the checkpoint's model and training options "
              "(only --steps may change)", a.fixed_on_resume[0].c_str());
@@ -804,11 +803,5 @@ static int run(int argc, char** argv) {
 
 int main(int argc, char** argv) {
     setvbuf(stdout, nullptr, _IOLBF, 0);
-    try {
-        return run(argc, argv);
-    } catch (const std::exception& e) {
-        fflush(stdout);
-        fprintf(stderr, "error: %s\n", e.what());
-        return 1;
-    }
+    return cli_main(run, argc, argv);
 }

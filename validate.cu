@@ -399,9 +399,7 @@ static int run(int argc, char** argv) {
             cli_flag(cli);
             force_checks = true;
         } else if (cli.name == "--device") {
-            device = cli_value(cli);
-            if (device != "auto" && device != "cpu" && device != "gpu")
-                fail("option --device: '%s' must be auto, cpu or gpu", device.c_str());
+            device = cli_device(cli);
         } else {
             cli_unknown(cli);
         }
@@ -430,11 +428,5 @@ static int run(int argc, char** argv) {
 }
 
 int main(int argc, char** argv) {
-    try {
-        return run(argc, argv);
-    } catch (const std::exception& e) {
-        fflush(stdout);
-        fprintf(stderr, "error: %s\n", e.what());
-        return 1;
-    }
+    return cli_main(run, argc, argv);
 }
