@@ -294,14 +294,18 @@ struct GpuModel {
     void* scratch;
     size_t scratch_bytes;
     std::vector<void*> allocations;
+    size_t bytes = 0;  // all of the above, plus the cuBLASLt workspace
 };
 
 template <typename T>
 static T* gpu_buffer(GpuModel& g, size_t count, const char* what) {
     T* p = device_alloc<T>(count, what);
     g.allocations.push_back(p);
+    g.bytes += count * sizeof(T);
     return p;
 }
+
+size_t model_gpu_bytes(const Model& m) { return m.gpu ? m.gpu->bytes + m.gpu->mm.workspace_bytes : 0; }
 
 bool gpu_available() {
     int count = 0;

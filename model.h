@@ -66,6 +66,10 @@ void model_sync_host(Model& m);
 
 void model_free_gpu(Model& m);
 
+// device memory the GPU path allocated (weights, optimizer, activations, scratch);
+// it allocates everything up front, so this is also its peak
+size_t model_gpu_bytes(const Model& m);
+
 // One optimizer step (step counts from 0): grad_accum micro-batches from the loader,
 // clipping, AdamW, then the aux-loss-free expert-bias update.
 StepStats model_train_step(Model& m, DataLoader& loader, const TrainOptions& o, int step);

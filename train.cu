@@ -657,6 +657,8 @@ static int run(int argc, char** argv) {
 
     const bool use_gpu = a.device == "gpu" || (a.device == "auto" && gpu_available());
     if (use_gpu) model_to_gpu(m, o.batch_size, o.seq_len);
+    const std::string device_desc = use_gpu ? strfmt("gpu (%.1f MiB of device memory)", model_gpu_bytes(m) / 1048576.0)
+                                            : strfmt("cpu (%d threads)", omp_get_max_threads());
 
     DataLoader loader;
     dataloader_open(loader, train_pattern, o.batch_size, o.seq_len, c.vocab_size);
@@ -690,7 +692,7 @@ static int run(int argc, char** argv) {
     printf("training: %d steps of %d x %d x %d = %lld tokens | lr %g, warmup %d, cosine to %g | device %s\n", a.steps,
            o.batch_size, o.seq_len, o.grad_accum, tokens_per_step, o.optim.lr, o.optim.warmup_steps,
            o.optim.lr * o.optim.min_lr_fraction,
-           use_gpu ? "gpu" : strfmt("cpu (%d threads)", omp_get_max_threads()).c_str());
+           device_desc.c_str());
     if (a.resume) printf("resuming from %s at step %d\n", ckpt.c_str(), st.step);
     fflush(stdout);
 

@@ -19,7 +19,8 @@ ours() {  # preset batch seq steps vocab
     local preset=$1 b=$2 t=$3 steps=$4 vocab=$5 all=()
     for r in $(seq "$runs"); do
         ./train --preset "$preset" --vocab-size "$vocab" --batch-size "$b" --seq-len "$t" --steps "$steps" --device gpu \
-            --val-every 0 --sample-every 0 --save-every 0 --overwrite --out "/tmp/bench_$preset" >/dev/null
+            --val-every 0 --sample-every 0 --save-every 0 --overwrite --out "/tmp/bench_$preset" > "/tmp/bench_$preset.log"
+        [ "$r" = 1 ] && grep -o 'gpu ([0-9.]* MiB of device memory)' "/tmp/bench_$preset.log" | sed "s/^/ours $preset: /"
         all+=("$(awk -F, 'NR > 11 { print $6 }' "/tmp/bench_$preset/metrics.csv" | sort -g | awk '{ a[NR] = $1 } END { print a[int((NR + 1) / 2)] }')")
     done
     printf '%s\n' "${all[@]}" | sort -g | awk -v p="$preset" -v b="$b" -v t="$t" '{ a[NR] = $1 } END { printf "ours %s B=%d T=%d: %.0f tok/s (median of %d runs: %s)\n", p, b, t, a[int((NR + 1) / 2)], NR, a[1] "-" a[NR] }'
