@@ -235,6 +235,28 @@ __device__ inline void mma16816(float (&c)[4], const uint32_t (&a)[4], uint32_t 
                  : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
+// acc[2*NB][4] += A B^T over ksteps steps of 16: A is 16 rows (row stride lda) and
+// B is NB*16 rows (row stride ldb) of bf16 in shared memory, both read along the head
+// dimension; the warp's fragments are laid out as mma16816 expects. Two steps per
+// iteration give the loads of the second something to overlap with (ksteps is even).
+template <int NB>
+__device__ inline void mma_rows16(float (&acc)[2 * NB][4], const bf16* A, int lda, const bf16* B, int ldb, int ksteps, int lane) {
+    for (int k2 = 0; k2 < ksteps; k2 += 2)
+#pragma unroll
+        for (int u = 0; u < 2; u++) {
+            const int kk = k2 + u;
+            uint32_t a[4];
+            ldsm_x4(a, smem_u32(A + (lane & 15) * lda + kk * 16 + (lane >> 4) * 8));
+#pragma unroll
+            for (int p = 0; p < NB; p++) {
+                uint32_t bb[4];
+                ldsm_x4(bb, smem_u32(B + (p * 16 + (lane & 7) + ((lane >> 4) << 3)) * ldb + kk * 16 + ((lane >> 3) & 1) * 8));
+                mma16816(acc[2 * p], a, bb[0], bb[1]);
+                mma16816(acc[2 * p + 1], a, bb[2], bb[3]);
+            }
+        }
+}
+
 // 2^x in one MUFU op (exp2f adds range handling we do not need: x <= 0 here, and
 // -inf must give 0, which ex2.approx does)
 __device__ inline float ex2(float x) {
@@ -352,20 +374,7 @@ __global__ void __launch_bounds__(128) attention_forward_kernel(bf16* __restrict
         float s[8][4];
 #pragma unroll
         for (int i = 0; i < 8; i++) s[i][0] = s[i][1] = s[i][2] = s[i][3] = 0.0f;
-        for (int k2 = 0; k2 < nk; k2 += 2)  // nk is even (dqp is a multiple of 32); 2 steps for ILP
-#pragma unroll
-            for (int u = 0; u < 2; u++) {
-                const int kk = k2 + u;
-                uint32_t a[4];
-                ldsm_x4(a, smem_u32(sQ + (warp * 16 + (lane & 15)) * ldq + kk * 16 + (lane >> 4) * 8));
-#pragma unroll
-                for (int p = 0; p < 4; p++) {
-                    uint32_t bb[4];
-                    ldsm_x4(bb, smem_u32(sK + (p * 16 + (lane & 7) + ((lane >> 4) << 3)) * ldq + kk * 16 + ((lane >> 3) & 1) * 8));
-                    mma16816(s[2 * p], a, bb[0], bb[1]);
-                    mma16816(s[2 * p + 1], a, bb[2], bb[3]);
-                }
-            }
+        mma_rows16<4>(s, sQ + (warp * 16) * ldq, ldq, sK, ldq, nk, lane);
         __syncthreads();  // every warp is done with K_j
         if (j < qb) load_tile<128>(sK, ldq, kg, sqk, (j + 1) * TILE, T, dqk, dqp, vec_qk);
         cp_async_commit();
@@ -546,34 +555,8 @@ __global__ void __launch_bounds__(256) attention_backward_dkdv_kernel(bf16* __re
         for (int n = 0; n < 4; n++)
 #pragma unroll
             for (int e = 0; e < 4; e++) st[n][e] = dpt[n][e] = 0.0f;
-        for (int k2 = 0; k2 < nkq; k2 += 2)  // even trip count; 2 steps for ILP
-#pragma unroll
-            for (int u = 0; u < 2; u++) {
-                const int kk = k2 + u;
-                uint32_t a[4];
-                ldsm_x4(a, smem_u32(sK + (rg * 16 + (lane & 15)) * ldq + kk * 16 + (lane >> 4) * 8));
-#pragma unroll
-                for (int p = 0; p < 2; p++) {
-                    uint32_t bb[4];
-                    ldsm_x4(bb, smem_u32(cQ + (half * 32 + p * 16 + (lane & 7) + ((lane >> 4) << 3)) * ldq + kk * 16 + ((lane >> 3) & 1) * 8));
-                    mma16816(st[2 * p], a, bb[0], bb[1]);
-                    mma16816(st[2 * p + 1], a, bb[2], bb[3]);
-                }
-            }
-        for (int k2 = 0; k2 < nkv; k2 += 2)  // even trip count; 2 steps for ILP
-#pragma unroll
-            for (int u = 0; u < 2; u++) {
-                const int kk = k2 + u;
-                uint32_t a[4];
-                ldsm_x4(a, smem_u32(sV + (rg * 16 + (lane & 15)) * ldv + kk * 16 + (lane >> 4) * 8));
-#pragma unroll
-                for (int p = 0; p < 2; p++) {
-                    uint32_t bb[4];
-                    ldsm_x4(bb, smem_u32(cdO + (half * 32 + p * 16 + (lane & 7) + ((lane >> 4) << 3)) * ldv + kk * 16 + ((lane >> 3) & 1) * 8));
-                    mma16816(dpt[2 * p], a, bb[0], bb[1]);
-                    mma16816(dpt[2 * p + 1], a, bb[2], bb[3]);
-                }
-            }
+        mma_rows16<2>(st, sK + (rg * 16) * ldq, ldq, cQ + half * 32 * ldq, ldq, nkq, lane);
+        mma_rows16<2>(dpt, sV + (rg * 16) * ldv, ldv, cdO + half * 32 * ldv, ldv, nkv, lane);
         // P^T = exp(S^T scale - lse), dS^T = P^T (dP^T - D), masked to key <= query < T
         // (only the diagonal block and the ragged last block need the mask)
         const bool masked = i == kb || i == nqb - 1;
@@ -713,34 +696,8 @@ __global__ void __launch_bounds__(256) attention_backward_dq_kernel(bf16* __rest
         for (int n = 0; n < 4; n++)
 #pragma unroll
             for (int e = 0; e < 4; e++) s[n][e] = dp[n][e] = 0.0f;
-        for (int k2 = 0; k2 < nkq; k2 += 2)  // even trip count; 2 steps for ILP
-#pragma unroll
-            for (int u = 0; u < 2; u++) {
-                const int kk = k2 + u;
-                uint32_t a[4];
-                ldsm_x4(a, smem_u32(sQ + (rg * 16 + (lane & 15)) * ldq + kk * 16 + (lane >> 4) * 8));
-#pragma unroll
-                for (int p = 0; p < 2; p++) {
-                    uint32_t bb[4];
-                    ldsm_x4(bb, smem_u32(cK + (half * 32 + p * 16 + (lane & 7) + ((lane >> 4) << 3)) * ldq + kk * 16 + ((lane >> 3) & 1) * 8));
-                    mma16816(s[2 * p], a, bb[0], bb[1]);
-                    mma16816(s[2 * p + 1], a, bb[2], bb[3]);
-                }
-            }
-        for (int k2 = 0; k2 < nkv; k2 += 2)  // even trip count; 2 steps for ILP
-#pragma unroll
-            for (int u = 0; u < 2; u++) {
-                const int kk = k2 + u;
-                uint32_t a[4];
-                ldsm_x4(a, smem_u32(sdO + (rg * 16 + (lane & 15)) * ldv + kk * 16 + (lane >> 4) * 8));
-#pragma unroll
-                for (int p = 0; p < 2; p++) {
-                    uint32_t bb[4];
-                    ldsm_x4(bb, smem_u32(cV + (half * 32 + p * 16 + (lane & 7) + ((lane >> 4) << 3)) * ldv + kk * 16 + ((lane >> 3) & 1) * 8));
-                    mma16816(dp[2 * p], a, bb[0], bb[1]);
-                    mma16816(dp[2 * p + 1], a, bb[2], bb[3]);
-                }
-            }
+        mma_rows16<2>(s, sQ + (rg * 16) * ldq, ldq, cK + half * 32 * ldq, ldq, nkq, lane);
+        mma_rows16<2>(dp, sdO + (rg * 16) * ldv, ldv, cV + half * 32 * ldv, ldv, nkv, lane);
 #pragma unroll
         for (int nt = 0; nt < 4; nt++)
 #pragma unroll
