@@ -18,6 +18,16 @@ void model_create(Model& m, const Config& c, uint64_t seed) {
     m.expert_load.assign(c.num_hidden_layers, std::vector<int64_t>(c.n_routed_experts, 0));
 }
 
+// dropout and balance-loss settings of one micro-step; the dropout key depends on
+// (seed, step, micro-step) only, so a resumed run draws the same masks
+static StepOptions micro_step_options(const TrainOptions& o, int step, int micro) {
+    StepOptions so;
+    so.dropout = o.dropout;
+    so.balance_alpha = o.balance_alpha;
+    so.dropout_key = mix64(o.seed ^ mix64((uint64_t)step * o.grad_accum + micro));
+    return so;
+}
+
 static StepStats gpu_train_step(Model& m, DataLoader& loader, const TrainOptions& o, int step);
 static double gpu_eval_window(Model& m, const std::vector<int>& inputs, const std::vector<int>& targets, int rows, int len);
 
@@ -30,10 +40,7 @@ StepStats model_train_step(Model& m, DataLoader& loader, const TrainOptions& o, 
     StepStats s{0, 0, 0, 0};
     for (int micro = 0; micro < o.grad_accum; micro++) {
         dataloader_next(loader, inputs, targets);
-        StepOptions so;
-        so.dropout = o.dropout;
-        so.balance_alpha = o.balance_alpha;
-        so.dropout_key = mix64(o.seed ^ mix64((uint64_t)step * o.grad_accum + micro));
+        const StepOptions so = micro_step_options(o, step, micro);
         ref_forward(m.ref, inputs.data(), targets.data(), o.batch_size, o.seq_len, so);
         ref_backward(m.ref, 1.0f / o.grad_accum);
         s.loss += m.ref.ce_loss / o.grad_accum;
@@ -507,8 +514,6 @@ static void linear_backward(GpuModel& g, bf16* dx, float* dw, const bf16* dout, 
     matmul(g.mm, dw, dout, x, OC, C, N, true, false, 1.0f, true, g.stream, ld_dout);
 }
 
-static uint64_t dropout_site_key(uint64_t step_key, uint64_t site) { return mix64(step_key ^ mix64(site)); }
-
 // forward of one micro-batch already in g.tokens/g.targets (B rows of T tokens).
 // train: dropout on, CE gradient written into g.logits; otherwise losses only.
 static void gpu_forward(Model& m, int B, int T, const StepOptions& so, bool train, float dloss) {
@@ -714,10 +719,7 @@ static StepStats gpu_train_step(Model& m, DataLoader& loader, const TrainOptions
     for (int micro = 0; micro < o.grad_accum; micro++) {
         dataloader_next(loader, inputs, targets);
         gpu_upload_batch(g, inputs, targets);
-        StepOptions so;
-        so.dropout = o.dropout;
-        so.balance_alpha = o.balance_alpha;
-        so.dropout_key = mix64(o.seed ^ mix64((uint64_t)step * o.grad_accum + micro));
+        const StepOptions so = micro_step_options(o, step, micro);
         gpu_forward(m, o.batch_size, o.seq_len, so, true, dloss);
         mean_loss_gpu(g.step_loss, g.losses, g.targets, o.batch_size * o.seq_len, dloss, micro > 0, g.stream);
         gpu_backward(m, o.batch_size, o.seq_len, so, dloss);

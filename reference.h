@@ -797,6 +797,10 @@ struct StepOptions {
     uint64_t dropout_key = 0;   // varies per micro-step so every step draws new masks
 };
 
+// the key of one dropout site (1 = embedding, then attention and FFN of each layer
+// in order) within a micro-step; the GPU path draws its masks with the same keys
+inline uint64_t dropout_site_key(uint64_t step_key, uint64_t site) { return mix64(step_key ^ mix64(site)); }
+
 template <typename T>
 struct LayerActs {
     std::vector<T> h_in, xn, xn_rstd;    // [N, D], [N, D], [N]   residual in, normed
@@ -921,7 +925,7 @@ T ref_forward(RefModel<T>& m, const int* inputs, const int* targets, int B, int 
     m.expert_load.assign(c.num_hidden_layers, std::vector<int64_t>(c.n_routed_experts, 0));
     m.balance_loss = 0;
     uint64_t site = 0;
-    auto dropout_key = [&]() { return mix64(opt.dropout_key ^ mix64(++site)); };
+    auto dropout_key = [&]() { return dropout_site_key(opt.dropout_key, ++site); };
 
     std::vector<T> h((size_t)N * D);
     embedding_forward(h.data(), inputs, ref_param(m, "model.embed_tokens.weight"), N, D);
