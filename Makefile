@@ -20,7 +20,7 @@ TEST_SOURCES = $(wildcard test/test_*.cpp)
 
 all: $(BINARIES)
 
-model.o: model.cu $(HEADERS) cuda_common.cuh kernels.cuh mla.cuh moe.cuh
+model.o: model.cu $(HEADERS) gpu_model.cuh cuda_common.cuh kernels.cuh mla.cuh moe.cuh
 	$(NVCC) $(FLAGS) -c $< -o $@
 
 train generate validate: %: %.cu model.o $(HEADERS)

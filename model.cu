@@ -1,7 +1,7 @@
 // model.cu — the model behind the binaries: creation, the training step
 // (gradient accumulation, clipping, AdamW, expert-bias update), evaluation,
-// sampling and checkpoints. Today every step runs on the CPU reference
-// (reference.h); the CUDA path plugs in here.
+// sampling and checkpoints, on the CPU reference (reference.h) or, once
+// model_to_gpu has run, on the CUDA path in the second half of this file.
 #include "model.h"
 
 #include <algorithm>
@@ -250,59 +250,9 @@ std::string model_resolve_dir(const std::string& dir, bool is_default) {
 // layer with the kernels of kernels.cuh, mla.cuh and moe.cuh and cuBLASLt GEMMs:
 // bf16 weights and activations, fp32 weight gradients, master weights and AdamW
 // moments. Nothing waits for the host inside a step; the loss, the gradient norm
-// and the expert loads come back once per step, for logging.
-//
-// Activations of one layer for a batch of N = B*T tokens (bf16 unless noted),
-// kept from forward to backward:
-//   res_in [N,D]  residual stream entering the layer     xn, rstd1  its RMSNorm
-//   q [N,H*dqk] (q_pe roped), qa/qa_norm/qa_rstd (q_lora), c/c_norm/c_rstd [N,dc],
-//   kv_a [N,dc+dr] (only k_pe, roped, is used), kv_b [N,H*(dn+dv)], k, v, o, lse
-//   attn_out [N,D]  (after dropout)                      res_mid, xn2, rstd2
-//   dense FFN: gate_up [N,2I], hidden [N,I]
-//   MoE: router logits/scores [N,E] fp32, expert/gate [N,K], permutation,
-//        x/gu/h/y sorted by expert [S,*], shared expert gate_up/hidden/out
-//   ffn_out [N,D]  (after dropout)
-
-#include "kernels.cuh"
-#include "mla.cuh"
-#include "moe.cuh"
-
-struct GpuLayer {
-    bf16 *res_in, *xn, *qa, *qa_norm, *q, *c, *c_norm, *kv_a, *kv_b, *k, *v, *o, *attn_out, *res_mid, *xn2;
-    float *rstd1, *qa_rstd, *c_rstd, *lse, *rstd2;
-    bf16 *gate_up, *hidden;                                   // dense FFN
-    float *router_logits, *scores, *gate, *frac, *seq_loss;  // MoE
-    int *expert, *offsets, *slot_row, *row_slot;
-    bf16 *x_sorted, *gu_sorted, *h_sorted, *y_sorted, *shared_gu, *shared_h, *shared_out;
-    bf16* ffn_out;
-};
-
-struct GpuModel {
-    int B, T, N;  // the largest batch the buffers hold
-    cudaStream_t stream;
-    Matmul mm;
-    RopeGpu rope;
-    float *params32, *grads, *adam_m, *adam_v;
-    bf16* params16;
-    ParamChunk* chunks;
-    int num_chunks;
-    std::vector<GpuLayer> layers;
-    int moe_layers;
-    size_t* bias_offsets;  // [moe_layers] offsets of the correction biases in params32
-    int* load;             // [moe_layers, E] tokens routed this step
-    int *tokens, *targets;
-    bf16 *emb, *h_final, *hn, *logits;
-    float *hn_rstd, *losses, *ce_scale, *step_loss, *balance_loss, *norm2;
-    // backward temporaries, reused by every layer
-    float* dres;  // the residual stream's gradient: fp32, it sums a term from every layer
-    bf16 *dbranch, *dxn, *d_o, *dq, *dk, *dv, *dkv_b, *dkv_a, *dc_norm, *dc, *dqa_norm, *dqa;
-    bf16 *dgate_up, *dhidden, *dy_sorted, *dh_sorted, *dgu_sorted, *dx_sorted, *router_dlogits16;
-    float *dgate, *dscores, *router_dlogits;
-    void* scratch;
-    size_t scratch_bytes;
-    std::vector<void*> allocations;
-    size_t bytes = 0;  // all of the above, plus the cuBLASLt workspace
-};
+// and the expert loads come back once per step, for logging. The device state
+// (GpuModel) is declared in gpu_model.cuh.
+#include "gpu_model.cuh"
 
 template <typename T>
 static T* gpu_buffer(GpuModel& g, size_t count, const char* what) {
@@ -491,17 +441,6 @@ void model_sync_host(Model& m) {
     CUDA_CHECK(cudaMemcpy(m.adam_v.data(), g.adam_v, P * sizeof(float), cudaMemcpyDeviceToHost));
 }
 
-// pointers to one tensor of the bf16 weights and of the fp32 gradients
-struct GpuTensor {
-    const bf16* w;
-    float* g;
-};
-
-static GpuTensor gpu_tensor(const Model& m, const std::string& name) {
-    size_t off = m.ref.layout.offset_of(name);
-    return {m.gpu->params16 + off, m.gpu->grads + off};
-}
-
 // out[N, OC] = x[N, C] @ W^T (bf16 out); the nn.Linear forward
 static void linear_forward(GpuModel& g, bf16* out, const bf16* x, const bf16* w, int N, int C, int OC, int ldc = 0) {
     matmul(g.mm, out, x, w, N, OC, C, false, true, 0.0f, false, g.stream, 0, 0, ldc);
@@ -514,9 +453,8 @@ static void linear_backward(GpuModel& g, bf16* dx, float* dw, const bf16* dout, 
     matmul(g.mm, dw, dout, x, OC, C, N, true, false, 1.0f, true, g.stream, ld_dout);
 }
 
-// forward of one micro-batch already in g.tokens/g.targets (B rows of T tokens).
-// train: dropout on, CE gradient written into g.logits; otherwise losses only.
-static void gpu_forward(Model& m, int B, int T, const StepOptions& so, bool train, float dloss) {
+// the forward described in gpu_model.cuh
+void gpu_forward(Model& m, int B, int T, const StepOptions& so, bool train, float dloss) {
     GpuModel& g = *m.gpu;
     const Config& c = m.ref.cfg;
     const int N = B * T, D = c.hidden_size, H = c.num_attention_heads, qr = c.q_lora_rank, dc = c.kv_lora_rank;
