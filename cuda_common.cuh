@@ -11,6 +11,8 @@
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
+#include <map>
+#include <tuple>
 #include <vector>
 
 #include "common.h"
@@ -77,10 +79,32 @@ std::vector<float> to_host(const T* src, size_t n) {
 // gradients). Row-major X is column-major X^T, so we ask cuBLASLt for
 // out^T = B^T A^T.
 
+// One GEMM shape's cuBLASLt objects and chosen algorithm. Creating descriptors
+// and asking the heuristic costs tens of microseconds of host time, more than a
+// small GEMM runs, so each shape is planned once and reused every step.
+struct MatmulPlan {
+    cublasLtMatmulDesc_t desc;
+    cublasLtMatrixLayout_t la, lb, lc;
+    cublasLtMatmulAlgo_t algo;
+};
+
+// what a plan depends on: sizes, transposes, output type, leading dimensions and
+// operand alignments
+struct MatmulKey {
+    int m, n, k, lda, ldb, ldc;
+    uint32_t align_a, align_b, align_c;
+    bool trans_a, trans_b, out_fp32;
+    bool operator<(const MatmulKey& o) const {
+        return std::tie(m, n, k, lda, ldb, ldc, align_a, align_b, align_c, trans_a, trans_b, out_fp32) <
+               std::tie(o.m, o.n, o.k, o.lda, o.ldb, o.ldc, o.align_a, o.align_b, o.align_c, o.trans_a, o.trans_b, o.out_fp32);
+    }
+};
+
 struct Matmul {
     cublasLtHandle_t handle = nullptr;
     void* workspace = nullptr;
     size_t workspace_bytes = 32u << 20;
+    std::map<MatmulKey, MatmulPlan> plans;
 };
 
 inline void matmul_init(Matmul& mm) {
@@ -89,6 +113,13 @@ inline void matmul_init(Matmul& mm) {
 }
 
 inline void matmul_free(Matmul& mm) {
+    for (auto& entry : mm.plans) {
+        MatmulPlan& p = entry.second;
+        cublasLtMatrixLayoutDestroy(p.la);
+        cublasLtMatrixLayoutDestroy(p.lb);
+        cublasLtMatrixLayoutDestroy(p.lc);
+        cublasLtMatmulDescDestroy(p.desc);
+    }
     if (mm.handle) cublasLtDestroy(mm.handle);
     if (mm.workspace) cudaFree(mm.workspace);
     mm = Matmul{};
@@ -100,51 +131,54 @@ inline uint32_t alignment_bytes(const void* p, size_t pitch_bytes) {
     return (uint32_t)(bits & (~bits + 1));
 }
 
-// trans_a: A is stored [K, M]; trans_b: B is stored [N, K]. out_fp32 selects the
-// output type. Leading dimensions are the dense ones unless given.
-inline void matmul(Matmul& mm, void* out, const bf16* A, const bf16* B, int M, int N, int K, bool trans_a, bool trans_b,
-                   float beta, bool out_fp32, cudaStream_t stream, int lda = 0, int ldb = 0, int ldc = 0) {
-    if (M == 0 || N == 0) return;
-    cublasLtMatmulDesc_t desc;
-    CUBLAS_CHECK(cublasLtMatmulDescCreate(&desc, CUBLAS_COMPUTE_32F, CUDA_R_32F));
+inline MatmulPlan matmul_plan(Matmul& mm, const MatmulKey& key) {
+    MatmulPlan p;
+    CUBLAS_CHECK(cublasLtMatmulDescCreate(&p.desc, CUBLAS_COMPUTE_32F, CUDA_R_32F));
     // column-major: out^T [N, M] = op(B^T) [N, K] @ op(A^T) [K, M]
-    cublasOperation_t op_b = trans_b ? CUBLAS_OP_T : CUBLAS_OP_N;
-    cublasOperation_t op_a = trans_a ? CUBLAS_OP_T : CUBLAS_OP_N;
-    CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(desc, CUBLASLT_MATMUL_DESC_TRANSA, &op_b, sizeof(op_b)));
-    CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(desc, CUBLASLT_MATMUL_DESC_TRANSB, &op_a, sizeof(op_a)));
-    if (!lda) lda = trans_a ? M : K;
-    if (!ldb) ldb = trans_b ? K : N;
-    if (!ldc) ldc = N;
-    cublasLtMatrixLayout_t lb, la, lc;
+    cublasOperation_t op_b = key.trans_b ? CUBLAS_OP_T : CUBLAS_OP_N;
+    cublasOperation_t op_a = key.trans_a ? CUBLAS_OP_T : CUBLAS_OP_N;
+    CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(p.desc, CUBLASLT_MATMUL_DESC_TRANSA, &op_b, sizeof(op_b)));
+    CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(p.desc, CUBLASLT_MATMUL_DESC_TRANSB, &op_a, sizeof(op_a)));
+    const int M = key.m, N = key.n, K = key.k;
     // B^T as column-major: rows N, cols K when not transposed
-    CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&lb, CUDA_R_16BF, trans_b ? K : N, trans_b ? N : K, ldb));
-    CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&la, CUDA_R_16BF, trans_a ? M : K, trans_a ? K : M, lda));
-    CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&lc, out_fp32 ? CUDA_R_32F : CUDA_R_16BF, N, M, ldc));
+    CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&p.lb, CUDA_R_16BF, key.trans_b ? K : N, key.trans_b ? N : K, key.ldb));
+    CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&p.la, CUDA_R_16BF, key.trans_a ? M : K, key.trans_a ? K : M, key.lda));
+    CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&p.lc, key.out_fp32 ? CUDA_R_32F : CUDA_R_16BF, N, M, key.ldc));
     cublasLtMatmulPreference_t pref;
     CUBLAS_CHECK(cublasLtMatmulPreferenceCreate(&pref));
     CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &mm.workspace_bytes,
                                                       sizeof(mm.workspace_bytes)));
     // the heuristic assumes 256-byte aligned operands unless told otherwise, and the
     // chosen kernel then refuses a sub-tensor such as kv_a's k_pe columns
-    const int out_bytes = out_fp32 ? 4 : 2;
-    uint32_t align_b = alignment_bytes(B, (size_t)ldb * 2), align_a = alignment_bytes(A, (size_t)lda * 2);
-    uint32_t align_c = alignment_bytes(out, (size_t)ldc * out_bytes);
-    CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, &align_b, sizeof(align_b)));
-    CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, &align_a, sizeof(align_a)));
-    CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, &align_c, sizeof(align_c)));
-    CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, &align_c, sizeof(align_c)));
+    CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, &key.align_b, sizeof(key.align_b)));
+    CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, &key.align_a, sizeof(key.align_a)));
+    CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, &key.align_c, sizeof(key.align_c)));
+    CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, &key.align_c, sizeof(key.align_c)));
     cublasLtMatmulHeuristicResult_t heuristic;
     int found = 0;
-    CUBLAS_CHECK(cublasLtMatmulAlgoGetHeuristic(mm.handle, desc, lb, la, lc, lc, pref, 1, &heuristic, &found));
-    if (found == 0) fail("cuBLASLt has no algorithm for a %dx%dx%d matmul", M, N, K);
-    const float alpha = 1.0f;
-    CUBLAS_CHECK(cublasLtMatmul(mm.handle, desc, &alpha, B, lb, A, la, &beta, out, lc, out, lc, &heuristic.algo, mm.workspace,
-                                mm.workspace_bytes, stream));
+    CUBLAS_CHECK(cublasLtMatmulAlgoGetHeuristic(mm.handle, p.desc, p.lb, p.la, p.lc, p.lc, pref, 1, &heuristic, &found));
     cublasLtMatmulPreferenceDestroy(pref);
-    cublasLtMatrixLayoutDestroy(lb);
-    cublasLtMatrixLayoutDestroy(la);
-    cublasLtMatrixLayoutDestroy(lc);
-    cublasLtMatmulDescDestroy(desc);
+    if (found == 0) fail("cuBLASLt has no algorithm for a %dx%dx%d matmul", M, N, K);
+    p.algo = heuristic.algo;
+    return p;
+}
+
+// trans_a: A is stored [K, M]; trans_b: B is stored [N, K]. out_fp32 selects the
+// output type. Leading dimensions are the dense ones unless given.
+inline void matmul(Matmul& mm, void* out, const bf16* A, const bf16* B, int M, int N, int K, bool trans_a, bool trans_b,
+                   float beta, bool out_fp32, cudaStream_t stream, int lda = 0, int ldb = 0, int ldc = 0) {
+    if (M == 0 || N == 0) return;
+    if (!lda) lda = trans_a ? M : K;
+    if (!ldb) ldb = trans_b ? K : N;
+    if (!ldc) ldc = N;
+    MatmulKey key{M, N, K, lda, ldb, ldc, alignment_bytes(A, (size_t)lda * 2), alignment_bytes(B, (size_t)ldb * 2),
+                  alignment_bytes(out, (size_t)ldc * (out_fp32 ? 4 : 2)), trans_a, trans_b, out_fp32};
+    auto it = mm.plans.find(key);
+    if (it == mm.plans.end()) it = mm.plans.emplace(key, matmul_plan(mm, key)).first;
+    const MatmulPlan& p = it->second;
+    const float alpha = 1.0f;
+    CUBLAS_CHECK(cublasLtMatmul(mm.handle, p.desc, &alpha, B, p.lb, A, p.la, &beta, out, p.lc, out, p.lc, &p.algo, mm.workspace,
+                                mm.workspace_bytes, stream));
 }
 
 // ----------------------------------------------------------------------------

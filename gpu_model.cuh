@@ -12,21 +12,29 @@
 // kept from forward to backward:
 //   res_in [N,D]  residual stream entering the layer     xn, rstd1  its RMSNorm
 //   q [N,H*dqk] (q_pe roped), qa/qa_norm/qa_rstd (q_lora), c/c_norm/c_rstd [N,dc],
-//   kv_a [N,dc+dr] (only k_pe, roped, is used), kv_b [N,H*(dn+dv)], k, v, o, lse
-//   attn_out [N,D]  (after dropout)                      res_mid, xn2, rstd2
-//   dense FFN: gate_up [N,2I], hidden [N,I]
+//   kv_a [N,dc+dr] (only k_pe, roped, is used), k, v, o, lse
+//   res_mid, xn2, rstd2  (after the attention branch's residual add)
+//   dense FFN: gate_up [N,2I]
 //   MoE: router logits/scores [N,E] fp32, expert/gate [N,K], permutation,
-//        x/gu/h/y sorted by expert [S,*], shared expert gate_up/hidden/out
-//   ffn_out [N,D]  (after dropout)
+//        gu/y sorted by expert [S,*], shared expert gate_up
+// Tensors that only the forward reads (kv_b, each branch's output, the shared
+// experts' output) and those the backward recomputes cheaply (SwiGLU outputs, the
+// expert-sorted inputs) live once in GpuModel, reused by every layer.
 
 struct GpuLayer {
-    bf16 *res_in, *xn, *qa, *qa_norm, *q, *c, *c_norm, *kv_a, *kv_b, *k, *v, *o, *attn_out, *res_mid, *xn2;
+    bf16 *res_in, *xn, *qa, *qa_norm, *q, *c, *c_norm, *kv_a, *k, *v, *o, *res_mid, *xn2;
     float *rstd1, *qa_rstd, *c_rstd, *lse, *rstd2;
-    bf16 *gate_up, *hidden;                                   // dense FFN
+    bf16* gate_up;                                            // dense FFN
     float *router_logits, *scores, *gate, *frac, *seq_loss;  // MoE
     int *expert, *offsets, *slot_row, *row_slot;
-    bf16 *x_sorted, *gu_sorted, *h_sorted, *y_sorted, *shared_gu, *shared_h, *shared_out;
-    bf16* ffn_out;
+    bf16 *gu_sorted, *y_sorted, *shared_gu;
+};
+
+// what a captured micro-step bakes in: the batch shape and the loss scalings
+struct GraphKey {
+    int B = 0, T = 0;
+    float dloss = 0, balance_alpha = 0;
+    bool operator==(const GraphKey& o) const { return B == o.B && T == o.T && dloss == o.dloss && balance_alpha == o.balance_alpha; }
 };
 
 struct GpuModel {
@@ -44,7 +52,17 @@ struct GpuModel {
     int* load;             // [moe_layers, E] tokens routed this step
     int *tokens, *targets;
     bf16 *emb, *h_final, *hn, *logits;
-    float *hn_rstd, *losses, *ce_scale, *step_loss, *balance_loss, *norm2;
+    // forward temporaries, reused by every layer: kv_b [N, H*(dn+dv)]; branch [N, D],
+    // the attention or FFN output (after dropout) until the next residual add;
+    // shared_out [N, D], the shared experts' output until the combine
+    bf16 *kv_b, *branch, *shared_out;
+    // reused by every layer and rebuilt by the backward: hidden, a SwiGLU output
+    // (dense [N,I], routed [S,MI] or shared [N,SI]); x_sorted [S,D], the MoE input
+    // gathered by expert
+    bf16 *hidden, *x_sorted;
+    float *hn_rstd, *losses, *ce_scale, *norm2;
+    float* step_loss;     // the step's mean loss, summed over micro-batches (each x 1/grad_accum)
+    float* balance_loss;  // [moe_layers] the step's balance loss per MoE layer, summed likewise
     // backward temporaries, reused by every layer
     float* dres;  // the residual stream's gradient: fp32, it sums a term from every layer
     bf16 *dbranch, *dxn, *d_o, *dq, *dk, *dv, *dkv_b, *dkv_a, *dc_norm, *dc, *dqa_norm, *dqa;
@@ -54,6 +72,8 @@ struct GpuModel {
     size_t scratch_bytes;
     std::vector<void*> allocations;
     size_t bytes = 0;  // all of the above, plus the cuBLASLt workspace
+    cudaGraphExec_t graph = nullptr;  // the captured forward + backward of one micro-batch
+    GraphKey graph_key;
 };
 
 // pointers to one tensor of the bf16 weights and of the fp32 gradients

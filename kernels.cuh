@@ -432,35 +432,35 @@ static __global__ void rmsnorm_backward_kernel(G* dinp, float* dweight_partial, 
         for (int k = 0; k < VEC; k++) dweight_partial[(size_t)blockIdx.x * C + i + k] = dw[i + k];
 }
 
-// block (32 columns, 16 row groups): group g sums partials g, g+16, ... of its
-// column, then group 0 adds the 16 group sums in order
+// block (32 columns, 32 row groups): group g sums partials g, g+32, ... of its
+// column, then group 0 adds the 32 group sums in order
 static __global__ void rmsnorm_dweight_reduce_kernel(float* dweight, const float* partial, int blocks, int C) {
-    __shared__ float sums[16][33];
+    __shared__ float sums[32][33];
     const int c = blockIdx.x * 32 + threadIdx.x;
     float s = 0.0f;
     if (c < C)
-        for (int b = threadIdx.y; b < blocks; b += 16) s += partial[(size_t)b * C + c];
+        for (int b = threadIdx.y; b < blocks; b += 32) s += partial[(size_t)b * C + c];
     sums[threadIdx.y][threadIdx.x] = s;
     __syncthreads();
     if (threadIdx.y == 0 && c < C) {
         float total = 0.0f;
-        for (int g = 0; g < 16; g++) total += sums[g][threadIdx.x];
+        for (int g = 0; g < 32; g++) total += sums[g][threadIdx.x];
         dweight[c] += total;
     }
 }
 
-// how many blocks (row ranges) the backward uses: enough to fill the GPU, few
-// enough that the partials stay near 8 MiB; a function of N and C only
-inline int rmsnorm_backward_blocks(int N, int C, int* rows_per_block) {
-    const int max_blocks = std::max(256, std::min(2048, (1 << 21) / std::max(C, 1)));
-    const int rpb = ceil_div(N, max_blocks);
+// how many blocks (row ranges) the backward uses: at most 512, enough to fill the
+// GPU while the reduce above, which has only C/32 blocks, stays short; a function
+// of N alone
+inline int rmsnorm_backward_blocks(int N, int* rows_per_block) {
+    const int rpb = ceil_div(N, 512);
     if (rows_per_block) *rows_per_block = rpb;
     return ceil_div(N, rpb);
 }
 
 inline size_t rmsnorm_backward_scratch_bytes(int N, int C) {
     if (N == 0) return 0;
-    return (size_t)rmsnorm_backward_blocks(N, C, nullptr) * C * sizeof(float);
+    return (size_t)rmsnorm_backward_blocks(N, nullptr) * C * sizeof(float);
 }
 
 // dinp[N, C] (written = dresidual + norm backward; may alias dresidual),
@@ -477,7 +477,7 @@ inline void rmsnorm_backward_gpu(G* dinp, float* dweight, const typename kdetail
     if (C <= 0 || C > RMSNORM_MAX_C) fail("rmsnorm_backward_gpu: width %d is outside 1..%d", C, RMSNORM_MAX_C);
     kdetail::check_scratch(scratch_bytes, rmsnorm_backward_scratch_bytes(N, C), "rmsnorm_backward_gpu");
     int rpb = 0;
-    const int blocks = rmsnorm_backward_blocks(N, C, &rpb);
+    const int blocks = rmsnorm_backward_blocks(N, &rpb);
     float* partial = (float*)scratch;
     const size_t shmem = (size_t)C * sizeof(float);
     if (C % 8 == 0 && kdetail::aligned16({dinp, dresidual, dout, inp, weight})) {
@@ -488,7 +488,7 @@ inline void rmsnorm_backward_gpu(G* dinp, float* dweight, const typename kdetail
                                                                                                rstd, N, C, rpb);
     }
     CUDA_LAUNCH_CHECK();
-    rmsnorm_dweight_reduce_kernel<<<ceil_div(C, 32), dim3(32, 16), 0, stream>>>(dweight, partial, blocks, C);
+    rmsnorm_dweight_reduce_kernel<<<ceil_div(C, 32), dim3(32, 32), 0, stream>>>(dweight, partial, blocks, C);
     CUDA_LAUNCH_CHECK();
 }
 

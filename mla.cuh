@@ -25,6 +25,7 @@
 #include <cmath>
 
 #include "cuda_common.cuh"
+#include "kernels.cuh"
 #include "reference.h"
 
 // ----------------------------------------------------------------------------
@@ -116,68 +117,81 @@ inline void rope_backward_gpu(bf16* dq, bf16* dkv_a, const RopeGpu& rope, int N,
 
 // ----------------------------------------------------------------------------
 // MLA assembly: k [N, H, dn+dr] = [kv_b[:, h, :dn]; kv_a[:, dc:]] and
-// v [N, H, dv] = kv_b[:, h, dn:]. Pure copies (memory-bound, element per thread).
+// v [N, H, dv] = kv_b[:, h, dn:]. Pure copies, memory-bound: one block per token,
+// VEC elements per thread (16-byte moves when every size is a multiple of 8).
 
+template <int VEC>
 static __global__ void mla_assemble_kv_kernel(bf16* __restrict__ k, bf16* __restrict__ v, const bf16* __restrict__ kv_b,
-                                              const bf16* __restrict__ kv_a, int N, int H, int dn, int dr, int dv, int dc) {
-    const int dqk = dn + dr;
-    const long long nk = (long long)N * H * dqk, total = nk + (long long)N * H * dv;
-    for (long long idx = (long long)blockIdx.x * blockDim.x + threadIdx.x; idx < total; idx += (long long)gridDim.x * blockDim.x) {
-        if (idx < nk) {
-            const int i = (int)(idx % dqk);
-            const long long nh = idx / dqk;
-            const int n = (int)(nh / H);
-            k[idx] = i < dn ? kv_b[nh * (dn + dv) + i] : kv_a[(size_t)n * (dc + dr) + dc + (i - dn)];
+                                              const bf16* __restrict__ kv_a, int H, int dn, int dr, int dv, int dc) {
+    const int n = blockIdx.x, dqk = dn + dr, pk = dqk / VEC, pv = dv / VEC;  // pieces per head
+    const bf16* kvb = kv_b + (size_t)n * H * (dn + dv);
+    const bf16* pe = kv_a + (size_t)n * (dc + dr) + dc;
+    for (int idx = threadIdx.x; idx < H * (pk + pv); idx += blockDim.x) {
+        float x[VEC];
+        if (idx < H * pk) {
+            const int h = idx / pk, i = (idx % pk) * VEC;
+            kdetail::load_bf16<VEC>(x, i < dn ? kvb + h * (dn + dv) + i : pe + (i - dn));
+            kdetail::store_bf16<VEC>(k + ((size_t)n * H + h) * dqk + i, x);
         } else {
-            const long long e = idx - nk;
-            const int i = (int)(e % dv);
-            const long long nh = e / dv;
-            v[e] = kv_b[nh * (dn + dv) + dn + i];
+            const int h = (idx - H * pk) / pv, i = ((idx - H * pk) % pv) * VEC;
+            kdetail::load_bf16<VEC>(x, kvb + h * (dn + dv) + dn + i);
+            kdetail::store_bf16<VEC>(v + ((size_t)n * H + h) * dv + i, x);
         }
     }
 }
 
 // dkv_b [N, H, dn+dv] = [dk[:, h, :dn]; dv]; dkv_a[:, dc:dc+dr] = sum over h of
 // dk[:, h, dn:] (fp32, heads in order 0..H-1, so deterministic). dkv_a's columns
-// [0, dc) are not touched (the RMSNorm backward writes them).
+// [0, dc) are not touched (the RMSNorm backward writes them). One block per token.
+template <int VEC>
 static __global__ void mla_assemble_kv_backward_kernel(bf16* __restrict__ dkv_b, bf16* __restrict__ dkv_a,
-                                                       const bf16* __restrict__ dk, const bf16* __restrict__ dv, int N, int H,
-                                                       int dn, int dr, int dvd, int dc) {
-    const int dqk = dn + dr, dkv = dn + dvd;
-    const long long nb = (long long)N * H * dkv, total = nb + (long long)N * dr;
-    for (long long idx = (long long)blockIdx.x * blockDim.x + threadIdx.x; idx < total; idx += (long long)gridDim.x * blockDim.x) {
-        if (idx < nb) {
-            const int i = (int)(idx % dkv);
-            const long long nh = idx / dkv;
-            dkv_b[idx] = i < dn ? dk[nh * dqk + i] : dv[nh * dvd + (i - dn)];
+                                                       const bf16* __restrict__ dk, const bf16* __restrict__ dv, int H, int dn, int dr,
+                                                       int dvd, int dc) {
+    const int n = blockIdx.x, dqk = dn + dr, pb = (dn + dvd) / VEC, pr = dr / VEC;
+    const bf16* dkn = dk + (size_t)n * H * dqk;
+    for (int idx = threadIdx.x; idx < H * pb + pr; idx += blockDim.x) {
+        float x[VEC];
+        if (idx < H * pb) {
+            const int h = idx / pb, i = (idx % pb) * VEC;
+            kdetail::load_bf16<VEC>(x, i < dn ? dkn + h * dqk + i : dv + ((size_t)n * H + h) * dvd + (i - dn));
+            kdetail::store_bf16<VEC>(dkv_b + ((size_t)n * H + h) * (dn + dvd) + i, x);
         } else {
-            const long long e = idx - nb;
-            const int i = (int)(e % dr);
-            const long long n = e / dr;
-            float s = 0.0f;
-            for (int h = 0; h < H; h++) s += __bfloat162float(dk[(n * H + h) * dqk + dn + i]);
-            dkv_a[n * (dc + dr) + dc + i] = __float2bfloat16(s);
+            const int i = (idx - H * pb) * VEC;
+            float sum[VEC] = {};
+            for (int h = 0; h < H; h++) {
+                kdetail::load_bf16<VEC>(x, dkn + h * dqk + dn + i);
+#pragma unroll
+                for (int j = 0; j < VEC; j++) sum[j] += x[j];
+            }
+            kdetail::store_bf16<VEC>(dkv_a + (size_t)n * (dc + dr) + dc + i, sum);
         }
     }
 }
 
-inline int mla_grid(long long total, int threads) { return (int)std::max<long long>(1, std::min<long long>((total + threads - 1) / threads, 1 << 20)); }
+// 16-byte moves need every piece (sizes dn, dr, dv, dc) to start on 8 elements
+inline bool mla_assemble_vec8(int dn, int dr, int dv, int dc, std::initializer_list<const void*> ptrs) {
+    return dn % 8 == 0 && dr % 8 == 0 && dv % 8 == 0 && dc % 8 == 0 && kdetail::aligned16(ptrs);
+}
 
 // k [N, H, dn+dr], v [N, H, dv] from kv_b [N, H, dn+dv] and kv_a [N, dc+dr] (k_pe roped)
 inline void mla_assemble_kv_gpu(bf16* k, bf16* v, const bf16* kv_b, const bf16* kv_a, int N, int H, int dn, int dr, int dv, int dc,
                                 cudaStream_t stream) {
-    const long long total = (long long)N * H * (dn + dr + dv);
-    if (total == 0) return;
-    mla_assemble_kv_kernel<<<mla_grid(total, 256), 256, 0, stream>>>(k, v, kv_b, kv_a, N, H, dn, dr, dv, dc);
+    if (N == 0) return;
+    if (mla_assemble_vec8(dn, dr, dv, dc, {k, v, kv_b, kv_a}))
+        mla_assemble_kv_kernel<8><<<N, 128, 0, stream>>>(k, v, kv_b, kv_a, H, dn, dr, dv, dc);
+    else
+        mla_assemble_kv_kernel<1><<<N, 256, 0, stream>>>(k, v, kv_b, kv_a, H, dn, dr, dv, dc);
     CUDA_LAUNCH_CHECK();
 }
 
 // dkv_b [N, H, dn+dv] and dkv_a[:, dc:] (of a [N, dc+dr] buffer) from dk [N, H, dn+dr], dv [N, H, dv]
 inline void mla_assemble_kv_backward_gpu(bf16* dkv_b, bf16* dkv_a, const bf16* dk, const bf16* dv, int N, int H, int dn, int dr,
                                          int dvd, int dc, cudaStream_t stream) {
-    const long long total = (long long)N * H * (dn + dvd) + (long long)N * dr;
-    if (total == 0) return;
-    mla_assemble_kv_backward_kernel<<<mla_grid(total, 256), 256, 0, stream>>>(dkv_b, dkv_a, dk, dv, N, H, dn, dr, dvd, dc);
+    if (N == 0) return;
+    if (mla_assemble_vec8(dn, dr, dvd, dc, {dkv_b, dkv_a, dk, dv}))
+        mla_assemble_kv_backward_kernel<8><<<N, 128, 0, stream>>>(dkv_b, dkv_a, dk, dv, H, dn, dr, dvd, dc);
+    else
+        mla_assemble_kv_backward_kernel<1><<<N, 256, 0, stream>>>(dkv_b, dkv_a, dk, dv, H, dn, dr, dvd, dc);
     CUDA_LAUNCH_CHECK();
 }
 

@@ -300,6 +300,9 @@ void model_to_gpu(Model& m, int B, int T) {
     if (m.adam_m.size() == P) {
         CUDA_CHECK(cudaMemcpy(g.adam_m, m.adam_m.data(), P * sizeof(float), cudaMemcpyHostToDevice));
         CUDA_CHECK(cudaMemcpy(g.adam_v, m.adam_v.data(), P * sizeof(float), cudaMemcpyHostToDevice));
+    } else {  // weights without a training state: the optimizer starts afresh
+        CUDA_CHECK(cudaMemset(g.adam_m, 0, P * sizeof(float)));
+        CUDA_CHECK(cudaMemset(g.adam_v, 0, P * sizeof(float)));
     }
     float_to_bf16_gpu(g.params16, g.params32, P, g.stream);
     CUDA_CHECK(cudaMemset(g.grads, 0, P * sizeof(float)));
@@ -333,19 +336,15 @@ void model_to_gpu(Model& m, int B, int T) {
         a.c_norm = gpu_buffer<bf16>(g, (size_t)N * dc, "activations");
         a.c_rstd = gpu_buffer<float>(g, N, "activations");
         a.kv_a = gpu_buffer<bf16>(g, (size_t)N * (dc + dr), "activations");
-        a.kv_b = gpu_buffer<bf16>(g, (size_t)N * H * (dn + dv), "activations");
         a.k = gpu_buffer<bf16>(g, (size_t)N * H * dqk, "activations");
         a.v = gpu_buffer<bf16>(g, (size_t)N * H * dv, "activations");
         a.o = gpu_buffer<bf16>(g, (size_t)N * H * dv, "activations");
         a.lse = gpu_buffer<float>(g, (size_t)N * H, "activations");
-        a.attn_out = gpu_buffer<bf16>(g, (size_t)N * D, "activations");
         a.res_mid = gpu_buffer<bf16>(g, (size_t)N * D, "activations");
         a.xn2 = gpu_buffer<bf16>(g, (size_t)N * D, "activations");
         a.rstd2 = gpu_buffer<float>(g, N, "activations");
-        a.ffn_out = gpu_buffer<bf16>(g, (size_t)N * D, "activations");
         if (!c.is_moe_layer(l)) {
             a.gate_up = gpu_buffer<bf16>(g, (size_t)N * 2 * I, "activations");
-            a.hidden = gpu_buffer<bf16>(g, (size_t)N * I, "activations");
             continue;
         }
         a.router_logits = gpu_buffer<float>(g, (size_t)N * E, "activations");
@@ -357,14 +356,10 @@ void model_to_gpu(Model& m, int B, int T) {
         a.offsets = gpu_buffer<int>(g, E + 1, "activations");
         a.slot_row = gpu_buffer<int>(g, S, "activations");
         a.row_slot = gpu_buffer<int>(g, S, "activations");
-        a.x_sorted = gpu_buffer<bf16>(g, (size_t)S * D, "activations");
         a.gu_sorted = gpu_buffer<bf16>(g, (size_t)S * 2 * MI, "activations");
-        a.h_sorted = gpu_buffer<bf16>(g, (size_t)S * MI, "activations");
         a.y_sorted = gpu_buffer<bf16>(g, (size_t)S * D, "activations");
         if (SI > 0) {
             a.shared_gu = gpu_buffer<bf16>(g, (size_t)N * 2 * SI, "activations");
-            a.shared_h = gpu_buffer<bf16>(g, (size_t)N * SI, "activations");
-            a.shared_out = gpu_buffer<bf16>(g, (size_t)N * D, "activations");
         }
     }
     g.tokens = gpu_buffer<int>(g, N, "tokens");
@@ -372,6 +367,11 @@ void model_to_gpu(Model& m, int B, int T) {
     g.emb = gpu_buffer<bf16>(g, (size_t)N * D, "activations");
     g.h_final = gpu_buffer<bf16>(g, (size_t)N * D, "activations");
     g.hn = gpu_buffer<bf16>(g, (size_t)N * D, "activations");
+    g.kv_b = gpu_buffer<bf16>(g, (size_t)N * H * (dn + dv), "activations");
+    g.branch = gpu_buffer<bf16>(g, (size_t)N * D, "activations");
+    if (SI > 0) g.shared_out = gpu_buffer<bf16>(g, (size_t)N * D, "activations");
+    g.hidden = gpu_buffer<bf16>(g, std::max({(size_t)N * I, (size_t)S * MI, (size_t)N * SI}), "activations");
+    if (E > 0) g.x_sorted = gpu_buffer<bf16>(g, (size_t)S * D, "activations");
     g.hn_rstd = gpu_buffer<float>(g, N, "activations");
     g.logits = gpu_buffer<bf16>(g, (size_t)N * V, "logits");
     g.losses = gpu_buffer<float>(g, N, "losses");
@@ -420,6 +420,7 @@ void model_free_gpu(Model& m) {
     if (!m.gpu) return;
     GpuModel& g = *m.gpu;
     CUDA_CHECK(cudaStreamSynchronize(g.stream));
+    if (g.graph) cudaGraphExecDestroy(g.graph);
     for (void* p : g.allocations) cudaFree(p);
     rope_table_free(g.rope);
     matmul_free(g.mm);
@@ -473,7 +474,7 @@ void gpu_forward(Model& m, int B, int T, const StepOptions& so, bool train, floa
         GpuLayer& a = g.layers[l];
         std::string pre = strfmt("model.layers.%d.", l);
         const bf16* prev_res = l == 0 ? g.emb : g.layers[l - 1].res_mid;
-        const bf16* prev_branch = l == 0 ? nullptr : g.layers[l - 1].ffn_out;
+        const bf16* prev_branch = l == 0 ? nullptr : g.branch;
         rmsnorm_residual_forward_gpu(a.res_in, a.xn, a.rstd1, prev_res, prev_branch, gpu_tensor(m, pre + "input_layernorm.weight").w, N,
                                      D, eps, st);
         // MLA
@@ -490,47 +491,47 @@ void gpu_forward(Model& m, int B, int T, const StepOptions& so, bool train, floa
         linear_forward(g, a.kv_a + dc, a.xn, w_kv_a + (size_t)dc * D, N, D, dr, dc + dr);
         rmsnorm_residual_forward_gpu(nullptr, a.c_norm, a.c_rstd, a.c, nullptr, gpu_tensor(m, pre + "self_attn.kv_a_layernorm.weight").w, N,
                                      dc, eps, st);
-        linear_forward(g, a.kv_b, a.c_norm, gpu_tensor(m, pre + "self_attn.kv_b_proj.weight").w, N, dc, H * (dn + dv));
+        linear_forward(g, g.kv_b, a.c_norm, gpu_tensor(m, pre + "self_attn.kv_b_proj.weight").w, N, dc, H * (dn + dv));
         rope_forward_gpu(a.q, a.kv_a, g.rope, N, T, H, dn, dc, 0, st);
-        mla_assemble_kv_gpu(a.k, a.v, a.kv_b, a.kv_a, N, H, dn, dr, dv, dc, st);
+        mla_assemble_kv_gpu(a.k, a.v, g.kv_b, a.kv_a, N, H, dn, dr, dv, dc, st);
         attention_forward_gpu(a.o, a.lse, a.q, a.k, a.v, B, T, H, dqk, dv, g.rope.softmax_scale, st);
-        linear_forward(g, a.attn_out, a.o, gpu_tensor(m, pre + "self_attn.o_proj.weight").w, N, H * dv, D);
-        if (p > 0) dropout_forward_gpu(a.attn_out, (size_t)N * D, p, dropout_site_key(so.dropout_key, ++site), st);
-        rmsnorm_residual_forward_gpu(a.res_mid, a.xn2, a.rstd2, a.res_in, a.attn_out, gpu_tensor(m, pre + "post_attention_layernorm.weight").w,
+        linear_forward(g, g.branch, a.o, gpu_tensor(m, pre + "self_attn.o_proj.weight").w, N, H * dv, D);
+        if (p > 0) dropout_forward_gpu(g.branch, (size_t)N * D, p, dropout_site_key(so.dropout_key, ++site), st);
+        rmsnorm_residual_forward_gpu(a.res_mid, a.xn2, a.rstd2, a.res_in, g.branch, gpu_tensor(m, pre + "post_attention_layernorm.weight").w,
                                      N, D, eps, st);
         // FFN
         if (!c.is_moe_layer(l)) {
             linear_forward(g, a.gate_up, a.xn2, gpu_tensor(m, pre + "mlp.gate_proj.weight").w, N, D, 2 * I);
-            swiglu_forward_fused_gpu(a.hidden, a.gate_up, N, I, st);
-            linear_forward(g, a.ffn_out, a.hidden, gpu_tensor(m, pre + "mlp.down_proj.weight").w, N, I, D);
+            swiglu_forward_fused_gpu(g.hidden, a.gate_up, N, I, st);
+            linear_forward(g, g.branch, g.hidden, gpu_tensor(m, pre + "mlp.down_proj.weight").w, N, I, D);
         } else {
             const size_t bias_off = m.ref.layout.offset_of(pre + "mlp.gate.e_score_correction_bias");
             matmul(g.mm, a.router_logits, a.xn2, gpu_tensor(m, pre + "mlp.gate.weight").w, N, E, D, false, true, 0.0f, true, st);
             router_forward_gpu(a.scores, a.expert, a.gate, train ? g.load + (size_t)moe_index * E : nullptr, a.router_logits,
                                g.params32 + bias_off, c, N, st);
             moe_permute_gpu(a.offsets, a.slot_row, a.row_slot, (int*)g.scratch, a.expert, S, E, st);
-            moe_gather_gpu(a.x_sorted, a.xn2, a.row_slot, N, K, D, st);
+            moe_gather_gpu(g.x_sorted, a.xn2, a.row_slot, N, K, D, st);
             const GpuTensor expert0_gate = gpu_tensor(m, pre + "mlp.experts.0.gate_proj.weight");
             const GpuTensor expert0_down = gpu_tensor(m, pre + "mlp.experts.0.down_proj.weight");
             const size_t expert_stride = (size_t)3 * MI * D;
-            grouped_gemm_forward_gpu(a.gu_sorted, a.x_sorted, expert0_gate.w, expert_stride, a.offsets, S, E, D, 2 * MI, st);
-            swiglu_forward_fused_gpu(a.h_sorted, a.gu_sorted, S, MI, st);
-            grouped_gemm_forward_gpu(a.y_sorted, a.h_sorted, expert0_down.w, expert_stride, a.offsets, S, E, MI, D, st);
+            grouped_gemm_forward_gpu(a.gu_sorted, g.x_sorted, expert0_gate.w, expert_stride, a.offsets, S, E, D, 2 * MI, st);
+            swiglu_forward_fused_gpu(g.hidden, a.gu_sorted, S, MI, st);
+            grouped_gemm_forward_gpu(a.y_sorted, g.hidden, expert0_down.w, expert_stride, a.offsets, S, E, MI, D, st);
             if (SI > 0) {
                 linear_forward(g, a.shared_gu, a.xn2, gpu_tensor(m, pre + "mlp.shared_experts.gate_proj.weight").w, N, D, 2 * SI);
-                swiglu_forward_fused_gpu(a.shared_h, a.shared_gu, N, SI, st);
-                linear_forward(g, a.shared_out, a.shared_h, gpu_tensor(m, pre + "mlp.shared_experts.down_proj.weight").w, N, SI, D);
+                swiglu_forward_fused_gpu(g.hidden, a.shared_gu, N, SI, st);
+                linear_forward(g, g.shared_out, g.hidden, gpu_tensor(m, pre + "mlp.shared_experts.down_proj.weight").w, N, SI, D);
             }
-            moe_combine_forward_gpu(a.ffn_out, a.y_sorted, a.gate, a.slot_row, SI > 0 ? a.shared_out : nullptr, N, K, D, st);
+            moe_combine_forward_gpu(g.branch, a.y_sorted, a.gate, a.slot_row, SI > 0 ? g.shared_out : nullptr, N, K, D, st);
             if (train && so.balance_alpha > 0)
-                balance_loss_forward_gpu(g.balance_loss + moe_index, a.frac, a.seq_loss, a.scores, a.expert, B, T, E, K, so.balance_alpha,
+                balance_loss_forward_gpu(g.balance_loss + moe_index, a.frac, a.seq_loss, a.scores, a.expert, B, T, E, K, so.balance_alpha * dloss, true,
                                          st);
             moe_index++;
         }
-        if (p > 0) dropout_forward_gpu(a.ffn_out, (size_t)N * D, p, dropout_site_key(so.dropout_key, ++site), st);
+        if (p > 0) dropout_forward_gpu(g.branch, (size_t)N * D, p, dropout_site_key(so.dropout_key, ++site), st);
     }
     const GpuLayer& last = g.layers.back();
-    rmsnorm_residual_forward_gpu(g.h_final, g.hn, g.hn_rstd, last.res_mid, last.ffn_out, gpu_tensor(m, "model.norm.weight").w, N, D, eps,
+    rmsnorm_residual_forward_gpu(g.h_final, g.hn, g.hn_rstd, last.res_mid, g.branch, gpu_tensor(m, "model.norm.weight").w, N, D, eps,
                                  st);
     linear_forward(g, g.logits, g.hn, gpu_tensor(m, "lm_head.weight").w, N, D, V);
     if (train) {
@@ -567,7 +568,8 @@ static void gpu_backward(Model& m, int B, int T, const StepOptions& so, float dl
         const bf16* dffn = g.dbranch;
         if (!c.is_moe_layer(l)) {
             const GpuTensor down = gpu_tensor(m, pre + "mlp.down_proj.weight"), gate_up = gpu_tensor(m, pre + "mlp.gate_proj.weight");
-            linear_backward(g, g.dhidden, down.g, dffn, a.hidden, down.w, N, I, D, false);
+            swiglu_forward_fused_gpu(g.hidden, a.gate_up, N, I, st);
+            linear_backward(g, g.dhidden, down.g, dffn, g.hidden, down.w, N, I, D, false);
             swiglu_backward_fused_gpu(g.dgate_up, g.dhidden, a.gate_up, N, I, st);
             linear_backward(g, g.dxn, gate_up.g, g.dgate_up, a.xn2, gate_up.w, N, D, 2 * I, false);
         } else {
@@ -577,15 +579,18 @@ static void gpu_backward(Model& m, int B, int T, const StepOptions& so, float dl
             const size_t expert_stride = (size_t)3 * MI * D;
             moe_combine_backward_gpu(g.dy_sorted, g.dgate, dffn, a.y_sorted, a.gate, a.slot_row, N, K, D, st);
             grouped_gemm_backward_input_gpu(g.dh_sorted, g.dy_sorted, expert0_down.w, expert_stride, a.offsets, S, E, MI, D, st);
-            grouped_gemm_backward_weight_gpu(expert0_down.g, expert_stride, g.dy_sorted, a.h_sorted, a.offsets, S, E, MI, D, st);
+            swiglu_forward_fused_gpu(g.hidden, a.gu_sorted, S, MI, st);
+            grouped_gemm_backward_weight_gpu(expert0_down.g, expert_stride, g.dy_sorted, g.hidden, a.offsets, S, E, MI, D, st);
             swiglu_backward_fused_gpu(g.dgu_sorted, g.dh_sorted, a.gu_sorted, S, MI, st);
             grouped_gemm_backward_input_gpu(g.dx_sorted, g.dgu_sorted, expert0_gate.w, expert_stride, a.offsets, S, E, D, 2 * MI, st);
-            grouped_gemm_backward_weight_gpu(expert0_gate.g, expert_stride, g.dgu_sorted, a.x_sorted, a.offsets, S, E, D, 2 * MI, st);
+            moe_gather_gpu(g.x_sorted, a.xn2, a.row_slot, N, K, D, st);
+            grouped_gemm_backward_weight_gpu(expert0_gate.g, expert_stride, g.dgu_sorted, g.x_sorted, a.offsets, S, E, D, 2 * MI, st);
             moe_scatter_backward_gpu(g.dxn, g.dx_sorted, a.slot_row, N, K, D, false, st);
             if (SI > 0) {
                 const GpuTensor down = gpu_tensor(m, pre + "mlp.shared_experts.down_proj.weight");
                 const GpuTensor gate_up = gpu_tensor(m, pre + "mlp.shared_experts.gate_proj.weight");
-                linear_backward(g, g.dhidden, down.g, dffn, a.shared_h, down.w, N, SI, D, false);
+                swiglu_forward_fused_gpu(g.hidden, a.shared_gu, N, SI, st);
+                linear_backward(g, g.dhidden, down.g, dffn, g.hidden, down.w, N, SI, D, false);
                 swiglu_backward_fused_gpu(g.dgate_up, g.dhidden, a.shared_gu, N, SI, st);
                 linear_backward(g, g.dxn, gate_up.g, g.dgate_up, a.xn2, gate_up.w, N, D, 2 * SI, true);
             }
@@ -644,6 +649,38 @@ static void gpu_upload_batch(GpuModel& g, const std::vector<int>& inputs, const 
     CUDA_CHECK(cudaMemcpyAsync(g.targets, targets.data(), targets.size() * sizeof(int), cudaMemcpyHostToDevice, g.stream));
 }
 
+// Forward and backward of the micro-batch in g.tokens/g.targets, adding its loss
+// and balance loss to the step's accumulators. Without dropout every kernel
+// argument is the same from step to step, so after one eager run (which also
+// plans the GEMMs) the pair is captured once as a CUDA graph and replayed: one
+// launch instead of hundreds of small ones. Dropout masks are keyed by the step,
+// so with dropout the kernels are launched one by one.
+static void gpu_forward_backward(Model& m, const TrainOptions& o, const StepOptions& so, float dloss) {
+    GpuModel& g = *m.gpu;
+    auto launch = [&] {
+        gpu_forward(m, o.batch_size, o.seq_len, so, true, dloss);
+        mean_loss_gpu(g.step_loss, g.losses, g.targets, o.batch_size * o.seq_len, dloss, true, g.stream);
+        gpu_backward(m, o.batch_size, o.seq_len, so, dloss);
+    };
+    const GraphKey key{o.batch_size, o.seq_len, dloss, so.balance_alpha};
+    if (!o.cuda_graph || so.dropout > 0) return launch();
+    if (!(key == g.graph_key)) {
+        if (g.graph) CUDA_CHECK(cudaGraphExecDestroy(g.graph));
+        g.graph = nullptr;
+        g.graph_key = key;
+        return launch();
+    }
+    if (!g.graph) {
+        cudaGraph_t graph;
+        CUDA_CHECK(cudaStreamBeginCapture(g.stream, cudaStreamCaptureModeThreadLocal));
+        launch();
+        CUDA_CHECK(cudaStreamEndCapture(g.stream, &graph));
+        CUDA_CHECK(cudaGraphInstantiate(&g.graph, graph, 0));
+        CUDA_CHECK(cudaGraphDestroy(graph));
+    }
+    CUDA_CHECK(cudaGraphLaunch(g.graph, g.stream));
+}
+
 static StepStats gpu_train_step(Model& m, DataLoader& loader, const TrainOptions& o, int step) {
     GpuModel& g = *m.gpu;
     const Config& c = m.ref.cfg;
@@ -653,19 +690,12 @@ static StepStats gpu_train_step(Model& m, DataLoader& loader, const TrainOptions
     // gradients are cleared at the start, so after the step they still show what it used
     CUDA_CHECK(cudaMemsetAsync(g.grads, 0, m.ref.layout.total * sizeof(float), g.stream));
     CUDA_CHECK(cudaMemsetAsync(g.load, 0, (size_t)std::max(1, g.moe_layers) * std::max(1, E) * sizeof(int), g.stream));
-    std::vector<float> balance_total(std::max(1, g.moe_layers), 0.0f), balance(g.moe_layers);
+    CUDA_CHECK(cudaMemsetAsync(g.step_loss, 0, sizeof(float), g.stream));
+    CUDA_CHECK(cudaMemsetAsync(g.balance_loss, 0, std::max(1, g.moe_layers) * sizeof(float), g.stream));
     for (int micro = 0; micro < o.grad_accum; micro++) {
         dataloader_next(loader, inputs, targets);
         gpu_upload_batch(g, inputs, targets);
-        const StepOptions so = micro_step_options(o, step, micro);
-        gpu_forward(m, o.batch_size, o.seq_len, so, true, dloss);
-        mean_loss_gpu(g.step_loss, g.losses, g.targets, o.batch_size * o.seq_len, dloss, micro > 0, g.stream);
-        gpu_backward(m, o.batch_size, o.seq_len, so, dloss);
-        if (o.balance_alpha > 0 && g.moe_layers > 0) {
-            CUDA_CHECK(cudaMemcpyAsync(balance.data(), g.balance_loss, g.moe_layers * sizeof(float), cudaMemcpyDeviceToHost, g.stream));
-            CUDA_CHECK(cudaStreamSynchronize(g.stream));
-            for (int i = 0; i < g.moe_layers; i++) balance_total[i] += balance[i] * dloss;
-        }
+        gpu_forward_backward(m, o, micro_step_options(o, step, micro), dloss);
     }
     StepStats s{0, 0, 0, 0};
     s.lr = learning_rate(o.optim, step);
@@ -676,13 +706,17 @@ static StepStats gpu_train_step(Model& m, DataLoader& loader, const TrainOptions
         expert_bias_update_gpu(g.params32, g.bias_offsets, g.load, g.moe_layers, E, o.optim.bias_update_speed, g.stream);
     float loss = 0, norm2 = 0;
     std::vector<int> load((size_t)g.moe_layers * E);
+    std::vector<float> balance(g.moe_layers);
     CUDA_CHECK(cudaMemcpyAsync(&loss, g.step_loss, sizeof(float), cudaMemcpyDeviceToHost, g.stream));
     CUDA_CHECK(cudaMemcpyAsync(&norm2, g.norm2, sizeof(float), cudaMemcpyDeviceToHost, g.stream));
     if (!load.empty()) CUDA_CHECK(cudaMemcpyAsync(load.data(), g.load, load.size() * sizeof(int), cudaMemcpyDeviceToHost, g.stream));
+    if (!balance.empty())
+        CUDA_CHECK(cudaMemcpyAsync(balance.data(), g.balance_loss, balance.size() * sizeof(float), cudaMemcpyDeviceToHost, g.stream));
     CUDA_CHECK(cudaStreamSynchronize(g.stream));
     s.loss = loss;
     s.grad_norm = std::sqrt((double)norm2);
-    for (int i = 0; i < g.moe_layers; i++) s.balance_loss += balance_total[i];
+    if (o.balance_alpha > 0)
+        for (float b : balance) s.balance_loss += b;
     int moe_index = 0;
     for (int l = 0; l < c.num_hidden_layers; l++)
         if (c.is_moe_layer(l)) {

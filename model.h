@@ -20,6 +20,7 @@ struct TrainOptions {
     float dropout = 0;           // after the embedding, attention output and FFN output
     float balance_alpha = 1e-4f; // sequence-wise balance loss weight (0 = off)
     uint64_t seed = 1337;
+    bool cuda_graph = true;      // GPU: replay each micro-step as a CUDA graph when it can
 };
 
 // What exact resume needs beyond the weights (the optimizer moments live in

@@ -296,15 +296,14 @@ inline void router_backward_gpu(float* dlogits, const float* dgate, const float*
 //   f[b, e] = E / (K*T) * (times expert e was chosen in sequence b).
 // Forward: one block per sequence counts its choices (integer shared atomics),
 // writes frac [B,E] (kept for backward) and the sequence's sum to seq_loss [B]
-// (tokens summed in a fixed order); a one-warp kernel then sums the B sequence
-// terms in a fixed order into the device scalar *loss (overwritten).
+// (a thread per token, summed in a fixed order); a one-warp kernel then sums the B sequence
+// terms in a fixed order into the device scalar *loss.
 
 static __global__ void balance_loss_sequence_kernel(float* frac, float* seq_loss, const float* scores, const int* expert,
                                                     int T, int E, int K) {
     __shared__ int count[MOE_MAX_EXPERTS];
     __shared__ float f[MOE_MAX_EXPERTS];
-    __shared__ float partial[32];
-    const int b = blockIdx.x, lane = threadIdx.x % 32, warp = threadIdx.x / 32, warps = blockDim.x / 32;
+    const int b = blockIdx.x;
     for (int e = threadIdx.x; e < E; e += blockDim.x) count[e] = 0;
     __syncthreads();
     for (int i = threadIdx.x; i < T * K; i += blockDim.x) atomicAdd(&count[expert[(size_t)b * T * K + i]], 1);
@@ -315,43 +314,39 @@ static __global__ void balance_loss_sequence_kernel(float* frac, float* seq_loss
         frac[(size_t)b * E + e] = f[e];
     }
     __syncthreads();
-    float acc = 0;  // warp `warp` sums tokens warp, warp + warps, ... in order
-    for (int t = warp; t < T; t += warps) {
+    // thread i sums tokens i, i + blockDim.x, ... in order, each over its E scores
+    // (E is small: a warp per token would leave most lanes idle)
+    float acc = 0;
+    for (int t = threadIdx.x; t < T; t += blockDim.x) {
         const float* s = scores + ((size_t)b * T + t) * E;
         float sum = 0, fs = 0;
-        for (int e = lane; e < E; e += 32) {
+        for (int e = 0; e < E; e++) {
             sum += s[e];
             fs += f[e] * s[e];
         }
-        sum = warp_sum(sum);
-        fs = warp_sum(fs);
         acc += fs / sum;
     }
-    if (lane == 0) partial[warp] = acc;
-    __syncthreads();
-    if (threadIdx.x == 0) {
-        float total = 0;
-        for (int w = 0; w < warps; w++) total += partial[w];
-        seq_loss[b] = total;
-    }
+    acc = block_sum(acc);
+    if (threadIdx.x == 0) seq_loss[b] = acc;
 }
 
-static __global__ void balance_loss_finish_kernel(float* loss, const float* seq_loss, int B, float scale) {
+static __global__ void balance_loss_finish_kernel(float* loss, const float* seq_loss, int B, float scale, int accumulate) {
     float acc = 0;
     for (int b = threadIdx.x; b < B; b += 32) acc += seq_loss[b];
     acc = warp_sum(acc);
-    if (threadIdx.x == 0) *loss = acc * scale;
+    if (threadIdx.x == 0) *loss = (accumulate ? *loss : 0.0f) + acc * scale;
 }
 
-// loss: device scalar (overwritten); frac [B,E] and seq_loss [B]: fp32 scratch,
+// loss: device scalar, overwritten or, with accumulate, added to (a step sums its
+// micro-batches without a host sync); frac [B,E] and seq_loss [B]: fp32 scratch,
 // frac is read again by the backward. scores [N,E], expert [N,K] from the router.
 inline void balance_loss_forward_gpu(float* loss, float* frac, float* seq_loss, const float* scores, const int* expert, int B,
-                                     int T, int E, int K, float alpha, cudaStream_t stream) {
+                                     int T, int E, int K, float alpha, bool accumulate, cudaStream_t stream) {
     if (E < 1 || E > MOE_MAX_EXPERTS) fail("balance loss: %d experts, supported 1..%d", E, MOE_MAX_EXPERTS);
     if (B <= 0 || T <= 0) return;
     balance_loss_sequence_kernel<<<B, 256, 0, stream>>>(frac, seq_loss, scores, expert, T, E, K);
     CUDA_LAUNCH_CHECK();
-    balance_loss_finish_kernel<<<1, 32, 0, stream>>>(loss, seq_loss, B, (float)(alpha / ((double)B * T)));
+    balance_loss_finish_kernel<<<1, 32, 0, stream>>>(loss, seq_loss, B, (float)(alpha / ((double)B * T)), accumulate ? 1 : 0);
     CUDA_LAUNCH_CHECK();
 }
 

@@ -262,7 +262,7 @@ void check_balance(Config c, int B, int T, uint64_t seed) {
     d_loss.poison();
     d_frac.poison();
     d_ds.poison();
-    balance_loss_forward_gpu(d_loss, d_frac, d_seq, d_scores, d_expert, B, T, E, K, (float)alpha, 0);
+    balance_loss_forward_gpu(d_loss, d_frac, d_seq, d_scores, d_expert, B, T, E, K, (float)alpha, false, 0);
     balance_loss_backward_gpu(d_ds, d_frac, d_scores, B, T, E, (float)alpha, (float)dloss, 0);
     CUDA_CHECK(cudaDeviceSynchronize());
     const float loss = d_loss.download()[0];
@@ -272,9 +272,9 @@ void check_balance(Config c, int B, int T, uint64_t seed) {
     const double el = std::fabs(loss - loss_ref) / std::fabs(loss_ref), ed = rel_err(ds, ds_ref);
     CHECK(el < 1e-5);
     CHECK(ed < 1e-5);
-    // deterministic scalar
-    balance_loss_forward_gpu(d_loss, d_frac, d_seq, d_scores, d_expert, B, T, E, K, (float)alpha, 0);
-    CHECK(d_loss.download()[0] == loss);
+    // deterministic, and accumulating adds the same value again
+    balance_loss_forward_gpu(d_loss, d_frac, d_seq, d_scores, d_expert, B, T, E, K, (float)alpha, true, 0);
+    CHECK(d_loss.download()[0] == 2 * loss);
     report(strfmt("balance loss E=%d K=%d B=%d T=%d: loss %.2e dscores %.2e", E, K, B, T, el, ed));
 }
 }  // namespace
@@ -636,7 +636,7 @@ void check_layer(Config c, int B, int T, float balance_alpha, uint64_t seed) {
         moe_scatter_backward_gpu(d_du, d_dx, d_slot_row, N, K, D, false, 0);
         // router (+ balance loss)
         if (balance_alpha > 0) {
-            balance_loss_forward_gpu(d_loss, d_frac, d_seq, d_scores, d_expert, B, T, E, K, balance_alpha, 0);
+            balance_loss_forward_gpu(d_loss, d_frac, d_seq, d_scores, d_expert, B, T, E, K, balance_alpha, false, 0);
             balance_loss_backward_gpu(d_dsb, d_frac, d_scores, B, T, E, balance_alpha, 1.0f, 0);
         }
         router_backward_gpu(d_dlogits, d_dgate, balance_alpha > 0 ? d_dsb.p : nullptr, d_scores, d_expert, c, N, 0);
