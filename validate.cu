@@ -23,8 +23,8 @@
 //                       and as the model counts it (model_gpu_bytes): it must grow
 //                       linearly with the length (attention keeps no T x T matrix)
 //   5. GPU vs CPU       on a GPU: batch 0 on the CUDA path (bf16) against the CPU
-//                       reference (fp32): logits within 5e-2 and the loss within 2e-2
-//                       relative (see GPU_LOGITS_TOLERANCE)
+//                       reference (fp32): the loss within 2e-2 relative, the logits
+//                       within twice what bf16 weights alone change (or 2 x 2e-2)
 // printed as a table, or as one JSON object with --json; the exit status is
 // non-zero when a check fails. Without a GPU (or with --device cpu) checks 1-4 run
 // on the CPU and the GPU parts are reported as skipped. The batches are random tokens, or windows of --data
@@ -150,12 +150,9 @@ struct BatchSource {
 // GPU parts of the checks: they run when a CUDA device is used, and are reported
 // as skipped otherwise
 
-// bf16 against the fp32 reference, relative. The loss: SPEC §6's bf16 bound. The
-// logits: the whole model's bf16 rounding adds up over the layers, so a kernel's 2e-2
-// does not hold for them: transformers' own bf16 autocast is 1.6-2.1e-2 off a float64
-// truth on 3 layers (dev/hf_compare.py, check 3), so 5e-2 is that with room for depth.
-static const double GPU_LOSS_TOLERANCE = 2e-2;
-static const double GPU_LOGITS_TOLERANCE = 5e-2;
+// bf16 against the fp32 reference, relative: SPEC §6's bf16 bound. It holds for the
+// loss; for the logits see compare_gpu_cpu.
+static const double GPU_TOLERANCE = 2e-2;
 static const double LINEAR_GROWTH = 1.5;   // see memory_growth
 
 // device memory in use on the current GPU, as the driver counts it
@@ -204,11 +201,30 @@ static double memory_growth(const std::vector<DeviceMemory>& mem) {
     return per_token(n - 1) / per_token(1);
 }
 
-// Batch 0 on the CUDA path against the CPU reference's logits and loss (check 1)
+static double rel_error(const float* x, const float* ref, size_t n) {
+    double diff = 0, norm = 0;
+    for (size_t i = 0; i < n; i++) {
+        diff += ((double)x[i] - ref[i]) * ((double)x[i] - ref[i]);
+        norm += (double)ref[i] * ref[i];
+    }
+    return norm > 0 ? std::sqrt(diff / norm) : std::sqrt(diff);
+}
+
+// Batch 0 on the CUDA path against the CPU reference's logits and loss (check 1).
+//
+// The whole model's logits are further off than one kernel's output: bf16 rounding
+// adds up over the layers, and it flips expert choices at near ties, each flip a
+// jump for that token. What bf16 alone costs on this checkpoint is measured on the
+// CPU: the reference again with its weights rounded to bf16 (as the GPU's are). The
+// GPU, which rounds its activations too, passes within twice the larger of that and
+// 2e-2. (transformers under bf16 autocast is 1.6-2.1e-2 off a float64 truth on 3
+// layers, weights rounded and activations too: dev/hf_compare.py, check 3.)
 struct GpuAgreement {
-    double logits_error;     // ||gpu - cpu|| / ||cpu|| over all logits
+    double logits_error;        // ||gpu - cpu|| / ||cpu|| over all logits
+    double bf16_weights_error;  // the same for the CPU reference with bf16-rounded weights
+    double logits_bound;        // 2 * max(bf16_weights_error, GPU_TOLERANCE)
     double loss_cpu, loss_gpu, loss_error;
-    double top1_agreement;   // fraction of positions where both pick the same next token
+    double top1_agreement;      // fraction of positions where both pick the same next token
     bool pass;
 };
 
@@ -216,31 +232,36 @@ static GpuAgreement compare_gpu_cpu(Model& m, const BatchSource& src, const std:
     const int B = src.B, T = src.T, V = m.ref.cfg.vocab_size;
     std::vector<int> inputs, targets;
     src.get(0, inputs, targets);
+    GpuAgreement a{};
+    const std::vector<float> params = m.ref.params;
+    for (const TensorSpec& s : m.ref.layout.tensors)
+        if (s.kind != TENSOR_BUFFER)  // the routing bias stays fp32 on the GPU too
+            for (size_t i = s.offset; i < s.offset + s.numel; i++) m.ref.params[i] = bf16_to_float(float_to_bf16(params[i]));
+    ref_forward(m.ref, inputs.data(), targets.data(), B, T, StepOptions{});
+    a.bf16_weights_error = rel_error(m.ref.logits.data(), cpu_logits.data(), cpu_logits.size());
+    a.logits_bound = 2 * std::max(a.bf16_weights_error, GPU_TOLERANCE);
+    m.ref.params = params;
+
     std::vector<int> stream = inputs;
     stream.push_back(targets.back());  // B consecutive windows of T predictions: batch 0
     model_to_gpu(m, B, T);
-    GpuAgreement a{};
     a.loss_cpu = cpu_loss;
     a.loss_gpu = model_eval_loss(m, stream, T, B);
-    double diff = 0, ref = 0;
-    size_t same = 0;
+    std::vector<float> gpu_logits(cpu_logits.size());
     for (int b = 0; b < B; b++) {
-        const std::vector<float>& gpu = model_logits(m, std::vector<int>(inputs.begin() + (size_t)b * T, inputs.begin() + (size_t)(b + 1) * T));
-        const float* cpu = cpu_logits.data() + (size_t)b * T * V;
-        for (size_t i = 0; i < (size_t)T * V; i++) {
-            diff += ((double)gpu[i] - cpu[i]) * ((double)gpu[i] - cpu[i]);
-            ref += (double)cpu[i] * cpu[i];
-        }
-        for (int t = 0; t < T; t++) {
-            const float *g = gpu.data() + (size_t)t * V, *c = cpu + (size_t)t * V;
-            same += std::max_element(g, g + V) - g == std::max_element(c, c + V) - c;
-        }
+        const std::vector<float>& row = model_logits(m, std::vector<int>(inputs.begin() + (size_t)b * T, inputs.begin() + (size_t)(b + 1) * T));
+        std::copy(row.begin(), row.end(), gpu_logits.begin() + (size_t)b * T * V);
     }
     model_free_gpu(m);
-    a.logits_error = ref > 0 ? std::sqrt(diff / ref) : std::sqrt(diff);
+    a.logits_error = rel_error(gpu_logits.data(), cpu_logits.data(), cpu_logits.size());
+    size_t same = 0;
+    for (size_t t = 0; t < (size_t)B * T; t++) {
+        const float *g = gpu_logits.data() + t * V, *c = cpu_logits.data() + t * V;
+        same += std::max_element(g, g + V) - g == std::max_element(c, c + V) - c;
+    }
     a.loss_error = std::fabs(a.loss_gpu - a.loss_cpu) / std::fabs(a.loss_cpu);
     a.top1_agreement = (double)same / ((size_t)B * T);
-    a.pass = a.logits_error < GPU_LOGITS_TOLERANCE && a.loss_error < GPU_LOSS_TOLERANCE;
+    a.pass = a.logits_error < a.logits_bound && a.loss_error < GPU_TOLERANCE;
     return a;
 }
 
@@ -438,9 +459,10 @@ static int run_checks(Model& m, const std::string& model_name, const std::string
         s += "]}";
         s += ", \"gpu_vs_cpu\": {\"pass\": " + (gpu ? jbool(agree_ok) : "null") + ", \"skipped\": " + skipped;
         if (gpu)
-            s += strfmt(", \"logits_tolerance\": %g, \"loss_tolerance\": %g, \"logits_rel_error\": %s, \"loss_cpu\": %s, "
-                        "\"loss_gpu\": %s, \"loss_rel_error\": %s, \"top1_agreement\": %s",
-                        GPU_LOGITS_TOLERANCE, GPU_LOSS_TOLERANCE, jnum(agree.logits_error).c_str(), jnum(agree.loss_cpu).c_str(), jnum(agree.loss_gpu).c_str(),
+            s += strfmt(", \"logits_rel_error\": %s, \"bf16_weights_rel_error\": %s, \"logits_bound\": %s, \"loss_tolerance\": %g, "
+                        "\"loss_cpu\": %s, \"loss_gpu\": %s, \"loss_rel_error\": %s, \"top1_agreement\": %s",
+                        jnum(agree.logits_error).c_str(), jnum(agree.bf16_weights_error).c_str(), jnum(agree.logits_bound).c_str(),
+                        GPU_TOLERANCE,  jnum(agree.loss_cpu).c_str(), jnum(agree.loss_gpu).c_str(),
                         jnum(agree.loss_error).c_str(), jnum(agree.top1_agreement).c_str());
         s += "}";
         s += ", \"passed\": " + jbool(all_ok) + "}";
@@ -526,10 +548,10 @@ static int run_checks(Model& m, const std::string& model_name, const std::string
     if (!gpu) {
         printf("   skipped (%s)\n", gpu_skipped.c_str());
     } else {
-        printf("   batch 0 on the CUDA path (bf16) against the CPU reference (fp32); relative tolerance: logits %g, loss %g\n",
-               GPU_LOGITS_TOLERANCE, GPU_LOSS_TOLERANCE);
-        printf("   logits rel error %.3e, loss cpu %.6f gpu %.6f (rel error %.3e), same top-1 token at %.1f%% of positions\n",
-               agree.logits_error, agree.loss_cpu, agree.loss_gpu, agree.loss_error, 100 * agree.top1_agreement);
+        printf("   batch 0 on the CUDA path (bf16) against the CPU reference (fp32), relative errors\n");
+        printf("   logits %.3e (bound %.3e = 2 x max(%.3e from bf16 weights alone on the CPU, %g)), same top-1 token at %.1f%%\n",
+               agree.logits_error, agree.logits_bound, agree.bf16_weights_error, GPU_TOLERANCE, 100 * agree.top1_agreement);
+        printf("   loss cpu %.6f gpu %.6f: %.3e (bound %g)\n", agree.loss_cpu, agree.loss_gpu, agree.loss_error, GPU_TOLERANCE);
     }
 
     printf("\n%s\n", all_ok ? "all checks passed" : "some checks FAILED");
