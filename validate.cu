@@ -27,15 +27,16 @@
 //                       within twice what bf16 weights alone change (or 2 x 2e-2)
 // printed as a table, or as one JSON object with --json; the exit status is
 // non-zero when a check fails. Without a GPU (or with --device cpu) checks 1-4 run
-// on the CPU and the GPU parts are reported as skipped. The batches are random tokens, or windows of --data
-// with --preset, or with --model --data --checks (a trained model is best checked
-// on text like its training data: random tokens are far from it).
+// on the CPU and the GPU parts are reported as skipped. The batches are random
+// tokens, or windows of --data with --preset, or with --model --data --checks (a
+// trained model is best checked on text like its training data: random tokens are
+// far from it).
 #include <cmath>
 #include <cstdio>
-
-#include <cuda_runtime.h>
 #include <string>
 #include <vector>
+
+#include <cuda_runtime.h>
 
 #include "cli.h"
 #include "common.h"
@@ -394,7 +395,7 @@ static int run_checks(Model& m, const std::string& model_name, const std::string
         for (int len : lengths)
             if (len <= c.max_position_embeddings) gpu_lengths.push_back(len);
         if (gpu_lengths.empty() || gpu_lengths.back() != c.max_position_embeddings) gpu_lengths.push_back(c.max_position_embeddings);
-        // once untimed and unrecorded, so that loading the kernels and cuBLASLt is not charged to the first length
+        // once unrecorded first, so that loading the kernels and cuBLASLt is not charged to the first length
         measure_device_memory(m, src, gpu_lengths[0]);
         for (int len : gpu_lengths) mem.push_back(measure_device_memory(m, src, len));
         growth = memory_growth(mem);
@@ -462,7 +463,7 @@ static int run_checks(Model& m, const std::string& model_name, const std::string
             s += strfmt(", \"logits_rel_error\": %s, \"bf16_weights_rel_error\": %s, \"logits_bound\": %s, \"loss_tolerance\": %g, "
                         "\"loss_cpu\": %s, \"loss_gpu\": %s, \"loss_rel_error\": %s, \"top1_agreement\": %s",
                         jnum(agree.logits_error).c_str(), jnum(agree.bf16_weights_error).c_str(), jnum(agree.logits_bound).c_str(),
-                        GPU_TOLERANCE,  jnum(agree.loss_cpu).c_str(), jnum(agree.loss_gpu).c_str(),
+                        GPU_TOLERANCE, jnum(agree.loss_cpu).c_str(), jnum(agree.loss_gpu).c_str(),
                         jnum(agree.loss_error).c_str(), jnum(agree.top1_agreement).c_str());
         s += "}";
         s += ", \"passed\": " + jbool(all_ok) + "}";
