@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # test/cli_generate_validate.sh — black-box checks of ./generate and ./validate:
 # help, bad input (one 'error:' line and a non-zero exit), repeatable sampling,
-# raw token mode, the integration checks and the loss mode. Runs from the repo root
+# raw token mode, the integration checks (their GPU parts on a GPU, reported as
+# skipped without one) and the loss mode. Runs from the repo root
 # after the build (make test); needs ./train and ./data/prepare too. No Python.
 set -euo pipefail
 
@@ -159,12 +160,25 @@ fi
 expect_ok "validate --checks on the checkpoint with --data" ./validate --model "$RUN" --data "$TMP/data/val.bin" --checks --json
 grep -q '"gradient_flow": {"pass": true' "$TMP/out" && pass "validate --checks: gradient flow passes on real data" ||
     fail "validate --checks output: $(cat "$TMP/out")"
+expect_ok "validate --device cpu" ./validate --preset tiny --batches 1 --device cpu
+grep -q "^5. GPU vs CPU .*SKIPPED" "$TMP/out" && grep -q "GPU device memory: skipped (--device cpu)" "$TMP/out" &&
+    pass "validate --device cpu reports the GPU checks as skipped" || fail "validate --device cpu output: $(cat "$TMP/out")"
+if nvidia-smi -L >/dev/null 2>&1; then
+    expect_ok "validate: the GPU checks pass on the checkpoint" ./validate --model "$RUN" --device gpu --json
+    grep -q '"device_memory": {"pass": true' "$TMP/out" && grep -q '"gpu_vs_cpu": {"pass": true' "$TMP/out" &&
+        pass "validate --json: device memory and GPU vs CPU pass" || fail "validate --device gpu output: $(cat "$TMP/out")"
+else
+    expect_ok "validate without a GPU" ./validate --preset tiny --batches 1 --json
+    grep -q '"gpu_vs_cpu": {"pass": null, "skipped": "no CUDA device"' "$TMP/out" &&
+        pass "validate without a GPU reports the GPU checks as skipped" || fail "validate without a GPU: $(cat "$TMP/out")"
+    expect_error "validate: --device gpu without a GPU" "no CUDA device" ./validate --model "$RUN" --device gpu
+fi
 
 # ---------------------------------------------------------------------------
 # loss mode
 expect_ok "validate: loss mode" ./validate --model "$RUN" --data "$TMP/data/val.bin"
 LOSS1=$(cat "$TMP/out")
-if [[ $LOSS1 =~ ^loss\ ([0-9.]+)\ over\ ([0-9]+)\ predictions\ \(seq_len\ $CONTEXT\)$ ]]; then
+if [[ $LOSS1 =~ ^loss\ ([0-9.]+)\ over\ ([0-9]+)\ predictions\ \(seq_len\ $CONTEXT,\ (cpu|gpu)\)$ ]]; then
     digits=$(echo "${BASH_REMATCH[1]}" | tr -d '.' | sed 's/^0*//')
     [ "${#digits}" -ge 7 ] && pass "validate: loss printed with ${#digits} significant digits ($LOSS1)" ||
         fail "validate: loss has only ${#digits} significant digits: $LOSS1"
@@ -175,10 +189,10 @@ fi
 [ "$LOSS1" = "$(cat "$TMP/loss2.txt")" ] && pass "validate: the loss is the same when run twice" ||
     fail "validate: losses differ: $LOSS1 vs $(cat "$TMP/loss2.txt")"
 ./validate --model "$RUN" --data "$TMP/data/val.bin" --json >"$TMP/loss.json" || fail "validate exited with status $? (line 177)"
-grep -Eq '^\{"loss": [0-9.e+-]+, "predictions": [0-9]+, "seq_len": 64\}$' "$TMP/loss.json" &&
+grep -Eq '^\{"loss": [0-9.e+-]+, "predictions": [0-9]+, "seq_len": 64, "device": "(cpu|gpu)"\}$' "$TMP/loss.json" &&
     pass "validate --json loss mode: $(cat "$TMP/loss.json")" || fail "validate --json loss mode: $(cat "$TMP/loss.json")"
 ./validate --model "$RUN" --data "$TMP/data/val.bin" --seq-len 16 --batch-size 3 >"$TMP/loss16.txt" || fail "validate exited with status $? (line 180)"
-grep -q "(seq_len 16)" "$TMP/loss16.txt" && pass "validate: --seq-len sets the window ($(cat "$TMP/loss16.txt"))" ||
+grep -q "(seq_len 16, " "$TMP/loss16.txt" && pass "validate: --seq-len sets the window ($(cat "$TMP/loss16.txt"))" ||
     fail "validate --seq-len 16: $(cat "$TMP/loss16.txt")"
 
 # an llm.c token file (magic 20240520, version 1, uint16) whose third token, 300, is >= vocab 256
