@@ -10,10 +10,10 @@
 
 // Activations of one layer for a batch of N = B*T tokens (bf16 unless noted),
 // kept from forward to backward:
-//   res_in [N,D]  residual stream entering the layer     xn, rstd1  its RMSNorm
+//   res_in [N,D]  residual stream entering the layer (fp32)   xn, rstd1  its RMSNorm
 //   q [N,H*dqk] (q_pe roped), qa/qa_norm/qa_rstd (q_lora), c/c_norm/c_rstd [N,dc],
 //   kv_a [N,dc+dr] (only k_pe, roped, is used), k, v, o, lse
-//   res_mid, xn2, rstd2  (after the attention branch's residual add)
+//   res_mid (fp32), xn2, rstd2  (after the attention branch's residual add)
 //   dense FFN: gate_up [N,2I]
 //   MoE: router logits/scores [N,E] fp32, expert/gate [N,K], permutation,
 //        gu/y sorted by expert [S,*], shared expert gate_up
@@ -22,7 +22,8 @@
 // expert-sorted inputs) live once in GpuModel, reused by every layer.
 
 struct GpuLayer {
-    bf16 *res_in, *xn, *qa, *qa_norm, *q, *c, *c_norm, *kv_a, *k, *v, *o, *res_mid, *xn2;
+    float *res_in, *res_mid;
+    bf16 *xn, *qa, *qa_norm, *q, *c, *c_norm, *kv_a, *k, *v, *o, *xn2;
     float *rstd1, *qa_rstd, *c_rstd, *lse, *rstd2;
     bf16* gate_up;                                            // dense FFN
     float *router_logits, *scores, *gate, *frac, *seq_loss;  // MoE
@@ -51,7 +52,8 @@ struct GpuModel {
     size_t* bias_offsets;  // [moe_layers] offsets of the correction biases in params32
     int* load;             // [moe_layers, E] tokens routed this step
     int *tokens, *targets;
-    bf16 *emb, *h_final, *hn, *logits;
+    float* h_final;  // the residual stream after the last layer
+    bf16 *emb, *hn, *logits;
     // forward temporaries, reused by every layer: kv_b [N, H*(dn+dv)]; branch [N, D],
     // the attention or FFN output (after dropout) until the next residual add;
     // shared_out [N, D], the shared experts' output until the combine

@@ -25,6 +25,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <initializer_list>
+#include <type_traits>
 #include <vector>
 
 #include "cuda_common.cuh"
@@ -320,27 +321,32 @@ inline void embedding_backward_gpu(float* dwte, const bf16* dout, const int* tok
 
 // ----------------------------------------------------------------------------
 // RMSNorm fused with the residual add:
-//   residual_out = residual_in + branch          (rounded to bf16: the stream's value)
+//   residual_out = residual_in + branch
 //   out = weight * (residual_out * rstd),  rstd = 1 / sqrt(mean(residual_out^2) + eps)
-// The norm is taken of the bf16-rounded sum, the same tensor the backward reads, so
-// forward and backward see one consistent input.
+// The residual stream R is fp32 in the model (as under PyTorch autocast: it sums a
+// term from every layer, and bf16 would round each one away); R = bf16 serves the
+// plain norms of bf16 tensors (q_a, kv_a) and is rounded after the add, so the
+// norm is taken of the same tensor the backward reads.
 
 // one block per row; the row lives in shared memory between the two passes because
 // residual_out may overwrite residual_in in place
-template <int VEC>
-static __global__ void rmsnorm_residual_forward_kernel(bf16* residual_out, bf16* out, float* rstd, const bf16* residual_in, const bf16* branch,
-                                                const bf16* weight, int C, float eps) {
+template <int VEC, typename R>
+static __global__ void rmsnorm_residual_forward_kernel(R* residual_out, bf16* out, float* rstd, const R* residual_in, const bf16* branch,
+                                                       const bf16* weight, int C, float eps) {
     extern __shared__ float xs[];  // [C]
     const size_t base = (size_t)blockIdx.x * C;
     float ss = 0.0f;
     for (int i = threadIdx.x * VEC; i < C; i += blockDim.x * VEC) {
-        float x[VEC];
-        kdetail::load_bf16<VEC>(x, residual_in + base + i);
+        float x[VEC] = {};
+        if (residual_in) kdetail::load_bf16<VEC>(x, residual_in + base + i);
         if (branch) {
             float b[VEC];
             kdetail::load_bf16<VEC>(b, branch + base + i);
 #pragma unroll
-            for (int k = 0; k < VEC; k++) x[k] = __bfloat162float(__float2bfloat16(x[k] + b[k]));
+            for (int k = 0; k < VEC; k++) {
+                x[k] += b[k];
+                if constexpr (std::is_same<R, bf16>::value) x[k] = __bfloat162float(__float2bfloat16(x[k]));
+            }
         }
         if (residual_out) kdetail::store_bf16<VEC>(residual_out + base + i, x);
 #pragma unroll
@@ -364,19 +370,21 @@ static __global__ void rmsnorm_residual_forward_kernel(bf16* residual_out, bf16*
 constexpr int RMSNORM_MAX_C = 12288;  // the row in 48 KiB of shared memory
 
 // residual_out[N, C] (may be null; may alias residual_in), out[N, C], rstd[N] (may be
-// null: inference), residual_in[N, C], branch[N, C] (null: a plain RMSNorm of
-// residual_in), weight[C]
-inline void rmsnorm_residual_forward_gpu(bf16* residual_out, bf16* out, float* rstd, const bf16* residual_in, const bf16* branch,
-                                         const bf16* weight, int N, int C, float eps, cudaStream_t stream) {
+// null: inference), residual_in[N, C] (null: zero, so residual_out = branch),
+// branch[N, C] (null: a plain RMSNorm of residual_in), weight[C]. R is bf16 or float;
+// name it (rmsnorm_residual_forward_gpu<float>) when residual_in is null.
+template <typename R>
+inline void rmsnorm_residual_forward_gpu(typename kdetail::same_type<R>::type* residual_out, bf16* out, float* rstd, const R* residual_in,
+                                         const bf16* branch, const bf16* weight, int N, int C, float eps, cudaStream_t stream) {
     if (N == 0) return;
     if (C <= 0 || C > RMSNORM_MAX_C) fail("rmsnorm_residual_forward_gpu: width %d is outside 1..%d", C, RMSNORM_MAX_C);
     const size_t shmem = (size_t)C * sizeof(float);
     if (C % 8 == 0 && kdetail::aligned16({residual_out, out, residual_in, branch, weight})) {
-        rmsnorm_residual_forward_kernel<8><<<N, kdetail::row_threads(C / 8, 512), shmem, stream>>>(residual_out, out, rstd, residual_in,
-                                                                                                   branch, weight, C, eps);
+        rmsnorm_residual_forward_kernel<8, R><<<N, kdetail::row_threads(C / 8, 512), shmem, stream>>>(residual_out, out, rstd, residual_in,
+                                                                                                      branch, weight, C, eps);
     } else {
-        rmsnorm_residual_forward_kernel<1><<<N, kdetail::row_threads(C, 512), shmem, stream>>>(residual_out, out, rstd, residual_in,
-                                                                                               branch, weight, C, eps);
+        rmsnorm_residual_forward_kernel<1, R><<<N, kdetail::row_threads(C, 512), shmem, stream>>>(residual_out, out, rstd, residual_in,
+                                                                                                  branch, weight, C, eps);
     }
     CUDA_LAUNCH_CHECK();
 }
@@ -388,8 +396,8 @@ inline void rmsnorm_residual_forward_gpu(bf16* residual_out, bf16* out, float* r
 // ranges (a function of N and C only), each block sums its range's dweight in
 // shared memory (each thread owns its columns: no atomics) and writes a partial
 // row to scratch; a second kernel adds the partials in block order.
-template <int VEC, typename G>
-static __global__ void rmsnorm_backward_kernel(G* dinp, float* dweight_partial, const G* dresidual, const bf16* dout, const bf16* inp,
+template <int VEC, typename G, typename X>
+static __global__ void rmsnorm_backward_kernel(G* dinp, float* dweight_partial, const G* dresidual, const bf16* dout, const X* inp,
                                         const bf16* weight, const float* rstd, int N, int C, int rows_per_block) {
     extern __shared__ float dw[];  // [C]
     for (int i = threadIdx.x * VEC; i < C; i += blockDim.x * VEC)
@@ -468,10 +476,11 @@ inline size_t rmsnorm_backward_scratch_bytes(int N, int C) {
 // stream; null = none), dout[N, C], inp[N, C] (the forward's residual_out), weight[C],
 // rstd[N]; scratch of rmsnorm_backward_scratch_bytes(N, C) bytes. G, the type of
 // dinp and dresidual, is bf16, or float for the residual stream's gradient, which
-// gathers a term from every layer and so keeps fp32.
-template <typename G>
+// gathers a term from every layer and so keeps fp32; X, the input's type, is
+// float for the residual stream and bf16 for the q_a / kv_a norms.
+template <typename G, typename X>
 inline void rmsnorm_backward_gpu(G* dinp, float* dweight, const typename kdetail::same_type<G>::type* dresidual, const bf16* dout,
-                                 const bf16* inp, const bf16* weight, const float* rstd, int N, int C, void* scratch, size_t scratch_bytes,
+                                 const X* inp, const bf16* weight, const float* rstd, int N, int C, void* scratch, size_t scratch_bytes,
                                  cudaStream_t stream) {
     if (N == 0) return;
     if (C <= 0 || C > RMSNORM_MAX_C) fail("rmsnorm_backward_gpu: width %d is outside 1..%d", C, RMSNORM_MAX_C);
@@ -481,10 +490,10 @@ inline void rmsnorm_backward_gpu(G* dinp, float* dweight, const typename kdetail
     float* partial = (float*)scratch;
     const size_t shmem = (size_t)C * sizeof(float);
     if (C % 8 == 0 && kdetail::aligned16({dinp, dresidual, dout, inp, weight})) {
-        rmsnorm_backward_kernel<8, G><<<blocks, kdetail::row_threads(C / 8, 512), shmem, stream>>>(dinp, partial, dresidual, dout, inp,
+        rmsnorm_backward_kernel<8, G, X><<<blocks, kdetail::row_threads(C / 8, 512), shmem, stream>>>(dinp, partial, dresidual, dout, inp,
                                                                                                    weight, rstd, N, C, rpb);
     } else {
-        rmsnorm_backward_kernel<1, G><<<blocks, kdetail::row_threads(C, 512), shmem, stream>>>(dinp, partial, dresidual, dout, inp, weight,
+        rmsnorm_backward_kernel<1, G, X><<<blocks, kdetail::row_threads(C, 512), shmem, stream>>>(dinp, partial, dresidual, dout, inp, weight,
                                                                                                rstd, N, C, rpb);
     }
     CUDA_LAUNCH_CHECK();

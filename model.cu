@@ -323,7 +323,7 @@ void model_to_gpu(Model& m, int B, int T) {
     for (int l = 0; l < c.num_hidden_layers; l++) {
         GpuLayer& a = g.layers[l];
         a = GpuLayer{};
-        a.res_in = gpu_buffer<bf16>(g, (size_t)N * D, "activations");
+        a.res_in = gpu_buffer<float>(g, (size_t)N * D, "activations");
         a.xn = gpu_buffer<bf16>(g, (size_t)N * D, "activations");
         a.rstd1 = gpu_buffer<float>(g, N, "activations");
         if (qr > 0) {
@@ -340,7 +340,7 @@ void model_to_gpu(Model& m, int B, int T) {
         a.v = gpu_buffer<bf16>(g, (size_t)N * H * dv, "activations");
         a.o = gpu_buffer<bf16>(g, (size_t)N * H * dv, "activations");
         a.lse = gpu_buffer<float>(g, (size_t)N * H, "activations");
-        a.res_mid = gpu_buffer<bf16>(g, (size_t)N * D, "activations");
+        a.res_mid = gpu_buffer<float>(g, (size_t)N * D, "activations");
         a.xn2 = gpu_buffer<bf16>(g, (size_t)N * D, "activations");
         a.rstd2 = gpu_buffer<float>(g, N, "activations");
         if (!c.is_moe_layer(l)) {
@@ -365,7 +365,7 @@ void model_to_gpu(Model& m, int B, int T) {
     g.tokens = gpu_buffer<int>(g, N, "tokens");
     g.targets = gpu_buffer<int>(g, N, "targets");
     g.emb = gpu_buffer<bf16>(g, (size_t)N * D, "activations");
-    g.h_final = gpu_buffer<bf16>(g, (size_t)N * D, "activations");
+    g.h_final = gpu_buffer<float>(g, (size_t)N * D, "activations");
     g.hn = gpu_buffer<bf16>(g, (size_t)N * D, "activations");
     g.kv_b = gpu_buffer<bf16>(g, (size_t)N * H * (dn + dv), "activations");
     g.branch = gpu_buffer<bf16>(g, (size_t)N * D, "activations");
@@ -473,9 +473,10 @@ void gpu_forward(Model& m, int B, int T, const StepOptions& so, bool train, floa
     for (int l = 0; l < c.num_hidden_layers; l++) {
         GpuLayer& a = g.layers[l];
         std::string pre = strfmt("model.layers.%d.", l);
-        const bf16* prev_res = l == 0 ? g.emb : g.layers[l - 1].res_mid;
-        const bf16* prev_branch = l == 0 ? nullptr : g.branch;
-        rmsnorm_residual_forward_gpu(a.res_in, a.xn, a.rstd1, prev_res, prev_branch, gpu_tensor(m, pre + "input_layernorm.weight").w, N,
+        // the stream starts as the embedding: layer 0 adds it to nothing
+        const float* prev_res = l == 0 ? nullptr : g.layers[l - 1].res_mid;
+        const bf16* prev_branch = l == 0 ? g.emb : g.branch;
+        rmsnorm_residual_forward_gpu<float>(a.res_in, a.xn, a.rstd1, prev_res, prev_branch, gpu_tensor(m, pre + "input_layernorm.weight").w, N,
                                      D, eps, st);
         // MLA
         if (qr > 0) {

@@ -208,6 +208,28 @@ TEST_CASE("gpu: rmsnorm fused with the residual add matches the reference") {
             CHECK(e_out < 8e-3);
             CHECK(e_rstd < 1e-5);
         }
+        // the model's residual stream, fp32 and not rounded after the add; mode 1 has no
+        // residual_in (layer 0: the stream starts as the embedding)
+        const std::vector<float> a32 = rand_f32(NC, key + 3, 2.0f);
+        for (int mode = 0; mode < 2; mode++) {
+            CAPTURE(mode);
+            Dev<float> d_a32(NC), d_res32(NC);
+            d_a32.set(a32);
+            d_res32.poison();
+            d_out.poison();
+            d_rstd.poison();
+            std::vector<float> x(NC);
+            for (size_t i = 0; i < NC; i++) x[i] = mode == 0 ? a32[i] + b[i] : b[i];
+            rmsnorm_residual_forward_gpu<float>(d_res32.p, d_out.p, d_rstd.p, mode == 0 ? d_a32.p : nullptr, d_b.p, d_w.p, N, C, eps, st.s);
+            st.sync();
+            CHECK(d_res32.get() == x);
+            std::vector<double> out_ref(NC), rstd_ref(N);
+            rmsnorm_forward(out_ref.data(), rstd_ref.data(), to_double(x).data(), to_double(w).data(), N, C, eps);
+            const double e_out = rel_error(d_out.get(), out_ref), e_rstd = rel_error(d_rstd.get(), rstd_ref);
+            report(strfmt("rmsnorm forward out  N=%d C=%d fp32 residual mode=%d (bf16)", N, C, mode), e_out);
+            CHECK(e_out < 8e-3);
+            CHECK(e_rstd < 1e-5);
+        }
     }
 }
 
@@ -270,6 +292,21 @@ TEST_CASE("gpu: rmsnorm backward matches the reference; dweight and dinp are det
             CHECK(e_dinp < 8e-3);
             CHECK(e_dw < 1e-5);
         }
+        // the residual stream's norms: fp32 input, fp32 gradient stream in and out
+        Dev<float> d_inp32(NC), d_dres32(NC), d_dinp32(NC);
+        d_inp32.set(inp);
+        d_dres32.set(dres);
+        d_dinp32.poison();
+        d_dw.set(dw0);
+        rmsnorm_backward_gpu(d_dinp32.p, d_dw.p, d_dres32.p, d_dout.p, d_inp32.p, d_w.p, d_rstd.p, N, C, scratch.p, scratch_bytes, st.s);
+        st.sync();
+        std::vector<double> dinp_ref = to_double(dres), dw_ref = to_double(dw0);
+        rmsnorm_backward(dinp_ref.data(), dw_ref.data(), to_double(dout).data(), to_double(inp).data(), to_double(w).data(),
+                         to_double(rstd).data(), N, C);
+        const double e_dinp = rel_error(d_dinp32.get(), dinp_ref), e_dw = rel_error(d_dw.get(), dw_ref);
+        report(strfmt("rmsnorm backward dinp    N=%d C=%d fp32 input and stream", N, C), e_dinp);
+        CHECK(e_dinp < 1e-5);
+        CHECK(e_dw < 1e-5);
     }
 }
 
