@@ -107,6 +107,8 @@ static const char* USAGE =
     "  --save-dtype fp32|bf16  weights in the checkpoint (default fp32; bf16 halves\n"
     "                          model.safetensors but is not an exact resume point)\n"
     "  --device auto|cpu|gpu   auto = the GPU when one is present (default auto)\n"
+    "  --no-cuda-graph         GPU: launch every kernel of a step one by one instead of\n"
+    "                          replaying the step as a CUDA graph (for profiling, comparisons)\n"
     "  --help                  show this help\n"
     "\n"
     "Ctrl-C (SIGINT) or SIGTERM: the current step finishes, the checkpoint is saved and\n"
@@ -137,6 +139,7 @@ struct Args {
     int sample_tokens = 48;
     bool save_bf16 = false;
     std::string device = "auto";
+    bool cuda_graph = true;
     std::vector<std::string> fixed_on_resume;  // options given that a resumed run takes from its checkpoint
 };
 
@@ -248,6 +251,10 @@ static bool parse_args(int argc, char** argv, Args& a) {
             fixed = false;
         } else if (n == "--device") {
             a.device = cli_device(cli);
+            fixed = false;
+        } else if (n == "--no-cuda-graph") {
+            cli_flag(cli);
+            a.cuda_graph = false;
             fixed = false;
         } else {
             cli_unknown(cli);
@@ -651,6 +658,7 @@ static int run(int argc, char** argv) {
         m.tokenizer = tok;
     }
     TrainOptions& o = st.options;
+    o.cuda_graph = a.cuda_graph;
     const Config& c = m.ref.cfg;
     if (o.seq_len > c.max_position_embeddings)
         fail("%s: seq_len %d exceeds max_position_embeddings %d", ckpt.c_str(), o.seq_len, c.max_position_embeddings);
