@@ -86,7 +86,7 @@ struct GpuTensor {
 
 inline GpuTensor gpu_tensor(const Model& m, const std::string& name) {
     size_t off = m.ref.layout.offset_of(name);
-    return {m.gpu->params16 + off, m.gpu->grads + off};
+    return {m.gpu->params16 + off, m.gpu->grads ? m.gpu->grads + off : nullptr};
 }
 
 // Forward of one micro-batch already in g.tokens/g.targets (B rows of T tokens).

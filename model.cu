@@ -274,7 +274,7 @@ static void gpu_check_config(const Config& c) {
     if (c.n_routed_experts > 0) router_check(c);
 }
 
-void model_to_gpu(Model& m, int B, int T) {
+void model_to_gpu(Model& m, int B, int T, bool inference) {
     const Config& c = m.ref.cfg;
     gpu_check_config(c);
     if (!gpu_available()) fail("--device gpu: no CUDA device is available");
@@ -292,12 +292,15 @@ void model_to_gpu(Model& m, int B, int T) {
     matmul_init(g.mm);
     g.rope = rope_table_upload(m.ref.rope);
     g.params32 = gpu_buffer<float>(g, P, "fp32 master weights");
-    g.grads = gpu_buffer<float>(g, P, "gradients");
-    g.adam_m = gpu_buffer<float>(g, P, "AdamW first moments");
-    g.adam_v = gpu_buffer<float>(g, P, "AdamW second moments");
+    if (!inference) {
+        g.grads = gpu_buffer<float>(g, P, "gradients");
+        g.adam_m = gpu_buffer<float>(g, P, "AdamW first moments");
+        g.adam_v = gpu_buffer<float>(g, P, "AdamW second moments");
+        CUDA_CHECK(cudaMemset(g.grads, 0, P * sizeof(float)));
+    }
     g.params16 = gpu_buffer<bf16>(g, P, "bf16 weights");
     CUDA_CHECK(cudaMemcpy(g.params32, m.ref.params.data(), P * sizeof(float), cudaMemcpyHostToDevice));
-    if (m.adam_m.size() == P) {
+    if (!inference && m.adam_m.size() == P) {
         CUDA_CHECK(cudaMemcpy(g.adam_m, m.adam_m.data(), P * sizeof(float), cudaMemcpyHostToDevice));
         CUDA_CHECK(cudaMemcpy(g.adam_v, m.adam_v.data(), P * sizeof(float), cudaMemcpyHostToDevice));
     } else {  // weights without a training state: the optimizer starts afresh
@@ -305,7 +308,6 @@ void model_to_gpu(Model& m, int B, int T) {
         CUDA_CHECK(cudaMemset(g.adam_v, 0, P * sizeof(float)));
     }
     float_to_bf16_gpu(g.params16, g.params32, P, g.stream);
-    CUDA_CHECK(cudaMemset(g.grads, 0, P * sizeof(float)));
     std::vector<ParamChunk> chunks = param_chunks(m.ref.layout);
     g.chunks = param_chunks_upload(chunks);
     g.allocations.push_back(g.chunks);
@@ -380,33 +382,36 @@ void model_to_gpu(Model& m, int B, int T) {
     g.balance_loss = gpu_buffer<float>(g, std::max(1, g.moe_layers), "scalars");
     g.norm2 = gpu_buffer<float>(g, 1, "scalars");
 
-    const size_t wide = (size_t)N * std::max({D, H * dqk, H * (dn + dv), dc + dr, std::max(qr, 1), 2 * I, 2 * SI});
-    g.dres = gpu_buffer<float>(g, (size_t)N * D, "gradients");
-    g.dbranch = gpu_buffer<bf16>(g, (size_t)N * D, "gradients");
-    g.dxn = gpu_buffer<bf16>(g, (size_t)N * D, "gradients");
-    g.d_o = gpu_buffer<bf16>(g, (size_t)N * H * dv, "gradients");
-    g.dq = gpu_buffer<bf16>(g, (size_t)N * H * dqk, "gradients");
-    g.dk = gpu_buffer<bf16>(g, (size_t)N * H * dqk, "gradients");
-    g.dv = gpu_buffer<bf16>(g, (size_t)N * H * dv, "gradients");
-    g.dkv_b = gpu_buffer<bf16>(g, (size_t)N * H * (dn + dv), "gradients");
-    g.dkv_a = gpu_buffer<bf16>(g, (size_t)N * (dc + dr), "gradients");
-    g.dc_norm = gpu_buffer<bf16>(g, (size_t)N * dc, "gradients");
-    g.dc = gpu_buffer<bf16>(g, (size_t)N * dc, "gradients");
-    if (qr > 0) {
-        g.dqa_norm = gpu_buffer<bf16>(g, (size_t)N * qr, "gradients");
-        g.dqa = gpu_buffer<bf16>(g, (size_t)N * qr, "gradients");
-    }
-    g.dgate_up = gpu_buffer<bf16>(g, wide, "gradients");
-    g.dhidden = gpu_buffer<bf16>(g, wide, "gradients");
-    if (E > 0) {
-        g.dy_sorted = gpu_buffer<bf16>(g, (size_t)S * D, "gradients");
-        g.dh_sorted = gpu_buffer<bf16>(g, (size_t)S * MI, "gradients");
-        g.dgu_sorted = gpu_buffer<bf16>(g, (size_t)S * 2 * MI, "gradients");
-        g.dx_sorted = gpu_buffer<bf16>(g, (size_t)S * D, "gradients");
-        g.dgate = gpu_buffer<float>(g, (size_t)N * K, "gradients");
-        g.dscores = gpu_buffer<float>(g, (size_t)N * E, "gradients");
-        g.router_dlogits = gpu_buffer<float>(g, (size_t)N * E, "gradients");
-        g.router_dlogits16 = gpu_buffer<bf16>(g, (size_t)N * E, "gradients");
+    // backward temporaries (generation needs none)
+    if (!inference) {
+        const size_t wide = (size_t)N * std::max({D, H * dqk, H * (dn + dv), dc + dr, std::max(qr, 1), 2 * I, 2 * SI});
+        g.dres = gpu_buffer<float>(g, (size_t)N * D, "gradients");
+        g.dbranch = gpu_buffer<bf16>(g, (size_t)N * D, "gradients");
+        g.dxn = gpu_buffer<bf16>(g, (size_t)N * D, "gradients");
+        g.d_o = gpu_buffer<bf16>(g, (size_t)N * H * dv, "gradients");
+        g.dq = gpu_buffer<bf16>(g, (size_t)N * H * dqk, "gradients");
+        g.dk = gpu_buffer<bf16>(g, (size_t)N * H * dqk, "gradients");
+        g.dv = gpu_buffer<bf16>(g, (size_t)N * H * dv, "gradients");
+        g.dkv_b = gpu_buffer<bf16>(g, (size_t)N * H * (dn + dv), "gradients");
+        g.dkv_a = gpu_buffer<bf16>(g, (size_t)N * (dc + dr), "gradients");
+        g.dc_norm = gpu_buffer<bf16>(g, (size_t)N * dc, "gradients");
+        g.dc = gpu_buffer<bf16>(g, (size_t)N * dc, "gradients");
+        if (qr > 0) {
+            g.dqa_norm = gpu_buffer<bf16>(g, (size_t)N * qr, "gradients");
+            g.dqa = gpu_buffer<bf16>(g, (size_t)N * qr, "gradients");
+        }
+        g.dgate_up = gpu_buffer<bf16>(g, wide, "gradients");
+        g.dhidden = gpu_buffer<bf16>(g, wide, "gradients");
+        if (E > 0) {
+            g.dy_sorted = gpu_buffer<bf16>(g, (size_t)S * D, "gradients");
+            g.dh_sorted = gpu_buffer<bf16>(g, (size_t)S * MI, "gradients");
+            g.dgu_sorted = gpu_buffer<bf16>(g, (size_t)S * 2 * MI, "gradients");
+            g.dx_sorted = gpu_buffer<bf16>(g, (size_t)S * D, "gradients");
+            g.dgate = gpu_buffer<float>(g, (size_t)N * K, "gradients");
+            g.dscores = gpu_buffer<float>(g, (size_t)N * E, "gradients");
+            g.router_dlogits = gpu_buffer<float>(g, (size_t)N * E, "gradients");
+            g.router_dlogits16 = gpu_buffer<bf16>(g, (size_t)N * E, "gradients");
+        }
     }
     g.scratch_bytes = std::max({embedding_backward_scratch_bytes(N, D, V), rmsnorm_backward_scratch_bytes(N, std::max({D, dc, qr})),
                                 grad_norm_scratch_bytes(g.num_chunks), attention_backward_scratch_floats(B, T, H) * sizeof(float),
@@ -435,6 +440,7 @@ void model_sync_host(Model& m) {
     const size_t P = m.ref.layout.total;
     CUDA_CHECK(cudaStreamSynchronize(g.stream));
     CUDA_CHECK(cudaMemcpy(m.ref.params.data(), g.params32, P * sizeof(float), cudaMemcpyDeviceToHost));
+    if (!g.grads) return;  // inference only: no gradients or moments
     CUDA_CHECK(cudaMemcpy(m.ref.grads.data(), g.grads, P * sizeof(float), cudaMemcpyDeviceToHost));
     m.adam_m.resize(P);
     m.adam_v.resize(P);

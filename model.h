@@ -60,7 +60,8 @@ bool gpu_available();
 // Moves training to the GPU: uploads weights and optimizer moments and allocates
 // activations for batches of up to B sequences of T tokens. Fails with a clear
 // message (no device, out of memory with the size needed, unsupported shapes).
-void model_to_gpu(Model& m, int B, int T);
+// inference: forward only (generation), no gradients, moments or backward buffers.
+void model_to_gpu(Model& m, int B, int T, bool inference = false);
 
 // copies the GPU's weights, last gradients and optimizer moments back into m
 void model_sync_host(Model& m);

@@ -1,0 +1,539 @@
+// decode.cuh — generation on the GPU: the absorbed-MLA decode kernels, a
+// flash-decoding attention kernel over the latent cache, GPU sampling, and the
+// GpuDecoder that strings them into prefill + one-token-per-sequence steps
+// (implemented in decode.cu). decode.h is the CPU version of the same math; read
+// its header comment first.
+//
+// The cache: bf16 [layers][batch][max_len][dc + dr], row t of sequence b holding
+// [RMSNorm(c_t) (dc); roped k_pe_t (dr)] of layer l. Per step, for B sequences
+// (one token each, at position pos[b]) and each layer:
+//   kv [B, dc+dr] = xn @ W_kv_a^T         -> decode_cache_write_gpu (RMSNorm, RoPE, row pos[b])
+//   q  [B, H, dn+dr]                      -> decode_absorb_query_gpu: qlat [B, H, dc+dr] fp32
+//                                            = [W_UK_h^T q_nope; rope(q_pe)]
+//   flash_decode_gpu: o_lat [B, H, dc] fp32 = softmax(qlat . cache[0..pos]) @ cache[:, :dc]
+//   decode_value_up_gpu: o [B, H*dv] bf16 = W_UV_h o_lat
+// then o_proj, the FFN/MoE (moe.cuh), the head, and sample_gpu picks the next
+// tokens. Every kernel reads the positions and flags from device memory, so one
+// captured CUDA graph replays every step.
+#pragma once
+
+#include <climits>
+
+#include "gpu_model.cuh"
+
+// ----------------------------------------------------------------------------
+// The new cache row of each sequence: cache_b[pos[b]] = [w * RMSNorm(kv[b, :dc]);
+// rope(kv[b, dc:], pos[b])]. kv [B, dc+dr] bf16 (the W_kv_a GEMM), weight [dc],
+// cache [B, max_len, dc+dr]. One block per sequence; fp32 math, one rounding, as
+// the training kernels (RMSNorm of the bf16 c, RoPE of the bf16 k_pe).
+static __global__ void decode_cache_write_kernel(bf16* cache, const bf16* kv, const bf16* weight, const float2* rope_cs, const int* pos,
+                                                 int dc, int dr, int max_len, float eps) {
+    const int b = blockIdx.x, width = dc + dr, p = pos[b];
+    const bf16* x = kv + (size_t)b * width;
+    bf16* row = cache + ((size_t)b * max_len + p) * width;
+    float ss = 0;
+    for (int j = threadIdx.x; j < dc; j += blockDim.x) {
+        const float v = __bfloat162float(x[j]);
+        ss += v * v;
+    }
+    const float rstd = rsqrtf(kdetail::block_sum_t(ss) / dc + eps);
+    for (int j = threadIdx.x; j < dc; j += blockDim.x)
+        row[j] = __float2bfloat16(__bfloat162float(weight[j]) * (__bfloat162float(x[j]) * rstd));
+    const int half = dr / 2;
+    for (int i = threadIdx.x; i < half; i += blockDim.x) {
+        const float2 r = rope_cs[(size_t)p * half + i];
+        const float x0 = __bfloat162float(x[dc + 2 * i]), x1 = __bfloat162float(x[dc + 2 * i + 1]);
+        row[dc + 2 * i] = __float2bfloat16(x0 * r.x - x1 * r.y);
+        row[dc + 2 * i + 1] = __float2bfloat16(x1 * r.x + x0 * r.y);
+    }
+}
+
+inline void decode_cache_write_gpu(bf16* cache, const bf16* kv, const bf16* weight, const RopeGpu& rope, const int* pos, int B, int dc,
+                                   int dr, int max_len, float eps, cudaStream_t stream) {
+    decode_cache_write_kernel<<<B, 128, 0, stream>>>(cache, kv, weight, rope.cs, pos, dc, dr, max_len, eps);
+    CUDA_LAUNCH_CHECK();
+}
+
+// ----------------------------------------------------------------------------
+// Absorbed query: qlat[b, h] = [W_UK_h^T q_nope[b, h] (dc); rope(q_pe[b, h], pos[b]) (dr)]
+// in fp32, with W_UK_h = rows h*(dn+dv) .. h*(dn+dv)+dn-1 of kv_b [H*(dn+dv), dc].
+// Grid (H, ceil(B / DECODE_SEQS)): a block reads W_UK_h once for DECODE_SEQS
+// sequences (thread j owns latent columns j, j+blockDim, ...: coalesced rows).
+constexpr int DECODE_SEQS = 8;
+
+static __global__ void decode_absorb_query_kernel(float* qlat, const bf16* q, const bf16* kv_b, const float2* rope_cs, const int* pos,
+                                                  int B, int H, int dn, int dr, int dv, int dc) {
+    extern __shared__ float q_nope[];  // [DECODE_SEQS, dn]
+    const int h = blockIdx.x, b0 = blockIdx.y * DECODE_SEQS, nb = min(DECODE_SEQS, B - b0), dqk = dn + dr, width = dc + dr;
+    for (int i = threadIdx.x; i < nb * dn; i += blockDim.x)
+        q_nope[i] = __bfloat162float(q[((size_t)(b0 + i / dn) * H + h) * dqk + i % dn]);
+    __syncthreads();
+    const bf16* w_uk = kv_b + (size_t)h * (dn + dv) * dc;
+    for (int j = threadIdx.x; j < dc; j += blockDim.x) {
+        float acc[DECODE_SEQS] = {};
+        for (int i = 0; i < dn; i++) {
+            const float w = __bfloat162float(w_uk[(size_t)i * dc + j]);
+#pragma unroll
+            for (int s = 0; s < DECODE_SEQS; s++) acc[s] += q_nope[(s < nb ? s : 0) * dn + i] * w;
+        }
+        for (int s = 0; s < nb; s++) qlat[((size_t)(b0 + s) * H + h) * width + j] = acc[s];
+    }
+    const int half = dr / 2;
+    for (int k = threadIdx.x; k < nb * half; k += blockDim.x) {
+        const int s = k / half, i = k % half, b = b0 + s;
+        const float2 r = rope_cs[(size_t)pos[b] * half + i];
+        const bf16* pe = q + ((size_t)b * H + h) * dqk + dn;
+        const float x0 = __bfloat162float(pe[2 * i]), x1 = __bfloat162float(pe[2 * i + 1]);
+        float* out = qlat + ((size_t)b * H + h) * width + dc;
+        out[2 * i] = x0 * r.x - x1 * r.y;
+        out[2 * i + 1] = x1 * r.x + x0 * r.y;
+    }
+}
+
+inline void decode_absorb_query_gpu(float* qlat, const bf16* q, const bf16* kv_b, const RopeGpu& rope, const int* pos, int B, int H, int dn,
+                                    int dr, int dv, int dc, cudaStream_t stream) {
+    dim3 grid(H, ceil_div(B, DECODE_SEQS));
+    decode_absorb_query_kernel<<<grid, 256, DECODE_SEQS * dn * sizeof(float), stream>>>(qlat, q, kv_b, rope.cs, pos, B, H, dn, dr, dv, dc);
+    CUDA_LAUNCH_CHECK();
+}
+
+// ----------------------------------------------------------------------------
+// Flash decoding: one query per (sequence, head) over that sequence's cache rows
+// 0..pos[b]. A single query is too little work for one block per (b, h) when the
+// batch is small, so the rows are split into `splits` contiguous ranges, one block
+// each (grid (splits, H, B)); every block writes a partial (max, sum, unnormalised
+// output) in the log2 domain, and a combine kernel merges the splits with their
+// log-sum-exp weights in split order (deterministic). Keys are the whole cache row
+// (dc+dr), values its first dc columns: all heads share them (the absorbed form).
+//
+// Inside a block each warp takes every NWARPS-th row: the lanes split the row's
+// dot product (warp_sum), then each lane updates its dc/32 output accumulators
+// with the online softmax; the warps' states merge in shared memory at the end.
+constexpr int FLASH_DECODE_WARPS = 4;
+
+template <int DCL>  // latent columns per lane: dc <= 32 * DCL
+static __global__ void __launch_bounds__(FLASH_DECODE_WARPS * 32)
+    flash_decode_partial_kernel(float* part_acc, float2* part_ml, const float* qlat, const bf16* cache, const int* pos, int H, int dc,
+                                int dr, int max_len, float scale_log2) {
+    extern __shared__ float smem[];
+    const int width = dc + dr, splits = gridDim.x, s = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
+    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+    float* q_s = smem;                          // [width], pre-scaled by scale * log2(e)
+    float* acc_s = smem + width;                // [WARPS, dc]
+    float2* ml_s = (float2*)(acc_s + FLASH_DECODE_WARPS * dc);  // [WARPS]
+    const int len = pos[b] + 1, chunk = (len + splits - 1) / splits, t0 = s * chunk, t1 = min(len, t0 + chunk);
+    for (int j = threadIdx.x; j < width; j += blockDim.x) q_s[j] = qlat[((size_t)b * H + h) * width + j] * scale_log2;
+    __syncthreads();
+    float m = -INFINITY, l = 0, acc[DCL];
+#pragma unroll
+    for (int i = 0; i < DCL; i++) acc[i] = 0;
+    const bf16* rows = cache + (size_t)b * max_len * width;
+    for (int t = t0 + warp; t < t1; t += FLASH_DECODE_WARPS) {
+        const bf16* row = rows + (size_t)t * width;
+        float d = 0;
+        for (int j = lane; j < width; j += 32) d += q_s[j] * __bfloat162float(row[j]);
+        const float score = warp_sum(d);
+        const float m_new = fmaxf(m, score), corr = exp2f(m - m_new), p = exp2f(score - m_new);
+        l = l * corr + p;
+#pragma unroll
+        for (int i = 0; i < DCL; i++) {
+            const int j = lane + 32 * i;
+            if (j < dc) acc[i] = acc[i] * corr + p * __bfloat162float(row[j]);
+        }
+        m = m_new;
+    }
+#pragma unroll
+    for (int i = 0; i < DCL; i++)
+        if (lane + 32 * i < dc) acc_s[warp * dc + lane + 32 * i] = acc[i];
+    if (lane == 0) ml_s[warp] = make_float2(m, l);
+    __syncthreads();
+    // merge the warps in warp order
+    float M = -INFINITY;
+    for (int w = 0; w < FLASH_DECODE_WARPS; w++) M = fmaxf(M, ml_s[w].x);
+    float L = 0;
+    for (int w = 0; w < FLASH_DECODE_WARPS; w++) L += M == -INFINITY ? 0.0f : ml_s[w].y * exp2f(ml_s[w].x - M);
+    const size_t part = ((size_t)b * H + h) * splits + s;
+    for (int j = threadIdx.x; j < dc; j += blockDim.x) {
+        float o = 0;
+        for (int w = 0; w < FLASH_DECODE_WARPS; w++) o += M == -INFINITY ? 0.0f : acc_s[w * dc + j] * exp2f(ml_s[w].x - M);
+        part_acc[part * dc + j] = o;
+    }
+    if (threadIdx.x == 0) part_ml[part] = make_float2(M, L);
+}
+
+// o_lat [B, H, dc] = sum_s acc_s 2^(m_s - M) / sum_s l_s 2^(m_s - M), splits in order
+static __global__ void flash_decode_combine_kernel(float* o_lat, const float* part_acc, const float2* part_ml, int splits, int dc) {
+    const size_t bh = (size_t)blockIdx.y * gridDim.x + blockIdx.x;
+    const float2* ml = part_ml + bh * splits;
+    float M = -INFINITY, L = 0;
+    for (int s = 0; s < splits; s++) M = fmaxf(M, ml[s].x);
+    for (int s = 0; s < splits; s++) L += ml[s].x == -INFINITY ? 0.0f : ml[s].y * exp2f(ml[s].x - M);
+    for (int j = threadIdx.x; j < dc; j += blockDim.x) {
+        float o = 0;
+        for (int s = 0; s < splits; s++) o += ml[s].x == -INFINITY ? 0.0f : part_acc[(bh * splits + s) * dc + j] * exp2f(ml[s].x - M);
+        o_lat[bh * dc + j] = o / L;
+    }
+}
+
+// splits that give the GPU about two blocks per SM for B*H queries, at least 16
+// rows each for a cache of max_len rows
+inline int flash_decode_splits(int B, int H, int max_len, int sms) {
+    const int want = ceil_div(2LL * sms, (long long)B * H);
+    return std::max(1, std::min(want, ceil_div(max_len, 16)));
+}
+
+// o_lat [B, H, dc] fp32 from qlat [B, H, dc+dr] fp32 and cache [B, max_len, dc+dr]
+// (rows 0..pos[b] of sequence b); scale = the softmax scale (RopeTable's);
+// part_acc [B, H, splits, dc] and part_ml [B, H, splits] are scratch.
+inline void flash_decode_gpu(float* o_lat, float* part_acc, float2* part_ml, const float* qlat, const bf16* cache, const int* pos, int B,
+                             int H, int dc, int dr, int max_len, int splits, float scale, cudaStream_t stream) {
+    if (dc > 32 * 32) fail("flash_decode: kv_lora_rank %d exceeds the supported 1024", dc);
+    const int dcl = ceil_div(dc, 32);
+    auto kernel = dcl <= 1 ? flash_decode_partial_kernel<1> : dcl <= 2 ? flash_decode_partial_kernel<2>
+                : dcl <= 4 ? flash_decode_partial_kernel<4> : dcl <= 8 ? flash_decode_partial_kernel<8>
+                : dcl <= 16 ? flash_decode_partial_kernel<16> : flash_decode_partial_kernel<32>;
+    const size_t smem = ((size_t)(dc + dr) + FLASH_DECODE_WARPS * dc + 2 * FLASH_DECODE_WARPS) * sizeof(float);
+    if (smem > 48 * 1024) fail("flash_decode: %zu bytes of shared memory for kv_lora_rank %d exceed 48 KiB", smem, dc);
+    kernel<<<dim3(splits, H, B), FLASH_DECODE_WARPS * 32, smem, stream>>>(part_acc, part_ml, qlat, cache, pos, H, dc, dr, max_len,
+                                                                         scale * 1.4426950408889634f);
+    CUDA_LAUNCH_CHECK();
+    flash_decode_combine_kernel<<<dim3(H, B), 128, 0, stream>>>(o_lat, part_acc, part_ml, splits, dc);
+    CUDA_LAUNCH_CHECK();
+}
+
+// ----------------------------------------------------------------------------
+// W_UV after attention: o[b, h*dv + v] = W_UV_h[v] . o_lat[b, h] (bf16 out), with
+// W_UV_h = rows h*(dn+dv)+dn .. +dv-1 of kv_b. Grid (H, ceil(B / DECODE_SEQS)), one
+// warp per output row v reading W_UV_h[v] once for DECODE_SEQS sequences.
+static __global__ void decode_value_up_kernel(bf16* o, const float* o_lat, const bf16* kv_b, int B, int H, int dn, int dv, int dc) {
+    extern __shared__ float lat[];  // [DECODE_SEQS, dc]
+    const int h = blockIdx.x, b0 = blockIdx.y * DECODE_SEQS, nb = min(DECODE_SEQS, B - b0);
+    for (int i = threadIdx.x; i < nb * dc; i += blockDim.x) lat[i] = o_lat[((size_t)(b0 + i / dc) * H + h) * dc + i % dc];
+    __syncthreads();
+    const int lane = threadIdx.x % 32, warps = blockDim.x / 32;
+    for (int v = threadIdx.x / 32; v < dv; v += warps) {
+        const bf16* w = kv_b + ((size_t)h * (dn + dv) + dn + v) * dc;
+        float acc[DECODE_SEQS] = {};
+        for (int j = lane; j < dc; j += 32) {
+            const float wj = __bfloat162float(w[j]);
+#pragma unroll
+            for (int s = 0; s < DECODE_SEQS; s++) acc[s] += wj * lat[(s < nb ? s : 0) * dc + j];
+        }
+        for (int s = 0; s < nb; s++) {
+            const float r = warp_sum(acc[s]);
+            if (lane == 0) o[((size_t)(b0 + s) * H + h) * dv + v] = __float2bfloat16(r);
+        }
+    }
+}
+
+inline void decode_value_up_gpu(bf16* o, const float* o_lat, const bf16* kv_b, int B, int H, int dn, int dv, int dc, cudaStream_t stream) {
+    dim3 grid(H, ceil_div(B, DECODE_SEQS));
+    decode_value_up_kernel<<<grid, 256, DECODE_SEQS * dc * sizeof(float), stream>>>(o, o_lat, kv_b, B, H, dn, dv, dc);
+    CUDA_LAUNCH_CHECK();
+}
+
+// ----------------------------------------------------------------------------
+// Prefill: the cache rows of sequences b0.. from the training forward's
+// activations of rows x T tokens: row t of sequence b0 + n / T (n = token row) is
+// [c_norm[n] (dc); kv_a[n, dc:] (the roped k_pe)].
+static __global__ void prefill_cache_kernel(bf16* cache, const bf16* c_norm, const bf16* kv_a, int N, int T, int b0, int dc, int dr,
+                                            int max_len) {
+    const int width = dc + dr;
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < (long long)N * width; i += (long long)gridDim.x * blockDim.x) {
+        const int n = (int)(i / width), j = (int)(i % width);
+        const bf16 v = j < dc ? c_norm[(size_t)n * dc + j] : kv_a[(size_t)n * width + j];
+        cache[((size_t)(b0 + n / T) * max_len + n % T) * width + j] = v;
+    }
+}
+
+inline void prefill_cache_gpu(bf16* cache, const bf16* c_norm, const bf16* kv_a, int N, int T, int b0, int dc, int dr, int max_len,
+                              cudaStream_t stream) {
+    const long long total = (long long)N * (dc + dr);
+    prefill_cache_kernel<<<(int)std::min<long long>(ceil_div(total, 256), 1 << 16), 256, 0, stream>>>(cache, c_norm, kv_a, N, T, b0, dc, dr,
+                                                                                                     max_len);
+    CUDA_LAUNCH_CHECK();
+}
+
+// pos[b] += active[b]: after a forward step the new token is part of the cache. A
+// full cache keeps pos at its last row (the host stops such a sequence), so no
+// step ever writes past a sequence's rows.
+static __global__ void decode_advance_kernel(int* pos, const int* active, int B, int max_len) {
+    const int b = blockIdx.x * blockDim.x + threadIdx.x;
+    if (b < B && active[b] && pos[b] < max_len - 1) pos[b]++;
+}
+
+// ----------------------------------------------------------------------------
+// Sampling, one block per sequence over its logits [V] (bf16, as the head writes
+// them), matching sample_token's rules (model.cu):
+//   temperature <= 0: the arg-max (lowest id on ties);
+//   top-k: the k largest logits (ties at the k-th value: lowest ids first);
+//   weights w_i = exp((z_i - z_max) / temperature) of the kept tokens;
+//   top-p: of those, the smallest set in descending order whose mass reaches
+//          top_p * sum (ties at the threshold value: lowest ids first);
+//   then the token at coin * (kept mass) of the running sum in id order, coin =
+//   rng_uniform(seed + b, gen[b]) (common.h), so a fixed seed repeats.
+// No sort: each threshold is found by a 16-step bisection over the bf16 logit's
+// order-preserving 16-bit key (count or mass of keys >= x), and every sum runs in
+// a fixed order (thread ranges in id order, a fixed tree), so results repeat
+// bit for bit. Thread t owns ids [t*per, (t+1)*per).
+constexpr int SAMPLE_THREADS = 1024;
+
+__device__ inline unsigned sample_key(bf16 z) {
+    const unsigned u = __bfloat16_as_ushort(z);
+    return (u & 0x8000u) ? (~u & 0xFFFFu) : (u | 0x8000u);  // larger logit, larger key
+}
+
+// exclusive prefix sum over the block's threads, in thread order (fixed tree)
+template <typename T>
+__device__ inline T block_exclusive_scan(T v, T* total) {
+    __shared__ T warp_total[32];
+    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, warps = blockDim.x / 32;
+    T x = v;
+    for (int off = 1; off < 32; off <<= 1) {
+        const T y = __shfl_up_sync(0xffffffffu, x, off);
+        if (lane >= off) x += y;
+    }
+    __syncthreads();
+    if (lane == 31) warp_total[warp] = x;
+    __syncthreads();
+    T before = 0, all = 0;
+    for (int w = 0; w < warps; w++) {
+        if (w < warp) before += warp_total[w];
+        all += warp_total[w];
+    }
+    *total = all;
+    return before + x - v;
+}
+
+__device__ inline unsigned long long block_max_u64(unsigned long long v) {
+    __shared__ unsigned long long partial[32];
+    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, warps = blockDim.x / 32;
+    for (int off = 16; off > 0; off >>= 1) {
+        const unsigned long long o = __shfl_xor_sync(0xffffffffu, v, off);
+        v = o > v ? o : v;
+    }
+    __syncthreads();
+    if (lane == 0) partial[warp] = v;
+    __syncthreads();
+    unsigned long long r = 0;
+    for (int w = 0; w < warps; w++) r = partial[w] > r ? partial[w] : r;
+    return r;
+}
+
+// tokens[b] (written for active sequences), gen[b] += 1; kept [B, V] (may be
+// null) receives each token's final probability (0 = not kept), for the tests.
+static __global__ void __launch_bounds__(SAMPLE_THREADS)
+    sample_kernel(int* tokens, int* gen, float* kept, const bf16* logits, const int* active, int V, float temperature, int top_k,
+                  float top_p, unsigned long long seed) {
+    const int b = blockIdx.x;
+    if (active && !active[b]) return;
+    const bf16* z = logits + (size_t)b * V;
+    const int per = (V + blockDim.x - 1) / blockDim.x, i0 = min(V, threadIdx.x * per), i1 = min(V, i0 + per);
+    // the arg-max: the largest key, then the lowest id
+    unsigned long long best = 0;
+    for (int i = i0; i < i1; i++) {
+        const unsigned long long v = ((unsigned long long)sample_key(z[i]) << 32) | (0xFFFFFFFFu - (unsigned)i);
+        best = v > best ? v : best;
+    }
+    best = block_max_u64(best);
+    const int arg = (int)(0xFFFFFFFFu - (unsigned)(best & 0xFFFFFFFFu));
+    if (temperature <= 0) {
+        if (threadIdx.x == 0) {
+            tokens[b] = arg;
+            gen[b]++;
+        }
+        if (kept)
+            for (int i = i0; i < i1; i++) kept[(size_t)b * V + i] = i == arg ? 1.0f : 0.0f;
+        return;
+    }
+    const float zmax = __bfloat162float(z[arg]), inv_t = 1.0f / temperature;
+    // top-k: kk = the k-th largest key; keys above it are kept, and of the keys equal
+    // to it the first k - count(above) in id order
+    unsigned kk = 0;
+    int k_eq_keep = V;  // how many tokens with key == kk are kept
+    const bool use_k = top_k > 0 && top_k < V;
+    if (use_k) {
+        for (int bit = 15; bit >= 0; bit--) {
+            const unsigned cand = kk | (1u << bit);
+            int c = 0;
+            for (int i = i0; i < i1; i++) c += sample_key(z[i]) >= cand;
+            if (kdetail::block_sum_t(c) >= top_k) kk = cand;
+        }
+        int above = 0;
+        for (int i = i0; i < i1; i++) above += sample_key(z[i]) > kk;
+        k_eq_keep = top_k - kdetail::block_sum_t(above);
+    }
+    int eq_before = 0;  // tokens with key == kk before this thread's range
+    {
+        int c = 0, total;
+        if (use_k)
+            for (int i = i0; i < i1; i++) c += sample_key(z[i]) == kk;
+        eq_before = block_exclusive_scan(c, &total);
+    }
+    // the top-k weight of token i; `eq` counts this thread's key == kk tokens so far
+    auto weight_k = [&](int i, int& eq) -> float {
+        const unsigned key = sample_key(z[i]);
+        if (use_k) {
+            if (key < kk) return 0.0f;
+            if (key == kk && eq_before + eq++ >= k_eq_keep) return 0.0f;
+        }
+        return expf((__bfloat162float(z[i]) - zmax) * inv_t);
+    };
+    // top-p: kp = the largest key x with mass(key >= x) >= top_p * total
+    unsigned kp = 0;
+    float target = 0, mass_above = 0, eq_mass_before = 0;
+    const bool use_p = top_p < 1.0f;
+    if (use_p) {
+        float part = 0;
+        int eq = 0;
+        for (int i = i0; i < i1; i++) part += weight_k(i, eq);
+        target = top_p * kdetail::block_sum_t(part);
+        for (int bit = 15; bit >= 0; bit--) {
+            const unsigned cand = kp | (1u << bit);
+            float m = 0;
+            eq = 0;
+            for (int i = i0; i < i1; i++) {
+                const float w = weight_k(i, eq);
+                if (sample_key(z[i]) >= cand) m += w;
+            }
+            if (kdetail::block_sum_t(m) >= target) kp = cand;
+        }
+        float above = 0, at = 0;
+        eq = 0;
+        for (int i = i0; i < i1; i++) {
+            const float w = weight_k(i, eq);
+            const unsigned key = sample_key(z[i]);
+            if (key > kp) above += w;
+            if (key == kp) at += w;
+        }
+        mass_above = kdetail::block_sum_t(above);
+        float total;
+        eq_mass_before = block_exclusive_scan(at, &total);
+    }
+    // the final weight of token i; eq / eq_mass walk this thread's tied tokens
+    auto weight = [&](int i, int& eq, float& eq_mass) -> float {
+        float w = weight_k(i, eq);
+        if (use_p && w > 0) {
+            const unsigned key = sample_key(z[i]);
+            if (key < kp) return 0.0f;
+            if (key == kp) {
+                // kept while the mass before it is still short of the target
+                const bool keep = mass_above + eq_mass_before + eq_mass < target;
+                eq_mass += w;
+                if (!keep) return 0.0f;
+            }
+        }
+        return w;
+    };
+    float mine = 0;
+    int last = -1;
+    {
+        int eq = 0;
+        float eq_mass = 0;
+        for (int i = i0; i < i1; i++) {
+            const float w = weight(i, eq, eq_mass);
+            mine += w;
+            if (w > 0) last = i;
+        }
+    }
+    float total;
+    const float before = block_exclusive_scan(mine, &total);
+    const float coin = rng_uniform(seed + b, (uint64_t)gen[b]);
+    const float goal = coin * total;
+    __shared__ int chosen;
+    if (threadIdx.x == 0) chosen = INT_MAX;
+    __syncthreads();
+    {
+        int eq = 0;
+        float eq_mass = 0, run = before;
+        for (int i = i0; i < i1; i++) {
+            const float w = weight(i, eq, eq_mass);
+            if (kept) kept[(size_t)b * V + i] = w / total;
+            // rounding between thread ranges could let two tokens cross: the lowest wins
+            if (w > 0 && goal < run + w && run <= goal) atomicMin(&chosen, i);
+            run += w;
+        }
+    }
+    // rounding can leave goal at or past the last running sum: take the last kept token
+    const int last_kept = (int)(block_max_u64(last >= 0 ? (unsigned long long)last + 1 : 0) - 1);
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        tokens[b] = chosen != INT_MAX ? chosen : last_kept;
+        gen[b]++;
+    }
+}
+
+// tokens [B] <- a token per active sequence from logits [B, V]; gen [B] counts
+// each sequence's draws (the RNG counter); active [B] (null = all); kept [B, V]
+// (null in generation) receives the kept tokens' probabilities.
+inline void sample_gpu(int* tokens, int* gen, float* kept, const bf16* logits, const int* active, int B, int V, const SamplingOptions& so,
+                       uint64_t seed, cudaStream_t stream) {
+    sample_kernel<<<B, SAMPLE_THREADS, 0, stream>>>(tokens, gen, kept, logits, active, V, so.temperature, so.top_k, so.top_p, seed);
+    CUDA_LAUNCH_CHECK();
+}
+
+// ----------------------------------------------------------------------------
+// The decoder: the cache and the step's buffers for up to `batch` sequences of up
+// to max_len tokens, on the model's GPU state (model_to_gpu; decoder_create
+// uploads the model for inference when it is not there yet).
+
+struct DecodeLayerWeights {  // bf16 pointers into the model's params16 (null when absent)
+    const bf16 *in_norm, *q_a, *q_a_norm, *q_b, *q_proj, *kv_a, *kv_a_norm, *kv_b, *o_proj, *post_norm;
+    const bf16 *gate_up, *down;                       // dense FFN
+    const bf16 *router, *expert_gate_up, *expert_down, *shared_gate_up, *shared_down;  // MoE
+    const float* bias;                                // e_score_correction_bias (fp32)
+};
+
+struct GpuDecoder {
+    Model* m;
+    int batch, max_len, splits;
+    bf16* cache;                        // [layers, batch, max_len, dc+dr]
+    size_t cache_bytes;                 // its allocation
+    int *tokens, *pos, *gen, *active;   // [batch]: next input, its position, draws, still generating
+    int* tokens_host;                   // pinned copy of tokens
+    bf16 *res, *xn, *qa, *qa_norm, *q, *kv, *o, *attn_out, *ffn_out, *logits;  // [batch, *]
+    float *qlat, *o_lat, *part_acc;
+    float2* part_ml;
+    bf16 *gate_up, *hidden;             // dense FFN
+    float *router_logits, *scores, *gate;
+    int *expert, *offsets, *slot_row, *row_slot, *perm_scratch;
+    bf16 *x_sorted, *gu_sorted, *h_sorted, *y_sorted, *shared_gu, *shared_h, *shared_out;
+    std::vector<DecodeLayerWeights> w;
+    cudaGraphExec_t graph = nullptr;    // forward + sample, captured on the first graph step
+    SamplingOptions graph_so;
+    uint64_t graph_seed = 0;
+    std::vector<void*> allocations;
+    size_t bytes = 0;                   // the decoder's own device memory
+};
+
+// Sequences of up to max_len tokens (<= max_position_embeddings), prompts of up to
+// max_prompt tokens. Fails with a clear message (no GPU, out of memory).
+GpuDecoder* decoder_create(Model& m, int batch, int max_len, int max_prompt);
+void decoder_free(GpuDecoder* d);
+
+// Fills the cache with the prompts (1..batch of them, each 1..max_prompt tokens)
+// through the training forward (gpu_forward), leaves each sequence's last-position
+// logits in d.logits, pos[b] = its length, gen[b] = 0, active[b] = 1 (0 for unused
+// rows). Prompts run in groups of sequences that fit the model's activation buffers.
+void decoder_prefill(GpuDecoder& d, const std::vector<std::vector<int>>& prompts);
+
+// One token per sequence: d.tokens[b] at position pos[b] -> d.logits [batch, V];
+// appends to the cache and advances pos for active sequences.
+void decoder_forward(GpuDecoder& d);
+
+// d.logits -> d.tokens for active sequences (sample_gpu)
+void decoder_sample(GpuDecoder& d, const SamplingOptions& so, uint64_t seed);
+
+// decoder_forward + decoder_sample, replayed from a CUDA graph when use_graph (captured
+// on the first call; a change of sampling options recaptures)
+void decoder_step(GpuDecoder& d, const SamplingOptions& so, uint64_t seed, bool use_graph);
+
+// the sampled tokens, copied back (waits for the stream)
+const int* decoder_tokens(GpuDecoder& d);
+
+// stops (or restarts) sequence b: an inactive sequence keeps its cache and position
+void decoder_set_active(GpuDecoder& d, int b, bool active);
+
+// the cache's allocated device bytes per token of one sequence (its capacity is
+// batch * max_len tokens)
+size_t decoder_cache_bytes_per_token(const GpuDecoder& d);

@@ -1,0 +1,328 @@
+// gpu_decode.cu — GPU generation (decode.cuh) against the references: prefill +
+// step-by-step decode logits against the CPU full forward and the GPU full forward
+// at every position, the flash-decoding kernel against a double-precision
+// reference over a long cache split across blocks, the sampling rules (greedy,
+// top-k, top-p, seed), and the CUDA-graph step against the plain one.
+// Random non-zero inputs; outputs poisoned (NaN) before each kernel runs.
+#include <doctest/doctest.h>
+
+#include <algorithm>
+#include <map>
+#include <numeric>
+
+#include "decode.cuh"
+#include "decode.h"
+
+namespace {
+
+// the tiny preset with every expert chosen (dense routing): bf16 router logits move
+// near-tie expert choices of sparse routing, a jump no tolerance bounds (see
+// gpu_model.cu); variants: q_lora / plain q_proj + softmax scores / YaRN
+Config decode_gpu_config(int variant) {
+    Config c = config_preset("tiny");
+    c.vocab_size = 96;
+    c.moe_intermediate_size = 16;
+    c.n_routed_experts = 4;
+    c.num_experts_per_tok = 4;
+    c.n_group = 2;
+    c.topk_group = 2;
+    if (variant == 1) {
+        c.q_lora_rank = 0;
+        c.scoring_func = SCORING_SOFTMAX;
+        c.n_group = 1;
+        c.topk_group = 1;
+        c.norm_topk_prob = false;
+    }
+    if (variant == 2) {
+        c.yarn = true;
+        c.yarn_factor = 4;
+        c.yarn_original_max_position_embeddings = 16;
+        c.yarn_mscale = 0.707f;
+        c.yarn_mscale_all_dim = 1;
+    }
+    return c;
+}
+
+// O(1) activations, bf16-representable so the CPU and GPU start from the same weights
+void randomise_bf16(Model& m, uint64_t seed) {
+    for (const TensorSpec& s : m.ref.layout.tensors)
+        for (size_t i = 0; i < s.numel; i++) {
+            const float r = 2 * rng_uniform(seed + s.offset, i) - 1;
+            float v = (float)((s.shape.size() == 2 ? 1.7 / std::sqrt((double)s.shape[1]) : 0.2) * r);
+            if (s.kind == TENSOR_NO_DECAY) v += 1;
+            if (s.kind == TENSOR_BUFFER) v = 0.02f * r;
+            else v = bf16_to_float(float_to_bf16(v));
+            m.ref.params[s.offset + i] = v;
+        }
+}
+
+double rel_err(const float* a, const float* b, size_t n) {
+    double diff = 0, ref = 0;
+    for (size_t i = 0; i < n; i++) {
+        diff += ((double)a[i] - b[i]) * ((double)a[i] - b[i]);
+        ref += (double)b[i] * b[i];
+    }
+    return std::isfinite(diff) ? std::sqrt(diff / ref) : INFINITY;
+}
+
+std::vector<float> random_values(size_t n, uint64_t key, float scale, bool bf16_round) {
+    std::vector<float> v(n);
+    for (size_t i = 0; i < n; i++) {
+        float x = scale * (2.0f * rng_uniform(key, i) - 1.0f);
+        if (x == 0.0f) x = 1e-3f;
+        v[i] = bf16_round ? bf16_to_float(float_to_bf16(x)) : x;
+    }
+    return v;
+}
+
+}  // namespace
+
+TEST_CASE("GPU decode: prefill + step-by-step logits equal the CPU and GPU full forward at every position") {
+    for (int variant = 0; variant < 3; variant++) {
+        CAPTURE(variant);
+        Model m;
+        model_create(m, decode_gpu_config(variant), 1);
+        randomise_bf16(m, 50 + variant);
+        const int V = m.ref.cfg.vocab_size, T = 40;
+        // two sequences of different prompt lengths, decoded side by side
+        const int prompt_len[2] = {5, 11};
+        std::vector<std::vector<int>> seq(2, std::vector<int>(T));
+        for (int b = 0; b < 2; b++)
+            for (int t = 0; t < T; t++) seq[b][t] = (int)(rng_hash(90 + 7 * b + variant, t) % V);
+        std::vector<std::vector<float>> cpu(2), gpu_full(2);
+        for (int b = 0; b < 2; b++) {
+            ref_forward(m.ref, seq[b].data(), nullptr, 1, T, StepOptions{});
+            cpu[b] = m.ref.logits;
+        }
+        GpuDecoder* d = decoder_create(m, 2, T, T);  // prompts up to T: the full forward fits the buffers
+        for (int b = 0; b < 2; b++) gpu_full[b] = model_logits(m, seq[b]);
+        decoder_prefill(*d, {std::vector<int>(seq[0].begin(), seq[0].begin() + prompt_len[0]),
+                             std::vector<int>(seq[1].begin(), seq[1].begin() + prompt_len[1])});
+        double worst_cpu = 0, worst_gpu = 0;
+        // step s feeds token prompt_len[b] + s - 1 of each sequence (the logits after
+        // prefill are those of the last prompt token); a sequence that reaches T stops
+        for (int s = 0;; s++) {
+            std::vector<float> logits = to_host(d->logits, (size_t)2 * V);
+            bool any = false;
+            for (int b = 0; b < 2; b++) {
+                const int t = prompt_len[b] + s - 1;  // the position these logits predict from
+                if (t >= T) continue;
+                any = true;
+                worst_cpu = std::max(worst_cpu, rel_err(&logits[(size_t)b * V], &cpu[b][(size_t)t * V], V));
+                worst_gpu = std::max(worst_gpu, rel_err(&logits[(size_t)b * V], &gpu_full[b][(size_t)t * V], V));
+            }
+            if (!any) break;
+            std::vector<int> next(2);
+            for (int b = 0; b < 2; b++) {
+                const int t = prompt_len[b] + s;
+                next[b] = seq[b][std::min(t, T - 1)];
+                if (t == T - 1 + 1) decoder_set_active(*d, b, false);  // its cache is full
+            }
+            CUDA_CHECK(cudaMemcpy(d->tokens, next.data(), 2 * sizeof(int), cudaMemcpyHostToDevice));
+            CUDA_CHECK(cudaMemset(d->logits, 0xFF, (size_t)2 * V * sizeof(bf16)));  // poison
+            decoder_forward(*d);
+            CUDA_CHECK(cudaStreamSynchronize(m.gpu->stream));
+        }
+        MESSAGE("variant " << variant << ": decode vs CPU full forward " << worst_cpu << ", vs GPU full forward " << worst_gpu);
+        CHECK(worst_cpu < 2e-2);
+        CHECK(worst_gpu < 2e-2);
+        decoder_free(d);
+        model_free_gpu(m);
+    }
+}
+
+TEST_CASE("GPU decode: flash decoding over a long cache split across blocks equals the reference") {
+    const int B = 3, H = 5, dc = 512, dr = 64, width = dc + dr, max_len = 1100;
+    const int last[B] = {1099, 517, 0};  // query positions: keys 0..last[b]
+    const float scale = 0.11f;
+    std::vector<float> qlat = random_values((size_t)B * H * width, 1, 1.0f, false);
+    std::vector<float> cache = random_values((size_t)B * max_len * width, 2, 1.0f, true);
+    std::vector<bf16> cache16(cache.size());
+    for (size_t i = 0; i < cache.size(); i++) cache16[i] = __float2bfloat16(cache[i]);
+    // double reference
+    std::vector<double> ref((size_t)B * H * dc, 0);
+    for (int b = 0; b < B; b++)
+        for (int h = 0; h < H; h++) {
+            const float* q = &qlat[((size_t)b * H + h) * width];
+            std::vector<double> p(last[b] + 1);
+            double mx = -INFINITY, sum = 0;
+            for (int t = 0; t <= last[b]; t++) {
+                double s = 0;
+                for (int j = 0; j < width; j++) s += (double)q[j] * cache[((size_t)b * max_len + t) * width + j];
+                mx = std::max(mx, p[t] = s * scale);
+            }
+            for (double& x : p) sum += (x = std::exp(x - mx));
+            for (int t = 0; t <= last[b]; t++)
+                for (int j = 0; j < dc; j++) ref[((size_t)b * H + h) * dc + j] += p[t] / sum * cache[((size_t)b * max_len + t) * width + j];
+        }
+    float *d_q, *d_out, *d_acc;
+    float2* d_ml;
+    bf16* d_cache;
+    int* d_pos;
+    const int max_splits = 16;
+    d_q = device_alloc<float>(qlat.size(), "test");
+    d_out = device_alloc<float>(ref.size(), "test");
+    d_acc = device_alloc<float>((size_t)B * H * max_splits * dc, "test");
+    d_ml = device_alloc<float2>((size_t)B * H * max_splits, "test");
+    d_cache = device_alloc<bf16>(cache16.size(), "test");
+    d_pos = device_alloc<int>(B, "test");
+    CUDA_CHECK(cudaMemcpy(d_q, qlat.data(), qlat.size() * sizeof(float), cudaMemcpyHostToDevice));
+    CUDA_CHECK(cudaMemcpy(d_cache, cache16.data(), cache16.size() * sizeof(bf16), cudaMemcpyHostToDevice));
+    CUDA_CHECK(cudaMemcpy(d_pos, last, B * sizeof(int), cudaMemcpyHostToDevice));
+    std::vector<float> ref32(ref.begin(), ref.end());
+    for (int splits : {1, 7, 16}) {
+        CAPTURE(splits);
+        CUDA_CHECK(cudaMemset(d_out, 0xFF, ref.size() * sizeof(float)));
+        flash_decode_gpu(d_out, d_acc, d_ml, d_q, d_cache, d_pos, B, H, dc, dr, max_len, splits, scale, 0);
+        std::vector<float> out = to_host(d_out, ref.size());
+        const double err = rel_err(out.data(), ref32.data(), out.size());
+        MESSAGE("flash decoding, " << splits << " splits: relative error " << err);
+        CHECK(err < 1e-5);
+    }
+    cudaFree(d_q);
+    cudaFree(d_out);
+    cudaFree(d_acc);
+    cudaFree(d_ml);
+    cudaFree(d_cache);
+    cudaFree(d_pos);
+}
+
+TEST_CASE("GPU sampling: greedy, top-k, top-p and a fixed seed") {
+    const int B = 4, V = 3000;
+    // logits on a coarse grid, so ties at the top-k / top-p thresholds happen
+    std::vector<float> z((size_t)B * V);
+    for (size_t i = 0; i < z.size(); i++) z[i] = bf16_to_float(float_to_bf16(std::round(8 * (2 * rng_uniform(11, i) - 1) * 4) / 4));
+    std::vector<bf16> z16(z.size());
+    for (size_t i = 0; i < z.size(); i++) z16[i] = __float2bfloat16(z[i]);
+    bf16* d_z = device_alloc<bf16>(z.size(), "test");
+    int *d_tok = device_alloc<int>(B, "test"), *d_gen = device_alloc<int>(B, "test");
+    float* d_kept = device_alloc<float>(z.size(), "test");
+    CUDA_CHECK(cudaMemcpy(d_z, z16.data(), z16.size() * sizeof(bf16), cudaMemcpyHostToDevice));
+    auto run = [&](const SamplingOptions& so, uint64_t seed, std::vector<float>& kept) {
+        CUDA_CHECK(cudaMemset(d_gen, 0, B * sizeof(int)));
+        CUDA_CHECK(cudaMemset(d_tok, 0xFF, B * sizeof(int)));
+        CUDA_CHECK(cudaMemset(d_kept, 0xFF, z.size() * sizeof(float)));
+        sample_gpu(d_tok, d_gen, d_kept, d_z, nullptr, B, V, so, seed, 0);
+        kept = to_host(d_kept, z.size());
+        std::vector<int> tok(B);
+        CUDA_CHECK(cudaMemcpy(tok.data(), d_tok, B * sizeof(int), cudaMemcpyDeviceToHost));
+        return tok;
+    };
+    // the CPU's order: larger logits first, lower ids first among equals
+    auto order_of = [&](int b) {
+        std::vector<int> o(V);
+        std::iota(o.begin(), o.end(), 0);
+        std::stable_sort(o.begin(), o.end(), [&](int x, int y) { return z[(size_t)b * V + x] > z[(size_t)b * V + y]; });
+        return o;
+    };
+    std::vector<float> kept;
+
+    SamplingOptions greedy;
+    greedy.temperature = 0;
+    std::vector<int> tok = run(greedy, 1, kept);
+    for (int b = 0; b < B; b++) CHECK(tok[b] == order_of(b)[0]);
+
+    for (float temperature : {1.0f, 0.5f})
+        for (int top_k : {0, 1, 7, 40})
+            for (float top_p : {1.0f, 0.9f, 0.3f}) {
+                CAPTURE(temperature);
+                CAPTURE(top_k);
+                CAPTURE(top_p);
+                SamplingOptions so;
+                so.temperature = temperature;
+                so.top_k = top_k;
+                so.top_p = top_p;
+                tok = run(so, 5, kept);
+                for (int b = 0; b < B; b++) {
+                    // the expected kept set and probabilities, in double
+                    std::vector<int> o = order_of(b);
+                    const int k = top_k > 0 ? top_k : V;
+                    std::vector<double> w(k);
+                    double sum = 0;
+                    for (int i = 0; i < k; i++) sum += (w[i] = std::exp((z[(size_t)b * V + o[i]] - z[(size_t)b * V + o[0]]) / temperature));
+                    int keep = k;
+                    if (top_p < 1) {
+                        double mass = 0;
+                        keep = 0;
+                        while (keep < k && mass < top_p * sum) mass += w[keep++];
+                        sum = mass;
+                    }
+                    std::vector<double> expect(V, 0);
+                    for (int i = 0; i < keep; i++) expect[o[i]] = w[i] / sum;
+                    int kept_count = 0, wrong = 0;
+                    double err = 0;
+                    for (int i = 0; i < V; i++) {
+                        const float p = kept[(size_t)b * V + i];
+                        kept_count += p > 0;
+                        wrong += (p > 0) != (expect[i] > 0);
+                        err = std::max(err, std::fabs(p - expect[i]));
+                    }
+                    CHECK(kept_count == keep);
+                    CHECK(wrong == 0);
+                    CHECK(err < 1e-5);
+                    CHECK(expect[tok[b]] > 0);
+                }
+            }
+
+    // a fixed seed repeats; another seed draws differently somewhere
+    SamplingOptions so;
+    so.temperature = 1;
+    std::vector<int> a = run(so, 42, kept), a2 = run(so, 42, kept), c = run(so, 43, kept);
+    CHECK(a == a2);
+    CHECK(a != c);
+    // the draws follow the probabilities: 4000 draws of row 0 at top-k 3
+    so.top_k = 3;
+    run(so, 9, kept);
+    std::map<int, int> count;
+    CUDA_CHECK(cudaMemset(d_gen, 0, B * sizeof(int)));
+    for (int i = 0; i < 4000; i++) {
+        sample_gpu(d_tok, d_gen, nullptr, d_z, nullptr, 1, V, so, 9, 0);
+        int t;
+        CUDA_CHECK(cudaMemcpy(&t, d_tok, sizeof(int), cudaMemcpyDeviceToHost));
+        count[t]++;
+    }
+    CHECK(count.size() == 3);
+    for (auto& kv : count) {
+        CAPTURE(kv.first);
+        CHECK(std::fabs(kv.second / 4000.0 - kept[kv.first]) < 0.03);
+    }
+    cudaFree(d_z);
+    cudaFree(d_tok);
+    cudaFree(d_gen);
+    cudaFree(d_kept);
+}
+
+TEST_CASE("GPU decode: the CUDA-graph step equals the plain step, with sparse routing and batch stops") {
+    Config c = config_preset("tiny");
+    c.vocab_size = 96;
+    Model m;
+    model_create(m, c, 1);
+    randomise_bf16(m, 77);
+    const std::vector<std::vector<int>> prompts = {{1, 2, 3}, {4, 5, 6, 7, 8, 9}, {10}};
+    SamplingOptions so;
+    so.temperature = 0.9f;
+    so.top_k = 20;
+    so.top_p = 0.95f;
+    std::vector<std::vector<int>> out[2];
+    for (int graph = 0; graph < 2; graph++) {
+        GpuDecoder* d = decoder_create(m, 4, 32, 8);  // one row left unused
+        decoder_prefill(*d, prompts);
+        out[graph].assign(3, {});
+        decoder_sample(*d, so, 123);
+        for (int s = 0; s < 20; s++) {
+            const int* tok = decoder_tokens(*d);
+            for (int b = 0; b < 3; b++) {
+                if (out[graph][b].size() == 12 + 2 * (size_t)b) continue;  // stopped
+                CHECK(tok[b] >= 0);
+                CHECK(tok[b] < c.vocab_size);
+                out[graph][b].push_back(tok[b]);
+                if (out[graph][b].size() == 12 + 2 * (size_t)b) decoder_set_active(*d, b, false);
+            }
+            decoder_step(*d, so, 123, graph == 1);
+        }
+        decoder_free(d);
+        model_free_gpu(m);
+    }
+    CHECK(out[0] == out[1]);
+    for (int b = 0; b < 3; b++) CHECK(out[0][b].size() == 12 + 2 * (size_t)b);
+}
