@@ -23,11 +23,21 @@ all: $(BINARIES)
 model.o: model.cu $(HEADERS) gpu_model.cuh cuda_common.cuh kernels.cuh mla.cuh moe.cuh
 	$(NVCC) $(FLAGS) -c $< -o $@
 
-train generate validate: %: %.cu model.o $(HEADERS)
+decode.o: decode.cu decode.cuh $(HEADERS) gpu_model.cuh cuda_common.cuh kernels.cuh mla.cuh moe.cuh
+	$(NVCC) $(FLAGS) -c $< -o $@
+
+train: train.cu model.o $(HEADERS)
 	$(NVCC) $(FLAGS) $< model.o -o $@ $(LIBS)
+
+generate validate: %: %.cu model.o decode.o decode.cuh $(HEADERS)
+	$(NVCC) $(FLAGS) $< model.o decode.o -o $@ $(LIBS)
 
 data/prepare: data/prepare.cu $(HEADERS)
 	$(NVCC) $(FLAGS) $< -o $@ $(LIBS)
+
+# the generation benchmark (bench/generate_bench.sh runs it on the device machine)
+bench/decode_bench: bench/decode_bench.cu model.o decode.o decode.cuh $(HEADERS)
+	$(NVCC) $(FLAGS) $< model.o decode.o -o $@ $(LIBS)
 
 # dev tools for the PyTorch comparisons (dev/*.py run them on the device machine)
 dev/ref_dump: dev/ref_dump.cu model.o $(HEADERS)
@@ -49,7 +59,7 @@ GPU_TEST_SOURCES = $(wildcard test/gpu_*.cu)
 test/gpu_%.o: test/gpu_%.cu $(HEADERS) $(wildcard *.cuh)
 	$(NVCC) $(FLAGS) -c $< -o $@
 
-test/test_gpu: test/test_main.o $(GPU_TEST_SOURCES:.cu=.o) model.o
+test/test_gpu: test/test_main.o $(GPU_TEST_SOURCES:.cu=.o) model.o decode.o
 	$(NVCC) $(FLAGS) $^ -o $@ $(LIBS)
 
 test-gpu: test/test_gpu
@@ -59,4 +69,4 @@ data: data/prepare
 	./data/prepare --default --out data/default --vocab 1024
 
 clean:
-	rm -f $(BINARIES) dev/ref_dump model.o test/*.o test/test_cpu test/test_gpu
+	rm -f $(BINARIES) dev/ref_dump bench/decode_bench model.o decode.o test/*.o test/test_cpu test/test_gpu

@@ -1,14 +1,18 @@
-// generate.cu — samples text (or raw token ids) from a checkpoint, streaming each
-// token as it is produced.
+// generate.cu — samples text (or raw token ids) from a checkpoint: one prompt,
+// streamed token by token, or a batch of prompts from a file, one per line.
 //
 //   ./generate --model runs/default --prompt "Once upon a time"
 //   echo "Once upon a time" | ./generate --temperature 0
 //   ./generate --model DIR --tokens "72 101 108" --max-new-tokens 20
+//   ./generate --model DIR --prompts-file prompts.txt --max-new-tokens 100
 //
-// Today the model runs on the CPU reference (reference.h), which has no KV cache:
-// every new token re-runs the forward pass over the whole context. That is fine
-// for the small models and contexts this path is for; the GPU path (issue 3) will
-// decode from a latent MLA cache.
+// On the GPU (the default when one is present) the prompts are prefilled with the
+// training forward kernels and decoded one token per sequence per step with the
+// absorbed MLA form over the latent KV cache, sampled on the GPU (decode.cuh); the
+// step replays as a CUDA graph. On the CPU the reference decodes with the same
+// latent cache (decode.h) and model.cu's sample_token. Either way sequence i of a
+// batch draws its coins from the counter RNG keyed by seed + i, so a fixed seed
+// repeats.
 #include <cstdio>
 #include <string>
 #include <vector>
@@ -17,31 +21,37 @@
 
 #include "cli.h"
 #include "common.h"
+#include "decode.cuh"
+#include "decode.h"
 #include "fileutil.h"
 #include "model.h"
 
 static const char* USAGE =
-    "usage: ./generate [--model DIR] [--prompt TEXT | --tokens \"IDS\"] [options]\n"
+    "usage: ./generate [--model DIR] [--prompt TEXT | --tokens \"IDS\" | --prompts-file FILE] [options]\n"
     "\n"
     "Continues a prompt with a trained model, printing each token as it is sampled.\n"
-    "Without --prompt or --tokens the prompt is read from stdin (all of it, as is).\n"
+    "Without --prompt, --tokens or --prompts-file the prompt is read from stdin (all of\n"
+    "it, as is).\n"
     "\n"
     "  --model DIR            checkpoint directory (config.json + model.safetensors), or a\n"
     "                         training run directory holding checkpoint/ (default runs/default)\n"
     "  --prompt TEXT          the prompt, encoded with the checkpoint's tokenizer (bytes if none)\n"
     "  --tokens \"IDS\"         raw token ids in (space- or comma-separated), raw ids out;\n"
     "                         drives a checkpoint without a tokenizer\n"
-    "  --max-new-tokens N     tokens to generate at most (default 200)\n"
+    "  --prompts-file FILE    a batch: one prompt per line, generated together; each output\n"
+    "                         is printed at the end as \"[i] prompt+continuation\" (i from 0)\n"
+    "  --max-new-tokens N     tokens to generate per prompt at most (default 200)\n"
     "  --temperature F        softmax temperature; 0 = greedy (default 0.8)\n"
     "  --top-k N              keep the N most likely tokens; 0 = off (default 0)\n"
     "  --top-p F              keep the smallest set of tokens with this much mass; 1 = off\n"
     "                         (default 0.95)\n"
-    "  --seed N               sampling seed; the same seed gives the same output (default 1337)\n"
+    "  --seed N               sampling seed; the same seed gives the same output; prompt i\n"
+    "                         of a batch uses seed + i (default 1337)\n"
     "  --quiet                no statistics line on stderr\n"
-    "  --device auto|cpu|gpu  where to run (default auto = cpu until the CUDA path exists)\n"
+    "  --device auto|cpu|gpu  where to run (default auto: the GPU when one is present)\n"
     "  --help                 show this help\n"
     "\n"
-    "The prompt is printed first, then the continuation. Generation stops after\n"
+    "The prompt is printed first, then the continuation. A sequence stops after\n"
     "--max-new-tokens, at the tokenizer's end-of-text token, or when the context\n"
     "(max_position_embeddings) is full. An empty prompt starts from token 10 ('\\n').\n"
     "Statistics (tokens, tokens/s, time to first token) go to stderr.\n";
@@ -94,8 +104,33 @@ static void emit(const Model& m, bool token_mode, bool& first, int id) {
     first = false;
 }
 
+// One sequence of the batch as the host tracks it
+struct Sequence {
+    std::string text;          // the prompt as given (text mode)
+    std::vector<int> ids;      // prompt + generated
+    std::vector<int> out;      // the generated tokens (end-of-text included)
+    bool printed_prompt = true;  // false when the prompt is the start token alone
+    bool done = false, context_full = false, end_of_text = false;
+};
+
+static std::vector<std::string> read_lines(const std::string& path) {
+    std::string text = read_file(path);
+    std::vector<std::string> lines;
+    size_t i = 0;
+    while (i < text.size()) {
+        size_t j = text.find('\n', i);
+        if (j == std::string::npos) j = text.size();
+        std::string line = text.substr(i, j - i);
+        if (!line.empty() && line.back() == '\r') line.pop_back();
+        lines.push_back(line);
+        i = j + 1;
+    }
+    if (lines.empty()) fail("%s: no prompts (the file is empty)", path.c_str());
+    return lines;
+}
+
 static int run(int argc, char** argv) {
-    std::string model_dir = "runs/default", prompt, tokens_arg, device = "auto";
+    std::string model_dir = "runs/default", prompt, tokens_arg, prompts_file, device = "auto";
     bool has_model = false, has_prompt = false, has_tokens = false, quiet = false;
     long long max_new = 200;
     unsigned long long seed = 1337;
@@ -119,6 +154,8 @@ static int run(int argc, char** argv) {
         } else if (cli.name == "--tokens") {
             tokens_arg = cli_value(cli);
             has_tokens = true;
+        } else if (cli.name == "--prompts-file") {
+            prompts_file = cli_value(cli);
         } else if (cli.name == "--max-new-tokens") {
             max_new = cli_int(cli, 0, 1LL << 40);
         } else if (cli.name == "--temperature") {
@@ -139,69 +176,163 @@ static int run(int argc, char** argv) {
         }
     }
     if (!cli.positional.empty()) fail("unexpected argument '%s' (see --help)", cli.positional[0].c_str());
-    if (has_prompt && has_tokens) fail("give --prompt TEXT or --tokens \"IDS\", not both");
-    if (device == "gpu") fail("--device gpu: the CUDA path is not built yet; use --device cpu (or auto)");
+    if (has_prompt + has_tokens + !prompts_file.empty() > 1) fail("give one of --prompt TEXT, --tokens \"IDS\" or --prompts-file FILE");
+    const bool gpu = device == "gpu" || (device == "auto" && gpu_available());
+    if (device == "gpu" && !gpu_available()) fail("--device gpu: no CUDA device is available");
 
     Model m;
     model_load(m, model_resolve_dir(model_dir, !has_model), nullptr);
     const int V = m.ref.cfg.vocab_size, context = m.ref.cfg.max_position_embeddings;
     const bool token_mode = has_tokens;
 
-    std::vector<int> ids;
+    // the prompts, as token ids
+    std::vector<Sequence> seqs;
     if (token_mode) {
-        ids = parse_token_ids(tokens_arg, V);
+        seqs.push_back({});
+        seqs[0].ids = parse_token_ids(tokens_arg, V);
     } else {
-        if (!has_prompt) prompt = read_stdin();
-        ids = tokenizer_encode(m.tokenizer, prompt);
-        for (size_t i = 0; i < ids.size(); i++)
-            if (ids[i] >= V)
-                fail("prompt: token %d at position %zu is outside the model's vocabulary (%d); the checkpoint needs a "
-                     "tokenizer.bin that matches it",
-                     ids[i], i, V);
+        std::vector<std::string> texts;
+        if (!prompts_file.empty()) texts = read_lines(prompts_file);
+        else texts.push_back(has_prompt ? prompt : read_stdin());
+        for (size_t i = 0; i < texts.size(); i++) {
+            std::string where = prompts_file.empty() ? "prompt" : strfmt("%s: line %zu", prompts_file.c_str(), i + 1);
+            Sequence s;
+            s.text = texts[i];
+            s.ids = tokenizer_encode(m.tokenizer, s.text);
+            for (size_t j = 0; j < s.ids.size(); j++)
+                if (s.ids[j] >= V)
+                    fail("%s: token %d at position %zu is outside the model's vocabulary (%d); the checkpoint needs a "
+                         "tokenizer.bin that matches it",
+                         where.c_str(), s.ids[j], j, V);
+            seqs.push_back(s);
+        }
     }
-    if ((long long)ids.size() > context) fail("prompt is %zu tokens but the model's context is %d", ids.size(), context);
-    bool first = true;
-    if (ids.empty()) {
-        if (V <= 10) fail("an empty prompt starts from token 10 ('\\n'), but the vocabulary has only %d tokens", V);
-        ids.push_back(10);  // the start token is context only; it is not printed
-    } else if (token_mode) {
-        for (int id : ids) emit(m, true, first, id);
-    } else {
-        fwrite(prompt.data(), 1, prompt.size(), stdout);
+    for (size_t i = 0; i < seqs.size(); i++) {
+        Sequence& s = seqs[i];
+        std::string where = prompts_file.empty() ? "prompt" : strfmt("%s: line %zu: prompt", prompts_file.c_str(), i + 1);
+        if ((long long)s.ids.size() > context)
+            fail("%s is %zu tokens but the model's context is %d", where.c_str(), s.ids.size(), context);
+        if (s.ids.empty()) {
+            if (V <= 10) fail("an empty prompt starts from token 10 ('\\n'), but the vocabulary has only %d tokens", V);
+            s.ids.push_back(10);  // the start token is context only; it is not printed
+            s.printed_prompt = false;
+        }
+    }
+    const int n = (int)seqs.size();
+    const bool stream = n == 1;
+    if (stream && seqs[0].printed_prompt) {
+        if (token_mode) {
+            for (size_t i = 0; i < seqs[0].ids.size(); i++) printf(i ? " %d" : "%d", seqs[0].ids[i]);
+        } else {
+            fwrite(seqs[0].text.data(), 1, seqs[0].text.size(), stdout);
+        }
     }
     fflush(stdout);
+    bool first_stream = !(token_mode && seqs[0].printed_prompt);  // no space before the first id printed
 
-    Rng rng{(uint64_t)seed, 0};
+    int max_prompt = 0, prompt_tokens = 0;
+    for (const Sequence& s : seqs) {
+        max_prompt = std::max(max_prompt, (int)s.ids.size());
+        prompt_tokens += (int)s.ids.size();
+    }
+    const int max_len = (int)std::min<long long>(context, max_prompt + max_new);
     const int eot = m.tokenizer.eot_id;
     long long generated = 0;
     double t0 = now_seconds(), first_token_s = 0;
-    bool context_full = false, end_of_text = false;
-    while (generated < max_new) {
-        if ((long long)ids.size() >= context) {
-            context_full = true;
-            break;
+
+    // the decoder: GPU (decode.cuh) or CPU (decode.h), one sequence per batch row
+    GpuDecoder* dec = nullptr;
+    std::vector<DecodeState<float>> cpu(gpu ? 0 : n);
+    std::vector<Rng> rng(n);
+    std::vector<int> next(n, 0);
+    auto sample_cpu = [&](int b, const std::vector<float>& logits) { next[b] = sample_token(logits.data(), V, so, rng[b].uniform()); };
+    if (max_new > 0) {
+        if (gpu) {
+            dec = decoder_create(m, n, max_len, max_prompt);
+            t0 = now_seconds();  // the model upload is not part of time to first token
+            std::vector<std::vector<int>> prompts;
+            for (const Sequence& s : seqs) prompts.push_back(s.ids);
+            decoder_prefill(*dec, prompts);
+            decoder_sample(*dec, so, seed);
+            const int* tok = decoder_tokens(*dec);
+            next.assign(tok, tok + n);
+        } else {
+            for (int b = 0; b < n; b++) {
+                rng[b] = Rng{(uint64_t)seed + b, 0};
+                decode_init(cpu[b], m.ref.cfg, max_len);
+                const std::vector<float>* logits = nullptr;
+                for (int id : seqs[b].ids) logits = &decode_step(m.ref, cpu[b], id);
+                sample_cpu(b, *logits);
+            }
         }
-        const std::vector<float>& logits = model_logits(m, ids);
-        const float* last = logits.data() + (ids.size() - 1) * (size_t)V;
-        int next = sample_token(last, V, so, rng.uniform());
-        if (generated == 0) first_token_s = now_seconds() - t0;
-        generated++;
-        ids.push_back(next);
-        if (next == eot) {
-            if (token_mode) emit(m, true, first, next);  // text mode does not print "<|endoftext|>"
-            end_of_text = true;
-            break;
+        first_token_s = now_seconds() - t0;
+    }
+    // a sequence can take another token while it is shorter than the context
+    for (Sequence& s : seqs) {
+        s.done = max_new == 0 || (int)s.ids.size() >= context;
+        s.context_full = max_new > 0 && s.done;
+    }
+    for (int active = n; active > 0;) {
+        for (int b = 0; b < n; b++) {
+            Sequence& s = seqs[b];
+            if (s.done) continue;
+            const int id = next[b];
+            generated++;
+            s.ids.push_back(id);
+            s.out.push_back(id);
+            if (stream && (id != eot || token_mode)) {  // text mode does not print "<|endoftext|>"
+                emit(m, token_mode, first_stream, id);
+                fflush(stdout);
+            }
+            if (id == eot) s.end_of_text = true;
+            else if ((int)s.ids.size() >= context) s.context_full = true;
+            s.done = s.end_of_text || s.context_full || (long long)s.out.size() >= max_new;
+            if (s.done && dec) decoder_set_active(*dec, b, false);
         }
-        emit(m, token_mode, first, next);
-        fflush(stdout);
+        active = 0;
+        for (const Sequence& s : seqs) active += !s.done;
+        if (active == 0) break;
+        if (dec) {
+            decoder_step(*dec, so, seed, true);
+            const int* tok = decoder_tokens(*dec);
+            next.assign(tok, tok + n);
+        } else {
+            for (int b = 0; b < n; b++)
+                if (!seqs[b].done) sample_cpu(b, decode_step(m.ref, cpu[b], next[b]));
+        }
     }
     double elapsed = now_seconds() - t0;
-    putchar('\n');
+    if (dec) decoder_free(dec);
+    if (stream) {
+        putchar('\n');
+    } else {
+        for (int b = 0; b < n; b++) {
+            const Sequence& s = seqs[b];
+            printf("[%d] ", b);
+            fwrite(s.text.data(), 1, s.text.size(), stdout);
+            bool first = false;
+            for (int id : s.out)
+                if (id != eot) emit(m, false, first, id);
+            putchar('\n');
+        }
+    }
     fflush(stdout);
-    if (context_full) fprintf(stderr, "stopped: the context is full (%d tokens, max_position_embeddings)\n", context);
-    if (!quiet)
-        fprintf(stderr, "generated %lld tokens in %.2f s on the cpu: %.1f tokens/s, time to first token %.3f s%s\n", generated,
-                elapsed, elapsed > 0 ? generated / elapsed : 0.0, first_token_s, end_of_text ? " (stopped at end of text)" : "");
+    int full = 0, ended = 0;
+    for (const Sequence& s : seqs) {
+        full += s.context_full;
+        ended += s.end_of_text;
+    }
+    if (full)
+        fprintf(stderr, "stopped: the context is full (%d tokens, max_position_embeddings)%s\n", context,
+                n > 1 ? strfmt(" for %d of %d sequences", full, n).c_str() : "");
+    if (!quiet) {
+        std::string why = ended == 0 ? "" : n == 1 ? " (stopped at end of text)" : strfmt(" (%d stopped at end of text)", ended);
+        fprintf(stderr,
+                "generated %lld tokens%s in %.2f s on the %s: %.1f tokens/s, time to first token %.3f s (prefill of %d prompt "
+                "tokens)%s\n",
+                generated, n > 1 ? strfmt(" for %d prompts", n).c_str() : "", elapsed, gpu ? "gpu" : "cpu",
+                elapsed > 0 ? generated / elapsed : 0.0, first_token_s, prompt_tokens, why.c_str());
+    }
     return 0;
 }
 

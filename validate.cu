@@ -17,7 +17,10 @@
 //                       expert, variance of load/mean load, max/min ratio; balanced
 //                       when the mean variance < 0.3 and every ratio < 5
 //   4. memory           the MLA latent cache vs an MHA cache of the same model, per
-//                       token and per sequence length (computed from the config);
+//                       token and per sequence length (computed from the config),
+//                       and the bytes per token a real decoder's cache takes (the
+//                       GPU's bf16 cache when the GPU parts run, else the CPU
+//                       reference's fp32 one), which must equal the formula;
 //                       on a GPU also the device memory of the CUDA path for one
 //                       sequence of each length 64..context, measured (cudaMemGetInfo)
 //                       and as the model counts it (model_gpu_bytes): it must grow
@@ -41,6 +44,8 @@
 #include "cli.h"
 #include "common.h"
 #include "fileutil.h"
+#include "decode.cuh"
+#include "decode.h"
 #include "model.h"
 
 static const char* USAGE =
@@ -68,6 +73,23 @@ static const char* USAGE =
     "  --device auto|cpu|gpu  auto (default): the loss on the GPU and the GPU checks when a\n"
     "                         GPU is present; cpu: the CPU reference only, GPU checks skipped\n"
     "  --help                 show this help\n";
+
+// bytes per token of the latent cache a decoder really allocates: the GPU's (bf16)
+// with use_gpu, else the CPU reference's (fp32); bytes_per_value says which
+static size_t measured_kv_bytes(Model& m, bool use_gpu, size_t& bytes_per_value) {
+    if (use_gpu) {
+        GpuDecoder* d = decoder_create(m, 1, std::min(64, m.ref.cfg.max_position_embeddings), 1);
+        const size_t bytes = decoder_cache_bytes_per_token(*d);
+        decoder_free(d);
+        model_free_gpu(m);
+        bytes_per_value = sizeof(bf16);
+        return bytes;
+    }
+    DecodeState<float> s;
+    decode_init(s, m.ref.cfg, 1);
+    bytes_per_value = sizeof(float);
+    return decode_cache_bytes_per_token(s);
+}
 
 // JSON has no inf or nan: they become null
 static std::string jnum(double x) { return std::isfinite(x) ? strfmt("%.9g", x) : "null"; }
@@ -381,13 +403,15 @@ static int run_checks(Model& m, const std::string& model_name, const std::string
 
     // 4. KV-cache memory (bf16), computed from the config
     const int H = c.num_attention_heads;
-    const double mla_per_token = 2.0 * (c.kv_lora_rank + c.qk_rope_head_dim) * L;
-    const double mha_per_token = 2.0 * ((double)H * (c.qk_nope_head_dim + c.qk_rope_head_dim) + (double)H * c.v_head_dim) * L;
+    const double mla_per_token = (double)kv_latent_bytes_per_token(c);
+    const double mha_per_token = (double)kv_mha_bytes_per_token(c);
     std::vector<int> lengths = {64, 128, 256, 512};
     for (long long len = 1024; len <= c.max_position_embeddings; len *= 2) lengths.push_back((int)len);
-    const bool kv_ok = true;  // informational: computed, nothing to fail
-    // and the device memory at each length up to the context, the context included
     const bool gpu = gpu_skipped.empty();
+    size_t kv_value_bytes = 0;
+    const size_t kv_measured = measured_kv_bytes(m, gpu, kv_value_bytes);
+    const bool kv_ok = kv_measured == kv_latent_bytes_per_token(c, kv_value_bytes);
+    // and the device memory at each length up to the context, the context included
     std::vector<DeviceMemory> mem;
     double growth = 1;
     if (gpu) {
@@ -442,7 +466,9 @@ static int run_checks(Model& m, const std::string& model_name, const std::string
                         jnum(u.ratio).c_str(), u.idle);
         }
         s += strfmt("], \"seconds\": %.3f}", util_s);
-        s += ", \"kv_cache\": {\"pass\": " + jbool(kv_ok) + ", \"computed\": true, \"dtype\": \"bf16\"";
+        s += ", \"kv_cache\": {\"pass\": " + jbool(kv_ok) + ", \"dtype\": \"bf16\"";
+        s += strfmt(", \"measured_bytes_per_token\": %zu, \"measured_on\": \"%s\", \"measured_bytes_per_value\": %zu", kv_measured,
+                    gpu ? "gpu" : "cpu", kv_value_bytes);
         s += strfmt(", \"mla_bytes_per_token\": %.0f, \"mha_bytes_per_token\": %.0f, \"ratio\": %s, \"lengths\": [", mla_per_token,
                     mha_per_token, jnum(mha_per_token / mla_per_token).c_str());
         for (size_t i = 0; i < lengths.size(); i++)
@@ -522,7 +548,8 @@ static int run_checks(Model& m, const std::string& model_name, const std::string
     }
 
     printf("\n4. memory                                                       %s\n", status(memory_ok));
-    printf("   computed from the config (bf16 entries, batch 1); the GPU decode path will measure it\n");
+    printf("   measured: the %s decoder's latent cache takes %zu B per token (%zu-byte values)%s\n", gpu ? "GPU" : "CPU", kv_measured,
+           kv_value_bytes, kv_ok ? ", as the formula below says" : ", NOT what the formula below says");
     printf("   per token: MLA latent cache %.0f B = 2*(kv_lora_rank %d + qk_rope_head_dim %d)*%d layers\n", mla_per_token,
            c.kv_lora_rank, c.qk_rope_head_dim, L);
     printf("              MHA cache       %.0f B = 2*(%d heads*(%d+%d) + %d heads*%d)*%d layers; %.2fx the MLA cache\n",
