@@ -57,27 +57,40 @@ inline void decode_cache_write_gpu(bf16* cache, const bf16* kv, const bf16* weig
 // ----------------------------------------------------------------------------
 // Absorbed query: qlat[b, h] = [W_UK_h^T q_nope[b, h] (dc); rope(q_pe[b, h], pos[b]) (dr)]
 // in fp32, with W_UK_h = rows h*(dn+dv) .. h*(dn+dv)+dn-1 of kv_b [H*(dn+dv), dc].
-// Grid (H, ceil(B / DECODE_SEQS)): a block reads W_UK_h once for DECODE_SEQS
-// sequences (thread j owns latent columns j, j+blockDim, ...: coalesced rows).
+// Grid (H, ceil(dc / 64), ceil(B / DECODE_SEQS)), 256 threads: 64 latent columns
+// (coalesced rows of W_UK_h) by 4 groups that each sum every 4th of the dn rows,
+// for DECODE_SEQS sequences at once so W_UK_h is read once per DECODE_SEQS; the 4
+// partial sums are added in group order. Many small blocks: at batch 1 this is a
+// latency-bound product, and one block per head would serialise its loads.
 constexpr int DECODE_SEQS = 8;
 
-static __global__ void decode_absorb_query_kernel(float* qlat, const bf16* q, const bf16* kv_b, const float2* rope_cs, const int* pos,
-                                                  int B, int H, int dn, int dr, int dv, int dc) {
-    extern __shared__ float q_nope[];  // [DECODE_SEQS, dn]
-    const int h = blockIdx.x, b0 = blockIdx.y * DECODE_SEQS, nb = min(DECODE_SEQS, B - b0), dqk = dn + dr, width = dc + dr;
+static __global__ void __launch_bounds__(256)
+    decode_absorb_query_kernel(float* qlat, const bf16* q, const bf16* kv_b, const float2* rope_cs, const int* pos, int B, int H, int dn,
+                               int dr, int dv, int dc) {
+    extern __shared__ float q_nope[];                // [DECODE_SEQS, dn]
+    __shared__ float partial[4][DECODE_SEQS][64];
+    const int h = blockIdx.x, b0 = blockIdx.z * DECODE_SEQS, nb = min(DECODE_SEQS, B - b0), dqk = dn + dr, width = dc + dr;
+    const int col = threadIdx.x % 64, group = threadIdx.x / 64, j = blockIdx.y * 64 + col;
     for (int i = threadIdx.x; i < nb * dn; i += blockDim.x)
         q_nope[i] = __bfloat162float(q[((size_t)(b0 + i / dn) * H + h) * dqk + i % dn]);
     __syncthreads();
     const bf16* w_uk = kv_b + (size_t)h * (dn + dv) * dc;
-    for (int j = threadIdx.x; j < dc; j += blockDim.x) {
-        float acc[DECODE_SEQS] = {};
-        for (int i = 0; i < dn; i++) {
+    float acc[DECODE_SEQS] = {};
+    if (j < dc) {
+#pragma unroll 4
+        for (int i = group; i < dn; i += 4) {
             const float w = __bfloat162float(w_uk[(size_t)i * dc + j]);
 #pragma unroll
             for (int s = 0; s < DECODE_SEQS; s++) acc[s] += q_nope[(s < nb ? s : 0) * dn + i] * w;
         }
-        for (int s = 0; s < nb; s++) qlat[((size_t)(b0 + s) * H + h) * width + j] = acc[s];
     }
+#pragma unroll
+    for (int s = 0; s < DECODE_SEQS; s++) partial[group][s][col] = acc[s];
+    __syncthreads();
+    if (group == 0 && j < dc)
+        for (int s = 0; s < nb; s++)
+            qlat[((size_t)(b0 + s) * H + h) * width + j] = ((partial[0][s][col] + partial[1][s][col]) + partial[2][s][col]) + partial[3][s][col];
+    if (blockIdx.y > 0) return;
     const int half = dr / 2;
     for (int k = threadIdx.x; k < nb * half; k += blockDim.x) {
         const int s = k / half, i = k % half, b = b0 + s;
@@ -92,7 +105,7 @@ static __global__ void decode_absorb_query_kernel(float* qlat, const bf16* q, co
 
 inline void decode_absorb_query_gpu(float* qlat, const bf16* q, const bf16* kv_b, const RopeGpu& rope, const int* pos, int B, int H, int dn,
                                     int dr, int dv, int dc, cudaStream_t stream) {
-    dim3 grid(H, ceil_div(B, DECODE_SEQS));
+    dim3 grid(H, ceil_div(dc, 64), ceil_div(B, DECODE_SEQS));
     decode_absorb_query_kernel<<<grid, 256, DECODE_SEQS * dn * sizeof(float), stream>>>(qlat, q, kv_b, rope.cs, pos, B, H, dn, dr, dv, dc);
     CUDA_LAUNCH_CHECK();
 }
@@ -203,31 +216,33 @@ inline void flash_decode_gpu(float* o_lat, float* part_acc, float2* part_ml, con
 
 // ----------------------------------------------------------------------------
 // W_UV after attention: o[b, h*dv + v] = W_UV_h[v] . o_lat[b, h] (bf16 out), with
-// W_UV_h = rows h*(dn+dv)+dn .. +dv-1 of kv_b. Grid (H, ceil(B / DECODE_SEQS)), one
-// warp per output row v reading W_UV_h[v] once for DECODE_SEQS sequences.
-static __global__ void decode_value_up_kernel(bf16* o, const float* o_lat, const bf16* kv_b, int B, int H, int dn, int dv, int dc) {
+// W_UV_h = rows h*(dn+dv)+dn .. +dv-1 of kv_b. Grid (H, ceil(dv / 8),
+// ceil(B / DECODE_SEQS)), 8 warps: warp w owns output row v = 8 * blockIdx.y + w and
+// reads W_UV_h[v] once for DECODE_SEQS sequences (lanes split the dc columns).
+static __global__ void __launch_bounds__(256)
+    decode_value_up_kernel(bf16* o, const float* o_lat, const bf16* kv_b, int B, int H, int dn, int dv, int dc) {
     extern __shared__ float lat[];  // [DECODE_SEQS, dc]
-    const int h = blockIdx.x, b0 = blockIdx.y * DECODE_SEQS, nb = min(DECODE_SEQS, B - b0);
+    const int h = blockIdx.x, b0 = blockIdx.z * DECODE_SEQS, nb = min(DECODE_SEQS, B - b0);
     for (int i = threadIdx.x; i < nb * dc; i += blockDim.x) lat[i] = o_lat[((size_t)(b0 + i / dc) * H + h) * dc + i % dc];
     __syncthreads();
-    const int lane = threadIdx.x % 32, warps = blockDim.x / 32;
-    for (int v = threadIdx.x / 32; v < dv; v += warps) {
-        const bf16* w = kv_b + ((size_t)h * (dn + dv) + dn + v) * dc;
-        float acc[DECODE_SEQS] = {};
-        for (int j = lane; j < dc; j += 32) {
-            const float wj = __bfloat162float(w[j]);
+    const int lane = threadIdx.x % 32, v = blockIdx.y * 8 + threadIdx.x / 32;
+    if (v >= dv) return;
+    const bf16* w = kv_b + ((size_t)h * (dn + dv) + dn + v) * dc;
+    float acc[DECODE_SEQS] = {};
+#pragma unroll 4
+    for (int j = lane; j < dc; j += 32) {
+        const float wj = __bfloat162float(w[j]);
 #pragma unroll
-            for (int s = 0; s < DECODE_SEQS; s++) acc[s] += wj * lat[(s < nb ? s : 0) * dc + j];
-        }
-        for (int s = 0; s < nb; s++) {
-            const float r = warp_sum(acc[s]);
-            if (lane == 0) o[((size_t)(b0 + s) * H + h) * dv + v] = __float2bfloat16(r);
-        }
+        for (int s = 0; s < DECODE_SEQS; s++) acc[s] += wj * lat[(s < nb ? s : 0) * dc + j];
+    }
+    for (int s = 0; s < nb; s++) {
+        const float r = warp_sum(acc[s]);
+        if (lane == 0) o[((size_t)(b0 + s) * H + h) * dv + v] = __float2bfloat16(r);
     }
 }
 
 inline void decode_value_up_gpu(bf16* o, const float* o_lat, const bf16* kv_b, int B, int H, int dn, int dv, int dc, cudaStream_t stream) {
-    dim3 grid(H, ceil_div(B, DECODE_SEQS));
+    dim3 grid(H, ceil_div(dv, 8), ceil_div(B, DECODE_SEQS));
     decode_value_up_kernel<<<grid, 256, DECODE_SEQS * dc * sizeof(float), stream>>>(o, o_lat, kv_b, B, H, dn, dv, dc);
     CUDA_LAUNCH_CHECK();
 }

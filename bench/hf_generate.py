@@ -16,12 +16,13 @@ Prints one JSON line.
 """
 import argparse
 import json
+import os
 import statistics
 import time
 
 import torch
 import transformers
-from transformers import DeepseekV3ForCausalLM
+from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
 
 
 def cache_bytes(cache):
@@ -56,7 +57,19 @@ def main():
     ap.add_argument("--runs", type=int, default=5)
     args = ap.parse_args()
 
-    model = DeepseekV3ForCausalLM.from_pretrained(args.model, dtype=torch.bfloat16).to("cuda").eval()
+    # our config.json writes integral floats such as routed_scaling_factor 1.0 as 1,
+    # which transformers' strict config dataclass refuses: cast them first
+    with open(os.path.join(args.model, "config.json")) as f:
+        d = json.load(f)
+    for key in ("routed_scaling_factor", "rms_norm_eps", "rope_theta", "attention_dropout", "initializer_range"):
+        if isinstance(d.get(key), int):
+            d[key] = float(d[key])
+    for rope_key in ("rope_scaling", "rope_parameters"):
+        if isinstance(d.get(rope_key), dict):
+            d[rope_key] = {k: float(v) if isinstance(v, int) and k not in ("original_max_position_embeddings",) else v
+                           for k, v in d[rope_key].items()}
+    cfg = DeepseekV3Config.from_dict(d)
+    model = DeepseekV3ForCausalLM.from_pretrained(args.model, config=cfg, dtype=torch.bfloat16).to("cuda").eval()
     V = model.config.vocab_size
     gen = dict(do_sample=False, use_cache=True, pad_token_id=0, eos_token_id=None)
     prefill, ttft, full = [], [], []

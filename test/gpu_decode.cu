@@ -98,7 +98,9 @@ TEST_CASE("GPU decode: prefill + step-by-step logits equal the CPU and GPU full 
         for (int b = 0; b < 2; b++) gpu_full[b] = model_logits(m, seq[b]);
         decoder_prefill(*d, {std::vector<int>(seq[0].begin(), seq[0].begin() + prompt_len[0]),
                              std::vector<int>(seq[1].begin(), seq[1].begin() + prompt_len[1])});
-        double worst_cpu = 0, worst_gpu = 0;
+        // every predicted position of both sequences, gathered as [positions, V]
+        std::vector<float> dec_all, cpu_all, full_all;
+        double worst = 0;
         // step s feeds token prompt_len[b] + s - 1 of each sequence (the logits after
         // prefill are those of the last prompt token); a sequence that reaches T stops
         for (int s = 0;; s++) {
@@ -108,24 +110,33 @@ TEST_CASE("GPU decode: prefill + step-by-step logits equal the CPU and GPU full 
                 const int t = prompt_len[b] + s - 1;  // the position these logits predict from
                 if (t >= T) continue;
                 any = true;
-                worst_cpu = std::max(worst_cpu, rel_err(&logits[(size_t)b * V], &cpu[b][(size_t)t * V], V));
-                worst_gpu = std::max(worst_gpu, rel_err(&logits[(size_t)b * V], &gpu_full[b][(size_t)t * V], V));
+                dec_all.insert(dec_all.end(), &logits[(size_t)b * V], &logits[(size_t)(b + 1) * V]);
+                cpu_all.insert(cpu_all.end(), &cpu[b][(size_t)t * V], &cpu[b][(size_t)(t + 1) * V]);
+                full_all.insert(full_all.end(), &gpu_full[b][(size_t)t * V], &gpu_full[b][(size_t)(t + 1) * V]);
+                worst = std::max(worst, rel_err(&logits[(size_t)b * V], &cpu[b][(size_t)t * V], V));
             }
             if (!any) break;
             std::vector<int> next(2);
             for (int b = 0; b < 2; b++) {
                 const int t = prompt_len[b] + s;
                 next[b] = seq[b][std::min(t, T - 1)];
-                if (t == T - 1 + 1) decoder_set_active(*d, b, false);  // its cache is full
+                if (t == T) decoder_set_active(*d, b, false);  // its cache is full
             }
             CUDA_CHECK(cudaMemcpy(d->tokens, next.data(), 2 * sizeof(int), cudaMemcpyHostToDevice));
             CUDA_CHECK(cudaMemset(d->logits, 0xFF, (size_t)2 * V * sizeof(bf16)));  // poison
             decoder_forward(*d);
             CUDA_CHECK(cudaStreamSynchronize(m.gpu->stream));
         }
-        MESSAGE("variant " << variant << ": decode vs CPU full forward " << worst_cpu << ", vs GPU full forward " << worst_gpu);
-        CHECK(worst_cpu < 2e-2);
-        CHECK(worst_gpu < 2e-2);
+        REQUIRE(dec_all.size() == (size_t)(2 * T - prompt_len[0] - prompt_len[1] + 2) * V);
+        // relative error over the whole logits tensor (SPEC 6); the GPU training
+        // forward's own error against the CPU is the bf16 baseline
+        const double vs_cpu = rel_err(dec_all.data(), cpu_all.data(), dec_all.size());
+        const double vs_full = rel_err(dec_all.data(), full_all.data(), dec_all.size());
+        const double full_vs_cpu = rel_err(full_all.data(), cpu_all.data(), dec_all.size());
+        MESSAGE("variant " << variant << ": decode vs CPU full forward " << vs_cpu << ", vs GPU full forward " << vs_full
+                           << " (GPU full forward vs CPU " << full_vs_cpu << "; worst single position vs CPU " << worst << ")");
+        CHECK(vs_cpu < 2e-2);
+        CHECK(vs_full < 2e-2);
         decoder_free(d);
         model_free_gpu(m);
     }
