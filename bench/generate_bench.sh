@@ -7,10 +7,13 @@
 # runs after a warm-up. The checkpoint is the small preset after one training step
 # (random weights are fine for speed; every sequence generates all its tokens).
 #
-#   bash bench/generate_bench.sh [runs]      (default 5)
+#   bash bench/generate_bench.sh [runs [case ...]]   (default 5 runs, every case;
+#   cases: b1 b32 p1024 b1_nograph)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 runs=${1:-5}
+shift || true
+only=" $* "
 out=${OUT:-bench/out}
 mkdir -p "$out"
 for bin in train data/prepare bench/decode_bench; do [ -x "$bin" ] || make -j16 "$bin" >/dev/null; done
@@ -22,12 +25,15 @@ echo "card: $(nvidia-smi --query-gpu=name --format=csv,noheader | head -1), $(da
 
 # name batch prompt_len new_tokens [--no-graph]
 cases=("b1 1 128 128" "b32 32 128 128" "p1024 1 1024 32" "b1_nograph 1 128 128 --no-graph")
+selected() { [ "$only" = "  " ] || [[ $only == *" $1 "* ]]; }
 for c in "${cases[@]}"; do
     set -- $c
+    selected "$1" || continue
     ./bench/decode_bench --model "$ckpt" --batch "$2" --prompt-len "$3" --new-tokens "$4" --runs "$runs" ${5:-} | tee "$out/ours_$1.json"
 done
 for c in "${cases[@]:0:3}"; do
     set -- $c
+    selected "$1" || continue
     PYTHONUNBUFFERED=1 python3 bench/hf_generate.py --model "$ckpt/checkpoint" --batch "$2" --prompt-len "$3" --new-tokens "$4" \
         --runs "$runs" 2>"$out/hf_$1.err" | tee "$out/hf_$1.json" || { echo "hf $1: failed"; tail -3 "$out/hf_$1.err"; }
 done
