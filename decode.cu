@@ -45,7 +45,8 @@ GpuDecoder* decoder_create(Model& m, int batch, int max_len, int max_prompt) {
     d.gen = decoder_buffer<int>(d, B, "decode state");
     d.active = decoder_buffer<int>(d, B, "decode state");
     CUDA_CHECK(cudaMallocHost(&d.tokens_host, B * sizeof(int)));
-    d.res = decoder_buffer<bf16>(d, (size_t)B * D, "decode activations");
+    d.emb = decoder_buffer<bf16>(d, (size_t)B * D, "decode activations");
+    d.res = decoder_buffer<float>(d, (size_t)B * D, "decode activations");
     d.xn = decoder_buffer<bf16>(d, (size_t)B * D, "decode activations");
     if (qr > 0) {
         d.qa = decoder_buffer<bf16>(d, (size_t)B * qr, "decode activations");
@@ -195,11 +196,13 @@ void decoder_forward(GpuDecoder& d) {
     const int I = c.intermediate_size, MI = c.moe_intermediate_size, SI = c.n_shared_experts * MI, S = B * K;
     const float eps = c.rms_norm_eps;
     cudaStream_t st = g.stream;
-    embedding_forward_gpu(d.res, d.tokens, gpu_tensor(m, "model.embed_tokens.weight").w, B, D, st);
+    embedding_forward_gpu(d.emb, d.tokens, gpu_tensor(m, "model.embed_tokens.weight").w, B, D, st);
     for (int l = 0; l < c.num_hidden_layers; l++) {
         const DecodeLayerWeights& w = d.w[l];
-        // res += the previous layer's FFN output; xn = RMSNorm(res)
-        rmsnorm_residual_forward_gpu(d.res, d.xn, nullptr, d.res, l == 0 ? nullptr : d.ffn_out, w.in_norm, B, D, eps, st);
+        // the fp32 residual stream, as in gpu_forward: res = emb (layer 0) or res +=
+        // the previous layer's FFN output; xn = RMSNorm(res)
+        rmsnorm_residual_forward_gpu<float>(d.res, d.xn, nullptr, l == 0 ? nullptr : d.res, l == 0 ? d.emb : d.ffn_out, w.in_norm, B, D,
+                                            eps, st);
         if (qr > 0) {
             decode_linear(g, d.qa, d.xn, w.q_a, B, D, qr);
             rmsnorm_residual_forward_gpu(nullptr, d.qa_norm, nullptr, d.qa, nullptr, w.q_a_norm, B, qr, eps, st);
@@ -214,7 +217,7 @@ void decoder_forward(GpuDecoder& d) {
         flash_decode_gpu(d.o_lat, d.part_acc, d.part_ml, d.qlat, cache_l, d.pos, B, H, dc, dr, d.max_len, d.splits, g.rope.softmax_scale, st);
         decode_value_up_gpu(d.o, d.o_lat, w.kv_b, B, H, dn, dv, dc, st);
         decode_linear(g, d.attn_out, d.o, w.o_proj, B, H * dv, D);
-        rmsnorm_residual_forward_gpu(d.res, d.xn, nullptr, d.res, d.attn_out, w.post_norm, B, D, eps, st);
+        rmsnorm_residual_forward_gpu<float>(d.res, d.xn, nullptr, d.res, d.attn_out, w.post_norm, B, D, eps, st);
         if (!c.is_moe_layer(l)) {
             decode_linear(g, d.gate_up, d.xn, w.gate_up, B, D, 2 * I);
             swiglu_forward_fused_gpu(d.hidden, d.gate_up, B, I, st);
@@ -236,7 +239,7 @@ void decoder_forward(GpuDecoder& d) {
         }
         moe_combine_forward_gpu(d.ffn_out, d.y_sorted, d.gate, d.slot_row, SI > 0 ? d.shared_out : nullptr, B, K, D, st);
     }
-    rmsnorm_residual_forward_gpu(d.res, d.xn, nullptr, d.res, d.ffn_out, gpu_tensor(m, "model.norm.weight").w, B, D, eps, st);
+    rmsnorm_residual_forward_gpu<float>(d.res, d.xn, nullptr, d.res, d.ffn_out, gpu_tensor(m, "model.norm.weight").w, B, D, eps, st);
     decode_linear(g, d.logits, d.xn, gpu_tensor(m, "lm_head.weight").w, B, D, V);
     decode_advance_kernel<<<ceil_div(B, 256), 256, 0, st>>>(d.pos, d.active, B, d.max_len);
     CUDA_LAUNCH_CHECK();

@@ -506,7 +506,8 @@ struct GpuDecoder {
     size_t cache_bytes;                 // its allocation
     int *tokens, *pos, *gen, *active;   // [batch]: next input, its position, draws, still generating
     int* tokens_host;                   // pinned copy of tokens
-    bf16 *res, *xn, *qa, *qa_norm, *q, *kv, *o, *attn_out, *ffn_out, *logits;  // [batch, *]
+    float* res;                         // [batch, D] the residual stream (fp32, as in gpu_forward)
+    bf16 *emb, *xn, *qa, *qa_norm, *q, *kv, *o, *attn_out, *ffn_out, *logits;  // [batch, *]
     float *qlat, *o_lat, *part_acc;
     float2* part_ml;
     bf16 *gate_up, *hidden;             // dense FFN

@@ -303,7 +303,7 @@ void model_to_gpu(Model& m, int B, int T, bool inference) {
     if (!inference && m.adam_m.size() == P) {
         CUDA_CHECK(cudaMemcpy(g.adam_m, m.adam_m.data(), P * sizeof(float), cudaMemcpyHostToDevice));
         CUDA_CHECK(cudaMemcpy(g.adam_v, m.adam_v.data(), P * sizeof(float), cudaMemcpyHostToDevice));
-    } else {  // weights without a training state: the optimizer starts afresh
+    } else if (!inference) {  // weights without a training state: the optimizer starts afresh
         CUDA_CHECK(cudaMemset(g.adam_m, 0, P * sizeof(float)));
         CUDA_CHECK(cudaMemset(g.adam_v, 0, P * sizeof(float)));
     }
