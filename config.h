@@ -178,20 +178,19 @@ inline std::string config_to_json(const Config& c) {
     s += strfmt("  \"n_group\": %d,\n", c.n_group);
     s += strfmt("  \"topk_group\": %d,\n", c.topk_group);
     s += strfmt("  \"first_k_dense_replace\": %d,\n", c.first_k_dense_replace);
-    s += strfmt("  \"routed_scaling_factor\": %.9g,\n", c.routed_scaling_factor);
+    s += "  \"routed_scaling_factor\": " + json_float(c.routed_scaling_factor) + ",\n";
     s += strfmt("  \"norm_topk_prob\": %s,\n", c.norm_topk_prob ? "true" : "false");
     s += strfmt("  \"scoring_func\": \"%s\",\n", c.scoring_func == SCORING_SIGMOID ? "sigmoid" : "softmax");
     s += "  \"topk_method\": \"noaux_tc\",\n";
     s += "  \"hidden_act\": \"silu\",\n";
-    s += strfmt("  \"rms_norm_eps\": %.9g,\n", c.rms_norm_eps);
-    s += strfmt("  \"rope_theta\": %.9g,\n", c.rope_theta);
+    s += "  \"rms_norm_eps\": " + json_float(c.rms_norm_eps) + ",\n";
+    s += "  \"rope_theta\": " + json_float(c.rope_theta) + ",\n";
     s += "  \"rope_interleave\": true,\n";
     if (c.yarn) {
-        s += strfmt("  \"rope_scaling\": {\"type\": \"yarn\", \"rope_type\": \"yarn\", \"factor\": %.9g, "
-                    "\"original_max_position_embeddings\": %d, \"beta_fast\": %.9g, \"beta_slow\": %.9g, "
-                    "\"mscale\": %.9g, \"mscale_all_dim\": %.9g},\n",
-                    c.yarn_factor, c.yarn_original_max_position_embeddings, c.yarn_beta_fast, c.yarn_beta_slow,
-                    c.yarn_mscale, c.yarn_mscale_all_dim);
+        s += "  \"rope_scaling\": {\"type\": \"yarn\", \"rope_type\": \"yarn\", \"factor\": " + json_float(c.yarn_factor) +
+             strfmt(", \"original_max_position_embeddings\": %d, ", c.yarn_original_max_position_embeddings) +
+             "\"beta_fast\": " + json_float(c.yarn_beta_fast) + ", \"beta_slow\": " + json_float(c.yarn_beta_slow) +
+             ", \"mscale\": " + json_float(c.yarn_mscale) + ", \"mscale_all_dim\": " + json_float(c.yarn_mscale_all_dim) + "},\n";
     } else {
         s += "  \"rope_scaling\": null,\n";
     }

@@ -37,6 +37,15 @@ inline const JsonValue* JsonValue::get(const std::string& key) const {
     return nullptr;
 }
 
+// A float field: %.9g (round-trips a float), with ".0" kept on whole numbers,
+// because readers with typed configs (transformers' strict dataclasses) refuse an
+// integer where a float belongs.
+inline std::string json_float(double v) {
+    std::string s = strfmt("%.9g", v);
+    if (s.find_first_of(".eEn") == std::string::npos) s += ".0";
+    return s;
+}
+
 // A JSON string literal for s. Bytes >= 0x80 pass through, so UTF-8 stays UTF-8.
 inline std::string json_quote(const std::string& s) {
     std::string out = "\"";

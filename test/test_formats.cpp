@@ -427,6 +427,18 @@ TEST_CASE("config: presets and a yarn config survive config.json") {
         parse_ok(json);  // valid JSON on its own
         check_same_config(config_from_json(json, "config.json"), nc.second);
     }
+    // float fields stay floats when they hold whole numbers (transformers refuses
+    // "routed_scaling_factor": 1); ints stay ints
+    std::string mini = config_to_json(config_preset("mini")), y = config_to_json(yarn);
+    CHECK(contains(mini, "\"routed_scaling_factor\": 1.0,"));
+    CHECK(contains(mini, "\"rope_theta\": 10000.0,"));
+    CHECK(contains(mini, "\"hidden_size\": 256,"));
+    CHECK(contains(y, "\"factor\": 4.0,"));
+    CHECK(contains(y, "\"beta_fast\": 32.0,"));
+    CHECK(contains(y, "\"mscale\": 0.707000017,"));
+    CHECK(json_float(1e-6f) == "9.99999997e-07");
+    CHECK(json_float(2.5) == "2.5");
+    CHECK(json_float(-3) == "-3.0");
     CHECK(contains(error_of([] { config_preset("huge"); }), "unknown preset 'huge'"));
 }
 
