@@ -43,7 +43,7 @@ bench/decode_bench: bench/decode_bench.cu model.o decode.o decode.cuh $(HEADERS)
 dev/ref_dump: dev/ref_dump.cu model.o $(HEADERS)
 	$(NVCC) $(FLAGS) $< model.o -o $@ $(LIBS)
 
-test/%.o: test/%.cpp $(HEADERS)
+test/%.o: test/%.cpp $(HEADERS) test/test_configs.h
 	$(NVCC) $(FLAGS) -x cu -c $< -o $@
 
 test/test_cpu: $(TEST_SOURCES:.cpp=.o) model.o
@@ -56,7 +56,7 @@ test: test/test_cpu all
 
 GPU_TEST_SOURCES = $(wildcard test/gpu_*.cu)
 
-test/gpu_%.o: test/gpu_%.cu $(HEADERS) $(wildcard *.cuh)
+test/gpu_%.o: test/gpu_%.cu $(HEADERS) test/test_configs.h $(wildcard *.cuh)
 	$(NVCC) $(FLAGS) -c $< -o $@
 
 test/test_gpu: test/test_main.o $(GPU_TEST_SOURCES:.cu=.o) model.o decode.o

@@ -12,36 +12,9 @@
 
 #include "decode.cuh"
 #include "decode.h"
+#include "test_configs.h"
 
 namespace {
-
-// the tiny preset with every expert chosen (dense routing): bf16 router logits move
-// near-tie expert choices of sparse routing, a jump no tolerance bounds (see
-// gpu_model.cu); variants: q_lora / plain q_proj + softmax scores / YaRN
-Config decode_gpu_config(int variant) {
-    Config c = config_preset("tiny");
-    c.vocab_size = 96;
-    c.moe_intermediate_size = 16;
-    c.n_routed_experts = 4;
-    c.num_experts_per_tok = 4;
-    c.n_group = 2;
-    c.topk_group = 2;
-    if (variant == 1) {
-        c.q_lora_rank = 0;
-        c.scoring_func = SCORING_SOFTMAX;
-        c.n_group = 1;
-        c.topk_group = 1;
-        c.norm_topk_prob = false;
-    }
-    if (variant == 2) {
-        c.yarn = true;
-        c.yarn_factor = 4;
-        c.yarn_original_max_position_embeddings = 16;
-        c.yarn_mscale = 0.707f;
-        c.yarn_mscale_all_dim = 1;
-    }
-    return c;
-}
 
 // O(1) activations, bf16-representable so the CPU and GPU start from the same weights
 void randomise_bf16(Model& m, uint64_t seed) {
@@ -85,7 +58,7 @@ struct DecodeErrors {
 
 DecodeErrors decode_errors(int variant) {
     Model m;
-    model_create(m, decode_gpu_config(variant), 1);
+    model_create(m, dense_routing(tiny_variant(variant, 96)), 1);
     randomise_bf16(m, 50 + variant);
     const int V = m.ref.cfg.vocab_size, T = 40;
     // two sequences of different prompt lengths, decoded side by side

@@ -9,43 +9,13 @@
 #include "cuda_common.cuh"
 #include "fileutil.h"
 #include "model.h"
+#include "test_configs.h"
 
 namespace {
 
-// The tiny preset with every expert chosen for every token (dense routing). bf16
-// router logits move near-tie expert choices, and a flipped choice is a jump no
-// tolerance can bound; with all experts chosen the step is continuous, yet every
-// MoE kernel (router, permutation, grouped GEMMs, combine) still runs. Sparse
-// routing decisions are checked exactly, on fp32 logits, in gpu_moe.cu.
-Config gpu_test_config(int variant) {
-    Config c = config_preset("tiny");
-    c.vocab_size = 96;
-    c.moe_intermediate_size = 16;
-    c.n_routed_experts = 4;
-    c.num_experts_per_tok = 4;
-    c.n_group = 2;
-    c.topk_group = 2;
-    if (variant == 1) {
-        c.q_lora_rank = 0;
-        c.scoring_func = SCORING_SOFTMAX;
-        c.n_group = 1;
-        c.topk_group = 1;
-        c.norm_topk_prob = false;
-    }
-    if (variant == 2) {
-        c.yarn = true;
-        c.yarn_factor = 4;
-        c.yarn_original_max_position_embeddings = 16;
-        c.yarn_mscale = 1;
-        c.yarn_mscale_all_dim = 1;
-    }
-    return c;
-}
-
 // the tiny preset as it is: 8 experts, top-3 within 2 of 4 groups
 Config gpu_sparse_config() {
-    Config c = config_preset("tiny");
-    c.vocab_size = 96;
+    Config c = tiny_variant(0, 96);
     c.moe_intermediate_size = 16;
     return c;
 }
@@ -134,7 +104,7 @@ void compare_one_step(bool check_gradients) {
     for (int run = 0; run < 5; run++) {
         const int variant = run < 3 ? run : 0;
         CAPTURE(run);
-        Config c = gpu_test_config(variant);
+        Config c = dense_routing(tiny_variant(variant, 96));
         std::string data = token_file(dir, 5000, c.vocab_size);
         TrainOptions o = test_options();
         if (run == 3) o.dropout = 0;

@@ -6,30 +6,9 @@
 
 #include "decode.h"
 #include "model.h"
+#include "test_configs.h"
 
 namespace {
-
-// tiny-preset variants covering q_lora / plain q_proj, sigmoid / softmax routing,
-// group-limited top-k, and YaRN with mscale (softmax scale != (dn+dr)^-0.5)
-Config decode_test_config(int variant) {
-    Config c = config_preset("tiny");
-    c.vocab_size = 80;
-    if (variant == 1) {
-        c.q_lora_rank = 0;
-        c.scoring_func = SCORING_SOFTMAX;
-        c.n_group = 1;
-        c.topk_group = 1;
-        c.norm_topk_prob = false;
-    }
-    if (variant == 2) {
-        c.yarn = true;
-        c.yarn_factor = 4;
-        c.yarn_original_max_position_embeddings = 16;
-        c.yarn_mscale = 0.707f;
-        c.yarn_mscale_all_dim = 1;
-    }
-    return c;
-}
 
 // O(1) activations, non-unit norm weights and a non-zero routing bias: HF's
 // init (std 0.02, unit norms) would make attention nearly uniform and hide errors
@@ -62,7 +41,7 @@ TEST_CASE("decode: step-by-step logits equal the full forward at every position"
     for (int variant = 0; variant < 3; variant++) {
         CAPTURE(variant);
         RefModel<float> m;
-        ref_init(m, decode_test_config(variant));
+        ref_init(m, tiny_variant(variant, 80));
         randomise(m, 100 + variant);
         const int T = 40, V = m.cfg.vocab_size;
         std::vector<int> tokens(T);
@@ -119,7 +98,7 @@ TEST_CASE("decode: KV-cache bytes per token") {
     // MHA: 2 bytes * 12 heads * (qk_head_dim 96 + v_head_dim 64) * 12 layers
     CHECK(kv_mha_bytes_per_token(c) == 2u * 12 * (96 + 64) * 12);
     // the CPU cache really holds that many fp32 values per token
-    const Config t = decode_test_config(0);
+    const Config t = tiny_variant(0, 80);
     DecodeState<float> s;
     decode_init(s, t, 16);
     CHECK(decode_cache_bytes_per_token(s) == kv_latent_bytes_per_token(t, sizeof(float)));
@@ -127,7 +106,7 @@ TEST_CASE("decode: KV-cache bytes per token") {
 
 TEST_CASE("decode: greedy generation from the cache equals argmax of the full forward") {
     RefModel<float> m;
-    ref_init(m, decode_test_config(0));
+    ref_init(m, tiny_variant(0, 80));
     randomise(m, 7);
     std::vector<int> ids = {3, 14, 15, 9, 26};
     DecodeState<float> s;
@@ -148,7 +127,7 @@ TEST_CASE("decode: greedy generation from the cache equals argmax of the full fo
 
 TEST_CASE("decode: refuses a full cache, a bad token and a cache beyond the context") {
     RefModel<float> m;
-    ref_init(m, decode_test_config(0));
+    ref_init(m, tiny_variant(0, 80));
     randomise(m, 3);
     DecodeState<float> s;
     decode_init(s, m.cfg, 2);
