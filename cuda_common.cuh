@@ -54,6 +54,26 @@ T* device_alloc(size_t count, const char* what) {
     return (T*)p;
 }
 
+// Device buffers allocated together at start-up and freed together; bytes counts
+// what they hold (the memory a model or decoder reports).
+struct DeviceArena {
+    std::vector<void*> buffers;
+    size_t bytes = 0;
+};
+
+template <typename T>
+T* arena_alloc(DeviceArena& a, size_t count, const char* what) {
+    T* p = device_alloc<T>(count, what);
+    a.buffers.push_back(p);
+    a.bytes += count * sizeof(T);
+    return p;
+}
+
+inline void arena_free(DeviceArena& a) {
+    for (void* p : a.buffers) cudaFree(p);
+    a = DeviceArena{};
+}
+
 // copies host fp32/fp64 values to a device array of T (bf16 or float), converting
 template <typename T, typename H>
 void to_device(T* dst, const H* src, size_t n) {

@@ -6,14 +6,6 @@
 
 #include <algorithm>
 
-template <typename T>
-static T* decoder_buffer(GpuDecoder& d, size_t count, const char* what) {
-    T* p = device_alloc<T>(count, what);
-    d.allocations.push_back(p);
-    d.bytes += count * sizeof(T);
-    return p;
-}
-
 // prompt tokens the prefill runs at once at most (bounds its activation memory)
 constexpr long long PREFILL_TOKENS = 16384;
 
@@ -38,51 +30,51 @@ GpuDecoder* decoder_create(Model& m, int batch, int max_len, int max_prompt) {
     CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
     d.splits = flash_decode_splits(B, H, max_len, sms);
 
-    d.cache = decoder_buffer<bf16>(d, (size_t)c.num_hidden_layers * B * max_len * width, "the latent KV cache");
-    d.cache_bytes = d.bytes;
-    d.tokens = decoder_buffer<int>(d, B, "decode state");
-    d.pos = decoder_buffer<int>(d, B, "decode state");
-    d.gen = decoder_buffer<int>(d, B, "decode state");
-    d.active = decoder_buffer<int>(d, B, "decode state");
+    d.cache = arena_alloc<bf16>(d.arena, (size_t)c.num_hidden_layers * B * max_len * width, "the latent KV cache");
+    d.cache_bytes = d.arena.bytes;
+    d.tokens = arena_alloc<int>(d.arena, B, "decode state");
+    d.pos = arena_alloc<int>(d.arena, B, "decode state");
+    d.gen = arena_alloc<int>(d.arena, B, "decode state");
+    d.active = arena_alloc<int>(d.arena, B, "decode state");
     CUDA_CHECK(cudaMallocHost(&d.tokens_host, B * sizeof(int)));
-    d.emb = decoder_buffer<bf16>(d, (size_t)B * D, "decode activations");
-    d.res = decoder_buffer<float>(d, (size_t)B * D, "decode activations");
-    d.xn = decoder_buffer<bf16>(d, (size_t)B * D, "decode activations");
+    d.emb = arena_alloc<bf16>(d.arena, (size_t)B * D, "decode activations");
+    d.res = arena_alloc<float>(d.arena, (size_t)B * D, "decode activations");
+    d.xn = arena_alloc<bf16>(d.arena, (size_t)B * D, "decode activations");
     if (qr > 0) {
-        d.qa = decoder_buffer<bf16>(d, (size_t)B * qr, "decode activations");
-        d.qa_norm = decoder_buffer<bf16>(d, (size_t)B * qr, "decode activations");
+        d.qa = arena_alloc<bf16>(d.arena, (size_t)B * qr, "decode activations");
+        d.qa_norm = arena_alloc<bf16>(d.arena, (size_t)B * qr, "decode activations");
     }
-    d.q = decoder_buffer<bf16>(d, (size_t)B * H * (dn + dr), "decode activations");
-    d.kv = decoder_buffer<bf16>(d, (size_t)B * width, "decode activations");
-    d.qlat = decoder_buffer<float>(d, (size_t)B * H * width, "decode activations");
-    d.part_acc = decoder_buffer<float>(d, (size_t)B * H * d.splits * dc, "decode activations");
-    d.part_ml = decoder_buffer<float2>(d, (size_t)B * H * d.splits, "decode activations");
-    d.o_lat = decoder_buffer<float>(d, (size_t)B * H * dc, "decode activations");
-    d.o = decoder_buffer<bf16>(d, (size_t)B * H * dv, "decode activations");
-    d.attn_out = decoder_buffer<bf16>(d, (size_t)B * D, "decode activations");
-    d.ffn_out = decoder_buffer<bf16>(d, (size_t)B * D, "decode activations");
-    d.logits = decoder_buffer<bf16>(d, (size_t)B * V, "decode logits");
+    d.q = arena_alloc<bf16>(d.arena, (size_t)B * H * (dn + dr), "decode activations");
+    d.kv = arena_alloc<bf16>(d.arena, (size_t)B * width, "decode activations");
+    d.qlat = arena_alloc<float>(d.arena, (size_t)B * H * width, "decode activations");
+    d.part_acc = arena_alloc<float>(d.arena, (size_t)B * H * d.splits * dc, "decode activations");
+    d.part_ml = arena_alloc<float2>(d.arena, (size_t)B * H * d.splits, "decode activations");
+    d.o_lat = arena_alloc<float>(d.arena, (size_t)B * H * dc, "decode activations");
+    d.o = arena_alloc<bf16>(d.arena, (size_t)B * H * dv, "decode activations");
+    d.attn_out = arena_alloc<bf16>(d.arena, (size_t)B * D, "decode activations");
+    d.ffn_out = arena_alloc<bf16>(d.arena, (size_t)B * D, "decode activations");
+    d.logits = arena_alloc<bf16>(d.arena, (size_t)B * V, "decode logits");
     if (c.first_k_dense_replace > 0 || E == 0) {
-        d.gate_up = decoder_buffer<bf16>(d, (size_t)B * 2 * I, "decode activations");
-        d.hidden = decoder_buffer<bf16>(d, (size_t)B * I, "decode activations");
+        d.gate_up = arena_alloc<bf16>(d.arena, (size_t)B * 2 * I, "decode activations");
+        d.hidden = arena_alloc<bf16>(d.arena, (size_t)B * I, "decode activations");
     }
     if (E > 0) {
-        d.router_logits = decoder_buffer<float>(d, (size_t)B * E, "decode activations");
-        d.scores = decoder_buffer<float>(d, (size_t)B * E, "decode activations");
-        d.gate = decoder_buffer<float>(d, (size_t)B * K, "decode activations");
-        d.expert = decoder_buffer<int>(d, (size_t)B * K, "decode activations");
-        d.offsets = decoder_buffer<int>(d, E + 1, "decode activations");
-        d.slot_row = decoder_buffer<int>(d, S, "decode activations");
-        d.row_slot = decoder_buffer<int>(d, S, "decode activations");
-        d.perm_scratch = decoder_buffer<int>(d, moe_permute_scratch_ints(S, E), "decode activations");
-        d.x_sorted = decoder_buffer<bf16>(d, (size_t)S * D, "decode activations");
-        d.gu_sorted = decoder_buffer<bf16>(d, (size_t)S * 2 * MI, "decode activations");
-        d.h_sorted = decoder_buffer<bf16>(d, (size_t)S * MI, "decode activations");
-        d.y_sorted = decoder_buffer<bf16>(d, (size_t)S * D, "decode activations");
+        d.router_logits = arena_alloc<float>(d.arena, (size_t)B * E, "decode activations");
+        d.scores = arena_alloc<float>(d.arena, (size_t)B * E, "decode activations");
+        d.gate = arena_alloc<float>(d.arena, (size_t)B * K, "decode activations");
+        d.expert = arena_alloc<int>(d.arena, (size_t)B * K, "decode activations");
+        d.offsets = arena_alloc<int>(d.arena, E + 1, "decode activations");
+        d.slot_row = arena_alloc<int>(d.arena, S, "decode activations");
+        d.row_slot = arena_alloc<int>(d.arena, S, "decode activations");
+        d.perm_scratch = arena_alloc<int>(d.arena, moe_permute_scratch_ints(S, E), "decode activations");
+        d.x_sorted = arena_alloc<bf16>(d.arena, (size_t)S * D, "decode activations");
+        d.gu_sorted = arena_alloc<bf16>(d.arena, (size_t)S * 2 * MI, "decode activations");
+        d.h_sorted = arena_alloc<bf16>(d.arena, (size_t)S * MI, "decode activations");
+        d.y_sorted = arena_alloc<bf16>(d.arena, (size_t)S * D, "decode activations");
         if (SI > 0) {
-            d.shared_gu = decoder_buffer<bf16>(d, (size_t)B * 2 * SI, "decode activations");
-            d.shared_h = decoder_buffer<bf16>(d, (size_t)B * SI, "decode activations");
-            d.shared_out = decoder_buffer<bf16>(d, (size_t)B * D, "decode activations");
+            d.shared_gu = arena_alloc<bf16>(d.arena, (size_t)B * 2 * SI, "decode activations");
+            d.shared_h = arena_alloc<bf16>(d.arena, (size_t)B * SI, "decode activations");
+            d.shared_out = arena_alloc<bf16>(d.arena, (size_t)B * D, "decode activations");
         }
     }
     CUDA_CHECK(cudaMemset(d.active, 0, B * sizeof(int)));
@@ -130,7 +122,7 @@ void decoder_free(GpuDecoder* d) {
     if (!d) return;
     CUDA_CHECK(cudaStreamSynchronize(d->m->gpu->stream));
     if (d->graph) cudaGraphExecDestroy(d->graph);
-    for (void* p : d->allocations) cudaFree(p);
+    arena_free(d->arena);
     cudaFreeHost(d->tokens_host);
     delete d;
 }

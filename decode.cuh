@@ -518,8 +518,7 @@ struct GpuDecoder {
     cudaGraphExec_t graph = nullptr;    // forward + sample, captured on the first graph step
     SamplingOptions graph_so;
     uint64_t graph_seed = 0;
-    std::vector<void*> allocations;
-    size_t bytes = 0;                   // the decoder's own device memory
+    DeviceArena arena;                  // the decoder's own device memory
 };
 
 // Sequences of up to max_len tokens (<= max_position_embeddings), prompts of up to

@@ -72,8 +72,7 @@ struct GpuModel {
     float *dgate, *dscores, *router_dlogits;
     void* scratch;
     size_t scratch_bytes;
-    std::vector<void*> allocations;
-    size_t bytes = 0;  // all of the above, plus the cuBLASLt workspace
+    DeviceArena arena;  // all of the above (the cuBLASLt workspace is in mm)
     cudaGraphExec_t graph = nullptr;  // the captured forward + backward of one micro-batch
     GraphKey graph_key;
 };

@@ -254,15 +254,7 @@ std::string model_resolve_dir(const std::string& dir, bool is_default) {
 // (GpuModel) is declared in gpu_model.cuh.
 #include "gpu_model.cuh"
 
-template <typename T>
-static T* gpu_buffer(GpuModel& g, size_t count, const char* what) {
-    T* p = device_alloc<T>(count, what);
-    g.allocations.push_back(p);
-    g.bytes += count * sizeof(T);
-    return p;
-}
-
-size_t model_gpu_bytes(const Model& m) { return m.gpu ? m.gpu->bytes + m.gpu->mm.workspace_bytes : 0; }
+size_t model_gpu_bytes(const Model& m) { return m.gpu ? m.gpu->arena.bytes + m.gpu->mm.workspace_bytes : 0; }
 
 bool gpu_available() {
     int count = 0;
@@ -291,14 +283,14 @@ void model_to_gpu(Model& m, int B, int T, bool inference) {
     CUDA_CHECK(cudaStreamCreate(&g.stream));
     matmul_init(g.mm);
     g.rope = rope_table_upload(m.ref.rope);
-    g.params32 = gpu_buffer<float>(g, P, "fp32 master weights");
+    g.params32 = arena_alloc<float>(g.arena, P, "fp32 master weights");
     if (!inference) {
-        g.grads = gpu_buffer<float>(g, P, "gradients");
-        g.adam_m = gpu_buffer<float>(g, P, "AdamW first moments");
-        g.adam_v = gpu_buffer<float>(g, P, "AdamW second moments");
+        g.grads = arena_alloc<float>(g.arena, P, "gradients");
+        g.adam_m = arena_alloc<float>(g.arena, P, "AdamW first moments");
+        g.adam_v = arena_alloc<float>(g.arena, P, "AdamW second moments");
         CUDA_CHECK(cudaMemset(g.grads, 0, P * sizeof(float)));
     }
-    g.params16 = gpu_buffer<bf16>(g, P, "bf16 weights");
+    g.params16 = arena_alloc<bf16>(g.arena, P, "bf16 weights");
     CUDA_CHECK(cudaMemcpy(g.params32, m.ref.params.data(), P * sizeof(float), cudaMemcpyHostToDevice));
     if (!inference && m.adam_m.size() == P) {
         CUDA_CHECK(cudaMemcpy(g.adam_m, m.adam_m.data(), P * sizeof(float), cudaMemcpyHostToDevice));
@@ -310,113 +302,113 @@ void model_to_gpu(Model& m, int B, int T, bool inference) {
     float_to_bf16_gpu(g.params16, g.params32, P, g.stream);
     std::vector<ParamChunk> chunks = param_chunks(m.ref.layout);
     g.chunks = param_chunks_upload(chunks);
-    g.allocations.push_back(g.chunks);
+    g.arena.buffers.push_back(g.chunks);
     g.num_chunks = (int)chunks.size();
 
     std::vector<size_t> bias_offsets;
     for (int l = 0; l < c.num_hidden_layers; l++)
         if (c.is_moe_layer(l)) bias_offsets.push_back(m.ref.layout.offset_of(strfmt("model.layers.%d.mlp.gate.e_score_correction_bias", l)));
     g.moe_layers = (int)bias_offsets.size();
-    g.bias_offsets = gpu_buffer<size_t>(g, bias_offsets.size(), "expert bias offsets");
+    g.bias_offsets = arena_alloc<size_t>(g.arena, bias_offsets.size(), "expert bias offsets");
     CUDA_CHECK(cudaMemcpy(g.bias_offsets, bias_offsets.data(), bias_offsets.size() * sizeof(size_t), cudaMemcpyHostToDevice));
-    g.load = gpu_buffer<int>(g, (size_t)std::max(1, g.moe_layers) * std::max(1, E), "expert loads");
+    g.load = arena_alloc<int>(g.arena, (size_t)std::max(1, g.moe_layers) * std::max(1, E), "expert loads");
 
     g.layers.resize(c.num_hidden_layers);
     for (int l = 0; l < c.num_hidden_layers; l++) {
         GpuLayer& a = g.layers[l];
         a = GpuLayer{};
-        a.res_in = gpu_buffer<float>(g, (size_t)N * D, "activations");
-        a.xn = gpu_buffer<bf16>(g, (size_t)N * D, "activations");
-        a.rstd1 = gpu_buffer<float>(g, N, "activations");
+        a.res_in = arena_alloc<float>(g.arena, (size_t)N * D, "activations");
+        a.xn = arena_alloc<bf16>(g.arena, (size_t)N * D, "activations");
+        a.rstd1 = arena_alloc<float>(g.arena, N, "activations");
         if (qr > 0) {
-            a.qa = gpu_buffer<bf16>(g, (size_t)N * qr, "activations");
-            a.qa_norm = gpu_buffer<bf16>(g, (size_t)N * qr, "activations");
-            a.qa_rstd = gpu_buffer<float>(g, N, "activations");
+            a.qa = arena_alloc<bf16>(g.arena, (size_t)N * qr, "activations");
+            a.qa_norm = arena_alloc<bf16>(g.arena, (size_t)N * qr, "activations");
+            a.qa_rstd = arena_alloc<float>(g.arena, N, "activations");
         }
-        a.q = gpu_buffer<bf16>(g, (size_t)N * H * dqk, "activations");
-        a.c = gpu_buffer<bf16>(g, (size_t)N * dc, "activations");
-        a.c_norm = gpu_buffer<bf16>(g, (size_t)N * dc, "activations");
-        a.c_rstd = gpu_buffer<float>(g, N, "activations");
-        a.kv_a = gpu_buffer<bf16>(g, (size_t)N * (dc + dr), "activations");
-        a.k = gpu_buffer<bf16>(g, (size_t)N * H * dqk, "activations");
-        a.v = gpu_buffer<bf16>(g, (size_t)N * H * dv, "activations");
-        a.o = gpu_buffer<bf16>(g, (size_t)N * H * dv, "activations");
-        a.lse = gpu_buffer<float>(g, (size_t)N * H, "activations");
-        a.res_mid = gpu_buffer<float>(g, (size_t)N * D, "activations");
-        a.xn2 = gpu_buffer<bf16>(g, (size_t)N * D, "activations");
-        a.rstd2 = gpu_buffer<float>(g, N, "activations");
+        a.q = arena_alloc<bf16>(g.arena, (size_t)N * H * dqk, "activations");
+        a.c = arena_alloc<bf16>(g.arena, (size_t)N * dc, "activations");
+        a.c_norm = arena_alloc<bf16>(g.arena, (size_t)N * dc, "activations");
+        a.c_rstd = arena_alloc<float>(g.arena, N, "activations");
+        a.kv_a = arena_alloc<bf16>(g.arena, (size_t)N * (dc + dr), "activations");
+        a.k = arena_alloc<bf16>(g.arena, (size_t)N * H * dqk, "activations");
+        a.v = arena_alloc<bf16>(g.arena, (size_t)N * H * dv, "activations");
+        a.o = arena_alloc<bf16>(g.arena, (size_t)N * H * dv, "activations");
+        a.lse = arena_alloc<float>(g.arena, (size_t)N * H, "activations");
+        a.res_mid = arena_alloc<float>(g.arena, (size_t)N * D, "activations");
+        a.xn2 = arena_alloc<bf16>(g.arena, (size_t)N * D, "activations");
+        a.rstd2 = arena_alloc<float>(g.arena, N, "activations");
         if (!c.is_moe_layer(l)) {
-            a.gate_up = gpu_buffer<bf16>(g, (size_t)N * 2 * I, "activations");
+            a.gate_up = arena_alloc<bf16>(g.arena, (size_t)N * 2 * I, "activations");
             continue;
         }
-        a.router_logits = gpu_buffer<float>(g, (size_t)N * E, "activations");
-        a.scores = gpu_buffer<float>(g, (size_t)N * E, "activations");
-        a.gate = gpu_buffer<float>(g, (size_t)N * K, "activations");
-        a.frac = gpu_buffer<float>(g, (size_t)B * E, "activations");
-        a.seq_loss = gpu_buffer<float>(g, B, "activations");
-        a.expert = gpu_buffer<int>(g, (size_t)N * K, "activations");
-        a.offsets = gpu_buffer<int>(g, E + 1, "activations");
-        a.slot_row = gpu_buffer<int>(g, S, "activations");
-        a.row_slot = gpu_buffer<int>(g, S, "activations");
-        a.gu_sorted = gpu_buffer<bf16>(g, (size_t)S * 2 * MI, "activations");
-        a.y_sorted = gpu_buffer<bf16>(g, (size_t)S * D, "activations");
+        a.router_logits = arena_alloc<float>(g.arena, (size_t)N * E, "activations");
+        a.scores = arena_alloc<float>(g.arena, (size_t)N * E, "activations");
+        a.gate = arena_alloc<float>(g.arena, (size_t)N * K, "activations");
+        a.frac = arena_alloc<float>(g.arena, (size_t)B * E, "activations");
+        a.seq_loss = arena_alloc<float>(g.arena, B, "activations");
+        a.expert = arena_alloc<int>(g.arena, (size_t)N * K, "activations");
+        a.offsets = arena_alloc<int>(g.arena, E + 1, "activations");
+        a.slot_row = arena_alloc<int>(g.arena, S, "activations");
+        a.row_slot = arena_alloc<int>(g.arena, S, "activations");
+        a.gu_sorted = arena_alloc<bf16>(g.arena, (size_t)S * 2 * MI, "activations");
+        a.y_sorted = arena_alloc<bf16>(g.arena, (size_t)S * D, "activations");
         if (SI > 0) {
-            a.shared_gu = gpu_buffer<bf16>(g, (size_t)N * 2 * SI, "activations");
+            a.shared_gu = arena_alloc<bf16>(g.arena, (size_t)N * 2 * SI, "activations");
         }
     }
-    g.tokens = gpu_buffer<int>(g, N, "tokens");
-    g.targets = gpu_buffer<int>(g, N, "targets");
-    g.emb = gpu_buffer<bf16>(g, (size_t)N * D, "activations");
-    g.h_final = gpu_buffer<float>(g, (size_t)N * D, "activations");
-    g.hn = gpu_buffer<bf16>(g, (size_t)N * D, "activations");
-    g.kv_b = gpu_buffer<bf16>(g, (size_t)N * H * (dn + dv), "activations");
-    g.branch = gpu_buffer<bf16>(g, (size_t)N * D, "activations");
-    if (SI > 0) g.shared_out = gpu_buffer<bf16>(g, (size_t)N * D, "activations");
-    g.hidden = gpu_buffer<bf16>(g, std::max({(size_t)N * I, (size_t)S * MI, (size_t)N * SI}), "activations");
-    if (E > 0) g.x_sorted = gpu_buffer<bf16>(g, (size_t)S * D, "activations");
-    g.hn_rstd = gpu_buffer<float>(g, N, "activations");
-    g.logits = gpu_buffer<bf16>(g, (size_t)N * V, "logits");
-    g.losses = gpu_buffer<float>(g, N, "losses");
-    g.ce_scale = gpu_buffer<float>(g, 1, "scalars");
-    g.step_loss = gpu_buffer<float>(g, 1, "scalars");
-    g.balance_loss = gpu_buffer<float>(g, std::max(1, g.moe_layers), "scalars");
-    g.norm2 = gpu_buffer<float>(g, 1, "scalars");
+    g.tokens = arena_alloc<int>(g.arena, N, "tokens");
+    g.targets = arena_alloc<int>(g.arena, N, "targets");
+    g.emb = arena_alloc<bf16>(g.arena, (size_t)N * D, "activations");
+    g.h_final = arena_alloc<float>(g.arena, (size_t)N * D, "activations");
+    g.hn = arena_alloc<bf16>(g.arena, (size_t)N * D, "activations");
+    g.kv_b = arena_alloc<bf16>(g.arena, (size_t)N * H * (dn + dv), "activations");
+    g.branch = arena_alloc<bf16>(g.arena, (size_t)N * D, "activations");
+    if (SI > 0) g.shared_out = arena_alloc<bf16>(g.arena, (size_t)N * D, "activations");
+    g.hidden = arena_alloc<bf16>(g.arena, std::max({(size_t)N * I, (size_t)S * MI, (size_t)N * SI}), "activations");
+    if (E > 0) g.x_sorted = arena_alloc<bf16>(g.arena, (size_t)S * D, "activations");
+    g.hn_rstd = arena_alloc<float>(g.arena, N, "activations");
+    g.logits = arena_alloc<bf16>(g.arena, (size_t)N * V, "logits");
+    g.losses = arena_alloc<float>(g.arena, N, "losses");
+    g.ce_scale = arena_alloc<float>(g.arena, 1, "scalars");
+    g.step_loss = arena_alloc<float>(g.arena, 1, "scalars");
+    g.balance_loss = arena_alloc<float>(g.arena, std::max(1, g.moe_layers), "scalars");
+    g.norm2 = arena_alloc<float>(g.arena, 1, "scalars");
 
     // backward temporaries (generation needs none)
     if (!inference) {
         const size_t wide = (size_t)N * std::max({D, H * dqk, H * (dn + dv), dc + dr, std::max(qr, 1), 2 * I, 2 * SI});
-        g.dres = gpu_buffer<float>(g, (size_t)N * D, "gradients");
-        g.dbranch = gpu_buffer<bf16>(g, (size_t)N * D, "gradients");
-        g.dxn = gpu_buffer<bf16>(g, (size_t)N * D, "gradients");
-        g.d_o = gpu_buffer<bf16>(g, (size_t)N * H * dv, "gradients");
-        g.dq = gpu_buffer<bf16>(g, (size_t)N * H * dqk, "gradients");
-        g.dk = gpu_buffer<bf16>(g, (size_t)N * H * dqk, "gradients");
-        g.dv = gpu_buffer<bf16>(g, (size_t)N * H * dv, "gradients");
-        g.dkv_b = gpu_buffer<bf16>(g, (size_t)N * H * (dn + dv), "gradients");
-        g.dkv_a = gpu_buffer<bf16>(g, (size_t)N * (dc + dr), "gradients");
-        g.dc_norm = gpu_buffer<bf16>(g, (size_t)N * dc, "gradients");
-        g.dc = gpu_buffer<bf16>(g, (size_t)N * dc, "gradients");
+        g.dres = arena_alloc<float>(g.arena, (size_t)N * D, "gradients");
+        g.dbranch = arena_alloc<bf16>(g.arena, (size_t)N * D, "gradients");
+        g.dxn = arena_alloc<bf16>(g.arena, (size_t)N * D, "gradients");
+        g.d_o = arena_alloc<bf16>(g.arena, (size_t)N * H * dv, "gradients");
+        g.dq = arena_alloc<bf16>(g.arena, (size_t)N * H * dqk, "gradients");
+        g.dk = arena_alloc<bf16>(g.arena, (size_t)N * H * dqk, "gradients");
+        g.dv = arena_alloc<bf16>(g.arena, (size_t)N * H * dv, "gradients");
+        g.dkv_b = arena_alloc<bf16>(g.arena, (size_t)N * H * (dn + dv), "gradients");
+        g.dkv_a = arena_alloc<bf16>(g.arena, (size_t)N * (dc + dr), "gradients");
+        g.dc_norm = arena_alloc<bf16>(g.arena, (size_t)N * dc, "gradients");
+        g.dc = arena_alloc<bf16>(g.arena, (size_t)N * dc, "gradients");
         if (qr > 0) {
-            g.dqa_norm = gpu_buffer<bf16>(g, (size_t)N * qr, "gradients");
-            g.dqa = gpu_buffer<bf16>(g, (size_t)N * qr, "gradients");
+            g.dqa_norm = arena_alloc<bf16>(g.arena, (size_t)N * qr, "gradients");
+            g.dqa = arena_alloc<bf16>(g.arena, (size_t)N * qr, "gradients");
         }
-        g.dgate_up = gpu_buffer<bf16>(g, wide, "gradients");
-        g.dhidden = gpu_buffer<bf16>(g, wide, "gradients");
+        g.dgate_up = arena_alloc<bf16>(g.arena, wide, "gradients");
+        g.dhidden = arena_alloc<bf16>(g.arena, wide, "gradients");
         if (E > 0) {
-            g.dy_sorted = gpu_buffer<bf16>(g, (size_t)S * D, "gradients");
-            g.dh_sorted = gpu_buffer<bf16>(g, (size_t)S * MI, "gradients");
-            g.dgu_sorted = gpu_buffer<bf16>(g, (size_t)S * 2 * MI, "gradients");
-            g.dx_sorted = gpu_buffer<bf16>(g, (size_t)S * D, "gradients");
-            g.dgate = gpu_buffer<float>(g, (size_t)N * K, "gradients");
-            g.dscores = gpu_buffer<float>(g, (size_t)N * E, "gradients");
-            g.router_dlogits = gpu_buffer<float>(g, (size_t)N * E, "gradients");
-            g.router_dlogits16 = gpu_buffer<bf16>(g, (size_t)N * E, "gradients");
+            g.dy_sorted = arena_alloc<bf16>(g.arena, (size_t)S * D, "gradients");
+            g.dh_sorted = arena_alloc<bf16>(g.arena, (size_t)S * MI, "gradients");
+            g.dgu_sorted = arena_alloc<bf16>(g.arena, (size_t)S * 2 * MI, "gradients");
+            g.dx_sorted = arena_alloc<bf16>(g.arena, (size_t)S * D, "gradients");
+            g.dgate = arena_alloc<float>(g.arena, (size_t)N * K, "gradients");
+            g.dscores = arena_alloc<float>(g.arena, (size_t)N * E, "gradients");
+            g.router_dlogits = arena_alloc<float>(g.arena, (size_t)N * E, "gradients");
+            g.router_dlogits16 = arena_alloc<bf16>(g.arena, (size_t)N * E, "gradients");
         }
     }
     g.scratch_bytes = std::max({embedding_backward_scratch_bytes(N, D, V), rmsnorm_backward_scratch_bytes(N, std::max({D, dc, qr})),
                                 grad_norm_scratch_bytes(g.num_chunks), attention_backward_scratch_floats(B, T, H) * sizeof(float),
                                 E > 0 ? moe_permute_scratch_ints(S, E) * sizeof(int) : (size_t)0});
-    g.scratch = gpu_buffer<char>(g, g.scratch_bytes, "scratch");
+    g.scratch = arena_alloc<char>(g.arena, g.scratch_bytes, "scratch");
     CUDA_CHECK(cudaStreamSynchronize(g.stream));
     m.gpu = gp;
 }
@@ -426,7 +418,7 @@ void model_free_gpu(Model& m) {
     GpuModel& g = *m.gpu;
     CUDA_CHECK(cudaStreamSynchronize(g.stream));
     if (g.graph) cudaGraphExecDestroy(g.graph);
-    for (void* p : g.allocations) cudaFree(p);
+    arena_free(g.arena);
     rope_table_free(g.rope);
     matmul_free(g.mm);
     cudaStreamDestroy(g.stream);

@@ -16,28 +16,6 @@
 
 namespace {
 
-// O(1) activations, bf16-representable so the CPU and GPU start from the same weights
-void randomise_bf16(Model& m, uint64_t seed) {
-    for (const TensorSpec& s : m.ref.layout.tensors)
-        for (size_t i = 0; i < s.numel; i++) {
-            const float r = 2 * rng_uniform(seed + s.offset, i) - 1;
-            float v = (float)((s.shape.size() == 2 ? 1.7 / std::sqrt((double)s.shape[1]) : 0.2) * r);
-            if (s.kind == TENSOR_NO_DECAY) v += 1;
-            if (s.kind == TENSOR_BUFFER) v = 0.02f * r;
-            else v = bf16_to_float(float_to_bf16(v));
-            m.ref.params[s.offset + i] = v;
-        }
-}
-
-double rel_err(const float* a, const float* b, size_t n) {
-    double diff = 0, ref = 0;
-    for (size_t i = 0; i < n; i++) {
-        diff += ((double)a[i] - b[i]) * ((double)a[i] - b[i]);
-        ref += (double)b[i] * b[i];
-    }
-    return std::isfinite(diff) ? std::sqrt(diff / ref) : INFINITY;
-}
-
 std::vector<float> random_values(size_t n, uint64_t key, float scale, bool bf16_round) {
     std::vector<float> v(n);
     for (size_t i = 0; i < n; i++) {
@@ -59,7 +37,7 @@ struct DecodeErrors {
 DecodeErrors decode_errors(int variant) {
     Model m;
     model_create(m, dense_routing(tiny_variant(variant, 96)), 1);
-    randomise_bf16(m, 50 + variant);
+    randomise_weights(m.ref, 50 + variant, true);
     const int V = m.ref.cfg.vocab_size, T = 40;
     // two sequences of different prompt lengths, decoded side by side
     const int prompt_len[2] = {5, 11};
@@ -90,7 +68,7 @@ DecodeErrors decode_errors(int variant) {
             dec_all.insert(dec_all.end(), &logits[(size_t)b * V], &logits[(size_t)(b + 1) * V]);
             cpu_all.insert(cpu_all.end(), &cpu[b][(size_t)t * V], &cpu[b][(size_t)(t + 1) * V]);
             full_all.insert(full_all.end(), &gpu_full[b][(size_t)t * V], &gpu_full[b][(size_t)(t + 1) * V]);
-            worst = std::max(worst, rel_err(&logits[(size_t)b * V], &cpu[b][(size_t)t * V], V));
+            worst = std::max(worst, rel_error(&logits[(size_t)b * V], &cpu[b][(size_t)t * V], V));
         }
         if (!any) break;
         std::vector<int> next(2);
@@ -107,9 +85,9 @@ DecodeErrors decode_errors(int variant) {
     REQUIRE(dec_all.size() == (size_t)(2 * T - prompt_len[0] - prompt_len[1] + 2) * V);
     // relative error over the whole logits tensor (SPEC 6); the GPU training
     // forward's own error against the CPU is the bf16 baseline
-    const double vs_cpu = rel_err(dec_all.data(), cpu_all.data(), dec_all.size());
-    const double vs_full = rel_err(dec_all.data(), full_all.data(), dec_all.size());
-    const double full_vs_cpu = rel_err(full_all.data(), cpu_all.data(), dec_all.size());
+    const double vs_cpu = rel_error(dec_all.data(), cpu_all.data(), dec_all.size());
+    const double vs_full = rel_error(dec_all.data(), full_all.data(), dec_all.size());
+    const double full_vs_cpu = rel_error(full_all.data(), cpu_all.data(), dec_all.size());
     MESSAGE("variant " << variant << ": decode vs CPU full forward " << vs_cpu << ", vs GPU full forward " << vs_full
                        << " (GPU full forward vs CPU " << full_vs_cpu << "; worst single position vs CPU " << worst << ")");
     decoder_free(d);
@@ -176,7 +154,7 @@ TEST_CASE("GPU decode: flash decoding over a long cache split across blocks equa
         CUDA_CHECK(cudaMemset(d_out, 0xFF, ref.size() * sizeof(float)));
         flash_decode_gpu(d_out, d_acc, d_ml, d_q, d_cache, d_pos, B, H, dc, dr, max_len, splits, scale, 0);
         std::vector<float> out = to_host(d_out, ref.size());
-        const double err = rel_err(out.data(), ref32.data(), out.size());
+        const double err = rel_error(out.data(), ref32.data(), out.size());
         MESSAGE("flash decoding, " << splits << " splits: relative error " << err);
         CHECK(err < 1e-5);
     }
@@ -298,7 +276,7 @@ TEST_CASE("GPU decode: the CUDA-graph step equals the plain step, with sparse ro
     c.vocab_size = 96;
     Model m;
     model_create(m, c, 1);
-    randomise_bf16(m, 77);
+    randomise_weights(m.ref, 77, true);
     const std::vector<std::vector<int>> prompts = {{1, 2, 3}, {4, 5, 6, 7, 8, 9}, {10}};
     SamplingOptions so;
     so.temperature = 0.9f;

@@ -20,31 +20,6 @@ Config gpu_sparse_config() {
     return c;
 }
 
-// weights with O(1) activations and non-unit norms, so bf16 errors show up
-void randomise(Model& m, uint64_t seed) {
-    for (const TensorSpec& s : m.ref.layout.tensors) {
-        double scale = s.shape.size() == 2 ? 1.7 / std::sqrt((double)s.shape[1]) : 0.2;
-        for (size_t i = 0; i < s.numel; i++) {
-            float r = 2 * rng_uniform(seed + s.offset, i) - 1;
-            float v = (float)(scale * r);
-            if (s.kind == TENSOR_NO_DECAY) v += 1;
-            if (s.kind == TENSOR_BUFFER) v = 0.02f * r;
-            // bf16-representable, so both paths start from the very same weights
-            else v = bf16_to_float(float_to_bf16(v));
-            m.ref.params[s.offset + i] = v;
-        }
-    }
-}
-
-double rel_error(const float* a, const float* b, size_t n) {
-    double diff = 0, ref = 0;
-    for (size_t i = 0; i < n; i++) {
-        diff += ((double)a[i] - b[i]) * ((double)a[i] - b[i]);
-        ref += (double)b[i] * b[i];
-    }
-    return ref > 0 ? std::sqrt(diff / ref) : std::sqrt(diff);
-}
-
 std::string token_file(const std::string& dir, int n, int vocab) {
     std::vector<int> t(n);
     for (int i = 0; i < n; i++) t[i] = (i % 5 == 2) ? (int)(rng_hash(31, i) % vocab) : (i * 7) % 13 + 3;
@@ -111,7 +86,7 @@ void compare_one_step(bool check_gradients) {
         if (run == 4) o.grad_accum = 1, o.balance_alpha = 0, o.dropout = 0;
         Model cpu, gpu;
         model_create(cpu, c, 5);
-        randomise(cpu, 100 + variant);
+        randomise_weights(cpu.ref, 100 + variant, true);
         model_create(gpu, c, 5);
         gpu.ref.params = cpu.ref.params;
         const std::vector<float> before = cpu.ref.params;
@@ -190,7 +165,7 @@ TEST_CASE("with sparse routing the GPU step's losses match the CPU reference") {
     TrainOptions o = test_options();
     Model cpu, gpu;
     model_create(cpu, c, 5);
-    randomise(cpu, 200);
+    randomise_weights(cpu.ref, 200, true);
     model_create(gpu, c, 5);
     gpu.ref.params = cpu.ref.params;
     model_to_gpu(gpu, o.batch_size, o.seq_len);
@@ -223,7 +198,7 @@ TEST_CASE("CUDA-graph training steps equal kernel-by-kernel steps bit for bit") 
     DataLoader de, dg;
     for (Model* m : {&eager, &graphed}) {
         model_create(*m, c, 11);
-        randomise(*m, 300);
+        randomise_weights(m->ref, 300, true);
         model_to_gpu(*m, o.batch_size, o.seq_len);
     }
     dataloader_open(de, data, o.batch_size, o.seq_len, c.vocab_size);

@@ -1,9 +1,13 @@
-// test_configs.h — model configurations shared by the test suites: the tiny preset
-// in three variants that between them take every MLA and routing branch, and the
-// dense-routing form the GPU-vs-CPU comparisons of whole models use.
+// test_configs.h — what the model-level test suites share: the tiny preset in
+// three variants that between them take every MLA and routing branch, the
+// dense-routing form the GPU-vs-CPU comparisons of whole models use, the random
+// weights they run on, and the relative error they measure.
 #pragma once
 
+#include <cmath>
+
 #include "config.h"
+#include "reference.h"
 
 // 0: q_lora, sigmoid scores in 4 groups (top-3 within 2 groups), norm_topk_prob;
 // 1: plain q_proj, softmax scores, one group, no normalisation of the top-k;
@@ -40,4 +44,35 @@ inline Config dense_routing(Config c) {
     c.num_experts_per_tok = 4;
     if (c.n_group > 1) c.n_group = 2, c.topk_group = 2;
     return c;
+}
+
+// Weights with O(1) activations, non-unit norm weights and a non-zero routing bias:
+// HF's init (std 0.02, unit norms) would make attention nearly uniform and hide
+// errors. bf16_exact rounds every trainable weight to a bf16 value, so the CPU and
+// GPU paths start from the very same weights.
+template <typename T>
+void randomise_weights(RefModel<T>& m, uint64_t seed, bool bf16_exact) {
+    for (const TensorSpec& s : m.layout.tensors) {
+        const double scale = s.shape.size() == 2 ? 1.7 / std::sqrt((double)s.shape[1]) : 0.2;
+        for (size_t i = 0; i < s.numel; i++) {
+            const double r = 2 * rng_uniform(seed + s.offset, i) - 1;
+            T v = (T)(scale * r);
+            if (s.kind == TENSOR_NO_DECAY) v += 1;
+            if (s.kind == TENSOR_BUFFER) v = (T)(0.02 * r);
+            else if (bf16_exact) v = (T)bf16_to_float(float_to_bf16((float)v));
+            m.params[s.offset + i] = v;
+        }
+    }
+}
+
+// ||a - b|| / ||b|| over n values; infinite when a holds a NaN or an infinity
+template <typename T>
+double rel_error(const T* a, const T* b, size_t n) {
+    double diff = 0, ref = 0;
+    for (size_t i = 0; i < n; i++) {
+        diff += ((double)a[i] - b[i]) * ((double)a[i] - b[i]);
+        ref += (double)b[i] * b[i];
+    }
+    if (!std::isfinite(diff)) return INFINITY;
+    return ref > 0 ? std::sqrt(diff / ref) : std::sqrt(diff);
 }

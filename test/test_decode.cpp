@@ -8,41 +8,12 @@
 #include "model.h"
 #include "test_configs.h"
 
-namespace {
-
-// O(1) activations, non-unit norm weights and a non-zero routing bias: HF's
-// init (std 0.02, unit norms) would make attention nearly uniform and hide errors
-template <typename T>
-void randomise(RefModel<T>& m, uint64_t seed) {
-    for (const TensorSpec& s : m.layout.tensors)
-        for (size_t i = 0; i < s.numel; i++) {
-            double r = 2 * rng_uniform(seed + s.offset, i) - 1;
-            double scale = s.shape.size() == 2 ? 1.7 / std::sqrt((double)s.shape[1]) : 0.2;
-            T v = (T)(scale * r);
-            if (s.kind == TENSOR_NO_DECAY) v += 1;
-            if (s.kind == TENSOR_BUFFER) v = (T)(0.02 * r);
-            m.params[s.offset + i] = v;
-        }
-}
-
-template <typename T>
-double rel_error(const T* a, const T* b, size_t n) {
-    double diff = 0, ref = 0;
-    for (size_t i = 0; i < n; i++) {
-        diff += ((double)a[i] - b[i]) * ((double)a[i] - b[i]);
-        ref += (double)b[i] * b[i];
-    }
-    return std::sqrt(diff / ref);
-}
-
-}  // namespace
-
 TEST_CASE("decode: step-by-step logits equal the full forward at every position") {
     for (int variant = 0; variant < 3; variant++) {
         CAPTURE(variant);
         RefModel<float> m;
         ref_init(m, tiny_variant(variant, 80));
-        randomise(m, 100 + variant);
+        randomise_weights(m, 100 + variant, false);
         const int T = 40, V = m.cfg.vocab_size;
         std::vector<int> tokens(T);
         for (int t = 0; t < T; t++) tokens[t] = (int)(rng_hash(7 + variant, t) % V);
@@ -107,7 +78,7 @@ TEST_CASE("decode: KV-cache bytes per token") {
 TEST_CASE("decode: greedy generation from the cache equals argmax of the full forward") {
     RefModel<float> m;
     ref_init(m, tiny_variant(0, 80));
-    randomise(m, 7);
+    randomise_weights(m, 7, false);
     std::vector<int> ids = {3, 14, 15, 9, 26};
     DecodeState<float> s;
     decode_init(s, m.cfg, 20);
@@ -128,7 +99,7 @@ TEST_CASE("decode: greedy generation from the cache equals argmax of the full fo
 TEST_CASE("decode: refuses a full cache, a bad token and a cache beyond the context") {
     RefModel<float> m;
     ref_init(m, tiny_variant(0, 80));
-    randomise(m, 3);
+    randomise_weights(m, 3, false);
     DecodeState<float> s;
     decode_init(s, m.cfg, 2);
     decode_step(m, s, 1);
