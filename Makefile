@@ -20,33 +20,39 @@ TEST_SOURCES = $(wildcard test/test_*.cpp)
 
 all: $(BINARIES)
 
+# the model (model.cu: CPU and GPU paths; checkpoint.cpp) and the GPU decoder (decode.cu)
+MODEL = model.o checkpoint.o
+
 model.o: model.cu $(HEADERS) gpu_model.cuh cuda_common.cuh kernels.cuh mla.cuh moe.cuh
+	$(NVCC) $(FLAGS) -c $< -o $@
+
+checkpoint.o: checkpoint.cpp $(HEADERS)
 	$(NVCC) $(FLAGS) -c $< -o $@
 
 decode.o: decode.cu decode.cuh $(HEADERS) gpu_model.cuh cuda_common.cuh kernels.cuh mla.cuh moe.cuh
 	$(NVCC) $(FLAGS) -c $< -o $@
 
-train: train.cu model.o $(HEADERS)
-	$(NVCC) $(FLAGS) $< model.o -o $@ $(LIBS)
+train: train.cu $(MODEL) $(HEADERS)
+	$(NVCC) $(FLAGS) $< $(MODEL) -o $@ $(LIBS)
 
-generate validate: %: %.cu model.o decode.o decode.cuh $(HEADERS)
-	$(NVCC) $(FLAGS) $< model.o decode.o -o $@ $(LIBS)
+generate validate: %: %.cu $(MODEL) decode.o $(HEADERS)
+	$(NVCC) $(FLAGS) $< $(MODEL) decode.o -o $@ $(LIBS)
 
 data/prepare: data/prepare.cu $(HEADERS)
 	$(NVCC) $(FLAGS) $< -o $@ $(LIBS)
 
 # the generation benchmark (bench/generate_bench.sh runs it on the device machine)
-bench/decode_bench: bench/decode_bench.cu model.o decode.o decode.cuh $(HEADERS)
-	$(NVCC) $(FLAGS) $< model.o decode.o -o $@ $(LIBS)
+bench/decode_bench: bench/decode_bench.cu $(MODEL) decode.o $(HEADERS)
+	$(NVCC) $(FLAGS) $< $(MODEL) decode.o -o $@ $(LIBS)
 
 # dev tools for the PyTorch comparisons (dev/*.py run them on the device machine)
-dev/ref_dump: dev/ref_dump.cu model.o $(HEADERS)
-	$(NVCC) $(FLAGS) $< model.o -o $@ $(LIBS)
+dev/ref_dump: dev/ref_dump.cu $(MODEL) $(HEADERS)
+	$(NVCC) $(FLAGS) $< $(MODEL) -o $@ $(LIBS)
 
 test/%.o: test/%.cpp $(HEADERS) test/test_configs.h
 	$(NVCC) $(FLAGS) -x cu -c $< -o $@
 
-test/test_cpu: $(TEST_SOURCES:.cpp=.o) model.o
+test/test_cpu: $(TEST_SOURCES:.cpp=.o) $(MODEL)
 	$(NVCC) $(FLAGS) $^ -o $@ $(LIBS)
 
 # passive OpenMP waiting keeps the many short parallel regions fast on a busy machine
@@ -59,7 +65,7 @@ GPU_TEST_SOURCES = $(wildcard test/gpu_*.cu)
 test/gpu_%.o: test/gpu_%.cu $(HEADERS) test/test_configs.h $(wildcard *.cuh)
 	$(NVCC) $(FLAGS) -c $< -o $@
 
-test/test_gpu: test/test_main.o $(GPU_TEST_SOURCES:.cu=.o) model.o decode.o
+test/test_gpu: test/test_main.o $(GPU_TEST_SOURCES:.cu=.o) $(MODEL) decode.o
 	$(NVCC) $(FLAGS) $^ -o $@ $(LIBS)
 
 test-gpu: test/test_gpu
@@ -69,4 +75,4 @@ data: data/prepare
 	./data/prepare --default --out data/default --vocab 1024
 
 clean:
-	rm -f $(BINARIES) dev/ref_dump bench/decode_bench model.o decode.o test/*.o test/test_cpu test/test_gpu
+	rm -f $(BINARIES) dev/ref_dump bench/decode_bench $(MODEL) decode.o test/*.o test/test_cpu test/test_gpu

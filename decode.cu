@@ -1,4 +1,4 @@
-// decode.cu — the GPU decoder declared in decode.cuh: prefill through the training
+// decode.cu — the GPU decoder of decode.h (kernels in decode.cuh): prefill through the training
 // forward (gpu_forward), then one token per sequence per step with the absorbed MLA
 // form over the bf16 latent cache, GPU sampling, and the step captured in a CUDA
 // graph (it is launch-bound: ~20 kernels and GEMMs per layer for a handful of rows).
@@ -54,27 +54,26 @@ GpuDecoder* decoder_create(Model& m, int batch, int max_len, int max_prompt) {
     d.attn_out = arena_alloc<bf16>(d.arena, (size_t)B * D, "decode activations");
     d.ffn_out = arena_alloc<bf16>(d.arena, (size_t)B * D, "decode activations");
     d.logits = arena_alloc<bf16>(d.arena, (size_t)B * V, "decode logits");
-    if (c.first_k_dense_replace > 0 || E == 0) {
-        d.gate_up = arena_alloc<bf16>(d.arena, (size_t)B * 2 * I, "decode activations");
-        d.hidden = arena_alloc<bf16>(d.arena, (size_t)B * I, "decode activations");
-    }
+    auto acts = [&](size_t n) { return arena_alloc<bf16>(d.arena, n, "decode activations"); };
+    bf16* hidden = acts(std::max({(size_t)B * I, (size_t)S * MI, (size_t)B * SI}));
+    if (c.first_k_dense_replace > 0 || E == 0) d.ffn = FfnActsGpu{acts((size_t)B * 2 * I), hidden, nullptr, nullptr};
     if (E > 0) {
-        d.router_logits = arena_alloc<float>(d.arena, (size_t)B * E, "decode activations");
-        d.scores = arena_alloc<float>(d.arena, (size_t)B * E, "decode activations");
-        d.gate = arena_alloc<float>(d.arena, (size_t)B * K, "decode activations");
-        d.expert = arena_alloc<int>(d.arena, (size_t)B * K, "decode activations");
-        d.offsets = arena_alloc<int>(d.arena, E + 1, "decode activations");
-        d.slot_row = arena_alloc<int>(d.arena, S, "decode activations");
-        d.row_slot = arena_alloc<int>(d.arena, S, "decode activations");
-        d.perm_scratch = arena_alloc<int>(d.arena, moe_permute_scratch_ints(S, E), "decode activations");
-        d.x_sorted = arena_alloc<bf16>(d.arena, (size_t)S * D, "decode activations");
-        d.gu_sorted = arena_alloc<bf16>(d.arena, (size_t)S * 2 * MI, "decode activations");
-        d.h_sorted = arena_alloc<bf16>(d.arena, (size_t)S * MI, "decode activations");
-        d.y_sorted = arena_alloc<bf16>(d.arena, (size_t)S * D, "decode activations");
+        MoeActsGpu& a = d.moe;
+        a.router_logits = arena_alloc<float>(d.arena, (size_t)B * E, "decode activations");
+        a.scores = arena_alloc<float>(d.arena, (size_t)B * E, "decode activations");
+        a.gate = arena_alloc<float>(d.arena, (size_t)B * K, "decode activations");
+        a.expert = arena_alloc<int>(d.arena, (size_t)B * K, "decode activations");
+        a.offsets = arena_alloc<int>(d.arena, E + 1, "decode activations");
+        a.slot_row = arena_alloc<int>(d.arena, S, "decode activations");
+        a.row_slot = arena_alloc<int>(d.arena, S, "decode activations");
+        a.permute_scratch = arena_alloc<int>(d.arena, moe_permute_scratch_ints(S, E), "decode activations");
+        a.x_sorted = acts((size_t)S * D);
+        a.gu_sorted = acts((size_t)S * 2 * MI);
+        a.hidden = hidden;
+        a.y_sorted = acts((size_t)S * D);
         if (SI > 0) {
-            d.shared_gu = arena_alloc<bf16>(d.arena, (size_t)B * 2 * SI, "decode activations");
-            d.shared_h = arena_alloc<bf16>(d.arena, (size_t)B * SI, "decode activations");
-            d.shared_out = arena_alloc<bf16>(d.arena, (size_t)B * D, "decode activations");
+            a.shared = FfnActsGpu{acts((size_t)B * 2 * SI), hidden, nullptr, nullptr};
+            a.shared_out = acts((size_t)B * D);
         }
     }
     CUDA_CHECK(cudaMemset(d.active, 0, B * sizeof(int)));
@@ -82,45 +81,12 @@ GpuDecoder* decoder_create(Model& m, int batch, int max_len, int max_prompt) {
     CUDA_CHECK(cudaMemset(d.gen, 0, B * sizeof(int)));
     CUDA_CHECK(cudaMemset(d.tokens, 0, B * sizeof(int)));
 
-    // weight pointers, looked up by name once
-    auto w = [&](const std::string& name) { return (const bf16*)gpu_tensor(m, name).w; };
-    for (int l = 0; l < c.num_hidden_layers; l++) {
-        const std::string p = strfmt("model.layers.%d.", l), a = p + "self_attn.";
-        DecodeLayerWeights x = {};
-        x.in_norm = w(p + "input_layernorm.weight");
-        if (qr > 0) {
-            x.q_a = w(a + "q_a_proj.weight");
-            x.q_a_norm = w(a + "q_a_layernorm.weight");
-            x.q_b = w(a + "q_b_proj.weight");
-        } else {
-            x.q_proj = w(a + "q_proj.weight");
-        }
-        x.kv_a = w(a + "kv_a_proj_with_mqa.weight");
-        x.kv_a_norm = w(a + "kv_a_layernorm.weight");
-        x.kv_b = w(a + "kv_b_proj.weight");
-        x.o_proj = w(a + "o_proj.weight");
-        x.post_norm = w(p + "post_attention_layernorm.weight");
-        if (!c.is_moe_layer(l)) {
-            x.gate_up = w(p + "mlp.gate_proj.weight");  // up_proj follows: one [2I, D] matrix
-            x.down = w(p + "mlp.down_proj.weight");
-        } else {
-            x.router = w(p + "mlp.gate.weight");
-            x.bias = m.gpu->params32 + m.ref.layout.offset_of(p + "mlp.gate.e_score_correction_bias");
-            x.expert_gate_up = w(p + "mlp.experts.0.gate_proj.weight");
-            x.expert_down = w(p + "mlp.experts.0.down_proj.weight");
-            if (SI > 0) {
-                x.shared_gate_up = w(p + "mlp.shared_experts.gate_proj.weight");
-                x.shared_down = w(p + "mlp.shared_experts.down_proj.weight");
-            }
-        }
-        d.w.push_back(x);
-    }
     return dp;
 }
 
 void decoder_free(GpuDecoder* d) {
     if (!d) return;
-    CUDA_CHECK(cudaStreamSynchronize(d->m->gpu->stream));
+    CUDA_CHECK(cudaStreamSynchronize(d->m->gpu->ctx.stream));
     if (d->graph) cudaGraphExecDestroy(d->graph);
     arena_free(d->arena);
     cudaFreeHost(d->tokens_host);
@@ -131,143 +97,129 @@ size_t decoder_cache_bytes_per_token(const GpuDecoder& d) { return d.cache_bytes
 
 void decoder_prefill(GpuDecoder& d, const std::vector<std::vector<int>>& prompts) {
     Model& m = *d.m;
-    GpuModel& g = *m.gpu;
+    GpuModel& gpu = *m.gpu;
     const Config& c = m.ref.cfg;
     const int n = (int)prompts.size(), V = c.vocab_size, dc = c.kv_lora_rank, dr = c.qk_rope_head_dim;
     if (n < 1 || n > d.batch) fail("decode: %d prompts for a batch of %d", n, d.batch);
     int T = 0;
     for (const std::vector<int>& p : prompts) {
         if (p.empty() || (int)p.size() > d.max_len) fail("decode: a prompt of %zu tokens is outside 1..%d", p.size(), d.max_len);
-        if ((int)p.size() > g.N) fail("decode: a prompt of %zu tokens exceeds the GPU buffers (%d tokens)", p.size(), g.N);
+        if ((int)p.size() > gpu.N) fail("decode: a prompt of %zu tokens exceeds the GPU buffers (%d tokens)", p.size(), gpu.N);
         for (int id : p)
             if (id < 0 || id >= V) fail("decode: token id %d is outside the vocabulary (%d)", id, V);
         T = std::max(T, (int)p.size());
     }
     // right padding: causal attention never lets a real position see the padding,
     // and decode overwrites the padded cache rows before it attends to them
-    const int rows = std::max(1, std::min(n, g.N / T));
+    const int rows = std::max(1, std::min(n, gpu.N / T));
     std::vector<int> pos(d.batch, 0), active(d.batch, 0);
     for (int b0 = 0; b0 < n; b0 += rows) {
         const int r = std::min(rows, n - b0);
         std::vector<int> tokens((size_t)r * T, 0), targets((size_t)r * T, -1);
         for (int i = 0; i < r; i++) std::copy(prompts[b0 + i].begin(), prompts[b0 + i].end(), tokens.begin() + (size_t)i * T);
-        CUDA_CHECK(cudaMemcpyAsync(g.tokens, tokens.data(), tokens.size() * sizeof(int), cudaMemcpyHostToDevice, g.stream));
-        CUDA_CHECK(cudaMemcpyAsync(g.targets, targets.data(), targets.size() * sizeof(int), cudaMemcpyHostToDevice, g.stream));
+        CUDA_CHECK(cudaMemcpyAsync(gpu.tokens, tokens.data(), tokens.size() * sizeof(int), cudaMemcpyHostToDevice, gpu.ctx.stream));
+        CUDA_CHECK(cudaMemcpyAsync(gpu.targets, targets.data(), targets.size() * sizeof(int), cudaMemcpyHostToDevice, gpu.ctx.stream));
         gpu_forward(m, r, T, StepOptions{}, false, 1.0f);
         for (int l = 0; l < c.num_hidden_layers; l++) {
             bf16* cache_l = d.cache + (size_t)l * d.batch * d.max_len * (dc + dr);
-            prefill_cache_gpu(cache_l, g.layers[l].c_norm, g.layers[l].kv_a, r * T, T, b0, dc, dr, d.max_len, g.stream);
+            prefill_cache_gpu(cache_l, gpu.layers[l].attn.c_norm, gpu.layers[l].attn.kv_a, r * T, T, b0, dc, dr, d.max_len, gpu.ctx.stream);
         }
         for (int i = 0; i < r; i++) {
             const int b = b0 + i, len = (int)prompts[b].size();
-            CUDA_CHECK(cudaMemcpyAsync(d.logits + (size_t)b * V, g.logits + ((size_t)i * T + len - 1) * V, (size_t)V * sizeof(bf16),
-                                       cudaMemcpyDeviceToDevice, g.stream));
+            CUDA_CHECK(cudaMemcpyAsync(d.logits + (size_t)b * V, gpu.logits + ((size_t)i * T + len - 1) * V, (size_t)V * sizeof(bf16),
+                                       cudaMemcpyDeviceToDevice, gpu.ctx.stream));
             pos[b] = len;
             active[b] = 1;
         }
         // the host vectors above are reused next round: wait until they are copied
-        CUDA_CHECK(cudaStreamSynchronize(g.stream));
+        CUDA_CHECK(cudaStreamSynchronize(gpu.ctx.stream));
     }
-    CUDA_CHECK(cudaMemcpyAsync(d.pos, pos.data(), d.batch * sizeof(int), cudaMemcpyHostToDevice, g.stream));
-    CUDA_CHECK(cudaMemcpyAsync(d.active, active.data(), d.batch * sizeof(int), cudaMemcpyHostToDevice, g.stream));
-    CUDA_CHECK(cudaMemsetAsync(d.gen, 0, d.batch * sizeof(int), g.stream));
-    CUDA_CHECK(cudaStreamSynchronize(g.stream));
+    CUDA_CHECK(cudaMemcpyAsync(d.pos, pos.data(), d.batch * sizeof(int), cudaMemcpyHostToDevice, gpu.ctx.stream));
+    CUDA_CHECK(cudaMemcpyAsync(d.active, active.data(), d.batch * sizeof(int), cudaMemcpyHostToDevice, gpu.ctx.stream));
+    CUDA_CHECK(cudaMemsetAsync(d.gen, 0, d.batch * sizeof(int), gpu.ctx.stream));
+    CUDA_CHECK(cudaStreamSynchronize(gpu.ctx.stream));
 }
 
-// out[B, OC] = x[B, C] @ W^T
-static void decode_linear(GpuModel& g, bf16* out, const bf16* x, const bf16* w, int B, int C, int OC) {
-    matmul(g.mm, out, x, w, B, OC, C, false, true, 0.0f, false, g.stream);
+// The absorbed MLA of one token per sequence (x [B, D] at positions pos[b]), the
+// GPU twin of decode.h's mla_decode_forward: appends each sequence's latent row to
+// cache_l [B, max_len, dc+dr] and writes out [B, D].
+static void mla_decode_forward_gpu(const Config& c, const MlaWeights<bf16>& w, const RopeGpu& rope, bf16* out, const bf16* x,
+                                   bf16* cache_l, GpuDecoder& d, GpuContext& ctx) {
+    const int B = d.batch, H = c.num_attention_heads, qr = c.q_lora_rank, dc = c.kv_lora_rank, dr = c.qk_rope_head_dim;
+    const int dn = c.qk_nope_head_dim, dv = c.v_head_dim;
+    cudaStream_t st = ctx.stream;
+    if (qr > 0) {
+        linear_forward_gpu(d.qa, x, w.q_a, B, ctx);
+        rmsnorm_residual_forward_gpu(nullptr, d.qa_norm, nullptr, d.qa, nullptr, w.q_a_norm, B, qr, c.rms_norm_eps, st);
+        linear_forward_gpu(d.q, d.qa_norm, w.q_b, B, ctx);
+    } else {
+        linear_forward_gpu(d.q, x, w.q_proj, B, ctx);
+    }
+    linear_forward_gpu(d.kv, x, w.kv_a, B, ctx);
+    decode_cache_write_gpu(cache_l, d.kv, w.kv_a_norm, rope, d.pos, B, dc, dr, d.max_len, c.rms_norm_eps, st);
+    decode_absorb_query_gpu(d.qlat, d.q, w.kv_b.w, rope, d.pos, B, H, dn, dr, dv, dc, st);
+    flash_decode_gpu(d.o_lat, d.part_acc, d.part_ml, d.qlat, cache_l, d.pos, B, H, dc, dr, d.max_len, d.splits, rope.softmax_scale, st);
+    decode_value_up_gpu(d.o, d.o_lat, w.kv_b.w, B, H, dn, dv, dc, st);
+    linear_forward_gpu(out, d.o, w.o_proj, B, ctx);
 }
 
 void decoder_forward(GpuDecoder& d) {
     Model& m = *d.m;
-    GpuModel& g = *m.gpu;
+    GpuModel& gpu = *m.gpu;
+    GpuContext& ctx = gpu.ctx;
     const Config& c = m.ref.cfg;
-    const int B = d.batch, D = c.hidden_size, H = c.num_attention_heads, qr = c.q_lora_rank, dc = c.kv_lora_rank, dr = c.qk_rope_head_dim;
-    const int dn = c.qk_nope_head_dim, dv = c.v_head_dim, V = c.vocab_size, E = c.n_routed_experts, K = c.num_experts_per_tok;
-    const int I = c.intermediate_size, MI = c.moe_intermediate_size, SI = c.n_shared_experts * MI, S = B * K;
+    const int B = d.batch, D = c.hidden_size, width = c.kv_lora_rank + c.qk_rope_head_dim;
     const float eps = c.rms_norm_eps;
-    cudaStream_t st = g.stream;
-    embedding_forward_gpu(d.emb, d.tokens, gpu_tensor(m, "model.embed_tokens.weight").w, B, D, st);
+    cudaStream_t st = ctx.stream;
+    embedding_forward_gpu(d.emb, d.tokens, gpu.w.embed, B, D, st);
     for (int l = 0; l < c.num_hidden_layers; l++) {
-        const DecodeLayerWeights& w = d.w[l];
+        const LayerWeights<bf16>& w = gpu.w.layers[l];
         // the fp32 residual stream, as in gpu_forward: res = emb (layer 0) or res +=
         // the previous layer's FFN output; xn = RMSNorm(res)
-        rmsnorm_residual_forward_gpu<float>(d.res, d.xn, nullptr, l == 0 ? nullptr : d.res, l == 0 ? d.emb : d.ffn_out, w.in_norm, B, D,
+        rmsnorm_residual_forward_gpu<float>(d.res, d.xn, nullptr, l == 0 ? nullptr : d.res, l == 0 ? d.emb : d.ffn_out, w.input_norm, B, D,
                                             eps, st);
-        if (qr > 0) {
-            decode_linear(g, d.qa, d.xn, w.q_a, B, D, qr);
-            rmsnorm_residual_forward_gpu(nullptr, d.qa_norm, nullptr, d.qa, nullptr, w.q_a_norm, B, qr, eps, st);
-            decode_linear(g, d.q, d.qa_norm, w.q_b, B, qr, H * (dn + dr));
-        } else {
-            decode_linear(g, d.q, d.xn, w.q_proj, B, D, H * (dn + dr));
-        }
-        decode_linear(g, d.kv, d.xn, w.kv_a, B, D, dc + dr);
-        bf16* cache_l = d.cache + (size_t)l * B * d.max_len * (dc + dr);
-        decode_cache_write_gpu(cache_l, d.kv, w.kv_a_norm, g.rope, d.pos, B, dc, dr, d.max_len, eps, st);
-        decode_absorb_query_gpu(d.qlat, d.q, w.kv_b, g.rope, d.pos, B, H, dn, dr, dv, dc, st);
-        flash_decode_gpu(d.o_lat, d.part_acc, d.part_ml, d.qlat, cache_l, d.pos, B, H, dc, dr, d.max_len, d.splits, g.rope.softmax_scale, st);
-        decode_value_up_gpu(d.o, d.o_lat, w.kv_b, B, H, dn, dv, dc, st);
-        decode_linear(g, d.attn_out, d.o, w.o_proj, B, H * dv, D);
+        mla_decode_forward_gpu(c, w.attn, gpu.rope, d.attn_out, d.xn, d.cache + (size_t)l * B * d.max_len * width, d, ctx);
         rmsnorm_residual_forward_gpu<float>(d.res, d.xn, nullptr, d.res, d.attn_out, w.post_norm, B, D, eps, st);
-        if (!c.is_moe_layer(l)) {
-            decode_linear(g, d.gate_up, d.xn, w.gate_up, B, D, 2 * I);
-            swiglu_forward_fused_gpu(d.hidden, d.gate_up, B, I, st);
-            decode_linear(g, d.ffn_out, d.hidden, w.down, B, I, D);
-            continue;
-        }
-        matmul(g.mm, d.router_logits, d.xn, w.router, B, E, D, false, true, 0.0f, true, st);
-        router_forward_gpu(d.scores, d.expert, d.gate, nullptr, d.router_logits, w.bias, c, B, st);
-        moe_permute_gpu(d.offsets, d.slot_row, d.row_slot, d.perm_scratch, d.expert, S, E, st);
-        moe_gather_gpu(d.x_sorted, d.xn, d.row_slot, B, K, D, st);
-        const size_t expert_stride = (size_t)3 * MI * D;
-        grouped_gemm_forward_gpu(d.gu_sorted, d.x_sorted, w.expert_gate_up, expert_stride, d.offsets, S, E, D, 2 * MI, st);
-        swiglu_forward_fused_gpu(d.h_sorted, d.gu_sorted, S, MI, st);
-        grouped_gemm_forward_gpu(d.y_sorted, d.h_sorted, w.expert_down, expert_stride, d.offsets, S, E, MI, D, st);
-        if (SI > 0) {
-            decode_linear(g, d.shared_gu, d.xn, w.shared_gate_up, B, D, 2 * SI);
-            swiglu_forward_fused_gpu(d.shared_h, d.shared_gu, B, SI, st);
-            decode_linear(g, d.shared_out, d.shared_h, w.shared_down, B, SI, D);
-        }
-        moe_combine_forward_gpu(d.ffn_out, d.y_sorted, d.gate, d.slot_row, SI > 0 ? d.shared_out : nullptr, B, K, D, st);
+        if (c.is_moe_layer(l)) moe_forward_gpu(c, w.moe, gpu.master.layers[l].moe.bias, d.ffn_out, d.xn, B, d.moe, nullptr, ctx);
+        else ffn_forward_gpu(w.ffn, d.ffn_out, d.xn, B, d.ffn, ctx);
     }
-    rmsnorm_residual_forward_gpu<float>(d.res, d.xn, nullptr, d.res, d.ffn_out, gpu_tensor(m, "model.norm.weight").w, B, D, eps, st);
-    decode_linear(g, d.logits, d.xn, gpu_tensor(m, "lm_head.weight").w, B, D, V);
+    rmsnorm_residual_forward_gpu<float>(d.res, d.xn, nullptr, d.res, d.ffn_out, gpu.w.final_norm, B, D, eps, st);
+    linear_forward_gpu(d.logits, d.xn, gpu.w.lm_head, B, ctx);
     decode_advance_kernel<<<ceil_div(B, 256), 256, 0, st>>>(d.pos, d.active, B, d.max_len);
     CUDA_LAUNCH_CHECK();
 }
 
-void decoder_sample(GpuDecoder& d, const SamplingOptions& so, uint64_t seed) {
-    sample_gpu(d.tokens, d.gen, nullptr, d.logits, d.active, d.batch, d.m->ref.cfg.vocab_size, so, seed, d.m->gpu->stream);
+void decoder_sample(GpuDecoder& d, const SamplingOptions& sampling, uint64_t seed) {
+    sample_gpu(d.tokens, d.gen, nullptr, d.logits, d.active, d.batch, d.m->ref.cfg.vocab_size, sampling, seed, d.m->gpu->ctx.stream);
 }
 
-void decoder_step(GpuDecoder& d, const SamplingOptions& so, uint64_t seed, bool use_graph) {
-    cudaStream_t st = d.m->gpu->stream;
+void decoder_step(GpuDecoder& d, const SamplingOptions& sampling, uint64_t seed, bool use_graph) {
+    cudaStream_t st = d.m->gpu->ctx.stream;
     if (!use_graph) {
         decoder_forward(d);
-        decoder_sample(d, so, seed);
+        decoder_sample(d, sampling, seed);
         return;
     }
-    const bool same = d.graph && d.graph_seed == seed && d.graph_so.temperature == so.temperature && d.graph_so.top_k == so.top_k &&
-                      d.graph_so.top_p == so.top_p;
+    const bool same = d.graph && d.graph_seed == seed && d.graph_sampling.temperature == sampling.temperature && d.graph_sampling.top_k == sampling.top_k &&
+                      d.graph_sampling.top_p == sampling.top_p;
     if (!same) {
         if (d.graph) CUDA_CHECK(cudaGraphExecDestroy(d.graph));
         cudaGraph_t graph;
         // relaxed: the launchers' one-time shared-memory opt-ins may run while capturing
         CUDA_CHECK(cudaStreamBeginCapture(st, cudaStreamCaptureModeRelaxed));
         decoder_forward(d);
-        decoder_sample(d, so, seed);
+        decoder_sample(d, sampling, seed);
         CUDA_CHECK(cudaStreamEndCapture(st, &graph));
         CUDA_CHECK(cudaGraphInstantiate(&d.graph, graph, 0));
         CUDA_CHECK(cudaGraphDestroy(graph));
-        d.graph_so = so;
+        d.graph_sampling = sampling;
         d.graph_seed = seed;
     }
     CUDA_CHECK(cudaGraphLaunch(d.graph, st));
 }
 
 const int* decoder_tokens(GpuDecoder& d) {
-    cudaStream_t st = d.m->gpu->stream;
+    cudaStream_t st = d.m->gpu->ctx.stream;
     CUDA_CHECK(cudaMemcpyAsync(d.tokens_host, d.tokens, d.batch * sizeof(int), cudaMemcpyDeviceToHost, st));
     CUDA_CHECK(cudaStreamSynchronize(st));
     return d.tokens_host;
@@ -277,5 +229,5 @@ void decoder_set_active(GpuDecoder& d, int b, bool active) {
     if (b < 0 || b >= d.batch) fail("decode: sequence %d is outside the batch of %d", b, d.batch);
     const int v = active;
     // pageable source: the copy is staged before this returns, and the stream orders it
-    CUDA_CHECK(cudaMemcpyAsync(d.active + b, &v, sizeof(int), cudaMemcpyHostToDevice, d.m->gpu->stream));
+    CUDA_CHECK(cudaMemcpyAsync(d.active + b, &v, sizeof(int), cudaMemcpyHostToDevice, d.m->gpu->ctx.stream));
 }

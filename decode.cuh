@@ -19,6 +19,7 @@
 
 #include <climits>
 
+#include "decode.h"
 #include "gpu_model.cuh"
 
 // ----------------------------------------------------------------------------
@@ -490,14 +491,8 @@ inline void sample_gpu(int* tokens, int* gen, float* kept, const bf16* logits, c
 // ----------------------------------------------------------------------------
 // The decoder: the cache and the step's buffers for up to `batch` sequences of up
 // to max_len tokens, on the model's GPU state (model_to_gpu; decoder_create
-// uploads the model for inference when it is not there yet).
-
-struct DecodeLayerWeights {  // bf16 pointers into the model's params16 (null when absent)
-    const bf16 *in_norm, *q_a, *q_a_norm, *q_b, *q_proj, *kv_a, *kv_a_norm, *kv_b, *o_proj, *post_norm;
-    const bf16 *gate_up, *down;                       // dense FFN
-    const bf16 *router, *expert_gate_up, *expert_down, *shared_gate_up, *shared_down;  // MoE
-    const float* bias;                                // e_score_correction_bias (fp32)
-};
+// uploads the model for inference when it is not there yet). Its API, host-only,
+// is in decode.h.
 
 struct GpuDecoder {
     Model* m;
@@ -510,45 +505,10 @@ struct GpuDecoder {
     bf16 *emb, *xn, *qa, *qa_norm, *q, *kv, *o, *attn_out, *ffn_out, *logits;  // [batch, *]
     float *qlat, *o_lat, *part_acc;
     float2* part_ml;
-    bf16 *gate_up, *hidden;             // dense FFN
-    float *router_logits, *scores, *gate;
-    int *expert, *offsets, *slot_row, *row_slot, *perm_scratch;
-    bf16 *x_sorted, *gu_sorted, *h_sorted, *y_sorted, *shared_gu, *shared_h, *shared_out;
-    std::vector<DecodeLayerWeights> w;
+    FfnActsGpu ffn;                     // the dense FFN's buffers, shared by its layers
+    MoeActsGpu moe;                     // the MoE's, shared by its layers
     cudaGraphExec_t graph = nullptr;    // forward + sample, captured on the first graph step
-    SamplingOptions graph_so;
+    SamplingOptions graph_sampling;
     uint64_t graph_seed = 0;
     DeviceArena arena;                  // the decoder's own device memory
 };
-
-// Sequences of up to max_len tokens (<= max_position_embeddings), prompts of up to
-// max_prompt tokens. Fails with a clear message (no GPU, out of memory).
-GpuDecoder* decoder_create(Model& m, int batch, int max_len, int max_prompt);
-void decoder_free(GpuDecoder* d);
-
-// Fills the cache with the prompts (1..batch of them, each 1..max_prompt tokens)
-// through the training forward (gpu_forward), leaves each sequence's last-position
-// logits in d.logits, pos[b] = its length, gen[b] = 0, active[b] = 1 (0 for unused
-// rows). Prompts run in groups of sequences that fit the model's activation buffers.
-void decoder_prefill(GpuDecoder& d, const std::vector<std::vector<int>>& prompts);
-
-// One token per sequence: d.tokens[b] at position pos[b] -> d.logits [batch, V];
-// appends to the cache and advances pos for active sequences.
-void decoder_forward(GpuDecoder& d);
-
-// d.logits -> d.tokens for active sequences (sample_gpu)
-void decoder_sample(GpuDecoder& d, const SamplingOptions& so, uint64_t seed);
-
-// decoder_forward + decoder_sample, replayed from a CUDA graph when use_graph (captured
-// on the first call; a change of sampling options recaptures)
-void decoder_step(GpuDecoder& d, const SamplingOptions& so, uint64_t seed, bool use_graph);
-
-// the sampled tokens, copied back (waits for the stream)
-const int* decoder_tokens(GpuDecoder& d);
-
-// stops (or restarts) sequence b: an inactive sequence keeps its cache and position
-void decoder_set_active(GpuDecoder& d, int b, bool active);
-
-// the cache's allocated device bytes per token of one sequence (its capacity is
-// batch * max_len tokens)
-size_t decoder_cache_bytes_per_token(const GpuDecoder& d);

@@ -14,6 +14,7 @@
 // included) are those of reference.h, so the logits equal ref_forward's.
 #pragma once
 
+#include "model.h"
 #include "reference.h"
 
 // ----------------------------------------------------------------------------
@@ -103,33 +104,33 @@ size_t decode_cache_bytes_per_token(const DecodeState<T>& s) {
 // MLA of one token x [D] at position pos: appends its latent to cache_l [max_len,
 // dc+dr] (row pos) and writes out [D] = W_o o over the positions 0..pos.
 template <typename T>
-void mla_decode_forward(const Config& c, const MlaParams<T>& w, const RopeTable& rope, T* out, const T* x, T* cache_l, int pos,
+void mla_decode_forward(const Config& c, const MlaWeights<T>& w, const RopeTable& rope, T* out, const T* x, T* cache_l, int pos,
                         DecodeState<T>& s) {
-    const int D = c.hidden_size, H = c.num_attention_heads, qr = c.q_lora_rank, dc = c.kv_lora_rank;
+    const int H = c.num_attention_heads, qr = c.q_lora_rank, dc = c.kv_lora_rank;
     const int dn = c.qk_nope_head_dim, dr = c.qk_rope_head_dim, dv = c.v_head_dim, dqk = dn + dr;
     s.q.resize((size_t)H * dqk);
     if (qr > 0) {
         s.qa.resize(qr);
         s.qa_norm.resize(qr);
         s.qa_rstd.resize(1);
-        matmul_forward(s.qa.data(), x, w.q_a, 1, D, qr);
+        linear_forward(s.qa.data(), x, w.q_a, 1);
         rmsnorm_forward(s.qa_norm.data(), s.qa_rstd.data(), s.qa.data(), w.q_a_norm, 1, qr, c.rms_norm_eps);
-        matmul_forward(s.q.data(), s.qa_norm.data(), w.q_b, 1, qr, H * dqk);
+        linear_forward(s.q.data(), s.qa_norm.data(), w.q_b, 1);
     } else {
-        matmul_forward(s.q.data(), x, w.q_proj, 1, D, H * dqk);
+        linear_forward(s.q.data(), x, w.q_proj, 1);
     }
     for (int h = 0; h < H; h++) rope_forward(&s.q[(size_t)h * dqk + dn], pos, rope);
     // the new cache row: [RMSNorm(c); rope(k_pe)]
     s.kv.resize(dc + dr);
     s.c_rstd.resize(1);
-    matmul_forward(s.kv.data(), x, w.kv_a, 1, D, dc + dr);
+    linear_forward(s.kv.data(), x, w.kv_a, 1);
     T* row = cache_l + (size_t)pos * (dc + dr);
     rmsnorm_forward(row, s.c_rstd.data(), s.kv.data(), w.kv_a_norm, 1, dc, c.rms_norm_eps);
     std::copy_n(s.kv.data() + dc, dr, row + dc);
     rope_forward(row + dc, pos, rope);
     s.o.resize((size_t)H * dv);
-    mla_absorbed_attention(s.o.data(), s.q.data(), cache_l, pos + 1, w.kv_b, H, dn, dr, dv, dc, rope.softmax_scale);
-    matmul_forward(out, s.o.data(), w.o_proj, 1, H * dv, D);
+    mla_absorbed_attention(s.o.data(), s.q.data(), cache_l, pos + 1, w.kv_b.w, H, dn, dr, dv, dc, rope.softmax_scale);
+    linear_forward(out, s.o.data(), w.o_proj, 1);
 }
 
 // Runs token through the model at position s.len, appends its latents to the cache
@@ -146,25 +147,63 @@ const std::vector<T>& decode_step(RefModel<T>& m, DecodeState<T>& s, int token) 
     s.xn_rstd.resize(1);
     s.attn_out.resize(D);
     s.ffn_out.resize(D);
-    embedding_forward(s.h.data(), &token, ref_param(m, "model.embed_tokens.weight"), 1, D);
+    embedding_forward(s.h.data(), &token, m.w.embed, 1, D);
     for (int l = 0; l < c.num_hidden_layers; l++) {
-        std::string p = strfmt("model.layers.%d.", l);
-        rmsnorm_forward(s.xn.data(), s.xn_rstd.data(), s.h.data(), ref_param(m, p + "input_layernorm.weight"), 1, D, c.rms_norm_eps);
+        const LayerWeights<T>& w = m.w.layers[l];
+        rmsnorm_forward(s.xn.data(), s.xn_rstd.data(), s.h.data(), w.input_norm, 1, D, c.rms_norm_eps);
         T* cache_l = s.cache.data() + (size_t)l * s.max_len * width;
-        mla_decode_forward(c, m.mla_w[l], m.rope, s.attn_out.data(), s.xn.data(), cache_l, pos, s);
+        mla_decode_forward(c, w.attn, m.rope, s.attn_out.data(), s.xn.data(), cache_l, pos, s);
         for (int i = 0; i < D; i++) s.h[i] += s.attn_out[i];
-        rmsnorm_forward(s.xn.data(), s.xn_rstd.data(), s.h.data(), ref_param(m, p + "post_attention_layernorm.weight"), 1, D,
-                        c.rms_norm_eps);
+        rmsnorm_forward(s.xn.data(), s.xn_rstd.data(), s.h.data(), w.post_norm, 1, D, c.rms_norm_eps);
         if (c.is_moe_layer(l))
-            moe_forward(c, m.moe_w[l], s.ffn_out.data(), s.xn.data(), 1, s.moe);
+            moe_forward(c, w.moe, s.ffn_out.data(), s.xn.data(), 1, s.moe);
         else
-            ffn_forward(s.ffn_out.data(), s.xn.data(), ref_param(m, p + "mlp.gate_proj.weight"), ref_param(m, p + "mlp.up_proj.weight"),
-                        ref_param(m, p + "mlp.down_proj.weight"), 1, D, c.intermediate_size, s.ffn);
+            ffn_forward(w.ffn, s.ffn_out.data(), s.xn.data(), 1, s.ffn);
         for (int i = 0; i < D; i++) s.h[i] += s.ffn_out[i];
     }
-    rmsnorm_forward(s.xn.data(), s.xn_rstd.data(), s.h.data(), ref_param(m, "model.norm.weight"), 1, D, c.rms_norm_eps);
+    rmsnorm_forward(s.xn.data(), s.xn_rstd.data(), s.h.data(), m.w.final_norm, 1, D, c.rms_norm_eps);
     s.logits.resize(V);
-    matmul_forward(s.logits.data(), s.xn.data(), ref_param(m, "lm_head.weight"), 1, D, V);
+    linear_forward(s.logits.data(), s.xn.data(), m.w.lm_head, 1);
     s.len++;
     return s.logits;
 }
+
+// ----------------------------------------------------------------------------
+// The GPU decoder (decode.cu, its kernels in decode.cuh): the same absorbed form
+// for a batch of sequences on the device, over a bf16 latent cache, with GPU
+// sampling and each step replayable as a CUDA graph. This is its whole API; the
+// front ends need no CUDA header.
+
+struct GpuDecoder;
+
+// Sequences of up to max_len tokens (<= max_position_embeddings), prompts of up to
+// max_prompt tokens. Fails with a clear message (no GPU, out of memory).
+GpuDecoder* decoder_create(Model& m, int batch, int max_len, int max_prompt);
+void decoder_free(GpuDecoder* d);
+
+// Fills the cache with the prompts (1..batch of them, each 1..max_prompt tokens)
+// through the training forward (gpu_forward), leaves each sequence's last-position
+// logits in d.logits, pos[b] = its length, gen[b] = 0, active[b] = 1 (0 for unused
+// rows). Prompts run in groups of sequences that fit the model's activation buffers.
+void decoder_prefill(GpuDecoder& d, const std::vector<std::vector<int>>& prompts);
+
+// One token per sequence: d.tokens[b] at position pos[b] -> d.logits [batch, V];
+// appends to the cache and advances pos for active sequences.
+void decoder_forward(GpuDecoder& d);
+
+// d.logits -> d.tokens for active sequences (sample_gpu)
+void decoder_sample(GpuDecoder& d, const SamplingOptions& so, uint64_t seed);
+
+// decoder_forward + decoder_sample, replayed from a CUDA graph when use_graph (captured
+// on the first call; a change of sampling options recaptures)
+void decoder_step(GpuDecoder& d, const SamplingOptions& so, uint64_t seed, bool use_graph);
+
+// the sampled tokens, copied back (waits for the stream)
+const int* decoder_tokens(GpuDecoder& d);
+
+// stops (or restarts) sequence b: an inactive sequence keeps its cache and position
+void decoder_set_active(GpuDecoder& d, int b, bool active);
+
+// the cache's allocated device bytes per token of one sequence (its capacity is
+// batch * max_len tokens)
+size_t decoder_cache_bytes_per_token(const GpuDecoder& d);

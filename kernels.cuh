@@ -1,14 +1,15 @@
-// kernels.cuh — the hand-written CUDA kernels shared by every layer that is not
-// attention, MoE routing or a GEMM: embedding, RMSNorm fused with the residual add,
-// SwiGLU, dropout, fused softmax + cross-entropy + dlogits, and the optimizer
-// (global grad norm, AdamW, the aux-loss-free expert-bias update, fp32 -> bf16).
+// kernels.cuh — the GpuContext every GPU layer takes, nn.Linear on cuBLASLt, and
+// the hand-written CUDA kernels shared by every layer that is not attention or MoE
+// routing: embedding, RMSNorm fused with the residual add, SwiGLU, dropout, fused
+// softmax + cross-entropy + dlogits, and the optimizer (global grad norm, AdamW,
+// the aux-loss-free expert-bias update, fp32 -> bf16).
 // Each *_kernel has a host launcher *_gpu(..., stream) that checks the launch, and
 // each matches the function of the same name in reference.h (read that first: the
 // math here is the same, line for line, in fp32).
 //
 // Conventions: bf16 activations and weights, fp32 math inside the kernels, fp32
 // weight gradients, master weights and AdamW moments. Row-major [N, C] as in
-// reference.h. Backward kernels that produce weight gradients ACCUMULATE (+=).
+// reference.h, and its gradient rule (stated at its top).
 //
 // Determinism: no float atomics anywhere. Every reduction runs in an order fixed by
 // the problem size alone (never by timing or by the GPU model), so the same inputs
@@ -166,6 +167,31 @@ inline void check_scratch(size_t have, size_t need, const char* what) {
 }
 
 }  // namespace kdetail
+
+// ----------------------------------------------------------------------------
+// What every GPU layer function takes last, beside its tensors: the stream, the
+// cuBLASLt handle with its cached plans, and one scratch buffer sized by the owner
+// for the largest kernel that needs one.
+struct GpuContext {
+    cudaStream_t stream = nullptr;
+    Matmul mm;
+    void* scratch = nullptr;
+    size_t scratch_bytes = 0;
+};
+
+// nn.Linear on cuBLASLt, the twins of reference.h's linear_forward / linear_backward.
+// out [N, W.out] = x [N, W.in] @ W^T; ldc: out's row pitch when it is a column slice
+inline void linear_forward_gpu(bf16* out, const bf16* x, const Linear<bf16>& w, int N, GpuContext& ctx, int ldc = 0) {
+    matmul(ctx.mm, out, x, w.w, N, w.out, w.in, false, true, 0.0f, false, ctx.stream, 0, 0, ldc);
+}
+
+// dx [N, W.in] = dout @ W (+= when accumulate; null: not wanted); dW += dout^T @ x in
+// fp32; ld_dout: dout's row pitch when it is a column slice
+inline void linear_backward_gpu(bf16* dx, const Linear<float>& dw, const bf16* dout, const bf16* x, const Linear<bf16>& w, int N,
+                                bool accumulate, GpuContext& ctx, int ld_dout = 0) {
+    if (dx) matmul(ctx.mm, dx, dout, w.w, N, w.in, w.out, false, false, accumulate ? 1.0f : 0.0f, false, ctx.stream, ld_dout);
+    matmul(ctx.mm, dw.w, dout, x, w.out, w.in, N, true, false, 1.0f, true, ctx.stream, ld_dout);
+}
 
 // ----------------------------------------------------------------------------
 // Embedding: out[N, D] = wte[tokens[n], :]
@@ -568,19 +594,6 @@ inline void swiglu_backward_launch(bf16* dgate, bf16* dup, const bf16* dhidden, 
 }
 }  // namespace kdetail
 
-// hidden[count], gate[count], up[count] (count = n * I)
-inline void swiglu_forward_gpu(bf16* hidden, const bf16* gate, const bf16* up, size_t count, cudaStream_t stream) {
-    const long long any = 1ll << 30;  // ld == I: the input index is e itself
-    kdetail::swiglu_forward_launch(hidden, gate, up, count, any, any, stream);
-}
-
-// dgate[count], dup[count] (written; may alias gate/up), dhidden[count], gate, up
-inline void swiglu_backward_gpu(bf16* dgate, bf16* dup, const bf16* dhidden, const bf16* gate, const bf16* up, size_t count,
-                                cudaStream_t stream) {
-    const long long any = 1ll << 30;
-    kdetail::swiglu_backward_launch(dgate, dup, dhidden, gate, up, count, any, any, stream);
-}
-
 // hidden[n, I], gate_up[n, 2I] (gate = columns 0..I-1, up = columns I..2I-1)
 inline void swiglu_forward_fused_gpu(bf16* hidden, const bf16* gate_up, int n, int I, cudaStream_t stream) {
     kdetail::swiglu_forward_launch(hidden, gate_up, gate_up + I, (size_t)n * I, I, 2ll * I, stream);
@@ -627,11 +640,6 @@ inline void dropout_launch(bf16* out, const In* in, size_t n, float p, uint64_t 
 // x[n] in place; key as reference.h's dropout keys (one per site and micro-step)
 inline void dropout_forward_gpu(bf16* x, size_t n, float p, uint64_t key, cudaStream_t stream) {
     kdetail::dropout_launch(x, x, n, p, key, stream);
-}
-
-// dx[n] in place: dx *= the same mask as the forward with the same key
-inline void dropout_backward_gpu(bf16* dx, size_t n, float p, uint64_t key, cudaStream_t stream) {
-    kdetail::dropout_launch(dx, dx, n, p, key, stream);
 }
 
 // out[n] (bf16) = in[n] (fp32) times the forward's mask for this key (p = 0: a plain
@@ -879,7 +887,7 @@ inline void adamw_gpu(float* params32, bf16* params16, const float* grads, float
 // expert_bias_update). The mean is an exact double sum of integer loads.
 template <typename LoadT>
 static __global__ void expert_bias_update_kernel(float* bias_base, const size_t* bias_offsets, const LoadT* load, int E, float gamma) {
-    float* bias = bias_base + (bias_offsets ? bias_offsets[blockIdx.x] : 0);
+    float* bias = bias_base + bias_offsets[blockIdx.x];
     const LoadT* l = load + (size_t)blockIdx.x * E;
     __shared__ double mean;
     if (threadIdx.x == 0) {
@@ -904,12 +912,6 @@ inline void expert_bias_update_gpu(float* params32, const size_t* bias_offsets, 
     if (layers == 0 || E == 0) return;
     expert_bias_update_kernel<LoadT><<<layers, kdetail::row_threads(E, 256), 0, stream>>>(params32, bias_offsets, load, E, gamma);
     CUDA_LAUNCH_CHECK();
-}
-
-// one layer: bias[E] (fp32), load[E]
-template <typename LoadT>
-inline void expert_bias_update_gpu(float* bias, const LoadT* load, int E, float gamma, cudaStream_t stream) {
-    expert_bias_update_gpu(bias, (const size_t*)nullptr, load, 1, E, gamma, stream);
 }
 
 // ----------------------------------------------------------------------------

@@ -18,8 +18,7 @@
 // the backward's k_pe gradient (a sum over heads) becomes a plain fixed-order sum
 // in mla_assemble_kv_backward_gpu instead of a cross-block reduction.
 //
-// Every *_gpu function OVERWRITES its outputs (unlike reference.h's backward
-// functions, which accumulate) and touches nothing else.
+// Gradients follow the one rule stated at the top of reference.h.
 #pragma once
 
 #include <cmath>
@@ -498,7 +497,7 @@ static __global__ void attention_backward_preprocess_kernel(float* __restrict__ 
 // dk [B, T, H, dqk], dv [B, T, H, dv]; grid (ceil(T/64), B*H), 256 threads; block x
 // owns keys 64x..64x+63 and visits query blocks x..end (double-buffered Q/dO).
 template <int DQK_MAX, int DV_MAX>
-__global__ void __launch_bounds__(256) attention_backward_dkdv_kernel(bf16* __restrict__ dk, bf16* __restrict__ dv_out,
+__global__ void __launch_bounds__(256) attention_backward_dkdv_kernel(bf16* __restrict__ dk, bf16* __restrict__ dvalue,
                                                                       const bf16* __restrict__ q, const bf16* __restrict__ k,
                                                                       const bf16* __restrict__ v, const bf16* __restrict__ dout,
                                                                       const float* __restrict__ lse, const float* __restrict__ D,
@@ -621,7 +620,7 @@ __global__ void __launch_bounds__(256) attention_backward_dkdv_kernel(bf16* __re
 
     const int key_a = k0 + rg * 16 + g, key_b = key_a + 8;
     bf16* dkg = dk + ((long long)b * T * H + h) * dqk;
-    bf16* dvg = dv_out + ((long long)b * T * H + h) * dv;
+    bf16* dvg = dvalue + ((long long)b * T * H + h) * dv;
 #pragma unroll
     for (int nt = 0; nt < DQK_MAX / 16; nt++) {
         const int col = cq0 + nt * 8 + 2 * t4;
@@ -805,7 +804,7 @@ static void launch_forward(bf16* out, float* lse, const bf16* q, const bf16* k, 
 }
 
 template <int DQK_MAX, int DV_MAX>
-static void launch_dkdv(bf16* dk, bf16* dv_out, const bf16* q, const bf16* k, const bf16* v, const bf16* dout, const float* lse,
+static void launch_dkdv(bf16* dk, bf16* dvalue, const bf16* q, const bf16* k, const bf16* v, const bf16* dout, const float* lse,
                  const float* D, int B, int T, int H, int dqk, int dv, float scale, cudaStream_t stream) {
     const int ldq = pad32(dqk) + 8, ldv = pad32(dv) + 8;
     const size_t smem = (size_t)(3 * TILE * ldq + 3 * TILE * ldv + 2 * TILE * LDP) * sizeof(bf16) + 4 * TILE * sizeof(float);
@@ -813,8 +812,8 @@ static void launch_dkdv(bf16* dk, bf16* dv_out, const bf16* q, const bf16* k, co
     set_smem(attention_backward_dkdv_kernel<DQK_MAX, DV_MAX>, smem, done);
     dim3 grid(ceil_div(T, TILE), B * H);
     attention_backward_dkdv_kernel<DQK_MAX, DV_MAX><<<grid, 256, smem, stream>>>(
-        dk, dv_out, q, k, v, dout, lse, D, T, H, dqk, dv, scale, scale * LOG2E, vec16(q, dqk, H) && vec16(k, dqk, H),
-        vec16(v, dv, H) && vec16(dout, dv, H), vec4(dk, dqk), vec4(dv_out, dv));
+        dk, dvalue, q, k, v, dout, lse, D, T, H, dqk, dv, scale, scale * LOG2E, vec16(q, dqk, H) && vec16(k, dqk, H),
+        vec16(v, dv, H) && vec16(dout, dv, H), vec4(dk, dqk), vec4(dvalue, dv));
     CUDA_LAUNCH_CHECK();
 }
 
@@ -833,11 +832,11 @@ static void launch_dq(bf16* dq, const bf16* q, const bf16* k, const bf16* v, con
 }
 
 template <int DQK_MAX>
-void launch_dkdv_dv(int dvb, bf16* dk, bf16* dv_out, const bf16* q, const bf16* k, const bf16* v, const bf16* dout, const float* lse,
+void launch_dkdv_dv(int dvb, bf16* dk, bf16* dvalue, const bf16* q, const bf16* k, const bf16* v, const bf16* dout, const float* lse,
                     const float* D, int B, int T, int H, int dqk, int dv, float scale, cudaStream_t stream) {
-    if (dvb == 64) launch_dkdv<DQK_MAX, 64>(dk, dv_out, q, k, v, dout, lse, D, B, T, H, dqk, dv, scale, stream);
-    else if (dvb == 128) launch_dkdv<DQK_MAX, 128>(dk, dv_out, q, k, v, dout, lse, D, B, T, H, dqk, dv, scale, stream);
-    else launch_dkdv<DQK_MAX, 256>(dk, dv_out, q, k, v, dout, lse, D, B, T, H, dqk, dv, scale, stream);
+    if (dvb == 64) launch_dkdv<DQK_MAX, 64>(dk, dvalue, q, k, v, dout, lse, D, B, T, H, dqk, dv, scale, stream);
+    else if (dvb == 128) launch_dkdv<DQK_MAX, 128>(dk, dvalue, q, k, v, dout, lse, D, B, T, H, dqk, dv, scale, stream);
+    else launch_dkdv<DQK_MAX, 256>(dk, dvalue, q, k, v, dout, lse, D, B, T, H, dqk, dv, scale, stream);
 }
 
 }  // namespace mla_detail
@@ -861,11 +860,11 @@ inline void attention_forward_gpu(bf16* out, float* lse, const bf16* q, const bf
 // floats of scratch attention_backward_gpu needs (D = rowsum(dout * out), [B, H, T])
 inline size_t attention_backward_scratch_floats(int B, int T, int H) { return (size_t)B * H * T; }
 
-// Causal attention backward: writes (overwrites) dq, dk [B, T, H, dqk] and
-// dv [B, T, H, dv] from dout [B, T, H, dv] and the forward's out and lse.
+// Causal attention backward: writes dq, dk [B, T, H, dqk] and
+// dvalue [B, T, H, dv] from dout [B, T, H, dv] and the forward's out and lse.
 // Deterministic: every output element is written by exactly one thread after a
 // fixed-order reduction. scratch: attention_backward_scratch_floats(B, T, H) floats.
-inline void attention_backward_gpu(bf16* dq, bf16* dk, bf16* dv, const bf16* dout, const bf16* out, const float* lse, const bf16* q,
+inline void attention_backward_gpu(bf16* dq, bf16* dk, bf16* dvalue, const bf16* dout, const bf16* out, const float* lse, const bf16* q,
                                    const bf16* k, const bf16* v, int B, int T, int H, int dqk, int dvd, float scale, float* scratch,
                                    cudaStream_t stream) {
     using namespace mla_detail;
@@ -876,10 +875,126 @@ inline void attention_backward_gpu(bf16* dq, bf16* dk, bf16* dv, const bf16* dou
     attention_backward_preprocess_kernel<<<(int)((rows + 7) / 8), 256, 0, stream>>>(D, dout, out, B, T, H, dvd);
     CUDA_LAUNCH_CHECK();
     const int qb = bucket(dqk), vb = bucket(dvd);
-    if (qb == 64) launch_dkdv_dv<64>(vb, dk, dv, q, k, v, dout, lse, D, B, T, H, dqk, dvd, scale, stream);
-    else if (qb == 128) launch_dkdv_dv<128>(vb, dk, dv, q, k, v, dout, lse, D, B, T, H, dqk, dvd, scale, stream);
-    else launch_dkdv_dv<256>(vb, dk, dv, q, k, v, dout, lse, D, B, T, H, dqk, dvd, scale, stream);
+    if (qb == 64) launch_dkdv_dv<64>(vb, dk, dvalue, q, k, v, dout, lse, D, B, T, H, dqk, dvd, scale, stream);
+    else if (qb == 128) launch_dkdv_dv<128>(vb, dk, dvalue, q, k, v, dout, lse, D, B, T, H, dqk, dvd, scale, stream);
+    else launch_dkdv_dv<256>(vb, dk, dvalue, q, k, v, dout, lse, D, B, T, H, dqk, dvd, scale, stream);
     if (qb == 64) launch_dq<64>(dq, q, k, v, dout, lse, D, B, T, H, dqk, dvd, scale, stream);
     else if (qb == 128) launch_dq<128>(dq, q, k, v, dout, lse, D, B, T, H, dqk, dvd, scale, stream);
     else launch_dq<256>(dq, q, k, v, dout, lse, D, B, T, H, dqk, dvd, scale, stream);
+}
+
+// ----------------------------------------------------------------------------
+// The MLA layer, the GPU twin of reference.h's mla_forward / mla_backward (same
+// arguments in the same order, the GpuContext last): the kernels above around
+// cuBLASLt projections, bf16 activations, fp32 RMSNorm statistics and lse.
+
+struct MlaActsGpu {
+    // one layer's, kept from forward to backward (N = B*T token rows)
+    bf16* q;                 // [N, H*dqk], q_pe roped
+    bf16 *qa, *qa_norm;      // [N, qr] (q_lora only)
+    bf16 *c, *c_norm;        // [N, dc] the latent, before and after its RMSNorm
+    bf16* kv_a;              // [N, dc+dr]: only the roped k_pe columns are written and read
+    bf16 *k, *v, *o;         // [N, H*dqk], [N, H*dv], [N, H*dv]
+    float *qa_rstd, *c_rstd, *lse;  // [N], [N], [N, H]
+    // temporaries, one set shared by every layer
+    bf16* kv_b;              // [N, H*(dn+dv)], read only inside the forward
+    bf16 *d_o, *dq, *dk, *dvalue, *dkv_b, *dkv_a, *dc_norm, *dc, *dqa_norm, *dqa;  // the backward's, shaped as above
+};
+
+// the temporaries every layer shares, for N tokens (backward: its gradients too)
+inline MlaActsGpu mla_shared_alloc(DeviceArena& arena, const Config& c, int N, bool backward) {
+    const int H = c.num_attention_heads, qr = c.q_lora_rank, dc = c.kv_lora_rank;
+    const int dn = c.qk_nope_head_dim, dr = c.qk_rope_head_dim, dv = c.v_head_dim;
+    auto grads = [&](size_t n) { return backward ? arena_alloc<bf16>(arena, (size_t)N * n, "gradients") : nullptr; };
+    MlaActsGpu a{};
+    a.kv_b = arena_alloc<bf16>(arena, (size_t)N * H * (dn + dv), "activations");
+    a.d_o = grads(H * dv);
+    a.dq = grads(H * (dn + dr));
+    a.dk = grads(H * (dn + dr));
+    a.dvalue = grads(H * dv);
+    a.dkv_b = grads(H * (dn + dv));
+    a.dkv_a = grads(dc + dr);
+    a.dc_norm = grads(dc);
+    a.dc = grads(dc);
+    if (qr > 0) {
+        a.dqa_norm = grads(qr);
+        a.dqa = grads(qr);
+    }
+    return a;
+}
+
+// one layer's own tensors for N tokens, beside the shared ones
+inline MlaActsGpu mla_layer_alloc(DeviceArena& arena, const Config& c, int N, const MlaActsGpu& shared) {
+    const int H = c.num_attention_heads, qr = c.q_lora_rank, dc = c.kv_lora_rank;
+    const int dqk = c.qk_nope_head_dim + c.qk_rope_head_dim, dv = c.v_head_dim;
+    auto acts = [&](size_t n) { return arena_alloc<bf16>(arena, (size_t)N * n, "activations"); };
+    auto acts32 = [&](size_t n) { return arena_alloc<float>(arena, (size_t)N * n, "activations"); };
+    MlaActsGpu a = shared;
+    if (qr > 0) {
+        a.qa = acts(qr);
+        a.qa_norm = acts(qr);
+        a.qa_rstd = acts32(1);
+    }
+    a.q = acts(H * dqk);
+    a.c = acts(dc);
+    a.c_norm = acts(dc);
+    a.c_rstd = acts32(1);
+    a.kv_a = acts(dc + c.qk_rope_head_dim);
+    a.k = acts(H * dqk);
+    a.v = acts(H * dv);
+    a.o = acts(H * dv);
+    a.lse = acts32(H);
+    return a;
+}
+
+// out [N, D] = MLA(x [N, D]) over B sequences of T tokens
+inline void mla_forward_gpu(const Config& c, const MlaWeights<bf16>& w, const RopeGpu& rope, bf16* out, const bf16* x, int B, int T,
+                            MlaActsGpu& a, GpuContext& ctx) {
+    const int N = B * T, H = c.num_attention_heads, qr = c.q_lora_rank, dc = c.kv_lora_rank;
+    const int dn = c.qk_nope_head_dim, dr = c.qk_rope_head_dim, dv = c.v_head_dim;
+    const float eps = c.rms_norm_eps;
+    cudaStream_t st = ctx.stream;
+    if (qr > 0) {
+        linear_forward_gpu(a.qa, x, w.q_a, N, ctx);
+        rmsnorm_residual_forward_gpu(nullptr, a.qa_norm, a.qa_rstd, a.qa, nullptr, w.q_a_norm, N, qr, eps, st);
+        linear_forward_gpu(a.q, a.qa_norm, w.q_b, N, ctx);
+    } else {
+        linear_forward_gpu(a.q, x, w.q_proj, N, ctx);
+    }
+    // the latent goes to a dense buffer of its own (RMSNorm reads rows of dc), k_pe
+    // to the last dr columns of kv_a, where RoPE and the K assembly read it
+    linear_forward_gpu(a.c, x, linear_rows(w.kv_a, 0, dc), N, ctx);
+    linear_forward_gpu(a.kv_a + dc, x, linear_rows(w.kv_a, dc, dr), N, ctx, dc + dr);
+    rmsnorm_residual_forward_gpu(nullptr, a.c_norm, a.c_rstd, a.c, nullptr, w.kv_a_norm, N, dc, eps, st);
+    linear_forward_gpu(a.kv_b, a.c_norm, w.kv_b, N, ctx);
+    rope_forward_gpu(a.q, a.kv_a, rope, N, T, H, dn, dc, 0, st);
+    mla_assemble_kv_gpu(a.k, a.v, a.kv_b, a.kv_a, N, H, dn, dr, dv, dc, st);
+    attention_forward_gpu(a.o, a.lse, a.q, a.k, a.v, B, T, H, dn + dr, dv, rope.softmax_scale, st);
+    linear_forward_gpu(out, a.o, w.o_proj, N, ctx);
+}
+
+// dx [N, D] (written) from dout [N, D]; weight gradients added into dw. ctx.scratch
+// holds attention_backward_scratch_floats and rmsnorm_backward_scratch_bytes.
+inline void mla_backward_gpu(const Config& c, const MlaWeights<bf16>& w, const MlaWeights<float>& dw, const RopeGpu& rope, bf16* dx,
+                             const bf16* dout, const bf16* x, int B, int T, const MlaActsGpu& a, GpuContext& ctx) {
+    const int N = B * T, H = c.num_attention_heads, qr = c.q_lora_rank, dc = c.kv_lora_rank;
+    const int dn = c.qk_nope_head_dim, dr = c.qk_rope_head_dim, dv = c.v_head_dim;
+    cudaStream_t st = ctx.stream;
+    kdetail::check_scratch(ctx.scratch_bytes, attention_backward_scratch_floats(B, T, H) * sizeof(float), "attention_backward_gpu");
+    linear_backward_gpu(a.d_o, dw.o_proj, dout, a.o, w.o_proj, N, false, ctx);
+    attention_backward_gpu(a.dq, a.dk, a.dvalue, a.d_o, a.o, a.lse, a.q, a.k, a.v, B, T, H, dn + dr, dv, rope.softmax_scale,
+                           (float*)ctx.scratch, st);
+    mla_assemble_kv_backward_gpu(a.dkv_b, a.dkv_a, a.dk, a.dvalue, N, H, dn, dr, dv, dc, st);
+    rope_backward_gpu(a.dq, a.dkv_a, rope, N, T, H, dn, dc, 0, st);
+    linear_backward_gpu(a.dc_norm, dw.kv_b, a.dkv_b, a.c_norm, w.kv_b, N, false, ctx);
+    rmsnorm_backward_gpu(a.dc, dw.kv_a_norm, nullptr, a.dc_norm, a.c, w.kv_a_norm, a.c_rstd, N, dc, ctx.scratch, ctx.scratch_bytes, st);
+    linear_backward_gpu(dx, linear_rows(dw.kv_a, 0, dc), a.dc, x, linear_rows(w.kv_a, 0, dc), N, false, ctx);
+    linear_backward_gpu(dx, linear_rows(dw.kv_a, dc, dr), a.dkv_a + dc, x, linear_rows(w.kv_a, dc, dr), N, true, ctx, dc + dr);
+    if (qr > 0) {
+        linear_backward_gpu(a.dqa_norm, dw.q_b, a.dq, a.qa_norm, w.q_b, N, false, ctx);
+        rmsnorm_backward_gpu(a.dqa, dw.q_a_norm, nullptr, a.dqa_norm, a.qa, w.q_a_norm, a.qa_rstd, N, qr, ctx.scratch, ctx.scratch_bytes, st);
+        linear_backward_gpu(dx, dw.q_a, a.dqa, x, w.q_a, N, true, ctx);
+    } else {
+        linear_backward_gpu(dx, dw.q_proj, a.dq, x, w.q_proj, N, true, ctx);
+    }
 }

@@ -12,8 +12,8 @@
 // are bf16 with fp32 accumulation. Nothing uses float atomics: every result is
 // bit-identical run to run (integer atomics commute, so counters may use them).
 //
-// How a layer is put together (N tokens, K experts per token, S = N*K slots;
-// slot n*K+k is the k-th choice of token n):
+// How moe_forward_gpu (at the end of this file) puts a layer together (N tokens,
+// K experts per token, S = N*K slots; slot n*K+k is the k-th choice of token n):
 //   logits [N,E] fp32 = u @ W_router^T                      (cuBLASLt matmul)
 //   router_forward_gpu      -> scores [N,E], expert [N,K], gate [N,K], load [E]
 //   moe_permute_gpu         -> offsets [E+1], slot_row [S], row_slot [S]
@@ -21,8 +21,9 @@
 //   grouped_gemm_forward_gpu (W = gate_proj|up_proj, OC = 2I) -> gu [S,2I]
 //   SwiGLU                  -> h [S,I]   (kernels.cuh's swiglu_*_fused_gpu read this [S,2I] layout)
 //   grouped_gemm_forward_gpu (W = down_proj, OC = D) -> y_sorted [S,D]
+//   ffn_forward_gpu         -> the shared experts' output [N,D]
 //   moe_combine_forward_gpu -> out [N,D] = sum_k gate * y (+ shared expert output)
-// and backward in reverse: moe_combine_backward_gpu (dy_sorted, dgate),
+// and moe_backward_gpu in reverse: moe_combine_backward_gpu (dy_sorted, dgate),
 // grouped_gemm_backward_input/weight_gpu, moe_scatter_backward_gpu (du),
 // router_backward_gpu (dlogits), with balance_loss_backward_gpu feeding its
 // dscores_extra.
@@ -30,11 +31,11 @@
 // Expert weights: the grouped GEMMs take a base pointer and an expert stride in
 // elements, W_e = w + e * w_stride, each W_e [OC, C] row-major. The model stores
 // experts in Hugging Face order (per expert gate_proj [I,D], up_proj [I,D],
-// down_proj [D,I]), so with stride 3*I*D: gate_proj of expert 0 as the base and
-// OC = 2I runs gate_proj and up_proj as one GEMM (they are adjacent, forming one
-// [2I, D] matrix), and down_proj of expert 0 as the base runs the down
-// projection. A contiguous [E, OC, C] block is stride OC*C. Weight gradients use
-// the same scheme in fp32.
+// down_proj [D,I]), so with MoeWeights' expert_stride (3*I*D): gate_up(experts)
+// as the base and OC = 2I runs gate_proj and up_proj as one GEMM, and
+// experts.down as the base runs the down projection. bind_weights (reference.h)
+// checks both layouts when it binds them. A contiguous [E, OC, C] block is stride
+// OC*C. Weight gradients use the same scheme in fp32.
 #pragma once
 
 #include <climits>
@@ -43,6 +44,7 @@
 
 #include "config.h"
 #include "cuda_common.cuh"
+#include "kernels.cuh"
 
 // limits of the router kernel: one warp per token holds E/32 scores per lane
 constexpr int MOE_MAX_EXPERTS = 256;
@@ -1014,4 +1016,91 @@ inline void grouped_gemm_backward_input_gpu(bf16* dx, const bf16* dout, const bf
 inline void grouped_gemm_backward_weight_gpu(float* dw, size_t dw_stride, const bf16* dout, const bf16* x, const int* offsets,
                                              int S, int E, int C, int OC, cudaStream_t stream) {
     grouped_gemm_backward_weight_cfg<128, 64, 3>(dw, dw_stride, dout, x, offsets, S, E, C, OC, stream);
+}
+
+// ----------------------------------------------------------------------------
+// The SwiGLU FFN and the MoE layer on the GPU, the twins of reference.h's
+// ffn_forward / ffn_backward and moe_forward / moe_backward (same arguments in the
+// same order, the GpuContext last). Dense layers and the shared experts run the
+// FFN; the routed experts run the grouped GEMMs above on the same weights' layout.
+
+struct FfnActsGpu {
+    bf16* gate_up;             // [n, 2I] one layer's, kept from forward to backward
+    // temporaries shared by every layer
+    bf16* hidden;              // [n, I] the SwiGLU output, rebuilt by the backward
+    bf16 *dgate_up, *dhidden;  // the backward's, shaped as above
+};
+
+// out [n, D] = down(silu(gate x) * up x), gate and up as one [2I, D] GEMM
+inline void ffn_forward_gpu(const FfnWeights<bf16>& w, bf16* out, const bf16* x, int n, FfnActsGpu& a, GpuContext& ctx) {
+    linear_forward_gpu(a.gate_up, x, gate_up(w), n, ctx);
+    swiglu_forward_fused_gpu(a.hidden, a.gate_up, n, w.gate.out, ctx.stream);
+    linear_forward_gpu(out, a.hidden, w.down, n, ctx);
+}
+
+// dx [n, D] written, or added to when accumulate (the shared experts add theirs to
+// the routed experts'); weight gradients added into dw
+inline void ffn_backward_gpu(const FfnWeights<bf16>& w, const FfnWeights<float>& dw, bf16* dx, const bf16* dout, const bf16* x, int n,
+                             const FfnActsGpu& a, bool accumulate, GpuContext& ctx) {
+    const int I = w.gate.out;
+    swiglu_forward_fused_gpu(a.hidden, a.gate_up, n, I, ctx.stream);
+    linear_backward_gpu(a.dhidden, dw.down, dout, a.hidden, w.down, n, false, ctx);
+    swiglu_backward_fused_gpu(a.dgate_up, a.dhidden, a.gate_up, n, I, ctx.stream);
+    linear_backward_gpu(dx, gate_up(dw), a.dgate_up, x, gate_up(w), n, accumulate, ctx);
+}
+
+struct MoeActsGpu {
+    // one layer's, kept from forward to backward (N tokens, S = N*K slots)
+    float *router_logits, *scores, *gate;       // [N, E], [N, E], [N, K]
+    int *expert, *offsets, *slot_row, *row_slot;  // [N, K], [E+1], [S], [S]
+    bf16 *gu_sorted, *y_sorted;                 // [S, 2I], [S, D] by expert
+    float *frac, *seq_loss;                     // the balance loss's [B, E], [B] (training only)
+    FfnActsGpu shared;                          // the shared experts (their gate_up is per layer)
+    // temporaries shared by every layer
+    bf16 *x_sorted, *hidden, *shared_out;       // [S, D] (rebuilt by the backward), [S, I], [N, D]
+    int* permute_scratch;                       // moe_permute_scratch_ints(S, E)
+    bf16 *dy_sorted, *dh_sorted, *dgu_sorted, *dx_sorted, *router_dlogits16;  // the backward's
+    float *dgate, *router_dlogits;
+};
+
+// out [N, D] = sum_k gate_k E_k(u) + Shared(u) for u [N, D]. The router reads the
+// fp32 master bias (a bf16 copy would round its small steps away) and adds each
+// token's choices to load [E] when not null.
+inline void moe_forward_gpu(const Config& c, const MoeWeights<bf16>& w, const float* bias, bf16* out, const bf16* u, int N,
+                            MoeActsGpu& a, int* load, GpuContext& ctx) {
+    const int D = c.hidden_size, E = c.n_routed_experts, K = c.num_experts_per_tok, I = c.moe_intermediate_size, S = N * K;
+    const bool shared = c.n_shared_experts > 0;
+    cudaStream_t st = ctx.stream;
+    // fp32 logits: routing decisions near a tie must not hinge on bf16 rounding
+    matmul(ctx.mm, a.router_logits, u, w.router.w, N, E, D, false, true, 0.0f, true, st);
+    router_forward_gpu(a.scores, a.expert, a.gate, load, a.router_logits, bias, c, N, st);
+    moe_permute_gpu(a.offsets, a.slot_row, a.row_slot, a.permute_scratch, a.expert, S, E, st);
+    moe_gather_gpu(a.x_sorted, u, a.row_slot, N, K, D, st);
+    grouped_gemm_forward_gpu(a.gu_sorted, a.x_sorted, gate_up(w.experts).w, w.expert_stride, a.offsets, S, E, D, 2 * I, st);
+    swiglu_forward_fused_gpu(a.hidden, a.gu_sorted, S, I, st);
+    grouped_gemm_forward_gpu(a.y_sorted, a.hidden, w.experts.down.w, w.expert_stride, a.offsets, S, E, I, D, st);
+    if (shared) ffn_forward_gpu(w.shared, a.shared_out, u, N, a.shared, ctx);
+    moe_combine_forward_gpu(out, a.y_sorted, a.gate, a.slot_row, shared ? a.shared_out : nullptr, N, K, D, st);
+}
+
+// du [N, D] written from dout [N, D]; weight gradients added into dw;
+// dscores_balance [N, E] is the balance loss's gradient of the scores (or null)
+inline void moe_backward_gpu(const Config& c, const MoeWeights<bf16>& w, const MoeWeights<float>& dw, bf16* du, const bf16* dout,
+                             const bf16* u, int N, const MoeActsGpu& a, const float* dscores_balance, GpuContext& ctx) {
+    const int D = c.hidden_size, E = c.n_routed_experts, K = c.num_experts_per_tok, I = c.moe_intermediate_size, S = N * K;
+    const size_t stride = w.expert_stride;
+    cudaStream_t st = ctx.stream;
+    moe_combine_backward_gpu(a.dy_sorted, a.dgate, dout, a.y_sorted, a.gate, a.slot_row, N, K, D, st);
+    grouped_gemm_backward_input_gpu(a.dh_sorted, a.dy_sorted, w.experts.down.w, stride, a.offsets, S, E, I, D, st);
+    swiglu_forward_fused_gpu(a.hidden, a.gu_sorted, S, I, st);
+    grouped_gemm_backward_weight_gpu(dw.experts.down.w, stride, a.dy_sorted, a.hidden, a.offsets, S, E, I, D, st);
+    swiglu_backward_fused_gpu(a.dgu_sorted, a.dh_sorted, a.gu_sorted, S, I, st);
+    grouped_gemm_backward_input_gpu(a.dx_sorted, a.dgu_sorted, gate_up(w.experts).w, stride, a.offsets, S, E, D, 2 * I, st);
+    moe_gather_gpu(a.x_sorted, u, a.row_slot, N, K, D, st);
+    grouped_gemm_backward_weight_gpu(gate_up(dw.experts).w, stride, a.dgu_sorted, a.x_sorted, a.offsets, S, E, D, 2 * I, st);
+    moe_scatter_backward_gpu(du, a.dx_sorted, a.slot_row, N, K, D, false, st);
+    if (c.n_shared_experts > 0) ffn_backward_gpu(w.shared, dw.shared, du, dout, u, N, a.shared, true, ctx);
+    router_backward_gpu(a.router_dlogits, a.dgate, dscores_balance, a.scores, a.expert, c, N, st);
+    float_to_bf16_gpu(a.router_dlogits16, a.router_dlogits, (size_t)N * E, st);
+    linear_backward_gpu(du, dw.router, a.router_dlogits16, u, w.router, N, true, ctx);
 }

@@ -5,8 +5,14 @@
 // the whole model, then the optimizer.
 //
 // Conventions: N = B*T token rows; a weight W[OC, C] maps C inputs to OC outputs
-// (PyTorch's nn.Linear layout, so checkpoints load as they are); every backward
-// ACCUMULATES (+=) into its input and weight gradients, so callers zero them once.
+// (PyTorch's nn.Linear layout, so checkpoints load as they are).
+//
+// The gradient rule, here and on the GPU alike: a backward ADDS (+=) into weight
+// gradients, so a step sums its micro-batches into them, and WRITES (=) the
+// gradients of its inputs. Where an input gradient has a second source, the call
+// says so: an `accumulate` flag, or a `dresidual` argument (the residual stream's
+// gradient flowing past the layer).
+//
 // Loops are parallel over independent outputs only, so results never depend on
 // the thread count.
 #pragma once
@@ -114,6 +120,138 @@ inline ParamLayout param_layout(const Config& c) {
 }
 
 // ----------------------------------------------------------------------------
+// Typed weights: one struct per layer, bound once (bind_weights) to any flat
+// array in the layout above: the CPU parameters or gradients, or on the GPU the
+// bf16 weights, fp32 master weights or fp32 gradients. Layers read fields, never
+// names; llm.c binds its ParameterTensors the same way.
+
+template <typename T>
+struct Linear {  // an nn.Linear weight W [out, in], row-major (FP8 adds its codes and block scales here)
+    T* w = nullptr;
+    int out = 0, in = 0;
+};
+
+// rows r0 .. r0+n-1 of W as a Linear of their own (kv_a's latent and k_pe parts)
+template <typename T>
+Linear<T> linear_rows(const Linear<T>& l, int r0, int n) {
+    return {l.w + (size_t)r0 * l.in, n, l.in};
+}
+
+template <typename T>
+struct FfnWeights {  // SwiGLU: down(silu(gate x) * up x); up follows gate in memory
+    Linear<T> gate, up, down;  // [I, D], [I, D], [D, I]
+};
+
+// gate and up as one [2I, D] matrix: one GEMM computes both
+template <typename T>
+Linear<T> gate_up(const FfnWeights<T>& f) {
+    return {f.gate.w, 2 * f.gate.out, f.gate.in};
+}
+
+template <typename T>
+struct MlaWeights {
+    Linear<T> q_proj;         // [H*dqk, D]      q_lora_rank == 0
+    Linear<T> q_a;            // [qr, D]         q_lora_rank > 0
+    T* q_a_norm = nullptr;    // [qr]
+    Linear<T> q_b;            // [H*dqk, qr]
+    Linear<T> kv_a;           // [dc + dr, D]    latent c, then the shared k_pe
+    T* kv_a_norm = nullptr;   // [dc]
+    Linear<T> kv_b;           // [H*(dn+dv), dc] per head [k_nope; v]
+    Linear<T> o_proj;         // [D, H*dv]
+};
+
+template <typename T>
+struct MoeWeights {
+    Linear<T> router;          // [E, D]
+    T* bias = nullptr;         // e_score_correction_bias [E]: a buffer, no gradient
+    FfnWeights<T> experts;     // expert 0; expert e is expert_stride elements further (moe_expert)
+    size_t expert_stride = 0;
+    FfnWeights<T> shared;      // n_shared_experts * I wide; null when there are none
+};
+
+template <typename T>
+FfnWeights<T> moe_expert(const MoeWeights<T>& m, int e) {
+    const size_t off = (size_t)e * m.expert_stride;
+    FfnWeights<T> f = m.experts;
+    f.gate.w += off;
+    f.up.w += off;
+    f.down.w += off;
+    return f;
+}
+
+template <typename T>
+struct LayerWeights {
+    T* input_norm = nullptr;     // [D]
+    MlaWeights<T> attn;
+    T* post_norm = nullptr;      // [D]
+    FfnWeights<T> ffn;           // dense layers (l < first_k_dense_replace)
+    MoeWeights<T> moe;           // MoE layers
+};
+
+template <typename T>
+struct ModelWeights {
+    T* embed = nullptr;          // [V, D]
+    std::vector<LayerWeights<T>> layers;
+    T* final_norm = nullptr;     // [D]
+    Linear<T> lm_head;           // [V, D]
+};
+
+// Points a ModelWeights at the flat array `base` laid out by L, and checks the two
+// contiguity contracts the GPU relies on: up_proj right after gate_proj, and the
+// routed experts of a layer at one fixed stride.
+template <typename T>
+ModelWeights<T> bind_weights(const Config& c, const ParamLayout& L, T* base) {
+    auto at = [&](const std::string& name) { return base + L.offset_of(name); };
+    auto linear = [&](const std::string& name) {
+        const TensorSpec& s = L.tensors[L.index.at(name)];
+        return Linear<T>{base + s.offset, (int)s.shape[0], (int)s.shape[1]};
+    };
+    auto ffn = [&](const std::string& p) {
+        FfnWeights<T> f{linear(p + "gate_proj.weight"), linear(p + "up_proj.weight"), linear(p + "down_proj.weight")};
+        if (f.up.w != f.gate.w + (size_t)f.gate.out * f.gate.in) fail("internal: %sup_proj does not follow gate_proj", p.c_str());
+        return f;
+    };
+    ModelWeights<T> w;
+    w.embed = at("model.embed_tokens.weight");
+    w.final_norm = at("model.norm.weight");
+    w.lm_head = linear("lm_head.weight");
+    w.layers.resize(c.num_hidden_layers);
+    for (int l = 0; l < c.num_hidden_layers; l++) {
+        const std::string p = strfmt("model.layers.%d.", l), a = p + "self_attn.";
+        LayerWeights<T>& x = w.layers[l];
+        x.input_norm = at(p + "input_layernorm.weight");
+        x.post_norm = at(p + "post_attention_layernorm.weight");
+        if (c.q_lora_rank > 0) {
+            x.attn.q_a = linear(a + "q_a_proj.weight");
+            x.attn.q_a_norm = at(a + "q_a_layernorm.weight");
+            x.attn.q_b = linear(a + "q_b_proj.weight");
+        } else {
+            x.attn.q_proj = linear(a + "q_proj.weight");
+        }
+        x.attn.kv_a = linear(a + "kv_a_proj_with_mqa.weight");
+        x.attn.kv_a_norm = at(a + "kv_a_layernorm.weight");
+        x.attn.kv_b = linear(a + "kv_b_proj.weight");
+        x.attn.o_proj = linear(a + "o_proj.weight");
+        if (!c.is_moe_layer(l)) {
+            x.ffn = ffn(p + "mlp.");
+            continue;
+        }
+        MoeWeights<T>& m = x.moe;
+        m.router = linear(p + "mlp.gate.weight");
+        m.bias = at(p + "mlp.gate.e_score_correction_bias");
+        m.experts = ffn(p + "mlp.experts.0.");
+        m.expert_stride = (size_t)3 * c.moe_intermediate_size * c.hidden_size;
+        for (int e = 1; e < c.n_routed_experts; e++) {
+            FfnWeights<T> want = moe_expert(m, e), got = ffn(p + strfmt("mlp.experts.%d.", e));
+            if (got.gate.w != want.gate.w || got.down.w != want.down.w)
+                fail("internal: expert %d of layer %d is not at the fixed expert stride", e, l);
+        }
+        if (c.n_shared_experts > 0) m.shared = ffn(p + "mlp.shared_experts.");
+    }
+    return w;
+}
+
+// ----------------------------------------------------------------------------
 // Matmul: out[N, OC] = inp[N, C] @ W[OC, C]^T
 
 template <typename T>
@@ -135,13 +273,15 @@ void matmul_forward(T* out, const T* inp, const T* weight, int N, int C, int OC)
         for (int o = 0; o < OC; o++) out[(size_t)n * OC + o] = dot(inp + (size_t)n * C, weight + (size_t)o * C, C);
 }
 
-// dinp[N, C] += dout[N, OC] @ W ; dweight[OC, C] += dout^T @ inp
+// dinp[N, C] = dout[N, OC] @ W (+= when accumulate; null: not wanted);
+// dweight[OC, C] += dout^T @ inp
 template <typename T>
-void matmul_backward(T* dinp, T* dweight, const T* dout, const T* inp, const T* weight, int N, int C, int OC) {
+void matmul_backward(T* dinp, T* dweight, const T* dout, const T* inp, const T* weight, int N, int C, int OC, bool accumulate) {
     if (dinp) {
 #pragma omp parallel for schedule(static)
         for (int n = 0; n < N; n++) {
             T* di = dinp + (size_t)n * C;
+            if (!accumulate) std::fill(di, di + C, (T)0);
             for (int o = 0; o < OC; o++) {
                 T d = dout[(size_t)n * OC + o];
                 const T* w = weight + (size_t)o * C;
@@ -158,6 +298,17 @@ void matmul_backward(T* dinp, T* dweight, const T* dout, const T* inp, const T* 
             for (int c = 0; c < C; c++) dw[c] += d * x[c];
         }
     }
+}
+
+// nn.Linear: out[N, W.out] = inp[N, W.in] @ W^T
+template <typename T>
+void linear_forward(T* out, const T* inp, const Linear<T>& w, int N) {
+    matmul_forward(out, inp, w.w, N, w.in, w.out);
+}
+
+template <typename T>
+void linear_backward(T* dinp, const Linear<T>& dw, const T* dout, const T* inp, const Linear<T>& w, int N, bool accumulate) {
+    matmul_backward(dinp, dw.w, dout, inp, w.w, N, w.in, w.out, accumulate);
 }
 
 // ----------------------------------------------------------------------------
@@ -192,9 +343,11 @@ void rmsnorm_forward(T* out, T* rstd, const T* inp, const T* weight, int N, int 
     }
 }
 
-// dx_i = r * w_i dy_i - r^3 / C * x_i * sum_j w_j dy_j x_j
+// dx_i = r * w_i dy_i - r^3 / C * x_i * sum_j w_j dy_j x_j, plus dresidual [N, C]
+// when not null (it may be dinp itself)
 template <typename T>
-void rmsnorm_backward(T* dinp, T* dweight, const T* dout, const T* inp, const T* weight, const T* rstd, int N, int C) {
+void rmsnorm_backward(T* dinp, T* dweight, const T* dresidual, const T* dout, const T* inp, const T* weight, const T* rstd, int N,
+                      int C) {
 #pragma omp parallel for schedule(static)
     for (int n = 0; n < N; n++) {
         const T* x = inp + (size_t)n * C;
@@ -203,7 +356,8 @@ void rmsnorm_backward(T* dinp, T* dweight, const T* dout, const T* inp, const T*
         T s = 0;
         for (int i = 0; i < C; i++) s += weight[i] * dy[i] * x[i];
         T k = r * r * r * s / C;
-        for (int i = 0; i < C; i++) dinp[(size_t)n * C + i] += r * weight[i] * dy[i] - k * x[i];
+        for (int i = 0; i < C; i++)
+            dinp[(size_t)n * C + i] = (dresidual ? dresidual[(size_t)n * C + i] : 0) + (r * weight[i] * dy[i] - k * x[i]);
     }
     for (int n = 0; n < N; n++)
         for (int i = 0; i < C; i++) dweight[i] += dout[(size_t)n * C + i] * inp[(size_t)n * C + i] * rstd[n];
@@ -319,8 +473,11 @@ void attention_forward(T* out, T* att, const T* q, const T* k, const T* v, int B
 
 // dscore_tj = p_tj (dp_tj - sum_j' p_tj' dp_tj'), dp_tj = dout_t . v_j
 template <typename T>
-void attention_backward(T* dq, T* dk, T* dv_, const T* dout, const T* att, const T* q, const T* k, const T* v, int B, int Tlen,
+void attention_backward(T* dq, T* dk, T* dvalue, const T* dout, const T* att, const T* q, const T* k, const T* v, int B, int Tlen,
                         int H, int dqk, int dv, double scale) {
+    std::fill(dq, dq + (size_t)B * Tlen * H * dqk, (T)0);
+    std::fill(dk, dk + (size_t)B * Tlen * H * dqk, (T)0);
+    std::fill(dvalue, dvalue + (size_t)B * Tlen * H * dv, (T)0);
 #pragma omp parallel for collapse(2) schedule(static)
     for (int b = 0; b < B; b++)
         for (int h = 0; h < H; h++) {
@@ -332,7 +489,7 @@ void attention_backward(T* dq, T* dk, T* dv_, const T* dout, const T* att, const
                 for (int j = 0; j <= t; j++) {
                     dp[j] = dot(dot_, v + (((size_t)b * Tlen + j) * H + h) * dv, dv);
                     sum += p[j] * dp[j];
-                    T* dvj = dv_ + (((size_t)b * Tlen + j) * H + h) * dv;
+                    T* dvj = dvalue + (((size_t)b * Tlen + j) * H + h) * dv;
                     for (int i = 0; i < dv; i++) dvj[i] += p[j] * dot_[i];
                 }
                 const T* qt = q + (((size_t)b * Tlen + t) * H + h) * dqk;
@@ -358,11 +515,6 @@ void attention_backward(T* dq, T* dk, T* dv_, const T* dout, const T* att, const
 //   out = Wo attention(q, [k_nope; k_pe], v)
 
 template <typename T>
-struct MlaParams {  // pointers into the flat parameter (or gradient) array
-    T *q_proj, *q_a, *q_a_norm, *q_b, *kv_a, *kv_a_norm, *kv_b, *o_proj;
-};
-
-template <typename T>
 struct MlaActs {
     std::vector<T> qa, qa_norm, qa_rstd;  // [N, qr], [N, qr], [N]  (q_lora only)
     std::vector<T> q;                     // [N, H, dqk], q_pe roped
@@ -375,29 +527,29 @@ struct MlaActs {
 };
 
 template <typename T>
-void mla_forward(const Config& c, const MlaParams<T>& w, const RopeTable& rope, T* out, const T* x, int B, int Tlen, MlaActs<T>& a) {
-    const int N = B * Tlen, D = c.hidden_size, H = c.num_attention_heads, qr = c.q_lora_rank, dc = c.kv_lora_rank;
+void mla_forward(const Config& c, const MlaWeights<T>& w, const RopeTable& rope, T* out, const T* x, int B, int Tlen, MlaActs<T>& a) {
+    const int N = B * Tlen, H = c.num_attention_heads, qr = c.q_lora_rank, dc = c.kv_lora_rank;
     const int dn = c.qk_nope_head_dim, dr = c.qk_rope_head_dim, dv = c.v_head_dim, dqk = dn + dr;
     a.q.resize((size_t)N * H * dqk);
     if (qr > 0) {
         a.qa.resize((size_t)N * qr);
         a.qa_norm.resize((size_t)N * qr);
         a.qa_rstd.resize(N);
-        matmul_forward(a.qa.data(), x, w.q_a, N, D, qr);
+        linear_forward(a.qa.data(), x, w.q_a, N);
         rmsnorm_forward(a.qa_norm.data(), a.qa_rstd.data(), a.qa.data(), w.q_a_norm, N, qr, c.rms_norm_eps);
-        matmul_forward(a.q.data(), a.qa_norm.data(), w.q_b, N, qr, H * dqk);
+        linear_forward(a.q.data(), a.qa_norm.data(), w.q_b, N);
     } else {
-        matmul_forward(a.q.data(), x, w.q_proj, N, D, H * dqk);
+        linear_forward(a.q.data(), x, w.q_proj, N);
     }
     a.kv_a.resize((size_t)N * (dc + dr));
-    matmul_forward(a.kv_a.data(), x, w.kv_a, N, D, dc + dr);
+    linear_forward(a.kv_a.data(), x, w.kv_a, N);
     a.c_norm.resize((size_t)N * dc);
     a.c_rstd.resize(N);
     std::vector<T> latent((size_t)N * dc);
     for (int n = 0; n < N; n++) std::copy_n(&a.kv_a[(size_t)n * (dc + dr)], dc, &latent[(size_t)n * dc]);
     rmsnorm_forward(a.c_norm.data(), a.c_rstd.data(), latent.data(), w.kv_a_norm, N, dc, c.rms_norm_eps);
     a.kv_b.resize((size_t)N * H * (dn + dv));
-    matmul_forward(a.kv_b.data(), a.c_norm.data(), w.kv_b, N, dc, H * (dn + dv));
+    linear_forward(a.kv_b.data(), a.c_norm.data(), w.kv_b, N);
     a.k.resize((size_t)N * H * dqk);
     a.v.resize((size_t)N * H * dv);
     for (int n = 0; n < N; n++) {
@@ -416,18 +568,18 @@ void mla_forward(const Config& c, const MlaParams<T>& w, const RopeTable& rope, 
     a.att.resize((size_t)B * H * Tlen * Tlen);
     a.o.resize((size_t)N * H * dv);
     attention_forward(a.o.data(), a.att.data(), a.q.data(), a.k.data(), a.v.data(), B, Tlen, H, dqk, dv, rope.softmax_scale);
-    matmul_forward(out, a.o.data(), w.o_proj, N, H * dv, D);
+    linear_forward(out, a.o.data(), w.o_proj, N);
 }
 
 template <typename T>
-void mla_backward(const Config& c, const MlaParams<T>& w, const MlaParams<T>& dw, const RopeTable& rope, T* dx, const T* dout,
+void mla_backward(const Config& c, const MlaWeights<T>& w, const MlaWeights<T>& dw, const RopeTable& rope, T* dx, const T* dout,
                   const T* x, int B, int Tlen, const MlaActs<T>& a) {
-    const int N = B * Tlen, D = c.hidden_size, H = c.num_attention_heads, qr = c.q_lora_rank, dc = c.kv_lora_rank;
+    const int N = B * Tlen, H = c.num_attention_heads, qr = c.q_lora_rank, dc = c.kv_lora_rank;
     const int dn = c.qk_nope_head_dim, dr = c.qk_rope_head_dim, dv = c.v_head_dim, dqk = dn + dr;
     std::vector<T> d_o((size_t)N * H * dv, 0);
-    matmul_backward(d_o.data(), dw.o_proj, dout, a.o.data(), w.o_proj, N, H * dv, D);
-    std::vector<T> dq((size_t)N * H * dqk, 0), dk((size_t)N * H * dqk, 0), dvv((size_t)N * H * dv, 0);
-    attention_backward(dq.data(), dk.data(), dvv.data(), d_o.data(), a.att.data(), a.q.data(), a.k.data(), a.v.data(), B, Tlen, H,
+    linear_backward(d_o.data(), dw.o_proj, dout, a.o.data(), w.o_proj, N, false);
+    std::vector<T> dq((size_t)N * H * dqk, 0), dk((size_t)N * H * dqk, 0), dvalue((size_t)N * H * dv, 0);
+    attention_backward(dq.data(), dk.data(), dvalue.data(), d_o.data(), a.att.data(), a.q.data(), a.k.data(), a.v.data(), B, Tlen, H,
                        dqk, dv, rope.softmax_scale);
     // split dK, dV back into d kv_b and the shared d k_pe, then undo the rotations
     std::vector<T> dkv_b((size_t)N * H * (dn + dv)), dkv_a((size_t)N * (dc + dr), 0);
@@ -438,25 +590,25 @@ void mla_backward(const Config& c, const MlaParams<T>& w, const MlaParams<T>& dw
             const T* dkh = &dk[((size_t)n * H + h) * dqk];
             T* dkvb = &dkv_b[((size_t)n * H + h) * (dn + dv)];
             std::copy_n(dkh, dn, dkvb);
-            std::copy_n(&dvv[((size_t)n * H + h) * dv], dv, dkvb + dn);
+            std::copy_n(&dvalue[((size_t)n * H + h) * dv], dv, dkvb + dn);
             for (int i = 0; i < dr; i++) dk_pe[i] += dkh[dn + i];
             rope_backward(&dq[((size_t)n * H + h) * dqk + dn], pos, rope);
         }
         rope_backward(dk_pe, pos, rope);
     }
     std::vector<T> dc_norm((size_t)N * dc, 0), dlatent((size_t)N * dc, 0), latent((size_t)N * dc);
-    matmul_backward(dc_norm.data(), dw.kv_b, dkv_b.data(), a.c_norm.data(), w.kv_b, N, dc, H * (dn + dv));
+    linear_backward(dc_norm.data(), dw.kv_b, dkv_b.data(), a.c_norm.data(), w.kv_b, N, false);
     for (int n = 0; n < N; n++) std::copy_n(&a.kv_a[(size_t)n * (dc + dr)], dc, &latent[(size_t)n * dc]);
-    rmsnorm_backward(dlatent.data(), dw.kv_a_norm, dc_norm.data(), latent.data(), w.kv_a_norm, a.c_rstd.data(), N, dc);
+    rmsnorm_backward(dlatent.data(), dw.kv_a_norm, (const T*)nullptr, dc_norm.data(), latent.data(), w.kv_a_norm, a.c_rstd.data(), N, dc);
     for (int n = 0; n < N; n++) std::copy_n(&dlatent[(size_t)n * dc], dc, &dkv_a[(size_t)n * (dc + dr)]);
-    matmul_backward(dx, dw.kv_a, dkv_a.data(), x, w.kv_a, N, D, dc + dr);
+    linear_backward(dx, dw.kv_a, dkv_a.data(), x, w.kv_a, N, false);
     if (qr > 0) {
         std::vector<T> dqa_norm((size_t)N * qr, 0), dqa((size_t)N * qr, 0);
-        matmul_backward(dqa_norm.data(), dw.q_b, dq.data(), a.qa_norm.data(), w.q_b, N, qr, H * dqk);
-        rmsnorm_backward(dqa.data(), dw.q_a_norm, dqa_norm.data(), a.qa.data(), w.q_a_norm, a.qa_rstd.data(), N, qr);
-        matmul_backward(dx, dw.q_a, dqa.data(), x, w.q_a, N, D, qr);
+        linear_backward(dqa_norm.data(), dw.q_b, dq.data(), a.qa_norm.data(), w.q_b, N, false);
+        rmsnorm_backward(dqa.data(), dw.q_a_norm, (const T*)nullptr, dqa_norm.data(), a.qa.data(), w.q_a_norm, a.qa_rstd.data(), N, qr);
+        linear_backward(dx, dw.q_a, dqa.data(), x, w.q_a, N, true);
     } else {
-        matmul_backward(dx, dw.q_proj, dq.data(), x, w.q_proj, N, D, H * dqk);
+        linear_backward(dx, dw.q_proj, dq.data(), x, w.q_proj, N, true);
     }
 }
 
@@ -475,29 +627,32 @@ inline T sigmoid(T x) {
 }
 
 template <typename T>
-void ffn_forward(T* out, const T* x, const T* w_gate, const T* w_up, const T* w_down, int n, int D, int I, FfnActs<T>& a) {
+void ffn_forward(const FfnWeights<T>& w, T* out, const T* x, int n, FfnActs<T>& a) {
+    const int I = w.gate.out;
     a.gate.resize((size_t)n * I);
     a.up.resize((size_t)n * I);
     a.hidden.resize((size_t)n * I);
-    matmul_forward(a.gate.data(), x, w_gate, n, D, I);
-    matmul_forward(a.up.data(), x, w_up, n, D, I);
+    linear_forward(a.gate.data(), x, w.gate, n);
+    linear_forward(a.up.data(), x, w.up, n);
     for (size_t i = 0; i < (size_t)n * I; i++) a.hidden[i] = a.gate[i] * sigmoid(a.gate[i]) * a.up[i];
-    matmul_forward(out, a.hidden.data(), w_down, n, I, D);
+    linear_forward(out, a.hidden.data(), w.down, n);
 }
 
-// silu'(g) = s + g s (1 - s), s = sigmoid(g)
+// silu'(g) = s + g s (1 - s), s = sigmoid(g); dx += when accumulate (the shared
+// experts add theirs to the routed experts')
 template <typename T>
-void ffn_backward(T* dx, T* dw_gate, T* dw_up, T* dw_down, const T* dout, const T* x, const T* w_gate, const T* w_up,
-                  const T* w_down, int n, int D, int I, const FfnActs<T>& a) {
+void ffn_backward(const FfnWeights<T>& w, const FfnWeights<T>& dw, T* dx, const T* dout, const T* x, int n, const FfnActs<T>& a,
+                  bool accumulate) {
+    const int I = w.gate.out;
     std::vector<T> dhidden((size_t)n * I, 0), dgate((size_t)n * I), dup((size_t)n * I);
-    matmul_backward(dhidden.data(), dw_down, dout, a.hidden.data(), w_down, n, I, D);
+    linear_backward(dhidden.data(), dw.down, dout, a.hidden.data(), w.down, n, false);
     for (size_t i = 0; i < (size_t)n * I; i++) {
         T g = a.gate[i], s = sigmoid(g);
         dup[i] = dhidden[i] * g * s;
         dgate[i] = dhidden[i] * a.up[i] * (s + g * s * (1 - s));
     }
-    matmul_backward(dx, dw_gate, dgate.data(), x, w_gate, n, D, I);
-    matmul_backward(dx, dw_up, dup.data(), x, w_up, n, D, I);
+    linear_backward(dx, dw.gate, dgate.data(), x, w.gate, n, accumulate);
+    linear_backward(dx, dw.up, dup.data(), x, w.up, n, true);
 }
 
 // ----------------------------------------------------------------------------
@@ -646,14 +801,6 @@ void balance_loss_backward(const Config& c, T* dscores, const RouterActs<T>& a, 
 // by expert in token order, so each expert runs one matmul over its rows.
 
 template <typename T>
-struct MoeParams {
-    T* router;
-    T* bias;                                   // e_score_correction_bias [E]
-    std::vector<T*> gate_proj, up_proj, down_proj;  // per expert
-    T *shared_gate, *shared_up, *shared_down;  // null when no shared experts
-};
-
-template <typename T>
 struct MoeActs {
     std::vector<T> logits;                 // [N, E]
     RouterActs<T> router;
@@ -666,10 +813,10 @@ struct MoeActs {
 };
 
 template <typename T>
-void moe_forward(const Config& c, const MoeParams<T>& w, T* out, const T* u, int N, MoeActs<T>& a) {
-    const int D = c.hidden_size, E = c.n_routed_experts, K = c.num_experts_per_tok, I = c.moe_intermediate_size;
+void moe_forward(const Config& c, const MoeWeights<T>& w, T* out, const T* u, int N, MoeActs<T>& a) {
+    const int D = c.hidden_size, E = c.n_routed_experts, K = c.num_experts_per_tok;
     a.logits.resize((size_t)N * E);
-    router_forward(c, a.logits.data(), u, w.router, w.bias, N, a.router);
+    router_forward(c, a.logits.data(), u, w.router.w, w.bias, N, a.router);
     a.rows.assign(E, {});
     for (int n = 0; n < N; n++)
         for (int k = 0; k < K; k++) a.rows[a.router.expert[(size_t)n * K + k]].push_back(n * K + k);
@@ -683,7 +830,7 @@ void moe_forward(const Config& c, const MoeParams<T>& w, T* out, const T* u, int
         a.y[e].resize((size_t)m * D);
         for (int r = 0; r < m; r++) std::copy_n(u + (size_t)(a.rows[e][r] / K) * D, D, &a.x[e][(size_t)r * D]);
         if (m == 0) continue;
-        ffn_forward(a.y[e].data(), a.x[e].data(), w.gate_proj[e], w.up_proj[e], w.down_proj[e], m, D, I, a.ffn[e]);
+        ffn_forward(moe_expert(w, e), a.y[e].data(), a.x[e].data(), m, a.ffn[e]);
     }
     // combine in token order, slots in selection order: deterministic sums
     a.slot.resize((size_t)N * K);
@@ -698,16 +845,16 @@ void moe_forward(const Config& c, const MoeParams<T>& w, T* out, const T* u, int
         }
     if (c.n_shared_experts > 0) {
         a.shared_out.resize((size_t)N * D);
-        ffn_forward(a.shared_out.data(), u, w.shared_gate, w.shared_up, w.shared_down, N, D, c.n_shared_experts * I, a.shared);
+        ffn_forward(w.shared, a.shared_out.data(), u, N, a.shared);
         for (size_t i = 0; i < (size_t)N * D; i++) out[i] += a.shared_out[i];
     }
 }
 
 // dscores_balance [N, E] (or null) is the balance loss's gradient w.r.t. the scores
 template <typename T>
-void moe_backward(const Config& c, const MoeParams<T>& w, const MoeParams<T>& dw, T* du, const T* dout, const T* u, int N,
+void moe_backward(const Config& c, const MoeWeights<T>& w, const MoeWeights<T>& dw, T* du, const T* dout, const T* u, int N,
                   const MoeActs<T>& a, const T* dscores_balance) {
-    const int D = c.hidden_size, E = c.n_routed_experts, K = c.num_experts_per_tok, I = c.moe_intermediate_size;
+    const int D = c.hidden_size, E = c.n_routed_experts, K = c.num_experts_per_tok;
     std::vector<T> dgate((size_t)N * K);
     std::vector<std::vector<T>> dx(E);
     for (int e = 0; e < E; e++) {
@@ -722,10 +869,10 @@ void moe_backward(const Config& c, const MoeParams<T>& w, const MoeParams<T>& dw
             for (int i = 0; i < D; i++) dy[(size_t)r * D + i] = g * go[i];
         }
         dx[e].assign((size_t)m * D, 0);
-        ffn_backward(dx[e].data(), dw.gate_proj[e], dw.up_proj[e], dw.down_proj[e], dy.data(), a.x[e].data(), w.gate_proj[e],
-                     w.up_proj[e], w.down_proj[e], m, D, I, a.ffn[e]);
+        ffn_backward(moe_expert(w, e), moe_expert(dw, e), dx[e].data(), dy.data(), a.x[e].data(), m, a.ffn[e], false);
     }
     // scatter expert input gradients back in token order
+    std::fill(du, du + (size_t)N * D, (T)0);
     for (int n = 0; n < N; n++)
         for (int k = 0; k < K; k++) {
             auto er = a.slot[(size_t)n * K + k];
@@ -734,10 +881,8 @@ void moe_backward(const Config& c, const MoeParams<T>& w, const MoeParams<T>& dw
         }
     std::vector<T> dlogits((size_t)N * E);
     router_backward(c, dlogits.data(), dgate.data(), dscores_balance, a.router, N);
-    matmul_backward(du, dw.router, dlogits.data(), u, w.router, N, D, E);
-    if (c.n_shared_experts > 0)
-        ffn_backward(du, dw.shared_gate, dw.shared_up, dw.shared_down, dout, u, w.shared_gate, w.shared_up, w.shared_down, N, D,
-                     c.n_shared_experts * I, a.shared);
+    linear_backward(du, dw.router, dlogits.data(), u, w.router, N, true);
+    if (c.n_shared_experts > 0) ffn_backward(w.shared, dw.shared, du, dout, u, N, a.shared, true);
 }
 
 // ----------------------------------------------------------------------------
@@ -766,13 +911,11 @@ template <typename T>
 void crossentropy_backward(T* dlogits, const T* probs, const int* targets, int N, int V, T dloss) {
     int count = 0;
     for (int n = 0; n < N; n++) count += targets[n] >= 0;
-    if (count == 0) return;
-    T scale = dloss / count;
+    const T scale = count > 0 ? dloss / count : 0;
 #pragma omp parallel for schedule(static)
-    for (int n = 0; n < N; n++) {
-        if (targets[n] < 0) continue;
-        for (int i = 0; i < V; i++) dlogits[(size_t)n * V + i] += scale * (probs[(size_t)n * V + i] - (i == targets[n] ? 1 : 0));
-    }
+    for (int n = 0; n < N; n++)
+        for (int i = 0; i < V; i++)
+            dlogits[(size_t)n * V + i] = targets[n] < 0 ? 0 : scale * (probs[(size_t)n * V + i] - (i == targets[n] ? 1 : 0));
 }
 
 // ----------------------------------------------------------------------------
@@ -819,8 +962,7 @@ struct RefModel {
     ParamLayout layout;
     RopeTable rope;
     std::vector<T> params, grads;
-    std::vector<MlaParams<T>> mla_w, mla_g;
-    std::vector<MoeParams<T>> moe_w, moe_g;
+    ModelWeights<T> w, g;  // bound to params and to grads
     // activations of the last forward
     int B = 0, Tlen = 0;
     std::vector<int> inputs, targets;
@@ -832,44 +974,6 @@ struct RefModel {
     std::vector<std::vector<int64_t>> expert_load;  // [layer][expert] tokens routed in the last forward
 };
 
-// points the per-layer parameter structs at the flat array `base`
-template <typename T>
-void ref_bind(const Config& c, const ParamLayout& L, T* base, std::vector<MlaParams<T>>& mla, std::vector<MoeParams<T>>& moe) {
-    mla.assign(c.num_hidden_layers, MlaParams<T>{});
-    moe.assign(c.num_hidden_layers, MoeParams<T>{});
-    auto at = [&](const std::string& name) { return base + L.offset_of(name); };
-    for (int l = 0; l < c.num_hidden_layers; l++) {
-        std::string p = strfmt("model.layers.%d.self_attn.", l);
-        MlaParams<T>& m = mla[l];
-        if (c.q_lora_rank > 0) {
-            m.q_a = at(p + "q_a_proj.weight");
-            m.q_a_norm = at(p + "q_a_layernorm.weight");
-            m.q_b = at(p + "q_b_proj.weight");
-        } else {
-            m.q_proj = at(p + "q_proj.weight");
-        }
-        m.kv_a = at(p + "kv_a_proj_with_mqa.weight");
-        m.kv_a_norm = at(p + "kv_a_layernorm.weight");
-        m.kv_b = at(p + "kv_b_proj.weight");
-        m.o_proj = at(p + "o_proj.weight");
-        if (!c.is_moe_layer(l)) continue;
-        std::string q = strfmt("model.layers.%d.mlp.", l);
-        MoeParams<T>& e = moe[l];
-        e.router = at(q + "gate.weight");
-        e.bias = at(q + "gate.e_score_correction_bias");
-        for (int x = 0; x < c.n_routed_experts; x++) {
-            e.gate_proj.push_back(at(q + strfmt("experts.%d.gate_proj.weight", x)));
-            e.up_proj.push_back(at(q + strfmt("experts.%d.up_proj.weight", x)));
-            e.down_proj.push_back(at(q + strfmt("experts.%d.down_proj.weight", x)));
-        }
-        if (c.n_shared_experts > 0) {
-            e.shared_gate = at(q + "shared_experts.gate_proj.weight");
-            e.shared_up = at(q + "shared_experts.up_proj.weight");
-            e.shared_down = at(q + "shared_experts.down_proj.weight");
-        }
-    }
-}
-
 template <typename T>
 void ref_init(RefModel<T>& m, const Config& c) {
     config_check(c);
@@ -878,8 +982,8 @@ void ref_init(RefModel<T>& m, const Config& c) {
     m.rope = rope_build(c, c.max_position_embeddings);
     m.params.assign(m.layout.total, 0);
     m.grads.assign(m.layout.total, 0);
-    ref_bind(c, m.layout, m.params.data(), m.mla_w, m.moe_w);
-    ref_bind(c, m.layout, m.grads.data(), m.mla_g, m.moe_g);
+    m.w = bind_weights(c, m.layout, m.params.data());
+    m.g = bind_weights(c, m.layout, m.grads.data());
 }
 
 // HF's initialisation: normal(0, 0.02) matrices, unit norm weights, zero bias
@@ -894,16 +998,6 @@ void ref_init_weights(RefModel<T>& m, uint64_t seed) {
             m.params[s.offset + i] = v;
         }
     }
-}
-
-template <typename T>
-const T* ref_param(const RefModel<T>& m, const std::string& name) {
-    return m.params.data() + m.layout.offset_of(name);
-}
-
-template <typename T>
-T* ref_grad(RefModel<T>& m, const std::string& name) {
-    return m.grads.data() + m.layout.offset_of(name);
 }
 
 // Runs the forward pass over inputs [B, T]; targets may be null (logits only;
@@ -928,20 +1022,20 @@ T ref_forward(RefModel<T>& m, const int* inputs, const int* targets, int B, int 
     auto dropout_key = [&]() { return dropout_site_key(opt.dropout_key, ++site); };
 
     std::vector<T> h((size_t)N * D);
-    embedding_forward(h.data(), inputs, ref_param(m, "model.embed_tokens.weight"), N, D);
+    embedding_forward(h.data(), inputs, m.w.embed, N, D);
     if (opt.dropout > 0) {
         m.emb_mask.resize(h.size());
         dropout_forward(h.data(), m.emb_mask.data(), h.size(), opt.dropout, dropout_key());
     }
     for (int l = 0; l < c.num_hidden_layers; l++) {
         LayerActs<T>& a = m.layers[l];
-        std::string p = strfmt("model.layers.%d.", l);
+        const LayerWeights<T>& w = m.w.layers[l];
         a.h_in = h;
         a.xn.resize(h.size());
         a.xn_rstd.resize(N);
-        rmsnorm_forward(a.xn.data(), a.xn_rstd.data(), h.data(), ref_param(m, p + "input_layernorm.weight"), N, D, c.rms_norm_eps);
+        rmsnorm_forward(a.xn.data(), a.xn_rstd.data(), h.data(), w.input_norm, N, D, c.rms_norm_eps);
         a.attn_out.resize(h.size());
-        mla_forward(c, m.mla_w[l], m.rope, a.attn_out.data(), a.xn.data(), B, Tlen, a.mla);
+        mla_forward(c, w.attn, m.rope, a.attn_out.data(), a.xn.data(), B, Tlen, a.mla);
         if (opt.dropout > 0) {
             a.attn_mask.resize(h.size());
             dropout_forward(a.attn_out.data(), a.attn_mask.data(), h.size(), opt.dropout, dropout_key());
@@ -950,15 +1044,13 @@ T ref_forward(RefModel<T>& m, const int* inputs, const int* targets, int B, int 
         a.h_mid = h;
         a.xn2.resize(h.size());
         a.xn2_rstd.resize(N);
-        rmsnorm_forward(a.xn2.data(), a.xn2_rstd.data(), h.data(), ref_param(m, p + "post_attention_layernorm.weight"), N, D,
-                        c.rms_norm_eps);
+        rmsnorm_forward(a.xn2.data(), a.xn2_rstd.data(), h.data(), w.post_norm, N, D, c.rms_norm_eps);
         a.ffn_out.resize(h.size());
         if (c.is_moe_layer(l)) {
-            moe_forward(c, m.moe_w[l], a.ffn_out.data(), a.xn2.data(), N, a.moe);
+            moe_forward(c, w.moe, a.ffn_out.data(), a.xn2.data(), N, a.moe);
             for (int n = 0; n < N * c.num_experts_per_tok; n++) m.expert_load[l][a.moe.router.expert[n]]++;
         } else {
-            ffn_forward(a.ffn_out.data(), a.xn2.data(), ref_param(m, p + "mlp.gate_proj.weight"), ref_param(m, p + "mlp.up_proj.weight"),
-                        ref_param(m, p + "mlp.down_proj.weight"), N, D, c.intermediate_size, a.ffn);
+            ffn_forward(w.ffn, a.ffn_out.data(), a.xn2.data(), N, a.ffn);
         }
         if (opt.dropout > 0) {
             a.ffn_mask.resize(h.size());
@@ -969,9 +1061,9 @@ T ref_forward(RefModel<T>& m, const int* inputs, const int* targets, int B, int 
     m.h_final = h;
     m.hn.resize(h.size());
     m.hn_rstd.resize(N);
-    rmsnorm_forward(m.hn.data(), m.hn_rstd.data(), h.data(), ref_param(m, "model.norm.weight"), N, D, c.rms_norm_eps);
+    rmsnorm_forward(m.hn.data(), m.hn_rstd.data(), h.data(), m.w.final_norm, N, D, c.rms_norm_eps);
     m.logits.resize((size_t)N * V);
-    matmul_forward(m.logits.data(), m.hn.data(), ref_param(m, "lm_head.weight"), N, D, V);
+    linear_forward(m.logits.data(), m.hn.data(), m.w.lm_head, N);
     if (!targets) return 0;
     for (int n = 0; n < N; n++)
         if (targets[n] >= V) fail("target id %d at position %d is outside the vocabulary (%d)", targets[n], n, V);
@@ -988,16 +1080,15 @@ template <typename T>
 void ref_backward(RefModel<T>& m, T dloss = 1) {
     const Config& c = m.cfg;
     const int B = m.B, Tlen = m.Tlen, N = B * Tlen, D = c.hidden_size, V = c.vocab_size;
-    std::vector<T> dlogits((size_t)N * V, 0), dhn((size_t)N * D, 0), dh((size_t)N * D, 0);
+    std::vector<T> dlogits((size_t)N * V), dhn((size_t)N * D), dh((size_t)N * D);
     crossentropy_backward(dlogits.data(), m.probs.data(), m.targets.data(), N, V, dloss);
-    matmul_backward(dhn.data(), ref_grad(m, "lm_head.weight"), dlogits.data(), m.hn.data(), ref_param(m, "lm_head.weight"), N, D, V);
-    rmsnorm_backward(dh.data(), ref_grad(m, "model.norm.weight"), dhn.data(), m.h_final.data(), ref_param(m, "model.norm.weight"),
-                     m.hn_rstd.data(), N, D);
+    linear_backward(dhn.data(), m.g.lm_head, dlogits.data(), m.hn.data(), m.w.lm_head, N, false);
+    rmsnorm_backward(dh.data(), m.g.final_norm, (const T*)nullptr, dhn.data(), m.h_final.data(), m.w.final_norm, m.hn_rstd.data(), N, D);
     for (int l = c.num_hidden_layers - 1; l >= 0; l--) {
         LayerActs<T>& a = m.layers[l];
-        std::string p = strfmt("model.layers.%d.", l);
+        const LayerWeights<T>&w = m.w.layers[l], &g = m.g.layers[l];
         // dh flows to the FFN branch and straight through the residual
-        std::vector<T> dbranch = dh, dxn((size_t)N * D, 0);
+        std::vector<T> dbranch = dh, dxn((size_t)N * D);
         if (m.opt.dropout > 0)
             for (size_t i = 0; i < dbranch.size(); i++) dbranch[i] *= a.ffn_mask[i];
         if (c.is_moe_layer(l)) {
@@ -1006,27 +1097,21 @@ void ref_backward(RefModel<T>& m, T dloss = 1) {
                 dscores.resize((size_t)N * c.n_routed_experts);
                 balance_loss_backward(c, dscores.data(), a.moe.router, B, Tlen, m.opt.balance_alpha, (double)dloss);
             }
-            moe_backward(c, m.moe_w[l], m.moe_g[l], dxn.data(), dbranch.data(), a.xn2.data(), N, a.moe,
+            moe_backward(c, w.moe, g.moe, dxn.data(), dbranch.data(), a.xn2.data(), N, a.moe,
                          dscores.empty() ? nullptr : dscores.data());
         } else {
-            ffn_backward(dxn.data(), ref_grad(m, p + "mlp.gate_proj.weight"), ref_grad(m, p + "mlp.up_proj.weight"),
-                         ref_grad(m, p + "mlp.down_proj.weight"), dbranch.data(), a.xn2.data(), ref_param(m, p + "mlp.gate_proj.weight"),
-                         ref_param(m, p + "mlp.up_proj.weight"), ref_param(m, p + "mlp.down_proj.weight"), N, D, c.intermediate_size,
-                         a.ffn);
+            ffn_backward(w.ffn, g.ffn, dxn.data(), dbranch.data(), a.xn2.data(), N, a.ffn, false);
         }
-        rmsnorm_backward(dh.data(), ref_grad(m, p + "post_attention_layernorm.weight"), dxn.data(), a.h_mid.data(),
-                         ref_param(m, p + "post_attention_layernorm.weight"), a.xn2_rstd.data(), N, D);
+        rmsnorm_backward(dh.data(), g.post_norm, dh.data(), dxn.data(), a.h_mid.data(), w.post_norm, a.xn2_rstd.data(), N, D);
         dbranch = dh;
         if (m.opt.dropout > 0)
             for (size_t i = 0; i < dbranch.size(); i++) dbranch[i] *= a.attn_mask[i];
-        std::fill(dxn.begin(), dxn.end(), (T)0);
-        mla_backward(c, m.mla_w[l], m.mla_g[l], m.rope, dxn.data(), dbranch.data(), a.xn.data(), B, Tlen, a.mla);
-        rmsnorm_backward(dh.data(), ref_grad(m, p + "input_layernorm.weight"), dxn.data(), a.h_in.data(),
-                         ref_param(m, p + "input_layernorm.weight"), a.xn_rstd.data(), N, D);
+        mla_backward(c, w.attn, g.attn, m.rope, dxn.data(), dbranch.data(), a.xn.data(), B, Tlen, a.mla);
+        rmsnorm_backward(dh.data(), g.input_norm, dh.data(), dxn.data(), a.h_in.data(), w.input_norm, a.xn_rstd.data(), N, D);
     }
     if (m.opt.dropout > 0)
         for (size_t i = 0; i < dh.size(); i++) dh[i] *= m.emb_mask[i];
-    embedding_backward(ref_grad(m, "model.embed_tokens.weight"), dh.data(), m.inputs.data(), N, D);
+    embedding_backward(m.g.embed, dh.data(), m.inputs.data(), N, D);
 }
 
 // ----------------------------------------------------------------------------
@@ -1089,10 +1174,10 @@ void adamw_update(const ParamLayout& L, T* params, const T* grads, float* m, flo
 
 // b_i += gamma * sign(mean load - load_i) for every MoE layer (DeepSeek-V3 §2.1.2)
 template <typename T>
-void expert_bias_update(const Config& c, const ParamLayout& L, T* params, const std::vector<std::vector<int64_t>>& load, float gamma) {
+void expert_bias_update(const Config& c, const ModelWeights<T>& w, const std::vector<std::vector<int64_t>>& load, float gamma) {
     for (int l = 0; l < c.num_hidden_layers; l++) {
         if (!c.is_moe_layer(l)) continue;
-        T* bias = params + L.offset_of(strfmt("model.layers.%d.mlp.gate.e_score_correction_bias", l));
+        T* bias = w.layers[l].moe.bias;
         double mean = 0;
         for (int64_t x : load[l]) mean += (double)x;
         mean /= c.n_routed_experts;

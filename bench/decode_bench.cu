@@ -1,4 +1,4 @@
-// decode_bench.cu — times GPU generation (decode.cuh) on a checkpoint: prefill
+// decode_bench.cu — times GPU generation (decode.h) on a checkpoint: prefill
 // tokens/s, time to first token, and decode tokens/s for a batch of random
 // prompts, greedy, every sequence generating exactly --new-tokens tokens (no
 // end-of-text stop). Each run copies the sampled tokens back after every step, as
@@ -11,7 +11,7 @@
 #include <cstdio>
 
 #include "cli.h"
-#include "decode.cuh"
+#include "decode.h"
 #include "decode.h"
 
 static const char* USAGE =

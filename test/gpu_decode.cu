@@ -80,7 +80,7 @@ DecodeErrors decode_errors(int variant) {
         CUDA_CHECK(cudaMemcpy(d->tokens, next.data(), 2 * sizeof(int), cudaMemcpyHostToDevice));
         CUDA_CHECK(cudaMemset(d->logits, 0xFF, (size_t)2 * V * sizeof(bf16)));  // poison
         decoder_forward(*d);
-        CUDA_CHECK(cudaStreamSynchronize(m.gpu->stream));
+        CUDA_CHECK(cudaStreamSynchronize(m.gpu->ctx.stream));
     }
     REQUIRE(dec_all.size() == (size_t)(2 * T - prompt_len[0] - prompt_len[1] + 2) * V);
     // relative error over the whole logits tensor (SPEC 6); the GPU training

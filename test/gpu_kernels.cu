@@ -280,9 +280,8 @@ TEST_CASE("gpu: rmsnorm backward matches the reference; dweight and dinp are det
                 first_dinp = dinp;
                 first_dw = dw;
             }
-            std::vector<double> dinp_ref(NC, 0.0), dw_ref = to_double(dw0);
-            if (m != 1) dinp_ref = to_double(dres);
-            rmsnorm_backward(dinp_ref.data(), dw_ref.data(), to_double(dout).data(), to_double(inp).data(), to_double(w).data(),
+            std::vector<double> dinp_ref(NC), dw_ref = to_double(dw0), dres_ref = to_double(dres);
+            rmsnorm_backward(dinp_ref.data(), dw_ref.data(), m != 1 ? dres_ref.data() : nullptr, to_double(dout).data(), to_double(inp).data(), to_double(w).data(),
                              to_double(rstd).data(), N, C);
             CHECK(all_finite(dinp));
             CHECK(all_finite(dw));
@@ -300,8 +299,8 @@ TEST_CASE("gpu: rmsnorm backward matches the reference; dweight and dinp are det
         d_dw.set(dw0);
         rmsnorm_backward_gpu(d_dinp32.p, d_dw.p, d_dres32.p, d_dout.p, d_inp32.p, d_w.p, d_rstd.p, N, C, scratch.p, scratch_bytes, st.s);
         st.sync();
-        std::vector<double> dinp_ref = to_double(dres), dw_ref = to_double(dw0);
-        rmsnorm_backward(dinp_ref.data(), dw_ref.data(), to_double(dout).data(), to_double(inp).data(), to_double(w).data(),
+        std::vector<double> dinp_ref(NC), dw_ref = to_double(dw0), dres_ref = to_double(dres);
+        rmsnorm_backward(dinp_ref.data(), dw_ref.data(), dres_ref.data(), to_double(dout).data(), to_double(inp).data(), to_double(w).data(),
                          to_double(rstd).data(), N, C);
         const double e_dinp = rel_error(d_dinp32.get(), dinp_ref), e_dw = rel_error(d_dw.get(), dw_ref);
         report(strfmt("rmsnorm backward dinp    N=%d C=%d fp32 input and stream", N, C), e_dinp);
@@ -310,7 +309,7 @@ TEST_CASE("gpu: rmsnorm backward matches the reference; dweight and dinp are det
     }
 }
 
-TEST_CASE("gpu: swiglu, separate and fused, matches the reference ffn") {
+TEST_CASE("gpu: swiglu on the fused [n, 2I] layout matches the reference ffn") {
     require_gpu();
     Stream st;
     for (auto sh : {std::pair{13, 37}, std::pair{32, 256}, std::pair{3, 8}}) {
@@ -332,35 +331,34 @@ TEST_CASE("gpu: swiglu, separate and fused, matches the reference ffn") {
         }
         std::vector<double> x = to_double(gate_up), out((size_t)n * D);
         FfnActs<double> acts;
-        ffn_forward(out.data(), x.data(), wg.data(), wu.data(), wd.data(), n, D, I, acts);
+        const FfnWeights<double> w{{wg.data(), I, D}, {wu.data(), I, D}, {wd.data(), D, I}};
+        ffn_forward(w, out.data(), x.data(), n, acts);
         std::vector<double> dout((size_t)n * D, 0), dx((size_t)n * D, 0), dwg(wg.size(), 0), dwu(wu.size(), 0), dwd(wd.size(), 0);
         for (int r = 0; r < n; r++)
             for (int j = 0; j < I; j++) dout[(size_t)r * D + j] = dhidden[(size_t)r * I + j];
-        ffn_backward(dx.data(), dwg.data(), dwu.data(), dwd.data(), dout.data(), x.data(), wg.data(), wu.data(), wd.data(), n, D, I, acts);
+        const FfnWeights<double> dw{{dwg.data(), I, D}, {dwu.data(), I, D}, {dwd.data(), D, I}};
+        ffn_backward(w, dw, dx.data(), dout.data(), x.data(), n, acts, false);
         std::vector<double> dgate_ref(nI), dup_ref(nI);
-        std::vector<float> gate(nI), up(nI);
         for (int r = 0; r < n; r++)
             for (int j = 0; j < I; j++) {
-                gate[(size_t)r * I + j] = gate_up[(size_t)r * D + j];
-                up[(size_t)r * I + j] = gate_up[(size_t)r * D + I + j];
                 dgate_ref[(size_t)r * I + j] = dx[(size_t)r * D + j];
                 dup_ref[(size_t)r * I + j] = dx[(size_t)r * D + I + j];
             }
 
-        Dev<bf16> d_gate(nI), d_up(nI), d_hidden(nI), d_dh(nI), d_dgate(nI), d_dup(nI), d_gu((size_t)n * D), d_dgu((size_t)n * D);
-        d_gate.set(gate);
-        d_up.set(up);
+        Dev<bf16> d_hidden(nI), d_dh(nI), d_gu((size_t)n * D), d_dgu((size_t)n * D);
         d_dh.set(dhidden);
         d_gu.set(gate_up);
-
-        // separate layout
         d_hidden.poison();
-        swiglu_forward_gpu(d_hidden.p, d_gate.p, d_up.p, nI, st.s);
-        d_dgate.poison();
-        d_dup.poison();
-        swiglu_backward_gpu(d_dgate.p, d_dup.p, d_dh.p, d_gate.p, d_up.p, nI, st.s);
+        swiglu_forward_fused_gpu(d_hidden.p, d_gu.p, n, I, st.s);
+        d_dgu.poison();
+        swiglu_backward_fused_gpu(d_dgu.p, d_dh.p, d_gu.p, n, I, st.s);
         st.sync();
-        std::vector<float> hidden = d_hidden.get(), dgate = d_dgate.get(), dup = d_dup.get();
+        std::vector<float> hidden = d_hidden.get(), dgu = d_dgu.get(), dgate(nI), dup(nI);
+        for (int r = 0; r < n; r++)
+            for (int j = 0; j < I; j++) {
+                dgate[(size_t)r * I + j] = dgu[(size_t)r * D + j];
+                dup[(size_t)r * I + j] = dgu[(size_t)r * D + I + j];
+            }
         CHECK(all_finite(hidden));
         CHECK(all_finite(dgate));
         CHECK(all_finite(dup));
@@ -372,24 +370,10 @@ TEST_CASE("gpu: swiglu, separate and fused, matches the reference ffn") {
         CHECK(e_dg < 8e-3);
         CHECK(e_du < 8e-3);
 
-        // fused layout: the same numbers, bit for bit
-        d_hidden.poison();
-        swiglu_forward_fused_gpu(d_hidden.p, d_gu.p, n, I, st.s);
-        d_dgu.poison();
-        swiglu_backward_fused_gpu(d_dgu.p, d_dh.p, d_gu.p, n, I, st.s);
-        st.sync();
-        CHECK(d_hidden.get() == hidden);
-        std::vector<float> dgu = d_dgu.get(), dgu_ref((size_t)n * D);
-        for (int r = 0; r < n; r++)
-            for (int j = 0; j < I; j++) {
-                dgu_ref[(size_t)r * D + j] = dgate[(size_t)r * I + j];
-                dgu_ref[(size_t)r * D + I + j] = dup[(size_t)r * I + j];
-            }
-        CHECK(dgu == dgu_ref);
-        // in place: dgate_up overwrites gate_up
+        // in place, as the backward may run it: dgate_up overwrites gate_up
         swiglu_backward_fused_gpu(d_gu.p, d_dh.p, d_gu.p, n, I, st.s);
         st.sync();
-        CHECK(d_gu.get() == dgu_ref);
+        CHECK(d_gu.get() == dgu);
     }
 }
 
@@ -411,11 +395,13 @@ TEST_CASE("gpu: dropout masks equal the CPU's bit for bit, forward and backward"
             for (float m : mask) zeros += m == 0;
             CHECK(zeros > 0);
             CHECK(zeros < n);
+            // backward as the model runs it: from the fp32 residual gradient to bf16
             Dev<bf16> d_x(n), d_dx(n);
+            Dev<float> d_dres(n);
             d_x.set(x);
-            d_dx.set(dx);
+            d_dres.set(dx);
             dropout_forward_gpu(d_x.p, n, p, key, st.s);
-            dropout_backward_gpu(d_dx.p, n, p, key, st.s);
+            dropout_to_bf16_gpu(d_dx.p, d_dres.p, n, p, key, st.s);
             st.sync();
             CHECK(d_x.get() == expect);
             CHECK(d_dx.get() == dexpect);
@@ -652,7 +638,7 @@ TEST_CASE("gpu: expert bias update matches the reference") {
         const int layers = (int)offsets.size();
         REQUIRE(layers == 2);
         std::vector<float> ref = params;
-        expert_bias_update(c, L, ref.data(), load, gamma);
+        expert_bias_update(c, bind_weights(c, L, ref.data()), load, gamma);
         // every layer at once, int64 loads
         Dev<float> d_params(L.total);
         Dev<size_t> d_offsets(layers);
@@ -667,9 +653,9 @@ TEST_CASE("gpu: expert bias update matches the reference") {
         std::vector<float> got = d_params.raw();
         report(strfmt("expert bias update E=%d (fp32)", E), rel_error(got, to_double(ref)));
         CHECK(same_bits(got, ref));
-        // one layer at a time, int loads
+        // int loads, as the training step counts them
         d_params.set_raw(params);
-        for (int k = 0; k < layers; k++) expert_bias_update_gpu(d_params.p + offsets[k], d_load32.p + (size_t)k * E, E, gamma, st.s);
+        expert_bias_update_gpu(d_params.p, d_offsets.p, d_load32.p, layers, E, gamma, st.s);
         st.sync();
         CHECK(same_bits(d_params.raw(), ref));
         // the test really moved some biases up, some down and left some alone

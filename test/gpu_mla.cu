@@ -1,7 +1,7 @@
 // gpu_mla.cu — GPU checks of mla.cuh against reference.h: RoPE (plain and YaRN),
 // the K/V assembly, flash attention forward (out, lse) and backward (dq, dk, dv)
 // over several shapes, determinism (also replayed from a CUDA graph), causality,
-// and the whole MLA attention chain.
+// and the whole MLA layer (mla_forward_gpu / mla_backward_gpu) with its projections.
 // Inputs are fresh random values rounded to bf16; the reference runs in double on
 // the same values; outputs are poisoned (NaN) first so unwritten elements show.
 #include <doctest/doctest.h>
@@ -11,6 +11,7 @@
 
 #include "mla.cuh"
 #include "reference.h"
+#include "test_configs.h"
 
 namespace {
 
@@ -391,86 +392,83 @@ TEST_CASE("GPU flash attention is causal") {
     CHECK(at_changed > 0);       // ...and the change is seen at t0
 }
 
-TEST_CASE("GPU MLA attention chain (RoPE, assembly, attention, and back) matches the reference") {
-    const int B = 2, T = 70, H = 3, dn = 32, dr = 16, dv = 32, dc = 48, dqk = dn + dr;
-    const int N = B * T;
-    Config c = mla_config(H, dn, dr, dv, dc, 1);
-    const RopeTable table = rope_build(c, 128);
-    RopeGpu rope = rope_table_upload(table);
-    auto q = random_bf16((size_t)N * H * dqk, 31, 2.0f), kv_a = random_bf16((size_t)N * (dc + dr), 32, 2.0f);
-    auto kv_b = random_bf16((size_t)N * H * (dn + dv), 33, 2.0f), dout = random_bf16((size_t)N * H * dv, 34);
-    auto latent_grad = random_bf16((size_t)N * (dc + dr), 35);
+namespace {
 
-    DeviceBuffer<bf16> d_q(q.size()), d_kv_a(kv_a.size()), d_kv_b(kv_b.size()), d_k((size_t)N * H * dqk), d_v((size_t)N * H * dv);
-    DeviceBuffer<bf16> d_out((size_t)N * H * dv), d_dout(dout.size()), d_dq(q.size()), d_dk(d_k.n), d_dv(d_v.n);
-    DeviceBuffer<bf16> d_dkv_b(kv_b.size()), d_dkv_a(kv_a.size());
-    DeviceBuffer<float> d_lse((size_t)B * H * T), d_scratch(attention_backward_scratch_floats(B, T, H));
-    d_q.upload(q);
-    d_kv_a.upload(kv_a);
-    d_kv_b.upload(kv_b);
+// One MLA layer, mla_forward_gpu / mla_backward_gpu as the model runs them, against
+// mla_forward / mla_backward in double on the same bf16 weights (layer 0 of a
+// model with randomised weights) and inputs: out, dx and every weight gradient.
+void check_mla_layer(const Config& c, int B, int T, uint64_t seed) {
+    const int N = B * T, D = c.hidden_size, H = c.num_attention_heads, qr = c.q_lora_rank, dc = c.kv_lora_rank;
+    const int dn = c.qk_nope_head_dim, dr = c.qk_rope_head_dim, dv = c.v_head_dim;
+    RefModel<double> m;
+    ref_init(m, c);
+    randomise_weights(m, seed, true);
+    auto x = random_bf16((size_t)N * D, seed + 1, 1.5f), dout = random_bf16((size_t)N * D, seed + 2);
+    MlaActs<double> acts;
+    std::vector<double> out_ref((size_t)N * D), dx_ref((size_t)N * D, 0.0);
+    mla_forward(c, m.w.layers[0].attn, m.rope, out_ref.data(), to_double(x).data(), B, T, acts);
+    mla_backward(c, m.w.layers[0].attn, m.g.layers[0].attn, m.rope, dx_ref.data(), to_double(dout).data(), to_double(x).data(), B, T, acts);
+
+    const size_t P = m.layout.total;
+    DeviceBuffer<bf16> d_params(P), d_x(x.size()), d_dout(dout.size()), d_out((size_t)N * D), d_dx((size_t)N * D);
+    DeviceBuffer<float> d_grads(P);
+    d_params.upload(std::vector<float>(m.params.begin(), m.params.end()));
+    d_x.upload(x);
     d_dout.upload(dout);
-    d_dkv_a.upload(latent_grad);
-    for (auto* b : {&d_k, &d_v, &d_out, &d_dq, &d_dk, &d_dv, &d_dkv_b}) b->poison();
-    d_lse.poison();
-    for (int n = 0; n < N; n++) CUDA_CHECK(cudaMemset(d_dkv_a.p + (size_t)n * (dc + dr) + dc, 0xFF, dr * sizeof(bf16)));
+    CUDA_CHECK(cudaMemset(d_grads.p, 0, P * sizeof(float)));
+    d_out.poison();
+    d_dx.poison();
+    const MlaWeights<bf16> w = bind_weights(c, m.layout, d_params.p).layers[0].attn;
+    const MlaWeights<float> dw = bind_weights(c, m.layout, d_grads.p).layers[0].attn;
+    DeviceArena arena;
+    MlaActsGpu a = mla_layer_alloc(arena, c, N, mla_shared_alloc(arena, c, N, true));
+    GpuContext ctx;
+    matmul_init(ctx.mm);
+    ctx.scratch_bytes = std::max(attention_backward_scratch_floats(B, T, H) * sizeof(float), rmsnorm_backward_scratch_bytes(N, std::max(dc, qr)));
+    ctx.scratch = arena_alloc<char>(arena, ctx.scratch_bytes, "test scratch");
+    RopeGpu rope = rope_table_upload(m.rope);
+    mla_forward_gpu(c, w, rope, d_out.p, d_x.p, B, T, a, ctx);
+    mla_backward_gpu(c, w, dw, rope, d_dx.p, d_dout.p, d_x.p, B, T, a, ctx);
+    auto out = d_out.download(), dx = d_dx.download(), grads = d_grads.download();
 
-    const float scale = (float)table.softmax_scale;
-    rope_forward_gpu(d_q.p, d_kv_a.p, rope, N, T, H, dn, dc, 0, 0);
-    mla_assemble_kv_gpu(d_k.p, d_v.p, d_kv_b.p, d_kv_a.p, N, H, dn, dr, dv, dc, 0);
-    attention_forward_gpu(d_out.p, d_lse.p, d_q.p, d_k.p, d_v.p, B, T, H, dqk, dv, scale, 0);
-    attention_backward_gpu(d_dq.p, d_dk.p, d_dv.p, d_dout.p, d_out.p, d_lse.p, d_q.p, d_k.p, d_v.p, B, T, H, dqk, dv, scale,
-                           d_scratch.p, 0);
-    mla_assemble_kv_backward_gpu(d_dkv_b.p, d_dkv_a.p, d_dk.p, d_dv.p, N, H, dn, dr, dv, dc, 0);
-    rope_backward_gpu(d_dq.p, d_dkv_a.p, rope, N, T, H, dn, dc, 0, 0);
-    auto out = d_out.download(), dq = d_dq.download(), dkv_b = d_dkv_b.download(), dkv_a = d_dkv_a.download();
-
-    // the reference, step by step as mla_forward / mla_backward do it
-    auto rq = to_double(q), rkv_a = to_double(kv_a), rkv_b = to_double(kv_b);
-    std::vector<double> rk((size_t)N * H * dqk), rv((size_t)N * H * dv);
-    for (int n = 0; n < N; n++) {
-        const int pos = n % T;
-        rope_forward(&rkv_a[(size_t)n * (dc + dr) + dc], pos, table);
-        for (int h = 0; h < H; h++) {
-            rope_forward(&rq[((size_t)n * H + h) * dqk + dn], pos, table);
-            const size_t nh = (size_t)n * H + h;
-            for (int i = 0; i < dn; i++) rk[nh * dqk + i] = rkv_b[nh * (dn + dv) + i];
-            for (int i = 0; i < dr; i++) rk[nh * dqk + dn + i] = rkv_a[(size_t)n * (dc + dr) + dc + i];
-            for (int i = 0; i < dv; i++) rv[nh * dv + i] = rkv_b[nh * (dn + dv) + dn + i];
-        }
-    }
-    AttRef ref = attention_reference(rq, rk, rv, to_double(dout), B, T, H, dqk, dv, table.softmax_scale);
-    std::vector<double> rdkv_b((size_t)N * H * (dn + dv)), rdk_pe((size_t)N * dr, 0.0);
-    for (int n = 0; n < N; n++) {
-        const int pos = n % T;
-        for (int h = 0; h < H; h++) {
-            const size_t nh = (size_t)n * H + h;
-            for (int i = 0; i < dn; i++) rdkv_b[nh * (dn + dv) + i] = ref.dk[nh * dqk + i];
-            for (int i = 0; i < dv; i++) rdkv_b[nh * (dn + dv) + dn + i] = ref.dv[nh * dv + i];
-            for (int i = 0; i < dr; i++) rdk_pe[(size_t)n * dr + i] += ref.dk[nh * dqk + dn + i];
-            rope_backward(&ref.dq[nh * dqk + dn], pos, table);
-        }
-        rope_backward(&rdk_pe[(size_t)n * dr], pos, table);
-    }
-    std::vector<float> dk_pe((size_t)N * dr);
-    size_t latent_changed = 0;
-    for (int n = 0; n < N; n++) {
-        for (int i = 0; i < dr; i++) dk_pe[(size_t)n * dr + i] = dkv_a[(size_t)n * (dc + dr) + dc + i];
-        for (int i = 0; i < dc; i++) latent_changed += dkv_a[(size_t)n * (dc + dr) + i] != latent_grad[(size_t)n * (dc + dr) + i];
-    }
-    CHECK(latent_changed == 0);
     CHECK(count_nonfinite(out) == 0);
-    CHECK(count_nonfinite(dq) == 0);
-    CHECK(count_nonfinite(dkv_b) == 0);
-    CHECK(count_nonfinite(dk_pe) == 0);
-    const double e_out = rel_error(out, ref.out), e_dq = rel_error(dq, ref.dq), e_dkv_b = rel_error(dkv_b, rdkv_b),
-                 e_pe = rel_error(dk_pe, rdk_pe);
-    printf("MLA chain (YaRN) B=%d T=%d H=%d dn=%d dr=%d dv=%d: rel err out %.2e dq %.2e dkv_b %.2e dk_pe %.2e\n", B, T, H, dn, dr, dv,
-           e_out, e_dq, e_dkv_b, e_pe);
+    CHECK(count_nonfinite(dx) == 0);
+    const double e_out = rel_error(out, out_ref), e_dx = rel_error(dx, dx_ref);
+    std::string line = strfmt("MLA layer q_lora=%d yarn=%d B=%d T=%d H=%d dn=%d dr=%d dv=%d dc=%d: out %.2e dx %.2e", qr, (int)c.yarn, B,
+                              T, H, dn, dr, dv, dc, e_out, e_dx);
     CHECK(e_out < 2e-2);
-    CHECK(e_dq < 2e-2);
-    CHECK(e_dkv_b < 2e-2);
-    CHECK(e_pe < 2e-2);
+    CHECK(e_dx < 2e-2);
+    for (const TensorSpec& s : m.layout.tensors) {
+        if (s.name.rfind("model.layers.0.self_attn.", 0) != 0) continue;
+        std::vector<float> g(grads.begin() + s.offset, grads.begin() + s.offset + s.numel);
+        std::vector<double> ref(m.grads.begin() + s.offset, m.grads.begin() + s.offset + s.numel);
+        const double e = rel_error(g, ref);
+        line += strfmt(" d%s %.2e", s.name.c_str() + strlen("model.layers.0.self_attn."), e);
+        CAPTURE(s.name);
+        CHECK(count_nonfinite(g) == 0);
+        CHECK(e < 2e-2);
+    }
+    printf("%s\n", line.c_str());
     rope_table_free(rope);
+    matmul_free(ctx.mm);
+    arena_free(arena);
+}
+
+}  // namespace
+
+TEST_CASE("GPU MLA layer (mla_forward_gpu / mla_backward_gpu) matches mla_forward / mla_backward") {
+    check_mla_layer(tiny_variant(2, 61), 2, 40, 31);  // q_lora and YaRN
+    check_mla_layer(tiny_variant(1, 61), 3, 33, 32);  // plain q_proj
+    Config wide = tiny_variant(0, 61);                // 16-byte paths: every width a multiple of 8
+    wide.hidden_size = 64;
+    wide.num_attention_heads = 3;
+    wide.q_lora_rank = 24;
+    wide.kv_lora_rank = 48;
+    wide.qk_nope_head_dim = 32;
+    wide.qk_rope_head_dim = 16;
+    wide.v_head_dim = 32;
+    wide.max_position_embeddings = 128;
+    check_mla_layer(wide, 2, 70, 33);
 }
 
 // Timing, not a check: skipped by default; run with  --no-skip -tc="*timing*"

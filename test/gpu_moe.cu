@@ -111,43 +111,6 @@ RouterActs<double> reference_router(const Config& c, const std::vector<double>& 
 }
 
 // ----------------------------------------------------------------------------
-// small kernels the layer test needs (the model's own live elsewhere)
-
-// h [R, I] = silu(gu[:, :I]) * gu[:, I:], gu [R, 2I] (gate_proj | up_proj columns)
-__global__ void test_swiglu_forward_kernel(bf16* h, const bf16* gu, int R, int I) {
-    const size_t idx = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
-    if (idx >= (size_t)R * I) return;
-    const size_t r = idx / I, i = idx % I;
-    const float g = __bfloat162float(gu[r * 2 * I + i]), u = __bfloat162float(gu[r * 2 * I + I + i]);
-    h[idx] = __float2bfloat16(g / (1.0f + expf(-g)) * u);
-}
-
-// dgu [R, 2I] from dh [R, I]: silu'(g) = s + g s (1 - s)
-__global__ void test_swiglu_backward_kernel(bf16* dgu, const bf16* dh, const bf16* gu, int R, int I) {
-    const size_t idx = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
-    if (idx >= (size_t)R * I) return;
-    const size_t r = idx / I, i = idx % I;
-    const float g = __bfloat162float(gu[r * 2 * I + i]), u = __bfloat162float(gu[r * 2 * I + I + i]);
-    const float d = __bfloat162float(dh[idx]), s = 1.0f / (1.0f + expf(-g));
-    dgu[r * 2 * I + i] = __float2bfloat16(d * u * (s + g * s * (1.0f - s)));
-    dgu[r * 2 * I + I + i] = __float2bfloat16(d * g * s);
-}
-
-__global__ void test_f32_to_bf16_kernel(bf16* out, const float* in, size_t n) {
-    const size_t idx = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
-    if (idx < n) out[idx] = __float2bfloat16(in[idx]);
-}
-
-void swiglu_forward(bf16* h, const bf16* gu, int R, int I) {
-    test_swiglu_forward_kernel<<<ceil_div((size_t)R * I, 256), 256>>>(h, gu, R, I);
-    CUDA_LAUNCH_CHECK();
-}
-void swiglu_backward(bf16* dgu, const bf16* dh, const bf16* gu, int R, int I) {
-    test_swiglu_backward_kernel<<<ceil_div((size_t)R * I, 256), 256>>>(dgu, dh, gu, R, I);
-    CUDA_LAUNCH_CHECK();
-}
-
-// ----------------------------------------------------------------------------
 // router
 
 void check_router(Config c, int N, uint64_t seed, bool extra) {
@@ -524,8 +487,9 @@ TEST_CASE("moe grouped GEMM forward/backward match a per-expert matmul") {
 }
 
 // ----------------------------------------------------------------------------
-// a whole MoE layer, composed from the kernels above plus cuBLASLt for the shared
-// expert and the router projection, against moe_forward / moe_backward
+// a whole MoE layer, moe_forward_gpu / moe_backward_gpu (the kernels above plus
+// cuBLASLt for the shared expert and the router projection), against moe_forward /
+// moe_backward
 
 namespace {
 struct LayerGpuResult {
@@ -550,27 +514,23 @@ void check_layer(Config c, int B, int T, float balance_alpha, uint64_t seed) {
     auto u = round_bf16(randn((size_t)N * D, seed + 4));
     auto dout = round_bf16(randn((size_t)N * D, seed + 5));
 
+    // the weights bound as bind_weights binds a model's: experts at a fixed stride,
+    // up_proj right after gate_proj
+    auto moe_weights = [&](auto* router_w, auto* bias_w, auto* experts_w, auto* shared_w) {
+        using T = std::remove_pointer_t<decltype(router_w)>;
+        MoeWeights<T> w;
+        w.router = {router_w, E, D};
+        w.bias = bias_w;
+        w.experts = {{experts_w, I, D}, {experts_w + (size_t)I * D, I, D}, {experts_w + 2 * (size_t)I * D, D, I}};
+        w.expert_stride = XS;
+        w.shared = {{shared_w, SI, D}, {shared_w + (size_t)SI * D, SI, D}, {shared_w + 2 * (size_t)SI * D, D, SI}};
+        return w;
+    };
+
     // reference
     std::vector<double> g_router((size_t)E * D, 0), g_bias(E, 0), g_experts(experts.size(), 0), g_shared(shared.size(), 0);
-    MoeParams<double> w, gw;
-    w.router = router.data();
-    w.bias = bias.data();
-    gw.router = g_router.data();
-    gw.bias = g_bias.data();
-    for (int e = 0; e < E; e++) {
-        w.gate_proj.push_back(&experts[e * XS]);
-        w.up_proj.push_back(&experts[e * XS + (size_t)I * D]);
-        w.down_proj.push_back(&experts[e * XS + 2 * (size_t)I * D]);
-        gw.gate_proj.push_back(&g_experts[e * XS]);
-        gw.up_proj.push_back(&g_experts[e * XS + (size_t)I * D]);
-        gw.down_proj.push_back(&g_experts[e * XS + 2 * (size_t)I * D]);
-    }
-    w.shared_gate = &shared[0];
-    w.shared_up = &shared[(size_t)SI * D];
-    w.shared_down = &shared[2 * (size_t)SI * D];
-    gw.shared_gate = &g_shared[0];
-    gw.shared_up = &g_shared[(size_t)SI * D];
-    gw.shared_down = &g_shared[2 * (size_t)SI * D];
+    const MoeWeights<double> w = moe_weights(router.data(), bias.data(), experts.data(), shared.data());
+    const MoeWeights<double> gw = moe_weights(g_router.data(), g_bias.data(), g_experts.data(), g_shared.data());
     MoeActs<double> acts;
     std::vector<double> out_ref((size_t)N * D), du_ref((size_t)N * D, 0), dsb;
     moe_forward(c, w, out_ref.data(), u.data(), N, acts);
@@ -580,9 +540,9 @@ void check_layer(Config c, int B, int T, float balance_alpha, uint64_t seed) {
     }
     moe_backward(c, w, gw, du_ref.data(), dout.data(), u.data(), N, acts, balance_alpha > 0 ? dsb.data() : nullptr);
 
-    // device
-    Matmul mm;
-    matmul_init(mm);
+    // device: moe_forward_gpu / moe_backward_gpu, as the model and the decoder run them
+    GpuContext ctx;
+    matmul_init(ctx.mm);
     Dev<bf16> d_router((size_t)E * D), d_experts(experts.size()), d_shared(shared.size()), d_u((size_t)N * D), d_dout((size_t)N * D);
     Dev<float> d_bias(E);
     d_router.upload(router);
@@ -599,10 +559,30 @@ void check_layer(Config c, int B, int T, float balance_alpha, uint64_t seed) {
     Dev<bf16> d_dy((size_t)S * D), d_dh((size_t)S * I), d_dgu((size_t)S * 2 * I), d_dx((size_t)S * D), d_du((size_t)N * D),
         d_dlogits_bf((size_t)N * E), d_dhs((size_t)N * SI), d_dgus((size_t)N * 2 * SI);
     Dev<float> d_gexperts(experts.size()), d_grouter((size_t)E * D), d_gshared(shared.size());
-    const bf16* w_down = d_experts.p + 2 * (size_t)I * D;
-    float* g_down = d_gexperts.p + 2 * (size_t)I * D;
-    const bf16* s_down = d_shared.p + 2 * (size_t)SI * D;
-    float* gs_down = d_gshared.p + 2 * (size_t)SI * D;
+    const MoeWeights<bf16> w16 = moe_weights(d_router.p, (bf16*)nullptr, d_experts.p, d_shared.p);
+    const MoeWeights<float> g32 = moe_weights(d_grouter.p, (float*)nullptr, d_gexperts.p, d_gshared.p);
+    MoeActsGpu a{};
+    a.router_logits = d_logits;
+    a.scores = d_scores;
+    a.gate = d_gate;
+    a.expert = d_expert;
+    a.offsets = d_offsets;
+    a.slot_row = d_slot_row;
+    a.row_slot = d_row_slot;
+    a.gu_sorted = d_gu;
+    a.y_sorted = d_y;
+    a.shared = {d_gus, d_hs, d_dgus, d_dhs};
+    a.x_sorted = d_x;
+    a.hidden = d_h;
+    a.shared_out = d_sout;
+    a.permute_scratch = d_scratch;
+    a.dy_sorted = d_dy;
+    a.dh_sorted = d_dh;
+    a.dgu_sorted = d_dgu;
+    a.dx_sorted = d_dx;
+    a.router_dlogits16 = d_dlogits_bf;
+    a.dgate = d_dgate;
+    a.router_dlogits = d_dlogits;
 
     auto run = [&]() {
         for (Dev<float>* b : {&d_logits, &d_scores, &d_gate, &d_dgate, &d_dlogits, &d_dsb}) b->poison();
@@ -614,42 +594,12 @@ void check_layer(Config c, int B, int T, float balance_alpha, uint64_t seed) {
         d_gexperts.zero();
         d_grouter.zero();
         d_gshared.zero();
-        // forward
-        matmul(mm, d_logits, d_u, d_router, N, E, D, false, true, 0.0f, true, 0);
-        router_forward_gpu(d_scores, d_expert, d_gate, d_load, d_logits, d_bias, c, N, 0);
-        moe_permute_gpu(d_offsets, d_slot_row, d_row_slot, d_scratch, d_expert, S, E, 0);
-        moe_gather_gpu(d_x, d_u, d_row_slot, N, K, D, 0);
-        grouped_gemm_forward_gpu(d_gu, d_x, d_experts, XS, d_offsets, S, E, D, 2 * I, 0);
-        swiglu_forward(d_h, d_gu, S, I);
-        grouped_gemm_forward_gpu(d_y, d_h, w_down, XS, d_offsets, S, E, I, D, 0);
-        matmul(mm, d_gus, d_u, d_shared, N, 2 * SI, D, false, true, 0.0f, false, 0);
-        swiglu_forward(d_hs, d_gus, N, SI);
-        matmul(mm, d_sout, d_hs, s_down, N, D, SI, false, true, 0.0f, false, 0);
-        moe_combine_forward_gpu(d_out, d_y, d_gate, d_slot_row, d_sout, N, K, D, 0);
-        // backward: routed experts
-        moe_combine_backward_gpu(d_dy, d_dgate, d_dout, d_y, d_gate, d_slot_row, N, K, D, 0);
-        grouped_gemm_backward_input_gpu(d_dh, d_dy, w_down, XS, d_offsets, S, E, I, D, 0);
-        grouped_gemm_backward_weight_gpu(g_down, XS, d_dy, d_h, d_offsets, S, E, I, D, 0);
-        swiglu_backward(d_dgu, d_dh, d_gu, S, I);
-        grouped_gemm_backward_input_gpu(d_dx, d_dgu, d_experts, XS, d_offsets, S, E, D, 2 * I, 0);
-        grouped_gemm_backward_weight_gpu(d_gexperts, XS, d_dgu, d_x, d_offsets, S, E, D, 2 * I, 0);
-        moe_scatter_backward_gpu(d_du, d_dx, d_slot_row, N, K, D, false, 0);
-        // router (+ balance loss)
+        moe_forward_gpu(c, w16, d_bias, d_out, d_u, N, a, d_load, ctx);
         if (balance_alpha > 0) {
             balance_loss_forward_gpu(d_loss, d_frac, d_seq, d_scores, d_expert, B, T, E, K, balance_alpha, false, 0);
             balance_loss_backward_gpu(d_dsb, d_frac, d_scores, B, T, E, balance_alpha, 1.0f, 0);
         }
-        router_backward_gpu(d_dlogits, d_dgate, balance_alpha > 0 ? d_dsb.p : nullptr, d_scores, d_expert, c, N, 0);
-        test_f32_to_bf16_kernel<<<ceil_div((size_t)N * E, 256), 256>>>(d_dlogits_bf, d_dlogits, (size_t)N * E);
-        CUDA_LAUNCH_CHECK();
-        matmul(mm, d_du, d_dlogits_bf, d_router, N, D, E, false, false, 1.0f, false, 0);
-        matmul(mm, d_grouter, d_dlogits_bf, d_u, E, D, N, true, false, 1.0f, true, 0);
-        // shared expert
-        matmul(mm, d_dhs, d_dout, s_down, N, SI, D, false, false, 0.0f, false, 0);
-        matmul(mm, gs_down, d_dout, d_hs, D, SI, N, true, false, 1.0f, true, 0);
-        swiglu_backward(d_dgus, d_dhs, d_gus, N, SI);
-        matmul(mm, d_du, d_dgus, d_shared, N, D, 2 * SI, false, false, 1.0f, false, 0);
-        matmul(mm, d_gshared, d_dgus, d_u, 2 * SI, D, N, true, false, 1.0f, true, 0);
+        moe_backward_gpu(c, w16, g32, d_du, d_dout, d_u, N, a, balance_alpha > 0 ? d_dsb.p : nullptr, ctx);
         CUDA_CHECK(cudaDeviceSynchronize());
         LayerGpuResult r;
         r.out = d_out.download();
@@ -661,7 +611,7 @@ void check_layer(Config c, int B, int T, float balance_alpha, uint64_t seed) {
         return r;
     };
     LayerGpuResult r1 = run(), r2 = run();
-    matmul_free(mm);
+    matmul_free(ctx.mm);
 
     CHECK(r1.expert == acts.router.expert);
     auto load = download_ints(d_load, E);

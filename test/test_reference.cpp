@@ -60,9 +60,17 @@ TEST_CASE("matmul backward matches finite differences") {
         matmul_forward(out.data(), x.data(), w.data(), N, C, OC);
         return weighted_sum(out, dout);
     };
-    matmul_backward(dx.data(), dw.data(), dout.data(), x.data(), w.data(), N, C, OC);
+    matmul_backward(dx.data(), dw.data(), dout.data(), x.data(), w.data(), N, C, OC, false);
     CHECK(gradient_error(loss, x.data(), dx.data(), x.size()) < 1e-6);
     CHECK(gradient_error(loss, w.data(), dw.data(), w.size()) < 1e-6);
+    // the gradient rule: the input gradient is written (or added to with accumulate),
+    // the weight gradient is always added to
+    std::vector<double> dx2(dx.size(), 5.0), dw2 = dw;
+    matmul_backward(dx2.data(), dw2.data(), dout.data(), x.data(), w.data(), N, C, OC, false);
+    for (size_t i = 0; i < dx.size(); i++) CHECK(dx2[i] == doctest::Approx(dx[i]));
+    for (size_t i = 0; i < dw.size(); i++) CHECK(dw2[i] == doctest::Approx(2 * dw[i]));
+    matmul_backward(dx2.data(), dw2.data(), dout.data(), x.data(), w.data(), N, C, OC, true);
+    for (size_t i = 0; i < dx.size(); i++) CHECK(dx2[i] == doctest::Approx(2 * dx[i]));
 }
 
 TEST_CASE("embedding backward matches finite differences") {
@@ -88,7 +96,7 @@ TEST_CASE("rmsnorm backward matches finite differences; unit weight gives unit R
         return weighted_sum(out, dout);
     };
     loss();
-    rmsnorm_backward(dx.data(), dw.data(), dout.data(), x.data(), w.data(), rstd.data(), N, C);
+    rmsnorm_backward(dx.data(), dw.data(), (const double*)nullptr, dout.data(), x.data(), w.data(), rstd.data(), N, C);
     CHECK(gradient_error(loss, x.data(), dx.data(), x.size()) < 1e-6);
     CHECK(gradient_error(loss, w.data(), dw.data(), w.size()) < 1e-6);
 
@@ -194,11 +202,11 @@ TEST_CASE("MLA backward matches finite differences (q_lora on/off, YaRN on/off)"
         std::vector<double> out(N * D), dx(N * D, 0);
         MlaActs<double> acts;
         auto loss = [&]() {
-            mla_forward(c, m.mla_w[0], m.rope, out.data(), x.data(), B, T, acts);
+            mla_forward(c, m.w.layers[0].attn, m.rope, out.data(), x.data(), B, T, acts);
             return weighted_sum(out, dout);
         };
         loss();
-        mla_backward(c, m.mla_w[0], m.mla_g[0], m.rope, dx.data(), dout.data(), x.data(), B, T, acts);
+        mla_backward(c, m.w.layers[0].attn, m.g.layers[0].attn, m.rope, dx.data(), dout.data(), x.data(), B, T, acts);
         CHECK(gradient_error(loss, x.data(), dx.data(), x.size()) < 1e-6);
         for (const TensorSpec& s : m.layout.tensors) {
             if (s.name.rfind("model.layers.0.self_attn.", 0) != 0) continue;
@@ -213,13 +221,15 @@ TEST_CASE("SwiGLU FFN backward matches finite differences") {
     auto x = random_vector(n * D, 50, 2.0), wg = random_vector(I * D, 51), wu = random_vector(I * D, 52), wd = random_vector(D * I, 53);
     auto dout = random_vector(n * D, 54);
     std::vector<double> out(n * D), dx(n * D, 0), dwg(I * D, 0), dwu(I * D, 0), dwd(D * I, 0);
+    const FfnWeights<double> w{{wg.data(), I, D}, {wu.data(), I, D}, {wd.data(), D, I}};
+    const FfnWeights<double> dw{{dwg.data(), I, D}, {dwu.data(), I, D}, {dwd.data(), D, I}};
     FfnActs<double> acts;
     auto loss = [&]() {
-        ffn_forward(out.data(), x.data(), wg.data(), wu.data(), wd.data(), n, D, I, acts);
+        ffn_forward(w, out.data(), x.data(), n, acts);
         return weighted_sum(out, dout);
     };
     loss();
-    ffn_backward(dx.data(), dwg.data(), dwu.data(), dwd.data(), dout.data(), x.data(), wg.data(), wu.data(), wd.data(), n, D, I, acts);
+    ffn_backward(w, dw, dx.data(), dout.data(), x.data(), n, acts, false);
     CHECK(gradient_error(loss, x.data(), dx.data(), x.size()) < 1e-6);
     CHECK(gradient_error(loss, wg.data(), dwg.data(), wg.size()) < 1e-6);
     CHECK(gradient_error(loss, wu.data(), dwu.data(), wu.size()) < 1e-6);
@@ -249,7 +259,7 @@ TEST_CASE("MoE layer backward matches finite differences across routing variants
         MoeActs<double> acts;
         const int layer = 1;
         auto loss = [&]() {
-            moe_forward(c, m.moe_w[layer], out.data(), u.data(), N, acts);
+            moe_forward(c, m.w.layers[layer].moe, out.data(), u.data(), N, acts);
             double l = weighted_sum(out, dout);
             if (v.alpha > 0) l += balance_loss_forward(c, acts.router, B, T, v.alpha);
             return l;
@@ -260,7 +270,7 @@ TEST_CASE("MoE layer backward matches finite differences across routing variants
             dscores.resize((size_t)N * c.n_routed_experts);
             balance_loss_backward(c, dscores.data(), acts.router, B, T, v.alpha, 1.0);
         }
-        moe_backward(c, m.moe_w[layer], m.moe_g[layer], du.data(), dout.data(), u.data(), N, acts, dscores.empty() ? nullptr : dscores.data());
+        moe_backward(c, m.w.layers[layer].moe, m.g.layers[layer].moe, du.data(), dout.data(), u.data(), N, acts, dscores.empty() ? nullptr : dscores.data());
         int used = 0;
         for (const auto& rows : acts.rows) used += !rows.empty();
         CHECK(used > c.num_experts_per_tok);  // the check must exercise several experts
@@ -281,7 +291,7 @@ TEST_CASE("routing picks exactly k distinct experts from at most topk_group grou
     auto u = random_vector(N * D, 91, 2.0);
     std::vector<double> logits(N * E);
     RouterActs<double> acts;
-    router_forward(c, logits.data(), u.data(), m.moe_w[1].router, m.moe_w[1].bias, N, acts);
+    router_forward(c, logits.data(), u.data(), m.w.layers[1].moe.router.w, m.w.layers[1].moe.bias, N, acts);
     for (int n = 0; n < N; n++) {
         std::set<int> experts, groups;
         double gate_sum = 0;
@@ -297,7 +307,7 @@ TEST_CASE("routing picks exactly k distinct experts from at most topk_group grou
     // a large bias on one expert makes every token pick it, with its unbiased score as gate
     std::vector<double> bias(E, 0.0);
     bias[5] = 100;
-    router_forward(c, logits.data(), u.data(), m.moe_w[1].router, bias.data(), N, acts);
+    router_forward(c, logits.data(), u.data(), m.w.layers[1].moe.router.w, bias.data(), N, acts);
     for (int n = 0; n < N; n++) CHECK(acts.expert[n * K] == 5);
 }
 
@@ -305,7 +315,7 @@ TEST_CASE("cross-entropy backward matches finite differences and ignores negativ
     const int N = 6, V = 11;
     auto logits = random_vector(N * V, 100, 3.0);
     int targets[N] = {3, 10, -1, 0, 7, 3};
-    std::vector<double> probs(N * V), dlogits(N * V, 0);
+    std::vector<double> probs(N * V), dlogits(N * V, 9.0);  // written, not added to
     auto loss = [&]() { return crossentropy_forward(probs.data(), logits.data(), targets, N, V); };
     loss();
     crossentropy_backward(dlogits.data(), probs.data(), targets, N, V, 1.0);
@@ -433,9 +443,9 @@ TEST_CASE("AdamW, clipping, schedule and the expert bias update") {
     std::vector<std::vector<int64_t>> load(c.num_hidden_layers, std::vector<int64_t>(c.n_routed_experts, 4));
     load[1][0] = 12;  // overloaded: its bias goes down
     load[1][3] = 0;   // idle: its bias goes up
-    const double* bias = ref_param(m, "model.layers.1.mlp.gate.e_score_correction_bias");
+    const double* bias = m.w.layers[1].moe.bias;
     std::vector<double> b0(bias, bias + c.n_routed_experts);
-    expert_bias_update(c, m.layout, m.params.data(), load, 0.001f);
+    expert_bias_update(c, m.w, load, 0.001f);
     CHECK(bias[0] == doctest::Approx(b0[0] - 0.001));
     CHECK(bias[3] == doctest::Approx(b0[3] + 0.001));
     CHECK(bias[1] == doctest::Approx(b0[1] + 0.001));  // mean load is 4.5, so 4 is under it
