@@ -158,7 +158,20 @@ inline void dataloader_load_file(DataLoader& dl, int file) {
     dl.loaded = file;
 }
 
-// `pattern` is a path or a glob pattern such as "data/fineweb_train_*.bin".
+// The files a path or a glob pattern such as "data/fineweb_train_*.bin" names, sorted
+// (glob's own order depends on the locale).
+inline std::vector<std::string> glob_files(const std::string& pattern) {
+    glob_t g;
+    int rc = glob(pattern.c_str(), 0, nullptr, &g);
+    if (rc == GLOB_NOMATCH) fail("%s: no such file (no file matches this path or pattern)", pattern.c_str());
+    if (rc != 0) fail("%s: cannot list files (glob error %d)", pattern.c_str(), rc);
+    std::vector<std::string> files(g.gl_pathv, g.gl_pathv + g.gl_pathc);
+    globfree(&g);
+    std::sort(files.begin(), files.end());
+    return files;
+}
+
+// `pattern` as glob_files takes it.
 inline void dataloader_open(DataLoader& dl, const std::string& pattern, int B, int T, int vocab_size,
                             int rank = 0, int world = 1) {
     if (B <= 0 || T <= 0) fail("%s: batch size B=%d and sequence length T=%d must be positive", pattern.c_str(), B, T);
@@ -169,13 +182,7 @@ inline void dataloader_open(DataLoader& dl, const std::string& pattern, int B, i
     dl.vocab_size = vocab_size;
     dl.rank = rank;
     dl.world = world;
-    glob_t g;
-    int rc = glob(pattern.c_str(), 0, nullptr, &g);
-    if (rc == GLOB_NOMATCH) fail("%s: no such file (no file matches this path or pattern)", pattern.c_str());
-    if (rc != 0) fail("%s: cannot list files (glob error %d)", pattern.c_str(), rc);
-    for (size_t i = 0; i < g.gl_pathc; i++) dl.files.push_back(g.gl_pathv[i]);
-    globfree(&g);
-    std::sort(dl.files.begin(), dl.files.end());  // glob's order depends on the locale
+    dl.files = glob_files(pattern);
     for (const std::string& f : dl.files) {
         dl.starts.push_back(dl.total);
         dl.total += token_file_count(f);

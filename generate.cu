@@ -136,10 +136,10 @@ static std::string valid_utf8(const std::string& s) {
     return out;
 }
 
-static std::string json_ids(std::vector<int>::const_iterator begin, std::vector<int>::const_iterator end) {
-    std::string s = "[";
-    for (auto it = begin; it != end; ++it) s += strfmt(it == begin ? "%d" : ", %d", *it);
-    return s + "]";
+static std::string json_ids(const std::vector<int>& ids) {
+    std::string s;
+    for (int id : ids) s += strfmt(s.empty() ? "%d" : ", %d", id);
+    return "[" + s + "]";
 }
 
 // One sequence of the batch as the host tracks it
@@ -352,15 +352,14 @@ static int run(int argc, char** argv) {
     } else if (jsonl) {
         for (int b = 0; b < n; b++) {
             const Sequence& s = seqs[b];
-            const size_t prompt_len = s.ids.size() - s.out.size(), given = s.printed_prompt ? prompt_len : 0;
-            const size_t kept = s.out.size() - (s.end_of_text ? 1 : 0);  // the end-of-text token is not text
-            std::string prompt_json, completion_json;
+            const size_t given = s.printed_prompt ? s.ids.size() - s.out.size() : 0;  // not the start token
+            std::string prompt_json, completion_json, completion;
             if (token_mode) {
-                prompt_json = json_ids(s.ids.begin(), s.ids.begin() + given);
-                completion_json = json_ids(s.out.begin(), s.out.end());
+                prompt_json = json_ids(std::vector<int>(s.ids.begin(), s.ids.begin() + given));
+                completion_json = json_ids(s.out);
             } else {
-                std::string completion;
-                for (size_t i = 0; i < kept; i++) completion += token_text(m, s.out[i]);
+                for (int id : s.out)
+                    if (id != eot) completion += token_text(m, id);
                 prompt_json = json_quote(valid_utf8(s.text));
                 completion_json = json_quote(valid_utf8(completion));
             }

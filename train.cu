@@ -23,7 +23,6 @@
 #include <string>
 #include <vector>
 
-#include <glob.h>
 #include <omp.h>
 #include <unistd.h>
 
@@ -364,18 +363,6 @@ static std::vector<LossPoint> metrics_truncate(const std::string& path, int keep
 
 static bool dataset_complete(const std::string& dir) {
     return path_exists(dir + "/train.bin") && path_exists(dir + "/val.bin") && path_exists(dir + "/tokenizer.bin");
-}
-
-// The token files a pattern names, sorted (as the DataLoader orders them).
-static std::vector<std::string> glob_files(const std::string& pattern) {
-    glob_t g;
-    int rc = glob(pattern.c_str(), 0, nullptr, &g);
-    if (rc == GLOB_NOMATCH) fail("%s: no such file (no file matches this path or pattern)", pattern.c_str());
-    if (rc != 0) fail("%s: cannot list files (glob error %d)", pattern.c_str(), rc);
-    std::vector<std::string> files(g.gl_pathv, g.gl_pathv + g.gl_pathc);
-    globfree(&g);
-    std::sort(files.begin(), files.end());
-    return files;
 }
 
 // The first `limit` tokens of the files, every id checked against vocab_size;
