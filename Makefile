@@ -12,7 +12,7 @@ NVCC_FLAGS ?= -O3
 FLAGS = -std=c++17 $(NVCC_FLAGS) -gencode=arch=compute_$(GPU_ARCH),code=sm_$(GPU_ARCH) -Xcompiler -fopenmp,-Wall -I.
 LIBS = -lcublasLt -lgomp
 
-HEADERS = common.h cli.h config.h json.h fileutil.h safetensors.h tokenizer.h dataloader.h reference.h model.h decode.h
+HEADERS = common.h cli.h config.h json.h fileutil.h safetensors.h tokenizer.h dataloader.h corpus.h chart.h reference.h model.h decode.h
 BINARIES = train generate validate data/prepare
 TEST_SOURCES = $(wildcard test/test_*.cpp)
 

@@ -5,6 +5,7 @@
 //   echo "Once upon a time" | ./generate --temperature 0
 //   ./generate --model DIR --tokens "72 101 108" --max-new-tokens 20
 //   ./generate --model DIR --prompts-file prompts.txt --max-new-tokens 100
+//   ./generate --model DIR --prompts-file prompts.txt --jsonl   # one JSON object per prompt
 //
 // On the GPU (the default when one is present) the prompts are prefilled with the
 // training forward kernels and decoded one token per sequence per step with the
@@ -24,6 +25,7 @@
 #include "decode.cuh"
 #include "decode.h"
 #include "fileutil.h"
+#include "json.h"
 #include "model.h"
 
 static const char* USAGE =
@@ -40,6 +42,12 @@ static const char* USAGE =
     "                         drives a checkpoint without a tokenizer\n"
     "  --prompts-file FILE    a batch: one prompt per line, generated together; each output\n"
     "                         is printed at the end as \"[i] prompt+continuation\" (i from 0)\n"
+    "  --jsonl                print no stream but, at the end, one JSON object per prompt\n"
+    "                         per line: index, prompt, completion (strings; id arrays with\n"
+    "                         --tokens; invalid UTF-8 as U+FFFD), prompt_tokens,\n"
+    "                         completion_tokens, stop (max_new_tokens | end_of_text |\n"
+    "                         context_full), elapsed_s and time_to_first_token_s (the\n"
+    "                         whole batch's)\n"
     "  --max-new-tokens N     tokens to generate per prompt at most (default 200)\n"
     "  --temperature F        softmax temperature; 0 = greedy (default 0.8)\n"
     "  --top-k N              keep the N most likely tokens; 0 = off (default 0)\n"
@@ -47,7 +55,7 @@ static const char* USAGE =
     "                         (default 0.95)\n"
     "  --seed N               sampling seed; the same seed gives the same output; prompt i\n"
     "                         of a batch uses seed + i (default 1337)\n"
-    "  --quiet                no statistics line on stderr\n"
+    "  --quiet                no statistics line (and no CPU note) on stderr\n"
     "  --device auto|cpu|gpu  where to run (default auto: the GPU when one is present)\n"
     "  --help                 show this help\n"
     "\n"
@@ -91,17 +99,47 @@ static std::string read_stdin() {
     return s;
 }
 
+// the bytes of one token; an id the tokenizer does not know is U+FFFD
+static std::string token_text(const Model& m, int id) {
+    return id < m.tokenizer.vocab_size ? tokenizer_token_bytes(m.tokenizer, id) : "\xEF\xBF\xBD";
+}
+
 // writes one token: its bytes in text mode, its id in token mode
 static void emit(const Model& m, bool token_mode, bool& first, int id) {
     if (token_mode) {
         printf(first ? "%d" : " %d", id);
-    } else if (id < m.tokenizer.vocab_size) {
-        const std::string& b = tokenizer_token_bytes(m.tokenizer, id);
-        fwrite(b.data(), 1, b.size(), stdout);
     } else {
-        fputs("\xEF\xBF\xBD", stdout);  // an id the tokenizer does not know: U+FFFD
+        std::string b = token_text(m, id);
+        fwrite(b.data(), 1, b.size(), stdout);
     }
     first = false;
+}
+
+// s as valid UTF-8, for JSON readers: a byte-level model can stop inside a character.
+// Each broken sequence (the longest start of a valid one, or a stray byte) becomes
+// one U+FFFD, as Unicode recommends and Python's errors="replace" does.
+static std::string valid_utf8(const std::string& s) {
+    std::string out;
+    for (size_t i = 0; i < s.size();) {
+        unsigned char c = (unsigned char)s[i];
+        int len = c < 0x80 ? 1 : c >= 0xc2 && c < 0xe0 ? 2 : c >= 0xe0 && c < 0xf0 ? 3 : c >= 0xf0 && c < 0xf5 ? 4 : 0;
+        // the second byte's range rules out overlong forms, surrogates and code points past U+10FFFF
+        unsigned lo = c == 0xe0 ? 0xa0 : c == 0xf0 ? 0x90 : 0x80, hi = c == 0xed ? 0x9f : c == 0xf4 ? 0x8f : 0xbf;
+        int k = 1;
+        for (; k < len && i + k < s.size(); k++) {
+            unsigned b = (unsigned char)s[i + k];
+            if (k == 1 ? b < lo || b > hi : (b & 0xc0) != 0x80) break;
+        }
+        out += k == len ? s.substr(i, len) : "\xEF\xBF\xBD";
+        i += k;
+    }
+    return out;
+}
+
+static std::string json_ids(const std::vector<int>& ids) {
+    std::string s;
+    for (int id : ids) s += strfmt(s.empty() ? "%d" : ", %d", id);
+    return "[" + s + "]";
 }
 
 // One sequence of the batch as the host tracks it
@@ -131,7 +169,7 @@ static std::vector<std::string> read_lines(const std::string& path) {
 
 static int run(int argc, char** argv) {
     std::string model_dir = "runs/default", prompt, tokens_arg, prompts_file, device = "auto";
-    bool has_model = false, has_prompt = false, has_tokens = false, quiet = false;
+    bool has_model = false, has_prompt = false, has_tokens = false, quiet = false, jsonl = false;
     long long max_new = 200;
     unsigned long long seed = 1337;
     SamplingOptions so;
@@ -156,6 +194,9 @@ static int run(int argc, char** argv) {
             has_tokens = true;
         } else if (cli.name == "--prompts-file") {
             prompts_file = cli_value(cli);
+        } else if (cli.name == "--jsonl") {
+            cli_flag(cli);
+            jsonl = true;
         } else if (cli.name == "--max-new-tokens") {
             max_new = cli_int(cli, 0, 1LL << 40);
         } else if (cli.name == "--temperature") {
@@ -218,8 +259,11 @@ static int run(int argc, char** argv) {
             s.printed_prompt = false;
         }
     }
+    if (!gpu && device == "auto" && !quiet)
+        fprintf(stderr, "note: no GPU found, so this is the slow CPU reference path (200 tokens of the mini preset take "
+                        "about a second on 2 idle cores; the line at the end gives this run's speed)\n");
     const int n = (int)seqs.size();
-    const bool stream = n == 1;
+    const bool stream = n == 1 && !jsonl;
     if (stream && seqs[0].printed_prompt) {
         if (token_mode) {
             for (size_t i = 0; i < seqs[0].ids.size(); i++) printf(i ? " %d" : "%d", seqs[0].ids[i]);
@@ -305,6 +349,25 @@ static int run(int argc, char** argv) {
     if (dec) decoder_free(dec);
     if (stream) {
         putchar('\n');
+    } else if (jsonl) {
+        for (int b = 0; b < n; b++) {
+            const Sequence& s = seqs[b];
+            const size_t given = s.printed_prompt ? s.ids.size() - s.out.size() : 0;  // not the start token
+            std::string prompt_json, completion_json, completion;
+            if (token_mode) {
+                prompt_json = json_ids(std::vector<int>(s.ids.begin(), s.ids.begin() + given));
+                completion_json = json_ids(s.out);
+            } else {
+                for (int id : s.out)
+                    if (id != eot) completion += token_text(m, id);
+                prompt_json = json_quote(valid_utf8(s.text));
+                completion_json = json_quote(valid_utf8(completion));
+            }
+            const char* stop = s.end_of_text ? "end_of_text" : s.context_full ? "context_full" : "max_new_tokens";
+            printf("{\"index\": %d, \"prompt\": %s, \"completion\": %s, \"prompt_tokens\": %zu, \"completion_tokens\": %zu, "
+                   "\"stop\": \"%s\", \"elapsed_s\": %.4f, \"time_to_first_token_s\": %.4f}\n",
+                   b, prompt_json.c_str(), completion_json.c_str(), given, s.out.size(), stop, elapsed, first_token_s);
+        }
     } else {
         for (int b = 0; b < n; b++) {
             const Sequence& s = seqs[b];

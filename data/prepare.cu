@@ -7,6 +7,7 @@
 
 #include "cli.h"
 #include "common.h"
+#include "corpus.h"
 #include "dataloader.h"
 #include "fileutil.h"
 #include "tokenizer.h"

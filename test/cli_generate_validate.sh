@@ -151,6 +151,14 @@ grep -q "context is full" "$TMP/full.err" && grep -q "tokens/s" "$TMP/full.err" 
     pass "generate: stops at a full context and reports tokens/s and time to first token" ||
     fail "generate: stderr was: $(cat "$TMP/full.err")"
 
+# without a GPU generate says once on stderr that it is on the slow CPU path (not with --quiet)
+./generate --model "$RUN" --prompt "int" --max-new-tokens 2 >/dev/null 2>"$TMP/note.err" || fail "generate exited with status $? (note)"
+./generate --model "$RUN" --prompt "int" --max-new-tokens 2 --quiet >/dev/null 2>"$TMP/quiet.err" || fail "generate exited with status $? (quiet)"
+if nvidia-smi -L >/dev/null 2>&1; then want=0; else want=1; fi
+[ "$(grep -c '^note: no GPU found, so this is the slow CPU reference path' "$TMP/note.err")" -eq "$want" ] && [ ! -s "$TMP/quiet.err" ] &&
+    pass "generate: the CPU-path note is printed $want time(s), and not with --quiet" ||
+    fail "generate: CPU note: '$(cat "$TMP/note.err")', with --quiet: '$(cat "$TMP/quiet.err")'"
+
 # batch generation from a prompts file
 printf 'int main\nstatic\n\n' >"$TMP/prompts.txt"
 "${GEN[@]}" --prompts-file "$TMP/prompts.txt" --seed 5 >"$TMP/batch1.txt" || fail "generate exited with status $? (batch)"
@@ -171,6 +179,40 @@ cmp -s "$TMP/batch1.txt" "$TMP/batch2.txt" && pass "generate --prompts-file: the
 head -c "$(wc -c <"$TMP/a_cpu.txt")" < <(sed -n '1s/^\[0\] //p' "$TMP/batch_cpu.txt") | cmp -s - "$TMP/a_cpu.txt" &&
     pass "generate: prompt 0 of a batch equals the single-prompt run" ||
     fail "generate: batch prompt 0 '$(head -1 "$TMP/batch_cpu.txt")' differs from '$(cat "$TMP/a_cpu.txt")'"
+
+# --jsonl: one JSON object per prompt per line, parseable although continuations hold
+# newlines. JSON_LINE is the whole line's grammar (strings as RFC 8259 has them);
+# iconv checks that the bytes are valid UTF-8. Prompt 1 needs escapes (quotes, a tab,
+# a backslash); prompt 3 holds invalid UTF-8: a stray \xff and a character cut short
+# (\xe2\x82), each one U+FFFD in the JSON.
+STR='"([^"\\[:cntrl:]]|\\["\\/bfnrt]|\\u[0-9a-fA-F]{4})*"'
+NUM='[0-9]+\.[0-9]+'
+JSON_LINE="^\{\"index\": [0-9]+, \"prompt\": $STR, \"completion\": $STR, \"prompt_tokens\": [0-9]+, \"completion_tokens\": [0-9]+, \"stop\": \"(max_new_tokens|end_of_text|context_full)\", \"elapsed_s\": $NUM, \"time_to_first_token_s\": $NUM\}\$"
+printf 'int main\nsay "hi"\tto a\\b\n\nint \xff\xe2\x82 main\n' >"$TMP/jsonl_prompts.txt"
+"${GEN[@]}" --prompts-file "$TMP/jsonl_prompts.txt" --seed 5 --jsonl >"$TMP/batch.jsonl" || fail "generate --jsonl exited with status $?"
+if [ "$(wc -l <"$TMP/batch.jsonl")" -eq 4 ] && [ "$(LC_ALL=C grep -Ecv "$JSON_LINE" "$TMP/batch.jsonl")" -eq 0 ] &&
+    iconv -f UTF-8 -t UTF-8 "$TMP/batch.jsonl" >/dev/null 2>&1; then
+    pass "generate --jsonl: 4 prompts give 4 lines, each one JSON object of valid UTF-8"
+else
+    fail "generate --jsonl output: $(cat -v "$TMP/batch.jsonl")"
+fi
+field() { sed -n "$(($1 + 1))s/.*\"$2\": \([^,}]*\).*/\1/p" "$TMP/batch.jsonl"; }  # field LINE KEY (no commas in it)
+bytes=$(while IFS= read -r line; do printf '%s ' "$(printf '%s' "$line" | wc -c)"; done <"$TMP/jsonl_prompts.txt")
+if [ "$(field 0 index) $(field 1 index) $(field 2 index) $(field 3 index)" = "0 1 2 3" ] &&
+    [ "$(field 0 prompt)" = '"int main"' ] && [ "$(field 1 prompt)" = '"say \"hi\"\tto a\\b"' ] && [ "$(field 2 prompt)" = '""' ] &&
+    [ "$(field 3 prompt)" = "$(printf '"int \xef\xbf\xbd\xef\xbf\xbd main"')" ] &&
+    [ "$(for i in 0 1 2 3; do printf '%s ' "$(field $i prompt_tokens)"; done)" = "$bytes" ] &&
+    [ "$(field 0 completion_tokens) $(field 2 completion_tokens)" = "12 12" ] && [ "$(field 0 stop)" = '"max_new_tokens"' ]; then
+    pass "generate --jsonl: index, escaped prompt (invalid UTF-8 replaced), token counts and stop per prompt"
+else
+    fail "generate --jsonl fields (prompt bytes $bytes): $(cat -v "$TMP/batch.jsonl")"
+fi
+# with --tokens the prompt and completion are id arrays: the same ids as the plain run
+"${GEN[@]}" --tokens "105 110 116 32" --seed 3 --jsonl >"$TMP/t.jsonl" || fail "generate --tokens --jsonl exited with status $?"
+ids=$(sed -n 's/.*"prompt": \[\([0-9, ]*\)\], "completion": \[\([0-9, ]*\)\].*/\1, \2/p' "$TMP/t.jsonl" | tr -d ,)
+[ -n "$ids" ] && [ "$ids" = "$(cat "$TMP/t.txt")" ] && pass "generate --tokens --jsonl: the ids of the plain run ($ids)" ||
+    fail "generate --tokens --jsonl: '$(cat "$TMP/t.jsonl")' vs '$(cat "$TMP/t.txt")'"
+
 printf 'ok\n%s\n' "$LONG" >"$TMP/long_prompts.txt"
 expect_error "generate: a prompts-file line longer than the context" "line 2: prompt is 100 tokens but the model's context is $CONTEXT" \
     "${GEN[@]}" --prompts-file "$TMP/long_prompts.txt"

@@ -126,6 +126,14 @@ if grep -q '^step  *12/12 | loss ' "$T/run.log" && grep -q '^val loss ' "$T/run.
 else
     fail "progress, val and sample lines printed" "$(head -5 "$T/run.log")"
 fi
+# without a GPU the run says once, up front, that it is on the slow CPU path
+notes=$(grep -c '^note: no GPU found, so this is the slow CPU reference path' "$T/run.log" || true)
+if nvidia-smi -L >/dev/null 2>&1; then want=0; else want=1; fi
+if [ "$notes" -eq "$want" ] && { [ "$want" -eq 0 ] || [ "$(grep -n '^note: no GPU' "$T/run.log" | cut -d: -f1)" -lt "$(grep -n '^step ' "$T/run.log" | head -1 | cut -d: -f1)" ]; }; then
+    pass "the CPU-path note is printed $want time(s), before the first step"
+else
+    fail "the CPU-path note is printed $want time(s), before the first step" "printed $notes time(s)"
+fi
 expect_error "refuses to overwrite a checkpoint" "--overwrite" ./train "${SMALL[@]}" --steps 2 --out "$R"
 expect_error "--resume keeps the checkpoint's options" "--lr" ./train --data "$D" --out "$R" --resume --steps 20 --lr 1e-3
 expect_error "--resume without a checkpoint" "--resume" ./train --data "$D" --out "$T/empty" --resume

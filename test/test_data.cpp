@@ -1,6 +1,7 @@
-// test_data.cpp — tests for tokenizer.h and dataloader.h: BPE training, encoding
-// and the tokenizer file; llm.c token files and their errors; DataLoader batches,
-// wrap-around, shards and exact resume; dataset preparation; the default corpus.
+// test_data.cpp — tests for tokenizer.h, dataloader.h and corpus.h: BPE training,
+// encoding and the tokenizer file; llm.c token files and their errors; DataLoader
+// batches, wrap-around, shards and exact resume; dataset preparation; the default
+// corpus.
 #include <doctest/doctest.h>
 
 #include <filesystem>
@@ -10,6 +11,7 @@
 
 #include <unistd.h>
 
+#include "corpus.h"
 #include "dataloader.h"
 #include "fileutil.h"
 #include "tokenizer.h"
