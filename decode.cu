@@ -57,25 +57,7 @@ GpuDecoder* decoder_create(Model& m, int batch, int max_len, int max_prompt) {
     auto acts = [&](size_t n) { return arena_alloc<bf16>(d.arena, n, "decode activations"); };
     bf16* hidden = acts(std::max({(size_t)B * I, (size_t)S * MI, (size_t)B * SI}));
     if (c.first_k_dense_replace > 0 || E == 0) d.ffn = FfnActsGpu{acts((size_t)B * 2 * I), hidden, nullptr, nullptr};
-    if (E > 0) {
-        MoeActsGpu& a = d.moe;
-        a.router_logits = arena_alloc<float>(d.arena, (size_t)B * E, "decode activations");
-        a.scores = arena_alloc<float>(d.arena, (size_t)B * E, "decode activations");
-        a.gate = arena_alloc<float>(d.arena, (size_t)B * K, "decode activations");
-        a.expert = arena_alloc<int>(d.arena, (size_t)B * K, "decode activations");
-        a.offsets = arena_alloc<int>(d.arena, E + 1, "decode activations");
-        a.slot_row = arena_alloc<int>(d.arena, S, "decode activations");
-        a.row_slot = arena_alloc<int>(d.arena, S, "decode activations");
-        a.permute_scratch = arena_alloc<int>(d.arena, moe_permute_scratch_ints(S, E), "decode activations");
-        a.x_sorted = acts((size_t)S * D);
-        a.gu_sorted = acts((size_t)S * 2 * MI);
-        a.hidden = hidden;
-        a.y_sorted = acts((size_t)S * D);
-        if (SI > 0) {
-            a.shared = FfnActsGpu{acts((size_t)B * 2 * SI), hidden, nullptr, nullptr};
-            a.shared_out = acts((size_t)B * D);
-        }
-    }
+    if (E > 0) d.moe = moe_layer_alloc(d.arena, c, B, 1, moe_shared_alloc(d.arena, c, B, FfnActsGpu{nullptr, hidden, nullptr, nullptr}, false));
     CUDA_CHECK(cudaMemset(d.active, 0, B * sizeof(int)));
     CUDA_CHECK(cudaMemset(d.pos, 0, B * sizeof(int)));
     CUDA_CHECK(cudaMemset(d.gen, 0, B * sizeof(int)));

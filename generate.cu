@@ -22,7 +22,6 @@
 
 #include "cli.h"
 #include "common.h"
-#include "decode.cuh"
 #include "decode.h"
 #include "fileutil.h"
 #include "json.h"
@@ -172,10 +171,10 @@ static int run(int argc, char** argv) {
     bool has_model = false, has_prompt = false, has_tokens = false, quiet = false, jsonl = false;
     long long max_new = 200;
     unsigned long long seed = 1337;
-    SamplingOptions so;
-    so.temperature = 0.8f;
-    so.top_k = 0;
-    so.top_p = 0.95f;
+    SamplingOptions sampling;
+    sampling.temperature = 0.8f;
+    sampling.top_k = 0;
+    sampling.top_p = 0.95f;
 
     CliParser cli{argc, argv};
     while (cli_next(cli)) {
@@ -200,11 +199,11 @@ static int run(int argc, char** argv) {
         } else if (cli.name == "--max-new-tokens") {
             max_new = cli_int(cli, 0, 1LL << 40);
         } else if (cli.name == "--temperature") {
-            so.temperature = (float)cli_float(cli, 0, 1000);
+            sampling.temperature = (float)cli_float(cli, 0, 1000);
         } else if (cli.name == "--top-k") {
-            so.top_k = (int)cli_int(cli, 0, INT32_MAX);
+            sampling.top_k = (int)cli_int(cli, 0, INT32_MAX);
         } else if (cli.name == "--top-p") {
-            so.top_p = (float)cli_float(cli, 0, 1);
+            sampling.top_p = (float)cli_float(cli, 0, 1);
         } else if (cli.name == "--seed") {
             seed = (unsigned long long)cli_int(cli, 0, LLONG_MAX);
         } else if (cli.name == "--quiet") {
@@ -289,7 +288,7 @@ static int run(int argc, char** argv) {
     std::vector<DecodeState<float>> cpu(gpu ? 0 : n);
     std::vector<Rng> rng(n);
     std::vector<int> next(n, 0);
-    auto sample_cpu = [&](int b, const std::vector<float>& logits) { next[b] = sample_token(logits.data(), V, so, rng[b].uniform()); };
+    auto sample_cpu = [&](int b, const std::vector<float>& logits) { next[b] = sample_token(logits.data(), V, sampling, rng[b].uniform()); };
     if (max_new > 0) {
         if (gpu) {
             dec = decoder_create(m, n, max_len, max_prompt);
@@ -297,7 +296,7 @@ static int run(int argc, char** argv) {
             std::vector<std::vector<int>> prompts;
             for (const Sequence& s : seqs) prompts.push_back(s.ids);
             decoder_prefill(*dec, prompts);
-            decoder_sample(*dec, so, seed);
+            decoder_sample(*dec, sampling, seed);
             const int* tok = decoder_tokens(*dec);
             next.assign(tok, tok + n);
         } else {
@@ -337,7 +336,7 @@ static int run(int argc, char** argv) {
         for (const Sequence& s : seqs) active += !s.done;
         if (active == 0) break;
         if (dec) {
-            decoder_step(*dec, so, seed, true);
+            decoder_step(*dec, sampling, seed, true);
             const int* tok = decoder_tokens(*dec);
             next.assign(tok, tok + n);
         } else {
@@ -347,6 +346,7 @@ static int run(int argc, char** argv) {
     }
     double elapsed = now_seconds() - t0;
     if (dec) decoder_free(dec);
+    model_free_gpu(m);
     if (stream) {
         putchar('\n');
     } else if (jsonl) {

@@ -185,23 +185,8 @@ void model_to_gpu(Model& m, int B, int T, bool inference) {
     const size_t gate_up = std::max({(size_t)N * 2 * I, (size_t)S * 2 * MI, (size_t)N * 2 * SI});
     const FfnActsGpu ffn{nullptr, acts(hidden), grads(gate_up), grads(hidden)};
     const MlaActsGpu mla = mla_shared_alloc(arena, c, N, !inference);
-    MoeActsGpu moe{};
-    if (E > 0) {
-        moe.shared = ffn;
-        moe.x_sorted = acts((size_t)S * D);
-        moe.hidden = ffn.hidden;
-        if (SI > 0) moe.shared_out = acts((size_t)N * D);
-        moe.dy_sorted = grads((size_t)S * D);
-        moe.dh_sorted = grads((size_t)S * MI);
-        moe.dgu_sorted = grads((size_t)S * 2 * MI);
-        moe.dx_sorted = grads((size_t)S * D);
-        moe.router_dlogits16 = grads((size_t)N * E);
-        if (!inference) {
-            moe.dgate = arena_alloc<float>(arena, (size_t)N * K, "gradients");
-            moe.router_dlogits = arena_alloc<float>(arena, (size_t)N * E, "gradients");
-            gpu.dscores = arena_alloc<float>(arena, (size_t)N * E, "gradients");
-        }
-    }
+    const MoeActsGpu moe = E > 0 ? moe_shared_alloc(arena, c, N, ffn, !inference) : MoeActsGpu{};
+    if (E > 0 && !inference) gpu.dscores = arena_alloc<float>(arena, (size_t)N * E, "gradients");
     gpu.layers.resize(c.num_hidden_layers);
     for (int l = 0; l < c.num_hidden_layers; l++) {
         GpuLayer& a = gpu.layers[l];
@@ -217,19 +202,7 @@ void model_to_gpu(Model& m, int B, int T, bool inference) {
             a.ffn.gate_up = acts((size_t)N * 2 * I);
             continue;
         }
-        a.moe = moe;
-        a.moe.router_logits = acts32((size_t)N * E);
-        a.moe.scores = acts32((size_t)N * E);
-        a.moe.gate = acts32((size_t)N * K);
-        a.moe.frac = acts32((size_t)B * E);
-        a.moe.seq_loss = acts32(B);
-        a.moe.expert = arena_alloc<int>(arena, (size_t)N * K, "activations");
-        a.moe.offsets = arena_alloc<int>(arena, E + 1, "activations");
-        a.moe.slot_row = arena_alloc<int>(arena, S, "activations");
-        a.moe.row_slot = arena_alloc<int>(arena, S, "activations");
-        a.moe.gu_sorted = acts((size_t)S * 2 * MI);
-        a.moe.y_sorted = acts((size_t)S * D);
-        if (SI > 0) a.moe.shared.gate_up = acts((size_t)N * 2 * SI);
+        a.moe = moe_layer_alloc(arena, c, B, T, moe);
     }
     gpu.tokens = arena_alloc<int>(arena, N, "tokens");
     gpu.targets = arena_alloc<int>(arena, N, "targets");
@@ -251,10 +224,8 @@ void model_to_gpu(Model& m, int B, int T, bool inference) {
     }
     GpuContext& ctx = gpu.ctx;
     ctx.scratch_bytes = std::max({embedding_backward_scratch_bytes(N, D, V), rmsnorm_backward_scratch_bytes(N, std::max({D, dc, qr})),
-                                  grad_norm_scratch_bytes(gpu.num_chunks), attention_backward_scratch_floats(B, T, H) * sizeof(float),
-                                  E > 0 ? moe_permute_scratch_ints(S, E) * sizeof(int) : (size_t)0});
+                                  grad_norm_scratch_bytes(gpu.num_chunks), attention_backward_scratch_floats(B, T, H) * sizeof(float)});
     ctx.scratch = arena_alloc<char>(arena, ctx.scratch_bytes, "scratch");
-    for (GpuLayer& a : gpu.layers) a.moe.permute_scratch = (int*)ctx.scratch;
     CUDA_CHECK(cudaStreamSynchronize(ctx.stream));
     m.gpu = gp;
 }

@@ -955,14 +955,17 @@ inline bool grouped_gemm_vec(int C, int OC, size_t stride, std::initializer_list
     return ok;
 }
 
-// The *_cfg entry points take the tile config (BN in {64, 128}, BK in {32, 64},
-// STAGES); the plain ones below use BN=128, BK=64, 3 stages (110.6 KB of shared
-// memory, 2 CTAs per SM), measured fastest of {128,32,4}, {128,64,3}, {128,64,4},
-// {64,64,4}, {64,32,4} for all three products at rows=32768, C=768, OC=768/1536,
-// E=8 (test/gpu_moe.cu's "moe timing" case).
+// The tile config (BN in {64, 128}, BK in {32, 64}, STAGES) is a template
+// argument; the default, BN=128, BK=64, 3 stages (110.6 KB of shared memory, 2 CTAs
+// per SM), measured fastest of {128,32,4}, {128,64,3}, {128,64,4}, {64,64,4},
+// {64,32,4} for all three products at rows=32768, C=768, OC=768/1536, E=8
+// (test/gpu_moe.cu's "moe timing" case).
 
-template <int BN, int BK, int STAGES>
-inline void grouped_gemm_forward_cfg(bf16* out, const bf16* x, const bf16* w, size_t w_stride, const int* offsets, int S, int E,
+// out [S, OC] = x [S, C] @ W_e^T for the rows offsets[e]..offsets[e+1]-1 of each
+// expert e; W_e = w + e * w_stride is [OC, C]. S = N*K is the total row count
+// (offsets[E] must equal it; the host uses it only to size the grid).
+template <int BN = 128, int BK = 64, int STAGES = 3>
+inline void grouped_gemm_forward_gpu(bf16* out, const bf16* x, const bf16* w, size_t w_stride, const int* offsets, int S, int E,
                                      int C, int OC, cudaStream_t stream) {
     grouped_gemm_check("grouped_gemm_forward", S, E, C, OC);
     if (S == 0) return;
@@ -973,8 +976,9 @@ inline void grouped_gemm_forward_cfg(bf16* out, const bf16* x, const bf16* w, si
         grouped_gemm_launch<MOE_GEMM_FWD, true, false, BN, BK, STAGES>(grid, stream, out, nullptr, 0, x, C, w, w_stride, C, offsets, E, S, OC, C);
 }
 
-template <int BN, int BK, int STAGES>
-inline void grouped_gemm_backward_input_cfg(bf16* dx, const bf16* dout, const bf16* w, size_t w_stride, const int* offsets, int S,
+// dx [S, C] = dout [S, OC] @ W_e for each expert's rows (written)
+template <int BN = 128, int BK = 64, int STAGES = 3>
+inline void grouped_gemm_backward_input_gpu(bf16* dx, const bf16* dout, const bf16* w, size_t w_stride, const int* offsets, int S,
                                             int E, int C, int OC, cudaStream_t stream) {
     grouped_gemm_check("grouped_gemm_backward_input", S, E, C, OC);
     if (S == 0) return;
@@ -985,8 +989,10 @@ inline void grouped_gemm_backward_input_cfg(bf16* dx, const bf16* dout, const bf
         grouped_gemm_launch<MOE_GEMM_FWD, false, false, BN, BK, STAGES>(grid, stream, dx, nullptr, 0, dout, OC, w, w_stride, C, offsets, E, S, C, OC);
 }
 
-template <int BN, int BK, int STAGES>
-inline void grouped_gemm_backward_weight_cfg(float* dw, size_t dw_stride, const bf16* dout, const bf16* x, const int* offsets, int S,
+// dW_e [OC, C] += dout[rows_e, OC]^T @ x[rows_e, C] in fp32, dW_e = dw + e * dw_stride;
+// each element sums its expert's rows in a fixed order (deterministic, no atomics)
+template <int BN = 128, int BK = 64, int STAGES = 3>
+inline void grouped_gemm_backward_weight_gpu(float* dw, size_t dw_stride, const bf16* dout, const bf16* x, const int* offsets, int S,
                                              int E, int C, int OC, cudaStream_t stream) {
     grouped_gemm_check("grouped_gemm_backward_weight", S, E, C, OC);
     if (S == 0) return;
@@ -995,27 +1001,6 @@ inline void grouped_gemm_backward_weight_cfg(float* dw, size_t dw_stride, const 
         grouped_gemm_launch<MOE_GEMM_WGRAD, false, true, BN, BK, STAGES>(grid, stream, nullptr, dw, dw_stride, dout, OC, x, 0, C, offsets, E, OC, C, 0);
     else
         grouped_gemm_launch<MOE_GEMM_WGRAD, false, false, BN, BK, STAGES>(grid, stream, nullptr, dw, dw_stride, dout, OC, x, 0, C, offsets, E, OC, C, 0);
-}
-
-// out [S, OC] = x [S, C] @ W_e^T for the rows offsets[e]..offsets[e+1]-1 of each
-// expert e; W_e = w + e * w_stride is [OC, C]. S = N*K is the total row count
-// (offsets[E] must equal it; the host uses it only to size the grid).
-inline void grouped_gemm_forward_gpu(bf16* out, const bf16* x, const bf16* w, size_t w_stride, const int* offsets, int S, int E,
-                                     int C, int OC, cudaStream_t stream) {
-    grouped_gemm_forward_cfg<128, 64, 3>(out, x, w, w_stride, offsets, S, E, C, OC, stream);
-}
-
-// dx [S, C] = dout [S, OC] @ W_e for each expert's rows (overwritten)
-inline void grouped_gemm_backward_input_gpu(bf16* dx, const bf16* dout, const bf16* w, size_t w_stride, const int* offsets, int S,
-                                            int E, int C, int OC, cudaStream_t stream) {
-    grouped_gemm_backward_input_cfg<128, 64, 3>(dx, dout, w, w_stride, offsets, S, E, C, OC, stream);
-}
-
-// dW_e [OC, C] += dout[rows_e, OC]^T @ x[rows_e, C] in fp32, dW_e = dw + e * dw_stride;
-// each element sums its expert's rows in a fixed order (deterministic, no atomics)
-inline void grouped_gemm_backward_weight_gpu(float* dw, size_t dw_stride, const bf16* dout, const bf16* x, const int* offsets,
-                                             int S, int E, int C, int OC, cudaStream_t stream) {
-    grouped_gemm_backward_weight_cfg<128, 64, 3>(dw, dw_stride, dout, x, offsets, S, E, C, OC, stream);
 }
 
 // ----------------------------------------------------------------------------
@@ -1062,6 +1047,51 @@ struct MoeActsGpu {
     bf16 *dy_sorted, *dh_sorted, *dgu_sorted, *dx_sorted, *router_dlogits16;  // the backward's
     float *dgate, *router_dlogits;
 };
+
+// the temporaries every MoE layer shares, for N tokens, around `ffn` (the SwiGLU
+// buffers the owner shares with its dense layers); backward: the gradients too
+inline MoeActsGpu moe_shared_alloc(DeviceArena& arena, const Config& c, int N, const FfnActsGpu& ffn, bool backward) {
+    const int D = c.hidden_size, E = c.n_routed_experts, K = c.num_experts_per_tok, I = c.moe_intermediate_size, S = N * K;
+    auto grads = [&](size_t n) { return backward ? arena_alloc<bf16>(arena, n, "gradients") : nullptr; };
+    MoeActsGpu a{};
+    a.shared = ffn;
+    a.hidden = ffn.hidden;
+    a.x_sorted = arena_alloc<bf16>(arena, (size_t)S * D, "activations");
+    if (c.n_shared_experts > 0) a.shared_out = arena_alloc<bf16>(arena, (size_t)N * D, "activations");
+    a.permute_scratch = arena_alloc<int>(arena, moe_permute_scratch_ints(S, E), "activations");
+    a.dy_sorted = grads((size_t)S * D);
+    a.dh_sorted = grads((size_t)S * I);
+    a.dgu_sorted = grads((size_t)S * 2 * I);
+    a.dx_sorted = grads((size_t)S * D);
+    a.router_dlogits16 = grads((size_t)N * E);
+    if (backward) {
+        a.dgate = arena_alloc<float>(arena, (size_t)N * K, "gradients");
+        a.router_dlogits = arena_alloc<float>(arena, (size_t)N * E, "gradients");
+    }
+    return a;
+}
+
+// one layer's own tensors for B sequences of T tokens, beside the shared ones
+inline MoeActsGpu moe_layer_alloc(DeviceArena& arena, const Config& c, int B, int T, const MoeActsGpu& shared) {
+    const int N = B * T, D = c.hidden_size, E = c.n_routed_experts, K = c.num_experts_per_tok, I = c.moe_intermediate_size, S = N * K;
+    auto acts = [&](size_t n) { return arena_alloc<bf16>(arena, n, "activations"); };
+    auto acts32 = [&](size_t n) { return arena_alloc<float>(arena, n, "activations"); };
+    auto ints = [&](size_t n) { return arena_alloc<int>(arena, n, "activations"); };
+    MoeActsGpu a = shared;
+    a.router_logits = acts32((size_t)N * E);
+    a.scores = acts32((size_t)N * E);
+    a.gate = acts32((size_t)N * K);
+    a.frac = acts32((size_t)B * E);
+    a.seq_loss = acts32(B);
+    a.expert = ints((size_t)N * K);
+    a.offsets = ints(E + 1);
+    a.slot_row = ints(S);
+    a.row_slot = ints(S);
+    a.gu_sorted = acts((size_t)S * 2 * I);
+    a.y_sorted = acts((size_t)S * D);
+    if (c.n_shared_experts > 0) a.shared.gate_up = acts((size_t)N * 2 * c.n_shared_experts * I);
+    return a;
+}
 
 // out [N, D] = sum_k gate_k E_k(u) + Shared(u) for u [N, D]. The router reads the
 // fp32 master bias (a bf16 copy would round its small steps away) and adds each

@@ -387,16 +387,16 @@ static std::vector<int> read_val_tokens(const std::string& pattern, int vocab_si
 
 static std::vector<int> sample(Model& m, const std::vector<int>& prompt, int n, uint64_t seed) {
     const int V = m.ref.cfg.vocab_size, ctx_max = m.ref.cfg.max_position_embeddings;
-    SamplingOptions so;
-    so.temperature = 0.8f;
-    so.top_k = 40;
+    SamplingOptions sampling;
+    sampling.temperature = 0.8f;
+    sampling.top_k = 40;
     Rng rng{mix64(seed ^ 0x73616d706c65ull), 0};  // the same draws at every sample, so samples compare
     std::vector<int> toks = prompt, ctx;
     for (int i = 0; i < n; i++) {
         size_t from = toks.size() > (size_t)ctx_max ? toks.size() - ctx_max : 0;
         ctx.assign(toks.begin() + from, toks.end());
         const std::vector<float>& logits = model_logits(m, ctx);
-        toks.push_back(sample_token(logits.data() + (ctx.size() - 1) * (size_t)V, V, so, rng.uniform()));
+        toks.push_back(sample_token(logits.data() + (ctx.size() - 1) * (size_t)V, V, sampling, rng.uniform()));
     }
     return std::vector<int>(toks.begin() + prompt.size(), toks.end());
 }
@@ -655,6 +655,7 @@ static int run(int argc, char** argv) {
         if (g_stop_signal) {
             printf("interrupted: saved checkpoint at step %d to %s\n", done, ckpt.c_str());
             fflush(stdout);
+            model_free_gpu(m);
             return 130;
         }
     }
@@ -662,6 +663,7 @@ static int run(int argc, char** argv) {
     printf("done: %d steps in %s", a.steps - first, fmt_duration(now_seconds() - t_begin).c_str());
     if (!val_tokens.empty()) printf(" | final val loss %.4f, best %.4f", last_val, st.best_val_loss);
     printf(" | checkpoint %s | metrics %s | curve %s\n", ckpt.c_str(), metrics_path.c_str(), svg_path.c_str());
+    model_free_gpu(m);
     return 0;
 }
 

@@ -716,11 +716,11 @@ template <int BN, int BK, int ST>
 void bench_config(Timer& timer, GemmBench& b) {
     const double fl = 2.0 * b.S * b.C * b.OC;
     const std::string cfg = strfmt("BN=%d BK=%d stages=%d", BN, BK, ST);
-    timer.time("fwd   " + cfg, fl, [&] { grouped_gemm_forward_cfg<BN, BK, ST>(b.out, b.x, b.w, (size_t)b.OC * b.C, b.offsets, b.S, b.E, b.C, b.OC, 0); });
-    timer.time("dgrad " + cfg, fl, [&] { grouped_gemm_backward_input_cfg<BN, BK, ST>(b.dx, b.dout, b.w, (size_t)b.OC * b.C, b.offsets, b.S, b.E, b.C, b.OC, 0); });
-    timer.time("wgrad " + cfg, fl, [&] { grouped_gemm_backward_weight_cfg<BN, BK, ST>(b.dw, (size_t)b.OC * b.C, b.dout, b.x, b.offsets, b.S, b.E, b.C, b.OC, 0); });
+    timer.time("fwd   " + cfg, fl, [&] { grouped_gemm_forward_gpu<BN, BK, ST>(b.out, b.x, b.w, (size_t)b.OC * b.C, b.offsets, b.S, b.E, b.C, b.OC, 0); });
+    timer.time("dgrad " + cfg, fl, [&] { grouped_gemm_backward_input_gpu<BN, BK, ST>(b.dx, b.dout, b.w, (size_t)b.OC * b.C, b.offsets, b.S, b.E, b.C, b.OC, 0); });
+    timer.time("wgrad " + cfg, fl, [&] { grouped_gemm_backward_weight_gpu<BN, BK, ST>(b.dw, (size_t)b.OC * b.C, b.dout, b.x, b.offsets, b.S, b.E, b.C, b.OC, 0); });
     b.dw.zero();
-    grouped_gemm_backward_weight_cfg<BN, BK, ST>(b.dw, (size_t)b.OC * b.C, b.dout, b.x, b.offsets, b.S, b.E, b.C, b.OC, 0);
+    grouped_gemm_backward_weight_gpu<BN, BK, ST>(b.dw, (size_t)b.OC * b.C, b.dout, b.x, b.offsets, b.S, b.E, b.C, b.OC, 0);
     CUDA_CHECK(cudaDeviceSynchronize());
     const bool same = bit_equal(b.out.download(), b.ref_out) && bit_equal(b.dx.download(), b.ref_dx) && bit_equal(b.dw.download(), b.ref_dw);
     CHECK(same);
