@@ -1,57 +1,50 @@
 // validate.cu — checks a model from the outside. Two modes:
 //
 // Loss mode (--model DIR --data FILE): the mean next-token loss over an llm.c token
-// file, taken over consecutive non-overlapping windows of --seq-len tokens (default:
-// the length the run trained at, from its trainer_state.json, else the context), so
-// any checkpoint can be compared with another implementation on the same tokens.
+// file, over consecutive non-overlapping windows of --seq-len tokens (default: the
+// run's training seq_len from trainer_state.json, else the context), so any
+// checkpoint can be compared with another implementation on the same tokens.
 //
 //   ./validate --model runs/default --data data/default/val.bin
-//   loss 2.345678912 over 123456 predictions (seq_len 64, the training length; cpu)
+//   loss 1.143516593 over 32899 predictions (seq_len 64, the training length; cpu)
 //
 // Integration checks (everything else; the seed's checks) on a checkpoint or on
-// fresh random weights of a preset, one function each, each returning a CheckResult:
-//   1. forward           logits have shape [B, T, V] and are all finite
-//   2. gradient flow     one forward + backward: every trainable tensor's gradient is
-//                        finite and every non-expert tensor's is non-zero (routed
-//                        experts that got no token are listed idle); the first 10
-//                        tensors' gradient norm, NaN/inf flags and shape
-//   3. expert balance    per MoE layer, over --batches batches: load per expert,
-//                        variance of load/mean load, max/min ratio; balanced when the
-//                        mean variance < 0.3 and every ratio < 5
-//   4. memory            how the decoder's memory grows with the sequence length L:
-//                        for L = 64, 128, 256, 512, doubling up to the context (a
-//                        context under 512: its 1/8, 1/4, 1/2 and whole), a decoder
-//                        of capacity L runs a forward at its last position, and its
-//                        cache plus activations are counted: the heap bytes the CPU
-//                        decoder (decode.h) allocates, and on a GPU the device bytes
-//                        of the GPU decoder (decode.cuh). Per token, and each step's
-//                        memory ratio over its length ratio, which must stay < 1.5
-//                        (linear growth gives < 1, a T x T score matrix 2). Also the
-//                        latent cache's bytes per token, measured, against the
-//                        formula and against an MHA cache of the same model
-//   5. GPU vs CPU        on a GPU: batch 0 on the CUDA path (bf16) against the CPU
-//                        reference (fp32): the loss within 2e-2 relative, the logits
-//                        within twice what bf16 weights alone change (or 2 x 2e-2)
-// Each check says on stderr when it starts (the small preset takes minutes on a
-// CPU). The results print as a table, each check as it finishes, then "passed x of
-// y" and the issues found; or, with --json, as one object {"model", "data", ...,
-// "checks": [{"name", "passed", "skipped", "numbers", "tables", "notes",
-// "issues"}], "summary"}. The exit status is non-zero when a check finds an issue.
-// Without a GPU (or with --device cpu) the GPU parts are reported as skipped.
+// fresh random weights of a preset; one function each, returning a CheckResult:
+//   1. forward          logits have shape [B, T, V] and are all finite
+//   2. gradient flow    one forward + backward: every trainable tensor's gradient is
+//                       finite and every non-expert tensor's non-zero (routed experts
+//                       that got no token are listed idle); the first 10 tensors'
+//                       gradient norm, NaN/inf flags and shape
+//   3. expert balance   per MoE layer over --batches batches: load per expert,
+//                       variance of load/mean load, max/min ratio; balanced when the
+//                       mean variance < 0.3 and every ratio < 5
+//   4. memory           for L = 64, 128, 256, 512, ... up to the context (a context
+//                       under 512: its 1/8, 1/4, 1/2 and whole) a decoder of capacity
+//                       L runs a forward at its last position; its cache plus
+//                       activations (the CPU decoder's heap bytes; on a GPU also the
+//                       GPU decoder's device bytes), per token, and each step's memory
+//                       ratio over its length ratio, < 1.5 (linear growth gives < 1,
+//                       a T x T score matrix 2). And the latent cache's bytes per
+//                       token, measured = formula, against an MHA cache's
+//   5. GPU vs CPU       on a GPU: batch 0 on the CUDA path (bf16) against the CPU
+//                       reference (fp32): the loss within 2e-2 relative, the logits
+//                       within twice what bf16 weights alone change (or 2 x 2e-2)
+// Each says on stderr when it starts (small takes minutes on a CPU). The table
+// prints each result as it comes, then "passed x of y" and the issues found; --json
+// prints one object {"model", "data", ..., "checks": [{"name", "passed", "skipped",
+// "numbers", "tables", "notes", "issues"}], "summary"}. The exit status is 1 when a
+// check finds an issue. Without a GPU (or with --device cpu) the GPU parts are skipped.
 //
-// The batches come from --data; else, for a training run (a checkpoint with
-// trainer_state.json), from its validation data, which train does not record:
-// data/default/val.bin, where ./train trains by default, when that dataset's
-// tokenizer is the model's; else random tokens. A trained model is best checked on
-// text like its training data: random tokens are far from it (the default run's
-// expert loads look unbalanced on them, max/min 7.5, and balanced on its text, 1.7).
+// Batches come from --data; else, for a training run (trainer_state.json), from
+// data/default/val.bin when that dataset's tokenizer is the model's (train does not
+// record its data path); else random tokens, far from what a trained model knows
+// (the default run's expert loads: max/min 7.5 on them, 1.7 on its text).
 #include <malloc.h>
 
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
-#include <functional>
 #include <string>
 #include <vector>
 
@@ -390,22 +383,22 @@ static size_t cpu_decoder_bytes(RefModel<float>& r, int len, size_t& cache_bytes
 }
 
 // The GPU decoder's device bytes at capacity len (its own count: the cache and the
-// step's buffers; the weights are the model's), after it ran a forward at every
-// position: a 1-token prompt, then len - 1 steps.
+// step's buffers; the weights are the model's), after a forward at every position:
+// a 1-token prompt, then len - 1 steps (decoder_free waits for them, and checks).
 static size_t gpu_decoder_bytes(Model& m, int len, size_t& cache_bytes_per_token) {
     GpuDecoder* d = decoder_create(m, 1, len, 1);
     decoder_prefill(*d, std::vector<std::vector<int>>(1, std::vector<int>{0}));
     for (int pos = 1; pos < len; pos++) decoder_forward(*d);
-    decoder_tokens(*d);  // waits for the steps
     const size_t bytes = d->arena.bytes;
     cache_bytes_per_token = decoder_cache_bytes_per_token(*d);
     decoder_free(d);
     return bytes;
 }
 
-// the decoder memory at each length, into columns of t, judged into c
-static void memory_growth(CheckResult& c, Table& t, const std::string& who, const std::vector<int>& lengths,
-                          const std::vector<size_t>& bytes) {
+// One decoder's memory at each length, into t's columns WHO_*, judged into c; its
+// cache's bytes per token must be the latent formula's for its values' size.
+static void add_decoder(CheckResult& c, Table& t, const std::string& who, const std::vector<int>& lengths,
+                        const std::vector<size_t>& bytes, size_t cache_per_token, size_t formula) {
     double worst = 0;
     for (size_t i = 0; i < lengths.size(); i++) {
         std::string growth;  // none for the first length
@@ -414,23 +407,17 @@ static void memory_growth(CheckResult& c, Table& t, const std::string& who, cons
             worst = std::max(worst, g);
             growth = strfmt("%.3f", g);
             if (!(g < LINEAR_GROWTH))
-                c.issues.push_back(strfmt("the %s decoder's memory grows faster than the length: %d -> %d tokens takes %s -> %s bytes, "
+                c.issues.push_back(strfmt("the %s decoder's memory grows faster than the length: %d -> %d tokens takes %zu -> %zu bytes, "
                                           "memory ratio over length ratio %.3f >= %g", who.c_str(), lengths[i - 1], lengths[i],
-                                          num((double)bytes[i - 1]).c_str(), num((double)bytes[i]).c_str(), g, LINEAR_GROWTH));
+                                          bytes[i - 1], bytes[i], g, LINEAR_GROWTH));
         }
         t.rows[i].insert(t.rows[i].end(), {num((double)bytes[i]), strfmt("%.1f", (double)bytes[i] / lengths[i]), growth});
     }
     for (const char* col : {"_bytes", "_bytes_per_token", "_growth"}) t.columns.push_back(who + col);
     c.numbers.push_back({who + "_worst_growth", worst});
-}
-
-// the measured cache bytes per token against the latent formula
-static void cache_matches_formula(CheckResult& c, const Config& cfg, const std::string& who, size_t measured, size_t bytes_per_value) {
-    c.numbers.push_back({who + "_cache_bytes_per_token", (double)measured});
-    const size_t formula = kv_latent_bytes_per_token(cfg, bytes_per_value);
-    if (measured != formula)
-        c.issues.push_back(strfmt("the %s decoder's cache takes %zu B per token; the formula says %zu (%zu-byte values)", who.c_str(),
-                                  measured, formula, bytes_per_value));
+    c.numbers.push_back({who + "_cache_bytes_per_token", (double)cache_per_token});
+    if (cache_per_token != formula)
+        c.issues.push_back(strfmt("the %s decoder's cache takes %zu B per token; the formula says %zu", who.c_str(), cache_per_token, formula));
 }
 
 static CheckResult check_memory(Model& m, bool gpu, const std::string& gpu_skipped) {
@@ -446,8 +433,8 @@ static CheckResult check_memory(Model& m, bool gpu, const std::string& gpu_skipp
     c.notes.push_back(strfmt("                  MHA cache %.0f B = 2*(%d heads*(%d+%d) + %d heads*%d)*%d layers; %.2fx the MLA cache", mha,
                              cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.num_attention_heads,
                              cfg.v_head_dim, cfg.num_hidden_layers, mha / mla));
-    c.notes.push_back("a decoder of capacity seq_len runs a forward at its last position; its cache plus activations are counted:");
-    c.notes.push_back(strfmt("growth = memory ratio over length ratio to the length before, linear (or better) when < %g", LINEAR_GROWTH));
+    c.notes.push_back("a decoder of capacity seq_len runs a forward at its last position; its cache (fp32 on the CPU, bf16 on the");
+    c.notes.push_back(strfmt("GPU) plus activations are counted; growth = memory ratio over length ratio, linear when < %g:", LINEAR_GROWTH));
     Table t{"lengths", {"seq_len", "mla_cache_bytes", "mha_cache_bytes"}};
     for (int len : lengths) t.rows.push_back({std::to_string(len), num(mla * len), num(mha * len)});
 
@@ -457,15 +444,12 @@ static CheckResult check_memory(Model& m, bool gpu, const std::string& gpu_skipp
     // threads, say) is not charged to the first length
     cpu_decoder_bytes(m.ref, lengths[0], cache_per_token);
     for (size_t i = 0; i < lengths.size(); i++) cpu[i] = cpu_decoder_bytes(m.ref, lengths[i], cache_per_token);
-    cache_matches_formula(c, cfg, "cpu", cache_per_token, sizeof(float));
-    c.notes.push_back("each decoder's cache takes the MLA formula's bytes per token for its values: fp32 on the CPU, bf16 on the GPU");
-    memory_growth(c, t, "cpu", lengths, cpu);
+    add_decoder(c, t, "cpu", lengths, cpu, cache_per_token, kv_latent_bytes_per_token(cfg, sizeof(float)));
     if (gpu) {
         std::vector<size_t> dev(lengths.size());
         for (size_t i = 0; i < lengths.size(); i++) dev[i] = gpu_decoder_bytes(m, lengths[i], cache_per_token);
         model_free_gpu(m);
-        cache_matches_formula(c, cfg, "gpu", cache_per_token, sizeof(bf16));
-        memory_growth(c, t, "gpu", lengths, dev);
+        add_decoder(c, t, "gpu", lengths, dev, cache_per_token, kv_latent_bytes_per_token(cfg, sizeof(bf16)));
     } else {
         c.notes.push_back("GPU decoder: skipped (" + gpu_skipped + ")");
     }
@@ -641,28 +625,22 @@ static int run_checks(Model& m, const std::string& model_name, const std::vector
         fflush(stdout);
     }
 
-    struct Check {
-        const char* what;  // said on stderr when it starts
-        std::function<CheckResult()> run;
-    };
-    const std::vector<Check> checks = {
-        {"forward: batch 0 on the cpu reference", [&] { return check_forward(m, src); }},
-        {"gradient flow: forward + backward of batch 0", [&] { return check_gradient_flow(m, src); }},
-        {"expert utilisation: forward of each batch", [&] { return check_expert_utilisation(m, src, batches); }},
-        {"memory: a decoder at each length", [&] { return check_memory(m, gpu, gpu_skipped); }},
-        {"GPU vs CPU: batch 0 on both", [&] {
-             if (gpu) return check_gpu_vs_cpu(m, src);
-             CheckResult c{"gpu_vs_cpu", "GPU vs CPU"};
-             c.skipped = gpu_skipped;
-             return c;
-         }},
-    };
     std::vector<CheckResult> results;
-    for (size_t i = 0; i < checks.size(); i++) {
-        fprintf(stderr, "validate: %zu/%zu %s ...\n", i + 1, checks.size(), checks[i].what);
-        results.push_back(checks[i].run());
-        if (!json) print_text(results.back(), (int)i + 1);
-    }
+    auto start = [&](const char* what) { fprintf(stderr, "validate: %zu/5 %s ...\n", results.size() + 1, what); };
+    auto done = [&](const CheckResult& c) {
+        results.push_back(c);
+        if (!json) print_text(c, (int)results.size());
+    };
+    start("forward: batch 0 on the cpu reference");
+    done(check_forward(m, src));
+    start("gradient flow: forward + backward of batch 0");
+    done(check_gradient_flow(m, src));
+    start("expert utilisation: a forward of each batch");
+    done(check_expert_utilisation(m, src, batches));
+    start("memory: a decoder at each length");
+    done(check_memory(m, gpu, gpu_skipped));
+    start(gpu ? "GPU vs CPU: batch 0 on both" : "GPU vs CPU: skipped");
+    done(gpu ? check_gpu_vs_cpu(m, src) : CheckResult{"gpu_vs_cpu", "GPU vs CPU", gpu_skipped});
 
     int passed = 0, ran = 0;
     std::vector<std::string> issues, skipped;
