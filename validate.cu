@@ -607,12 +607,7 @@ static int run_checks(Model& m, const std::string& model_name, const std::vector
                       int B, int batches, uint64_t seed, const std::string& gpu_skipped, bool json) {
     const Config& cfg = m.ref.cfg;
     const bool gpu = gpu_skipped.empty();
-    BatchSource src;
-    src.data = data.empty() ? nullptr : &data;
-    src.key = mix64(seed ^ 0x7a11d47eull);
-    src.B = B;
-    src.T = T;
-    src.V = cfg.vocab_size;
+    const BatchSource src{data.empty() ? nullptr : &data, mix64(seed ^ 0x7a11d47eull), B, T, cfg.vocab_size};
     int moe_layers = 0;
     for (int l = 0; l < cfg.num_hidden_layers; l++) moe_layers += cfg.is_moe_layer(l);
     if (!json) {
@@ -672,18 +667,26 @@ static int run_checks(Model& m, const std::string& model_name, const std::vector
 
 // ----------------------------------------------------------------------------
 
-// where ./train puts its dataset when given no --data
-static const char* DEFAULT_DATA = "data/default";
-
-// A training run's validation data for the checks, or "" when not known. train does
-// not record its data path, so this is the default dataset's val.bin when that
-// dataset's tokenizer is the model's (the same tokens mean the same text).
-static std::string run_validation_data(const Model& m) {
-    const std::string dir = DEFAULT_DATA, tok_path = dir + "/tokenizer.bin";
-    if (!path_exists(dir + "/val.bin")) return "";
-    const Tokenizer t = path_exists(tok_path) ? tokenizer_load(tok_path) : tokenizer_bytes();
-    const Tokenizer& mt = m.tokenizer;
-    return t.vocab_size == mt.vocab_size && t.eot_id == mt.eot_id && t.merges == mt.merges ? dir + "/val.bin" : "";
+// The checks' batches: --data; else, for a training run, its validation data, whose
+// path train does not record: data/default/val.bin (where ./train trains by default)
+// when that dataset's tokenizer is the model's, so that the same ids mean the same
+// text; else random tokens (data stays empty). Returns what the output calls them.
+static std::string checks_data(const Model& m, std::string path, bool training_run, uint64_t seed, std::vector<int>& data) {
+    std::string name = path;
+    if (path.empty() && training_run) {
+        const std::string dir = "data/default", tok_path = dir + "/tokenizer.bin";
+        const bool has_val = path_exists(dir + "/val.bin");
+        const Tokenizer t = has_val && path_exists(tok_path) ? tokenizer_load(tok_path) : tokenizer_bytes();
+        if (!has_val || t.vocab_size != m.tokenizer.vocab_size || t.eot_id != m.tokenizer.eot_id || t.merges != m.tokenizer.merges)
+            return strfmt("random tokens (seed %llu): the run does not record its data, and %s/val.bin is missing or has another "
+                          "tokenizer", (unsigned long long)seed, dir.c_str());
+        path = dir + "/val.bin";
+        name = path + " (the default dataset, whose tokenizer is the model's; the run does not record its data)";
+    }
+    if (path.empty()) return strfmt("random tokens (seed %llu)", (unsigned long long)seed);
+    data = read_token_file(path, m.ref.cfg.vocab_size);
+    if (data.size() < 2) fail("%s: needs at least 2 tokens, has %zu", path.c_str(), data.size());
+    return name;
 }
 
 static int run(int argc, char** argv) {
@@ -758,19 +761,8 @@ static int run(int argc, char** argv) {
         return run_loss(m, data_path, (int)seq_len, from, batch_size ? (int)batch_size : 1, use_gpu, json);
     }
 
-    std::string data_name = data_path;
-    if (data_path.empty() && train_seq_len) {
-        data_path = run_validation_data(m);
-        data_name = data_path.empty() ? "" : data_path + " (the default dataset, whose tokenizer is the model's; the run does not record its data)";
-    }
     std::vector<int> data;
-    if (!data_path.empty()) {
-        data = read_token_file(data_path, m.ref.cfg.vocab_size);
-        if (data.size() < 2) fail("%s: needs at least 2 tokens, has %zu", data_path.c_str(), data.size());
-    } else {
-        data_name = strfmt("random tokens (seed %llu)", seed);
-        if (train_seq_len) data_name += strfmt(": the run does not record its data, and %s/val.bin is missing or has another tokenizer", DEFAULT_DATA);
-    }
+    const std::string data_name = checks_data(m, data_path, train_seq_len > 0, seed, data);
     return run_checks(m, model_name, data, data_name, seq_len ? (int)seq_len : std::min(64, context), batch_size ? (int)batch_size : 4,
                       (int)batches, seed, use_gpu ? "" : device == "cpu" ? "--device cpu" : "no CUDA device", json);
 }
