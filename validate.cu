@@ -430,11 +430,12 @@ static CheckResult check_memory(Model& m, bool gpu, const std::string& gpu_skipp
     c.numbers = {{"mla_cache_bytes_per_token", mla}, {"mha_cache_bytes_per_token", mha}, {"mha_over_mla", mha / mla}};
     c.notes.push_back(strfmt("per token (bf16): MLA latent cache %.0f B = 2*(kv_lora_rank %d + qk_rope_head_dim %d)*%d layers", mla,
                              cfg.kv_lora_rank, cfg.qk_rope_head_dim, cfg.num_hidden_layers));
-    c.notes.push_back(strfmt("                  MHA cache %.0f B = 2*(%d heads*(%d+%d) + %d heads*%d)*%d layers; %.2fx the MLA cache", mha,
+    c.notes.push_back(strfmt("per token (bf16): MHA cache %.0f B = 2*(%d heads*(%d+%d) + %d heads*%d)*%d layers; %.2fx the MLA cache", mha,
                              cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.num_attention_heads,
                              cfg.v_head_dim, cfg.num_hidden_layers, mha / mla));
-    c.notes.push_back("a decoder of capacity seq_len runs a forward at its last position; its cache (fp32 on the CPU, bf16 on the");
-    c.notes.push_back(strfmt("GPU) plus activations are counted; growth = memory ratio over length ratio, linear when < %g:", LINEAR_GROWTH));
+    c.notes.push_back("a decoder of capacity seq_len runs a forward at its last position; its cache plus activations are counted");
+    c.notes.push_back(strfmt("growth = memory ratio over length ratio from the length before, linear (or better) when < %g", LINEAR_GROWTH));
+    c.notes.push_back("the decoders cache fp32 values on the CPU, bf16 on the GPU");
     Table t{"lengths", {"seq_len", "mla_cache_bytes", "mha_cache_bytes"}};
     for (int len : lengths) t.rows.push_back({std::to_string(len), num(mla * len), num(mha * len)});
 
