@@ -1,41 +1,50 @@
 // validate.cu — checks a model from the outside. Two modes:
 //
 // Loss mode (--model DIR --data FILE): the mean next-token loss over an llm.c token
-// file, taken over consecutive non-overlapping windows of --seq-len tokens, so any
+// file, over consecutive non-overlapping windows of --seq-len tokens (default: the
+// run's training seq_len from trainer_state.json, else the context), so any
 // checkpoint can be compared with another implementation on the same tokens.
 //
 //   ./validate --model runs/default --data data/default/val.bin
-//   loss 2.345678912 over 123456 predictions (seq_len 512)
+//   loss 1.143516593 over 32899 predictions (seq_len 64, the training length; cpu)
 //
 // Integration checks (everything else; the seed's checks) on a checkpoint or on
-// fresh random weights of a preset:
+// fresh random weights of a preset; one function each, returning a CheckResult:
 //   1. forward          logits have shape [B, T, V] and are all finite
 //   2. gradient flow    one forward + backward: every trainable tensor's gradient is
-//                       finite and every non-expert tensor's is non-zero (coverage
-//                       reported; routed experts that got no token are listed idle)
-//   3. expert balance   per MoE layer, over --batches batches: load fraction per
-//                       expert, variance of load/mean load, max/min ratio; balanced
-//                       when the mean variance < 0.3 and every ratio < 5
-//   4. memory           the MLA latent cache vs an MHA cache of the same model, per
-//                       token and per sequence length (computed from the config),
-//                       and the bytes per token a real decoder's cache takes (the
-//                       GPU's bf16 cache when the GPU parts run, else the CPU
-//                       reference's fp32 one), which must equal the formula;
-//                       on a GPU also the device memory of the CUDA path for one
-//                       sequence of each length 64..context, measured (cudaMemGetInfo)
-//                       and as the model counts it (model_gpu_bytes): it must grow
-//                       linearly with the length (attention keeps no T x T matrix)
+//                       finite and every non-expert tensor's non-zero (routed experts
+//                       that got no token are listed idle); the first 10 tensors'
+//                       gradient norm, NaN/inf flags and shape
+//   3. expert balance   per MoE layer over --batches batches: load per expert,
+//                       variance of load/mean load, max/min ratio; balanced when the
+//                       mean variance < 0.3 and every ratio < 5
+//   4. memory           for L = 64, 128, 256, 512, ... up to the context (a context
+//                       under 512: its 1/8, 1/4, 1/2 and whole) a decoder of capacity
+//                       L runs a forward at its last position; its cache plus
+//                       activations (the CPU decoder's heap bytes; on a GPU also the
+//                       GPU decoder's device bytes), per token, and each step's memory
+//                       ratio over its length ratio, < 1.5 (linear growth gives < 1,
+//                       a T x T score matrix 2). And the latent cache's bytes per
+//                       token, measured = formula, against an MHA cache's
 //   5. GPU vs CPU       on a GPU: batch 0 on the CUDA path (bf16) against the CPU
 //                       reference (fp32): the loss within 2e-2 relative, the logits
 //                       within twice what bf16 weights alone change (or 2 x 2e-2)
-// printed as a table, or as one JSON object with --json; the exit status is
-// non-zero when a check fails. Without a GPU (or with --device cpu) checks 1-4 run
-// on the CPU and the GPU parts are reported as skipped. The batches are random
-// tokens, or windows of --data with --preset, or with --model --data --checks (a
-// trained model is best checked on text like its training data: random tokens are
-// far from it).
+// Each says on stderr when it starts (small takes minutes on a CPU). The table
+// prints each result as it comes, then "passed x of y" and the issues found; --json
+// prints one object {"model", "data", ..., "checks": [{"name", "passed", "skipped",
+// "numbers", "tables", "notes", "issues"}], "summary"}. The exit status is 1 when a
+// check finds an issue. Without a GPU (or with --device cpu) the GPU parts are skipped.
+//
+// Batches come from --data; else, for a training run (trainer_state.json), from
+// data/default/val.bin when that dataset's tokenizer is the model's (train does not
+// record its data path); else random tokens, far from what a trained model knows
+// (the default run's expert loads: max/min 7.5 on them, 1.7 on its text).
+#include <malloc.h>
+
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
+#include <cstdlib>
 #include <string>
 #include <vector>
 
@@ -54,42 +63,29 @@ static const char* USAGE =
     "With --model and --data: prints the mean next-token loss over the token file\n"
     "(consecutive non-overlapping windows of --seq-len tokens; the last, partial window\n"
     "is used as it is). Otherwise runs the integration checks (forward, gradient flow,\n"
-    "expert utilisation, memory, and on a GPU the GPU path against the CPU reference)\n"
-    "and exits non-zero when one fails.\n"
+    "expert utilisation, memory, and on a GPU the GPU path against the CPU reference),\n"
+    "prints each result, then 'passed x of y' and the issues found, and exits non-zero\n"
+    "when a check finds one.\n"
     "\n"
     "  --model DIR            checkpoint directory, or a training run directory holding\n"
     "                         checkpoint/ (default runs/default)\n"
     "  --preset NAME          fresh random weights of a preset instead: tiny, mini or small\n"
     "  --seed N               seed of the preset's weights and of the random token batches\n"
     "                         (default 1337)\n"
-    "  --data FILE            llm.c token file (.bin); the checks draw their batches from it\n"
-    "                         instead of from random tokens\n"
+    "  --data FILE            llm.c token file (.bin); the checks draw their batches from it.\n"
+    "                         Without it the checks of a training run use data/default/val.bin\n"
+    "                         when its tokenizer is the model's, else random tokens\n"
     "  --checks               run the integration checks even with --model and --data\n"
-    "  --seq-len N            window length; loss mode default: the model's context\n"
-    "                         (max_position_embeddings); checks default: min(64, context)\n"
+    "  --seq-len N            window length; loss mode default: the run's training seq_len\n"
+    "                         (trainer_state.json), else the model's context\n"
+    "                         (max_position_embeddings); checks default: min(64, context).\n"
+    "                         The output says which\n"
     "  --batch-size N         sequences per forward pass (default 4 for the checks, 1 for the loss)\n"
     "  --batches N            batches for the expert utilisation check (default 8)\n"
     "  --json                 one JSON object on stdout instead of the table\n"
     "  --device auto|cpu|gpu  auto (default): the loss on the GPU and the GPU checks when a\n"
     "                         GPU is present; cpu: the CPU reference only, GPU checks skipped\n"
     "  --help                 show this help\n";
-
-// bytes per token of the latent cache a decoder really allocates: the GPU's (bf16)
-// with use_gpu, else the CPU reference's (fp32); bytes_per_value says which
-static size_t measured_kv_bytes(Model& m, bool use_gpu, size_t& bytes_per_value) {
-    if (use_gpu) {
-        GpuDecoder* d = decoder_create(m, 1, std::min(64, m.ref.cfg.max_position_embeddings), 1);
-        const size_t bytes = decoder_cache_bytes_per_token(*d);
-        decoder_free(d);
-        model_free_gpu(m);
-        bytes_per_value = sizeof(bf16);
-        return bytes;
-    }
-    DecodeState<float> s;
-    decode_init(s, m.ref.cfg, 1);
-    bytes_per_value = sizeof(float);
-    return decode_cache_bytes_per_token(s);
-}
 
 // JSON has no inf or nan: they become null
 static std::string jnum(double x) { return std::isfinite(x) ? strfmt("%.9g", x) : "null"; }
@@ -104,8 +100,6 @@ static std::string jstr(const std::string& s) {
     return out + "\"";
 }
 
-static std::string jbool(bool b) { return b ? "true" : "false"; }
-
 // x with `digits` significant digits in fixed notation, trailing zeros kept
 // (2.345678912 rather than %g's 2.34567891), so the precision is visible
 static std::string fixed_significant(double x, int digits) {
@@ -115,22 +109,19 @@ static std::string fixed_significant(double x, int digits) {
     return strfmt("%.*f", decimals, x);
 }
 
-static bool is_routed_expert_tensor(const std::string& name, int* layer, int* expert) {
-    // model.layers.L.mlp.experts.E.<proj>.weight
-    return sscanf(name.c_str(), "model.layers.%d.mlp.experts.%d.", layer, expert) == 2;
+// a number as the table shows it: whole numbers (counts, bytes) in full, others to 6 digits
+static std::string num(double x) {
+    return std::isfinite(x) && x == std::floor(x) && std::fabs(x) < 1e15 ? strfmt("%.0f", x) : strfmt("%.6g", x);
 }
 
-static std::string human_bytes(double b) {
-    const char* unit[] = {"B", "KiB", "MiB", "GiB", "TiB"};
-    int u = 0;
-    while (b >= 1024 && u < 4) b /= 1024, u++;
-    return u == 0 ? strfmt("%.0f %s", b, unit[u]) : strfmt("%.1f %s", b, unit[u]);
-}
+// seconds since t0, to the millisecond
+static double seconds_since(double t0) { return std::round((now_seconds() - t0) * 1000) / 1000; }
 
 // ----------------------------------------------------------------------------
 // loss mode
 
-static int run_loss(Model& m, const std::string& data_path, int seq_len, int batch_size, bool use_gpu, bool json) {
+static int run_loss(Model& m, const std::string& data_path, int seq_len, const std::string& seq_len_from, int batch_size,
+                    bool use_gpu, bool json) {
     std::vector<int> tokens = read_token_file(data_path, m.ref.cfg.vocab_size);
     if (tokens.size() < 2) fail("%s: needs at least 2 tokens to predict one, has %zu", data_path.c_str(), tokens.size());
     if (use_gpu) model_to_gpu(m, batch_size, seq_len);
@@ -138,15 +129,35 @@ static int run_loss(Model& m, const std::string& data_path, int seq_len, int bat
     size_t predictions = tokens.size() - 1;
     const char* device = use_gpu ? "gpu" : "cpu";
     if (json)
-        printf("{\"loss\": %.17g, \"predictions\": %zu, \"seq_len\": %d, \"device\": \"%s\"}\n", loss, predictions, seq_len, device);
+        printf("{\"loss\": %.17g, \"predictions\": %zu, \"seq_len\": %d, \"seq_len_from\": %s, \"device\": \"%s\"}\n", loss,
+               predictions, seq_len, jstr(seq_len_from).c_str(), device);
     else
-        printf("loss %s over %zu predictions (seq_len %d, %s)\n", fixed_significant(loss, 10).c_str(), predictions, seq_len, device);
+        printf("loss %s over %zu predictions (seq_len %d, %s; %s)\n", fixed_significant(loss, 10).c_str(), predictions, seq_len,
+               seq_len_from.c_str(), device);
     return std::isfinite(loss) ? 0 : 1;
 }
 
 // ----------------------------------------------------------------------------
-// integration checks
+// A check's result: one record that both the table and --json print.
 
+struct Table {
+    std::string name;                             // e.g. "layers"
+    std::vector<std::string> columns;
+    std::vector<std::vector<std::string>> rows;   // cells as the table shows them: a number,
+                                                  // a [list], true/false, "" (none) or a name
+};
+
+struct CheckResult {
+    std::string name, title;                      // "gradient_flow" (JSON), "gradient flow" (table)
+    std::string skipped;                          // why it did not run; "" = it ran
+    std::vector<std::pair<std::string, double>> numbers;
+    std::vector<Table> tables;
+    std::vector<std::string> notes;               // what was measured, how it is judged
+    std::vector<std::string> issues;              // what failed, with its numbers
+    bool passed() const { return skipped.empty() && issues.empty(); }
+};
+
+// The batches of the checks: B sequences of T tokens from the token file, or random
 struct BatchSource {
     const std::vector<int>* data = nullptr;  // token file, or null for random tokens
     uint64_t key = 0;
@@ -169,60 +180,292 @@ struct BatchSource {
     }
 };
 
+// the CPU reference's forward on batch b, with targets (returns the loss)
+static float forward_batch(RefModel<float>& r, const BatchSource& src, int b) {
+    std::vector<int> inputs, targets;
+    src.get(b, inputs, targets);
+    return ref_forward(r, inputs.data(), targets.data(), src.B, src.T, StepOptions{});
+}
+
 // ----------------------------------------------------------------------------
-// GPU parts of the checks: they run when a CUDA device is used, and are reported
-// as skipped otherwise
+// 1. forward
+
+static CheckResult check_forward(Model& m, const BatchSource& src) {
+    RefModel<float>& r = m.ref;
+    const int B = src.B, T = src.T, V = r.cfg.vocab_size;
+    CheckResult c{"forward", "forward"};
+    const double t0 = now_seconds();
+    const float loss = forward_batch(r, src, 0);
+    size_t nonfinite = 0;
+    for (float x : r.logits) nonfinite += !std::isfinite(x);
+    const std::string shape = strfmt("[%d, %d, %zu]", r.B, r.Tlen, r.B && r.Tlen ? r.logits.size() / ((size_t)r.B * r.Tlen) : (size_t)0);
+    const std::string expected = strfmt("[%d, %d, %d]", B, T, V);
+    c.numbers = {{"batch_size", B}, {"seq_len", T}, {"vocab_size", V}, {"nonfinite_logits", (double)nonfinite},
+                 {"loss", loss}, {"ln_vocab_size", std::log((double)V)}, {"seconds", seconds_since(t0)}};
+    c.notes.push_back("batch 0 on the cpu reference: logits shape " + shape + ", expected " + expected);
+    if (shape != expected) c.issues.push_back("logits have shape " + shape + ", expected " + expected);
+    if (nonfinite) c.issues.push_back(strfmt("%zu of %zu logits are not finite", nonfinite, r.logits.size()));
+    if (!std::isfinite(loss)) c.issues.push_back(strfmt("the loss is %g", loss));
+    return c;
+}
+
+// ----------------------------------------------------------------------------
+// 2. gradient flow
+
+static bool is_routed_expert_tensor(const std::string& name, int* layer, int* expert) {
+    // model.layers.L.mlp.experts.E.<proj>.weight
+    return sscanf(name.c_str(), "model.layers.%d.mlp.experts.%d.", layer, expert) == 2;
+}
+
+static const size_t GRADIENT_TABLE_ROWS = 10;  // tensors listed with their gradient norm
+
+static CheckResult check_gradient_flow(Model& m, const BatchSource& src) {
+    RefModel<float>& r = m.ref;
+    const Config& cfg = r.cfg;
+    CheckResult c{"gradient_flow", "gradient flow"};
+    const double t0 = now_seconds();
+    forward_batch(r, src, 0);
+    std::fill(r.grads.begin(), r.grads.end(), 0.0f);
+    ref_backward(r, 1.0f);
+    // with one expert per token and normalised gates every gate is exactly 1, so
+    // the router gets no gradient from the loss: that is the model, not a bug
+    const bool router_frozen = cfg.num_experts_per_tok == 1 && cfg.norm_topk_prob;
+    Table first{"tensors", {"tensor", "shape", "grad_norm", "nan", "inf"}};
+    size_t trainable = 0, with_grad = 0, nonfinite = 0;
+    std::vector<std::string> idle;
+    for (const TensorSpec& s : r.layout.tensors) {
+        if (s.kind == TENSOR_BUFFER) continue;
+        size_t nans = 0, infs = 0;
+        double sq = 0;
+        const float* g = r.grads.data() + s.offset;
+        for (size_t i = 0; i < s.numel; i++) {
+            nans += std::isnan(g[i]);
+            infs += std::isinf(g[i]);
+            sq += (double)g[i] * g[i];
+        }
+        const bool nonzero = sq > 0 || nans || infs;
+        trainable++;
+        with_grad += nonzero;
+        if (first.rows.size() < GRADIENT_TABLE_ROWS) {
+            std::string shape;
+            for (int64_t d : s.shape) shape += (shape.empty() ? "" : ", ") + std::to_string(d);
+            first.rows.push_back({s.name, "[" + shape + "]", strfmt("%.4g", std::sqrt(sq)), nans ? "true" : "false", infs ? "true" : "false"});
+        }
+        if (nans || infs) nonfinite++, c.issues.push_back(strfmt("non-finite gradient: %s (%zu NaN, %zu inf)", s.name.c_str(), nans, infs));
+        int layer, expert;
+        if (is_routed_expert_tensor(s.name, &layer, &expert)) {
+            const int64_t tokens = r.expert_load[layer][expert];
+            if (!nonzero && tokens > 0)
+                c.issues.push_back(strfmt("no gradient although the expert got %lld tokens: %s", (long long)tokens, s.name.c_str()));
+            else if (!nonzero && (idle.empty() || idle.back() != strfmt("layer %d expert %d", layer, expert)))
+                idle.push_back(strfmt("layer %d expert %d", layer, expert));
+        } else if (!nonzero && !(router_frozen && ends_with(s.name, ".mlp.gate.weight"))) {
+            c.issues.push_back("no gradient: " + s.name);
+        }
+    }
+    c.numbers = {{"trainable_tensors", (double)trainable}, {"tensors_with_gradient", (double)with_grad},
+                 {"coverage", trainable ? (double)with_grad / trainable : 1.0}, {"nonfinite_tensors", (double)nonfinite},
+                 {"seconds", seconds_since(t0)}};
+    c.notes.push_back("one forward + backward of batch 0 on the cpu reference; the first tensors' gradients:");
+    c.tables.push_back(first);
+    if (router_frozen) c.notes.push_back("top-1 routing with norm_topk_prob: every gate is 1, so the routers get no gradient");
+    if (!idle.empty()) {
+        std::string list;
+        for (const std::string& e : idle) list += (list.empty() ? "" : ", ") + e;
+        c.notes.push_back("idle routed experts (no token in this batch, so no gradient; not a failure): " + list);
+    }
+    return c;
+}
+
+// ----------------------------------------------------------------------------
+// 3. expert utilisation
+
+static const double BALANCE_VARIANCE = 0.3, BALANCE_RATIO = 5;
+
+static CheckResult check_expert_utilisation(Model& m, const BatchSource& src, int batches) {
+    RefModel<float>& r = m.ref;
+    const Config& cfg = r.cfg;
+    const int L = cfg.num_hidden_layers, E = cfg.n_routed_experts;
+    CheckResult c{"expert_utilisation", "expert utilisation"};
+    std::vector<int> moe_layers;
+    for (int l = 0; l < L; l++)
+        if (cfg.is_moe_layer(l)) moe_layers.push_back(l);
+    if (moe_layers.empty()) {
+        c.notes.push_back("no MoE layers");
+        return c;
+    }
+    const double t0 = now_seconds();
+    std::vector<std::vector<int64_t>> load(L, std::vector<int64_t>(E, 0));
+    for (int b = 0; b < batches; b++) {
+        forward_batch(r, src, b);
+        for (int l : moe_layers)
+            for (int e = 0; e < E; e++) load[l][e] += r.expert_load[l][e];
+    }
+    Table layers{"layers", {"layer", "load_percent", "variance", "max_min_ratio", "idle"}};
+    double mean_variance = 0, worst_ratio = 0;
+    for (int l : moe_layers) {
+        int64_t total = 0, mx = 0, mn = INT64_MAX;
+        for (int64_t x : load[l]) total += x, mx = std::max(mx, x), mn = std::min(mn, x);
+        const double mean = (double)total / E;
+        double variance = 0;
+        int idle = 0;
+        std::string loads;
+        for (int e = 0; e < E; e++) {
+            const double rel = mean > 0 ? load[l][e] / mean - 1 : 0;
+            variance += rel * rel / E;
+            idle += load[l][e] == 0;
+            loads += strfmt("%s%.1f", e ? ", " : "", total ? 100.0 * load[l][e] / total : 0.0);
+        }
+        const double ratio = mn > 0 ? (double)mx / mn : INFINITY;
+        mean_variance += variance / moe_layers.size();
+        worst_ratio = std::max(worst_ratio, ratio);
+        layers.rows.push_back({std::to_string(l), "[" + loads + "]", strfmt("%.4f", variance), strfmt("%.3f", ratio), std::to_string(idle)});
+        if (!(ratio < BALANCE_RATIO))
+            c.issues.push_back(strfmt("unbalanced expert load in layer %d: max/min ratio %.3g >= %g (loads %.2f%% .. %.2f%% over %d tokens, %d idle)",
+                                      l, ratio, BALANCE_RATIO, total ? 100.0 * mn / total : 0.0, total ? 100.0 * mx / total : 0.0,
+                                      batches * src.B * src.T, idle));
+    }
+    if (!(mean_variance < BALANCE_VARIANCE))
+        c.issues.push_back(strfmt("unbalanced expert load: mean variance of load/mean %.4f >= %g over %zu MoE layers", mean_variance,
+                                  BALANCE_VARIANCE, moe_layers.size()));
+    c.numbers = {{"batches", batches}, {"tokens_per_batch", src.B * src.T}, {"moe_layers", (double)moe_layers.size()},
+                 {"mean_variance", mean_variance}, {"worst_max_min_ratio", worst_ratio}, {"variance_threshold", BALANCE_VARIANCE},
+                 {"ratio_threshold", BALANCE_RATIO}, {"seconds", seconds_since(t0)}};
+    c.notes.push_back(strfmt("tokens routed to each expert over %d batches; balanced when the mean variance < %g and every max/min ratio < %g",
+                             batches, BALANCE_VARIANCE, BALANCE_RATIO));
+    c.tables.push_back(layers);
+    return c;
+}
+
+// ----------------------------------------------------------------------------
+// 4. memory
+
+static const double LINEAR_GROWTH = 1.5;  // memory ratio over length ratio, see check_memory
+
+// 64, 128, 256, 512, doubling up to the context; a context under 512 is measured
+// at its 1/8, 1/4, 1/2 and whole instead, so that growth is still seen
+static std::vector<int> memory_lengths(int context) {
+    std::vector<int> lengths;
+    if (context >= 512) {
+        for (long long len = 64; len <= context; len *= 2) lengths.push_back((int)len);
+    } else {
+        for (int div : {8, 4, 2, 1})
+            if (context / div >= 1 && (lengths.empty() || context / div > lengths.back())) lengths.push_back(context / div);
+    }
+    return lengths;
+}
+
+// the heap bytes this process has in use: glibc's count over all its arenas, large
+// (mmapped) blocks included
+static size_t heap_bytes() {
+#if __GLIBC__ > 2 || __GLIBC_MINOR__ >= 33
+    struct mallinfo2 mi = mallinfo2();
+#else
+    struct mallinfo mi = mallinfo();  // an older glibc: int counts, exact below 2 GiB
+#endif
+    return (size_t)mi.uordblks + (size_t)mi.hblkhd;
+}
+
+// The CPU decoder's memory at capacity len, its cache and activation buffers as the
+// heap counts them, after a forward at its last position (len - 1) over the whole
+// cache. The memory does not depend on what the cache holds, so its first len - 1
+// rows stay zero instead of being filled by len - 1 steps (minutes for the small
+// preset on a CPU).
+static size_t cpu_decoder_bytes(RefModel<float>& r, int len, size_t& cache_bytes_per_token) {
+    const size_t before = heap_bytes();
+    DecodeState<float> s;
+    decode_init(s, r.cfg, len);
+    s.len = len - 1;
+    decode_step(r, s, 0);
+    const size_t after = heap_bytes();
+    cache_bytes_per_token = decode_cache_bytes_per_token(s);
+    return after > before ? after - before : 0;
+}
+
+// The GPU decoder's device bytes at capacity len (its own count: the cache and the
+// step's buffers; the weights are the model's), after a forward at every position:
+// a 1-token prompt, then len - 1 steps (decoder_free waits for them, and checks).
+static size_t gpu_decoder_bytes(Model& m, int len, size_t& cache_bytes_per_token) {
+    GpuDecoder* d = decoder_create(m, 1, len, 1);
+    decoder_prefill(*d, std::vector<std::vector<int>>(1, std::vector<int>{0}));
+    for (int pos = 1; pos < len; pos++) decoder_forward(*d);
+    const size_t bytes = d->arena.bytes;
+    cache_bytes_per_token = decoder_cache_bytes_per_token(*d);
+    decoder_free(d);
+    return bytes;
+}
+
+// One decoder's memory at each length, into t's columns WHO_*, judged into c; its
+// cache's bytes per token must be the latent formula's for its values' size.
+static void add_decoder(CheckResult& c, Table& t, const std::string& who, const std::vector<int>& lengths,
+                        const std::vector<size_t>& bytes, size_t cache_per_token, size_t formula) {
+    double worst = 0;
+    for (size_t i = 0; i < lengths.size(); i++) {
+        std::string growth;  // none for the first length
+        if (i > 0) {
+            const double g = ((double)bytes[i] / bytes[i - 1]) / ((double)lengths[i] / lengths[i - 1]);
+            worst = std::max(worst, g);
+            growth = strfmt("%.3f", g);
+            if (!(g < LINEAR_GROWTH))
+                c.issues.push_back(strfmt("the %s decoder's memory grows faster than the length: %d -> %d tokens takes %zu -> %zu bytes, "
+                                          "memory ratio over length ratio %.3f >= %g", who.c_str(), lengths[i - 1], lengths[i],
+                                          bytes[i - 1], bytes[i], g, LINEAR_GROWTH));
+        }
+        t.rows[i].insert(t.rows[i].end(), {num((double)bytes[i]), strfmt("%.1f", (double)bytes[i] / lengths[i]), growth});
+    }
+    for (const char* col : {"_bytes", "_bytes_per_token", "_growth"}) t.columns.push_back(who + col);
+    c.numbers.push_back({who + "_worst_growth", worst});
+    c.numbers.push_back({who + "_cache_bytes_per_token", (double)cache_per_token});
+    if (cache_per_token != formula)
+        c.issues.push_back(strfmt("the %s decoder's cache takes %zu B per token; the formula says %zu", who.c_str(), cache_per_token, formula));
+}
+
+static CheckResult check_memory(Model& m, bool gpu, const std::string& gpu_skipped) {
+    const Config& cfg = m.ref.cfg;
+    CheckResult c{"memory", "memory"};
+    const double t0 = now_seconds();
+    const std::vector<int> lengths = memory_lengths(cfg.max_position_embeddings);
+    // the MLA point: the latent cache against a standard (MHA) cache of the same model, bf16
+    const double mla = (double)kv_latent_bytes_per_token(cfg), mha = (double)kv_mha_bytes_per_token(cfg);
+    c.numbers = {{"mla_cache_bytes_per_token", mla}, {"mha_cache_bytes_per_token", mha}, {"mha_over_mla", mha / mla}};
+    c.notes.push_back(strfmt("per token (bf16): MLA latent cache %.0f B = 2*(kv_lora_rank %d + qk_rope_head_dim %d)*%d layers", mla,
+                             cfg.kv_lora_rank, cfg.qk_rope_head_dim, cfg.num_hidden_layers));
+    c.notes.push_back(strfmt("per token (bf16): MHA cache %.0f B = 2*(%d heads*(%d+%d) + %d heads*%d)*%d layers; %.2fx the MLA cache", mha,
+                             cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.num_attention_heads,
+                             cfg.v_head_dim, cfg.num_hidden_layers, mha / mla));
+    c.notes.push_back("a decoder of capacity seq_len runs a forward at its last position; its cache plus activations are counted");
+    c.notes.push_back(strfmt("growth = memory ratio over length ratio from the length before, linear (or better) when < %g", LINEAR_GROWTH));
+    c.notes.push_back("the decoders cache fp32 values on the CPU, bf16 on the GPU");
+    Table t{"lengths", {"seq_len", "mla_cache_bytes", "mha_cache_bytes"}};
+    for (int len : lengths) t.rows.push_back({std::to_string(len), num(mla * len), num(mha * len)});
+
+    std::vector<size_t> cpu(lengths.size());
+    size_t cache_per_token = 0;
+    // once unrecorded first, so that what a first decode allocates for good (OpenMP's
+    // threads, say) is not charged to the first length
+    cpu_decoder_bytes(m.ref, lengths[0], cache_per_token);
+    for (size_t i = 0; i < lengths.size(); i++) cpu[i] = cpu_decoder_bytes(m.ref, lengths[i], cache_per_token);
+    add_decoder(c, t, "cpu", lengths, cpu, cache_per_token, kv_latent_bytes_per_token(cfg, sizeof(float)));
+    if (gpu) {
+        std::vector<size_t> dev(lengths.size());
+        for (size_t i = 0; i < lengths.size(); i++) dev[i] = gpu_decoder_bytes(m, lengths[i], cache_per_token);
+        model_free_gpu(m);
+        add_decoder(c, t, "gpu", lengths, dev, cache_per_token, kv_latent_bytes_per_token(cfg, sizeof(bf16)));
+    } else {
+        c.notes.push_back("GPU decoder: skipped (" + gpu_skipped + ")");
+    }
+    c.numbers.push_back({"growth_threshold", LINEAR_GROWTH});
+    c.numbers.push_back({"seconds", seconds_since(t0)});
+    c.tables.push_back(t);
+    return c;
+}
+
+// ----------------------------------------------------------------------------
+// 5. GPU vs CPU
 
 // bf16 against the fp32 reference, relative: SPEC §6's bf16 bound. It holds for the
-// loss; for the logits see compare_gpu_cpu.
+// loss; for the logits see check_gpu_vs_cpu.
 static const double GPU_TOLERANCE = 2e-2;
-static const double LINEAR_GROWTH = 1.5;   // see memory_growth
-
-// device memory in use on the current GPU, as the driver counts it
-static size_t device_used_bytes() {
-    size_t free_bytes = 0, total_bytes = 0;
-    cudaError_t err = cudaMemGetInfo(&free_bytes, &total_bytes);
-    if (err != cudaSuccess) fail("cudaMemGetInfo: %s", cudaGetErrorString(err));
-    return total_bytes - free_bytes;
-}
-
-// The CUDA path's device memory for one sequence of seq_len tokens: the driver's
-// count from before model_to_gpu to after a forward pass, and the model's own
-// count of its allocations. It allocates everything (weights, optimizer state,
-// every activation kept for backward) up front, so this is its training peak.
-struct DeviceMemory {
-    int seq_len;
-    size_t driver_bytes, model_bytes;
-};
-
-static DeviceMemory measure_device_memory(Model& m, const BatchSource& src, int seq_len) {
-    BatchSource one = src;
-    one.B = 1;
-    one.T = seq_len;
-    std::vector<int> tokens, targets;
-    one.get(0, tokens, targets);
-    tokens.push_back(targets.back());  // seq_len + 1 tokens: seq_len predictions
-    const size_t before = device_used_bytes();
-    model_to_gpu(m, 1, seq_len);
-    model_eval_loss(m, tokens, seq_len, 1);
-    const size_t after = device_used_bytes();
-    DeviceMemory d{seq_len, after > before ? after - before : 0, model_gpu_bytes(m)};
-    model_free_gpu(m);
-    return d;
-}
-
-// Bytes per token of the last step between measured lengths over those of the
-// first (1 with fewer than 3 lengths). Linear growth gives 1; a T x T attention
-// matrix would give up to (L_n + L_n-1) / (L_1 + L_0), 3 already for 64, 128, 256.
-// Judged on the model's count, which is exact; the driver's is shown beside it.
-static double memory_growth(const std::vector<DeviceMemory>& mem) {
-    const size_t n = mem.size();
-    if (n < 3) return 1;
-    auto per_token = [&](size_t i) {
-        return ((double)mem[i].model_bytes - (double)mem[i - 1].model_bytes) / (mem[i].seq_len - mem[i - 1].seq_len);
-    };
-    return per_token(n - 1) / per_token(1);
-}
 
 static double rel_error(const float* x, const float* ref, size_t n) {
     double diff = 0, norm = 0;
@@ -233,7 +476,7 @@ static double rel_error(const float* x, const float* ref, size_t n) {
     return norm > 0 ? std::sqrt(diff / norm) : std::sqrt(diff);
 }
 
-// Batch 0 on the CUDA path against the CPU reference's logits and loss (check 1).
+// Batch 0 on the CUDA path against the CPU reference's logits and loss.
 //
 // The whole model's logits are further off than one kernel's output: bf16 rounding
 // adds up over the layers, and it flips expert choices at near ties, each flip a
@@ -242,351 +485,210 @@ static double rel_error(const float* x, const float* ref, size_t n) {
 // GPU, which rounds its activations too, passes within twice the larger of that and
 // 2e-2. (transformers under bf16 autocast is 1.6-2.1e-2 off a float64 truth on 3
 // layers, weights rounded and activations too: dev/hf_compare.py, check 3.)
-struct GpuAgreement {
-    double logits_error;        // ||gpu - cpu|| / ||cpu|| over all logits
-    double bf16_weights_error;  // the same for the CPU reference with bf16-rounded weights
-    double logits_bound;        // 2 * max(bf16_weights_error, GPU_TOLERANCE)
-    double loss_cpu, loss_gpu, loss_error;
-    double top1_agreement;      // fraction of positions where both pick the same next token
-    bool pass;
-};
-
-static GpuAgreement compare_gpu_cpu(Model& m, const BatchSource& src, const std::vector<float>& cpu_logits, double cpu_loss) {
-    const int B = src.B, T = src.T, V = m.ref.cfg.vocab_size;
+static CheckResult check_gpu_vs_cpu(Model& m, const BatchSource& src) {
+    RefModel<float>& r = m.ref;
+    const int B = src.B, T = src.T, V = r.cfg.vocab_size;
+    CheckResult c{"gpu_vs_cpu", "GPU vs CPU"};
+    const double t0 = now_seconds();
     std::vector<int> inputs, targets;
     src.get(0, inputs, targets);
-    GpuAgreement a{};
-    const std::vector<float> params = m.ref.params;
-    for (const TensorSpec& s : m.ref.layout.tensors)
+    const double loss_cpu = forward_batch(r, src, 0);
+    const std::vector<float> cpu_logits = r.logits;
+    const std::vector<float> params = r.params;
+    for (const TensorSpec& s : r.layout.tensors)
         if (s.kind != TENSOR_BUFFER)  // the routing bias stays fp32 on the GPU too
-            for (size_t i = s.offset; i < s.offset + s.numel; i++) m.ref.params[i] = bf16_to_float(float_to_bf16(params[i]));
-    ref_forward(m.ref, inputs.data(), targets.data(), B, T, StepOptions{});
-    a.bf16_weights_error = rel_error(m.ref.logits.data(), cpu_logits.data(), cpu_logits.size());
-    a.logits_bound = 2 * std::max(a.bf16_weights_error, GPU_TOLERANCE);
-    m.ref.params = params;
+            for (size_t i = s.offset; i < s.offset + s.numel; i++) r.params[i] = bf16_to_float(float_to_bf16(params[i]));
+    forward_batch(r, src, 0);
+    const double bf16_weights_error = rel_error(r.logits.data(), cpu_logits.data(), cpu_logits.size());
+    const double logits_bound = 2 * std::max(bf16_weights_error, GPU_TOLERANCE);
+    r.params = params;
 
     std::vector<int> stream = inputs;
     stream.push_back(targets.back());  // B consecutive windows of T predictions: batch 0
     model_to_gpu(m, B, T);
-    a.loss_cpu = cpu_loss;
-    a.loss_gpu = model_eval_loss(m, stream, T, B);
+    const double loss_gpu = model_eval_loss(m, stream, T, B);
     std::vector<float> gpu_logits(cpu_logits.size());
     for (int b = 0; b < B; b++) {
         const std::vector<float>& row = model_logits(m, std::vector<int>(inputs.begin() + (size_t)b * T, inputs.begin() + (size_t)(b + 1) * T));
         std::copy(row.begin(), row.end(), gpu_logits.begin() + (size_t)b * T * V);
     }
     model_free_gpu(m);
-    a.logits_error = rel_error(gpu_logits.data(), cpu_logits.data(), cpu_logits.size());
+    const double logits_error = rel_error(gpu_logits.data(), cpu_logits.data(), cpu_logits.size());
     size_t same = 0;
     for (size_t t = 0; t < (size_t)B * T; t++) {
-        const float *g = gpu_logits.data() + t * V, *c = cpu_logits.data() + t * V;
-        same += std::max_element(g, g + V) - g == std::max_element(c, c + V) - c;
+        const float *g = gpu_logits.data() + t * V, *p = cpu_logits.data() + t * V;
+        same += std::max_element(g, g + V) - g == std::max_element(p, p + V) - p;
     }
-    a.loss_error = std::fabs(a.loss_gpu - a.loss_cpu) / std::fabs(a.loss_cpu);
-    a.top1_agreement = (double)same / ((size_t)B * T);
-    a.pass = a.logits_error < a.logits_bound && a.loss_error < GPU_TOLERANCE;
-    return a;
-}
-
-// gpu_skipped: why the GPU parts do not run ("" = they run)
-static int run_checks(Model& m, const std::string& model_name, const std::string& data_path, int T, int B, int batches,
-                      uint64_t seed, const std::string& gpu_skipped, bool json) {
-    RefModel<float>& r = m.ref;
-    const Config& c = r.cfg;
-    const int V = c.vocab_size, L = c.num_hidden_layers, E = c.n_routed_experts;
-
-    std::vector<int> data;
-    BatchSource src;
-    src.B = B;
-    src.T = T;
-    src.V = V;
-    src.key = mix64(seed ^ 0x7a11d47eull);
-    if (!data_path.empty()) {
-        data = read_token_file(data_path, V);
-        if (data.size() < 2) fail("%s: needs at least 2 tokens, has %zu", data_path.c_str(), data.size());
-        src.data = &data;
-    }
-    std::string source = data_path.empty() ? strfmt("random tokens (seed %llu)", (unsigned long long)seed) : data_path;
-    size_t trainable = 0, trainable_numel = 0;
-    for (const TensorSpec& s : r.layout.tensors)
-        if (s.kind != TENSOR_BUFFER) trainable++, trainable_numel += s.numel;
-
-    // 1. forward, on batch 0, with targets so that check 2 can run backward on it
-    std::vector<int> inputs, targets;
-    src.get(0, inputs, targets);
-    double t0 = now_seconds();
-    float loss = ref_forward(r, inputs.data(), targets.data(), B, T, StepOptions{});
-    double forward_s = now_seconds() - t0;
-    size_t nonfinite_logits = 0;
-    for (float x : r.logits)
-        if (!std::isfinite(x)) nonfinite_logits++;
-    const bool shape_ok = r.logits.size() == (size_t)B * T * V && r.B == B && r.Tlen == T;
-    const bool forward_ok = shape_ok && nonfinite_logits == 0 && std::isfinite(loss);
-    const std::vector<float> cpu_logits = r.logits;  // for check 5
-    std::vector<std::vector<int64_t>> load0 = r.expert_load;
-
-    // 2. gradient flow
-    std::fill(r.grads.begin(), r.grads.end(), 0.0f);
-    t0 = now_seconds();
-    ref_backward(r, 1.0f);
-    double backward_s = now_seconds() - t0;
-    size_t with_grad = 0, nonfinite_tensors = 0;
-    std::vector<std::string> dead, nonfinite_names, idle, dead_busy_experts;
-    // with one expert per token and normalised gates every gate is exactly 1, so
-    // the router gets no gradient from the loss: that is the model, not a bug
-    const bool router_frozen = c.num_experts_per_tok == 1 && c.norm_topk_prob;
-    for (const TensorSpec& s : r.layout.tensors) {
-        if (s.kind == TENSOR_BUFFER) continue;
-        bool finite = true, nonzero = false;
-        const float* g = r.grads.data() + s.offset;
-        for (size_t i = 0; i < s.numel; i++) {
-            if (!std::isfinite(g[i])) finite = false;
-            if (g[i] != 0) nonzero = true;
-        }
-        if (!finite) nonfinite_tensors++, nonfinite_names.push_back(s.name);
-        if (nonzero) with_grad++;
-        int layer, expert;
-        if (is_routed_expert_tensor(s.name, &layer, &expert)) {
-            bool busy = load0[layer][expert] > 0;
-            if (!nonzero && busy) dead_busy_experts.push_back(s.name);
-            else if (!nonzero && (idle.empty() || idle.back() != strfmt("layer %d expert %d", layer, expert)))
-                idle.push_back(strfmt("layer %d expert %d", layer, expert));
-        } else if (!nonzero && !(router_frozen && ends_with(s.name, ".mlp.gate.weight"))) {
-            dead.push_back(s.name);
-        }
-    }
-    const double coverage = trainable ? (double)with_grad / trainable : 1.0;
-    const bool grad_ok = nonfinite_tensors == 0 && dead.empty() && dead_busy_experts.empty();
-
-    // 3. expert utilisation over `batches` batches
-    std::vector<int> moe_layers;
-    for (int l = 0; l < L; l++)
-        if (c.is_moe_layer(l)) moe_layers.push_back(l);
-    std::vector<std::vector<int64_t>> load(L, std::vector<int64_t>(E, 0));
-    t0 = now_seconds();
-    for (int b = 0; b < batches; b++) {
-        const std::vector<std::vector<int64_t>>* counts = &load0;
-        if (b > 0) {
-            src.get(b, inputs, targets);
-            ref_forward(r, inputs.data(), nullptr, B, T, StepOptions{});
-            counts = &r.expert_load;
-        }
-        for (int l : moe_layers)
-            for (int e = 0; e < E; e++) load[l][e] += (*counts)[l][e];
-    }
-    double util_s = now_seconds() - t0;
-    struct LayerUtil {
-        int layer;
-        std::vector<double> fraction;
-        double variance, ratio;
-        int idle;
-    };
-    std::vector<LayerUtil> util;
-    double mean_variance = 0, worst_ratio = 0;
-    for (int l : moe_layers) {
-        LayerUtil u{l, std::vector<double>(E), 0, 0, 0};
-        int64_t total = 0, mx = 0, mn = INT64_MAX;
-        for (int e = 0; e < E; e++) total += load[l][e], mx = std::max(mx, load[l][e]), mn = std::min(mn, load[l][e]);
-        const double mean = (double)total / E;
-        for (int e = 0; e < E; e++) {
-            u.fraction[e] = total ? (double)load[l][e] / total : 0;
-            double rel = mean > 0 ? load[l][e] / mean - 1 : 0;
-            u.variance += rel * rel / E;
-            if (load[l][e] == 0) u.idle++;
-        }
-        u.ratio = mn > 0 ? (double)mx / mn : INFINITY;
-        mean_variance += u.variance / moe_layers.size();
-        worst_ratio = std::max(worst_ratio, u.ratio);
-        util.push_back(u);
-    }
-    const bool util_ok = moe_layers.empty() || (mean_variance < 0.3 && worst_ratio < 5);
-
-    // 4. KV-cache memory (bf16), computed from the config
-    const int H = c.num_attention_heads;
-    const double mla_per_token = (double)kv_latent_bytes_per_token(c);
-    const double mha_per_token = (double)kv_mha_bytes_per_token(c);
-    std::vector<int> lengths = {64, 128, 256, 512};
-    for (long long len = 1024; len <= c.max_position_embeddings; len *= 2) lengths.push_back((int)len);
-    const bool gpu = gpu_skipped.empty();
-    size_t kv_value_bytes = 0;
-    const size_t kv_measured = measured_kv_bytes(m, gpu, kv_value_bytes);
-    const bool kv_ok = kv_measured == kv_latent_bytes_per_token(c, kv_value_bytes);
-    // and the device memory at each length up to the context, the context included
-    std::vector<DeviceMemory> mem;
-    double growth = 1;
-    if (gpu) {
-        std::vector<int> gpu_lengths;
-        for (int len : lengths)
-            if (len <= c.max_position_embeddings) gpu_lengths.push_back(len);
-        if (gpu_lengths.empty() || gpu_lengths.back() != c.max_position_embeddings) gpu_lengths.push_back(c.max_position_embeddings);
-        // once unrecorded first, so that loading the kernels and cuBLASLt is not charged to the first length
-        measure_device_memory(m, src, gpu_lengths[0]);
-        for (int len : gpu_lengths) mem.push_back(measure_device_memory(m, src, len));
-        growth = memory_growth(mem);
-    }
-    const bool memory_ok = kv_ok && growth < LINEAR_GROWTH;
-
-    // 5. GPU vs CPU on batch 0
-    GpuAgreement agree{};
-    if (gpu) agree = compare_gpu_cpu(m, src, cpu_logits, loss);
-    const bool agree_ok = !gpu || agree.pass;
-
-    const bool all_ok = forward_ok && grad_ok && util_ok && memory_ok && agree_ok;
-
-    if (json) {
-        std::string s = "{";
-        s += "\"model\": " + jstr(model_name) + ", \"data\": " + jstr(source);
-        s += strfmt(", \"parameters\": %zu, \"trainable_parameters\": %zu", r.layout.total, trainable_numel);
-        s += ", \"forward\": {\"pass\": " + jbool(forward_ok) + strfmt(", \"batch_size\": %d, \"seq_len\": %d, \"vocab_size\": %d", B, T, V);
-        s += strfmt(", \"shape\": [%d, %d, %d], \"shape_ok\": %s, \"nonfinite_logits\": %zu, \"loss\": %s, \"seconds\": %.3f}", r.B, r.Tlen,
-                    r.B && r.Tlen ? (int)(r.logits.size() / ((size_t)r.B * r.Tlen)) : 0, jbool(shape_ok).c_str(), nonfinite_logits,
-                    jnum(loss).c_str(), forward_s);
-        s += ", \"gradient_flow\": {\"pass\": " + jbool(grad_ok);
-        s += strfmt(", \"trainable_tensors\": %zu, \"tensors_with_gradient\": %zu, \"coverage\": %s, \"nonfinite_tensors\": %zu",
-                    trainable, with_grad, jnum(coverage).c_str(), nonfinite_tensors);
-        auto list = [&](const char* key, const std::vector<std::string>& v) {
-            s += strfmt(", \"%s\": [", key);
-            for (size_t i = 0; i < v.size(); i++) s += (i ? ", " : "") + jstr(v[i]);
-            s += "]";
-        };
-        list("nonfinite", nonfinite_names);
-        list("no_gradient", dead);
-        list("busy_experts_without_gradient", dead_busy_experts);
-        list("idle_experts", idle);
-        s += strfmt(", \"seconds\": %.3f}", backward_s);
-        s += ", \"expert_utilization\": {\"pass\": " + jbool(util_ok);
-        s += strfmt(", \"batches\": %d, \"tokens_per_batch\": %d, \"moe_layers\": %zu, \"mean_variance\": %s, \"max_ratio\": %s",
-                    batches, B * T, moe_layers.size(), jnum(mean_variance).c_str(), jnum(moe_layers.empty() ? 0 : worst_ratio).c_str());
-        s += ", \"thresholds\": {\"mean_variance\": 0.3, \"max_ratio\": 5}, \"layers\": [";
-        for (size_t i = 0; i < util.size(); i++) {
-            const LayerUtil& u = util[i];
-            s += strfmt("%s{\"layer\": %d, \"load\": [", i ? ", " : "", u.layer);
-            for (int e = 0; e < E; e++) s += (e ? ", " : "") + strfmt("%.6g", u.fraction[e]);
-            s += strfmt("], \"variance\": %s, \"max_min_ratio\": %s, \"idle_experts\": %d}", jnum(u.variance).c_str(),
-                        jnum(u.ratio).c_str(), u.idle);
-        }
-        s += strfmt("], \"seconds\": %.3f}", util_s);
-        s += ", \"kv_cache\": {\"pass\": " + jbool(kv_ok) + ", \"dtype\": \"bf16\"";
-        s += strfmt(", \"measured_bytes_per_token\": %zu, \"measured_on\": \"%s\", \"measured_bytes_per_value\": %zu", kv_measured,
-                    gpu ? "gpu" : "cpu", kv_value_bytes);
-        s += strfmt(", \"mla_bytes_per_token\": %.0f, \"mha_bytes_per_token\": %.0f, \"ratio\": %s, \"lengths\": [", mla_per_token,
-                    mha_per_token, jnum(mha_per_token / mla_per_token).c_str());
-        for (size_t i = 0; i < lengths.size(); i++)
-            s += strfmt("%s{\"seq_len\": %d, \"mla_bytes\": %.0f, \"mha_bytes\": %.0f, \"within_context\": %s}", i ? ", " : "", lengths[i],
-                        mla_per_token * lengths[i], mha_per_token * lengths[i], jbool(lengths[i] <= c.max_position_embeddings).c_str());
-        s += "]}";
-        // skipped GPU parts: "pass" null and the reason
-        const std::string skipped = gpu ? "null" : jstr(gpu_skipped);
-        s += ", \"device_memory\": {\"pass\": " + (gpu ? jbool(memory_ok) : "null") + ", \"skipped\": " + skipped;
-        s += strfmt(", \"batch_size\": 1, \"growth_ratio\": %s, \"growth_threshold\": %g, \"lengths\": [", jnum(growth).c_str(),
-                    LINEAR_GROWTH);
-        for (size_t i = 0; i < mem.size(); i++)
-            s += strfmt("%s{\"seq_len\": %d, \"driver_bytes\": %zu, \"allocated_bytes\": %zu}", i ? ", " : "", mem[i].seq_len,
-                        mem[i].driver_bytes, mem[i].model_bytes);
-        s += "]}";
-        s += ", \"gpu_vs_cpu\": {\"pass\": " + (gpu ? jbool(agree_ok) : "null") + ", \"skipped\": " + skipped;
-        if (gpu)
-            s += strfmt(", \"logits_rel_error\": %s, \"bf16_weights_rel_error\": %s, \"logits_bound\": %s, \"loss_tolerance\": %g, "
-                        "\"loss_cpu\": %s, \"loss_gpu\": %s, \"loss_rel_error\": %s, \"top1_agreement\": %s",
-                        jnum(agree.logits_error).c_str(), jnum(agree.bf16_weights_error).c_str(), jnum(agree.logits_bound).c_str(),
-                        GPU_TOLERANCE, jnum(agree.loss_cpu).c_str(), jnum(agree.loss_gpu).c_str(),
-                        jnum(agree.loss_error).c_str(), jnum(agree.top1_agreement).c_str());
-        s += "}";
-        s += ", \"passed\": " + jbool(all_ok) + "}";
-        printf("%s\n", s.c_str());
-        return all_ok ? 0 : 1;
-    }
-
-    auto status = [](bool ok) { return ok ? "PASS" : "FAIL"; };
-    printf("model: %s\n", model_name.c_str());
-    printf("  %d layers (%zu MoE), hidden %d, %d heads, vocab %d, context %d, %d routed experts (top-%d), %d shared\n", L,
-           moe_layers.size(), c.hidden_size, H, V, c.max_position_embeddings, E, c.num_experts_per_tok, c.n_shared_experts);
-    printf("  %zu parameters; batches of %d x %d tokens from %s; checks 1-3 on the cpu reference, GPU parts %s\n\n",
-           r.layout.total, B, T, source.c_str(), gpu ? "on the gpu" : ("skipped (" + gpu_skipped + ")").c_str());
-
-    printf("1. forward                                                      %s\n", status(forward_ok));
-    printf("   logits shape [%d, %d, %zu] (expected [%d, %d, %d]), %zu non-finite, loss %.6f (ln V = %.4f), %.2f s\n", r.B, r.Tlen,
-           r.B && r.Tlen ? r.logits.size() / ((size_t)r.B * r.Tlen) : (size_t)0, B, T, V, nonfinite_logits, loss, std::log((double)V),
-           forward_s);
-
-    printf("\n2. gradient flow                                                %s\n", status(grad_ok));
-    printf("   %zu of %zu trainable tensors have a non-zero gradient (coverage %.1f%%), %zu non-finite, %.2f s\n", with_grad, trainable,
-           100 * coverage, nonfinite_tensors, backward_s);
-    for (const std::string& n : nonfinite_names) printf("   non-finite gradient: %s\n", n.c_str());
-    for (const std::string& n : dead) printf("   no gradient: %s\n", n.c_str());
-    for (const std::string& n : dead_busy_experts) printf("   no gradient although the expert got tokens: %s\n", n.c_str());
-    if (router_frozen) printf("   (top-1 routing with norm_topk_prob: every gate is 1, so the routers get no gradient)\n");
-    if (!idle.empty()) {
-        printf("   idle routed experts (no token in this batch, so no gradient; not a failure): ");
-        for (size_t i = 0; i < idle.size(); i++) printf("%s%s", i ? ", " : "", idle[i].c_str());
-        printf("\n");
-    }
-
-    printf("\n3. expert utilisation                                           %s\n", status(util_ok));
-    if (moe_layers.empty()) {
-        printf("   no MoE layers\n");
-    } else {
-        printf("   %d batches of %d tokens; balanced when mean variance < 0.3 and every max/min ratio < 5\n", batches, B * T);
-        const bool show_all = E <= 16;
-        printf("   %5s  %s  %9s  %9s  %4s\n", "layer", show_all ? "load per expert (%)" : "load min..max (%)", "variance", "max/min",
-               "idle");
-        for (const LayerUtil& u : util) {
-            std::string loads;
-            if (show_all) {
-                for (int e = 0; e < E; e++) loads += strfmt("%s%4.1f", e ? " " : "", 100 * u.fraction[e]);
-            } else {
-                double lo = *std::min_element(u.fraction.begin(), u.fraction.end());
-                double hi = *std::max_element(u.fraction.begin(), u.fraction.end());
-                loads = strfmt("%.2f .. %.2f", 100 * lo, 100 * hi);
-            }
-            if (loads.size() < 19) loads.resize(19, ' ');
-            printf("   %5d  %s  %9.4f  %9s  %4d\n", u.layer, loads.c_str(), u.variance,
-                   std::isfinite(u.ratio) ? strfmt("%.3f", u.ratio).c_str() : "inf", u.idle);
-        }
-        printf("   mean variance %.4f, worst max/min ratio %s, %.2f s\n", mean_variance,
-               std::isfinite(worst_ratio) ? strfmt("%.3f", worst_ratio).c_str() : "inf", util_s);
-    }
-
-    printf("\n4. memory                                                       %s\n", status(memory_ok));
-    printf("   measured: the %s decoder's latent cache takes %zu B per token (%zu-byte values)%s\n", gpu ? "GPU" : "CPU", kv_measured,
-           kv_value_bytes, kv_ok ? ", as the formula below says" : ", NOT what the formula below says");
-    printf("   per token: MLA latent cache %.0f B = 2*(kv_lora_rank %d + qk_rope_head_dim %d)*%d layers\n", mla_per_token,
-           c.kv_lora_rank, c.qk_rope_head_dim, L);
-    printf("              MHA cache       %.0f B = 2*(%d heads*(%d+%d) + %d heads*%d)*%d layers; %.2fx the MLA cache\n",
-           mha_per_token, H, c.qk_nope_head_dim, c.qk_rope_head_dim, H, c.v_head_dim, L, mha_per_token / mla_per_token);
-    printf("   %8s  %12s  %12s\n", "seq_len", "MLA (batch 1)", "MHA (batch 1)");
-    for (int len : lengths)
-        printf("   %8d  %12s  %12s%s\n", len, human_bytes(mla_per_token * len).c_str(), human_bytes(mha_per_token * len).c_str(),
-               len > c.max_position_embeddings ? "   (beyond the context)" : "");
-    if (!gpu) {
-        printf("   GPU device memory: skipped (%s)\n", gpu_skipped.c_str());
-    } else {
-        printf("   GPU device memory of one sequence (weights, optimizer state, every activation; allocated up front):\n");
-        printf("   %8s  %14s  %14s\n", "seq_len", "driver (delta)", "model counts");
-        for (const DeviceMemory& d : mem)
-            printf("   %8d  %14s  %14s\n", d.seq_len, human_bytes((double)d.driver_bytes).c_str(), human_bytes((double)d.model_bytes).c_str());
-        if (mem.size() < 3)
-            printf("   growth with the length not judged: %zu length(s) within the context, 3 needed\n", mem.size());
-        else
-            printf("   bytes per token, last step over first: %.3f (linear when < %g; a T x T attention matrix gives more)\n", growth,
-                   LINEAR_GROWTH);
-    }
-
-    printf("\n5. GPU vs CPU                                                   %s\n", gpu ? status(agree_ok) : "SKIPPED");
-    if (!gpu) {
-        printf("   skipped (%s)\n", gpu_skipped.c_str());
-    } else {
-        printf("   batch 0 on the CUDA path (bf16) against the CPU reference (fp32), relative errors\n");
-        printf("   logits %.3e (bound %.3e = 2 x max(%.3e from bf16 weights alone on the CPU, %g)), same top-1 token at %.1f%%\n",
-               agree.logits_error, agree.logits_bound, agree.bf16_weights_error, GPU_TOLERANCE, 100 * agree.top1_agreement);
-        printf("   loss cpu %.6f gpu %.6f: %.3e (bound %g)\n", agree.loss_cpu, agree.loss_gpu, agree.loss_error, GPU_TOLERANCE);
-    }
-
-    printf("\n%s\n", all_ok ? "all checks passed" : "some checks FAILED");
-    return all_ok ? 0 : 1;
+    const double loss_error = std::fabs(loss_gpu - loss_cpu) / std::fabs(loss_cpu);
+    c.numbers = {{"logits_rel_error", logits_error}, {"bf16_weights_rel_error", bf16_weights_error}, {"logits_bound", logits_bound},
+                 {"loss_cpu", loss_cpu}, {"loss_gpu", loss_gpu}, {"loss_rel_error", loss_error}, {"loss_tolerance", GPU_TOLERANCE},
+                 {"top1_agreement", (double)same / ((size_t)B * T)}, {"seconds", seconds_since(t0)}};
+    c.notes.push_back(strfmt("batch 0 on the CUDA path (bf16) against the CPU reference (fp32); the logits' bound is 2 x max(the "
+                             "error of bf16 weights alone on the CPU, %g)", GPU_TOLERANCE));
+    if (!(logits_error < logits_bound))
+        c.issues.push_back(strfmt("GPU logits differ from the CPU reference's by %.3e (relative), bound %.3e", logits_error, logits_bound));
+    if (!(loss_error < GPU_TOLERANCE))
+        c.issues.push_back(strfmt("GPU loss %.6f vs CPU %.6f: %.3e relative, bound %g", loss_gpu, loss_cpu, loss_error, GPU_TOLERANCE));
+    return c;
 }
 
 // ----------------------------------------------------------------------------
+// printing a CheckResult: the table and the JSON
+
+static void print_text(const CheckResult& c, int index) {
+    const std::string head = strfmt("%d. %s", index, c.title.c_str());
+    printf("\n%-64s%s\n", head.c_str(), !c.skipped.empty() ? "SKIPPED" : c.passed() ? "PASS" : "FAIL");
+    if (!c.skipped.empty()) printf("   skipped (%s)\n", c.skipped.c_str());
+    std::string line;  // the numbers, "key value", a few to a line
+    for (const auto& [key, value] : c.numbers) {
+        const std::string item = key + " " + num(value);
+        if (!line.empty() && line.size() + item.size() > 96) printf("   %s\n", line.c_str()), line.clear();
+        line += (line.empty() ? "" : ", ") + item;
+    }
+    if (!line.empty()) printf("   %s\n", line.c_str());
+    for (const std::string& n : c.notes) printf("   %s\n", n.c_str());
+    for (const Table& t : c.tables) {
+        std::vector<size_t> width(t.columns.size());
+        for (size_t j = 0; j < t.columns.size(); j++) {
+            width[j] = t.columns[j].size();
+            for (const auto& row : t.rows) width[j] = std::max(width[j], row[j].size());
+        }
+        auto print_row = [&](const std::vector<std::string>& row) {
+            printf("  ");
+            for (size_t j = 0; j < row.size(); j++)  // the first column (a name) to the left, numbers to the right
+                printf(j == 0 ? " %-*s" : "  %*s", (int)width[j], row[j].empty() ? "-" : row[j].c_str());
+            printf("\n");
+        };
+        print_row(t.columns);
+        for (const auto& row : t.rows) print_row(row);
+    }
+    for (const std::string& i : c.issues) printf("   ISSUE: %s\n", i.c_str());
+    fflush(stdout);
+}
+
+// a table cell as JSON: numbers, [lists] and true/false as they are, "" or a
+// non-finite number as null, anything else a string
+static std::string json_cell(const std::string& s) {
+    if (s.empty() || s == "inf" || s == "-inf" || s == "nan") return "null";
+    if (s == "true" || s == "false" || s[0] == '[') return s;
+    char* end = nullptr;
+    std::strtod(s.c_str(), &end);
+    return *end == 0 ? s : jstr(s);
+}
+
+static std::string json_list(const std::vector<std::string>& v) {
+    std::string s = "[";
+    for (size_t i = 0; i < v.size(); i++) s += (i ? ", " : "") + jstr(v[i]);
+    return s + "]";
+}
+
+static std::string to_json(const CheckResult& c) {
+    std::string s = "{\"name\": " + jstr(c.name) + ", \"passed\": " + (!c.skipped.empty() ? "null" : c.passed() ? "true" : "false");
+    s += ", \"skipped\": " + (c.skipped.empty() ? "null" : jstr(c.skipped)) + ", \"numbers\": {";
+    for (size_t i = 0; i < c.numbers.size(); i++) s += (i ? ", " : "") + jstr(c.numbers[i].first) + ": " + jnum(c.numbers[i].second);
+    s += "}, \"tables\": {";
+    for (size_t k = 0; k < c.tables.size(); k++) {
+        const Table& t = c.tables[k];
+        s += (k ? ", " : "") + jstr(t.name) + ": [";
+        for (size_t i = 0; i < t.rows.size(); i++) {
+            s += i ? ", {" : "{";
+            for (size_t j = 0; j < t.columns.size(); j++) s += (j ? ", " : "") + jstr(t.columns[j]) + ": " + json_cell(t.rows[i][j]);
+            s += "}";
+        }
+        s += "]";
+    }
+    return s + "}, \"notes\": " + json_list(c.notes) + ", \"issues\": " + json_list(c.issues) + "}";
+}
+
+// ----------------------------------------------------------------------------
+// integration checks
+
+// gpu_skipped: why the GPU parts do not run ("" = they run)
+static int run_checks(Model& m, const std::string& model_name, const std::vector<int>& data, const std::string& data_name, int T,
+                      int B, int batches, uint64_t seed, const std::string& gpu_skipped, bool json) {
+    const Config& cfg = m.ref.cfg;
+    const bool gpu = gpu_skipped.empty();
+    const BatchSource src{data.empty() ? nullptr : &data, mix64(seed ^ 0x7a11d47eull), B, T, cfg.vocab_size};
+    int moe_layers = 0;
+    for (int l = 0; l < cfg.num_hidden_layers; l++) moe_layers += cfg.is_moe_layer(l);
+    if (!json) {
+        printf("model: %s\n", model_name.c_str());
+        printf("  %d layers (%d MoE), hidden %d, %d heads, vocab %d, context %d, %d routed experts (top-%d), %d shared; %zu parameters\n",
+               cfg.num_hidden_layers, moe_layers, cfg.hidden_size, cfg.num_attention_heads, cfg.vocab_size, cfg.max_position_embeddings,
+               cfg.n_routed_experts, cfg.num_experts_per_tok, cfg.n_shared_experts, m.ref.layout.total);
+        printf("  batches of %d x %d tokens from %s\n", B, T, data_name.c_str());
+        printf("  checks on the cpu reference; GPU parts %s\n", gpu ? "on the gpu" : ("skipped (" + gpu_skipped + ")").c_str());
+        fflush(stdout);
+    }
+
+    std::vector<CheckResult> results;
+    auto start = [&](const char* what) { fprintf(stderr, "validate: %zu/5 %s ...\n", results.size() + 1, what); };
+    auto done = [&](const CheckResult& c) {
+        results.push_back(c);
+        if (!json) print_text(c, (int)results.size());
+    };
+    start("forward: batch 0 on the cpu reference");
+    done(check_forward(m, src));
+    start("gradient flow: forward + backward of batch 0");
+    done(check_gradient_flow(m, src));
+    start("expert utilisation: a forward of each batch");
+    done(check_expert_utilisation(m, src, batches));
+    start("memory: a decoder at each length");
+    done(check_memory(m, gpu, gpu_skipped));
+    start(gpu ? "GPU vs CPU: batch 0 on both" : "GPU vs CPU: skipped");
+    done(gpu ? check_gpu_vs_cpu(m, src) : CheckResult{"gpu_vs_cpu", "GPU vs CPU", gpu_skipped});
+
+    int passed = 0, ran = 0;
+    std::vector<std::string> issues, skipped;
+    for (const CheckResult& c : results) {
+        if (!c.skipped.empty()) {
+            skipped.push_back(c.title + ": " + c.skipped);
+            continue;
+        }
+        ran++;
+        passed += c.passed();
+        for (const std::string& i : c.issues) issues.push_back(c.title + ": " + i);
+    }
+    if (json) {
+        std::string s = "{\"model\": " + jstr(model_name) + ", \"data\": " + jstr(data_name);
+        s += strfmt(", \"batch_size\": %d, \"seq_len\": %d, \"parameters\": %zu, \"checks\": [", B, T, m.ref.layout.total);
+        for (size_t i = 0; i < results.size(); i++) s += (i ? ", " : "") + to_json(results[i]);
+        s += strfmt("], \"summary\": {\"passed\": %d, \"of\": %d, \"all_passed\": %s", passed, ran, passed == ran ? "true" : "false");
+        s += ", \"skipped\": " + json_list(skipped) + ", \"issues\": " + json_list(issues) + "}}";
+        printf("%s\n", s.c_str());
+    } else {
+        printf("\npassed %d of %d checks", passed, ran);
+        for (size_t i = 0; i < skipped.size(); i++) printf("%s%s", i ? "; " : " (skipped: ", skipped[i].c_str());
+        printf("%s\n", skipped.empty() ? "" : ")");
+        printf(issues.empty() ? "no issues found\n" : "issues found:\n");
+        for (const std::string& i : issues) printf("  %s\n", i.c_str());
+    }
+    return passed == ran ? 0 : 1;
+}
+
+// ----------------------------------------------------------------------------
+
+// The checks' batches: --data; else, for a training run, its validation data, whose
+// path train does not record: data/default/val.bin (where ./train trains by default)
+// when that dataset's tokenizer is the model's, so that the same ids mean the same
+// text; else random tokens (data stays empty). Returns what the output calls them.
+static std::string checks_data(const Model& m, std::string path, bool training_run, uint64_t seed, std::vector<int>& data) {
+    std::string name = path;
+    if (path.empty() && training_run) {
+        const std::string dir = "data/default", tok_path = dir + "/tokenizer.bin";
+        const bool has_val = path_exists(dir + "/val.bin");
+        const Tokenizer t = has_val && path_exists(tok_path) ? tokenizer_load(tok_path) : tokenizer_bytes();
+        if (!has_val || t.vocab_size != m.tokenizer.vocab_size || t.eot_id != m.tokenizer.eot_id || t.merges != m.tokenizer.merges)
+            return strfmt("random tokens (seed %llu): the run does not record its data, and %s/val.bin is missing or has another "
+                          "tokenizer", (unsigned long long)seed, dir.c_str());
+        path = dir + "/val.bin";
+        name = path + " (the default dataset, whose tokenizer is the model's; the run does not record its data)";
+    }
+    if (path.empty()) return strfmt("random tokens (seed %llu)", (unsigned long long)seed);
+    data = read_token_file(path, m.ref.cfg.vocab_size);
+    if (data.size() < 2) fail("%s: needs at least 2 tokens, has %zu", path.c_str(), data.size());
+    return name;
+}
 
 static int run(int argc, char** argv) {
     std::string model_dir = "runs/default", preset, data_path, device = "auto";
@@ -634,20 +736,35 @@ static int run(int argc, char** argv) {
 
     Model m;
     std::string model_name;
+    int train_seq_len = 0;  // the length the run trained at; 0 = not a training run
     if (!preset.empty()) {
         model_create(m, config_preset(preset), seed);
         model_name = strfmt("preset %s, fresh weights (seed %llu)", preset.c_str(), (unsigned long long)seed);
     } else {
         std::string dir = model_resolve_dir(model_dir, !has_model);
-        model_load(m, dir, nullptr);
+        TrainState st;
+        const bool trained = checkpoint_has_state(dir);
+        model_load(m, dir, trained ? &st : nullptr);
+        std::vector<float>().swap(m.adam_m);  // the checks need no optimizer moments
+        std::vector<float>().swap(m.adam_v);
+        if (trained) train_seq_len = st.options.seq_len;
         model_name = dir;
     }
     const int context = m.ref.cfg.max_position_embeddings;
     if (seq_len > context) fail("--seq-len %lld exceeds the model's context (max_position_embeddings %d)", seq_len, context);
 
-    if (preset.empty() && !data_path.empty() && !force_checks)
-        return run_loss(m, data_path, seq_len ? (int)seq_len : context, batch_size ? (int)batch_size : 1, use_gpu, json);
-    return run_checks(m, model_name, data_path, seq_len ? (int)seq_len : std::min(64, context), batch_size ? (int)batch_size : 4,
+    if (preset.empty() && !data_path.empty() && !force_checks) {
+        std::string from = "--seq-len";
+        if (!seq_len) {
+            seq_len = train_seq_len ? std::min(train_seq_len, context) : context;
+            from = train_seq_len ? "the training length" : "the context";
+        }
+        return run_loss(m, data_path, (int)seq_len, from, batch_size ? (int)batch_size : 1, use_gpu, json);
+    }
+
+    std::vector<int> data;
+    const std::string data_name = checks_data(m, data_path, train_seq_len > 0, seed, data);
+    return run_checks(m, model_name, data, data_name, seq_len ? (int)seq_len : std::min(64, context), batch_size ? (int)batch_size : 4,
                       (int)batches, seed, use_gpu ? "" : device == "cpu" ? "--device cpu" : "no CUDA device", json);
 }
 

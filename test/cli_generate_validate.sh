@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # test/cli_generate_validate.sh — black-box checks of ./generate and ./validate:
 # help, bad input (one 'error:' line and a non-zero exit), repeatable sampling,
-# raw token mode, the integration checks (their GPU parts on a GPU, reported as
-# skipped without one) and the loss mode. Runs from the repo root
+# raw token mode, the integration checks (their summary, JSON records, memory growth,
+# an unbalanced expert load, a run's own data; their GPU parts on a GPU, reported as
+# skipped without one) and the loss mode (its default window). Runs from the repo root
 # after the build (make test); needs ./train and ./data/prepare too. No Python.
 set -euo pipefail
 
@@ -219,53 +220,140 @@ expect_error "generate: a prompts-file line longer than the context" "line 2: pr
 
 # ---------------------------------------------------------------------------
 # integration checks
+VALIDATE=$PWD/validate
+# "X Y" from the summary line "passed X of Y checks ..." of the table in $1
+summary() { sed -n 's/^passed \([0-9]*\) of \([0-9]*\) checks.*/\1 \2/p' "$1"; }
+# the values of column $2 of the memory check's table in $1, one a line
+memory_column() {
+    awk -v col="$2" '$1 == "seq_len" { for (i = 1; i <= NF; i++) if ($i == col) c = i; next }
+                     c && $1 !~ /^[0-9]+$/ { exit } c { print $c }' "$1"
+}
+# the number "key": value of the JSON in $1
+json_number() { grep -o "\"$2\": [-0-9.e+]*" "$1" | head -n 1 | sed 's/.*: //'; }
+
 expect_ok "validate: integration checks pass on the checkpoint" ./validate --model "$RUN"
-grep -q "all checks passed" "$TMP/out" && pass "validate: the table says all checks passed" ||
-    fail "validate: table output: $(cat "$TMP/out")"
-expect_ok "validate: integration checks pass on --preset tiny" ./validate --preset tiny --batches 4
-expect_ok "validate --json runs" ./validate --preset tiny --batches 2 --json
-if [ "$(wc -l <"$TMP/out")" -eq 1 ] && grep -q '^{.*"forward": {.*}$' "$TMP/out" && grep -q '"passed": true' "$TMP/out"; then
-    pass "validate --json prints one object with \"forward\""
+read -r x y < <(summary "$TMP/out") || true
+if [ -n "${y:-}" ] && [ "$y" -ge 4 ] && [ "$x" = "$y" ] && [ "$(grep -c ' PASS$' "$TMP/out")" -eq "$y" ] &&
+    grep -q "^no issues found$" "$TMP/out"; then
+    pass "validate: the table says passed $x of $y checks, no issues"
 else
-    fail "validate --json output: $(cat "$TMP/out")"
+    fail "validate: table output: $(cat "$TMP/out")"
 fi
+[ "$(grep -c '^validate: [1-5]/5 ' "$TMP/err")" -eq 5 ] && pass "validate: each of the 5 checks says on stderr when it starts" ||
+    fail "validate: progress lines on stderr: $(cat "$TMP/err")"
+
+expect_ok "validate: integration checks pass on --preset tiny" ./validate --preset tiny --batches 4
+# tiny: context 64 (under 512, so its 1/8, 1/4, 1/2 and whole), kv_lora_rank 12, rope 4, 3 layers, 2 heads, nope 8, v 6
+lengths=$(memory_column "$TMP/out" seq_len | tr '\n' ' ')
+growth=$(memory_column "$TMP/out" cpu_growth | tail -n +2)
+if [ "$lengths" = "8 16 32 64 " ] && [ "$(echo "$growth" | wc -l)" -eq 3 ] &&
+    echo "$growth" | awk '!($1 > 0 && $1 < 1.5) { bad = 1 } END { exit bad }' &&
+    memory_column "$TMP/out" cpu_bytes | awk 'NR > 1 && $1 <= prev { bad = 1 } { prev = $1 } END { exit bad }'; then
+    pass "validate: the CPU decoder's memory grows with the length, each ratio < 1.5: $(echo $growth)"
+else
+    fail "validate: memory table: lengths '$lengths', growth '$(echo $growth)': $(cat "$TMP/out")"
+fi
+
+expect_ok "validate --json runs" ./validate --preset tiny --batches 2 --json
+names=$(grep -o '"name": "[a-z_]*", "passed": [a-z]*' "$TMP/out" | sed 's/"name": "\([a-z_]*\)".*/\1/' | tr '\n' ' ')
+if [ "$(wc -l <"$TMP/out")" -eq 1 ] && [ "$names" = "forward gradient_flow expert_utilisation memory gpu_vs_cpu " ] &&
+    grep -Eq '"summary": \{"passed": ([45]), "of": \1, "all_passed": true' "$TMP/out" &&
+    [ "$(grep -c '^validate: [1-5]/5 ' "$TMP/err")" -eq 5 ]; then
+    pass "validate --json prints one object with a record per check and the summary (progress on stderr)"
+else
+    fail "validate --json output: names '$names': $(cat "$TMP/out")"
+fi
+tensors=$(grep -o '"tensor": "[^"]*", "shape": \[[0-9, ]*\], "grad_norm": [0-9.e+-]*, "nan": false, "inf": false' "$TMP/out" || true)
+if [ "$(echo "$tensors" | wc -l)" -eq 10 ] && echo "$tensors" | head -n 1 | grep -q '"model.embed_tokens.weight", "shape": \[61, 32\]' &&
+    echo "$tensors" | sed 's/.*"grad_norm": \([^,]*\),.*/\1/' | awk '!($1 > 0) { bad = 1 } END { exit bad }'; then
+    pass "validate --json: gradient flow lists 10 tensors with shape, a non-zero norm and NaN/inf flags"
+else
+    fail "validate --json gradient table: $tensors"
+fi
+[ "$(json_number "$TMP/out" mla_cache_bytes_per_token)" = $((2 * (12 + 4) * 3)) ] &&
+    [ "$(json_number "$TMP/out" mha_cache_bytes_per_token)" = $((2 * (2 * (8 + 4) + 2 * 6) * 3)) ] &&
+    [ "$(json_number "$TMP/out" cpu_cache_bytes_per_token)" = $((4 * (12 + 4) * 3)) ] &&
+    pass "validate --json: the latent cache's bytes per token (measured and formula) and the MHA cache's" ||
+    fail "validate --json memory numbers: $(grep -o '"name": "memory".*' "$TMP/out")"
+
+# 2 tokens, top-3 of 8 experts: at least 2 experts get none, an unbalanced load (max/min inf)
+if ./validate --preset tiny --batches 1 --batch-size 1 --seq-len 2 >"$TMP/out" 2>"$TMP/err"; then
+    fail "validate: an unbalanced expert load exits 0"
+else
+    read -r x y < <(summary "$TMP/out") || true
+    if [ -n "${y:-}" ] && [ "$x" -eq $((y - $(grep -c ' FAIL$' "$TMP/out"))) ] && [ "$x" -lt "$y" ] &&
+        grep -q '^3\. expert utilisation .*FAIL$' "$TMP/out" && grep -q '^issues found:$' "$TMP/out" &&
+        grep -q '^  expert utilisation: unbalanced expert load in layer [0-9]*: max/min ratio inf >= 5 (loads 0.00% .. [0-9.]*% over 2 tokens, [2-8] idle)$' "$TMP/out"; then
+        pass "validate: an unbalanced expert load is an issue with its numbers (passed $x of $y, exit 1)"
+    else
+        fail "validate: unbalanced expert load output: $(cat "$TMP/out")"
+    fi
+fi
+./validate --preset tiny --batches 1 --batch-size 1 --seq-len 2 --json >"$TMP/out" 2>/dev/null && fail "validate --json: unbalanced load exits 0"
+grep -q '"name": "expert_utilisation", "passed": false' "$TMP/out" && grep -q '"all_passed": false, .*"issues": \[.*"expert utilisation: unbalanced' "$TMP/out" &&
+    pass "validate --json: the unbalanced load fails its check and is listed in the summary's issues" ||
+    fail "validate --json unbalanced load: $(cat "$TMP/out")"
+
 expect_ok "validate --checks on the checkpoint with --data" ./validate --model "$RUN" --data "$TMP/data/val.bin" --checks --json
-grep -q '"gradient_flow": {"pass": true' "$TMP/out" && pass "validate --checks: gradient flow passes on real data" ||
+grep -q '"name": "gradient_flow", "passed": true' "$TMP/out" && pass "validate --checks: gradient flow passes on real data" ||
     fail "validate --checks output: $(cat "$TMP/out")"
+LOSS_DATA=$(json_number "$TMP/out" loss)
+# a training run's checks, without --data, use data/default/val.bin (from the working directory, as
+# ./train does) when that dataset's tokenizer is the model's, and say so; else random tokens
+mkdir -p "$TMP/cwd_same/data" "$TMP/cwd_other/data"
+ln -s "$TMP/data" "$TMP/cwd_same/data/default"
+./data/prepare --input "$TMP/text.txt" --out "$TMP/cwd_other/data/default" --vocab 300 >/dev/null
+(cd "$TMP/cwd_same" && "$VALIDATE" --model "$RUN" --json) >"$TMP/out" 2>"$TMP/err" || fail "validate in cwd_same exited with status $?"
+grep -q '"data": "data/default/val.bin (the default dataset, whose tokenizer is the model' "$TMP/out" &&
+    [ "$(json_number "$TMP/out" loss)" = "$LOSS_DATA" ] && grep -q '"all_passed": true' "$TMP/out" &&
+    pass "validate: a run's checks use data/default/val.bin when its tokenizer is the model's (loss $LOSS_DATA as with --data) and pass" ||
+    fail "validate: run data ($LOSS_DATA with --data): $(cat "$TMP/out")"
+(cd "$TMP/cwd_other" && "$VALIDATE" --model "$RUN" --batches 2) >"$TMP/out" 2>"$TMP/err" || fail "validate in cwd_other exited with status $?"
+grep -q "from random tokens (seed 1337): the run does not record its data, and data/default/val.bin is missing or has another tokenizer" "$TMP/out" &&
+    pass "validate: a dataset of another tokenizer is not used, and the output says so" || fail "validate: other tokenizer: $(cat "$TMP/out")"
+
 expect_ok "validate --device cpu" ./validate --preset tiny --batches 1 --device cpu
-grep -q "^5. GPU vs CPU .*SKIPPED" "$TMP/out" && grep -q "GPU device memory: skipped (--device cpu)" "$TMP/out" &&
+grep -q "^5. GPU vs CPU .*SKIPPED" "$TMP/out" && grep -q "GPU decoder: skipped (--device cpu)" "$TMP/out" &&
+    grep -q "(skipped: GPU vs CPU: --device cpu)" "$TMP/out" &&
     pass "validate --device cpu reports the GPU checks as skipped" || fail "validate --device cpu output: $(cat "$TMP/out")"
 if nvidia-smi -L >/dev/null 2>&1; then
     expect_ok "validate: the GPU checks pass on the checkpoint" ./validate --model "$RUN" --device gpu --json
-    grep -q '"device_memory": {"pass": true' "$TMP/out" && grep -q '"gpu_vs_cpu": {"pass": true' "$TMP/out" &&
-        pass "validate --json: device memory and GPU vs CPU pass" || fail "validate --device gpu output: $(cat "$TMP/out")"
+    grep -q '"name": "memory", "passed": true' "$TMP/out" && grep -q '"gpu_growth": ' "$TMP/out" &&
+        grep -q '"name": "gpu_vs_cpu", "passed": true' "$TMP/out" && grep -q '"summary": {"passed": 5, "of": 5' "$TMP/out" &&
+        pass "validate --json: the GPU decoder's memory and GPU vs CPU pass" || fail "validate --device gpu output: $(cat "$TMP/out")"
 else
     expect_ok "validate without a GPU" ./validate --preset tiny --batches 1 --json
-    grep -q '"gpu_vs_cpu": {"pass": null, "skipped": "no CUDA device"' "$TMP/out" &&
+    grep -q '"name": "gpu_vs_cpu", "passed": null, "skipped": "no CUDA device"' "$TMP/out" &&
         pass "validate without a GPU reports the GPU checks as skipped" || fail "validate without a GPU: $(cat "$TMP/out")"
     expect_error "validate: --device gpu without a GPU" "no CUDA device" ./validate --model "$RUN" --device gpu
 fi
 
 # ---------------------------------------------------------------------------
-# loss mode
+# loss mode: the window defaults to the run's training seq_len (16 here), else the context
 expect_ok "validate: loss mode" ./validate --model "$RUN" --data "$TMP/data/val.bin"
 LOSS1=$(cat "$TMP/out")
-if [[ $LOSS1 =~ ^loss\ ([0-9.]+)\ over\ ([0-9]+)\ predictions\ \(seq_len\ $CONTEXT,\ (cpu|gpu)\)$ ]]; then
+if [[ $LOSS1 =~ ^loss\ ([0-9.]+)\ over\ ([0-9]+)\ predictions\ \(seq_len\ 16,\ the\ training\ length\;\ (cpu|gpu)\)$ ]]; then
     digits=$(echo "${BASH_REMATCH[1]}" | tr -d '.' | sed 's/^0*//')
     [ "${#digits}" -ge 7 ] && pass "validate: loss printed with ${#digits} significant digits ($LOSS1)" ||
         fail "validate: loss has only ${#digits} significant digits: $LOSS1"
 else
     fail "validate: loss line has the wrong form: $LOSS1"
 fi
-./validate --model "$RUN" --data "$TMP/data/val.bin" >"$TMP/loss2.txt" || fail "validate exited with status $? (line 174)"
+./validate --model "$RUN" --data "$TMP/data/val.bin" >"$TMP/loss2.txt" || fail "validate exited with status $? (loss twice)"
 [ "$LOSS1" = "$(cat "$TMP/loss2.txt")" ] && pass "validate: the loss is the same when run twice" ||
     fail "validate: losses differ: $LOSS1 vs $(cat "$TMP/loss2.txt")"
-./validate --model "$RUN" --data "$TMP/data/val.bin" --json >"$TMP/loss.json" || fail "validate exited with status $? (line 177)"
-grep -Eq '^\{"loss": [0-9.e+-]+, "predictions": [0-9]+, "seq_len": 64, "device": "(cpu|gpu)"\}$' "$TMP/loss.json" &&
+./validate --model "$RUN" --data "$TMP/data/val.bin" --json >"$TMP/loss.json" || fail "validate exited with status $? (loss json)"
+grep -Eq '^\{"loss": [0-9.e+-]+, "predictions": [0-9]+, "seq_len": 16, "seq_len_from": "the training length", "device": "(cpu|gpu)"\}$' "$TMP/loss.json" &&
     pass "validate --json loss mode: $(cat "$TMP/loss.json")" || fail "validate --json loss mode: $(cat "$TMP/loss.json")"
-./validate --model "$RUN" --data "$TMP/data/val.bin" --seq-len 16 --batch-size 3 >"$TMP/loss16.txt" || fail "validate exited with status $? (line 180)"
-grep -q "(seq_len 16, " "$TMP/loss16.txt" && pass "validate: --seq-len sets the window ($(cat "$TMP/loss16.txt"))" ||
-    fail "validate --seq-len 16: $(cat "$TMP/loss16.txt")"
+./validate --model "$RUN" --data "$TMP/data/val.bin" --seq-len 8 --batch-size 3 >"$TMP/loss8.txt" || fail "validate exited with status $? (seq-len 8)"
+grep -q "(seq_len 8, --seq-len; " "$TMP/loss8.txt" && [ "$(cat "$TMP/loss8.txt")" != "$LOSS1" ] &&
+    pass "validate: --seq-len sets the window ($(cat "$TMP/loss8.txt"))" || fail "validate --seq-len 8: $(cat "$TMP/loss8.txt")"
+cp -r "$CKPT" "$TMP/weights_only"
+rm "$TMP/weights_only/trainer_state.json" "$TMP/weights_only/optimizer.safetensors"
+./validate --model "$TMP/weights_only" --data "$TMP/data/val.bin" >"$TMP/loss_ctx.txt" || fail "validate exited with status $? (weights only)"
+grep -q "(seq_len $CONTEXT, the context; " "$TMP/loss_ctx.txt" &&
+    pass "validate: without a training state the window is the context ($(cat "$TMP/loss_ctx.txt"))" ||
+    fail "validate: weights-only loss: $(cat "$TMP/loss_ctx.txt")"
 
 # an llm.c token file (magic 20240520, version 1, uint16) whose third token, 300, is >= vocab 256
 le32() { printf "\\x$(printf %02x $(($1 & 255)))\\x$(printf %02x $(($1 >> 8 & 255)))\\x$(printf %02x $(($1 >> 16 & 255)))\\x$(printf %02x $(($1 >> 24 & 255)))"; }
