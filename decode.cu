@@ -77,6 +77,8 @@ void decoder_free(GpuDecoder* d) {
 
 size_t decoder_cache_bytes_per_token(const GpuDecoder& d) { return d.cache_bytes / ((size_t)d.batch * d.max_len); }
 
+size_t decoder_device_bytes(const GpuDecoder& d) { return d.arena.bytes; }
+
 void decoder_prefill(GpuDecoder& d, const std::vector<std::vector<int>>& prompts) {
     Model& m = *d.m;
     GpuModel& gpu = *m.gpu;

@@ -207,3 +207,7 @@ void decoder_set_active(GpuDecoder& d, int b, bool active);
 // the cache's allocated device bytes per token of one sequence (its capacity is
 // batch * max_len tokens)
 size_t decoder_cache_bytes_per_token(const GpuDecoder& d);
+
+// the decoder's own device bytes: the cache and the step's buffers (the weights
+// and the prefill's activations are the model's)
+size_t decoder_device_bytes(const GpuDecoder& d);

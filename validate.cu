@@ -48,12 +48,9 @@
 #include <string>
 #include <vector>
 
-#include <cuda_runtime.h>
-
 #include "cli.h"
 #include "common.h"
 #include "fileutil.h"
-#include "decode.cuh"
 #include "decode.h"
 #include "model.h"
 
@@ -134,6 +131,7 @@ static int run_loss(Model& m, const std::string& data_path, int seq_len, const s
     else
         printf("loss %s over %zu predictions (seq_len %d, %s; %s)\n", fixed_significant(loss, 10).c_str(), predictions, seq_len,
                seq_len_from.c_str(), device);
+    model_free_gpu(m);
     return std::isfinite(loss) ? 0 : 1;
 }
 
@@ -389,7 +387,7 @@ static size_t gpu_decoder_bytes(Model& m, int len, size_t& cache_bytes_per_token
     GpuDecoder* d = decoder_create(m, 1, len, 1);
     decoder_prefill(*d, std::vector<std::vector<int>>(1, std::vector<int>{0}));
     for (int pos = 1; pos < len; pos++) decoder_forward(*d);
-    const size_t bytes = d->arena.bytes;
+    const size_t bytes = decoder_device_bytes(*d);
     cache_bytes_per_token = decoder_cache_bytes_per_token(*d);
     decoder_free(d);
     return bytes;
@@ -450,7 +448,7 @@ static CheckResult check_memory(Model& m, bool gpu, const std::string& gpu_skipp
         std::vector<size_t> dev(lengths.size());
         for (size_t i = 0; i < lengths.size(); i++) dev[i] = gpu_decoder_bytes(m, lengths[i], cache_per_token);
         model_free_gpu(m);
-        add_decoder(c, t, "gpu", lengths, dev, cache_per_token, kv_latent_bytes_per_token(cfg, sizeof(bf16)));
+        add_decoder(c, t, "gpu", lengths, dev, cache_per_token, kv_latent_bytes_per_token(cfg));
     } else {
         c.notes.push_back("GPU decoder: skipped (" + gpu_skipped + ")");
     }
