@@ -12,7 +12,8 @@
 //                                            = [W_UK_h^T q_nope; rope(q_pe)]
 //   flash_decode_gpu: o_lat [B, H, dc] fp32 = softmax(qlat . cache[0..pos]) @ cache[:, :dc]
 //   decode_value_up_gpu: o [B, H*dv] bf16 = W_UV_h o_lat
-// then o_proj, the FFN/MoE (moe.cuh), the head, and sample_gpu picks the next
+// then o_proj, the FFN/MoE (moe.cuh's ffn_forward_gpu / moe_forward_gpu, as in
+// training), the head, and sample_gpu picks the next
 // tokens. Every kernel reads the positions and flags from device memory, so one
 // captured CUDA graph replays every step.
 #pragma once

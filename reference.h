@@ -1,8 +1,10 @@
 // reference.h — the CPU reference of every layer of the DeepSeek-V3 model, forward
 // and backward, in plain C++17 + OpenMP, templated on the float type so the
 // gradient checks can run in double. Read it top to bottom: the parameter layout
-// (Hugging Face tensor names), then one *_forward / *_backward pair per layer, then
-// the whole model, then the optimizer.
+// (Hugging Face tensor names) and the typed weights bound to it, then one
+// *_forward / *_backward pair per layer, then the whole model, then the optimizer.
+// The GPU twin of each layer (mla.cuh, moe.cuh, kernels.cuh) has the same name with
+// _gpu and the same arguments in the same order.
 //
 // Conventions: N = B*T token rows; a weight W[OC, C] maps C inputs to OC outputs
 // (PyTorch's nn.Linear layout, so checkpoints load as they are).

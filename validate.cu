@@ -87,16 +87,6 @@ static const char* USAGE =
 // JSON has no inf or nan: they become null
 static std::string jnum(double x) { return std::isfinite(x) ? strfmt("%.9g", x) : "null"; }
 
-static std::string jstr(const std::string& s) {
-    std::string out = "\"";
-    for (unsigned char ch : s) {
-        if (ch == '"' || ch == '\\') out += '\\', out += (char)ch;
-        else if (ch < 0x20) out += strfmt("\\u%04x", ch);
-        else out += (char)ch;
-    }
-    return out + "\"";
-}
-
 // x with `digits` significant digits in fixed notation, trailing zeros kept
 // (2.345678912 rather than %g's 2.34567891), so the precision is visible
 static std::string fixed_significant(double x, int digits) {
@@ -127,7 +117,7 @@ static int run_loss(Model& m, const std::string& data_path, int seq_len, const s
     const char* device = use_gpu ? "gpu" : "cpu";
     if (json)
         printf("{\"loss\": %.17g, \"predictions\": %zu, \"seq_len\": %d, \"seq_len_from\": %s, \"device\": \"%s\"}\n", loss,
-               predictions, seq_len, jstr(seq_len_from).c_str(), device);
+               predictions, seq_len, json_quote(seq_len_from).c_str(), device);
     else
         printf("loss %s over %zu predictions (seq_len %d, %s; %s)\n", fixed_significant(loss, 10).c_str(), predictions, seq_len,
                seq_len_from.c_str(), device);
@@ -571,26 +561,26 @@ static std::string json_cell(const std::string& s) {
     if (s == "true" || s == "false" || s[0] == '[') return s;
     char* end = nullptr;
     std::strtod(s.c_str(), &end);
-    return *end == 0 ? s : jstr(s);
+    return *end == 0 ? s : json_quote(s);
 }
 
 static std::string json_list(const std::vector<std::string>& v) {
     std::string s = "[";
-    for (size_t i = 0; i < v.size(); i++) s += (i ? ", " : "") + jstr(v[i]);
+    for (size_t i = 0; i < v.size(); i++) s += (i ? ", " : "") + json_quote(v[i]);
     return s + "]";
 }
 
 static std::string to_json(const CheckResult& c) {
-    std::string s = "{\"name\": " + jstr(c.name) + ", \"passed\": " + (!c.skipped.empty() ? "null" : c.passed() ? "true" : "false");
-    s += ", \"skipped\": " + (c.skipped.empty() ? "null" : jstr(c.skipped)) + ", \"numbers\": {";
-    for (size_t i = 0; i < c.numbers.size(); i++) s += (i ? ", " : "") + jstr(c.numbers[i].first) + ": " + jnum(c.numbers[i].second);
+    std::string s = "{\"name\": " + json_quote(c.name) + ", \"passed\": " + (!c.skipped.empty() ? "null" : c.passed() ? "true" : "false");
+    s += ", \"skipped\": " + (c.skipped.empty() ? "null" : json_quote(c.skipped)) + ", \"numbers\": {";
+    for (size_t i = 0; i < c.numbers.size(); i++) s += (i ? ", " : "") + json_quote(c.numbers[i].first) + ": " + jnum(c.numbers[i].second);
     s += "}, \"tables\": {";
     for (size_t k = 0; k < c.tables.size(); k++) {
         const Table& t = c.tables[k];
-        s += (k ? ", " : "") + jstr(t.name) + ": [";
+        s += (k ? ", " : "") + json_quote(t.name) + ": [";
         for (size_t i = 0; i < t.rows.size(); i++) {
             s += i ? ", {" : "{";
-            for (size_t j = 0; j < t.columns.size(); j++) s += (j ? ", " : "") + jstr(t.columns[j]) + ": " + json_cell(t.rows[i][j]);
+            for (size_t j = 0; j < t.columns.size(); j++) s += (j ? ", " : "") + json_quote(t.columns[j]) + ": " + json_cell(t.rows[i][j]);
             s += "}";
         }
         s += "]";
@@ -648,7 +638,7 @@ static int run_checks(Model& m, const std::string& model_name, const std::vector
         for (const std::string& i : c.issues) issues.push_back(c.title + ": " + i);
     }
     if (json) {
-        std::string s = "{\"model\": " + jstr(model_name) + ", \"data\": " + jstr(data_name);
+        std::string s = "{\"model\": " + json_quote(model_name) + ", \"data\": " + json_quote(data_name);
         s += strfmt(", \"batch_size\": %d, \"seq_len\": %d, \"parameters\": %zu, \"checks\": [", B, T, m.ref.layout.total);
         for (size_t i = 0; i < results.size(); i++) s += (i ? ", " : "") + to_json(results[i]);
         s += strfmt("], \"summary\": {\"passed\": %d, \"of\": %d, \"all_passed\": %s", passed, ran, passed == ran ? "true" : "false");
