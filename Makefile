@@ -49,7 +49,7 @@ bench/decode_bench: bench/decode_bench.cu $(MODEL) decode.o $(HEADERS)
 dev/ref_dump: dev/ref_dump.cu $(MODEL) $(HEADERS)
 	$(NVCC) $(FLAGS) $< $(MODEL) -o $@ $(LIBS)
 
-test/%.o: test/%.cpp $(HEADERS) test/test_configs.h
+test/%.o: test/%.cpp $(HEADERS) test/test_configs.h fp8.cuh
 	$(NVCC) $(FLAGS) -x cu -c $< -o $@
 
 test/test_cpu: $(TEST_SOURCES:.cpp=.o) $(MODEL)

@@ -1,0 +1,77 @@
+// gpu_fp8.cu — fp8.cuh on the device: its encoder gives the host's codes and the
+// hardware's own conversion (cvt.rn.satfinite, through cuda_fp8.h) for every code's
+// value, the ties between codes, the specials and millions of random floats; its
+// decoder gives the host's values for all 256 codes.
+#include <doctest/doctest.h>
+
+#include <cuda_fp8.h>
+
+#include <cfloat>
+#include <cstring>
+#include <vector>
+
+#include "common.h"
+#include "cuda_common.cuh"
+#include "fp8.cuh"
+
+namespace {
+
+__global__ void fp8_convert_kernel(uint8_t* ours, uint8_t* hardware, float* decoded, const float* x, size_t n, Fp8Format f) {
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
+        ours[i] = fp8_encode(x[i], f);
+        hardware[i] = (uint8_t)__nv_cvt_float_to_fp8(x[i], __NV_SATFINITE, f == FP8_E4M3 ? __NV_E4M3 : __NV_E5M2);
+        if (i < 256) decoded[i] = fp8_decode((uint8_t)i, f);
+    }
+}
+
+template <typename T>
+std::vector<T> download(const T* p, size_t n) {
+    std::vector<T> h(n);
+    CUDA_CHECK(cudaMemcpy(h.data(), p, n * sizeof(T), cudaMemcpyDeviceToHost));
+    return h;
+}
+
+}  // namespace
+
+TEST_CASE("fp8 on the device: the host's codes and the hardware conversion's, and the host's values") {
+    for (Fp8Format f : {FP8_E4M3, FP8_E5M2}) {
+        CAPTURE((int)f);
+        std::vector<float> x;
+        for (int c = 0; c < 256; c++) x.push_back(fp8_decode((uint8_t)c, f));
+        for (int c = 0; c < fp8_spec(f).max_code; c++) {  // ties and their neighbours
+            const float mid = 0.5f * (fp8_decode((uint8_t)c, f) + fp8_decode((uint8_t)(c + 1), f));
+            for (float v : {nextafterf(mid, 0.0f), mid, nextafterf(mid, INFINITY)}) x.insert(x.end(), {v, -v});
+        }
+        for (float v : {INFINITY, -INFINITY, NAN, FLT_MAX, FLT_MIN, 1e-12f, 1e30f}) x.insert(x.end(), {v, -v});
+        for (uint64_t i = 0; i < 4000000; i++) {
+            const uint64_t r = rng_hash(99 + f, i);
+            uint32_t bits = (uint32_t)r;
+            float v;
+            memcpy(&v, &bits, 4);
+            x.push_back(i % 2 ? v : (r & 1 ? -1 : 1) * ldexpf(1.0f + (float)((r >> 8) & 0xFFFFFF) / 16777216.0f, (int)((r >> 40) % 48) - 26));
+        }
+        const size_t n = x.size();
+        float *d_x = device_alloc<float>(n, "test buffer"), *d_decoded = device_alloc<float>(256, "test buffer");
+        uint8_t *d_ours = device_alloc<uint8_t>(n, "test buffer"), *d_hw = device_alloc<uint8_t>(n, "test buffer");
+        CUDA_CHECK(cudaMemcpy(d_x, x.data(), n * sizeof(float), cudaMemcpyHostToDevice));
+        fp8_convert_kernel<<<1024, 256>>>(d_ours, d_hw, d_decoded, d_x, n, f);
+        CUDA_LAUNCH_CHECK();
+        const std::vector<uint8_t> ours = download(d_ours, n), hw = download(d_hw, n);
+        const std::vector<float> decoded = download(d_decoded, 256);
+        size_t vs_host = 0, vs_hardware = 0, values = 0;
+        for (size_t i = 0; i < n; i++) {
+            vs_host += ours[i] != fp8_encode(x[i], f);
+            vs_hardware += ours[i] != hw[i];
+        }
+        for (int c = 0; c < 256; c++) {
+            const float h = fp8_decode((uint8_t)c, f);
+            values += !((std::isnan(h) && std::isnan(decoded[c])) || memcmp(&h, &decoded[c], 4) == 0);
+        }
+        printf("fp8 format %d on the device: %zu floats, %zu codes differ from the host's, %zu from the hardware's; %zu of 256 "
+               "values differ\n", (int)f, n, vs_host, vs_hardware, values);
+        CHECK(vs_host == 0);
+        CHECK(vs_hardware == 0);
+        CHECK(values == 0);
+        for (void* p : {(void*)d_x, (void*)d_decoded, (void*)d_ours, (void*)d_hw}) CUDA_CHECK(cudaFree(p));
+    }
+}
