@@ -19,6 +19,8 @@
 #include <cstdint>
 #include <cstring>
 
+#include "cuda_common.cuh"
+
 enum Fp8Format { FP8_E4M3 = 0, FP8_E5M2 = 1 };
 
 struct Fp8Spec {
@@ -71,3 +73,68 @@ __host__ __device__ inline float fp8_decode(uint8_t c, Fp8Format f) {
     if (e == 0) return sign * ldexpf((float)m, 1 - s.bias - s.mantissa_bits);
     return sign * ldexpf((float)((1 << s.mantissa_bits) + m), e - s.bias - s.mantissa_bits);
 }
+
+// ----------------------------------------------------------------------------
+// Fine-grained quantization (DeepSeek-V3 §3.3.2): each tile of 128 values along a
+// row (activations, 1 x 128) or each 128 x 128 block (weights) gets its own fp32
+// scale s = amax / 448, and its values are stored as E4M3 codes of x / s, so an
+// outlier costs precision only in its own tile. x ~ decode(code) * s; s is what
+// DeepSeek's checkpoints call weight_scale_inv. An all-zero tile gets s = 0 and
+// zero codes. The host and the device run the same element function, so their
+// codes and scales are bit-identical.
+
+constexpr int FP8_TILE = 128;
+constexpr float FP8_E4M3_MAX = 448.0f;
+
+__host__ __device__ inline uint8_t fp8_quantize(float x, float scale) { return scale > 0 ? fp8_encode(x / scale, FP8_E4M3) : 0; }
+
+// x [rows, cols] fp32 -> codes [rows, cols], scales [ceil(rows / tile_rows), ceil(cols / 128)];
+// tile_rows = 1 for activations, 128 for weights. The host reference.
+inline void fp8_quantize_host(uint8_t* codes, float* scales, const float* x, int rows, int cols, int tile_rows) {
+    const int tiles_c = (cols + FP8_TILE - 1) / FP8_TILE;
+    for (int r0 = 0; r0 < rows; r0 += tile_rows)
+        for (int c0 = 0; c0 < cols; c0 += FP8_TILE) {
+            const int r1 = r0 + tile_rows < rows ? r0 + tile_rows : rows, c1 = c0 + FP8_TILE < cols ? c0 + FP8_TILE : cols;
+            float amax = 0;
+            for (int r = r0; r < r1; r++)
+                for (int c = c0; c < c1; c++) amax = fmaxf(amax, fabsf(x[(size_t)r * cols + c]));
+            const float scale = amax / FP8_E4M3_MAX;
+            scales[(size_t)(r0 / tile_rows) * tiles_c + c0 / FP8_TILE] = scale;
+            for (int r = r0; r < r1; r++)
+                for (int c = c0; c < c1; c++) codes[(size_t)r * cols + c] = fp8_quantize(x[(size_t)r * cols + c], scale);
+        }
+}
+
+#ifdef __CUDACC__
+// One block of 256 threads per tile of tile_rows x 128: the block's amax (max is
+// exact in any order, so the result does not depend on the reduction), then the codes.
+template <typename T>
+__global__ void fp8_quantize_kernel(uint8_t* codes, float* scales, const T* x, int rows, int cols, int tile_rows) {
+    __shared__ float warp_max[8];
+    const int r0 = blockIdx.y * tile_rows, c0 = blockIdx.x * FP8_TILE;
+    const int r1 = min(r0 + tile_rows, rows), c1 = min(c0 + FP8_TILE, cols), width = c1 - c0, count = (r1 - r0) * width;
+    float amax = 0;
+    for (int i = threadIdx.x; i < count; i += blockDim.x) amax = fmaxf(amax, fabsf((float)x[(size_t)(r0 + i / width) * cols + c0 + i % width]));
+    for (int off = 16; off > 0; off >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, off));
+    if (threadIdx.x % 32 == 0) warp_max[threadIdx.x / 32] = amax;
+    __syncthreads();
+    amax = 0;
+    for (int w = 0; w < (int)blockDim.x / 32; w++) amax = fmaxf(amax, warp_max[w]);
+    const float scale = amax / FP8_E4M3_MAX;
+    if (threadIdx.x == 0) scales[(size_t)blockIdx.y * gridDim.x + blockIdx.x] = scale;
+    for (int i = threadIdx.x; i < count; i += blockDim.x) {
+        const size_t at = (size_t)(r0 + i / width) * cols + c0 + i % width;
+        codes[at] = fp8_quantize((float)x[at], scale);
+    }
+}
+
+// codes [rows, cols], scales [ceil(rows / tile_rows), ceil(cols / 128)] from x [rows, cols]
+// (fp32 or bf16); tile_rows 1 (activations) or 128 (weights)
+template <typename T>
+inline void fp8_quantize_gpu(uint8_t* codes, float* scales, const T* x, int rows, int cols, int tile_rows, cudaStream_t stream) {
+    if (rows == 0 || cols == 0) return;
+    const dim3 grid((cols + FP8_TILE - 1) / FP8_TILE, (rows + tile_rows - 1) / tile_rows);
+    fp8_quantize_kernel<T><<<grid, 256, 0, stream>>>(codes, scales, x, rows, cols, tile_rows);
+    CUDA_LAUNCH_CHECK();
+}
+#endif

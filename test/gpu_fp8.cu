@@ -75,3 +75,39 @@ TEST_CASE("fp8 on the device: the host's codes and the hardware conversion's, an
         for (void* p : {(void*)d_x, (void*)d_decoded, (void*)d_ours, (void*)d_hw}) CUDA_CHECK(cudaFree(p));
     }
 }
+
+TEST_CASE("fp8 quantization on the device: codes and scales bit-identical to the host's, from fp32 and bf16") {
+    struct Shape {
+        int rows, cols, tile_rows;
+    };
+    for (Shape sh : {Shape{1000, 768, 1}, Shape{7, 300, 1}, Shape{768, 1536, 128}, Shape{200, 130, 128}}) {
+        for (bool bf16_input : {false, true}) {
+            CAPTURE(sh.rows);
+            CAPTURE(sh.cols);
+            CAPTURE(sh.tile_rows);
+            CAPTURE(bf16_input);
+            const size_t n = (size_t)sh.rows * sh.cols, tiles = (size_t)((sh.rows + sh.tile_rows - 1) / sh.tile_rows) * ((sh.cols + 127) / 128);
+            std::vector<float> x(n);
+            for (size_t i = 0; i < n; i++) {
+                const float v = (rng_uniform(11, i) * 2 - 1) * ldexpf(1.0f, (int)(rng_hash(12, i) % 12) - 6);
+                x[i] = bf16_input ? bf16_to_float(float_to_bf16(v)) : v;  // what the device reads
+            }
+            std::vector<uint8_t> codes(n);
+            std::vector<float> scales(tiles);
+            fp8_quantize_host(codes.data(), scales.data(), x.data(), sh.rows, sh.cols, sh.tile_rows);
+            uint8_t* d_codes = device_alloc<uint8_t>(n, "test buffer");
+            float* d_scales = device_alloc<float>(tiles, "test buffer");
+            float* d_x32 = device_alloc<float>(n, "test buffer");
+            bf16* d_x16 = device_alloc<bf16>(n, "test buffer");
+            CUDA_CHECK(cudaMemcpy(d_x32, x.data(), n * sizeof(float), cudaMemcpyHostToDevice));
+            to_device(d_x16, x.data(), n);
+            CUDA_CHECK(cudaMemset(d_codes, 0xAB, n));
+            if (bf16_input) fp8_quantize_gpu(d_codes, d_scales, (const bf16*)d_x16, sh.rows, sh.cols, sh.tile_rows, 0);
+            else fp8_quantize_gpu(d_codes, d_scales, (const float*)d_x32, sh.rows, sh.cols, sh.tile_rows, 0);
+            CHECK(download(d_codes, n) == codes);
+            const std::vector<float> got = download(d_scales, tiles);
+            CHECK(memcmp(got.data(), scales.data(), tiles * sizeof(float)) == 0);
+            for (void* p : {(void*)d_codes, (void*)d_scales, (void*)d_x32, (void*)d_x16}) CUDA_CHECK(cudaFree(p));
+        }
+    }
+}

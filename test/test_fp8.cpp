@@ -7,8 +7,10 @@
 
 #include <cuda_fp8.h>
 
+#include <algorithm>
 #include <cfloat>
 #include <cstring>
+#include <vector>
 
 #include "common.h"
 #include "fp8.cuh"
@@ -96,5 +98,49 @@ TEST_CASE("fp8: millions of random floats encode as CUDA's conversion does") {
             }
         }
         CHECK(mismatches == 0);
+    }
+}
+
+TEST_CASE("fp8: 1x128 and 128x128 quantization: scale amax/448 per tile, the tile's largest at 448, error within E4M3's step") {
+    struct Shape {
+        int rows, cols, tile_rows;
+    };
+    for (Shape sh : {Shape{5, 300, 1}, Shape{1, 128, 1}, Shape{200, 130, 128}, Shape{128, 256, 128}}) {
+        CAPTURE(sh.rows);
+        CAPTURE(sh.cols);
+        CAPTURE(sh.tile_rows);
+        const int tiles_r = (sh.rows + sh.tile_rows - 1) / sh.tile_rows, tiles_c = (sh.cols + 127) / 128;
+        std::vector<float> x((size_t)sh.rows * sh.cols);
+        for (size_t i = 0; i < x.size(); i++) {
+            // values over several decades, and a large outlier now and then
+            const float u = rng_uniform(5, i) * 2 - 1, e = (float)(rng_hash(6, i) % 8);
+            x[i] = u * ldexpf(1.0f, (int)e - 4) * (rng_hash(7, i) % 97 == 0 ? 1000.0f : 1.0f);
+        }
+        for (int r = 0; r < std::min(sh.rows, sh.tile_rows); r++)  // the first tile all zero
+            for (int c = 0; c < std::min(sh.cols, 128); c++) x[(size_t)r * sh.cols + c] = 0;
+        std::vector<uint8_t> codes(x.size());
+        std::vector<float> scales((size_t)tiles_r * tiles_c);
+        fp8_quantize_host(codes.data(), scales.data(), x.data(), sh.rows, sh.cols, sh.tile_rows);
+        std::vector<float> amax(scales.size(), 0.0f);
+        for (int r = 0; r < sh.rows; r++)
+            for (int c = 0; c < sh.cols; c++) {
+                float& a = amax[(size_t)(r / sh.tile_rows) * tiles_c + c / 128];
+                a = fmaxf(a, fabsf(x[(size_t)r * sh.cols + c]));
+            }
+        size_t at_max = 0, bad = 0;
+        for (int r = 0; r < sh.rows; r++)
+            for (int c = 0; c < sh.cols; c++) {
+                const size_t i = (size_t)r * sh.cols + c, t = (size_t)(r / sh.tile_rows) * tiles_c + c / 128;
+                const float s = scales[t], back = fp8_decode(codes[i], FP8_E4M3) * s;
+                // E4M3 keeps 3 mantissa bits: relative error <= 2^-4 for normal codes; below
+                // the smallest normal (2^-6 after scaling) the step is 2^-9 * s
+                const float bound = fmaxf(fabsf(x[i]) * 0.0625f, ldexpf(s, -10));
+                bad += !(fabsf(back - x[i]) <= bound);
+                at_max += s > 0 && fabsf(x[i]) == amax[t] && fabsf(fp8_decode(codes[i], FP8_E4M3)) == 448.0f;
+            }
+        CHECK(bad == 0);
+        for (size_t t = 0; t < scales.size(); t++) CHECK(scales[t] == amax[t] / 448.0f);
+        CHECK(scales[0] == 0);  // the all-zero tile
+        CHECK(at_max >= scales.size() - 1);  // every other tile's largest value is at +-448
     }
 }
