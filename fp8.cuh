@@ -86,12 +86,28 @@ __host__ __device__ inline float fp8_decode(uint8_t c, Fp8Format f) {
 constexpr int FP8_TILE = 128;
 constexpr float FP8_E4M3_MAX = 448.0f;
 
+// Where each tile's scale lives: the layouts cuBLASLt's block-scaled GEMM reads
+// (found by experiment on an H200 with cuBLAS 13.1; the docs leave it implicit).
+// Activation tiles (tile_rows 1) by 128-column slice, then row: [ceil(cols/128)][rows],
+// the transposed layout DeepGEMM also uses. Weight blocks (tile_rows 128) by block row:
+// [ceil(rows/128)][pitch], DeepSeek's weight_scale_inv with each row padded to a
+// multiple of 4 floats (16 bytes).
+__host__ __device__ inline int fp8_scale_pitch(int cols) { return ((cols + FP8_TILE - 1) / FP8_TILE + 3) / 4 * 4; }
+
+__host__ __device__ inline size_t fp8_scale_index(int tile_r, int tile_c, int rows, int cols, int tile_rows) {
+    return tile_rows == 1 ? (size_t)tile_c * rows + tile_r : (size_t)tile_r * fp8_scale_pitch(cols) + tile_c;
+}
+
+// the floats a scale array holds (the padding included)
+inline size_t fp8_scale_count(int rows, int cols, int tile_rows) {
+    return tile_rows == 1 ? (size_t)(cols + FP8_TILE - 1) / FP8_TILE * rows : (size_t)(rows + FP8_TILE - 1) / FP8_TILE * fp8_scale_pitch(cols);
+}
+
 __host__ __device__ inline uint8_t fp8_quantize(float x, float scale) { return scale > 0 ? fp8_encode(x / scale, FP8_E4M3) : 0; }
 
-// x [rows, cols] fp32 -> codes [rows, cols], scales [ceil(rows / tile_rows), ceil(cols / 128)];
+// x [rows, cols] fp32 -> codes [rows, cols] and scales (laid out by fp8_scale_index);
 // tile_rows = 1 for activations, 128 for weights. The host reference.
 inline void fp8_quantize_host(uint8_t* codes, float* scales, const float* x, int rows, int cols, int tile_rows) {
-    const int tiles_c = (cols + FP8_TILE - 1) / FP8_TILE;
     for (int r0 = 0; r0 < rows; r0 += tile_rows)
         for (int c0 = 0; c0 < cols; c0 += FP8_TILE) {
             const int r1 = r0 + tile_rows < rows ? r0 + tile_rows : rows, c1 = c0 + FP8_TILE < cols ? c0 + FP8_TILE : cols;
@@ -99,7 +115,7 @@ inline void fp8_quantize_host(uint8_t* codes, float* scales, const float* x, int
             for (int r = r0; r < r1; r++)
                 for (int c = c0; c < c1; c++) amax = fmaxf(amax, fabsf(x[(size_t)r * cols + c]));
             const float scale = amax / FP8_E4M3_MAX;
-            scales[(size_t)(r0 / tile_rows) * tiles_c + c0 / FP8_TILE] = scale;
+            scales[fp8_scale_index(r0 / tile_rows, c0 / FP8_TILE, rows, cols, tile_rows)] = scale;
             for (int r = r0; r < r1; r++)
                 for (int c = c0; c < c1; c++) codes[(size_t)r * cols + c] = fp8_quantize(x[(size_t)r * cols + c], scale);
         }
@@ -121,20 +137,62 @@ __global__ void fp8_quantize_kernel(uint8_t* codes, float* scales, const T* x, i
     amax = 0;
     for (int w = 0; w < (int)blockDim.x / 32; w++) amax = fmaxf(amax, warp_max[w]);
     const float scale = amax / FP8_E4M3_MAX;
-    if (threadIdx.x == 0) scales[(size_t)blockIdx.y * gridDim.x + blockIdx.x] = scale;
+    if (threadIdx.x == 0) scales[fp8_scale_index(blockIdx.y, blockIdx.x, rows, cols, tile_rows)] = scale;
     for (int i = threadIdx.x; i < count; i += blockDim.x) {
         const size_t at = (size_t)(r0 + i / width) * cols + c0 + i % width;
         codes[at] = fp8_quantize((float)x[at], scale);
     }
 }
 
-// codes [rows, cols], scales [ceil(rows / tile_rows), ceil(cols / 128)] from x [rows, cols]
-// (fp32 or bf16); tile_rows 1 (activations) or 128 (weights)
+// codes [rows, cols] and scales (fp8_scale_index) from x [rows, cols] (fp32 or bf16);
+// tile_rows 1 (activations) or 128 (weights)
 template <typename T>
 inline void fp8_quantize_gpu(uint8_t* codes, float* scales, const T* x, int rows, int cols, int tile_rows, cudaStream_t stream) {
     if (rows == 0 || cols == 0) return;
     const dim3 grid((cols + FP8_TILE - 1) / FP8_TILE, (rows + tile_rows - 1) / tile_rows);
     fp8_quantize_kernel<T><<<grid, 256, 0, stream>>>(codes, scales, x, rows, cols, tile_rows);
     CUDA_LAUNCH_CHECK();
+}
+
+// ----------------------------------------------------------------------------
+// The FP8 Linear forward on cuBLASLt's block-scaled path (CUDA 12.9+, sm_90):
+// out [N, OC] bf16 = dequant(x) [N, K] @ dequant(w) [OC, K]^T, fp32 accumulation,
+// with x in 1x128 tiles and w in 128x128 blocks, codes and scales as fp8_quantize_*
+// lay them out (N a multiple of 4: only such batches were checked). In
+// cuBLASLt's column-major terms out^T = W X^T: operand A is W read transposed (the
+// "TN" form FP8 requires) with BLK128x128 scales, B is X with VEC128 scales.
+inline void fp8_matmul(Matmul& mm, bf16* out, const uint8_t* x, const float* x_scales, const uint8_t* w, const float* w_scales, int N,
+                       int K, int OC, cudaStream_t stream) {
+    if (K % 16 || N % 4 || N == 0 || OC == 0) fail("fp8_matmul: K = %d must be a multiple of 16 and N = %d of 4", K, N);
+    cublasLtMatmulDesc_t desc;
+    cublasLtMatrixLayout_t la, lb, lc;
+    CUBLAS_CHECK(cublasLtMatmulDescCreate(&desc, CUBLAS_COMPUTE_32F, CUDA_R_32F));
+    const cublasOperation_t op_t = CUBLAS_OP_T, op_n = CUBLAS_OP_N;
+    const cublasLtMatmulMatrixScale_t blk = CUBLASLT_MATMUL_MATRIX_SCALE_BLK128x128_32F, vec = CUBLASLT_MATMUL_MATRIX_SCALE_VEC128_32F;
+    CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(desc, CUBLASLT_MATMUL_DESC_TRANSA, &op_t, sizeof(op_t)));
+    CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(desc, CUBLASLT_MATMUL_DESC_TRANSB, &op_n, sizeof(op_n)));
+    CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(desc, CUBLASLT_MATMUL_DESC_A_SCALE_MODE, &blk, sizeof(blk)));
+    CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(desc, CUBLASLT_MATMUL_DESC_B_SCALE_MODE, &vec, sizeof(vec)));
+    CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(desc, CUBLASLT_MATMUL_DESC_A_SCALE_POINTER, &w_scales, sizeof(w_scales)));
+    CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(desc, CUBLASLT_MATMUL_DESC_B_SCALE_POINTER, &x_scales, sizeof(x_scales)));
+    CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&la, CUDA_R_8F_E4M3, K, OC, K));
+    CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&lb, CUDA_R_8F_E4M3, K, N, K));
+    CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&lc, CUDA_R_16BF, OC, N, OC));
+    cublasLtMatmulPreference_t pref;
+    CUBLAS_CHECK(cublasLtMatmulPreferenceCreate(&pref));
+    CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &mm.workspace_bytes,
+                                                      sizeof(mm.workspace_bytes)));
+    cublasLtMatmulHeuristicResult_t heuristic;
+    int found = 0;
+    CUBLAS_CHECK(cublasLtMatmulAlgoGetHeuristic(mm.handle, desc, la, lb, lc, lc, pref, 1, &heuristic, &found));
+    if (found == 0) fail("cuBLASLt has no block-scaled FP8 algorithm for a %dx%dx%d matmul (needs CUDA 12.9+ and sm_90)", N, OC, K);
+    const float alpha = 1.0f, beta = 0.0f;
+    CUBLAS_CHECK(cublasLtMatmul(mm.handle, desc, &alpha, w, la, x, lb, &beta, out, lc, out, lc, &heuristic.algo, mm.workspace,
+                                mm.workspace_bytes, stream));
+    cublasLtMatmulPreferenceDestroy(pref);
+    cublasLtMatrixLayoutDestroy(la);
+    cublasLtMatrixLayoutDestroy(lb);
+    cublasLtMatrixLayoutDestroy(lc);
+    cublasLtMatmulDescDestroy(desc);
 }
 #endif

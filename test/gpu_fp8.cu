@@ -86,7 +86,7 @@ TEST_CASE("fp8 quantization on the device: codes and scales bit-identical to the
             CAPTURE(sh.cols);
             CAPTURE(sh.tile_rows);
             CAPTURE(bf16_input);
-            const size_t n = (size_t)sh.rows * sh.cols, tiles = (size_t)((sh.rows + sh.tile_rows - 1) / sh.tile_rows) * ((sh.cols + 127) / 128);
+            const size_t n = (size_t)sh.rows * sh.cols, tiles = fp8_scale_count(sh.rows, sh.cols, sh.tile_rows);
             std::vector<float> x(n);
             for (size_t i = 0; i < n; i++) {
                 const float v = (rng_uniform(11, i) * 2 - 1) * ldexpf(1.0f, (int)(rng_hash(12, i) % 12) - 6);
@@ -102,6 +102,7 @@ TEST_CASE("fp8 quantization on the device: codes and scales bit-identical to the
             CUDA_CHECK(cudaMemcpy(d_x32, x.data(), n * sizeof(float), cudaMemcpyHostToDevice));
             to_device(d_x16, x.data(), n);
             CUDA_CHECK(cudaMemset(d_codes, 0xAB, n));
+            CUDA_CHECK(cudaMemset(d_scales, 0, tiles * sizeof(float)));  // the padding, as the host's
             if (bf16_input) fp8_quantize_gpu(d_codes, d_scales, (const bf16*)d_x16, sh.rows, sh.cols, sh.tile_rows, 0);
             else fp8_quantize_gpu(d_codes, d_scales, (const float*)d_x32, sh.rows, sh.cols, sh.tile_rows, 0);
             CHECK(download(d_codes, n) == codes);
@@ -110,4 +111,58 @@ TEST_CASE("fp8 quantization on the device: codes and scales bit-identical to the
             for (void* p : {(void*)d_codes, (void*)d_scales, (void*)d_x32, (void*)d_x16}) CUDA_CHECK(cudaFree(p));
         }
     }
+}
+
+TEST_CASE("fp8_matmul (cuBLASLt, 1x128 x 128x128 block scales) equals the dequantized product in double") {
+    struct Shape {
+        int N, K, OC;
+    };
+    Matmul mm;
+    matmul_init(mm);
+    for (Shape sh : {Shape{64, 128, 128}, Shape{200, 512, 384}, Shape{256, 768, 1536}, Shape{132, 1280, 200}}) {
+        CAPTURE(sh.N);
+        CAPTURE(sh.K);
+        CAPTURE(sh.OC);
+        // tiles of very different magnitudes, so that a scale applied to the wrong tile shows
+        std::vector<float> x((size_t)sh.N * sh.K), w((size_t)sh.OC * sh.K);
+        for (size_t i = 0; i < x.size(); i++)
+            x[i] = (rng_uniform(21, i) * 2 - 1) * ldexpf(1.0f, (int)(mix64(i / 128 + 1) % 9) - 4);
+        for (size_t i = 0; i < w.size(); i++) {
+            const size_t r = i / sh.K, c = i % sh.K;
+            w[i] = (rng_uniform(22, i) * 2 - 1) * ldexpf(1.0f, (int)(mix64((r / 128) * 1000 + c / 128 + 7) % 9) - 4);
+        }
+        std::vector<uint8_t> xc(x.size()), wc(w.size());
+        std::vector<float> xs(fp8_scale_count(sh.N, sh.K, 1)), ws(fp8_scale_count(sh.OC, sh.K, 128));
+        fp8_quantize_host(xc.data(), xs.data(), x.data(), sh.N, sh.K, 1);
+        fp8_quantize_host(wc.data(), ws.data(), w.data(), sh.OC, sh.K, 128);
+        std::vector<double> ref((size_t)sh.N * sh.OC);
+        for (int n = 0; n < sh.N; n++)
+            for (int o = 0; o < sh.OC; o++) {
+                double acc = 0;
+                for (int k = 0; k < sh.K; k++)
+                    acc += (double)fp8_decode(xc[(size_t)n * sh.K + k], FP8_E4M3) * xs[fp8_scale_index(n, k / 128, sh.N, sh.K, 1)] *
+                           (double)fp8_decode(wc[(size_t)o * sh.K + k], FP8_E4M3) * ws[fp8_scale_index(o / 128, k / 128, sh.OC, sh.K, 128)];
+                ref[(size_t)n * sh.OC + o] = acc;
+            }
+        uint8_t *d_xc = device_alloc<uint8_t>(xc.size(), "test buffer"), *d_wc = device_alloc<uint8_t>(wc.size(), "test buffer");
+        float *d_xs = device_alloc<float>(xs.size(), "test buffer"), *d_ws = device_alloc<float>(ws.size(), "test buffer");
+        bf16* d_out = device_alloc<bf16>(ref.size(), "test buffer");
+        CUDA_CHECK(cudaMemcpy(d_xc, xc.data(), xc.size(), cudaMemcpyHostToDevice));
+        CUDA_CHECK(cudaMemcpy(d_wc, wc.data(), wc.size(), cudaMemcpyHostToDevice));
+        CUDA_CHECK(cudaMemcpy(d_xs, xs.data(), xs.size() * sizeof(float), cudaMemcpyHostToDevice));
+        CUDA_CHECK(cudaMemcpy(d_ws, ws.data(), ws.size() * sizeof(float), cudaMemcpyHostToDevice));
+        fp8_matmul(mm, d_out, d_xc, d_xs, d_wc, d_ws, sh.N, sh.K, sh.OC, 0);
+        CUDA_CHECK(cudaDeviceSynchronize());
+        const std::vector<float> out = to_host(d_out, ref.size());
+        double diff = 0, norm = 0;
+        for (size_t i = 0; i < ref.size(); i++) {
+            diff += (out[i] - ref[i]) * (out[i] - ref[i]);
+            norm += ref[i] * ref[i];
+        }
+        const double rel = std::sqrt(diff / norm);
+        printf("fp8_matmul N=%d K=%d OC=%d: relative error %.2e against the dequantized product (bf16 output)\n", sh.N, sh.K, sh.OC, rel);
+        CHECK(rel < 4e-3);  // the bf16 rounding of the output: about 2^-9 relative, rms
+        for (void* p : {(void*)d_xc, (void*)d_wc, (void*)d_xs, (void*)d_ws, (void*)d_out}) CUDA_CHECK(cudaFree(p));
+    }
+    matmul_free(mm);
 }

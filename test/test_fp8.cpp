@@ -119,18 +119,18 @@ TEST_CASE("fp8: 1x128 and 128x128 quantization: scale amax/448 per tile, the til
         for (int r = 0; r < std::min(sh.rows, sh.tile_rows); r++)  // the first tile all zero
             for (int c = 0; c < std::min(sh.cols, 128); c++) x[(size_t)r * sh.cols + c] = 0;
         std::vector<uint8_t> codes(x.size());
-        std::vector<float> scales((size_t)tiles_r * tiles_c);
+        std::vector<float> scales(fp8_scale_count(sh.rows, sh.cols, sh.tile_rows), -1.0f), amax(scales.size(), -1.0f);
         fp8_quantize_host(codes.data(), scales.data(), x.data(), sh.rows, sh.cols, sh.tile_rows);
-        std::vector<float> amax(scales.size(), 0.0f);
+        auto tile = [&](int r, int c) { return fp8_scale_index(r / sh.tile_rows, c / 128, sh.rows, sh.cols, sh.tile_rows); };
         for (int r = 0; r < sh.rows; r++)
             for (int c = 0; c < sh.cols; c++) {
-                float& a = amax[(size_t)(r / sh.tile_rows) * tiles_c + c / 128];
+                float& a = amax[tile(r, c)];
                 a = fmaxf(a, fabsf(x[(size_t)r * sh.cols + c]));
             }
         size_t at_max = 0, bad = 0;
         for (int r = 0; r < sh.rows; r++)
             for (int c = 0; c < sh.cols; c++) {
-                const size_t i = (size_t)r * sh.cols + c, t = (size_t)(r / sh.tile_rows) * tiles_c + c / 128;
+                const size_t i = (size_t)r * sh.cols + c, t = tile(r, c);
                 const float s = scales[t], back = fp8_decode(codes[i], FP8_E4M3) * s;
                 // E4M3 keeps 3 mantissa bits: relative error <= 2^-4 for normal codes; below
                 // the smallest normal (2^-6 after scaling) the step is 2^-9 * s
@@ -139,8 +139,13 @@ TEST_CASE("fp8: 1x128 and 128x128 quantization: scale amax/448 per tile, the til
                 at_max += s > 0 && fabsf(x[i]) == amax[t] && fabsf(fp8_decode(codes[i], FP8_E4M3)) == 448.0f;
             }
         CHECK(bad == 0);
-        for (size_t t = 0; t < scales.size(); t++) CHECK(scales[t] == amax[t] / 448.0f);
-        CHECK(scales[0] == 0);  // the all-zero tile
-        CHECK(at_max >= scales.size() - 1);  // every other tile's largest value is at +-448
+        size_t tiles = 0;  // the padding (amax -1) is left alone
+        for (size_t t = 0; t < scales.size(); t++) {
+            CHECK(scales[t] == (amax[t] < 0 ? -1.0f : amax[t] / 448.0f));
+            tiles += amax[t] >= 0;
+        }
+        CHECK(tiles == (size_t)tiles_r * tiles_c);
+        CHECK(scales[0] == 0);            // the all-zero tile
+        CHECK(at_max >= tiles - 1);       // every other tile's largest value is at +-448
     }
 }
