@@ -43,13 +43,22 @@ static TrainState state_from_json(const std::string& text, const std::string& wh
         if (!v || v->type != JsonValue::Number) fail("%s: missing or non-numeric field \"%s\"", where.c_str(), key);
         return v->number;
     };
+    // the seed and the data position are 64-bit counters: read from the digits, not
+    // through a double, which holds only 53 bits
+    auto whole = [&](const char* key) {
+        num(key);
+        const std::string& digits = root.get(key)->str;
+        if (digits.empty() || digits.find_first_not_of("0123456789") != std::string::npos || digits.size() > 20)
+            fail("%s: field \"%s\" must be a whole number, got %s", where.c_str(), key, digits.c_str());
+        return (uint64_t)std::stoull(digits);
+    };
     TrainState st;
     TrainOptions& o = st.options;
     st.step = (int)num("step");
-    st.data_position = (uint64_t)num("data_position");
+    st.data_position = whole("data_position");
     const JsonValue* best = root.get("best_val_loss");
     st.best_val_loss = best && best->type == JsonValue::Number ? best->number : INFINITY;
-    o.seed = (uint64_t)num("seed");
+    o.seed = whole("seed");
     o.batch_size = (int)num("batch_size");
     o.seq_len = (int)num("seq_len");
     o.grad_accum = (int)num("grad_accum");

@@ -22,7 +22,7 @@ struct JsonValue {
     enum Type { Null, Bool, Number, String, Array, Object } type = Null;
     bool boolean = false;
     double number = 0;
-    std::string str;
+    std::string str;  // a String's text; a Number's text as written (exact past 2^53)
     std::vector<JsonValue> items;                               // Array
     std::vector<std::pair<std::string, JsonValue>> members;     // Object, in file order
     const JsonValue* get(const std::string& key) const;         // nullptr when absent or not an object
@@ -287,7 +287,10 @@ inline bool json_value(JsonParser& p, JsonValue& out, int depth) {
         default:
             if (c == '-' || (c >= '0' && c <= '9')) {
                 out.type = JsonValue::Number;
-                return json_number(p, out.number);
+                const size_t start = p.pos;
+                if (!json_number(p, out.number)) return false;
+                out.str = p.text.substr(start, p.pos - start);
+                return true;
             }
             return json_error(p, p.pos, "unexpected " + json_describe(p, p.pos) + ", expected a value");
     }

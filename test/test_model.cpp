@@ -57,9 +57,10 @@ TEST_CASE("checkpoint round trip is bit-exact, including the optimizer state") {
     bias[3] = 0.0123f;
     TrainState st;
     st.step = 17;
-    st.data_position = 4242;
+    st.data_position = (1ull << 60) + 4242;  // past 2^53: a double would round it
     st.best_val_loss = 1.25;
     st.options = tiny_options();
+    st.options.seed = (1ull << 62) + 1;
     model_save(m, dir + "/ckpt", &st, false);
     Model back;
     TrainState st2;
@@ -68,7 +69,8 @@ TEST_CASE("checkpoint round trip is bit-exact, including the optimizer state") {
     CHECK(back.adam_m == m.adam_m);
     CHECK(back.adam_v == m.adam_v);
     CHECK(st2.step == 17);
-    CHECK(st2.data_position == 4242);
+    CHECK(st2.data_position == (1ull << 60) + 4242);
+    CHECK(st2.options.seed == (1ull << 62) + 1);
     CHECK(st2.best_val_loss == 1.25);
     CHECK(st2.options.grad_accum == 2);
     CHECK(st2.options.dropout == doctest::Approx(0.1f));
