@@ -48,9 +48,11 @@ static TrainState state_from_json(const std::string& text, const std::string& wh
     auto whole = [&](const char* key) {
         num(key);
         const std::string& digits = root.get(key)->str;
-        if (digits.empty() || digits.find_first_not_of("0123456789") != std::string::npos || digits.size() > 20)
-            fail("%s: field \"%s\" must be a whole number, got %s", where.c_str(), key, digits.c_str());
-        return (uint64_t)std::stoull(digits);
+        uint64_t v = 0;
+        bool ok = !digits.empty() && digits.find_first_not_of("0123456789") == std::string::npos;
+        for (char d : digits) ok = ok && !__builtin_mul_overflow(v, 10, &v) && !__builtin_add_overflow(v, (uint64_t)(d - '0'), &v);
+        if (!ok) fail("%s: field \"%s\" must be a whole number below 2^64, got %s", where.c_str(), key, digits.c_str());
+        return v;
     };
     TrainState st;
     TrainOptions& o = st.options;

@@ -71,6 +71,18 @@ TEST_CASE("checkpoint round trip is bit-exact, including the optimizer state") {
     CHECK(st2.step == 17);
     CHECK(st2.data_position == (1ull << 60) + 4242);
     CHECK(st2.options.seed == (1ull << 62) + 1);
+    // a damaged counter is a one-line error, not a rounded value
+    const std::string state_path = dir + "/ckpt/trainer_state.json", good = read_file(state_path);
+    for (const char* bad : {"18446744073709551616", "-3", "1.5", "1e3"}) {
+        std::string text = good;
+        const size_t at = text.find("\"seed\": ") + 8;
+        text.replace(at, text.find(',', at) - at, bad);
+        write_file_atomic(state_path, text);
+        CAPTURE(bad);
+        CHECK_THROWS_WITH_AS(model_load(back, dir + "/ckpt", &st2), doctest::Contains("\"seed\" must be a whole number below 2^64"),
+                             std::runtime_error);
+    }
+    write_file_atomic(state_path, good);
     CHECK(st2.best_val_loss == 1.25);
     CHECK(st2.options.grad_accum == 2);
     CHECK(st2.options.dropout == doctest::Approx(0.1f));
