@@ -149,3 +149,12 @@ TEST_CASE("fp8: 1x128 and 128x128 quantization: scale amax/448 per tile, the til
         CHECK(at_max >= tiles - 1);       // every other tile's largest value is at +-448
     }
 }
+
+TEST_CASE("fp8_matmul refuses shapes it was not checked for, before touching the GPU") {
+    Matmul mm;  // never initialised: the shape check comes first
+    for (int bad : {0, 1}) {
+        const int N = bad ? 6 : 8, K = bad ? 128 : 100;  // N not a multiple of 4; K not of 16
+        CHECK_THROWS_WITH_AS(fp8_matmul(mm, nullptr, nullptr, nullptr, nullptr, nullptr, N, K, 128, 0),
+                             doctest::Contains("must be a multiple of 16"), std::runtime_error);
+    }
+}
