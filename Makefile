@@ -12,7 +12,7 @@ NVCC_FLAGS ?= -O3
 FLAGS = -std=c++17 $(NVCC_FLAGS) -gencode=arch=compute_$(GPU_ARCH),code=sm_$(GPU_ARCH) -Xcompiler -fopenmp,-Wall -I.
 LIBS = -lcublasLt -lgomp
 
-HEADERS = common.h cli.h config.h json.h fileutil.h safetensors.h tokenizer.h dataloader.h corpus.h chart.h reference.h model.h decode.h
+HEADERS = common.h cli.h config.h json.h fileutil.h safetensors.h tokenizer.h dataloader.h corpus.h chart.h fp8.cuh reference.h model.h decode.h
 BINARIES = train generate validate data/prepare
 TEST_SOURCES = $(wildcard test/test_*.cpp)
 
@@ -49,7 +49,7 @@ bench/decode_bench: bench/decode_bench.cu $(MODEL) decode.o $(HEADERS)
 dev/ref_dump: dev/ref_dump.cu $(MODEL) $(HEADERS)
 	$(NVCC) $(FLAGS) $< $(MODEL) -o $@ $(LIBS)
 
-test/%.o: test/%.cpp $(HEADERS) test/test_configs.h fp8.cuh
+test/%.o: test/%.cpp $(HEADERS) test/test_configs.h
 	$(NVCC) $(FLAGS) -x cu -c $< -o $@
 
 test/test_cpu: $(TEST_SOURCES:.cpp=.o) $(MODEL)

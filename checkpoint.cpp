@@ -25,7 +25,7 @@ static std::string state_to_json(const TrainState& st) {
     s += std::isfinite(st.best_val_loss) ? strfmt("  \"best_val_loss\": %.17g,\n", st.best_val_loss) : "  \"best_val_loss\": null,\n";
     s += strfmt("  \"seed\": %llu,\n  \"batch_size\": %d,\n  \"seq_len\": %d,\n  \"grad_accum\": %d,\n", (unsigned long long)o.seed,
                 o.batch_size, o.seq_len, o.grad_accum);
-    s += strfmt("  \"dropout\": %.9g,\n  \"balance_alpha\": %.9g,\n", o.dropout, o.balance_alpha);
+    s += strfmt("  \"dropout\": %.9g,\n  \"balance_alpha\": %.9g,\n  \"fp8\": %s,\n", o.dropout, o.balance_alpha, o.fp8 ? "true" : "false");
     s += strfmt("  \"lr\": %.9g,\n  \"min_lr_fraction\": %.9g,\n  \"warmup_steps\": %d,\n  \"total_steps\": %d,\n", o.optim.lr,
                 o.optim.min_lr_fraction, o.optim.warmup_steps, o.optim.total_steps);
     s += strfmt("  \"beta1\": %.9g,\n  \"beta2\": %.9g,\n  \"eps\": %.9g,\n  \"weight_decay\": %.9g,\n", o.optim.beta1, o.optim.beta2,
@@ -66,6 +66,9 @@ static TrainState state_from_json(const std::string& text, const std::string& wh
     o.grad_accum = (int)num("grad_accum");
     o.dropout = (float)num("dropout");
     o.balance_alpha = (float)num("balance_alpha");
+    const JsonValue* fp8 = root.get("fp8");  // absent in checkpoints from before FP8: bf16
+    if (fp8 && fp8->type != JsonValue::Bool) fail("%s: field \"fp8\" must be true or false", where.c_str());
+    o.fp8 = fp8 && fp8->boolean;
     o.optim.lr = (float)num("lr");
     o.optim.min_lr_fraction = (float)num("min_lr_fraction");
     o.optim.warmup_steps = (int)num("warmup_steps");

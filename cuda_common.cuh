@@ -108,15 +108,17 @@ struct MatmulPlan {
     cublasLtMatmulAlgo_t algo;
 };
 
-// what a plan depends on: sizes, transposes, output type, leading dimensions and
-// operand alignments
+// what a plan depends on: sizes, transposes, output type, leading dimensions,
+// operand alignments, and for FP8 (fp8.cuh) B's tile height: 128 (a weight's blocks) or 1
 struct MatmulKey {
     int m, n, k, lda, ldb, ldc;
     uint32_t align_a, align_b, align_c;
     bool trans_a, trans_b, out_fp32;
+    int fp8_b_tile_rows = 0;  // 0: a bf16 GEMM
     bool operator<(const MatmulKey& o) const {
-        return std::tie(m, n, k, lda, ldb, ldc, align_a, align_b, align_c, trans_a, trans_b, out_fp32) <
-               std::tie(o.m, o.n, o.k, o.lda, o.ldb, o.ldc, o.align_a, o.align_b, o.align_c, o.trans_a, o.trans_b, o.out_fp32);
+        return std::tie(m, n, k, lda, ldb, ldc, align_a, align_b, align_c, trans_a, trans_b, out_fp32, fp8_b_tile_rows) <
+               std::tie(o.m, o.n, o.k, o.lda, o.ldb, o.ldc, o.align_a, o.align_b, o.align_c, o.trans_a, o.trans_b, o.out_fp32,
+                        o.fp8_b_tile_rows);
     }
 };
 
@@ -160,9 +162,19 @@ inline MatmulPlan matmul_plan(Matmul& mm, const MatmulKey& key) {
     CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(p.desc, CUBLASLT_MATMUL_DESC_TRANSA, &op_b, sizeof(op_b)));
     CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(p.desc, CUBLASLT_MATMUL_DESC_TRANSB, &op_a, sizeof(op_a)));
     const int M = key.m, N = key.n, K = key.k;
+    const cudaDataType_t in_type = key.fp8_b_tile_rows ? CUDA_R_8F_E4M3 : CUDA_R_16BF;
+    if (key.fp8_b_tile_rows) {  // DeepSeek's fine-grained scales: A in 1 x 128 tiles; B (cuBLASLt's A) in blocks or tiles
+        const cublasLtMatmulMatrixScale_t a_mode = CUBLASLT_MATMUL_MATRIX_SCALE_VEC128_32F,
+                                          b_mode = key.fp8_b_tile_rows == 1 ? a_mode : CUBLASLT_MATMUL_MATRIX_SCALE_BLK128x128_32F;
+        CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(p.desc, CUBLASLT_MATMUL_DESC_A_SCALE_MODE, &b_mode, sizeof(b_mode)));
+        CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(p.desc, CUBLASLT_MATMUL_DESC_B_SCALE_MODE, &a_mode, sizeof(a_mode)));
+        // the heuristic refuses null scale pointers; each fp8_matmul sets the real ones
+        for (auto attr : {CUBLASLT_MATMUL_DESC_A_SCALE_POINTER, CUBLASLT_MATMUL_DESC_B_SCALE_POINTER})
+            CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(p.desc, attr, &mm.workspace, sizeof(mm.workspace)));
+    }
     // B^T as column-major: rows N, cols K when not transposed
-    CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&p.lb, CUDA_R_16BF, key.trans_b ? K : N, key.trans_b ? N : K, key.ldb));
-    CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&p.la, CUDA_R_16BF, key.trans_a ? M : K, key.trans_a ? K : M, key.lda));
+    CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&p.lb, in_type, key.trans_b ? K : N, key.trans_b ? N : K, key.ldb));
+    CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&p.la, in_type, key.trans_a ? M : K, key.trans_a ? K : M, key.lda));
     CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&p.lc, key.out_fp32 ? CUDA_R_32F : CUDA_R_16BF, N, M, key.ldc));
     cublasLtMatmulPreference_t pref;
     CUBLAS_CHECK(cublasLtMatmulPreferenceCreate(&pref));
@@ -178,9 +190,15 @@ inline MatmulPlan matmul_plan(Matmul& mm, const MatmulKey& key) {
     int found = 0;
     CUBLAS_CHECK(cublasLtMatmulAlgoGetHeuristic(mm.handle, p.desc, p.lb, p.la, p.lc, p.lc, pref, 1, &heuristic, &found));
     cublasLtMatmulPreferenceDestroy(pref);
-    if (found == 0) fail("cuBLASLt has no algorithm for a %dx%dx%d matmul", M, N, K);
+    if (found == 0) fail("cuBLASLt has no %salgorithm for a %dx%dx%d matmul", key.fp8_b_tile_rows ? "block-scaled FP8 (CUDA 12.9+, sm_90) " : "", M, N, K);
     p.algo = heuristic.algo;
     return p;
+}
+
+inline const MatmulPlan& matmul_plan_cached(Matmul& mm, const MatmulKey& key) {
+    auto it = mm.plans.find(key);
+    if (it == mm.plans.end()) it = mm.plans.emplace(key, matmul_plan(mm, key)).first;
+    return it->second;
 }
 
 // trans_a: A is stored [K, M]; trans_b: B is stored [N, K]. out_fp32 selects the
@@ -193,9 +211,7 @@ inline void matmul(Matmul& mm, void* out, const bf16* A, const bf16* B, int M, i
     if (!ldc) ldc = N;
     MatmulKey key{M, N, K, lda, ldb, ldc, alignment_bytes(A, (size_t)lda * 2), alignment_bytes(B, (size_t)ldb * 2),
                   alignment_bytes(out, (size_t)ldc * (out_fp32 ? 4 : 2)), trans_a, trans_b, out_fp32};
-    auto it = mm.plans.find(key);
-    if (it == mm.plans.end()) it = mm.plans.emplace(key, matmul_plan(mm, key)).first;
-    const MatmulPlan& p = it->second;
+    const MatmulPlan& p = matmul_plan_cached(mm, key);
     const float alpha = 1.0f;
     CUBLAS_CHECK(cublasLtMatmul(mm.handle, p.desc, &alpha, B, p.lb, A, p.la, &beta, out, p.lc, out, p.lc, &p.algo, mm.workspace,
                                 mm.workspace_bytes, stream));
@@ -214,15 +230,19 @@ __device__ inline float warp_max(float v) {
     return v;
 }
 
-// sum over a block of up to 1024 threads; every thread gets the result. The
-// reduction order is fixed, so results are deterministic.
-__device__ inline float block_sum(float v) {
+// sum (or max) over a block of up to 1024 threads; every thread gets the result.
+// The reduction order is fixed, so results are deterministic.
+template <float (*warp_op)(float)>
+__device__ inline float block_reduce(float v, float identity) {
     __shared__ float partial[32];
     const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, warps = (blockDim.x + 31) / 32;
-    v = warp_sum(v);
+    v = warp_op(v);
     __syncthreads();
     if (lane == 0) partial[warp] = v;
     __syncthreads();
-    v = lane < warps ? partial[lane] : 0.0f;
-    return warp_sum(v);
+    v = lane < warps ? partial[lane] : identity;
+    return warp_op(v);
 }
+
+__device__ inline float block_sum(float v) { return block_reduce<warp_sum>(v, 0.0f); }
+__device__ inline float block_max(float v) { return block_reduce<warp_max>(v, -INFINITY); }

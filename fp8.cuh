@@ -1,7 +1,9 @@
-// fp8.cuh — FP8 for DeepSeek-V3's training recipe. So far the two formats: the
-// encoder and decoder a reader checks first, the same code on the host (the CPU
-// emulation) and the device (the kernels), bit-exact with CUDA's __nv_fp8
-// conversions in their saturating mode.
+// fp8.cuh — FP8 for DeepSeek-V3's training recipe (paper §3.3), in three parts:
+// the formats (the encoder and decoder a reader checks first, bit-exact with CUDA's
+// __nv_fp8 conversions in their saturating mode), fine-grained quantization, and the
+// block-scaled GEMM, each on the host (the CPU emulation reference.h runs) and on the
+// device (the kernels and cuBLASLt). Host-only files include it too: the CUDA parts
+// are compiled by nvcc only.
 //
 //   E4M3: sign, 4 exponent bits (bias 7), 3 mantissa bits. No infinities; the
 //         all-ones pattern S.1111.111 is NaN, so the largest finite is 1.75 * 2^8
@@ -15,11 +17,17 @@
 // never should but a stray outlier must not become inf or NaN; NaN stays NaN.
 #pragma once
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <vector>
 
+#include "common.h"
+
+#ifdef __CUDACC__
 #include "cuda_common.cuh"
+#endif
 
 enum Fp8Format { FP8_E4M3 = 0, FP8_E5M2 = 1 };
 
@@ -29,11 +37,11 @@ struct Fp8Spec {
     uint8_t nan_code;  // the canonical NaN (sign clear)
 };
 
-__host__ __device__ inline Fp8Spec fp8_spec(Fp8Format f) {
+HD inline Fp8Spec fp8_spec(Fp8Format f) {
     return f == FP8_E4M3 ? Fp8Spec{3, 7, 0x7E, 0x7F} : Fp8Spec{2, 15, 0x7B, 0x7F};
 }
 
-__host__ __device__ inline uint32_t fp8_float_bits(float x) {
+HD inline uint32_t fp8_float_bits(float x) {
 #ifdef __CUDA_ARCH__
     return __float_as_uint(x);
 #else
@@ -43,7 +51,7 @@ __host__ __device__ inline uint32_t fp8_float_bits(float x) {
 #endif
 }
 
-__host__ __device__ inline uint8_t fp8_encode(float x, Fp8Format f) {
+HD inline uint8_t fp8_encode(float x, Fp8Format f) {
     const Fp8Spec s = fp8_spec(f);
     const uint32_t u = fp8_float_bits(x), sign = (u >> 24) & 0x80, mag = u & 0x7FFFFFFF;
     if (mag > 0x7F800000) return s.nan_code;
@@ -65,7 +73,7 @@ __host__ __device__ inline uint8_t fp8_encode(float x, Fp8Format f) {
     return (uint8_t)(sign | code);
 }
 
-__host__ __device__ inline float fp8_decode(uint8_t c, Fp8Format f) {
+HD inline float fp8_decode(uint8_t c, Fp8Format f) {
     const Fp8Spec s = fp8_spec(f);
     const int m = c & ((1 << s.mantissa_bits) - 1), e = (c & 0x7F) >> s.mantissa_bits;
     const float sign = (c & 0x80) ? -1.0f : 1.0f;
@@ -88,111 +96,247 @@ constexpr float FP8_E4M3_MAX = 448.0f;
 
 // Where each tile's scale lives: the layouts cuBLASLt's block-scaled GEMM reads
 // (found by experiment on an H200 with cuBLAS 13.1; the docs leave it implicit).
-// Activation tiles (tile_rows 1) by 128-column slice, then row: [ceil(cols/128)][rows],
-// the transposed layout DeepGEMM also uses. Weight blocks (tile_rows 128) by block row:
+// Activation tiles (tile_rows 1) by 128-column slice, then row: [ceil(cols/128)][rows
+// rounded up to 4], the transposed layout DeepGEMM also uses. Weight blocks (tile_rows 128) by block row:
 // [ceil(rows/128)][pitch], DeepSeek's weight_scale_inv with each row padded to a
 // multiple of 4 floats (16 bytes).
-__host__ __device__ inline int fp8_scale_pitch(int cols) { return ((cols + FP8_TILE - 1) / FP8_TILE + 3) / 4 * 4; }
+HD inline int fp8_scale_pitch(int cols) { return ((cols + FP8_TILE - 1) / FP8_TILE + 3) / 4 * 4; }
 
-__host__ __device__ inline size_t fp8_scale_index(int tile_r, int tile_c, int rows, int cols, int tile_rows) {
-    return tile_rows == 1 ? (size_t)tile_c * rows + tile_r : (size_t)tile_r * fp8_scale_pitch(cols) + tile_c;
+HD inline size_t fp8_scale_index(int tile_r, int tile_c, int rows, int cols, int tile_rows) {
+    return tile_rows == 1 ? (size_t)tile_c * ((rows + 3) / 4 * 4) + tile_r : (size_t)tile_r * fp8_scale_pitch(cols) + tile_c;
 }
 
 // the floats a scale array holds (the padding included)
 inline size_t fp8_scale_count(int rows, int cols, int tile_rows) {
-    return tile_rows == 1 ? (size_t)(cols + FP8_TILE - 1) / FP8_TILE * rows : (size_t)(rows + FP8_TILE - 1) / FP8_TILE * fp8_scale_pitch(cols);
+    return tile_rows == 1 ? (size_t)(cols + FP8_TILE - 1) / FP8_TILE * ((rows + 3) / 4 * 4)
+                          : (size_t)(rows + FP8_TILE - 1) / FP8_TILE * fp8_scale_pitch(cols);
 }
 
-__host__ __device__ inline uint8_t fp8_quantize(float x, float scale) { return scale > 0 ? fp8_encode(x / scale, FP8_E4M3) : 0; }
+HD inline uint8_t fp8_quantize(float x, float scale) { return scale > 0 ? fp8_encode(x / scale, FP8_E4M3) : 0; }
 
-// x [rows, cols] fp32 -> codes [rows, cols] and scales (laid out by fp8_scale_index);
-// tile_rows = 1 for activations, 128 for weights. The host reference.
-inline void fp8_quantize_host(uint8_t* codes, float* scales, const float* x, int rows, int cols, int tile_rows) {
-    for (int r0 = 0; r0 < rows; r0 += tile_rows)
-        for (int c0 = 0; c0 < cols; c0 += FP8_TILE) {
-            const int r1 = r0 + tile_rows < rows ? r0 + tile_rows : rows, c1 = c0 + FP8_TILE < cols ? c0 + FP8_TILE : cols;
+// One operand of an FP8 GEMM: E4M3 codes [rows, cols], row-major, and one scale per
+// tile (tile_rows 1: 1 x 128 tiles; 128: 128 x 128 blocks) laid out as above.
+struct Fp8Matrix {
+    uint8_t* codes = nullptr;
+    float* scales = nullptr;
+    int rows = 0, cols = 0, tile_rows = 1;
+};
+
+HD inline float fp8_scale_of(const Fp8Matrix& m, int r, int c) {
+    return m.scales[fp8_scale_index(r / m.tile_rows, c / FP8_TILE, m.rows, m.cols, m.tile_rows)];
+}
+
+// The E4M3 copy of a weight W [out, in] that FP8 GEMMs read: W in 128 x 128 blocks
+// (Fprop) and W^T (Dgrad contracts over W's rows), whose blocks are W's transposed,
+// with the same codes and scales.
+struct Fp8Weight {
+    Fp8Matrix w, wt;
+};
+
+// codes and scales of an Fp8Matrix of `rows` x `cols` cut from two flat arrays at
+// *codes_at and *scales_at, which advance (16-byte aligned, as cuBLASLt wants); with
+// null bases it only counts
+inline Fp8Matrix fp8_matrix_at(uint8_t* codes, float* scales, size_t* codes_at, size_t* scales_at, int rows, int cols, int tile_rows) {
+    Fp8Matrix m{codes ? codes + *codes_at : nullptr, scales ? scales + *scales_at : nullptr, rows, cols, tile_rows};
+    *codes_at += ((size_t)rows * cols + 15) / 16 * 16;
+    *scales_at += (fp8_scale_count(rows, cols, tile_rows) + 3) / 4 * 4;
+    return m;
+}
+
+// x [rows, cols] -> q's codes and scales (q.rows x q.cols, q.tile_rows). The host reference.
+template <typename T>
+void fp8_quantize_host(const Fp8Matrix& q, const T* x) {
+    for (int r0 = 0; r0 < q.rows; r0 += q.tile_rows)
+        for (int c0 = 0; c0 < q.cols; c0 += FP8_TILE) {
+            const int r1 = std::min(r0 + q.tile_rows, q.rows), c1 = std::min(c0 + FP8_TILE, q.cols);
             float amax = 0;
             for (int r = r0; r < r1; r++)
-                for (int c = c0; c < c1; c++) amax = fmaxf(amax, fabsf(x[(size_t)r * cols + c]));
+                for (int c = c0; c < c1; c++) amax = fmaxf(amax, fabsf((float)x[(size_t)r * q.cols + c]));
             const float scale = amax / FP8_E4M3_MAX;
-            scales[fp8_scale_index(r0 / tile_rows, c0 / FP8_TILE, rows, cols, tile_rows)] = scale;
+            q.scales[fp8_scale_index(r0 / q.tile_rows, c0 / FP8_TILE, q.rows, q.cols, q.tile_rows)] = scale;
             for (int r = r0; r < r1; r++)
-                for (int c = c0; c < c1; c++) codes[(size_t)r * cols + c] = fp8_quantize(x[(size_t)r * cols + c], scale);
+                for (int c = c0; c < c1; c++) q.codes[(size_t)r * q.cols + c] = fp8_quantize((float)x[(size_t)r * q.cols + c], scale);
         }
 }
 
-#ifdef __CUDACC__
-// One block of 256 threads per tile of tile_rows x 128: the block's amax (max is
-// exact in any order, so the result does not depend on the reduction), then the codes.
+// q holds x^T for x [q.cols, q.rows]: the tiling Wgrad needs, 128 tokens by one channel
 template <typename T>
-__global__ void fp8_quantize_kernel(uint8_t* codes, float* scales, const T* x, int rows, int cols, int tile_rows) {
-    __shared__ float warp_max[8];
-    const int r0 = blockIdx.y * tile_rows, c0 = blockIdx.x * FP8_TILE;
-    const int r1 = min(r0 + tile_rows, rows), c1 = min(c0 + FP8_TILE, cols), width = c1 - c0, count = (r1 - r0) * width;
+void fp8_quantize_transposed_host(const Fp8Matrix& q, const T* x) {
+    std::vector<float> xt((size_t)q.rows * q.cols);
+    for (int r = 0; r < q.rows; r++)
+        for (int c = 0; c < q.cols; c++) xt[(size_t)r * q.cols + c] = (float)x[(size_t)c * q.rows + r];
+    fp8_quantize_host(q, xt.data());
+}
+
+// The emulated FP8 GEMM: out [x.rows, w.rows] (+)= dequant(x) @ dequant(w)^T with x in
+// 1 x 128 tiles. As on the tensor cores, each 128-wide slice of the contraction is
+// summed in fp32 from the decoded codes, then scaled by its two tiles' scales and
+// added to the fp32 total.
+template <typename T>
+void fp8_matmul_host(T* out, const Fp8Matrix& x, const Fp8Matrix& w, bool accumulate) {
+    float value[256];
+    for (int c = 0; c < 256; c++) value[c] = fp8_decode((uint8_t)c, FP8_E4M3);
+    const int K = x.cols;
+#pragma omp parallel for collapse(2) schedule(static)
+    for (int n = 0; n < x.rows; n++)
+        for (int o = 0; o < w.rows; o++) {
+            const uint8_t *xr = x.codes + (size_t)n * K, *wr = w.codes + (size_t)o * K;
+            float total = accumulate ? (float)out[(size_t)n * w.rows + o] : 0.0f;
+            for (int k0 = 0; k0 < K; k0 += FP8_TILE) {
+                float part = 0;
+                for (int k = k0; k < std::min(k0 + FP8_TILE, K); k++) part += value[xr[k]] * value[wr[k]];
+                total += part * (fp8_scale_of(x, n, k0) * fp8_scale_of(w, o, k0));
+            }
+            out[(size_t)n * w.rows + o] = (T)total;
+        }
+}
+
+// an Fp8Matrix with its own host storage
+struct Fp8HostMatrix {
+    std::vector<uint8_t> codes;
+    std::vector<float> scales;
+    Fp8Matrix m;
+    Fp8HostMatrix(int rows, int cols, int tile_rows)
+        : codes((size_t)rows * cols), scales(fp8_scale_count(rows, cols, tile_rows)), m{codes.data(), scales.data(), rows, cols, tile_rows} {}
+};
+
+// The FP8 Linear, emulated (the twin of fp8_linear_forward_gpu): out [N, OC] =
+// x [N, K] @ W^T, x quantized in 1 x 128 tiles along K
+template <typename T>
+void fp8_linear_forward_host(T* out, const T* x, const Fp8Weight& w, int N) {
+    Fp8HostMatrix xq(N, w.w.cols, 1);
+    fp8_quantize_host(xq.m, x);
+    fp8_matmul_host(out, xq.m, w.w, false);
+}
+
+// Dgrad: dx [N, K] (+= when accumulate; null: not wanted) = dout @ W, dout in 1 x 128
+// tiles along OC against W^T's blocks. Wgrad: dw [OC, K] += dout^T @ x, contracting
+// over the tokens, so both operands are transposed and tiled 128 tokens by one channel.
+template <typename T>
+void fp8_linear_backward_host(T* dx, T* dw, const T* dout, const T* x, const Fp8Weight& w, int N, bool accumulate) {
+    const int OC = w.w.rows, K = w.w.cols;
+    if (dx) {
+        Fp8HostMatrix dq(N, OC, 1);
+        fp8_quantize_host(dq.m, dout);
+        fp8_matmul_host(dx, dq.m, w.wt, accumulate);
+    }
+    Fp8HostMatrix dt(OC, N, 1), xt(K, N, 1);
+    fp8_quantize_transposed_host(dt.m, dout);
+    fp8_quantize_transposed_host(xt.m, x);
+    fp8_matmul_host(dw, dt.m, xt.m, true);
+}
+
+#ifdef __CUDACC__
+// ----------------------------------------------------------------------------
+// The quantization kernels, each the twin of a host function above.
+
+// 1 x 128 tiles: one warp per tile, 4 values per lane; x [q.rows, q.cols] with row pitch ld
+template <typename T>
+static __global__ void fp8_quantize_rows_kernel(Fp8Matrix q, const T* x, int ld) {
+    const int tiles_per_row = (q.cols + FP8_TILE - 1) / FP8_TILE, lane = threadIdx.x % 32;
+    const size_t tile = (size_t)blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
+    if (tile >= (size_t)q.rows * tiles_per_row) return;
+    const int r = (int)(tile / tiles_per_row), t = (int)(tile % tiles_per_row), c0 = t * FP8_TILE + lane * 4;
+    float v[4], amax = 0;
+    for (int i = 0; i < 4; i++) {
+        v[i] = c0 + i < q.cols ? (float)x[(size_t)r * ld + c0 + i] : 0.0f;
+        amax = fmaxf(amax, fabsf(v[i]));
+    }
+    const float scale = warp_max(amax) / FP8_E4M3_MAX;
+    for (int i = 0; i < 4; i++)
+        if (c0 + i < q.cols) q.codes[(size_t)r * q.cols + c0 + i] = fp8_quantize(v[i], scale);
+    if (lane == 0) q.scales[fp8_scale_index(r, t, q.rows, q.cols, 1)] = scale;
+}
+
+// 128 x 128 blocks, one block of 256 threads each; also writes the transposed copy
+// qt when it has codes (weights for Dgrad), through shared memory so that both
+// writes are row-wise
+template <typename T>
+static __global__ void fp8_quantize_blocks_kernel(Fp8Matrix q, Fp8Matrix qt, const T* x) {
+    __shared__ uint8_t tile[FP8_TILE][FP8_TILE + 4];
+    const int r0 = blockIdx.y * FP8_TILE, c0 = blockIdx.x * FP8_TILE;
+    const int height = min(FP8_TILE, q.rows - r0), width = min(FP8_TILE, q.cols - c0), count = height * width;
     float amax = 0;
-    for (int i = threadIdx.x; i < count; i += blockDim.x) amax = fmaxf(amax, fabsf((float)x[(size_t)(r0 + i / width) * cols + c0 + i % width]));
-    for (int off = 16; off > 0; off >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, off));
-    if (threadIdx.x % 32 == 0) warp_max[threadIdx.x / 32] = amax;
-    __syncthreads();
-    amax = 0;
-    for (int w = 0; w < (int)blockDim.x / 32; w++) amax = fmaxf(amax, warp_max[w]);
-    const float scale = amax / FP8_E4M3_MAX;
-    if (threadIdx.x == 0) scales[fp8_scale_index(blockIdx.y, blockIdx.x, rows, cols, tile_rows)] = scale;
+    for (int i = threadIdx.x; i < count; i += blockDim.x) amax = fmaxf(amax, fabsf((float)x[(size_t)(r0 + i / width) * q.cols + c0 + i % width]));
+    const float scale = block_max(amax) / FP8_E4M3_MAX;
     for (int i = threadIdx.x; i < count; i += blockDim.x) {
-        const size_t at = (size_t)(r0 + i / width) * cols + c0 + i % width;
-        codes[at] = fp8_quantize((float)x[at], scale);
+        const size_t at = (size_t)(r0 + i / width) * q.cols + c0 + i % width;
+        q.codes[at] = tile[i % width][i / width] = fp8_quantize((float)x[at], scale);
+    }
+    if (threadIdx.x == 0) q.scales[fp8_scale_index(blockIdx.y, blockIdx.x, q.rows, q.cols, FP8_TILE)] = scale;
+    if (!qt.codes) return;
+    __syncthreads();
+    for (int i = threadIdx.x; i < count; i += blockDim.x) qt.codes[(size_t)(c0 + i / height) * q.rows + r0 + i % height] = tile[i / height][i % height];
+    if (threadIdx.x == 0) qt.scales[fp8_scale_index(blockIdx.x, blockIdx.y, q.cols, q.rows, FP8_TILE)] = scale;
+}
+
+// x [rows, cols] (row pitch ld; rows = q.rows) -> q in its tiles: 1 x 128 or 128 x 128
+template <typename T>
+void fp8_quantize_gpu(const Fp8Matrix& q, const T* x, int ld, cudaStream_t stream) {
+    if (q.rows == 0 || q.cols == 0) return;
+    if (q.tile_rows == 1) {
+        const size_t tiles = (size_t)q.rows * ((q.cols + FP8_TILE - 1) / FP8_TILE);
+        fp8_quantize_rows_kernel<T><<<(unsigned)((tiles + 7) / 8), 256, 0, stream>>>(q, x, ld);
+    } else {
+        const dim3 grid((q.cols + FP8_TILE - 1) / FP8_TILE, (q.rows + FP8_TILE - 1) / FP8_TILE);
+        fp8_quantize_blocks_kernel<T><<<grid, 256, 0, stream>>>(q, Fp8Matrix{}, x);
+    }
+    CUDA_LAUNCH_CHECK();
+}
+
+// a weight W [out, in] -> its FP8 copy: W's blocks and W^T's
+inline void fp8_quantize_weight_gpu(const Fp8Weight& q, const bf16* w, cudaStream_t stream) {
+    const dim3 grid((q.w.cols + FP8_TILE - 1) / FP8_TILE, (q.w.rows + FP8_TILE - 1) / FP8_TILE);
+    fp8_quantize_blocks_kernel<bf16><<<grid, 256, 0, stream>>>(q.w, q.wt, w);
+    CUDA_LAUNCH_CHECK();
+}
+
+// x^T in 1 x 128 tiles along x's rows (tokens): a block of 256 threads takes 128 rows
+// by 32 columns of x through shared memory, one warp per 4 columns
+static __global__ void fp8_quantize_transposed_kernel(Fp8Matrix q, const bf16* x, int ld) {
+    __shared__ float tile[32][FP8_TILE + 1];
+    const int n0 = blockIdx.x * FP8_TILE, k0 = blockIdx.y * 32, lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+    for (int i = threadIdx.x; i < FP8_TILE * 32; i += blockDim.x) {
+        const int n = n0 + i / 32, k = k0 + i % 32;
+        tile[i % 32][i / 32] = n < q.cols && k < q.rows ? (float)x[(size_t)n * ld + k] : 0.0f;
+    }
+    __syncthreads();
+    for (int c = warp * 4; c < warp * 4 + 4 && k0 + c < q.rows; c++) {
+        float amax = 0;
+        for (int i = 0; i < 4; i++) amax = fmaxf(amax, fabsf(tile[c][lane * 4 + i]));
+        const float scale = warp_max(amax) / FP8_E4M3_MAX;
+        for (int i = 0; i < 4; i++)
+            if (n0 + lane * 4 + i < q.cols) q.codes[(size_t)(k0 + c) * q.cols + n0 + lane * 4 + i] = fp8_quantize(tile[c][lane * 4 + i], scale);
+        if (lane == 0) q.scales[fp8_scale_index(k0 + c, blockIdx.x, q.rows, q.cols, 1)] = scale;
     }
 }
 
-// codes [rows, cols] and scales (fp8_scale_index) from x [rows, cols] (fp32 or bf16);
-// tile_rows 1 (activations) or 128 (weights)
-template <typename T>
-inline void fp8_quantize_gpu(uint8_t* codes, float* scales, const T* x, int rows, int cols, int tile_rows, cudaStream_t stream) {
-    if (rows == 0 || cols == 0) return;
-    const dim3 grid((cols + FP8_TILE - 1) / FP8_TILE, (rows + tile_rows - 1) / tile_rows);
-    fp8_quantize_kernel<T><<<grid, 256, 0, stream>>>(codes, scales, x, rows, cols, tile_rows);
+// q (x^T, [cols of x, rows of x]) from x [q.cols, q.rows] with row pitch ld
+inline void fp8_quantize_transposed_gpu(const Fp8Matrix& q, const bf16* x, int ld, cudaStream_t stream) {
+    if (q.rows == 0 || q.cols == 0) return;
+    const dim3 grid((q.cols + FP8_TILE - 1) / FP8_TILE, (q.rows + 31) / 32);
+    fp8_quantize_transposed_kernel<<<grid, 256, 0, stream>>>(q, x, ld);
     CUDA_LAUNCH_CHECK();
 }
 
 // ----------------------------------------------------------------------------
-// The FP8 Linear forward on cuBLASLt's block-scaled path (CUDA 12.9+, sm_90):
-// out [N, OC] bf16 = dequant(x) [N, K] @ dequant(w) [OC, K]^T, fp32 accumulation,
-// with x in 1x128 tiles and w in 128x128 blocks, codes and scales as fp8_quantize_*
-// lay them out (N a multiple of 4: only such batches were checked). In
-// cuBLASLt's column-major terms out^T = W X^T: operand A is W read transposed (the
-// "TN" form FP8 requires) with BLK128x128 scales, B is X with VEC128 scales.
-inline void fp8_matmul(Matmul& mm, bf16* out, const uint8_t* x, const float* x_scales, const uint8_t* w, const float* w_scales, int N,
-                       int K, int OC, cudaStream_t stream) {
-    if (K % 16 || N % 4 || N == 0 || OC == 0) fail("fp8_matmul: K = %d must be a multiple of 16 and N = %d of 4", K, N);
-    cublasLtMatmulDesc_t desc;
-    cublasLtMatrixLayout_t la, lb, lc;
-    CUBLAS_CHECK(cublasLtMatmulDescCreate(&desc, CUBLAS_COMPUTE_32F, CUDA_R_32F));
-    const cublasOperation_t op_t = CUBLAS_OP_T, op_n = CUBLAS_OP_N;
-    const cublasLtMatmulMatrixScale_t blk = CUBLASLT_MATMUL_MATRIX_SCALE_BLK128x128_32F, vec = CUBLASLT_MATMUL_MATRIX_SCALE_VEC128_32F;
-    CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(desc, CUBLASLT_MATMUL_DESC_TRANSA, &op_t, sizeof(op_t)));
-    CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(desc, CUBLASLT_MATMUL_DESC_TRANSB, &op_n, sizeof(op_n)));
-    CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(desc, CUBLASLT_MATMUL_DESC_A_SCALE_MODE, &blk, sizeof(blk)));
-    CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(desc, CUBLASLT_MATMUL_DESC_B_SCALE_MODE, &vec, sizeof(vec)));
-    CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(desc, CUBLASLT_MATMUL_DESC_A_SCALE_POINTER, &w_scales, sizeof(w_scales)));
-    CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(desc, CUBLASLT_MATMUL_DESC_B_SCALE_POINTER, &x_scales, sizeof(x_scales)));
-    CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&la, CUDA_R_8F_E4M3, K, OC, K));
-    CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&lb, CUDA_R_8F_E4M3, K, N, K));
-    CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&lc, CUDA_R_16BF, OC, N, OC));
-    cublasLtMatmulPreference_t pref;
-    CUBLAS_CHECK(cublasLtMatmulPreferenceCreate(&pref));
-    CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &mm.workspace_bytes,
-                                                      sizeof(mm.workspace_bytes)));
-    cublasLtMatmulHeuristicResult_t heuristic;
-    int found = 0;
-    CUBLAS_CHECK(cublasLtMatmulAlgoGetHeuristic(mm.handle, desc, la, lb, lc, lc, pref, 1, &heuristic, &found));
-    if (found == 0) fail("cuBLASLt has no block-scaled FP8 algorithm for a %dx%dx%d matmul (needs CUDA 12.9+ and sm_90)", N, OC, K);
-    const float alpha = 1.0f, beta = 0.0f;
-    CUBLAS_CHECK(cublasLtMatmul(mm.handle, desc, &alpha, w, la, x, lb, &beta, out, lc, out, lc, &heuristic.algo, mm.workspace,
+// The FP8 GEMM on cuBLASLt's block-scaled path (CUDA 12.9+, sm_90), the twin of
+// fp8_matmul_host: out [x.rows, w.rows] (+)= dequant(x) @ dequant(w)^T, fp32
+// accumulation, bf16 or fp32 out. x is in 1 x 128 tiles; w in 128 x 128 blocks
+// (a weight: Fprop, Dgrad) or 1 x 128 tiles (Wgrad's token-tiled operand). In
+// cuBLASLt's column-major terms out^T = W X^T: W is operand A read transposed (the
+// "TN" form FP8 requires), X operand B; matmul_plan sets the scale modes.
+inline void fp8_matmul(Matmul& mm, void* out, bool out_fp32, const Fp8Matrix& x, const Fp8Matrix& w, bool accumulate, cudaStream_t stream) {
+    const int N = x.rows, OC = w.rows, K = x.cols;
+    if (K % 16 || N == 0 || OC == 0 || w.cols != K || x.tile_rows != 1)
+        fail("fp8_matmul: the contraction K = %d must be a multiple of 16 (an FP8 GEMM of %dx%d by %dx%d)", K, N, K, OC, w.cols);
+    const MatmulKey key{N,     OC,   K, K, K, OC, alignment_bytes(x.codes, K), alignment_bytes(w.codes, K), alignment_bytes(out, (size_t)OC * (out_fp32 ? 4 : 2)),
+                        false, true, out_fp32, w.tile_rows};
+    const MatmulPlan& p = matmul_plan_cached(mm, key);
+    CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(p.desc, CUBLASLT_MATMUL_DESC_A_SCALE_POINTER, &w.scales, sizeof(w.scales)));
+    CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(p.desc, CUBLASLT_MATMUL_DESC_B_SCALE_POINTER, &x.scales, sizeof(x.scales)));
+    const float alpha = 1.0f, beta = accumulate ? 1.0f : 0.0f;
+    CUBLAS_CHECK(cublasLtMatmul(mm.handle, p.desc, &alpha, w.codes, p.lb, x.codes, p.la, &beta, out, p.lc, out, p.lc, &p.algo, mm.workspace,
                                 mm.workspace_bytes, stream));
-    cublasLtMatmulPreferenceDestroy(pref);
-    cublasLtMatrixLayoutDestroy(la);
-    cublasLtMatrixLayoutDestroy(lb);
-    cublasLtMatrixLayoutDestroy(lc);
-    cublasLtMatmulDescDestroy(desc);
 }
 #endif

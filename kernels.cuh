@@ -179,18 +179,56 @@ struct GpuContext {
     size_t scratch_bytes = 0;
 };
 
-// nn.Linear on cuBLASLt, the twins of reference.h's linear_forward / linear_backward.
-// out [N, W.out] = x [N, W.in] @ W^T; ldc: out's row pitch when it is a column slice
-inline void linear_forward_gpu(bf16* out, const bf16* x, const Linear<bf16>& w, int N, GpuContext& ctx, int ldc = 0) {
-    matmul(ctx.mm, out, x, w.w, N, w.out, w.in, false, true, 0.0f, false, ctx.stream, 0, 0, ldc);
+// nn.Linear on cuBLASLt, the twins of reference.h's linear_forward / linear_backward:
+// in bf16, or where W has an FP8 copy, in E4M3 with DeepSeek's tiles (fp8.cuh), the
+// inputs quantized into ctx.scratch first (fp8_linear_scratch_bytes).
+
+namespace kdetail {
+inline Fp8Matrix fp8_take(Carver& c, int rows, int cols) {
+    return {c.take<uint8_t>((size_t)rows * cols), c.take<float>(fp8_scale_count(rows, cols, 1)), rows, cols, 1};
+}
+}  // namespace kdetail
+
+// the scratch bytes an FP8 Linear of `in` -> `out` features takes for N rows: the
+// backward's Wgrad operands, the largest of its quantized inputs
+inline size_t fp8_linear_scratch_bytes(int N, int in, int out) {
+    kdetail::Carver c{nullptr};
+    kdetail::fp8_take(c, out, N);
+    kdetail::fp8_take(c, in, N);
+    return c.used + 256;
 }
 
-// dx [N, W.in] = dout @ W (+= when accumulate; null: not wanted); dW += dout^T @ x in
-// fp32; ld_dout: dout's row pitch when it is a column slice
+// out [N, W.out] = x [N, W.in] @ W^T
+inline void linear_forward_gpu(bf16* out, const bf16* x, const Linear<bf16>& w, int N, GpuContext& ctx) {
+    if (!w.fp8) return matmul(ctx.mm, out, x, w.w, N, w.out, w.in, false, true, 0.0f, false, ctx.stream);
+    kdetail::check_scratch(ctx.scratch_bytes, fp8_linear_scratch_bytes(N, w.in, w.out), "an FP8 linear");
+    kdetail::Carver c{(char*)ctx.scratch};
+    const Fp8Matrix xq = kdetail::fp8_take(c, N, w.in);
+    fp8_quantize_gpu(xq, x, w.in, ctx.stream);
+    fp8_matmul(ctx.mm, out, false, xq, w.fp8->w, false, ctx.stream);
+}
+
+// dx [N, W.in] = dout @ W (+= when accumulate; null: not wanted); dW += dout^T @ x in fp32
 inline void linear_backward_gpu(bf16* dx, const Linear<float>& dw, const bf16* dout, const bf16* x, const Linear<bf16>& w, int N,
-                                bool accumulate, GpuContext& ctx, int ld_dout = 0) {
-    if (dx) matmul(ctx.mm, dx, dout, w.w, N, w.in, w.out, false, false, accumulate ? 1.0f : 0.0f, false, ctx.stream, ld_dout);
-    matmul(ctx.mm, dw.w, dout, x, w.out, w.in, N, true, false, 1.0f, true, ctx.stream, ld_dout);
+                                bool accumulate, GpuContext& ctx) {
+    if (!w.fp8) {
+        if (dx) matmul(ctx.mm, dx, dout, w.w, N, w.in, w.out, false, false, accumulate ? 1.0f : 0.0f, false, ctx.stream);
+        return matmul(ctx.mm, dw.w, dout, x, w.out, w.in, N, true, false, 1.0f, true, ctx.stream);
+    }
+    kdetail::check_scratch(ctx.scratch_bytes, fp8_linear_scratch_bytes(N, w.in, w.out), "an FP8 linear");
+    if (dx) {  // Dgrad: dout in 1 x 128 tiles against W^T's blocks
+        kdetail::Carver c{(char*)ctx.scratch};
+        const Fp8Matrix dq = kdetail::fp8_take(c, N, w.out);
+        fp8_quantize_gpu(dq, dout, w.out, ctx.stream);
+        fp8_matmul(ctx.mm, dx, false, dq, w.fp8->wt, accumulate, ctx.stream);
+    }
+    // Wgrad contracts over the tokens: both operands transposed, in tiles of 128 tokens
+    // (the scratch is reused: the stream runs the Dgrad GEMM before these overwrite it)
+    kdetail::Carver c{(char*)ctx.scratch};
+    const Fp8Matrix dt = kdetail::fp8_take(c, w.out, N), xt = kdetail::fp8_take(c, w.in, N);
+    fp8_quantize_transposed_gpu(dt, dout, w.out, ctx.stream);
+    fp8_quantize_transposed_gpu(xt, x, w.in, ctx.stream);
+    fp8_matmul(ctx.mm, dw.w, true, dt, xt, true, ctx.stream);
 }
 
 // ----------------------------------------------------------------------------

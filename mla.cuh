@@ -961,10 +961,10 @@ inline void mla_forward_gpu(const Config& c, const MlaWeights<bf16>& w, const Ro
     } else {
         linear_forward_gpu(a.q, x, w.q_proj, N, ctx);
     }
-    // the latent goes to a dense buffer of its own (RMSNorm reads rows of dc), k_pe
-    // to the last dr columns of kv_a, where RoPE and the K assembly read it
-    linear_forward_gpu(a.c, x, linear_rows(w.kv_a, 0, dc), N, ctx);
-    linear_forward_gpu(a.kv_a + dc, x, linear_rows(w.kv_a, dc, dr), N, ctx, dc + dr);
+    // one GEMM (its FP8 blocks span both parts); RMSNorm reads the latent as dense rows
+    // of dc, RoPE and the K assembly read k_pe in place in kv_a's last dr columns
+    linear_forward_gpu(a.kv_a, x, w.kv_a, N, ctx);
+    CUDA_CHECK(cudaMemcpy2DAsync(a.c, dc * sizeof(bf16), a.kv_a, (dc + dr) * sizeof(bf16), dc * sizeof(bf16), N, cudaMemcpyDeviceToDevice, st));
     rmsnorm_residual_forward_gpu(nullptr, a.c_norm, a.c_rstd, a.c, nullptr, w.kv_a_norm, N, dc, eps, st);
     linear_forward_gpu(a.kv_b, a.c_norm, w.kv_b, N, ctx);
     rope_forward_gpu(a.q, a.kv_a, rope, N, T, H, dn, dc, 0, st);
@@ -988,8 +988,8 @@ inline void mla_backward_gpu(const Config& c, const MlaWeights<bf16>& w, const M
     rope_backward_gpu(a.dq, a.dkv_a, rope, N, T, H, dn, dc, 0, st);
     linear_backward_gpu(a.dc_norm, dw.kv_b, a.dkv_b, a.c_norm, w.kv_b, N, false, ctx);
     rmsnorm_backward_gpu(a.dc, dw.kv_a_norm, nullptr, a.dc_norm, a.c, w.kv_a_norm, a.c_rstd, N, dc, ctx.scratch, ctx.scratch_bytes, st);
-    linear_backward_gpu(dx, linear_rows(dw.kv_a, 0, dc), a.dc, x, linear_rows(w.kv_a, 0, dc), N, false, ctx);
-    linear_backward_gpu(dx, linear_rows(dw.kv_a, dc, dr), a.dkv_a + dc, x, linear_rows(w.kv_a, dc, dr), N, true, ctx, dc + dr);
+    CUDA_CHECK(cudaMemcpy2DAsync(a.dkv_a, (dc + dr) * sizeof(bf16), a.dc, dc * sizeof(bf16), dc * sizeof(bf16), N, cudaMemcpyDeviceToDevice, st));
+    linear_backward_gpu(dx, dw.kv_a, a.dkv_a, x, w.kv_a, N, false, ctx);
     if (qr > 0) {
         linear_backward_gpu(a.dqa_norm, dw.q_b, a.dq, a.qa_norm, w.q_b, N, false, ctx);
         rmsnorm_backward_gpu(a.dqa, dw.q_a_norm, nullptr, a.dqa_norm, a.qa, w.q_a_norm, a.qa_rstd, N, qr, ctx.scratch, ctx.scratch_bytes, st);

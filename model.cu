@@ -152,6 +152,16 @@ void model_to_gpu(Model& m, int B, int T, bool inference) {
     float_to_bf16_gpu(gpu.params16, gpu.params32, P, gpu.ctx.stream);
     gpu.w = bind_weights(c, m.ref.layout, gpu.params16);
     gpu.master = bind_weights(c, m.ref.layout, gpu.params32);
+    size_t scratch = 0;
+    if (!m.ref.fp8.empty()) {  // FP8 (ref_enable_fp8): each forward quantizes w into these copies
+        if (!inference && N % 16)  // the weight gradients' FP8 GEMMs contract over the tokens
+            fail("--fp8: batch size x sequence length (%d) must be a multiple of 16", N);
+        size_t codes = 0, scales = 0;
+        bind_fp8_weights(gpu.w, gpu.fp8, nullptr, nullptr, &codes, &scales);
+        bind_fp8_weights(gpu.w, gpu.fp8, arena_alloc<uint8_t>(arena, codes, "FP8 weights"), arena_alloc<float>(arena, scales, "FP8 weights"),
+                         &codes, &scales);
+        for (const Fp8Weight& q : gpu.fp8) scratch = std::max(scratch, fp8_linear_scratch_bytes(N, q.w.cols, q.w.rows));
+    }
     if (!inference) {
         gpu.grads = arena_alloc<float>(arena, P, "gradients");
         gpu.adam_m = arena_alloc<float>(arena, P, "AdamW first moments");
@@ -223,7 +233,7 @@ void model_to_gpu(Model& m, int B, int T, bool inference) {
         gpu.dxn = grads((size_t)N * D);
     }
     GpuContext& ctx = gpu.ctx;
-    ctx.scratch_bytes = std::max({embedding_backward_scratch_bytes(N, D, V), rmsnorm_backward_scratch_bytes(N, std::max({D, dc, qr})),
+    ctx.scratch_bytes = std::max({scratch, embedding_backward_scratch_bytes(N, D, V), rmsnorm_backward_scratch_bytes(N, std::max({D, dc, qr})),
                                   grad_norm_scratch_bytes(gpu.num_chunks), attention_backward_scratch_floats(B, T, H) * sizeof(float)});
     ctx.scratch = arena_alloc<char>(arena, ctx.scratch_bytes, "scratch");
     CUDA_CHECK(cudaStreamSynchronize(ctx.stream));
@@ -269,6 +279,9 @@ void gpu_forward(Model& m, int B, int T, const StepOptions& opt, bool train, flo
     cudaStream_t st = ctx.stream;
     uint64_t site = 0;
 
+    for_each_fp8_linear(gpu.w, [&](const Linear<bf16>& l, const Fp8Weight* q) {
+        if (q) fp8_quantize_weight_gpu(*q, l.w, st);
+    });
     embedding_forward_gpu(gpu.emb, gpu.tokens, gpu.w.embed, N, D, st);
     if (p > 0) dropout_forward_gpu(gpu.emb, (size_t)N * D, p, dropout_site_key(opt.dropout_key, ++site), st);
     int moe_index = 0;

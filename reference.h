@@ -28,6 +28,7 @@
 
 #include "common.h"
 #include "config.h"
+#include "fp8.cuh"
 
 // ----------------------------------------------------------------------------
 // Parameter layout: every tensor of the model, with its HF name and shape, in one
@@ -128,26 +129,21 @@ inline ParamLayout param_layout(const Config& c) {
 // names; llm.c binds its ParameterTensors the same way.
 
 template <typename T>
-struct Linear {  // an nn.Linear weight W [out, in], row-major (FP8 adds its codes and block scales here)
+struct Linear {  // an nn.Linear weight W [out, in], row-major
     T* w = nullptr;
     int out = 0, in = 0;
+    const Fp8Weight* fp8 = nullptr;  // FP8 training: W's E4M3 copy, which the GEMMs then read (bind_fp8_weights)
 };
-
-// rows r0 .. r0+n-1 of W as a Linear of their own (kv_a's latent and k_pe parts)
-template <typename T>
-Linear<T> linear_rows(const Linear<T>& l, int r0, int n) {
-    return {l.w + (size_t)r0 * l.in, n, l.in};
-}
 
 template <typename T>
 struct FfnWeights {  // SwiGLU: down(silu(gate x) * up x); up follows gate in memory
     Linear<T> gate, up, down;  // [I, D], [I, D], [D, I]
 };
 
-// gate and up as one [2I, D] matrix: one GEMM computes both
+// gate and up as one [2I, D] matrix: one GEMM computes both (gate's FP8 copy is the pair's)
 template <typename T>
 Linear<T> gate_up(const FfnWeights<T>& f) {
-    return {f.gate.w, 2 * f.gate.out, f.gate.in};
+    return {f.gate.w, 2 * f.gate.out, f.gate.in, f.gate.fp8};
 }
 
 template <typename T>
@@ -253,6 +249,38 @@ ModelWeights<T> bind_weights(const Config& c, const ParamLayout& L, T* base) {
     return w;
 }
 
+// FP8 training (fp8.cuh) runs every projection of attention and of the dense and
+// shared-expert FFNs in E4M3; the embedding, the router, the output head, the norms
+// and (for now) the routed experts stay in the model's type, as in DeepSeek-V3.
+// visit(weight, slot) for each such GEMM weight; slot is its Linear's fp8 pointer.
+template <typename T, typename Visit>
+void for_each_fp8_linear(ModelWeights<T>& w, Visit visit) {
+    for (LayerWeights<T>& l : w.layers) {
+        MlaWeights<T>& a = l.attn;
+        for (Linear<T>* p : {&a.q_proj, &a.q_a, &a.q_b, &a.kv_a, &a.kv_b, &a.o_proj, &l.ffn.down, &l.moe.shared.down})
+            if (p->w) visit(*p, p->fp8);
+        for (FfnWeights<T>* f : {&l.ffn, &l.moe.shared})
+            if (f->gate.w) visit(gate_up(*f), f->gate.fp8);
+    }
+}
+
+// Gives each FP8 Linear of w its copy (W and W^T in 128 x 128 blocks), a record in
+// `records` whose codes and scales are cut from two flat arrays; with null arrays it
+// only counts their sizes into *codes_n and *scales_n.
+template <typename T>
+void bind_fp8_weights(ModelWeights<T>& w, std::vector<Fp8Weight>& records, uint8_t* codes, float* scales, size_t* codes_n, size_t* scales_n) {
+    size_t count = 0;
+    for_each_fp8_linear(w, [&](const Linear<T>&, const Fp8Weight*&) { count++; });
+    records.clear();
+    records.reserve(count);  // never reallocated: the Linears point into it
+    *codes_n = *scales_n = 0;
+    for_each_fp8_linear(w, [&](const Linear<T>& l, const Fp8Weight*& slot) {
+        const Fp8Matrix q = fp8_matrix_at(codes, scales, codes_n, scales_n, l.out, l.in, FP8_TILE);
+        records.push_back({q, fp8_matrix_at(codes, scales, codes_n, scales_n, l.in, l.out, FP8_TILE)});
+        slot = &records.back();
+    });
+}
+
 // ----------------------------------------------------------------------------
 // Matmul: out[N, OC] = inp[N, C] @ W[OC, C]^T
 
@@ -302,15 +330,18 @@ void matmul_backward(T* dinp, T* dweight, const T* dout, const T* inp, const T* 
     }
 }
 
-// nn.Linear: out[N, W.out] = inp[N, W.in] @ W^T
+// nn.Linear: out[N, W.out] = inp[N, W.in] @ W^T; with an FP8 copy of W, the emulated
+// FP8 GEMMs of fp8.cuh
 template <typename T>
 void linear_forward(T* out, const T* inp, const Linear<T>& w, int N) {
-    matmul_forward(out, inp, w.w, N, w.in, w.out);
+    if (w.fp8) fp8_linear_forward_host(out, inp, *w.fp8, N);
+    else matmul_forward(out, inp, w.w, N, w.in, w.out);
 }
 
 template <typename T>
 void linear_backward(T* dinp, const Linear<T>& dw, const T* dout, const T* inp, const Linear<T>& w, int N, bool accumulate) {
-    matmul_backward(dinp, dw.w, dout, inp, w.w, N, w.in, w.out, accumulate);
+    if (w.fp8) fp8_linear_backward_host(dinp, dw.w, dout, inp, *w.fp8, N, accumulate);
+    else matmul_backward(dinp, dw.w, dout, inp, w.w, N, w.in, w.out, accumulate);
 }
 
 // ----------------------------------------------------------------------------
@@ -620,7 +651,7 @@ void mla_backward(const Config& c, const MlaWeights<T>& w, const MlaWeights<T>& 
 
 template <typename T>
 struct FfnActs {
-    std::vector<T> gate, up, hidden;  // [n, I] each
+    std::vector<T> gate_up, hidden;  // [n, 2I] (gate, then up), [n, I]
 };
 
 template <typename T>
@@ -631,12 +662,14 @@ inline T sigmoid(T x) {
 template <typename T>
 void ffn_forward(const FfnWeights<T>& w, T* out, const T* x, int n, FfnActs<T>& a) {
     const int I = w.gate.out;
-    a.gate.resize((size_t)n * I);
-    a.up.resize((size_t)n * I);
+    a.gate_up.resize((size_t)n * 2 * I);
     a.hidden.resize((size_t)n * I);
-    linear_forward(a.gate.data(), x, w.gate, n);
-    linear_forward(a.up.data(), x, w.up, n);
-    for (size_t i = 0; i < (size_t)n * I; i++) a.hidden[i] = a.gate[i] * sigmoid(a.gate[i]) * a.up[i];
+    linear_forward(a.gate_up.data(), x, gate_up(w), n);
+    for (size_t r = 0; r < (size_t)n; r++)
+        for (int i = 0; i < I; i++) {
+            const T g = a.gate_up[r * 2 * I + i], u = a.gate_up[r * 2 * I + I + i];
+            a.hidden[r * I + i] = g * sigmoid(g) * u;
+        }
     linear_forward(out, a.hidden.data(), w.down, n);
 }
 
@@ -646,15 +679,15 @@ template <typename T>
 void ffn_backward(const FfnWeights<T>& w, const FfnWeights<T>& dw, T* dx, const T* dout, const T* x, int n, const FfnActs<T>& a,
                   bool accumulate) {
     const int I = w.gate.out;
-    std::vector<T> dhidden((size_t)n * I, 0), dgate((size_t)n * I), dup((size_t)n * I);
+    std::vector<T> dhidden((size_t)n * I), dgate_up((size_t)n * 2 * I);
     linear_backward(dhidden.data(), dw.down, dout, a.hidden.data(), w.down, n, false);
-    for (size_t i = 0; i < (size_t)n * I; i++) {
-        T g = a.gate[i], s = sigmoid(g);
-        dup[i] = dhidden[i] * g * s;
-        dgate[i] = dhidden[i] * a.up[i] * (s + g * s * (1 - s));
-    }
-    linear_backward(dx, dw.gate, dgate.data(), x, w.gate, n, accumulate);
-    linear_backward(dx, dw.up, dup.data(), x, w.up, n, true);
+    for (size_t r = 0; r < (size_t)n; r++)
+        for (int i = 0; i < I; i++) {
+            const T g = a.gate_up[r * 2 * I + i], u = a.gate_up[r * 2 * I + I + i], s = sigmoid(g), dh = dhidden[r * I + i];
+            dgate_up[r * 2 * I + i] = dh * u * (s + g * s * (1 - s));
+            dgate_up[r * 2 * I + I + i] = dh * g * s;
+        }
+    linear_backward(dx, gate_up(dw), dgate_up.data(), x, gate_up(w), n, accumulate);
 }
 
 // ----------------------------------------------------------------------------
@@ -974,6 +1007,10 @@ struct RefModel {
     StepOptions opt;
     T ce_loss = 0, balance_loss = 0;
     std::vector<std::vector<int64_t>> expert_load;  // [layer][expert] tokens routed in the last forward
+    // FP8 training (ref_enable_fp8): the E4M3 copies of the weights, refreshed by each forward
+    std::vector<Fp8Weight> fp8;
+    std::vector<uint8_t> fp8_codes;
+    std::vector<float> fp8_scales;
 };
 
 template <typename T>
@@ -986,6 +1023,16 @@ void ref_init(RefModel<T>& m, const Config& c) {
     m.grads.assign(m.layout.total, 0);
     m.w = bind_weights(c, m.layout, m.params.data());
     m.g = bind_weights(c, m.layout, m.grads.data());
+}
+
+// From here on the model's Linears that for_each_fp8_linear names run in FP8, emulated
+template <typename T>
+void ref_enable_fp8(RefModel<T>& m) {
+    size_t codes = 0, scales = 0;
+    bind_fp8_weights(m.w, m.fp8, nullptr, nullptr, &codes, &scales);
+    m.fp8_codes.assign(codes, 0);
+    m.fp8_scales.assign(scales, 0.0f);
+    bind_fp8_weights(m.w, m.fp8, m.fp8_codes.data(), m.fp8_scales.data(), &codes, &scales);
 }
 
 // HF's initialisation: normal(0, 0.02) matrices, unit norm weights, zero bias
@@ -1022,6 +1069,11 @@ T ref_forward(RefModel<T>& m, const int* inputs, const int* targets, int B, int 
     m.balance_loss = 0;
     uint64_t site = 0;
     auto dropout_key = [&]() { return dropout_site_key(opt.dropout_key, ++site); };
+    for_each_fp8_linear(m.w, [](const Linear<T>& l, const Fp8Weight* q) {
+        if (!q) return;
+        fp8_quantize_host(q->w, l.w);
+        fp8_quantize_transposed_host(q->wt, l.w);
+    });
 
     std::vector<T> h((size_t)N * D);
     embedding_forward(h.data(), inputs, m.w.embed, N, D);

@@ -93,6 +93,9 @@ static const char* USAGE =
     "  --balance-alpha X       sequence-wise MoE balance loss weight, 0 = off (default 1e-4)\n"
     "  --bias-update-speed X   aux-loss-free expert-bias step gamma, 0 = off (default 1e-3)\n"
     "  --seed N                weight init, dropout and sampling seed (default 1337)\n"
+    "  --fp8                   DeepSeek-V3's FP8 training: the attention and FFN GEMMs in\n"
+    "                          E4M3 with 1x128 / 128x128 scales (GPU: sm_90, CUDA 12.9+;\n"
+    "                          the CPU emulates it, slowly). The routed experts stay bf16\n"
     "\n"
     "Logging and checkpoints\n"
     "  --val-every N           val loss and expert load every N steps and at the end;\n"
@@ -223,6 +226,9 @@ static bool parse_args(int argc, char** argv, Args& a) {
             a.opt.optim.beta2 = (float)cli_float(cli, 0, 0.99999);
         } else if (n == "--dropout") {
             a.opt.dropout = (float)cli_float(cli, 0, 0.99);
+        } else if (n == "--fp8") {
+            cli_flag(cli);
+            a.opt.fp8 = true;
         } else if (n == "--balance-alpha") {
             a.opt.balance_alpha = (float)cli_float(cli, 0, 10);
         } else if (n == "--bias-update-speed") {
@@ -515,6 +521,7 @@ static int run(int argc, char** argv) {
         fail("%s: seq_len %d exceeds max_position_embeddings %d", ckpt.c_str(), o.seq_len, c.max_position_embeddings);
 
     const bool use_gpu = a.device == "gpu" || (a.device == "auto" && gpu_available());
+    if (o.fp8) ref_enable_fp8(m.ref);
     if (use_gpu) model_to_gpu(m, o.batch_size, o.seq_len);
     const std::string device_desc = use_gpu ? strfmt("gpu (%.1f MiB of device memory)", model_gpu_bytes(m) / 1048576.0)
                                             : strfmt("cpu (%d threads)", omp_get_max_threads());

@@ -323,20 +323,20 @@ TEST_CASE("gpu: swiglu on the fused [n, 2I] layout matches the reference ffn") {
         // W_gate = [1 0], W_up = [0 1], W_down = [1; 0], so ffn's gate/up are x's two
         // halves, its hidden is the SwiGLU, and its backward's dx is [dgate | dup].
         std::vector<float> gate_up = rand_bf16((size_t)n * D, key, 3.0f), dhidden = rand_bf16(nI, key + 1);
-        std::vector<double> wg((size_t)I * D, 0), wu((size_t)I * D, 0), wd((size_t)D * I, 0);
+        std::vector<double> wgu((size_t)2 * I * D, 0), wd((size_t)D * I, 0);  // [W_gate; W_up]
         for (int j = 0; j < I; j++) {
-            wg[(size_t)j * D + j] = 1;
-            wu[(size_t)j * D + I + j] = 1;
+            wgu[(size_t)j * D + j] = 1;
+            wgu[(size_t)(I + j) * D + I + j] = 1;
             wd[(size_t)j * I + j] = 1;
         }
         std::vector<double> x = to_double(gate_up), out((size_t)n * D);
         FfnActs<double> acts;
-        const FfnWeights<double> w{{wg.data(), I, D}, {wu.data(), I, D}, {wd.data(), D, I}};
+        const FfnWeights<double> w{{wgu.data(), I, D}, {wgu.data() + (size_t)I * D, I, D}, {wd.data(), D, I}};
         ffn_forward(w, out.data(), x.data(), n, acts);
-        std::vector<double> dout((size_t)n * D, 0), dx((size_t)n * D, 0), dwg(wg.size(), 0), dwu(wu.size(), 0), dwd(wd.size(), 0);
+        std::vector<double> dout((size_t)n * D, 0), dx((size_t)n * D, 0), dwgu(wgu.size(), 0), dwd(wd.size(), 0);
         for (int r = 0; r < n; r++)
             for (int j = 0; j < I; j++) dout[(size_t)r * D + j] = dhidden[(size_t)r * I + j];
-        const FfnWeights<double> dw{{dwg.data(), I, D}, {dwu.data(), I, D}, {dwd.data(), D, I}};
+        const FfnWeights<double> dw{{dwgu.data(), I, D}, {dwgu.data() + (size_t)I * D, I, D}, {dwd.data(), D, I}};
         ffn_backward(w, dw, dx.data(), dout.data(), x.data(), n, acts, false);
         std::vector<double> dgate_ref(nI), dup_ref(nI);
         for (int r = 0; r < n; r++)

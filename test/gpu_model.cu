@@ -1,7 +1,7 @@
 // gpu_model.cu — the whole CUDA training step against the CPU reference: loss,
 // every gradient and the updated weights after one step; determinism (two runs
 // bit-identical); exact resume on the GPU; checkpoints moving between the GPU and
-// CPU paths.
+// CPU paths; the FP8 step against the CPU's emulation of it.
 #include <doctest/doctest.h>
 
 #include <unistd.h>
@@ -155,6 +155,42 @@ TEST_CASE("one GPU training step matches the CPU reference: loss and updated wei
 TEST_CASE("one GPU training step matches the CPU reference: every gradient and the gradient norm, to bf16 resolution") {
     REQUIRE(gpu_available());
     compare_one_step(true);
+}
+
+TEST_CASE("an FP8 GPU step follows the emulated FP8 step of the CPU more closely than the GPU's own bf16 step") {
+    REQUIRE(gpu_available());
+    std::string dir = temp_dir("fp8");
+    const Config c = fp8_test_config(96);
+    std::string data = token_file(dir, 5000, c.vocab_size);
+    TrainOptions o = test_options();
+    o.batch_size = 2;  // 64 tokens: FP8's Wgrad contracts over them in multiples of 16
+    o.seq_len = 32;
+    Model cpu8, gpu8, gpu16;
+    for (Model* m : {&cpu8, &gpu8, &gpu16}) {
+        model_create(*m, c, 5);  // HF's init, well conditioned (see test_fp8.cpp), in bf16 values
+        for (float& v : m->ref.params) v = bf16_to_float(float_to_bf16(v));
+        if (m != &gpu16) ref_enable_fp8(m->ref);
+        if (m != &cpu8) model_to_gpu(*m, o.batch_size, o.seq_len);
+    }
+    StepStats s[3];
+    Model* models[3] = {&cpu8, &gpu8, &gpu16};
+    for (int i = 0; i < 3; i++) {
+        DataLoader dl;
+        dataloader_open(dl, data, o.batch_size, o.seq_len, c.vocab_size);
+        s[i] = model_train_step(*models[i], dl, o, 0);
+        if (i > 0) model_sync_host(*models[i]);
+    }
+    const size_t P = cpu8.ref.grads.size();
+    const double e_emulated = rel_error(gpu8.ref.grads.data(), cpu8.ref.grads.data(), P);
+    const double e_bf16 = rel_error(gpu8.ref.grads.data(), gpu16.ref.grads.data(), P);
+    MESSAGE("FP8 step: loss cpu-fp8 ", s[0].loss, " gpu-fp8 ", s[1].loss, " gpu-bf16 ", s[2].loss, "; gradients of gpu-fp8 against cpu-fp8 ",
+            e_emulated, ", against gpu-bf16 ", e_bf16);
+    CHECK(std::fabs(s[1].loss - s[0].loss) / s[0].loss < 2e-2);
+    CHECK(e_emulated < 5e-2);
+    CHECK(e_emulated < e_bf16);
+    model_free_gpu(gpu8);
+    model_free_gpu(gpu16);
+    remove_tree(dir);
 }
 
 TEST_CASE("with sparse routing the GPU step's losses match the CPU reference") {

@@ -46,6 +46,20 @@ inline Config dense_routing(Config c) {
     return c;
 }
 
+// For FP8 (fp8.cuh): every width a multiple of 16, as cuBLASLt's FP8 GEMMs need,
+// with whole and partial 128-wide tiles (hidden 160 = 128 + 32); dense routing
+inline Config fp8_test_config(int vocab_size) {
+    Config c = dense_routing(tiny_variant(0, vocab_size));
+    c.hidden_size = 160;
+    c.intermediate_size = 144;
+    c.q_lora_rank = 48;
+    c.kv_lora_rank = 32;
+    c.qk_nope_head_dim = 16;
+    c.qk_rope_head_dim = 16;
+    c.v_head_dim = 16;
+    return c;
+}
+
 // Weights with O(1) activations, non-unit norm weights and a non-zero routing bias:
 // HF's init (std 0.02, unit norms) would make attention nearly uniform and hide
 // errors. bf16_exact rounds every trainable weight to a bf16 value, so the CPU and

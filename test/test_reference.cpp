@@ -218,11 +218,12 @@ TEST_CASE("MLA backward matches finite differences (q_lora on/off, YaRN on/off)"
 
 TEST_CASE("SwiGLU FFN backward matches finite differences") {
     const int n = 5, D = 6, I = 7;
-    auto x = random_vector(n * D, 50, 2.0), wg = random_vector(I * D, 51), wu = random_vector(I * D, 52), wd = random_vector(D * I, 53);
+    // gate and up in one array, up after gate, as the parameter layout has them
+    auto x = random_vector(n * D, 50, 2.0), wgu = random_vector(2 * I * D, 51), wd = random_vector(D * I, 53);
     auto dout = random_vector(n * D, 54);
-    std::vector<double> out(n * D), dx(n * D, 0), dwg(I * D, 0), dwu(I * D, 0), dwd(D * I, 0);
-    const FfnWeights<double> w{{wg.data(), I, D}, {wu.data(), I, D}, {wd.data(), D, I}};
-    const FfnWeights<double> dw{{dwg.data(), I, D}, {dwu.data(), I, D}, {dwd.data(), D, I}};
+    std::vector<double> out(n * D), dx(n * D, 0), dwgu(2 * I * D, 0), dwd(D * I, 0);
+    const FfnWeights<double> w{{wgu.data(), I, D}, {wgu.data() + I * D, I, D}, {wd.data(), D, I}};
+    const FfnWeights<double> dw{{dwgu.data(), I, D}, {dwgu.data() + I * D, I, D}, {dwd.data(), D, I}};
     FfnActs<double> acts;
     auto loss = [&]() {
         ffn_forward(w, out.data(), x.data(), n, acts);
@@ -231,8 +232,7 @@ TEST_CASE("SwiGLU FFN backward matches finite differences") {
     loss();
     ffn_backward(w, dw, dx.data(), dout.data(), x.data(), n, acts, false);
     CHECK(gradient_error(loss, x.data(), dx.data(), x.size()) < 1e-6);
-    CHECK(gradient_error(loss, wg.data(), dwg.data(), wg.size()) < 1e-6);
-    CHECK(gradient_error(loss, wu.data(), dwu.data(), wu.size()) < 1e-6);
+    CHECK(gradient_error(loss, wgu.data(), dwgu.data(), wgu.size()) < 1e-6);
     CHECK(gradient_error(loss, wd.data(), dwd.data(), wd.size()) < 1e-6);
 }
 
