@@ -700,35 +700,6 @@ constexpr int moe_gemm_smem_bytes() {
     return STAGES * 2 * (moe_gemm_tile_elems<MODE == 0, BK>(MOE_GEMM_BM) + moe_gemm_tile_elems<B_KMAJOR, BK>(BN));
 }
 
-__device__ inline void moe_cp_async16(void* smem, const void* gmem, bool valid) {
-    unsigned s = (unsigned)__cvta_generic_to_shared(smem);
-    int bytes = valid ? 16 : 0;
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem), "r"(bytes));
-}
-__device__ inline void moe_cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-template <int N>
-__device__ inline void moe_cp_async_wait() {
-    asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
-}
-
-__device__ inline void moe_ldmatrix_x4(unsigned* r, const bf16* p) {
-    unsigned s = (unsigned)__cvta_generic_to_shared(p);
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                 : "r"(s));
-}
-__device__ inline void moe_ldmatrix_x4_trans(unsigned* r, const bf16* p) {
-    unsigned s = (unsigned)__cvta_generic_to_shared(p);
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                 : "r"(s));
-}
-__device__ inline void moe_mma_bf16(float* c, const unsigned* a, const unsigned* b) {
-    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
-                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
-}
-
 // Loads one BK-wide k slice of an operand tile into smem. The operand holds ROWS
 // rows starting at its base; element (row, k) lives at base[row * ld + k] when
 // KMAJOR, else at base[k * ld + row]. Valid rows < row_end, valid k < k_end; the
@@ -755,7 +726,7 @@ __device__ inline void moe_gemm_load_tile(bf16* smem, const bf16* base, int ld, 
         const bf16* src = KMAJOR ? base + (size_t)row * ld + kk : base + (size_t)kk * ld + row;
         if (VEC) {
             const bool valid = row < row_end && kk < k_end;
-            moe_cp_async16(dst, valid ? src : base, valid);
+            cp_async16(smem_u32(dst), valid ? src : base, valid ? 16 : 0);
         } else {
             // scalar path: 8 bounds-checked loads along the contiguous dimension
             MoeBf16x8 v;
@@ -856,13 +827,13 @@ static __global__ void __launch_bounds__(MOE_GEMM_THREADS, 2)
 #pragma unroll
     for (int s = 0; s < STAGES - 1; s++) {
         if (s < KT) load_stage(s, s);
-        moe_cp_async_commit();
+        cp_async_commit();
     }
     for (int kt = 0; kt < KT; kt++) {
-        moe_cp_async_wait<STAGES - 2>();
+        cp_async_wait<STAGES - 2>();
         __syncthreads();  // slice kt is in smem for everyone; slice kt-1's stage is free again
         if (kt + STAGES - 1 < KT) load_stage((kt + STAGES - 1) % STAGES, kt + STAGES - 1);
-        moe_cp_async_commit();
+        cp_async_commit();
         const bf16* as = As + (kt % STAGES) * A_ELEMS;
         const bf16* bs = Bs + (kt % STAGES) * B_ELEMS;
 #pragma unroll
@@ -872,15 +843,15 @@ static __global__ void __launch_bounds__(MOE_GEMM_THREADS, 2)
 #pragma unroll
             for (int mi = 0; mi < 4; mi++) {
                 const int mb = warp_m * 64 + mi * 16;
-                if (A_KMAJOR) moe_ldmatrix_x4(af[mi], as + (mb + lane % 16) * (BK + MOE_GEMM_PAD) + kk + (lane / 16) * 8);
-                else moe_ldmatrix_x4_trans(af[mi], as + (kk + r8 + (mat / 2) * 8) * (BM + MOE_GEMM_PAD) + mb + (mat % 2) * 8);
+                if (A_KMAJOR) ldsm_x4(af[mi], smem_u32(as + (mb + lane % 16) * (BK + MOE_GEMM_PAD) + kk + (lane / 16) * 8));
+                else ldsm_x4_trans(af[mi], smem_u32(as + (kk + r8 + (mat / 2) * 8) * (BM + MOE_GEMM_PAD) + mb + (mat % 2) * 8));
             }
 #pragma unroll
             for (int p = 0; p < NI / 2; p++) {
                 const int nb = warp_n * WN + p * 16;
                 unsigned r[4];
-                if (B_KMAJOR) moe_ldmatrix_x4(r, bs + (nb + r8 + (mat / 2) * 8) * (BK + MOE_GEMM_PAD) + kk + (mat % 2) * 8);
-                else moe_ldmatrix_x4_trans(r, bs + (kk + r8 + (mat % 2) * 8) * (BN + MOE_GEMM_PAD) + nb + (mat / 2) * 8);
+                if (B_KMAJOR) ldsm_x4(r, smem_u32(bs + (nb + r8 + (mat / 2) * 8) * (BK + MOE_GEMM_PAD) + kk + (mat % 2) * 8));
+                else ldsm_x4_trans(r, smem_u32(bs + (kk + r8 + (mat % 2) * 8) * (BN + MOE_GEMM_PAD) + nb + (mat / 2) * 8));
                 bfr[2 * p][0] = r[0];
                 bfr[2 * p][1] = r[1];
                 bfr[2 * p + 1][0] = r[2];
@@ -889,10 +860,10 @@ static __global__ void __launch_bounds__(MOE_GEMM_THREADS, 2)
 #pragma unroll
             for (int mi = 0; mi < 4; mi++)
 #pragma unroll
-                for (int ni = 0; ni < NI; ni++) moe_mma_bf16(acc[mi][ni], af[mi], bfr[ni]);
+                for (int ni = 0; ni < NI; ni++) mma16816(acc[mi][ni], af[mi], bfr[ni][0], bfr[ni][1]);
         }
     }
-    moe_cp_async_wait<0>();
+    cp_async_wait<0>();
 
     // epilogue: the thread holds rows lane/4 (+8), columns 2*(lane%4) (+1) of each 16x8 tile
 #pragma unroll
@@ -926,17 +897,18 @@ static __global__ void __launch_bounds__(MOE_GEMM_THREADS, 2)
             }
 }
 
-template <int MODE, bool B_KMAJOR, bool VEC, int BN, int BK, int STAGES>
-static inline void grouped_gemm_launch(dim3 grid, cudaStream_t stream, bf16* out, float* dw, size_t dw_stride, const bf16* A, int lda,
-                                const bf16* B, size_t b_stride, int ldb, const int* offsets, int E, int M, int N, int K) {
+// vec: the 16-byte path (grouped_gemm_vec)
+template <int MODE, bool B_KMAJOR, int BN, int BK, int STAGES>
+static inline void grouped_gemm_launch(bool vec, dim3 grid, cudaStream_t stream, bf16* out, float* dw, size_t dw_stride, const bf16* A,
+                                       int lda, const bf16* B, size_t b_stride, int ldb, const int* offsets, int E, int M, int N, int K) {
     constexpr int smem = moe_gemm_smem_bytes<MODE, B_KMAJOR, BN, BK, STAGES>();
-    auto kernel = grouped_gemm_kernel<MODE, B_KMAJOR, VEC, BN, BK, STAGES>;
-    // the > 48 KiB shared-memory opt-in, once per instantiation; the launcher is static
-    // like the kernel, so every translation unit opts its own copy in
-    static bool configured = false;
-    if (!configured) {
+    auto kernel = vec ? grouped_gemm_kernel<MODE, B_KMAJOR, true, BN, BK, STAGES> : grouped_gemm_kernel<MODE, B_KMAJOR, false, BN, BK, STAGES>;
+    // the > 48 KiB shared-memory opt-in, once per kernel; the launcher is static like
+    // the kernel, so every translation unit opts its own copy in
+    static bool configured[2] = {};
+    if (!configured[vec]) {
         CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
-        configured = true;
+        configured[vec] = true;
     }
     kernel<<<grid, MOE_GEMM_THREADS, smem, stream>>>(out, dw, dw_stride, A, lda, B, b_stride, ldb, offsets, E, M, N, K);
     CUDA_LAUNCH_CHECK();
@@ -970,10 +942,8 @@ inline void grouped_gemm_forward_gpu(bf16* out, const bf16* x, const bf16* w, si
     grouped_gemm_check("grouped_gemm_forward", S, E, C, OC);
     if (S == 0) return;
     dim3 grid(ceil_div(OC, BN), ceil_div(S, MOE_GEMM_BM) + E);
-    if (grouped_gemm_vec(C, OC, w_stride, {out, x, w}))
-        grouped_gemm_launch<MOE_GEMM_FWD, true, true, BN, BK, STAGES>(grid, stream, out, nullptr, 0, x, C, w, w_stride, C, offsets, E, S, OC, C);
-    else
-        grouped_gemm_launch<MOE_GEMM_FWD, true, false, BN, BK, STAGES>(grid, stream, out, nullptr, 0, x, C, w, w_stride, C, offsets, E, S, OC, C);
+    grouped_gemm_launch<MOE_GEMM_FWD, true, BN, BK, STAGES>(grouped_gemm_vec(C, OC, w_stride, {out, x, w}), grid, stream, out, nullptr, 0,
+                                                            x, C, w, w_stride, C, offsets, E, S, OC, C);
 }
 
 // dx [S, C] = dout [S, OC] @ W_e for each expert's rows (written)
@@ -983,10 +953,8 @@ inline void grouped_gemm_backward_input_gpu(bf16* dx, const bf16* dout, const bf
     grouped_gemm_check("grouped_gemm_backward_input", S, E, C, OC);
     if (S == 0) return;
     dim3 grid(ceil_div(C, BN), ceil_div(S, MOE_GEMM_BM) + E);
-    if (grouped_gemm_vec(C, OC, w_stride, {dx, dout, w}))
-        grouped_gemm_launch<MOE_GEMM_FWD, false, true, BN, BK, STAGES>(grid, stream, dx, nullptr, 0, dout, OC, w, w_stride, C, offsets, E, S, C, OC);
-    else
-        grouped_gemm_launch<MOE_GEMM_FWD, false, false, BN, BK, STAGES>(grid, stream, dx, nullptr, 0, dout, OC, w, w_stride, C, offsets, E, S, C, OC);
+    grouped_gemm_launch<MOE_GEMM_FWD, false, BN, BK, STAGES>(grouped_gemm_vec(C, OC, w_stride, {dx, dout, w}), grid, stream, dx, nullptr, 0,
+                                                             dout, OC, w, w_stride, C, offsets, E, S, C, OC);
 }
 
 // dW_e [OC, C] += dout[rows_e, OC]^T @ x[rows_e, C] in fp32, dW_e = dw + e * dw_stride;
@@ -997,10 +965,8 @@ inline void grouped_gemm_backward_weight_gpu(float* dw, size_t dw_stride, const 
     grouped_gemm_check("grouped_gemm_backward_weight", S, E, C, OC);
     if (S == 0) return;
     dim3 grid(ceil_div(C, BN), ceil_div(OC, MOE_GEMM_BM), E);
-    if (grouped_gemm_vec(C, OC, dw_stride, {dw, dout, x}))
-        grouped_gemm_launch<MOE_GEMM_WGRAD, false, true, BN, BK, STAGES>(grid, stream, nullptr, dw, dw_stride, dout, OC, x, 0, C, offsets, E, OC, C, 0);
-    else
-        grouped_gemm_launch<MOE_GEMM_WGRAD, false, false, BN, BK, STAGES>(grid, stream, nullptr, dw, dw_stride, dout, OC, x, 0, C, offsets, E, OC, C, 0);
+    grouped_gemm_launch<MOE_GEMM_WGRAD, false, BN, BK, STAGES>(grouped_gemm_vec(C, OC, dw_stride, {dw, dout, x}), grid, stream, nullptr, dw,
+                                                               dw_stride, dout, OC, x, 0, C, offsets, E, OC, C, 0);
 }
 
 // ----------------------------------------------------------------------------
