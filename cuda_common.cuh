@@ -1,10 +1,8 @@
-// cuda_common.cuh — what every CUDA file shares: error checks that throw one-line
-// messages, the bf16 type, device buffers, the one cuBLASLt matmul wrapper, and
-// host<->device copies with conversion (used by the GPU tests too).
+// cuda_common.cuh — what every CUDA file shares: error checks that throw one-line messages, the bf16 type, device
+// buffers, the one cuBLASLt matmul wrapper, and host<->device copies with conversion (used by the GPU tests too).
 //
-// Layout conventions match reference.h: row-major activations [N, C]; weights
-// W[OC, C] as in nn.Linear; activations and weights bf16, weight gradients,
-// master weights and AdamW moments fp32.
+// Layout conventions match reference.h: row-major activations [N, C]; weights W[OC, C] as in nn.Linear; activations and
+// weights bf16, weight gradients, master weights and AdamW moments fp32.
 #pragma once
 
 #include <cublasLt.h>
@@ -93,23 +91,19 @@ std::vector<float> to_host(const T* src, size_t n) {
 }
 
 // ----------------------------------------------------------------------------
-// cuBLASLt: out[M, N] (+)= A @ B in row-major terms, where A is [M, K] (or its
-// transpose stored [K, M]) and B is [K, N] (or stored [N, K]). bf16 inputs, fp32
-// accumulation, output bf16 or fp32; beta = 1 accumulates into out (weight
-// gradients). Row-major X is column-major X^T, so we ask cuBLASLt for
-// out^T = B^T A^T.
+// cuBLASLt: out[M, N] (+)= A @ B in row-major terms, where A is [M, K] (or its transpose stored [K, M]) and B
+// is [K, N] (or stored [N, K]). bf16 inputs, fp32 accumulation, output bf16 or fp32; beta = 1 accumulates
+// into out (weight gradients). Row-major X is column-major X^T, so we ask cuBLASLt for out^T = B^T A^T.
 
-// One GEMM shape's cuBLASLt objects and chosen algorithm. Creating descriptors
-// and asking the heuristic costs tens of microseconds of host time, more than a
-// small GEMM runs, so each shape is planned once and reused every step.
+// One GEMM shape's cuBLASLt objects and chosen algorithm. Creating descriptors and asking the heuristic costs tens of
+// microseconds of host time, more than a small GEMM runs, so each shape is planned once and reused every step.
 struct MatmulPlan {
     cublasLtMatmulDesc_t desc;
     cublasLtMatrixLayout_t la, lb, lc;
     cublasLtMatmulAlgo_t algo;
 };
 
-// what a plan depends on: sizes, transposes, output type, leading dimensions and
-// operand alignments
+// what a plan depends on: sizes, transposes, output type, leading dimensions and operand alignments
 struct MatmulKey {
     int m, n, k, lda, ldb, ldc;
     uint32_t align_a, align_b, align_c;
@@ -135,9 +129,7 @@ inline void matmul_init(Matmul& mm) {
 inline void matmul_free(Matmul& mm) {
     for (auto& entry : mm.plans) {
         MatmulPlan& p = entry.second;
-        cublasLtMatrixLayoutDestroy(p.la);
-        cublasLtMatrixLayoutDestroy(p.lb);
-        cublasLtMatrixLayoutDestroy(p.lc);
+        for (cublasLtMatrixLayout_t layout : {p.la, p.lb, p.lc}) cublasLtMatrixLayoutDestroy(layout);
         cublasLtMatmulDescDestroy(p.desc);
     }
     if (mm.handle) cublasLtDestroy(mm.handle);
@@ -228,9 +220,8 @@ __device__ inline float block_sum(float v) {
 }
 
 // ----------------------------------------------------------------------------
-// PTX of the tensor-core kernels (mla.cuh's flash attention, moe.cuh's grouped
-// GEMM): ldmatrix, mma.sync m16n8k16 bf16 with fp32 accumulation, and cp.async,
-// which zero-fills what src_bytes leaves of the destination.
+// PTX of the tensor-core kernels (mla.cuh's flash attention, moe.cuh's grouped GEMM): ldmatrix, mma.sync m16n8k16 bf16
+// with fp32 accumulation, and cp.async, which zero-fills what src_bytes leaves of the destination.
 
 __device__ inline uint32_t smem_u32(const void* p) { return (uint32_t)__cvta_generic_to_shared(p); }
 

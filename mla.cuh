@@ -1,8 +1,7 @@
-// mla.cuh — the GPU kernels of Multi-head Latent Attention, forward and backward:
-// RoPE on q_pe and the shared k_pe (with the YaRN table built on the host), the
-// assembly of per-head K = [k_nope; k_pe] and V from kv_b and kv_a, and a
-// flash-style causal attention (tensor cores, online softmax, no T x T matrix in
-// device memory) whose backward is deterministic (no atomics).
+// mla.cuh — the GPU kernels of Multi-head Latent Attention, forward and backward: RoPE on q_pe and the shared
+// k_pe (with the YaRN table built on the host), the assembly of per-head K = [k_nope; k_pe] and V from kv_b
+// and kv_a, and a flash-style causal attention (tensor cores, online softmax, no T x T matrix in device
+// memory) whose backward is deterministic (no atomics).
 //
 // Shapes follow reference.h (N = B*T token rows, row-major):
 //   q     [N, H, dqk]    per head [q_nope (dn); q_pe (dr)], dqk = dn + dr
@@ -12,10 +11,9 @@
 //   v     [N, H, dv]
 //   out   [N, H, dv]     attention output, lse [B, H, T] (natural log, of the scaled scores)
 //
-// Design choice: K and V are materialised (2 small copy kernels) rather than read
-// with strides from kv_b/kv_a inside the attention kernels. It keeps the attention
-// kernels generic (any q/k/v with the reference layout, testable on their own), and
-// the backward's k_pe gradient (a sum over heads) becomes a plain fixed-order sum
+// Design choice: K and V are materialised (2 small copy kernels) rather than read with strides from kv_b/kv_a
+// inside the attention kernels. It keeps the attention kernels generic (any q/k/v with the reference layout,
+// testable on their own), and the backward's k_pe gradient (a sum over heads) becomes a plain fixed-order sum
 // in mla_assemble_kv_backward_gpu instead of a cross-block reduction.
 //
 // Gradients follow the one rule stated at the top of reference.h.
@@ -29,9 +27,8 @@
 #include "reference.h"
 
 // ----------------------------------------------------------------------------
-// RoPE. The table is the host RopeTable (YaRN frequencies and attention factor
-// already folded in) converted to fp32 (cos, sin) pairs, so the GPU rotates with
-// exactly the reference's angles.
+// RoPE. The table is the host RopeTable (YaRN frequencies and attention factor already folded in) converted
+// to fp32 (cos, sin) pairs, so the GPU rotates with exactly the reference's angles.
 
 struct RopeGpu {
     float2* cs = nullptr;  // [max_len, dim/2] (cos, sin)
@@ -40,10 +37,7 @@ struct RopeGpu {
 };
 
 inline RopeGpu rope_table_upload(const RopeTable& r) {
-    RopeGpu g;
-    g.dim = r.dim;
-    g.max_len = r.max_len;
-    g.softmax_scale = (float)r.softmax_scale;
+    RopeGpu g{nullptr, r.dim, r.max_len, (float)r.softmax_scale};
     const size_t n = (size_t)r.max_len * (r.dim / 2);
     std::vector<float2> host(n);
     for (size_t i = 0; i < n; i++) host[i] = make_float2((float)r.cos[i], (float)r.sin[i]);
@@ -57,9 +51,8 @@ inline void rope_table_free(RopeGpu& g) {
     g = RopeGpu{};
 }
 
-// One thread per rotated pair: items [0, N*H*half) are q's heads, items
-// [N*H*half, N*(H+1)*half) are kv_a's k_pe. backward = 1 applies the transpose
-// (rotation by -angle), which is the gradient of the rotation.
+// One thread per rotated pair: items [0, N*H*half) are q's heads, items [N*H*half, N*(H+1)*half) are kv_a's
+// k_pe. backward = 1 applies the transpose (rotation by -angle), which is the gradient of the rotation.
 static __global__ void rope_kernel(bf16* q, bf16* kv_a, const float2* __restrict__ cs, int N, int T, int H, int dn, int dr,
                                    int dc, int pos0, int backward) {
     const int half = dr / 2;
@@ -99,10 +92,9 @@ inline void rope_launch(bf16* q, bf16* kv_a, const RopeGpu& rope, int N, int T, 
     CUDA_LAUNCH_CHECK();
 }
 
-// Rotates, in place, q_pe inside q [N, H, dn+dr] (columns dn.. of each head) and
-// k_pe inside kv_a [N, dc+dr] (columns dc..). Token n is at position pos0 + n % T
-// (pos0 = 0 in training; the decode step passes its cache length). Either pointer
-// may be null to rotate only the other. dr = rope.dim.
+// Rotates, in place, q_pe inside q [N, H, dn+dr] (columns dn.. of each head) and k_pe inside kv_a [N, dc+dr]
+// (columns dc..). Token n is at position pos0 + n % T (pos0 = 0 in training; the decode step passes its cache
+// length). Either pointer may be null to rotate only the other. dr = rope.dim.
 inline void rope_forward_gpu(bf16* q, bf16* kv_a, const RopeGpu& rope, int N, int T, int H, int dn, int dc, int pos0,
                              cudaStream_t stream) {
     rope_launch(q, kv_a, rope, N, T, H, dn, dc, pos0, 0, stream);
@@ -116,9 +108,8 @@ inline void rope_backward_gpu(bf16* dq, bf16* dkv_a, const RopeGpu& rope, int N,
 }
 
 // ----------------------------------------------------------------------------
-// MLA assembly: k [N, H, dn+dr] = [kv_b[:, h, :dn]; kv_a[:, dc:]] and
-// v [N, H, dv] = kv_b[:, h, dn:]. Pure copies, memory-bound: one block per token,
-// VEC elements per thread (16-byte moves when every size is a multiple of 8).
+// MLA assembly: k [N, H, dn+dr] = [kv_b[:, h, :dn]; kv_a[:, dc:]] and v [N, H, dv] = kv_b[:, h, dn:]. Pure copies,
+// memory-bound: one block per token, VEC elements per thread (16-byte moves when every size is a multiple of 8).
 
 template <int VEC>
 static __global__ void mla_assemble_kv_kernel(bf16* __restrict__ k, bf16* __restrict__ v, const bf16* __restrict__ kv_b,
@@ -196,15 +187,12 @@ inline void mla_assemble_kv_backward_gpu(bf16* dkv_b, bf16* dkv_a, const bf16* d
 }
 
 // ----------------------------------------------------------------------------
-// Flash attention (causal), FlashAttention-2 style on mma.sync m16n8k16 bf16
-// tensor cores with fp32 accumulation.
+// Flash attention (causal), FlashAttention-2 style on mma.sync m16n8k16 bf16 tensor cores with fp32 accumulation.
 //
-// Tiles: 64 queries x 64 keys. A (64 x d) tile lives in shared memory with rows
-// padded to d_p + 8 elements (d_p = d rounded up to 32, zero-filled), so ldmatrix
-// reads are bank-conflict free and any head size <= 256 works (the padding
-// columns contribute zeros). Accumulators are register arrays sized by a
-// compile-time bucket (64/128/256) of the head size; loops past the real size
-// are predicated off, so only 3 (forward, dQ) or 9 (dK/dV) instantiations exist.
+// Tiles: 64 queries x 64 keys. A (64 x d) tile lives in shared memory with rows padded to d_p + 8 elements (d_p = d
+// rounded up to 32, zero-filled), so ldmatrix reads are bank-conflict free and any head size <= 256 works (the padding
+// columns contribute zeros). Accumulators are register arrays sized by a compile-time bucket (64/128/256) of the head
+// size; loops past the real size are predicated off, so only 3 (forward, dQ) or 9 (dK/dV) instantiations exist.
 //
 // forward: 4 warps, each owns 16 query rows; S = Q K^T and P stay in registers
 //   (the S accumulator layout equals the A-operand layout of P V). K and V tiles
@@ -228,10 +216,9 @@ constexpr float LN2 = 0.6931471805599453f;
 
 __host__ __device__ inline int pad32(int d) { return (d + 31) / 32 * 32; }
 
-// acc[2*NB][4] += A B^T over ksteps steps of 16: A is 16 rows (row stride lda) and
-// B is NB*16 rows (row stride ldb) of bf16 in shared memory, both read along the head
-// dimension; the warp's fragments are laid out as mma16816 expects. Two steps per
-// iteration give the loads of the second something to overlap with (ksteps is even).
+// acc[2*NB][4] += A B^T over ksteps steps of 16: A is 16 rows (row stride lda) and B is NB*16 rows (row stride ldb) of
+// bf16 in shared memory, both read along the head dimension; the warp's fragments are laid out as mma16816 expects. Two
+// steps per iteration give the loads of the second something to overlap with (ksteps is even).
 template <int NB>
 __device__ inline void mma_rows16(float (&acc)[2 * NB][4], const bf16* A, int lda, const bf16* B, int ldb, int ksteps, int lane) {
     for (int k2 = 0; k2 < ksteps; k2 += 2)
@@ -263,10 +250,9 @@ __device__ inline uint32_t pack_bf16(float lo, float hi) {
     return *reinterpret_cast<uint32_t*>(&v);
 }
 
-// Loads rows row0..row0+63 of one head into a [64][ld] shared tile, columns
-// [0, dp): g points at (t = 0) of the head, consecutive t are gstride elements
-// apart. Rows >= T and columns >= d are zero. vec: 16-byte cp.async (d % 8 == 0,
-// gstride % 8 == 0, g 16-byte aligned); otherwise element loads (odd head sizes).
+// Loads rows row0..row0+63 of one head into a [64][ld] shared tile, columns [0, dp): g points at (t = 0) of
+// the head, consecutive t are gstride elements apart. Rows >= T and columns >= d are zero. vec: 16-byte
+// cp.async (d % 8 == 0, gstride % 8 == 0, g 16-byte aligned); otherwise element loads (odd head sizes).
 template <int NTHREADS>
 __device__ inline void load_tile(bf16* s, int ld, const bf16* __restrict__ g, long long gstride, int row0, int T, int d, int dp,
                                  bool vec) {
@@ -304,9 +290,8 @@ __device__ inline void store_pair(bf16* row, int col, int d, float x0, float x1,
     }
 }
 
-// acc[2*NP][4] += a B for one k16 step kk: a is the warp's A fragment (16 rows x
-// 16), B a [k][n] tile in shared memory (row stride ldb) read from column c0 on, np
-// (<= NP) pairs of n8 tiles of it; the pairs past np are predicated off
+// acc[2*NP][4] += a B for one k16 step kk: a is the warp's A fragment (16 rows x 16), B a [k][n] tile in shared memory
+// (row stride ldb) read from column c0 on, np (<= NP) pairs of n8 tiles of it; the pairs past np are predicated off
 template <int NP>
 __device__ __forceinline__ void mma_rows16_trans(float (&acc)[2 * NP][4], const uint32_t (&a)[4], const bf16* B, int ldb, int kk, int c0,
                                                  int np, int lane) {
@@ -320,9 +305,8 @@ __device__ __forceinline__ void mma_rows16_trans(float (&acc)[2 * NP][4], const 
         }
 }
 
-// Stores the n8 tiles nt < nt_end of a warp's accumulator as bf16: this thread's
-// rows row_a (times sa) and row_a + 8 (times sb), those < T, of g (row stride
-// gstride), at columns c0 + nt*8 + 2*t4 and the next, within d columns.
+// Stores the n8 tiles nt < nt_end of a warp's accumulator as bf16: this thread's rows row_a (times sa) and row_a + 8
+// (times sb), those < T, of g (row stride gstride), at columns c0 + nt*8 + 2*t4 and the next, within d columns.
 template <int NT>
 __device__ __forceinline__ void store_acc(bf16* g, long long gstride, const float (&acc)[NT][4], int row_a, int T, int c0, int nt_end,
                                           int d, float sa, float sb, bool vec, int t4) {
@@ -349,9 +333,8 @@ inline void with_bucket(int d, F f) {
 
 }  // namespace mla_detail
 
-// out [B, T, H, dv], lse [B, H, T] from q, k [B, T, H, dqk], v [B, T, H, dv].
-// grid (ceil(T/64), B*H), 128 threads; query blocks run last-first so the
-// longest (most keys) start first.
+// out [B, T, H, dv], lse [B, H, T] from q, k [B, T, H, dqk], v [B, T, H, dv]. grid (ceil(T/64), B*H), 128
+// threads; query blocks run last-first so the longest (most keys) start first.
 template <int DV_MAX>
 __global__ void __launch_bounds__(128) attention_forward_kernel(bf16* __restrict__ out, float* __restrict__ lse,
                                                                 const bf16* __restrict__ q, const bf16* __restrict__ k,
@@ -694,12 +677,10 @@ inline void check_attention_shape(int B, int T, int H, int dqk, int dv) {
     if ((long long)B * H > 65535) fail("attention: B*H = %lld exceeds the grid limit 65535", (long long)B * H);
 }
 
-// Opts a kernel into more than 48 KiB of dynamic shared memory, with a clear error.
-// `done` (a static of the calling launcher, so one per kernel; the launchers are
-// static like the kernels, so each translation unit keeps its own) remembers the size
-// already granted per device: after the first call with a shape, later calls make
-// no CUDA API call at all, so a step can be captured into a CUDA graph once it has
-// run eagerly.
+// Opts a kernel into more than 48 KiB of dynamic shared memory, with a clear error. `done` (a static of the
+// calling launcher, so one per kernel; the launchers are static like the kernels, so each translation unit
+// keeps its own) remembers the size already granted per device: after the first call with a shape, later
+// calls make no CUDA API call at all, so a step can be captured into a CUDA graph once it has run eagerly.
 constexpr int MAX_DEVICES = 64;
 template <typename K>
 inline void set_smem(K kernel, size_t bytes, size_t (&done)[MAX_DEVICES]) {
@@ -775,11 +756,10 @@ inline void backward_dq(bf16* dq, const bf16* q, const bf16* k, const bf16* v, c
 
 }  // namespace mla_detail
 
-// Causal attention forward. out [B, T, H, dv] (bf16), lse [B, H, T] (fp32,
-// logsumexp of the scaled scores, kept for backward); q, k [B, T, H, dqk],
-// v [B, T, H, dv]; scale = RopeTable::softmax_scale. Head sizes 1..256 (multiples
-// of 8 take the fast 16-byte load path). Graph capture: run each head-size
-// combination once outside capture first (the shared-memory opt-in happens then).
+// Causal attention forward. out [B, T, H, dv] (bf16), lse [B, H, T] (fp32, logsumexp of the scaled scores,
+// kept for backward); q, k [B, T, H, dqk], v [B, T, H, dv]; scale = RopeTable::softmax_scale. Head sizes
+// 1..256 (multiples of 8 take the fast 16-byte load path). Graph capture: run each head-size combination once
+// outside capture first (the shared-memory opt-in happens then).
 inline void attention_forward_gpu(bf16* out, float* lse, const bf16* q, const bf16* k, const bf16* v, int B, int T, int H, int dqk,
                                   int dv, float scale, cudaStream_t stream) {
     using namespace mla_detail;
@@ -791,9 +771,8 @@ inline void attention_forward_gpu(bf16* out, float* lse, const bf16* q, const bf
 // floats of scratch attention_backward_gpu needs (D = rowsum(dout * out), [B, H, T])
 inline size_t attention_backward_scratch_floats(int B, int T, int H) { return (size_t)B * H * T; }
 
-// Causal attention backward: writes dq, dk [B, T, H, dqk] and
-// dvalue [B, T, H, dv] from dout [B, T, H, dv] and the forward's out and lse.
-// Deterministic: every output element is written by exactly one thread after a
+// Causal attention backward: writes dq, dk [B, T, H, dqk] and dvalue [B, T, H, dv] from dout [B, T, H, dv]
+// and the forward's out and lse. Deterministic: every output element is written by exactly one thread after a
 // fixed-order reduction. scratch: attention_backward_scratch_floats(B, T, H) floats.
 inline void attention_backward_gpu(bf16* dq, bf16* dk, bf16* dvalue, const bf16* dout, const bf16* out, const float* lse, const bf16* q,
                                    const bf16* k, const bf16* v, int B, int T, int H, int dqk, int dvd, float scale, float* scratch,
@@ -810,9 +789,8 @@ inline void attention_backward_gpu(bf16* dq, bf16* dk, bf16* dvalue, const bf16*
 }
 
 // ----------------------------------------------------------------------------
-// The MLA layer, the GPU twin of reference.h's mla_forward / mla_backward (same
-// arguments in the same order, the GpuContext last): the kernels above around
-// cuBLASLt projections, bf16 activations, fp32 RMSNorm statistics and lse.
+// The MLA layer, the GPU twin of reference.h's mla_forward / mla_backward (same arguments in the same order, the
+// GpuContext last): the kernels above around cuBLASLt projections, bf16 activations, fp32 RMSNorm statistics and lse.
 
 struct MlaActsGpu {
     // one layer's, kept from forward to backward (N = B*T token rows)
