@@ -1,6 +1,5 @@
-// chart.h — the loss curve of a training run as a self-contained SVG (train and
-// val loss against step), drawn without external tools so that a run directory
-// can be looked at in a browser as it trains.
+// chart.h — the loss curve of a training run as a self-contained SVG (train and val loss against step), drawn
+// without external tools so that a run directory can be looked at in a browser as it trains.
 #pragma once
 
 #include <algorithm>

@@ -1,7 +1,6 @@
-// checkpoint.cpp — model_save / model_load of model.h: a checkpoint directory with
-// config.json (Hugging Face names), model.safetensors (HF tensor names, fp32 or
-// bf16), tokenizer.bin (absent for the byte tokenizer), and for exact resume
-// optimizer.safetensors (the AdamW moments) and trainer_state.json, written to a
+// checkpoint.cpp — model_save / model_load of model.h: a checkpoint directory with config.json (Hugging Face
+// names), model.safetensors (HF tensor names, fp32 or bf16), tokenizer.bin (absent for the byte tokenizer),
+// and for exact resume optimizer.safetensors (the AdamW moments) and trainer_state.json, written to a
 // temporary directory and renamed into place, so a kill never leaves half of one.
 #include "fileutil.h"
 #include "model.h"
@@ -105,8 +104,7 @@ bool checkpoint_has_state(const std::string& dir) {
     return path_exists(dir + "/trainer_state.json") && path_exists(dir + "/optimizer.safetensors");
 }
 
-// copies every tensor of the layout from f into dst, refusing missing,
-// mis-shaped and unexpected tensors
+// copies every tensor of the layout from f into dst, refusing missing, mis-shaped and unexpected tensors
 static void take_all(const SafeTensorsFile& f, const ParamLayout& L, float* dst) {
     for (const TensorSpec& s : L.tensors) safetensors_take(f, s.name, s.shape, dst + s.offset);
     for (const SafeTensor& t : f.tensors)

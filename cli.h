@@ -1,6 +1,5 @@
-// cli.h — GNU-style long options for the binaries: "--name value" or
-// "--name=value", flags without values, and one-line errors for unknown options and
-// malformed numbers. Each binary walks its arguments like this:
+// cli.h — GNU-style long options for the binaries: "--name value" or "--name=value", flags without values,
+// and one-line errors for unknown options and malformed numbers. Each binary walks its arguments like this:
 //
 //   CliParser cli{argc, argv};
 //   while (cli_next(cli)) {
@@ -77,9 +76,17 @@ inline double cli_float(CliParser& p, double lo, double hi) {
     return x;
 }
 
-// a flag must not be given a value
-inline void cli_flag(CliParser& p) {
+// a flag must not be given a value; true, for `quiet = cli_flag(cli);`
+inline bool cli_flag(CliParser& p) {
     if (p.has_inline_value) fail("option %s takes no value", p.name.c_str());
+    return true;
+}
+
+// --help: prints the usage; returns run()'s exit status, 0
+inline int cli_help(CliParser& p, const char* usage) {
+    cli_flag(p);
+    printf("%s", usage);
+    return 0;
 }
 
 [[noreturn]] inline void cli_unknown(const CliParser& p) {

@@ -1,9 +1,8 @@
-// common.h — small utilities shared by every file: error reporting, string
-// formatting, a counter-based random number generator, bf16 conversion, timing.
+// common.h — small utilities shared by every file: error reporting, string formatting, a counter-based random number
+// generator, bf16 conversion, timing.
 //
-// Library code never exits: bad input throws std::runtime_error with a one-line
-// message that names the file/flag and the problem. Each binary's main() catches
-// it, prints "error: <message>" and exits with status 1.
+// Library code never exits: bad input throws std::runtime_error with a one-line message that names the file/flag and
+// the problem. Each binary's main() catches it, prints "error: <message>" and exits with status 1.
 #pragma once
 
 #include <chrono>
@@ -44,6 +43,13 @@ inline std::string strfmt(const char* fmt, ...) {
     throw std::runtime_error(s);
 }
 
+// a tensor shape as "[2, 3]"
+inline std::string shape_str(const std::vector<int64_t>& shape) {
+    std::string s = "[";
+    for (size_t i = 0; i < shape.size(); i++) s += (i ? ", " : "") + std::to_string(shape[i]);
+    return s + "]";
+}
+
 // Functions marked HD run on the host and, compiled by nvcc, on the device too, so
 // the CPU reference and the kernels draw the same random numbers.
 #ifdef __CUDACC__
@@ -53,10 +59,9 @@ inline std::string strfmt(const char* fmt, ...) {
 #endif
 
 // ----------------------------------------------------------------------------
-// Counter-based RNG. A pure function of (key, counter), so any element of a
-// random stream can be drawn in any order, on any thread or device, and a run can
-// resume from a step number alone. SplitMix64's finaliser is a good enough mixer
-// for initialisation, dropout masks and sampling.
+// Counter-based RNG. A pure function of (key, counter), so any element of a random stream can be drawn in any
+// order, on any thread or device, and a run can resume from a step number alone. SplitMix64's finaliser is a
+// good enough mixer for initialisation, dropout masks and sampling.
 
 HD inline uint64_t mix64(uint64_t x) {
     x += 0x9E3779B97F4A7C15ull;

@@ -1,6 +1,5 @@
-// config.h — the model's architecture, named with Hugging Face's config.json field
-// names (DeepseekV3Config), the named presets, consistency checks, and reading and
-// writing config.json.
+// config.h — the model's architecture, named with Hugging Face's config.json field names (DeepseekV3Config),
+// the named presets, consistency checks, and reading and writing config.json.
 //
 // How the seed's knobs map onto these fields:
 //   d_model -> hidden_size, num_heads -> num_attention_heads,
@@ -11,11 +10,12 @@
 //           each shared expert), so a token's active FFN width with top-2 routing
 //           and one shared expert is 3/4 of the dense layer's,
 //   num_experts -> n_routed_experts, top_k -> num_experts_per_tok.
-// Training-only knobs (dropout, balance-loss weight, bias update speed) are not
-// architecture and live in the trainer's options.
+// Training-only knobs (dropout, balance-loss weight, bias update speed) are not architecture and live in the
+// trainer's options.
 #pragma once
 
 #include <string>
+#include <tuple>
 
 #include "common.h"
 #include "json.h"
@@ -65,50 +65,32 @@ struct Config {
 inline Config config_preset(const std::string& name) {
     Config c;  // the defaults above are "mini"
     if (name == "mini") return c;
-    if (name == "tiny") {
-        c.vocab_size = 61;
-        c.hidden_size = 32;
-        c.intermediate_size = 48;
-        c.moe_intermediate_size = 12;
-        c.num_hidden_layers = 3;
-        c.num_attention_heads = 2;
-        c.q_lora_rank = 16;
-        c.kv_lora_rank = 12;
-        c.qk_nope_head_dim = 8;
-        c.qk_rope_head_dim = 4;
-        c.v_head_dim = 6;
-        c.n_routed_experts = 8;
-        c.n_shared_experts = 1;
-        c.num_experts_per_tok = 3;
-        c.n_group = 4;
-        c.topk_group = 2;
-        c.first_k_dense_replace = 1;
-        c.routed_scaling_factor = 2.5f;
-        c.max_position_embeddings = 64;
-        return c;
-    }
-    if (name == "small") {
-        c.vocab_size = 32768;
-        c.hidden_size = 768;
-        c.intermediate_size = 3072;
-        c.moe_intermediate_size = 768;
-        c.num_hidden_layers = 12;
-        c.num_attention_heads = 12;
-        c.q_lora_rank = 384;
-        c.kv_lora_rank = 512;
-        c.qk_nope_head_dim = 64;
-        c.qk_rope_head_dim = 32;
-        c.v_head_dim = 64;
-        c.n_routed_experts = 8;
-        c.n_shared_experts = 1;
-        c.num_experts_per_tok = 2;
-        c.n_group = 4;
-        c.topk_group = 2;
-        c.first_k_dense_replace = 1;
-        c.max_position_embeddings = 2048;
-        return c;
-    }
-    fail("unknown preset '%s' (choose tiny, mini or small)", name.c_str());
+    if (name != "tiny" && name != "small") fail("unknown preset '%s' (choose tiny, mini or small)", name.c_str());
+    const bool tiny = name == "tiny";
+    const std::tuple<int Config::*, int, int> sizes[] = {
+        // field                              tiny  small
+        {&Config::vocab_size,                   61, 32768},
+        {&Config::hidden_size,                  32,   768},
+        {&Config::intermediate_size,            48,  3072},
+        {&Config::moe_intermediate_size,        12,   768},
+        {&Config::num_hidden_layers,             3,    12},
+        {&Config::num_attention_heads,           2,    12},
+        {&Config::q_lora_rank,                  16,   384},
+        {&Config::kv_lora_rank,                 12,   512},
+        {&Config::qk_nope_head_dim,              8,    64},
+        {&Config::qk_rope_head_dim,              4,    32},
+        {&Config::v_head_dim,                    6,    64},
+        {&Config::n_routed_experts,              8,     8},
+        {&Config::n_shared_experts,              1,     1},
+        {&Config::num_experts_per_tok,           3,     2},
+        {&Config::n_group,                       4,     4},
+        {&Config::topk_group,                    2,     2},
+        {&Config::first_k_dense_replace,         1,     1},
+        {&Config::max_position_embeddings,      64,  2048},
+    };
+    for (const auto& [field, tiny_value, small_value] : sizes) c.*field = tiny ? tiny_value : small_value;
+    if (tiny) c.routed_scaling_factor = 2.5f;
+    return c;
 }
 
 // Refuses configurations the model cannot run, naming the offending fields.

@@ -1,9 +1,8 @@
-// corpus.h — the generated default corpus that ./train and data/prepare --default
-// use when no text is given: English-like paragraphs from a small fixed-seed
-// grammar — little stories, arithmetic, counting, dialogues and facts. The facts are
-// consistent (sums are right, a bird can fly, a horse is bigger than a cat, the
-// noun a story introduces comes back) so a small model has something to learn
-// beyond word frequencies, and the combinations vary enough not to be memorised.
+// corpus.h — the generated default corpus that ./train and data/prepare --default use when no text is given:
+// English-like paragraphs from a small fixed-seed grammar — little stories, arithmetic, counting, dialogues
+// and facts. The facts are consistent (sums are right, a bird can fly, a horse is bigger than a cat, the noun
+// a story introduces comes back) so a small model has something to learn beyond word frequencies, and the
+// combinations vary enough not to be memorised.
 #pragma once
 
 #include <algorithm>

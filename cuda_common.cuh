@@ -1,10 +1,8 @@
-// cuda_common.cuh — what every CUDA file shares: error checks that throw one-line
-// messages, the bf16 type, device buffers, the one cuBLASLt matmul wrapper, and
-// host<->device copies with conversion (used by the GPU tests too).
+// cuda_common.cuh — what every CUDA file shares: error checks that throw one-line messages, the bf16 type, device
+// buffers, the one cuBLASLt matmul wrapper, and host<->device copies with conversion (used by the GPU tests too).
 //
-// Layout conventions match reference.h: row-major activations [N, C]; weights
-// W[OC, C] as in nn.Linear; activations and weights bf16, weight gradients,
-// master weights and AdamW moments fp32.
+// Layout conventions match reference.h: row-major activations [N, C]; weights W[OC, C] as in nn.Linear; activations and
+// weights bf16, weight gradients, master weights and AdamW moments fp32.
 #pragma once
 
 #include <cublasLt.h>
@@ -93,15 +91,12 @@ std::vector<float> to_host(const T* src, size_t n) {
 }
 
 // ----------------------------------------------------------------------------
-// cuBLASLt: out[M, N] (+)= A @ B in row-major terms, where A is [M, K] (or its
-// transpose stored [K, M]) and B is [K, N] (or stored [N, K]). bf16 inputs, fp32
-// accumulation, output bf16 or fp32; beta = 1 accumulates into out (weight
-// gradients). Row-major X is column-major X^T, so we ask cuBLASLt for
-// out^T = B^T A^T.
+// cuBLASLt: out[M, N] (+)= A @ B in row-major terms, where A is [M, K] (or its transpose stored [K, M]) and B
+// is [K, N] (or stored [N, K]). bf16 inputs, fp32 accumulation, output bf16 or fp32; beta = 1 accumulates
+// into out (weight gradients). Row-major X is column-major X^T, so we ask cuBLASLt for out^T = B^T A^T.
 
-// One GEMM shape's cuBLASLt objects and chosen algorithm. Creating descriptors
-// and asking the heuristic costs tens of microseconds of host time, more than a
-// small GEMM runs, so each shape is planned once and reused every step.
+// One GEMM shape's cuBLASLt objects and chosen algorithm. Creating descriptors and asking the heuristic costs tens of
+// microseconds of host time, more than a small GEMM runs, so each shape is planned once and reused every step.
 struct MatmulPlan {
     cublasLtMatmulDesc_t desc;
     cublasLtMatrixLayout_t la, lb, lc;
@@ -137,9 +132,7 @@ inline void matmul_init(Matmul& mm) {
 inline void matmul_free(Matmul& mm) {
     for (auto& entry : mm.plans) {
         MatmulPlan& p = entry.second;
-        cublasLtMatrixLayoutDestroy(p.la);
-        cublasLtMatrixLayoutDestroy(p.lb);
-        cublasLtMatrixLayoutDestroy(p.lc);
+        for (cublasLtMatrixLayout_t layout : {p.la, p.lb, p.lc}) cublasLtMatrixLayoutDestroy(layout);
         cublasLtMatmulDescDestroy(p.desc);
     }
     if (mm.handle) cublasLtDestroy(mm.handle);
@@ -246,3 +239,43 @@ __device__ inline float block_reduce(float v, float identity) {
 
 __device__ inline float block_sum(float v) { return block_reduce<warp_sum>(v, 0.0f); }
 __device__ inline float block_max(float v) { return block_reduce<warp_max>(v, -INFINITY); }
+
+// ----------------------------------------------------------------------------
+// PTX of the tensor-core kernels (mla.cuh's flash attention, moe.cuh's grouped GEMM): ldmatrix, mma.sync m16n8k16 bf16
+// with fp32 accumulation, and cp.async, which zero-fills what src_bytes leaves of the destination.
+
+__device__ inline uint32_t smem_u32(const void* p) { return (uint32_t)__cvta_generic_to_shared(p); }
+
+__device__ inline void ldsm_x4(uint32_t (&r)[4], uint32_t addr) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(addr));
+}
+
+__device__ inline void ldsm_x4_trans(uint32_t (&r)[4], uint32_t addr) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(addr));
+}
+
+// c[16x8] += a[16x16] b[16x8]
+__device__ inline void mma16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
+                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+__device__ inline void cp_async16(uint32_t dst, const void* src, int src_bytes) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(src_bytes));
+}
+
+__device__ inline void cp_async4(uint32_t dst, const void* src, int src_bytes) {
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(dst), "l"(src), "r"(src_bytes));
+}
+
+__device__ inline void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+
+template <int N>
+__device__ inline void cp_async_wait() {
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}

@@ -1,10 +1,10 @@
-// dataloader.h — llm.c token files (read, write, validate), the DataLoader that
-// walks one or more of them in batches with exact resume, and dataset preparation
-// (tokenizer + train.bin + val.bin from raw text). The default corpus is corpus.h.
+// dataloader.h — llm.c token files (read, write, validate), the DataLoader that walks one or more of them in batches
+// with exact resume, and dataset preparation (tokenizer + train.bin + val.bin from raw text). The default corpus is
+// corpus.h.
 //
-// Token file: 256 int32 header, header[0] = magic, header[1] = version, header[2] =
-// token count, then the tokens: magic 20240520 / version 1 stores uint16, magic
-// 20240801 / version 7 stores uint32. Little-endian, as llm.c writes them.
+// Token file: 256 int32 header, header[0] = magic, header[1] = version, header[2] = token count, then the tokens: magic
+// 20240520 / version 1 stores uint16, magic 20240801 / version 7 stores uint32. Little-endian, as llm.c writes them and
+// as the host is (x86, ARM; safetensors.h says so too), so a token is copied as the low bytes of an integer.
 #pragma once
 
 #include <algorithm>
@@ -24,8 +24,7 @@ static const int TOKENS_MAGIC_U16 = 20240520;  // version 1
 static const int TOKENS_MAGIC_U32 = 20240801;  // version 7
 static const size_t TOKENS_HEADER_BYTES = 256 * sizeof(int32_t);
 
-// Validates a header against the file's size; returns the token count and sets
-// *bytes_per_token.
+// Validates a header against the file's size; returns the token count and sets *bytes_per_token.
 inline uint64_t token_file_check(const std::string& path, const int32_t* header, uint64_t file_size,
                                  int* bytes_per_token) {
     const char* p = path.c_str();
@@ -81,16 +80,8 @@ inline std::vector<int> read_token_file(const std::string& path, int vocab_size)
     // an unsigned limit also catches uint32 ids that do not fit in an int
     uint64_t limit = vocab_size >= 0 ? (uint64_t)vocab_size : (uint64_t)INT32_MAX + 1;
     for (uint64_t i = 0; i < count; i++) {
-        uint64_t t;
-        if (bpt == 2) {
-            uint16_t v;
-            memcpy(&v, src + 2 * i, 2);
-            t = v;
-        } else {
-            uint32_t v;
-            memcpy(&v, src + 4 * i, 4);
-            t = v;
-        }
+        uint64_t t = 0;
+        memcpy(&t, src + bpt * i, bpt);
         if (t >= limit) {
             if (vocab_size >= 0)
                 fail("%s: token %llu at position %llu is >= vocab_size %d", path.c_str(), (unsigned long long)t,
@@ -119,24 +110,16 @@ inline void write_token_file(const std::string& path, const std::vector<int>& to
     for (size_t i = 0; i < tokens.size(); i++) {
         if (tokens[i] < 0 || (uint64_t)tokens[i] >= limit)
             fail("%s: token %d at position %zu does not fit a version %d file", path.c_str(), tokens[i], i, version);
-        if (bpt == 2) {
-            uint16_t v = (uint16_t)tokens[i];
-            memcpy(dst + 2 * i, &v, 2);
-        } else {
-            uint32_t v = (uint32_t)tokens[i];
-            memcpy(dst + 4 * i, &v, 4);
-        }
+        memcpy(dst + bpt * i, &tokens[i], bpt);
     }
     write_file_atomic(path, data);
 }
 
 // ----------------------------------------------------------------------------
-// DataLoader: the shards, concatenated in sorted order, form one cyclic token
-// stream. A batch at offset p holds tokens p .. p+B*T (wrapping), inputs the first
-// B*T and targets the last B*T; each call advances p by B*T per process. With
-// several processes, rank r reads the batch at p + r*B*T. The whole state is p,
-// so resume is exact. Only one shard is in memory at a time (llm.c's FineWeb
-// shards are 100M tokens each); a shard's token ids are checked when it is read.
+// DataLoader: the shards, concatenated in sorted order, form one cyclic token stream. A batch at offset p holds tokens
+// p .. p+B*T (wrapping), inputs the first B*T and targets the last B*T; each call advances p by B*T per process. With
+// several processes, rank r reads the batch at p + r*B*T. The whole state is p, so resume is exact. Only one shard is
+// in memory at a time (llm.c's FineWeb shards are 100M tokens each); a shard's token ids are checked when it is read.
 
 struct DataLoader {
     int B = 0, T = 0;
@@ -176,12 +159,7 @@ inline void dataloader_open(DataLoader& dl, const std::string& pattern, int B, i
                             int rank = 0, int world = 1) {
     if (B <= 0 || T <= 0) fail("%s: batch size B=%d and sequence length T=%d must be positive", pattern.c_str(), B, T);
     if (world <= 0 || rank < 0 || rank >= world) fail("%s: bad process rank %d of %d", pattern.c_str(), rank, world);
-    dl = DataLoader();
-    dl.B = B;
-    dl.T = T;
-    dl.vocab_size = vocab_size;
-    dl.rank = rank;
-    dl.world = world;
+    dl = DataLoader{B, T, vocab_size, rank, world};
     dl.files = glob_files(pattern);
     for (const std::string& f : dl.files) {
         dl.starts.push_back(dl.total);

@@ -1,7 +1,6 @@
-// decode.cu — the GPU decoder of decode.h (kernels in decode.cuh): prefill through the training
-// forward (gpu_forward), then one token per sequence per step with the absorbed MLA
-// form over the bf16 latent cache, GPU sampling, and the step captured in a CUDA
-// graph (it is launch-bound: ~20 kernels and GEMMs per layer for a handful of rows).
+// decode.cu — the GPU decoder of decode.h (kernels in decode.cuh): prefill through the training forward (gpu_forward),
+// then one token per sequence per step with the absorbed MLA form over the bf16 latent cache, GPU sampling, and the
+// step captured in a CUDA graph (it is launch-bound: ~20 kernels and GEMMs per layer for a handful of rows).
 #include "decode.cuh"
 
 #include <algorithm>
@@ -17,11 +16,8 @@ GpuDecoder* decoder_create(Model& m, int batch, int max_len, int max_prompt) {
     if (max_prompt < 1 || max_prompt > max_len) fail("decode: prompts of %d tokens do not fit sequences of %d", max_prompt, max_len);
     if (!m.gpu) model_to_gpu(m, (int)std::max(1LL, std::min<long long>(batch, PREFILL_TOKENS / max_prompt)), max_prompt, true);
     if (m.gpu->N < max_prompt) fail("decode: the GPU buffers hold %d tokens, fewer than a %d-token prompt", m.gpu->N, max_prompt);
-    GpuDecoder* dp = new GpuDecoder();
+    GpuDecoder* dp = new GpuDecoder{&m, batch, max_len};
     GpuDecoder& d = *dp;
-    d.m = &m;
-    d.batch = batch;
-    d.max_len = max_len;
     const int B = batch, D = c.hidden_size, H = c.num_attention_heads, qr = c.q_lora_rank, dc = c.kv_lora_rank, dr = c.qk_rope_head_dim;
     const int dn = c.qk_nope_head_dim, dv = c.v_head_dim, V = c.vocab_size, E = c.n_routed_experts, K = c.num_experts_per_tok;
     const int I = c.intermediate_size, MI = c.moe_intermediate_size, SI = c.n_shared_experts * MI, S = B * K, width = dc + dr;
@@ -32,10 +28,10 @@ GpuDecoder* decoder_create(Model& m, int batch, int max_len, int max_prompt) {
 
     d.cache = arena_alloc<bf16>(d.arena, (size_t)c.num_hidden_layers * B * max_len * width, "the latent KV cache");
     d.cache_bytes = d.arena.bytes;
-    d.tokens = arena_alloc<int>(d.arena, B, "decode state");
-    d.pos = arena_alloc<int>(d.arena, B, "decode state");
-    d.gen = arena_alloc<int>(d.arena, B, "decode state");
-    d.active = arena_alloc<int>(d.arena, B, "decode state");
+    for (int** state : {&d.tokens, &d.pos, &d.gen, &d.active}) {
+        *state = arena_alloc<int>(d.arena, B, "decode state");
+        CUDA_CHECK(cudaMemset(*state, 0, B * sizeof(int)));
+    }
     CUDA_CHECK(cudaMallocHost(&d.tokens_host, B * sizeof(int)));
     d.emb = arena_alloc<bf16>(d.arena, (size_t)B * D, "decode activations");
     d.res = arena_alloc<float>(d.arena, (size_t)B * D, "decode activations");
@@ -58,10 +54,6 @@ GpuDecoder* decoder_create(Model& m, int batch, int max_len, int max_prompt) {
     bf16* hidden = acts(std::max({(size_t)B * I, (size_t)S * MI, (size_t)B * SI}));
     if (c.first_k_dense_replace > 0 || E == 0) d.ffn = FfnActsGpu{acts((size_t)B * 2 * I), hidden, nullptr, nullptr};
     if (E > 0) d.moe = moe_layer_alloc(d.arena, c, B, 1, moe_shared_alloc(d.arena, c, B, FfnActsGpu{nullptr, hidden, nullptr, nullptr}, false));
-    CUDA_CHECK(cudaMemset(d.active, 0, B * sizeof(int)));
-    CUDA_CHECK(cudaMemset(d.pos, 0, B * sizeof(int)));
-    CUDA_CHECK(cudaMemset(d.gen, 0, B * sizeof(int)));
-    CUDA_CHECK(cudaMemset(d.tokens, 0, B * sizeof(int)));
 
     return dp;
 }
@@ -124,9 +116,8 @@ void decoder_prefill(GpuDecoder& d, const std::vector<std::vector<int>>& prompts
     CUDA_CHECK(cudaStreamSynchronize(gpu.ctx.stream));
 }
 
-// The absorbed MLA of one token per sequence (x [B, D] at positions pos[b]), the
-// GPU twin of decode.h's mla_decode_forward: appends each sequence's latent row to
-// cache_l [B, max_len, dc+dr] and writes out [B, D].
+// The absorbed MLA of one token per sequence (x [B, D] at positions pos[b]), the GPU twin of decode.h's
+// mla_decode_forward: appends each sequence's latent row to cache_l [B, max_len, dc+dr] and writes out [B, D].
 static void mla_decode_forward_gpu(const Config& c, const MlaWeights<bf16>& w, const RopeGpu& rope, bf16* out, const bf16* x,
                                    bf16* cache_l, GpuDecoder& d, GpuContext& ctx) {
     const int B = d.batch, H = c.num_attention_heads, qr = c.q_lora_rank, dc = c.kv_lora_rank, dr = c.qk_rope_head_dim;

@@ -1,21 +1,17 @@
-// decode.cuh — generation on the GPU: the absorbed-MLA decode kernels, a
-// flash-decoding attention kernel over the latent cache, GPU sampling, and the
-// GpuDecoder that strings them into prefill + one-token-per-sequence steps
-// (implemented in decode.cu). decode.h is the CPU version of the same math; read
-// its header comment first.
+// decode.cuh — generation on the GPU: the absorbed-MLA decode kernels, a flash-decoding attention kernel over the
+// latent cache, GPU sampling, and the GpuDecoder that strings them into prefill + one-token-per-sequence steps
+// (implemented in decode.cu). decode.h is the CPU version of the same math; read its header comment first.
 //
-// The cache: bf16 [layers][batch][max_len][dc + dr], row t of sequence b holding
-// [RMSNorm(c_t) (dc); roped k_pe_t (dr)] of layer l. Per step, for B sequences
-// (one token each, at position pos[b]) and each layer:
+// The cache: bf16 [layers][batch][max_len][dc + dr], row t of sequence b holding [RMSNorm(c_t) (dc); roped k_pe_t (dr)]
+// of layer l. Per step, for B sequences (one token each, at position pos[b]) and each layer:
 //   kv [B, dc+dr] = xn @ W_kv_a^T         -> decode_cache_write_gpu (RMSNorm, RoPE, row pos[b])
 //   q  [B, H, dn+dr]                      -> decode_absorb_query_gpu: qlat [B, H, dc+dr] fp32
 //                                            = [W_UK_h^T q_nope; rope(q_pe)]
 //   flash_decode_gpu: o_lat [B, H, dc] fp32 = softmax(qlat . cache[0..pos]) @ cache[:, :dc]
 //   decode_value_up_gpu: o [B, H*dv] bf16 = W_UV_h o_lat
-// then o_proj, the FFN/MoE (moe.cuh's ffn_forward_gpu / moe_forward_gpu, as in
-// training), the head, and sample_gpu picks the next
-// tokens. Every kernel reads the positions and flags from device memory, so one
-// captured CUDA graph replays every step.
+// then o_proj, the FFN/MoE (moe.cuh's ffn_forward_gpu / moe_forward_gpu, as in training), the head, and sample_gpu
+// picks the next tokens. Every kernel reads the positions and flags from device memory, so one captured CUDA graph
+// replays every step.
 #pragma once
 
 #include <climits>
@@ -24,10 +20,9 @@
 #include "gpu_model.cuh"
 
 // ----------------------------------------------------------------------------
-// The new cache row of each sequence: cache_b[pos[b]] = [w * RMSNorm(kv[b, :dc]);
-// rope(kv[b, dc:], pos[b])]. kv [B, dc+dr] bf16 (the W_kv_a GEMM), weight [dc],
-// cache [B, max_len, dc+dr]. One block per sequence; fp32 math, one rounding, as
-// the training kernels (RMSNorm of the bf16 c, RoPE of the bf16 k_pe).
+// The new cache row of each sequence: cache_b[pos[b]] = [w * RMSNorm(kv[b, :dc]); rope(kv[b, dc:], pos[b])].
+// kv [B, dc+dr] bf16 (the W_kv_a GEMM), weight [dc], cache [B, max_len, dc+dr]. One block per sequence; fp32
+// math, one rounding, as the training kernels (RMSNorm of the bf16 c, RoPE of the bf16 k_pe).
 static __global__ void decode_cache_write_kernel(bf16* cache, const bf16* kv, const bf16* weight, const float2* rope_cs, const int* pos,
                                                  int dc, int dr, int max_len, float eps) {
     const int b = blockIdx.x, width = dc + dr, p = pos[b];
@@ -57,13 +52,11 @@ inline void decode_cache_write_gpu(bf16* cache, const bf16* kv, const bf16* weig
 }
 
 // ----------------------------------------------------------------------------
-// Absorbed query: qlat[b, h] = [W_UK_h^T q_nope[b, h] (dc); rope(q_pe[b, h], pos[b]) (dr)]
-// in fp32, with W_UK_h = rows h*(dn+dv) .. h*(dn+dv)+dn-1 of kv_b [H*(dn+dv), dc].
-// Grid (H, ceil(dc / 64), ceil(B / DECODE_SEQS)), 256 threads: 64 latent columns
-// (coalesced rows of W_UK_h) by 4 groups that each sum every 4th of the dn rows,
-// for DECODE_SEQS sequences at once so W_UK_h is read once per DECODE_SEQS; the 4
-// partial sums are added in group order. Many small blocks: at batch 1 this is a
-// latency-bound product, and one block per head would serialise its loads.
+// Absorbed query: qlat[b, h] = [W_UK_h^T q_nope[b, h] (dc); rope(q_pe[b, h], pos[b]) (dr)] in fp32, with W_UK_h = rows
+// h*(dn+dv) .. h*(dn+dv)+dn-1 of kv_b [H*(dn+dv), dc]. Grid (H, ceil(dc / 64), ceil(B / DECODE_SEQS)), 256 threads: 64
+// latent columns (coalesced rows of W_UK_h) by 4 groups that each sum every 4th of the dn rows, for DECODE_SEQS
+// sequences at once so W_UK_h is read once per DECODE_SEQS; the 4 partial sums are added in group order. Many small
+// blocks: at batch 1 this is a latency-bound product, and one block per head would serialise its loads.
 constexpr int DECODE_SEQS = 8;
 
 static __global__ void __launch_bounds__(256)
@@ -113,17 +106,14 @@ inline void decode_absorb_query_gpu(float* qlat, const bf16* q, const bf16* kv_b
 }
 
 // ----------------------------------------------------------------------------
-// Flash decoding: one query per (sequence, head) over that sequence's cache rows
-// 0..pos[b]. A single query is too little work for one block per (b, h) when the
-// batch is small, so the rows are split into `splits` contiguous ranges, one block
-// each (grid (splits, H, B)); every block writes a partial (max, sum, unnormalised
-// output) in the log2 domain, and a combine kernel merges the splits with their
-// log-sum-exp weights in split order (deterministic). Keys are the whole cache row
-// (dc+dr), values its first dc columns: all heads share them (the absorbed form).
+// Flash decoding: one query per (sequence, head) over that sequence's cache rows 0..pos[b]. A single query is too
+// little work for one block per (b, h) when the batch is small, so the rows are split into `splits` contiguous ranges,
+// one block each (grid (splits, H, B)); every block writes a partial (max, sum, unnormalised output) in the log2
+// domain, and a combine kernel merges the splits with their log-sum-exp weights in split order (deterministic). Keys
+// are the whole cache row (dc+dr), values its first dc columns: all heads share them (the absorbed form).
 //
-// Inside a block each warp takes every NWARPS-th row: the lanes split the row's
-// dot product (warp_sum), then each lane updates its dc/32 output accumulators
-// with the online softmax; the warps' states merge in shared memory at the end.
+// Inside a block each warp takes every NWARPS-th row: the lanes split the row's dot product (warp_sum), then each lane
+// updates its dc/32 output accumulators with the online softmax; the warps' states merge in shared memory at the end.
 constexpr int FLASH_DECODE_WARPS = 4;
 
 template <int DCL>  // latent columns per lane: dc <= 32 * DCL
@@ -139,9 +129,7 @@ static __global__ void __launch_bounds__(FLASH_DECODE_WARPS * 32)
     const int len = pos[b] + 1, chunk = (len + splits - 1) / splits, t0 = s * chunk, t1 = min(len, t0 + chunk);
     for (int j = threadIdx.x; j < width; j += blockDim.x) q_s[j] = qlat[((size_t)b * H + h) * width + j] * scale_log2;
     __syncthreads();
-    float m = -INFINITY, l = 0, acc[DCL];
-#pragma unroll
-    for (int i = 0; i < DCL; i++) acc[i] = 0;
+    float m = -INFINITY, l = 0, acc[DCL] = {};
     const bf16* rows = cache + (size_t)b * max_len * width;
     for (int t = t0 + warp; t < t1; t += FLASH_DECODE_WARPS) {
         const bf16* row = rows + (size_t)t * width;
@@ -190,16 +178,14 @@ static __global__ void flash_decode_combine_kernel(float* o_lat, const float* pa
     }
 }
 
-// splits that give the GPU about two blocks per SM for B*H queries, at least 16
-// rows each for a cache of max_len rows
+// splits that give the GPU about two blocks per SM for B*H queries, at least 16 rows each for a cache of max_len rows
 inline int flash_decode_splits(int B, int H, int max_len, int sms) {
     const int want = ceil_div(2LL * sms, (long long)B * H);
     return std::max(1, std::min(want, ceil_div(max_len, 16)));
 }
 
-// o_lat [B, H, dc] fp32 from qlat [B, H, dc+dr] fp32 and cache [B, max_len, dc+dr]
-// (rows 0..pos[b] of sequence b); scale = the softmax scale (RopeTable's);
-// part_acc [B, H, splits, dc] and part_ml [B, H, splits] are scratch.
+// o_lat [B, H, dc] fp32 from qlat [B, H, dc+dr] fp32 and cache [B, max_len, dc+dr] (rows 0..pos[b] of sequence b);
+// scale = the softmax scale (RopeTable's); part_acc [B, H, splits, dc] and part_ml [B, H, splits] are scratch.
 inline void flash_decode_gpu(float* o_lat, float* part_acc, float2* part_ml, const float* qlat, const bf16* cache, const int* pos, int B,
                              int H, int dc, int dr, int max_len, int splits, float scale, cudaStream_t stream) {
     if (dc > 32 * 32) fail("flash_decode: kv_lora_rank %d exceeds the supported 1024", dc);
@@ -217,10 +203,9 @@ inline void flash_decode_gpu(float* o_lat, float* part_acc, float2* part_ml, con
 }
 
 // ----------------------------------------------------------------------------
-// W_UV after attention: o[b, h*dv + v] = W_UV_h[v] . o_lat[b, h] (bf16 out), with
-// W_UV_h = rows h*(dn+dv)+dn .. +dv-1 of kv_b. Grid (H, ceil(dv / 8),
-// ceil(B / DECODE_SEQS)), 8 warps: warp w owns output row v = 8 * blockIdx.y + w and
-// reads W_UV_h[v] once for DECODE_SEQS sequences (lanes split the dc columns).
+// W_UV after attention: o[b, h*dv + v] = W_UV_h[v] . o_lat[b, h] (bf16 out), with W_UV_h = rows
+// h*(dn+dv)+dn .. +dv-1 of kv_b. Grid (H, ceil(dv / 8), ceil(B / DECODE_SEQS)), 8 warps: warp w owns output row
+// v = 8 * blockIdx.y + w and reads W_UV_h[v] once for DECODE_SEQS sequences (lanes split the dc columns).
 static __global__ void __launch_bounds__(256)
     decode_value_up_kernel(bf16* o, const float* o_lat, const bf16* kv_b, int B, int H, int dn, int dv, int dc) {
     extern __shared__ float lat[];  // [DECODE_SEQS, dc]
@@ -250,9 +235,8 @@ inline void decode_value_up_gpu(bf16* o, const float* o_lat, const bf16* kv_b, i
 }
 
 // ----------------------------------------------------------------------------
-// Prefill: the cache rows of sequences b0.. from the training forward's
-// activations of rows x T tokens: row t of sequence b0 + n / T (n = token row) is
-// [c_norm[n] (dc); kv_a[n, dc:] (the roped k_pe)].
+// Prefill: the cache rows of sequences b0.. from the training forward's activations of rows x T tokens: row t
+// of sequence b0 + n / T (n = token row) is [c_norm[n] (dc); kv_a[n, dc:] (the roped k_pe)].
 static __global__ void prefill_cache_kernel(bf16* cache, const bf16* c_norm, const bf16* kv_a, int N, int T, int b0, int dc, int dr,
                                             int max_len) {
     const int width = dc + dr;
@@ -271,17 +255,16 @@ inline void prefill_cache_gpu(bf16* cache, const bf16* c_norm, const bf16* kv_a,
     CUDA_LAUNCH_CHECK();
 }
 
-// pos[b] += active[b]: after a forward step the new token is part of the cache. A
-// full cache keeps pos at its last row (the host stops such a sequence), so no
-// step ever writes past a sequence's rows.
+// pos[b] += active[b]: after a forward step the new token is part of the cache. A full cache keeps pos at its
+// last row (the host stops such a sequence), so no step ever writes past a sequence's rows.
 static __global__ void decode_advance_kernel(int* pos, const int* active, int B, int max_len) {
     const int b = blockIdx.x * blockDim.x + threadIdx.x;
     if (b < B && active[b] && pos[b] < max_len - 1) pos[b]++;
 }
 
 // ----------------------------------------------------------------------------
-// Sampling, one block per sequence over its logits [V] (bf16, as the head writes
-// them), matching sample_token's rules (model.cu):
+// Sampling, one block per sequence over its logits [V] (bf16, as the head writes them), matching
+// sample_token's rules (model.cu):
 //   temperature <= 0: the arg-max (lowest id on ties);
 //   top-k: the k largest logits (ties at the k-th value: lowest ids first);
 //   weights w_i = exp((z_i - z_max) / temperature) of the kept tokens;
@@ -289,10 +272,9 @@ static __global__ void decode_advance_kernel(int* pos, const int* active, int B,
 //          top_p * sum (ties at the threshold value: lowest ids first);
 //   then the token at coin * (kept mass) of the running sum in id order, coin =
 //   rng_uniform(seed + b, gen[b]) (common.h), so a fixed seed repeats.
-// No sort: each threshold is found by a 16-step bisection over the bf16 logit's
-// order-preserving 16-bit key (count or mass of keys >= x), and every sum runs in
-// a fixed order (thread ranges in id order, a fixed tree), so results repeat
-// bit for bit. Thread t owns ids [t*per, (t+1)*per).
+// No sort: each threshold is found by a 16-step bisection over the bf16 logit's order-preserving 16-bit key
+// (count or mass of keys >= x), and every sum runs in a fixed order (thread ranges in id order, a fixed
+// tree), so results repeat bit for bit. Thread t owns ids [t*per, (t+1)*per).
 constexpr int SAMPLE_THREADS = 1024;
 
 __device__ inline unsigned sample_key(bf16 z) {
@@ -480,9 +462,8 @@ static __global__ void __launch_bounds__(SAMPLE_THREADS)
     }
 }
 
-// tokens [B] <- a token per active sequence from logits [B, V]; gen [B] counts
-// each sequence's draws (the RNG counter); active [B] (null = all); kept [B, V]
-// (null in generation) receives the kept tokens' probabilities.
+// tokens [B] <- a token per active sequence from logits [B, V]; gen [B] counts each sequence's draws (the RNG counter);
+// active [B] (null = all); kept [B, V] (null in generation) receives the kept tokens' probabilities.
 inline void sample_gpu(int* tokens, int* gen, float* kept, const bf16* logits, const int* active, int B, int V, const SamplingOptions& so,
                        uint64_t seed, cudaStream_t stream) {
     sample_kernel<<<B, SAMPLE_THREADS, 0, stream>>>(tokens, gen, kept, logits, active, V, so.temperature, so.top_k, so.top_p, seed);
@@ -490,10 +471,9 @@ inline void sample_gpu(int* tokens, int* gen, float* kept, const bf16* logits, c
 }
 
 // ----------------------------------------------------------------------------
-// The decoder: the cache and the step's buffers for up to `batch` sequences of up
-// to max_len tokens, on the model's GPU state (model_to_gpu; decoder_create
-// uploads the model for inference when it is not there yet). Its API, host-only,
-// is in decode.h.
+// The decoder: the cache and the step's buffers for up to `batch` sequences of up to max_len tokens, on the
+// model's GPU state (model_to_gpu; decoder_create uploads the model for inference when it is not there yet).
+// Its API, host-only, is in decode.h.
 
 struct GpuDecoder {
     Model* m;

@@ -1,17 +1,15 @@
-// decode.h — incremental decoding on the CPU reference with the absorbed MLA form
-// (DeepSeek-V2/V3's inference trick), one token at a time with a latent KV cache.
+// decode.h — incremental decoding on the CPU reference with the absorbed MLA form (DeepSeek-V2/V3's inference trick),
+// one token at a time with a latent KV cache.
 //
-// Training (reference.h mla_forward) expands the latent c of every token into
-// per-head keys and values: k_h = [W_UK_h RMSNorm(c); k_pe], v_h = W_UV_h RMSNorm(c),
-// where kv_b_proj = [W_UK_0; W_UV_0; W_UK_1; W_UV_1; ...] (per head dn rows of W_UK
-// then dv rows of W_UV, each row dc wide). Decoding caches only, per token and layer,
+// Training (reference.h mla_forward) expands the latent c of every token into per-head keys and values: k_h = [W_UK_h
+// RMSNorm(c); k_pe], v_h = W_UV_h RMSNorm(c), where kv_b_proj = [W_UK_0; W_UV_0; W_UK_1; W_UV_1; ...] (per head dn rows
+// of W_UK then dv rows of W_UV, each row dc wide). Decoding caches only, per token and layer,
 //     RMSNorm(c) [dc]  and  the roped k_pe [dr]         (one (dc+dr)-vector)
 // and moves the two up-projections off the cached side:
 //     q_nope_h . (W_UK_h c_t) = (W_UK_h^T q_nope_h) . c_t   -> a query in latent space
 //     sum_t p_t (W_UV_h c_t)  = W_UV_h (sum_t p_t c_t)      -> W_UV after attention
-// so every head attends over the same shared (dc+dr)-wide key, and the values are
-// the latent vectors themselves. The scores and the softmax scale (YaRN mscale
-// included) are those of reference.h, so the logits equal ref_forward's.
+// so every head attends over the same shared (dc+dr)-wide key, and the values are the latent vectors themselves. The
+// scores and the softmax scale (YaRN mscale included) are those of reference.h, so the logits equal ref_forward's.
 #pragma once
 
 #include "model.h"
@@ -73,8 +71,7 @@ void mla_absorbed_attention(T* o, const T* q, const T* cache, int len, const T* 
 }
 
 // ----------------------------------------------------------------------------
-// One sequence's decoding state: the latent cache of every layer and the
-// activations of one token.
+// One sequence's decoding state: the latent cache of every layer and the activations of one token.
 
 template <typename T>
 struct DecodeState {
@@ -142,11 +139,8 @@ const std::vector<T>& decode_step(RefModel<T>& m, DecodeState<T>& s, int token) 
     if (token < 0 || token >= V) fail("decode: token id %d is outside the vocabulary (%d)", token, V);
     if (s.len >= s.max_len) fail("decode: the cache is full (%d tokens)", s.max_len);
     const int pos = s.len;
-    s.h.resize(D);
-    s.xn.resize(D);
+    for (std::vector<T>* v : {&s.h, &s.xn, &s.attn_out, &s.ffn_out}) v->resize(D);
     s.xn_rstd.resize(1);
-    s.attn_out.resize(D);
-    s.ffn_out.resize(D);
     embedding_forward(s.h.data(), &token, m.w.embed, 1, D);
     for (int l = 0; l < c.num_hidden_layers; l++) {
         const LayerWeights<T>& w = m.w.layers[l];
@@ -169,10 +163,9 @@ const std::vector<T>& decode_step(RefModel<T>& m, DecodeState<T>& s, int token) 
 }
 
 // ----------------------------------------------------------------------------
-// The GPU decoder (decode.cu, its kernels in decode.cuh): the same absorbed form
-// for a batch of sequences on the device, over a bf16 latent cache, with GPU
-// sampling and each step replayable as a CUDA graph. This is its whole API; the
-// front ends need no CUDA header.
+// The GPU decoder (decode.cu, its kernels in decode.cuh): the same absorbed form for a batch of sequences on
+// the device, over a bf16 latent cache, with GPU sampling and each step replayable as a CUDA graph. This is
+// its whole API; the front ends need no CUDA header.
 
 struct GpuDecoder;
 
@@ -181,10 +174,9 @@ struct GpuDecoder;
 GpuDecoder* decoder_create(Model& m, int batch, int max_len, int max_prompt);
 void decoder_free(GpuDecoder* d);
 
-// Fills the cache with the prompts (1..batch of them, each 1..max_prompt tokens)
-// through the training forward (gpu_forward), leaves each sequence's last-position
-// logits in d.logits, pos[b] = its length, gen[b] = 0, active[b] = 1 (0 for unused
-// rows). Prompts run in groups of sequences that fit the model's activation buffers.
+// Fills the cache with the prompts (1..batch of them, each 1..max_prompt tokens) through the training forward
+// (gpu_forward), leaves each sequence's last-position logits in d.logits, pos[b] = its length, gen[b] = 0,
+// active[b] = 1 (0 for unused rows). Prompts run in groups of sequences that fit the model's activation buffers.
 void decoder_prefill(GpuDecoder& d, const std::vector<std::vector<int>>& prompts);
 
 // One token per sequence: d.tokens[b] at position pos[b] -> d.logits [batch, V];
@@ -204,8 +196,7 @@ const int* decoder_tokens(GpuDecoder& d);
 // stops (or restarts) sequence b: an inactive sequence keeps its cache and position
 void decoder_set_active(GpuDecoder& d, int b, bool active);
 
-// the cache's allocated device bytes per token of one sequence (its capacity is
-// batch * max_len tokens)
+// the cache's allocated device bytes per token of one sequence (its capacity is batch * max_len tokens)
 size_t decoder_cache_bytes_per_token(const GpuDecoder& d);
 
 // the decoder's own device bytes: the cache and the step's buffers (the weights

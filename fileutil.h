@@ -1,7 +1,6 @@
-// fileutil.h — small filesystem helpers for checkpoints: whole-file read, atomic
-// file write (temp file + fsync + rename), mkdir -p, rm -rf, and atomic publishing
-// of a whole directory, so that a crash at any moment leaves either the old or the
-// new checkpoint intact, never a half-written one.
+// fileutil.h — small filesystem helpers for checkpoints: whole-file read, atomic file write (temp file +
+// fsync + rename), mkdir -p, rm -rf, and atomic publishing of a whole directory, so that a crash at any
+// moment leaves either the old or the new checkpoint intact, never a half-written one.
 #pragma once
 
 #include <cerrno>
@@ -115,10 +114,9 @@ inline void write_file_atomic(const std::string& path, const std::string& bytes)
 }
 
 // ----------------------------------------------------------------------------
-// Atomic directory publish. The caller writes everything into the directory that
-// atomic_dir_begin returns, then atomic_dir_commit swaps it in. A crash before the
-// commit leaves final_dir as it was (plus a stale temp dir); a crash inside the
-// commit, between its two renames, leaves the previous checkpoint in
+// Atomic directory publish. The caller writes everything into the directory that atomic_dir_begin returns,
+// then atomic_dir_commit swaps it in. A crash before the commit leaves final_dir as it was (plus a stale temp
+// dir); a crash inside the commit, between its two renames, leaves the previous checkpoint in
 // "<final_dir>.old-<pid>" rather than losing it.
 
 inline std::string strip_trailing_slashes(std::string path) {

@@ -1,5 +1,5 @@
-// generate.cu — samples text (or raw token ids) from a checkpoint: one prompt,
-// streamed token by token, or a batch of prompts from a file, one per line.
+// generate.cu — samples text (or raw token ids) from a checkpoint: one prompt, streamed token by token, or a
+// batch of prompts from a file, one per line.
 //
 //   ./generate --model runs/default --prompt "Once upon a time"
 //   echo "Once upon a time" | ./generate --temperature 0
@@ -7,14 +7,14 @@
 //   ./generate --model DIR --prompts-file prompts.txt --max-new-tokens 100
 //   ./generate --model DIR --prompts-file prompts.txt --jsonl   # one JSON object per prompt
 //
-// On the GPU (the default when one is present) the prompts are prefilled with the
-// training forward kernels and decoded one token per sequence per step with the
-// absorbed MLA form over the latent KV cache, sampled on the GPU (decode.cuh); the
-// step replays as a CUDA graph. On the CPU the reference decodes with the same
-// latent cache (decode.h) and model.cu's sample_token. Either way sequence i of a
-// batch draws its coins from the counter RNG keyed by seed + i, so a fixed seed
-// repeats.
+// On the GPU (the default when one is present) the prompts are prefilled with the training forward kernels
+// and decoded one token per sequence per step with the absorbed MLA form over the latent KV cache, sampled on
+// the GPU (decode.cuh); the step replays as a CUDA graph. On the CPU the reference decodes with the same
+// latent cache (decode.h) and model.cu's sample_token. Either way sequence i of a batch draws its coins from
+// the counter RNG keyed by seed + i, so a fixed seed repeats.
+#include <algorithm>
 #include <cstdio>
+#include <sstream>
 #include <string>
 #include <vector>
 
@@ -65,16 +65,10 @@ static const char* USAGE =
 
 // "1 2, 3" -> {1, 2, 3}; every id must be in 0..vocab_size-1
 static std::vector<int> parse_token_ids(const std::string& text, int vocab_size) {
+    const char* separators = " ,\t\n\r";
     std::vector<int> ids;
-    size_t i = 0;
-    while (i < text.size()) {
-        char ch = text[i];
-        if (ch == ' ' || ch == ',' || ch == '\t' || ch == '\n' || ch == '\r') {
-            i++;
-            continue;
-        }
-        size_t j = i;
-        while (j < text.size() && !strchr(" ,\t\n\r", text[j])) j++;
+    for (size_t i = text.find_first_not_of(separators); i != std::string::npos; i = text.find_first_not_of(separators, i)) {
+        const size_t j = std::min(text.find_first_of(separators, i), text.size());
         std::string word = text.substr(i, j - i);
         char* end = nullptr;
         errno = 0;
@@ -114,9 +108,8 @@ static void emit(const Model& m, bool token_mode, bool& first, int id) {
     first = false;
 }
 
-// s as valid UTF-8, for JSON readers: a byte-level model can stop inside a character.
-// Each broken sequence (the longest start of a valid one, or a stray byte) becomes
-// one U+FFFD, as Unicode recommends and Python's errors="replace" does.
+// s as valid UTF-8, for JSON readers: a byte-level model can stop inside a character. Each broken sequence (the longest
+// start of a valid one, or a stray byte) becomes one U+FFFD, as Unicode recommends and Python's errors="replace" does.
 static std::string valid_utf8(const std::string& s) {
     std::string out;
     for (size_t i = 0; i < s.size();) {
@@ -151,16 +144,11 @@ struct Sequence {
 };
 
 static std::vector<std::string> read_lines(const std::string& path) {
-    std::string text = read_file(path);
+    std::istringstream text(read_file(path));
     std::vector<std::string> lines;
-    size_t i = 0;
-    while (i < text.size()) {
-        size_t j = text.find('\n', i);
-        if (j == std::string::npos) j = text.size();
-        std::string line = text.substr(i, j - i);
+    for (std::string line; std::getline(text, line);) {
         if (!line.empty() && line.back() == '\r') line.pop_back();
         lines.push_back(line);
-        i = j + 1;
     }
     if (lines.empty()) fail("%s: no prompts (the file is empty)", path.c_str());
     return lines;
@@ -171,17 +159,12 @@ static int run(int argc, char** argv) {
     bool has_model = false, has_prompt = false, has_tokens = false, quiet = false, jsonl = false;
     long long max_new = 200;
     unsigned long long seed = 1337;
-    SamplingOptions sampling;
-    sampling.temperature = 0.8f;
-    sampling.top_k = 0;
-    sampling.top_p = 0.95f;
+    SamplingOptions sampling{0.8f, 0, 0.95f};  // temperature, top_k, top_p
 
     CliParser cli{argc, argv};
     while (cli_next(cli)) {
         if (cli.name == "--help") {
-            cli_flag(cli);
-            printf("%s", USAGE);
-            return 0;
+            return cli_help(cli, USAGE);
         } else if (cli.name == "--model") {
             model_dir = cli_value(cli);
             has_model = true;
@@ -194,8 +177,7 @@ static int run(int argc, char** argv) {
         } else if (cli.name == "--prompts-file") {
             prompts_file = cli_value(cli);
         } else if (cli.name == "--jsonl") {
-            cli_flag(cli);
-            jsonl = true;
+            jsonl = cli_flag(cli);
         } else if (cli.name == "--max-new-tokens") {
             max_new = cli_int(cli, 0, 1LL << 40);
         } else if (cli.name == "--temperature") {
@@ -207,8 +189,7 @@ static int run(int argc, char** argv) {
         } else if (cli.name == "--seed") {
             seed = (unsigned long long)cli_int(cli, 0, LLONG_MAX);
         } else if (cli.name == "--quiet") {
-            cli_flag(cli);
-            quiet = true;
+            quiet = cli_flag(cli);
         } else if (cli.name == "--device") {
             device = cli_device(cli);
         } else {
@@ -263,15 +244,14 @@ static int run(int argc, char** argv) {
                         "about a second on 2 idle cores; the line at the end gives this run's speed)\n");
     const int n = (int)seqs.size();
     const bool stream = n == 1 && !jsonl;
+    bool first_stream = true;  // no space before the first id printed
     if (stream && seqs[0].printed_prompt) {
-        if (token_mode) {
-            for (size_t i = 0; i < seqs[0].ids.size(); i++) printf(i ? " %d" : "%d", seqs[0].ids[i]);
-        } else {
+        if (token_mode)
+            for (int id : seqs[0].ids) emit(m, true, first_stream, id);
+        else
             fwrite(seqs[0].text.data(), 1, seqs[0].text.size(), stdout);
-        }
     }
     fflush(stdout);
-    bool first_stream = !(token_mode && seqs[0].printed_prompt);  // no space before the first id printed
 
     int max_prompt = 0, prompt_tokens = 0;
     for (const Sequence& s : seqs) {
@@ -380,11 +360,8 @@ static int run(int argc, char** argv) {
         }
     }
     fflush(stdout);
-    int full = 0, ended = 0;
-    for (const Sequence& s : seqs) {
-        full += s.context_full;
-        ended += s.end_of_text;
-    }
+    const int full = (int)std::count_if(seqs.begin(), seqs.end(), [](const Sequence& s) { return s.context_full; });
+    const int ended = (int)std::count_if(seqs.begin(), seqs.end(), [](const Sequence& s) { return s.end_of_text; });
     if (full)
         fprintf(stderr, "stopped: the context is full (%d tokens, max_position_embeddings)%s\n", context,
                 n > 1 ? strfmt(" for %d of %d sequences", full, n).c_str() : "");

@@ -1,12 +1,12 @@
-// json.h — a small strict JSON (RFC 8259) parser and a string quoter, enough for
-// config.json, tokenizer files and safetensors headers.
+// json.h — a small strict JSON (RFC 8259) parser and a string quoter, enough for config.json, tokenizer files
+// and safetensors headers.
 //
-// Strict means: no comments, no trailing commas, no leading zeros, no NaN/Infinity,
-// no raw control characters in strings, no unpaired surrogates, no duplicate keys,
-// nothing but whitespace after the value. Errors say where (line and column, both
-// from 1, columns in bytes) and what.
+// Strict means: no comments, no trailing commas, no leading zeros, no NaN/Infinity, no raw control characters
+// in strings, no unpaired surrogates, no duplicate keys, nothing but whitespace after the value. Errors say
+// where (line and column, both from 1, columns in bytes) and what.
 #pragma once
 
+#include <algorithm>
 #include <cerrno>
 #include <cmath>
 #include <cstdint>
@@ -37,9 +37,8 @@ inline const JsonValue* JsonValue::get(const std::string& key) const {
     return nullptr;
 }
 
-// A float field: %.9g (round-trips a float), with ".0" kept on whole numbers,
-// because readers with typed configs (transformers' strict dataclasses) refuse an
-// integer where a float belongs.
+// A float field: %.9g (round-trips a float), with ".0" kept on whole numbers, because readers with typed
+// configs (transformers' strict dataclasses) refuse an integer where a float belongs.
 inline std::string json_float(double v) {
     std::string s = strfmt("%.9g", v);
     if (s.find_first_of(".eEn") == std::string::npos) s += ".0";
@@ -87,13 +86,7 @@ inline bool json_error(JsonParser& p, size_t at, const std::string& what) {
     return false;
 }
 
-inline void json_skip_ws(JsonParser& p) {
-    while (p.pos < p.text.size()) {
-        char c = p.text[p.pos];
-        if (c != ' ' && c != '\t' && c != '\n' && c != '\r') break;
-        p.pos++;
-    }
-}
+inline void json_skip_ws(JsonParser& p) { p.pos = std::min(p.text.find_first_not_of(" \t\n\r", p.pos), p.text.size()); }
 
 // names a byte for error messages
 inline std::string json_describe(const JsonParser& p, size_t at) {

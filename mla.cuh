@@ -1,8 +1,7 @@
-// mla.cuh — the GPU kernels of Multi-head Latent Attention, forward and backward:
-// RoPE on q_pe and the shared k_pe (with the YaRN table built on the host), the
-// assembly of per-head K = [k_nope; k_pe] and V from kv_b and kv_a, and a
-// flash-style causal attention (tensor cores, online softmax, no T x T matrix in
-// device memory) whose backward is deterministic (no atomics).
+// mla.cuh — the GPU kernels of Multi-head Latent Attention, forward and backward: RoPE on q_pe and the shared
+// k_pe (with the YaRN table built on the host), the assembly of per-head K = [k_nope; k_pe] and V from kv_b
+// and kv_a, and a flash-style causal attention (tensor cores, online softmax, no T x T matrix in device
+// memory) whose backward is deterministic (no atomics).
 //
 // Shapes follow reference.h (N = B*T token rows, row-major):
 //   q     [N, H, dqk]    per head [q_nope (dn); q_pe (dr)], dqk = dn + dr
@@ -12,25 +11,24 @@
 //   v     [N, H, dv]
 //   out   [N, H, dv]     attention output, lse [B, H, T] (natural log, of the scaled scores)
 //
-// Design choice: K and V are materialised (2 small copy kernels) rather than read
-// with strides from kv_b/kv_a inside the attention kernels. It keeps the attention
-// kernels generic (any q/k/v with the reference layout, testable on their own), and
-// the backward's k_pe gradient (a sum over heads) becomes a plain fixed-order sum
+// Design choice: K and V are materialised (2 small copy kernels) rather than read with strides from kv_b/kv_a
+// inside the attention kernels. It keeps the attention kernels generic (any q/k/v with the reference layout,
+// testable on their own), and the backward's k_pe gradient (a sum over heads) becomes a plain fixed-order sum
 // in mla_assemble_kv_backward_gpu instead of a cross-block reduction.
 //
 // Gradients follow the one rule stated at the top of reference.h.
 #pragma once
 
 #include <cmath>
+#include <type_traits>
 
 #include "cuda_common.cuh"
 #include "kernels.cuh"
 #include "reference.h"
 
 // ----------------------------------------------------------------------------
-// RoPE. The table is the host RopeTable (YaRN frequencies and attention factor
-// already folded in) converted to fp32 (cos, sin) pairs, so the GPU rotates with
-// exactly the reference's angles.
+// RoPE. The table is the host RopeTable (YaRN frequencies and attention factor already folded in) converted
+// to fp32 (cos, sin) pairs, so the GPU rotates with exactly the reference's angles.
 
 struct RopeGpu {
     float2* cs = nullptr;  // [max_len, dim/2] (cos, sin)
@@ -39,10 +37,7 @@ struct RopeGpu {
 };
 
 inline RopeGpu rope_table_upload(const RopeTable& r) {
-    RopeGpu g;
-    g.dim = r.dim;
-    g.max_len = r.max_len;
-    g.softmax_scale = (float)r.softmax_scale;
+    RopeGpu g{nullptr, r.dim, r.max_len, (float)r.softmax_scale};
     const size_t n = (size_t)r.max_len * (r.dim / 2);
     std::vector<float2> host(n);
     for (size_t i = 0; i < n; i++) host[i] = make_float2((float)r.cos[i], (float)r.sin[i]);
@@ -56,9 +51,8 @@ inline void rope_table_free(RopeGpu& g) {
     g = RopeGpu{};
 }
 
-// One thread per rotated pair: items [0, N*H*half) are q's heads, items
-// [N*H*half, N*(H+1)*half) are kv_a's k_pe. backward = 1 applies the transpose
-// (rotation by -angle), which is the gradient of the rotation.
+// One thread per rotated pair: items [0, N*H*half) are q's heads, items [N*H*half, N*(H+1)*half) are kv_a's
+// k_pe. backward = 1 applies the transpose (rotation by -angle), which is the gradient of the rotation.
 static __global__ void rope_kernel(bf16* q, bf16* kv_a, const float2* __restrict__ cs, int N, int T, int H, int dn, int dr,
                                    int dc, int pos0, int backward) {
     const int half = dr / 2;
@@ -98,10 +92,9 @@ inline void rope_launch(bf16* q, bf16* kv_a, const RopeGpu& rope, int N, int T, 
     CUDA_LAUNCH_CHECK();
 }
 
-// Rotates, in place, q_pe inside q [N, H, dn+dr] (columns dn.. of each head) and
-// k_pe inside kv_a [N, dc+dr] (columns dc..). Token n is at position pos0 + n % T
-// (pos0 = 0 in training; the decode step passes its cache length). Either pointer
-// may be null to rotate only the other. dr = rope.dim.
+// Rotates, in place, q_pe inside q [N, H, dn+dr] (columns dn.. of each head) and k_pe inside kv_a [N, dc+dr]
+// (columns dc..). Token n is at position pos0 + n % T (pos0 = 0 in training; the decode step passes its cache
+// length). Either pointer may be null to rotate only the other. dr = rope.dim.
 inline void rope_forward_gpu(bf16* q, bf16* kv_a, const RopeGpu& rope, int N, int T, int H, int dn, int dc, int pos0,
                              cudaStream_t stream) {
     rope_launch(q, kv_a, rope, N, T, H, dn, dc, pos0, 0, stream);
@@ -115,9 +108,8 @@ inline void rope_backward_gpu(bf16* dq, bf16* dkv_a, const RopeGpu& rope, int N,
 }
 
 // ----------------------------------------------------------------------------
-// MLA assembly: k [N, H, dn+dr] = [kv_b[:, h, :dn]; kv_a[:, dc:]] and
-// v [N, H, dv] = kv_b[:, h, dn:]. Pure copies, memory-bound: one block per token,
-// VEC elements per thread (16-byte moves when every size is a multiple of 8).
+// MLA assembly: k [N, H, dn+dr] = [kv_b[:, h, :dn]; kv_a[:, dc:]] and v [N, H, dv] = kv_b[:, h, dn:]. Pure copies,
+// memory-bound: one block per token, VEC elements per thread (16-byte moves when every size is a multiple of 8).
 
 template <int VEC>
 static __global__ void mla_assemble_kv_kernel(bf16* __restrict__ k, bf16* __restrict__ v, const bf16* __restrict__ kv_b,
@@ -195,15 +187,12 @@ inline void mla_assemble_kv_backward_gpu(bf16* dkv_b, bf16* dkv_a, const bf16* d
 }
 
 // ----------------------------------------------------------------------------
-// Flash attention (causal), FlashAttention-2 style on mma.sync m16n8k16 bf16
-// tensor cores with fp32 accumulation.
+// Flash attention (causal), FlashAttention-2 style on mma.sync m16n8k16 bf16 tensor cores with fp32 accumulation.
 //
-// Tiles: 64 queries x 64 keys. A (64 x d) tile lives in shared memory with rows
-// padded to d_p + 8 elements (d_p = d rounded up to 32, zero-filled), so ldmatrix
-// reads are bank-conflict free and any head size <= 256 works (the padding
-// columns contribute zeros). Accumulators are register arrays sized by a
-// compile-time bucket (64/128/256) of the head size; loops past the real size
-// are predicated off, so only 3 (forward, dQ) or 9 (dK/dV) instantiations exist.
+// Tiles: 64 queries x 64 keys. A (64 x d) tile lives in shared memory with rows padded to d_p + 8 elements (d_p = d
+// rounded up to 32, zero-filled), so ldmatrix reads are bank-conflict free and any head size <= 256 works (the padding
+// columns contribute zeros). Accumulators are register arrays sized by a compile-time bucket (64/128/256) of the head
+// size; loops past the real size are predicated off, so only 3 (forward, dQ) or 9 (dK/dV) instantiations exist.
 //
 // forward: 4 warps, each owns 16 query rows; S = Q K^T and P stay in registers
 //   (the S accumulator layout equals the A-operand layout of P V). K and V tiles
@@ -227,31 +216,9 @@ constexpr float LN2 = 0.6931471805599453f;
 
 __host__ __device__ inline int pad32(int d) { return (d + 31) / 32 * 32; }
 
-__device__ inline uint32_t smem_u32(const void* p) { return (uint32_t)__cvta_generic_to_shared(p); }
-
-__device__ inline void ldsm_x4(uint32_t (&r)[4], uint32_t addr) {
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                 : "r"(addr));
-}
-
-__device__ inline void ldsm_x4_trans(uint32_t (&r)[4], uint32_t addr) {
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                 : "r"(addr));
-}
-
-// c[16x8] += a[16x16] b[16x8]
-__device__ inline void mma16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
-                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-
-// acc[2*NB][4] += A B^T over ksteps steps of 16: A is 16 rows (row stride lda) and
-// B is NB*16 rows (row stride ldb) of bf16 in shared memory, both read along the head
-// dimension; the warp's fragments are laid out as mma16816 expects. Two steps per
-// iteration give the loads of the second something to overlap with (ksteps is even).
+// acc[2*NB][4] += A B^T over ksteps steps of 16: A is 16 rows (row stride lda) and B is NB*16 rows (row stride ldb) of
+// bf16 in shared memory, both read along the head dimension; the warp's fragments are laid out as mma16816 expects. Two
+// steps per iteration give the loads of the second something to overlap with (ksteps is even).
 template <int NB>
 __device__ inline void mma_rows16(float (&acc)[2 * NB][4], const bf16* A, int lda, const bf16* B, int ldb, int ksteps, int lane) {
     for (int k2 = 0; k2 < ksteps; k2 += 2)
@@ -283,25 +250,9 @@ __device__ inline uint32_t pack_bf16(float lo, float hi) {
     return *reinterpret_cast<uint32_t*>(&v);
 }
 
-__device__ inline void cp_async16(uint32_t dst, const void* src, int src_bytes) {
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(src_bytes));
-}
-
-__device__ inline void cp_async4(uint32_t dst, const void* src, int src_bytes) {
-    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(dst), "l"(src), "r"(src_bytes));
-}
-
-__device__ inline void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-
-template <int N>
-__device__ inline void cp_async_wait() {
-    asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
-}
-
-// Loads rows row0..row0+63 of one head into a [64][ld] shared tile, columns
-// [0, dp): g points at (t = 0) of the head, consecutive t are gstride elements
-// apart. Rows >= T and columns >= d are zero. vec: 16-byte cp.async (d % 8 == 0,
-// gstride % 8 == 0, g 16-byte aligned); otherwise element loads (odd head sizes).
+// Loads rows row0..row0+63 of one head into a [64][ld] shared tile, columns [0, dp): g points at (t = 0) of
+// the head, consecutive t are gstride elements apart. Rows >= T and columns >= d are zero. vec: 16-byte
+// cp.async (d % 8 == 0, gstride % 8 == 0, g 16-byte aligned); otherwise element loads (odd head sizes).
 template <int NTHREADS>
 __device__ inline void load_tile(bf16* s, int ld, const bf16* __restrict__ g, long long gstride, int row0, int T, int d, int dp,
                                  bool vec) {
@@ -339,14 +290,51 @@ __device__ inline void store_pair(bf16* row, int col, int d, float x0, float x1,
     }
 }
 
+// acc[2*NP][4] += a B for one k16 step kk: a is the warp's A fragment (16 rows x 16), B a [k][n] tile in shared memory
+// (row stride ldb) read from column c0 on, np (<= NP) pairs of n8 tiles of it; the pairs past np are predicated off
+template <int NP>
+__device__ __forceinline__ void mma_rows16_trans(float (&acc)[2 * NP][4], const uint32_t (&a)[4], const bf16* B, int ldb, int kk, int c0,
+                                                 int np, int lane) {
+#pragma unroll
+    for (int p = 0; p < NP; p++)
+        if (p < np) {
+            uint32_t bb[4];
+            ldsm_x4_trans(bb, smem_u32(B + (kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * ldb + c0 + p * 16 + (lane >> 4) * 8));
+            mma16816(acc[2 * p], a, bb[0], bb[1]);
+            mma16816(acc[2 * p + 1], a, bb[2], bb[3]);
+        }
+}
+
+// Stores the n8 tiles nt < nt_end of a warp's accumulator as bf16: this thread's rows row_a (times sa) and row_a + 8
+// (times sb), those < T, of g (row stride gstride), at columns c0 + nt*8 + 2*t4 and the next, within d columns.
+template <int NT>
+__device__ __forceinline__ void store_acc(bf16* g, long long gstride, const float (&acc)[NT][4], int row_a, int T, int c0, int nt_end,
+                                          int d, float sa, float sb, bool vec, int t4) {
+    const int row_b = row_a + 8;
+#pragma unroll
+    for (int nt = 0; nt < NT; nt++) {
+        const int col = c0 + nt * 8 + 2 * t4;
+        if (nt < nt_end) {
+            if (row_a < T) store_pair(g + row_a * gstride, col, d, acc[nt][0] * sa, acc[nt][1] * sa, vec);
+            if (row_b < T) store_pair(g + row_b * gstride, col, d, acc[nt][2] * sb, acc[nt][3] * sb, vec);
+        }
+    }
+}
+
 inline bool aligned(const void* p, int bytes) { return ((uintptr_t)p % bytes) == 0; }
-inline int bucket(int d) { return d <= 64 ? 64 : d <= 128 ? 128 : 256; }
+
+// f(std::integral_constant<int, B>{}) with B = 64, 128 or 256, the bucket of head size d
+template <typename F>
+inline void with_bucket(int d, F f) {
+    if (d <= 64) f(std::integral_constant<int, 64>{});
+    else if (d <= 128) f(std::integral_constant<int, 128>{});
+    else f(std::integral_constant<int, 256>{});
+}
 
 }  // namespace mla_detail
 
-// out [B, T, H, dv], lse [B, H, T] from q, k [B, T, H, dqk], v [B, T, H, dv].
-// grid (ceil(T/64), B*H), 128 threads; query blocks run last-first so the
-// longest (most keys) start first.
+// out [B, T, H, dv], lse [B, H, T] from q, k [B, T, H, dqk], v [B, T, H, dv]. grid (ceil(T/64), B*H), 128
+// threads; query blocks run last-first so the longest (most keys) start first.
 template <int DV_MAX>
 __global__ void __launch_bounds__(128) attention_forward_kernel(bf16* __restrict__ out, float* __restrict__ lse,
                                                                 const bf16* __restrict__ q, const bf16* __restrict__ k,
@@ -376,17 +364,13 @@ __global__ void __launch_bounds__(128) attention_forward_kernel(bf16* __restrict
     const int row_a = q0 + warp * 16 + g, row_b = row_a + 8;  // the two query rows this thread holds
     const int nk = dqp / 16, npair = dvp / 16;
 
-    float o[DV_MAX / 8][4];
-#pragma unroll
-    for (int i = 0; i < DV_MAX / 8; i++) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.0f;
+    float o[DV_MAX / 8][4] = {};
     float m_a = -INFINITY, m_b = -INFINITY, l_a = 0.0f, l_b = 0.0f;
 
     for (int j = 0; j <= qb; j++) {
         cp_async_wait<1>();  // K_j (and Q) landed; V_j may be in flight
         __syncthreads();
-        float s[8][4];
-#pragma unroll
-        for (int i = 0; i < 8; i++) s[i][0] = s[i][1] = s[i][2] = s[i][3] = 0.0f;
+        float s[8][4] = {};
         mma_rows16<4>(s, sQ + (warp * 16) * ldq, ldq, sK, ldq, nk, lane);
         __syncthreads();  // every warp is done with K_j
         if (j < qb) load_tile<128>(sK, ldq, kg, sqk, (j + 1) * TILE, T, dqk, dqp, vec_qk);
@@ -442,14 +426,7 @@ __global__ void __launch_bounds__(128) attention_forward_kernel(bf16* __restrict
         for (int kk = 0; kk < 4; kk++) {
             const uint32_t a[4] = {pack_bf16(s[2 * kk][0], s[2 * kk][1]), pack_bf16(s[2 * kk][2], s[2 * kk][3]),
                                    pack_bf16(s[2 * kk + 1][0], s[2 * kk + 1][1]), pack_bf16(s[2 * kk + 1][2], s[2 * kk + 1][3])};
-#pragma unroll
-            for (int p = 0; p < DV_MAX / 16; p++)
-                if (p < npair) {
-                    uint32_t bb[4];
-                    ldsm_x4_trans(bb, smem_u32(sV + (kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * ldv + p * 16 + (lane >> 4) * 8));
-                    mma16816(o[2 * p], a, bb[0], bb[1]);
-                    mma16816(o[2 * p + 1], a, bb[2], bb[3]);
-                }
+            mma_rows16_trans<DV_MAX / 16>(o, a, sV, ldv, kk, 0, npair, lane);
         }
         __syncthreads();  // every warp is done with V_j
         if (j < qb) load_tile<128>(sV, ldv, vg, sv, (j + 1) * TILE, T, dv, dvp, vec_v);
@@ -462,15 +439,7 @@ __global__ void __launch_bounds__(128) attention_forward_kernel(bf16* __restrict
     l_b += __shfl_xor_sync(0xffffffffu, l_b, 1);
     l_b += __shfl_xor_sync(0xffffffffu, l_b, 2);
     const float inv_a = 1.0f / l_a, inv_b = 1.0f / l_b;
-    bf16* og = out + ((long long)b * T * H + h) * dv;
-#pragma unroll
-    for (int nt = 0; nt < DV_MAX / 8; nt++) {
-        const int col = nt * 8 + 2 * t4;
-        if (col < dvp) {
-            if (row_a < T) store_pair(og + row_a * sv, col, dv, o[nt][0] * inv_a, o[nt][1] * inv_a, vec_out);
-            if (row_b < T) store_pair(og + row_b * sv, col, dv, o[nt][2] * inv_b, o[nt][3] * inv_b, vec_out);
-        }
-    }
+    store_acc(out + ((long long)b * T * H + h) * dv, sv, o, row_a, T, 0, 2 * npair, dv, inv_a, inv_b, vec_out, t4);
     if (t4 == 0) {
         if (row_a < T) lse[(long long)bh * T + row_a] = (m_a + log2f(l_a)) * LN2;
         if (row_b < T) lse[(long long)bh * T + row_b] = (m_b + log2f(l_b)) * LN2;
@@ -539,11 +508,7 @@ __global__ void __launch_bounds__(256) attention_backward_dkdv_kernel(bf16* __re
     const int pq = dqp / 32, pv = dvp / 32;  // n-tile pairs per head-dim half
     const int cq0 = half * (dqp / 2), cv0 = half * (dvp / 2);
 
-    float acc_k[DQK_MAX / 16][4], acc_v[DV_MAX / 16][4];
-#pragma unroll
-    for (int i = 0; i < DQK_MAX / 16; i++) acc_k[i][0] = acc_k[i][1] = acc_k[i][2] = acc_k[i][3] = 0.0f;
-#pragma unroll
-    for (int i = 0; i < DV_MAX / 16; i++) acc_v[i][0] = acc_v[i][1] = acc_v[i][2] = acc_v[i][3] = 0.0f;
+    float acc_k[DQK_MAX / 16][4] = {}, acc_v[DV_MAX / 16][4] = {};
 
     for (int i = kb; i < nqb; i++) {
         const int buf = (i - kb) & 1, q0 = i * TILE;
@@ -563,11 +528,7 @@ __global__ void __launch_bounds__(256) attention_backward_dkdv_kernel(bf16* __re
         cp_async_commit();
 
         // phase 1: S^T = K Q^T and dP^T = V dO^T for 16 keys x 32 queries per warp
-        float st[4][4], dpt[4][4];
-#pragma unroll
-        for (int n = 0; n < 4; n++)
-#pragma unroll
-            for (int e = 0; e < 4; e++) st[n][e] = dpt[n][e] = 0.0f;
+        float st[4][4] = {}, dpt[4][4] = {};
         mma_rows16<2>(st, sK + (rg * 16) * ldq, ldq, cQ + half * 32 * ldq, ldq, nkq, lane);
         mma_rows16<2>(dpt, sV + (rg * 16) * ldv, ldv, cdO + half * 32 * ldv, ldv, nkv, lane);
         // P^T = exp(S^T scale - lse), dS^T = P^T (dP^T - D), masked to key <= query < T
@@ -598,45 +559,15 @@ __global__ void __launch_bounds__(256) attention_backward_dkdv_kernel(bf16* __re
             uint32_t ap[4], ad[4];
             ldsm_x4(ap, smem_u32(sP + (rg * 16 + (lane & 15)) * LDP + kk * 16 + (lane >> 4) * 8));
             ldsm_x4(ad, smem_u32(sdS + (rg * 16 + (lane & 15)) * LDP + kk * 16 + (lane >> 4) * 8));
-#pragma unroll
-            for (int p = 0; p < DV_MAX / 32; p++)
-                if (p < pv) {
-                    uint32_t bb[4];
-                    ldsm_x4_trans(bb, smem_u32(cdO + (kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * ldv + cv0 + p * 16 + (lane >> 4) * 8));
-                    mma16816(acc_v[2 * p], ap, bb[0], bb[1]);
-                    mma16816(acc_v[2 * p + 1], ap, bb[2], bb[3]);
-                }
-#pragma unroll
-            for (int p = 0; p < DQK_MAX / 32; p++)
-                if (p < pq) {
-                    uint32_t bb[4];
-                    ldsm_x4_trans(bb, smem_u32(cQ + (kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * ldq + cq0 + p * 16 + (lane >> 4) * 8));
-                    mma16816(acc_k[2 * p], ad, bb[0], bb[1]);
-                    mma16816(acc_k[2 * p + 1], ad, bb[2], bb[3]);
-                }
+            mma_rows16_trans<DV_MAX / 32>(acc_v, ap, cdO, ldv, kk, cv0, pv, lane);
+            mma_rows16_trans<DQK_MAX / 32>(acc_k, ad, cQ, ldq, kk, cq0, pq, lane);
         }
     }
     cp_async_wait<0>();
 
-    const int key_a = k0 + rg * 16 + g, key_b = key_a + 8;
-    bf16* dkg = dk + ((long long)b * T * H + h) * dqk;
-    bf16* dvg = dvalue + ((long long)b * T * H + h) * dv;
-#pragma unroll
-    for (int nt = 0; nt < DQK_MAX / 16; nt++) {
-        const int col = cq0 + nt * 8 + 2 * t4;
-        if (nt < 2 * pq) {
-            if (key_a < T) store_pair(dkg + key_a * sqk, col, dqk, acc_k[nt][0] * scale, acc_k[nt][1] * scale, vec_out_k);
-            if (key_b < T) store_pair(dkg + key_b * sqk, col, dqk, acc_k[nt][2] * scale, acc_k[nt][3] * scale, vec_out_k);
-        }
-    }
-#pragma unroll
-    for (int nt = 0; nt < DV_MAX / 16; nt++) {
-        const int col = cv0 + nt * 8 + 2 * t4;
-        if (nt < 2 * pv) {
-            if (key_a < T) store_pair(dvg + key_a * sv, col, dv, acc_v[nt][0], acc_v[nt][1], vec_out_v);
-            if (key_b < T) store_pair(dvg + key_b * sv, col, dv, acc_v[nt][2], acc_v[nt][3], vec_out_v);
-        }
-    }
+    const int key_a = k0 + rg * 16 + g;
+    store_acc(dk + ((long long)b * T * H + h) * dqk, sqk, acc_k, key_a, T, cq0, 2 * pq, dqk, scale, scale, vec_out_k, t4);
+    store_acc(dvalue + ((long long)b * T * H + h) * dv, sv, acc_v, key_a, T, cv0, 2 * pv, dv, 1.0f, 1.0f, vec_out_v, t4);
 }
 
 // dq [B, T, H, dqk]; grid (ceil(T/64), B*H), 256 threads; block x owns query block
@@ -678,11 +609,9 @@ __global__ void __launch_bounds__(256) attention_backward_dq_kernel(bf16* __rest
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane >> 2, t4 = lane & 3;
     const int rg = warp & 3, half = warp >> 2;  // 16-query row group; key half (phase 1) / head-dim half (phase 2)
     const int nkq = dqp / 16, nkv = dvp / 16, pq = dqp / 32, cq0 = half * (dqp / 2);
-    const int row_a = q0 + rg * 16 + g, row_b = row_a + 8;
+    const int row_a = q0 + rg * 16 + g;
 
-    float acc[DQK_MAX / 16][4];
-#pragma unroll
-    for (int i = 0; i < DQK_MAX / 16; i++) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.0f;
+    float acc[DQK_MAX / 16][4] = {};
     float lse_a = 0.0f, lse_b = 0.0f, D_a = 0.0f, D_b = 0.0f;
 
     for (int j = 0; j <= qb; j++) {
@@ -704,11 +633,7 @@ __global__ void __launch_bounds__(256) attention_backward_dq_kernel(bf16* __rest
         cp_async_commit();
 
         // phase 1: S = Q K^T, dP = dO V^T for 16 queries x 32 keys per warp
-        float s[4][4], dp[4][4];
-#pragma unroll
-        for (int n = 0; n < 4; n++)
-#pragma unroll
-            for (int e = 0; e < 4; e++) s[n][e] = dp[n][e] = 0.0f;
+        float s[4][4] = {}, dp[4][4] = {};
         mma_rows16<2>(s, sQ + (rg * 16) * ldq, ldq, cK + half * 32 * ldq, ldq, nkq, lane);
         mma_rows16<2>(dp, sdO + (rg * 16) * ldv, ldv, cV + half * 32 * ldv, ldv, nkv, lane);
 #pragma unroll
@@ -736,27 +661,12 @@ __global__ void __launch_bounds__(256) attention_backward_dq_kernel(bf16* __rest
         for (int kk = 0; kk < 4; kk++) {
             uint32_t a[4];
             ldsm_x4(a, smem_u32(sdS + (rg * 16 + (lane & 15)) * LDP + kk * 16 + (lane >> 4) * 8));
-#pragma unroll
-            for (int p = 0; p < DQK_MAX / 32; p++)
-                if (p < pq) {
-                    uint32_t bb[4];
-                    ldsm_x4_trans(bb, smem_u32(cK + (kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * ldq + cq0 + p * 16 + (lane >> 4) * 8));
-                    mma16816(acc[2 * p], a, bb[0], bb[1]);
-                    mma16816(acc[2 * p + 1], a, bb[2], bb[3]);
-                }
+            mma_rows16_trans<DQK_MAX / 32>(acc, a, cK, ldq, kk, cq0, pq, lane);
         }
     }
     cp_async_wait<0>();
 
-    bf16* dqg = dq + ((long long)b * T * H + h) * dqk;
-#pragma unroll
-    for (int nt = 0; nt < DQK_MAX / 16; nt++) {
-        const int col = cq0 + nt * 8 + 2 * t4;
-        if (nt < 2 * pq) {
-            if (row_a < T) store_pair(dqg + row_a * sqk, col, dqk, acc[nt][0] * scale, acc[nt][1] * scale, vec_out);
-            if (row_b < T) store_pair(dqg + row_b * sqk, col, dqk, acc[nt][2] * scale, acc[nt][3] * scale, vec_out);
-        }
-    }
+    store_acc(dq + ((long long)b * T * H + h) * dqk, sqk, acc, row_a, T, cq0, 2 * pq, dqk, scale, scale, vec_out, t4);
 }
 
 namespace mla_detail {
@@ -767,12 +677,10 @@ inline void check_attention_shape(int B, int T, int H, int dqk, int dv) {
     if ((long long)B * H > 65535) fail("attention: B*H = %lld exceeds the grid limit 65535", (long long)B * H);
 }
 
-// Opts a kernel into more than 48 KiB of dynamic shared memory, with a clear error.
-// `done` (a static of the calling launcher, so one per kernel; the launchers are
-// static like the kernels, so each translation unit keeps its own) remembers the size
-// already granted per device: after the first call with a shape, later calls make
-// no CUDA API call at all, so a step can be captured into a CUDA graph once it has
-// run eagerly.
+// Opts a kernel into more than 48 KiB of dynamic shared memory, with a clear error. `done` (a static of the
+// calling launcher, so one per kernel; the launchers are static like the kernels, so each translation unit
+// keeps its own) remembers the size already granted per device: after the first call with a shape, later
+// calls make no CUDA API call at all, so a step can be captured into a CUDA graph once it has run eagerly.
 constexpr int MAX_DEVICES = 64;
 template <typename K>
 inline void set_smem(K kernel, size_t bytes, size_t (&done)[MAX_DEVICES]) {
@@ -831,38 +739,40 @@ static void launch_dq(bf16* dq, const bf16* q, const bf16* k, const bf16* v, con
     CUDA_LAUNCH_CHECK();
 }
 
-template <int DQK_MAX>
-void launch_dkdv_dv(int dvb, bf16* dk, bf16* dvalue, const bf16* q, const bf16* k, const bf16* v, const bf16* dout, const float* lse,
-                    const float* D, int B, int T, int H, int dqk, int dv, float scale, cudaStream_t stream) {
-    if (dvb == 64) launch_dkdv<DQK_MAX, 64>(dk, dvalue, q, k, v, dout, lse, D, B, T, H, dqk, dv, scale, stream);
-    else if (dvb == 128) launch_dkdv<DQK_MAX, 128>(dk, dvalue, q, k, v, dout, lse, D, B, T, H, dqk, dv, scale, stream);
-    else launch_dkdv<DQK_MAX, 256>(dk, dvalue, q, k, v, dout, lse, D, B, T, H, dqk, dv, scale, stream);
+// the backward's two main kernels, each instantiated for the buckets of dqk and dv
+inline void backward_dkdv(bf16* dk, bf16* dvalue, const bf16* q, const bf16* k, const bf16* v, const bf16* dout, const float* lse,
+                          const float* D, int B, int T, int H, int dqk, int dv, float scale, cudaStream_t stream) {
+    with_bucket(dqk, [&](auto qb) {
+        with_bucket(dv, [&](auto vb) {
+            launch_dkdv<decltype(qb)::value, decltype(vb)::value>(dk, dvalue, q, k, v, dout, lse, D, B, T, H, dqk, dv, scale, stream);
+        });
+    });
+}
+
+inline void backward_dq(bf16* dq, const bf16* q, const bf16* k, const bf16* v, const bf16* dout, const float* lse, const float* D, int B,
+                        int T, int H, int dqk, int dv, float scale, cudaStream_t stream) {
+    with_bucket(dqk, [&](auto qb) { launch_dq<decltype(qb)::value>(dq, q, k, v, dout, lse, D, B, T, H, dqk, dv, scale, stream); });
 }
 
 }  // namespace mla_detail
 
-// Causal attention forward. out [B, T, H, dv] (bf16), lse [B, H, T] (fp32,
-// logsumexp of the scaled scores, kept for backward); q, k [B, T, H, dqk],
-// v [B, T, H, dv]; scale = RopeTable::softmax_scale. Head sizes 1..256 (multiples
-// of 8 take the fast 16-byte load path). Graph capture: run each head-size
-// combination once outside capture first (the shared-memory opt-in happens then).
+// Causal attention forward. out [B, T, H, dv] (bf16), lse [B, H, T] (fp32, logsumexp of the scaled scores,
+// kept for backward); q, k [B, T, H, dqk], v [B, T, H, dv]; scale = RopeTable::softmax_scale. Head sizes
+// 1..256 (multiples of 8 take the fast 16-byte load path). Graph capture: run each head-size combination once
+// outside capture first (the shared-memory opt-in happens then).
 inline void attention_forward_gpu(bf16* out, float* lse, const bf16* q, const bf16* k, const bf16* v, int B, int T, int H, int dqk,
                                   int dv, float scale, cudaStream_t stream) {
     using namespace mla_detail;
     check_attention_shape(B, T, H, dqk, dv);
     if (B == 0 || T == 0) return;
-    const int vb = bucket(dv);
-    if (vb == 64) launch_forward<64>(out, lse, q, k, v, B, T, H, dqk, dv, scale, stream);
-    else if (vb == 128) launch_forward<128>(out, lse, q, k, v, B, T, H, dqk, dv, scale, stream);
-    else launch_forward<256>(out, lse, q, k, v, B, T, H, dqk, dv, scale, stream);
+    with_bucket(dv, [&](auto vb) { launch_forward<decltype(vb)::value>(out, lse, q, k, v, B, T, H, dqk, dv, scale, stream); });
 }
 
 // floats of scratch attention_backward_gpu needs (D = rowsum(dout * out), [B, H, T])
 inline size_t attention_backward_scratch_floats(int B, int T, int H) { return (size_t)B * H * T; }
 
-// Causal attention backward: writes dq, dk [B, T, H, dqk] and
-// dvalue [B, T, H, dv] from dout [B, T, H, dv] and the forward's out and lse.
-// Deterministic: every output element is written by exactly one thread after a
+// Causal attention backward: writes dq, dk [B, T, H, dqk] and dvalue [B, T, H, dv] from dout [B, T, H, dv]
+// and the forward's out and lse. Deterministic: every output element is written by exactly one thread after a
 // fixed-order reduction. scratch: attention_backward_scratch_floats(B, T, H) floats.
 inline void attention_backward_gpu(bf16* dq, bf16* dk, bf16* dvalue, const bf16* dout, const bf16* out, const float* lse, const bf16* q,
                                    const bf16* k, const bf16* v, int B, int T, int H, int dqk, int dvd, float scale, float* scratch,
@@ -874,19 +784,13 @@ inline void attention_backward_gpu(bf16* dq, bf16* dk, bf16* dvalue, const bf16*
     const long long rows = (long long)B * T * H;
     attention_backward_preprocess_kernel<<<(int)((rows + 7) / 8), 256, 0, stream>>>(D, dout, out, B, T, H, dvd);
     CUDA_LAUNCH_CHECK();
-    const int qb = bucket(dqk), vb = bucket(dvd);
-    if (qb == 64) launch_dkdv_dv<64>(vb, dk, dvalue, q, k, v, dout, lse, D, B, T, H, dqk, dvd, scale, stream);
-    else if (qb == 128) launch_dkdv_dv<128>(vb, dk, dvalue, q, k, v, dout, lse, D, B, T, H, dqk, dvd, scale, stream);
-    else launch_dkdv_dv<256>(vb, dk, dvalue, q, k, v, dout, lse, D, B, T, H, dqk, dvd, scale, stream);
-    if (qb == 64) launch_dq<64>(dq, q, k, v, dout, lse, D, B, T, H, dqk, dvd, scale, stream);
-    else if (qb == 128) launch_dq<128>(dq, q, k, v, dout, lse, D, B, T, H, dqk, dvd, scale, stream);
-    else launch_dq<256>(dq, q, k, v, dout, lse, D, B, T, H, dqk, dvd, scale, stream);
+    backward_dkdv(dk, dvalue, q, k, v, dout, lse, D, B, T, H, dqk, dvd, scale, stream);
+    backward_dq(dq, q, k, v, dout, lse, D, B, T, H, dqk, dvd, scale, stream);
 }
 
 // ----------------------------------------------------------------------------
-// The MLA layer, the GPU twin of reference.h's mla_forward / mla_backward (same
-// arguments in the same order, the GpuContext last): the kernels above around
-// cuBLASLt projections, bf16 activations, fp32 RMSNorm statistics and lse.
+// The MLA layer, the GPU twin of reference.h's mla_forward / mla_backward (same arguments in the same order, the
+// GpuContext last): the kernels above around cuBLASLt projections, bf16 activations, fp32 RMSNorm statistics and lse.
 
 struct MlaActsGpu {
     // one layer's, kept from forward to backward (N = B*T token rows)

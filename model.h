@@ -1,7 +1,6 @@
-// model.h — the model as the binaries use it: creation, one training step with
-// gradient accumulation, evaluation, sampling, and checkpoints (a directory with
-// config.json, model.safetensors with HF tensor names, tokenizer.bin and the
-// training state) written atomically and read back bit-exactly.
+// model.h — the model as the binaries use it: creation, one training step with gradient accumulation,
+// evaluation, sampling, and checkpoints (a directory with config.json, model.safetensors with HF tensor
+// names, tokenizer.bin and the training state) written atomically and read back bit-exactly.
 #pragma once
 
 #include <string>
@@ -24,9 +23,8 @@ struct TrainOptions {
     bool fp8 = false;            // DeepSeek-V3's FP8 GEMMs (fp8.cuh; the CPU emulates them)
 };
 
-// What exact resume needs beyond the weights (the optimizer moments live in
-// optimizer.safetensors). Dropout masks are keyed by (seed, step), so no RNG
-// stream has to be saved.
+// What exact resume needs beyond the weights (the optimizer moments live in optimizer.safetensors). Dropout
+// masks are keyed by (seed, step), so no RNG stream has to be saved.
 struct TrainState {
     int step = 0;                  // optimizer steps done
     uint64_t data_position = 0;    // the training loader's position
@@ -58,10 +56,9 @@ void model_create(Model& m, const Config& c, uint64_t seed);
 // true when a CUDA device is present
 bool gpu_available();
 
-// Moves training to the GPU: uploads weights and optimizer moments and allocates
-// activations for batches of up to B sequences of T tokens. Fails with a clear
-// message (no device, out of memory with the size needed, unsupported shapes).
-// inference: forward only (generation), no gradients, moments or backward buffers.
+// Moves training to the GPU: uploads weights and optimizer moments and allocates activations for batches of
+// up to B sequences of T tokens. Fails with a clear message (no device, out of memory with the size needed,
+// unsupported shapes). inference: forward only (generation), no gradients, moments or backward buffers.
 void model_to_gpu(Model& m, int B, int T, bool inference = false);
 
 // copies the GPU's weights, last gradients and optimizer moments back into m
@@ -94,8 +91,7 @@ struct SamplingOptions {
 // Picks a token from logits [V]; coin is uniform in [0, 1).
 int sample_token(const float* logits, int V, const SamplingOptions& s, float coin);
 
-// Writes dir atomically. state may be null (weights only). bf16 halves the file but
-// is not an exact resume point.
+// Writes dir atomically. state may be null (weights only). bf16 halves the file but is not an exact resume point.
 void model_save(Model& m, const std::string& dir, const TrainState* state, bool bf16);
 
 // Reads config.json, model.safetensors and tokenizer.bin (bytes when absent). When
@@ -105,7 +101,6 @@ void model_load(Model& m, const std::string& dir, TrainState* state);
 // true when dir holds a training state (a resumable checkpoint)
 bool checkpoint_has_state(const std::string& dir);
 
-// A --model argument names a checkpoint directory or a training run directory
-// holding checkpoint/; returns the checkpoint directory. is_default adds a hint
-// to train one first.
+// A --model argument names a checkpoint directory or a training run directory holding checkpoint/; returns
+// the checkpoint directory. is_default adds a hint to train one first.
 std::string model_resolve_dir(const std::string& dir, bool is_default);

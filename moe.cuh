@@ -1,19 +1,15 @@
-// moe.cuh — the DeepSeekMoE layer on the GPU, forward and backward: the router
-// (sigmoid/softmax scores, correction bias, group-limited top-k, gate
-// normalisation and scaling, expert-load counters), the sequence-wise balance
-// loss, the deterministic permutation of token slots by expert, gather / weighted
-// combine / scatter, and a tensor-core grouped GEMM whose per-expert row counts
-// stay on the device (no host sync anywhere in the layer).
+// moe.cuh — the DeepSeekMoE layer on the GPU, forward and backward: the router (sigmoid/softmax scores, correction
+// bias, group-limited top-k, gate normalisation and scaling, expert-load counters), the sequence-wise balance loss, the
+// deterministic permutation of token slots by expert, gather / weighted combine / scatter, and a tensor-core grouped
+// GEMM whose per-expert row counts stay on the device (no host sync anywhere in the layer).
 //
-// The CPU reference is reference.h (router_forward/backward,
-// balance_loss_forward/backward, moe_forward/backward); every kernel here computes
-// the same thing, in the same summation order where the order is ours to choose.
-// Router math is fp32 (its logits come from a GEMM as fp32); expert activations
-// are bf16 with fp32 accumulation. Nothing uses float atomics: every result is
-// bit-identical run to run (integer atomics commute, so counters may use them).
+// The CPU reference is reference.h (router_forward/backward, balance_loss_forward/backward, moe_forward/backward);
+// every kernel here computes the same thing, in the same summation order where the order is ours to choose. Router math
+// is fp32 (its logits come from a GEMM as fp32); expert activations are bf16 with fp32 accumulation. Nothing uses float
+// atomics: every result is bit-identical run to run (integer atomics commute, so counters may use them).
 //
-// How moe_forward_gpu (at the end of this file) puts a layer together (N tokens,
-// K experts per token, S = N*K slots; slot n*K+k is the k-th choice of token n):
+// How moe_forward_gpu (at the end of this file) puts a layer together (N tokens, K experts per token, S = N*K slots;
+// slot n*K+k is the k-th choice of token n):
 //   logits [N,E] fp32 = u @ W_router^T                      (cuBLASLt matmul)
 //   router_forward_gpu      -> scores [N,E], expert [N,K], gate [N,K], load [E]
 //   moe_permute_gpu         -> offsets [E+1], slot_row [S], row_slot [S]
@@ -23,19 +19,16 @@
 //   grouped_gemm_forward_gpu (W = down_proj, OC = D) -> y_sorted [S,D]
 //   ffn_forward_gpu         -> the shared experts' output [N,D]
 //   moe_combine_forward_gpu -> out [N,D] = sum_k gate * y (+ shared expert output)
-// and moe_backward_gpu in reverse: moe_combine_backward_gpu (dy_sorted, dgate),
-// grouped_gemm_backward_input/weight_gpu, moe_scatter_backward_gpu (du),
-// router_backward_gpu (dlogits), with balance_loss_backward_gpu feeding its
+// and moe_backward_gpu in reverse: moe_combine_backward_gpu (dy_sorted, dgate), grouped_gemm_backward_input/weight_gpu,
+// moe_scatter_backward_gpu (du), router_backward_gpu (dlogits), with balance_loss_backward_gpu feeding its
 // dscores_extra.
 //
-// Expert weights: the grouped GEMMs take a base pointer and an expert stride in
-// elements, W_e = w + e * w_stride, each W_e [OC, C] row-major. The model stores
-// experts in Hugging Face order (per expert gate_proj [I,D], up_proj [I,D],
-// down_proj [D,I]), so with MoeWeights' expert_stride (3*I*D): gate_up(experts)
-// as the base and OC = 2I runs gate_proj and up_proj as one GEMM, and
-// experts.down as the base runs the down projection. bind_weights (reference.h)
-// checks both layouts when it binds them. A contiguous [E, OC, C] block is stride
-// OC*C. Weight gradients use the same scheme in fp32.
+// Expert weights: the grouped GEMMs take a base pointer and an expert stride in elements, W_e = w + e * w_stride, each
+// W_e [OC, C] row-major. The model stores experts in Hugging Face order (per expert gate_proj [I,D], up_proj [I,D],
+// down_proj [D,I]), so with MoeWeights' expert_stride (3*I*D): gate_up(experts) as the base and OC = 2I runs gate_proj
+// and up_proj as one GEMM, and experts.down as the base runs the down projection. bind_weights (reference.h) checks
+// both layouts when it binds them. A contiguous [E, OC, C] block is stride OC*C. Weight gradients use the same scheme
+// in fp32.
 #pragma once
 
 #include <climits>
@@ -52,16 +45,14 @@ constexpr int MOE_MAX_TOPK = 8;
 constexpr int MOE_MAX_GROUPS = 8;
 
 // ----------------------------------------------------------------------------
-// Router forward. One warp per token; lane l holds experts l, l+32, ... in
-// registers (J of them, a template argument, so small E costs little). Selection runs on biased = s + bias; the group step keeps the
-// topk_group groups with the largest sum of their two best biased scores (ties
-// to the lower group index, like the reference's stable sort), masks the rest to
-// -inf, then K rounds of a warp arg-max (ties to the lower expert index) pick the
-// experts in order. Gates are the unbiased scores of the chosen, normalised when
-// norm_topk_prob, times routed_scaling_factor.
+// Router forward. One warp per token; lane l holds experts l, l+32, ... in registers (J of them, a template argument,
+// so small E costs little). Selection runs on biased = s + bias; the group step keeps the topk_group groups with the
+// largest sum of their two best biased scores (ties to the lower group index, like the reference's stable sort), masks
+// the rest to -inf, then K rounds of a warp arg-max (ties to the lower expert index) pick the experts in order. Gates
+// are the unbiased scores of the chosen, normalised when norm_topk_prob, times routed_scaling_factor.
 //
-// scores [N,E] fp32, expert [N,K] int, gate [N,K] fp32, load [E] int (+=, may be
-// null), logits [N,E] fp32, bias [E] fp32.
+// scores [N,E] fp32, expert [N,K] int, gate [N,K] fp32, load [E] int (+=, may be null), logits [N,E] fp32, bias [E]
+// fp32.
 
 template <int J>  // experts per lane: E <= 32 * J
 static __global__ void router_forward_kernel(float* scores, int* expert, float* gate, int* load, const float* logits,
@@ -229,10 +220,9 @@ inline void router_forward_gpu(float* scores, int* expert, float* gate, int* loa
 }
 
 // ----------------------------------------------------------------------------
-// Router backward: dgate [N,K] -> dscores [N,E] (+ dscores_extra, the balance
-// loss's gradient, when not null) -> dlogits [N,E] (overwritten). One warp per
-// token. With norm_topk_prob, g_k = rsf * s_k / S (S = sum of the chosen s), so
-// ds_k = rsf * (dg_k / S - sum_j dg_j s_j / S^2).
+// Router backward: dgate [N,K] -> dscores [N,E] (+ dscores_extra, the balance loss's gradient, when not null)
+// -> dlogits [N,E] (overwritten). One warp per token. With norm_topk_prob, g_k = rsf * s_k / S (S = sum of
+// the chosen s), so ds_k = rsf * (dg_k / S - sum_j dg_j s_j / S^2).
 
 template <int J>  // experts per lane: E <= 32 * J
 static __global__ void router_backward_kernel(float* dlogits, const float* dgate, const float* dscores_extra,
@@ -296,10 +286,9 @@ inline void router_backward_gpu(float* dlogits, const float* dgate, const float*
 // Sequence-wise balance loss over B sequences of T tokens (N = B*T):
 //   L = alpha / (B*T) * sum_n sum_e f[b(n), e] * s[n, e] / sum_e s[n, e],
 //   f[b, e] = E / (K*T) * (times expert e was chosen in sequence b).
-// Forward: one block per sequence counts its choices (integer shared atomics),
-// writes frac [B,E] (kept for backward) and the sequence's sum to seq_loss [B]
-// (a thread per token, summed in a fixed order); a one-warp kernel then sums the B sequence
-// terms in a fixed order into the device scalar *loss.
+// Forward: one block per sequence counts its choices (integer shared atomics), writes frac [B,E] (kept for
+// backward) and the sequence's sum to seq_loss [B] (a thread per token, summed in a fixed order); a one-warp
+// kernel then sums the B sequence terms in a fixed order into the device scalar *loss.
 
 static __global__ void balance_loss_sequence_kernel(float* frac, float* seq_loss, const float* scores, const int* expert,
                                                     int T, int E, int K) {
@@ -382,14 +371,13 @@ inline void balance_loss_backward_gpu(float* dscores, const float* frac, const f
 }
 
 // ----------------------------------------------------------------------------
-// Permutation of the S = N*K slots by expert, stable (an expert's rows are its
-// slots in ascending slot order, as in the reference's per-expert lists):
+// Permutation of the S = N*K slots by expert, stable (an expert's rows are its slots in ascending slot order,
+// as in the reference's per-expert lists):
 //   offsets [E+1]: expert e owns rows offsets[e] .. offsets[e+1]-1,
 //   slot_row [S]:  the row of slot n*K+k,  row_slot [S]: its inverse.
-// Three kernels, all deterministic (integer counts only): count each chunk's
-// slots per expert; one block scans the counts (per expert over chunks, then over
-// experts); each chunk then places its slots, ranking equal experts within a warp
-// with __match_any_sync and across the block's warps through shared counts.
+// Three kernels, all deterministic (integer counts only): count each chunk's slots per expert; one block
+// scans the counts (per expert over chunks, then over experts); each chunk then places its slots, ranking
+// equal experts within a warp with __match_any_sync and across the block's warps through shared counts.
 
 constexpr int MOE_PERM_CHUNK = 2048;   // slots per block
 constexpr int MOE_PERM_THREADS = 256;  // threads per block (8 warps)
@@ -473,8 +461,7 @@ static __global__ void moe_permute_place_kernel(int* slot_row, int* row_slot, co
     }
 }
 
-// expert [S] (values 0..E-1) -> offsets [E+1], slot_row [S], row_slot [S];
-// scratch: moe_permute_scratch_ints(S, E) ints
+// expert [S] (values 0..E-1) -> offsets [E+1], slot_row [S], row_slot [S]; scratch: moe_permute_scratch_ints(S, E) ints
 inline void moe_permute_gpu(int* offsets, int* slot_row, int* row_slot, int* scratch, const int* expert, int S, int E,
                             cudaStream_t stream) {
     if (E < 1 || E > MOE_MAX_EXPERTS) fail("moe permutation: %d experts, supported 1..%d", E, MOE_MAX_EXPERTS);
@@ -492,9 +479,8 @@ inline void moe_permute_gpu(int* offsets, int* slot_row, int* row_slot, int* scr
 }
 
 // ----------------------------------------------------------------------------
-// Gather, combine, scatter. Rows of D elements move as 16-byte vectors of 8 bf16
-// when D % 8 == 0 (and element by element otherwise). Sums are fp32 in the
-// reference's order: slots of a token in selection order k = 0..K-1.
+// Gather, combine, scatter. Rows of D elements move as 16-byte vectors of 8 bf16 when D % 8 == 0 (and element by
+// element otherwise). Sums are fp32 in the reference's order: slots of a token in selection order k = 0..K-1.
 
 struct MoeBf16x8 {
     float v[8];
@@ -549,12 +535,10 @@ static __global__ void moe_gather_kernel(bf16* x_sorted, const bf16* u, const in
     }
 }
 
-inline bool moe_aligned16(const void* p) { return ((uintptr_t)p & 15) == 0; }
-
 inline void moe_gather_gpu(bf16* x_sorted, const bf16* u, const int* row_slot, int N, int K, int D, cudaStream_t stream) {
     const size_t work = (size_t)N * K * ceil_div(D, 8);
     if (work == 0) return;
-    const bool vec = D % 8 == 0 && moe_aligned16(x_sorted) && moe_aligned16(u);
+    const bool vec = D % 8 == 0 && kdetail::aligned16({x_sorted, u});
     if (vec) moe_gather_kernel<true><<<ceil_div(work, 256), 256, 0, stream>>>(x_sorted, u, row_slot, N * K, D, K);
     else moe_gather_kernel<false><<<ceil_div(work, 256), 256, 0, stream>>>(x_sorted, u, row_slot, N * K, D, K);
     CUDA_LAUNCH_CHECK();
@@ -568,9 +552,7 @@ static __global__ void moe_combine_forward_kernel(bf16* out, const bf16* y_sorte
     const size_t idx = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (idx >= (size_t)N * chunks) return;
     const int n = (int)(idx / chunks), i = (int)(idx % chunks) * 8, valid = min(8, D - i);
-    MoeBf16x8 acc;
-#pragma unroll
-    for (int j = 0; j < 8; j++) acc.v[j] = 0.0f;
+    MoeBf16x8 acc = {};
     for (int k = 0; k < K; k++) {
         const float g = gate[(size_t)n * K + k];
         const MoeBf16x8 y = moe_load8<VEC>(y_sorted + (size_t)slot_row[(size_t)n * K + k] * D + i, valid);
@@ -589,7 +571,7 @@ inline void moe_combine_forward_gpu(bf16* out, const bf16* y_sorted, const float
                                     int N, int K, int D, cudaStream_t stream) {
     const size_t work = (size_t)N * ceil_div(D, 8);
     if (work == 0) return;
-    const bool vec = D % 8 == 0 && moe_aligned16(out) && moe_aligned16(y_sorted) && (!shared || moe_aligned16(shared));
+    const bool vec = D % 8 == 0 && kdetail::aligned16({out, y_sorted, shared});  // shared may be null
     if (vec) moe_combine_forward_kernel<true><<<ceil_div(work, 256), 256, 0, stream>>>(out, y_sorted, gate, slot_row, shared, N, D, K);
     else moe_combine_forward_kernel<false><<<ceil_div(work, 256), 256, 0, stream>>>(out, y_sorted, gate, slot_row, shared, N, D, K);
     CUDA_LAUNCH_CHECK();
@@ -625,7 +607,7 @@ inline void moe_combine_backward_gpu(bf16* dy_sorted, float* dgate, const bf16* 
                                      const int* slot_row, int N, int K, int D, cudaStream_t stream) {
     const int S = N * K, warps = 8;
     if (S == 0) return;
-    const bool vec = D % 8 == 0 && moe_aligned16(dy_sorted) && moe_aligned16(dout) && moe_aligned16(y_sorted);
+    const bool vec = D % 8 == 0 && kdetail::aligned16({dy_sorted, dout, y_sorted});
     if (vec) moe_combine_backward_kernel<true><<<ceil_div(S, warps), warps * 32, 0, stream>>>(dy_sorted, dgate, dout, y_sorted, gate, slot_row, S, D, K);
     else moe_combine_backward_kernel<false><<<ceil_div(S, warps), warps * 32, 0, stream>>>(dy_sorted, dgate, dout, y_sorted, gate, slot_row, S, D, K);
     CUDA_LAUNCH_CHECK();
@@ -639,11 +621,8 @@ static __global__ void moe_scatter_backward_kernel(bf16* du, const bf16* dx_sort
     const size_t idx = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (idx >= (size_t)N * chunks) return;
     const int n = (int)(idx / chunks), i = (int)(idx % chunks) * 8, valid = min(8, D - i);
-    MoeBf16x8 acc;
+    MoeBf16x8 acc = {};
     if (accumulate) acc = moe_load8<VEC>(du + (size_t)n * D + i, valid);
-    else
-#pragma unroll
-        for (int j = 0; j < 8; j++) acc.v[j] = 0.0f;
     for (int k = 0; k < K; k++) {
         const MoeBf16x8 d = moe_load8<VEC>(dx_sorted + (size_t)slot_row[(size_t)n * K + k] * D + i, valid);
 #pragma unroll
@@ -656,7 +635,7 @@ inline void moe_scatter_backward_gpu(bf16* du, const bf16* dx_sorted, const int*
                                      cudaStream_t stream) {
     const size_t work = (size_t)N * ceil_div(D, 8);
     if (work == 0) return;
-    const bool vec = D % 8 == 0 && moe_aligned16(du) && moe_aligned16(dx_sorted);
+    const bool vec = D % 8 == 0 && kdetail::aligned16({du, dx_sorted});
     if (vec) moe_scatter_backward_kernel<true><<<ceil_div(work, 256), 256, 0, stream>>>(du, dx_sorted, slot_row, N, D, K, accumulate);
     else moe_scatter_backward_kernel<false><<<ceil_div(work, 256), 256, 0, stream>>>(du, dx_sorted, slot_row, N, D, K, accumulate);
     CUDA_LAUNCH_CHECK();
@@ -665,26 +644,20 @@ inline void moe_scatter_backward_gpu(bf16* du, const bf16* dx_sorted, const int*
 // ----------------------------------------------------------------------------
 // Grouped expert GEMM on tensor cores (mma.sync m16n8k16 bf16, fp32 accumulate).
 //
-// One kernel template computes a BM x BN tile (BM = 128, BN = 128 or 64) of
-// D[m, n] = sum_k A[m, k] B[k, n] for one expert, with a multi-stage cp.async
-// pipeline of BK-wide k slices; 8 warps in a 2x4 grid each own 64 x BN/4 outputs.
-// Operands are read either k-contiguous ("K-major": smem [row][k], plain
-// ldmatrix) or m/n-contiguous (smem [k][row], ldmatrix.trans), which covers the
-// three products without transposing anything in memory:
+// One kernel template computes a BM x BN tile (BM = 128, BN = 128 or 64) of D[m, n] = sum_k A[m, k] B[k, n] for one
+// expert, with a multi-stage cp.async pipeline of BK-wide k slices; 8 warps in a 2x4 grid each own 64 x BN/4 outputs.
+// Operands are read either k-contiguous ("K-major": smem [row][k], plain ldmatrix) or m/n-contiguous (smem [k][row],
+// ldmatrix.trans), which covers the three products without transposing anything in memory:
 //   forward          out[r, o] = x[r, :] . W_e[o, :]    A = x (K-major),    B = W_e (K-major)
 //   backward input   dx[r, c]  = dout[r, :] @ W_e[:, c]  A = dout (K-major), B = W_e (N-major)
 //   backward weight  dW_e[o,c] += sum_r dout[r,o] x[r,c]  A = dout (M-major), B = x (N-major)
-// Forward and backward-input CTAs find their expert and row tile from the device
-// offsets (grid.y is the worst case, ceil(S/BM) + E tiles; surplus CTAs exit);
-// grid.x runs over output columns so CTAs in flight share their A rows in L2.
-// Backward-weight CTAs own one (expert, OC tile, C tile) and walk all of the
-// expert's rows in order, so dW needs no atomics and is bit-reproducible.
-// Every output element accumulates its k16 steps in ascending k whatever the tile
-// config, so all configs give bit-identical results.
-// Rows past an expert's end and columns past C/OC are zero-filled (cp.async with
-// src-size 0). The 16-byte path needs C % 8 == 0, OC % 8 == 0 and 16-byte aligned
-// pointers and strides; otherwise a scalar-load path handles any size (e.g. the
-// tiny preset's moe_intermediate_size = 12), more slowly.
+// Forward and backward-input CTAs find their expert and row tile from the device offsets (grid.y is the worst case,
+// ceil(S/BM) + E tiles; surplus CTAs exit); grid.x runs over output columns so CTAs in flight share their A rows in L2.
+// Backward-weight CTAs own one (expert, OC tile, C tile) and walk all of the expert's rows in order, so dW needs no
+// atomics and is bit-reproducible. Every output element accumulates its k16 steps in ascending k whatever the tile
+// config, so all configs give bit-identical results. Rows past an expert's end and columns past C/OC are zero-filled
+// (cp.async with src-size 0). The 16-byte path needs C % 8 == 0, OC % 8 == 0 and 16-byte aligned pointers and strides;
+// otherwise a scalar-load path handles any size (e.g. the tiny preset's moe_intermediate_size = 12), more slowly.
 
 constexpr int MOE_GEMM_BM = 128, MOE_GEMM_THREADS = 256;
 constexpr int MOE_GEMM_PAD = 8;  // bf16 of padding per smem row: the 8 rows of an ldmatrix land in distinct banks
@@ -700,39 +673,9 @@ constexpr int moe_gemm_smem_bytes() {
     return STAGES * 2 * (moe_gemm_tile_elems<MODE == 0, BK>(MOE_GEMM_BM) + moe_gemm_tile_elems<B_KMAJOR, BK>(BN));
 }
 
-__device__ inline void moe_cp_async16(void* smem, const void* gmem, bool valid) {
-    unsigned s = (unsigned)__cvta_generic_to_shared(smem);
-    int bytes = valid ? 16 : 0;
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem), "r"(bytes));
-}
-__device__ inline void moe_cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-template <int N>
-__device__ inline void moe_cp_async_wait() {
-    asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
-}
-
-__device__ inline void moe_ldmatrix_x4(unsigned* r, const bf16* p) {
-    unsigned s = (unsigned)__cvta_generic_to_shared(p);
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                 : "r"(s));
-}
-__device__ inline void moe_ldmatrix_x4_trans(unsigned* r, const bf16* p) {
-    unsigned s = (unsigned)__cvta_generic_to_shared(p);
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                 : "r"(s));
-}
-__device__ inline void moe_mma_bf16(float* c, const unsigned* a, const unsigned* b) {
-    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
-                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
-}
-
-// Loads one BK-wide k slice of an operand tile into smem. The operand holds ROWS
-// rows starting at its base; element (row, k) lives at base[row * ld + k] when
-// KMAJOR, else at base[k * ld + row]. Valid rows < row_end, valid k < k_end; the
-// rest is zero-filled.
+// Loads one BK-wide k slice of an operand tile into smem. The operand holds ROWS rows starting at its base;
+// element (row, k) lives at base[row * ld + k] when KMAJOR, else at base[k * ld + row]. Valid rows < row_end,
+// valid k < k_end; the rest is zero-filled.
 template <bool KMAJOR, bool VEC, int ROWS, int BK>
 __device__ inline void moe_gemm_load_tile(bf16* smem, const bf16* base, int ld, int row_end, int k0, int k_end) {
     constexpr int CHUNKS = ROWS * BK / 8;  // 16-byte chunks per tile
@@ -755,7 +698,7 @@ __device__ inline void moe_gemm_load_tile(bf16* smem, const bf16* base, int ld, 
         const bf16* src = KMAJOR ? base + (size_t)row * ld + kk : base + (size_t)kk * ld + row;
         if (VEC) {
             const bool valid = row < row_end && kk < k_end;
-            moe_cp_async16(dst, valid ? src : base, valid);
+            cp_async16(smem_u32(dst), valid ? src : base, valid ? 16 : 0);
         } else {
             // scalar path: 8 bounds-checked loads along the contiguous dimension
             MoeBf16x8 v;
@@ -772,11 +715,9 @@ __device__ inline void moe_gemm_load_tile(bf16* smem, const bf16* base, int ld, 
 // MOE_GEMM_FWD: bf16 out, m runs over the expert's rows. MOE_GEMM_WGRAD: fp32 dW +=.
 enum { MOE_GEMM_FWD = 0, MOE_GEMM_WGRAD = 1 };
 
-// Forward / backward-input (MOE_GEMM_FWD): A is the [S, lda] activations
-// (K-major), B is W_e = Bw + e * b_stride (K-major for forward, N-major for
-// backward input), out [S, N]. Backward weight (MOE_GEMM_WGRAD): M = OC, N = C,
-// K = the expert's rows; A = dout [S, OC] (M-major), B = x [S, C] (N-major),
-// dw + e * dw_stride [OC, C] fp32 +=.
+// Forward / backward-input (MOE_GEMM_FWD): A is the [S, lda] activations (K-major), B is W_e = Bw + e * b_stride
+// (K-major for forward, N-major for backward input), out [S, N]. Backward weight (MOE_GEMM_WGRAD): M = OC, N = C,
+// K = the expert's rows; A = dout [S, OC] (M-major), B = x [S, C] (N-major), dw + e * dw_stride [OC, C] fp32 +=.
 template <int MODE, bool B_KMAJOR, bool VEC, int BN, int BK, int STAGES>
 static __global__ void __launch_bounds__(MOE_GEMM_THREADS, 2)
     grouped_gemm_kernel(bf16* out, float* dw, size_t dw_stride, const bf16* A, int lda, const bf16* Bw, size_t b_stride,
@@ -840,13 +781,7 @@ static __global__ void __launch_bounds__(MOE_GEMM_THREADS, 2)
         k_end = rows;
     }
 
-    float acc[4][NI][4];
-#pragma unroll
-    for (int i = 0; i < 4; i++)
-#pragma unroll
-        for (int j = 0; j < NI; j++)
-#pragma unroll
-            for (int q = 0; q < 4; q++) acc[i][j][q] = 0.0f;
+    float acc[4][NI][4] = {};
 
     const int KT = (k_end + BK - 1) / BK;
     auto load_stage = [&](int stage, int kt) {
@@ -856,13 +791,13 @@ static __global__ void __launch_bounds__(MOE_GEMM_THREADS, 2)
 #pragma unroll
     for (int s = 0; s < STAGES - 1; s++) {
         if (s < KT) load_stage(s, s);
-        moe_cp_async_commit();
+        cp_async_commit();
     }
     for (int kt = 0; kt < KT; kt++) {
-        moe_cp_async_wait<STAGES - 2>();
+        cp_async_wait<STAGES - 2>();
         __syncthreads();  // slice kt is in smem for everyone; slice kt-1's stage is free again
         if (kt + STAGES - 1 < KT) load_stage((kt + STAGES - 1) % STAGES, kt + STAGES - 1);
-        moe_cp_async_commit();
+        cp_async_commit();
         const bf16* as = As + (kt % STAGES) * A_ELEMS;
         const bf16* bs = Bs + (kt % STAGES) * B_ELEMS;
 #pragma unroll
@@ -872,15 +807,15 @@ static __global__ void __launch_bounds__(MOE_GEMM_THREADS, 2)
 #pragma unroll
             for (int mi = 0; mi < 4; mi++) {
                 const int mb = warp_m * 64 + mi * 16;
-                if (A_KMAJOR) moe_ldmatrix_x4(af[mi], as + (mb + lane % 16) * (BK + MOE_GEMM_PAD) + kk + (lane / 16) * 8);
-                else moe_ldmatrix_x4_trans(af[mi], as + (kk + r8 + (mat / 2) * 8) * (BM + MOE_GEMM_PAD) + mb + (mat % 2) * 8);
+                if (A_KMAJOR) ldsm_x4(af[mi], smem_u32(as + (mb + lane % 16) * (BK + MOE_GEMM_PAD) + kk + (lane / 16) * 8));
+                else ldsm_x4_trans(af[mi], smem_u32(as + (kk + r8 + (mat / 2) * 8) * (BM + MOE_GEMM_PAD) + mb + (mat % 2) * 8));
             }
 #pragma unroll
             for (int p = 0; p < NI / 2; p++) {
                 const int nb = warp_n * WN + p * 16;
                 unsigned r[4];
-                if (B_KMAJOR) moe_ldmatrix_x4(r, bs + (nb + r8 + (mat / 2) * 8) * (BK + MOE_GEMM_PAD) + kk + (mat % 2) * 8);
-                else moe_ldmatrix_x4_trans(r, bs + (kk + r8 + (mat % 2) * 8) * (BN + MOE_GEMM_PAD) + nb + (mat / 2) * 8);
+                if (B_KMAJOR) ldsm_x4(r, smem_u32(bs + (nb + r8 + (mat / 2) * 8) * (BK + MOE_GEMM_PAD) + kk + (mat % 2) * 8));
+                else ldsm_x4_trans(r, smem_u32(bs + (kk + r8 + (mat % 2) * 8) * (BN + MOE_GEMM_PAD) + nb + (mat / 2) * 8));
                 bfr[2 * p][0] = r[0];
                 bfr[2 * p][1] = r[1];
                 bfr[2 * p + 1][0] = r[2];
@@ -889,10 +824,10 @@ static __global__ void __launch_bounds__(MOE_GEMM_THREADS, 2)
 #pragma unroll
             for (int mi = 0; mi < 4; mi++)
 #pragma unroll
-                for (int ni = 0; ni < NI; ni++) moe_mma_bf16(acc[mi][ni], af[mi], bfr[ni]);
+                for (int ni = 0; ni < NI; ni++) mma16816(acc[mi][ni], af[mi], bfr[ni][0], bfr[ni][1]);
         }
     }
-    moe_cp_async_wait<0>();
+    cp_async_wait<0>();
 
     // epilogue: the thread holds rows lane/4 (+8), columns 2*(lane%4) (+1) of each 16x8 tile
 #pragma unroll
@@ -926,17 +861,18 @@ static __global__ void __launch_bounds__(MOE_GEMM_THREADS, 2)
             }
 }
 
-template <int MODE, bool B_KMAJOR, bool VEC, int BN, int BK, int STAGES>
-static inline void grouped_gemm_launch(dim3 grid, cudaStream_t stream, bf16* out, float* dw, size_t dw_stride, const bf16* A, int lda,
-                                const bf16* B, size_t b_stride, int ldb, const int* offsets, int E, int M, int N, int K) {
+// vec: the 16-byte path (grouped_gemm_vec)
+template <int MODE, bool B_KMAJOR, int BN, int BK, int STAGES>
+static inline void grouped_gemm_launch(bool vec, dim3 grid, cudaStream_t stream, bf16* out, float* dw, size_t dw_stride, const bf16* A,
+                                       int lda, const bf16* B, size_t b_stride, int ldb, const int* offsets, int E, int M, int N, int K) {
     constexpr int smem = moe_gemm_smem_bytes<MODE, B_KMAJOR, BN, BK, STAGES>();
-    auto kernel = grouped_gemm_kernel<MODE, B_KMAJOR, VEC, BN, BK, STAGES>;
-    // the > 48 KiB shared-memory opt-in, once per instantiation; the launcher is static
-    // like the kernel, so every translation unit opts its own copy in
-    static bool configured = false;
-    if (!configured) {
+    auto kernel = vec ? grouped_gemm_kernel<MODE, B_KMAJOR, true, BN, BK, STAGES> : grouped_gemm_kernel<MODE, B_KMAJOR, false, BN, BK, STAGES>;
+    // the > 48 KiB shared-memory opt-in, once per kernel; the launcher is static like
+    // the kernel, so every translation unit opts its own copy in
+    static bool configured[2] = {};
+    if (!configured[vec]) {
         CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
-        configured = true;
+        configured[vec] = true;
     }
     kernel<<<grid, MOE_GEMM_THREADS, smem, stream>>>(out, dw, dw_stride, A, lda, B, b_stride, ldb, offsets, E, M, N, K);
     CUDA_LAUNCH_CHECK();
@@ -950,30 +886,23 @@ inline void grouped_gemm_check(const char* what, int S, int E, int C, int OC) {
 
 // the 16-byte path: dimensions multiples of 8, 16-byte aligned pointers, strides multiples of 8
 inline bool grouped_gemm_vec(int C, int OC, size_t stride, std::initializer_list<const void*> ptrs) {
-    bool ok = C % 8 == 0 && OC % 8 == 0 && stride % 8 == 0;
-    for (const void* p : ptrs) ok = ok && moe_aligned16(p);
-    return ok;
+    return C % 8 == 0 && OC % 8 == 0 && stride % 8 == 0 && kdetail::aligned16(ptrs);
 }
 
-// The tile config (BN in {64, 128}, BK in {32, 64}, STAGES) is a template
-// argument; the default, BN=128, BK=64, 3 stages (110.6 KB of shared memory, 2 CTAs
-// per SM), measured fastest of {128,32,4}, {128,64,3}, {128,64,4}, {64,64,4},
-// {64,32,4} for all three products at rows=32768, C=768, OC=768/1536, E=8
-// (test/gpu_moe.cu's "moe timing" case).
+// The tile config (BN in {64, 128}, BK in {32, 64}, STAGES) is a template argument; the default, BN=128, BK=64, 3
+// stages (110.6 KB of shared memory, 2 CTAs per SM), measured fastest of {128,32,4}, {128,64,3}, {128,64,4}, {64,64,4},
+// {64,32,4} for all three products at rows=32768, C=768, OC=768/1536, E=8 (test/gpu_moe.cu's "moe timing" case).
 
-// out [S, OC] = x [S, C] @ W_e^T for the rows offsets[e]..offsets[e+1]-1 of each
-// expert e; W_e = w + e * w_stride is [OC, C]. S = N*K is the total row count
-// (offsets[E] must equal it; the host uses it only to size the grid).
+// out [S, OC] = x [S, C] @ W_e^T for the rows offsets[e]..offsets[e+1]-1 of each expert e; W_e = w + e * w_stride is
+// [OC, C]. S = N*K is the total row count (offsets[E] must equal it; the host uses it only to size the grid).
 template <int BN = 128, int BK = 64, int STAGES = 3>
 inline void grouped_gemm_forward_gpu(bf16* out, const bf16* x, const bf16* w, size_t w_stride, const int* offsets, int S, int E,
                                      int C, int OC, cudaStream_t stream) {
     grouped_gemm_check("grouped_gemm_forward", S, E, C, OC);
     if (S == 0) return;
     dim3 grid(ceil_div(OC, BN), ceil_div(S, MOE_GEMM_BM) + E);
-    if (grouped_gemm_vec(C, OC, w_stride, {out, x, w}))
-        grouped_gemm_launch<MOE_GEMM_FWD, true, true, BN, BK, STAGES>(grid, stream, out, nullptr, 0, x, C, w, w_stride, C, offsets, E, S, OC, C);
-    else
-        grouped_gemm_launch<MOE_GEMM_FWD, true, false, BN, BK, STAGES>(grid, stream, out, nullptr, 0, x, C, w, w_stride, C, offsets, E, S, OC, C);
+    grouped_gemm_launch<MOE_GEMM_FWD, true, BN, BK, STAGES>(grouped_gemm_vec(C, OC, w_stride, {out, x, w}), grid, stream, out, nullptr, 0,
+                                                            x, C, w, w_stride, C, offsets, E, S, OC, C);
 }
 
 // dx [S, C] = dout [S, OC] @ W_e for each expert's rows (written)
@@ -983,10 +912,8 @@ inline void grouped_gemm_backward_input_gpu(bf16* dx, const bf16* dout, const bf
     grouped_gemm_check("grouped_gemm_backward_input", S, E, C, OC);
     if (S == 0) return;
     dim3 grid(ceil_div(C, BN), ceil_div(S, MOE_GEMM_BM) + E);
-    if (grouped_gemm_vec(C, OC, w_stride, {dx, dout, w}))
-        grouped_gemm_launch<MOE_GEMM_FWD, false, true, BN, BK, STAGES>(grid, stream, dx, nullptr, 0, dout, OC, w, w_stride, C, offsets, E, S, C, OC);
-    else
-        grouped_gemm_launch<MOE_GEMM_FWD, false, false, BN, BK, STAGES>(grid, stream, dx, nullptr, 0, dout, OC, w, w_stride, C, offsets, E, S, C, OC);
+    grouped_gemm_launch<MOE_GEMM_FWD, false, BN, BK, STAGES>(grouped_gemm_vec(C, OC, w_stride, {dx, dout, w}), grid, stream, dx, nullptr, 0,
+                                                             dout, OC, w, w_stride, C, offsets, E, S, C, OC);
 }
 
 // dW_e [OC, C] += dout[rows_e, OC]^T @ x[rows_e, C] in fp32, dW_e = dw + e * dw_stride;
@@ -997,17 +924,14 @@ inline void grouped_gemm_backward_weight_gpu(float* dw, size_t dw_stride, const 
     grouped_gemm_check("grouped_gemm_backward_weight", S, E, C, OC);
     if (S == 0) return;
     dim3 grid(ceil_div(C, BN), ceil_div(OC, MOE_GEMM_BM), E);
-    if (grouped_gemm_vec(C, OC, dw_stride, {dw, dout, x}))
-        grouped_gemm_launch<MOE_GEMM_WGRAD, false, true, BN, BK, STAGES>(grid, stream, nullptr, dw, dw_stride, dout, OC, x, 0, C, offsets, E, OC, C, 0);
-    else
-        grouped_gemm_launch<MOE_GEMM_WGRAD, false, false, BN, BK, STAGES>(grid, stream, nullptr, dw, dw_stride, dout, OC, x, 0, C, offsets, E, OC, C, 0);
+    grouped_gemm_launch<MOE_GEMM_WGRAD, false, BN, BK, STAGES>(grouped_gemm_vec(C, OC, dw_stride, {dw, dout, x}), grid, stream, nullptr, dw,
+                                                               dw_stride, dout, OC, x, 0, C, offsets, E, OC, C, 0);
 }
 
 // ----------------------------------------------------------------------------
-// The SwiGLU FFN and the MoE layer on the GPU, the twins of reference.h's
-// ffn_forward / ffn_backward and moe_forward / moe_backward (same arguments in the
-// same order, the GpuContext last). Dense layers and the shared experts run the
-// FFN; the routed experts run the grouped GEMMs above on the same weights' layout.
+// The SwiGLU FFN and the MoE layer on the GPU, the twins of reference.h's ffn_forward / ffn_backward and
+// moe_forward / moe_backward (same arguments in the same order, the GpuContext last). Dense layers and the
+// shared experts run the FFN; the routed experts run the grouped GEMMs above on the same weights' layout.
 
 struct FfnActsGpu {
     bf16* gate_up;             // [n, 2I] one layer's, kept from forward to backward
@@ -1093,9 +1017,8 @@ inline MoeActsGpu moe_layer_alloc(DeviceArena& arena, const Config& c, int B, in
     return a;
 }
 
-// out [N, D] = sum_k gate_k E_k(u) + Shared(u) for u [N, D]. The router reads the
-// fp32 master bias (a bf16 copy would round its small steps away) and adds each
-// token's choices to load [E] when not null.
+// out [N, D] = sum_k gate_k E_k(u) + Shared(u) for u [N, D]. The router reads the fp32 master bias (a bf16
+// copy would round its small steps away) and adds each token's choices to load [E] when not null.
 inline void moe_forward_gpu(const Config& c, const MoeWeights<bf16>& w, const float* bias, bf16* out, const bf16* u, int N,
                             MoeActsGpu& a, int* load, GpuContext& ctx) {
     const int D = c.hidden_size, E = c.n_routed_experts, K = c.num_experts_per_tok, I = c.moe_intermediate_size, S = N * K;

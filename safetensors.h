@@ -1,13 +1,11 @@
-// safetensors.h — reading and writing Hugging Face's safetensors format, the weight
-// file of a checkpoint.
+// safetensors.h — reading and writing Hugging Face's safetensors format, the weight file of a checkpoint.
 //
 // Layout: 8-byte little-endian header length N, N bytes of JSON header
 //   {"__metadata__": {"k": "v", ...},
 //    "name": {"dtype": "F32", "shape": [2, 3], "data_offsets": [begin, end]}, ...}
-// then the data buffer; offsets are relative to the buffer's start. Like the
-// reference writer we pad the header with spaces to a multiple of 8 bytes so the
-// buffer starts aligned. Reading checks everything a damaged or foreign file can get
-// wrong before touching the data, and converts every tensor to fp32.
+// then the data buffer; offsets are relative to the buffer's start. Like the reference writer we pad the
+// header with spaces to a multiple of 8 bytes so the buffer starts aligned. Reading checks everything a
+// damaged or foreign file can get wrong before touching the data, and converts every tensor to fp32.
 #pragma once
 
 #include <algorithm>
@@ -58,12 +56,6 @@ inline int safetensors_dtype_size(const std::string& dtype) {
     if (dtype == "F32") return 4;
     if (dtype == "BF16" || dtype == "F16") return 2;
     return 0;
-}
-
-inline std::string shape_str(const std::vector<int64_t>& shape) {
-    std::string s = "[";
-    for (size_t i = 0; i < shape.size(); i++) s += (i ? ", " : "") + std::to_string(shape[i]);
-    return s + "]";
 }
 
 // IEEE half -> float, exactly (every half is representable as a float)

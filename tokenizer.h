@@ -1,13 +1,10 @@
-// tokenizer.h — byte-level BPE: training on raw text, encoding, decoding, and the
-// tokenizer.bin file. Ids 0..255 are always the raw bytes, so any byte string
-// (invalid UTF-8 and NUL included) round-trips. A trained vocabulary reserves id 256
-// for "<|endoftext|>" and numbers its merges from 257; a pure byte vocabulary (256)
-// has neither.
+// tokenizer.h — byte-level BPE: training on raw text, encoding, decoding, and the tokenizer.bin file. Ids 0..255 are
+// always the raw bytes, so any byte string (invalid UTF-8 and NUL included) round-trips. A trained vocabulary reserves
+// id 256 for "<|endoftext|>" and numbers its merges from 257; a pure byte vocabulary (256) has neither.
 //
-// Text is first cut into chunks (a word, a number or a punctuation run with the
-// single space before it; a run of other whitespace; a run of newlines) and merges
-// never cross a chunk boundary, so tokens stay word-like and encoding can cache
-// whole chunks.
+// Text is first cut into chunks (a word, a number or a punctuation run with the single space before it; a run of other
+// whitespace; a run of newlines) and merges never cross a chunk boundary, so tokens stay word-like and encoding can
+// cache whole chunks.
 #pragma once
 
 #include <algorithm>
@@ -41,8 +38,7 @@ struct Tokenizer {
 
 inline uint64_t tokenizer_pair_key(int a, int b) { return ((uint64_t)(uint32_t)a << 32) | (uint32_t)b; }
 
-// Checks the invariants and fills the decode table and the merge ranks. `where`
-// names the source in error messages.
+// Checks the invariants and fills the decode table and the merge ranks. `where` names the source in error messages.
 inline void tokenizer_build_tables(Tokenizer& tok, const std::string& where) {
     if (tok.vocab_size == 256) {
         if (tok.eot_id != -1 || !tok.merges.empty())
@@ -116,8 +112,7 @@ inline void tokenizer_split(const std::string& text, Fn fn) {
     }
 }
 
-// Replaces each (a, b) in sym with id, scanning left to right, so "aaa" with
-// (a, a) becomes (id, a).
+// Replaces each (a, b) in sym with id, scanning left to right, so "aaa" with (a, a) becomes (id, a).
 inline void tokenizer_merge_pair(std::vector<int>& sym, int a, int b, int id) {
     size_t out = 0;
     for (size_t i = 0; i < sym.size(); i++) {
@@ -134,11 +129,10 @@ inline void tokenizer_merge_pair(std::vector<int>& sym, int a, int b, int id) {
 // ----------------------------------------------------------------------------
 // training
 
-// Greedy BPE over the unique chunks. Pair counts are kept incrementally: a merge
-// only revisits the chunks that contain its pair (found through `where`), and the
-// best pair comes from a max-heap whose stale entries are skipped when popped.
-// Ties go to the smallest (first, second) pair so training is deterministic.
-// Stops early, with a smaller vocab_size, if every chunk has become one token.
+// Greedy BPE over the unique chunks. Pair counts are kept incrementally: a merge only revisits the chunks
+// that contain its pair (found through `where`), and the best pair comes from a max-heap whose stale entries
+// are skipped when popped. Ties go to the smallest (first, second) pair so training is deterministic. Stops
+// early, with a smaller vocab_size, if every chunk has become one token.
 inline Tokenizer tokenizer_train(const std::string& text, int vocab_size) {
     if (vocab_size == 256) return tokenizer_bytes();
     if (vocab_size < 258)
@@ -295,10 +289,7 @@ inline std::string tokenizer_decode(const Tokenizer& tok, const int* ids, size_t
 inline void tokenizer_save(const Tokenizer& tok, const std::string& path) {
     std::vector<int32_t> data = {TOKENIZER_MAGIC, TOKENIZER_VERSION, tok.vocab_size, tok.eot_id,
                                  (int32_t)tok.merges.size()};
-    for (const auto& m : tok.merges) {
-        data.push_back(m.first);
-        data.push_back(m.second);
-    }
+    for (const auto& m : tok.merges) data.insert(data.end(), {m.first, m.second});
     write_file_atomic(path, std::string((const char*)data.data(), data.size() * sizeof(int32_t)));
 }
 
@@ -315,9 +306,7 @@ inline Tokenizer tokenizer_load(const std::string& path) {
     if (data.size() < expect)
         fail("%s: truncated: %d merges need %zu bytes but the file has %zu", path.c_str(), h[4], expect, data.size());
     if (data.size() > expect) fail("%s: has %zu extra bytes after %d merges", path.c_str(), data.size() - expect, h[4]);
-    Tokenizer tok;
-    tok.vocab_size = h[2];
-    tok.eot_id = h[3];
+    Tokenizer tok{h[2], h[3]};  // vocab_size, eot_id
     std::vector<int32_t> m(2 * (size_t)h[4]);
     if (!m.empty()) memcpy(m.data(), data.data() + header, m.size() * sizeof(int32_t));
     for (size_t i = 0; i < (size_t)h[4]; i++) tok.merges.push_back({m[2 * i], m[2 * i + 1]});

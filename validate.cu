@@ -1,44 +1,35 @@
 // validate.cu — checks a model from the outside. Two modes:
 //
-// Loss mode (--model DIR --data FILE): the mean next-token loss over an llm.c token
-// file, over consecutive non-overlapping windows of --seq-len tokens (default: the
-// run's training seq_len from trainer_state.json, else the context), so any
-// checkpoint can be compared with another implementation on the same tokens.
+// Loss mode (--model DIR --data FILE): the mean next-token loss over an llm.c token file, over consecutive
+// non-overlapping windows of --seq-len tokens (default: the run's training seq_len from trainer_state.json,
+// else the context), so any checkpoint can be compared with another implementation on the same tokens.
 //
 //   ./validate --model runs/default --data data/default/val.bin
 //   loss 1.143516593 over 32899 predictions (seq_len 64, the training length; cpu)
 //
-// Integration checks (everything else; the seed's checks) on a checkpoint or on
-// fresh random weights of a preset; one function each, returning a CheckResult:
+// Integration checks (everything else; the seed's checks) on a checkpoint or on fresh random weights of a
+// preset; one function each, returning a CheckResult:
 //   1. forward          logits have shape [B, T, V] and are all finite
-//   2. gradient flow    one forward + backward: every trainable tensor's gradient is
-//                       finite and every non-expert tensor's non-zero (routed experts
-//                       that got no token are listed idle); the first 10 tensors'
+//   2. gradient flow    one forward + backward: every trainable tensor's gradient is finite and every non-expert
+//                       tensor's non-zero (routed experts that got no token are listed idle); the first 10 tensors'
 //                       gradient norm, NaN/inf flags and shape
-//   3. expert balance   per MoE layer over --batches batches: load per expert,
-//                       variance of load/mean load, max/min ratio; balanced when the
-//                       mean variance < 0.3 and every ratio < 5
-//   4. memory           for L = 64, 128, 256, 512, ... up to the context (a context
-//                       under 512: its 1/8, 1/4, 1/2 and whole) a decoder of capacity
-//                       L runs a forward at its last position; its cache plus
-//                       activations (the CPU decoder's heap bytes; on a GPU also the
-//                       GPU decoder's device bytes), per token, and each step's memory
-//                       ratio over its length ratio, < 1.5 (linear growth gives < 1,
-//                       a T x T score matrix 2). And the latent cache's bytes per
-//                       token, measured = formula, against an MHA cache's
-//   5. GPU vs CPU       on a GPU: batch 0 on the CUDA path (bf16) against the CPU
-//                       reference (fp32): the loss within 2e-2 relative, the logits
-//                       within twice what bf16 weights alone change (or 2 x 2e-2)
-// Each says on stderr when it starts (small takes minutes on a CPU). The table
-// prints each result as it comes, then "passed x of y" and the issues found; --json
-// prints one object {"model", "data", ..., "checks": [{"name", "passed", "skipped",
-// "numbers", "tables", "notes", "issues"}], "summary"}. The exit status is 1 when a
-// check finds an issue. Without a GPU (or with --device cpu) the GPU parts are skipped.
+//   3. expert balance   per MoE layer over --batches batches: load per expert, variance of load/mean load, max/min
+//                       ratio; balanced when the mean variance < 0.3 and every ratio < 5
+//   4. memory           for L = 64, 128, 256, 512, ... up to the context (a context under 512: its 1/8, 1/4, 1/2 and
+//                       whole) a decoder of capacity L runs a forward at its last position; its cache plus activations
+//                       (the CPU decoder's heap bytes; on a GPU also the GPU decoder's device bytes), per token, and
+//                       each step's memory ratio over its length ratio, < 1.5 (linear growth gives < 1, a T x T score
+//                       matrix 2). And the latent cache's bytes per token, measured = formula, against an MHA cache's
+//   5. GPU vs CPU       on a GPU: batch 0 on the CUDA path (bf16) against the CPU reference (fp32): the loss within
+//                       2e-2 relative, the logits within twice what bf16 weights alone change (or 2 x 2e-2)
+// Each says on stderr when it starts (small takes minutes on a CPU). The table prints each result as it
+// comes, then "passed x of y" and the issues found; --json prints one object {"model", "data", ..., "checks":
+// [{"name", "passed", "skipped", "numbers", "tables", "notes", "issues"}], "summary"}. The exit status is 1
+// when a check finds an issue. Without a GPU (or with --device cpu) the GPU parts are skipped.
 //
-// Batches come from --data; else, for a training run (trainer_state.json), from
-// data/default/val.bin when that dataset's tokenizer is the model's (train does not
-// record its data path); else random tokens, far from what a trained model knows
-// (the default run's expert loads: max/min 7.5 on them, 1.7 on its text).
+// Batches come from --data; else, for a training run (trainer_state.json), from data/default/val.bin when
+// that dataset's tokenizer is the model's (train does not record its data path); else random tokens, far from
+// what a trained model knows (the default run's expert loads: max/min 7.5 on them, 1.7 on its text).
 #include <malloc.h>
 
 #include <algorithm>
@@ -151,8 +142,7 @@ struct BatchSource {
     uint64_t key = 0;
     int B = 0, T = 0, V = 0;
 
-    // batch b: inputs [B*T] and their next tokens; from the file, consecutive
-    // windows that wrap around at its end
+    // batch b: inputs [B*T] and their next tokens; from the file, consecutive windows that wrap around at its end
     void get(int b, std::vector<int>& inputs, std::vector<int>& targets) const {
         const size_t n = (size_t)B * T;
         std::vector<int> seq(n + 1);
@@ -235,9 +225,7 @@ static CheckResult check_gradient_flow(Model& m, const BatchSource& src) {
         trainable++;
         with_grad += nonzero;
         if (first.rows.size() < GRADIENT_TABLE_ROWS) {
-            std::string shape;
-            for (int64_t d : s.shape) shape += (shape.empty() ? "" : ", ") + std::to_string(d);
-            first.rows.push_back({s.name, "[" + shape + "]", strfmt("%.4g", std::sqrt(sq)), nans ? "true" : "false", infs ? "true" : "false"});
+            first.rows.push_back({s.name, shape_str(s.shape), strfmt("%.4g", std::sqrt(sq)), nans ? "true" : "false", infs ? "true" : "false"});
         }
         if (nans || infs) nonfinite++, c.issues.push_back(strfmt("non-finite gradient: %s (%zu NaN, %zu inf)", s.name.c_str(), nans, infs));
         int layer, expert;
@@ -343,8 +331,7 @@ static std::vector<int> memory_lengths(int context) {
     return lengths;
 }
 
-// the heap bytes this process has in use: glibc's count over all its arenas, large
-// (mmapped) blocks included
+// the heap bytes this process has in use: glibc's count over all its arenas, large (mmapped) blocks included
 static size_t heap_bytes() {
 #if __GLIBC__ > 2 || __GLIBC_MINOR__ >= 33
     struct mallinfo2 mi = mallinfo2();
@@ -354,11 +341,9 @@ static size_t heap_bytes() {
     return (size_t)mi.uordblks + (size_t)mi.hblkhd;
 }
 
-// The CPU decoder's memory at capacity len, its cache and activation buffers as the
-// heap counts them, after a forward at its last position (len - 1) over the whole
-// cache. The memory does not depend on what the cache holds, so its first len - 1
-// rows stay zero instead of being filled by len - 1 steps (minutes for the small
-// preset on a CPU).
+// The CPU decoder's memory at capacity len, its cache and activation buffers as the heap counts them, after a forward
+// at its last position (len - 1) over the whole cache. The memory does not depend on what the cache holds, so its first
+// len - 1 rows stay zero instead of being filled by len - 1 steps (minutes for the small preset on a CPU).
 static size_t cpu_decoder_bytes(RefModel<float>& r, int len, size_t& cache_bytes_per_token) {
     const size_t before = heap_bytes();
     DecodeState<float> s;
@@ -466,13 +451,11 @@ static double rel_error(const float* x, const float* ref, size_t n) {
 
 // Batch 0 on the CUDA path against the CPU reference's logits and loss.
 //
-// The whole model's logits are further off than one kernel's output: bf16 rounding
-// adds up over the layers, and it flips expert choices at near ties, each flip a
-// jump for that token. What bf16 alone costs on this checkpoint is measured on the
-// CPU: the reference again with its weights rounded to bf16 (as the GPU's are). The
-// GPU, which rounds its activations too, passes within twice the larger of that and
-// 2e-2. (transformers under bf16 autocast is 1.6-2.1e-2 off a float64 truth on 3
-// layers, weights rounded and activations too: dev/hf_compare.py, check 3.)
+// The whole model's logits are further off than one kernel's output: bf16 rounding adds up over the layers, and it
+// flips expert choices at near ties, each flip a jump for that token. What bf16 alone costs on this checkpoint is
+// measured on the CPU: the reference again with its weights rounded to bf16 (as the GPU's are). The GPU, which rounds
+// its activations too, passes within twice the larger of that and 2e-2. (transformers under bf16 autocast is 1.6-2.1e-2
+// off a float64 truth on 3 layers, weights rounded and activations too: dev/hf_compare.py, check 3.)
 static CheckResult check_gpu_vs_cpu(Model& m, const BatchSource& src) {
     RefModel<float>& r = m.ref;
     const int B = src.B, T = src.T, V = r.cfg.vocab_size;
@@ -656,10 +639,9 @@ static int run_checks(Model& m, const std::string& model_name, const std::vector
 
 // ----------------------------------------------------------------------------
 
-// The checks' batches: --data; else, for a training run, its validation data, whose
-// path train does not record: data/default/val.bin (where ./train trains by default)
-// when that dataset's tokenizer is the model's, so that the same ids mean the same
-// text; else random tokens (data stays empty). Returns what the output calls them.
+// The checks' batches: --data; else, for a training run, its validation data, whose path train does not record:
+// data/default/val.bin (where ./train trains by default) when that dataset's tokenizer is the model's, so that the same
+// ids mean the same text; else random tokens (data stays empty). Returns what the output calls them.
 static std::string checks_data(const Model& m, std::string path, bool training_run, uint64_t seed, std::vector<int>& data) {
     std::string name = path;
     if (path.empty() && training_run) {
@@ -686,9 +668,7 @@ static int run(int argc, char** argv) {
     CliParser cli{argc, argv};
     while (cli_next(cli)) {
         if (cli.name == "--help") {
-            cli_flag(cli);
-            printf("%s", USAGE);
-            return 0;
+            return cli_help(cli, USAGE);
         } else if (cli.name == "--model") {
             model_dir = cli_value(cli);
             has_model = true;
@@ -706,11 +686,9 @@ static int run(int argc, char** argv) {
         } else if (cli.name == "--seed") {
             seed = (unsigned long long)cli_int(cli, 0, LLONG_MAX);
         } else if (cli.name == "--json") {
-            cli_flag(cli);
-            json = true;
+            json = cli_flag(cli);
         } else if (cli.name == "--checks") {
-            cli_flag(cli);
-            force_checks = true;
+            force_checks = cli_flag(cli);
         } else if (cli.name == "--device") {
             device = cli_device(cli);
         } else {

@@ -1,6 +1,5 @@
-// prepare.cu — the data/prepare tool: trains a byte-level BPE tokenizer on a text
-// file (or on the generated default corpus) and writes DIR/tokenizer.bin,
-// DIR/train.bin and DIR/val.bin in llm.c's token format.
+// prepare.cu — the data/prepare tool: trains a byte-level BPE tokenizer on a text file (or on the generated
+// default corpus) and writes DIR/tokenizer.bin, DIR/train.bin and DIR/val.bin in llm.c's token format.
 #include <cstdint>
 #include <cstdio>
 #include <string>
@@ -45,8 +44,7 @@ static int run(int argc, char** argv) {
         } else if (cli.name == "--val-fraction") {
             val_fraction = cli_float(cli, 0, 1);
         } else if (cli.name == "--default") {
-            cli_flag(cli);
-            use_default = true;
+            use_default = cli_flag(cli);
         } else {
             cli_unknown(cli);
         }

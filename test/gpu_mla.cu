@@ -509,16 +509,11 @@ TEST_CASE("GPU flash attention timing" * doctest::skip()) {
                                    d_scratch.p, 0);
         });
         // the backward's two main kernels on their own (D from the run above stays in scratch)
-        const int qbk = mla_detail::bucket(dqk), vbk = mla_detail::bucket(dv);
         const double t_dkdv = median_ms([&] {
-            if (qbk == 64) mla_detail::launch_dkdv_dv<64>(vbk, d_dk.p, d_dv.p, d_q.p, d_k.p, d_v.p, d_dout.p, d_lse.p, d_scratch.p, B, T, H, dqk, dv, scale, 0);
-            else if (qbk == 128) mla_detail::launch_dkdv_dv<128>(vbk, d_dk.p, d_dv.p, d_q.p, d_k.p, d_v.p, d_dout.p, d_lse.p, d_scratch.p, B, T, H, dqk, dv, scale, 0);
-            else mla_detail::launch_dkdv_dv<256>(vbk, d_dk.p, d_dv.p, d_q.p, d_k.p, d_v.p, d_dout.p, d_lse.p, d_scratch.p, B, T, H, dqk, dv, scale, 0);
+            mla_detail::backward_dkdv(d_dk.p, d_dv.p, d_q.p, d_k.p, d_v.p, d_dout.p, d_lse.p, d_scratch.p, B, T, H, dqk, dv, scale, 0);
         });
         const double t_dq = median_ms([&] {
-            if (qbk == 64) mla_detail::launch_dq<64>(d_dq.p, d_q.p, d_k.p, d_v.p, d_dout.p, d_lse.p, d_scratch.p, B, T, H, dqk, dv, scale, 0);
-            else if (qbk == 128) mla_detail::launch_dq<128>(d_dq.p, d_q.p, d_k.p, d_v.p, d_dout.p, d_lse.p, d_scratch.p, B, T, H, dqk, dv, scale, 0);
-            else mla_detail::launch_dq<256>(d_dq.p, d_q.p, d_k.p, d_v.p, d_dout.p, d_lse.p, d_scratch.p, B, T, H, dqk, dv, scale, 0);
+            mla_detail::backward_dq(d_dq.p, d_q.p, d_k.p, d_v.p, d_dout.p, d_lse.p, d_scratch.p, B, T, H, dqk, dv, scale, 0);
         });
         printf("  backward split: dK/dV kernel %.3f ms, dQ kernel %.3f ms\n", t_dkdv, t_dq);
         // causal FLOPs: pairs (t, j <= t); forward QK^T + PV, backward QK^T + dO V^T + P^T dO + dS^T Q + dS K
