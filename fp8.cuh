@@ -328,8 +328,8 @@ inline void fp8_quantize_transposed_gpu(const Fp8Matrix& q, const bf16* x, int l
 // "TN" form FP8 requires), X operand B; matmul_plan sets the scale modes.
 inline void fp8_matmul(Matmul& mm, void* out, bool out_fp32, const Fp8Matrix& x, const Fp8Matrix& w, bool accumulate, cudaStream_t stream) {
     const int N = x.rows, OC = w.rows, K = x.cols;
-    if (K % 16 || N == 0 || OC == 0 || w.cols != K || x.tile_rows != 1)
-        fail("fp8_matmul: the contraction K = %d must be a multiple of 16 (an FP8 GEMM of %dx%d by %dx%d)", K, N, K, OC, w.cols);
+    if (K % 16 || N % 4 || N == 0 || OC == 0 || w.cols != K || x.tile_rows != 1)
+        fail("fp8_matmul: K = %d must be a multiple of 16 and N = %d of 4 (an FP8 GEMM of %dx%d by %dx%d)", K, N, N, K, OC, w.cols);
     const MatmulKey key{N,     OC,   K, K, K, OC, alignment_bytes(x.codes, K), alignment_bytes(w.codes, K), alignment_bytes(out, (size_t)OC * (out_fp32 ? 4 : 2)),
                         false, true, out_fp32, w.tile_rows};
     const MatmulPlan& p = matmul_plan_cached(mm, key);

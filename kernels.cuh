@@ -189,23 +189,31 @@ inline Fp8Matrix fp8_take(Carver& c, int rows, int cols) {
 }
 }  // namespace kdetail
 
-// the scratch bytes an FP8 Linear of `in` -> `out` features takes for N rows: the
-// backward's Wgrad operands, the largest of its quantized inputs
+// the scratch bytes an FP8 Linear of `in` -> `out` features takes for N rows
 inline size_t fp8_linear_scratch_bytes(int N, int in, int out) {
-    kdetail::Carver c{nullptr};
-    kdetail::fp8_take(c, out, N);
-    kdetail::fp8_take(c, in, N);
-    return c.used + 256;
+    kdetail::Carver forward{nullptr}, backward{nullptr};
+    kdetail::fp8_take(forward, (N + 3) / 4 * 4, in);
+    forward.take<bf16>((size_t)(N + 3) / 4 * 4 * out);
+    kdetail::fp8_take(backward, out, N);
+    kdetail::fp8_take(backward, in, N);
+    return std::max(forward.used, backward.used) + 256;
 }
 
 // out [N, W.out] = x [N, W.in] @ W^T
 inline void linear_forward_gpu(bf16* out, const bf16* x, const Linear<bf16>& w, int N, GpuContext& ctx) {
     if (!w.fp8) return matmul(ctx.mm, out, x, w.w, N, w.out, w.in, false, true, 0.0f, false, ctx.stream);
     kdetail::check_scratch(ctx.scratch_bytes, fp8_linear_scratch_bytes(N, w.in, w.out), "an FP8 linear");
+    // cuBLASLt's block-scaled GEMM takes rows in multiples of 4: an evaluation's last,
+    // partial window computes up to 3 rows more in scratch and keeps N of them
+    const int padded = (N + 3) / 4 * 4;
     kdetail::Carver c{(char*)ctx.scratch};
-    const Fp8Matrix xq = kdetail::fp8_take(c, N, w.in);
+    Fp8Matrix xq = kdetail::fp8_take(c, padded, w.in);
+    xq.rows = N;
     fp8_quantize_gpu(xq, x, w.in, ctx.stream);
-    fp8_matmul(ctx.mm, out, false, xq, w.fp8->w, false, ctx.stream);
+    xq.rows = padded;  // the scales' layout is the same: its pitch is N rounded up to 4
+    bf16* y = padded == N ? out : c.take<bf16>((size_t)padded * w.out);
+    fp8_matmul(ctx.mm, y, false, xq, w.fp8->w, false, ctx.stream);
+    if (y != out) CUDA_CHECK(cudaMemcpyAsync(out, y, (size_t)N * w.out * sizeof(bf16), cudaMemcpyDeviceToDevice, ctx.stream));
 }
 
 // dx [N, W.in] = dout @ W (+= when accumulate; null: not wanted); dW += dout^T @ x in fp32

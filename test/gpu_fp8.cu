@@ -172,10 +172,8 @@ TEST_CASE("fp8_matmul (cuBLASLt, block-scaled) equals the emulated GEMM: Fprop, 
     };
     Matmul mm;
     matmul_init(mm);
-    // N 255 and 7: an evaluation's last, partial window (Wgrad contracts over N, so only
-    // training's N, a multiple of 16, takes the third pairing)
-    for (Shape sh : {Shape{64, 128, 128}, Shape{200, 512, 384}, Shape{132, 1280, 200}, Shape{64, 96, 48}, Shape{256, 160, 1536}, Shape{255, 768, 384},
-                     Shape{7, 256, 128}}) {
+    // Wgrad contracts over N: only training's N, a multiple of 16, takes the third pairing
+    for (Shape sh : {Shape{64, 128, 128}, Shape{200, 512, 384}, Shape{132, 1280, 200}, Shape{64, 96, 48}, Shape{256, 160, 1536}}) {
         CAPTURE(sh.N);
         CAPTURE(sh.K);
         CAPTURE(sh.OC);
@@ -213,51 +211,56 @@ TEST_CASE("fp8_matmul (cuBLASLt, block-scaled) equals the emulated GEMM: Fprop, 
     matmul_free(mm);
 }
 
+// N 93: an evaluation's last, partial window, which cuBLASLt takes only padded to 4 rows
+// (forward only: training's N is a multiple of 16)
 TEST_CASE("an FP8 Linear on the GPU (linear_forward_gpu / linear_backward_gpu) equals the emulated one of reference.h") {
-    const int N = 96, in = 160, out = 144;
-    const std::vector<float> wv = test_values(out, in, 31), x = test_values(N, in, 32), dout = test_values(N, out, 33),
-                             dx0 = test_values(N, in, 34), dw0 = test_values(out, in, 35);
-    // the CPU: the copy of W that ref_forward makes, and the emulated GEMMs
-    Fp8HostMatrix q(out, in, 128), qt(in, out, 128);
-    fp8_quantize_host(q.m, wv.data());
-    fp8_quantize_transposed_host(qt.m, wv.data());
-    const Fp8Weight host_copy{q.m, qt.m};
-    std::vector<float> w_cpu = wv, dw_cpu = dw0, dx_cpu = dx0, out_cpu((size_t)N * out);
-    const Linear<float> lin_cpu{w_cpu.data(), out, in, &host_copy}, grad_cpu{dw_cpu.data(), out, in};
-    linear_forward(out_cpu.data(), x.data(), lin_cpu, N);
-    linear_backward(dx_cpu.data(), grad_cpu, dout.data(), x.data(), lin_cpu, N, true);
-    // the GPU: the copy made from the bf16 weight by the kernel
-    GpuContext ctx;
-    matmul_init(ctx.mm);
-    ctx.scratch_bytes = fp8_linear_scratch_bytes(N, in, out);
-    ctx.scratch = device_alloc<char>(ctx.scratch_bytes, "test buffer");
-    DevFp8 dq(out, in, 128), dqt(in, out, 128);
-    const Fp8Weight dev_copy{dq.m, dqt.m};
-    bf16 *d_w = device_alloc<bf16>(wv.size(), "test buffer"), *d_x = device_alloc<bf16>(x.size(), "test buffer");
-    bf16 *d_dout = device_alloc<bf16>(dout.size(), "test buffer"), *d_out = device_alloc<bf16>(out_cpu.size(), "test buffer");
-    bf16* d_dx = device_alloc<bf16>(dx0.size(), "test buffer");
-    float* d_dw = device_alloc<float>(dw0.size(), "test buffer");
-    to_device(d_w, wv.data(), wv.size());
-    to_device(d_x, x.data(), x.size());
-    to_device(d_dout, dout.data(), dout.size());
-    to_device(d_dx, dx0.data(), dx0.size());
-    to_device(d_dw, dw0.data(), dw0.size());
-    fp8_quantize_weight_gpu(dev_copy, d_w, 0);
-    const Linear<bf16> lin_gpu{d_w, out, in, &dev_copy};
-    linear_forward_gpu(d_out, d_x, lin_gpu, N, ctx);
-    linear_backward_gpu(d_dx, Linear<float>{d_dw, out, in}, d_dout, d_x, lin_gpu, N, true, ctx);
-    CUDA_CHECK(cudaDeviceSynchronize());
-    auto rel = [](const std::vector<float>& a, const std::vector<float>& b) {
-        double diff = 0, norm = 0;
-        for (size_t i = 0; i < a.size(); i++) diff += ((double)a[i] - b[i]) * ((double)a[i] - b[i]), norm += (double)b[i] * b[i];
-        return std::sqrt(diff / norm);
-    };
-    const double e_out = rel(to_host(d_out, out_cpu.size()), out_cpu), e_dx = rel(to_host(d_dx, dx_cpu.size()), dx_cpu);
-    const double e_dw = rel(to_host(d_dw, dw_cpu.size()), dw_cpu);
-    MESSAGE("FP8 Linear, GPU vs emulation: out ", e_out, ", dx ", e_dx, ", dW ", e_dw);
-    CHECK(e_out < 4e-3);  // bf16 outputs
-    CHECK(e_dx < 4e-3);
-    CHECK(e_dw < 3e-4);   // fp32 out, the tensor cores' ~14-bit sums (see the GEMM test)
-    for (void* p : {(void*)d_w, (void*)d_x, (void*)d_dout, (void*)d_out, (void*)d_dx, (void*)d_dw, ctx.scratch}) CUDA_CHECK(cudaFree(p));
-    matmul_free(ctx.mm);
+    for (int N : {96, 93}) {
+        const int in = 160, out = 144;
+        const bool backward = N % 16 == 0;
+        const std::vector<float> wv = test_values(out, in, 31), x = test_values(N, in, 32), dout = test_values(N, out, 33),
+                                 dx0 = test_values(N, in, 34), dw0 = test_values(out, in, 35);
+        // the CPU: the copy of W that ref_forward makes, and the emulated GEMMs
+        Fp8HostMatrix q(out, in, 128), qt(in, out, 128);
+        fp8_quantize_host(q.m, wv.data());
+        fp8_quantize_transposed_host(qt.m, wv.data());
+        const Fp8Weight host_copy{q.m, qt.m};
+        std::vector<float> w_cpu = wv, dw_cpu = dw0, dx_cpu = dx0, out_cpu((size_t)N * out);
+        const Linear<float> lin_cpu{w_cpu.data(), out, in, &host_copy}, grad_cpu{dw_cpu.data(), out, in};
+        linear_forward(out_cpu.data(), x.data(), lin_cpu, N);
+        if (backward) linear_backward(dx_cpu.data(), grad_cpu, dout.data(), x.data(), lin_cpu, N, true);
+        // the GPU: the copy made from the bf16 weight by the kernel
+        GpuContext ctx;
+        matmul_init(ctx.mm);
+        ctx.scratch_bytes = fp8_linear_scratch_bytes(N, in, out);
+        ctx.scratch = device_alloc<char>(ctx.scratch_bytes, "test buffer");
+        DevFp8 dq(out, in, 128), dqt(in, out, 128);
+        const Fp8Weight dev_copy{dq.m, dqt.m};
+        bf16 *d_w = device_alloc<bf16>(wv.size(), "test buffer"), *d_x = device_alloc<bf16>(x.size(), "test buffer");
+        bf16 *d_dout = device_alloc<bf16>(dout.size(), "test buffer"), *d_out = device_alloc<bf16>(out_cpu.size(), "test buffer");
+        bf16* d_dx = device_alloc<bf16>(dx0.size(), "test buffer");
+        float* d_dw = device_alloc<float>(dw0.size(), "test buffer");
+        to_device(d_w, wv.data(), wv.size());
+        to_device(d_x, x.data(), x.size());
+        to_device(d_dout, dout.data(), dout.size());
+        to_device(d_dx, dx0.data(), dx0.size());
+        to_device(d_dw, dw0.data(), dw0.size());
+        fp8_quantize_weight_gpu(dev_copy, d_w, 0);
+        const Linear<bf16> lin_gpu{d_w, out, in, &dev_copy};
+        linear_forward_gpu(d_out, d_x, lin_gpu, N, ctx);
+        if (backward) linear_backward_gpu(d_dx, Linear<float>{d_dw, out, in}, d_dout, d_x, lin_gpu, N, true, ctx);
+        CUDA_CHECK(cudaDeviceSynchronize());
+        auto rel = [](const std::vector<float>& a, const std::vector<float>& b) {
+            double diff = 0, norm = 0;
+            for (size_t i = 0; i < a.size(); i++) diff += ((double)a[i] - b[i]) * ((double)a[i] - b[i]), norm += (double)b[i] * b[i];
+            return std::sqrt(diff / norm);
+        };
+        const double e_out = rel(to_host(d_out, out_cpu.size()), out_cpu), e_dx = rel(to_host(d_dx, dx_cpu.size()), dx_cpu);
+        const double e_dw = rel(to_host(d_dw, dw_cpu.size()), dw_cpu);
+        MESSAGE("FP8 Linear, N ", N, ", GPU vs emulation: out ", e_out, ", dx ", e_dx, ", dW ", e_dw);
+        CHECK(e_out < 4e-3);  // bf16 outputs
+        CHECK(e_dx < 4e-3);
+        CHECK(e_dw < 3e-4);   // fp32 out, the tensor cores' ~14-bit sums (see the GEMM test)
+        for (void* p : {(void*)d_w, (void*)d_x, (void*)d_dout, (void*)d_out, (void*)d_dx, (void*)d_dw, ctx.scratch}) CUDA_CHECK(cudaFree(p));
+        matmul_free(ctx.mm);
+    }
 }

@@ -158,8 +158,9 @@ TEST_CASE("fp8: 1x128 and 128x128 quantization: scale amax/448 per tile, the til
 
 TEST_CASE("fp8_matmul refuses shapes it was not checked for, before touching the GPU") {
     Matmul mm;  // never initialised: the shape check comes first
-    for (int K : {100, 8}) {  // the contraction not a multiple of 16
-        const Fp8Matrix x{nullptr, nullptr, 8, K, 1}, w{nullptr, nullptr, 128, K, 128};
+    for (int bad : {0, 1}) {
+        const int N = bad ? 6 : 8, K = bad ? 128 : 100;  // N not a multiple of 4; K not of 16
+        const Fp8Matrix x{nullptr, nullptr, N, K, 1}, w{nullptr, nullptr, 128, K, 128};
         CHECK_THROWS_WITH_AS(fp8_matmul(mm, nullptr, false, x, w, false, 0), doctest::Contains("must be a multiple of 16"), std::runtime_error);
     }
 }
