@@ -45,6 +45,10 @@ data/prepare: data/prepare.cu $(HEADERS)
 bench/decode_bench: bench/decode_bench.cu $(MODEL) decode.o $(HEADERS)
 	$(NVCC) $(FLAGS) $< $(MODEL) decode.o -o $@ $(LIBS)
 
+# where FP8 pays, GEMM by GEMM (bench/fp8.sh runs it on the device machine)
+bench/fp8_gemm: bench/fp8_gemm.cu $(HEADERS) cuda_common.cuh kernels.cuh
+	$(NVCC) $(FLAGS) $< -o $@ $(LIBS)
+
 # dev tools for the PyTorch comparisons (dev/*.py run them on the device machine)
 dev/ref_dump: dev/ref_dump.cu $(MODEL) $(HEADERS)
 	$(NVCC) $(FLAGS) $< $(MODEL) -o $@ $(LIBS)
@@ -75,4 +79,4 @@ data: data/prepare
 	./data/prepare --default --out data/default --vocab 1024
 
 clean:
-	rm -f $(BINARIES) dev/ref_dump bench/decode_bench $(MODEL) decode.o test/*.o test/test_cpu test/test_gpu
+	rm -f $(BINARIES) dev/ref_dump bench/decode_bench bench/fp8_gemm $(MODEL) decode.o test/*.o test/test_cpu test/test_gpu

@@ -14,8 +14,9 @@
 // trainer's options.
 #pragma once
 
+#include <array>
 #include <string>
-#include <tuple>
+#include <utility>
 
 #include "common.h"
 #include "json.h"
@@ -60,36 +61,38 @@ struct Config {
     bool is_moe_layer(int layer) const { return n_routed_experts > 0 && layer >= first_k_dense_replace; }
 };
 
-// The preset names are "tiny" (tests), "mini" (the seed's create_mini_model) and
-// "small" (the seed's DeepSeekV3Mini). Throws on an unknown name.
+// The preset names are "tiny" (tests), "mini" (the seed's create_mini_model), "small"
+// (the seed's DeepSeekV3Mini) and "medium" (2.4B parameters, 32 experts: hidden 2048,
+// where FP8's GEMMs have room to pay; AdamW state and all fit one H200). Throws on an
+// unknown name.
 inline Config config_preset(const std::string& name) {
     Config c;  // the defaults above are "mini"
     if (name == "mini") return c;
-    if (name != "tiny" && name != "small") fail("unknown preset '%s' (choose tiny, mini or small)", name.c_str());
-    const bool tiny = name == "tiny";
-    const std::tuple<int Config::*, int, int> sizes[] = {
-        // field                              tiny  small
-        {&Config::vocab_size,                   61, 32768},
-        {&Config::hidden_size,                  32,   768},
-        {&Config::intermediate_size,            48,  3072},
-        {&Config::moe_intermediate_size,        12,   768},
-        {&Config::num_hidden_layers,             3,    12},
-        {&Config::num_attention_heads,           2,    12},
-        {&Config::q_lora_rank,                  16,   384},
-        {&Config::kv_lora_rank,                 12,   512},
-        {&Config::qk_nope_head_dim,              8,    64},
-        {&Config::qk_rope_head_dim,              4,    32},
-        {&Config::v_head_dim,                    6,    64},
-        {&Config::n_routed_experts,              8,     8},
-        {&Config::n_shared_experts,              1,     1},
-        {&Config::num_experts_per_tok,           3,     2},
-        {&Config::n_group,                       4,     4},
-        {&Config::topk_group,                    2,     2},
-        {&Config::first_k_dense_replace,         1,     1},
-        {&Config::max_position_embeddings,      64,  2048},
+    const int column = name == "tiny" ? 0 : name == "small" ? 1 : name == "medium" ? 2 : -1;
+    if (column < 0) fail("unknown preset '%s' (choose tiny, mini, small or medium)", name.c_str());
+    const std::pair<int Config::*, std::array<int, 3>> sizes[] = {
+        // field                                 tiny  small  medium
+        {&Config::vocab_size,                   {61, 32768, 32768}},
+        {&Config::hidden_size,                  {32,   768,  2048}},
+        {&Config::intermediate_size,            {48,  3072,  8192}},
+        {&Config::moe_intermediate_size,        {12,   768,   768}},
+        {&Config::num_hidden_layers,            { 3,    12,    14}},
+        {&Config::num_attention_heads,          { 2,    12,    16}},
+        {&Config::q_lora_rank,                  {16,   384,   768}},
+        {&Config::kv_lora_rank,                 {12,   512,   512}},
+        {&Config::qk_nope_head_dim,             { 8,    64,   128}},
+        {&Config::qk_rope_head_dim,             { 4,    32,    64}},
+        {&Config::v_head_dim,                   { 6,    64,   128}},
+        {&Config::n_routed_experts,             { 8,     8,    32}},
+        {&Config::n_shared_experts,             { 1,     1,     1}},
+        {&Config::num_experts_per_tok,          { 3,     2,     4}},
+        {&Config::n_group,                      { 4,     4,     4}},
+        {&Config::topk_group,                   { 2,     2,     2}},
+        {&Config::first_k_dense_replace,        { 1,     1,     1}},
+        {&Config::max_position_embeddings,      {64,  2048,  4096}},
     };
-    for (const auto& [field, tiny_value, small_value] : sizes) c.*field = tiny ? tiny_value : small_value;
-    if (tiny) c.routed_scaling_factor = 2.5f;
+    for (const auto& [field, values] : sizes) c.*field = values[column];
+    if (name == "tiny") c.routed_scaling_factor = 2.5f;
     return c;
 }
 

@@ -26,6 +26,8 @@
 #include "common.h"
 
 #ifdef __CUDACC__
+#include <cuda_fp8.h>
+
 #include "cuda_common.cuh"
 #endif
 
@@ -112,7 +114,16 @@ inline size_t fp8_scale_count(int rows, int cols, int tile_rows) {
                           : (size_t)(rows + FP8_TILE - 1) / FP8_TILE * fp8_scale_pitch(cols);
 }
 
-HD inline uint8_t fp8_quantize(float x, float scale) { return scale > 0 ? fp8_encode(x / scale, FP8_E4M3) : 0; }
+// On sm_89+ the device encodes with the hardware's cvt.rn.satfinite, one instruction
+// for fp8_encode's many: the same code for every float (gpu_fp8.cu checks that).
+HD inline uint8_t fp8_quantize(float x, float scale) {
+    if (!(scale > 0)) return 0;
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 890
+    return (uint8_t)__nv_cvt_float_to_fp8(x / scale, __NV_SATFINITE, __NV_E4M3);
+#else
+    return fp8_encode(x / scale, FP8_E4M3);
+#endif
+}
 
 // One operand of an FP8 GEMM: E4M3 codes [rows, cols], row-major, and one scale per
 // tile (tile_rows 1: 1 x 128 tiles; 128: 128 x 128 blocks) laid out as above.
@@ -230,6 +241,17 @@ void fp8_linear_backward_host(T* dx, T* dw, const T* dout, const T* x, const Fp8
 // ----------------------------------------------------------------------------
 // The quantization kernels, each the twin of a host function above.
 
+// the codes of v[0..3] at out[0..3], of those before out's row ends (`room` left); one
+// 4-byte store when the row pitch keeps it aligned
+__device__ inline void fp8_store4(uint8_t* out, const float* v, float scale, int room, bool aligned) {
+    if (aligned && room >= 4) {
+        *(uint32_t*)out = fp8_quantize(v[0], scale) | fp8_quantize(v[1], scale) << 8 | fp8_quantize(v[2], scale) << 16 |
+                          (uint32_t)fp8_quantize(v[3], scale) << 24;
+        return;
+    }
+    for (int i = 0; i < 4 && i < room; i++) out[i] = fp8_quantize(v[i], scale);
+}
+
 // 1 x 128 tiles: one warp per tile, 4 values per lane; x [q.rows, q.cols] with row pitch ld
 template <typename T>
 static __global__ void fp8_quantize_rows_kernel(Fp8Matrix q, const T* x, int ld) {
@@ -243,8 +265,7 @@ static __global__ void fp8_quantize_rows_kernel(Fp8Matrix q, const T* x, int ld)
         amax = fmaxf(amax, fabsf(v[i]));
     }
     const float scale = warp_max(amax) / FP8_E4M3_MAX;
-    for (int i = 0; i < 4; i++)
-        if (c0 + i < q.cols) q.codes[(size_t)r * q.cols + c0 + i] = fp8_quantize(v[i], scale);
+    fp8_store4(q.codes + (size_t)r * q.cols + c0, v, scale, q.cols - c0, q.cols % 4 == 0);
     if (lane == 0) q.scales[fp8_scale_index(r, t, q.rows, q.cols, 1)] = scale;
 }
 
@@ -292,21 +313,20 @@ inline void fp8_quantize_weight_gpu(const Fp8Weight& q, const bf16* w, cudaStrea
 }
 
 // x^T in 1 x 128 tiles along x's rows (tokens): a block of 256 threads takes 128 rows
-// by 32 columns of x through shared memory, one warp per 4 columns
+// by 64 columns of x through shared memory, one warp per 8 columns, 4 tokens a lane
 static __global__ void fp8_quantize_transposed_kernel(Fp8Matrix q, const bf16* x, int ld) {
-    __shared__ float tile[32][FP8_TILE + 1];
-    const int n0 = blockIdx.x * FP8_TILE, k0 = blockIdx.y * 32, lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-    for (int i = threadIdx.x; i < FP8_TILE * 32; i += blockDim.x) {
-        const int n = n0 + i / 32, k = k0 + i % 32;
-        tile[i % 32][i / 32] = n < q.cols && k < q.rows ? (float)x[(size_t)n * ld + k] : 0.0f;
+    __shared__ float tile[64][FP8_TILE + 1];
+    const int n0 = blockIdx.x * FP8_TILE, k0 = blockIdx.y * 64, lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+    for (int i = threadIdx.x; i < FP8_TILE * 64; i += blockDim.x) {
+        const int n = n0 + i / 64, k = k0 + i % 64;
+        tile[i % 64][i / 64] = n < q.cols && k < q.rows ? (float)x[(size_t)n * ld + k] : 0.0f;
     }
     __syncthreads();
-    for (int c = warp * 4; c < warp * 4 + 4 && k0 + c < q.rows; c++) {
-        float amax = 0;
-        for (int i = 0; i < 4; i++) amax = fmaxf(amax, fabsf(tile[c][lane * 4 + i]));
-        const float scale = warp_max(amax) / FP8_E4M3_MAX;
-        for (int i = 0; i < 4; i++)
-            if (n0 + lane * 4 + i < q.cols) q.codes[(size_t)(k0 + c) * q.cols + n0 + lane * 4 + i] = fp8_quantize(tile[c][lane * 4 + i], scale);
+    const int n = n0 + lane * 4;
+    for (int c = warp * 8; c < warp * 8 + 8 && k0 + c < q.rows; c++) {
+        const float* v = &tile[c][lane * 4];
+        const float scale = warp_max(fmaxf(fmaxf(fabsf(v[0]), fabsf(v[1])), fmaxf(fabsf(v[2]), fabsf(v[3])))) / FP8_E4M3_MAX;
+        fp8_store4(q.codes + (size_t)(k0 + c) * q.cols + n, v, scale, q.cols - n, q.cols % 4 == 0);
         if (lane == 0) q.scales[fp8_scale_index(k0 + c, blockIdx.x, q.rows, q.cols, 1)] = scale;
     }
 }
@@ -314,7 +334,7 @@ static __global__ void fp8_quantize_transposed_kernel(Fp8Matrix q, const bf16* x
 // q (x^T, [cols of x, rows of x]) from x [q.cols, q.rows] with row pitch ld
 inline void fp8_quantize_transposed_gpu(const Fp8Matrix& q, const bf16* x, int ld, cudaStream_t stream) {
     if (q.rows == 0 || q.cols == 0) return;
-    const dim3 grid((q.cols + FP8_TILE - 1) / FP8_TILE, (q.rows + 31) / 32);
+    const dim3 grid((q.cols + FP8_TILE - 1) / FP8_TILE, (q.rows + 63) / 64);
     fp8_quantize_transposed_kernel<<<grid, 256, 0, stream>>>(q, x, ld);
     CUDA_LAUNCH_CHECK();
 }

@@ -56,7 +56,7 @@ static const char* USAGE =
     "                          bytes (ids 0..255)\n"
     "\n"
     "Model\n"
-    "  --preset NAME           tiny | mini | small (default mini)\n"
+    "  --preset NAME           tiny | mini | small | medium (default mini)\n"
     "  --config FILE           a Hugging Face config.json; replaces --preset (its\n"
     "                          vocab_size is kept)\n"
     "  --vocab-size N          the model's vocabulary (default: the tokenizer's size for a\n"

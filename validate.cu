@@ -57,7 +57,7 @@ static const char* USAGE =
     "\n"
     "  --model DIR            checkpoint directory, or a training run directory holding\n"
     "                         checkpoint/ (default runs/default)\n"
-    "  --preset NAME          fresh random weights of a preset instead: tiny, mini or small\n"
+    "  --preset NAME          fresh random weights of a preset instead: tiny, mini, small or medium\n"
     "  --seed N               seed of the preset's weights and of the random token batches\n"
     "                         (default 1337)\n"
     "  --data FILE            llm.c token file (.bin); the checks draw their batches from it.\n"

@@ -1,0 +1,148 @@
+// fp8_gemm.cu — where FP8 pays: each Linear that --fp8 quantizes, at a preset's shapes
+// and N tokens, timed on the device in bf16 (cuBLASLt) and in FP8 (fp8.cuh): the
+// Fprop, Dgrad and Wgrad GEMMs of each, the FP8 path's quantization kernels, and the
+// whole linear_forward_gpu + linear_backward_gpu of each. Medians over --runs, timed
+// with CUDA events; one line per Linear, in microseconds.
+//
+//   bench/fp8_gemm [--preset small] [--tokens 16384] [--runs 20]
+#include <algorithm>
+#include <cstdio>
+#include <functional>
+
+#include "cli.h"
+#include "kernels.cuh"
+
+static const char* USAGE =
+    "usage: bench/fp8_gemm [--preset NAME] [--tokens N] [--runs R]\n"
+    "\n"
+    "Times each FP8 Linear of the preset at N tokens in bf16 and in FP8 (GEMMs, the\n"
+    "quantization kernels, and the whole Linear forward + backward), medians of R runs.\n"
+    "  defaults: --preset small --tokens 16384 --runs 20\n";
+
+// median microseconds of fn over runs, after one untimed call
+static double time_us(cudaStream_t st, int runs, const std::function<void()>& fn) {
+    cudaEvent_t start, stop;
+    CUDA_CHECK(cudaEventCreate(&start));
+    CUDA_CHECK(cudaEventCreate(&stop));
+    fn();
+    std::vector<double> t;
+    for (int r = 0; r < runs; r++) {
+        CUDA_CHECK(cudaEventRecord(start, st));
+        fn();
+        CUDA_CHECK(cudaEventRecord(stop, st));
+        CUDA_CHECK(cudaEventSynchronize(stop));
+        float ms = 0;
+        CUDA_CHECK(cudaEventElapsedTime(&ms, start, stop));
+        t.push_back(ms * 1000.0);
+    }
+    cudaEventDestroy(start);
+    cudaEventDestroy(stop);
+    std::sort(t.begin(), t.end());
+    return t[t.size() / 2];
+}
+
+static Fp8Matrix fp8_alloc(int rows, int cols, int tile_rows) {
+    return {device_alloc<uint8_t>((size_t)rows * cols, "bench"), device_alloc<float>(fp8_scale_count(rows, cols, tile_rows), "bench"), rows, cols,
+            tile_rows};
+}
+
+static int run(int argc, char** argv) {
+    std::string preset = "small";
+    int N = 16384, runs = 20;
+    CliParser cli{argc, argv};
+    while (cli_next(cli)) {
+        if (cli.name == "--help") return cli_help(cli, USAGE);
+        else if (cli.name == "--preset") preset = cli_value(cli);
+        else if (cli.name == "--tokens") N = (int)cli_int(cli, 16, 1 << 20) / 16 * 16;
+        else if (cli.name == "--runs") runs = (int)cli_int(cli, 1, 1000);
+        else cli_unknown(cli);
+    }
+    const Config c = config_preset(preset);
+    const int D = c.hidden_size, H = c.num_attention_heads, SI = c.n_shared_experts * c.moe_intermediate_size;
+    struct Shape {
+        const char* name;
+        int out, in;
+    };
+    std::vector<Shape> shapes = {{"q_a", c.q_lora_rank, D},
+                                 {"q_b", H * c.qk_head_dim(), c.q_lora_rank},
+                                 {"kv_a", c.kv_lora_rank + c.qk_rope_head_dim, D},
+                                 {"kv_b", H * (c.qk_nope_head_dim + c.v_head_dim), c.kv_lora_rank},
+                                 {"o_proj", D, H * c.v_head_dim},
+                                 {"dense gate_up", 2 * c.intermediate_size, D},
+                                 {"dense down", D, c.intermediate_size},
+                                 {"shared gate_up", 2 * SI, D},
+                                 {"shared down", D, SI}};
+    GpuContext ctx;
+    CUDA_CHECK(cudaStreamCreate(&ctx.stream));
+    matmul_init(ctx.mm);
+    cudaStream_t st = ctx.stream;
+    printf("%s, N = %d tokens, microseconds (median of %d): GEMMs Fprop/Dgrad/Wgrad; FP8 quantization of x, of dout, of both transposed, of W\n",
+           preset.c_str(), N, runs);
+    printf("%-15s %5s %5s | %-20s | %-20s | %-23s | %9s %9s %6s\n", "linear", "in", "out", "bf16 F / D / W", "fp8 F / D / W", "quant x / dout / T / W",
+           "bf16 all", "fp8 all", "ratio");
+    for (const Shape& s : shapes) {
+        const int K = s.in, OC = s.out;
+        bf16 *x = device_alloc<bf16>((size_t)N * K, "bench"), *w = device_alloc<bf16>((size_t)OC * K, "bench");
+        bf16 *dout = device_alloc<bf16>((size_t)N * OC, "bench"), *y = device_alloc<bf16>((size_t)N * OC, "bench");
+        bf16* dx = device_alloc<bf16>((size_t)N * K, "bench");
+        float* dw = device_alloc<float>((size_t)OC * K, "bench");
+        std::vector<float> h((size_t)N * std::max(K, OC));
+        for (size_t i = 0; i < h.size(); i++) h[i] = 2 * rng_uniform(1, i) - 1;
+        to_device(x, h.data(), (size_t)N * K);
+        to_device(dout, h.data(), (size_t)N * OC);
+        to_device(w, h.data(), (size_t)OC * K);
+        const Fp8Weight q{fp8_alloc(OC, K, 128), fp8_alloc(K, OC, 128)};
+        const Fp8Matrix xq = fp8_alloc(N, K, 1), dq = fp8_alloc(N, OC, 1), dt = fp8_alloc(OC, N, 1), xt = fp8_alloc(K, N, 1);
+        fp8_quantize_weight_gpu(q, w, st);
+        fp8_quantize_gpu(xq, x, K, st);
+        fp8_quantize_gpu(dq, dout, OC, st);
+        fp8_quantize_transposed_gpu(dt, dout, OC, st);
+        fp8_quantize_transposed_gpu(xt, x, K, st);
+        ctx.scratch_bytes = fp8_linear_scratch_bytes(N, K, OC);
+        ctx.scratch = device_alloc<char>(ctx.scratch_bytes, "bench");
+        const Linear<bf16> plain{w, OC, K}, fp8{w, OC, K, &q};
+        const Linear<float> grad{dw, OC, K};
+        auto t = [&](const std::function<void()>& fn) { return time_us(st, runs, fn); };
+        const double bf = t([&] { matmul(ctx.mm, y, x, w, N, OC, K, false, true, 0.0f, false, st); });
+        const double bd = t([&] { matmul(ctx.mm, dx, dout, w, N, K, OC, false, false, 0.0f, false, st); });
+        const double bw = t([&] { matmul(ctx.mm, dw, dout, x, OC, K, N, true, false, 1.0f, true, st); });
+        const double ff = t([&] { fp8_matmul(ctx.mm, y, false, xq, q.w, false, st); });
+        const double fd = t([&] { fp8_matmul(ctx.mm, dx, false, dq, q.wt, false, st); });
+        const double fw = t([&] { fp8_matmul(ctx.mm, dw, true, dt, xt, true, st); });
+        const double qx = t([&] { fp8_quantize_gpu(xq, x, K, st); });
+        const double qd = t([&] { fp8_quantize_gpu(dq, dout, OC, st); });
+        const double qt = t([&] {
+            fp8_quantize_transposed_gpu(dt, dout, OC, st);
+            fp8_quantize_transposed_gpu(xt, x, K, st);
+        });
+        const double qw = t([&] { fp8_quantize_weight_gpu(q, w, st); });
+        const double all16 = t([&] {
+            linear_forward_gpu(y, x, plain, N, ctx);
+            linear_backward_gpu(dx, grad, dout, x, plain, N, false, ctx);
+        });
+        const double all8 = t([&] {
+            linear_forward_gpu(y, x, fp8, N, ctx);
+            linear_backward_gpu(dx, grad, dout, x, fp8, N, false, ctx);
+        });
+        printf("%-15s %5d %5d | %6.0f %6.0f %6.0f | %6.0f %6.0f %6.0f | %5.0f %5.0f %5.0f %5.0f | %9.0f %9.0f %6.3f\n", s.name, K, OC, bf, bd, bw, ff, fd,
+               fw, qx, qd, qt, qw, all16, all8, all16 / all8);
+        for (void* p : {(void*)x, (void*)w, (void*)dout, (void*)y, (void*)dx, (void*)dw, ctx.scratch, (void*)q.w.codes, (void*)q.w.scales,
+                        (void*)q.wt.codes, (void*)q.wt.scales})
+            CUDA_CHECK(cudaFree(p));
+        for (const Fp8Matrix& m : {xq, dq, dt, xt}) {
+            CUDA_CHECK(cudaFree(m.codes));
+            CUDA_CHECK(cudaFree(m.scales));
+        }
+    }
+    matmul_free(ctx.mm);
+    return 0;
+}
+
+int main(int argc, char** argv) {
+    try {
+        return run(argc, argv);
+    } catch (const std::exception& e) {
+        fprintf(stderr, "error: %s\n", e.what());
+        return 1;
+    }
+}
