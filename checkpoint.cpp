@@ -1,18 +1,45 @@
 // checkpoint.cpp — model_save / model_load of model.h: a checkpoint directory with config.json (Hugging Face
-// names), model.safetensors (HF tensor names, fp32 or bf16), tokenizer.bin (absent for the byte tokenizer),
+// names), model.safetensors (HF tensor names, fp32, bf16, or DeepSeek-V3's FP8: the layers' projection weights
+// as E4M3 in 128 x 128 blocks, each with its fp32 weight_scale_inv), tokenizer.bin (absent for the byte tokenizer),
 // and for exact resume optimizer.safetensors (the AdamW moments) and trainer_state.json, written to a
 // temporary directory and renamed into place, so a kill never leaves half of one.
 #include "fileutil.h"
 #include "model.h"
 #include "safetensors.h"
 
+// What DeepSeek-V3's FP8 checkpoints store in E4M3: every projection weight of the
+// layers (attention, dense FFN, experts); not the router, embedding, head or norms.
+static bool fp8_stored(const TensorSpec& s) {
+    const std::string router = "mlp.gate.weight";
+    return s.shape.size() == 2 && s.name.rfind("model.layers.", 0) == 0 &&
+           !(s.name.size() >= router.size() && s.name.compare(s.name.size() - router.size(), router.size(), router) == 0);
+}
 
+// weight_scale_inv [ceil(out/128), ceil(in/128)] of an FP8-stored weight
+static std::vector<int64_t> scale_shape(const TensorSpec& s) { return {(s.shape[0] + 127) / 128, (s.shape[1] + 127) / 128}; }
+
+// dtype "F8_E4M3": the FP8-stored weights as E4M3 codes (their decoded values) plus
+// "<name>_scale_inv", everything else in fp32
 static std::vector<SafeTensor> tensors_of(const ParamLayout& L, const float* data, const std::string& prefix, const char* dtype) {
     std::vector<SafeTensor> out;
+    const bool fp8 = std::string(dtype) == "F8_E4M3";
     for (const TensorSpec& s : L.tensors) {
+        const float* x = data + s.offset;
+        if (fp8 && fp8_stored(s)) {
+            const int rows = (int)s.shape[0], cols = (int)s.shape[1];
+            Fp8HostMatrix q(rows, cols, FP8_TILE);
+            fp8_quantize_host(q.m, x);
+            SafeTensor w{prefix + s.name, dtype, s.shape, std::vector<float>(s.numel)}, scale{w.name + "_scale_inv", "F32", scale_shape(s), {}};
+            for (size_t i = 0; i < s.numel; i++) w.data[i] = fp8_decode(q.codes[i], FP8_E4M3);
+            for (int r = 0; r < rows; r += FP8_TILE)
+                for (int c = 0; c < cols; c += FP8_TILE) scale.data.push_back(fp8_scale_of(q.m, r, c));
+            out.push_back(std::move(w));
+            out.push_back(std::move(scale));
+            continue;
+        }
         // the correction bias steers routing by tiny steps: never round it to bf16
-        const char* d = s.kind == TENSOR_BUFFER ? "F32" : dtype;
-        out.push_back({prefix + s.name, d, s.shape, std::vector<float>(data + s.offset, data + s.offset + s.numel)});
+        const char* d = s.kind == TENSOR_BUFFER || fp8 ? "F32" : dtype;
+        out.push_back({prefix + s.name, d, s.shape, std::vector<float>(x, x + s.numel)});
     }
     return out;
 }
@@ -82,12 +109,13 @@ static TrainState state_from_json(const std::string& text, const std::string& wh
     return st;
 }
 
-void model_save(Model& m, const std::string& dir, const TrainState* state, bool bf16) {
+void model_save(Model& m, const std::string& dir, const TrainState* state, const char* dtype) {
     model_sync_host(m);
     std::string tmp = atomic_dir_begin(dir);
-    write_file_atomic(tmp + "/config.json", config_to_json(m.ref.cfg));
-    safetensors_write(tmp + "/model.safetensors", tensors_of(m.ref.layout, m.ref.params.data(), "", bf16 ? "BF16" : "F32"),
-                      {{"format", "pt"}});
+    Config c = m.ref.cfg;
+    c.fp8_weights = std::string(dtype) == "F8_E4M3";
+    write_file_atomic(tmp + "/config.json", config_to_json(c));
+    safetensors_write(tmp + "/model.safetensors", tensors_of(m.ref.layout, m.ref.params.data(), "", dtype), {{"format", "pt"}});
     // no file stands for the byte tokenizer, so byte-level models of any vocab size load
     if (!m.tokenizer.merges.empty()) tokenizer_save(m.tokenizer, tmp + "/tokenizer.bin");
     if (state) {
@@ -104,11 +132,26 @@ bool checkpoint_has_state(const std::string& dir) {
     return path_exists(dir + "/trainer_state.json") && path_exists(dir + "/optimizer.safetensors");
 }
 
-// copies every tensor of the layout from f into dst, refusing missing, mis-shaped and unexpected tensors
-static void take_all(const SafeTensorsFile& f, const ParamLayout& L, float* dst) {
-    for (const TensorSpec& s : L.tensors) safetensors_take(f, s.name, s.shape, dst + s.offset);
-    for (const SafeTensor& t : f.tensors)
-        if (!L.index.count(t.name)) fail("%s: unexpected tensor '%s' (not part of this config)", f.path.c_str(), t.name.c_str());
+// copies every tensor of the layout from f into dst, refusing missing, mis-shaped and unexpected tensors;
+// fp8: E4M3 weights are dequantized with their weight_scale_inv blocks, as DeepSeek's weight_dequant does
+static void take_all(const SafeTensorsFile& f, const ParamLayout& L, float* dst, bool fp8) {
+    for (const TensorSpec& s : L.tensors) {
+        safetensors_take(f, s.name, s.shape, dst + s.offset);
+        const SafeTensor* t = f.find(s.name);
+        if (t->dtype != "F8_E4M3") continue;
+        if (!fp8) fail("%s: tensor '%s' is F8_E4M3 but config.json has no FP8 quantization_config", f.path.c_str(), s.name.c_str());
+        const std::string scale_name = s.name + "_scale_inv";
+        const int64_t cols = s.shape[1], scale_cols = scale_shape(s)[1];
+        std::vector<float> scale(scale_shape(s)[0] * scale_cols);
+        safetensors_take(f, scale_name, scale_shape(s), scale.data());
+        for (size_t i = 0; i < s.numel; i++) dst[s.offset + i] *= scale[i / cols / 128 * scale_cols + i % cols / 128];
+    }
+    for (const SafeTensor& t : f.tensors) {  // a scale belongs to an E4M3 weight of the layout
+        const size_t n = t.name.size();
+        const SafeTensor* w = n > 10 && t.name.compare(n - 10, 10, "_scale_inv") == 0 ? f.find(t.name.substr(0, n - 10)) : nullptr;
+        if (!L.index.count(t.name) && !(w && w->dtype == "F8_E4M3"))
+            fail("%s: unexpected tensor '%s' (not part of this config)", f.path.c_str(), t.name.c_str());
+    }
 }
 
 void model_load(Model& m, const std::string& dir, TrainState* state) {
@@ -117,7 +160,7 @@ void model_load(Model& m, const std::string& dir, TrainState* state) {
     Config c = config_from_json(read_file(config_path), config_path);
     model_create(m, c, 0);
     SafeTensorsFile weights = safetensors_read(dir + "/model.safetensors");
-    take_all(weights, m.ref.layout, m.ref.params.data());
+    take_all(weights, m.ref.layout, m.ref.params.data(), c.fp8_weights);
     std::string tok_path = dir + "/tokenizer.bin";
     if (path_exists(tok_path)) {
         m.tokenizer = tokenizer_load(tok_path);

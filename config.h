@@ -56,6 +56,9 @@ struct Config {
     float yarn_mscale_all_dim = 0.0f;  // 0 = absent
     int max_position_embeddings = 1024;
     int num_nextn_predict_layers = 0;  // carried through checkpoints; the MTP module is not built yet
+    // quantization_config of DeepSeek-V3's FP8 checkpoints: the layers' projection weights
+    // stored as E4M3 in 128 x 128 blocks, each with a fp32 weight_scale_inv (checkpoint.cpp)
+    bool fp8_weights = false;
 
     int qk_head_dim() const { return qk_nope_head_dim + qk_rope_head_dim; }
     bool is_moe_layer(int layer) const { return n_routed_experts > 0 && layer >= first_k_dense_replace; }
@@ -185,6 +188,9 @@ inline std::string config_to_json(const Config& c) {
     s += "  \"tie_word_embeddings\": false,\n";
     s += strfmt("  \"num_nextn_predict_layers\": %d,\n", c.num_nextn_predict_layers);
     s += "  \"initializer_range\": 0.02,\n";
+    if (c.fp8_weights)
+        s += "  \"quantization_config\": {\"quant_method\": \"fp8\", \"fmt\": \"e4m3\", \"activation_scheme\": \"dynamic\", "
+             "\"weight_block_size\": [128, 128]},\n";
     s += "  \"torch_dtype\": \"float32\"\n";
     s += "}\n";
     return s;
@@ -252,6 +258,20 @@ inline Config config_from_json(const std::string& text, const std::string& where
         if (v->type != JsonValue::String || (v->str != "sigmoid" && v->str != "softmax"))
             fail("%s: scoring_func must be \"sigmoid\" or \"softmax\"", where.c_str());
         c.scoring_func = v->str == "sigmoid" ? SCORING_SIGMOID : SCORING_SOFTMAX;
+    }
+    if (const JsonValue* q = root.get("quantization_config"); q && q->type != JsonValue::Null) {
+        auto is = [&](const char* key, const char* value) {
+            const JsonValue* v = q->get(key);
+            return v && v->type == JsonValue::String && v->str == value;
+        };
+        const JsonValue* block = q->get("weight_block_size");
+        const bool blocks_128 = block && block->type == JsonValue::Array && block->items.size() == 2 &&
+                                block->items[0].type == JsonValue::Number && block->items[0].number == 128 &&
+                                block->items[1].type == JsonValue::Number && block->items[1].number == 128;
+        if (!is("quant_method", "fp8") || !is("fmt", "e4m3") || !blocks_128)
+            fail("%s: quantization_config: only DeepSeek-V3's FP8 is supported (quant_method \"fp8\", fmt \"e4m3\", weight_block_size [128, 128])",
+                 where.c_str());
+        c.fp8_weights = true;
     }
     bool interleave = true;
     get_bool("rope_interleave", interleave);

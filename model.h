@@ -91,8 +91,9 @@ struct SamplingOptions {
 // Picks a token from logits [V]; coin is uniform in [0, 1).
 int sample_token(const float* logits, int V, const SamplingOptions& s, float coin);
 
-// Writes dir atomically. state may be null (weights only). bf16 halves the file but is not an exact resume point.
-void model_save(Model& m, const std::string& dir, const TrainState* state, bool bf16);
+// Writes dir atomically. state may be null (weights only). dtype "F32", "BF16" or "F8_E4M3" (DeepSeek-V3's
+// FP8 checkpoint format); the last two shrink the file but are not exact resume points.
+void model_save(Model& m, const std::string& dir, const TrainState* state, const char* dtype);
 
 // Reads config.json, model.safetensors and tokenizer.bin (bytes when absent). When
 // state is not null the training state must be present too.

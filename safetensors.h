@@ -21,6 +21,7 @@
 
 #include "common.h"
 #include "fileutil.h"
+#include "fp8.cuh"
 #include "json.h"
 
 // Tensor bytes are copied to and from memory as they are, which is right only on a
@@ -31,7 +32,7 @@
 
 struct SafeTensor {
     std::string name;
-    std::string dtype;           // "F32" or "BF16" when writing; also "F16" when read
+    std::string dtype;           // "F32", "BF16" or "F8_E4M3" (the values must be E4M3's); also "F16" when read
     std::vector<int64_t> shape;
     std::vector<float> data;     // values converted to fp32
 };
@@ -55,6 +56,7 @@ constexpr uint64_t SAFETENSORS_MAX_HEADER = 100000000;
 inline int safetensors_dtype_size(const std::string& dtype) {
     if (dtype == "F32") return 4;
     if (dtype == "BF16" || dtype == "F16") return 2;
+    if (dtype == "F8_E4M3") return 1;
     return 0;
 }
 
@@ -101,8 +103,8 @@ inline void safetensors_write(const std::string& path, const std::vector<SafeTen
         const char* name = t.name.c_str();
         if (t.name == "__metadata__") fail("%s: '__metadata__' is reserved and cannot name a tensor", path.c_str());
         if (!names.insert(t.name).second) fail("%s: duplicate tensor name '%s'", path.c_str(), name);
-        if (t.dtype != "F32" && t.dtype != "BF16")
-            fail("%s: tensor '%s' has dtype '%s' (can write F32 or BF16)", path.c_str(), name, t.dtype.c_str());
+        if (t.dtype != "F32" && t.dtype != "BF16" && t.dtype != "F8_E4M3")
+            fail("%s: tensor '%s' has dtype '%s' (can write F32, BF16 or F8_E4M3)", path.c_str(), name, t.dtype.c_str());
         uint64_t numel = 1;
         for (int64_t d : t.shape) {
             if (d < 0) fail("%s: tensor '%s' has negative shape %s", path.c_str(), name, shape_str(t.shape).c_str());
@@ -133,6 +135,12 @@ inline void safetensors_write(const std::string& path, const std::vector<SafeTen
     for (const SafeTensor& t : tensors) {
         if (t.dtype == "F32") {
             atomic_file_write(f, tmp, t.data.data(), t.data.size() * sizeof(float));
+            continue;
+        }
+        if (t.dtype == "F8_E4M3") {
+            std::vector<uint8_t> codes(t.data.size());
+            for (size_t i = 0; i < codes.size(); i++) codes[i] = fp8_encode(t.data[i], FP8_E4M3);
+            atomic_file_write(f, tmp, codes.data(), codes.size());
             continue;
         }
         // convert in chunks so a big embedding does not need a second full copy
@@ -232,7 +240,7 @@ inline SafeTensorsFile safetensors_read(const std::string& path) {
             bad(strfmt("tensor '%s': data_offsets must be [begin, end]", nm));
         int elem = safetensors_dtype_size(dtype->str);
         if (elem == 0)
-            bad(strfmt("tensor '%s' has dtype %s; only F32, BF16 and F16 are supported", nm, dtype->str.c_str()));
+            bad(strfmt("tensor '%s' has dtype %s; only F32, BF16, F16 and F8_E4M3 are supported", nm, dtype->str.c_str()));
         SafeTensor t;
         t.name = name;
         t.dtype = dtype->str;
@@ -287,6 +295,13 @@ inline SafeTensorsFile safetensors_read(const std::string& path) {
         if (t.dtype == "F32") {
             t.data.resize(nbytes / 4);
             safetensors_read_exact(f, path, t.data.data(), nbytes);
+            continue;
+        }
+        if (t.dtype == "F8_E4M3") {
+            std::vector<uint8_t> codes(nbytes);
+            safetensors_read_exact(f, path, codes.data(), nbytes);
+            t.data.resize(nbytes);
+            for (size_t i = 0; i < nbytes; i++) t.data[i] = fp8_decode(codes[i], FP8_E4M3);
             continue;
         }
         half.resize(nbytes / 2);

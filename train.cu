@@ -107,8 +107,10 @@ static const char* USAGE =
     "                          (default 100). Prompt: the first 8 val tokens;\n"
     "                          temperature 0.8, top-k 40, a fixed seed\n"
     "  --sample-tokens N       tokens per sample (default 48)\n"
-    "  --save-dtype fp32|bf16  weights in the checkpoint (default fp32; bf16 halves\n"
-    "                          model.safetensors but is not an exact resume point)\n"
+    "  --save-dtype fp32|bf16|fp8  weights in the checkpoint (default fp32; bf16 halves\n"
+    "                          model.safetensors, fp8 is DeepSeek-V3's FP8 format, E4M3\n"
+    "                          in 128x128 blocks with weight_scale_inv; neither is an\n"
+    "                          exact resume point)\n"
     "  --device auto|cpu|gpu   auto = the GPU when one is present (default auto)\n"
     "  --no-cuda-graph         GPU: launch every kernel of a step one by one instead of\n"
     "                          replaying the step as a CUDA graph (for profiling, comparisons)\n"
@@ -140,7 +142,7 @@ struct Args {
     int save_every = 100;
     int sample_every = 100;
     int sample_tokens = 48;
-    bool save_bf16 = false;
+    const char* save_dtype = "F32";  // model_save's dtype
     std::string device = "auto";
     bool cuda_graph = true;
     std::vector<std::string> fixed_on_resume;  // options given that a resumed run takes from its checkpoint
@@ -252,8 +254,8 @@ static bool parse_args(int argc, char** argv, Args& a) {
             fixed = false;
         } else if (n == "--save-dtype") {
             std::string v = cli_value(cli);
-            if (v != "fp32" && v != "bf16") fail("option --save-dtype: '%s' is not fp32 or bf16", v.c_str());
-            a.save_bf16 = v == "bf16";
+            if (v != "fp32" && v != "bf16" && v != "fp8") fail("option --save-dtype: '%s' is not fp32, bf16 or fp8", v.c_str());
+            a.save_dtype = v == "fp32" ? "F32" : v == "bf16" ? "BF16" : "F8_E4M3";
             fixed = false;
         } else if (n == "--device") {
             a.device = cli_device(cli);
@@ -587,7 +589,7 @@ static int run(int argc, char** argv) {
         double t0 = now_seconds();
         st.step = step;
         st.data_position = dataloader_position(loader);
-        model_save(m, ckpt, &st, a.save_bf16);
+        model_save(m, ckpt, &st, a.save_dtype);
         last_saved = step;
         printf("checkpoint: step %d saved to %s (%.2fs)\n", step, ckpt.c_str(), now_seconds() - t0);
         fflush(stdout);

@@ -377,5 +377,20 @@ expect_error "validate: truncated token file" "truncated: header says" ./validat
 expect_error "validate: token file with a wrong magic" "bad magic" ./validate --model "$RUN" --data "$TMP/bad_magic.bin"
 expect_error "validate: missing token file" "cannot open" ./validate --model "$RUN" --data "$TMP/nothing.bin"
 
+# ---------------------------------------------------------------------------
+# FP8: training with the emulated FP8 GEMMs (the CPU), kept on --resume, saved in
+# DeepSeek-V3's FP8 checkpoint format, which generate and validate load
+FP8=$TMP/fp8run
+expect_ok "train --fp8 on the CPU, saved as FP8" ./train --preset tiny --steps 2 --seq-len 16 --batch-size 2 --fp8 --save-dtype fp8 \
+    --device cpu --out "$FP8" --data "$TMP/data"
+grep -q '"fp8": true' "$FP8/checkpoint/trainer_state.json" && pass "trainer_state.json records fp8" ||
+    fail "trainer_state.json records fp8: $(grep fp8 "$FP8/checkpoint/trainer_state.json")"
+grep -q '"quant_method": "fp8"' "$FP8/checkpoint/config.json" && pass "config.json has DeepSeek's quantization_config" ||
+    fail "config.json has no quantization_config"
+expect_ok "train --resume of an FP8 run" ./train --resume --steps 3 --device cpu --save-dtype fp8 --out "$FP8" --data "$TMP/data"
+grep -q '"fp8": true' "$FP8/checkpoint/trainer_state.json" && pass "the resumed run is still FP8" || fail "the resumed run lost --fp8"
+expect_ok "generate from an FP8 checkpoint" ./generate --model "$FP8" --prompt hi --max-new-tokens 8 --quiet --device cpu
+expect_ok "validate an FP8 checkpoint" ./validate --model "$FP8" --data "$TMP/data/val.bin" --device cpu
+
 echo "cli_generate_validate: $passed passed, $failed failed"
 [ "$failed" -eq 0 ]

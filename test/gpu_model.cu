@@ -289,7 +289,7 @@ TEST_CASE("GPU training is deterministic, resumes exactly, and its checkpoints l
     st.step = 4;
     st.data_position = dataloader_position(db);
     st.options = o;
-    model_save(b, dir + "/ckpt", &st, false);
+    model_save(b, dir + "/ckpt", &st, "F32");
     model_free_gpu(b);
 
     Model resumed;
@@ -306,7 +306,7 @@ TEST_CASE("GPU training is deterministic, resumes exactly, and its checkpoints l
     std::vector<int> tokens = read_token_file(data, c.vocab_size);
     tokens.resize(o.batch_size * o.seq_len + 1);
     double gpu_loss = model_eval_loss(resumed, tokens, o.seq_len, o.batch_size);
-    model_save(resumed, dir + "/ckpt2", nullptr, false);
+    model_save(resumed, dir + "/ckpt2", nullptr, "F32");
     Model on_cpu;
     model_load(on_cpu, dir + "/ckpt2", nullptr);
     double cpu_loss = model_eval_loss(on_cpu, tokens, o.seq_len, o.batch_size);

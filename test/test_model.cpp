@@ -1,5 +1,5 @@
 // test_model.cpp — the model as the binaries use it: checkpoints round-trip
-// bit-exactly and refuse damaged ones, training resumes exactly, the loss falls,
+// bit-exactly (FP8 ones to their quantization) and refuse damaged ones, training resumes exactly, the loss falls,
 // and sampling keeps the tokens it should.
 #include <doctest/doctest.h>
 
@@ -61,7 +61,7 @@ TEST_CASE("checkpoint round trip is bit-exact, including the optimizer state") {
     st.best_val_loss = 1.25;
     st.options = tiny_options();
     st.options.seed = (1ull << 62) + 1;
-    model_save(m, dir + "/ckpt", &st, false);
+    model_save(m, dir + "/ckpt", &st, "F32");
     Model back;
     TrainState st2;
     model_load(back, dir + "/ckpt", &st2);
@@ -89,7 +89,7 @@ TEST_CASE("checkpoint round trip is bit-exact, including the optimizer state") {
     CHECK(config_to_json(back.ref.cfg) == config_to_json(c));
 
     // bf16 weights round to bf16, except the routing bias, which stays fp32
-    model_save(m, dir + "/ckpt16", nullptr, true);
+    model_save(m, dir + "/ckpt16", nullptr, "BF16");
     Model half;
     model_load(half, dir + "/ckpt16", nullptr);
     size_t mismatched = 0;
@@ -102,12 +102,74 @@ TEST_CASE("checkpoint round trip is bit-exact, including the optimizer state") {
     remove_tree(dir);
 }
 
+TEST_CASE("FP8 checkpoints in DeepSeek-V3's format: E4M3 blocks with weight_scale_inv, loaded dequantized; damaged ones refused") {
+    std::string dir = temp_dir("fp8");
+    Config c = config_preset("tiny");
+    c.hidden_size = 160;  // whole and partial 128 x 128 blocks
+    Model m;
+    model_create(m, c, 3);
+    for (size_t i = 0; i < m.ref.params.size(); i++) m.ref.params[i] *= 1.0f + 0.5f * (float)rng_normal(9, i);  // uneven blocks
+    model_save(m, dir + "/ckpt", nullptr, "F8_E4M3");
+    CHECK(read_file(dir + "/ckpt/config.json").find("\"quantization_config\": {\"quant_method\": \"fp8\", \"fmt\": \"e4m3\"") !=
+          std::string::npos);
+    const SafeTensorsFile f = safetensors_read(dir + "/ckpt/model.safetensors");
+    const std::string q = "model.layers.0.self_attn.q_a_proj.weight", router = "model.layers.1.mlp.gate.weight";
+    CHECK(f.find(q)->dtype == "F8_E4M3");
+    CHECK(f.find(q + "_scale_inv")->shape == std::vector<int64_t>{1, 2});  // [16, 160] in blocks of 128
+    CHECK(f.find("model.layers.1.mlp.experts.7.down_proj.weight")->dtype == "F8_E4M3");
+    for (const std::string& plain : {router, std::string("model.embed_tokens.weight"), std::string("lm_head.weight")}) {
+        CHECK(f.find(plain)->dtype == "F32");
+        CHECK(f.find(plain + "_scale_inv") == nullptr);
+    }
+    // loaded: each E4M3 weight is exactly its 128 x 128 quantization dequantized, the rest exact
+    Model back;
+    model_load(back, dir + "/ckpt", nullptr);
+    CHECK(back.ref.cfg.fp8_weights);
+    size_t mismatched = 0, quantized = 0;
+    for (const TensorSpec& s : m.ref.layout.tensors) {
+        const float* want = m.ref.params.data() + s.offset;
+        std::vector<float> dequantized(want, want + s.numel);
+        if (f.find(s.name)->dtype == "F8_E4M3") {
+            Fp8HostMatrix h((int)s.shape[0], (int)s.shape[1], 128);
+            fp8_quantize_host(h.m, want);
+            for (size_t i = 0; i < s.numel; i++)
+                dequantized[i] = fp8_decode(h.codes[i], FP8_E4M3) * fp8_scale_of(h.m, (int)(i / s.shape[1]), (int)(i % s.shape[1]));
+            quantized += s.numel;
+        }
+        for (size_t i = 0; i < s.numel; i++) mismatched += back.ref.params[s.offset + i] != dequantized[i];
+    }
+    CHECK(mismatched == 0);
+    CHECK(quantized > m.ref.params.size() / 2);
+    // saved again in fp32, the config no longer claims FP8
+    model_save(back, dir + "/again", nullptr, "F32");
+    CHECK(read_file(dir + "/again/config.json").find("quantization_config") == std::string::npos);
+
+    Model x;
+    const std::string config = read_file(dir + "/ckpt/config.json");
+    std::string other = config;
+    other.replace(other.find("\"fp8\""), 5, "\"int8\"");
+    write_file_atomic(dir + "/ckpt/config.json", other);
+    CHECK_THROWS_WITH_AS(model_load(x, dir + "/ckpt", nullptr), doctest::Contains("quantization_config: only DeepSeek-V3's FP8"), std::runtime_error);
+    write_file_atomic(dir + "/ckpt/config.json", config_to_json(c));  // no quantization_config
+    CHECK_THROWS_WITH_AS(model_load(x, dir + "/ckpt", nullptr), doctest::Contains("is F8_E4M3 but config.json has no FP8"), std::runtime_error);
+    write_file_atomic(dir + "/ckpt/config.json", config);
+    std::vector<SafeTensor> tensors = f.tensors;
+    for (SafeTensor& t : tensors)
+        if (t.name == q + "_scale_inv") t.shape = {2, 1};
+    safetensors_write(dir + "/ckpt/model.safetensors", tensors);
+    CHECK_THROWS_WITH_AS(model_load(x, dir + "/ckpt", nullptr), doctest::Contains(("'" + q + "_scale_inv' has shape [2, 1]").c_str()), std::runtime_error);
+    tensors.erase(std::find_if(tensors.begin(), tensors.end(), [&](const SafeTensor& t) { return t.name == q + "_scale_inv"; }));
+    safetensors_write(dir + "/ckpt/model.safetensors", tensors);
+    CHECK_THROWS_WITH_AS(model_load(x, dir + "/ckpt", nullptr), doctest::Contains(("missing tensor '" + q + "_scale_inv'").c_str()), std::runtime_error);
+    remove_tree(dir);
+}
+
 TEST_CASE("damaged checkpoints are refused with a message naming the file") {
     std::string dir = temp_dir("damaged");
     Config c = config_preset("tiny");
     Model m;
     model_create(m, c, 3);
-    model_save(m, dir + "/ok", nullptr, false);
+    model_save(m, dir + "/ok", nullptr, "F32");
     Model x;
     CHECK_THROWS_WITH_AS(model_load(x, dir + "/absent", nullptr), doctest::Contains("does not exist"), std::runtime_error);
 
@@ -171,7 +233,7 @@ TEST_CASE("training: the loss falls, and a resumed run repeats the uninterrupted
     st.step = 4;
     st.data_position = dataloader_position(dl1);
     st.options = o;
-    model_save(first, dir + "/ckpt", &st, false);
+    model_save(first, dir + "/ckpt", &st, "F32");
 
     Model resumed;
     TrainState back;
