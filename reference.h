@@ -1025,6 +1025,16 @@ void ref_init(RefModel<T>& m, const Config& c) {
     m.g = bind_weights(c, m.layout, m.grads.data());
 }
 
+// the FP8 copies from the weights as they are now (each forward does it, as the GPU's does)
+template <typename T>
+void ref_quantize_fp8(RefModel<T>& m) {
+    for_each_fp8_linear(m.w, [](const Linear<T>& l, const Fp8Weight* q) {
+        if (!q) return;
+        fp8_quantize_host(q->w, l.w);
+        fp8_quantize_transposed_host(q->wt, l.w);
+    });
+}
+
 // From here on the model's Linears that for_each_fp8_linear names run in FP8, emulated
 template <typename T>
 void ref_enable_fp8(RefModel<T>& m) {
@@ -1033,6 +1043,14 @@ void ref_enable_fp8(RefModel<T>& m) {
     m.fp8_codes.assign(codes, 0);
     m.fp8_scales.assign(scales, 0.0f);
     bind_fp8_weights(m.w, m.fp8, m.fp8_codes.data(), m.fp8_scales.data(), &codes, &scales);
+    ref_quantize_fp8(m);
+}
+
+// and back to the model's type
+template <typename T>
+void ref_disable_fp8(RefModel<T>& m) {
+    for_each_fp8_linear(m.w, [](const Linear<T>&, const Fp8Weight*& slot) { slot = nullptr; });
+    m.fp8.clear();
 }
 
 // HF's initialisation: normal(0, 0.02) matrices, unit norm weights, zero bias
@@ -1069,11 +1087,7 @@ T ref_forward(RefModel<T>& m, const int* inputs, const int* targets, int B, int 
     m.balance_loss = 0;
     uint64_t site = 0;
     auto dropout_key = [&]() { return dropout_site_key(opt.dropout_key, ++site); };
-    for_each_fp8_linear(m.w, [](const Linear<T>& l, const Fp8Weight* q) {
-        if (!q) return;
-        fp8_quantize_host(q->w, l.w);
-        fp8_quantize_transposed_host(q->wt, l.w);
-    });
+    ref_quantize_fp8(m);
 
     std::vector<T> h((size_t)N * D);
     embedding_forward(h.data(), inputs, m.w.embed, N, D);

@@ -22,6 +22,10 @@
 //                       matrix 2). And the latent cache's bytes per token, measured = formula, against an MHA cache's
 //   5. GPU vs CPU       on a GPU: batch 0 on the CUDA path (bf16) against the CPU reference (fp32): the loss within
 //                       2e-2 relative, the logits within twice what bf16 weights alone change (or 2 x 2e-2)
+//   6. FP8 (--fp8)      the E4M3/E5M2 converter's round trip of every code; the worst 128 x 128 tile's quantization
+//                       error over the FP8 Linears' weights (< 2^-4, E4M3's step); batch 0 with the FP8 GEMMs against
+//                       the model's own precision, on the CPU (emulated) and on a GPU: loss within 1e-2, logits 0.1
+// With --fp8 the loss mode and checks 1-5 run the FP8 GEMMs as ./train --fp8 does.
 // Each says on stderr when it starts (small takes minutes on a CPU). The table prints each result as it
 // comes, then "passed x of y" and the issues found; --json prints one object {"model", "data", ..., "checks":
 // [{"name", "passed", "skipped", "numbers", "tables", "notes", "issues"}], "summary"}. The exit status is 1
@@ -71,6 +75,8 @@ static const char* USAGE =
     "  --batch-size N         sequences per forward pass (default 4 for the checks, 1 for the loss)\n"
     "  --batches N            batches for the expert utilisation check (default 8)\n"
     "  --json                 one JSON object on stdout instead of the table\n"
+    "  --fp8                  run the FP8 GEMMs (as ./train --fp8; the CPU emulates them) and\n"
+    "                         add the FP8 checks: converter, tile quantization, FP8 vs not\n"
     "  --device auto|cpu|gpu  auto (default): the loss on the GPU and the GPU checks when a\n"
     "                         GPU is present; cpu: the CPU reference only, GPU checks skipped\n"
     "  --help                 show this help\n";
@@ -504,6 +510,82 @@ static CheckResult check_gpu_vs_cpu(Model& m, const BatchSource& src) {
 }
 
 // ----------------------------------------------------------------------------
+// 6. FP8
+
+static const double FP8_LOSS_TOLERANCE = 1e-2, FP8_LOGITS_TOLERANCE = 0.1;
+
+// batch 0's loss and logits on the CPU with and without the emulated FP8 GEMMs; on a GPU also the loss of each
+static CheckResult check_fp8(Model& m, const BatchSource& src, bool gpu) {
+    RefModel<float>& r = m.ref;
+    CheckResult c{"fp8", "FP8"};
+    const double t0 = now_seconds();
+    // every code decodes to a value that encodes back to it; NaNs give the canonical NaN, and E5M2's infinities
+    // saturate to the largest finite value, as the saturating conversion does
+    size_t round_trip_errors = 0;
+    for (Fp8Format f : {FP8_E4M3, FP8_E5M2})
+        for (int code = 0; code < 256; code++) {
+            const float v = fp8_decode((uint8_t)code, f);
+            const int want = std::isnan(v) ? fp8_spec(f).nan_code : std::isinf(v) ? (code & 0x80) | fp8_spec(f).max_code : code;
+            round_trip_errors += fp8_encode(v, f) != want;
+        }
+    double worst_tile = 0;  // relative rms error of a weight tile's dequantized values
+    std::string worst_tile_of;
+    for_each_fp8_linear(r.w, [&](const Linear<float>& l, const Fp8Weight*) {
+        Fp8HostMatrix q(l.out, l.in, FP8_TILE);
+        fp8_quantize_host(q.m, l.w);
+        for (int r0 = 0; r0 < l.out; r0 += FP8_TILE)
+            for (int c0 = 0; c0 < l.in; c0 += FP8_TILE) {
+                double diff = 0, norm = 0;
+                for (int i = r0; i < std::min(r0 + FP8_TILE, l.out); i++)
+                    for (int j = c0; j < std::min(c0 + FP8_TILE, l.in); j++) {
+                        const size_t at = (size_t)i * l.in + j;
+                        const double x = l.w[at], back = (double)fp8_decode(q.codes[at], FP8_E4M3) * fp8_scale_of(q.m, i, j);
+                        diff += (back - x) * (back - x), norm += x * x;
+                    }
+                const double e = norm > 0 ? std::sqrt(diff / norm) : 0;
+                if (e > worst_tile) worst_tile = e, worst_tile_of = strfmt("a [%d, %d] weight, tile at (%d, %d)", l.out, l.in, r0, c0);
+            }
+    });
+    ref_disable_fp8(r);  // --fp8 turned it on; it is on again when this returns
+    const double loss = forward_batch(r, src, 0);
+    const std::vector<float> logits = r.logits;
+    ref_enable_fp8(r);
+    const double loss8 = forward_batch(r, src, 0), logits_error = rel_error(r.logits.data(), logits.data(), logits.size());
+    const double loss_error = std::fabs(loss8 - loss) / std::fabs(loss);
+    c.numbers = {{"round_trip_errors", (double)round_trip_errors}, {"worst_tile_rel_error", worst_tile}, {"loss_cpu", loss},
+                 {"loss_cpu_fp8", loss8}, {"loss_rel_error", loss_error}, {"logits_rel_error", logits_error}};
+    if (gpu) {
+        std::vector<int> inputs, targets;
+        src.get(0, inputs, targets);
+        inputs.push_back(targets.back());
+        double gpu_loss[2];
+        for (int fp8 = 0; fp8 < 2; fp8++) {
+            if (fp8) ref_enable_fp8(r);
+            else ref_disable_fp8(r);
+            model_to_gpu(m, src.B, src.T, true);
+            gpu_loss[fp8] = model_eval_loss(m, inputs, src.T, src.B);
+            model_free_gpu(m);
+        }
+        const double gpu_error = std::fabs(gpu_loss[1] - gpu_loss[0]) / std::fabs(gpu_loss[0]);
+        c.numbers.insert(c.numbers.end(), {{"loss_gpu", gpu_loss[0]}, {"loss_gpu_fp8", gpu_loss[1]}, {"loss_gpu_rel_error", gpu_error}});
+        if (!(gpu_error < FP8_LOSS_TOLERANCE))
+            c.issues.push_back(strfmt("GPU: the FP8 loss %.6f is %.3e (relative) from the bf16 loss %.6f, bound %g", gpu_loss[1], gpu_error,
+                                      gpu_loss[0], FP8_LOSS_TOLERANCE));
+    }
+    c.numbers.push_back({"seconds", seconds_since(t0)});
+    c.notes.push_back("the weights' worst tile: " + (worst_tile_of.empty() ? std::string("none") : worst_tile_of));
+    c.notes.push_back(strfmt("batch 0 with the FP8 GEMMs against the model's own precision: the loss within %g, the logits within %g "
+                             "(relative; E4M3 costs about 3.5%% per GEMM)", FP8_LOSS_TOLERANCE, FP8_LOGITS_TOLERANCE));
+    if (round_trip_errors) c.issues.push_back(strfmt("%zu FP8 codes do not survive decode + encode", round_trip_errors));
+    if (!(worst_tile < 0.0625)) c.issues.push_back(strfmt("a weight tile quantizes with %.3e relative error, over E4M3's 2^-4", worst_tile));
+    if (!(loss_error < FP8_LOSS_TOLERANCE))
+        c.issues.push_back(strfmt("the FP8 loss %.6f is %.3e (relative) from %.6f, bound %g", loss8, loss_error, loss, FP8_LOSS_TOLERANCE));
+    if (!(logits_error < FP8_LOGITS_TOLERANCE))
+        c.issues.push_back(strfmt("FP8 logits differ by %.3e (relative), bound %g", logits_error, FP8_LOGITS_TOLERANCE));
+    return c;
+}
+
+// ----------------------------------------------------------------------------
 // printing a CheckResult: the table and the JSON
 
 static void print_text(const CheckResult& c, int index) {
@@ -576,7 +658,7 @@ static std::string to_json(const CheckResult& c) {
 
 // gpu_skipped: why the GPU parts do not run ("" = they run)
 static int run_checks(Model& m, const std::string& model_name, const std::vector<int>& data, const std::string& data_name, int T,
-                      int B, int batches, uint64_t seed, const std::string& gpu_skipped, bool json) {
+                      int B, int batches, uint64_t seed, const std::string& gpu_skipped, bool fp8, bool json) {
     const Config& cfg = m.ref.cfg;
     const bool gpu = gpu_skipped.empty();
     const BatchSource src{data.empty() ? nullptr : &data, mix64(seed ^ 0x7a11d47eull), B, T, cfg.vocab_size};
@@ -593,7 +675,7 @@ static int run_checks(Model& m, const std::string& model_name, const std::vector
     }
 
     std::vector<CheckResult> results;
-    auto start = [&](const char* what) { fprintf(stderr, "validate: %zu/5 %s ...\n", results.size() + 1, what); };
+    auto start = [&](const char* what) { fprintf(stderr, "validate: %zu/%d %s ...\n", results.size() + 1, fp8 ? 6 : 5, what); };
     auto done = [&](const CheckResult& c) {
         results.push_back(c);
         if (!json) print_text(c, (int)results.size());
@@ -608,6 +690,10 @@ static int run_checks(Model& m, const std::string& model_name, const std::vector
     done(check_memory(m, gpu, gpu_skipped));
     start(gpu ? "GPU vs CPU: batch 0 on both" : "GPU vs CPU: skipped");
     done(gpu ? check_gpu_vs_cpu(m, src) : CheckResult{"gpu_vs_cpu", "GPU vs CPU", gpu_skipped});
+    if (fp8) {
+        start("FP8: converter, tiles, batch 0 with and without the FP8 GEMMs");
+        done(check_fp8(m, src, gpu));
+    }
 
     int passed = 0, ran = 0;
     std::vector<std::string> issues, skipped;
@@ -662,7 +748,7 @@ static std::string checks_data(const Model& m, std::string path, bool training_r
 
 static int run(int argc, char** argv) {
     std::string model_dir = "runs/default", preset, data_path, device = "auto";
-    bool has_model = false, json = false, force_checks = false;
+    bool has_model = false, json = false, force_checks = false, fp8 = false;
     long long seq_len = 0, batch_size = 0, batches = 8;
     unsigned long long seed = 1337;
     CliParser cli{argc, argv};
@@ -689,6 +775,8 @@ static int run(int argc, char** argv) {
             json = cli_flag(cli);
         } else if (cli.name == "--checks") {
             force_checks = cli_flag(cli);
+        } else if (cli.name == "--fp8") {
+            fp8 = cli_flag(cli);
         } else if (cli.name == "--device") {
             device = cli_device(cli);
         } else {
@@ -716,6 +804,7 @@ static int run(int argc, char** argv) {
         if (trained) train_seq_len = st.options.seq_len;
         model_name = dir;
     }
+    if (fp8) ref_enable_fp8(m.ref);
     const int context = m.ref.cfg.max_position_embeddings;
     if (seq_len > context) fail("--seq-len %lld exceeds the model's context (max_position_embeddings %d)", seq_len, context);
 
@@ -731,7 +820,7 @@ static int run(int argc, char** argv) {
     std::vector<int> data;
     const std::string data_name = checks_data(m, data_path, train_seq_len > 0, seed, data);
     return run_checks(m, model_name, data, data_name, seq_len ? (int)seq_len : std::min(64, context), batch_size ? (int)batch_size : 4,
-                      (int)batches, seed, use_gpu ? "" : device == "cpu" ? "--device cpu" : "no CUDA device", json);
+                      (int)batches, seed, use_gpu ? "" : device == "cpu" ? "--device cpu" : "no CUDA device", fp8, json);
 }
 
 int main(int argc, char** argv) {

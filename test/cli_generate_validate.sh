@@ -391,6 +391,10 @@ expect_ok "train --resume of an FP8 run" ./train --resume --steps 3 --device cpu
 grep -q '"fp8": true' "$FP8/checkpoint/trainer_state.json" && pass "the resumed run is still FP8" || fail "the resumed run lost --fp8"
 expect_ok "generate from an FP8 checkpoint" ./generate --model "$FP8" --prompt hi --max-new-tokens 8 --quiet --device cpu
 expect_ok "validate an FP8 checkpoint" ./validate --model "$FP8" --data "$TMP/data/val.bin" --device cpu
+expect_ok "validate --fp8: the loss with the FP8 GEMMs" ./validate --model "$FP8" --data "$TMP/data/val.bin" --device cpu --fp8
+expect_ok "validate --fp8: the checks, FP8 among them, pass" ./validate --preset tiny --fp8 --device cpu --json
+grep -q '"name": "fp8", "passed": true' "$TMP/out" && pass "validate --fp8 reports the FP8 check" ||
+    fail "validate --fp8 reports the FP8 check: $(head -c 300 "$TMP/out")"
 
 echo "cli_generate_validate: $passed passed, $failed failed"
 [ "$failed" -eq 0 ]
