@@ -109,9 +109,7 @@ static TrainState state_from_json(const std::string& text, const std::string& wh
     return st;
 }
 
-void model_save(Model& m, const std::string& dir, const TrainState* state, const char* dtype) {
-    model_sync_host(m);
-    std::string tmp = atomic_dir_begin(dir);
+static void write_checkpoint(Model& m, const std::string& tmp, const TrainState* state, const char* dtype) {
     Config c = m.ref.cfg;
     c.fp8_weights = std::string(dtype) == "F8_E4M3";
     write_file_atomic(tmp + "/config.json", config_to_json(c));
@@ -125,10 +123,22 @@ void model_save(Model& m, const std::string& dir, const TrainState* state, const
         safetensors_write(tmp + "/optimizer.safetensors", moments);
         write_file_atomic(tmp + "/trainer_state.json", state_to_json(*state));
     }
+}
+
+void model_save(Model& m, const std::string& dir, const TrainState* state, const char* dtype) {
+    model_sync_host(m);
+    std::string tmp = atomic_dir_begin(dir);
+    try {
+        write_checkpoint(m, tmp, state, dtype);
+    } catch (...) {  // a full disk, say: no partial temporary stays behind
+        remove_tree(tmp);
+        throw;
+    }
     atomic_dir_commit(tmp, dir);
 }
 
-bool checkpoint_has_state(const std::string& dir) {
+bool checkpoint_has_state(const std::string& dir_given) {
+    const std::string dir = atomic_dir_readable(dir_given);
     return path_exists(dir + "/trainer_state.json") && path_exists(dir + "/optimizer.safetensors");
 }
 
@@ -154,7 +164,8 @@ static void take_all(const SafeTensorsFile& f, const ParamLayout& L, float* dst,
     }
 }
 
-void model_load(Model& m, const std::string& dir, TrainState* state) {
+void model_load(Model& m, const std::string& dir_given, TrainState* state) {
+    const std::string dir = atomic_dir_readable(dir_given);  // mid-save: the previous version
     if (!path_exists(dir)) fail("%s: checkpoint directory does not exist", dir.c_str());
     std::string config_path = dir + "/config.json";
     Config c = config_from_json(read_file(config_path), config_path);
@@ -185,7 +196,7 @@ void model_load(Model& m, const std::string& dir, TrainState* state) {
 
 std::string model_resolve_dir(const std::string& dir, bool is_default) {
     if (path_exists(dir + "/config.json")) return dir;
-    if (path_exists(dir + "/checkpoint/config.json")) return dir + "/checkpoint";
+    if (path_exists(atomic_dir_readable(dir + "/checkpoint") + "/config.json")) return dir + "/checkpoint";
     if (!path_exists(dir))
         fail("%s: model directory does not exist%s", dir.c_str(), is_default ? " (train one with ./train, or pass --model DIR)" : "");
     fail("%s: not a checkpoint directory (no config.json, and no checkpoint/config.json)", dir.c_str());

@@ -9,7 +9,11 @@
 #include <string>
 #include <system_error>
 
+#include <csignal>
+#include <cstdlib>
+
 #include <fcntl.h>
+#include <sys/file.h>
 #include <unistd.h>
 
 #include "common.h"
@@ -114,38 +118,77 @@ inline void write_file_atomic(const std::string& path, const std::string& bytes)
 }
 
 // ----------------------------------------------------------------------------
-// Atomic directory publish. The caller writes everything into the directory that atomic_dir_begin returns,
-// then atomic_dir_commit swaps it in. A crash before the commit leaves final_dir as it was (plus a stale temp
-// dir); a crash inside the commit, between its two renames, leaves the previous checkpoint in
-// "<final_dir>.old-<pid>" rather than losing it.
+// Atomic directory publish, safe under a kill at any instruction. The caller writes everything into
+// "<final_dir>.tmp" (atomic_dir_begin), each file fsynced, then atomic_dir_commit moves the previous version
+// to "<final_dir>.old", the new one into place, and removes the old one. At every moment one complete
+// version exists: final_dir, or between the two renames "<final_dir>.old" and the complete ".tmp".
+// atomic_dir_recover (the writer, at its start) finishes or undoes what a kill interrupted and removes
+// stale temporaries; atomic_dir_readable (readers, who must not race a writer's renames) names the complete
+// version to read. DSV3_CRASH_AT=n in the environment kills the process at the commit's step n (1: before
+// the first rename, 2: between the renames, 3: before removing the old version), for the tests.
+
+inline void crash_point(int step) {
+    const char* at = getenv("DSV3_CRASH_AT");
+    if (at && atoi(at) == step) kill(getpid(), SIGKILL);
+}
 
 inline std::string strip_trailing_slashes(std::string path) {
     while (path.size() > 1 && path.back() == '/') path.pop_back();
     return path;
 }
 
-// Creates and returns "<final_dir>.tmp-<pid>", empty.
+inline void atomic_dir_recover(const std::string& final_dir) {
+    const std::string dst = strip_trailing_slashes(final_dir), tmp = dst + ".tmp", old = dst + ".old";
+    if (!path_exists(dst) && path_exists(old)) {  // killed between the renames: the new version is complete
+        if (rename(tmp.c_str(), dst.c_str()) != 0 && rename(old.c_str(), dst.c_str()) != 0)
+            fail("%s: cannot recover the interrupted save from %s (%s)", dst.c_str(), old.c_str(), strerror(errno));
+        fsync_dir(parent_dir(dst));
+    }
+    remove_tree(tmp);  // a save killed before its commit
+    remove_tree(old);  // a commit killed before its cleanup
+}
+
+inline std::string atomic_dir_readable(const std::string& final_dir) {
+    const std::string dst = strip_trailing_slashes(final_dir);
+    return !path_exists(dst) && path_exists(dst + ".old") ? dst + ".old" : dst;
+}
+
+// Creates and returns "<final_dir>.tmp", empty.
 inline std::string atomic_dir_begin(const std::string& final_dir) {
-    std::string tmp = strip_trailing_slashes(final_dir) + strfmt(".tmp-%d", (int)getpid());
-    remove_tree(tmp);  // left over from an earlier crashed run that had the same pid
+    std::string tmp = strip_trailing_slashes(final_dir) + ".tmp";
+    remove_tree(tmp);
     make_dirs(tmp);
     return tmp;
 }
 
 inline void atomic_dir_commit(const std::string& tmp_dir, const std::string& final_dir) {
-    std::string dst = strip_trailing_slashes(final_dir);
-    std::string old = dst + strfmt(".old-%d", (int)getpid());
-    bool had_old = path_exists(dst);
+    const std::string dst = strip_trailing_slashes(final_dir), old = dst + ".old";
+    fsync_dir(tmp_dir);
+    crash_point(1);
+    const bool had_old = path_exists(dst);
     if (had_old) {
         remove_tree(old);
         if (rename(dst.c_str(), old.c_str()) != 0)
             fail("%s: cannot move the previous version aside to %s (%s)", dst.c_str(), old.c_str(), strerror(errno));
     }
+    crash_point(2);
     if (rename(tmp_dir.c_str(), dst.c_str()) != 0) {
         int err = errno;
         if (had_old) rename(old.c_str(), dst.c_str());  // put the last good version back
         fail("%s: cannot rename %s into place (%s)", dst.c_str(), tmp_dir.c_str(), strerror(err));
     }
     fsync_dir(parent_dir(dst));
+    crash_point(3);
     if (had_old) remove_tree(old);
+}
+
+// Holds an exclusive lock on path (created if missing) until the process exits, however it exits; fails
+// with `what` when another process holds it.
+inline void lock_or_fail(const std::string& path, const char* what) {
+    const int fd = open(path.c_str(), O_RDWR | O_CREAT, 0644);
+    if (fd < 0) fail("%s: cannot create the lock file (%s)", path.c_str(), strerror(errno));
+    if (flock(fd, LOCK_EX | LOCK_NB) != 0) {
+        close(fd);
+        fail("%s", what);
+    }
 }

@@ -443,12 +443,19 @@ static int run(int argc, char** argv) {
 
     const std::string ckpt = a.out_dir + "/checkpoint";
     const std::string metrics_path = a.out_dir + "/metrics.csv", svg_path = a.out_dir + "/loss.svg";
-    if (a.resume && !checkpoint_has_state(ckpt))
-        fail("--resume: %s has no resumable checkpoint (%s)", a.out_dir.c_str(),
-             path_exists(ckpt) ? "no trainer_state.json / optimizer.safetensors in checkpoint/" : "no checkpoint/ directory");
-    if (!a.resume && !a.overwrite && path_exists(ckpt))
-        fail("--out %s already holds a checkpoint: pass --resume to continue it, --overwrite to start afresh, "
-             "or another --out", a.out_dir.c_str());
+    // the run directory, once the inputs are known to be good: locked for this run, a save that a kill
+    // interrupted finished or undone, then the checkpoint there must be what the options say
+    auto claim_run_dir = [&]() {
+        make_dirs(a.out_dir);
+        lock_or_fail(a.out_dir + "/.lock", strfmt("--out %s is in use by another ./train", a.out_dir.c_str()).c_str());
+        atomic_dir_recover(ckpt);
+        if (a.resume && !checkpoint_has_state(ckpt))
+            fail("--resume: %s has no resumable checkpoint (%s)", a.out_dir.c_str(),
+                 path_exists(ckpt) ? "no trainer_state.json / optimizer.safetensors in checkpoint/" : "no checkpoint/ directory");
+        if (!a.resume && !a.overwrite && path_exists(ckpt))
+            fail("--out %s already holds a checkpoint: pass --resume to continue it, --overwrite to start afresh, "
+                 "or another --out", a.out_dir.c_str());
+    };
 
     // the data files
     const bool default_data = a.data_dir == "data/default";
@@ -478,6 +485,7 @@ static int run(int argc, char** argv) {
     TrainState st;
     int last_saved = -1;  // the step of the last good checkpoint in ckpt (-1: none of this run)
     if (a.resume) {
+        claim_run_dir();
         model_load(m, ckpt, &st);
         if (a.steps_given) st.options.optim.total_steps = a.steps;
         a.steps = st.options.optim.total_steps;
@@ -513,6 +521,7 @@ static int run(int argc, char** argv) {
         if (st.options.seq_len > c.max_position_embeddings)
             fail("--seq-len %d exceeds the model's context, max_position_embeddings %d", st.options.seq_len,
                  c.max_position_embeddings);
+        claim_run_dir();
         model_create(m, c, st.options.seed);
         m.tokenizer = tok;
     }
@@ -567,8 +576,7 @@ static int run(int argc, char** argv) {
                "cores; each step line's eta is this run's estimate)\n");
     fflush(stdout);
 
-    // the run directory
-    make_dirs(a.out_dir);
+    // the run's files
     std::vector<LossPoint> history;
     if (a.resume) history = metrics_truncate(metrics_path, st.step);
     else write_file_atomic(metrics_path, std::string(METRICS_HEADER) + "\n");
