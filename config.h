@@ -104,8 +104,28 @@ inline void config_check(const Config& c) {
     auto need = [](bool ok, const char* what) {
         if (!ok) fail("inconsistent config: %s", what);
     };
+    // upper bounds far past any model this code can train, so that sizes computed from them fit 64 bits and
+    // a damaged or hostile config.json is refused here rather than by an allocation that exhausts memory
+    const std::pair<int, const char*> limits[] = {
+        {c.vocab_size <= (1 << 24), "vocab_size must be at most 16777216"},
+        {c.hidden_size <= 65536, "hidden_size must be at most 65536"},
+        {c.intermediate_size <= (1 << 20), "intermediate_size must be at most 1048576"},
+        {c.moe_intermediate_size <= (1 << 20), "moe_intermediate_size must be at most 1048576"},
+        {c.num_hidden_layers <= 256, "num_hidden_layers must be at most 256"},
+        {c.num_attention_heads <= 1024, "num_attention_heads must be at most 1024"},
+        {c.q_lora_rank <= 65536 && c.kv_lora_rank <= 65536, "q_lora_rank and kv_lora_rank must be at most 65536"},
+        {c.qk_nope_head_dim <= 4096 && c.qk_rope_head_dim <= 4096 && c.v_head_dim <= 4096, "head dimensions must be at most 4096"},
+        {c.n_routed_experts <= 1024, "n_routed_experts must be at most 1024"},
+        {c.n_shared_experts <= 64, "n_shared_experts must be at most 64"},
+        {c.max_position_embeddings <= (1 << 22), "max_position_embeddings must be at most 4194304"},
+    };
+    for (const auto& [ok, what] : limits) need(ok, what);
+    need(std::isfinite(c.routed_scaling_factor) && c.routed_scaling_factor > 0, "routed_scaling_factor must be finite and positive");
+    need(std::isfinite(c.rope_theta), "rope_theta must be finite");
+    need(c.rms_norm_eps < 1, "rms_norm_eps must be below 1");
     need(c.vocab_size > 0, "vocab_size must be positive");
     need(c.hidden_size > 0, "hidden_size must be positive");
+    need(c.n_routed_experts >= 0, "n_routed_experts must be >= 0");
     need(c.num_hidden_layers > 0, "num_hidden_layers must be positive");
     need(c.num_attention_heads > 0, "num_attention_heads must be positive");
     need(c.q_lora_rank >= 0, "q_lora_rank must be 0 (plain q_proj) or positive");
@@ -132,8 +152,19 @@ inline void config_check(const Config& c) {
              "num_experts_per_tok exceeds the experts in topk_group groups");
         need(c.scoring_func == SCORING_SIGMOID || c.scoring_func == SCORING_SOFTMAX, "scoring_func must be sigmoid or softmax");
     }
+    // the parameter count, in double so that nothing overflows: at most 2^40 (a trillion)
+    const double D = c.hidden_size, H = c.num_attention_heads, E = c.n_routed_experts, MI = c.moe_intermediate_size;
+    const double attention = (c.q_lora_rank > 0 ? D * c.q_lora_rank + (double)c.q_lora_rank * H * c.qk_head_dim() : D * H * c.qk_head_dim()) +
+                             D * (c.kv_lora_rank + c.qk_rope_head_dim) + (double)c.kv_lora_rank * H * (c.qk_nope_head_dim + c.v_head_dim) +
+                             H * c.v_head_dim * D;
+    double params = 2.0 * c.vocab_size * D;
+    for (int l = 0; l < c.num_hidden_layers; l++)
+        params += attention + (c.is_moe_layer(l) ? E * D + 3 * MI * D * (E + c.n_shared_experts) : 3.0 * c.intermediate_size * D);
+    if (params > 1099511627776.0) fail("inconsistent config: %.3g parameters; at most 2^40", params);
     if (c.yarn) {
-        need(c.yarn_factor >= 1, "rope_scaling.factor must be >= 1");
+        need(c.yarn_factor >= 1 && std::isfinite(c.yarn_factor), "rope_scaling.factor must be finite and >= 1");
+        need(std::isfinite(c.yarn_beta_fast) && std::isfinite(c.yarn_mscale) && std::isfinite(c.yarn_mscale_all_dim),
+             "rope_scaling's beta_fast, mscale and mscale_all_dim must be finite");
         need(c.yarn_original_max_position_embeddings > 0, "rope_scaling.original_max_position_embeddings must be positive");
         need(c.yarn_beta_fast > c.yarn_beta_slow && c.yarn_beta_slow > 0, "rope_scaling needs beta_fast > beta_slow > 0");
     }

@@ -6,7 +6,14 @@
 
 #include <algorithm>
 
+#include <unistd.h>
+
 void model_create(Model& m, const Config& c, uint64_t seed) {
+    config_check(c);  // before sizing anything from it
+    const double need = (double)param_layout(c).total * 4 * sizeof(float), have = (double)sysconf(_SC_PHYS_PAGES) * sysconf(_SC_PAGE_SIZE);
+    if (need > have)
+        fail("the model needs %.1f GiB of host memory (fp32 weights, gradients and AdamW's two moments); this machine has %.1f GiB",
+             need / (1 << 30), have / (1 << 30));
     ref_init(m.ref, c);
     ref_init_weights(m.ref, seed);
     m.adam_m.assign(m.ref.layout.total, 0);

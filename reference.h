@@ -1058,6 +1058,7 @@ template <typename T>
 void ref_init_weights(RefModel<T>& m, uint64_t seed) {
     for (size_t t = 0; t < m.layout.tensors.size(); t++) {
         const TensorSpec& s = m.layout.tensors[t];
+#pragma omp parallel for schedule(static) if (s.numel > (1 << 16))  // each value depends on (seed, tensor, index) alone
         for (size_t i = 0; i < s.numel; i++) {
             T v = 0;
             if (s.kind == TENSOR_DECAY) v = (T)(0.02 * rng_normal(seed + t, i));

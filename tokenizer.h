@@ -21,6 +21,9 @@
 static const int TOKENIZER_MAGIC = 20250519;
 static const int TOKENIZER_VERSION = 1;
 static const char* const TOKENIZER_EOT_TEXT = "<|endoftext|>";
+// the longest token a merge may make: a bound on what a damaged or hostile tokenizer.bin can make us build
+// (each merge could double the longest token), far past what BPE learns from text
+constexpr size_t TOKENIZER_MAX_TOKEN_BYTES = 256;
 // Longer runs are cut into pieces of this many bytes, which bounds the cost of
 // training and encoding on text without spaces (base64, DNA, binary data).
 static const int TOKENIZER_MAX_CHUNK = 64;
@@ -61,6 +64,9 @@ inline void tokenizer_build_tables(Tokenizer& tok, const std::string& where) {
             fail("%s: merge %zu (%d, %d) uses an id that is out of range for token %d", where.c_str(), i, a, b, id);
         if (!tok.rank.emplace(tokenizer_pair_key(a, b), (int)i).second)
             fail("%s: merge %zu (%d, %d) repeats an earlier merge", where.c_str(), i, a, b);
+        if (tok.token_bytes[a].size() + tok.token_bytes[b].size() > TOKENIZER_MAX_TOKEN_BYTES)
+            fail("%s: merge %zu makes a token of %zu bytes (at most %zu)", where.c_str(), i,
+                 tok.token_bytes[a].size() + tok.token_bytes[b].size(), TOKENIZER_MAX_TOKEN_BYTES);
         tok.token_bytes[id] = tok.token_bytes[a] + tok.token_bytes[b];
     }
 }
@@ -172,13 +178,15 @@ inline Tokenizer tokenizer_train(const std::string& text, int vocab_size) {
     for (const auto& kv : pair_count) heap.push({kv.second, kv.first});
 
     std::vector<uint64_t> touched;
+    std::vector<size_t> length(257, 1);  // each token's bytes (the end-of-text token is never merged)
     for (int id = 257; id < vocab_size; id++) {
         Entry best = {0, 0};
         while (!heap.empty()) {
             Entry e = heap.top();
             heap.pop();
             auto it = pair_count.find(e.key);
-            if (it != pair_count.end() && it->second == e.count) {
+            if (it != pair_count.end() && it->second == e.count &&
+                length[e.key >> 32] + length[(uint32_t)e.key] <= TOKENIZER_MAX_TOKEN_BYTES) {
                 best = e;
                 break;
             }
@@ -186,6 +194,7 @@ inline Tokenizer tokenizer_train(const std::string& text, int vocab_size) {
         if (best.count == 0) break;
         int a = (int)(best.key >> 32), b = (int)(uint32_t)best.key;
         tok.merges.push_back({a, b});
+        length.push_back(length[a] + length[b]);
 
         touched.clear();
         std::vector<int> list = std::move(where[best.key]);

@@ -220,6 +220,15 @@ TEST_CASE("bad tokenizer files are refused with the file name") {
     e = load_error(set_int(good, 3, -1));
     CHECK(has(e, "eot_id"));
     CHECK(has(error_of([&] { tokenizer_load(scratch("no_such_tokenizer.bin")); }), "no_such_tokenizer.bin: cannot open"));
+
+    // 348 bytes whose 41 merges each double the last token (2^42 bytes at the end) are refused at merge 7,
+    // the first to pass 256 bytes, instead of growing until memory runs out
+    std::vector<int32_t> doubling = {TOKENIZER_MAGIC, TOKENIZER_VERSION, 257 + 41, 256, 41};
+    for (int i = 0; i < 41; i++) doubling.insert(doubling.end(), {i == 0 ? 'a' : 256 + i, i == 0 ? 'a' : 256 + i});
+    e = load_error(std::string((const char*)doubling.data(), doubling.size() * 4));
+    CHECK(doubling.size() * 4 == 348);
+    CHECK(has(e, path));
+    CHECK(has(e, "merge 8 makes a token of 512 bytes (at most 256)"));
 }
 
 // ----------------------------------------------------------------------------

@@ -504,6 +504,25 @@ TEST_CASE("config: inconsistent or malformed configs fail clearly") {
     CHECK(contains(with("\"tie_word_embeddings\"", "\"tie_word_embeddings\": true,"), "tie_word_embeddings"));
     CHECK(contains(with("\"rope_scaling\"", "\"rope_scaling\": {\"rope_type\": \"linear\", \"factor\": 2},"),
                    "rope type \"linear\" is not supported"));
+    // sizes that would exhaust memory or time, or overflow, are refused by name before anything is allocated
+    // (issue 10: each of these once ran for a minute, died in bad_alloc or trained a wrapped shape)
+    CHECK(contains(with("\"n_routed_experts\"", "\"n_routed_experts\": 100000000,"), "n_routed_experts must be at most 1024"));
+    CHECK(contains(with("\"n_routed_experts\"", "\"n_routed_experts\": -4,"), "n_routed_experts must be >= 0"));
+    CHECK(contains(with("\"num_hidden_layers\"", "\"num_hidden_layers\": 1000000000,"), "num_hidden_layers must be at most 256"));
+    CHECK(contains(with("\"vocab_size\"", "\"vocab_size\": 2147483647,"), "vocab_size must be at most 16777216"));
+    CHECK(contains(with("\"hidden_size\"", "\"hidden_size\": 1000000000,"), "hidden_size must be at most 65536"));
+    const std::string wrapped = edit_json(edit_json(good, "\"n_shared_experts\"", "\"n_shared_experts\": 65537,"), "\"moe_intermediate_size\"",
+                                          "\"moe_intermediate_size\": 65536,");  // 65537 x 65536 wrapped an int
+    CHECK(contains(config_error(wrapped), "n_shared_experts must be at most 64"));
+    Config huge = config_preset("tiny");
+    huge.hidden_size = 65536, huge.moe_intermediate_size = 1 << 20, huge.n_routed_experts = 1024, huge.num_hidden_layers = 256;
+    CHECK(contains(error_of([&] { config_check(huge); }), "parameters; at most 2^40"));
+    // 1e39 is inf as a float
+    CHECK(contains(with("\"routed_scaling_factor\"", "\"routed_scaling_factor\": 1e39,"), "routed_scaling_factor must be finite"));
+    CHECK(contains(with("\"rope_theta\"", "\"rope_theta\": 1e39,"), "rope_theta must be finite"));
+    CHECK(contains(with("\"rms_norm_eps\"", "\"rms_norm_eps\": 1e39,"), "rms_norm_eps must be below 1"));
+    CHECK(contains(with("\"rope_scaling\"", "\"rope_scaling\": {\"rope_type\": \"yarn\", \"factor\": 1e39},"),
+                   "rope_scaling.factor must be finite"));
     e = config_error("{\"vocab_size\": 10,}");
     CHECK(contains(e, "ckpt/config.json: invalid JSON: trailing comma"));
     CHECK(contains(config_error("[]"), "expected a JSON object"));

@@ -164,6 +164,13 @@ TEST_CASE("FP8 checkpoints in DeepSeek-V3's format: E4M3 blocks with weight_scal
     remove_tree(dir);
 }
 
+TEST_CASE("a model larger than the host's memory is refused with the size it needs, before allocating") {
+    Config c = config_preset("tiny");  // 200 billion parameters: 3.3 TB of fp32 weights, gradients and moments
+    c.hidden_size = 16384, c.intermediate_size = 65536, c.num_hidden_layers = 64, c.n_routed_experts = 0;
+    Model m;
+    CHECK_THROWS_WITH_AS(model_create(m, c, 1), doctest::Contains("GiB of host memory"), std::runtime_error);
+}
+
 TEST_CASE("damaged checkpoints are refused with a message naming the file") {
     std::string dir = temp_dir("damaged");
     Config c = config_preset("tiny");
