@@ -56,8 +56,10 @@ static std::string state_to_json(const TrainState& st) {
                 o.optim.min_lr_fraction, o.optim.warmup_steps, o.optim.total_steps);
     s += strfmt("  \"beta1\": %.9g,\n  \"beta2\": %.9g,\n  \"eps\": %.9g,\n  \"weight_decay\": %.9g,\n", o.optim.beta1, o.optim.beta2,
                 o.optim.eps, o.optim.weight_decay);
-    s += strfmt("  \"grad_clip\": %.9g,\n  \"bias_update_speed\": %.9g\n}\n", o.optim.grad_clip, o.optim.bias_update_speed);
-    return s;
+    s += strfmt("  \"grad_clip\": %.9g,\n  \"bias_update_speed\": %.9g,\n", o.optim.grad_clip, o.optim.bias_update_speed);
+    s += "  \"run_options\": [";
+    for (size_t i = 0; i < st.run_options.size(); i++) s += (i ? ", " : "") + json_quote(st.run_options[i]);
+    return s + "]\n}\n";
 }
 
 static TrainState state_from_json(const std::string& text, const std::string& where) {
@@ -68,6 +70,17 @@ static TrainState state_from_json(const std::string& text, const std::string& wh
         const JsonValue* v = root.get(key);
         if (!v || v->type != JsonValue::Number) fail("%s: missing or non-numeric field \"%s\"", where.c_str(), key);
         return v->number;
+    };
+    // checked as the command line checks them: an edited state must not start a step that never ends
+    auto in = [&](const char* key, double lo, double hi) {
+        const double v = num(key);
+        if (!(v >= lo && v <= hi)) fail("%s: field \"%s\" is %.10g, outside [%g, %g]", where.c_str(), key, v, lo, hi);
+        return v;
+    };
+    auto whole_in = [&](const char* key, double lo, double hi) {
+        const double v = in(key, lo, hi);
+        if (v != std::floor(v)) fail("%s: field \"%s\" must be a whole number, got %.10g", where.c_str(), key, v);
+        return (int)v;
     };
     // the seed and the data position are 64-bit counters: read from the digits, not
     // through a double, which holds only 53 bits
@@ -82,30 +95,36 @@ static TrainState state_from_json(const std::string& text, const std::string& wh
     };
     TrainState st;
     TrainOptions& o = st.options;
-    st.step = (int)num("step");
+    st.step = whole_in("step", 0, 1 << 30);
     st.data_position = whole("data_position");
     const JsonValue* best = root.get("best_val_loss");
     st.best_val_loss = best && best->type == JsonValue::Number ? best->number : INFINITY;
     o.seed = whole("seed");
-    o.batch_size = (int)num("batch_size");
-    o.seq_len = (int)num("seq_len");
-    o.grad_accum = (int)num("grad_accum");
-    o.dropout = (float)num("dropout");
-    o.balance_alpha = (float)num("balance_alpha");
+    o.batch_size = whole_in("batch_size", 1, 1 << 16);
+    o.seq_len = whole_in("seq_len", 1, 1 << 20);
+    o.grad_accum = whole_in("grad_accum", 1, 1 << 16);
+    o.dropout = (float)in("dropout", 0, 0.99);
+    o.balance_alpha = (float)in("balance_alpha", 0, 10);
     const JsonValue* fp8 = root.get("fp8");  // absent in checkpoints from before FP8: bf16
     if (fp8 && fp8->type != JsonValue::Bool) fail("%s: field \"fp8\" must be true or false", where.c_str());
     o.fp8 = fp8 && fp8->boolean;
-    o.optim.lr = (float)num("lr");
-    o.optim.min_lr_fraction = (float)num("min_lr_fraction");
-    o.optim.warmup_steps = (int)num("warmup_steps");
-    o.optim.total_steps = (int)num("total_steps");
-    o.optim.beta1 = (float)num("beta1");
-    o.optim.beta2 = (float)num("beta2");
-    o.optim.eps = (float)num("eps");
-    o.optim.weight_decay = (float)num("weight_decay");
-    o.optim.grad_clip = (float)num("grad_clip");
-    o.optim.bias_update_speed = (float)num("bias_update_speed");
-    if (st.step < 0 || o.batch_size < 1 || o.seq_len < 1 || o.grad_accum < 1) fail("%s: inconsistent training state", where.c_str());
+    o.optim.lr = (float)in("lr", 0, 10);
+    o.optim.min_lr_fraction = (float)in("min_lr_fraction", 0, 1);
+    o.optim.warmup_steps = whole_in("warmup_steps", 0, 1 << 30);
+    o.optim.total_steps = whole_in("total_steps", 1, 1 << 30);
+    o.optim.beta1 = (float)in("beta1", 0, 0.99999);
+    o.optim.beta2 = (float)in("beta2", 0, 0.99999);
+    o.optim.eps = (float)in("eps", 1e-30, 10);
+    o.optim.weight_decay = (float)in("weight_decay", 0, 10);
+    o.optim.grad_clip = (float)in("grad_clip", 0, 1e6);
+    o.optim.bias_update_speed = (float)in("bias_update_speed", 0, 1);
+    if (const JsonValue* run = root.get("run_options")) {  // absent in checkpoints from before it was recorded
+        if (run->type != JsonValue::Array) fail("%s: field \"run_options\" must be an array of strings", where.c_str());
+        for (const JsonValue& v : run->items) {
+            if (v.type != JsonValue::String) fail("%s: field \"run_options\" must be an array of strings", where.c_str());
+            st.run_options.push_back(v.str);
+        }
+    }
     return st;
 }
 
@@ -135,6 +154,11 @@ void model_save(Model& m, const std::string& dir, const TrainState* state, const
         throw;
     }
     atomic_dir_commit(tmp, dir);
+}
+
+TrainState checkpoint_state(const std::string& dir) {
+    const std::string path = atomic_dir_readable(dir) + "/trainer_state.json";
+    return state_from_json(read_file(path), path);
 }
 
 bool checkpoint_has_state(const std::string& dir_given) {

@@ -30,6 +30,7 @@ struct TrainState {
     uint64_t data_position = 0;    // the training loader's position
     double best_val_loss = INFINITY;
     TrainOptions options;
+    std::vector<std::string> run_options;  // ./train's data, logging and saving options, as command-line words
 };
 
 struct GpuModel;  // the CUDA path's device state (model.cu)
@@ -98,6 +99,9 @@ void model_save(Model& m, const std::string& dir, const TrainState* state, const
 // Reads config.json, model.safetensors and tokenizer.bin (bytes when absent). When
 // state is not null the training state must be present too.
 void model_load(Model& m, const std::string& dir, TrainState* state);
+
+// dir's trainer_state.json, checked
+TrainState checkpoint_state(const std::string& dir);
 
 // true when dir holds a training state (a resumable checkpoint)
 bool checkpoint_has_state(const std::string& dir);

@@ -68,13 +68,17 @@ static const char* USAGE =
     "                          optimizer.safetensors, trainer_state.json), metrics.csv\n"
     "                          and loss.svg\n"
     "  --resume                continue exactly from DIR/checkpoint: weights, optimizer\n"
-    "                          moments, step, data position and all training options come\n"
-    "                          from the checkpoint; only --steps may be changed (pass the\n"
-    "                          same data). metrics.csv lines after the checkpoint's step\n"
-    "                          are dropped. A resumed run prints the same losses as one\n"
-    "                          that was never stopped, as long as the learning-rate\n"
-    "                          schedule is the same (e.g. stopped by Ctrl-C, or --steps\n"
-    "                          unchanged, or the first part within --warmup)\n"
+    "                          moments, step, data position, every training option and\n"
+    "                          the run's data, logging and saving options come from the\n"
+    "                          checkpoint. Given again, these change: --steps, --data,\n"
+    "                          --train-data, --val-data (the same tokens expected),\n"
+    "                          --val-every, --val-tokens, --save-every, --sample-every,\n"
+    "                          --sample-tokens, --save-dtype, --device, --no-cuda-graph;\n"
+    "                          any other option is refused. metrics.csv lines after the\n"
+    "                          checkpoint's step are dropped. A resumed run prints the\n"
+    "                          same losses as one that was never stopped, as long as the\n"
+    "                          learning-rate schedule is the same (e.g. stopped by Ctrl-C,\n"
+    "                          or --steps unchanged, or the first part within --warmup)\n"
     "  --overwrite             start afresh even though DIR/checkpoint exists (without it\n"
     "                          train refuses, so that no checkpoint is lost by accident)\n"
     "\n"
@@ -433,13 +437,35 @@ static void install_stop_handlers() {
 
 // ----------------------------------------------------------------------------
 
+// what a resumed run takes from its checkpoint besides the training options: the data, logging and saving
+// options, as the command-line words that set them
+static std::vector<std::string> run_options(const Args& a) {
+    std::vector<std::string> words = {"--val-every", std::to_string(a.val_every), "--val-tokens",
+                                      std::to_string(a.val_tokens), "--save-every", std::to_string(a.save_every), "--sample-every",
+                                      std::to_string(a.sample_every), "--sample-tokens", std::to_string(a.sample_tokens), "--save-dtype",
+                                      !strcmp(a.save_dtype, "F32") ? "fp32" : !strcmp(a.save_dtype, "BF16") ? "bf16" : "fp8"};
+    if (a.data_given) words.insert(words.end(), {"--data", a.data_dir});
+    if (!a.train_pattern.empty()) words.insert(words.end(), {"--train-data", a.train_pattern});
+    if (!a.val_pattern.empty()) words.insert(words.end(), {"--val-data", a.val_pattern});
+    return words;
+}
+
 static int run(int argc, char** argv) {
     Args a;
     if (!parse_args(argc, argv, a)) return 0;
+    if (a.resume && checkpoint_has_state(a.out_dir + "/checkpoint")) {
+        // the checkpoint's run options first, so that the ones given again on this command line win
+        const std::vector<std::string> recorded = checkpoint_state(a.out_dir + "/checkpoint").run_options;
+        std::vector<char*> words = {argv[0]};
+        for (const std::string& w : recorded) words.push_back(const_cast<char*>(w.c_str()));
+        words.insert(words.end(), argv + 1, argv + argc);
+        a = Args();
+        parse_args((int)words.size(), words.data(), a);
+    }
     if (a.device == "gpu" && !gpu_available()) fail("--device gpu: no CUDA device is available (use --device cpu or auto)");
     if (a.resume && !a.fixed_on_resume.empty())
         fail("%s cannot be used with --resume: a resumed run keeps the checkpoint's model and training options "
-             "(only --steps may change)", a.fixed_on_resume[0].c_str());
+             "(see --resume in --help for what may change)", a.fixed_on_resume[0].c_str());
 
     const std::string ckpt = a.out_dir + "/checkpoint";
     const std::string metrics_path = a.out_dir + "/metrics.csv", svg_path = a.out_dir + "/loss.svg";
@@ -597,6 +623,7 @@ static int run(int argc, char** argv) {
         double t0 = now_seconds();
         st.step = step;
         st.data_position = dataloader_position(loader);
+        st.run_options = run_options(a);
         model_save(m, ckpt, &st, a.save_dtype);
         last_saved = step;
         printf("checkpoint: step %d saved to %s (%.2fs)\n", step, ckpt.c_str(), now_seconds() - t0);

@@ -241,6 +241,23 @@ for at in 1 2 3; do
     fi
 done
 
+# a resumed run keeps the run's data, logging and saving options (issue 10: --save-every 1 resumed with the
+# default 100 and saved nothing), and takes the ones given again
+R="$T/keep"
+./train "${SMALL[@]}" --steps 2 --save-every 1 --val-every 1 --sample-every 0 --out "$R" >/dev/null 2>&1
+./train --resume --steps 4 --out "$R" >"$T/keep.log" 2>&1
+if [ "$(grep -c '^checkpoint: step' "$T/keep.log")" -eq 2 ] && [ "$(grep -c 'val' "$T/keep.log")" -ge 2 ]; then
+    pass "resume keeps --data, --save-every and --val-every from the checkpoint"
+else
+    fail "resume keeps --data, --save-every and --val-every from the checkpoint" "$(tail -5 "$T/keep.log")"
+fi
+./train --resume --steps 6 --save-every 0 --out "$R" >"$T/keep2.log" 2>&1
+if [ "$(grep -c '^checkpoint: step' "$T/keep2.log")" -eq 1 ]; then
+    pass "an option given again on --resume replaces the recorded one"
+else
+    fail "an option given again on --resume replaces the recorded one" "$(grep '^checkpoint' "$T/keep2.log")"
+fi
+
 # bad inputs are reported as such even where --out already holds a checkpoint
 expect_error "a missing --config before the --out check" "nonexistent.json" ./train --config "$T/nonexistent.json" --data "$D" --out "$K"
 expect_error "a mistyped --data before the --out check" "no such directory" ./train --data "$T/dta" --out "$K"

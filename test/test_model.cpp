@@ -82,6 +82,22 @@ TEST_CASE("checkpoint round trip is bit-exact, including the optimizer state") {
         CHECK_THROWS_WITH_AS(model_load(back, dir + "/ckpt", &st2), doctest::Contains("\"seed\" must be a whole number below 2^64"),
                              std::runtime_error);
     }
+    // edited options are checked as the command line checks them (issue 10: lr -1, dropout 5, a step that never
+    // ends, a fractional step were all accepted)
+    struct Edit {
+        const char *field, *value, *want;
+    };
+    for (Edit e : {Edit{"lr", "-1", "\"lr\" is -1, outside [0, 10]"}, Edit{"dropout", "5", "\"dropout\" is 5, outside [0, 0.99]"},
+                   Edit{"grad_accum", "2147483647", "\"grad_accum\" is 2147483647, outside [1, 65536]"},
+                   Edit{"step", "1.5", "\"step\" must be a whole number, got 1.5"}, Edit{"eps", "0", "\"eps\" is 0, outside"}}) {
+        std::string text = good;
+        const std::string key = strfmt("\"%s\": ", e.field);
+        const size_t at = text.find(key) + key.size();
+        text.replace(at, text.find_first_of(",\n", at) - at, e.value);
+        write_file_atomic(state_path, text);
+        CAPTURE(e.field);
+        CHECK_THROWS_WITH_AS(model_load(back, dir + "/ckpt", &st2), doctest::Contains(e.want), std::runtime_error);
+    }
     write_file_atomic(state_path, good);
     CHECK(st2.best_val_loss == 1.25);
     CHECK(st2.options.grad_accum == 2);
