@@ -180,6 +180,10 @@ static void take_all(const SafeTensorsFile& f, const ParamLayout& L, float* dst,
         safetensors_take(f, scale_name, scale_shape(s), scale.data());
         for (size_t i = 0; i < s.numel; i++) dst[s.offset + i] *= scale[i / cols / 128 * scale_cols + i % cols / 128];
     }
+    for (const TensorSpec& s : L.tensors)  // a NaN or inf weight would only show as garbage text later
+        for (size_t i = 0; i < s.numel; i++)
+            if (!std::isfinite(dst[s.offset + i]))
+                fail("%s: tensor '%s' holds %g at index %zu: not a usable weight", f.path.c_str(), s.name.c_str(), dst[s.offset + i], i);
     for (const SafeTensor& t : f.tensors) {  // a scale belongs to an E4M3 weight of the layout
         const size_t n = t.name.size();
         const SafeTensor* w = n > 10 && t.name.compare(n - 10, 10, "_scale_inv") == 0 ? f.find(t.name.substr(0, n - 10)) : nullptr;

@@ -92,6 +92,8 @@ const std::vector<float>& model_logits(Model& m, const std::vector<int>& tokens)
 }
 
 int sample_token(const float* logits, int V, const SamplingOptions& s, float coin) {
+    for (int i = 0; i < V; i++)
+        if (!std::isfinite(logits[i])) fail("the model's logits are not finite (logit %d is %g): its weights overflowed or hold NaN", i, logits[i]);
     if (s.temperature <= 0) return (int)(std::max_element(logits, logits + V) - logits);
     std::vector<int> order(V);
     for (int i = 0; i < V; i++) order[i] = i;

@@ -222,9 +222,21 @@ TEST_CASE("damaged checkpoints are refused with a message naming the file") {
     write_file_atomic(dir + "/ok/config.json", bad);
     CHECK_THROWS_WITH_AS(model_load(x, dir + "/ok", nullptr), doctest::Contains("num_experts_per_tok"), std::runtime_error);
 
-    // truncated weights
+    // a NaN or an infinity in a weight (issue 10: generate printed NUL bytes and exited 0)
     write_file_atomic(dir + "/ok/config.json", config_to_json(c));
     std::string weights = read_file(dir + "/ok/model.safetensors");
+    for (float v : {NAN, INFINITY}) {
+        SafeTensorsFile f = safetensors_read(dir + "/ok/model.safetensors");
+        for (SafeTensor& t : f.tensors)
+            if (t.name == "model.layers.2.self_attn.o_proj.weight") t.data[5] = v;
+        safetensors_write(dir + "/ok/model.safetensors", f.tensors);
+        CHECK_THROWS_WITH_AS(model_load(x, dir + "/ok", nullptr), doctest::Contains("tensor 'model.layers.2.self_attn.o_proj.weight' holds"),
+                             std::runtime_error);
+    }
+    std::vector<float> logits = {0.5f, NAN, 1.0f};
+    CHECK_THROWS_WITH_AS(sample_token(logits.data(), 3, SamplingOptions{}, 0.5f), doctest::Contains("logits are not finite"), std::runtime_error);
+
+    // truncated weights
     write_file_atomic(dir + "/ok/model.safetensors", weights.substr(0, weights.size() / 2));
     CHECK_THROWS_WITH_AS(model_load(x, dir + "/ok", nullptr), doctest::Contains("model.safetensors"), std::runtime_error);
     remove_tree(dir);
