@@ -4,6 +4,8 @@
 #   make              build everything
 #   make test         CPU doctest suite + command-line checks (no GPU needed)
 #   make test-gpu     GPU-vs-reference checks (needs a GPU)
+#   make fuzz         fuzz every parser (clang libFuzzer, ASan, UBSan); FUZZ_SECONDS=N each for a short run
+#   make test-asan    the CPU tests under AddressSanitizer and UBSan
 #   make data         write the generated default dataset to data/default
 #   make GPU_ARCH=80  build for Ampere (86 or 89 for Ada); the default 90a is Hopper
 NVCC ?= nvcc
@@ -16,7 +18,7 @@ HEADERS = common.h cli.h config.h json.h fileutil.h safetensors.h tokenizer.h da
 BINARIES = train generate validate data/prepare
 TEST_SOURCES = $(wildcard test/test_*.cpp)
 
-.PHONY: all test test-gpu data clean
+.PHONY: all test test-gpu test-asan fuzz data clean
 
 all: $(BINARIES)
 
@@ -64,6 +66,17 @@ test: test/test_cpu all
 	OMP_WAIT_POLICY=passive ./test/test_cpu
 	for script in test/cli_*.sh; do OMP_WAIT_POLICY=passive bash $$script || exit 1; done
 
+# the CPU tests under AddressSanitizer and UndefinedBehaviorSanitizer, built in one command, apart from the
+# normal objects; protect_shadow_gap=0 lets the CUDA runtime map its memory (it looks for a GPU)
+ASAN_FLAGS = -std=c++17 -O1 -gencode=arch=compute_$(GPU_ARCH),code=sm_$(GPU_ARCH) -I. \
+	-Xcompiler -fopenmp,-fsanitize=address,-fsanitize=undefined,-fno-sanitize-recover=undefined,-fno-omit-frame-pointer
+
+test/test_asan: $(TEST_SOURCES) model.cu checkpoint.cpp $(HEADERS) test/test_configs.h gpu_model.cuh cuda_common.cuh kernels.cuh mla.cuh moe.cuh
+	$(NVCC) $(ASAN_FLAGS) -x cu $(TEST_SOURCES) model.cu checkpoint.cpp -o $@ $(LIBS)
+
+test-asan: test/test_asan
+	ASAN_OPTIONS=protect_shadow_gap=0 OMP_WAIT_POLICY=passive ./test/test_asan
+
 GPU_TEST_SOURCES = $(wildcard test/gpu_*.cu)
 
 test/gpu_%.o: test/gpu_%.cu $(HEADERS) test/test_configs.h $(wildcard *.cuh)
@@ -75,8 +88,30 @@ test/test_gpu: test/test_main.o $(GPU_TEST_SOURCES:.cu=.o) $(MODEL) decode.o
 test-gpu: test/test_gpu
 	./test/test_gpu
 
+# Fuzzing every parser of untrusted input (test/fuzz/fuzz.cpp) with clang's libFuzzer, ASan and UBSan, from
+# seeds the project's writers make: FUZZ_RUNS executions each (default a million), or FUZZ_SECONDS each
+FUZZ_PARSERS = json config safetensors tokens tokenizer
+FUZZ_RUNS ?= 1000000
+FUZZ_LIMIT = $(if $(FUZZ_SECONDS),-max_total_time=$(FUZZ_SECONDS),-runs=$(FUZZ_RUNS))
+FUZZ_FLAGS = -std=c++17 -O1 -g -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=undefined -I.
+
+test/fuzz/fuzz_%: test/fuzz/fuzz.cpp $(HEADERS)
+	clang++ $(FUZZ_FLAGS) -DFUZZ_$(shell echo $* | tr a-z A-Z) $< -o $@
+
+test/fuzz/make_seeds: test/fuzz/make_seeds.cpp $(HEADERS)
+	clang++ -std=c++17 -O1 -I. $< -o $@
+
+fuzz: test/fuzz/make_seeds $(FUZZ_PARSERS:%=test/fuzz/fuzz_%)
+	./test/fuzz/make_seeds test/fuzz/corpus
+	for p in $(FUZZ_PARSERS); do \
+		./test/fuzz/fuzz_$$p $(FUZZ_LIMIT) -rss_limit_mb=2048 -max_len=65536 -print_final_stats=1 test/fuzz/corpus/$$p \
+			> test/fuzz/$$p.log 2>&1 || { tail -40 test/fuzz/$$p.log; exit 1; }; \
+		echo "fuzz $$p: $$(grep -o 'stat::number_of_executed_units: *[0-9]*' test/fuzz/$$p.log | grep -o '[0-9]*$$') executions, no finding"; \
+	done
+
 data: data/prepare
 	./data/prepare --default --out data/default --vocab 1024
 
 clean:
-	rm -f $(BINARIES) dev/ref_dump bench/decode_bench bench/fp8_gemm $(MODEL) decode.o test/*.o test/test_cpu test/test_gpu
+	rm -f $(BINARIES) dev/ref_dump bench/decode_bench bench/fp8_gemm $(MODEL) decode.o test/*.o test/test_cpu test/test_gpu test/test_asan
+	rm -rf test/fuzz/corpus test/fuzz/*.log test/fuzz/make_seeds $(FUZZ_PARSERS:%=test/fuzz/fuzz_%)

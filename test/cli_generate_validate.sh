@@ -377,6 +377,14 @@ expect_error "validate: truncated token file" "truncated: header says" ./validat
 expect_error "validate: token file with a wrong magic" "bad magic" ./validate --model "$RUN" --data "$TMP/bad_magic.bin"
 expect_error "validate: missing token file" "cannot open" ./validate --model "$RUN" --data "$TMP/nothing.bin"
 
+# a batch whose latent caches cannot fit in memory is refused by its size before anything is allocated
+# (issue 10: 20,000 prompts x 2,000 new tokens ended in bad_alloc): mini caches 1.5 KiB a token, so 200,000
+# prompts of 1,024 tokens need 293 GiB
+./train --preset mini --steps 1 --seq-len 16 --batch-size 1 --device cpu --out "$TMP/mini" --data "$TMP/data" >/dev/null 2>&1
+awk 'BEGIN { for (i = 0; i < 200000; i++) print "a" }' >"$TMP/many_prompts.txt"
+expect_error "generate: a batch too large for memory" "GiB of latent cache" ./generate --model "$TMP/mini" --prompts-file "$TMP/many_prompts.txt" \
+    --max-new-tokens 2000 --device cpu
+
 # ---------------------------------------------------------------------------
 # FP8: training with the emulated FP8 GEMMs (the CPU), kept on --resume, saved in
 # DeepSeek-V3's FP8 checkpoint format, which generate and validate load
