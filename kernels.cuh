@@ -890,6 +890,7 @@ static __global__ void adamw_kernel(float* params32, bf16* params16, const float
                              float beta1, float beta2, float eps, float weight_decay, double bc1, double bc2,
                              const float* grad_norm_squared, float grad_clip) {
     const ParamChunk c = chunks[blockIdx.x];
+    if (grad_norm_squared && !isfinite(*grad_norm_squared)) return;  // a NaN or inf gradient: the step is skipped
     double scale = 1.0;
     if (grad_norm_squared && grad_clip > 0) {
         const double norm = sqrt((double)*grad_norm_squared);
@@ -932,7 +933,9 @@ inline void adamw_gpu(float* params32, bf16* params16, const float* grads, float
 // b_e += gamma * sign(mean load - load_e), one block per MoE layer (reference.h
 // expert_bias_update). The mean is an exact double sum of integer loads.
 template <typename LoadT>
-static __global__ void expert_bias_update_kernel(float* bias_base, const size_t* bias_offsets, const LoadT* load, int E, float gamma) {
+static __global__ void expert_bias_update_kernel(float* bias_base, const size_t* bias_offsets, const LoadT* load, int E, float gamma,
+                                                 const float* grad_norm_squared) {
+    if (grad_norm_squared && !isfinite(*grad_norm_squared)) return;  // the step is skipped, as adamw_kernel skips it
     float* bias = bias_base + bias_offsets[blockIdx.x];
     const LoadT* l = load + (size_t)blockIdx.x * E;
     __shared__ double mean;
@@ -954,9 +957,10 @@ static __global__ void expert_bias_update_kernel(float* bias_base, const size_t*
 // [layers, E], int or int64_t counts of tokens routed to each expert).
 template <typename LoadT>
 inline void expert_bias_update_gpu(float* params32, const size_t* bias_offsets, const LoadT* load, int layers, int E, float gamma,
-                                   cudaStream_t stream) {
+                                   const float* grad_norm_squared, cudaStream_t stream) {
     if (layers == 0 || E == 0) return;
-    expert_bias_update_kernel<LoadT><<<layers, kdetail::row_threads(E, 256), 0, stream>>>(params32, bias_offsets, load, E, gamma);
+    expert_bias_update_kernel<LoadT><<<layers, kdetail::row_threads(E, 256), 0, stream>>>(params32, bias_offsets, load, E, gamma,
+                                                                                          grad_norm_squared);
     CUDA_LAUNCH_CHECK();
 }
 

@@ -53,8 +53,8 @@ StepStats model_train_step(Model& m, DataLoader& loader, const TrainOptions& o, 
     }
     s.grad_norm = grad_norm(m.ref.layout, m.ref.grads.data());
     s.lr = learning_rate(o.optim, step);
-    adamw_update(m.ref.layout, m.ref.params.data(), m.ref.grads.data(), m.adam_m.data(), m.adam_v.data(), o.optim, s.lr, step + 1,
-                 s.grad_norm);
+    if (!std::isfinite(s.grad_norm)) return s;  // a NaN or inf gradient: the step is skipped, as the GPU's kernels skip it
+    adamw_update(m.ref.layout, m.ref.params.data(), m.ref.grads.data(), m.adam_m.data(), m.adam_v.data(), o.optim, s.lr, step + 1, s.grad_norm);
     if (o.optim.bias_update_speed > 0) expert_bias_update(c, m.ref.w, load, o.optim.bias_update_speed);
     for (int l = 0; l < c.num_hidden_layers; l++)
         for (int e = 0; e < c.n_routed_experts; e++) m.expert_load[l][e] += load[l][e];
@@ -427,7 +427,7 @@ static StepStats gpu_train_step(Model& m, DataLoader& loader, const TrainOptions
     adamw_gpu(gpu.params32, gpu.params16, gpu.grads, gpu.adam_m, gpu.adam_v, gpu.chunks, gpu.num_chunks, s.lr, o.optim.beta1, o.optim.beta2, o.optim.eps,
               o.optim.weight_decay, step + 1, gpu.norm2, o.optim.grad_clip, gpu.ctx.stream);
     if (o.optim.bias_update_speed > 0 && gpu.moe_layers > 0)
-        expert_bias_update_gpu(gpu.params32, gpu.bias_offsets, gpu.load, gpu.moe_layers, E, o.optim.bias_update_speed, gpu.ctx.stream);
+        expert_bias_update_gpu(gpu.params32, gpu.bias_offsets, gpu.load, gpu.moe_layers, E, o.optim.bias_update_speed, gpu.norm2, gpu.ctx.stream);
     float loss = 0, norm2 = 0;
     std::vector<int> load((size_t)gpu.moe_layers * E);
     std::vector<float> balance(gpu.moe_layers);

@@ -72,7 +72,9 @@ void model_free_gpu(Model& m);
 size_t model_gpu_bytes(const Model& m);
 
 // One optimizer step (step counts from 0): grad_accum micro-batches from the loader,
-// clipping, AdamW, then the aux-loss-free expert-bias update.
+// clipping, AdamW, then the aux-loss-free expert-bias update. A step whose gradient
+// norm is not finite (a NaN or inf loss gives one) leaves the weights and the AdamW
+// moments as they were.
 StepStats model_train_step(Model& m, DataLoader& loader, const TrainOptions& o, int step);
 
 // Mean next-token loss over tokens: consecutive non-overlapping windows of seq_len

@@ -121,8 +121,9 @@ static const char* USAGE =
     "  --help                  show this help\n"
     "\n"
     "Ctrl-C (SIGINT) or SIGTERM: the current step finishes, the checkpoint is saved and\n"
-    "train exits with status 130. A NaN or infinite loss stops the run at once with\n"
-    "status 1, leaving the last good checkpoint untouched. Errors print one line,\n"
+    "train exits with status 130. A step with a NaN or infinite loss or gradient skips\n"
+    "its update and says so; the third in a row stops the run with status 1, leaving\n"
+    "the last good checkpoint untouched. Errors print one line,\n"
     "'error: ...', and exit with status 1.\n";
 
 // ----------------------------------------------------------------------------
@@ -278,6 +279,9 @@ static bool parse_args(int argc, char** argv, Args& a) {
     if (a.resume && a.overwrite) fail("--resume and --overwrite contradict each other");
     return true;
 }
+
+// updates skipped in a row (a NaN or inf gradient each) that stop the run
+static const int MAX_SKIPPED_STEPS = 3;
 
 // ----------------------------------------------------------------------------
 // Small formatting helpers
@@ -635,23 +639,27 @@ static int run(int argc, char** argv) {
     const double t_begin = now_seconds();
     double ema_step = 0;
     const int first = st.step;
+    int skipped_in_a_row = 0;
     for (int step = first; step < a.steps; step++) {
         double t0 = now_seconds();
         StepStats s = model_train_step(m, loader, o, step);
         double dt = now_seconds() - t0;
         const int done = step + 1;
-        if (!std::isfinite(s.loss) || !std::isfinite(s.grad_norm)) {
-            std::string what = !std::isfinite(s.loss) ? strfmt("loss is %s", std::isnan(s.loss) ? "NaN" : "inf")
-                                                       : strfmt("gradient norm is %s", std::isnan(s.grad_norm) ? "NaN" : "inf");
-            if (last_saved >= 0)
-                fail("%s at step %d; the last good checkpoint is %s (step %d)", what.c_str(), done, ckpt.c_str(), last_saved);
-            fail("%s at step %d; no checkpoint was saved by this run", what.c_str(), done);
-        }
+        // a NaN or inf gradient skipped the update (model_train_step); a few in a row stop the run
+        skipped_in_a_row = std::isfinite(s.grad_norm) ? 0 : skipped_in_a_row + 1;
+        const std::string what = !std::isfinite(s.loss) ? strfmt("loss is %s", std::isnan(s.loss) ? "NaN" : "inf")
+                                                         : strfmt("gradient norm is %s", std::isnan(s.grad_norm) ? "NaN" : "inf");
         st.step = done;
         st.data_position = dataloader_position(loader);
         ema_step = step == first ? dt : 0.9 * ema_step + 0.1 * dt;
-        printf("step %*d/%d | loss %.4f | lr %.2e | norm %.4f | %.0f tok/s | eta %s\n", width, done, a.steps, s.loss, s.lr,
-               s.grad_norm, tokens_per_step / dt, fmt_duration(ema_step * (a.steps - done)).c_str());
+        printf("step %*d/%d | loss %.4f | lr %.2e | norm %.4f | %.0f tok/s | eta %s%s\n", width, done, a.steps, s.loss, s.lr,
+               s.grad_norm, tokens_per_step / dt, fmt_duration(ema_step * (a.steps - done)).c_str(),
+               skipped_in_a_row ? (" | " + what + ": update skipped").c_str() : "");
+        if (skipped_in_a_row == MAX_SKIPPED_STEPS) {
+            const std::string good = last_saved >= 0 ? strfmt("the last good checkpoint is %s (step %d)", ckpt.c_str(), last_saved)
+                                                     : "no checkpoint was saved by this run";
+            fail("%s at step %d: %d updates skipped in a row; %s", what.c_str(), done, MAX_SKIPPED_STEPS, good.c_str());
+        }
 
         const bool last = done == a.steps;
         const bool stopping = g_stop_signal != 0;

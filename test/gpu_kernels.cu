@@ -648,14 +648,14 @@ TEST_CASE("gpu: expert bias update matches the reference") {
         d_load64.set_raw(load64);
         d_load32.set_raw(load32);
         d_params.set_raw(params);
-        expert_bias_update_gpu(d_params.p, d_offsets.p, d_load64.p, layers, E, gamma, st.s);
+        expert_bias_update_gpu(d_params.p, d_offsets.p, d_load64.p, layers, E, gamma, nullptr, st.s);
         st.sync();
         std::vector<float> got = d_params.raw();
         report(strfmt("expert bias update E=%d (fp32)", E), rel_error(got, to_double(ref)));
         CHECK(same_bits(got, ref));
         // int loads, as the training step counts them
         d_params.set_raw(params);
-        expert_bias_update_gpu(d_params.p, d_offsets.p, d_load32.p, layers, E, gamma, st.s);
+        expert_bias_update_gpu(d_params.p, d_offsets.p, d_load32.p, layers, E, gamma, nullptr, st.s);
         st.sync();
         CHECK(same_bits(d_params.raw(), ref));
         // the test really moved some biases up, some down and left some alone

@@ -5,6 +5,7 @@
 
 #include <unistd.h>
 
+#include <cfloat>
 #include <set>
 
 #include "fileutil.h"
@@ -291,6 +292,25 @@ TEST_CASE("training: the loss falls, and a resumed run repeats the uninterrupted
     double moved = 0;
     for (int e = 0; e < c.n_routed_experts; e++) moved += std::fabs(bias[e]);
     CHECK(moved > 0);
+    remove_tree(dir);
+}
+
+TEST_CASE("training: a step whose gradient is not finite leaves the weights and AdamW's moments as they were") {
+    std::string dir = temp_dir("nan");
+    Config c = config_preset("tiny");
+    std::string data = structured_tokens(dir, 4000, c.vocab_size);
+    TrainOptions o = tiny_options();
+    o.dropout = 0;
+    Model m;
+    model_create(m, c, 7);
+    m.ref.params[m.ref.layout.offset_of("lm_head.weight")] = FLT_MAX;  // finite, but its logits overflow
+    const std::vector<float> params = m.ref.params, moments = m.adam_m;
+    DataLoader dl;
+    dataloader_open(dl, data, o.batch_size, o.seq_len, c.vocab_size);
+    const StepStats s = model_train_step(m, dl, o, 0);
+    CHECK(!std::isfinite(s.grad_norm));
+    CHECK(m.ref.params == params);
+    CHECK(m.adam_m == moments);
     remove_tree(dir);
 }
 
