@@ -185,13 +185,17 @@ fi
 
 # ---------------------------------------------------------------------------
 # Ctrl-C: SIGINT after the first progress line saves a loadable checkpoint, exit 130
+# start_long_run OUT LOG: a run in the background (pid in $pid), once it has printed its first step
+start_long_run() {
+    ./train "${SMALL[@]}" --steps 1000000 --val-every 0 --save-every 0 --sample-every 0 --out "$1" >"$2" 2>&1 &
+    pid=$!
+    for _ in $(seq 1 300); do
+        grep -q '^step ' "$2" && break
+        sleep 0.1
+    done
+}
 S="$T/sigint"
-./train "${SMALL[@]}" --steps 1000000 --val-every 0 --save-every 0 --sample-every 0 --out "$S" >"$T/sigint.log" 2>&1 &
-pid=$!
-for _ in $(seq 1 300); do
-    grep -q '^step ' "$T/sigint.log" && break
-    sleep 0.1
-done
+start_long_run "$S" "$T/sigint.log"
 kill -INT "$pid"
 rc=0
 wait "$pid" || rc=$?
@@ -211,12 +215,7 @@ fi
 # ---------------------------------------------------------------------------
 # a second ./train on a run directory in use is refused (the first holds its lock)
 L="$T/locked"
-./train "${SMALL[@]}" --steps 1000000 --val-every 0 --save-every 0 --sample-every 0 --out "$L" >"$T/lock1.log" 2>&1 &
-pid=$!
-for _ in $(seq 1 300); do
-    grep -q '^step ' "$T/lock1.log" && break
-    sleep 0.1
-done
+start_long_run "$L" "$T/lock1.log"
 expect_error "a second run on the same --out is refused" "is in use by another ./train" ./train "${SMALL[@]}" --steps 2 --overwrite --out "$L"
 kill -INT "$pid"
 wait "$pid" || true
