@@ -157,6 +157,7 @@ inline Fp8Matrix fp8_matrix_at(uint8_t* codes, float* scales, size_t* codes_at, 
 // x [rows, cols] -> q's codes and scales (q.rows x q.cols, q.tile_rows). The host reference.
 template <typename T>
 void fp8_quantize_host(const Fp8Matrix& q, const T* x) {
+#pragma omp parallel for collapse(2) schedule(static)  // tiles are independent
     for (int r0 = 0; r0 < q.rows; r0 += q.tile_rows)
         for (int c0 = 0; c0 < q.cols; c0 += FP8_TILE) {
             const int r1 = std::min(r0 + q.tile_rows, q.rows), c1 = std::min(c0 + FP8_TILE, q.cols);
@@ -174,6 +175,7 @@ void fp8_quantize_host(const Fp8Matrix& q, const T* x) {
 template <typename T>
 void fp8_quantize_transposed_host(const Fp8Matrix& q, const T* x) {
     std::vector<float> xt((size_t)q.rows * q.cols);
+#pragma omp parallel for schedule(static)
     for (int r = 0; r < q.rows; r++)
         for (int c = 0; c < q.cols; c++) xt[(size_t)r * q.cols + c] = (float)x[(size_t)c * q.rows + r];
     fp8_quantize_host(q, xt.data());
