@@ -98,10 +98,10 @@ constexpr float FP8_E4M3_MAX = 448.0f;
 
 // Where each tile's scale lives: the layouts cuBLASLt's block-scaled GEMM reads
 // (found by experiment on an H200 with cuBLAS 13.1; the docs leave it implicit).
-// Activation tiles (tile_rows 1) by 128-column slice, then row: [ceil(cols/128)][rows
-// rounded up to 4], the transposed layout DeepGEMM also uses. Weight blocks (tile_rows 128) by block row:
-// [ceil(rows/128)][pitch], DeepSeek's weight_scale_inv with each row padded to a
-// multiple of 4 floats (16 bytes).
+// Activation tiles (tile_rows 1) by 128-column slice, then row: [ceil(cols/128)]
+// [rows rounded up to 4], the transposed layout DeepGEMM also uses. Weight blocks
+// (tile_rows 128) by block row: [ceil(rows/128)][pitch], DeepSeek's weight_scale_inv
+// with each row padded to a multiple of 4 floats (16 bytes).
 HD inline int fp8_scale_pitch(int cols) { return ((cols + FP8_TILE - 1) / FP8_TILE + 3) / 4 * 4; }
 
 HD inline size_t fp8_scale_index(int tile_r, int tile_c, int rows, int cols, int tile_rows) {
