@@ -13,6 +13,7 @@
 #include <cstdlib>
 
 #include <fcntl.h>
+#include <glob.h>
 #include <sys/file.h>
 #include <unistd.h>
 
@@ -146,6 +147,16 @@ inline void atomic_dir_recover(const std::string& final_dir) {
     }
     remove_tree(tmp);  // a save killed before its commit
     remove_tree(old);  // a commit killed before its cleanup
+    // what earlier versions left under per-process names: "<dir>.tmp-<pid>" (partial), and
+    // "<dir>.old-<pid>", the complete previous version, which is the checkpoint if dir is missing
+    glob_t g;
+    if (glob((dst + ".tmp-*").c_str(), 0, nullptr, &g) == 0)
+        for (size_t i = 0; i < g.gl_pathc; i++) remove_tree(g.gl_pathv[i]);
+    globfree(&g);
+    if (glob((dst + ".old-*").c_str(), 0, nullptr, &g) == 0)
+        for (size_t i = 0; i < g.gl_pathc; i++)
+            if (path_exists(dst) || rename(g.gl_pathv[i], dst.c_str()) != 0) remove_tree(g.gl_pathv[i]);
+    globfree(&g);
 }
 
 inline std::string atomic_dir_readable(const std::string& final_dir) {

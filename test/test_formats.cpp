@@ -401,6 +401,30 @@ TEST_CASE("fileutil: atomic_dir commit replaces an existing directory and leaves
     }
 }
 
+TEST_CASE("fileutil: atomic_dir_recover finishes an interrupted commit and clears every temporary, old names included") {
+    TempDir dir("recover");
+    const std::string ckpt = dir.file("checkpoint");
+    auto version = [&](const std::string& d, const char* v) {
+        make_dirs(d);
+        write_file_atomic(d + "/v.txt", v);
+    };
+    version(ckpt + ".tmp", "new");  // killed between the renames: the new version is complete
+    version(ckpt + ".old", "previous");
+    atomic_dir_recover(ckpt);
+    CHECK(read_file(ckpt + "/v.txt") == "new");
+    version(ckpt + ".tmp-123", "partial");  // an earlier version's names
+    version(ckpt + ".old-456", "older");
+    atomic_dir_recover(ckpt);
+    CHECK(read_file(ckpt + "/v.txt") == "new");
+    remove_tree(ckpt);
+    version(ckpt + ".old-456", "previous");  // killed between an earlier version's renames
+    atomic_dir_recover(ckpt);
+    CHECK(read_file(ckpt + "/v.txt") == "previous");
+    std::vector<std::string> entries;
+    for (const auto& e : std::filesystem::directory_iterator(dir.path)) entries.push_back(e.path().filename().string());
+    CHECK(entries == std::vector<std::string>{"checkpoint"});
+}
+
 // ----------------------------------------------------------------------------
 // config.json
 
