@@ -165,6 +165,12 @@ void model_to_gpu(Model& m, int B, int T, bool inference) {
     if (!m.ref.fp8.empty()) {  // FP8 (ref_enable_fp8): each forward quantizes w into these copies
         if (!inference && N % 16)  // the weight gradients' FP8 GEMMs contract over the tokens
             fail("--fp8: batch size x sequence length (%d) must be a multiple of 16", N);
+        int device = 0;
+        cudaDeviceProp prop;
+        CUDA_CHECK(cudaGetDevice(&device));
+        CUDA_CHECK(cudaGetDeviceProperties(&prop, device));
+        if (prop.major < 9)  // cuBLASLt's block-scaled FP8 GEMM runs on Hopper and newer
+            fail("--fp8 needs a GPU of compute capability 9.0 or newer; this %s is %d.%d", prop.name, prop.major, prop.minor);
         size_t codes = 0, scales = 0;
         bind_fp8_weights(gpu.w, gpu.fp8, nullptr, nullptr, &codes, &scales);
         bind_fp8_weights(gpu.w, gpu.fp8, arena_alloc<uint8_t>(arena, codes, "FP8 weights"), arena_alloc<float>(arena, scales, "FP8 weights"),
