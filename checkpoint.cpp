@@ -213,8 +213,7 @@ void model_load(Model& m, const std::string& dir_given, TrainState* state) {
         return;
     }
     if (!checkpoint_has_state(dir)) fail("%s: no training state (trainer_state.json, optimizer.safetensors) to resume from", dir.c_str());
-    std::string state_path = dir + "/trainer_state.json";
-    *state = state_from_json(read_file(state_path), state_path);
+    *state = checkpoint_state(dir);
     SafeTensorsFile opt = safetensors_read(dir + "/optimizer.safetensors");
     for (const TensorSpec& s : m.ref.layout.tensors) {
         safetensors_take(opt, "exp_avg." + s.name, s.shape, m.adam_m.data() + s.offset);

@@ -15,6 +15,8 @@
 #include <string>
 #include <vector>
 
+#include <unistd.h>
+
 // printf-style formatting into a std::string
 inline std::string vstrfmt(const char* fmt, va_list args) {
     va_list copy;
@@ -49,6 +51,9 @@ inline std::string shape_str(const std::vector<int64_t>& shape) {
     for (size_t i = 0; i < shape.size(); i++) s += (i ? ", " : "") + std::to_string(shape[i]);
     return s + "]";
 }
+
+// the machine's physical memory, for refusing a model or a batch that cannot fit before allocating it
+inline double host_memory_bytes() { return (double)sysconf(_SC_PHYS_PAGES) * sysconf(_SC_PAGE_SIZE); }
 
 // Functions marked HD run on the host and, compiled by nvcc, on the device too, so
 // the CPU reference and the kernels draw the same random numbers.

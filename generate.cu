@@ -262,8 +262,7 @@ static int run(int argc, char** argv) {
     // the CPU decoders' latent caches, before they are allocated: a batch that cannot fit is refused by its size
     // (the GPU decoder's allocation names the device memory it lacks)
     const Config& c = m.ref.cfg;
-    const double cache_bytes = (double)n * max_len * c.num_hidden_layers * (c.kv_lora_rank + c.qk_rope_head_dim) * sizeof(float);
-    const double host_bytes = (double)sysconf(_SC_PHYS_PAGES) * sysconf(_SC_PAGE_SIZE);
+    const double cache_bytes = (double)n * max_len * kv_latent_bytes_per_token(c, sizeof(float)), host_bytes = host_memory_bytes();
     if (!gpu && cache_bytes > host_bytes)
         fail("%d prompts of up to %d tokens need %.1f GiB of latent cache; this machine has %.1f GiB (fewer prompts or "
              "--max-new-tokens)", n, max_len, cache_bytes / (1 << 30), host_bytes / (1 << 30));

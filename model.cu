@@ -6,11 +6,9 @@
 
 #include <algorithm>
 
-#include <unistd.h>
-
 void model_create(Model& m, const Config& c, uint64_t seed) {
     config_check(c);  // before sizing anything from it
-    const double need = (double)param_layout(c).total * 4 * sizeof(float), have = (double)sysconf(_SC_PHYS_PAGES) * sysconf(_SC_PAGE_SIZE);
+    const double need = (double)param_layout(c).total * 4 * sizeof(float), have = host_memory_bytes();
     if (need > have)
         fail("the model needs %.1f GiB of host memory (fp32 weights, gradients and AdamW's two moments); this machine has %.1f GiB",
              need / (1 << 30), have / (1 << 30));

@@ -147,7 +147,7 @@ struct Args {
     int save_every = 100;
     int sample_every = 100;
     int sample_tokens = 48;
-    const char* save_dtype = "F32";  // model_save's dtype
+    std::string save_dtype = "fp32";  // as --save-dtype names it
     std::string device = "auto";
     bool cuda_graph = true;
     std::vector<std::string> fixed_on_resume;  // options given that a resumed run takes from its checkpoint
@@ -260,7 +260,7 @@ static bool parse_args(int argc, char** argv, Args& a) {
         } else if (n == "--save-dtype") {
             std::string v = cli_value(cli);
             if (v != "fp32" && v != "bf16" && v != "fp8") fail("option --save-dtype: '%s' is not fp32, bf16 or fp8", v.c_str());
-            a.save_dtype = v == "fp32" ? "F32" : v == "bf16" ? "BF16" : "F8_E4M3";
+            a.save_dtype = v;
             fixed = false;
         } else if (n == "--device") {
             a.device = cli_device(cli);
@@ -447,7 +447,7 @@ static std::vector<std::string> run_options(const Args& a) {
     std::vector<std::string> words = {"--val-every", std::to_string(a.val_every), "--val-tokens",
                                       std::to_string(a.val_tokens), "--save-every", std::to_string(a.save_every), "--sample-every",
                                       std::to_string(a.sample_every), "--sample-tokens", std::to_string(a.sample_tokens), "--save-dtype",
-                                      !strcmp(a.save_dtype, "F32") ? "fp32" : !strcmp(a.save_dtype, "BF16") ? "bf16" : "fp8"};
+                                      a.save_dtype};
     if (a.data_given) words.insert(words.end(), {"--data", a.data_dir});
     if (!a.train_pattern.empty()) words.insert(words.end(), {"--train-data", a.train_pattern});
     if (!a.val_pattern.empty()) words.insert(words.end(), {"--val-data", a.val_pattern});
@@ -628,7 +628,7 @@ static int run(int argc, char** argv) {
         st.step = step;
         st.data_position = dataloader_position(loader);
         st.run_options = run_options(a);
-        model_save(m, ckpt, &st, a.save_dtype);
+        model_save(m, ckpt, &st, a.save_dtype == "fp32" ? "F32" : a.save_dtype == "bf16" ? "BF16" : "F8_E4M3");
         last_saved = step;
         printf("checkpoint: step %d saved to %s (%.2fs)\n", step, ckpt.c_str(), now_seconds() - t0);
         fflush(stdout);

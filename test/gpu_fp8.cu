@@ -16,6 +16,7 @@
 #include "cuda_common.cuh"
 #include "fp8.cuh"
 #include "kernels.cuh"
+#include "test_configs.h"
 
 namespace {
 
@@ -194,12 +195,7 @@ TEST_CASE("fp8_matmul (cuBLASLt, block-scaled) equals the emulated GEMM: Fprop, 
             fp8_matmul(mm, out, out_fp32, dx.m, pairing == 2 ? dw_tiles.m : dw.m, accumulate, 0);
             CUDA_CHECK(cudaDeviceSynchronize());
             const std::vector<float> got = out_fp32 ? to_host((float*)out, want.size()) : to_host((bf16*)out, want.size());
-            double diff = 0, norm = 0;
-            for (size_t i = 0; i < want.size(); i++) {
-                diff += ((double)got[i] - want[i]) * ((double)got[i] - want[i]);
-                norm += (double)want[i] * want[i];
-            }
-            const double rel = std::sqrt(diff / norm);
+            const double rel = rel_error(got.data(), want.data(), want.size());
             MESSAGE("fp8_matmul N=", sh.N, " K=", sh.K, " OC=", sh.OC, " pairing ", pairing, ": relative error ", rel);
             // bf16 out: its rounding, 2^-9 relative rms. fp32 out: the tensor cores sum each
             // 128-wide slice with about 14 bits kept (DeepSeek-V3 §3.3.2, the reason for the
@@ -249,11 +245,7 @@ TEST_CASE("an FP8 Linear on the GPU (linear_forward_gpu / linear_backward_gpu) e
         linear_forward_gpu(d_out, d_x, lin_gpu, N, ctx);
         if (backward) linear_backward_gpu(d_dx, Linear<float>{d_dw, out, in}, d_dout, d_x, lin_gpu, N, true, ctx);
         CUDA_CHECK(cudaDeviceSynchronize());
-        auto rel = [](const std::vector<float>& a, const std::vector<float>& b) {
-            double diff = 0, norm = 0;
-            for (size_t i = 0; i < a.size(); i++) diff += ((double)a[i] - b[i]) * ((double)a[i] - b[i]), norm += (double)b[i] * b[i];
-            return std::sqrt(diff / norm);
-        };
+        auto rel = [](const std::vector<float>& a, const std::vector<float>& b) { return rel_error(a.data(), b.data(), b.size()); };
         const double e_out = rel(to_host(d_out, out_cpu.size()), out_cpu), e_dx = rel(to_host(d_dx, dx_cpu.size()), dx_cpu);
         const double e_dw = rel(to_host(d_dw, dw_cpu.size()), dw_cpu);
         MESSAGE("FP8 Linear, N ", N, ", GPU vs emulation: out ", e_out, ", dx ", e_dx, ", dW ", e_dw);
