@@ -314,30 +314,56 @@ inline void fp8_quantize_weight_gpu(const Fp8Weight& q, const bf16* w, cudaStrea
     CUDA_LAUNCH_CHECK();
 }
 
-// x^T in 1 x 128 tiles along x's rows (tokens): a block of 256 threads takes 128 rows
-// by 64 columns of x through shared memory, one warp per 8 columns, 4 tokens a lane
-static __global__ void fp8_quantize_transposed_kernel(Fp8Matrix q, const bf16* x, int ld) {
-    __shared__ float tile[64][FP8_TILE + 1];
-    const int n0 = blockIdx.x * FP8_TILE, k0 = blockIdx.y * 64, lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-    for (int i = threadIdx.x; i < FP8_TILE * 64; i += blockDim.x) {
-        const int n = n0 + i / 64, k = k0 + i % 64;
-        tile[i % 64][i / 64] = n < q.cols && k < q.rows ? (float)x[(size_t)n * ld + k] : 0.0f;
+// Both tilings of one bf16 matrix in a single read, for the backward: x [rows, cols] in
+// 1 x 128 tiles along its rows (q: Dgrad's dout) and x^T in tiles of 128 rows (qt:
+// Wgrad's operands). A block of 256 threads stages a 128 x 128 tile in shared memory
+// with 16-byte loads; each warp then quantizes 16 of its rows and 16 of its columns.
+// The row pitch of 130 bf16 (65 words) keeps the column reads, lane i on row i + 32k,
+// free of bank conflicts.
+constexpr int FP8_BOTH_PITCH = FP8_TILE + 2;
+
+static __global__ void fp8_quantize_both_kernel(Fp8Matrix q, Fp8Matrix qt, const bf16* x, int ld) {
+    __shared__ bf16 tile[FP8_TILE][FP8_BOTH_PITCH];
+    const int rows = qt.cols, cols = qt.rows;  // x's shape; q (when wanted) has the same
+    const int r0 = blockIdx.y * FP8_TILE, c0 = blockIdx.x * FP8_TILE, lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+    const bool vector_loads = ld % 8 == 0 && ((uintptr_t)x & 15) == 0;
+    for (int i = threadIdx.x; i < FP8_TILE * FP8_TILE / 8; i += blockDim.x) {
+        const int r = i / (FP8_TILE / 8), c = i % (FP8_TILE / 8) * 8;
+        bf16 v[8];
+        if (vector_loads && r0 + r < rows && c0 + c + 8 <= cols) {
+            *(int4*)v = *(const int4*)(x + (size_t)(r0 + r) * ld + c0 + c);
+        } else {
+            for (int k = 0; k < 8; k++) v[k] = r0 + r < rows && c0 + c + k < cols ? x[(size_t)(r0 + r) * ld + c0 + c + k] : bf16(0.0f);
+        }
+        for (int k = 0; k < 8; k += 2) *(__nv_bfloat162*)&tile[r][c + k] = __nv_bfloat162{v[k], v[k + 1]};
     }
     __syncthreads();
-    const int n = n0 + lane * 4;
-    for (int c = warp * 8; c < warp * 8 + 8 && k0 + c < q.rows; c++) {
-        const float* v = &tile[c][lane * 4];
-        const float scale = warp_max(fmaxf(fmaxf(fabsf(v[0]), fabsf(v[1])), fmaxf(fabsf(v[2]), fabsf(v[3])))) / FP8_E4M3_MAX;
-        fp8_store4(q.codes + (size_t)(k0 + c) * q.cols + n, v, scale, q.cols - n, q.cols % 4 == 0);
-        if (lane == 0) q.scales[fp8_scale_index(k0 + c, blockIdx.x, q.rows, q.cols, 1)] = scale;
+    for (int k = warp * 16; k < warp * 16 + 16; k++) {
+        if (q.codes && r0 + k < rows) {  // row k: a 1 x 128 tile of x, 4 columns a lane
+            float v[4];
+            for (int i = 0; i < 4; i++) v[i] = (float)tile[k][lane * 4 + i];
+            const float scale = warp_max(fmaxf(fmaxf(fabsf(v[0]), fabsf(v[1])), fmaxf(fabsf(v[2]), fabsf(v[3])))) / FP8_E4M3_MAX;
+            if (c0 + lane * 4 < cols) fp8_store4(q.codes + (size_t)(r0 + k) * cols + c0 + lane * 4, v, scale, cols - c0 - lane * 4, cols % 4 == 0);
+            if (lane == 0) q.scales[fp8_scale_index(r0 + k, blockIdx.x, rows, cols, 1)] = scale;
+        }
+        if (c0 + k < cols) {  // column k: a tile of 128 rows of x, a row of x^T; lane i takes rows i + 32j
+            float v[4], amax = 0;
+            for (int i = 0; i < 4; i++) amax = fmaxf(amax, fabsf(v[i] = (float)tile[lane + 32 * i][k]));
+            const float scale = warp_max(amax) / FP8_E4M3_MAX;
+            uint8_t* out = qt.codes + (size_t)(c0 + k) * rows + r0;
+            for (int i = 0; i < 4; i++)
+                if (r0 + lane + 32 * i < rows) out[lane + 32 * i] = fp8_quantize(v[i], scale);
+            if (lane == 0) qt.scales[fp8_scale_index(c0 + k, blockIdx.y, cols, rows, 1)] = scale;
+        }
     }
 }
 
-// q (x^T, [cols of x, rows of x]) from x [q.cols, q.rows] with row pitch ld
-inline void fp8_quantize_transposed_gpu(const Fp8Matrix& q, const bf16* x, int ld, cudaStream_t stream) {
-    if (q.rows == 0 || q.cols == 0) return;
-    const dim3 grid((q.cols + FP8_TILE - 1) / FP8_TILE, (q.rows + 63) / 64);
-    fp8_quantize_transposed_kernel<<<grid, 256, 0, stream>>>(q, x, ld);
+// q (x in 1 x 128 tiles; null codes: not wanted) and qt (x^T in tiles of 128 rows of x)
+// from x [qt.cols, qt.rows] with row pitch ld
+inline void fp8_quantize_both_gpu(const Fp8Matrix& q, const Fp8Matrix& qt, const bf16* x, int ld, cudaStream_t stream) {
+    if (qt.rows == 0 || qt.cols == 0) return;
+    const dim3 grid((qt.rows + FP8_TILE - 1) / FP8_TILE, (qt.cols + FP8_TILE - 1) / FP8_TILE);
+    fp8_quantize_both_kernel<<<grid, 256, 0, stream>>>(q, qt, x, ld);
     CUDA_LAUNCH_CHECK();
 }
 

@@ -194,6 +194,7 @@ inline size_t fp8_linear_scratch_bytes(int N, int in, int out) {
     kdetail::Carver forward{nullptr}, backward{nullptr};
     kdetail::fp8_take(forward, (N + 3) / 4 * 4, in);
     forward.take<bf16>((size_t)(N + 3) / 4 * 4 * out);
+    kdetail::fp8_take(backward, N, out);
     kdetail::fp8_take(backward, out, N);
     kdetail::fp8_take(backward, in, N);
     return std::max(forward.used, backward.used) + 256;
@@ -224,18 +225,13 @@ inline void linear_backward_gpu(bf16* dx, const Linear<float>& dw, const bf16* d
         return matmul(ctx.mm, dw.w, dout, x, w.out, w.in, N, true, false, 1.0f, true, ctx.stream);
     }
     kdetail::check_scratch(ctx.scratch_bytes, fp8_linear_scratch_bytes(N, w.in, w.out), "an FP8 linear");
-    if (dx) {  // Dgrad: dout in 1 x 128 tiles against W^T's blocks
-        kdetail::Carver c{(char*)ctx.scratch};
-        const Fp8Matrix dq = kdetail::fp8_take(c, N, w.out);
-        fp8_quantize_gpu(dq, dout, w.out, ctx.stream);
-        fp8_matmul(ctx.mm, dx, false, dq, w.fp8->wt, accumulate, ctx.stream);
-    }
-    // Wgrad contracts over the tokens: both operands transposed, in tiles of 128 tokens
-    // (the scratch is reused: the stream runs the Dgrad GEMM before these overwrite it)
+    // dout read once for both its tilings: 1 x 128 tiles for Dgrad (against W^T's blocks), and
+    // transposed in tiles of 128 tokens for Wgrad, which contracts over the tokens, as x^T
     kdetail::Carver c{(char*)ctx.scratch};
-    const Fp8Matrix dt = kdetail::fp8_take(c, w.out, N), xt = kdetail::fp8_take(c, w.in, N);
-    fp8_quantize_transposed_gpu(dt, dout, w.out, ctx.stream);
-    fp8_quantize_transposed_gpu(xt, x, w.in, ctx.stream);
+    const Fp8Matrix dq = kdetail::fp8_take(c, N, w.out), dt = kdetail::fp8_take(c, w.out, N), xt = kdetail::fp8_take(c, w.in, N);
+    fp8_quantize_both_gpu(dx ? dq : Fp8Matrix{}, dt, dout, w.out, ctx.stream);
+    if (dx) fp8_matmul(ctx.mm, dx, false, dq, w.fp8->wt, accumulate, ctx.stream);
+    fp8_quantize_both_gpu(Fp8Matrix{}, xt, x, w.in, ctx.stream);
     fp8_matmul(ctx.mm, dw.w, true, dt, xt, true, ctx.stream);
 }
 

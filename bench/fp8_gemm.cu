@@ -76,7 +76,7 @@ static int run(int argc, char** argv) {
     CUDA_CHECK(cudaStreamCreate(&ctx.stream));
     matmul_init(ctx.mm);
     cudaStream_t st = ctx.stream;
-    printf("%s, N = %d tokens, microseconds (median of %d): GEMMs Fprop/Dgrad/Wgrad; FP8 quantization of x, of dout, of both transposed, of W\n",
+    printf("%s, N = %d tokens, microseconds (median of %d): GEMMs Fprop/Dgrad/Wgrad; FP8 quantization of x, of dout, the backward's (dout both ways, x^T), of W\n",
            preset.c_str(), N, runs);
     printf("%-15s %5s %5s | %-20s | %-20s | %-23s | %9s %9s %6s\n", "linear", "in", "out", "bf16 F / D / W", "fp8 F / D / W", "quant x / dout / T / W",
            "bf16 all", "fp8 all", "ratio");
@@ -96,8 +96,8 @@ static int run(int argc, char** argv) {
         fp8_quantize_weight_gpu(q, w, st);
         fp8_quantize_gpu(xq, x, K, st);
         fp8_quantize_gpu(dq, dout, OC, st);
-        fp8_quantize_transposed_gpu(dt, dout, OC, st);
-        fp8_quantize_transposed_gpu(xt, x, K, st);
+        fp8_quantize_both_gpu(dq, dt, dout, OC, st);
+        fp8_quantize_both_gpu(Fp8Matrix{}, xt, x, K, st);
         ctx.scratch_bytes = fp8_linear_scratch_bytes(N, K, OC);
         ctx.scratch = device_alloc<char>(ctx.scratch_bytes, "bench");
         const Linear<bf16> plain{w, OC, K}, fp8{w, OC, K, &q};
@@ -111,9 +111,9 @@ static int run(int argc, char** argv) {
         const double fw = t([&] { fp8_matmul(ctx.mm, dw, true, dt, xt, true, st); });
         const double qx = t([&] { fp8_quantize_gpu(xq, x, K, st); });
         const double qd = t([&] { fp8_quantize_gpu(dq, dout, OC, st); });
-        const double qt = t([&] {
-            fp8_quantize_transposed_gpu(dt, dout, OC, st);
-            fp8_quantize_transposed_gpu(xt, x, K, st);
+        const double qt = t([&] {  // the backward's passes: dout in both tilings, x^T
+            fp8_quantize_both_gpu(dq, dt, dout, OC, st);
+            fp8_quantize_both_gpu(Fp8Matrix{}, xt, x, K, st);
         });
         const double qw = t([&] { fp8_quantize_weight_gpu(q, w, st); });
         const double all16 = t([&] {

@@ -157,12 +157,17 @@ TEST_CASE("fp8 quantization kernels: codes and scales bit-identical to the host'
         fp8_quantize_weight_gpu(Fp8Weight{dw.m, dwt.m}, dense, 0);
         CHECK(dw.equals(w));
         CHECK(dwt.equals(wt));
-        // Wgrad's operand: x^T in tiles of 128 rows of x
-        Fp8HostMatrix xt(sh.cols, sh.rows, 1);
+        // the backward's pass over dout: x in 1 x 128 tiles and x^T in tiles of 128 rows of x, from one read;
+        // and x^T alone (Wgrad's x)
+        Fp8HostMatrix rows(sh.rows, sh.cols, 1), xt(sh.cols, sh.rows, 1);
+        fp8_quantize_host(rows.m, x.data());
         fp8_quantize_transposed_host(xt.m, x.data());
-        DevFp8 dxt(sh.cols, sh.rows, 1);
-        fp8_quantize_transposed_gpu(dxt.m, pitched, sh.cols + 24, 0);
+        DevFp8 drows(sh.rows, sh.cols, 1), dxt(sh.cols, sh.rows, 1), dxt_alone(sh.cols, sh.rows, 1);
+        fp8_quantize_both_gpu(drows.m, dxt.m, pitched, sh.cols + 24, 0);
+        fp8_quantize_both_gpu(Fp8Matrix{}, dxt_alone.m, dense, sh.cols, 0);
+        CHECK(drows.equals(rows));
         CHECK(dxt.equals(xt));
+        CHECK(dxt_alone.equals(xt));
         for (void* p : {(void*)dense, (void*)pitched, (void*)x32}) CUDA_CHECK(cudaFree(p));
     }
 }
