@@ -6,6 +6,8 @@
 
 #include <unistd.h>
 
+#include <cfloat>
+
 #include "cuda_common.cuh"
 #include "fileutil.h"
 #include "model.h"
@@ -319,5 +321,31 @@ TEST_CASE("GPU training is deterministic, resumes exactly, and its checkpoints l
     CHECK(rel_error(lg.data(), lc.data(), lc.size()) < 2e-2);
     model_free_gpu(a);
     model_free_gpu(resumed);
+    remove_tree(dir);
+}
+
+TEST_CASE("a GPU step whose gradient is not finite leaves the weights, AdamW's moments and the routing biases as they were") {
+    std::string dir = temp_dir("nan");
+    Config c = gpu_sparse_config();
+    std::string data = token_file(dir, 5000, c.vocab_size);
+    TrainOptions o = test_options();
+    Model m;
+    model_create(m, c, 7);
+    model_to_gpu(m, o.batch_size, o.seq_len);
+    DataLoader dl;
+    dataloader_open(dl, data, o.batch_size, o.seq_len, c.vocab_size);
+    CHECK(std::isfinite(model_train_step(m, dl, o, 0).grad_norm));  // a good step first: moments not zero
+    model_sync_host(m);
+    model_free_gpu(m);
+    m.ref.params[m.ref.layout.offset_of("lm_head.weight")] = FLT_MAX;  // inf in bf16: the logits overflow
+    const std::vector<float> params = m.ref.params, first = m.adam_m, second = m.adam_v;
+    model_to_gpu(m, o.batch_size, o.seq_len);
+    const StepStats s = model_train_step(m, dl, o, 1);
+    model_sync_host(m);
+    CHECK(!std::isfinite(s.grad_norm));
+    CHECK(m.ref.params == params);
+    CHECK(m.adam_m == first);
+    CHECK(m.adam_v == second);
+    model_free_gpu(m);
     remove_tree(dir);
 }
