@@ -251,16 +251,19 @@ ModelWeights<T> bind_weights(const Config& c, const ParamLayout& L, T* base) {
 
 // FP8 training (fp8.cuh) runs every projection of attention and of the dense and
 // shared-expert FFNs in E4M3; the embedding, the router, the output head, the norms
-// and (for now) the routed experts stay in the model's type, as in DeepSeek-V3.
-// visit(weight, slot) for each such GEMM weight; slot is its Linear's fp8 pointer.
+// and (for now) the routed experts stay in the model's type, as in DeepSeek-V3. So
+// does a projection whose sides are not multiples of 16: the FP8 GEMMs contract over
+// both (in: Fprop; out: Dgrad), and cuBLASLt takes FP8 K in steps of 16.
+// visit(weight, slot) for each FP8 GEMM weight; slot is its Linear's fp8 pointer.
 template <typename T, typename Visit>
 void for_each_fp8_linear(ModelWeights<T>& w, Visit visit) {
+    auto fits = [](const Linear<T>& l) { return l.w && l.in % 16 == 0 && l.out % 16 == 0; };
     for (LayerWeights<T>& l : w.layers) {
         MlaWeights<T>& a = l.attn;
         for (Linear<T>* p : {&a.q_proj, &a.q_a, &a.q_b, &a.kv_a, &a.kv_b, &a.o_proj, &l.ffn.down, &l.moe.shared.down})
-            if (p->w) visit(*p, p->fp8);
+            if (fits(*p)) visit(*p, p->fp8);
         for (FfnWeights<T>* f : {&l.ffn, &l.moe.shared})
-            if (f->gate.w) visit(gate_up(*f), f->gate.fp8);
+            if (fits(gate_up(*f))) visit(gate_up(*f), f->gate.fp8);
     }
 }
 

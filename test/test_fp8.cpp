@@ -242,3 +242,25 @@ TEST_CASE("FP8 training on the CPU: the emulated step's loss and gradients follo
     CHECK(e_grad < 0.1);  // 3.5% per FP8 GEMM (the emulated GEMM test), compounded over the layers
     remove(path.c_str());
 }
+
+TEST_CASE("FP8 training: a projection whose sides are not multiples of 16 stays in the model's type, the rest run in FP8") {
+    Model m;
+    model_create(m, config_preset("tiny"), 5);  // hidden 32, q_lora_rank 16, kv_lora_rank 12, 2 heads of v 6
+    ref_enable_fp8(m.ref);
+    const MlaWeights<float>& a = m.ref.w.layers[0].attn;
+    CHECK(a.q_a.fp8 != nullptr);   // 32 -> 16
+    CHECK(a.kv_a.fp8 != nullptr);  // 32 -> 12 + 4
+    CHECK(a.q_b.fp8 == nullptr);   // 16 -> 2 x 12
+    CHECK(a.kv_b.fp8 == nullptr);  // 12 -> ...
+    CHECK(a.o_proj.fp8 == nullptr);  // 2 x 6 -> 32
+    CHECK(m.ref.w.layers[0].ffn.gate.fp8 != nullptr);  // 32 -> 2 x 48
+    CHECK(m.ref.w.layers[0].ffn.down.fp8 != nullptr);  // 48 -> 32
+    size_t visited = 0;
+    for_each_fp8_linear(m.ref.w, [&](const Linear<float>& l, const Fp8Weight* q) {
+        CHECK(q != nullptr);
+        CHECK(l.in % 16 == 0);
+        CHECK(l.out % 16 == 0);
+        visited++;
+    });
+    CHECK(visited == m.ref.fp8.size());
+}
