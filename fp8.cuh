@@ -171,7 +171,7 @@ void fp8_quantize_host(const Fp8Matrix& q, const T* x) {
         }
 }
 
-// q holds x^T for x [q.cols, q.rows]: the tiling Wgrad needs, 128 tokens by one channel
+// q holds x^T for x [q.cols, q.rows]: a weight's W^T, whose blocks Dgrad reads
 template <typename T>
 void fp8_quantize_transposed_host(const Fp8Matrix& q, const T* x) {
     std::vector<float> xt((size_t)q.rows * q.cols);
@@ -222,164 +222,158 @@ void fp8_linear_forward_host(T* out, const T* x, const Fp8Weight& w, int N) {
     fp8_matmul_host(out, xq.m, w.w, false);
 }
 
-// Dgrad: dx [N, K] (+= when accumulate; null: not wanted) = dout @ W, dout in 1 x 128
-// tiles along OC against W^T's blocks. Wgrad: dw [OC, K] += dout^T @ x, contracting
-// over the tokens, so both operands are transposed and tiled 128 tokens by one channel.
+// Dgrad, emulated: dx [N, K] (+= when accumulate) = dout @ W, dout in 1 x 128 tiles
+// along OC against W^T's blocks. Wgrad stays in the model's type (reference.h's
+// linear_backward): see "Where FP8 pays" in fp8.cuh's GPU part.
 template <typename T>
-void fp8_linear_backward_host(T* dx, T* dw, const T* dout, const T* x, const Fp8Weight& w, int N, bool accumulate) {
-    const int OC = w.w.rows, K = w.w.cols;
-    if (dx) {
-        Fp8HostMatrix dq(N, OC, 1);
-        fp8_quantize_host(dq.m, dout);
-        fp8_matmul_host(dx, dq.m, w.wt, accumulate);
-    }
-    Fp8HostMatrix dt(OC, N, 1), xt(K, N, 1);
-    fp8_quantize_transposed_host(dt.m, dout);
-    fp8_quantize_transposed_host(xt.m, x);
-    fp8_matmul_host(dw, dt.m, xt.m, true);
+void fp8_linear_backward_input_host(T* dx, const T* dout, const Fp8Weight& w, int N, bool accumulate) {
+    Fp8HostMatrix dq(N, w.w.rows, 1);
+    fp8_quantize_host(dq.m, dout);
+    fp8_matmul_host(dx, dq.m, w.wt, accumulate);
 }
 
 #ifdef __CUDACC__
 // ----------------------------------------------------------------------------
+// Where FP8 pays, measured on an H200 (bench/fp8_gemm, bench/RESULTS.md): the
+// block-scaled Fprop and Dgrad GEMMs run 1.1-1.6x the bf16 ones at this project's
+// shapes. Wgrad contracts over the tokens, so FP8 would need both of its operands
+// quantized again along the tokens (a transposing pass over dout and x); that
+// 1x128-by-1x128 GEMM ran 0.66-1.2x bf16 before the passes, which cost 0.5-1x
+// the GEMM on top. So Wgrad reads the bf16 dout and x as they are, as a plain
+// bf16 GEMM into the fp32 gradient: FP8 where it is faster, and no extra pass.
+//
 // The quantization kernels, each the twin of a host function above.
 
-// the codes of v[0..3] at out[0..3], of those before out's row ends (`room` left); one
-// 4-byte store when the row pitch keeps it aligned
-__device__ inline void fp8_store4(uint8_t* out, const float* v, float scale, int room, bool aligned) {
-    if (aligned && room >= 4) {
-        *(uint32_t*)out = fp8_quantize(v[0], scale) | fp8_quantize(v[1], scale) << 8 | fp8_quantize(v[2], scale) << 16 |
-                          (uint32_t)fp8_quantize(v[3], scale) << 24;
-        return;
-    }
-    for (int i = 0; i < 4 && i < room; i++) out[i] = fp8_quantize(v[i], scale);
-}
-
-// 1 x 128 tiles: one warp per tile, 4 values per lane; x [q.rows, q.cols] with row pitch ld
+// 1 x 128 tiles: half a warp per tile, 8 values (16 bytes) per lane, so a warp
+// takes two tiles; x [q.rows, q.cols] with row pitch ld
 template <typename T>
 static __global__ void fp8_quantize_rows_kernel(Fp8Matrix q, const T* x, int ld) {
-    const int tiles_per_row = (q.cols + FP8_TILE - 1) / FP8_TILE, lane = threadIdx.x % 32;
-    const size_t tile = (size_t)blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
-    if (tile >= (size_t)q.rows * tiles_per_row) return;
-    const int r = (int)(tile / tiles_per_row), t = (int)(tile % tiles_per_row), c0 = t * FP8_TILE + lane * 4;
-    float v[4], amax = 0;
-    for (int i = 0; i < 4; i++) {
-        v[i] = c0 + i < q.cols ? (float)x[(size_t)r * ld + c0 + i] : 0.0f;
-        amax = fmaxf(amax, fabsf(v[i]));
+    const int tiles_per_row = (q.cols + FP8_TILE - 1) / FP8_TILE, lane = threadIdx.x % 16;
+    const size_t tile = ((size_t)blockIdx.x * blockDim.x + threadIdx.x) / 16;
+    const bool inside = tile < (size_t)q.rows * tiles_per_row;  // whole half-warps leave together: no early return before the shuffles
+    const int r = inside ? (int)(tile / tiles_per_row) : 0, t = (int)(tile % tiles_per_row), c0 = t * FP8_TILE + lane * 8;
+    const T* src = x + (size_t)r * ld + c0;
+    float v[8], amax = 0;
+    if (inside && sizeof(T) == 2 && c0 + 8 <= q.cols && ld % 8 == 0 && ((uintptr_t)x & 15) == 0) {
+        bf16 h[8];
+        *(int4*)h = *(const int4*)src;
+        for (int i = 0; i < 8; i++) v[i] = (float)h[i];
+    } else {
+        for (int i = 0; i < 8; i++) v[i] = inside && c0 + i < q.cols ? (float)src[i] : 0.0f;
     }
-    const float scale = warp_max(amax) / FP8_E4M3_MAX;
-    fp8_store4(q.codes + (size_t)r * q.cols + c0, v, scale, q.cols - c0, q.cols % 4 == 0);
+    for (int i = 0; i < 8; i++) amax = fmaxf(amax, fabsf(v[i]));
+    for (int o = 8; o > 0; o /= 2) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
+    if (!inside) return;
+    const float scale = amax / FP8_E4M3_MAX;
+    uint8_t* out = q.codes + (size_t)r * q.cols + c0;
+    if (c0 + 8 <= q.cols && q.cols % 8 == 0) {
+        uint32_t lo = 0, hi = 0;
+        for (int i = 0; i < 4; i++) lo |= (uint32_t)fp8_quantize(v[i], scale) << 8 * i, hi |= (uint32_t)fp8_quantize(v[i + 4], scale) << 8 * i;
+        *(uint2*)out = make_uint2(lo, hi);
+    } else {
+        for (int i = 0; i < 8 && c0 + i < q.cols; i++) out[i] = fp8_quantize(v[i], scale);
+    }
     if (lane == 0) q.scales[fp8_scale_index(r, t, q.rows, q.cols, 1)] = scale;
 }
 
-// 128 x 128 blocks, one block of 256 threads each; also writes the transposed copy
-// qt when it has codes (weights for Dgrad), through shared memory so that both
-// writes are row-wise
-template <typename T>
-static __global__ void fp8_quantize_blocks_kernel(Fp8Matrix q, Fp8Matrix qt, const T* x) {
-    __shared__ uint8_t tile[FP8_TILE][FP8_TILE + 4];
-    const int r0 = blockIdx.y * FP8_TILE, c0 = blockIdx.x * FP8_TILE;
-    const int height = min(FP8_TILE, q.rows - r0), width = min(FP8_TILE, q.cols - c0), count = height * width;
-    float amax = 0;
-    for (int i = threadIdx.x; i < count; i += blockDim.x) amax = fmaxf(amax, fabsf((float)x[(size_t)(r0 + i / width) * q.cols + c0 + i % width]));
-    const float scale = block_max(amax) / FP8_E4M3_MAX;
-    for (int i = threadIdx.x; i < count; i += blockDim.x) {
-        const size_t at = (size_t)(r0 + i / width) * q.cols + c0 + i % width;
-        q.codes[at] = tile[i % width][i / width] = fp8_quantize((float)x[at], scale);
-    }
-    if (threadIdx.x == 0) q.scales[fp8_scale_index(blockIdx.y, blockIdx.x, q.rows, q.cols, FP8_TILE)] = scale;
-    if (!qt.codes) return;
-    __syncthreads();
-    for (int i = threadIdx.x; i < count; i += blockDim.x) qt.codes[(size_t)(c0 + i / height) * q.rows + r0 + i % height] = tile[i / height][i % height];
-    if (threadIdx.x == 0) qt.scales[fp8_scale_index(blockIdx.x, blockIdx.y, q.cols, q.rows, FP8_TILE)] = scale;
-}
-
-// x [rows, cols] (row pitch ld; rows = q.rows) -> q in its tiles: 1 x 128 or 128 x 128
+// x [rows, cols] (row pitch ld; rows = q.rows) -> q in 1 x 128 tiles
 template <typename T>
 void fp8_quantize_gpu(const Fp8Matrix& q, const T* x, int ld, cudaStream_t stream) {
     if (q.rows == 0 || q.cols == 0) return;
-    if (q.tile_rows == 1) {
-        const size_t tiles = (size_t)q.rows * ((q.cols + FP8_TILE - 1) / FP8_TILE);
-        fp8_quantize_rows_kernel<T><<<(unsigned)((tiles + 7) / 8), 256, 0, stream>>>(q, x, ld);
-    } else {
-        const dim3 grid((q.cols + FP8_TILE - 1) / FP8_TILE, (q.rows + FP8_TILE - 1) / FP8_TILE);
-        fp8_quantize_blocks_kernel<T><<<grid, 256, 0, stream>>>(q, Fp8Matrix{}, x);
-    }
+    const size_t tiles = (size_t)q.rows * ((q.cols + FP8_TILE - 1) / FP8_TILE);
+    fp8_quantize_rows_kernel<T><<<(unsigned)((tiles + 15) / 16), 256, 0, stream>>>(q, x, ld);
     CUDA_LAUNCH_CHECK();
 }
 
-// a weight W [out, in] -> its FP8 copy: W's blocks and W^T's
-inline void fp8_quantize_weight_gpu(const Fp8Weight& q, const bf16* w, cudaStream_t stream) {
-    const dim3 grid((q.w.cols + FP8_TILE - 1) / FP8_TILE, (q.w.rows + FP8_TILE - 1) / FP8_TILE);
-    fp8_quantize_blocks_kernel<bf16><<<grid, 256, 0, stream>>>(q.w, q.wt, w);
-    CUDA_LAUNCH_CHECK();
-}
+// The weights' copies, all in one launch after each optimizer step (the weights do not
+// change between a step's forwards, so quantizing once per step is what each forward
+// would get): one job per weight W [out, in], one 256-thread block per 128 x 128
+// block. A block reads its bf16 values once into registers, 16 bytes a load where the
+// block is whole, writes W's codes row-wise, and W^T's through a shared-memory tile.
+struct Fp8WeightJob {
+    Fp8Weight q;
+    const bf16* w;
+    int first_block;  // the blocks before this job's, over all jobs
+};
 
-// Both tilings of one bf16 matrix in a single read, for the backward: x [rows, cols] in
-// 1 x 128 tiles along its rows (q: Dgrad's dout) and x^T in tiles of 128 rows (qt:
-// Wgrad's operands). A block of 256 threads stages a 128 x 128 tile in shared memory
-// with 16-byte loads; each warp then quantizes 16 of its rows and 16 of its columns.
-// The row pitch of 130 bf16 (65 words) keeps the column reads, lane i on row i + 32k,
-// free of bank conflicts.
-constexpr int FP8_BOTH_PITCH = FP8_TILE + 2;
-
-static __global__ void fp8_quantize_both_kernel(Fp8Matrix q, Fp8Matrix qt, const bf16* x, int ld) {
-    __shared__ bf16 tile[FP8_TILE][FP8_BOTH_PITCH];
-    const int rows = qt.cols, cols = qt.rows;  // x's shape; q (when wanted) has the same
-    const int r0 = blockIdx.y * FP8_TILE, c0 = blockIdx.x * FP8_TILE, lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-    const bool vector_loads = ld % 8 == 0 && ((uintptr_t)x & 15) == 0;
-    for (int i = threadIdx.x; i < FP8_TILE * FP8_TILE / 8; i += blockDim.x) {
-        const int r = i / (FP8_TILE / 8), c = i % (FP8_TILE / 8) * 8;
-        bf16 v[8];
-        if (vector_loads && r0 + r < rows && c0 + c + 8 <= cols) {
-            *(int4*)v = *(const int4*)(x + (size_t)(r0 + r) * ld + c0 + c);
+static __global__ void fp8_quantize_weights_kernel(const Fp8WeightJob* jobs, int count) {
+    __shared__ uint8_t tile[FP8_TILE][FP8_TILE + 4];
+    int j = 0;
+    while (j + 1 < count && jobs[j + 1].first_block <= (int)blockIdx.x) j++;
+    const Fp8WeightJob job = jobs[j];
+    const Fp8Matrix q = job.q.w, qt = job.q.wt;
+    const int blocks_across = (q.cols + FP8_TILE - 1) / FP8_TILE, b = blockIdx.x - job.first_block;
+    const int br = b / blocks_across, bc = b % blocks_across, r0 = br * FP8_TILE, c0 = bc * FP8_TILE;
+    const int height = min(FP8_TILE, q.rows - r0), width = min(FP8_TILE, q.cols - c0);
+    // thread t holds 8 consecutive values of rows t / 16 + 16 i, i = 0..7
+    const int row = threadIdx.x / 16, col = threadIdx.x % 16 * 8;
+    const bool whole = height == FP8_TILE && width == FP8_TILE && q.cols % 8 == 0 && ((uintptr_t)job.w & 15) == 0;
+    float v[8][8], amax = 0;
+    for (int i = 0; i < 8; i++) {
+        const int r = row + 16 * i;
+        const bf16* src = job.w + (size_t)(r0 + r) * q.cols + c0 + col;
+        if (whole) {
+            bf16 h[8];
+            *(int4*)h = *(const int4*)src;
+            for (int k = 0; k < 8; k++) v[i][k] = (float)h[k];
         } else {
-            for (int k = 0; k < 8; k++) v[k] = r0 + r < rows && c0 + c + k < cols ? x[(size_t)(r0 + r) * ld + c0 + c + k] : bf16(0.0f);
+            for (int k = 0; k < 8; k++) v[i][k] = r < height && col + k < width ? (float)src[k] : 0.0f;
         }
-        for (int k = 0; k < 8; k += 2) *(__nv_bfloat162*)&tile[r][c + k] = __nv_bfloat162{v[k], v[k + 1]};
+        for (int k = 0; k < 8; k++) amax = fmaxf(amax, fabsf(v[i][k]));
+    }
+    const float scale = block_max(amax) / FP8_E4M3_MAX;
+    for (int i = 0; i < 8; i++) {
+        const int r = row + 16 * i;
+        uint8_t c[8];
+        for (int k = 0; k < 8; k++) tile[r][col + k] = c[k] = fp8_quantize(v[i][k], scale);
+        uint8_t* dst = q.codes + (size_t)(r0 + r) * q.cols + c0 + col;
+        if (whole) *(uint2*)dst = *(uint2*)c;
+        else
+            for (int k = 0; k < 8; k++)
+                if (r < height && col + k < width) dst[k] = c[k];
+    }
+    if (threadIdx.x == 0) {
+        q.scales[fp8_scale_index(br, bc, q.rows, q.cols, FP8_TILE)] = scale;
+        qt.scales[fp8_scale_index(bc, br, q.cols, q.rows, FP8_TILE)] = scale;
     }
     __syncthreads();
-    for (int k = warp * 16; k < warp * 16 + 16; k++) {
-        if (q.codes && r0 + k < rows) {  // row k: a 1 x 128 tile of x, 4 columns a lane
-            float v[4];
-            for (int i = 0; i < 4; i++) v[i] = (float)tile[k][lane * 4 + i];
-            const float scale = warp_max(fmaxf(fmaxf(fabsf(v[0]), fabsf(v[1])), fmaxf(fabsf(v[2]), fabsf(v[3])))) / FP8_E4M3_MAX;
-            if (c0 + lane * 4 < cols) fp8_store4(q.codes + (size_t)(r0 + k) * cols + c0 + lane * 4, v, scale, cols - c0 - lane * 4, cols % 4 == 0);
-            if (lane == 0) q.scales[fp8_scale_index(r0 + k, blockIdx.x, rows, cols, 1)] = scale;
-        }
-        if (c0 + k < cols) {  // column k: a tile of 128 rows of x, a row of x^T; lane i takes rows i + 32j
-            float v[4], amax = 0;
-            for (int i = 0; i < 4; i++) amax = fmaxf(amax, fabsf(v[i] = (float)tile[lane + 32 * i][k]));
-            const float scale = warp_max(amax) / FP8_E4M3_MAX;
-            uint8_t* out = qt.codes + (size_t)(c0 + k) * rows + r0;
-            for (int i = 0; i < 4; i++)
-                if (r0 + lane + 32 * i < rows) out[lane + 32 * i] = fp8_quantize(v[i], scale);
-            if (lane == 0) qt.scales[fp8_scale_index(c0 + k, blockIdx.y, cols, rows, 1)] = scale;
-        }
+    for (int i = threadIdx.x; i < height * width; i += blockDim.x) {  // W^T's rows are W's columns
+        const int c = i / height, r = i % height;
+        qt.codes[(size_t)(c0 + c) * q.rows + r0 + r] = tile[r][c];
     }
 }
 
-// q (x in 1 x 128 tiles; null codes: not wanted) and qt (x^T in tiles of 128 rows of x)
-// from x [qt.cols, qt.rows] with row pitch ld
-inline void fp8_quantize_both_gpu(const Fp8Matrix& q, const Fp8Matrix& qt, const bf16* x, int ld, cudaStream_t stream) {
-    if (qt.rows == 0 || qt.cols == 0) return;
-    const dim3 grid((qt.rows + FP8_TILE - 1) / FP8_TILE, (qt.cols + FP8_TILE - 1) / FP8_TILE);
-    fp8_quantize_both_kernel<<<grid, 256, 0, stream>>>(q, qt, x, ld);
+// the job list of a set of weights, on the device (the caller frees it), and its block count
+inline Fp8WeightJob* fp8_weight_jobs_upload(std::vector<Fp8WeightJob> jobs, int* blocks) {
+    *blocks = 0;
+    for (Fp8WeightJob& job : jobs) {
+        job.first_block = *blocks;
+        *blocks += ((job.q.w.rows + FP8_TILE - 1) / FP8_TILE) * ((job.q.w.cols + FP8_TILE - 1) / FP8_TILE);
+    }
+    Fp8WeightJob* d = device_alloc<Fp8WeightJob>(std::max<size_t>(jobs.size(), 1), "FP8 weight jobs");
+    CUDA_CHECK(cudaMemcpy(d, jobs.data(), jobs.size() * sizeof(Fp8WeightJob), cudaMemcpyHostToDevice));
+    return d;
+}
+
+inline void fp8_quantize_weights_gpu(const Fp8WeightJob* jobs, int count, int blocks, cudaStream_t stream) {
+    if (blocks == 0) return;
+    fp8_quantize_weights_kernel<<<blocks, 256, 0, stream>>>(jobs, count);
     CUDA_LAUNCH_CHECK();
 }
 
 // ----------------------------------------------------------------------------
 // The FP8 GEMM on cuBLASLt's block-scaled path (CUDA 12.9+, sm_90), the twin of
 // fp8_matmul_host: out [x.rows, w.rows] (+)= dequant(x) @ dequant(w)^T, fp32
-// accumulation, bf16 or fp32 out. x is in 1 x 128 tiles; w in 128 x 128 blocks
-// (a weight: Fprop, Dgrad) or 1 x 128 tiles (Wgrad's token-tiled operand). In
-// cuBLASLt's column-major terms out^T = W X^T: W is operand A read transposed (the
-// "TN" form FP8 requires), X operand B; matmul_plan sets the scale modes.
-inline void fp8_matmul(Matmul& mm, void* out, bool out_fp32, const Fp8Matrix& x, const Fp8Matrix& w, bool accumulate, cudaStream_t stream) {
+// accumulation, bf16 out. x is in 1 x 128 tiles, w (W for Fprop, W^T for Dgrad) in
+// 128 x 128 blocks. In cuBLASLt's column-major terms out^T = W X^T: W is operand A
+// read transposed (the "TN" form FP8 requires), X operand B; matmul_plan sets the
+// scale modes.
+inline void fp8_matmul(Matmul& mm, bf16* out, const Fp8Matrix& x, const Fp8Matrix& w, bool accumulate, cudaStream_t stream) {
     const int N = x.rows, OC = w.rows, K = x.cols;
-    if (K % 16 || N % 4 || N == 0 || OC == 0 || w.cols != K || x.tile_rows != 1)
+    if (K % 16 || N % 4 || N == 0 || OC == 0 || w.cols != K || x.tile_rows != 1 || w.tile_rows != FP8_TILE)
         fail("fp8_matmul: K = %d must be a multiple of 16 and N = %d of 4 (an FP8 GEMM of %dx%d by %dx%d)", K, N, N, K, OC, w.cols);
-    const MatmulKey key{N,     OC,   K, K, K, OC, alignment_bytes(x.codes, K), alignment_bytes(w.codes, K), alignment_bytes(out, (size_t)OC * (out_fp32 ? 4 : 2)),
-                        false, true, out_fp32, w.tile_rows};
+    const MatmulKey key{N, OC, K, K, K, OC, alignment_bytes(x.codes, K), alignment_bytes(w.codes, K), alignment_bytes(out, (size_t)OC * 2),
+                        false, true, false, true};
     const MatmulPlan& p = matmul_plan_cached(mm, key);
     CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(p.desc, CUBLASLT_MATMUL_DESC_A_SCALE_POINTER, &w.scales, sizeof(w.scales)));
     CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(p.desc, CUBLASLT_MATMUL_DESC_B_SCALE_POINTER, &x.scales, sizeof(x.scales)));

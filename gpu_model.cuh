@@ -37,7 +37,9 @@ struct GpuModel {
     bf16* params16;                             // [P] the bf16 copy the GEMMs read
     ModelWeights<bf16> w;                       // bound to params16
     ModelWeights<float> master, grad;           // bound to params32 and grads
-    std::vector<Fp8Weight> fp8;                 // FP8 training: the E4M3 copies of w's FP8 Linears
+    std::vector<Fp8Weight> fp8;                 // FP8 training: the E4M3 copies of w's FP8 Linears,
+    Fp8WeightJob* fp8_jobs = nullptr;           // refreshed from w after each optimizer step by these jobs
+    int fp8_job_count = 0, fp8_blocks = 0;
     ParamChunk* chunks;
     int num_chunks;
     std::vector<GpuLayer> layers;

@@ -161,8 +161,8 @@ void model_to_gpu(Model& m, int B, int T, bool inference) {
     gpu.master = bind_weights(c, m.ref.layout, gpu.params32);
     size_t scratch = 0;
     if (!m.ref.fp8.empty()) {  // FP8 (ref_enable_fp8): each forward quantizes w into these copies
-        if (!inference && N % 16)  // the weight gradients' FP8 GEMMs contract over the tokens
-            fail("--fp8: batch size x sequence length (%d) must be a multiple of 16", N);
+        if (!inference && N % 4)  // cuBLASLt's FP8 GEMM takes rows in fours; the forward pads, Dgrad reads dout as it is
+            fail("--fp8: batch size x sequence length (%d) must be a multiple of 4", N);
         int device = 0;
         cudaDeviceProp prop;
         CUDA_CHECK(cudaGetDevice(&device));
@@ -174,6 +174,12 @@ void model_to_gpu(Model& m, int B, int T, bool inference) {
         bind_fp8_weights(gpu.w, gpu.fp8, arena_alloc<uint8_t>(arena, codes, "FP8 weights"), arena_alloc<float>(arena, scales, "FP8 weights"),
                          &codes, &scales);
         for (const Fp8Weight& q : gpu.fp8) scratch = std::max(scratch, fp8_linear_scratch_bytes(N, q.w.cols, q.w.rows));
+        std::vector<Fp8WeightJob> jobs;
+        for_each_fp8_linear(gpu.w, [&](const Linear<bf16>& l, const Fp8Weight* q) { jobs.push_back({*q, l.w, 0}); });
+        gpu.fp8_job_count = (int)jobs.size();
+        gpu.fp8_jobs = fp8_weight_jobs_upload(jobs, &gpu.fp8_blocks);
+        arena.buffers.push_back(gpu.fp8_jobs);
+        fp8_quantize_weights_gpu(gpu.fp8_jobs, gpu.fp8_job_count, gpu.fp8_blocks, gpu.ctx.stream);
     }
     if (!inference) {
         gpu.grads = arena_alloc<float>(arena, P, "gradients");
@@ -292,9 +298,6 @@ void gpu_forward(Model& m, int B, int T, const StepOptions& opt, bool train, flo
     cudaStream_t st = ctx.stream;
     uint64_t site = 0;
 
-    for_each_fp8_linear(gpu.w, [&](const Linear<bf16>& l, const Fp8Weight* q) {
-        if (q) fp8_quantize_weight_gpu(*q, l.w, st);
-    });
     embedding_forward_gpu(gpu.emb, gpu.tokens, gpu.w.embed, N, D, st);
     if (p > 0) dropout_forward_gpu(gpu.emb, (size_t)N * D, p, dropout_site_key(opt.dropout_key, ++site), st);
     int moe_index = 0;
@@ -430,6 +433,7 @@ static StepStats gpu_train_step(Model& m, DataLoader& loader, const TrainOptions
     grad_norm_squared_gpu(gpu.norm2, gpu.grads, gpu.chunks, gpu.num_chunks, gpu.ctx.scratch, gpu.ctx.scratch_bytes, gpu.ctx.stream);
     adamw_gpu(gpu.params32, gpu.params16, gpu.grads, gpu.adam_m, gpu.adam_v, gpu.chunks, gpu.num_chunks, s.lr, o.optim.beta1, o.optim.beta2, o.optim.eps,
               o.optim.weight_decay, step + 1, gpu.norm2, o.optim.grad_clip, gpu.ctx.stream);
+    fp8_quantize_weights_gpu(gpu.fp8_jobs, gpu.fp8_job_count, gpu.fp8_blocks, gpu.ctx.stream);  // the next step's FP8 copies
     if (o.optim.bias_update_speed > 0 && gpu.moe_layers > 0)
         expert_bias_update_gpu(gpu.params32, gpu.bias_offsets, gpu.load, gpu.moe_layers, E, o.optim.bias_update_speed, gpu.norm2, gpu.ctx.stream);
     float loss = 0, norm2 = 0;

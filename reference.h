@@ -334,7 +334,7 @@ void matmul_backward(T* dinp, T* dweight, const T* dout, const T* inp, const T* 
 }
 
 // nn.Linear: out[N, W.out] = inp[N, W.in] @ W^T; with an FP8 copy of W, the emulated
-// FP8 GEMMs of fp8.cuh
+// FP8 GEMMs of fp8.cuh for the output and dinp (Wgrad stays in T, as on the GPU)
 template <typename T>
 void linear_forward(T* out, const T* inp, const Linear<T>& w, int N) {
     if (w.fp8) fp8_linear_forward_host(out, inp, *w.fp8, N);
@@ -343,8 +343,9 @@ void linear_forward(T* out, const T* inp, const Linear<T>& w, int N) {
 
 template <typename T>
 void linear_backward(T* dinp, const Linear<T>& dw, const T* dout, const T* inp, const Linear<T>& w, int N, bool accumulate) {
-    if (w.fp8) fp8_linear_backward_host(dinp, dw.w, dout, inp, *w.fp8, N, accumulate);
-    else matmul_backward(dinp, dw.w, dout, inp, w.w, N, w.in, w.out, accumulate);
+    if (!w.fp8) return matmul_backward(dinp, dw.w, dout, inp, w.w, N, w.in, w.out, accumulate);
+    if (dinp) fp8_linear_backward_input_host(dinp, dout, *w.fp8, N, accumulate);
+    matmul_backward((T*)nullptr, dw.w, dout, inp, w.w, N, w.in, w.out, false);  // Wgrad: as without FP8
 }
 
 // ----------------------------------------------------------------------------
