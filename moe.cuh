@@ -939,7 +939,8 @@ inline void grouped_gemm_backward_weight_gpu(float* dw, size_t dw_stride, const 
 // 2.4x bf16's rate (1544 vs 645 TFLOP/s, both from registers). Each 128-wide k slice is one scale block of
 // both operands: its products sum into a fresh fp32 `partial`, which is then scaled by the row's x scale
 // and the expert block's W scale and added to the fp32 total, as fp8_matmul_host does (and DeepSeek-V3's
-// promotion to CUDA cores every 128 values). The two accumulators take twice the registers: one CTA per SM.
+// promotion to CUDA cores every 128 values). The second accumulator costs registers: at BN = 64 two CTAs fit
+// an SM without spilling (at 128, one CTA, and ptxas spills).
 
 // the FP8 copies of E experts' weights, expert e's at e * stride from expert 0's (bind_fp8_weights keeps
 // one expert's records after the other's)
@@ -960,7 +961,7 @@ inline Fp8Experts fp8_experts(const Fp8Weight* w_first, int E, bool transposed) 
 constexpr int MOE_FP8_BK = 64;  // b16 columns of a stage: 128 codes, one scale block
 
 template <int BN, int STAGES>
-static __global__ void __launch_bounds__(MOE_GEMM_THREADS, 1)
+static __global__ void __launch_bounds__(MOE_GEMM_THREADS, BN == 64 ? 2 : 1)
     grouped_gemm_fp8_kernel(bf16* out, Fp8Matrix x, Fp8Experts w, const int* offsets, int E) {
     constexpr int BM = MOE_GEMM_BM, BK = MOE_FP8_BK;
     constexpr int A_ELEMS = moe_gemm_tile_elems<true, BK>(BM), B_ELEMS = moe_gemm_tile_elems<true, BK>(BN);
@@ -1024,40 +1025,43 @@ static __global__ void __launch_bounds__(MOE_GEMM_THREADS, 1)
         cp_async_commit();
         const bf16* as = As + (kt % STAGES) * A_ELEMS;
         const bf16* bs = Bs + (kt % STAGES) * B_ELEMS;
-        float partial[4][NI][4] = {};
+        // the slice's B fragments for all four k32 steps, then one m16 row block at a time, so that
+        // only one block's partial sums are live beside the totals
+        unsigned bfr[BK / 16][NI][2];
+        const int mat = lane / 8, r8 = lane % 8;
 #pragma unroll
-        for (int kk = 0; kk < BK; kk += 16) {
-            unsigned af[4][4], bfr[NI][2];
-            const int mat = lane / 8, r8 = lane % 8;
-#pragma unroll
-            for (int mi = 0; mi < 4; mi++) ldsm_x4(af[mi], smem_u32(as + (warp_m * 64 + mi * 16 + lane % 16) * (BK + MOE_GEMM_PAD) + kk + (lane / 16) * 8));
+        for (int kk = 0; kk < BK / 16; kk++)
 #pragma unroll
             for (int p = 0; p < NI / 2; p++) {
                 unsigned r[4];
-                ldsm_x4(r, smem_u32(bs + (warp_n * WN + p * 16 + r8 + (mat / 2) * 8) * (BK + MOE_GEMM_PAD) + kk + (mat % 2) * 8));
-                bfr[2 * p][0] = r[0];
-                bfr[2 * p][1] = r[1];
-                bfr[2 * p + 1][0] = r[2];
-                bfr[2 * p + 1][1] = r[3];
+                ldsm_x4(r, smem_u32(bs + (warp_n * WN + p * 16 + r8 + (mat / 2) * 8) * (BK + MOE_GEMM_PAD) + kk * 16 + (mat % 2) * 8));
+                bfr[kk][2 * p][0] = r[0];
+                bfr[kk][2 * p][1] = r[1];
+                bfr[kk][2 * p + 1][0] = r[2];
+                bfr[kk][2 * p + 1][1] = r[3];
             }
-#pragma unroll
-            for (int mi = 0; mi < 4; mi++)
-#pragma unroll
-                for (int ni = 0; ni < NI; ni++) mma16832_e4m3(partial[mi][ni], af[mi], bfr[ni][0], bfr[ni][1]);
-        }
         const float sw = w_scales[kt];
 #pragma unroll
-        for (int mi = 0; mi < 4; mi++)
+        for (int mi = 0; mi < 4; mi++) {
+            float partial[NI][4] = {};
+#pragma unroll
+            for (int kk = 0; kk < BK / 16; kk++) {
+                unsigned af[4];
+                ldsm_x4(af, smem_u32(as + (warp_m * 64 + mi * 16 + lane % 16) * (BK + MOE_GEMM_PAD) + kk * 16 + (lane / 16) * 8));
+#pragma unroll
+                for (int ni = 0; ni < NI; ni++) mma16832_e4m3(partial[ni], af, bfr[kk][ni][0], bfr[kk][ni][1]);
+            }
 #pragma unroll
             for (int h = 0; h < 2; h++) {
                 const int m = rows[mi][h];
                 const float s = m < m_end ? x.scales[(size_t)kt * S4 + row0 + m] * sw : 0.0f;
 #pragma unroll
                 for (int ni = 0; ni < NI; ni++) {
-                    acc[mi][ni][2 * h] += partial[mi][ni][2 * h] * s;
-                    acc[mi][ni][2 * h + 1] += partial[mi][ni][2 * h + 1] * s;
+                    acc[mi][ni][2 * h] += partial[ni][2 * h] * s;
+                    acc[mi][ni][2 * h + 1] += partial[ni][2 * h + 1] * s;
                 }
             }
+        }
     }
     cp_async_wait<0>();
 #pragma unroll
@@ -1074,7 +1078,7 @@ static __global__ void __launch_bounds__(MOE_GEMM_THREADS, 1)
 
 // out [S, w.rows] = x [S, w.cols] (quantized, 1 x 128 tiles) @ W_e^T per expert's rows offsets[e]..offsets[e+1]-1.
 // The codes' rows must be whole 16-byte chunks: K a multiple of 16 and N of 8 (for_each_fp8_linear's rule).
-template <int BN = 128, int STAGES = 3>
+template <int BN = 64, int STAGES = 4>
 inline void grouped_gemm_fp8_gpu(bf16* out, const Fp8Matrix& x, const Fp8Experts& w, const int* offsets, int E, cudaStream_t stream) {
     const int S = x.rows;
     grouped_gemm_check("grouped_gemm_fp8", S, E, w.cols, w.rows);

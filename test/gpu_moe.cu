@@ -560,11 +560,12 @@ TEST_CASE("moe grouped FP8 GEMM forward/backward-input match the emulated GEMM p
         Dev<float> d_qs(fp8_scale_count(S, K, 1));
         const Fp8Matrix dq{d_qc, d_qs, S, K, 1};
         fp8_quantize_gpu(dq, d_in.p, K, 0);
-        for (int narrow = 0; narrow < 2; narrow++) {  // BN 128 (the default) and 64
-            if (narrow) grouped_gemm_fp8_gpu<64, 3>(d_out, dq, fp8_experts(copies.records.data(), E, pass == 1), d_offsets, E, 0);
+        for (int wide = 0; wide < 2; wide++) {  // BN 64 (the default) and 128
+            if (wide) grouped_gemm_fp8_gpu<128, 3>(d_out, dq, fp8_experts(copies.records.data(), E, pass == 1), d_offsets, E, 0);
             else grouped_gemm_fp8_gpu(d_out, dq, fp8_experts(copies.records.data(), E, pass == 1), d_offsets, E, 0);
             const double rel = rel_err(d_out.download(), want);
-            MESSAGE("grouped FP8 GEMM ", pass ? "backward input" : "forward", narrow ? " (BN 64)" : "", ": relative error ", rel);
+            MESSAGE(std::string(pass ? "grouped FP8 GEMM backward input" : "grouped FP8 GEMM forward") + (wide ? " (BN 128)" : " (BN 64)"),
+                    ": relative error ", rel);
             CHECK(rel < 4e-3);  // the bf16 output's rounding, as fp8_matmul's test
         }
     }
@@ -845,11 +846,11 @@ void bench_grouped_gemm(Timer& timer, int S, int C, int OC, int E) {
     fp8_quantize_gpu(xq, d_x.p, C, 0);
     const Fp8Experts we = fp8_experts(copies.records.data(), E, false);
     timer.time("fp8 fwd BN=128 stages=3", fl, [&] { grouped_gemm_fp8_gpu<128, 3>(d_out, xq, we, d_offsets, E, 0); });
-    timer.time("fp8 fwd BN=128 stages=4", fl, [&] { grouped_gemm_fp8_gpu<128, 4>(d_out, xq, we, d_offsets, E, 0); });
+    timer.time("fp8 fwd BN=64 stages=3", fl, [&] { grouped_gemm_fp8_gpu<64, 3>(d_out, xq, we, d_offsets, E, 0); });
     timer.time("fp8 fwd BN=64 stages=4", fl, [&] { grouped_gemm_fp8_gpu<64, 4>(d_out, xq, we, d_offsets, E, 0); });
-    timer.time("fp8 fwd BN=128 stages=3 + quantizing x", fl, [&] {
+    timer.time("fp8 fwd BN=64 stages=4 + quantizing x", fl, [&] {
         fp8_quantize_gpu(xq, d_x.p, C, 0);
-        grouped_gemm_fp8_gpu<128, 3>(d_out, xq, we, d_offsets, E, 0);
+        grouped_gemm_fp8_gpu<64, 4>(d_out, xq, we, d_offsets, E, 0);
     });
     // peers: cuBLASLt, one dense GEMM of the same size and one launch per expert
     Matmul mm;
