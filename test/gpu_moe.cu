@@ -564,8 +564,8 @@ TEST_CASE("moe grouped FP8 GEMM forward/backward-input match the emulated GEMM p
             if (wide) grouped_gemm_fp8_gpu<128, 3>(d_out, dq, fp8_experts(copies.records.data(), E, pass == 1), d_offsets, E, 0);
             else grouped_gemm_fp8_gpu(d_out, dq, fp8_experts(copies.records.data(), E, pass == 1), d_offsets, E, 0);
             const double rel = rel_err(d_out.download(), want);
-            MESSAGE(std::string(pass ? "grouped FP8 GEMM backward input" : "grouped FP8 GEMM forward") + (wide ? " (BN 128)" : " (BN 64)"),
-                    ": relative error ", rel);
+            const std::string what = std::string(pass ? "backward input" : "forward") + (wide ? ", BN 128" : ", BN 64");
+            MESSAGE("grouped FP8 GEMM ", what, ": relative error ", rel);
             CHECK(rel < 4e-3);  // the bf16 output's rounding, as fp8_matmul's test
         }
     }
