@@ -51,7 +51,8 @@ static std::string state_to_json(const TrainState& st) {
     s += std::isfinite(st.best_val_loss) ? strfmt("  \"best_val_loss\": %.17g,\n", st.best_val_loss) : "  \"best_val_loss\": null,\n";
     s += strfmt("  \"seed\": %llu,\n  \"batch_size\": %d,\n  \"seq_len\": %d,\n  \"grad_accum\": %d,\n", (unsigned long long)o.seed,
                 o.batch_size, o.seq_len, o.grad_accum);
-    s += strfmt("  \"dropout\": %.9g,\n  \"balance_alpha\": %.9g,\n  \"fp8\": %s,\n", o.dropout, o.balance_alpha, o.fp8 ? "true" : "false");
+    s += strfmt("  \"dropout\": %.9g,\n  \"balance_alpha\": %.9g,\n  \"fp8\": %s,\n  \"fp8_wgrad\": %s,\n", o.dropout, o.balance_alpha,
+                o.fp8 ? "true" : "false", o.fp8_wgrad ? "true" : "false");
     s += strfmt("  \"lr\": %.9g,\n  \"min_lr_fraction\": %.9g,\n  \"warmup_steps\": %d,\n  \"total_steps\": %d,\n", o.optim.lr,
                 o.optim.min_lr_fraction, o.optim.warmup_steps, o.optim.total_steps);
     s += strfmt("  \"beta1\": %.9g,\n  \"beta2\": %.9g,\n  \"eps\": %.9g,\n  \"weight_decay\": %.9g,\n", o.optim.beta1, o.optim.beta2,
@@ -105,9 +106,14 @@ static TrainState state_from_json(const std::string& text, const std::string& wh
     o.grad_accum = whole_in("grad_accum", 1, 1 << 16);
     o.dropout = (float)in("dropout", 0, 0.99);
     o.balance_alpha = (float)in("balance_alpha", 0, 10);
-    const JsonValue* fp8 = root.get("fp8");  // absent in checkpoints from before FP8: bf16
-    if (fp8 && fp8->type != JsonValue::Bool) fail("%s: field \"fp8\" must be true or false", where.c_str());
-    o.fp8 = fp8 && fp8->boolean;
+    auto flag = [&](const char* key) {  // absent in checkpoints from before the option: false
+        const JsonValue* v = root.get(key);
+        if (v && v->type != JsonValue::Bool) fail("%s: field \"%s\" must be true or false", where.c_str(), key);
+        return v && v->boolean;
+    };
+    o.fp8 = flag("fp8");
+    o.fp8_wgrad = flag("fp8_wgrad");
+    if (o.fp8_wgrad && !o.fp8) fail("%s: \"fp8_wgrad\" is true but \"fp8\" is not", where.c_str());
     o.optim.lr = (float)in("lr", 0, 10);
     o.optim.min_lr_fraction = (float)in("min_lr_fraction", 0, 1);
     o.optim.warmup_steps = whole_in("warmup_steps", 0, 1 << 30);

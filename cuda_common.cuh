@@ -104,15 +104,16 @@ struct MatmulPlan {
 };
 
 // what a plan depends on: sizes, transposes, output type, leading dimensions,
-// operand alignments, and whether it is FP8's block-scaled GEMM (fp8.cuh)
+// operand alignments, and for FP8 (fp8.cuh) B's tile height: 128 (a weight's blocks) or 1
 struct MatmulKey {
     int m, n, k, lda, ldb, ldc;
     uint32_t align_a, align_b, align_c;
     bool trans_a, trans_b, out_fp32;
-    bool fp8 = false;
+    int fp8_b_tile_rows = 0;  // 0: a bf16 GEMM
     bool operator<(const MatmulKey& o) const {
-        return std::tie(m, n, k, lda, ldb, ldc, align_a, align_b, align_c, trans_a, trans_b, out_fp32, fp8) <
-               std::tie(o.m, o.n, o.k, o.lda, o.ldb, o.ldc, o.align_a, o.align_b, o.align_c, o.trans_a, o.trans_b, o.out_fp32, o.fp8);
+        return std::tie(m, n, k, lda, ldb, ldc, align_a, align_b, align_c, trans_a, trans_b, out_fp32, fp8_b_tile_rows) <
+               std::tie(o.m, o.n, o.k, o.lda, o.ldb, o.ldc, o.align_a, o.align_b, o.align_c, o.trans_a, o.trans_b, o.out_fp32,
+                        o.fp8_b_tile_rows);
     }
 };
 
@@ -154,9 +155,10 @@ inline MatmulPlan matmul_plan(Matmul& mm, const MatmulKey& key) {
     CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(p.desc, CUBLASLT_MATMUL_DESC_TRANSA, &op_b, sizeof(op_b)));
     CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(p.desc, CUBLASLT_MATMUL_DESC_TRANSB, &op_a, sizeof(op_a)));
     const int M = key.m, N = key.n, K = key.k;
-    const cudaDataType_t in_type = key.fp8 ? CUDA_R_8F_E4M3 : CUDA_R_16BF;
-    if (key.fp8) {  // DeepSeek's fine-grained scales: A in 1 x 128 tiles; B (cuBLASLt's A) in 128 x 128 blocks
-        const cublasLtMatmulMatrixScale_t a_mode = CUBLASLT_MATMUL_MATRIX_SCALE_VEC128_32F, b_mode = CUBLASLT_MATMUL_MATRIX_SCALE_BLK128x128_32F;
+    const cudaDataType_t in_type = key.fp8_b_tile_rows ? CUDA_R_8F_E4M3 : CUDA_R_16BF;
+    if (key.fp8_b_tile_rows) {  // DeepSeek's fine-grained scales: A in 1 x 128 tiles; B (cuBLASLt's A) in blocks or tiles
+        const cublasLtMatmulMatrixScale_t a_mode = CUBLASLT_MATMUL_MATRIX_SCALE_VEC128_32F,
+                                          b_mode = key.fp8_b_tile_rows == 1 ? a_mode : CUBLASLT_MATMUL_MATRIX_SCALE_BLK128x128_32F;
         CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(p.desc, CUBLASLT_MATMUL_DESC_A_SCALE_MODE, &b_mode, sizeof(b_mode)));
         CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(p.desc, CUBLASLT_MATMUL_DESC_B_SCALE_MODE, &a_mode, sizeof(a_mode)));
         // the heuristic refuses null scale pointers; each fp8_matmul sets the real ones
@@ -181,7 +183,7 @@ inline MatmulPlan matmul_plan(Matmul& mm, const MatmulKey& key) {
     int found = 0;
     CUBLAS_CHECK(cublasLtMatmulAlgoGetHeuristic(mm.handle, p.desc, p.lb, p.la, p.lc, p.lc, pref, 1, &heuristic, &found));
     cublasLtMatmulPreferenceDestroy(pref);
-    if (found == 0) fail("cuBLASLt has no %salgorithm for a %dx%dx%d matmul", key.fp8 ? "block-scaled FP8 (CUDA 12.9+, sm_90) " : "", M, N, K);
+    if (found == 0) fail("cuBLASLt has no %salgorithm for a %dx%dx%d matmul", key.fp8_b_tile_rows ? "block-scaled FP8 (CUDA 12.9+, sm_90) " : "", M, N, K);
     p.algo = heuristic.algo;
     return p;
 }

@@ -142,6 +142,7 @@ HD inline float fp8_scale_of(const Fp8Matrix& m, int r, int c) {
 // with the same codes and scales.
 struct Fp8Weight {
     Fp8Matrix w, wt;
+    bool wgrad = false;  // Wgrad in FP8 too (--fp8-wgrad); otherwise bf16 (see "Where FP8 pays")
 };
 
 // codes and scales of an Fp8Matrix of `rows` x `cols` cut from two flat arrays at
@@ -171,7 +172,8 @@ void fp8_quantize_host(const Fp8Matrix& q, const T* x) {
         }
 }
 
-// q holds x^T for x [q.cols, q.rows]: a weight's W^T, whose blocks Dgrad reads
+// q holds x^T for x [q.cols, q.rows]: a weight's W^T, whose blocks Dgrad reads, or (in
+// 1 x 128 tiles) an FP8 Wgrad's operand, 128 tokens by one channel
 template <typename T>
 void fp8_quantize_transposed_host(const Fp8Matrix& q, const T* x) {
     std::vector<float> xt((size_t)q.rows * q.cols);
@@ -223,8 +225,7 @@ void fp8_linear_forward_host(T* out, const T* x, const Fp8Weight& w, int N) {
 }
 
 // Dgrad, emulated: dx [N, K] (+= when accumulate) = dout @ W, dout in 1 x 128 tiles
-// along OC against W^T's blocks. Wgrad stays in the model's type (reference.h's
-// linear_backward): see "Where FP8 pays" in fp8.cuh's GPU part.
+// along OC against W^T's blocks
 template <typename T>
 void fp8_linear_backward_input_host(T* dx, const T* dout, const Fp8Weight& w, int N, bool accumulate) {
     Fp8HostMatrix dq(N, w.w.rows, 1);
@@ -232,15 +233,27 @@ void fp8_linear_backward_input_host(T* dx, const T* dout, const Fp8Weight& w, in
     fp8_matmul_host(dx, dq.m, w.wt, accumulate);
 }
 
+// Wgrad in FP8 (w.wgrad), emulated: dw [OC, K] += dout^T @ x, contracting over the
+// tokens, so both operands are transposed and tiled 128 tokens by one channel.
+// Without w.wgrad, reference.h's linear_backward runs it in the model's type.
+template <typename T>
+void fp8_linear_backward_weight_host(T* dw, const T* dout, const T* x, const Fp8Weight& w, int N) {
+    Fp8HostMatrix dt(w.w.rows, N, 1), xt(w.w.cols, N, 1);
+    fp8_quantize_transposed_host(dt.m, dout);
+    fp8_quantize_transposed_host(xt.m, x);
+    fp8_matmul_host(dw, dt.m, xt.m, true);
+}
+
 #ifdef __CUDACC__
 // ----------------------------------------------------------------------------
 // Where FP8 pays, measured on an H200 (bench/fp8_gemm, bench/RESULTS.md): the
 // block-scaled Fprop and Dgrad GEMMs run 1.1-1.6x the bf16 ones at this project's
-// shapes. Wgrad contracts over the tokens, so FP8 would need both of its operands
+// shapes. Wgrad contracts over the tokens, so FP8 needs both of its operands
 // quantized again along the tokens (a transposing pass over dout and x); that
 // 1x128-by-1x128 GEMM ran 0.66-1.2x bf16 before the passes, which cost 0.5-1x
-// the GEMM on top. So Wgrad reads the bf16 dout and x as they are, as a plain
-// bf16 GEMM into the fp32 gradient: FP8 where it is faster, and no extra pass.
+// the GEMM on top. So by default Wgrad reads the bf16 dout and x as they are, a
+// plain bf16 GEMM into the fp32 gradient; --fp8-wgrad runs DeepSeek-V3's whole
+// recipe (Fp8Weight::wgrad), for shapes where it pays and for comparison.
 //
 // The quantization kernels, each the twin of a host function above.
 
@@ -282,6 +295,61 @@ void fp8_quantize_gpu(const Fp8Matrix& q, const T* x, int ld, cudaStream_t strea
     if (q.rows == 0 || q.cols == 0) return;
     const size_t tiles = (size_t)q.rows * ((q.cols + FP8_TILE - 1) / FP8_TILE);
     fp8_quantize_rows_kernel<T><<<(unsigned)((tiles + 15) / 16), 256, 0, stream>>>(q, x, ld);
+    CUDA_LAUNCH_CHECK();
+}
+
+// FP8 Wgrad's operands (--fp8-wgrad): x [rows, cols] quantized both ways in a single
+// read, in 1 x 128 tiles along its rows (q, when it has codes: Dgrad's dout) and as
+// x^T in tiles of 128 rows of x (qt). A block of 256 threads stages a 128 x 128 tile
+// in shared memory with 16-byte loads; each warp then quantizes 16 of its rows and 16
+// of its columns. The row pitch of 130 bf16 (65 words) keeps the column reads, lane i
+// on row i + 32k, free of bank conflicts.
+constexpr int FP8_BOTH_PITCH = FP8_TILE + 2;
+
+static __global__ void fp8_quantize_both_kernel(Fp8Matrix q, Fp8Matrix qt, const bf16* x, int ld) {
+    __shared__ bf16 tile[FP8_TILE][FP8_BOTH_PITCH];
+    const int rows = qt.cols, cols = qt.rows;  // x's shape; q (when wanted) has the same
+    const int r0 = blockIdx.y * FP8_TILE, c0 = blockIdx.x * FP8_TILE, lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+    const bool vector_loads = ld % 8 == 0 && ((uintptr_t)x & 15) == 0;
+    for (int i = threadIdx.x; i < FP8_TILE * FP8_TILE / 8; i += blockDim.x) {
+        const int r = i / (FP8_TILE / 8), c = i % (FP8_TILE / 8) * 8;
+        bf16 v[8];
+        if (vector_loads && r0 + r < rows && c0 + c + 8 <= cols) {
+            *(int4*)v = *(const int4*)(x + (size_t)(r0 + r) * ld + c0 + c);
+        } else {
+            for (int k = 0; k < 8; k++) v[k] = r0 + r < rows && c0 + c + k < cols ? x[(size_t)(r0 + r) * ld + c0 + c + k] : bf16(0.0f);
+        }
+        for (int k = 0; k < 8; k += 2) *(__nv_bfloat162*)&tile[r][c + k] = __nv_bfloat162{v[k], v[k + 1]};
+    }
+    __syncthreads();
+    for (int k = warp * 16; k < warp * 16 + 16; k++) {
+        if (q.codes && r0 + k < rows) {  // row k: a 1 x 128 tile of x, 4 columns a lane
+            float v[4];
+            for (int i = 0; i < 4; i++) v[i] = (float)tile[k][lane * 4 + i];
+            const float scale = warp_max(fmaxf(fmaxf(fabsf(v[0]), fabsf(v[1])), fmaxf(fabsf(v[2]), fabsf(v[3])))) / FP8_E4M3_MAX;
+            uint8_t* out = q.codes + (size_t)(r0 + k) * cols + c0 + lane * 4;
+            for (int i = 0; i < 4; i++)
+                if (c0 + lane * 4 + i < cols) out[i] = fp8_quantize(v[i], scale);
+            if (lane == 0) q.scales[fp8_scale_index(r0 + k, blockIdx.x, rows, cols, 1)] = scale;
+        }
+        if (c0 + k < cols) {  // column k: a tile of 128 rows of x, a row of x^T; lane i takes rows i + 32j
+            float v[4], amax = 0;
+            for (int i = 0; i < 4; i++) amax = fmaxf(amax, fabsf(v[i] = (float)tile[lane + 32 * i][k]));
+            const float scale = warp_max(amax) / FP8_E4M3_MAX;
+            uint8_t* out = qt.codes + (size_t)(c0 + k) * rows + r0;
+            for (int i = 0; i < 4; i++)
+                if (r0 + lane + 32 * i < rows) out[lane + 32 * i] = fp8_quantize(v[i], scale);
+            if (lane == 0) qt.scales[fp8_scale_index(c0 + k, blockIdx.y, cols, rows, 1)] = scale;
+        }
+    }
+}
+
+// q (x in 1 x 128 tiles; null codes: not wanted) and qt (x^T in tiles of 128 rows of x)
+// from x [qt.cols, qt.rows] with row pitch ld
+inline void fp8_quantize_both_gpu(const Fp8Matrix& q, const Fp8Matrix& qt, const bf16* x, int ld, cudaStream_t stream) {
+    if (qt.rows == 0 || qt.cols == 0) return;
+    const dim3 grid((qt.rows + FP8_TILE - 1) / FP8_TILE, (qt.cols + FP8_TILE - 1) / FP8_TILE);
+    fp8_quantize_both_kernel<<<grid, 256, 0, stream>>>(q, qt, x, ld);
     CUDA_LAUNCH_CHECK();
 }
 
@@ -364,16 +432,16 @@ inline void fp8_quantize_weights_gpu(const Fp8WeightJob* jobs, int count, int bl
 // ----------------------------------------------------------------------------
 // The FP8 GEMM on cuBLASLt's block-scaled path (CUDA 12.9+, sm_90), the twin of
 // fp8_matmul_host: out [x.rows, w.rows] (+)= dequant(x) @ dequant(w)^T, fp32
-// accumulation, bf16 out. x is in 1 x 128 tiles, w (W for Fprop, W^T for Dgrad) in
-// 128 x 128 blocks. In cuBLASLt's column-major terms out^T = W X^T: W is operand A
-// read transposed (the "TN" form FP8 requires), X operand B; matmul_plan sets the
-// scale modes.
-inline void fp8_matmul(Matmul& mm, bf16* out, const Fp8Matrix& x, const Fp8Matrix& w, bool accumulate, cudaStream_t stream) {
+// accumulation, bf16 or fp32 out. x is in 1 x 128 tiles; w in 128 x 128 blocks
+// (a weight: Fprop, Dgrad) or 1 x 128 tiles (FP8 Wgrad's token-tiled operand). In
+// cuBLASLt's column-major terms out^T = W X^T: W is operand A read transposed (the
+// "TN" form FP8 requires), X operand B; matmul_plan sets the scale modes.
+inline void fp8_matmul(Matmul& mm, void* out, bool out_fp32, const Fp8Matrix& x, const Fp8Matrix& w, bool accumulate, cudaStream_t stream) {
     const int N = x.rows, OC = w.rows, K = x.cols;
-    if (K % 16 || N % 4 || N == 0 || OC == 0 || w.cols != K || x.tile_rows != 1 || w.tile_rows != FP8_TILE)
+    if (K % 16 || N % 4 || N == 0 || OC == 0 || w.cols != K || x.tile_rows != 1)
         fail("fp8_matmul: K = %d must be a multiple of 16 and N = %d of 4 (an FP8 GEMM of %dx%d by %dx%d)", K, N, N, K, OC, w.cols);
-    const MatmulKey key{N, OC, K, K, K, OC, alignment_bytes(x.codes, K), alignment_bytes(w.codes, K), alignment_bytes(out, (size_t)OC * 2),
-                        false, true, false, true};
+    const MatmulKey key{N,     OC,   K, K, K, OC, alignment_bytes(x.codes, K), alignment_bytes(w.codes, K), alignment_bytes(out, (size_t)OC * (out_fp32 ? 4 : 2)),
+                        false, true, out_fp32, w.tile_rows};
     const MatmulPlan& p = matmul_plan_cached(mm, key);
     CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(p.desc, CUBLASLT_MATMUL_DESC_A_SCALE_POINTER, &w.scales, sizeof(w.scales)));
     CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(p.desc, CUBLASLT_MATMUL_DESC_B_SCALE_POINTER, &x.scales, sizeof(x.scales)));

@@ -181,8 +181,9 @@ struct GpuContext {
 
 // nn.Linear on cuBLASLt, the twins of reference.h's linear_forward / linear_backward:
 // in bf16, or where W has an FP8 copy, its output and input gradient in E4M3 with
-// DeepSeek's tiles (fp8.cuh; Wgrad stays bf16, fp8.cuh says why), the activation or
-// gradient quantized into ctx.scratch first (fp8_linear_scratch_bytes).
+// DeepSeek's tiles (fp8.cuh), and its weight gradient too with --fp8-wgrad (otherwise
+// bf16: fp8.cuh says why), each operand quantized into ctx.scratch first
+// (fp8_linear_scratch_bytes).
 
 namespace kdetail {
 inline Fp8Matrix fp8_take(Carver& c, int rows, int cols) {
@@ -191,18 +192,22 @@ inline Fp8Matrix fp8_take(Carver& c, int rows, int cols) {
 }  // namespace kdetail
 
 // the scratch bytes an FP8 Linear of `in` -> `out` features takes for N rows
-inline size_t fp8_linear_scratch_bytes(int N, int in, int out) {
+inline size_t fp8_linear_scratch_bytes(int N, int in, int out, bool wgrad) {
     kdetail::Carver forward{nullptr}, backward{nullptr};
     kdetail::fp8_take(forward, (N + 3) / 4 * 4, in);
     forward.take<bf16>((size_t)(N + 3) / 4 * 4 * out);
     kdetail::fp8_take(backward, N, out);
+    if (wgrad) {
+        kdetail::fp8_take(backward, out, N);
+        kdetail::fp8_take(backward, in, N);
+    }
     return std::max(forward.used, backward.used) + 256;
 }
 
 // out [N, W.out] = x [N, W.in] @ W^T
 inline void linear_forward_gpu(bf16* out, const bf16* x, const Linear<bf16>& w, int N, GpuContext& ctx) {
     if (!w.fp8) return matmul(ctx.mm, out, x, w.w, N, w.out, w.in, false, true, 0.0f, false, ctx.stream);
-    kdetail::check_scratch(ctx.scratch_bytes, fp8_linear_scratch_bytes(N, w.in, w.out), "an FP8 linear");
+    kdetail::check_scratch(ctx.scratch_bytes, fp8_linear_scratch_bytes(N, w.in, w.out, false), "an FP8 linear");
     // cuBLASLt's block-scaled GEMM takes rows in multiples of 4: an evaluation's last,
     // partial window computes up to 3 rows more in scratch and keeps N of them
     const int padded = (N + 3) / 4 * 4;
@@ -212,23 +217,31 @@ inline void linear_forward_gpu(bf16* out, const bf16* x, const Linear<bf16>& w, 
     fp8_quantize_gpu(xq, x, w.in, ctx.stream);
     xq.rows = padded;  // the scales' layout is the same: its pitch is N rounded up to 4
     bf16* y = padded == N ? out : c.take<bf16>((size_t)padded * w.out);
-    fp8_matmul(ctx.mm, y, xq, w.fp8->w, false, ctx.stream);
+    fp8_matmul(ctx.mm, y, false, xq, w.fp8->w, false, ctx.stream);
     if (y != out) CUDA_CHECK(cudaMemcpyAsync(out, y, (size_t)N * w.out * sizeof(bf16), cudaMemcpyDeviceToDevice, ctx.stream));
 }
 
 // dx [N, W.in] = dout @ W (+= when accumulate; null: not wanted); dW += dout^T @ x in fp32
 inline void linear_backward_gpu(bf16* dx, const Linear<float>& dw, const bf16* dout, const bf16* x, const Linear<bf16>& w, int N,
                                 bool accumulate, GpuContext& ctx) {
-    if (dx && w.fp8) {  // Dgrad in FP8: dout in 1 x 128 tiles against W^T's blocks
-        kdetail::check_scratch(ctx.scratch_bytes, fp8_linear_scratch_bytes(N, w.in, w.out), "an FP8 linear");
-        kdetail::Carver c{(char*)ctx.scratch};
-        const Fp8Matrix dq = kdetail::fp8_take(c, N, w.out);
-        fp8_quantize_gpu(dq, dout, w.out, ctx.stream);
-        fp8_matmul(ctx.mm, dx, dq, w.fp8->wt, accumulate, ctx.stream);
-    } else if (dx) {
-        matmul(ctx.mm, dx, dout, w.w, N, w.in, w.out, false, false, accumulate ? 1.0f : 0.0f, false, ctx.stream);
+    if (!w.fp8) {
+        if (dx) matmul(ctx.mm, dx, dout, w.w, N, w.in, w.out, false, false, accumulate ? 1.0f : 0.0f, false, ctx.stream);
+        return matmul(ctx.mm, dw.w, dout, x, w.out, w.in, N, true, false, 1.0f, true, ctx.stream);
     }
-    matmul(ctx.mm, dw.w, dout, x, w.out, w.in, N, true, false, 1.0f, true, ctx.stream);
+    const bool wgrad = w.fp8->wgrad;
+    kdetail::check_scratch(ctx.scratch_bytes, fp8_linear_scratch_bytes(N, w.in, w.out, wgrad), "an FP8 linear");
+    kdetail::Carver c{(char*)ctx.scratch};
+    const Fp8Matrix dq = kdetail::fp8_take(c, N, w.out);
+    if (wgrad) {  // dout read once for both its tilings: Dgrad's 1 x 128 tiles, and Wgrad's, transposed along the tokens
+        const Fp8Matrix dt = kdetail::fp8_take(c, w.out, N), xt = kdetail::fp8_take(c, w.in, N);
+        fp8_quantize_both_gpu(dx ? dq : Fp8Matrix{}, dt, dout, w.out, ctx.stream);
+        fp8_quantize_both_gpu(Fp8Matrix{}, xt, x, w.in, ctx.stream);
+        fp8_matmul(ctx.mm, dw.w, true, dt, xt, true, ctx.stream);
+    } else {
+        if (dx) fp8_quantize_gpu(dq, dout, w.out, ctx.stream);
+        matmul(ctx.mm, dw.w, dout, x, w.out, w.in, N, true, false, 1.0f, true, ctx.stream);
+    }
+    if (dx) fp8_matmul(ctx.mm, dx, false, dq, w.fp8->wt, accumulate, ctx.stream);  // Dgrad: against W^T's blocks
 }
 
 // ----------------------------------------------------------------------------

@@ -160,9 +160,10 @@ void model_to_gpu(Model& m, int B, int T, bool inference) {
     gpu.w = bind_weights(c, m.ref.layout, gpu.params16);
     gpu.master = bind_weights(c, m.ref.layout, gpu.params32);
     size_t scratch = 0;
-    if (!m.ref.fp8.empty()) {  // FP8 (ref_enable_fp8): each forward quantizes w into these copies
-        if (!inference && N % 4)  // cuBLASLt's FP8 GEMM takes rows in fours; the forward pads, Dgrad reads dout as it is
-            fail("--fp8: batch size x sequence length (%d) must be a multiple of 4", N);
+    if (!m.ref.fp8.empty()) {  // FP8 (ref_enable_fp8): the E4M3 copies of w, made here and after each optimizer step
+        const bool wgrad = m.ref.fp8[0].wgrad;  // cuBLASLt's FP8 GEMM takes rows in fours (the forward pads) and
+        if (!inference && N % (wgrad ? 16 : 4))   // K in sixteens: Dgrad reads dout as it is, FP8 Wgrad contracts over N
+            fail("--fp8%s: batch size x sequence length (%d) must be a multiple of %d", wgrad ? "-wgrad" : "", N, wgrad ? 16 : 4);
         int device = 0;
         cudaDeviceProp prop;
         CUDA_CHECK(cudaGetDevice(&device));
@@ -173,7 +174,10 @@ void model_to_gpu(Model& m, int B, int T, bool inference) {
         bind_fp8_weights(gpu.w, gpu.fp8, nullptr, nullptr, &codes, &scales);
         bind_fp8_weights(gpu.w, gpu.fp8, arena_alloc<uint8_t>(arena, codes, "FP8 weights"), arena_alloc<float>(arena, scales, "FP8 weights"),
                          &codes, &scales);
-        for (const Fp8Weight& q : gpu.fp8) scratch = std::max(scratch, fp8_linear_scratch_bytes(N, q.w.cols, q.w.rows));
+        for (size_t i = 0; i < gpu.fp8.size(); i++) {  // the records match the CPU's one for one
+            gpu.fp8[i].wgrad = m.ref.fp8[i].wgrad;
+            scratch = std::max(scratch, fp8_linear_scratch_bytes(N, gpu.fp8[i].w.cols, gpu.fp8[i].w.rows, gpu.fp8[i].wgrad));
+        }
         std::vector<Fp8WeightJob> jobs;
         for_each_fp8_linear(gpu.w, [&](const Linear<bf16>& l, const Fp8Weight* q) { jobs.push_back({*q, l.w, 0}); });
         gpu.fp8_job_count = (int)jobs.size();

@@ -21,6 +21,7 @@ struct TrainOptions {
     uint64_t seed = 1337;
     bool cuda_graph = true;      // GPU: replay each micro-step as a CUDA graph when it can
     bool fp8 = false;            // DeepSeek-V3's FP8 GEMMs (fp8.cuh; the CPU emulates them)
+    bool fp8_wgrad = false;      // with fp8, the weight gradients' GEMMs in FP8 too
 };
 
 // What exact resume needs beyond the weights (the optimizer moments live in optimizer.safetensors). Dropout

@@ -336,7 +336,7 @@ void matmul_backward(T* dinp, T* dweight, const T* dout, const T* inp, const T* 
 }
 
 // nn.Linear: out[N, W.out] = inp[N, W.in] @ W^T; with an FP8 copy of W, the emulated
-// FP8 GEMMs of fp8.cuh for the output and dinp (Wgrad stays in T, as on the GPU)
+// FP8 GEMMs of fp8.cuh for the output and dinp, and for dW with --fp8-wgrad
 template <typename T>
 void linear_forward(T* out, const T* inp, const Linear<T>& w, int N) {
     if (w.fp8) fp8_linear_forward_host(out, inp, *w.fp8, N);
@@ -347,7 +347,8 @@ template <typename T>
 void linear_backward(T* dinp, const Linear<T>& dw, const T* dout, const T* inp, const Linear<T>& w, int N, bool accumulate) {
     if (!w.fp8) return matmul_backward(dinp, dw.w, dout, inp, w.w, N, w.in, w.out, accumulate);
     if (dinp) fp8_linear_backward_input_host(dinp, dout, *w.fp8, N, accumulate);
-    matmul_backward((T*)nullptr, dw.w, dout, inp, w.w, N, w.in, w.out, false);  // Wgrad: as without FP8
+    if (w.fp8->wgrad) fp8_linear_backward_weight_host(dw.w, dout, inp, *w.fp8, N);
+    else matmul_backward((T*)nullptr, dw.w, dout, inp, w.w, N, w.in, w.out, false);
 }
 
 // ----------------------------------------------------------------------------
@@ -1041,14 +1042,16 @@ void ref_quantize_fp8(RefModel<T>& m) {
     });
 }
 
-// From here on the model's Linears that for_each_fp8_linear names run in FP8, emulated
+// From here on the model's Linears that for_each_fp8_linear names run in FP8, emulated;
+// wgrad: their weight gradients too (--fp8-wgrad)
 template <typename T>
-void ref_enable_fp8(RefModel<T>& m) {
+void ref_enable_fp8(RefModel<T>& m, bool wgrad = false) {
     size_t codes = 0, scales = 0;
     bind_fp8_weights(m.w, m.fp8, nullptr, nullptr, &codes, &scales);
     m.fp8_codes.assign(codes, 0);
     m.fp8_scales.assign(scales, 0.0f);
     bind_fp8_weights(m.w, m.fp8, m.fp8_codes.data(), m.fp8_scales.data(), &codes, &scales);
+    for (Fp8Weight& q : m.fp8) q.wgrad = wgrad;
     ref_quantize_fp8(m);
 }
 

@@ -99,7 +99,10 @@ static const char* USAGE =
     "  --seed N                weight init, dropout and sampling seed (default 1337)\n"
     "  --fp8                   DeepSeek-V3's FP8 training: the attention and FFN GEMMs in\n"
     "                          E4M3 with 1x128 / 128x128 scales (GPU: sm_90, CUDA 12.9+;\n"
-    "                          the CPU emulates it, slowly). The routed experts stay bf16\n"
+    "                          the CPU emulates it, slowly); forward and input gradients,\n"
+    "                          the weight gradients and routed experts stay bf16\n"
+    "  --fp8-wgrad             with --fp8, the weight gradients in E4M3 too: DeepSeek-V3's\n"
+    "                          whole recipe, slower here (bench/RESULTS.md)\n"
     "\n"
     "Logging and checkpoints\n"
     "  --val-every N           val loss and expert load every N steps and at the end;\n"
@@ -236,6 +239,9 @@ static bool parse_args(int argc, char** argv, Args& a) {
         } else if (n == "--fp8") {
             cli_flag(cli);
             a.opt.fp8 = true;
+        } else if (n == "--fp8-wgrad") {
+            cli_flag(cli);
+            a.opt.fp8_wgrad = true;
         } else if (n == "--balance-alpha") {
             a.opt.balance_alpha = (float)cli_float(cli, 0, 10);
         } else if (n == "--bias-update-speed") {
@@ -277,6 +283,7 @@ static bool parse_args(int argc, char** argv, Args& a) {
     if (!cli.positional.empty()) fail("unexpected argument '%s' (options are --long-names; see --help)", cli.positional[0].c_str());
     if (a.preset_given && !a.config_path.empty()) fail("give --preset or --config, not both");
     if (a.resume && a.overwrite) fail("--resume and --overwrite contradict each other");
+    if (a.opt.fp8_wgrad && !a.opt.fp8) fail("--fp8-wgrad needs --fp8");
     return true;
 }
 
@@ -562,7 +569,7 @@ static int run(int argc, char** argv) {
         fail("%s: seq_len %d exceeds max_position_embeddings %d", ckpt.c_str(), o.seq_len, c.max_position_embeddings);
 
     const bool use_gpu = a.device == "gpu" || (a.device == "auto" && gpu_available());
-    if (o.fp8) ref_enable_fp8(m.ref);
+    if (o.fp8) ref_enable_fp8(m.ref, o.fp8_wgrad);
     if (use_gpu) model_to_gpu(m, o.batch_size, o.seq_len);
     const std::string device_desc = use_gpu ? strfmt("gpu (%.1f MiB of device memory)", model_gpu_bytes(m) / 1048576.0)
                                             : strfmt("cpu (%d threads)", omp_get_max_threads());
@@ -601,7 +608,8 @@ static int run(int argc, char** argv) {
            o.optim.lr * o.optim.min_lr_fraction,
            device_desc.c_str());
     if (o.fp8)  // a projection with a side not a multiple of 16 stays in bf16 (for_each_fp8_linear)
-        printf("fp8: %zu projections run their GEMMs in E4M3\n", m.ref.fp8.size());
+        printf("fp8: %zu projections run their forward and input-gradient GEMMs in E4M3, their weight gradients in %s\n",
+               m.ref.fp8.size(), o.fp8_wgrad ? "E4M3 too" : "bf16");
     if (a.resume) printf("resuming from %s at step %d\n", ckpt.c_str(), st.step);
     if (!use_gpu && a.device == "auto")
         printf("note: no GPU found, so this is the slow CPU reference path (the default run takes about 4.5 minutes on 2 "

@@ -1,8 +1,9 @@
 // fp8_gemm.cu — where FP8 pays: each Linear that --fp8 quantizes, at a preset's shapes
 // and N tokens, timed on the device in bf16 (cuBLASLt) and in FP8 (fp8.cuh): the
-// Fprop, Dgrad and Wgrad GEMMs of each in bf16, Fprop and Dgrad in FP8, the FP8 path's quantization kernels, and the
-// whole linear_forward_gpu + linear_backward_gpu of each. Medians over --runs, timed
-// with CUDA events; one line per Linear, in microseconds.
+// Fprop, Dgrad and Wgrad GEMMs of each, the FP8 path's quantization kernels, and the
+// whole linear_forward_gpu + linear_backward_gpu of each (FP8 with Wgrad in bf16, and
+// with --fp8-wgrad's). Medians over --runs, timed with CUDA events; one line per
+// Linear, in microseconds.
 //
 //   bench/fp8_gemm [--preset small] [--tokens 16384] [--runs 20]
 #include <algorithm>
@@ -76,11 +77,11 @@ static int run(int argc, char** argv) {
     CUDA_CHECK(cudaStreamCreate(&ctx.stream));
     matmul_init(ctx.mm);
     cudaStream_t st = ctx.stream;
-    printf("%s, N = %d tokens, microseconds (median of %d): GEMMs Fprop/Dgrad/Wgrad; FP8 quantization of x, of dout, of W (W and W^T);\n"
-           "the whole Linear forward + backward (FP8: Wgrad in bf16, as fp8.cuh says)\n",
+    printf("%s, N = %d tokens, microseconds (median of %d): GEMMs Fprop/Dgrad/Wgrad; FP8 quantization of x, of dout, of W (W and W^T),\n"
+           "and --fp8-wgrad's passes (dout both ways, x^T); the whole Linear forward + backward: bf16, FP8 (Wgrad in bf16), FP8 Wgrad too\n",
            preset.c_str(), N, runs);
-    printf("%-15s %5s %5s | %-20s | %-13s | %-17s | %9s %9s %6s\n", "linear", "in", "out", "bf16 F / D / W", "fp8 F / D", "quant x / dout / W",
-           "bf16 all", "fp8 all", "ratio");
+    printf("%-15s %5s %5s | %-20s | %-20s | %-23s | %9s %9s %6s %9s %6s\n", "linear", "in", "out", "bf16 F / D / W", "fp8 F / D / W",
+           "quant x / dout / W / T", "bf16 all", "fp8 all", "ratio", "fp8w all", "ratio");
     for (const Shape& s : shapes) {
         const int K = s.in, OC = s.out;
         bf16 *x = device_alloc<bf16>((size_t)N * K, "bench"), *w = device_alloc<bf16>((size_t)OC * K, "bench");
@@ -93,25 +94,34 @@ static int run(int argc, char** argv) {
         to_device(dout, h.data(), (size_t)N * OC);
         to_device(w, h.data(), (size_t)OC * K);
         const Fp8Weight q{fp8_alloc(OC, K, 128), fp8_alloc(K, OC, 128)};
-        const Fp8Matrix xq = fp8_alloc(N, K, 1), dq = fp8_alloc(N, OC, 1);
+        const Fp8Matrix xq = fp8_alloc(N, K, 1), dq = fp8_alloc(N, OC, 1), dt = fp8_alloc(OC, N, 1), xt = fp8_alloc(K, N, 1);
         int blocks = 0;
         Fp8WeightJob* job = fp8_weight_jobs_upload({{q, w, 0}}, &blocks);
         fp8_quantize_weights_gpu(job, 1, blocks, st);
         fp8_quantize_gpu(xq, x, K, st);
         fp8_quantize_gpu(dq, dout, OC, st);
-        ctx.scratch_bytes = fp8_linear_scratch_bytes(N, K, OC);
+        fp8_quantize_both_gpu(dq, dt, dout, OC, st);
+        fp8_quantize_both_gpu(Fp8Matrix{}, xt, x, K, st);
+        ctx.scratch_bytes = fp8_linear_scratch_bytes(N, K, OC, true);
         ctx.scratch = device_alloc<char>(ctx.scratch_bytes, "bench");
-        const Linear<bf16> plain{w, OC, K}, fp8{w, OC, K, &q};
+        Fp8Weight qw8 = q;
+        qw8.wgrad = true;
+        const Linear<bf16> plain{w, OC, K}, fp8{w, OC, K, &q}, fp8w{w, OC, K, &qw8};
         const Linear<float> grad{dw, OC, K};
         auto t = [&](const std::function<void()>& fn) { return time_us(st, runs, fn); };
         const double bf = t([&] { matmul(ctx.mm, y, x, w, N, OC, K, false, true, 0.0f, false, st); });
         const double bd = t([&] { matmul(ctx.mm, dx, dout, w, N, K, OC, false, false, 0.0f, false, st); });
         const double bw = t([&] { matmul(ctx.mm, dw, dout, x, OC, K, N, true, false, 1.0f, true, st); });
-        const double ff = t([&] { fp8_matmul(ctx.mm, y, xq, q.w, false, st); });
-        const double fd = t([&] { fp8_matmul(ctx.mm, dx, dq, q.wt, false, st); });
+        const double ff = t([&] { fp8_matmul(ctx.mm, y, false, xq, q.w, false, st); });
+        const double fd = t([&] { fp8_matmul(ctx.mm, dx, false, dq, q.wt, false, st); });
+        const double fw = t([&] { fp8_matmul(ctx.mm, dw, true, dt, xt, true, st); });
         const double qx = t([&] { fp8_quantize_gpu(xq, x, K, st); });
         const double qd = t([&] { fp8_quantize_gpu(dq, dout, OC, st); });
         const double qw = t([&] { fp8_quantize_weights_gpu(job, 1, blocks, st); });
+        const double qt = t([&] {
+            fp8_quantize_both_gpu(dq, dt, dout, OC, st);
+            fp8_quantize_both_gpu(Fp8Matrix{}, xt, x, K, st);
+        });
         const double all16 = t([&] {
             linear_forward_gpu(y, x, plain, N, ctx);
             linear_backward_gpu(dx, grad, dout, x, plain, N, false, ctx);
@@ -120,12 +130,16 @@ static int run(int argc, char** argv) {
             linear_forward_gpu(y, x, fp8, N, ctx);
             linear_backward_gpu(dx, grad, dout, x, fp8, N, false, ctx);
         });
-        printf("%-15s %5d %5d | %6.0f %6.0f %6.0f | %6.0f %6.0f | %5.0f %5.0f %5.0f | %9.0f %9.0f %6.3f\n", s.name, K, OC, bf, bd, bw, ff, fd,
-               qx, qd, qw, all16, all8, all16 / all8);
+        const double all8w = t([&] {
+            linear_forward_gpu(y, x, fp8w, N, ctx);
+            linear_backward_gpu(dx, grad, dout, x, fp8w, N, false, ctx);
+        });
+        printf("%-15s %5d %5d | %6.0f %6.0f %6.0f | %6.0f %6.0f %6.0f | %5.0f %5.0f %5.0f %5.0f | %9.0f %9.0f %6.3f %9.0f %6.3f\n", s.name, K, OC,
+               bf, bd, bw, ff, fd, fw, qx, qd, qw, qt, all16, all8, all16 / all8, all8w, all16 / all8w);
         for (void* p : {(void*)x, (void*)w, (void*)dout, (void*)y, (void*)dx, (void*)dw, ctx.scratch, (void*)q.w.codes, (void*)q.w.scales,
                         (void*)q.wt.codes, (void*)q.wt.scales, (void*)job})
             CUDA_CHECK(cudaFree(p));
-        for (const Fp8Matrix& m : {xq, dq}) {
+        for (const Fp8Matrix& m : {xq, dq, dt, xt}) {
             CUDA_CHECK(cudaFree(m.codes));
             CUDA_CHECK(cudaFree(m.scales));
         }

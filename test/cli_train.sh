@@ -66,6 +66,7 @@ expect_error "number out of range" "--lr" ./train --lr -1
 expect_error "bad choice" "--save-dtype" ./train --save-dtype fp16
 expect_error "a value for a flag" "--no-cuda-graph" ./train --no-cuda-graph=1
 expect_error "unknown preset" "huge" ./train --preset huge
+expect_error "--fp8-wgrad alone" "needs --fp8" ./train --fp8-wgrad
 expect_error "missing data directory" "$T/nope" ./train --data "$T/nope" --out "$T/r_missing"
 expect_error "missing token file" "$T/nope.bin" ./train --train-data "$T/nope.bin" --out "$T/r_missing"
 if ! nvidia-smi -L >/dev/null 2>&1; then

@@ -2,8 +2,8 @@
 // hardware's own conversion (cvt.rn.satfinite, through cuda_fp8.h) for every code's
 // value, the ties between codes, the specials and millions of random floats; its
 // decoder gives the host's values for all 256 codes. Every quantization kernel
-// against its host twin (bit for bit), the cuBLASLt FP8 GEMM in both of its
-// pairings (Fprop, Dgrad) against the emulated GEMM, and the FP8 Linear against reference.h's.
+// against its host twin (bit for bit), the cuBLASLt FP8 GEMM in each of its three
+// pairings against the emulated GEMM, and the FP8 Linear against reference.h's.
 #include <doctest/doctest.h>
 
 #include <cuda_fp8.h>
@@ -149,7 +149,18 @@ TEST_CASE("fp8 quantization kernels: codes and scales bit-identical to the host'
         fp8_quantize_gpu(from32.m, x32, sh.cols, 0);
         CHECK(from16.equals(want));
         CHECK(from32.equals(want));
-        for (void* p : {(void*)pitched, (void*)x32}) CUDA_CHECK(cudaFree(p));
+        // --fp8-wgrad's pass over dout: x in 1 x 128 tiles and x^T in tiles of 128 rows of x, from one
+        // read; and x^T alone (Wgrad's x)
+        Fp8HostMatrix xt(sh.cols, sh.rows, 1);
+        fp8_quantize_transposed_host(xt.m, x.data());
+        DevFp8 drows(sh.rows, sh.cols, 1), dxt(sh.cols, sh.rows, 1), dxt_alone(sh.cols, sh.rows, 1);
+        bf16* dense = upload_pitched(x, sh.rows, sh.cols, sh.cols);
+        fp8_quantize_both_gpu(drows.m, dxt.m, pitched, sh.cols + 24, 0);
+        fp8_quantize_both_gpu(Fp8Matrix{}, dxt_alone.m, dense, sh.cols, 0);
+        CHECK(drows.equals(want));
+        CHECK(dxt.equals(xt));
+        CHECK(dxt_alone.equals(xt));
+        for (void* p : {(void*)pitched, (void*)dense, (void*)x32}) CUDA_CHECK(cudaFree(p));
     }
     // every shape as a weight, all in one launch: W and W^T in 128 x 128 blocks, the
     // partial blocks at the edges included
@@ -183,33 +194,40 @@ TEST_CASE("fp8 quantization kernels: codes and scales bit-identical to the host'
     CUDA_CHECK(cudaFree(d_jobs));
 }
 
-TEST_CASE("fp8_matmul (cuBLASLt, block-scaled) equals the emulated GEMM: Fprop and Dgrad (accumulating) pairings") {
+TEST_CASE("fp8_matmul (cuBLASLt, block-scaled) equals the emulated GEMM: Fprop, Dgrad (accumulating) and Wgrad (fp32) pairings") {
     struct Shape {
         int N, K, OC;
     };
     Matmul mm;
     matmul_init(mm);
+    // Wgrad contracts over N: only training's N, a multiple of 16, takes the third pairing
     for (Shape sh : {Shape{64, 128, 128}, Shape{200, 512, 384}, Shape{132, 1280, 200}, Shape{64, 96, 48}, Shape{256, 160, 1536}}) {
         CAPTURE(sh.N);
         CAPTURE(sh.K);
         CAPTURE(sh.OC);
-        Fp8HostMatrix x(sh.N, sh.K, 1), w(sh.OC, sh.K, 128);
+        Fp8HostMatrix x(sh.N, sh.K, 1), w(sh.OC, sh.K, 128), w_tiles(sh.OC, sh.K, 1);
         const std::vector<float> xv = test_values(sh.N, sh.K, 21), wv = test_values(sh.OC, sh.K, 22), before = test_values(sh.N, sh.OC, 23);
         fp8_quantize_host(x.m, xv.data());
         fp8_quantize_host(w.m, wv.data());
-        DevFp8 dx(x), dw(w);
-        for (bool accumulate : {false, true}) {  // Fprop writes; Dgrad adds to what is there
-            CAPTURE(accumulate);
+        fp8_quantize_host(w_tiles.m, wv.data());
+        DevFp8 dx(x), dw(w), dw_tiles(w_tiles);
+        for (int pairing = 0; pairing < (sh.N % 16 ? 2 : 3); pairing++) {  // 0: Fprop, 1: Dgrad (accumulates), 2: Wgrad
+            CAPTURE(pairing);
+            const bool out_fp32 = pairing == 2, accumulate = pairing > 0;
             std::vector<float> want = before;
-            fp8_matmul_host(want.data(), x.m, w.m, accumulate);
-            bf16* out = device_alloc<bf16>(want.size(), "test buffer");
-            to_device(out, before.data(), before.size());
-            fp8_matmul(mm, out, dx.m, dw.m, accumulate, 0);
+            fp8_matmul_host(want.data(), x.m, pairing == 2 ? w_tiles.m : w.m, accumulate);
+            void* out = out_fp32 ? (void*)device_alloc<float>(want.size(), "test buffer") : (void*)device_alloc<bf16>(want.size(), "test buffer");
+            if (out_fp32) to_device((float*)out, before.data(), before.size());
+            else to_device((bf16*)out, before.data(), before.size());
+            fp8_matmul(mm, out, out_fp32, dx.m, pairing == 2 ? dw_tiles.m : dw.m, accumulate, 0);
             CUDA_CHECK(cudaDeviceSynchronize());
-            const std::vector<float> got = to_host(out, want.size());
+            const std::vector<float> got = out_fp32 ? to_host((float*)out, want.size()) : to_host((bf16*)out, want.size());
             const double rel = rel_error(got.data(), want.data(), want.size());
-            MESSAGE("fp8_matmul N=", sh.N, " K=", sh.K, " OC=", sh.OC, " accumulate ", accumulate, ": relative error ", rel);
-            CHECK(rel < 4e-3);  // the bf16 output's rounding, 2^-9 relative rms
+            MESSAGE("fp8_matmul N=", sh.N, " K=", sh.K, " OC=", sh.OC, " pairing ", pairing, ": relative error ", rel);
+            // bf16 out: its rounding, 2^-9 relative rms. fp32 out: the tensor cores sum each
+            // 128-wide slice with about 14 bits kept (DeepSeek-V3 §3.3.2, the reason for the
+            // 128-wide promotion to fp32 that the block scales give), so 2^-14 per slice
+            CHECK(rel < (out_fp32 ? 3e-4 : 4e-3));
             CUDA_CHECK(cudaFree(out));
         }
     }
@@ -219,7 +237,10 @@ TEST_CASE("fp8_matmul (cuBLASLt, block-scaled) equals the emulated GEMM: Fprop a
 // N 93: an evaluation's last, partial window, which cuBLASLt takes only padded to 4 rows
 // (forward only: training's N is a multiple of 4)
 TEST_CASE("an FP8 Linear on the GPU (linear_forward_gpu / linear_backward_gpu) equals the emulated one of reference.h") {
-    for (int N : {96, 93}) {
+    for (int run = 0; run < 3; run++) {  // 0, 1: Wgrad in bf16; 2: in FP8 (--fp8-wgrad)
+        const int N = run == 1 ? 93 : 96;
+        const bool wgrad = run == 2;
+        CAPTURE(wgrad);
         const int in = 160, out = 144;
         const bool backward = N % 4 == 0;
         const std::vector<float> wv = test_values(out, in, 31), x = test_values(N, in, 32), dout = test_values(N, out, 33),
@@ -228,7 +249,7 @@ TEST_CASE("an FP8 Linear on the GPU (linear_forward_gpu / linear_backward_gpu) e
         Fp8HostMatrix q(out, in, 128), qt(in, out, 128);
         fp8_quantize_host(q.m, wv.data());
         fp8_quantize_transposed_host(qt.m, wv.data());
-        const Fp8Weight host_copy{q.m, qt.m};
+        const Fp8Weight host_copy{q.m, qt.m, wgrad};
         std::vector<float> w_cpu = wv, dw_cpu = dw0, dx_cpu = dx0, out_cpu((size_t)N * out);
         const Linear<float> lin_cpu{w_cpu.data(), out, in, &host_copy}, grad_cpu{dw_cpu.data(), out, in};
         linear_forward(out_cpu.data(), x.data(), lin_cpu, N);
@@ -236,10 +257,10 @@ TEST_CASE("an FP8 Linear on the GPU (linear_forward_gpu / linear_backward_gpu) e
         // the GPU: the copy made from the bf16 weight by the kernel
         GpuContext ctx;
         matmul_init(ctx.mm);
-        ctx.scratch_bytes = fp8_linear_scratch_bytes(N, in, out);
+        ctx.scratch_bytes = fp8_linear_scratch_bytes(N, in, out, wgrad);
         ctx.scratch = device_alloc<char>(ctx.scratch_bytes, "test buffer");
         DevFp8 dq(out, in, 128), dqt(in, out, 128);
-        const Fp8Weight dev_copy{dq.m, dqt.m};
+        const Fp8Weight dev_copy{dq.m, dqt.m, wgrad};
         bf16 *d_w = device_alloc<bf16>(wv.size(), "test buffer"), *d_x = device_alloc<bf16>(x.size(), "test buffer");
         bf16 *d_dout = device_alloc<bf16>(dout.size(), "test buffer"), *d_out = device_alloc<bf16>(out_cpu.size(), "test buffer");
         bf16* d_dx = device_alloc<bf16>(dx0.size(), "test buffer");
@@ -259,10 +280,12 @@ TEST_CASE("an FP8 Linear on the GPU (linear_forward_gpu / linear_backward_gpu) e
         auto rel = [](const std::vector<float>& a, const std::vector<float>& b) { return rel_error(a.data(), b.data(), b.size()); };
         const double e_out = rel(to_host(d_out, out_cpu.size()), out_cpu), e_dx = rel(to_host(d_dx, dx_cpu.size()), dx_cpu);
         const double e_dw = rel(to_host(d_dw, dw_cpu.size()), dw_cpu);
-        MESSAGE("FP8 Linear, N ", N, ", GPU vs emulation: out ", e_out, ", dx ", e_dx, ", dW ", e_dw);
+        MESSAGE("FP8 Linear, N ", N, wgrad ? ", Wgrad in FP8" : "", ", GPU vs emulation: out ", e_out, ", dx ", e_dx, ", dW ", e_dw);
         CHECK(e_out < 4e-3);  // bf16 outputs
         CHECK(e_dx < 4e-3);
-        CHECK(e_dw < 1e-5);   // Wgrad in bf16 from bf16-exact values, summed in fp32 both sides
+        // FP8 Wgrad: fp32 out, the tensor cores' ~14-bit sums (see the GEMM test); bf16 Wgrad:
+        // bf16-exact values, summed in fp32 on both sides
+        CHECK(e_dw < (wgrad ? 3e-4 : 1e-5));
         for (void* p : {(void*)d_w, (void*)d_x, (void*)d_dout, (void*)d_out, (void*)d_dx, (void*)d_dw, (void*)jobs, ctx.scratch}) CUDA_CHECK(cudaFree(p));
         matmul_free(ctx.mm);
     }
