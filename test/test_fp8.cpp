@@ -222,11 +222,13 @@ TEST_CASE("FP8 training on the CPU: the emulated step's loss and gradients follo
     write_token_file(path, tokens, 1);
     // HF's initialisation, as training starts: on the tests' O(1) random weights the
     // model is so ill-conditioned that E4M3's 3.5% per GEMM moves gradients by 27%
-    Model plain, fp8;
+    Model plain, fp8, whole;  // whole: --fp8-wgrad
     model_create(plain, c, 5);
     model_create(fp8, c, 5);
-    fp8.ref.params = plain.ref.params;
+    model_create(whole, c, 5);
+    fp8.ref.params = whole.ref.params = plain.ref.params;
     ref_enable_fp8(fp8.ref);
+    ref_enable_fp8(whole.ref, true);
     CHECK(fp8.ref.w.layers[0].attn.kv_a.fp8 != nullptr);
     CHECK(fp8.ref.w.layers[1].moe.router.fp8 == nullptr);  // the router, head and routed experts stay in fp32
     CHECK(fp8.ref.w.lm_head.fp8 == nullptr);
@@ -241,10 +243,6 @@ TEST_CASE("FP8 training on the CPU: the emulated step's loss and gradients follo
     CHECK(e_loss < 5e-3);
     CHECK(e_grad < 0.1);  // 3.5% per FP8 GEMM (the emulated GEMM test), compounded over the layers
     // --fp8-wgrad: the same forward, and weight gradients from FP8 GEMMs too
-    Model whole;
-    model_create(whole, c, 5);
-    whole.ref.params = plain.ref.params;
-    ref_enable_fp8(whole.ref, true);
     DataLoader d;
     dataloader_open(d, path, o.batch_size, o.seq_len, c.vocab_size);
     const StepStats sw = model_train_step(whole, d, o, 0);
