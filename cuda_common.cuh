@@ -1,4 +1,4 @@
-// cuda_common.cuh — what every CUDA file shares: error checks that throw one-line messages, the bf16 type, device
+// cuda_common.cuh — what every CUDA file shares: error checks that throw one-line messages (CUDA, cuBLASLt, NCCL), the bf16 type, device
 // buffers, the one cuBLASLt matmul wrapper, and host<->device copies with conversion (used by the GPU tests too).
 //
 // Layout conventions match reference.h: row-major activations [N, C]; weights W[OC, C] as in nn.Linear; activations and
@@ -8,6 +8,7 @@
 #include <cublasLt.h>
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
+#include <nccl.h>
 
 #include <map>
 #include <tuple>
@@ -27,6 +28,12 @@ typedef __nv_bfloat16 bf16;
     do {                                                                                                         \
         cublasStatus_t st_ = (call);                                                                             \
         if (st_ != CUBLAS_STATUS_SUCCESS) fail("cuBLASLt error %d at %s:%d", (int)st_, __FILE__, __LINE__);     \
+    } while (0)
+
+#define NCCL_CHECK(call)                                                                                         \
+    do {                                                                                                         \
+        ncclResult_t nr_ = (call);                                                                               \
+        if (nr_ != ncclSuccess) fail("NCCL error at %s:%d: %s", __FILE__, __LINE__, ncclGetErrorString(nr_));   \
     } while (0)
 
 // checks the last launch (cheap: no synchronisation)
