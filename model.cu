@@ -21,12 +21,16 @@ void model_create(Model& m, const Config& c, uint64_t seed) {
 }
 
 // dropout and balance-loss settings of one micro-step; the dropout key depends on
-// (seed, step, micro-step) only, so a resumed run draws the same masks
-static StepOptions micro_step_options(const TrainOptions& o, int step, int micro) {
+// (seed, step, micro-step) only, so a resumed run draws the same masks. With several
+// ranks the micro-step is counted over the whole step in the loader's order (rank r's
+// k-th micro-batch is the step's (k * world + r)-th window), so that the ranks draw
+// different masks, those of one rank with grad_accum x world micro-batches.
+static StepOptions micro_step_options(const TrainOptions& o, int step, const DataLoader& loader, int micro) {
     StepOptions opt;
     opt.dropout = o.dropout;
     opt.balance_alpha = o.balance_alpha;
-    opt.dropout_key = mix64(o.seed ^ mix64((uint64_t)step * o.grad_accum + micro));
+    const uint64_t per_step = (uint64_t)o.grad_accum * loader.world, index = (uint64_t)micro * loader.world + loader.rank;
+    opt.dropout_key = mix64(o.seed ^ mix64((uint64_t)step * per_step + index));
     return opt;
 }
 
@@ -42,7 +46,7 @@ StepStats model_train_step(Model& m, DataLoader& loader, const TrainOptions& o, 
     StepStats s{0, 0, 0, 0};
     for (int micro = 0; micro < o.grad_accum; micro++) {
         dataloader_next(loader, inputs, targets);
-        ref_forward(m.ref, inputs.data(), targets.data(), o.batch_size, o.seq_len, micro_step_options(o, step, micro));
+        ref_forward(m.ref, inputs.data(), targets.data(), o.batch_size, o.seq_len, micro_step_options(o, step, loader, micro));
         ref_backward(m.ref, 1.0f / o.grad_accum);
         s.loss += m.ref.ce_loss / o.grad_accum;
         s.balance_loss += m.ref.balance_loss / o.grad_accum;
@@ -538,7 +542,7 @@ static StepStats gpu_train_step(Model& m, DataLoader& loader, const TrainOptions
         dataloader_next(loader, inputs, targets);
         gpu_upload_batch(gpu, inputs, targets);
         gpu.communicate = zero && micro == o.grad_accum - 1;  // the gradients are summed locally first
-        gpu_forward_backward(m, o, micro_step_options(o, step, micro), dloss);
+        gpu_forward_backward(m, o, micro_step_options(o, step, loader, micro), dloss);
     }
     gpu.communicate = false;
     gpu.host_current = false;
