@@ -76,7 +76,8 @@ static const char* USAGE =
     "                          checkpoint. Given again, these change: --steps, --data,\n"
     "                          --train-data, --val-data (the same tokens expected),\n"
     "                          --val-every, --val-tokens, --save-every, --sample-every,\n"
-    "                          --sample-tokens, --save-dtype, --device, --no-cuda-graph;\n"
+    "                          --sample-tokens, --save-dtype, --device, --no-cuda-graph,\n"
+    "                          --grad-accum and the options of several GPUs (below);\n"
     "                          any other option is refused. metrics.csv lines after the\n"
     "                          checkpoint's step are dropped. A resumed run prints the\n"
     "                          same losses as one that was never stopped, as long as the\n"
@@ -789,6 +790,7 @@ static int train(Args& a) {
                 }
             }
         }
+        stop = dist_any(dist, stop || g_stop_signal != 0);  // a signal during the evaluation
         on_root(dist, [&] {
             fprintf(metrics, "%d,%.9g,%s,%.6g,%.6g,%.1f\n", done, s.loss, std::isfinite(val) ? strfmt("%.9g", val).c_str() : "",
                     s.lr, s.grad_norm, tokens_per_step / dt);
