@@ -9,7 +9,9 @@
 // len) of the flat vector is reduce-scattered, so rank r ends up with the averaged gradient of the r-th
 // len/world slice of every bucket, and keeps AdamW's moments for those slices only. It updates its slices of
 // the fp32 master weights and the bf16 weights, and an all-gather per bucket gives every rank the new bf16
-// weights. A rank's optimizer state is the concatenation of its slices, bucket by bucket.
+// weights. A rank's optimizer state is the concatenation of its slices, bucket by bucket. The fp32 master
+// weights stay whole-length on every rank (the forward reads the expert biases there, which every rank
+// updates alike from the global loads); their other slices go stale until a checkpoint gathers them.
 #pragma once
 
 #include <algorithm>
@@ -196,10 +198,10 @@ inline void dist_forward_signal(int sig) {
 }
 
 // Forks n ranks that share a fresh init directory. In a child, returns -1 with g set (rank r of n); the parent
-// waits and returns the exit status: 0 when every rank finished, 130 when they all stopped on a signal, else
-// 1 after a one-line error naming the first rank that failed, whose siblings it has terminated (so that none
-// waits on a dead rank for the whole timeout). Ctrl-C reaches the ranks from the terminal, so the parent
-// ignores SIGINT; SIGTERM it passes on.
+// waits and returns the exit status: 0 when every rank finished, 130 when they stopped on a signal, else the
+// status of the first rank that failed (1 and a one-line error naming it when it was killed), whose siblings
+// it has killed at once, so that none waits on a dead rank for the whole timeout. Ctrl-C reaches the ranks
+// from the terminal, so the parent ignores SIGINT; SIGTERM it passes on.
 inline int dist_launch(int n, DistGroup& g) {
     if (n < 1 || n > 1024) fail("--gpus %d: must be 1..1024", n);
     char tmpl[] = "/tmp/dsv3-init-XXXXXX";
@@ -225,7 +227,8 @@ inline int dist_launch(int n, DistGroup& g) {
     signal(SIGINT, SIG_IGN);
     signal(SIGTERM, dist_forward_signal);
     int status_out = 0, left = n;
-    std::string failure;
+    bool failed = false;
+    std::string killed;
     while (left > 0) {
         int status = 0;
         pid_t pid = waitpid(-1, &status, 0);
@@ -238,23 +241,21 @@ inline int dist_launch(int n, DistGroup& g) {
         if (r == n) continue;
         g_dist_children[r] = 0;
         left--;
-        const bool stopped = WIFEXITED(status) && WEXITSTATUS(status) == 130;
-        if (WIFEXITED(status) && WEXITSTATUS(status) == 0) continue;
-        if (stopped) {
-            if (status_out == 0) status_out = 130;
+        const int code = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+        if (code == 0 || failed) continue;
+        if (code == 130) {  // stopped by a signal after its checkpoint, as all the ranks do together
+            status_out = 130;
             continue;
         }
-        if (!failure.empty()) continue;
-        failure = WIFEXITED(status) ? strfmt("rank %d of %d exited with status %d", r, n, WEXITSTATUS(status))
-                                    : strfmt("rank %d of %d was killed by signal %d (%s)", r, n, WTERMSIG(status), strsignal(WTERMSIG(status)));
+        // a rank that exits with an error has said why in its own line; one killed outright has not
+        failed = true;
+        status_out = code > 0 ? code : 1;
+        if (code < 0) killed = strfmt("rank %d of %d was killed by signal %d (%s)", r, n, WTERMSIG(status), strsignal(WTERMSIG(status)));
         dist_forward_signal(SIGKILL);
     }
     remove(dist_id_path(g.init_dir).c_str());
     rmdir(g.init_dir.c_str());
-    if (!failure.empty()) {
-        fprintf(stderr, "error: %s; the other ranks were stopped\n", failure.c_str());
-        return 1;
-    }
+    if (!killed.empty()) fprintf(stderr, "error: %s; the other ranks were stopped\n", killed.c_str());
     return status_out;
 }
 

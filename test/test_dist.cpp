@@ -265,7 +265,7 @@ TEST_CASE("the options hash ignores only --process-rank") {
     CHECK(hash({"./train", "--num-processes", "2", "--process-rank", "0", "--steps", "2", "0"}) != base);  // words, not their concatenation
 }
 
-TEST_CASE("--gpus launcher: a rank that fails stops the others at once; all finishing is success") {
+TEST_CASE("--gpus launcher: a rank that fails or dies stops the others at once; all finishing is success") {
     DistGroup g;
     double t0 = now_seconds();
     int status = dist_launch(2, g);
@@ -274,9 +274,20 @@ TEST_CASE("--gpus launcher: a rank that fails stops the others at once; all fini
         sleep(60);
         _exit(0);
     }
-    CHECK(status == 1);
+    CHECK(status == 3);  // the failed rank's status
     CHECK(now_seconds() - t0 < 20);
     CHECK(!path_exists(g.init_dir));
+
+    DistGroup k;
+    t0 = now_seconds();
+    status = dist_launch(3, k);
+    if (status < 0) {  // rank 2 dies on a signal, which leaves no message of its own
+        if (k.rank == 2) raise(SIGKILL);
+        sleep(60);
+        _exit(0);
+    }
+    CHECK(status == 1);
+    CHECK(now_seconds() - t0 < 20);
 
     DistGroup h;
     status = dist_launch(3, h);
