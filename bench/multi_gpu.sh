@@ -6,6 +6,9 @@
 #   bash bench/multi_gpu.sh [runs] [steps]      (default 3 runs of 30 steps each)
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# NVLink multicast (NVLS) stays off: on the shared device machines a program using it can take the GPUs out of
+# service; the plain NVLink ring and tree are what this measures
+export NCCL_NVLS_ENABLE=0
 runs=${1:-3}
 steps=${2:-30}
 make -j16 train data/prepare >/dev/null

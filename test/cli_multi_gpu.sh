@@ -6,6 +6,9 @@
 # Skips, passing, on a machine with fewer than 2 GPUs (CI has none). About two minutes on 2 H200s.
 set -euo pipefail
 export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-passive}
+# NVLink multicast (NVLS) stays off: on the shared device machines a program using it can take the GPUs out of
+# service; NCCL's plain NVLink ring and tree serve these checks
+export NCCL_NVLS_ENABLE=0
 
 gpus=$( (nvidia-smi -L 2>/dev/null || true) | grep -c '^GPU' || true)
 if [ "${gpus:-0}" -lt 2 ]; then
