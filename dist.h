@@ -172,16 +172,22 @@ inline void dist_retract_id(const std::string& dir) { remove(dist_id_path(dir).c
 // ----------------------------------------------------------------------------
 // Options every rank must share: a hash of the command line without the words that differ by rank
 
+// FNV-1a, continuing from h
+inline uint64_t dist_hash(const std::string& s, uint64_t h = 1469598103934665603ull) {
+    for (unsigned char ch : s) h = (h ^ ch) * 1099511628211ull;
+    return h;
+}
+
 inline uint64_t dist_options_hash(int argc, char** argv) {
-    uint64_t h = 1469598103934665603ull;  // FNV-1a
+    uint64_t h = dist_hash("");
     for (int i = 1; i < argc; i++) {
-        std::string w = argv[i];
+        const std::string w = argv[i];
         if (w == "--process-rank") {
             i++;
             continue;
         }
         if (w.compare(0, 15, "--process-rank=") == 0) continue;
-        for (unsigned char ch : w + '\0') h = (h ^ ch) * 1099511628211ull;
+        h = dist_hash(w + '\0', h);
     }
     return h;
 }

@@ -574,7 +574,8 @@ static int train(Args& a) {
     // the data files
     const bool default_data = a.data_dir == "data/default";
     if (a.train_pattern.empty() || (a.val_pattern.empty() && a.data_given)) {
-        if (default_data && !dataset_complete(a.data_dir)) {
+        // decided together: a rank that looks while rank 0 writes the files must not decide otherwise
+        if (dist_any(dist, default_data && !dataset_complete(a.data_dir))) {
             on_root(dist, [&] {
                 printf("data/default is missing: generating the default dataset (1 MiB of generated English-like text, "
                        "BPE vocab 1024, 10%% val)\n");
@@ -658,6 +659,11 @@ static int train(Args& a) {
     DataLoader loader;
     dataloader_open(loader, train_pattern, o.batch_size, o.seq_len, c.vocab_size, dist.rank, dist.world);
     if (a.resume) dataloader_seek(loader, st.data_position);
+    // ranks that read different checkpoints or data (an --out or a data path that is not on a file system every
+    // node sees) would train different models
+    dist_check_same(dist, dist_hash(config_to_json(c) + strfmt("|%d|%llu|%llu", st.step, (unsigned long long)st.data_position,
+                                                               (unsigned long long)loader.total)),
+                    "models or data (every rank must read the same checkpoint and token files)");
     std::vector<int> val_tokens;
     uint64_t val_total = 0;
     if (!val_pattern.empty()) val_tokens = read_val_tokens(val_pattern, c.vocab_size, (size_t)a.val_tokens, &val_total);
