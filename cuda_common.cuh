@@ -41,6 +41,9 @@ typedef __nv_bfloat16 bf16;
 
 inline int ceil_div(long long a, long long b) { return (int)((a + b - 1) / b); }
 
+// one-time settings of a kernel (its shared-memory opt-in) are per device; launchers keep them for this many
+constexpr int MAX_DEVICES = 64;
+
 // ----------------------------------------------------------------------------
 // device memory
 
