@@ -522,6 +522,7 @@ static int run(int argc, char** argv) {
         a = Args();
         parse_args((int)words.size(), words.data(), a);
     }
+    if ((a.gpus > 1 || a.dist.world > 1) && a.device == "cpu") fail("several processes train on GPUs only, not with --device cpu");
     // several GPUs: the ranks are forked before any CUDA call (a CUDA context does not survive a fork)
     if (a.gpus > 1) {
         const int status = dist_launch(a.gpus, a.dist);
@@ -531,7 +532,6 @@ static int run(int argc, char** argv) {
     else if (a.dist.world == 1) dist_from_mpi(a.dist);
 #endif
     if (a.dist.world == 1) return train(a);
-    if (a.device == "cpu") fail("several processes train on GPUs only, not with --device cpu");
     if (a.dist.rank > 0 && !freopen("/dev/null", "w", stdout)) fail("rank %d: cannot silence stdout", a.dist.rank);
     try {
         dist_init(a.dist);
