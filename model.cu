@@ -127,7 +127,11 @@ int sample_token(const float* logits, int V, const SamplingOptions& s, float coi
 // bf16 weights and activations, fp32 weight gradients, master weights and AdamW
 // moments. Nothing waits for the host inside a step; the loss, the gradient norm
 // and the expert loads come back once per step, for logging. The device state
-// (GpuModel) is declared in gpu_model.cuh.
+// (GpuModel) is declared in gpu_model.cuh. On several GPUs (dist.h: data parallel,
+// ZeRO-1) the step's last micro-batch reduce-scatters each bucket of gradients as the
+// backward finishes it (gpu_backward_point), and the step ends with the group's norm,
+// loads and loss (gpu_reduce_step_stats), AdamW on this rank's slices and an all-gather
+// of the bf16 weights (gpu_gather_weights).
 #include "gpu_model.cuh"
 
 size_t model_gpu_bytes(const Model& m) { return m.gpu ? m.gpu->arena.bytes + m.gpu->ctx.mm.workspace_bytes : 0; }
