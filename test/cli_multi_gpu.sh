@@ -34,7 +34,8 @@ maxrel() {
         $1 < from || $1 > to { next }
         f == 1 { a[$1] = $2; next }
         ($1 in a) { d = a[$1] - $2; if (d < 0) d = -d; m0 = $2 < 0 ? -$2 : $2; r = d / m0; if (r > m) m = r; n++ }
-        END { if (n != to - from + 1) print "missing"; else printf "%.3g\n", m }' "$1/metrics.csv" "$2/metrics.csv"
+        END { if (n != to - from + 1) print "missing"; else printf "%.3g\n", m }' "$1/metrics.csv" "$2/metrics.csv" 2>/dev/null ||
+        echo missing
 }
 below() { awk -v x="$1" -v lim="$2" 'BEGIN { exit !(x != "missing" && x + 0 < lim + 0) }'; }
 # metrics.csv without the tokens/s column
