@@ -25,21 +25,20 @@ static cudaStream_t g_stream = nullptr;
 void dist_heartbeat() { g_last_progress = now_seconds(); }
 
 // _exit, not fail: the main thread cannot be unwound from a blocked CUDA call, and a dead CUDA context makes
-// destructors hang
+// destructors hang. No fflush(stdout) either: the main thread might hold its lock (train's stdout is line
+// buffered, so its lines are out already)
 static void watchdog(int rank, int world, double timeout) {
     while (!g_watchdog_stop) {
         usleep(200000);
         ncclComm* comm = g_watched_comm;
         ncclResult_t async = ncclSuccess;
         if (comm && ncclCommGetAsyncError(comm, &async) == ncclSuccess && async != ncclSuccess && async != ncclInProgress) {
-            fflush(stdout);
             fprintf(stderr, "error: rank %d of %d: NCCL failed (%s): another rank died or the network failed\n", rank, world,
                     ncclGetErrorString(async));
             _exit(1);
         }
         const double idle = now_seconds() - g_last_progress;
         if (idle > timeout) {
-            fflush(stdout);
             fprintf(stderr, "error: rank %d of %d: no progress for %.0f s: another rank died or hung (--nccl-timeout %g)\n", rank,
                     world, idle, timeout);
             _exit(1);
