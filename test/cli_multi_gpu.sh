@@ -38,6 +38,10 @@ maxrel() {
         echo missing
 }
 below() { awk -v x="$1" -v lim="$2" 'BEGIN { exit !(x != "missing" && x + 0 < lim + 0) }'; }
+# check_below NAME VALUE LIMIT [DETAIL]: passes when VALUE is a number below LIMIT
+check_below() {
+    if below "$2" "$3"; then pass "$1 ($2)"; else fail "$1" "$2, not below $3${4:+; $4}"; fi
+}
 # metrics.csv without the tokens/s column
 numbers() { cut -d, -f1-5 "$1/metrics.csv"; }
 
@@ -62,11 +66,10 @@ fi
 
 # step 1 sees the same weights and the same tokens: only the order of two float additions differs
 first=$(maxrel "$T/one" "$T/two" 1 1)
-below "$first" 1e-5 && pass "step 1 loss: 2 GPUs = 1 GPU with --grad-accum 2 (rel diff $first)" ||
-    fail "step 1 loss: 2 GPUs = 1 GPU with --grad-accum 2" "rel diff $first"
+check_below "step 1 loss: 2 GPUs = 1 GPU with --grad-accum 2 (rel diff)" "$first" 1e-5
 all=$(maxrel "$T/one" "$T/two" 1 20)
-below "$all" 2e-2 && pass "20 steps: 2 GPUs = 1 GPU with --grad-accum 2 within bf16 tolerance (max rel diff $all)" ||
-    fail "20 steps: 2 GPUs = 1 GPU with --grad-accum 2 within bf16 tolerance" "max rel diff $all; $(paste -d' ' <(numbers "$T/one") <(numbers "$T/two") | tail -4)"
+check_below "20 steps: 2 GPUs = 1 GPU with --grad-accum 2 within bf16 tolerance (max rel diff)" "$all" 2e-2 \
+    "$(paste -d' ' <(numbers "$T/one") <(numbers "$T/two") | tail -4)"
 if cmp -s <(numbers "$T/two") <(numbers "$T/two_again"); then
     pass "two 2-GPU runs are bit-identical (loss, lr, grad norm)"
 else
@@ -84,16 +87,14 @@ fi
 ./train "${RUN[@]}" --steps 10 --gpus 2 --out "$T/r21" >"$T/r21.log" 2>&1 || fail "2 GPUs: 10 steps" "$(tail -3 "$T/r21.log")"
 if ./train --out "$T/r21" --resume --steps 20 --grad-accum 2 >"$T/r21b.log" 2>&1; then
     rel=$(maxrel "$T/one" "$T/r21" 11 20)
-    below "$rel" 2e-2 && pass "a 2-GPU checkpoint resumes on 1 GPU (steps 11-20 vs the 1-GPU run: max rel diff $rel)" ||
-        fail "a 2-GPU checkpoint resumes on 1 GPU" "max rel diff $rel"
+    check_below "a 2-GPU checkpoint resumes on 1 GPU (steps 11-20 vs the 1-GPU run: max rel diff)" "$rel" 2e-2
 else
     fail "a 2-GPU checkpoint resumes on 1 GPU" "$(tail -3 "$T/r21b.log")"
 fi
 ./train "${RUN[@]}" --steps 10 --grad-accum 2 --out "$T/r12" >"$T/r12.log" 2>&1 || fail "1 GPU: 10 steps" "$(tail -3 "$T/r12.log")"
 if ./train --out "$T/r12" --resume --steps 20 --grad-accum 1 --gpus 2 >"$T/r12b.log" 2>&1; then
     rel=$(maxrel "$T/two" "$T/r12" 11 20)
-    below "$rel" 2e-2 && pass "a 1-GPU checkpoint resumes on 2 GPUs (steps 11-20 vs the 2-GPU run: max rel diff $rel)" ||
-        fail "a 1-GPU checkpoint resumes on 2 GPUs" "max rel diff $rel"
+    check_below "a 1-GPU checkpoint resumes on 2 GPUs (steps 11-20 vs the 2-GPU run: max rel diff)" "$rel" 2e-2
 else
     fail "a 1-GPU checkpoint resumes on 2 GPUs" "$(tail -3 "$T/r12b.log")"
 fi
