@@ -8,13 +8,21 @@
 #   make test-asan    the CPU tests under AddressSanitizer and UBSan
 #   make data         write the generated default dataset to data/default
 #   make GPU_ARCH=80  build for Ampere (86 or 89 for Ada); the default 90a is Hopper
+#   make USE_MPI=1    train also starts under mpirun -np N (OpenMPI); without it, --gpus N or
+#                     --num-processes/--process-rank/--init-dir start several GPUs (README)
 NVCC ?= nvcc
 GPU_ARCH ?= 90a
 NVCC_FLAGS ?= -O3
 FLAGS = -std=c++17 $(NVCC_FLAGS) -gencode=arch=compute_$(GPU_ARCH),code=sm_$(GPU_ARCH) -Xcompiler -fopenmp,-Wall -I.
-LIBS = -lcublasLt -lgomp
+LIBS = -lcublasLt -lnccl -lgomp
+# NCCL comes with the CUDA toolkit (lib64/libnccl.so); MPI only launches the ranks and hands out the NCCL id
+ifeq ($(USE_MPI),1)
+    MPI_HOME ?= /usr/lib/x86_64-linux-gnu/openmpi
+    FLAGS += -DUSE_MPI -I$(MPI_HOME)/include
+    LIBS += -L$(MPI_HOME)/lib -lmpi
+endif
 
-HEADERS = common.h cli.h config.h json.h fileutil.h safetensors.h tokenizer.h dataloader.h corpus.h chart.h fp8.cuh reference.h model.h decode.h
+HEADERS = common.h cli.h config.h json.h fileutil.h safetensors.h tokenizer.h dataloader.h corpus.h chart.h fp8.cuh reference.h model.h decode.h dist.h
 BINARIES = train generate validate data/prepare
 TEST_SOURCES = $(wildcard test/test_*.cpp)
 
@@ -22,13 +30,16 @@ TEST_SOURCES = $(wildcard test/test_*.cpp)
 
 all: $(BINARIES)
 
-# the model (model.cu: CPU and GPU paths; checkpoint.cpp) and the GPU decoder (decode.cu)
-MODEL = model.o checkpoint.o
+# the model (model.cu: CPU and GPU paths; checkpoint.cpp; dist.cu: the multi-GPU process group) and the GPU decoder (decode.cu)
+MODEL = model.o checkpoint.o dist.o
 
 model.o: model.cu $(HEADERS) gpu_model.cuh cuda_common.cuh kernels.cuh mla.cuh moe.cuh
 	$(NVCC) $(FLAGS) -c $< -o $@
 
 checkpoint.o: checkpoint.cpp $(HEADERS)
+	$(NVCC) $(FLAGS) -c $< -o $@
+
+dist.o: dist.cu $(HEADERS) cuda_common.cuh
 	$(NVCC) $(FLAGS) -c $< -o $@
 
 decode.o: decode.cu decode.cuh $(HEADERS) gpu_model.cuh cuda_common.cuh kernels.cuh mla.cuh moe.cuh
@@ -71,8 +82,8 @@ test: test/test_cpu all
 ASAN_FLAGS = -std=c++17 -O1 -gencode=arch=compute_$(GPU_ARCH),code=sm_$(GPU_ARCH) -I. \
 	-Xcompiler -fopenmp,-fsanitize=address,-fsanitize=undefined,-fno-sanitize-recover=undefined,-fno-omit-frame-pointer
 
-test/test_asan: $(TEST_SOURCES) model.cu checkpoint.cpp $(HEADERS) test/test_configs.h gpu_model.cuh cuda_common.cuh kernels.cuh mla.cuh moe.cuh
-	$(NVCC) $(ASAN_FLAGS) -x cu $(TEST_SOURCES) model.cu checkpoint.cpp -o $@ $(LIBS)
+test/test_asan: $(TEST_SOURCES) model.cu checkpoint.cpp dist.cu $(HEADERS) test/test_configs.h gpu_model.cuh cuda_common.cuh kernels.cuh mla.cuh moe.cuh
+	$(NVCC) $(ASAN_FLAGS) -x cu $(TEST_SOURCES) model.cu checkpoint.cpp dist.cu -o $@ $(LIBS)
 
 test-asan: test/test_asan
 	ASAN_OPTIONS=protect_shadow_gap=0 OMP_WAIT_POLICY=passive ./test/test_asan

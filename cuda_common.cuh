@@ -1,4 +1,4 @@
-// cuda_common.cuh — what every CUDA file shares: error checks that throw one-line messages, the bf16 type, device
+// cuda_common.cuh — what every CUDA file shares: error checks that throw one-line messages (CUDA, cuBLASLt, NCCL), the bf16 type, device
 // buffers, the one cuBLASLt matmul wrapper, and host<->device copies with conversion (used by the GPU tests too).
 //
 // Layout conventions match reference.h: row-major activations [N, C]; weights W[OC, C] as in nn.Linear; activations and
@@ -8,6 +8,7 @@
 #include <cublasLt.h>
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
+#include <nccl.h>
 
 #include <map>
 #include <tuple>
@@ -29,10 +30,19 @@ typedef __nv_bfloat16 bf16;
         if (st_ != CUBLAS_STATUS_SUCCESS) fail("cuBLASLt error %d at %s:%d", (int)st_, __FILE__, __LINE__);     \
     } while (0)
 
+#define NCCL_CHECK(call)                                                                                         \
+    do {                                                                                                         \
+        ncclResult_t nr_ = (call);                                                                               \
+        if (nr_ != ncclSuccess) fail("NCCL error at %s:%d: %s", __FILE__, __LINE__, ncclGetErrorString(nr_));   \
+    } while (0)
+
 // checks the last launch (cheap: no synchronisation)
 #define CUDA_LAUNCH_CHECK() CUDA_CHECK(cudaGetLastError())
 
 inline int ceil_div(long long a, long long b) { return (int)((a + b - 1) / b); }
+
+// one-time settings of a kernel (its shared-memory opt-in) are per device; launchers keep them for this many
+constexpr int MAX_DEVICES = 64;
 
 // ----------------------------------------------------------------------------
 // device memory

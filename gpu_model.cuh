@@ -3,6 +3,7 @@
 // activations, allocated once for batches of up to B sequences of T tokens.
 #pragma once
 
+#include "dist.h"
 #include "model.h"
 #include "kernels.cuh"
 #include "mla.cuh"
@@ -33,8 +34,10 @@ struct GpuModel {
     int B, T, N;  // the largest batch the buffers hold
     GpuContext ctx;
     RopeGpu rope;
-    float *params32, *grads, *adam_m, *adam_v;  // [P] fp32 master weights, gradients, AdamW moments
-    bf16* params16;                             // [P] the bf16 copy the GEMMs read
+    size_t flat;                                // P, the layout's total; under ZeRO-1 zero.padded
+    float *params32, *grads;                    // [flat] fp32 master weights, gradients
+    float *adam_m, *adam_v;                     // [P] AdamW moments; under ZeRO-1 [zero.shard], this rank's slices
+    bf16* params16;                             // [flat] the bf16 copy the GEMMs read
     ModelWeights<bf16> w;                       // bound to params16
     ModelWeights<float> master, grad;           // bound to params32 and grads
     std::vector<Fp8Weight> fp8;                 // FP8 training: the E4M3 copies of w's FP8 Linears,
@@ -60,6 +63,17 @@ struct GpuModel {
     DeviceArena arena;    // all of the above (the cuBLASLt workspace is in ctx.mm)
     cudaGraphExec_t graph = nullptr;  // the captured forward + backward of one micro-batch
     GraphKey graph_key;
+    // Data parallel with ZeRO-1 (dist.world > 1; on one GPU none of this is set up). chunks lists this rank's
+    // slices only; each rank updates its slices of params32 and params16, whose other slices are stale until
+    // the all-gather (params16, every step) or model_sync_host (params32).
+    DistGroup dist;
+    ZeroPlan zero;
+    cudaStream_t comm_stream = nullptr;     // the reduce-scatters, running beside the rest of the backward
+    std::vector<cudaEvent_t> point_done;    // [layers + 2] recorded after each backward point (dist.h grad_ready_point)
+    cudaEvent_t comm_done = nullptr;        // every reduce-scatter of the step has run
+    bool communicate = false;               // this backward reduce-scatters its buckets (the step's last micro-batch)
+    bool host_current = false;              // model_sync_host gathered the state since the last step: a second call
+                                            // (model_save's own, on rank 0 only) must not start a collective
 };
 
 // Forward of one micro-batch already in gpu.tokens/gpu.targets (B rows of T tokens).

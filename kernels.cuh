@@ -830,6 +830,8 @@ struct ParamChunk {
     size_t begin;  // first element in the flat array
     int len;       // elements
     int decay;     // 1 = TENSOR_DECAY (AdamW applies weight decay), 0 = TENSOR_NO_DECAY
+    size_t state;  // where the first element's AdamW moments are: begin, except under ZeRO-1, where a rank keeps
+                   // the moments of its slices only (dist.h zero_rank_chunks)
 };
 
 constexpr int PARAM_CHUNK = 32768;
@@ -839,7 +841,7 @@ inline std::vector<ParamChunk> param_chunks(const ParamLayout& L, int max_len = 
     for (const TensorSpec& s : L.tensors) {
         if (s.kind == TENSOR_BUFFER) continue;
         for (size_t at = 0; at < s.numel; at += (size_t)max_len)
-            out.push_back({s.offset + at, (int)std::min<size_t>(max_len, s.numel - at), s.kind == TENSOR_DECAY ? 1 : 0});
+            out.push_back({s.offset + at, (int)std::min<size_t>(max_len, s.numel - at), s.kind == TENSOR_DECAY ? 1 : 0, s.offset + at});
     }
     return out;
 }
@@ -904,12 +906,12 @@ static __global__ void adamw_kernel(float* params32, bf16* params16, const float
     const float wd = c.decay ? weight_decay : 0.0f;
     const float one_b1 = __fsub_rn(1.0f, beta1), one_b2 = __fsub_rn(1.0f, beta2);
     for (int j = threadIdx.x; j < c.len; j += blockDim.x) {
-        const size_t i = c.begin + j;
+        const size_t i = c.begin + j, k = c.state + j;
         const float g = (float)((double)grads[i] * scale);
-        const float mi = __fadd_rn(__fmul_rn(beta1, m[i]), __fmul_rn(one_b1, g));
-        const float vi = __fadd_rn(__fmul_rn(beta2, v[i]), __fmul_rn(__fmul_rn(one_b2, g), g));
-        m[i] = mi;
-        v[i] = vi;
+        const float mi = __fadd_rn(__fmul_rn(beta1, m[k]), __fmul_rn(one_b1, g));
+        const float vi = __fadd_rn(__fmul_rn(beta2, v[k]), __fmul_rn(__fmul_rn(one_b2, g), g));
+        m[k] = mi;
+        v[k] = vi;
         const float mhat = (float)((double)mi / bc1), vhat = (float)((double)vi / bc2);
         const float p = params32[i];
         const float update = __fmul_rn(lr, __fadd_rn(__fdiv_rn(mhat, __fadd_rn(__fsqrt_rn(vhat), eps)), __fmul_rn(wd, p)));
@@ -919,8 +921,8 @@ static __global__ void adamw_kernel(float* params32, bf16* params16, const float
     }
 }
 
-// One AdamW step (step counts from 1) over the chunks. params32/grads/m/v: the flat
-// fp32 arrays; params16: the bf16 working copy in the same layout, refreshed for the
+// One AdamW step (step counts from 1) over the chunks. params32/grads: the flat
+// fp32 arrays; m/v: the moments, indexed by the chunks' state; params16: the bf16 working copy in the same layout, refreshed for the
 // updated elements (null: none). grad_norm_squared: device scalar from
 // grad_norm_squared_gpu (null or grad_clip <= 0: no clipping). weight_decay applies
 // to chunks with decay = 1.

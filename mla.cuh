@@ -681,7 +681,6 @@ inline void check_attention_shape(int B, int T, int H, int dqk, int dv) {
 // calling launcher, so one per kernel; the launchers are static like the kernels, so each translation unit
 // keeps its own) remembers the size already granted per device: after the first call with a shape, later
 // calls make no CUDA API call at all, so a step can be captured into a CUDA graph once it has run eagerly.
-constexpr int MAX_DEVICES = 64;
 template <typename K>
 inline void set_smem(K kernel, size_t bytes, size_t (&done)[MAX_DEVICES]) {
     int dev = 0;

@@ -21,12 +21,16 @@ void model_create(Model& m, const Config& c, uint64_t seed) {
 }
 
 // dropout and balance-loss settings of one micro-step; the dropout key depends on
-// (seed, step, micro-step) only, so a resumed run draws the same masks
-static StepOptions micro_step_options(const TrainOptions& o, int step, int micro) {
+// (seed, step, micro-step) only, so a resumed run draws the same masks. With several
+// ranks the micro-step is counted over the whole step in the loader's order (rank r's
+// k-th micro-batch is the step's (k * world + r)-th window), so that the ranks draw
+// different masks, those of one rank with grad_accum x world micro-batches.
+static StepOptions micro_step_options(const TrainOptions& o, int step, const DataLoader& loader, int micro) {
     StepOptions opt;
     opt.dropout = o.dropout;
     opt.balance_alpha = o.balance_alpha;
-    opt.dropout_key = mix64(o.seed ^ mix64((uint64_t)step * o.grad_accum + micro));
+    const uint64_t per_step = (uint64_t)o.grad_accum * loader.world, index = (uint64_t)micro * loader.world + loader.rank;
+    opt.dropout_key = mix64(o.seed ^ mix64((uint64_t)step * per_step + index));
     return opt;
 }
 
@@ -42,7 +46,7 @@ StepStats model_train_step(Model& m, DataLoader& loader, const TrainOptions& o, 
     StepStats s{0, 0, 0, 0};
     for (int micro = 0; micro < o.grad_accum; micro++) {
         dataloader_next(loader, inputs, targets);
-        ref_forward(m.ref, inputs.data(), targets.data(), o.batch_size, o.seq_len, micro_step_options(o, step, micro));
+        ref_forward(m.ref, inputs.data(), targets.data(), o.batch_size, o.seq_len, micro_step_options(o, step, loader, micro));
         ref_backward(m.ref, 1.0f / o.grad_accum);
         s.loss += m.ref.ce_loss / o.grad_accum;
         s.balance_loss += m.ref.balance_loss / o.grad_accum;
@@ -123,7 +127,11 @@ int sample_token(const float* logits, int V, const SamplingOptions& s, float coi
 // bf16 weights and activations, fp32 weight gradients, master weights and AdamW
 // moments. Nothing waits for the host inside a step; the loss, the gradient norm
 // and the expert loads come back once per step, for logging. The device state
-// (GpuModel) is declared in gpu_model.cuh.
+// (GpuModel) is declared in gpu_model.cuh. On several GPUs (dist.h: data parallel,
+// ZeRO-1) the step's last micro-batch reduce-scatters each bucket of gradients as the
+// backward finishes it (gpu_backward_point), and the step ends with the group's norm,
+// loads and loss (gpu_reduce_step_stats), AdamW on this rank's slices and an all-gather
+// of the bf16 weights (gpu_gather_weights).
 #include "gpu_model.cuh"
 
 size_t model_gpu_bytes(const Model& m) { return m.gpu ? m.gpu->arena.bytes + m.gpu->ctx.mm.workspace_bytes : 0; }
@@ -133,7 +141,7 @@ bool gpu_available() {
     return cudaGetDeviceCount(&count) == cudaSuccess && count > 0;
 }
 
-void model_to_gpu(Model& m, int B, int T, bool inference) {
+void model_to_gpu(Model& m, int B, int T, bool inference, const DistGroup& dist) {
     const Config& c = m.ref.cfg;
     if (c.n_routed_experts > 0) router_check(c);
     if (!gpu_available()) fail("--device gpu: no CUDA device is available");
@@ -146,6 +154,13 @@ void model_to_gpu(Model& m, int B, int T, bool inference) {
     const int E = c.n_routed_experts, K = c.num_experts_per_tok, I = c.intermediate_size, MI = c.moe_intermediate_size;
     const int SI = c.n_shared_experts * MI, S = N * K;
     const size_t P = m.ref.layout.total;
+    const bool zero = dist.world > 1 && !inference;
+    if (zero) {
+        gpu.dist = dist;
+        gpu.zero = zero_plan(m.ref.layout, c.num_hidden_layers, dist.world);
+    }
+    gpu.flat = zero ? gpu.zero.padded : P;
+    const size_t moments = zero ? gpu.zero.shard : P;
     DeviceArena& arena = gpu.arena;
     auto acts = [&](size_t n) { return arena_alloc<bf16>(arena, n, "activations"); };
     auto acts32 = [&](size_t n) { return arena_alloc<float>(arena, n, "activations"); };
@@ -153,10 +168,11 @@ void model_to_gpu(Model& m, int B, int T, bool inference) {
     CUDA_CHECK(cudaStreamCreate(&gpu.ctx.stream));
     matmul_init(gpu.ctx.mm);
     gpu.rope = rope_table_upload(m.ref.rope);
-    gpu.params32 = arena_alloc<float>(arena, P, "fp32 master weights");
-    gpu.params16 = arena_alloc<bf16>(arena, P, "bf16 weights");
+    gpu.params32 = arena_alloc<float>(arena, gpu.flat, "fp32 master weights");
+    gpu.params16 = arena_alloc<bf16>(arena, gpu.flat, "bf16 weights");
+    if (zero) CUDA_CHECK(cudaMemset(gpu.params32, 0, gpu.flat * sizeof(float)));  // the padding
     CUDA_CHECK(cudaMemcpy(gpu.params32, m.ref.params.data(), P * sizeof(float), cudaMemcpyHostToDevice));
-    float_to_bf16_gpu(gpu.params16, gpu.params32, P, gpu.ctx.stream);
+    float_to_bf16_gpu(gpu.params16, gpu.params32, gpu.flat, gpu.ctx.stream);
     gpu.w = bind_weights(c, m.ref.layout, gpu.params16);
     gpu.master = bind_weights(c, m.ref.layout, gpu.params32);
     size_t scratch = 0;
@@ -186,12 +202,21 @@ void model_to_gpu(Model& m, int B, int T, bool inference) {
         fp8_quantize_weights_gpu(gpu.fp8_jobs, gpu.fp8_job_count, gpu.fp8_blocks, gpu.ctx.stream);
     }
     if (!inference) {
-        gpu.grads = arena_alloc<float>(arena, P, "gradients");
-        gpu.adam_m = arena_alloc<float>(arena, P, "AdamW first moments");
-        gpu.adam_v = arena_alloc<float>(arena, P, "AdamW second moments");
-        CUDA_CHECK(cudaMemset(gpu.grads, 0, P * sizeof(float)));
+        gpu.grads = arena_alloc<float>(arena, gpu.flat, "gradients");
+        gpu.adam_m = arena_alloc<float>(arena, moments, "AdamW first moments");
+        gpu.adam_v = arena_alloc<float>(arena, moments, "AdamW second moments");
+        CUDA_CHECK(cudaMemset(gpu.grads, 0, gpu.flat * sizeof(float)));
         gpu.grad = bind_weights(c, m.ref.layout, gpu.grads);
-        if (m.adam_m.size() == P) {
+        if (zero) {  // this rank's slices of the moments (none past P: the padding starts at zero)
+            CUDA_CHECK(cudaMemset(gpu.adam_m, 0, moments * sizeof(float)));
+            CUDA_CHECK(cudaMemset(gpu.adam_v, 0, moments * sizeof(float)));
+            for (const GradBucket& b : gpu.zero.buckets) {
+                const size_t slice = b.len / dist.world, lo = b.begin + dist.rank * slice, n = lo < P ? std::min(slice, P - lo) : 0;
+                if (m.adam_m.size() != P || n == 0) continue;
+                CUDA_CHECK(cudaMemcpy(gpu.adam_m + b.state, m.adam_m.data() + lo, n * sizeof(float), cudaMemcpyHostToDevice));
+                CUDA_CHECK(cudaMemcpy(gpu.adam_v + b.state, m.adam_v.data() + lo, n * sizeof(float), cudaMemcpyHostToDevice));
+            }
+        } else if (m.adam_m.size() == P) {
             CUDA_CHECK(cudaMemcpy(gpu.adam_m, m.adam_m.data(), P * sizeof(float), cudaMemcpyHostToDevice));
             CUDA_CHECK(cudaMemcpy(gpu.adam_v, m.adam_v.data(), P * sizeof(float), cudaMemcpyHostToDevice));
         } else {  // weights without a training state: the optimizer starts afresh
@@ -200,6 +225,7 @@ void model_to_gpu(Model& m, int B, int T, bool inference) {
         }
     }
     std::vector<ParamChunk> chunks = param_chunks(m.ref.layout);
+    if (zero) chunks = zero_rank_chunks(chunks, gpu.zero, dist.rank);
     gpu.chunks = param_chunks_upload(chunks);
     arena.buffers.push_back(gpu.chunks);
     gpu.num_chunks = (int)chunks.size();
@@ -259,6 +285,15 @@ void model_to_gpu(Model& m, int B, int T, bool inference) {
     ctx.scratch_bytes = std::max({scratch, embedding_backward_scratch_bytes(N, D, V), rmsnorm_backward_scratch_bytes(N, std::max({D, dc, qr})),
                                   grad_norm_scratch_bytes(gpu.num_chunks), attention_backward_scratch_floats(B, T, H) * sizeof(float)});
     ctx.scratch = arena_alloc<char>(arena, ctx.scratch_bytes, "scratch");
+    if (zero) {
+        // the reduce-scatters' stream gets the higher priority, so that a bucket leaves as soon as it is ready
+        int least = 0, greatest = 0;
+        CUDA_CHECK(cudaDeviceGetStreamPriorityRange(&least, &greatest));
+        CUDA_CHECK(cudaStreamCreateWithPriority(&gpu.comm_stream, cudaStreamNonBlocking, greatest));
+        gpu.point_done.resize(c.num_hidden_layers + 2);
+        for (cudaEvent_t& e : gpu.point_done) CUDA_CHECK(cudaEventCreateWithFlags(&e, cudaEventDisableTiming));
+        CUDA_CHECK(cudaEventCreateWithFlags(&gpu.comm_done, cudaEventDisableTiming));
+    }
     CUDA_CHECK(cudaStreamSynchronize(ctx.stream));
     m.gpu = gp;
 }
@@ -268,6 +303,12 @@ void model_free_gpu(Model& m) {
     GpuModel& gpu = *m.gpu;
     CUDA_CHECK(cudaStreamSynchronize(gpu.ctx.stream));
     if (gpu.graph) cudaGraphExecDestroy(gpu.graph);
+    if (gpu.comm_stream) {
+        CUDA_CHECK(cudaStreamSynchronize(gpu.comm_stream));
+        for (cudaEvent_t e : gpu.point_done) cudaEventDestroy(e);
+        cudaEventDestroy(gpu.comm_done);
+        cudaStreamDestroy(gpu.comm_stream);
+    }
     arena_free(gpu.arena);
     rope_table_free(gpu.rope);
     matmul_free(gpu.ctx.mm);
@@ -276,11 +317,42 @@ void model_free_gpu(Model& m) {
     m.gpu = nullptr;
 }
 
+// ZeRO-1: each rank's current master weights and moments are those of its slices; one all-gather per bucket
+// puts them together on every rank (the moments through the gradient buffer, which the next step clears)
+static void gpu_gather_state(Model& m) {
+    GpuModel& gpu = *m.gpu;
+    const size_t P = m.ref.layout.total;
+    const int W = gpu.dist.world, r = gpu.dist.rank;
+    cudaStream_t st = gpu.ctx.stream;
+    NCCL_CHECK(ncclGroupStart());
+    for (const GradBucket& b : gpu.zero.buckets) {
+        const size_t slice = b.len / W;
+        NCCL_CHECK(ncclAllGather(gpu.params32 + b.begin + r * slice, gpu.params32 + b.begin, slice, ncclFloat, gpu.dist.comm, st));
+    }
+    NCCL_CHECK(ncclGroupEnd());
+    CUDA_CHECK(cudaMemcpyAsync(m.ref.params.data(), gpu.params32, P * sizeof(float), cudaMemcpyDeviceToHost, st));
+    m.adam_m.resize(P);
+    m.adam_v.resize(P);
+    for (auto [moment, host] : {std::make_pair(gpu.adam_m, &m.adam_m), std::make_pair(gpu.adam_v, &m.adam_v)}) {
+        NCCL_CHECK(ncclGroupStart());
+        for (const GradBucket& b : gpu.zero.buckets)
+            NCCL_CHECK(ncclAllGather(moment + b.state, gpu.grads + b.begin, b.len / W, ncclFloat, gpu.dist.comm, st));
+        NCCL_CHECK(ncclGroupEnd());
+        CUDA_CHECK(cudaMemcpyAsync(host->data(), gpu.grads, P * sizeof(float), cudaMemcpyDeviceToHost, st));
+    }
+    CUDA_CHECK(cudaStreamSynchronize(st));
+}
+
 void model_sync_host(Model& m) {
     if (!m.gpu) return;
     GpuModel& gpu = *m.gpu;
     const size_t P = m.ref.layout.total;
     CUDA_CHECK(cudaStreamSynchronize(gpu.ctx.stream));
+    if (gpu.comm_stream) {
+        if (!gpu.host_current) gpu_gather_state(m);
+        gpu.host_current = true;
+        return;
+    }
     CUDA_CHECK(cudaMemcpy(m.ref.params.data(), gpu.params32, P * sizeof(float), cudaMemcpyDeviceToHost));
     if (!gpu.grads) return;  // inference only: no gradients or moments
     CUDA_CHECK(cudaMemcpy(m.ref.grads.data(), gpu.grads, P * sizeof(float), cudaMemcpyDeviceToHost));
@@ -337,6 +409,24 @@ void gpu_forward(Model& m, int B, int T, const StepOptions& opt, bool train, flo
     }
 }
 
+// ZeRO-1, in the backward that communicates: the gradients of the buckets final at this point
+// (dist.h grad_ready_point) are averaged over the ranks, each rank receiving its slice, on the
+// comm stream while the main stream goes on with the layers below.
+static void gpu_backward_point(GpuModel& gpu, int point) {
+    if (!gpu.communicate) return;
+    const int W = gpu.dist.world, r = gpu.dist.rank;
+    CUDA_CHECK(cudaEventRecord(gpu.point_done[point], gpu.ctx.stream));
+    CUDA_CHECK(cudaStreamWaitEvent(gpu.comm_stream, gpu.point_done[point], 0));
+    NCCL_CHECK(ncclGroupStart());
+    for (const GradBucket& b : gpu.zero.buckets) {
+        if (b.ready != point) continue;
+        const size_t slice = b.len / W;
+        NCCL_CHECK(ncclReduceScatter(gpu.grads + b.begin, gpu.grads + b.begin + r * slice, slice, ncclFloat, ncclAvg, gpu.dist.comm,
+                                     gpu.comm_stream));
+    }
+    NCCL_CHECK(ncclGroupEnd());
+}
+
 // The backward of the last gpu_forward(train=true), the twin of ref_backward;
 // adds into gpu.grad.
 static void gpu_backward(Model& m, int B, int T, const StepOptions& opt, float dloss) {
@@ -352,6 +442,7 @@ static void gpu_backward(Model& m, int B, int T, const StepOptions& opt, float d
     linear_backward_gpu(gpu.dxn, gpu.grad.lm_head, gpu.logits, gpu.hn, gpu.w.lm_head, N, false, ctx);
     rmsnorm_backward_gpu(gpu.dres, gpu.grad.final_norm, nullptr, gpu.dxn, gpu.h_final, gpu.w.final_norm, gpu.hn_rstd, N, D, ctx.scratch,
                          ctx.scratch_bytes, st);
+    gpu_backward_point(gpu, 0);
     for (int l = c.num_hidden_layers - 1; l >= 0; l--) {
         const GpuLayer& a = gpu.layers[l];
         const LayerWeights<bf16>& w = gpu.w.layers[l];
@@ -371,9 +462,11 @@ static void gpu_backward(Model& m, int B, int T, const StepOptions& opt, float d
         mla_backward_gpu(c, w.attn, dw.attn, gpu.rope, gpu.dxn, gpu.dbranch, a.xn, B, T, a.attn, ctx);
         rmsnorm_backward_gpu(gpu.dres, dw.input_norm, gpu.dres, gpu.dxn, a.res_in, w.input_norm, a.rstd1, N, D, ctx.scratch,
                              ctx.scratch_bytes, st);
+        gpu_backward_point(gpu, 1 + (c.num_hidden_layers - 1 - l));
     }
     dropout_to_bf16_gpu(gpu.dbranch, gpu.dres, (size_t)N * D, p, dropout_site_key(opt.dropout_key, site--), st);
     embedding_backward_gpu(gpu.grad.embed, gpu.dbranch, gpu.tokens, N, D, V, ctx.scratch, ctx.scratch_bytes, st);
+    gpu_backward_point(gpu, c.num_hidden_layers + 1);
 }
 
 // Copies from pageable host memory return once the data is staged, so the host
@@ -398,7 +491,8 @@ static void gpu_forward_backward(Model& m, const TrainOptions& o, const StepOpti
         gpu_backward(m, o.batch_size, o.seq_len, opt, dloss);
     };
     const GraphKey key{o.batch_size, o.seq_len, dloss, opt.balance_alpha};
-    if (!o.cuda_graph || opt.dropout > 0) return launch();
+    // the micro-step that communicates runs eagerly: its NCCL calls and cross-stream events stay out of the graph
+    if (!o.cuda_graph || opt.dropout > 0 || gpu.communicate) return launch();
     if (!(key == gpu.graph_key)) {
         if (gpu.graph) CUDA_CHECK(cudaGraphExecDestroy(gpu.graph));
         gpu.graph = nullptr;
@@ -416,6 +510,33 @@ static void gpu_forward_backward(Model& m, const TrainOptions& o, const StepOpti
     CUDA_CHECK(cudaGraphLaunch(gpu.graph, gpu.ctx.stream));
 }
 
+// ZeRO-1: the squared gradient norm is the sum of the ranks' partial sums over their slices; the expert loads
+// (for the bias update and the balance statistics) are all ranks' counts; the losses are the ranks' mean.
+// The sum of the ranks' norm partials is not the single-GPU order of summation: equal within rounding.
+static void gpu_reduce_step_stats(GpuModel& gpu, int E) {
+    ncclComm_t comm = gpu.dist.comm;
+    cudaStream_t st = gpu.ctx.stream;
+    const int layers = std::max(1, gpu.moe_layers);
+    NCCL_CHECK(ncclGroupStart());
+    NCCL_CHECK(ncclAllReduce(gpu.norm2, gpu.norm2, 1, ncclFloat, ncclSum, comm, st));
+    NCCL_CHECK(ncclAllReduce(gpu.load, gpu.load, (size_t)layers * std::max(1, E), ncclInt32, ncclSum, comm, st));
+    NCCL_CHECK(ncclAllReduce(gpu.step_loss, gpu.step_loss, 1, ncclFloat, ncclAvg, comm, st));
+    NCCL_CHECK(ncclAllReduce(gpu.balance_loss, gpu.balance_loss, layers, ncclFloat, ncclAvg, comm, st));
+    NCCL_CHECK(ncclGroupEnd());
+}
+
+// ZeRO-1, after AdamW: every rank's updated slices of the bf16 weights, to every rank
+static void gpu_gather_weights(GpuModel& gpu) {
+    const int W = gpu.dist.world, r = gpu.dist.rank;
+    NCCL_CHECK(ncclGroupStart());
+    for (const GradBucket& b : gpu.zero.buckets) {
+        const size_t slice = b.len / W;
+        NCCL_CHECK(ncclAllGather(gpu.params16 + b.begin + r * slice, gpu.params16 + b.begin, slice, ncclBfloat16, gpu.dist.comm,
+                                 gpu.ctx.stream));
+    }
+    NCCL_CHECK(ncclGroupEnd());
+}
+
 static StepStats gpu_train_step(Model& m, DataLoader& loader, const TrainOptions& o, int step) {
     GpuModel& gpu = *m.gpu;
     const Config& c = m.ref.cfg;
@@ -423,23 +544,34 @@ static StepStats gpu_train_step(Model& m, DataLoader& loader, const TrainOptions
     const float dloss = 1.0f / o.grad_accum;
     std::vector<int> inputs, targets;
     // gradients are cleared at the start, so after the step they still show what it used
-    CUDA_CHECK(cudaMemsetAsync(gpu.grads, 0, m.ref.layout.total * sizeof(float), gpu.ctx.stream));
+    CUDA_CHECK(cudaMemsetAsync(gpu.grads, 0, gpu.flat * sizeof(float), gpu.ctx.stream));
     CUDA_CHECK(cudaMemsetAsync(gpu.load, 0, (size_t)std::max(1, gpu.moe_layers) * std::max(1, E) * sizeof(int), gpu.ctx.stream));
     CUDA_CHECK(cudaMemsetAsync(gpu.step_loss, 0, sizeof(float), gpu.ctx.stream));
     CUDA_CHECK(cudaMemsetAsync(gpu.balance_loss, 0, std::max(1, gpu.moe_layers) * sizeof(float), gpu.ctx.stream));
+    const bool zero = gpu.comm_stream != nullptr;
     for (int micro = 0; micro < o.grad_accum; micro++) {
         dataloader_next(loader, inputs, targets);
         gpu_upload_batch(gpu, inputs, targets);
-        gpu_forward_backward(m, o, micro_step_options(o, step, micro), dloss);
+        gpu.communicate = zero && micro == o.grad_accum - 1;  // the gradients are summed locally first
+        gpu_forward_backward(m, o, micro_step_options(o, step, loader, micro), dloss);
     }
+    gpu.communicate = false;
+    gpu.host_current = false;
     StepStats s{0, 0, 0, 0};
     s.lr = learning_rate(o.optim, step);
+    if (zero) {
+        CUDA_CHECK(cudaEventRecord(gpu.comm_done, gpu.comm_stream));
+        CUDA_CHECK(cudaStreamWaitEvent(gpu.ctx.stream, gpu.comm_done, 0));
+    }
     grad_norm_squared_gpu(gpu.norm2, gpu.grads, gpu.chunks, gpu.num_chunks, gpu.ctx.scratch, gpu.ctx.scratch_bytes, gpu.ctx.stream);
+    if (zero) gpu_reduce_step_stats(gpu, E);
     adamw_gpu(gpu.params32, gpu.params16, gpu.grads, gpu.adam_m, gpu.adam_v, gpu.chunks, gpu.num_chunks, s.lr, o.optim.beta1, o.optim.beta2, o.optim.eps,
               o.optim.weight_decay, step + 1, gpu.norm2, o.optim.grad_clip, gpu.ctx.stream);
-    fp8_quantize_weights_gpu(gpu.fp8_jobs, gpu.fp8_job_count, gpu.fp8_blocks, gpu.ctx.stream);  // the next step's FP8 copies
     if (o.optim.bias_update_speed > 0 && gpu.moe_layers > 0)
         expert_bias_update_gpu(gpu.params32, gpu.bias_offsets, gpu.load, gpu.moe_layers, E, o.optim.bias_update_speed, gpu.norm2, gpu.ctx.stream);
+    if (zero) gpu_gather_weights(gpu);
+    // the next step's FP8 copies, from the whole updated bf16 weights (after the all-gather under ZeRO)
+    fp8_quantize_weights_gpu(gpu.fp8_jobs, gpu.fp8_job_count, gpu.fp8_blocks, gpu.ctx.stream);
     float loss = 0, norm2 = 0;
     std::vector<int> load((size_t)gpu.moe_layers * E);
     std::vector<float> balance(gpu.moe_layers);

@@ -8,6 +8,7 @@
 
 #include "config.h"
 #include "dataloader.h"
+#include "dist.h"
 #include "reference.h"
 #include "tokenizer.h"
 
@@ -61,9 +62,14 @@ bool gpu_available();
 // Moves training to the GPU: uploads weights and optimizer moments and allocates activations for batches of
 // up to B sequences of T tokens. Fails with a clear message (no device, out of memory with the size needed,
 // unsupported shapes). inference: forward only (generation), no gradients, moments or backward buffers.
-void model_to_gpu(Model& m, int B, int T, bool inference = false);
+// dist: a group joined by dist_init with world > 1 trains data parallel with ZeRO-1 (dist.h): every rank
+// runs its own micro-batches, the step averages the gradients over the ranks and each rank keeps the
+// optimizer state of its slices of the weights only.
+void model_to_gpu(Model& m, int B, int T, bool inference = false, const DistGroup& dist = DistGroup());
 
-// copies the GPU's weights, last gradients and optimizer moments back into m
+// copies the GPU's weights, last gradients and optimizer moments back into m. Under ZeRO-1 every rank must
+// call it (it gathers the master weights and the moments from all ranks), and the gradients are not copied:
+// a rank holds the averaged gradient of its slices only.
 void model_sync_host(Model& m);
 
 void model_free_gpu(Model& m);
@@ -73,7 +79,9 @@ void model_free_gpu(Model& m);
 size_t model_gpu_bytes(const Model& m);
 
 // One optimizer step (step counts from 0): grad_accum micro-batches from the loader,
-// clipping, AdamW, then the aux-loss-free expert-bias update. A step whose gradient
+// clipping, AdamW, then the aux-loss-free expert-bias update. Data parallel, each rank
+// takes its own micro-batches (the loader's rank and world) and the stats are the
+// group's: the mean loss, the global gradient norm, every rank's expert loads. A step whose gradient
 // norm is not finite (a NaN or inf loss gives one) leaves the weights and the AdamW
 // moments as they were.
 StepStats model_train_step(Model& m, DataLoader& loader, const TrainOptions& o, int step);

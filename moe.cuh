@@ -867,12 +867,15 @@ static inline void grouped_gemm_launch(bool vec, dim3 grid, cudaStream_t stream,
                                        int lda, const bf16* B, size_t b_stride, int ldb, const int* offsets, int E, int M, int N, int K) {
     constexpr int smem = moe_gemm_smem_bytes<MODE, B_KMAJOR, BN, BK, STAGES>();
     auto kernel = vec ? grouped_gemm_kernel<MODE, B_KMAJOR, true, BN, BK, STAGES> : grouped_gemm_kernel<MODE, B_KMAJOR, false, BN, BK, STAGES>;
-    // the > 48 KiB shared-memory opt-in, once per kernel; the launcher is static like
-    // the kernel, so every translation unit opts its own copy in
-    static bool configured[2] = {};
-    if (!configured[vec]) {
+    // the > 48 KiB shared-memory opt-in, once per kernel and device (the attribute is the current device's;
+    // a process may drive several, as test/gpu_dist.cu does); the launcher is static like the kernel, so every
+    // translation unit opts its own copy in
+    static bool configured[MAX_DEVICES][2] = {};
+    int dev = 0;
+    CUDA_CHECK(cudaGetDevice(&dev));
+    if (dev >= MAX_DEVICES || !configured[dev][vec]) {
         CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
-        configured[vec] = true;
+        if (dev < MAX_DEVICES) configured[dev][vec] = true;
     }
     kernel<<<grid, MOE_GEMM_THREADS, smem, stream>>>(out, dw, dw_stride, A, lda, B, b_stride, ldb, offsets, E, M, N, K);
     CUDA_LAUNCH_CHECK();

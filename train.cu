@@ -6,6 +6,7 @@
 //   ./train                                   # the generated default data, mini preset
 //   ./train --data data/shakespeare --preset small --steps 5000 --out runs/shk
 //   ./train --out runs/shk --resume --steps 8000
+//   ./train --preset small --batch-size 16 --seq-len 1024 --gpus 8   # data parallel on 8 GPUs of this host
 //
 // The run directory (--out):
 //   checkpoint/   config.json, model.safetensors, tokenizer.bin (none for bytes),
@@ -14,7 +15,9 @@
 //   metrics.csv   step,loss,val_loss,lr,grad_norm,tokens_per_sec (one line per step)
 //   loss.svg      train and val loss against step
 //
-// The model runs on the GPU when there is one (model.cu), else on the CPU reference.
+// The model runs on the GPU when there is one (model.cu), else on the CPU reference; on several GPUs, one process
+// per GPU, data parallel with ZeRO-1 (dist.h). Every rank computes the same numbers (the group's loss, norm and
+// expert loads); only rank 0 prints and writes the run directory.
 #include <algorithm>
 #include <cerrno>
 #include <climits>
@@ -73,7 +76,8 @@ static const char* USAGE =
     "                          checkpoint. Given again, these change: --steps, --data,\n"
     "                          --train-data, --val-data (the same tokens expected),\n"
     "                          --val-every, --val-tokens, --save-every, --sample-every,\n"
-    "                          --sample-tokens, --save-dtype, --device, --no-cuda-graph;\n"
+    "                          --sample-tokens, --save-dtype, --device, --no-cuda-graph,\n"
+    "                          --grad-accum and the options of several GPUs (below);\n"
     "                          any other option is refused. metrics.csv lines after the\n"
     "                          checkpoint's step are dropped. A resumed run prints the\n"
     "                          same losses as one that was never stopped, as long as the\n"
@@ -123,6 +127,18 @@ static const char* USAGE =
     "                          replaying the step as a CUDA graph (for profiling, comparisons)\n"
     "  --help                  show this help\n"
     "\n"
+    "Several GPUs (data parallel, ZeRO-1: each process runs its own micro-batches, so\n"
+    "tokens/step = processes x B x T x K; a checkpoint resumes on any number of GPUs)\n"
+    "  --gpus N                N processes on this host's first N GPUs, forked by train\n"
+    "  --num-processes N       this process is one of N started by a launcher (Slurm,\n"
+    "  --process-rank R        one per GPU, node by node), rank R in 0..N-1; rank 0 hands\n"
+    "  --init-dir DIR          out the NCCL id through DIR, a directory every rank reads\n"
+    "                          (a shared file system across nodes; one per run)\n"
+    "  --nccl-timeout S        a rank that waits on the others for S seconds stops with an\n"
+    "                          error (a rank died or hung; default 600; longer than a save)\n"
+    "  A build with USE_MPI=1 also starts under mpirun -np N ./train ...\n"
+    "  On resume --grad-accum may change too (keep processes x grad-accum to keep the run)\n"
+    "\n"
     "Ctrl-C (SIGINT) or SIGTERM: the current step finishes, the checkpoint is saved and\n"
     "train exits with status 130. A step with a NaN or infinite loss or gradient skips\n"
     "its update and says so; the third in a row stops the run with status 1, leaving\n"
@@ -153,6 +169,9 @@ struct Args {
     std::string save_dtype = "fp32";  // as --save-dtype names it
     std::string device = "auto";
     bool cuda_graph = true;
+    bool grad_accum_given = false;
+    int gpus = 0;     // --gpus: fork this many ranks
+    DistGroup dist;   // --num-processes, --process-rank, --init-dir, --nccl-timeout
     std::vector<std::string> fixed_on_resume;  // options given that a resumed run takes from its checkpoint
 };
 
@@ -220,6 +239,8 @@ static bool parse_args(int argc, char** argv, Args& a) {
             a.opt.seq_len = (int)cli_int(cli, 1, 1 << 20);
         } else if (n == "--grad-accum") {
             a.opt.grad_accum = (int)cli_int(cli, 1, 1 << 16);
+            a.grad_accum_given = true;
+            fixed = false;  // a resumed run may change it, to keep processes x grad-accum on another GPU count
         } else if (n == "--lr") {
             a.opt.optim.lr = (float)cli_float(cli, 0, 10);
         } else if (n == "--min-lr-fraction") {
@@ -275,6 +296,21 @@ static bool parse_args(int argc, char** argv, Args& a) {
             cli_flag(cli);
             a.cuda_graph = false;
             fixed = false;
+        } else if (n == "--gpus") {
+            a.gpus = (int)cli_int(cli, 1, 1024);
+            fixed = false;
+        } else if (n == "--num-processes") {
+            a.dist.world = (int)cli_int(cli, 1, 1 << 20);
+            fixed = false;
+        } else if (n == "--process-rank") {
+            a.dist.rank = (int)cli_int(cli, 0, (1 << 20) - 1);
+            fixed = false;
+        } else if (n == "--init-dir") {
+            a.dist.init_dir = strip_trailing_slashes(cli_value(cli));
+            fixed = false;
+        } else if (n == "--nccl-timeout") {
+            a.dist.timeout = cli_float(cli, 1, 1e7);
+            fixed = false;
         } else {
             cli_unknown(cli);
         }
@@ -284,6 +320,8 @@ static bool parse_args(int argc, char** argv, Args& a) {
     if (a.preset_given && !a.config_path.empty()) fail("give --preset or --config, not both");
     if (a.resume && a.overwrite) fail("--resume and --overwrite contradict each other");
     if (a.opt.fp8_wgrad && !a.opt.fp8) fail("--fp8-wgrad needs --fp8");
+    if (a.gpus > 0 && a.dist.world > 1) fail("give --gpus or --num-processes, not both");
+    if (a.dist.rank >= a.dist.world) fail("--process-rank %d: must be below --num-processes %d", a.dist.rank, a.dist.world);
     return true;
 }
 
@@ -461,6 +499,24 @@ static std::vector<std::string> run_options(const Args& a) {
     return words;
 }
 
+// Runs f on rank 0 (the run directory's files) and lets every rank learn whether it failed, so that none goes
+// on to wait for a rank that has stopped.
+template <typename F>
+static void on_root(const DistGroup& g, F f) {
+    std::string error;
+    if (g.rank == 0) {
+        try {
+            f();
+        } catch (const std::exception& e) {
+            error = e.what();
+            if (error.empty()) error = "failed";
+        }
+    }
+    if (dist_any(g, !error.empty())) fail("%s", g.rank == 0 ? error.c_str() : "rank 0 stopped (its error says why)");
+}
+
+static int train(Args& a);
+
 static int run(int argc, char** argv) {
     Args a;
     if (!parse_args(argc, argv, a)) return 0;
@@ -473,6 +529,31 @@ static int run(int argc, char** argv) {
         a = Args();
         parse_args((int)words.size(), words.data(), a);
     }
+    if ((a.gpus > 1 || a.dist.world > 1) && a.device == "cpu") fail("several processes train on GPUs only, not with --device cpu");
+    // several GPUs: the ranks are forked before any CUDA call (a CUDA context does not survive a fork)
+    if (a.gpus > 1) {
+        const int status = dist_launch(a.gpus, a.dist);
+        if (status >= 0) return status;
+    }
+#ifdef USE_MPI
+    else if (a.dist.world == 1) dist_from_mpi(a.dist);
+#endif
+    if (a.dist.world == 1) return train(a);
+    if (a.dist.rank > 0 && !freopen("/dev/null", "w", stdout)) fail("rank %d: cannot silence stdout", a.dist.rank);
+    try {
+        dist_init(a.dist);
+        dist_check_same(a.dist, dist_options_hash(argc, argv), "options (every rank needs the same command line but for --process-rank)");
+        const int status = train(a);
+        dist_free(a.dist);
+        return status;
+    } catch (const std::exception& e) {
+        dist_free(a.dist, true);
+        fail("rank %d of %d: %s", a.dist.rank, a.dist.world, e.what());
+    }
+}
+
+static int train(Args& a) {
+    const DistGroup& dist = a.dist;
     if (a.device == "gpu" && !gpu_available()) fail("--device gpu: no CUDA device is available (use --device cpu or auto)");
     if (a.resume && !a.fixed_on_resume.empty())
         fail("%s cannot be used with --resume: a resumed run keeps the checkpoint's model and training options "
@@ -482,26 +563,32 @@ static int run(int argc, char** argv) {
     const std::string metrics_path = a.out_dir + "/metrics.csv", svg_path = a.out_dir + "/loss.svg";
     // the run directory, once the inputs are known to be good: locked for this run, a save that a kill
     // interrupted finished or undone, then the checkpoint there must be what the options say
+    // (rank 0's; the others wait for it, so that they read a checkpoint that it has recovered)
     auto claim_run_dir = [&]() {
-        make_dirs(a.out_dir);
-        lock_or_fail(a.out_dir + "/.lock", strfmt("--out %s is in use by another ./train", a.out_dir.c_str()).c_str());
-        atomic_dir_recover(ckpt);
-        if (a.resume && !checkpoint_has_state(ckpt))
-            fail("--resume: %s has no resumable checkpoint (%s)", a.out_dir.c_str(),
-                 path_exists(ckpt) ? "no trainer_state.json / optimizer.safetensors in checkpoint/" : "no checkpoint/ directory");
-        if (!a.resume && !a.overwrite && path_exists(ckpt))
-            fail("--out %s already holds a checkpoint: pass --resume to continue it, --overwrite to start afresh, "
-                 "or another --out", a.out_dir.c_str());
+        on_root(dist, [&] {
+            make_dirs(a.out_dir);
+            lock_or_fail(a.out_dir + "/.lock", strfmt("--out %s is in use by another ./train", a.out_dir.c_str()).c_str());
+            atomic_dir_recover(ckpt);
+            if (a.resume && !checkpoint_has_state(ckpt))
+                fail("--resume: %s has no resumable checkpoint (%s)", a.out_dir.c_str(),
+                     path_exists(ckpt) ? "no trainer_state.json / optimizer.safetensors in checkpoint/" : "no checkpoint/ directory");
+            if (!a.resume && !a.overwrite && path_exists(ckpt))
+                fail("--out %s already holds a checkpoint: pass --resume to continue it, --overwrite to start afresh, "
+                     "or another --out", a.out_dir.c_str());
+        });
     };
 
     // the data files
     const bool default_data = a.data_dir == "data/default";
     if (a.train_pattern.empty() || (a.val_pattern.empty() && a.data_given)) {
-        if (default_data && !dataset_complete(a.data_dir)) {
-            printf("data/default is missing: generating the default dataset (1 MiB of generated English-like text, "
-                   "BPE vocab 1024, 10%% val)\n");
-            fflush(stdout);
-            prepare_dataset(default_corpus(1 << 20), a.data_dir, 1024, 0.1);
+        // decided together: a rank that looks while rank 0 writes the files must not decide otherwise
+        if (dist_any(dist, default_data && !dataset_complete(a.data_dir))) {
+            on_root(dist, [&] {
+                printf("data/default is missing: generating the default dataset (1 MiB of generated English-like text, "
+                       "BPE vocab 1024, 10%% val)\n");
+                fflush(stdout);
+                prepare_dataset(default_corpus(1 << 20), a.data_dir, 1024, 0.1);
+            });
         } else if (!path_exists(a.data_dir)) {
             fail("--data %s: no such directory (make one with data/prepare --input FILE --out %s)", a.data_dir.c_str(),
                  a.data_dir.c_str());
@@ -525,6 +612,7 @@ static int run(int argc, char** argv) {
         claim_run_dir();
         model_load(m, ckpt, &st);
         if (a.steps_given) st.options.optim.total_steps = a.steps;
+        if (a.grad_accum_given) st.options.grad_accum = a.opt.grad_accum;
         a.steps = st.options.optim.total_steps;
         if (a.steps <= st.step)
             fail("--resume: the checkpoint is already at step %d of %d; pass --steps N with N > %d to train further",
@@ -568,15 +656,21 @@ static int run(int argc, char** argv) {
     if (o.seq_len > c.max_position_embeddings)
         fail("%s: seq_len %d exceeds max_position_embeddings %d", ckpt.c_str(), o.seq_len, c.max_position_embeddings);
 
-    const bool use_gpu = a.device == "gpu" || (a.device == "auto" && gpu_available());
+    const bool use_gpu = a.device == "gpu" || (a.device == "auto" && gpu_available()) || dist.world > 1;
     if (o.fp8) ref_enable_fp8(m.ref, o.fp8_wgrad);
-    if (use_gpu) model_to_gpu(m, o.batch_size, o.seq_len);
-    const std::string device_desc = use_gpu ? strfmt("gpu (%.1f MiB of device memory)", model_gpu_bytes(m) / 1048576.0)
-                                            : strfmt("cpu (%d threads)", omp_get_max_threads());
+    if (use_gpu) model_to_gpu(m, o.batch_size, o.seq_len, false, dist);
+    std::string device_desc = use_gpu ? strfmt("gpu (%.1f MiB of device memory)", model_gpu_bytes(m) / 1048576.0)
+                                      : strfmt("cpu (%d threads)", omp_get_max_threads());
+    if (dist.world > 1) device_desc = strfmt("%d processes, each on a ", dist.world) + device_desc + ", ZeRO-1";
 
     DataLoader loader;
-    dataloader_open(loader, train_pattern, o.batch_size, o.seq_len, c.vocab_size);
+    dataloader_open(loader, train_pattern, o.batch_size, o.seq_len, c.vocab_size, dist.rank, dist.world);
     if (a.resume) dataloader_seek(loader, st.data_position);
+    // ranks that read different checkpoints or data (an --out or a data path that is not on a file system every
+    // node sees) would train different models
+    dist_check_same(dist, dist_hash(config_to_json(c) + strfmt("|%d|%llu|%llu", st.step, (unsigned long long)st.data_position,
+                                                               (unsigned long long)loader.total)),
+                    "models or data (every rank must read the same checkpoint and token files)");
     std::vector<int> val_tokens;
     uint64_t val_total = 0;
     if (!val_pattern.empty()) val_tokens = read_val_tokens(val_pattern, c.vocab_size, (size_t)a.val_tokens, &val_total);
@@ -591,7 +685,7 @@ static int run(int argc, char** argv) {
     if (moe_layers)
         inactive = (size_t)moe_layers * (c.n_routed_experts - c.num_experts_per_tok) * 3 * (size_t)c.moe_intermediate_size *
                    c.hidden_size;
-    const long long tokens_per_step = (long long)o.batch_size * o.seq_len * o.grad_accum;
+    const long long tokens_per_step = (long long)dist.world * o.batch_size * o.seq_len * o.grad_accum;
     std::string arch = a.resume ? "checkpoint " + ckpt : a.config_path.empty() ? "preset " + a.preset : "config " + a.config_path;
     printf("model: %s | %d layers, d_model %d, %d heads, kv_lora_rank %d", arch.c_str(), c.num_hidden_layers,
            c.hidden_size, c.num_attention_heads, c.kv_lora_rank);
@@ -603,8 +697,9 @@ static int run(int argc, char** argv) {
     printf("data: train %s (%s tokens)", train_pattern.c_str(), fmt_count((double)loader.total).c_str());
     if (val_tokens.empty()) printf(" | no validation data\n");
     else printf(" | val %s (%s tokens, %zu evaluated)\n", val_pattern.c_str(), fmt_count((double)val_total).c_str(), val_tokens.size());
-    printf("training: %d steps of %d x %d x %d = %lld tokens | lr %g, warmup %d, cosine to %g | device %s\n", a.steps,
-           o.batch_size, o.seq_len, o.grad_accum, tokens_per_step, o.optim.lr, o.optim.warmup_steps,
+    printf("training: %d steps of %s%d x %d x %d = %lld tokens | lr %g, warmup %d, cosine to %g | device %s\n", a.steps,
+           dist.world > 1 ? strfmt("%d x ", dist.world).c_str() : "", o.batch_size, o.seq_len, o.grad_accum, tokens_per_step, o.optim.lr,
+           o.optim.warmup_steps,
            o.optim.lr * o.optim.min_lr_fraction,
            device_desc.c_str());
     if (o.fp8)  // a projection with a side not a multiple of 16 stays in bf16 (for_each_fp8_linear)
@@ -616,15 +711,20 @@ static int run(int argc, char** argv) {
                "cores; each step line's eta is this run's estimate)\n");
     fflush(stdout);
 
-    // the run's files
+    // the run's files (rank 0's)
     std::vector<LossPoint> history;
-    if (a.resume) history = metrics_truncate(metrics_path, st.step);
-    else write_file_atomic(metrics_path, std::string(METRICS_HEADER) + "\n");
-    FILE* metrics = fopen(metrics_path.c_str(), "ab");
-    if (!metrics) fail("%s: cannot open for appending (%s)", metrics_path.c_str(), strerror(errno));
+    FILE* metrics = nullptr;
+    on_root(dist, [&] {
+        if (a.resume) history = metrics_truncate(metrics_path, st.step);
+        else write_file_atomic(metrics_path, std::string(METRICS_HEADER) + "\n");
+        metrics = fopen(metrics_path.c_str(), "ab");
+        if (!metrics) fail("%s: cannot open for appending (%s)", metrics_path.c_str(), strerror(errno));
+    });
     struct Closer {
         FILE* f;
-        ~Closer() { fclose(f); }
+        ~Closer() {
+            if (f) fclose(f);
+        }
     } closer{metrics};
 
     const std::string title = "dsv3 training loss — " + a.out_dir;
@@ -633,12 +733,15 @@ static int run(int argc, char** argv) {
                                 std::min<size_t>(8, val_tokens.empty() ? loader.tokens.size() : val_tokens.size()));
     double last_val = NAN;
 
+    // every rank gathers its shard of the optimizer state (model_sync_host); rank 0 writes
     auto save = [&](int step) {
         double t0 = now_seconds();
         st.step = step;
         st.data_position = dataloader_position(loader);
         st.run_options = run_options(a);
-        model_save(m, ckpt, &st, a.save_dtype == "fp32" ? "F32" : a.save_dtype == "bf16" ? "BF16" : "F8_E4M3");
+        model_sync_host(m);
+        on_root(dist, [&] { model_save(m, ckpt, &st, a.save_dtype == "fp32" ? "F32" : a.save_dtype == "bf16" ? "BF16" : "F8_E4M3"); });
+        dist_heartbeat();
         last_saved = step;
         printf("checkpoint: step %d saved to %s (%.2fs)\n", step, ckpt.c_str(), now_seconds() - t0);
         fflush(stdout);
@@ -654,6 +757,9 @@ static int run(int argc, char** argv) {
         double t0 = now_seconds();
         StepStats s = model_train_step(m, loader, o, step);
         double dt = now_seconds() - t0;
+        dist_heartbeat();
+        // the ranks stop together: a signal that reached one of them stops all at this step
+        bool stop = dist_any(dist, g_stop_signal != 0);
         const int done = step + 1;
         // a NaN or inf gradient skipped the update (model_train_step); a few in a row stop the run
         skipped_in_a_row = std::isfinite(s.grad_norm) ? 0 : skipped_in_a_row + 1;
@@ -672,10 +778,10 @@ static int run(int argc, char** argv) {
         }
 
         const bool last = done == a.steps;
-        const bool stopping = g_stop_signal != 0;
         double val = NAN;
-        if (!val_tokens.empty() && !stopping && (last || (a.val_every > 0 && done % a.val_every == 0))) {
-            val = model_eval_loss(m, val_tokens, o.seq_len, o.batch_size);
+        if (!val_tokens.empty() && !stop && (last || (a.val_every > 0 && done % a.val_every == 0))) {
+            val = model_eval_loss(m, val_tokens, o.seq_len, o.batch_size);  // on every rank: the same number
+            dist_heartbeat();
             last_val = val;
             if (val < st.best_val_loss) st.best_val_loss = val;
             printf("val loss %.4f (best %.4f)\n", val, st.best_val_loss);
@@ -698,13 +804,17 @@ static int run(int argc, char** argv) {
                 }
             }
         }
-        fprintf(metrics, "%d,%.9g,%s,%.6g,%.6g,%.1f\n", done, s.loss, std::isfinite(val) ? strfmt("%.9g", val).c_str() : "",
-                s.lr, s.grad_norm, tokens_per_step / dt);
-        fflush(metrics);
-        history.push_back({done, s.loss, val});
-        if (std::isfinite(val) || last || g_stop_signal) write_loss_svg(svg_path, history, title);
+        stop = dist_any(dist, stop || g_stop_signal != 0);  // a signal during the evaluation
+        on_root(dist, [&] {
+            fprintf(metrics, "%d,%.9g,%s,%.6g,%.6g,%.1f\n", done, s.loss, std::isfinite(val) ? strfmt("%.9g", val).c_str() : "",
+                    s.lr, s.grad_norm, tokens_per_step / dt);
+            fflush(metrics);
+            history.push_back({done, s.loss, val});
+            if (std::isfinite(val) || last || stop) write_loss_svg(svg_path, history, title);
+        });
 
-        if (a.sample_every > 0 && !g_stop_signal && (last || done % a.sample_every == 0) && !prompt.empty()) {
+        // on every rank, like the evaluation: a prompt longer than the batch syncs the weights, a collective
+        if (a.sample_every > 0 && !stop && (last || done % a.sample_every == 0) && !prompt.empty()) {
             std::vector<int> text = prompt, out = sample(m, prompt, a.sample_tokens, o.seed);
             text.insert(text.end(), out.begin(), out.end());
             printf("sample at step %d (%zu prompt tokens, then temperature 0.8, top-k 40):\n  | %s\n", done, prompt.size(),
@@ -713,8 +823,9 @@ static int run(int argc, char** argv) {
         fflush(stdout);
 
         // a signal that came during the evaluation or the sample stops the run here too
-        if (last || g_stop_signal || (a.save_every > 0 && done % a.save_every == 0)) save(done);
-        if (g_stop_signal) {
+        stop = dist_any(dist, stop || g_stop_signal != 0);
+        if (last || stop || (a.save_every > 0 && done % a.save_every == 0)) save(done);
+        if (stop) {
             printf("interrupted: saved checkpoint at step %d to %s\n", done, ckpt.c_str());
             fflush(stdout);
             model_free_gpu(m);

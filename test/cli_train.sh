@@ -71,7 +71,12 @@ expect_error "missing data directory" "$T/nope" ./train --data "$T/nope" --out "
 expect_error "missing token file" "$T/nope.bin" ./train --train-data "$T/nope.bin" --out "$T/r_missing"
 if ! nvidia-smi -L >/dev/null 2>&1; then
     expect_error "--device gpu without a GPU" "no CUDA device" ./train --device gpu
+    expect_error "a rank without a GPU" "rank 1 of 2: no CUDA device" ./train --num-processes 2 --process-rank 1 --init-dir "$T"
 fi
+expect_error "--gpus on the CPU" "--device cpu" ./train --gpus 2 --device cpu
+expect_error "--gpus and --num-processes" "--gpus or --num-processes" ./train --gpus 2 --num-processes 2 --process-rank 0
+expect_error "a rank outside the group" "--process-rank 2" ./train --num-processes 2 --process-rank 2
+expect_error "bad --nccl-timeout" "--nccl-timeout" ./train --nccl-timeout 0
 
 cp "$D/train.bin" "$T/badmagic.bin"
 printf '\x01\x02\x03\x04' | dd of="$T/badmagic.bin" bs=1 count=4 conv=notrunc status=none

@@ -1,0 +1,298 @@
+// test_dist.cpp — tests for dist.h, the host side of multi-GPU training: gradient buckets and ZeRO-1 shards
+// over the real parameter layouts (every element once, equal aligned slices, backward order), the
+// DataLoader's split of a step among ranks (2 ranks read what 1 rank reads with --grad-accum 2), the
+// NCCL-id hand-off through a directory between processes, the options hash, and the --gpus launcher's
+// handling of a rank that fails.
+#include <doctest/doctest.h>
+
+#include <filesystem>
+#include <map>
+#include <string>
+#include <vector>
+
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include "dataloader.h"
+#include "dist.h"
+#include "kernels.cuh"
+
+namespace {
+
+std::string scratch_dir(const std::string& name) {
+    std::string dir = strfmt("/tmp/dsv3_test_dist_%d_%s", (int)getpid(), name.c_str());
+    std::error_code ec;
+    std::filesystem::remove_all(dir, ec);
+    make_dirs(dir);
+    return dir;
+}
+
+ParamLayout hand_layout(const std::vector<std::pair<std::string, size_t>>& tensors) {
+    ParamLayout L;
+    for (const auto& [name, numel] : tensors) {
+        L.index[name] = L.tensors.size();
+        L.tensors.push_back({name, {(int64_t)numel}, L.total, numel, TENSOR_DECAY});
+        L.total += numel;
+    }
+    return L;
+}
+
+// The properties every plan must have, for any layout, world and bucket size.
+void check_plan(const ParamLayout& L, int layers, int world, size_t target) {
+    const ZeroPlan p = zero_plan(L, layers, world, target);
+    const size_t unit = ZERO_ALIGN * world;
+    CHECK(p.padded % unit == 0);
+    CHECK(p.padded >= L.total);
+    CHECK(p.padded - L.total < unit);
+    CHECK(p.shard * world == p.padded);
+    // the buckets tile [0, padded), each an even split into aligned slices, no larger than the target allows
+    std::vector<GradBucket> by_offset = p.buckets;
+    std::sort(by_offset.begin(), by_offset.end(), [](const GradBucket& a, const GradBucket& b) { return a.begin < b.begin; });
+    size_t at = 0;
+    for (const GradBucket& b : by_offset) {
+        CHECK(b.begin == at);
+        CHECK(b.len > 0);
+        CHECK(b.len % unit == 0);
+        CHECK(b.len <= round_up(target, unit));
+        at = b.begin + b.len;
+    }
+    CHECK(at == p.padded);
+    // in the order the backward finishes them; each waits for every gradient it holds, and holds gradients
+    // finished earlier only within the rounding of a boundary
+    size_t state = 0;
+    for (size_t k = 0; k < p.buckets.size(); k++) {
+        const GradBucket& b = p.buckets[k];
+        if (k > 0) CHECK(p.buckets[k - 1].ready <= b.ready);
+        CHECK(b.state == state);
+        state += b.len / world;
+        size_t early = 0;
+        for (const TensorSpec& t : L.tensors) {
+            const size_t lo = std::max(t.offset, b.begin), hi = std::min(t.offset + t.numel, b.begin + b.len);
+            if (lo >= hi) continue;
+            const int point = grad_ready_point(t.name, layers);
+            CHECK(point <= b.ready);
+            if (point < b.ready) early += hi - lo;
+        }
+        CHECK(early < unit);
+    }
+    CHECK(state == p.shard);
+}
+
+}  // namespace
+
+TEST_CASE("grad_ready_point follows the GPU backward: head, layers from the top, embedding") {
+    CHECK(grad_ready_point("lm_head.weight", 3) == 0);
+    CHECK(grad_ready_point("model.norm.weight", 3) == 0);
+    CHECK(grad_ready_point("model.layers.2.self_attn.o_proj.weight", 3) == 1);
+    CHECK(grad_ready_point("model.layers.0.mlp.experts.5.up_proj.weight", 3) == 3);
+    CHECK(grad_ready_point("model.embed_tokens.weight", 3) == 4);
+}
+
+TEST_CASE("zero_plan on a hand-made layout: exact buckets, slices and state offsets") {
+    // embedding [0, 100), layer 0 [100, 150), head [150, 160); 2 ranks: unit 16, nothing to pad
+    const ParamLayout L = hand_layout({{"model.embed_tokens.weight", 100}, {"model.layers.0.w", 50}, {"lm_head.weight", 10}});
+    ZeroPlan p = zero_plan(L, 1, 2, 1 << 20);
+    CHECK(p.padded == 160);
+    CHECK(p.shard == 80);
+    // the boundary at 150 rounds up to 160 (nothing above it), so the head waits for the layer; the one at
+    // 100 rounds up to 112, so the bucket holding the layer's top starts there
+    REQUIRE(p.buckets.size() == 2);
+    CHECK(p.buckets[0].begin == 112);
+    CHECK(p.buckets[0].len == 48);
+    CHECK(p.buckets[0].ready == 1);
+    CHECK(p.buckets[0].state == 0);
+    CHECK(p.buckets[1].begin == 0);
+    CHECK(p.buckets[1].len == 112);
+    CHECK(p.buckets[1].ready == 2);
+    CHECK(p.buckets[1].state == 24);
+
+    // 3 ranks and 48-element buckets: padded to 168 (unit 24)
+    p = zero_plan(L, 1, 3, 48);
+    CHECK(p.padded == 168);
+    std::vector<std::tuple<size_t, size_t, int, size_t>> got, want = {
+        {120, 48, 1, 0},  // cut at round_up(150, 24) = 168 is the end; cut at round_up(100, 24) = 120
+        {72, 48, 2, 16}, {24, 48, 2, 32}, {0, 24, 2, 48}};
+    for (const GradBucket& b : p.buckets) got.emplace_back(b.begin, b.len, b.ready, b.state);
+    CHECK(got == want);
+}
+
+TEST_CASE("zero_plan on the presets' layouts: buckets tile the gradient in backward order, aligned") {
+    for (const char* preset : {"tiny", "mini", "small"}) {
+        const Config c = config_preset(preset);
+        const ParamLayout L = param_layout(c);
+        for (int world : {1, 2, 3, 8})
+            for (size_t target : {(size_t)1000, (size_t)65536, ZERO_BUCKET}) {
+                CAPTURE(preset);
+                CAPTURE(world);
+                CAPTURE(target);
+                check_plan(L, c.num_hidden_layers, world, target);
+            }
+        // with buckets of the default size, every layer of the small model is at least one bucket of its own
+        const ZeroPlan p = zero_plan(L, c.num_hidden_layers, 2);
+        std::map<int, int> per_point;
+        for (const GradBucket& b : p.buckets) per_point[b.ready]++;
+        CHECK((int)per_point.size() == c.num_hidden_layers + 2);
+    }
+}
+
+TEST_CASE("ZeRO-1 shards: every trained element belongs to exactly one rank, its moments at a unique place") {
+    const Config c = config_preset("tiny");
+    const ParamLayout L = param_layout(c);
+    const std::vector<ParamChunk> all = param_chunks(L, 1000);  // small chunks, so that slices cut through them
+    for (int world : {1, 2, 3, 4}) {
+        CAPTURE(world);
+        const ZeroPlan p = zero_plan(L, c.num_hidden_layers, world, 4096);
+        std::vector<int> owners(p.padded, 0), decay(p.padded, -1);
+        for (const ParamChunk& ch : all)
+            for (int j = 0; j < ch.len; j++) decay[ch.begin + j] = ch.decay;
+        for (int r = 0; r < world; r++) {
+            std::vector<char> state_used(p.shard, 0);
+            for (const ParamChunk& ch : zero_rank_chunks(all, p, r)) {
+                CHECK(ch.len > 0);
+                for (int j = 0; j < ch.len; j++) {
+                    const size_t i = ch.begin + j, k = ch.state + j;
+                    owners[i]++;
+                    CHECK(ch.decay == decay[i]);
+                    REQUIRE(k < p.shard);
+                    CHECK(!state_used[k]);
+                    state_used[k] = 1;
+                    // the element lies in rank r's slice of the bucket whose state range holds k
+                    bool in_slice = false;
+                    for (const GradBucket& b : p.buckets) {
+                        const size_t slice = b.len / world, lo = b.begin + r * slice;
+                        if (k >= b.state && k < b.state + slice) in_slice = i == lo + (k - b.state);
+                    }
+                    CHECK(in_slice);
+                }
+            }
+        }
+        size_t trained = 0, once = 0;
+        for (size_t i = 0; i < p.padded; i++) {
+            if (decay[i] >= 0) trained++, once += owners[i] == 1;
+            else CHECK(owners[i] == 0);  // buffers (expert biases), alignment gaps and padding: nobody's
+        }
+        CHECK(once == trained);
+        size_t want = 0;
+        for (const ParamChunk& ch : all) want += ch.len;
+        CHECK(trained == want);
+    }
+}
+
+TEST_CASE("DataLoader: 2 ranks read disjoint windows whose union is 1 rank's with --grad-accum 2, in order") {
+    const std::string dir = scratch_dir("loader");
+    std::vector<int> tokens(1000);
+    for (int i = 0; i < 1000; i++) tokens[i] = i;  // every token distinct: windows compare by content
+    write_token_file(dir + "/train.bin", tokens, 7);
+    const int B = 2, T = 8, steps = 40;  // wraps around the 1000 tokens
+    DataLoader one, r0, r1;
+    dataloader_open(one, dir + "/train.bin", B, T, -1);
+    dataloader_open(r0, dir + "/train.bin", B, T, -1, 0, 2);
+    dataloader_open(r1, dir + "/train.bin", B, T, -1, 1, 2);
+    std::vector<int> in1, tg1, in2, tg2, a_in, a_tg, b_in, b_tg;
+    for (int step = 0; step < steps; step++) {
+        dataloader_next(one, in1, tg1);  // micro-step 0
+        dataloader_next(one, in2, tg2);  // micro-step 1
+        dataloader_next(r0, a_in, a_tg);
+        dataloader_next(r1, b_in, b_tg);
+        CHECK(a_in == in1);
+        CHECK(a_tg == tg1);
+        CHECK(b_in == in2);
+        CHECK(b_tg == tg2);
+        for (int x : a_in) CHECK(std::find(b_in.begin(), b_in.end(), x) == b_in.end());
+        // the position is the run's, not the rank's: a checkpoint resumes on any number of ranks
+        CHECK(dataloader_position(r0) == dataloader_position(one));
+        CHECK(dataloader_position(r1) == dataloader_position(one));
+        CHECK(dataloader_position(one) == (uint64_t)(step + 1) * 2 * B * T % 1000);
+    }
+    // resuming the 2-rank position on 1 rank reads what rank 0 would have read next
+    DataLoader resumed;
+    dataloader_open(resumed, dir + "/train.bin", B, T, -1);
+    dataloader_seek(resumed, dataloader_position(r0));
+    dataloader_next(resumed, in1, tg1);
+    dataloader_next(r0, a_in, a_tg);
+    CHECK(in1 == a_in);
+    std::filesystem::remove_all(dir);
+}
+
+TEST_CASE("NCCL id hand-off: rank 0 publishes through the directory, another process waits for it") {
+    const std::string dir = scratch_dir("id");
+    unsigned char id[128];
+    for (int i = 0; i < 128; i++) id[i] = (unsigned char)(i * 7 + 3);
+    fflush(stdout);
+    pid_t child = fork();
+    REQUIRE(child >= 0);
+    if (child == 0) {  // rank 1: waits, then checks every byte
+        unsigned char got[128] = {};
+        int status = 2;
+        try {
+            dist_fetch_id(dir, got, sizeof(got), 20);
+            status = memcmp(got, id, sizeof(id)) == 0 ? 0 : 1;
+        } catch (...) {
+        }
+        _exit(status);
+    }
+    usleep(200000);  // the child is polling by now
+    dist_publish_id(dir, id, sizeof(id));
+    int status = -1;
+    REQUIRE(waitpid(child, &status, 0) == child);
+    CHECK(WIFEXITED(status));
+    CHECK(WEXITSTATUS(status) == 0);
+    // an id left behind is refused; retracting removes it
+    const std::string leftover = dist_id_path(dir);
+    CHECK_THROWS_WITH(dist_publish_id(dir, id, sizeof(id)),
+                      ("--init-dir " + dir + ": " + leftover +
+                       " is left from an earlier run; delete it (or use a fresh directory) and start every rank again").c_str());
+    dist_retract_id(dir);
+    CHECK(!path_exists(leftover));
+    // nobody publishes: a bounded wait and one line
+    CHECK_THROWS_WITH(dist_fetch_id(dir, id, sizeof(id), 0.2),
+                      ("--init-dir " + dir + ": rank 0 wrote no NCCL id in 0 s (is it running, with the same --init-dir?)").c_str());
+    CHECK_THROWS_WITH(dist_publish_id(dir + "/none", id, sizeof(id)),
+                      ("--init-dir " + dir + "/none: no such directory (it must be shared by every rank)").c_str());
+    std::filesystem::remove_all(dir);
+}
+
+TEST_CASE("the options hash ignores only --process-rank") {
+    auto hash = [](std::vector<std::string> words) {
+        std::vector<char*> argv;
+        for (std::string& w : words) argv.push_back(&w[0]);
+        return dist_options_hash((int)argv.size(), argv.data());
+    };
+    const uint64_t base = hash({"./train", "--num-processes", "2", "--process-rank", "0", "--steps", "20"});
+    CHECK(hash({"./train", "--num-processes", "2", "--process-rank", "1", "--steps", "20"}) == base);
+    CHECK(hash({"./train", "--num-processes", "2", "--process-rank=1", "--steps", "20"}) == base);
+    CHECK(hash({"./train", "--num-processes", "2", "--process-rank", "0", "--steps", "21"}) != base);
+    CHECK(hash({"./train", "--num-processes", "2", "--process-rank", "0", "--steps", "2", "0"}) != base);  // words, not their concatenation
+}
+
+TEST_CASE("--gpus launcher: a rank that fails or dies stops the others at once; all finishing is success") {
+    DistGroup g;
+    double t0 = now_seconds();
+    int status = dist_launch(2, g);
+    if (status < 0) {  // a rank: rank 1 fails at once, rank 0 would run for a minute
+        if (g.rank == 1) _exit(3);
+        sleep(60);
+        _exit(0);
+    }
+    CHECK(status == 3);  // the failed rank's status
+    CHECK(now_seconds() - t0 < 20);
+    CHECK(!path_exists(g.init_dir));
+
+    DistGroup k;
+    t0 = now_seconds();
+    status = dist_launch(3, k);
+    if (status < 0) {  // rank 2 dies on a signal, which leaves no message of its own
+        if (k.rank == 2) raise(SIGKILL);
+        sleep(60);
+        _exit(0);
+    }
+    CHECK(status == 1);
+    CHECK(now_seconds() - t0 < 20);
+
+    DistGroup h;
+    status = dist_launch(3, h);
+    if (status < 0) _exit(h.world == 3 && h.rank < 3 && h.local ? 0 : 5);
+    CHECK(status == 0);
+    signal(SIGINT, SIG_DFL);  // the launcher's parent ignores it; the test runner should not
+    signal(SIGTERM, SIG_DFL);
+}
