@@ -280,7 +280,8 @@ TEST_CASE("an FP8 Linear on the GPU (linear_forward_gpu / linear_backward_gpu) e
         auto rel = [](const std::vector<float>& a, const std::vector<float>& b) { return rel_error(a.data(), b.data(), b.size()); };
         const double e_out = rel(to_host(d_out, out_cpu.size()), out_cpu), e_dx = rel(to_host(d_dx, dx_cpu.size()), dx_cpu);
         const double e_dw = rel(to_host(d_dw, dw_cpu.size()), dw_cpu);
-        MESSAGE("FP8 Linear, N ", N, wgrad ? ", Wgrad in FP8" : "", ", GPU vs emulation: out ", e_out, ", dx ", e_dx, ", dW ", e_dw);
+        const std::string what = wgrad ? "FP8 Linear (Wgrad in FP8), N " : "FP8 Linear, N ";
+        MESSAGE(what, N, ", GPU vs emulation: out ", e_out, ", dx ", e_dx, ", dW ", e_dw);
         CHECK(e_out < 4e-3);  // bf16 outputs
         CHECK(e_dx < 4e-3);
         // FP8 Wgrad: fp32 out, the tensor cores' ~14-bit sums (see the GEMM test); bf16 Wgrad:

@@ -187,8 +187,9 @@ TEST_CASE("an FP8 GPU step follows the emulated FP8 step of the CPU more closely
         const size_t P = cpu8.ref.grads.size();
         const double e_emulated = rel_error(gpu8.ref.grads.data(), cpu8.ref.grads.data(), P);
         const double e_bf16 = rel_error(gpu8.ref.grads.data(), gpu16.ref.grads.data(), P);
-        MESSAGE("FP8 step", wgrad ? " (Wgrad in FP8 too)" : "", ": loss cpu-fp8 ", s[0].loss, " gpu-fp8 ", s[1].loss, " gpu-bf16 ", s[2].loss,
-                "; gradients of gpu-fp8 against cpu-fp8 ", e_emulated, ", against gpu-bf16 ", e_bf16);
+        const std::string what = wgrad ? "FP8 step (Wgrad in FP8 too)" : "FP8 step";
+        MESSAGE(what, ": loss cpu-fp8 ", s[0].loss, " gpu-fp8 ", s[1].loss, " gpu-bf16 ", s[2].loss, "; gradients of gpu-fp8 against cpu-fp8 ",
+                e_emulated, ", against gpu-bf16 ", e_bf16);
         CHECK(std::fabs(s[1].loss - s[0].loss) / s[0].loss < 2e-2);
         CHECK(e_emulated < 5e-2);
         CHECK(e_emulated < e_bf16);
