@@ -592,11 +592,13 @@ static int run(int argc, char** argv) {
     size_t params = 0, inactive = 0;
     for (const TensorSpec& t : m.ref.layout.tensors)
         if (t.kind != TENSOR_BUFFER) params += t.numel;
-    int moe_layers = 0;  // the MTP module's block counts: its experts are inactive the same way
-    for (int l = 0; l < c.total_layers(); l++)
-        if (c.is_moe_layer(l)) moe_layers++;
-    if (moe_layers)
-        inactive = (size_t)moe_layers * (c.n_routed_experts - c.num_experts_per_tok) * 3 * (size_t)c.moe_intermediate_size *
+    int moe_layers = 0, moe_blocks = 0;  // MoE layers of the main model; MoE blocks, the MTP module's included
+    for (int l = 0; l < c.total_layers(); l++) {
+        moe_layers += c.is_moe_layer(l) && l < c.num_hidden_layers;
+        moe_blocks += c.is_moe_layer(l);
+    }
+    if (moe_blocks)
+        inactive = (size_t)moe_blocks * (c.n_routed_experts - c.num_experts_per_tok) * 3 * (size_t)c.moe_intermediate_size *
                    c.hidden_size;
     const long long tokens_per_step = (long long)o.batch_size * o.seq_len * o.grad_accum;
     std::string arch = a.resume ? "checkpoint " + ckpt : a.config_path.empty() ? "preset " + a.preset : "config " + a.config_path;
@@ -687,7 +689,7 @@ static int run(int argc, char** argv) {
             if (val < st.best_val_loss) st.best_val_loss = val;
             printf("val loss %.4f (best %.4f)\n", val, st.best_val_loss);
             // expert utilisation since the last report: the fraction of tokens routed to each expert
-            if (moe_layers) {
+            if (moe_blocks) {
                 printf("expert load (fraction of tokens per expert; balanced = %.3f):\n",
                        (double)c.num_experts_per_tok / c.n_routed_experts);
                 for (int l = 0; l < c.total_layers(); l++) {

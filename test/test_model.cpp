@@ -372,11 +372,12 @@ TEST_CASE("MTP checkpoints: DeepSeek-V3's names and num_nextn_predict_layers 1, 
     c.num_nextn_predict_layers = 1;
     Model m;
     model_create(m, c, 21);
-    for (size_t i = 0; i < m.ref.params.size(); i++) {
-        m.ref.params[i] += 0.01f * (float)rng_normal(22, i);  // norms off 1, the routing biases off 0
-        m.adam_m[i] = rng_uniform(23, i) - 0.5f;
-        m.adam_v[i] = rng_uniform(24, i);
-    }
+    for (const TensorSpec& s : m.ref.layout.tensors)
+        for (size_t i = s.offset; i < s.offset + s.numel; i++) {
+            m.ref.params[i] += 0.01f * (float)rng_normal(22, i);  // norms off 1, the routing biases off 0
+            m.adam_m[i] = rng_uniform(23, i) - 0.5f;
+            m.adam_v[i] = rng_uniform(24, i);
+        }
     TrainState st;
     st.step = 3;
     st.options = tiny_options();
