@@ -1129,9 +1129,10 @@ void block_backward(const Config& c, const LayerWeights<T>& w, const LayerWeight
 // the released weights are run (Megatron, vLLM, SGLang) with the embedding first, and
 // h is what the main head reads, after model.norm. t_{i+1} is the main target at i,
 // so the last position of each row has no t_{i+2} and predicts nothing; where a
-// target is ignored (< 0) the embedding row is zero and that position predicts
-// nothing either. The loss is the mean cross-entropy over the predictions, plus the
-// block's balance loss when it is a MoE block and balance_alpha > 0.
+// target is ignored (< 0) that position's embedding row is zero and neither it nor
+// the position before predicts. The loss is the mean cross-entropy over the
+// predictions, plus the block's balance loss when it is a MoE block and
+// balance_alpha > 0.
 
 template <typename T>
 struct MtpActs {

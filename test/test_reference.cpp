@@ -627,3 +627,28 @@ TEST_CASE("the expert bias update moves the MTP block's routing bias like a main
     CHECK(bias[2] == doctest::Approx(b0[2] - 0.01));
     CHECK(bias[0] == doctest::Approx(b0[0] + 0.01));
 }
+
+TEST_CASE("MTP: eh_proj's first D columns read the next token's embedding, the last D the main model's output") {
+    Config c = mtp_config(true);
+    const int B = 1, T = 6, N = B * T, D = c.hidden_size;
+    std::vector<int> targets(N), other(N);
+    for (int n = 0; n < N; n++) {
+        targets[n] = (int)(rng_hash(220, n) % c.vocab_size);
+        other[n] = (targets[n] + 1 + n) % c.vocab_size;
+    }
+    auto h = random_vector(N * D, 221, 2.0), h2 = random_vector(N * D, 222, 2.0);
+    for (int half = 0; half < 2; half++) {
+        CAPTURE(half);
+        RefModel<double> m = random_model(c, 223);
+        double* w = m.w.mtp.eh_proj.w;
+        for (int o = 0; o < D; o++) std::fill_n(w + (size_t)o * 2 * D + (half == 0 ? D : 0), D, 0.0);  // keep one half
+        MtpActs<double> a;
+        mtp_forward(c, m.w, m.rope, h.data(), targets.data(), B, T, StepOptions{}, a);
+        const std::vector<double> base = a.logits;
+        // half 0 reads only the embedding: another h changes nothing, other tokens do; half 1 the reverse
+        mtp_forward(c, m.w, m.rope, h2.data(), targets.data(), B, T, StepOptions{}, a);
+        CHECK((a.logits == base) == (half == 0));
+        mtp_forward(c, m.w, m.rope, h.data(), other.data(), B, T, StepOptions{}, a);
+        CHECK((a.logits == base) == (half == 1));
+    }
+}
