@@ -3,16 +3,19 @@
 // as E4M3 in 128 x 128 blocks, each with its fp32 weight_scale_inv), tokenizer.bin (absent for the byte tokenizer),
 // and for exact resume optimizer.safetensors (the AdamW moments) and trainer_state.json, written to a
 // temporary directory and renamed into place, so a kill never leaves half of one.
+#include <set>
+
 #include "fileutil.h"
 #include "model.h"
 #include "safetensors.h"
 
 // What DeepSeek-V3's FP8 checkpoints store in E4M3: every projection weight of the
-// layers (attention, dense FFN, experts); not the router, embedding, head or norms.
+// layers (attention, dense FFN, experts, the MTP module's block); not the router,
+// embedding, head or norms, nor the MTP module's eh_proj (released in bf16, and read
+// as a plain Linear by the engines that serve it).
 static bool fp8_stored(const TensorSpec& s) {
-    const std::string router = "mlp.gate.weight";
-    return s.shape.size() == 2 && s.name.rfind("model.layers.", 0) == 0 &&
-           !(s.name.size() >= router.size() && s.name.compare(s.name.size() - router.size(), router.size(), router) == 0);
+    return s.shape.size() == 2 && s.name.rfind("model.layers.", 0) == 0 && !ends_with(s.name, "mlp.gate.weight") &&
+           !ends_with(s.name, "eh_proj.weight");
 }
 
 // weight_scale_inv [ceil(out/128), ceil(in/128)] of an FP8-stored weight
@@ -53,6 +56,7 @@ static std::string state_to_json(const TrainState& st) {
                 o.batch_size, o.seq_len, o.grad_accum);
     s += strfmt("  \"dropout\": %.9g,\n  \"balance_alpha\": %.9g,\n  \"fp8\": %s,\n  \"fp8_wgrad\": %s,\n", o.dropout, o.balance_alpha,
                 o.fp8 ? "true" : "false", o.fp8_wgrad ? "true" : "false");
+    s += strfmt("  \"mtp_lambda\": %.9g,\n", o.mtp_lambda);
     s += strfmt("  \"lr\": %.9g,\n  \"min_lr_fraction\": %.9g,\n  \"warmup_steps\": %d,\n  \"total_steps\": %d,\n", o.optim.lr,
                 o.optim.min_lr_fraction, o.optim.warmup_steps, o.optim.total_steps);
     s += strfmt("  \"beta1\": %.9g,\n  \"beta2\": %.9g,\n  \"eps\": %.9g,\n  \"weight_decay\": %.9g,\n", o.optim.beta1, o.optim.beta2,
@@ -114,6 +118,7 @@ static TrainState state_from_json(const std::string& text, const std::string& wh
     o.fp8 = flag("fp8");
     o.fp8_wgrad = flag("fp8_wgrad");
     if (o.fp8_wgrad && !o.fp8) fail("%s: \"fp8_wgrad\" is true but \"fp8\" is not", where.c_str());
+    if (root.get("mtp_lambda")) o.mtp_lambda = (float)in("mtp_lambda", 0, 10);  // absent in checkpoints from before MTP
     o.optim.lr = (float)in("lr", 0, 10);
     o.optim.min_lr_fraction = (float)in("min_lr_fraction", 0, 1);
     o.optim.warmup_steps = whole_in("warmup_steps", 0, 1 << 30);
@@ -138,7 +143,13 @@ static void write_checkpoint(Model& m, const std::string& tmp, const TrainState*
     Config c = m.ref.cfg;
     c.fp8_weights = std::string(dtype) == "F8_E4M3";
     write_file_atomic(tmp + "/config.json", config_to_json(c));
-    safetensors_write(tmp + "/model.safetensors", tensors_of(m.ref.layout, m.ref.params.data(), "", dtype), {{"format", "pt"}});
+    std::vector<SafeTensor> weights = tensors_of(m.ref.layout, m.ref.params.data(), "", dtype);
+    for (const auto& [copy, shared] : mtp_shared_tensors(c)) {
+        SafeTensor t = *std::find_if(weights.begin(), weights.end(), [&](const SafeTensor& x) { return x.name == shared; });
+        t.name = copy;
+        weights.push_back(std::move(t));
+    }
+    safetensors_write(tmp + "/model.safetensors", weights, {{"format", "pt"}});
     // no file stands for the byte tokenizer, so byte-level models of any vocab size load
     if (!m.tokenizer.merges.empty()) tokenizer_save(m.tokenizer, tmp + "/tokenizer.bin");
     if (state) {
@@ -173,8 +184,9 @@ bool checkpoint_has_state(const std::string& dir_given) {
 }
 
 // copies every tensor of the layout from f into dst, refusing missing, mis-shaped and unexpected tensors;
-// fp8: E4M3 weights are dequantized with their weight_scale_inv blocks, as DeepSeek's weight_dequant does
-static void take_all(const SafeTensorsFile& f, const ParamLayout& L, float* dst, bool fp8) {
+// fp8: E4M3 weights are dequantized with their weight_scale_inv blocks, as DeepSeek's weight_dequant does.
+// The MTP module's copies of the shared embedding and head may be absent; present, they must equal them.
+static void take_all(const SafeTensorsFile& f, const Config& c, const ParamLayout& L, float* dst, bool fp8) {
     for (const TensorSpec& s : L.tensors) {
         safetensors_take(f, s.name, s.shape, dst + s.offset);
         const SafeTensor* t = f.find(s.name);
@@ -190,10 +202,22 @@ static void take_all(const SafeTensorsFile& f, const ParamLayout& L, float* dst,
         for (size_t i = 0; i < s.numel; i++)
             if (!std::isfinite(dst[s.offset + i]))
                 fail("%s: tensor '%s' holds %g at index %zu: not a usable weight", f.path.c_str(), s.name.c_str(), dst[s.offset + i], i);
+    std::set<std::string> copies;
+    for (const auto& [copy, shared] : mtp_shared_tensors(c)) {
+        copies.insert(copy);
+        const SafeTensor* t = f.find(copy);
+        if (!t) continue;
+        const TensorSpec& s = L.tensors[L.index.at(shared)];
+        std::vector<float> values(s.numel);
+        safetensors_take(f, copy, s.shape, values.data());
+        if (!std::equal(values.begin(), values.end(), dst + s.offset))
+            fail("%s: tensor '%s' differs from '%s'; the MTP module shares the main model's (DeepSeek-V3 §2.2)", f.path.c_str(),
+                 copy.c_str(), shared.c_str());
+    }
     for (const SafeTensor& t : f.tensors) {  // a scale belongs to an E4M3 weight of the layout
         const size_t n = t.name.size();
         const SafeTensor* w = n > 10 && t.name.compare(n - 10, 10, "_scale_inv") == 0 ? f.find(t.name.substr(0, n - 10)) : nullptr;
-        if (!L.index.count(t.name) && !(w && w->dtype == "F8_E4M3"))
+        if (!L.index.count(t.name) && !copies.count(t.name) && !(w && w->dtype == "F8_E4M3"))
             fail("%s: unexpected tensor '%s' (not part of this config)", f.path.c_str(), t.name.c_str());
     }
 }
@@ -203,9 +227,13 @@ void model_load(Model& m, const std::string& dir_given, TrainState* state) {
     if (!path_exists(dir)) fail("%s: checkpoint directory does not exist", dir.c_str());
     std::string config_path = dir + "/config.json";
     Config c = config_from_json(read_file(config_path), config_path);
-    model_create(m, c, 0);
     SafeTensorsFile weights = safetensors_read(dir + "/model.safetensors");
-    take_all(weights, m.ref.layout, m.ref.params.data(), c.fp8_weights);
+    // transformers' DeepseekV3ForCausalLM keeps num_nextn_predict_layers from DeepSeek-V3's config.json but
+    // neither loads nor saves the module: what it saved is the main model alone
+    if (c.num_nextn_predict_layers > 0 && !weights.find(strfmt("model.layers.%d.eh_proj.weight", c.num_hidden_layers)))
+        c.num_nextn_predict_layers = 0;
+    model_create(m, c, 0);
+    take_all(weights, c, m.ref.layout, m.ref.params.data(), c.fp8_weights);
     std::string tok_path = dir + "/tokenizer.bin";
     if (path_exists(tok_path)) {
         m.tokenizer = tokenizer_load(tok_path);

@@ -55,13 +55,16 @@ struct Config {
     float yarn_mscale = 0.0f;          // 0 = absent, as transformers treats it
     float yarn_mscale_all_dim = 0.0f;  // 0 = absent
     int max_position_embeddings = 1024;
-    int num_nextn_predict_layers = 0;  // carried through checkpoints; the MTP module is not built yet
+    int num_nextn_predict_layers = 0;  // 1: the multi-token-prediction module (depth 1), its block at index num_hidden_layers
     // quantization_config of DeepSeek-V3's FP8 checkpoints: the layers' projection weights
     // stored as E4M3 in 128 x 128 blocks, each with a fp32 weight_scale_inv (checkpoint.cpp)
     bool fp8_weights = false;
 
     int qk_head_dim() const { return qk_nope_head_dim + qk_rope_head_dim; }
+    // the rule of HF's DeepseekV3 for every block, the MTP module's (layer num_hidden_layers) included
     bool is_moe_layer(int layer) const { return n_routed_experts > 0 && layer >= first_k_dense_replace; }
+    // the main layers, then the MTP module's block
+    int total_layers() const { return num_hidden_layers + num_nextn_predict_layers; }
 };
 
 // The preset names are "tiny" (tests), "mini" (the seed's create_mini_model), "small"
@@ -137,10 +140,11 @@ inline void config_check(const Config& c) {
     need(c.rms_norm_eps > 0, "rms_norm_eps must be positive");
     need(c.rope_theta > 1, "rope_theta must be greater than 1");
     need(c.first_k_dense_replace >= 0, "first_k_dense_replace must be >= 0");
-    need(c.num_nextn_predict_layers >= 0, "num_nextn_predict_layers must be >= 0");
+    need(c.num_nextn_predict_layers == 0 || c.num_nextn_predict_layers == 1,
+         "num_nextn_predict_layers must be 0 or 1 (one multi-token-prediction module, depth 1)");
     bool any_dense = c.n_routed_experts == 0 || c.first_k_dense_replace > 0;
     if (any_dense) need(c.intermediate_size > 0, "intermediate_size must be positive");
-    if (c.n_routed_experts > 0 && c.first_k_dense_replace < c.num_hidden_layers) {
+    if (c.n_routed_experts > 0 && c.first_k_dense_replace < c.total_layers()) {
         need(c.moe_intermediate_size > 0, "moe_intermediate_size must be positive");
         need(c.n_shared_experts >= 0, "n_shared_experts must be >= 0");
         need(c.num_experts_per_tok > 0, "num_experts_per_tok must be positive");
@@ -158,8 +162,9 @@ inline void config_check(const Config& c) {
                              D * (c.kv_lora_rank + c.qk_rope_head_dim) + (double)c.kv_lora_rank * H * (c.qk_nope_head_dim + c.v_head_dim) +
                              H * c.v_head_dim * D;
     double params = 2.0 * c.vocab_size * D;
-    for (int l = 0; l < c.num_hidden_layers; l++)
+    for (int l = 0; l < c.total_layers(); l++)
         params += attention + (c.is_moe_layer(l) ? E * D + 3 * MI * D * (E + c.n_shared_experts) : 3.0 * c.intermediate_size * D);
+    params += c.num_nextn_predict_layers * 2.0 * D * D;  // the MTP module's eh_proj
     if (params > 1099511627776.0) fail("inconsistent config: %.3g parameters; at most 2^40", params);
     if (c.yarn) {
         need(c.yarn_factor >= 1 && std::isfinite(c.yarn_factor), "rope_scaling.factor must be finite and >= 1");

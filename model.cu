@@ -17,7 +17,7 @@ void model_create(Model& m, const Config& c, uint64_t seed) {
     m.adam_m.assign(m.ref.layout.total, 0);
     m.adam_v.assign(m.ref.layout.total, 0);
     m.tokenizer = tokenizer_bytes();
-    m.expert_load.assign(c.num_hidden_layers, std::vector<int64_t>(c.n_routed_experts, 0));
+    m.expert_load.assign(c.total_layers(), std::vector<int64_t>(c.n_routed_experts, 0));
 }
 
 // dropout and balance-loss settings of one micro-step; the dropout key depends on
@@ -29,6 +29,7 @@ static StepOptions micro_step_options(const TrainOptions& o, int step, const Dat
     StepOptions opt;
     opt.dropout = o.dropout;
     opt.balance_alpha = o.balance_alpha;
+    opt.mtp_lambda = o.mtp_lambda;
     const uint64_t per_step = (uint64_t)o.grad_accum * loader.world, index = (uint64_t)micro * loader.world + loader.rank;
     opt.dropout_key = mix64(o.seed ^ mix64((uint64_t)step * per_step + index));
     return opt;
@@ -41,16 +42,17 @@ StepStats model_train_step(Model& m, DataLoader& loader, const TrainOptions& o, 
     if (m.gpu) return gpu_train_step(m, loader, o, step);
     const Config& c = m.ref.cfg;
     std::fill(m.ref.grads.begin(), m.ref.grads.end(), 0.0f);
-    std::vector<std::vector<int64_t>> load(c.num_hidden_layers, std::vector<int64_t>(c.n_routed_experts, 0));
+    std::vector<std::vector<int64_t>> load(c.total_layers(), std::vector<int64_t>(c.n_routed_experts, 0));
     std::vector<int> inputs, targets;
-    StepStats s{0, 0, 0, 0};
+    StepStats s{0, 0, 0, 0, 0};
     for (int micro = 0; micro < o.grad_accum; micro++) {
         dataloader_next(loader, inputs, targets);
         ref_forward(m.ref, inputs.data(), targets.data(), o.batch_size, o.seq_len, micro_step_options(o, step, loader, micro));
         ref_backward(m.ref, 1.0f / o.grad_accum);
         s.loss += m.ref.ce_loss / o.grad_accum;
         s.balance_loss += m.ref.balance_loss / o.grad_accum;
-        for (int l = 0; l < c.num_hidden_layers; l++)
+        s.mtp_loss += m.ref.mtp_loss / o.grad_accum;
+        for (int l = 0; l < c.total_layers(); l++)
             for (int e = 0; e < c.n_routed_experts; e++) load[l][e] += m.ref.expert_load[l][e];
     }
     s.grad_norm = grad_norm(m.ref.layout, m.ref.grads.data());
@@ -58,7 +60,7 @@ StepStats model_train_step(Model& m, DataLoader& loader, const TrainOptions& o, 
     if (!std::isfinite(s.grad_norm)) return s;  // a NaN or inf gradient: the step is skipped, as the GPU's kernels skip it
     adamw_update(m.ref.layout, m.ref.params.data(), m.ref.grads.data(), m.adam_m.data(), m.adam_v.data(), o.optim, s.lr, step + 1, s.grad_norm);
     if (o.optim.bias_update_speed > 0) expert_bias_update(c, m.ref.w, load, o.optim.bias_update_speed);
-    for (int l = 0; l < c.num_hidden_layers; l++)
+    for (int l = 0; l < c.total_layers(); l++)
         for (int e = 0; e < c.n_routed_experts; e++) m.expert_load[l][e] += load[l][e];
     return s;
 }
@@ -540,6 +542,7 @@ static void gpu_gather_weights(GpuModel& gpu) {
 static StepStats gpu_train_step(Model& m, DataLoader& loader, const TrainOptions& o, int step) {
     GpuModel& gpu = *m.gpu;
     const Config& c = m.ref.cfg;
+    if (c.num_nextn_predict_layers > 0) fail("%s", MTP_GPU_UNSUPPORTED);
     const int E = c.n_routed_experts;
     const float dloss = 1.0f / o.grad_accum;
     std::vector<int> inputs, targets;
@@ -557,7 +560,7 @@ static StepStats gpu_train_step(Model& m, DataLoader& loader, const TrainOptions
     }
     gpu.communicate = false;
     gpu.host_current = false;
-    StepStats s{0, 0, 0, 0};
+    StepStats s{0, 0, 0, 0, 0};
     s.lr = learning_rate(o.optim, step);
     if (zero) {
         CUDA_CHECK(cudaEventRecord(gpu.comm_done, gpu.comm_stream));

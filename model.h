@@ -23,6 +23,8 @@ struct TrainOptions {
     bool cuda_graph = true;      // GPU: replay each micro-step as a CUDA graph when it can
     bool fp8 = false;            // DeepSeek-V3's FP8 GEMMs (fp8.cuh; the CPU emulates them)
     bool fp8_wgrad = false;      // with fp8, the weight gradients' GEMMs in FP8 too
+    float mtp_lambda = 0.3f;     // loss = main + mtp_lambda * MTP loss, when the config has the module (DeepSeek-V3's value
+                                 // for most of its run); only the CPU path runs the module so far
 };
 
 // What exact resume needs beyond the weights (the optimizer moments live in optimizer.safetensors). Dropout
@@ -43,7 +45,7 @@ struct Model {
                                    // ref.params is stale until model_sync_host
     std::vector<float> adam_m, adam_v;
     Tokenizer tokenizer;           // the byte tokenizer when the checkpoint has none
-    std::vector<std::vector<int64_t>> expert_load;  // [layer][expert] tokens routed since the last reset
+    std::vector<std::vector<int64_t>> expert_load;  // [c.total_layers()][expert] tokens routed since the last reset
 };
 
 struct StepStats {
@@ -51,6 +53,7 @@ struct StepStats {
     float balance_loss;  // the sequence-wise balance loss term (0 when off)
     double grad_norm;    // before clipping
     float lr;
+    float mtp_loss;      // the MTP module's mean cross-entropy (0 without one)
 };
 
 // fresh weights (HF's init: normal(0, 0.02), unit norms, zero expert bias)
@@ -66,6 +69,10 @@ bool gpu_available();
 // runs its own micro-batches, the step averages the gradients over the ranks and each rank keeps the
 // optimizer state of its slices of the weights only.
 void model_to_gpu(Model& m, int B, int T, bool inference = false, const DistGroup& dist = DistGroup());
+
+// The CUDA path has no kernels for the MTP module yet: training a model with one on the GPU stops with this
+// (train says it at the start); GPU inference (generate, validate) runs the main model, which needs none.
+constexpr const char* MTP_GPU_UNSUPPORTED = "--device gpu does not run the MTP module yet; use --device cpu";
 
 // copies the GPU's weights, last gradients and optimizer moments back into m. Under ZeRO-1 every rank must
 // call it (it gathers the master weights and the moments from all ranks), and the gradients are not copied:

@@ -79,9 +79,8 @@ inline ParamLayout param_layout(const Config& c) {
         L.total += n;
     };
     const int D = c.hidden_size, H = c.num_attention_heads, dqk = c.qk_head_dim();
-    add("model.embed_tokens.weight", {c.vocab_size, D}, TENSOR_DECAY);
-    for (int l = 0; l < c.num_hidden_layers; l++) {
-        std::string p = strfmt("model.layers.%d.", l);
+    // one transformer block's tensors under prefix p (model.layers.L.)
+    auto add_block = [&](const std::string& p, bool moe) {
         add(p + "input_layernorm.weight", {D}, TENSOR_NO_DECAY);
         if (c.q_lora_rank > 0) {
             add(p + "self_attn.q_a_proj.weight", {c.q_lora_rank, D}, TENSOR_DECAY);
@@ -95,11 +94,11 @@ inline ParamLayout param_layout(const Config& c) {
         add(p + "self_attn.kv_b_proj.weight", {H * (c.qk_nope_head_dim + c.v_head_dim), c.kv_lora_rank}, TENSOR_DECAY);
         add(p + "self_attn.o_proj.weight", {D, H * c.v_head_dim}, TENSOR_DECAY);
         add(p + "post_attention_layernorm.weight", {D}, TENSOR_NO_DECAY);
-        if (!c.is_moe_layer(l)) {
+        if (!moe) {
             add(p + "mlp.gate_proj.weight", {c.intermediate_size, D}, TENSOR_DECAY);
             add(p + "mlp.up_proj.weight", {c.intermediate_size, D}, TENSOR_DECAY);
             add(p + "mlp.down_proj.weight", {D, c.intermediate_size}, TENSOR_DECAY);
-            continue;
+            return;
         }
         const int I = c.moe_intermediate_size;
         add(p + "mlp.gate.weight", {c.n_routed_experts, D}, TENSOR_DECAY);
@@ -116,10 +115,34 @@ inline ParamLayout param_layout(const Config& c) {
             add(p + "mlp.shared_experts.up_proj.weight", {S, D}, TENSOR_DECAY);
             add(p + "mlp.shared_experts.down_proj.weight", {D, S}, TENSOR_DECAY);
         }
-    }
+    };
+    add("model.embed_tokens.weight", {c.vocab_size, D}, TENSOR_DECAY);
+    for (int l = 0; l < c.num_hidden_layers; l++) add_block(strfmt("model.layers.%d.", l), c.is_moe_layer(l));
     add("model.norm.weight", {D}, TENSOR_NO_DECAY);
     add("lm_head.weight", {c.vocab_size, D}, TENSOR_DECAY);
+    // the MTP module after the main model's tensors (whose offsets it leaves as they are), under DeepSeek-V3's
+    // names; its embedding and head are the main model's (mtp_shared_tensors)
+    if (c.num_nextn_predict_layers > 0) {
+        const int l = c.num_hidden_layers;
+        const std::string p = strfmt("model.layers.%d.", l);
+        add(p + "enorm.weight", {D}, TENSOR_NO_DECAY);
+        add(p + "hnorm.weight", {D}, TENSOR_NO_DECAY);
+        add(p + "eh_proj.weight", {D, 2 * D}, TENSOR_DECAY);
+        add_block(p, c.is_moe_layer(l));
+        add(p + "shared_head.norm.weight", {D}, TENSOR_NO_DECAY);
+    }
     return L;
+}
+
+// DeepSeek-V3's released checkpoint stores the MTP module's embedding and output head
+// again under the module's prefix, though training shares them with the main model
+// (§2.2; Megatron, which trained it, writes its one tensor under both names). Here
+// they are one parameter each: checkpoints write these copies and loading checks
+// them. {the copy's name, the parameter's name}.
+inline std::vector<std::pair<std::string, std::string>> mtp_shared_tensors(const Config& c) {
+    if (c.num_nextn_predict_layers == 0) return {};
+    const std::string p = strfmt("model.layers.%d.", c.num_hidden_layers);
+    return {{p + "embed_tokens.weight", "model.embed_tokens.weight"}, {p + "shared_head.head.weight", "lm_head.weight"}};
 }
 
 // ----------------------------------------------------------------------------
@@ -186,13 +209,31 @@ struct LayerWeights {
     MoeWeights<T> moe;           // MoE layers
 };
 
+// the multi-token-prediction module (num_nextn_predict_layers = 1), under
+// model.layers.{num_hidden_layers}.; it reads the main model's embedding and head
+template <typename T>
+struct MtpWeights {
+    T* enorm = nullptr;          // [D]      enorm: RMSNorm of the next token's embedding
+    T* hnorm = nullptr;          // [D]      hnorm: RMSNorm of the main model's output
+    Linear<T> eh_proj;           // [D, 2D]  on [enorm(e); hnorm(h)]
+    LayerWeights<T> block;       // the usual block names; MoE or dense by the layer rule
+    T* head_norm = nullptr;      // [D]      shared_head.norm, before the shared head
+};
+
 template <typename T>
 struct ModelWeights {
     T* embed = nullptr;          // [V, D]
     std::vector<LayerWeights<T>> layers;
     T* final_norm = nullptr;     // [D]
     Linear<T> lm_head;           // [V, D]
+    MtpWeights<T> mtp;           // null pointers when num_nextn_predict_layers = 0
 };
+
+// block l of c.total_layers(): a main layer, or the MTP module's block after them
+template <typename T>
+const LayerWeights<T>& block_weights(const ModelWeights<T>& w, int l) {
+    return l < (int)w.layers.size() ? w.layers[l] : w.mtp.block;
+}
 
 // Points a ModelWeights at the flat array `base` laid out by L, and checks the two
 // contiguity contracts the GPU relies on: up_proj right after gate_proj, and the
@@ -209,14 +250,9 @@ ModelWeights<T> bind_weights(const Config& c, const ParamLayout& L, T* base) {
         if (f.up.w != f.gate.w + (size_t)f.gate.out * f.gate.in) fail("internal: %sup_proj does not follow gate_proj", p.c_str());
         return f;
     };
-    ModelWeights<T> w;
-    w.embed = at("model.embed_tokens.weight");
-    w.final_norm = at("model.norm.weight");
-    w.lm_head = linear("lm_head.weight");
-    w.layers.resize(c.num_hidden_layers);
-    for (int l = 0; l < c.num_hidden_layers; l++) {
+    auto block = [&](int l) {
         const std::string p = strfmt("model.layers.%d.", l), a = p + "self_attn.";
-        LayerWeights<T>& x = w.layers[l];
+        LayerWeights<T> x;
         x.input_norm = at(p + "input_layernorm.weight");
         x.post_norm = at(p + "post_attention_layernorm.weight");
         if (c.q_lora_rank > 0) {
@@ -232,7 +268,7 @@ ModelWeights<T> bind_weights(const Config& c, const ParamLayout& L, T* base) {
         x.attn.o_proj = linear(a + "o_proj.weight");
         if (!c.is_moe_layer(l)) {
             x.ffn = ffn(p + "mlp.");
-            continue;
+            return x;
         }
         MoeWeights<T>& m = x.moe;
         m.router = linear(p + "mlp.gate.weight");
@@ -245,6 +281,20 @@ ModelWeights<T> bind_weights(const Config& c, const ParamLayout& L, T* base) {
                 fail("internal: expert %d of layer %d is not at the fixed expert stride", e, l);
         }
         if (c.n_shared_experts > 0) m.shared = ffn(p + "mlp.shared_experts.");
+        return x;
+    };
+    ModelWeights<T> w;
+    w.embed = at("model.embed_tokens.weight");
+    w.final_norm = at("model.norm.weight");
+    w.lm_head = linear("lm_head.weight");
+    for (int l = 0; l < c.num_hidden_layers; l++) w.layers.push_back(block(l));
+    if (c.num_nextn_predict_layers > 0) {
+        const std::string p = strfmt("model.layers.%d.", c.num_hidden_layers);
+        w.mtp.enorm = at(p + "enorm.weight");
+        w.mtp.hnorm = at(p + "hnorm.weight");
+        w.mtp.eh_proj = linear(p + "eh_proj.weight");
+        w.mtp.block = block(c.num_hidden_layers);
+        w.mtp.head_norm = at(p + "shared_head.norm.weight");
     }
     return w;
 }
@@ -260,7 +310,11 @@ ModelWeights<T> bind_weights(const Config& c, const ParamLayout& L, T* base) {
 template <typename T, typename Visit>
 void for_each_fp8_linear(ModelWeights<T>& w, Visit visit) {
     auto fits = [](const Linear<T>& l) { return l.w && l.in % 16 == 0 && l.out % 16 == 0; };
-    for (LayerWeights<T>& l : w.layers) {
+    std::vector<LayerWeights<T>*> blocks;
+    for (LayerWeights<T>& l : w.layers) blocks.push_back(&l);
+    if (w.mtp.eh_proj.w) blocks.push_back(&w.mtp.block);  // its eh_proj stays in T, as DeepSeek-V3 releases it
+    for (LayerWeights<T>* b : blocks) {
+        LayerWeights<T>& l = *b;
         MlaWeights<T>& a = l.attn;
         for (Linear<T>* p : {&a.q_proj, &a.q_a, &a.q_b, &a.kv_a, &a.kv_b, &a.o_proj, &l.ffn.down, &l.moe.shared.down})
             if (fits(*p)) visit(*p, p->fp8);
@@ -974,17 +1028,25 @@ void dropout_forward(T* x, T* mask, size_t n, float p, uint64_t key) {
 
 // ----------------------------------------------------------------------------
 // The whole model: h = Emb[tok]; per layer h += MLA(RMSNorm(h)), h += FFN(RMSNorm(h));
-// logits = Head(RMSNorm(h)); loss = mean cross-entropy (+ balance loss).
+// logits = Head(RMSNorm(h)); loss = mean cross-entropy (+ balance loss), plus
+// mtp_lambda times the MTP module's loss when the config has one.
 
 struct StepOptions {
     float dropout = 0;          // probability; 0 = off
     float balance_alpha = 0;    // sequence-wise balance loss weight; 0 = off
+    float mtp_lambda = 0;       // weight of the MTP module's loss (num_nextn_predict_layers = 1)
     uint64_t dropout_key = 0;   // varies per micro-step so every step draws new masks
 };
 
 // the key of one dropout site (1 = embedding, then attention and FFN of each layer
-// in order) within a micro-step; the GPU path draws its masks with the same keys
+// in order, the MTP module's block last) within a micro-step; the GPU path draws its
+// masks with the same keys
 inline uint64_t dropout_site_key(uint64_t step_key, uint64_t site) { return mix64(step_key ^ mix64(site)); }
+
+// ----------------------------------------------------------------------------
+// One transformer block on the residual stream h [N, D], in place:
+//   h += MLA(RMSNorm(h)),  h += FFN(RMSNorm(h))   (FFN = MoE or dense SwiGLU)
+// with dropout p on each branch's output (keys: the two sites' dropout_site_key).
 
 template <typename T>
 struct LayerActs {
@@ -999,6 +1061,166 @@ struct LayerActs {
 };
 
 template <typename T>
+void block_forward(const Config& c, const LayerWeights<T>& w, bool moe, const RopeTable& rope, T* h, int B, int Tlen, LayerActs<T>& a,
+                   float p, uint64_t attn_key, uint64_t ffn_key) {
+    const int N = B * Tlen, D = c.hidden_size;
+    const size_t ND = (size_t)N * D;
+    a.h_in.assign(h, h + ND);
+    a.xn.resize(ND);
+    a.xn_rstd.resize(N);
+    rmsnorm_forward(a.xn.data(), a.xn_rstd.data(), h, w.input_norm, N, D, c.rms_norm_eps);
+    a.attn_out.resize(ND);
+    mla_forward(c, w.attn, rope, a.attn_out.data(), a.xn.data(), B, Tlen, a.mla);
+    if (p > 0) {
+        a.attn_mask.resize(ND);
+        dropout_forward(a.attn_out.data(), a.attn_mask.data(), ND, p, attn_key);
+    }
+    for (size_t i = 0; i < ND; i++) h[i] += a.attn_out[i];
+    a.h_mid.assign(h, h + ND);
+    a.xn2.resize(ND);
+    a.xn2_rstd.resize(N);
+    rmsnorm_forward(a.xn2.data(), a.xn2_rstd.data(), h, w.post_norm, N, D, c.rms_norm_eps);
+    a.ffn_out.resize(ND);
+    if (moe) moe_forward(c, w.moe, a.ffn_out.data(), a.xn2.data(), N, a.moe);
+    else ffn_forward(w.ffn, a.ffn_out.data(), a.xn2.data(), N, a.ffn);
+    if (p > 0) {
+        a.ffn_mask.resize(ND);
+        dropout_forward(a.ffn_out.data(), a.ffn_mask.data(), ND, p, ffn_key);
+    }
+    for (size_t i = 0; i < ND; i++) h[i] += a.ffn_out[i];
+}
+
+// dh [N, D]: in, the gradient of the block's output; out, of its input. A MoE block
+// adds the gradient of dloss times its balance loss when balance_alpha > 0.
+template <typename T>
+void block_backward(const Config& c, const LayerWeights<T>& w, const LayerWeights<T>& g, bool moe, const RopeTable& rope, T* dh, int B,
+                    int Tlen, const LayerActs<T>& a, float p, float balance_alpha, T dloss) {
+    const int N = B * Tlen, D = c.hidden_size;
+    const size_t ND = (size_t)N * D;
+    // dh flows to the FFN branch and straight through the residual
+    std::vector<T> dbranch(dh, dh + ND), dxn(ND);
+    if (p > 0)
+        for (size_t i = 0; i < ND; i++) dbranch[i] *= a.ffn_mask[i];
+    if (moe) {
+        std::vector<T> dscores;
+        if (balance_alpha > 0) {
+            dscores.resize((size_t)N * c.n_routed_experts);
+            balance_loss_backward(c, dscores.data(), a.moe.router, B, Tlen, balance_alpha, (double)dloss);
+        }
+        moe_backward(c, w.moe, g.moe, dxn.data(), dbranch.data(), a.xn2.data(), N, a.moe, dscores.empty() ? nullptr : dscores.data());
+    } else {
+        ffn_backward(w.ffn, g.ffn, dxn.data(), dbranch.data(), a.xn2.data(), N, a.ffn, false);
+    }
+    rmsnorm_backward(dh, g.post_norm, dh, dxn.data(), a.h_mid.data(), w.post_norm, a.xn2_rstd.data(), N, D);
+    dbranch.assign(dh, dh + ND);
+    if (p > 0)
+        for (size_t i = 0; i < ND; i++) dbranch[i] *= a.attn_mask[i];
+    mla_backward(c, w.attn, g.attn, rope, dxn.data(), dbranch.data(), a.xn.data(), B, Tlen, a.mla);
+    rmsnorm_backward(dh, g.input_norm, dh, dxn.data(), a.h_in.data(), w.input_norm, a.xn_rstd.data(), N, D);
+}
+
+// ----------------------------------------------------------------------------
+// Multi-token prediction (DeepSeek-V3 §2.2), depth 1: at position i the module
+// combines the main model's output h_i with the embedding of the next token t_{i+1}
+// and predicts t_{i+2}:
+//   h'_i = eh_proj [enorm(Emb(t_{i+1})); hnorm(h_i)]
+//   h'   = block(h')                         (layer index num_hidden_layers)
+//   logits_i = lm_head(shared_head.norm(h'_i))
+// Emb and lm_head are the main model's. The paper writes [hnorm(h); enorm(Emb)], but
+// the released weights are run (Megatron, vLLM, SGLang) with the embedding first, and
+// h is what the main head reads, after model.norm. t_{i+1} is the main target at i,
+// so the last position of each row has no t_{i+2} and predicts nothing; where a
+// target is ignored (< 0) that position's embedding row is zero and neither it nor
+// the position before predicts. The loss is the mean cross-entropy over the
+// predictions, plus the block's balance loss when it is a MoE block and
+// balance_alpha > 0.
+
+template <typename T>
+struct MtpActs {
+    std::vector<int> tokens, targets;  // [N] t_{i+1} (-1: unknown), t_{i+2} (-1: no prediction)
+    std::vector<T> emb, en, en_rstd;   // [N, D] Emb(t_{i+1}) (zero rows where unknown), enorm of it, [N]
+    std::vector<T> hh, hh_rstd;        // [N, D] hnorm(h), [N]
+    std::vector<T> cat;                // [N, 2D] [en; hh], eh_proj's input
+    std::vector<T> h;                  // [N, D] eh_proj's output, then in place the block's
+    LayerActs<T> block;
+    std::vector<T> z, z_rstd;          // [N, D] shared_head.norm(h), [N]
+    std::vector<T> logits, probs;      // [N, V]
+    T loss = 0, balance = 0;           // the cross-entropy; the block's balance loss
+};
+
+// the embedding rows the module reads: unknown tokens read row 0, whose values are then zeroed
+inline std::vector<int> mtp_embedding_ids(const std::vector<int>& tokens) {
+    std::vector<int> ids(tokens.size());
+    for (size_t n = 0; n < tokens.size(); n++) ids[n] = std::max(tokens[n], 0);
+    return ids;
+}
+
+// h [N, D]: the main model's normed output; targets [N]: its targets. Returns loss + balance.
+template <typename T>
+T mtp_forward(const Config& c, const ModelWeights<T>& w, const RopeTable& rope, const T* h, const int* targets, int B, int Tlen,
+              const StepOptions& opt, MtpActs<T>& a) {
+    const int N = B * Tlen, D = c.hidden_size, V = c.vocab_size, layer = c.num_hidden_layers;
+    const size_t ND = (size_t)N * D;
+    a.tokens.assign(targets, targets + N);
+    a.targets.resize(N);
+    for (int n = 0; n < N; n++) a.targets[n] = targets[n] >= 0 && n % Tlen < Tlen - 1 ? targets[n + 1] : -1;
+    a.emb.resize(ND);
+    embedding_forward(a.emb.data(), mtp_embedding_ids(a.tokens).data(), w.embed, N, D);
+    for (int n = 0; n < N; n++)
+        if (a.tokens[n] < 0) std::fill_n(&a.emb[(size_t)n * D], D, (T)0);
+    a.en.resize(ND);
+    a.en_rstd.resize(N);
+    rmsnorm_forward(a.en.data(), a.en_rstd.data(), a.emb.data(), w.mtp.enorm, N, D, c.rms_norm_eps);
+    a.hh.resize(ND);
+    a.hh_rstd.resize(N);
+    rmsnorm_forward(a.hh.data(), a.hh_rstd.data(), h, w.mtp.hnorm, N, D, c.rms_norm_eps);
+    a.cat.resize(2 * ND);
+    for (int n = 0; n < N; n++) {
+        std::copy_n(&a.en[(size_t)n * D], D, &a.cat[(size_t)n * 2 * D]);
+        std::copy_n(&a.hh[(size_t)n * D], D, &a.cat[(size_t)n * 2 * D + D]);
+    }
+    a.h.resize(ND);
+    linear_forward(a.h.data(), a.cat.data(), w.mtp.eh_proj, N);
+    const uint64_t site = 2 + 2 * (uint64_t)layer;  // after the embedding's and the main layers' sites
+    block_forward(c, w.mtp.block, c.is_moe_layer(layer), rope, a.h.data(), B, Tlen, a.block, opt.dropout,
+                  dropout_site_key(opt.dropout_key, site), dropout_site_key(opt.dropout_key, site + 1));
+    a.z.resize(ND);
+    a.z_rstd.resize(N);
+    rmsnorm_forward(a.z.data(), a.z_rstd.data(), a.h.data(), w.mtp.head_norm, N, D, c.rms_norm_eps);
+    a.logits.resize((size_t)N * V);
+    linear_forward(a.logits.data(), a.z.data(), w.lm_head, N);
+    a.probs.resize(a.logits.size());
+    a.loss = crossentropy_forward(a.probs.data(), a.logits.data(), a.targets.data(), N, V);
+    a.balance = c.is_moe_layer(layer) && opt.balance_alpha > 0 ? balance_loss_forward(c, a.block.moe.router, B, Tlen, opt.balance_alpha) : 0;
+    return a.loss + a.balance;
+}
+
+// Adds the gradient of dloss * (loss + balance) of the last mtp_forward into g (the
+// shared embedding and head included) and into dh [N, D], the gradient of h.
+template <typename T>
+void mtp_backward(const Config& c, const ModelWeights<T>& w, const ModelWeights<T>& g, const RopeTable& rope, T* dh, const T* h, int B,
+                  int Tlen, const StepOptions& opt, const MtpActs<T>& a, T dloss) {
+    const int N = B * Tlen, D = c.hidden_size, V = c.vocab_size, layer = c.num_hidden_layers;
+    const size_t ND = (size_t)N * D;
+    std::vector<T> dlogits((size_t)N * V), dz(ND), dstream(ND), dcat(2 * ND), den(ND), dhh(ND), demb(ND);
+    crossentropy_backward(dlogits.data(), a.probs.data(), a.targets.data(), N, V, dloss);
+    linear_backward(dz.data(), g.lm_head, dlogits.data(), a.z.data(), w.lm_head, N, false);
+    rmsnorm_backward(dstream.data(), g.mtp.head_norm, (const T*)nullptr, dz.data(), a.h.data(), w.mtp.head_norm, a.z_rstd.data(), N, D);
+    block_backward(c, w.mtp.block, g.mtp.block, c.is_moe_layer(layer), rope, dstream.data(), B, Tlen, a.block, opt.dropout,
+                   opt.balance_alpha, dloss);
+    linear_backward(dcat.data(), g.mtp.eh_proj, dstream.data(), a.cat.data(), w.mtp.eh_proj, N, false);
+    for (int n = 0; n < N; n++) {
+        std::copy_n(&dcat[(size_t)n * 2 * D], D, &den[(size_t)n * D]);
+        std::copy_n(&dcat[(size_t)n * 2 * D + D], D, &dhh[(size_t)n * D]);
+    }
+    rmsnorm_backward(dh, g.mtp.hnorm, dh, dhh.data(), h, w.mtp.hnorm, a.hh_rstd.data(), N, D);
+    rmsnorm_backward(demb.data(), g.mtp.enorm, (const T*)nullptr, den.data(), a.emb.data(), w.mtp.enorm, a.en_rstd.data(), N, D);
+    for (int n = 0; n < N; n++)  // a zero row is no embedding's
+        if (a.tokens[n] < 0) std::fill_n(&demb[(size_t)n * D], D, (T)0);
+    embedding_backward(g.embed, demb.data(), mtp_embedding_ids(a.tokens).data(), N, D);
+}
+
+template <typename T>
 struct RefModel {
     Config cfg;
     ParamLayout layout;
@@ -1011,9 +1233,11 @@ struct RefModel {
     std::vector<T> emb_mask;
     std::vector<LayerActs<T>> layers;
     std::vector<T> h_final, hn, hn_rstd, logits, probs;
+    MtpActs<T> mtp;  // the MTP module's, when the config has one and the forward had targets
     StepOptions opt;
-    T ce_loss = 0, balance_loss = 0;
-    std::vector<std::vector<int64_t>> expert_load;  // [layer][expert] tokens routed in the last forward
+    T ce_loss = 0, balance_loss = 0;  // balance_loss: the main layers', plus mtp_lambda times the MTP block's
+    T mtp_loss = 0;                   // the MTP module's cross-entropy (0 without one)
+    std::vector<std::vector<int64_t>> expert_load;  // [c.total_layers()][expert] tokens routed in the last forward
     // FP8 training (ref_enable_fp8): the E4M3 copies of the weights, refreshed by each forward
     std::vector<Fp8Weight> fp8;
     std::vector<uint8_t> fp8_codes;
@@ -1093,48 +1317,28 @@ T ref_forward(RefModel<T>& m, const int* inputs, const int* targets, int B, int 
     m.targets.assign(N, -1);
     if (targets) m.targets.assign(targets, targets + N);
     m.layers.resize(c.num_hidden_layers);
-    m.expert_load.assign(c.num_hidden_layers, std::vector<int64_t>(c.n_routed_experts, 0));
+    m.expert_load.assign(c.total_layers(), std::vector<int64_t>(c.n_routed_experts, 0));
     m.balance_loss = 0;
+    m.mtp_loss = 0;
     uint64_t site = 0;
     auto dropout_key = [&]() { return dropout_site_key(opt.dropout_key, ++site); };
+    auto count_load = [&](int l, const LayerActs<T>& a) {
+        if (c.is_moe_layer(l))
+            for (int n = 0; n < N * c.num_experts_per_tok; n++) m.expert_load[l][a.moe.router.expert[n]]++;
+    };
     ref_quantize_fp8(m);
 
     std::vector<T> h((size_t)N * D);
     embedding_forward(h.data(), inputs, m.w.embed, N, D);
+    const uint64_t emb_key = dropout_key();
     if (opt.dropout > 0) {
         m.emb_mask.resize(h.size());
-        dropout_forward(h.data(), m.emb_mask.data(), h.size(), opt.dropout, dropout_key());
+        dropout_forward(h.data(), m.emb_mask.data(), h.size(), opt.dropout, emb_key);
     }
     for (int l = 0; l < c.num_hidden_layers; l++) {
-        LayerActs<T>& a = m.layers[l];
-        const LayerWeights<T>& w = m.w.layers[l];
-        a.h_in = h;
-        a.xn.resize(h.size());
-        a.xn_rstd.resize(N);
-        rmsnorm_forward(a.xn.data(), a.xn_rstd.data(), h.data(), w.input_norm, N, D, c.rms_norm_eps);
-        a.attn_out.resize(h.size());
-        mla_forward(c, w.attn, m.rope, a.attn_out.data(), a.xn.data(), B, Tlen, a.mla);
-        if (opt.dropout > 0) {
-            a.attn_mask.resize(h.size());
-            dropout_forward(a.attn_out.data(), a.attn_mask.data(), h.size(), opt.dropout, dropout_key());
-        }
-        for (size_t i = 0; i < h.size(); i++) h[i] += a.attn_out[i];
-        a.h_mid = h;
-        a.xn2.resize(h.size());
-        a.xn2_rstd.resize(N);
-        rmsnorm_forward(a.xn2.data(), a.xn2_rstd.data(), h.data(), w.post_norm, N, D, c.rms_norm_eps);
-        a.ffn_out.resize(h.size());
-        if (c.is_moe_layer(l)) {
-            moe_forward(c, w.moe, a.ffn_out.data(), a.xn2.data(), N, a.moe);
-            for (int n = 0; n < N * c.num_experts_per_tok; n++) m.expert_load[l][a.moe.router.expert[n]]++;
-        } else {
-            ffn_forward(w.ffn, a.ffn_out.data(), a.xn2.data(), N, a.ffn);
-        }
-        if (opt.dropout > 0) {
-            a.ffn_mask.resize(h.size());
-            dropout_forward(a.ffn_out.data(), a.ffn_mask.data(), h.size(), opt.dropout, dropout_key());
-        }
-        for (size_t i = 0; i < h.size(); i++) h[i] += a.ffn_out[i];
+        const uint64_t attn_key = dropout_key(), ffn_key = dropout_key();
+        block_forward(c, m.w.layers[l], c.is_moe_layer(l), m.rope, h.data(), B, Tlen, m.layers[l], opt.dropout, attn_key, ffn_key);
+        count_load(l, m.layers[l]);
     }
     m.h_final = h;
     m.hn.resize(h.size());
@@ -1150,7 +1354,13 @@ T ref_forward(RefModel<T>& m, const int* inputs, const int* targets, int B, int 
     if (opt.balance_alpha > 0)
         for (int l = 0; l < c.num_hidden_layers; l++)
             if (c.is_moe_layer(l)) m.balance_loss += balance_loss_forward(c, m.layers[l].moe.router, B, Tlen, opt.balance_alpha);
-    return m.ce_loss + m.balance_loss;
+    if (c.num_nextn_predict_layers > 0) {
+        mtp_forward(c, m.w, m.rope, m.hn.data(), targets, B, Tlen, opt, m.mtp);
+        count_load(c.num_hidden_layers, m.mtp.block);
+        m.mtp_loss = m.mtp.loss;
+        m.balance_loss += opt.mtp_lambda * m.mtp.balance;
+    }
+    return m.ce_loss + m.balance_loss + opt.mtp_lambda * m.mtp_loss;
 }
 
 // Accumulates the gradient of the last forward's loss (times dloss) into m.grads.
@@ -1161,32 +1371,12 @@ void ref_backward(RefModel<T>& m, T dloss = 1) {
     std::vector<T> dlogits((size_t)N * V), dhn((size_t)N * D), dh((size_t)N * D);
     crossentropy_backward(dlogits.data(), m.probs.data(), m.targets.data(), N, V, dloss);
     linear_backward(dhn.data(), m.g.lm_head, dlogits.data(), m.hn.data(), m.w.lm_head, N, false);
+    if (c.num_nextn_predict_layers > 0)
+        mtp_backward(c, m.w, m.g, m.rope, dhn.data(), m.hn.data(), B, Tlen, m.opt, m.mtp, dloss * (T)m.opt.mtp_lambda);
     rmsnorm_backward(dh.data(), m.g.final_norm, (const T*)nullptr, dhn.data(), m.h_final.data(), m.w.final_norm, m.hn_rstd.data(), N, D);
-    for (int l = c.num_hidden_layers - 1; l >= 0; l--) {
-        LayerActs<T>& a = m.layers[l];
-        const LayerWeights<T>&w = m.w.layers[l], &g = m.g.layers[l];
-        // dh flows to the FFN branch and straight through the residual
-        std::vector<T> dbranch = dh, dxn((size_t)N * D);
-        if (m.opt.dropout > 0)
-            for (size_t i = 0; i < dbranch.size(); i++) dbranch[i] *= a.ffn_mask[i];
-        if (c.is_moe_layer(l)) {
-            std::vector<T> dscores;
-            if (m.opt.balance_alpha > 0) {
-                dscores.resize((size_t)N * c.n_routed_experts);
-                balance_loss_backward(c, dscores.data(), a.moe.router, B, Tlen, m.opt.balance_alpha, (double)dloss);
-            }
-            moe_backward(c, w.moe, g.moe, dxn.data(), dbranch.data(), a.xn2.data(), N, a.moe,
-                         dscores.empty() ? nullptr : dscores.data());
-        } else {
-            ffn_backward(w.ffn, g.ffn, dxn.data(), dbranch.data(), a.xn2.data(), N, a.ffn, false);
-        }
-        rmsnorm_backward(dh.data(), g.post_norm, dh.data(), dxn.data(), a.h_mid.data(), w.post_norm, a.xn2_rstd.data(), N, D);
-        dbranch = dh;
-        if (m.opt.dropout > 0)
-            for (size_t i = 0; i < dbranch.size(); i++) dbranch[i] *= a.attn_mask[i];
-        mla_backward(c, w.attn, g.attn, m.rope, dxn.data(), dbranch.data(), a.xn.data(), B, Tlen, a.mla);
-        rmsnorm_backward(dh.data(), g.input_norm, dh.data(), dxn.data(), a.h_in.data(), w.input_norm, a.xn_rstd.data(), N, D);
-    }
+    for (int l = c.num_hidden_layers - 1; l >= 0; l--)
+        block_backward(c, m.w.layers[l], m.g.layers[l], c.is_moe_layer(l), m.rope, dh.data(), B, Tlen, m.layers[l], m.opt.dropout,
+                       m.opt.balance_alpha, dloss);
     if (m.opt.dropout > 0)
         for (size_t i = 0; i < dh.size(); i++) dh[i] *= m.emb_mask[i];
     embedding_backward(m.g.embed, dh.data(), m.inputs.data(), N, D);
@@ -1250,12 +1440,13 @@ void adamw_update(const ParamLayout& L, T* params, const T* grads, float* m, flo
     }
 }
 
-// b_i += gamma * sign(mean load - load_i) for every MoE layer (DeepSeek-V3 §2.1.2)
+// b_i += gamma * sign(mean load - load_i) for every MoE layer (DeepSeek-V3 §2.1.2),
+// the MTP module's block as one more: its router balances its own load
 template <typename T>
 void expert_bias_update(const Config& c, const ModelWeights<T>& w, const std::vector<std::vector<int64_t>>& load, float gamma) {
-    for (int l = 0; l < c.num_hidden_layers; l++) {
+    for (int l = 0; l < c.total_layers(); l++) {
         if (!c.is_moe_layer(l)) continue;
-        T* bias = w.layers[l].moe.bias;
+        T* bias = block_weights(w, l).moe.bias;
         double mean = 0;
         for (int64_t x : load[l]) mean += (double)x;
         mean /= c.n_routed_experts;

@@ -64,6 +64,10 @@ static const char* USAGE =
     "                          vocab_size is kept)\n"
     "  --vocab-size N          the model's vocabulary (default: the tokenizer's size for a\n"
     "                          preset); every token id in the data must be below it\n"
+    "  --mtp                   add DeepSeek-V3's multi-token-prediction module to the preset\n"
+    "                          or config (num_nextn_predict_layers 1): one more block that\n"
+    "                          predicts the token after next from the main model's output\n"
+    "                          and the next token's embedding (CPU only so far)\n"
     "\n"
     "Run directory\n"
     "  --out DIR               default runs/default; holds checkpoint/ (config.json,\n"
@@ -100,6 +104,8 @@ static const char* USAGE =
     "  --dropout P             after the embedding, attention and FFN outputs (default 0)\n"
     "  --balance-alpha X       sequence-wise MoE balance loss weight, 0 = off (default 1e-4)\n"
     "  --bias-update-speed X   aux-loss-free expert-bias step gamma, 0 = off (default 1e-3)\n"
+    "  --mtp-lambda X          weight of the MTP module's loss when the model has one:\n"
+    "                          loss = main + X * mtp (default 0.3, DeepSeek-V3's)\n"
     "  --seed N                weight init, dropout and sampling seed (default 1337)\n"
     "  --fp8                   DeepSeek-V3's FP8 training: the attention and FFN GEMMs in\n"
     "                          E4M3 with 1x128 / 128x128 scales (GPU: sm_90, CUDA 12.9+;\n"
@@ -156,6 +162,7 @@ struct Args {
     bool preset_given = false;
     std::string config_path;
     int vocab_size = 0;  // 0 = from the tokenizer (preset) or the config file
+    bool mtp = false;    // num_nextn_predict_layers = 1 on the preset or config
     std::string out_dir = "runs/default";
     bool resume = false, overwrite = false;
     int steps = 200;
@@ -218,6 +225,9 @@ static bool parse_args(int argc, char** argv, Args& a) {
             a.config_path = cli_value(cli);
         } else if (n == "--vocab-size") {
             a.vocab_size = (int)cli_int(cli, 1, INT32_MAX);
+        } else if (n == "--mtp") {
+            cli_flag(cli);
+            a.mtp = true;
         } else if (n == "--out") {
             a.out_dir = strip_trailing_slashes(cli_value(cli));
             fixed = false;
@@ -267,6 +277,8 @@ static bool parse_args(int argc, char** argv, Args& a) {
             a.opt.balance_alpha = (float)cli_float(cli, 0, 10);
         } else if (n == "--bias-update-speed") {
             a.opt.optim.bias_update_speed = (float)cli_float(cli, 0, 1);
+        } else if (n == "--mtp-lambda") {
+            a.opt.mtp_lambda = (float)cli_float(cli, 0, 10);
         } else if (n == "--seed") {
             a.opt.seed = (uint64_t)cli_int(cli, 0, LLONG_MAX);
         } else if (n == "--val-every") {
@@ -636,6 +648,7 @@ static int train(Args& a) {
             }
         }
         if (a.vocab_size > 0) c.vocab_size = a.vocab_size;
+        if (a.mtp) c.num_nextn_predict_layers = 1;
         if (c.vocab_size < tok.vocab_size)
             fail("%s %d is smaller than the tokenizer's %d tokens (%s)",
                  a.vocab_size > 0 ? "--vocab-size" : strfmt("%s: vocab_size", a.config_path.c_str()).c_str(), c.vocab_size,
@@ -657,6 +670,7 @@ static int train(Args& a) {
         fail("%s: seq_len %d exceeds max_position_embeddings %d", ckpt.c_str(), o.seq_len, c.max_position_embeddings);
 
     const bool use_gpu = a.device == "gpu" || (a.device == "auto" && gpu_available()) || dist.world > 1;
+    if (use_gpu && c.num_nextn_predict_layers > 0) fail("%s", MTP_GPU_UNSUPPORTED);
     if (o.fp8) ref_enable_fp8(m.ref, o.fp8_wgrad);
     if (use_gpu) model_to_gpu(m, o.batch_size, o.seq_len, false, dist);
     std::string device_desc = use_gpu ? strfmt("gpu (%.1f MiB of device memory)", model_gpu_bytes(m) / 1048576.0)
@@ -679,11 +693,13 @@ static int train(Args& a) {
     size_t params = 0, inactive = 0;
     for (const TensorSpec& t : m.ref.layout.tensors)
         if (t.kind != TENSOR_BUFFER) params += t.numel;
-    int moe_layers = 0;
-    for (int l = 0; l < c.num_hidden_layers; l++)
-        if (c.is_moe_layer(l)) moe_layers++;
-    if (moe_layers)
-        inactive = (size_t)moe_layers * (c.n_routed_experts - c.num_experts_per_tok) * 3 * (size_t)c.moe_intermediate_size *
+    int moe_layers = 0, moe_blocks = 0;  // MoE layers of the main model; MoE blocks, the MTP module's included
+    for (int l = 0; l < c.total_layers(); l++) {
+        moe_layers += c.is_moe_layer(l) && l < c.num_hidden_layers;
+        moe_blocks += c.is_moe_layer(l);
+    }
+    if (moe_blocks)
+        inactive = (size_t)moe_blocks * (c.n_routed_experts - c.num_experts_per_tok) * 3 * (size_t)c.moe_intermediate_size *
                    c.hidden_size;
     const long long tokens_per_step = (long long)dist.world * o.batch_size * o.seq_len * o.grad_accum;
     std::string arch = a.resume ? "checkpoint " + ckpt : a.config_path.empty() ? "preset " + a.preset : "config " + a.config_path;
@@ -692,8 +708,9 @@ static int train(Args& a) {
     if (moe_layers)
         printf(", %d experts top-%d (+%d shared) in %d MoE layers", c.n_routed_experts, c.num_experts_per_tok,
                c.n_shared_experts, moe_layers);
-    printf(", vocab %d | %s params, %s active per token\n", c.vocab_size, fmt_count((double)params).c_str(),
-           fmt_count((double)(params - inactive)).c_str());
+    printf(", vocab %d%s | %s params, %s active per token\n", c.vocab_size,
+           c.num_nextn_predict_layers ? strfmt(" | MTP module (lambda %g)", o.mtp_lambda).c_str() : "",
+           fmt_count((double)params).c_str(), fmt_count((double)(params - inactive)).c_str());
     printf("data: train %s (%s tokens)", train_pattern.c_str(), fmt_count((double)loader.total).c_str());
     if (val_tokens.empty()) printf(" | no validation data\n");
     else printf(" | val %s (%s tokens, %zu evaluated)\n", val_pattern.c_str(), fmt_count((double)val_total).c_str(), val_tokens.size());
@@ -768,9 +785,9 @@ static int train(Args& a) {
         st.step = done;
         st.data_position = dataloader_position(loader);
         ema_step = step == first ? dt : 0.9 * ema_step + 0.1 * dt;
-        printf("step %*d/%d | loss %.4f | lr %.2e | norm %.4f | %.0f tok/s | eta %s%s\n", width, done, a.steps, s.loss, s.lr,
-               s.grad_norm, tokens_per_step / dt, fmt_duration(ema_step * (a.steps - done)).c_str(),
-               skipped_in_a_row ? (" | " + what + ": update skipped").c_str() : "");
+        printf("step %*d/%d | loss %.4f%s | lr %.2e | norm %.4f | %.0f tok/s | eta %s%s\n", width, done, a.steps, s.loss,
+               c.num_nextn_predict_layers ? strfmt(" | mtp %.4f", s.mtp_loss).c_str() : "", s.lr, s.grad_norm, tokens_per_step / dt,
+               fmt_duration(ema_step * (a.steps - done)).c_str(), skipped_in_a_row ? (" | " + what + ": update skipped").c_str() : "");
         if (skipped_in_a_row == MAX_SKIPPED_STEPS) {
             const std::string good = last_saved >= 0 ? strfmt("the last good checkpoint is %s (step %d)", ckpt.c_str(), last_saved)
                                                      : "no checkpoint was saved by this run";
@@ -786,16 +803,16 @@ static int train(Args& a) {
             if (val < st.best_val_loss) st.best_val_loss = val;
             printf("val loss %.4f (best %.4f)\n", val, st.best_val_loss);
             // expert utilisation since the last report: the fraction of tokens routed to each expert
-            if (moe_layers) {
+            if (moe_blocks) {
                 printf("expert load (fraction of tokens per expert; balanced = %.3f):\n",
                        (double)c.num_experts_per_tok / c.n_routed_experts);
-                for (int l = 0; l < c.num_hidden_layers; l++) {
+                for (int l = 0; l < c.total_layers(); l++) {
                     if (!c.is_moe_layer(l)) continue;
                     std::vector<int64_t>& load = m.expert_load[l];
                     int64_t sum = 0, lo = INT64_MAX, hi = 0;
                     for (int64_t x : load) sum += x, lo = std::min(lo, x), hi = std::max(hi, x);
                     double tokens = (double)sum / c.num_experts_per_tok;
-                    std::string line = strfmt("  layer %2d:", l);
+                    std::string line = l < c.num_hidden_layers ? strfmt("  layer %2d:", l) : strfmt("  mtp %2d:  ", l);
                     for (int64_t x : load) line += strfmt(" %.3f", tokens > 0 ? x / tokens : 0.0);
                     if (lo > 0) line += strfmt(" | max/min %.2f", (double)hi / lo);
                     else line += " | max/min inf";

@@ -164,11 +164,14 @@ struct BatchSource {
     }
 };
 
-// the CPU reference's forward on batch b, with targets (returns the loss)
-static float forward_batch(RefModel<float>& r, const BatchSource& src, int b) {
+// the CPU reference's forward on batch b, with targets (returns the loss: the main model's, plus mtp_lambda
+// times the MTP module's when the model has one)
+static float forward_batch(RefModel<float>& r, const BatchSource& src, int b, float mtp_lambda = 0) {
     std::vector<int> inputs, targets;
     src.get(b, inputs, targets);
-    return ref_forward(r, inputs.data(), targets.data(), src.B, src.T, StepOptions{});
+    StepOptions opt;
+    opt.mtp_lambda = mtp_lambda;
+    return ref_forward(r, inputs.data(), targets.data(), src.B, src.T, opt);
 }
 
 // ----------------------------------------------------------------------------
@@ -208,7 +211,7 @@ static CheckResult check_gradient_flow(Model& m, const BatchSource& src) {
     const Config& cfg = r.cfg;
     CheckResult c{"gradient_flow", "gradient flow"};
     const double t0 = now_seconds();
-    forward_batch(r, src, 0);
+    forward_batch(r, src, 0, TrainOptions().mtp_lambda);  // training's weight: the MTP module's tensors get gradients too
     std::fill(r.grads.begin(), r.grads.end(), 0.0f);
     ref_backward(r, 1.0f);
     // with one expert per token and normalised gates every gate is exactly 1, so

@@ -9,7 +9,8 @@ On the CPU, in fp32 (relative errors below 1e-5):
    bias too); our reference loads that directory and the logits, the loss and
    every parameter gradient are compared.
 2. A checkpoint written by our ./train loads with from_pretrained() and gives the
-   same logits as our reference.
+   same logits as our reference; so does one with the MTP module (./train --mtp), whose
+   model.layers.{num_hidden_layers}.* tensors transformers leaves unused.
 
 On the GPU, in bf16 (when torch sees a GPU; otherwise reported as skipped):
 3. Gradients. Both bf16 paths are measured against a float64 truth (transformers
@@ -261,16 +262,20 @@ def compare_hf_to_ours(label, extra, rope, seed, work):
     return row
 
 
-def compare_ours_to_hf(work):
-    """Train a few steps with our binary, then load the checkpoint in transformers."""
+def compare_ours_to_hf(work, mtp=False):
+    """Train a few steps with our binary, then load the checkpoint in transformers. With mtp the
+    checkpoint holds the MTP module (trained on the CPU: the GPU path has no MTP kernels yet), which
+    transformers leaves unused: the main model must load and match all the same."""
     text = os.path.join(work, "text.txt")
     with open(text, "w") as f:
         f.write(word_text(5, 20000))
     data = os.path.join(work, "data")
-    run_dir = os.path.join(work, "run")
-    subprocess.run(["./data/prepare", "--input", text, "--out", data, "--vocab", "256"], check=True, stdout=subprocess.DEVNULL)
+    run_dir = os.path.join(work, "run_mtp" if mtp else "run")
+    if not os.path.exists(data):
+        subprocess.run(["./data/prepare", "--input", text, "--out", data, "--vocab", "256"], check=True, stdout=subprocess.DEVNULL)
     subprocess.run(["./train", "--preset", "tiny", "--vocab-size", "256", "--steps", "6", "--seq-len", "16", "--batch-size", "4",
-                    "--data", data, "--out", run_dir, "--val-every", "0", "--sample-every", "0"], check=True, stdout=subprocess.DEVNULL)
+                    "--data", data, "--out", run_dir, "--val-every", "0", "--sample-every", "0"]
+                   + (["--mtp", "--device", "cpu"] if mtp else []), check=True, stdout=subprocess.DEVNULL)
     ckpt = os.path.join(run_dir, "checkpoint")
     model = DeepseekV3ForCausalLM.from_pretrained(ckpt, attn_implementation="eager").float()
     bias = [b for n, b in model.named_buffers() if n.endswith("e_score_correction_bias")]
@@ -282,7 +287,7 @@ def compare_ours_to_hf(work):
         logits = model(input_ids=ids).logits
         loss = F.cross_entropy(logits.reshape(-1, 256), targets.reshape(-1))
     ours = run_ours(ckpt, stream, B, T, work)
-    return {"variant": "our ./train checkpoint -> from_pretrained", "logits": rel(ours["logits"], logits),
+    return {"variant": "our ./train checkpoint" + (" with MTP" if mtp else "") + " -> from_pretrained", "logits": rel(ours["logits"], logits),
             "loss": abs(ours["loss"].item() - loss.item()) / abs(loss.item()),
             "routing_bias_loaded": max(b.abs().max().item() for b in bias)}
 
@@ -409,6 +414,7 @@ def main():
     with tempfile.TemporaryDirectory() as work:
         rows = [compare_hf_to_ours(label, extra, rope, 100 + i, work) for i, (label, extra, rope) in enumerate(VARIANTS)]
         rows.append(compare_ours_to_hf(work))
+        rows.append(compare_ours_to_hf(work, mtp=True))
         dense = [compare_gradients_gpu(label, extra, rope, 200 + i, work) for i, (label, extra, rope) in enumerate(DENSE_VARIANTS)] if gpu else []
         training = compare_training_gpu(300, work) if gpu else None
 

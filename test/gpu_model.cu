@@ -353,3 +353,29 @@ TEST_CASE("a GPU step whose gradient is not finite leaves the weights, AdamW's m
     model_free_gpu(m);
     remove_tree(dir);
 }
+
+// The CUDA path has no MTP kernels yet: a model with the module evaluates its main model on the GPU (what
+// generate and validate run) and stops, with one line, when asked to train there
+TEST_CASE("a model with the MTP module: the GPU evaluates its main model as the CPU does, and refuses to train it") {
+    REQUIRE(gpu_available());
+    std::string dir = temp_dir("mtp");
+    Config c = gpu_sparse_config();
+    c.num_nextn_predict_layers = 1;
+    std::string data = token_file(dir, 5000, c.vocab_size);
+    TrainOptions o = test_options();
+    Model m;
+    model_create(m, c, 8);
+    randomise_weights(m.ref, 210, true);
+    std::vector<int> tokens(2 * o.seq_len + 1);
+    for (size_t i = 0; i < tokens.size(); i++) tokens[i] = (int)(rng_hash(211, i) % c.vocab_size);
+    const double cpu_loss = model_eval_loss(m, tokens, o.seq_len, 2);
+    model_to_gpu(m, o.batch_size, o.seq_len);
+    const double gpu_loss = model_eval_loss(m, tokens, o.seq_len, 2);
+    MESSAGE("main-model loss with an MTP module: cpu ", cpu_loss, " gpu ", gpu_loss);
+    CHECK(std::fabs(gpu_loss - cpu_loss) / cpu_loss < 2e-2);
+    DataLoader dl;
+    dataloader_open(dl, data, o.batch_size, o.seq_len, c.vocab_size);
+    CHECK_THROWS_WITH_AS(model_train_step(m, dl, o, 0), doctest::Contains(MTP_GPU_UNSUPPORTED), std::runtime_error);
+    model_free_gpu(m);
+    remove_tree(dir);
+}

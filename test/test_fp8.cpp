@@ -276,3 +276,35 @@ TEST_CASE("FP8 training: a projection whose sides are not multiples of 16 stays 
     });
     CHECK(visited == m.ref.fp8.size());
 }
+
+TEST_CASE("FP8 training with the MTP module: its block's projections run in FP8, eh_proj stays, both losses follow fp32's") {
+    Config c = fp8_test_config(96);
+    c.num_nextn_predict_layers = 1;
+    TrainOptions o;
+    o.batch_size = 2;
+    o.seq_len = 32;
+    std::vector<int> tokens(4096);
+    for (size_t i = 0; i < tokens.size(); i++) tokens[i] = (int)(rng_hash(43, i) % c.vocab_size);
+    const std::string path = strfmt("/tmp/dsv3_test_fp8_mtp_%d.bin", (int)getpid());
+    write_token_file(path, tokens, 1);
+    Model plain, fp8;
+    model_create(plain, c, 6);
+    model_create(fp8, c, 6);
+    fp8.ref.params = plain.ref.params;
+    ref_enable_fp8(fp8.ref);
+    CHECK(fp8.ref.w.mtp.block.attn.kv_a.fp8 != nullptr);
+    CHECK(fp8.ref.w.mtp.block.moe.shared.down.fp8 != nullptr);
+    CHECK(fp8.ref.w.mtp.eh_proj.fp8 == nullptr);  // bf16 in DeepSeek-V3's release
+    DataLoader a, b;
+    dataloader_open(a, path, o.batch_size, o.seq_len, c.vocab_size);
+    dataloader_open(b, path, o.batch_size, o.seq_len, c.vocab_size);
+    const StepStats sp = model_train_step(plain, a, o, 0), sf = model_train_step(fp8, b, o, 0);
+    const double e_mtp = std::fabs(sf.mtp_loss - sp.mtp_loss) / sp.mtp_loss;
+    const double e_grad = rel_error(fp8.ref.grads.data(), plain.ref.grads.data(), plain.ref.grads.size());
+    MESSAGE("FP8 vs fp32 with MTP: mtp loss ", sf.mtp_loss, " vs ", sp.mtp_loss, " (", e_mtp, "), gradients ", e_grad);
+    CHECK(e_mtp > 0);
+    CHECK(e_mtp < 5e-3);
+    CHECK(std::fabs(sf.loss - sp.loss) / sp.loss < 5e-3);
+    CHECK(e_grad < 0.1);
+    remove(path.c_str());
+}

@@ -365,3 +365,132 @@ TEST_CASE("sampling: greedy, top-k, top-p and a fixed coin") {
     SamplingOptions warm;
     CHECK(sample_token(logits, V, warm, 0.37f) == sample_token(logits, V, warm, 0.37f));
 }
+
+TEST_CASE("MTP checkpoints: DeepSeek-V3's names and num_nextn_predict_layers 1, a bit-exact round trip, the shared copies checked") {
+    std::string dir = temp_dir("mtp");
+    Config c = config_preset("tiny");
+    c.num_nextn_predict_layers = 1;
+    Model m;
+    model_create(m, c, 21);
+    for (const TensorSpec& s : m.ref.layout.tensors)
+        for (size_t i = s.offset; i < s.offset + s.numel; i++) {
+            m.ref.params[i] += 0.01f * (float)rng_normal(22, i);  // norms off 1, the routing biases off 0
+            m.adam_m[i] = rng_uniform(23, i) - 0.5f;
+            m.adam_v[i] = rng_uniform(24, i);
+        }
+    TrainState st;
+    st.step = 3;
+    st.options = tiny_options();
+    st.options.mtp_lambda = 0.7f;
+    model_save(m, dir + "/ckpt", &st, "F32");
+    CHECK(read_file(dir + "/ckpt/config.json").find("\"num_nextn_predict_layers\": 1,") != std::string::npos);
+    const SafeTensorsFile f = safetensors_read(dir + "/ckpt/model.safetensors");
+    const int D = c.hidden_size;
+    const std::pair<const char*, std::vector<int64_t>> expected[] = {
+        {"model.layers.3.enorm.weight", {D}},
+        {"model.layers.3.hnorm.weight", {D}},
+        {"model.layers.3.eh_proj.weight", {D, 2 * D}},
+        {"model.layers.3.input_layernorm.weight", {D}},
+        {"model.layers.3.self_attn.q_a_proj.weight", {c.q_lora_rank, D}},
+        {"model.layers.3.self_attn.kv_b_proj.weight", {c.num_attention_heads * (c.qk_nope_head_dim + c.v_head_dim), c.kv_lora_rank}},
+        {"model.layers.3.post_attention_layernorm.weight", {D}},
+        {"model.layers.3.mlp.gate.e_score_correction_bias", {c.n_routed_experts}},
+        {"model.layers.3.mlp.experts.7.down_proj.weight", {D, c.moe_intermediate_size}},
+        {"model.layers.3.mlp.shared_experts.up_proj.weight", {c.moe_intermediate_size, D}},
+        {"model.layers.3.shared_head.norm.weight", {D}},
+        {"model.layers.3.shared_head.head.weight", {c.vocab_size, D}},
+        {"model.layers.3.embed_tokens.weight", {c.vocab_size, D}},
+    };
+    for (const auto& [name, shape] : expected) {
+        CAPTURE(name);
+        REQUIRE(f.find(name));
+        CHECK(f.find(name)->shape == shape);
+    }
+    CHECK(f.tensors.size() == m.ref.layout.tensors.size() + 2);
+    CHECK(f.find("model.layers.3.shared_head.head.weight")->data == f.find("lm_head.weight")->data);
+    CHECK(f.find("model.layers.3.embed_tokens.weight")->data == f.find("model.embed_tokens.weight")->data);
+
+    Model back;
+    TrainState st2;
+    model_load(back, dir + "/ckpt", &st2);
+    CHECK(back.ref.cfg.num_nextn_predict_layers == 1);
+    CHECK(back.ref.params == m.ref.params);
+    CHECK(back.adam_m == m.adam_m);
+    CHECK(back.adam_v == m.adam_v);
+    CHECK(st2.options.mtp_lambda == 0.7f);
+
+    // a copy that differs from the shared tensor is refused: training would silently drop it
+    std::vector<SafeTensor> tensors = f.tensors;
+    for (SafeTensor& t : tensors)
+        if (t.name == "model.layers.3.shared_head.head.weight") t.data[4] += 1;
+    safetensors_write(dir + "/ckpt/model.safetensors", tensors);
+    CHECK_THROWS_WITH_AS(model_load(back, dir + "/ckpt", nullptr),
+                         doctest::Contains("'model.layers.3.shared_head.head.weight' differs from 'lm_head.weight'"), std::runtime_error);
+    // without the copies (other writers may leave them out) it loads the same
+    tensors = f.tensors;
+    tensors.erase(std::remove_if(tensors.begin(), tensors.end(), [](const SafeTensor& t) {
+                      return t.name == "model.layers.3.shared_head.head.weight" || t.name == "model.layers.3.embed_tokens.weight";
+                  }), tensors.end());
+    safetensors_write(dir + "/ckpt/model.safetensors", tensors);
+    model_load(back, dir + "/ckpt", nullptr);
+    CHECK(back.ref.params == m.ref.params);
+    // a part of the module missing is a damaged checkpoint
+    std::vector<SafeTensor> partial = tensors;
+    partial.erase(std::remove_if(partial.begin(), partial.end(), [](const SafeTensor& t) { return t.name == "model.layers.3.hnorm.weight"; }),
+                  partial.end());
+    safetensors_write(dir + "/ckpt/model.safetensors", partial);
+    CHECK_THROWS_WITH_AS(model_load(back, dir + "/ckpt", nullptr), doctest::Contains("missing tensor 'model.layers.3.hnorm.weight'"),
+                         std::runtime_error);
+    // the whole module missing, as transformers saves DeepSeek-V3 (it keeps num_nextn_predict_layers): the main model
+    std::vector<SafeTensor> main_only;
+    for (const SafeTensor& t : tensors)
+        if (t.name.rfind("model.layers.3.", 0) != 0) main_only.push_back(t);
+    safetensors_write(dir + "/ckpt/model.safetensors", main_only);
+    Model plain;
+    model_load(plain, dir + "/ckpt", nullptr);
+    CHECK(plain.ref.cfg.num_nextn_predict_layers == 0);
+    REQUIRE(plain.ref.params.size() < m.ref.params.size());
+    CHECK(std::equal(plain.ref.params.begin(), plain.ref.params.end(), m.ref.params.begin()));
+
+    // FP8: the module's block in E4M3 like every layer; eh_proj, the copies of the embedding and head not
+    model_save(m, dir + "/fp8", nullptr, "F8_E4M3");
+    const SafeTensorsFile q = safetensors_read(dir + "/fp8/model.safetensors");
+    CHECK(q.find("model.layers.3.self_attn.q_a_proj.weight")->dtype == "F8_E4M3");
+    CHECK(q.find("model.layers.3.mlp.experts.0.gate_proj.weight")->dtype == "F8_E4M3");
+    for (const char* plain_name : {"model.layers.3.eh_proj.weight", "model.layers.3.shared_head.head.weight", "model.layers.3.embed_tokens.weight"}) {
+        CAPTURE(plain_name);
+        CHECK(q.find(plain_name)->dtype == "F32");
+        CHECK(q.find(std::string(plain_name) + "_scale_inv") == nullptr);
+    }
+    Model back8;
+    model_load(back8, dir + "/fp8", nullptr);
+    CHECK(back8.ref.cfg.num_nextn_predict_layers == 1);
+    remove_tree(dir);
+}
+
+TEST_CASE("training with the MTP module: both losses fall, and the module's routing bias moves") {
+    std::string dir = temp_dir("mtp_train");
+    Config c = config_preset("tiny");
+    c.num_nextn_predict_layers = 1;
+    std::string data = structured_tokens(dir, 4000, c.vocab_size);
+    TrainOptions o = tiny_options();
+    o.dropout = 0;
+    o.optim.total_steps = 60;
+    Model m;
+    model_create(m, c, 7);
+    DataLoader dl;
+    dataloader_open(dl, data, o.batch_size, o.seq_len, c.vocab_size);
+    std::vector<StepStats> stats;
+    for (int step = 0; step < 60; step++) stats.push_back(model_train_step(m, dl, o, step));
+    CHECK(stats.front().mtp_loss > 0);
+    CHECK(stats.back().loss < 0.7f * stats.front().loss);
+    CHECK(stats.back().mtp_loss < 0.8f * stats.front().mtp_loss);
+    const float* bias = m.ref.params.data() + m.ref.layout.offset_of("model.layers.3.mlp.gate.e_score_correction_bias");
+    double moved = 0;
+    for (int e = 0; e < c.n_routed_experts; e++) moved += std::fabs(bias[e]);
+    CHECK(moved > 0);
+    int64_t routed = 0;
+    for (int64_t x : m.expert_load[3]) routed += x;
+    CHECK(routed == 60LL * o.grad_accum * o.batch_size * o.seq_len * c.num_experts_per_tok);
+    remove_tree(dir);
+}

@@ -450,3 +450,205 @@ TEST_CASE("AdamW, clipping, schedule and the expert bias update") {
     CHECK(bias[3] == doctest::Approx(b0[3] + 0.001));
     CHECK(bias[1] == doctest::Approx(b0[1] + 0.001));  // mean load is 4.5, so 4 is under it
 }
+
+// ----------------------------------------------------------------------------
+// The multi-token-prediction module (num_nextn_predict_layers = 1)
+
+Config mtp_config(bool moe_block) {
+    Config c = tiny_config();
+    c.num_nextn_predict_layers = 1;
+    if (!moe_block) {  // layer 3, the module's block, is dense when first_k_dense_replace passes it
+        c.first_k_dense_replace = 4;
+        c.q_lora_rank = 0;
+    }
+    return c;
+}
+
+TEST_CASE("MTP module backward matches finite differences: its every tensor, the shared embedding and head, and its input") {
+    for (bool moe : {true, false}) {
+        CAPTURE(moe);
+        Config c = mtp_config(moe);
+        RefModel<double> m = random_model(c, 170 + moe);
+        REQUIRE(c.is_moe_layer(c.num_hidden_layers) == moe);
+        const int B = 2, T = 6, N = B * T, D = c.hidden_size;
+        auto h = random_vector(N * D, 171, 2.0), dh0 = random_vector(N * D, 172);
+        std::vector<int> targets(N);
+        for (int n = 0; n < N; n++) targets[n] = (int)(rng_hash(173 + moe, n) % c.vocab_size);
+        targets[3] = -1;  // ignored: no embedding there, and positions 2 and 3 predict nothing
+        StepOptions opt;
+        opt.dropout = moe ? 0.25f : 0.0f;
+        opt.balance_alpha = moe ? 0.2f : 0.0f;
+        opt.dropout_key = 174;
+        MtpActs<double> acts;
+        auto loss = [&]() { return (double)mtp_forward(c, m.w, m.rope, h.data(), targets.data(), B, T, opt, acts); };
+        const double l0 = loss();
+        CHECK(std::isfinite(l0));
+        CHECK(acts.loss > 0);
+        if (moe) CHECK(acts.balance > 0);
+        int predictions = 0;
+        for (int t : acts.targets) predictions += t >= 0;
+        CHECK(predictions == N - B - 2);  // each row's last position, and the two around the ignored target
+        // dh is added to (the main head's gradient is there already); weight gradients too
+        std::fill(m.grads.begin(), m.grads.end(), 0.0);
+        std::vector<double> dh = dh0;
+        mtp_backward(c, m.w, m.g, m.rope, dh.data(), h.data(), B, T, opt, acts, 1.0);
+        for (int i = 0; i < N * D; i++) dh[i] -= dh0[i];
+        CHECK(gradient_error(loss, h.data(), dh.data(), h.size()) < 1e-6);
+        int checked = 0;
+        for (const TensorSpec& s : m.layout.tensors) {
+            const bool module = s.name.rfind("model.layers.3.", 0) == 0;
+            if (s.kind == TENSOR_BUFFER || !(module || s.name == "model.embed_tokens.weight" || s.name == "lm_head.weight")) continue;
+            CAPTURE(s.name);
+            CHECK(gradient_error(loss, m.params.data() + s.offset, m.grads.data() + s.offset, s.numel, 40) < 1e-6);
+            checked++;
+        }
+        CHECK(checked > (moe ? 40 : 12));
+        // the embedding gradient reaches exactly the rows of the known next tokens, but for those only at a
+        // row's last position, which predicts nothing and which no earlier position attends to (unless the
+        // balance loss, over every position's routing, reaches it)
+        std::set<int> used;
+        for (int n = 0; n < N; n++)
+            if (targets[n] >= 0 && (n % T < T - 1 || opt.balance_alpha > 0)) used.insert(targets[n]);
+        for (int v = 0; v < c.vocab_size; v++) {
+            double sq = 0;
+            for (int i = 0; i < D; i++) sq += m.grads[m.layout.offset_of("model.embed_tokens.weight") + (size_t)v * D + i] *
+                                              m.grads[m.layout.offset_of("model.embed_tokens.weight") + (size_t)v * D + i];
+            CAPTURE(v);
+            CHECK((sq > 0) == (used.count(v) > 0));
+        }
+    }
+}
+
+TEST_CASE("whole model with the MTP module backward matches finite differences") {
+    struct Variant {
+        bool moe;
+        float dropout, alpha, lambda;
+    };
+    const Variant variants[] = {{true, 0.25f, 0.1f, 0.3f}, {false, 0, 0, 0.7f}};
+    int index = 0;
+    for (const Variant& v : variants) {
+        CAPTURE(index);
+        Config c = mtp_config(v.moe);
+        RefModel<double> m = random_model(c, 180 + index);
+        const int B = 2, T = 7, N = B * T;
+        std::vector<int> inputs(N), targets(N);
+        for (int n = 0; n < N; n++) {
+            inputs[n] = (int)(rng_hash(181 + index, n) % c.vocab_size);
+            targets[n] = (int)(rng_hash(182 + index, n) % c.vocab_size);
+        }
+        StepOptions opt;
+        opt.dropout = v.dropout;
+        opt.balance_alpha = v.alpha;
+        opt.mtp_lambda = v.lambda;
+        opt.dropout_key = 78;
+        auto loss = [&]() { return (double)ref_forward(m, inputs.data(), targets.data(), B, T, opt); };
+        const double l0 = loss();
+        CHECK(l0 == doctest::Approx(m.ce_loss + m.balance_loss + v.lambda * m.mtp_loss).epsilon(1e-14));
+        CHECK(m.mtp_loss > 0);
+        std::fill(m.grads.begin(), m.grads.end(), 0.0);
+        ref_backward(m);
+        check_all_gradients(m, loss, 12);
+        index++;
+    }
+}
+
+TEST_CASE("MTP: lambda = 0 is the model without the module; any lambda leaves the main loss and logits as they are") {
+    Config c = tiny_config(), cm = mtp_config(true);
+    RefModel<double> plain = random_model(c, 190), with = random_model(cm, 190);
+    // the module's tensors follow the main model's, whose offsets (and so random values) stay the same
+    REQUIRE(with.layout.total > plain.layout.total);
+    REQUIRE(std::equal(plain.params.begin(), plain.params.end(), with.params.begin()));
+    const int B = 2, T = 8, N = B * T;
+    std::vector<int> inputs(N), targets(N);
+    for (int n = 0; n < N; n++) {
+        inputs[n] = (int)(rng_hash(191, n) % c.vocab_size);
+        targets[n] = (int)(rng_hash(192, n) % c.vocab_size);
+    }
+    StepOptions opt;
+    opt.dropout = 0.2f;
+    opt.balance_alpha = 0.1f;
+    opt.dropout_key = 193;
+    const double l_plain = ref_forward(plain, inputs.data(), targets.data(), B, T, opt);
+    std::fill(plain.grads.begin(), plain.grads.end(), 0.0);
+    ref_backward(plain);
+    const double l_zero = ref_forward(with, inputs.data(), targets.data(), B, T, opt);
+    std::fill(with.grads.begin(), with.grads.end(), 0.0);
+    ref_backward(with);
+    CHECK(l_zero == l_plain);
+    CHECK(with.mtp_loss > 0);  // computed, weighted by 0
+    CHECK(std::equal(plain.grads.begin(), plain.grads.end(), with.grads.begin()));
+    double module_grads = 0;
+    for (size_t i = plain.layout.total; i < with.layout.total; i++) module_grads += std::fabs(with.grads[i]);
+    CHECK(module_grads == 0);
+
+    opt.mtp_lambda = 0.3f;
+    const double l_mtp = ref_forward(with, inputs.data(), targets.data(), B, T, opt);
+    CHECK(with.ce_loss == plain.ce_loss);
+    CHECK(with.logits == plain.logits);
+    CHECK(l_mtp > l_plain);
+    CHECK(l_mtp == doctest::Approx(l_plain + opt.mtp_lambda * (with.mtp_loss + with.mtp.balance)).epsilon(1e-14));
+    std::fill(with.grads.begin(), with.grads.end(), 0.0);
+    ref_backward(with);
+    module_grads = 0;
+    for (size_t i = plain.layout.total; i < with.layout.total; i++) module_grads += std::fabs(with.grads[i]);
+    CHECK(module_grads > 0);
+}
+
+TEST_CASE("MTP: a prediction at position i sees tokens up to t_{i+1} only") {
+    Config c = mtp_config(true);
+    RefModel<double> m = random_model(c, 200);
+    const int T = 9, V = c.vocab_size;
+    std::vector<int> inputs(T), targets(T);
+    for (int t = 0; t < T; t++) inputs[t] = (int)(rng_hash(201, t) % V);
+    for (int t = 0; t < T; t++) targets[t] = t + 1 < T ? inputs[t + 1] : (int)(rng_hash(202, t) % V);
+    StepOptions opt;
+    opt.mtp_lambda = 0.3f;
+    ref_forward(m, inputs.data(), targets.data(), 1, T, opt);
+    const std::vector<double> before = m.mtp.logits;
+    // t_6 changes: it is the input at 6 and the target at 5, so predictions at 0..4 stay
+    inputs[6] = (inputs[6] + 1) % V;
+    targets[5] = inputs[6];
+    ref_forward(m, inputs.data(), targets.data(), 1, T, opt);
+    for (int i = 0; i < 5 * V; i++) REQUIRE(before[i] == m.mtp.logits[i]);
+    double changed = 0;
+    for (int i = 5 * V; i < T * V; i++) changed += std::fabs(before[i] - m.mtp.logits[i]);
+    CHECK(changed > 1e-6);
+}
+
+TEST_CASE("the expert bias update moves the MTP block's routing bias like a main layer's") {
+    Config c = mtp_config(true);
+    RefModel<double> m = random_model(c, 210);
+    std::vector<std::vector<int64_t>> load(c.total_layers(), std::vector<int64_t>(c.n_routed_experts, 4));
+    load[3][2] = 20;
+    const double* bias = m.w.mtp.block.moe.bias;
+    REQUIRE(bias == m.params.data() + m.layout.offset_of("model.layers.3.mlp.gate.e_score_correction_bias"));
+    std::vector<double> b0(bias, bias + c.n_routed_experts);
+    expert_bias_update(c, m.w, load, 0.01f);
+    CHECK(bias[2] == doctest::Approx(b0[2] - 0.01));
+    CHECK(bias[0] == doctest::Approx(b0[0] + 0.01));
+}
+
+TEST_CASE("MTP: eh_proj's first D columns read the next token's embedding, the last D the main model's output") {
+    Config c = mtp_config(true);
+    const int B = 1, T = 6, N = B * T, D = c.hidden_size;
+    std::vector<int> targets(N), other(N);
+    for (int n = 0; n < N; n++) {
+        targets[n] = (int)(rng_hash(220, n) % c.vocab_size);
+        other[n] = (targets[n] + 1 + n) % c.vocab_size;
+    }
+    auto h = random_vector(N * D, 221, 2.0), h2 = random_vector(N * D, 222, 2.0);
+    for (int half = 0; half < 2; half++) {
+        CAPTURE(half);
+        RefModel<double> m = random_model(c, 223);
+        double* w = m.w.mtp.eh_proj.w;
+        for (int o = 0; o < D; o++) std::fill_n(w + (size_t)o * 2 * D + (half == 0 ? D : 0), D, 0.0);  // keep one half
+        MtpActs<double> a;
+        mtp_forward(c, m.w, m.rope, h.data(), targets.data(), B, T, StepOptions{}, a);
+        const std::vector<double> base = a.logits;
+        // half 0 reads only the embedding: another h changes nothing, other tokens do; half 1 the reverse
+        mtp_forward(c, m.w, m.rope, h2.data(), targets.data(), B, T, StepOptions{}, a);
+        CHECK((a.logits == base) == (half == 0));
+        mtp_forward(c, m.w, m.rope, h.data(), other.data(), B, T, StepOptions{}, a);
+        CHECK((a.logits == base) == (half == 1));
+    }
+}
