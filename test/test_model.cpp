@@ -401,10 +401,11 @@ TEST_CASE("MTP checkpoints: DeepSeek-V3's names and num_nextn_predict_layers 1, 
         {"model.layers.3.shared_head.head.weight", {c.vocab_size, D}},
         {"model.layers.3.embed_tokens.weight", {c.vocab_size, D}},
     };
-    for (const auto& [name, shape] : expected) {
+    for (const auto& entry : expected) {
+        const std::string& name = entry.first;
         CAPTURE(name);
         REQUIRE(f.find(name));
-        CHECK(f.find(name)->shape == shape);
+        CHECK(f.find(name)->shape == entry.second);
     }
     CHECK(f.tensors.size() == m.ref.layout.tensors.size() + 2);
     CHECK(f.find("model.layers.3.shared_head.head.weight")->data == f.find("lm_head.weight")->data);
