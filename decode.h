@@ -10,6 +10,10 @@
 //     sum_t p_t (W_UV_h c_t)  = W_UV_h (sum_t p_t c_t)      -> W_UV after attention
 // so every head attends over the same shared (dc+dr)-wide key, and the values are the latent vectors themselves. The
 // scores and the softmax scale (YaRN mscale included) are those of reference.h, so the logits equal ref_forward's.
+//
+// The MTP module (num_nextn_predict_layers = 1) decodes as one more cached layer with its own latent cache: from the
+// main model's normed output at position i and token i+1 it gives mtp_forward's logits for token i+2. Self-speculative
+// decoding (speculative_step) drafts with it and verifies with the main model, keeping the main model's distribution.
 #pragma once
 
 #include "model.h"
@@ -78,6 +82,10 @@ struct DecodeState {
     int max_len = 0, len = 0;   // capacity and tokens cached so far (= the next position)
     std::vector<T> cache;       // [layers, max_len, dc + dr]
     std::vector<T> h, xn, xn_rstd, attn_out, ffn_out, logits;  // [D] ... [V]
+    std::vector<T> hn;          // [D] the main model's normed output at the last position (the MTP module's input)
+    int mtp_len = 0;            // positions in the MTP module's cache
+    std::vector<T> mtp_cache;   // [max_len, dc + dr], when the config has the module
+    std::vector<T> mtp_e, mtp_cat, mtp_h, mtp_logits;  // [D], [2D] [enorm(e); hnorm(h)], [D], [V]
     std::vector<T> qa, qa_norm, qa_rstd, q, kv, c_rstd, o;     // MLA of one token
     FfnActs<T> ffn;
     MoeActs<T> moe;
@@ -89,10 +97,12 @@ void decode_init(DecodeState<T>& s, const Config& c, int max_len) {
         fail("decode: a cache of %d tokens is outside 1..%d (max_position_embeddings)", max_len, c.max_position_embeddings);
     s.max_len = max_len;
     s.len = 0;
+    s.mtp_len = 0;
     s.cache.assign((size_t)c.num_hidden_layers * max_len * (c.kv_lora_rank + c.qk_rope_head_dim), 0);
+    s.mtp_cache.assign((size_t)c.num_nextn_predict_layers * max_len * (c.kv_lora_rank + c.qk_rope_head_dim), 0);
 }
 
-// the bytes the cache holds per token (its own element type: fp32 on the CPU)
+// the bytes the main model's cache holds per token (its own element type: fp32 on the CPU)
 template <typename T>
 size_t decode_cache_bytes_per_token(const DecodeState<T>& s) {
     return s.cache.size() * sizeof(T) / (size_t)s.max_len;
@@ -130,8 +140,28 @@ void mla_decode_forward(const Config& c, const MlaWeights<T>& w, const RopeTable
     linear_forward(out, s.o.data(), w.o_proj, 1);
 }
 
-// Runs token through the model at position s.len, appends its latents to the cache
-// and returns the next-token logits [V]. Fails when the cache is full.
+// One block on the residual h [D] of the token at position pos, its latent appended to cache_l (row pos):
+//   h += MLA(RMSNorm(h)),  h += FFN(RMSNorm(h))   (block_forward for one token)
+template <typename T>
+void block_decode_forward(const Config& c, const LayerWeights<T>& w, bool moe, const RopeTable& rope, T* h, T* cache_l, int pos,
+                          DecodeState<T>& s) {
+    const int D = c.hidden_size;
+    for (std::vector<T>* v : {&s.xn, &s.attn_out, &s.ffn_out}) v->resize(D);
+    s.xn_rstd.resize(1);
+    rmsnorm_forward(s.xn.data(), s.xn_rstd.data(), h, w.input_norm, 1, D, c.rms_norm_eps);
+    mla_decode_forward(c, w.attn, rope, s.attn_out.data(), s.xn.data(), cache_l, pos, s);
+    for (int i = 0; i < D; i++) h[i] += s.attn_out[i];
+    rmsnorm_forward(s.xn.data(), s.xn_rstd.data(), h, w.post_norm, 1, D, c.rms_norm_eps);
+    if (moe)
+        moe_forward(c, w.moe, s.ffn_out.data(), s.xn.data(), 1, s.moe);
+    else
+        ffn_forward(w.ffn, s.ffn_out.data(), s.xn.data(), 1, s.ffn);
+    for (int i = 0; i < D; i++) h[i] += s.ffn_out[i];
+}
+
+// Runs token through the model at position s.len, appends its latents to the cache, keeps the normed output in
+// s.hn and returns the next-token logits [V]. Fails when the cache is full. Setting s.len back drops positions:
+// the next step overwrites them.
 template <typename T>
 const std::vector<T>& decode_step(RefModel<T>& m, DecodeState<T>& s, int token) {
     const Config& c = m.cfg;
@@ -139,27 +169,100 @@ const std::vector<T>& decode_step(RefModel<T>& m, DecodeState<T>& s, int token) 
     if (token < 0 || token >= V) fail("decode: token id %d is outside the vocabulary (%d)", token, V);
     if (s.len >= s.max_len) fail("decode: the cache is full (%d tokens)", s.max_len);
     const int pos = s.len;
-    for (std::vector<T>* v : {&s.h, &s.xn, &s.attn_out, &s.ffn_out}) v->resize(D);
+    s.h.resize(D);
     s.xn_rstd.resize(1);
     embedding_forward(s.h.data(), &token, m.w.embed, 1, D);
-    for (int l = 0; l < c.num_hidden_layers; l++) {
-        const LayerWeights<T>& w = m.w.layers[l];
-        rmsnorm_forward(s.xn.data(), s.xn_rstd.data(), s.h.data(), w.input_norm, 1, D, c.rms_norm_eps);
-        T* cache_l = s.cache.data() + (size_t)l * s.max_len * width;
-        mla_decode_forward(c, w.attn, m.rope, s.attn_out.data(), s.xn.data(), cache_l, pos, s);
-        for (int i = 0; i < D; i++) s.h[i] += s.attn_out[i];
-        rmsnorm_forward(s.xn.data(), s.xn_rstd.data(), s.h.data(), w.post_norm, 1, D, c.rms_norm_eps);
-        if (c.is_moe_layer(l))
-            moe_forward(c, w.moe, s.ffn_out.data(), s.xn.data(), 1, s.moe);
-        else
-            ffn_forward(w.ffn, s.ffn_out.data(), s.xn.data(), 1, s.ffn);
-        for (int i = 0; i < D; i++) s.h[i] += s.ffn_out[i];
-    }
-    rmsnorm_forward(s.xn.data(), s.xn_rstd.data(), s.h.data(), m.w.final_norm, 1, D, c.rms_norm_eps);
+    for (int l = 0; l < c.num_hidden_layers; l++)
+        block_decode_forward(c, m.w.layers[l], c.is_moe_layer(l), m.rope, s.h.data(), s.cache.data() + (size_t)l * s.max_len * width,
+                             pos, s);
+    s.hn.resize(D);
+    rmsnorm_forward(s.hn.data(), s.xn_rstd.data(), s.h.data(), m.w.final_norm, 1, D, c.rms_norm_eps);
     s.logits.resize(V);
-    linear_forward(s.logits.data(), s.xn.data(), m.w.lm_head, 1);
+    linear_forward(s.logits.data(), s.hn.data(), m.w.lm_head, 1);
     s.len++;
     return s.logits;
+}
+
+// The MTP module at position s.mtp_len: h [D] the main model's normed output there (s.hn after its decode_step),
+// token the one after it. Appends to the module's cache and returns its logits for the token after that [V]
+// (mtp_forward's at that position).
+template <typename T>
+const std::vector<T>& mtp_decode_step(RefModel<T>& m, DecodeState<T>& s, const T* h, int token) {
+    const Config& c = m.cfg;
+    const int D = c.hidden_size, V = c.vocab_size;
+    if (c.num_nextn_predict_layers == 0) fail("decode: the model has no MTP module");
+    if (token < 0 || token >= V) fail("decode: token id %d is outside the vocabulary (%d)", token, V);
+    if (s.mtp_len >= s.max_len) fail("decode: the MTP cache is full (%d tokens)", s.max_len);
+    for (std::vector<T>* v : {&s.mtp_e, &s.mtp_h}) v->resize(D);
+    s.mtp_cat.resize(2 * D);
+    s.xn_rstd.resize(1);
+    embedding_forward(s.mtp_e.data(), &token, m.w.embed, 1, D);
+    rmsnorm_forward(s.mtp_cat.data(), s.xn_rstd.data(), s.mtp_e.data(), m.w.mtp.enorm, 1, D, c.rms_norm_eps);
+    rmsnorm_forward(s.mtp_cat.data() + D, s.xn_rstd.data(), h, m.w.mtp.hnorm, 1, D, c.rms_norm_eps);
+    linear_forward(s.mtp_h.data(), s.mtp_cat.data(), m.w.mtp.eh_proj, 1);
+    block_decode_forward(c, m.w.mtp.block, c.is_moe_layer(c.num_hidden_layers), m.rope, s.mtp_h.data(), s.mtp_cache.data(), s.mtp_len, s);
+    rmsnorm_forward(s.mtp_h.data(), s.xn_rstd.data(), s.mtp_h.data(), m.w.mtp.head_norm, 1, D, c.rms_norm_eps);
+    s.mtp_logits.resize(V);
+    linear_forward(s.mtp_logits.data(), s.mtp_h.data(), m.w.lm_head, 1);
+    s.mtp_len++;
+    return s.mtp_logits;
+}
+
+// ----------------------------------------------------------------------------
+// Self-speculative decoding (DeepSeek-V3 §2.2 with the speculative-sampling rule of Leviathan et al. and Chen et al.).
+// Between steps a sequence holds: the main cache at L positions, the MTP cache at L-1, s.hn the main model's normed
+// output at L-1, and x = t_L, the last token taken, not yet in a cache. A step drafts d ~ q from the MTP module at
+// position L-1, runs the main model on [x, d] (positions L and L+1; on the CPU one after the other), and accepts d with
+// probability min(1, p(d) / q(d)), p being the main model's distribution at L; a rejected d is replaced by a draw from
+// normalize(max(0, p - q)) and position L+1 is dropped from the cache. Either way the token at L+1 follows p exactly,
+// and after an acceptance the main model's logits at L+1 give one more token for free. p and q are sampling_probs's
+// distributions (temperature, top-k, top-p), so greedy (one-hot p and q) accepts exactly when d is the main model's
+// argmax: the output is plain greedy's.
+
+struct SpeculativeStats {
+    long long drafted = 0, accepted = 0;
+};
+
+// The prompt into both caches: the main model at every position, the MTP module at every position but the last
+// (its input at i is token i+1). Returns the main model's logits at the last position.
+inline const std::vector<float>& speculative_prefill(RefModel<float>& m, DecodeState<float>& s, const std::vector<int>& prompt) {
+    if (prompt.empty()) fail("decode: an empty prompt");
+    for (size_t i = 0; i < prompt.size(); i++) {
+        if (i > 0) mtp_decode_step(m, s, s.hn.data(), prompt[i]);
+        decode_step(m, s, prompt[i]);
+    }
+    return s.logits;
+}
+
+// One step from the state above with x: appends the tokens it takes to out (one, or two after an acceptance); the last
+// of them is the new x. With no room for two more positions it takes one plain step.
+inline void speculative_step(RefModel<float>& m, DecodeState<float>& s, int x, const SamplingOptions& so, Rng& rng,
+                             std::vector<int>& out, SpeculativeStats& stats) {
+    const int V = m.cfg.vocab_size, L = s.len;
+    std::vector<double> p, q;
+    if (L + 2 > s.max_len) {
+        sampling_probs(p, decode_step(m, s, x).data(), V, so);
+        out.push_back(sample_probs(p, rng.uniform()));
+        return;
+    }
+    sampling_probs(q, mtp_decode_step(m, s, s.hn.data(), x).data(), V, so);
+    const int d = sample_probs(q, rng.uniform());
+    sampling_probs(p, decode_step(m, s, x).data(), V, so);
+    const std::vector<float> hn_x = s.hn;  // the main model's output at L: the MTP module's input there
+    decode_step(m, s, d);
+    stats.drafted++;
+    if (rng.uniform() * q[d] < p[d]) {  // q[d] > 0: d was drawn from q
+        stats.accepted++;
+        out.push_back(d);
+        mtp_decode_step(m, s, hn_x.data(), d);  // position L of the MTP cache; its draft is not needed
+        sampling_probs(p, s.logits.data(), V, so);
+        out.push_back(sample_probs(p, rng.uniform()));
+    } else {
+        for (int i = 0; i < V; i++) p[i] = std::max(0.0, p[i] - q[i]);  // has mass: p(d) < q(d) here
+        out.push_back(sample_probs(p, rng.uniform()));
+        s.len = L + 1;
+        s.hn = hn_x;
+    }
 }
 
 // ----------------------------------------------------------------------------

@@ -10,8 +10,10 @@
 // On the GPU (the default when one is present) the prompts are prefilled with the training forward kernels
 // and decoded one token per sequence per step with the absorbed MLA form over the latent KV cache, sampled on
 // the GPU (decode.cuh); the step replays as a CUDA graph. On the CPU the reference decodes with the same
-// latent cache (decode.h) and model.cu's sample_token. Either way sequence i of a batch draws its coins from
-// the counter RNG keyed by seed + i, so a fixed seed repeats.
+// latent cache (decode.h) and model.cu's sample_token; with a checkpoint that has the MTP module it decodes
+// self-speculatively (decode.h speculative_step: the module drafts a token, the main model verifies it), with the
+// same output distribution and, greedy, the same tokens. Either way sequence i of a batch draws its coins from
+// the counter RNG keyed by seed + i, so a fixed seed repeats (speculative sampling draws other coins than plain).
 #include <algorithm>
 #include <cstdio>
 #include <sstream>
@@ -56,12 +58,19 @@ static const char* USAGE =
     "                         of a batch uses seed + i (default 1337)\n"
     "  --quiet                no statistics line (and no CPU note) on stderr\n"
     "  --device auto|cpu|gpu  where to run (default auto: the GPU when one is present)\n"
+    "  --speculative          self-speculative decoding with the checkpoint's MTP module: it\n"
+    "                         drafts the next token, the main model verifies it; the output\n"
+    "                         follows the main model's distribution exactly (greedy: the same\n"
+    "                         tokens). On by default on the CPU when the checkpoint has the\n"
+    "                         module; the GPU ignores it for now\n"
+    "  --no-speculative       plain decoding, one main-model step per token\n"
     "  --help                 show this help\n"
     "\n"
     "The prompt is printed first, then the continuation. A sequence stops after\n"
     "--max-new-tokens, at the tokenizer's end-of-text token, or when the context\n"
     "(max_position_embeddings) is full. An empty prompt starts from token 10 ('\\n').\n"
-    "Statistics (tokens, tokens/s, time to first token) go to stderr.\n";
+    "Statistics (tokens, tokens/s, time to first token, the drafts' acceptance rate) go\n"
+    "to stderr.\n";
 
 // "1 2, 3" -> {1, 2, 3}; every id must be in 0..vocab_size-1
 static std::vector<int> parse_token_ids(const std::string& text, int vocab_size) {
@@ -157,6 +166,7 @@ static std::vector<std::string> read_lines(const std::string& path) {
 static int run(int argc, char** argv) {
     std::string model_dir = "runs/default", prompt, tokens_arg, prompts_file, device = "auto";
     bool has_model = false, has_prompt = false, has_tokens = false, quiet = false, jsonl = false;
+    int speculative = -1;  // -1: on when the checkpoint has the MTP module and the device is the CPU
     long long max_new = 200;
     unsigned long long seed = 1337;
     SamplingOptions sampling{0.8f, 0, 0.95f};  // temperature, top_k, top_p
@@ -192,6 +202,10 @@ static int run(int argc, char** argv) {
             quiet = cli_flag(cli);
         } else if (cli.name == "--device") {
             device = cli_device(cli);
+        } else if (cli.name == "--speculative") {
+            speculative = cli_flag(cli);
+        } else if (cli.name == "--no-speculative") {
+            speculative = !cli_flag(cli);
         } else {
             cli_unknown(cli);
         }
@@ -205,6 +219,10 @@ static int run(int argc, char** argv) {
     model_load(m, model_resolve_dir(model_dir, !has_model), nullptr);
     const int V = m.ref.cfg.vocab_size, context = m.ref.cfg.max_position_embeddings;
     const bool token_mode = has_tokens;
+    const bool has_mtp = m.ref.cfg.num_nextn_predict_layers > 0;
+    if (speculative == 1 && !has_mtp) fail("--speculative: the checkpoint has no MTP module (num_nextn_predict_layers is 0)");
+    if (speculative == 1 && gpu && !quiet) fprintf(stderr, "note: --speculative is CPU-only for now; the GPU decodes plainly\n");
+    const bool spec = speculative != 0 && has_mtp && !gpu;
 
     // the prompts, as token ids
     std::vector<Sequence> seqs;
@@ -275,6 +293,8 @@ static int run(int argc, char** argv) {
     std::vector<DecodeState<float>> cpu(gpu ? 0 : n);
     std::vector<Rng> rng(n);
     std::vector<int> next(n, 0);
+    std::vector<std::vector<int>> ahead(n);  // speculative: tokens taken beyond next[b], in order
+    SpeculativeStats spec_stats;
     auto sample_cpu = [&](int b, const std::vector<float>& logits) { next[b] = sample_token(logits.data(), V, sampling, rng[b].uniform()); };
     if (max_new > 0) {
         if (gpu) {
@@ -290,6 +310,10 @@ static int run(int argc, char** argv) {
             for (int b = 0; b < n; b++) {
                 rng[b] = Rng{(uint64_t)seed + b, 0};
                 decode_init(cpu[b], m.ref.cfg, max_len);
+                if (spec) {
+                    sample_cpu(b, speculative_prefill(m.ref, cpu[b], seqs[b].ids));
+                    continue;
+                }
                 const std::vector<float>* logits = nullptr;
                 for (int id : seqs[b].ids) logits = &decode_step(m.ref, cpu[b], id);
                 sample_cpu(b, *logits);
@@ -327,8 +351,17 @@ static int run(int argc, char** argv) {
             const int* tok = decoder_tokens(*dec);
             next.assign(tok, tok + n);
         } else {
-            for (int b = 0; b < n; b++)
-                if (!seqs[b].done) sample_cpu(b, decode_step(m.ref, cpu[b], next[b]));
+            for (int b = 0; b < n; b++) {
+                if (seqs[b].done) continue;
+                if (!spec) {
+                    sample_cpu(b, decode_step(m.ref, cpu[b], next[b]));
+                    continue;
+                }
+                // a step takes one or two tokens; the second waits in ahead[b] for the next round
+                if (ahead[b].empty()) speculative_step(m.ref, cpu[b], next[b], sampling, rng[b], ahead[b], spec_stats);
+                next[b] = ahead[b].front();
+                ahead[b].erase(ahead[b].begin());
+            }
         }
     }
     double elapsed = now_seconds() - t0;
@@ -374,6 +407,9 @@ static int run(int argc, char** argv) {
                 n > 1 ? strfmt(" for %d of %d sequences", full, n).c_str() : "");
     if (!quiet) {
         std::string why = ended == 0 ? "" : n == 1 ? " (stopped at end of text)" : strfmt(" (%d stopped at end of text)", ended);
+        if (spec)
+            why += strfmt(", speculative: %.1f%% of %lld drafts accepted", spec_stats.drafted ? 100.0 * spec_stats.accepted / spec_stats.drafted : 0.0,
+                          spec_stats.drafted);
         fprintf(stderr,
                 "generated %lld tokens%s in %.2f s on the %s: %.1f tokens/s, time to first token %.3f s (prefill of %d prompt "
                 "tokens)%s\n",

@@ -95,17 +95,16 @@ const std::vector<float>& model_logits(Model& m, const std::vector<int>& tokens)
     return m.ref.logits;
 }
 
-int sample_token(const float* logits, int V, const SamplingOptions& s, float coin) {
-    for (int i = 0; i < V; i++)
-        if (!std::isfinite(logits[i])) fail("the model's logits are not finite (logit %d is %g): its weights overflowed or hold NaN", i, logits[i]);
-    if (s.temperature <= 0) return (int)(std::max_element(logits, logits + V) - logits);
-    std::vector<int> order(V);
+// The tokens sample_token may draw, most likely first (ties: the lower id first, so a fixed seed repeats
+// exactly), with their unnormalised weights p and sum; returns how many there are (>= 1). Not greedy.
+static int sampling_kept(const float* logits, int V, const SamplingOptions& s, std::vector<int>& order, std::vector<double>& p,
+                         double& sum) {
+    order.resize(V);
     for (int i = 0; i < V; i++) order[i] = i;
-    // ties keep the lower id first, so a fixed seed repeats exactly
     std::stable_sort(order.begin(), order.end(), [&](int a, int b) { return logits[a] > logits[b]; });
     int keep = (s.top_k > 0 && s.top_k < V) ? s.top_k : V;
-    std::vector<double> p(keep);
-    double sum = 0;
+    p.resize(keep);
+    sum = 0;
     for (int i = 0; i < keep; i++) sum += (p[i] = std::exp((double)(logits[order[i]] - logits[order[0]]) / s.temperature));
     if (s.top_p < 1) {
         // the smallest prefix whose mass reaches top_p
@@ -115,12 +114,56 @@ int sample_token(const float* logits, int V, const SamplingOptions& s, float coi
         keep = std::max(n, 1);
         sum = mass;
     }
+    return keep;
+}
+
+static void check_finite(const float* logits, int V) {
+    for (int i = 0; i < V; i++)
+        if (!std::isfinite(logits[i])) fail("the model's logits are not finite (logit %d is %g): its weights overflowed or hold NaN", i, logits[i]);
+}
+
+int sample_token(const float* logits, int V, const SamplingOptions& s, float coin) {
+    check_finite(logits, V);
+    if (s.temperature <= 0) return (int)(std::max_element(logits, logits + V) - logits);
+    std::vector<int> order;
+    std::vector<double> p;
+    double sum;
+    const int keep = sampling_kept(logits, V, s, order, p, sum);
     double target = coin * sum, acc = 0;
     for (int i = 0; i < keep; i++) {
         acc += p[i];
         if (target < acc) return order[i];
     }
     return order[keep - 1];
+}
+
+void sampling_probs(std::vector<double>& probs, const float* logits, int V, const SamplingOptions& s) {
+    check_finite(logits, V);
+    probs.assign(V, 0);
+    if (s.temperature <= 0) {
+        probs[std::max_element(logits, logits + V) - logits] = 1;
+        return;
+    }
+    std::vector<int> order;
+    std::vector<double> p;
+    double sum;
+    const int keep = sampling_kept(logits, V, s, order, p, sum);
+    for (int i = 0; i < keep; i++) probs[order[i]] = p[i] / sum;
+}
+
+int sample_probs(const std::vector<double>& probs, float coin) {
+    double sum = 0;
+    for (double q : probs) sum += q;
+    double target = coin * sum, acc = 0;
+    int last = -1;
+    for (int i = 0; i < (int)probs.size(); i++) {
+        if (probs[i] <= 0) continue;
+        acc += probs[i];
+        last = i;
+        if (target < acc) return i;
+    }
+    if (last < 0) fail("sample_probs: the distribution has no mass");
+    return last;
 }
 
 // ----------------------------------------------------------------------------

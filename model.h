@@ -110,6 +110,12 @@ struct SamplingOptions {
 // Picks a token from logits [V]; coin is uniform in [0, 1).
 int sample_token(const float* logits, int V, const SamplingOptions& s, float coin);
 
+// the distribution sample_token draws from, as probabilities probs [V] (greedy: one-hot at the argmax)
+void sampling_probs(std::vector<double>& probs, const float* logits, int V, const SamplingOptions& s);
+
+// a token drawn from probs [V] (weights, normalised here; a token of weight 0 is never drawn); coin in [0, 1)
+int sample_probs(const std::vector<double>& probs, float coin);
+
 // Writes dir atomically. state may be null (weights only). dtype "F32", "BF16" or "F8_E4M3" (DeepSeek-V3's
 // FP8 checkpoint format); the last two shrink the file but are not exact resume points.
 void model_save(Model& m, const std::string& dir, const TrainState* state, const char* dtype);

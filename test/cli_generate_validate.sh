@@ -404,5 +404,26 @@ expect_ok "validate --fp8: the checks, FP8 among them, pass" ./validate --preset
 grep -q '"name": "fp8", "passed": true' "$TMP/out" && pass "validate --fp8 reports the FP8 check" ||
     fail "validate --fp8 reports the FP8 check: $(head -c 300 "$TMP/out")"
 
+# ---------------------------------------------------------------------------
+# self-speculative decoding with the MTP module (CPU): greedy gives plain greedy's tokens, alone and in a batch
+MTP=$TMP/mtprun
+expect_ok "train --mtp on the CPU" ./train --preset tiny --mtp --steps 3 --seq-len 16 --batch-size 2 --device cpu --out "$MTP" --data "$TMP/data"
+./generate --model "$MTP" --tokens "1 2 3" --max-new-tokens 24 --temperature 0 --device cpu --no-speculative >"$TMP/plain" 2>/dev/null
+if ./generate --model "$MTP" --tokens "1 2 3" --max-new-tokens 24 --temperature 0 --device cpu >"$TMP/spec" 2>"$TMP/spec_err" &&
+    cmp -s "$TMP/plain" "$TMP/spec" && grep -q 'speculative: [0-9.]*% of [0-9]* drafts accepted' "$TMP/spec_err"; then
+    pass "generate: speculative greedy (the default with an MTP module) equals plain greedy ($(grep -o 'speculative: .*' "$TMP/spec_err"))"
+else
+    fail "generate: speculative greedy equals plain greedy: $(cat "$TMP/plain") vs $(cat "$TMP/spec") $(tail -n 2 "$TMP/spec_err")"
+fi
+printf 'the\nto be or\n\nq\n' >"$TMP/mtp_prompts.txt"
+./generate --model "$MTP" --prompts-file "$TMP/mtp_prompts.txt" --max-new-tokens 20 --temperature 0 --device cpu --no-speculative \
+    >"$TMP/plain" 2>/dev/null
+./generate --model "$MTP" --prompts-file "$TMP/mtp_prompts.txt" --max-new-tokens 20 --temperature 0 --device cpu --speculative \
+    >"$TMP/spec" 2>/dev/null
+cmp -s "$TMP/plain" "$TMP/spec" && pass "generate: speculative greedy equals plain greedy in a batch" ||
+    fail "generate: speculative greedy equals plain greedy in a batch: $(head -c 300 "$TMP/spec")"
+expect_ok "generate: speculative sampling" ./generate --model "$MTP" --prompt hi --max-new-tokens 16 --device cpu --speculative
+expect_error "generate --speculative without an MTP module" "no MTP module" ./generate --model "$TMP/run" --prompt hi --device cpu --speculative
+
 echo "cli_generate_validate: $passed passed, $failed failed"
 [ "$failed" -eq 0 ]

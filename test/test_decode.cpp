@@ -1,8 +1,11 @@
 // test_decode.cpp — CPU incremental decoding (decode.h): step-by-step logits equal
-// the full-sequence forward at every position, the absorbed attention equals the
-// expanded one, the cache holds (dc+dr) values per token and layer, and the cache
-// refuses what it cannot hold. (sample_token's rules are tested in test_model.cpp.)
+// the full-sequence forward at every position (the MTP module's too), the absorbed
+// attention equals the expanded one, the cache holds (dc+dr) values per token and
+// layer, the cache refuses what it cannot hold, and self-speculative decoding gives
+// plain greedy's tokens and plain sampling's distribution. (sample_token's rules are
+// tested in test_model.cpp.)
 #include <doctest/doctest.h>
+#include <omp.h>
 
 #include "decode.h"
 #include "model.h"
@@ -109,4 +112,159 @@ TEST_CASE("decode: refuses a full cache, a bad token and a cache beyond the cont
     decode_init(s2, m.cfg, 2);
     CHECK_THROWS_WITH(decode_step(m, s2, m.cfg.vocab_size), doctest::Contains("outside the vocabulary"));
     CHECK_THROWS_WITH(decode_init(s2, m.cfg, m.cfg.max_position_embeddings + 1), doctest::Contains("max_position_embeddings"));
+}
+
+// the tiny variant with the MTP module
+static Config tiny_mtp(int variant, int vocab_size) {
+    Config c = tiny_variant(variant, vocab_size);
+    c.num_nextn_predict_layers = 1;
+    return c;
+}
+
+TEST_CASE("decode: step-by-step MTP logits equal mtp_forward at every position") {
+    for (int variant = 0; variant < 3; variant++) {
+        CAPTURE(variant);
+        RefModel<float> m;
+        ref_init(m, tiny_mtp(variant, 80));
+        randomise_weights(m, 200 + variant, false);
+        const int T = 40, V = m.cfg.vocab_size;
+        std::vector<int> tokens(T), targets(T, -1);
+        for (int t = 0; t < T; t++) tokens[t] = (int)(rng_hash(9 + variant, t) % V);
+        for (int t = 0; t + 1 < T; t++) targets[t] = tokens[t + 1];
+        ref_forward(m, tokens.data(), targets.data(), 1, T, StepOptions{});
+        const std::vector<float> full = m.mtp.logits;  // row t: from h_t and token t+1
+        DecodeState<float> s;
+        decode_init(s, m.cfg, T);
+        double worst = 0;
+        for (int t = 0; t + 1 < T; t++) {
+            decode_step(m, s, tokens[t]);
+            const std::vector<float>& step = mtp_decode_step(m, s, s.hn.data(), tokens[t + 1]);
+            worst = std::max(worst, rel_error(step.data(), full.data() + (size_t)t * V, V));
+        }
+        CHECK(s.mtp_len == T - 1);
+        MESSAGE("variant " << variant << ": worst relative error of the MTP logits over " << T - 1 << " positions " << worst);
+        CHECK(worst < 1e-5);
+    }
+}
+
+// plain decoding: prompt, then n tokens sampled from the main model with sample_token
+static std::vector<int> plain_generate(RefModel<float>& m, const std::vector<int>& prompt, int n, const SamplingOptions& so, Rng rng) {
+    DecodeState<float> s;
+    decode_init(s, m.cfg, (int)prompt.size() + n);
+    const std::vector<float>* logits = nullptr;
+    for (int id : prompt) logits = &decode_step(m, s, id);
+    std::vector<int> out;
+    for (int i = 0; i < n; i++) {
+        out.push_back(sample_token(logits->data(), m.cfg.vocab_size, so, rng.uniform()));
+        if (i + 1 < n) logits = &decode_step(m, s, out.back());
+    }
+    return out;
+}
+
+// speculative decoding from a prefilled state: n tokens (the first from the prefill's logits)
+static std::vector<int> speculative_generate(RefModel<float>& m, DecodeState<float> s, int n, const SamplingOptions& so, Rng rng,
+                                             SpeculativeStats& stats) {
+    std::vector<double> p;
+    sampling_probs(p, s.logits.data(), m.cfg.vocab_size, so);
+    std::vector<int> out = {sample_probs(p, rng.uniform())};
+    while ((int)out.size() < n) speculative_step(m, s, out.back(), so, rng, out, stats);
+    out.resize(n);
+    return out;
+}
+
+TEST_CASE("decode: greedy speculative decoding gives plain greedy's tokens") {
+    // a vocabulary of 5, so that the random MTP module's drafts are accepted often enough to take both branches
+    SamplingOptions greedy;
+    greedy.temperature = 0;
+    SpeculativeStats stats;
+    for (int variant = 0; variant < 3; variant++) {
+        RefModel<float> m;
+        ref_init(m, tiny_mtp(variant, 5));
+        randomise_weights(m, 300 + variant, false);
+        for (int k = 0; k < 4; k++) {
+            CAPTURE(variant);
+            CAPTURE(k);
+            std::vector<int> prompt;
+            for (int t = 0; t < 1 + 3 * k; t++) prompt.push_back((int)(rng_hash(50 + k, t) % 5));
+            const int n = 30;
+            // the smallest cache that holds n tokens (the last is never fed back), so the last steps have no room to
+            // verify two positions and take the plain step
+            DecodeState<float> s;
+            decode_init(s, m.cfg, (int)prompt.size() + n - 1);
+            speculative_prefill(m, s, prompt);
+            CHECK(speculative_generate(m, s, n, greedy, Rng{1, 0}, stats) == plain_generate(m, prompt, n, greedy, Rng{1, 0}));
+        }
+    }
+    MESSAGE("greedy: " << stats.accepted << " of " << stats.drafted << " drafts accepted");
+    CHECK(stats.accepted > 0);
+    CHECK(stats.accepted < stats.drafted);
+}
+
+TEST_CASE("decode: speculative sampling follows the main model's distribution") {
+    // The exact distribution of the first three tokens after a prompt under plain sampling, p(t1) p(t2|t1) p(t3|t1,t2),
+    // against N speculative samples: t1 comes from the prefill, t2 from the first draft (accepted or resampled), t3 from
+    // the token after an acceptance or from the second draft. Pearson's chi-square over the V^3 = 125 cells (at temperature 1) has
+    // 124 degrees of freedom (mean 124, sd 15.7); 200 is 4.8 sd out, a chance well under 1e-4 for a correct sampler,
+    // while a sampler that always took the draft gives t2 the MTP module's distribution and a chi-square in the
+    // thousands. The seeds are fixed, so the test repeats.
+    const int V = 5, N = 20000;
+    const int threads = omp_get_max_threads();
+    omp_set_num_threads(1);  // the tiny model's steps are shorter than handing work to other threads
+    RefModel<float> m;
+    ref_init(m, tiny_mtp(0, V));
+    randomise_weights(m, 400, false);
+    const std::vector<int> prompt = {1, 4, 2};
+    for (const SamplingOptions& so : {SamplingOptions{1.0f, 0, 1.0f}, SamplingOptions{0.7f, 4, 0.9f}}) {
+        CAPTURE(so.temperature);
+        std::vector<double> exact((size_t)V * V * V, 0), p1, p2, p3;
+        DecodeState<float> s;
+        decode_init(s, m.cfg, (int)prompt.size() + 3);
+        for (int id : prompt) decode_step(m, s, id);
+        sampling_probs(p1, s.logits.data(), V, so);
+        for (int a = 0; a < V; a++) {
+            if (p1[a] == 0) continue;
+            s.len = (int)prompt.size();
+            sampling_probs(p2, decode_step(m, s, a).data(), V, so);
+            for (int b = 0; b < V; b++) {
+                if (p2[b] == 0) continue;
+                s.len = (int)prompt.size() + 1;
+                sampling_probs(p3, decode_step(m, s, b).data(), V, so);
+                for (int c = 0; c < V; c++) exact[((size_t)a * V + b) * V + c] = p1[a] * p2[b] * p3[c];
+            }
+        }
+        DecodeState<float> pre;
+        decode_init(pre, m.cfg, (int)prompt.size() + 4);
+        speculative_prefill(m, pre, prompt);
+        std::vector<double> count(exact.size(), 0);
+        SpeculativeStats stats;
+        for (int i = 0; i < N; i++) {
+            const std::vector<int> t = speculative_generate(m, pre, 3, so, Rng{7, (uint64_t)i * 16}, stats);
+            count[((size_t)t[0] * V + t[1]) * V + t[2]]++;
+        }
+        // cells expected fewer than 5 times are pooled into one, as the chi-square approximation asks
+        double chi2 = 0, tv = 0, pooled_count = 0, pooled_exact = 0;
+        int cells = 0;
+        for (size_t k = 0; k < exact.size(); k++) {
+            tv += 0.5 * std::fabs(count[k] / N - exact[k]);
+            if (exact[k] == 0) {
+                CHECK(count[k] == 0);  // no token outside top-k / top-p
+            } else if (N * exact[k] < 5) {
+                pooled_count += count[k];
+                pooled_exact += exact[k];
+            } else {
+                chi2 += (count[k] - N * exact[k]) * (count[k] - N * exact[k]) / (N * exact[k]);
+                cells++;
+            }
+        }
+        if (pooled_exact > 0) {
+            chi2 += (pooled_count - N * pooled_exact) * (pooled_count - N * pooled_exact) / (N * pooled_exact);
+            cells++;
+        }
+        MESSAGE("temperature " << so.temperature << ": chi-square " << chi2 << " over " << cells << " cells, total variation " << tv
+                               << ", " << stats.accepted << " of " << stats.drafted << " drafts accepted");
+        CHECK(stats.accepted > 0);
+        CHECK(stats.accepted < stats.drafted);
+        CHECK(chi2 < cells - 1 + 4.8 * std::sqrt(2.0 * (cells - 1)));
+    }
+    omp_set_num_threads(threads);
 }
