@@ -232,13 +232,10 @@ void model_to_gpu(Model& m, int B, int T, bool inference, const DistGroup& dist)
         if (prop.major < 9)  // cuBLASLt's block-scaled FP8 GEMM runs on Hopper and newer
             fail("--fp8 needs a GPU of compute capability 9.0 or newer; this %s is %d.%d", prop.name, prop.major, prop.minor);
         size_t codes = 0, scales = 0;
-        bind_fp8_weights(gpu.w, gpu.fp8, nullptr, nullptr, &codes, &scales);
+        bind_fp8_weights(gpu.w, gpu.fp8, nullptr, nullptr, &codes, &scales, wgrad);
         bind_fp8_weights(gpu.w, gpu.fp8, arena_alloc<uint8_t>(arena, codes, "FP8 weights"), arena_alloc<float>(arena, scales, "FP8 weights"),
-                         &codes, &scales);
-        for (size_t i = 0; i < gpu.fp8.size(); i++) {  // the records match the CPU's one for one
-            gpu.fp8[i].wgrad = m.ref.fp8[i].wgrad;
-            scratch = std::max(scratch, fp8_linear_scratch_bytes(N, gpu.fp8[i].w.cols, gpu.fp8[i].w.rows, gpu.fp8[i].wgrad));
-        }
+                         &codes, &scales, wgrad);
+        for (const Fp8Weight& q : gpu.fp8) scratch = std::max(scratch, fp8_linear_scratch_bytes(N, q.w.cols, q.w.rows, wgrad));
         std::vector<Fp8WeightJob> jobs;
         for_each_fp8_linear(gpu.w, [&](const Linear<bf16>& l, const Fp8Weight* q) { jobs.push_back({*q, l.w, 0}); });
         gpu.fp8_job_count = (int)jobs.size();

@@ -325,9 +325,10 @@ void for_each_fp8_linear(ModelWeights<T>& w, Visit visit) {
 
 // Gives each FP8 Linear of w its copy (W and W^T in 128 x 128 blocks), a record in
 // `records` whose codes and scales are cut from two flat arrays; with null arrays it
-// only counts their sizes into *codes_n and *scales_n.
+// only counts their sizes into *codes_n and *scales_n. wgrad: the records' Fp8Weight::wgrad (--fp8-wgrad).
 template <typename T>
-void bind_fp8_weights(ModelWeights<T>& w, std::vector<Fp8Weight>& records, uint8_t* codes, float* scales, size_t* codes_n, size_t* scales_n) {
+void bind_fp8_weights(ModelWeights<T>& w, std::vector<Fp8Weight>& records, uint8_t* codes, float* scales, size_t* codes_n, size_t* scales_n,
+                      bool wgrad) {
     size_t count = 0;
     for_each_fp8_linear(w, [&](const Linear<T>&, const Fp8Weight*&) { count++; });
     records.clear();
@@ -335,7 +336,7 @@ void bind_fp8_weights(ModelWeights<T>& w, std::vector<Fp8Weight>& records, uint8
     *codes_n = *scales_n = 0;
     for_each_fp8_linear(w, [&](const Linear<T>& l, const Fp8Weight*& slot) {
         const Fp8Matrix q = fp8_matrix_at(codes, scales, codes_n, scales_n, l.out, l.in, FP8_TILE);
-        records.push_back({q, fp8_matrix_at(codes, scales, codes_n, scales_n, l.in, l.out, FP8_TILE)});
+        records.push_back({q, fp8_matrix_at(codes, scales, codes_n, scales_n, l.in, l.out, FP8_TILE), wgrad});
         slot = &records.back();
     });
 }
@@ -1271,11 +1272,10 @@ void ref_quantize_fp8(RefModel<T>& m) {
 template <typename T>
 void ref_enable_fp8(RefModel<T>& m, bool wgrad = false) {
     size_t codes = 0, scales = 0;
-    bind_fp8_weights(m.w, m.fp8, nullptr, nullptr, &codes, &scales);
+    bind_fp8_weights(m.w, m.fp8, nullptr, nullptr, &codes, &scales, wgrad);
     m.fp8_codes.assign(codes, 0);
     m.fp8_scales.assign(scales, 0.0f);
-    bind_fp8_weights(m.w, m.fp8, m.fp8_codes.data(), m.fp8_scales.data(), &codes, &scales);
-    for (Fp8Weight& q : m.fp8) q.wgrad = wgrad;
+    bind_fp8_weights(m.w, m.fp8, m.fp8_codes.data(), m.fp8_scales.data(), &codes, &scales, wgrad);
     ref_quantize_fp8(m);
 }
 

@@ -211,15 +211,21 @@ TEST_CASE("fp8_matmul_host: the emulated GEMM is the dequantized product to fp32
     }
 }
 
+// 4096 uniformly random tokens in a token file of its own, for the training-step tests
+static std::string random_token_file(const char* name, uint64_t seed, int vocab) {
+    std::vector<int> tokens(4096);
+    for (size_t i = 0; i < tokens.size(); i++) tokens[i] = (int)(rng_hash(seed, i) % vocab);
+    const std::string path = strfmt("/tmp/dsv3_test_%s_%d.bin", name, (int)getpid());
+    write_token_file(path, tokens, 1);
+    return path;
+}
+
 TEST_CASE("FP8 training on the CPU: the emulated step's loss and gradients follow the fp32 model's within FP8's error") {
     const Config c = fp8_test_config(96);
     TrainOptions o;
     o.batch_size = 2;
     o.seq_len = 32;
-    std::vector<int> tokens(4096);
-    for (size_t i = 0; i < tokens.size(); i++) tokens[i] = (int)(rng_hash(41, i) % c.vocab_size);
-    const std::string path = strfmt("/tmp/dsv3_test_fp8_%d.bin", (int)getpid());
-    write_token_file(path, tokens, 1);
+    const std::string path = random_token_file("fp8", 41, c.vocab_size);
     // HF's initialisation, as training starts: on the tests' O(1) random weights the
     // model is so ill-conditioned that E4M3's 3.5% per GEMM moves gradients by 27%
     Model plain, fp8, whole;  // whole: --fp8-wgrad
@@ -283,10 +289,7 @@ TEST_CASE("FP8 training with the MTP module: its block's projections run in FP8,
     TrainOptions o;
     o.batch_size = 2;
     o.seq_len = 32;
-    std::vector<int> tokens(4096);
-    for (size_t i = 0; i < tokens.size(); i++) tokens[i] = (int)(rng_hash(43, i) % c.vocab_size);
-    const std::string path = strfmt("/tmp/dsv3_test_fp8_mtp_%d.bin", (int)getpid());
-    write_token_file(path, tokens, 1);
+    const std::string path = random_token_file("fp8_mtp", 43, c.vocab_size);
     Model plain, fp8;
     model_create(plain, c, 6);
     model_create(fp8, c, 6);
