@@ -8,17 +8,18 @@
 // prompt tokens the prefill runs at once at most (bounds its activation memory)
 constexpr long long PREFILL_TOKENS = 16384;
 
-GpuDecoder* decoder_create(Model& m, int batch, int max_len, int max_prompt) {
+GpuDecoder* decoder_create(Model& m, int batch, int max_len, int max_prompt, bool speculative) {
     const Config& c = m.ref.cfg;
     if (batch < 1) fail("decode: batch %d must be positive", batch);
+    if (speculative && c.num_nextn_predict_layers == 0) fail("decode: speculative decoding needs the MTP module (num_nextn_predict_layers is 0)");
     if (max_len < 1 || max_len > c.max_position_embeddings)
         fail("decode: sequences of %d tokens are outside 1..%d (max_position_embeddings)", max_len, c.max_position_embeddings);
     if (max_prompt < 1 || max_prompt > max_len) fail("decode: prompts of %d tokens do not fit sequences of %d", max_prompt, max_len);
     if (!m.gpu) model_to_gpu(m, (int)std::max(1LL, std::min<long long>(batch, PREFILL_TOKENS / max_prompt)), max_prompt, true);
     if (m.gpu->N < max_prompt) fail("decode: the GPU buffers hold %d tokens, fewer than a %d-token prompt", m.gpu->N, max_prompt);
-    GpuDecoder* dp = new GpuDecoder{&m, batch, max_len};
+    GpuDecoder* dp = new GpuDecoder{&m, batch, max_len, 0, speculative, speculative ? 2 * batch : batch};
     GpuDecoder& d = *dp;
-    const int B = batch, D = c.hidden_size, H = c.num_attention_heads, qr = c.q_lora_rank, dc = c.kv_lora_rank, dr = c.qk_rope_head_dim;
+    const int B = d.rows, D = c.hidden_size, H = c.num_attention_heads, qr = c.q_lora_rank, dc = c.kv_lora_rank, dr = c.qk_rope_head_dim;
     const int dn = c.qk_nope_head_dim, dv = c.v_head_dim, V = c.vocab_size, E = c.n_routed_experts, K = c.num_experts_per_tok;
     const int I = c.intermediate_size, MI = c.moe_intermediate_size, SI = c.n_shared_experts * MI, S = B * K, width = dc + dr;
     int device = 0, sms = 0;
@@ -26,13 +27,29 @@ GpuDecoder* decoder_create(Model& m, int batch, int max_len, int max_prompt) {
     CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
     d.splits = flash_decode_splits(B, H, max_len, sms);
 
-    d.cache = arena_alloc<bf16>(d.arena, (size_t)c.num_hidden_layers * B * max_len * width, "the latent KV cache");
+    // below, B is the step's rows; the cache and the per-sequence state are the batch's
+    d.cache = arena_alloc<bf16>(d.arena, (size_t)(c.num_hidden_layers + speculative) * batch * max_len * width, "the latent KV cache");
     d.cache_bytes = d.arena.bytes;
     for (int** state : {&d.tokens, &d.pos, &d.gen, &d.active}) {
-        *state = arena_alloc<int>(d.arena, B, "decode state");
-        CUDA_CHECK(cudaMemset(*state, 0, B * sizeof(int)));
+        *state = arena_alloc<int>(d.arena, batch, "decode state");
+        CUDA_CHECK(cudaMemset(*state, 0, batch * sizeof(int)));
     }
-    CUDA_CHECK(cudaMallocHost(&d.tokens_host, B * sizeof(int)));
+    CUDA_CHECK(cudaMallocHost(&d.tokens_host, batch * sizeof(int)));
+    if (speculative) {
+        for (int** state : {&d.rows_tokens, &d.rows_pos, &d.mtp_tokens, &d.mtp_pos}) {
+            *state = arena_alloc<int>(d.arena, B, "decode state");
+            CUDA_CHECK(cudaMemset(*state, 0, B * sizeof(int)));
+        }
+        d.mtp_h = arena_alloc<bf16>(d.arena, (size_t)B * D, "decode state");
+        CUDA_CHECK(cudaMemset(d.mtp_h, 0, (size_t)B * D * sizeof(bf16)));  // unused rows still run: finite inputs
+        d.mtp_cat = arena_alloc<bf16>(d.arena, (size_t)B * 2 * D, "decode activations");
+        d.main_probs = arena_alloc<float>(d.arena, (size_t)batch * V, "decode activations");
+        d.draft_probs = arena_alloc<float>(d.arena, (size_t)batch * V, "decode activations");
+        d.next = arena_alloc<int>(d.arena, batch, "decode state");
+        d.out = arena_alloc<int>(d.arena, 3 * batch, "decode state");  // out [batch, 2], then count [batch]
+        d.count = d.out + 2 * batch;
+        CUDA_CHECK(cudaMallocHost(&d.out_host, 3 * batch * sizeof(int)));
+    }
     d.emb = arena_alloc<bf16>(d.arena, (size_t)B * D, "decode activations");
     d.res = arena_alloc<float>(d.arena, (size_t)B * D, "decode activations");
     d.xn = arena_alloc<bf16>(d.arena, (size_t)B * D, "decode activations");
@@ -64,10 +81,39 @@ void decoder_free(GpuDecoder* d) {
     if (d->graph) cudaGraphExecDestroy(d->graph);
     arena_free(d->arena);
     cudaFreeHost(d->tokens_host);
+    if (d->out_host) cudaFreeHost(d->out_host);
     delete d;
 }
 
 size_t decoder_cache_bytes_per_token(const GpuDecoder& d) { return d.cache_bytes / ((size_t)d.batch * d.max_len); }
+
+// The speculative state after the prefill of sequences b0 .. b0 + r - 1 (rows of T tokens in gpu_forward's batch):
+// the MTP module's cache from its prefill, its two rows at the prompt's last two positions (both at 0 after a
+// one-token prompt), x's row at len and the draft's at len + 1 (clamped as speculative_accept_kernel does).
+static void speculative_prefill(GpuDecoder& d, const std::vector<std::vector<int>>& prompts, int b0, int r, int T,
+                                std::vector<int>& rows_pos, std::vector<int>& mtp_pos, std::vector<int>& mtp_tokens) {
+    Model& m = *d.m;
+    GpuModel& gpu = *m.gpu;
+    const Config& c = m.ref.cfg;
+    const int B = d.batch, D = c.hidden_size, dc = c.kv_lora_rank, dr = c.qk_rope_head_dim, L = c.num_hidden_layers;
+    gpu_mtp_prefill(m, r, T);
+    bf16* cache_mtp = d.cache + (size_t)L * B * d.max_len * (dc + dr);
+    prefill_cache_gpu(cache_mtp, gpu.layers[L].attn.c_norm, gpu.layers[L].attn.kv_a, r * T, T, b0, dc, dr, d.max_len, gpu.ctx.stream);
+    auto clamp = [&](int pos) { return std::max(0, std::min(pos, d.max_len - 1)); };
+    for (int i = 0; i < r; i++) {
+        const int b = b0 + i, len = (int)prompts[b].size(), first = std::max(len - 2, 0);
+        for (int k : {0, 1}) {
+            const int at = k == 0 ? first : len - 1;
+            CUDA_CHECK(cudaMemcpyAsync(d.mtp_h + (size_t)(k * B + b) * D, gpu.hn + ((size_t)i * T + at) * D, (size_t)D * sizeof(bf16),
+                                       cudaMemcpyDeviceToDevice, gpu.ctx.stream));
+        }
+        mtp_pos[b] = first;
+        mtp_pos[B + b] = len - 1;
+        mtp_tokens[b] = prompts[b][len - 1];  // speculative_inputs_kernel replaces it when both rows are at 0
+        rows_pos[b] = clamp(len);
+        rows_pos[B + b] = clamp(len + 1);
+    }
+}
 
 size_t decoder_device_bytes(const GpuDecoder& d) { return d.arena.bytes; }
 
@@ -88,11 +134,16 @@ void decoder_prefill(GpuDecoder& d, const std::vector<std::vector<int>>& prompts
     // right padding: causal attention never lets a real position see the padding,
     // and decode overwrites the padded cache rows before it attends to them
     const int rows = std::max(1, std::min(n, gpu.N / T));
-    std::vector<int> pos(d.batch, 0), active(d.batch, 0);
+    std::vector<int> pos(d.batch, 0), active(d.batch, 0), rows_pos(2 * d.batch, 0), mtp_pos(2 * d.batch, 0), mtp_tokens(2 * d.batch, 0);
     for (int b0 = 0; b0 < n; b0 += rows) {
         const int r = std::min(rows, n - b0);
         std::vector<int> tokens((size_t)r * T, 0), targets((size_t)r * T, -1);
-        for (int i = 0; i < r; i++) std::copy(prompts[b0 + i].begin(), prompts[b0 + i].end(), tokens.begin() + (size_t)i * T);
+        for (int i = 0; i < r; i++) {
+            const std::vector<int>& p = prompts[b0 + i];
+            std::copy(p.begin(), p.end(), tokens.begin() + (size_t)i * T);
+            if (d.speculative)  // the MTP module's prefill reads the next tokens as targets
+                std::copy(p.begin() + 1, p.end(), targets.begin() + (size_t)i * T);
+        }
         CUDA_CHECK(cudaMemcpyAsync(gpu.tokens, tokens.data(), tokens.size() * sizeof(int), cudaMemcpyHostToDevice, gpu.ctx.stream));
         CUDA_CHECK(cudaMemcpyAsync(gpu.targets, targets.data(), targets.size() * sizeof(int), cudaMemcpyHostToDevice, gpu.ctx.stream));
         gpu_forward(m, r, T, StepOptions{}, false, 1.0f);
@@ -100,6 +151,7 @@ void decoder_prefill(GpuDecoder& d, const std::vector<std::vector<int>>& prompts
             bf16* cache_l = d.cache + (size_t)l * d.batch * d.max_len * (dc + dr);
             prefill_cache_gpu(cache_l, gpu.layers[l].attn.c_norm, gpu.layers[l].attn.kv_a, r * T, T, b0, dc, dr, d.max_len, gpu.ctx.stream);
         }
+        if (d.speculative) speculative_prefill(d, prompts, b0, r, T, rows_pos, mtp_pos, mtp_tokens);
         for (int i = 0; i < r; i++) {
             const int b = b0 + i, len = (int)prompts[b].size();
             CUDA_CHECK(cudaMemcpyAsync(d.logits + (size_t)b * V, gpu.logits + ((size_t)i * T + len - 1) * V, (size_t)V * sizeof(bf16),
@@ -113,54 +165,110 @@ void decoder_prefill(GpuDecoder& d, const std::vector<std::vector<int>>& prompts
     CUDA_CHECK(cudaMemcpyAsync(d.pos, pos.data(), d.batch * sizeof(int), cudaMemcpyHostToDevice, gpu.ctx.stream));
     CUDA_CHECK(cudaMemcpyAsync(d.active, active.data(), d.batch * sizeof(int), cudaMemcpyHostToDevice, gpu.ctx.stream));
     CUDA_CHECK(cudaMemsetAsync(d.gen, 0, d.batch * sizeof(int), gpu.ctx.stream));
+    if (d.speculative)
+        for (auto [dst, src] : {std::make_pair(d.rows_pos, &rows_pos), std::make_pair(d.mtp_pos, &mtp_pos), std::make_pair(d.mtp_tokens, &mtp_tokens)})
+            CUDA_CHECK(cudaMemcpyAsync(dst, src->data(), src->size() * sizeof(int), cudaMemcpyHostToDevice, gpu.ctx.stream));
     CUDA_CHECK(cudaStreamSynchronize(gpu.ctx.stream));
 }
 
-// The absorbed MLA of one token per sequence (x [B, D] at positions pos[b]), the GPU twin of decode.h's
-// mla_decode_forward: appends each sequence's latent row to cache_l [B, max_len, dc+dr] and writes out [B, D].
+// The absorbed MLA of the step's R rows (x [R, D], row b at position pos[b] of sequence b % batch; decode.cuh), the
+// GPU twin of decode.h's mla_decode_forward: appends each row's latent to cache_l [batch, max_len, dc+dr] and
+// writes out [R, D].
 static void mla_decode_forward_gpu(const Config& c, const MlaWeights<bf16>& w, const RopeGpu& rope, bf16* out, const bf16* x,
-                                   bf16* cache_l, GpuDecoder& d, GpuContext& ctx) {
+                                   bf16* cache_l, int R, const int* pos, GpuDecoder& d, GpuContext& ctx) {
     const int B = d.batch, H = c.num_attention_heads, qr = c.q_lora_rank, dc = c.kv_lora_rank, dr = c.qk_rope_head_dim;
     const int dn = c.qk_nope_head_dim, dv = c.v_head_dim;
     cudaStream_t st = ctx.stream;
     if (qr > 0) {
-        linear_forward_gpu(d.qa, x, w.q_a, B, ctx);
-        rmsnorm_residual_forward_gpu(nullptr, d.qa_norm, nullptr, d.qa, nullptr, w.q_a_norm, B, qr, c.rms_norm_eps, st);
-        linear_forward_gpu(d.q, d.qa_norm, w.q_b, B, ctx);
+        linear_forward_gpu(d.qa, x, w.q_a, R, ctx);
+        rmsnorm_residual_forward_gpu(nullptr, d.qa_norm, nullptr, d.qa, nullptr, w.q_a_norm, R, qr, c.rms_norm_eps, st);
+        linear_forward_gpu(d.q, d.qa_norm, w.q_b, R, ctx);
     } else {
-        linear_forward_gpu(d.q, x, w.q_proj, B, ctx);
+        linear_forward_gpu(d.q, x, w.q_proj, R, ctx);
     }
-    linear_forward_gpu(d.kv, x, w.kv_a, B, ctx);
-    decode_cache_write_gpu(cache_l, d.kv, w.kv_a_norm, rope, d.pos, B, dc, dr, d.max_len, c.rms_norm_eps, st);
-    decode_absorb_query_gpu(d.qlat, d.q, w.kv_b.w, rope, d.pos, B, H, dn, dr, dv, dc, st);
-    flash_decode_gpu(d.o_lat, d.part_acc, d.part_ml, d.qlat, cache_l, d.pos, B, H, dc, dr, d.max_len, d.splits, rope.softmax_scale, st);
-    decode_value_up_gpu(d.o, d.o_lat, w.kv_b.w, B, H, dn, dv, dc, st);
-    linear_forward_gpu(out, d.o, w.o_proj, B, ctx);
+    linear_forward_gpu(d.kv, x, w.kv_a, R, ctx);
+    decode_cache_write_gpu(cache_l, d.kv, w.kv_a_norm, rope, pos, R, B, dc, dr, d.max_len, c.rms_norm_eps, st);
+    decode_absorb_query_gpu(d.qlat, d.q, w.kv_b.w, rope, pos, R, H, dn, dr, dv, dc, st);
+    flash_decode_gpu(d.o_lat, d.part_acc, d.part_ml, d.qlat, cache_l, pos, R, B, H, dc, dr, d.max_len, d.splits, rope.softmax_scale, st);
+    decode_value_up_gpu(d.o, d.o_lat, w.kv_b.w, R, H, dn, dv, dc, st);
+    linear_forward_gpu(out, d.o, w.o_proj, R, ctx);
+}
+
+// Block l (a main layer, or the MTP module's) on the step's R rows at pos: the fp32 residual stream d.res takes
+// branch (the first block: d.res = branch; then d.res += the previous block's FFN output), then the attention
+// and the FFN, whose output stays in d.ffn_out for the next add.
+static void block_decode_forward_gpu(GpuDecoder& d, int l, const bf16* branch, bool first, int R, const int* pos) {
+    GpuModel& gpu = *d.m->gpu;
+    GpuContext& ctx = gpu.ctx;
+    const Config& c = d.m->ref.cfg;
+    const int D = c.hidden_size, width = c.kv_lora_rank + c.qk_rope_head_dim;
+    const float eps = c.rms_norm_eps;
+    const LayerWeights<bf16>& w = block_weights(gpu.w, l);
+    cudaStream_t st = ctx.stream;
+    rmsnorm_residual_forward_gpu<float>(d.res, d.xn, nullptr, first ? nullptr : d.res, branch, w.input_norm, R, D, eps, st);
+    mla_decode_forward_gpu(c, w.attn, gpu.rope, d.attn_out, d.xn, d.cache + (size_t)l * d.batch * d.max_len * width, R, pos, d, ctx);
+    rmsnorm_residual_forward_gpu<float>(d.res, d.xn, nullptr, d.res, d.attn_out, w.post_norm, R, D, eps, st);
+    if (c.is_moe_layer(l)) moe_forward_gpu(c, w.moe, block_weights(gpu.master, l).moe.bias, d.ffn_out, d.xn, R, d.moe, nullptr, ctx);
+    else ffn_forward_gpu(w.ffn, d.ffn_out, d.xn, R, d.ffn, ctx);
+}
+
+// The main model on the step's R rows (tokens and pos [R]): d.xn [R, D] ends as its normed output, d.logits
+// [R, V] as the head's.
+static void main_decode_forward_gpu(GpuDecoder& d, int R, const int* tokens, const int* pos) {
+    GpuModel& gpu = *d.m->gpu;
+    const Config& c = d.m->ref.cfg;
+    const int D = c.hidden_size;
+    cudaStream_t st = gpu.ctx.stream;
+    embedding_forward_gpu(d.emb, tokens, gpu.w.embed, R, D, st);
+    for (int l = 0; l < c.num_hidden_layers; l++) block_decode_forward_gpu(d, l, l == 0 ? d.emb : d.ffn_out, l == 0, R, pos);
+    rmsnorm_residual_forward_gpu<float>(d.res, d.xn, nullptr, d.res, d.ffn_out, gpu.w.final_norm, R, D, c.rms_norm_eps, st);
+    linear_forward_gpu(d.logits, d.xn, gpu.w.lm_head, R, gpu.ctx);
 }
 
 void decoder_forward(GpuDecoder& d) {
-    Model& m = *d.m;
-    GpuModel& gpu = *m.gpu;
-    GpuContext& ctx = gpu.ctx;
-    const Config& c = m.ref.cfg;
-    const int B = d.batch, D = c.hidden_size, width = c.kv_lora_rank + c.qk_rope_head_dim;
+    if (d.speculative) fail("internal: decoder_forward on a speculative decoder");
+    main_decode_forward_gpu(d, d.batch, d.tokens, d.pos);
+    decode_advance_kernel<<<ceil_div(d.batch, 256), 256, 0, d.m->gpu->ctx.stream>>>(d.pos, d.active, d.batch, d.max_len);
+    CUDA_LAUNCH_CHECK();
+}
+
+// The MTP module on the step's 2 x batch rows (decode.h mtp_decode_step): d.logits [batch, V] ends as its head's
+// output at the second rows, the drafts' logits.
+static void mtp_decode_forward_gpu(GpuDecoder& d) {
+    GpuModel& gpu = *d.m->gpu;
+    const Config& c = d.m->ref.cfg;
+    const MtpWeights<bf16>& w = gpu.w.mtp;
+    const int B = d.batch, R = d.rows, D = c.hidden_size;
     const float eps = c.rms_norm_eps;
-    cudaStream_t st = ctx.stream;
-    embedding_forward_gpu(d.emb, d.tokens, gpu.w.embed, B, D, st);
-    for (int l = 0; l < c.num_hidden_layers; l++) {
-        const LayerWeights<bf16>& w = gpu.w.layers[l];
-        // the fp32 residual stream, as in gpu_forward: res = emb (layer 0) or res +=
-        // the previous layer's FFN output; xn = RMSNorm(res)
-        rmsnorm_residual_forward_gpu<float>(d.res, d.xn, nullptr, l == 0 ? nullptr : d.res, l == 0 ? d.emb : d.ffn_out, w.input_norm, B, D,
-                                            eps, st);
-        mla_decode_forward_gpu(c, w.attn, gpu.rope, d.attn_out, d.xn, d.cache + (size_t)l * B * d.max_len * width, d, ctx);
-        rmsnorm_residual_forward_gpu<float>(d.res, d.xn, nullptr, d.res, d.attn_out, w.post_norm, B, D, eps, st);
-        if (c.is_moe_layer(l)) moe_forward_gpu(c, w.moe, gpu.master.layers[l].moe.bias, d.ffn_out, d.xn, B, d.moe, nullptr, ctx);
-        else ffn_forward_gpu(w.ffn, d.ffn_out, d.xn, B, d.ffn, ctx);
-    }
-    rmsnorm_residual_forward_gpu<float>(d.res, d.xn, nullptr, d.res, d.ffn_out, gpu.w.final_norm, B, D, eps, st);
-    linear_forward_gpu(d.logits, d.xn, gpu.w.lm_head, B, ctx);
-    decode_advance_kernel<<<ceil_div(B, 256), 256, 0, st>>>(d.pos, d.active, B, d.max_len);
+    const size_t row = (size_t)D * sizeof(bf16);
+    cudaStream_t st = gpu.ctx.stream;
+    embedding_forward_gpu(d.emb, d.mtp_tokens, gpu.w.embed, R, D, st);
+    rmsnorm_residual_forward_gpu<bf16>(nullptr, d.xn, nullptr, d.emb, nullptr, w.enorm, R, D, eps, st);
+    CUDA_CHECK(cudaMemcpy2DAsync(d.mtp_cat, 2 * row, d.xn, row, row, R, cudaMemcpyDeviceToDevice, st));
+    rmsnorm_residual_forward_gpu<bf16>(nullptr, d.xn, nullptr, d.mtp_h, nullptr, w.hnorm, R, D, eps, st);
+    CUDA_CHECK(cudaMemcpy2DAsync(d.mtp_cat + D, 2 * row, d.xn, row, row, R, cudaMemcpyDeviceToDevice, st));
+    linear_forward_gpu(d.emb, d.mtp_cat, w.eh_proj, R, gpu.ctx);
+    block_decode_forward_gpu(d, c.num_hidden_layers, d.emb, true, R, d.mtp_pos);
+    rmsnorm_residual_forward_gpu<float>(d.res, d.xn, nullptr, d.res, d.ffn_out, w.head_norm, R, D, eps, st);
+    linear_forward_gpu(d.logits, d.xn + (size_t)B * D, gpu.w.lm_head, B, gpu.ctx);
+}
+
+// One speculative step (decode.cuh, speculative_accept_kernel): draft, verify x and the draft in one pass of the
+// main model, take one or two tokens. Four draws per sequence: the draft, p's (only its distribution is used),
+// the token after the draft, and the verdict's two coins.
+static void speculative_forward_sample(GpuDecoder& d, const SamplingOptions& so, uint64_t seed) {
+    GpuModel& gpu = *d.m->gpu;
+    const int B = d.batch, V = d.m->ref.cfg.vocab_size, D = d.m->ref.cfg.hidden_size;
+    cudaStream_t st = gpu.ctx.stream;
+    speculative_inputs_kernel<<<ceil_div(B, 256), 256, 0, st>>>(d.rows_tokens, d.mtp_tokens, d.tokens, d.mtp_pos, B);
+    CUDA_LAUNCH_CHECK();
+    mtp_decode_forward_gpu(d);
+    sample_gpu(d.rows_tokens + B, d.gen, d.draft_probs, d.logits, d.active, B, V, so, seed, st);
+    main_decode_forward_gpu(d, d.rows, d.rows_tokens, d.rows_pos);
+    sample_gpu(d.next, d.gen, d.main_probs, d.logits, d.active, B, V, so, seed, st);  // its token is overwritten next
+    sample_gpu(d.next, d.gen, nullptr, d.logits + (size_t)B * V, d.active, B, V, so, seed, st);
+    speculative_accept_kernel<<<B, SAMPLE_THREADS, 0, st>>>(d.out, d.count, d.tokens, d.rows_tokens, d.rows_pos, d.mtp_tokens, d.mtp_pos,
+                                                            d.mtp_h, d.gen, d.main_probs, d.draft_probs, d.next, d.xn, d.active, B, V, D, d.max_len, seed);
     CUDA_LAUNCH_CHECK();
 }
 
@@ -168,13 +276,16 @@ void decoder_sample(GpuDecoder& d, const SamplingOptions& sampling, uint64_t see
     sample_gpu(d.tokens, d.gen, nullptr, d.logits, d.active, d.batch, d.m->ref.cfg.vocab_size, sampling, seed, d.m->gpu->ctx.stream);
 }
 
+// a plain step (decoder_forward + decoder_sample) or a speculative one
+static void step_launch(GpuDecoder& d, const SamplingOptions& sampling, uint64_t seed) {
+    if (d.speculative) return speculative_forward_sample(d, sampling, seed);
+    decoder_forward(d);
+    decoder_sample(d, sampling, seed);
+}
+
 void decoder_step(GpuDecoder& d, const SamplingOptions& sampling, uint64_t seed, bool use_graph) {
     cudaStream_t st = d.m->gpu->ctx.stream;
-    if (!use_graph) {
-        decoder_forward(d);
-        decoder_sample(d, sampling, seed);
-        return;
-    }
+    if (!use_graph) return step_launch(d, sampling, seed);
     const bool same = d.graph && d.graph_seed == seed && d.graph_sampling.temperature == sampling.temperature && d.graph_sampling.top_k == sampling.top_k &&
                       d.graph_sampling.top_p == sampling.top_p;
     if (!same) {
@@ -182,8 +293,7 @@ void decoder_step(GpuDecoder& d, const SamplingOptions& sampling, uint64_t seed,
         cudaGraph_t graph;
         // relaxed: the launchers' one-time shared-memory opt-ins may run while capturing
         CUDA_CHECK(cudaStreamBeginCapture(st, cudaStreamCaptureModeRelaxed));
-        decoder_forward(d);
-        decoder_sample(d, sampling, seed);
+        step_launch(d, sampling, seed);
         CUDA_CHECK(cudaStreamEndCapture(st, &graph));
         CUDA_CHECK(cudaGraphInstantiate(&d.graph, graph, 0));
         CUDA_CHECK(cudaGraphDestroy(graph));
@@ -191,6 +301,15 @@ void decoder_step(GpuDecoder& d, const SamplingOptions& sampling, uint64_t seed,
         d.graph_seed = seed;
     }
     CUDA_CHECK(cudaGraphLaunch(d.graph, st));
+}
+
+const int* decoder_speculative_tokens(GpuDecoder& d, const int** count) {
+    if (!d.speculative) fail("internal: decoder_speculative_tokens on a plain decoder");
+    cudaStream_t st = d.m->gpu->ctx.stream;
+    CUDA_CHECK(cudaMemcpyAsync(d.out_host, d.out, 3 * d.batch * sizeof(int), cudaMemcpyDeviceToHost, st));
+    CUDA_CHECK(cudaStreamSynchronize(st));
+    *count = d.out_host + 2 * d.batch;
+    return d.out_host;
 }
 
 const int* decoder_tokens(GpuDecoder& d) {

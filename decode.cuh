@@ -20,14 +20,17 @@
 #include "gpu_model.cuh"
 
 // ----------------------------------------------------------------------------
-// The new cache row of each sequence: cache_b[pos[b]] = [w * RMSNorm(kv[b, :dc]); rope(kv[b, dc:], pos[b])].
-// kv [B, dc+dr] bf16 (the W_kv_a GEMM), weight [dc], cache [B, max_len, dc+dr]. One block per sequence; fp32
+// A step's rows: row b of B is a token of sequence b % seqs at position pos[b] (B = seqs: one token per sequence;
+// self-speculative decoding runs B = 2 seqs, rows b and seqs + b being two consecutive positions of sequence b).
+//
+// The new cache row of each step row: cache_s[pos[b]] = [w * RMSNorm(kv[b, :dc]); rope(kv[b, dc:], pos[b])], s = b % seqs.
+// kv [B, dc+dr] bf16 (the W_kv_a GEMM), weight [dc], cache [seqs, max_len, dc+dr]. One block per row; fp32
 // math, one rounding, as the training kernels (RMSNorm of the bf16 c, RoPE of the bf16 k_pe).
 static __global__ void decode_cache_write_kernel(bf16* cache, const bf16* kv, const bf16* weight, const float2* rope_cs, const int* pos,
-                                                 int dc, int dr, int max_len, float eps) {
+                                                 int seqs, int dc, int dr, int max_len, float eps) {
     const int b = blockIdx.x, width = dc + dr, p = pos[b];
     const bf16* x = kv + (size_t)b * width;
-    bf16* row = cache + ((size_t)b * max_len + p) * width;
+    bf16* row = cache + ((size_t)(b % seqs) * max_len + p) * width;
     float ss = 0;
     for (int j = threadIdx.x; j < dc; j += blockDim.x) {
         const float v = __bfloat162float(x[j]);
@@ -45,9 +48,9 @@ static __global__ void decode_cache_write_kernel(bf16* cache, const bf16* kv, co
     }
 }
 
-inline void decode_cache_write_gpu(bf16* cache, const bf16* kv, const bf16* weight, const RopeGpu& rope, const int* pos, int B, int dc,
-                                   int dr, int max_len, float eps, cudaStream_t stream) {
-    decode_cache_write_kernel<<<B, 128, 0, stream>>>(cache, kv, weight, rope.cs, pos, dc, dr, max_len, eps);
+inline void decode_cache_write_gpu(bf16* cache, const bf16* kv, const bf16* weight, const RopeGpu& rope, const int* pos, int B, int seqs,
+                                   int dc, int dr, int max_len, float eps, cudaStream_t stream) {
+    decode_cache_write_kernel<<<B, 128, 0, stream>>>(cache, kv, weight, rope.cs, pos, seqs, dc, dr, max_len, eps);
     CUDA_LAUNCH_CHECK();
 }
 
@@ -106,7 +109,7 @@ inline void decode_absorb_query_gpu(float* qlat, const bf16* q, const bf16* kv_b
 }
 
 // ----------------------------------------------------------------------------
-// Flash decoding: one query per (sequence, head) over that sequence's cache rows 0..pos[b]. A single query is too
+// Flash decoding: one query per (row, head) over its sequence's cache rows 0..pos[b]. A single query is too
 // little work for one block per (b, h) when the batch is small, so the rows are split into `splits` contiguous ranges,
 // one block each (grid (splits, H, B)); every block writes a partial (max, sum, unnormalised output) in the log2
 // domain, and a combine kernel merges the splits with their log-sum-exp weights in split order (deterministic). Keys
@@ -118,8 +121,8 @@ constexpr int FLASH_DECODE_WARPS = 4;
 
 template <int DCL>  // latent columns per lane: dc <= 32 * DCL
 static __global__ void __launch_bounds__(FLASH_DECODE_WARPS * 32)
-    flash_decode_partial_kernel(float* part_acc, float2* part_ml, const float* qlat, const bf16* cache, const int* pos, int H, int dc,
-                                int dr, int max_len, float scale_log2) {
+    flash_decode_partial_kernel(float* part_acc, float2* part_ml, const float* qlat, const bf16* cache, const int* pos, int seqs, int H,
+                                int dc, int dr, int max_len, float scale_log2) {
     extern __shared__ float smem[];
     const int width = dc + dr, splits = gridDim.x, s = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
     const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
@@ -130,7 +133,7 @@ static __global__ void __launch_bounds__(FLASH_DECODE_WARPS * 32)
     for (int j = threadIdx.x; j < width; j += blockDim.x) q_s[j] = qlat[((size_t)b * H + h) * width + j] * scale_log2;
     __syncthreads();
     float m = -INFINITY, l = 0, acc[DCL] = {};
-    const bf16* rows = cache + (size_t)b * max_len * width;
+    const bf16* rows = cache + (size_t)(b % seqs) * max_len * width;
     for (int t = t0 + warp; t < t1; t += FLASH_DECODE_WARPS) {
         const bf16* row = rows + (size_t)t * width;
         float d = 0;
@@ -184,10 +187,10 @@ inline int flash_decode_splits(int B, int H, int max_len, int sms) {
     return std::max(1, std::min(want, ceil_div(max_len, 16)));
 }
 
-// o_lat [B, H, dc] fp32 from qlat [B, H, dc+dr] fp32 and cache [B, max_len, dc+dr] (rows 0..pos[b] of sequence b);
-// scale = the softmax scale (RopeTable's); part_acc [B, H, splits, dc] and part_ml [B, H, splits] are scratch.
+// o_lat [B, H, dc] fp32 from qlat [B, H, dc+dr] fp32 and cache [seqs, max_len, dc+dr] (rows 0..pos[b] of sequence
+// b % seqs); scale = the softmax scale (RopeTable's); part_acc [B, H, splits, dc] and part_ml [B, H, splits] are scratch.
 inline void flash_decode_gpu(float* o_lat, float* part_acc, float2* part_ml, const float* qlat, const bf16* cache, const int* pos, int B,
-                             int H, int dc, int dr, int max_len, int splits, float scale, cudaStream_t stream) {
+                             int seqs, int H, int dc, int dr, int max_len, int splits, float scale, cudaStream_t stream) {
     if (dc > 32 * 32) fail("flash_decode: kv_lora_rank %d exceeds the supported 1024", dc);
     const int dcl = ceil_div(dc, 32);
     auto kernel = dcl <= 1 ? flash_decode_partial_kernel<1> : dcl <= 2 ? flash_decode_partial_kernel<2>
@@ -195,7 +198,7 @@ inline void flash_decode_gpu(float* o_lat, float* part_acc, float2* part_ml, con
                 : dcl <= 16 ? flash_decode_partial_kernel<16> : flash_decode_partial_kernel<32>;
     const size_t smem = ((size_t)(dc + dr) + FLASH_DECODE_WARPS * dc + 2 * FLASH_DECODE_WARPS) * sizeof(float);
     if (smem > 48 * 1024) fail("flash_decode: %zu bytes of shared memory for kv_lora_rank %d exceed 48 KiB", smem, dc);
-    kernel<<<dim3(splits, H, B), FLASH_DECODE_WARPS * 32, smem, stream>>>(part_acc, part_ml, qlat, cache, pos, H, dc, dr, max_len,
+    kernel<<<dim3(splits, H, B), FLASH_DECODE_WARPS * 32, smem, stream>>>(part_acc, part_ml, qlat, cache, pos, seqs, H, dc, dr, max_len,
                                                                          scale * 1.4426950408889634f);
     CUDA_LAUNCH_CHECK();
     flash_decode_combine_kernel<<<dim3(H, B), 128, 0, stream>>>(o_lat, part_acc, part_ml, splits, dc);
@@ -471,6 +474,87 @@ inline void sample_gpu(int* tokens, int* gen, float* kept, const bf16* logits, c
 }
 
 // ----------------------------------------------------------------------------
+// Self-speculative decoding on the GPU (decode.h speculative_step), B sequences, a step of 2B rows. Between steps
+// sequence b holds: x = tokens[b], the last token taken, at position L = rows_pos[b], not yet in a cache; the main
+// cache at L positions; the MTP module's two rows for the next step, at positions L-2 and L-1 (mtp_pos) with the
+// main model's normed outputs there (mtp_h) and tokens t_{L-1}, t_L (mtp_tokens). The module's row at L-2 repeats
+// the previous step's row at L-1 (the same values, written again) unless the last draft was accepted, when it is
+// the row the step skipped; after a one-token prompt both rows are at position 0 with the same input.
+
+// a step's first kernel: x into the main step's first row and the MTP module's second (and first, when both
+// rows are at one position)
+static __global__ void speculative_inputs_kernel(int* rows_tokens, int* mtp_tokens, const int* tokens, const int* mtp_pos, int B) {
+    const int b = blockIdx.x * blockDim.x + threadIdx.x;
+    if (b >= B) return;
+    rows_tokens[b] = tokens[b];
+    mtp_tokens[B + b] = tokens[b];
+    if (mtp_pos[b] == mtp_pos[B + b]) mtp_tokens[b] = tokens[b];
+}
+
+// The verdict, one block per active sequence b: the draft d = rows_tokens[B + b], drawn from q [B, V] (the MTP
+// module's sampling distribution), is accepted with probability min(1, p[d] / q[d]), p [B, V] the main model's at
+// x's position; the step then takes d and next[b] (drawn at d's position, which the main model read d for), or
+// else one draw from normalize(max(0, p - q)). out [B, 2] and count [B] say what it took; the state moves on,
+// from hn [2B, D], the main model's normed outputs at x's and d's positions. Positions are clamped to the
+// cache's max_len rows: a sequence that reaches its last row is stopped by the host, but its rows still run.
+static __global__ void __launch_bounds__(SAMPLE_THREADS)
+    speculative_accept_kernel(int* out, int* count, int* tokens, int* rows_tokens, int* rows_pos, int* mtp_tokens, int* mtp_pos, bf16* mtp_h,
+                              int* gen, const float* p, const float* q, const int* next, const bf16* hn, const int* active, int B, int V,
+                              int D, int max_len, unsigned long long seed) {
+    const int b = blockIdx.x;
+    if (!active[b]) return;
+    const float *pb = p + (size_t)b * V, *qb = q + (size_t)b * V;
+    const int x = rows_tokens[b], d = rows_tokens[B + b], L = rows_pos[b];
+    const bool accept = rng_uniform(seed + b, (uint64_t)gen[b]) * qb[d] < pb[d];  // q[d] > 0: d was drawn from q
+    int taken = d;
+    if (!accept) {  // the block agrees on accept, so every thread is here; p(d) < q(d) leaves max(0, p - q) mass
+        const int per = (V + blockDim.x - 1) / blockDim.x, i0 = min(V, threadIdx.x * per), i1 = min(V, i0 + per);
+        float mine = 0;
+        int last = -1;
+        for (int i = i0; i < i1; i++) {
+            const float w = fmaxf(0.0f, pb[i] - qb[i]);
+            mine += w;
+            if (w > 0) last = i;
+        }
+        float total;
+        const float before = block_exclusive_scan(mine, &total);
+        const float goal = rng_uniform(seed + b, (uint64_t)gen[b] + 1) * total;
+        __shared__ int chosen;
+        if (threadIdx.x == 0) chosen = INT_MAX;
+        __syncthreads();
+        float run = before;
+        for (int i = i0; i < i1; i++) {
+            const float w = fmaxf(0.0f, pb[i] - qb[i]);
+            if (w > 0 && goal < run + w && run <= goal) atomicMin(&chosen, i);
+            run += w;
+        }
+        // rounding can leave goal at or past the last running sum: the last token with mass
+        const int last_kept = (int)(block_max_u64(last >= 0 ? (unsigned long long)last + 1 : 0) - 1);
+        __syncthreads();
+        taken = chosen != INT_MAX ? chosen : last_kept;
+    }
+    // the MTP module's rows: after an acceptance the outputs at x's and d's positions, else the old second row and x's
+    for (int j = threadIdx.x; j < D; j += blockDim.x) {
+        const bf16 first = accept ? hn[(size_t)b * D + j] : mtp_h[(size_t)(B + b) * D + j];
+        mtp_h[(size_t)(B + b) * D + j] = accept ? hn[(size_t)(B + b) * D + j] : hn[(size_t)b * D + j];
+        mtp_h[(size_t)b * D + j] = first;
+    }
+    if (threadIdx.x != 0) return;
+    const int x_next = accept ? next[b] : taken, L_next = L + (accept ? 2 : 1);
+    auto clamp = [&](int pos) { return max(0, min(pos, max_len - 1)); };
+    out[2 * b] = taken;
+    out[2 * b + 1] = next[b];
+    count[b] = accept ? 2 : 1;
+    tokens[b] = x_next;
+    mtp_tokens[b] = accept ? d : x;
+    rows_pos[b] = clamp(L_next);
+    rows_pos[B + b] = clamp(L_next + 1);
+    mtp_pos[b] = clamp(L_next - 2);
+    mtp_pos[B + b] = clamp(L_next - 1);
+    gen[b] += 2;
+}
+
+// ----------------------------------------------------------------------------
 // The decoder: the cache and the step's buffers for up to `batch` sequences of up to max_len tokens, on the
 // model's GPU state (model_to_gpu; decoder_create uploads the model for inference when it is not there yet).
 // Its API, host-only, is in decode.h.
@@ -478,16 +562,26 @@ inline void sample_gpu(int* tokens, int* gen, float* kept, const bf16* logits, c
 struct GpuDecoder {
     Model* m;
     int batch, max_len, splits;
-    bf16* cache;                        // [layers, batch, max_len, dc+dr]
+    bool speculative;                   // self-speculative decoding with the MTP module: steps of 2 x batch rows
+    int rows;                           // the step's rows: batch, or 2 x batch when speculative
+    bf16* cache;                        // [layers (+ the MTP module's when speculative), batch, max_len, dc+dr]
     size_t cache_bytes;                 // its allocation
     int *tokens, *pos, *gen, *active;   // [batch]: next input, its position, draws, still generating
     int* tokens_host;                   // pinned copy of tokens
-    float* res;                         // [batch, D] the residual stream (fp32, as in gpu_forward)
-    bf16 *emb, *xn, *qa, *qa_norm, *q, *kv, *o, *attn_out, *ffn_out, *logits;  // [batch, *]
+    float* res;                         // [rows, D] the residual stream (fp32, as in gpu_forward)
+    bf16 *emb, *xn, *qa, *qa_norm, *q, *kv, *o, *attn_out, *ffn_out, *logits;  // [rows, *]
     float *qlat, *o_lat, *part_acc;
     float2* part_ml;
     FfnActsGpu ffn;                     // the dense FFN's buffers, shared by its layers
     MoeActsGpu moe;                     // the MoE's, shared by its layers
+    // speculative decoding's state and buffers (decode.cuh's comment above speculative_inputs_kernel)
+    int *rows_tokens, *rows_pos;        // [2 batch] the main step's rows: x then the draft, at L and L + 1
+    int *mtp_tokens, *mtp_pos;          // [2 batch] the MTP module's rows
+    bf16* mtp_h;                        // [2 batch, D] their main-model outputs
+    bf16* mtp_cat;                      // [2 batch, 2D] eh_proj's input
+    float *main_probs, *draft_probs;    // [batch, V] the main model's and the draft's sampling distributions
+    int *next, *out, *count;            // [batch], [batch, 2], [batch]: a step's draws and what it took
+    int* out_host;                      // pinned copy of out and count
     cudaGraphExec_t graph = nullptr;    // forward + sample, captured on the first graph step
     SamplingOptions graph_sampling;
     uint64_t graph_seed = 0;

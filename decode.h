@@ -274,7 +274,9 @@ struct GpuDecoder;
 
 // Sequences of up to max_len tokens (<= max_position_embeddings), prompts of up to
 // max_prompt tokens. Fails with a clear message (no GPU, out of memory).
-GpuDecoder* decoder_create(Model& m, int batch, int max_len, int max_prompt);
+// speculative: self-speculative decoding with the model's MTP module (decoder_step takes one or two tokens per
+// sequence, decoder_speculative_tokens says which).
+GpuDecoder* decoder_create(Model& m, int batch, int max_len, int max_prompt, bool speculative = false);
 void decoder_free(GpuDecoder* d);
 
 // Fills the cache with the prompts (1..batch of them, each 1..max_prompt tokens) through the training forward
@@ -283,18 +285,24 @@ void decoder_free(GpuDecoder* d);
 void decoder_prefill(GpuDecoder& d, const std::vector<std::vector<int>>& prompts);
 
 // One token per sequence: d.tokens[b] at position pos[b] -> d.logits [batch, V];
-// appends to the cache and advances pos for active sequences.
+// appends to the cache and advances pos for active sequences. Plain decoders only.
 void decoder_forward(GpuDecoder& d);
 
 // d.logits -> d.tokens for active sequences (sample_gpu)
 void decoder_sample(GpuDecoder& d, const SamplingOptions& so, uint64_t seed);
 
 // decoder_forward + decoder_sample, replayed from a CUDA graph when use_graph (captured
-// on the first call; a change of sampling options recaptures)
+// on the first call; a change of sampling options recaptures). A speculative decoder's step (after
+// decoder_prefill and decoder_sample) drafts with the MTP module, verifies with the main model and
+// takes one or two tokens per active sequence, as speculative_step does on the CPU.
 void decoder_step(GpuDecoder& d, const SamplingOptions& so, uint64_t seed, bool use_graph);
 
-// the sampled tokens, copied back (waits for the stream)
+// the sampled tokens, copied back (waits for the stream); after a speculative step, the last token taken
 const int* decoder_tokens(GpuDecoder& d);
+
+// A speculative step's tokens, copied back (waits for the stream): sequence b took out[2b], and out[2b + 1]
+// when (*count)[b] is 2.
+const int* decoder_speculative_tokens(GpuDecoder& d, const int** count);
 
 // stops (or restarts) sequence b: an inactive sequence keeps its cache and position
 void decoder_set_active(GpuDecoder& d, int b, bool active);

@@ -10,10 +10,11 @@
 // On the GPU (the default when one is present) the prompts are prefilled with the training forward kernels
 // and decoded one token per sequence per step with the absorbed MLA form over the latent KV cache, sampled on
 // the GPU (decode.cuh); the step replays as a CUDA graph. On the CPU the reference decodes with the same
-// latent cache (decode.h) and model.cu's sample_token; with a checkpoint that has the MTP module it decodes
-// self-speculatively (decode.h speculative_step: the module drafts a token, the main model verifies it), with the
-// same output distribution and, greedy, the same tokens. Either way sequence i of a batch draws its coins from
-// the counter RNG keyed by seed + i, so a fixed seed repeats (speculative sampling draws other coins than plain).
+// latent cache (decode.h) and model.cu's sample_token. With a checkpoint that has the MTP module both decode
+// self-speculatively (decode.h speculative_step: the module drafts a token, the main model verifies it, on the
+// GPU both positions in one pass), with the same output distribution and, greedy, the same tokens. Either way
+// sequence i of a batch draws its coins from the counter RNG keyed by seed + i, so a fixed seed repeats
+// (speculative sampling draws other coins than plain).
 #include <algorithm>
 #include <cstdio>
 #include <sstream>
@@ -61,8 +62,7 @@ static const char* USAGE =
     "  --speculative          self-speculative decoding with the checkpoint's MTP module: it\n"
     "                         drafts the next token, the main model verifies it; the output\n"
     "                         follows the main model's distribution exactly (greedy: the same\n"
-    "                         tokens). On by default on the CPU when the checkpoint has the\n"
-    "                         module; the GPU ignores it for now\n"
+    "                         tokens). On by default when the checkpoint has the module\n"
     "  --no-speculative       plain decoding, one main-model step per token\n"
     "  --help                 show this help\n"
     "\n"
@@ -166,7 +166,7 @@ static std::vector<std::string> read_lines(const std::string& path) {
 static int run(int argc, char** argv) {
     std::string model_dir = "runs/default", prompt, tokens_arg, prompts_file, device = "auto";
     bool has_model = false, has_prompt = false, has_tokens = false, quiet = false, jsonl = false;
-    int speculative = -1;  // -1: on when the checkpoint has the MTP module and the device is the CPU
+    int speculative = -1;  // -1: on when the checkpoint has the MTP module
     long long max_new = 200;
     unsigned long long seed = 1337;
     SamplingOptions sampling{0.8f, 0, 0.95f};  // temperature, top_k, top_p
@@ -221,8 +221,7 @@ static int run(int argc, char** argv) {
     const bool token_mode = has_tokens;
     const bool has_mtp = m.ref.cfg.num_nextn_predict_layers > 0;
     if (speculative == 1 && !has_mtp) fail("--speculative: the checkpoint has no MTP module (num_nextn_predict_layers is 0)");
-    if (speculative == 1 && gpu && !quiet) fprintf(stderr, "note: --speculative is CPU-only for now; the GPU decodes plainly\n");
-    const bool spec = speculative != 0 && has_mtp && !gpu;
+    const bool spec = speculative != 0 && has_mtp;
 
     // the prompts, as token ids
     std::vector<Sequence> seqs;
@@ -292,20 +291,19 @@ static int run(int argc, char** argv) {
     GpuDecoder* dec = nullptr;
     std::vector<DecodeState<float>> cpu(gpu ? 0 : n);
     std::vector<Rng> rng(n);
-    std::vector<int> next(n, 0);
-    std::vector<std::vector<int>> ahead(n);  // speculative: tokens taken beyond next[b], in order
+    std::vector<std::vector<int>> fresh(n);  // the tokens each sequence took in the last step (two after an accepted draft)
     SpeculativeStats spec_stats;
-    auto sample_cpu = [&](int b, const std::vector<float>& logits) { next[b] = sample_token(logits.data(), V, sampling, rng[b].uniform()); };
+    auto sample_cpu = [&](int b, const std::vector<float>& logits) { fresh[b] = {sample_token(logits.data(), V, sampling, rng[b].uniform())}; };
     if (max_new > 0) {
         if (gpu) {
-            dec = decoder_create(m, n, max_len, max_prompt);
+            dec = decoder_create(m, n, max_len, max_prompt, spec);
             t0 = now_seconds();  // the model upload is not part of time to first token
             std::vector<std::vector<int>> prompts;
             for (const Sequence& s : seqs) prompts.push_back(s.ids);
             decoder_prefill(*dec, prompts);
             decoder_sample(*dec, sampling, seed);
             const int* tok = decoder_tokens(*dec);
-            next.assign(tok, tok + n);
+            for (int b = 0; b < n; b++) fresh[b] = {tok[b]};
         } else {
             for (int b = 0; b < n; b++) {
                 rng[b] = Rng{(uint64_t)seed + b, 0};
@@ -329,38 +327,49 @@ static int run(int argc, char** argv) {
     for (int active = n; active > 0;) {
         for (int b = 0; b < n; b++) {
             Sequence& s = seqs[b];
-            if (s.done) continue;
-            const int id = next[b];
-            generated++;
-            s.ids.push_back(id);
-            s.out.push_back(id);
-            if (stream && (id != eot || token_mode)) {  // text mode does not print "<|endoftext|>"
-                emit(m, token_mode, first_stream, id);
-                fflush(stdout);
+            for (int id : fresh[b]) {
+                if (s.done) break;
+                generated++;
+                s.ids.push_back(id);
+                s.out.push_back(id);
+                if (stream && (id != eot || token_mode)) {  // text mode does not print "<|endoftext|>"
+                    emit(m, token_mode, first_stream, id);
+                    fflush(stdout);
+                }
+                if (id == eot) s.end_of_text = true;
+                else if ((int)s.ids.size() >= context) s.context_full = true;
+                s.done = s.end_of_text || s.context_full || (long long)s.out.size() >= max_new;
+                if (s.done && dec) decoder_set_active(*dec, b, false);
             }
-            if (id == eot) s.end_of_text = true;
-            else if ((int)s.ids.size() >= context) s.context_full = true;
-            s.done = s.end_of_text || s.context_full || (long long)s.out.size() >= max_new;
-            if (s.done && dec) decoder_set_active(*dec, b, false);
         }
         active = 0;
         for (const Sequence& s : seqs) active += !s.done;
         if (active == 0) break;
         if (dec) {
             decoder_step(*dec, sampling, seed, true);
-            const int* tok = decoder_tokens(*dec);
-            next.assign(tok, tok + n);
-        } else {
+            const int *tok = nullptr, *count = nullptr;
+            if (spec) tok = decoder_speculative_tokens(*dec, &count);
+            else tok = decoder_tokens(*dec);
             for (int b = 0; b < n; b++) {
                 if (seqs[b].done) continue;
                 if (!spec) {
-                    sample_cpu(b, decode_step(m.ref, cpu[b], next[b]));
+                    fresh[b] = {tok[b]};
                     continue;
                 }
-                // a step takes one or two tokens; the second waits in ahead[b] for the next round
-                if (ahead[b].empty()) speculative_step(m.ref, cpu[b], next[b], sampling, rng[b], ahead[b], spec_stats);
-                next[b] = ahead[b].front();
-                ahead[b].erase(ahead[b].begin());
+                fresh[b].assign(tok + 2 * b, tok + 2 * b + count[b]);
+                spec_stats.drafted++;
+                spec_stats.accepted += count[b] == 2;
+            }
+        } else {
+            for (int b = 0; b < n; b++) {
+                if (seqs[b].done) continue;
+                const int x = fresh[b].back();  // the last token taken, not yet in the cache
+                if (!spec) {
+                    sample_cpu(b, decode_step(m.ref, cpu[b], x));
+                    continue;
+                }
+                fresh[b].clear();
+                speculative_step(m.ref, cpu[b], x, sampling, rng[b], fresh[b], spec_stats);
             }
         }
     }

@@ -24,6 +24,7 @@
 #include <cub/cub.cuh>
 
 #include <algorithm>
+#include <climits>
 #include <cstdint>
 #include <initializer_list>
 #include <type_traits>
@@ -393,6 +394,78 @@ inline void embedding_backward_gpu(float* dwte, const bf16* dout, const int* tok
     embedding_backward_chunk_kernel<<<grid, threads, 0, stream>>>(dwte, s.head, s.tail, dout, s.tok_sorted, s.pos_sorted, N, D);
     CUDA_LAUNCH_CHECK();
     embedding_backward_merge_kernel<<<grid, threads, 0, stream>>>(dwte, s.head, s.tail, s.tok_sorted, N, D);
+    CUDA_LAUNCH_CHECK();
+}
+
+// The MTP module's inputs (reference.h mtp_forward): position i of a row of T reads the embedding of
+// t_{i+1}, the main model's target there, and predicts t_{i+2}, the next position's target.
+
+// ids[N] = max(targets, 0); mtp_targets[N] = targets[n + 1] within the row where targets[n] is known, else -1
+static __global__ void mtp_inputs_kernel(int* ids, int* mtp_targets, const int* targets, int N, int T) {
+    const int n = blockIdx.x * blockDim.x + threadIdx.x;
+    if (n >= N) return;
+    ids[n] = max(targets[n], 0);
+    mtp_targets[n] = targets[n] >= 0 && n % T < T - 1 ? targets[n + 1] : -1;
+}
+
+inline void mtp_inputs_gpu(int* ids, int* mtp_targets, const int* targets, int N, int T, cudaStream_t stream) {
+    if (N == 0) return;
+    mtp_inputs_kernel<<<ceil_div(N, 256), 256, 0, stream>>>(ids, mtp_targets, targets, N, T);
+    CUDA_LAUNCH_CHECK();
+}
+
+// The GPU twin of reference.h mtp_acceptance, per position n (one block each): sampled[n] = sum_x min(p(x), q(x))
+// and greedy[n] = 1 when the arg-maxes agree, p = softmax(logits[n + 1]), q = softmax(mtp_logits[n]); both 0
+// where mtp_targets[n] < 0 (mean_loss_gpu then averages over the others).
+static __global__ void __launch_bounds__(1024)
+    mtp_acceptance_kernel(float* sampled, float* greedy, const bf16* logits, const bf16* mtp_logits, const int* mtp_targets, int V) {
+    const int n = blockIdx.x;
+    if (mtp_targets[n] < 0) {
+        if (threadIdx.x == 0) sampled[n] = greedy[n] = 0.0f;
+        return;
+    }
+    const bf16 *zp = logits + (size_t)(n + 1) * V, *zq = mtp_logits + (size_t)n * V;
+    kdetail::MaxSum mp{-INFINITY, 0.0f}, mq{-INFINITY, 0.0f};
+    for (int i = threadIdx.x; i < V; i += blockDim.x) {
+        mp = kdetail::maxsum_combine(mp, {__bfloat162float(zp[i]), 1.0f});
+        mq = kdetail::maxsum_combine(mq, {__bfloat162float(zq[i]), 1.0f});
+    }
+    mp = kdetail::block_maxsum(mp);
+    mq = kdetail::block_maxsum(mq);
+    // the arg-maxes: the lowest id that reaches each maximum
+    __shared__ int first[2];
+    if (threadIdx.x == 0) first[0] = first[1] = INT_MAX;
+    __syncthreads();
+    float overlap = 0;
+    for (int i = threadIdx.x; i < V; i += blockDim.x) {
+        const float a = __bfloat162float(zp[i]), b = __bfloat162float(zq[i]);
+        if (a == mp.m) atomicMin(&first[0], i);
+        if (b == mq.m) atomicMin(&first[1], i);
+        overlap += fminf(expf(a - mp.m) / mp.s, expf(b - mq.m) / mq.s);
+    }
+    overlap = kdetail::block_sum_t(overlap);  // its barriers also order the atomics before the read below
+    if (threadIdx.x == 0) {
+        sampled[n] = overlap;
+        greedy[n] = first[0] == first[1] ? 1.0f : 0.0f;
+    }
+}
+
+inline void mtp_acceptance_gpu(float* sampled, float* greedy, const bf16* logits, const bf16* mtp_logits, const int* mtp_targets, int N, int V,
+                               cudaStream_t stream) {
+    if (N == 0) return;
+    mtp_acceptance_kernel<<<N, 1024, 0, stream>>>(sampled, greedy, logits, mtp_logits, mtp_targets, V);
+    CUDA_LAUNCH_CHECK();
+}
+
+// x[N, D]: the rows whose token is unknown (< 0) set to zero, one block per row
+static __global__ void zero_unknown_rows_kernel(bf16* x, const int* tokens, int D) {
+    if (tokens[blockIdx.x] >= 0) return;
+    for (int i = threadIdx.x; i < D; i += blockDim.x) x[(size_t)blockIdx.x * D + i] = __float2bfloat16(0.0f);
+}
+
+inline void zero_unknown_rows_gpu(bf16* x, const int* tokens, int N, int D, cudaStream_t stream) {
+    if (N == 0) return;
+    zero_unknown_rows_kernel<<<N, kdetail::row_threads(D, 256), 0, stream>>>(x, tokens, D);
     CUDA_LAUNCH_CHECK();
 }
 

@@ -36,7 +36,7 @@ static StepOptions micro_step_options(const TrainOptions& o, int step, const Dat
 }
 
 static StepStats gpu_train_step(Model& m, DataLoader& loader, const TrainOptions& o, int step);
-static double gpu_eval_window(Model& m, const std::vector<int>& inputs, const std::vector<int>& targets, int rows, int len);
+static double gpu_eval_window(Model& m, const std::vector<int>& inputs, const std::vector<int>& targets, int rows, int len, MtpEval* mtp);
 
 StepStats model_train_step(Model& m, DataLoader& loader, const TrainOptions& o, int step) {
     if (m.gpu) return gpu_train_step(m, loader, o, step);
@@ -65,7 +65,16 @@ StepStats model_train_step(Model& m, DataLoader& loader, const TrainOptions& o, 
     return s;
 }
 
-double model_eval_loss(Model& m, const std::vector<int>& tokens, int seq_len, int batch_size) {
+// the MTP module's positions in a window: those whose next position has a target
+static long long mtp_predictions(const std::vector<int>& targets, int len) {
+    long long n = 0;
+    for (size_t i = 0; i + 1 < targets.size(); i++) n += targets[i] >= 0 && (int)(i % len) < len - 1 && targets[i + 1] >= 0;
+    return n;
+}
+
+double model_eval_loss(Model& m, const std::vector<int>& tokens, int seq_len, int batch_size, MtpEval* mtp) {
+    if (m.ref.cfg.num_nextn_predict_layers == 0) mtp = nullptr;
+    if (mtp) *mtp = MtpEval{};
     if (tokens.size() < 2) fail("evaluation needs at least 2 tokens, got %zu", tokens.size());
     const size_t predictions = tokens.size() - 1;
     double total = 0;
@@ -79,11 +88,20 @@ double model_eval_loss(Model& m, const std::vector<int>& tokens, int seq_len, in
             while (rows < batch_size && start + (size_t)(rows + 1) * seq_len <= predictions) rows++;
         inputs.assign(tokens.begin() + start, tokens.begin() + start + rows * len);
         targets.assign(tokens.begin() + start + 1, tokens.begin() + start + 1 + rows * len);
-        double mean = m.gpu ? gpu_eval_window(m, inputs, targets, rows, (int)len)
+        double mean = m.gpu ? gpu_eval_window(m, inputs, targets, rows, (int)len, mtp)
                             : ref_forward(m.ref, inputs.data(), targets.data(), rows, (int)len, StepOptions{});
+        if (mtp && !m.gpu) {  // the reference ran the module too (ref_forward with targets)
+            const RefModel<float>& r = m.ref;
+            const int n = mtp_acceptance(r.probs.data(), r.mtp.probs.data(), r.logits.data(), r.mtp.logits.data(), r.mtp.targets.data(),
+                                         rows * (int)len, r.cfg.vocab_size, mtp->accepted_sampled, mtp->accepted_greedy);
+            mtp->loss += (double)r.mtp_loss * n;
+            mtp->predictions += n;
+        }
         total += mean * (double)(rows * len);
         start += rows * len;
     }
+    if (mtp && mtp->predictions > 0)
+        for (double* x : {&mtp->loss, &mtp->accepted_sampled, &mtp->accepted_greedy}) *x /= (double)mtp->predictions;
     return total / (double)predictions;
 }
 
@@ -272,9 +290,11 @@ void model_to_gpu(Model& m, int B, int T, bool inference, const DistGroup& dist)
     arena.buffers.push_back(gpu.chunks);
     gpu.num_chunks = (int)chunks.size();
 
+    // the MTP module's block, when the model has one, is one more layer (decoding's prefill runs it too)
+    const int blocks = c.total_layers();
     std::vector<size_t> bias_offsets;
-    for (int l = 0; l < c.num_hidden_layers; l++)
-        if (c.is_moe_layer(l)) bias_offsets.push_back(gpu.master.layers[l].moe.bias - gpu.params32);
+    for (int l = 0; l < blocks; l++)
+        if (c.is_moe_layer(l)) bias_offsets.push_back(block_weights(gpu.master, l).moe.bias - gpu.params32);
     gpu.moe_layers = (int)bias_offsets.size();
     gpu.bias_offsets = arena_alloc<size_t>(arena, bias_offsets.size(), "expert bias offsets");
     CUDA_CHECK(cudaMemcpy(gpu.bias_offsets, bias_offsets.data(), bias_offsets.size() * sizeof(size_t), cudaMemcpyHostToDevice));
@@ -288,8 +308,8 @@ void model_to_gpu(Model& m, int B, int T, bool inference, const DistGroup& dist)
     const MlaActsGpu mla = mla_shared_alloc(arena, c, N, !inference);
     const MoeActsGpu moe = E > 0 ? moe_shared_alloc(arena, c, N, ffn, !inference) : MoeActsGpu{};
     if (E > 0 && !inference) gpu.dscores = arena_alloc<float>(arena, (size_t)N * E, "gradients");
-    gpu.layers.resize(c.num_hidden_layers);
-    for (int l = 0; l < c.num_hidden_layers; l++) {
+    gpu.layers.resize(blocks);
+    for (int l = 0; l < blocks; l++) {
         GpuLayer& a = gpu.layers[l];
         a.res_in = acts32((size_t)N * D);
         a.xn = acts((size_t)N * D);
@@ -322,6 +342,25 @@ void model_to_gpu(Model& m, int B, int T, bool inference, const DistGroup& dist)
         gpu.dres = arena_alloc<float>(arena, (size_t)N * D, "gradients");
         gpu.dbranch = grads((size_t)N * D);
         gpu.dxn = grads((size_t)N * D);
+    }
+    if (blocks > c.num_hidden_layers) {
+        MtpGpu& mtp = gpu.mtp;
+        mtp.ids = arena_alloc<int>(arena, N, "tokens");
+        mtp.targets = arena_alloc<int>(arena, N, "targets");
+        mtp.emb = acts((size_t)N * D);
+        mtp.normed = acts((size_t)N * D);
+        mtp.cat = acts((size_t)N * 2 * D);
+        mtp.h = acts((size_t)N * D);
+        mtp.en_rstd = acts32(N);
+        mtp.hh_rstd = acts32(N);
+        mtp.h_final = acts32((size_t)N * D);
+        mtp.z = acts((size_t)N * D);
+        mtp.z_rstd = acts32(N);
+        mtp.losses = arena_alloc<float>(arena, N, "losses");
+        mtp.ce_scale = arena_alloc<float>(arena, 1, "scalars");
+        mtp.step_loss = arena_alloc<float>(arena, 1, "scalars");
+        mtp.dhn = grads((size_t)N * D);
+        mtp.dcat = grads((size_t)N * 2 * D);
     }
     GpuContext& ctx = gpu.ctx;
     ctx.scratch_bytes = std::max({scratch, embedding_backward_scratch_bytes(N, D, V), rmsnorm_backward_scratch_bytes(N, std::max({D, dc, qr})),
@@ -404,44 +443,85 @@ void model_sync_host(Model& m) {
     CUDA_CHECK(cudaMemcpy(m.adam_v.data(), gpu.adam_v, P * sizeof(float), cudaMemcpyDeviceToHost));
 }
 
-// The model's forward, the twin of ref_forward: embedding, then per layer the
-// attention and FFN branches each added to the fp32 residual stream, then the
-// head and the loss.
-void gpu_forward(Model& m, int B, int T, const StepOptions& opt, bool train, float dloss) {
-    GpuModel& gpu = *m.gpu;
-    const Config& c = m.ref.cfg;
-    const int N = B * T, D = c.hidden_size, V = c.vocab_size, E = c.n_routed_experts, K = c.num_experts_per_tok;
+// Block l (a main layer, or the MTP module's at l = num_hidden_layers), the twin of reference.h block_forward:
+// the stream enters as res + branch (res null: branch alone) and leaves as the block's res_mid + gpu.branch,
+// its FFN output. In training, an MoE block counts its routing into slot moe_index of the step's loads and adds
+// its balance loss, times balance_scale, into that slot of the step's balance losses.
+static void block_forward_gpu(GpuModel& gpu, const Config& c, int l, const float* res, const bf16* branch, int B, int T,
+                              const StepOptions& opt, bool train, float balance_scale, int moe_index) {
+    GpuLayer& a = gpu.layers[l];
+    const LayerWeights<bf16>& w = block_weights(gpu.w, l);
+    const int N = B * T, D = c.hidden_size, E = c.n_routed_experts, K = c.num_experts_per_tok;
     const float p = train ? opt.dropout : 0.0f, eps = c.rms_norm_eps;
     GpuContext& ctx = gpu.ctx;
     cudaStream_t st = ctx.stream;
-    uint64_t site = 0;
+    // dropout sites as reference.h numbers them: 1 is the embedding's, then two per block
+    const uint64_t attn_site = 2 + 2 * (uint64_t)l, ffn_site = attn_site + 1;
+    rmsnorm_residual_forward_gpu<float>(a.res_in, a.xn, a.rstd1, res, branch, w.input_norm, N, D, eps, st);
+    mla_forward_gpu(c, w.attn, gpu.rope, gpu.branch, a.xn, B, T, a.attn, ctx);
+    if (p > 0) dropout_forward_gpu(gpu.branch, (size_t)N * D, p, dropout_site_key(opt.dropout_key, attn_site), st);
+    rmsnorm_residual_forward_gpu(a.res_mid, a.xn2, a.rstd2, a.res_in, gpu.branch, w.post_norm, N, D, eps, st);
+    if (c.is_moe_layer(l)) {
+        int* load = train ? gpu.load + (size_t)moe_index * E : nullptr;
+        moe_forward_gpu(c, w.moe, block_weights(gpu.master, l).moe.bias, gpu.branch, a.xn2, N, a.moe, load, ctx);
+        if (train && opt.balance_alpha > 0)
+            balance_loss_forward_gpu(gpu.balance_loss + moe_index, a.moe.frac, a.moe.seq_loss, a.moe.scores, a.moe.expert, B, T, E, K,
+                                     opt.balance_alpha * balance_scale, true, st);
+    } else {
+        ffn_forward_gpu(w.ffn, gpu.branch, a.xn2, N, a.ffn, ctx);
+    }
+    if (p > 0) dropout_forward_gpu(gpu.branch, (size_t)N * D, p, dropout_site_key(opt.dropout_key, ffn_site), st);
+}
+
+// The backward of block_forward_gpu: gpu.dres, the stream's gradient where the block left it, becomes its
+// gradient where the block took it (res + branch); adds into the block's gradients. dloss weighs its balance loss.
+static void block_backward_gpu(GpuModel& gpu, const Config& c, int l, int B, int T, const StepOptions& opt, float dloss) {
+    const GpuLayer& a = gpu.layers[l];
+    const LayerWeights<bf16>& w = block_weights(gpu.w, l);
+    const LayerWeights<float>& dw = block_weights(gpu.grad, l);
+    const int N = B * T, D = c.hidden_size, E = c.n_routed_experts;
+    const float p = opt.dropout;
+    GpuContext& ctx = gpu.ctx;
+    cudaStream_t st = ctx.stream;
+    const uint64_t attn_site = 2 + 2 * (uint64_t)l, ffn_site = attn_site + 1;
+    // FFN branch: its output gradient is the residual gradient (through dropout)
+    dropout_to_bf16_gpu(gpu.dbranch, gpu.dres, (size_t)N * D, p, dropout_site_key(opt.dropout_key, ffn_site), st);
+    if (c.is_moe_layer(l)) {
+        if (opt.balance_alpha > 0) balance_loss_backward_gpu(gpu.dscores, a.moe.frac, a.moe.scores, B, T, E, opt.balance_alpha, dloss, st);
+        moe_backward_gpu(c, w.moe, dw.moe, gpu.dxn, gpu.dbranch, a.xn2, N, a.moe, opt.balance_alpha > 0 ? gpu.dscores : nullptr, ctx);
+    } else {
+        ffn_backward_gpu(w.ffn, dw.ffn, gpu.dxn, gpu.dbranch, a.xn2, N, a.ffn, false, ctx);
+    }
+    rmsnorm_backward_gpu(gpu.dres, dw.post_norm, gpu.dres, gpu.dxn, a.res_mid, w.post_norm, a.rstd2, N, D, ctx.scratch, ctx.scratch_bytes, st);
+    // attention branch
+    dropout_to_bf16_gpu(gpu.dbranch, gpu.dres, (size_t)N * D, p, dropout_site_key(opt.dropout_key, attn_site), st);
+    mla_backward_gpu(c, w.attn, dw.attn, gpu.rope, gpu.dxn, gpu.dbranch, a.xn, B, T, a.attn, ctx);
+    rmsnorm_backward_gpu(gpu.dres, dw.input_norm, gpu.dres, gpu.dxn, a.res_in, w.input_norm, a.rstd1, N, D, ctx.scratch, ctx.scratch_bytes,
+                         st);
+}
+
+// The model's forward, the twin of ref_forward: embedding, the blocks each adding
+// their attention and FFN branches to the fp32 residual stream, then the head and the
+// loss. The MTP module, when training one, runs inside gpu_backward.
+void gpu_forward(Model& m, int B, int T, const StepOptions& opt, bool train, float dloss) {
+    GpuModel& gpu = *m.gpu;
+    const Config& c = m.ref.cfg;
+    const int N = B * T, D = c.hidden_size, V = c.vocab_size;
+    const float p = train ? opt.dropout : 0.0f;
+    GpuContext& ctx = gpu.ctx;
+    cudaStream_t st = ctx.stream;
 
     embedding_forward_gpu(gpu.emb, gpu.tokens, gpu.w.embed, N, D, st);
-    if (p > 0) dropout_forward_gpu(gpu.emb, (size_t)N * D, p, dropout_site_key(opt.dropout_key, ++site), st);
+    if (p > 0) dropout_forward_gpu(gpu.emb, (size_t)N * D, p, dropout_site_key(opt.dropout_key, 1), st);
     int moe_index = 0;
     for (int l = 0; l < c.num_hidden_layers; l++) {
-        GpuLayer& a = gpu.layers[l];
-        const LayerWeights<bf16>& w = gpu.w.layers[l];
         // the stream starts as the embedding: layer 0 adds it to nothing
-        const float* prev_res = l == 0 ? nullptr : gpu.layers[l - 1].res_mid;
-        const bf16* prev_branch = l == 0 ? gpu.emb : gpu.branch;
-        rmsnorm_residual_forward_gpu<float>(a.res_in, a.xn, a.rstd1, prev_res, prev_branch, w.input_norm, N, D, eps, st);
-        mla_forward_gpu(c, w.attn, gpu.rope, gpu.branch, a.xn, B, T, a.attn, ctx);
-        if (p > 0) dropout_forward_gpu(gpu.branch, (size_t)N * D, p, dropout_site_key(opt.dropout_key, ++site), st);
-        rmsnorm_residual_forward_gpu(a.res_mid, a.xn2, a.rstd2, a.res_in, gpu.branch, w.post_norm, N, D, eps, st);
-        if (c.is_moe_layer(l)) {
-            int* load = train ? gpu.load + (size_t)moe_index * E : nullptr;
-            moe_forward_gpu(c, w.moe, gpu.master.layers[l].moe.bias, gpu.branch, a.xn2, N, a.moe, load, ctx);
-            if (train && opt.balance_alpha > 0)
-                balance_loss_forward_gpu(gpu.balance_loss + moe_index, a.moe.frac, a.moe.seq_loss, a.moe.scores, a.moe.expert, B, T, E, K,
-                                         opt.balance_alpha * dloss, true, st);
-            moe_index++;
-        } else {
-            ffn_forward_gpu(w.ffn, gpu.branch, a.xn2, N, a.ffn, ctx);
-        }
-        if (p > 0) dropout_forward_gpu(gpu.branch, (size_t)N * D, p, dropout_site_key(opt.dropout_key, ++site), st);
+        const float* res = l == 0 ? nullptr : gpu.layers[l - 1].res_mid;
+        block_forward_gpu(gpu, c, l, res, l == 0 ? gpu.emb : gpu.branch, B, T, opt, train, dloss, moe_index);
+        moe_index += c.is_moe_layer(l);
     }
-    rmsnorm_residual_forward_gpu(gpu.h_final, gpu.hn, gpu.hn_rstd, gpu.layers.back().res_mid, gpu.branch, gpu.w.final_norm, N, D, eps, st);
+    rmsnorm_residual_forward_gpu(gpu.h_final, gpu.hn, gpu.hn_rstd, gpu.layers[c.num_hidden_layers - 1].res_mid, gpu.branch, gpu.w.final_norm, N,
+                                 D, c.rms_norm_eps, st);
     linear_forward_gpu(gpu.logits, gpu.hn, gpu.w.lm_head, N, ctx);
     if (train) {
         crossentropy_scale_gpu(gpu.ce_scale, gpu.targets, N, 1.0f, st);
@@ -449,6 +529,73 @@ void gpu_forward(Model& m, int B, int T, const StepOptions& opt, bool train, flo
     } else {
         crossentropy_forward_gpu(gpu.losses, gpu.logits, gpu.targets, N, V, st);
     }
+}
+
+// The MTP module's input and block, the twin of the first half of reference.h mtp_forward, on the main model's
+// normed output gpu.hn and targets: the block's output is left as gpu.layers[L].res_mid + gpu.branch.
+static void mtp_trunk_forward_gpu(GpuModel& gpu, const Config& c, int B, int T, const StepOptions& opt, bool train, float balance_scale) {
+    MtpGpu& mtp = gpu.mtp;
+    const MtpWeights<bf16>& w = gpu.w.mtp;
+    const int N = B * T, D = c.hidden_size, L = c.num_hidden_layers;
+    const float eps = c.rms_norm_eps;
+    cudaStream_t st = gpu.ctx.stream;
+    const size_t row = (size_t)D * sizeof(bf16);
+    mtp_inputs_gpu(mtp.ids, mtp.targets, gpu.targets, N, T, st);
+    embedding_forward_gpu(mtp.emb, mtp.ids, gpu.w.embed, N, D, st);
+    zero_unknown_rows_gpu(mtp.emb, gpu.targets, N, D, st);
+    // cat = [enorm(emb); hnorm(hn)], each half written at a row pitch of 2D
+    rmsnorm_residual_forward_gpu<bf16>(nullptr, mtp.normed, mtp.en_rstd, mtp.emb, nullptr, w.enorm, N, D, eps, st);
+    CUDA_CHECK(cudaMemcpy2DAsync(mtp.cat, 2 * row, mtp.normed, row, row, N, cudaMemcpyDeviceToDevice, st));
+    rmsnorm_residual_forward_gpu<bf16>(nullptr, mtp.normed, mtp.hh_rstd, gpu.hn, nullptr, w.hnorm, N, D, eps, st);
+    CUDA_CHECK(cudaMemcpy2DAsync(mtp.cat + D, 2 * row, mtp.normed, row, row, N, cudaMemcpyDeviceToDevice, st));
+    linear_forward_gpu(mtp.h, mtp.cat, w.eh_proj, N, gpu.ctx);
+    block_forward_gpu(gpu, c, L, nullptr, mtp.h, B, T, opt, train, balance_scale, gpu.moe_layers - c.is_moe_layer(L));
+}
+
+// The MTP module's forward in training, the twin of reference.h mtp_forward: its loss, times dloss / (targets)
+// into the step's MTP loss, and the gradient of mtp_lambda times it in gpu.logits (which the main head's
+// backward has finished reading).
+static void mtp_forward_gpu(GpuModel& gpu, const Config& c, int B, int T, const StepOptions& opt, float dloss) {
+    MtpGpu& mtp = gpu.mtp;
+    const int N = B * T, D = c.hidden_size, V = c.vocab_size;
+    cudaStream_t st = gpu.ctx.stream;
+    mtp_trunk_forward_gpu(gpu, c, B, T, opt, true, dloss * opt.mtp_lambda);
+    rmsnorm_residual_forward_gpu(mtp.h_final, mtp.z, mtp.z_rstd, gpu.layers[c.num_hidden_layers].res_mid, gpu.branch, gpu.w.mtp.head_norm,
+                                 N, D, c.rms_norm_eps, st);
+    linear_forward_gpu(gpu.logits, mtp.z, gpu.w.lm_head, N, gpu.ctx);
+    crossentropy_scale_gpu(mtp.ce_scale, mtp.targets, N, 1.0f, st);
+    crossentropy_forward_backward_gpu(mtp.losses, gpu.logits, mtp.targets, N, V, dloss * opt.mtp_lambda, mtp.ce_scale, st);
+    mean_loss_gpu(mtp.step_loss, mtp.losses, mtp.targets, N, dloss, true, st);
+}
+
+void gpu_mtp_prefill(Model& m, int B, int T) {
+    mtp_trunk_forward_gpu(*m.gpu, m.ref.cfg, B, T, StepOptions{}, false, 0.0f);
+}
+
+// The backward of mtp_forward_gpu, the twin of reference.h mtp_backward: adds into the module's gradients and
+// the shared embedding's and head's, and into mtp.dhn, the gradient of the main model's normed output.
+static void mtp_backward_gpu(GpuModel& gpu, const Config& c, int B, int T, const StepOptions& opt, float dloss) {
+    MtpGpu& mtp = gpu.mtp;
+    const MtpWeights<bf16>& w = gpu.w.mtp;
+    const MtpWeights<float>& dw = gpu.grad.mtp;
+    const int N = B * T, D = c.hidden_size, V = c.vocab_size, L = c.num_hidden_layers;
+    GpuContext& ctx = gpu.ctx;
+    cudaStream_t st = ctx.stream;
+    const size_t row = (size_t)D * sizeof(bf16);
+    linear_backward_gpu(gpu.dxn, gpu.grad.lm_head, gpu.logits, mtp.z, gpu.w.lm_head, N, false, ctx);
+    rmsnorm_backward_gpu(gpu.dres, dw.head_norm, nullptr, gpu.dxn, mtp.h_final, w.head_norm, mtp.z_rstd, N, D, ctx.scratch, ctx.scratch_bytes,
+                         st);
+    block_backward_gpu(gpu, c, L, B, T, opt, dloss * opt.mtp_lambda);
+    dropout_to_bf16_gpu(gpu.dbranch, gpu.dres, (size_t)N * D, 0.0f, 0, st);  // the block's input had no dropout
+    linear_backward_gpu(mtp.dcat, dw.eh_proj, gpu.dbranch, mtp.cat, w.eh_proj, N, false, ctx);
+    // cat's halves: enorm's gradient to dxn, hnorm's to dbranch
+    CUDA_CHECK(cudaMemcpy2DAsync(gpu.dxn, row, mtp.dcat, 2 * row, row, N, cudaMemcpyDeviceToDevice, st));
+    CUDA_CHECK(cudaMemcpy2DAsync(gpu.dbranch, row, mtp.dcat + D, 2 * row, row, N, cudaMemcpyDeviceToDevice, st));
+    rmsnorm_backward_gpu(mtp.dhn, dw.hnorm, mtp.dhn, gpu.dbranch, gpu.hn, w.hnorm, mtp.hh_rstd, N, D, ctx.scratch, ctx.scratch_bytes, st);
+    bf16* demb = mtp.dcat;  // [N, D]: dcat is spent
+    rmsnorm_backward_gpu(demb, dw.enorm, nullptr, gpu.dxn, mtp.emb, w.enorm, mtp.en_rstd, N, D, ctx.scratch, ctx.scratch_bytes, st);
+    zero_unknown_rows_gpu(demb, gpu.targets, N, D, st);  // a zero row is no embedding's
+    embedding_backward_gpu(gpu.grad.embed, demb, mtp.ids, N, D, V, ctx.scratch, ctx.scratch_bytes, st);
 }
 
 // ZeRO-1, in the backward that communicates: the gradients of the buckets final at this point
@@ -470,43 +617,30 @@ static void gpu_backward_point(GpuModel& gpu, int point) {
 }
 
 // The backward of the last gpu_forward(train=true), the twin of ref_backward;
-// adds into gpu.grad.
+// adds into gpu.grad. With the MTP module, the module's forward and backward run
+// once the main head's backward has read the logits, so that both heads share one
+// logits buffer, and its gradient joins the head's before the final norm's backward.
 static void gpu_backward(Model& m, int B, int T, const StepOptions& opt, float dloss) {
     GpuModel& gpu = *m.gpu;
     const Config& c = m.ref.cfg;
-    const int N = B * T, D = c.hidden_size, V = c.vocab_size, E = c.n_routed_experts;
-    const float p = opt.dropout;
+    const int N = B * T, D = c.hidden_size, V = c.vocab_size;
     GpuContext& ctx = gpu.ctx;
     cudaStream_t st = ctx.stream;
-    // dropout sites were numbered 1 (embedding), then 2 per layer
-    uint64_t site = 1 + 2 * (uint64_t)c.num_hidden_layers;
 
-    linear_backward_gpu(gpu.dxn, gpu.grad.lm_head, gpu.logits, gpu.hn, gpu.w.lm_head, N, false, ctx);
-    rmsnorm_backward_gpu(gpu.dres, gpu.grad.final_norm, nullptr, gpu.dxn, gpu.h_final, gpu.w.final_norm, gpu.hn_rstd, N, D, ctx.scratch,
+    bf16* dhn = gpu.mtp.h ? gpu.mtp.dhn : gpu.dxn;
+    linear_backward_gpu(dhn, gpu.grad.lm_head, gpu.logits, gpu.hn, gpu.w.lm_head, N, false, ctx);
+    if (gpu.mtp.h) {
+        mtp_forward_gpu(gpu, c, B, T, opt, dloss);
+        mtp_backward_gpu(gpu, c, B, T, opt, dloss);
+    }
+    rmsnorm_backward_gpu(gpu.dres, gpu.grad.final_norm, nullptr, dhn, gpu.h_final, gpu.w.final_norm, gpu.hn_rstd, N, D, ctx.scratch,
                          ctx.scratch_bytes, st);
     gpu_backward_point(gpu, 0);
     for (int l = c.num_hidden_layers - 1; l >= 0; l--) {
-        const GpuLayer& a = gpu.layers[l];
-        const LayerWeights<bf16>& w = gpu.w.layers[l];
-        const LayerWeights<float>& dw = gpu.grad.layers[l];
-        // FFN branch: its output gradient is the residual gradient (through dropout)
-        dropout_to_bf16_gpu(gpu.dbranch, gpu.dres, (size_t)N * D, p, dropout_site_key(opt.dropout_key, site--), st);
-        if (c.is_moe_layer(l)) {
-            if (opt.balance_alpha > 0) balance_loss_backward_gpu(gpu.dscores, a.moe.frac, a.moe.scores, B, T, E, opt.balance_alpha, dloss, st);
-            moe_backward_gpu(c, w.moe, dw.moe, gpu.dxn, gpu.dbranch, a.xn2, N, a.moe, opt.balance_alpha > 0 ? gpu.dscores : nullptr, ctx);
-        } else {
-            ffn_backward_gpu(w.ffn, dw.ffn, gpu.dxn, gpu.dbranch, a.xn2, N, a.ffn, false, ctx);
-        }
-        rmsnorm_backward_gpu(gpu.dres, dw.post_norm, gpu.dres, gpu.dxn, a.res_mid, w.post_norm, a.rstd2, N, D, ctx.scratch,
-                             ctx.scratch_bytes, st);
-        // attention branch
-        dropout_to_bf16_gpu(gpu.dbranch, gpu.dres, (size_t)N * D, p, dropout_site_key(opt.dropout_key, site--), st);
-        mla_backward_gpu(c, w.attn, dw.attn, gpu.rope, gpu.dxn, gpu.dbranch, a.xn, B, T, a.attn, ctx);
-        rmsnorm_backward_gpu(gpu.dres, dw.input_norm, gpu.dres, gpu.dxn, a.res_in, w.input_norm, a.rstd1, N, D, ctx.scratch,
-                             ctx.scratch_bytes, st);
+        block_backward_gpu(gpu, c, l, B, T, opt, dloss);
         gpu_backward_point(gpu, 1 + (c.num_hidden_layers - 1 - l));
     }
-    dropout_to_bf16_gpu(gpu.dbranch, gpu.dres, (size_t)N * D, p, dropout_site_key(opt.dropout_key, site--), st);
+    dropout_to_bf16_gpu(gpu.dbranch, gpu.dres, (size_t)N * D, opt.dropout, dropout_site_key(opt.dropout_key, 1), st);
     embedding_backward_gpu(gpu.grad.embed, gpu.dbranch, gpu.tokens, N, D, V, ctx.scratch, ctx.scratch_bytes, st);
     gpu_backward_point(gpu, c.num_hidden_layers + 1);
 }
@@ -532,7 +666,7 @@ static void gpu_forward_backward(Model& m, const TrainOptions& o, const StepOpti
         mean_loss_gpu(gpu.step_loss, gpu.losses, gpu.targets, o.batch_size * o.seq_len, dloss, true, gpu.ctx.stream);
         gpu_backward(m, o.batch_size, o.seq_len, opt, dloss);
     };
-    const GraphKey key{o.batch_size, o.seq_len, dloss, opt.balance_alpha};
+    const GraphKey key{o.batch_size, o.seq_len, dloss, opt.balance_alpha, opt.mtp_lambda};
     // the micro-step that communicates runs eagerly: its NCCL calls and cross-stream events stay out of the graph
     if (!o.cuda_graph || opt.dropout > 0 || gpu.communicate) return launch();
     if (!(key == gpu.graph_key)) {
@@ -564,6 +698,7 @@ static void gpu_reduce_step_stats(GpuModel& gpu, int E) {
     NCCL_CHECK(ncclAllReduce(gpu.load, gpu.load, (size_t)layers * std::max(1, E), ncclInt32, ncclSum, comm, st));
     NCCL_CHECK(ncclAllReduce(gpu.step_loss, gpu.step_loss, 1, ncclFloat, ncclAvg, comm, st));
     NCCL_CHECK(ncclAllReduce(gpu.balance_loss, gpu.balance_loss, layers, ncclFloat, ncclAvg, comm, st));
+    if (gpu.mtp.h) NCCL_CHECK(ncclAllReduce(gpu.mtp.step_loss, gpu.mtp.step_loss, 1, ncclFloat, ncclAvg, comm, st));
     NCCL_CHECK(ncclGroupEnd());
 }
 
@@ -582,7 +717,6 @@ static void gpu_gather_weights(GpuModel& gpu) {
 static StepStats gpu_train_step(Model& m, DataLoader& loader, const TrainOptions& o, int step) {
     GpuModel& gpu = *m.gpu;
     const Config& c = m.ref.cfg;
-    if (c.num_nextn_predict_layers > 0) fail("%s", MTP_GPU_UNSUPPORTED);
     const int E = c.n_routed_experts;
     const float dloss = 1.0f / o.grad_accum;
     std::vector<int> inputs, targets;
@@ -590,6 +724,7 @@ static StepStats gpu_train_step(Model& m, DataLoader& loader, const TrainOptions
     CUDA_CHECK(cudaMemsetAsync(gpu.grads, 0, gpu.flat * sizeof(float), gpu.ctx.stream));
     CUDA_CHECK(cudaMemsetAsync(gpu.load, 0, (size_t)std::max(1, gpu.moe_layers) * std::max(1, E) * sizeof(int), gpu.ctx.stream));
     CUDA_CHECK(cudaMemsetAsync(gpu.step_loss, 0, sizeof(float), gpu.ctx.stream));
+    if (gpu.mtp.h) CUDA_CHECK(cudaMemsetAsync(gpu.mtp.step_loss, 0, sizeof(float), gpu.ctx.stream));
     CUDA_CHECK(cudaMemsetAsync(gpu.balance_loss, 0, std::max(1, gpu.moe_layers) * sizeof(float), gpu.ctx.stream));
     const bool zero = gpu.comm_stream != nullptr;
     for (int micro = 0; micro < o.grad_accum; micro++) {
@@ -615,21 +750,23 @@ static StepStats gpu_train_step(Model& m, DataLoader& loader, const TrainOptions
     if (zero) gpu_gather_weights(gpu);
     // the next step's FP8 copies, from the whole updated bf16 weights (after the all-gather under ZeRO)
     fp8_quantize_weights_gpu(gpu.fp8_jobs, gpu.fp8_job_count, gpu.fp8_blocks, gpu.ctx.stream);
-    float loss = 0, norm2 = 0;
+    float loss = 0, norm2 = 0, mtp_loss = 0;
     std::vector<int> load((size_t)gpu.moe_layers * E);
     std::vector<float> balance(gpu.moe_layers);
     CUDA_CHECK(cudaMemcpyAsync(&loss, gpu.step_loss, sizeof(float), cudaMemcpyDeviceToHost, gpu.ctx.stream));
     CUDA_CHECK(cudaMemcpyAsync(&norm2, gpu.norm2, sizeof(float), cudaMemcpyDeviceToHost, gpu.ctx.stream));
+    if (gpu.mtp.h) CUDA_CHECK(cudaMemcpyAsync(&mtp_loss, gpu.mtp.step_loss, sizeof(float), cudaMemcpyDeviceToHost, gpu.ctx.stream));
     if (!load.empty()) CUDA_CHECK(cudaMemcpyAsync(load.data(), gpu.load, load.size() * sizeof(int), cudaMemcpyDeviceToHost, gpu.ctx.stream));
     if (!balance.empty())
         CUDA_CHECK(cudaMemcpyAsync(balance.data(), gpu.balance_loss, balance.size() * sizeof(float), cudaMemcpyDeviceToHost, gpu.ctx.stream));
     CUDA_CHECK(cudaStreamSynchronize(gpu.ctx.stream));
     s.loss = loss;
+    s.mtp_loss = mtp_loss;
     s.grad_norm = std::sqrt((double)norm2);
     if (o.balance_alpha > 0)
         for (float b : balance) s.balance_loss += b;
     int moe_index = 0;
-    for (int l = 0; l < c.num_hidden_layers; l++)
+    for (int l = 0; l < (int)gpu.layers.size(); l++)
         if (c.is_moe_layer(l)) {
             for (int e = 0; e < E; e++) m.expert_load[l][e] += load[(size_t)moe_index * E + e];
             moe_index++;
@@ -637,15 +774,43 @@ static StepStats gpu_train_step(Model& m, DataLoader& loader, const TrainOptions
     return s;
 }
 
-// mean loss of rows x len tokens on the GPU (forward only)
-static double gpu_eval_window(Model& m, const std::vector<int>& inputs, const std::vector<int>& targets, int rows, int len) {
+// mean loss of rows x len tokens on the GPU (forward only); mtp: the module's sums added (MtpEval)
+static double gpu_eval_window(Model& m, const std::vector<int>& inputs, const std::vector<int>& targets, int rows, int len, MtpEval* mtp) {
     GpuModel& gpu = *m.gpu;
+    const Config& c = m.ref.cfg;
+    const int N = rows * len, D = c.hidden_size, V = c.vocab_size;
+    cudaStream_t st = gpu.ctx.stream;
     gpu_upload_batch(gpu, inputs, targets);
     gpu_forward(m, rows, len, StepOptions{}, false, 1.0f);
-    mean_loss_gpu(gpu.step_loss, gpu.losses, gpu.targets, rows * len, 1.0f, false, gpu.ctx.stream);
-    float loss = 0;
-    CUDA_CHECK(cudaMemcpyAsync(&loss, gpu.step_loss, sizeof(float), cudaMemcpyDeviceToHost, gpu.ctx.stream));
-    CUDA_CHECK(cudaStreamSynchronize(gpu.ctx.stream));
+    mean_loss_gpu(gpu.step_loss, gpu.losses, gpu.targets, N, 1.0f, false, st);
+    float loss = 0, stats[3] = {0, 0, 0};
+    if (mtp) {
+        MtpGpu& a = gpu.mtp;
+        if (!a.eval_logits) {
+            a.eval_logits = arena_alloc<bf16>(gpu.arena, (size_t)gpu.N * V, "logits");
+            a.eval_stats = arena_alloc<float>(gpu.arena, 3, "scalars");
+        }
+        mtp_trunk_forward_gpu(gpu, c, rows, len, StepOptions{}, false, 0.0f);
+        rmsnorm_residual_forward_gpu(a.h_final, a.z, a.z_rstd, gpu.layers[c.num_hidden_layers].res_mid, gpu.branch, gpu.w.mtp.head_norm, N, D,
+                                     c.rms_norm_eps, st);
+        linear_forward_gpu(a.eval_logits, a.z, gpu.w.lm_head, N, gpu.ctx);
+        crossentropy_forward_gpu(a.losses, a.eval_logits, a.targets, N, V, st);
+        mean_loss_gpu(a.eval_stats, a.losses, a.targets, N, 1.0f, false, st);
+        // the per-row acceptances overwrite the two per-row loss buffers, both reduced by now
+        mtp_acceptance_gpu(a.losses, gpu.losses, gpu.logits, a.eval_logits, a.targets, N, V, st);
+        mean_loss_gpu(a.eval_stats + 1, a.losses, a.targets, N, 1.0f, false, st);
+        mean_loss_gpu(a.eval_stats + 2, gpu.losses, a.targets, N, 1.0f, false, st);
+        CUDA_CHECK(cudaMemcpyAsync(stats, a.eval_stats, sizeof(stats), cudaMemcpyDeviceToHost, st));
+    }
+    CUDA_CHECK(cudaMemcpyAsync(&loss, gpu.step_loss, sizeof(float), cudaMemcpyDeviceToHost, st));
+    CUDA_CHECK(cudaStreamSynchronize(st));
+    if (mtp) {
+        const long long n = mtp_predictions(targets, len);
+        mtp->loss += (double)stats[0] * n;
+        mtp->accepted_sampled += (double)stats[1] * n;
+        mtp->accepted_greedy += (double)stats[2] * n;
+        mtp->predictions += n;
+    }
     return loss;
 }
 

@@ -70,10 +70,6 @@ bool gpu_available();
 // optimizer state of its slices of the weights only.
 void model_to_gpu(Model& m, int B, int T, bool inference = false, const DistGroup& dist = DistGroup());
 
-// The CUDA path has no kernels for the MTP module yet: training a model with one on the GPU stops with this
-// (train says it at the start); GPU inference (generate, validate) runs the main model, which needs none.
-constexpr const char* MTP_GPU_UNSUPPORTED = "--device gpu does not run the MTP module yet; use --device cpu";
-
 // copies the GPU's weights, last gradients and optimizer moments back into m. Under ZeRO-1 every rank must
 // call it (it gathers the master weights and the moments from all ranks), and the gradients are not copied:
 // a rank holds the averaged gradient of its slices only.
@@ -93,10 +89,19 @@ size_t model_gpu_bytes(const Model& m);
 // moments as they were.
 StepStats model_train_step(Model& m, DataLoader& loader, const TrainOptions& o, int step);
 
+// The MTP module on evaluation data: its mean cross-entropy (predicting the token after next) and how often
+// its drafts would be accepted in self-speculative decoding, sampled (temperature 1) and greedy (reference.h
+// mtp_acceptance), over `predictions` positions
+struct MtpEval {
+    double loss = 0, accepted_sampled = 0, accepted_greedy = 0;
+    long long predictions = 0;
+};
+
 // Mean next-token loss over tokens: consecutive non-overlapping windows of seq_len
 // predictions (inputs tokens[i*L .. i*L+L), targets shifted by one); the last,
 // partial window is used as it is, so every token but the first is predicted once.
-double model_eval_loss(Model& m, const std::vector<int>& tokens, int seq_len, int batch_size);
+// mtp (when the model has the module): its MtpEval over the same windows.
+double model_eval_loss(Model& m, const std::vector<int>& tokens, int seq_len, int batch_size, MtpEval* mtp = nullptr);
 
 // logits [T, V] at every position of one sequence (a forward pass without targets)
 const std::vector<float>& model_logits(Model& m, const std::vector<int>& tokens);

@@ -1221,6 +1221,27 @@ void mtp_backward(const Config& c, const ModelWeights<T>& w, const ModelWeights<
     embedding_backward(g.embed, demb.data(), mtp_embedding_ids(a.tokens).data(), N, D);
 }
 
+// How often the MTP module's drafts would be accepted in self-speculative decoding (decode.h), on data the
+// last forward read: at position n it drafts t_{n+2} from q, its softmax there, and the main model verifies
+// it with p, its softmax at n + 1. A draft sampled from q is accepted with probability sum_x min(p(x), q(x))
+// (at temperature 1), a greedy one when the two arg-maxes agree (lowest id on ties). probs, mtp_probs,
+// logits, mtp_logits [N, V]; sums over the positions with an MTP target (mtp_targets[n] >= 0, so n + 1 is in
+// the row) into sampled and greedy; returns their count.
+template <typename T>
+int mtp_acceptance(const T* probs, const T* mtp_probs, const T* logits, const T* mtp_logits, const int* mtp_targets, int N, int V,
+                   double& sampled, double& greedy) {
+    int count = 0;
+    for (int n = 0; n + 1 < N; n++) {
+        if (mtp_targets[n] < 0) continue;
+        const T *p = probs + (size_t)(n + 1) * V, *q = mtp_probs + (size_t)n * V;
+        for (int i = 0; i < V; i++) sampled += std::min(p[i], q[i]);
+        const T *zp = logits + (size_t)(n + 1) * V, *zq = mtp_logits + (size_t)n * V;
+        greedy += std::max_element(zp, zp + V) - zp == std::max_element(zq, zq + V) - zq;
+        count++;
+    }
+    return count;
+}
+
 template <typename T>
 struct RefModel {
     Config cfg;

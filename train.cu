@@ -670,7 +670,6 @@ static int train(Args& a) {
         fail("%s: seq_len %d exceeds max_position_embeddings %d", ckpt.c_str(), o.seq_len, c.max_position_embeddings);
 
     const bool use_gpu = a.device == "gpu" || (a.device == "auto" && gpu_available()) || dist.world > 1;
-    if (use_gpu && c.num_nextn_predict_layers > 0) fail("%s", MTP_GPU_UNSUPPORTED);
     if (o.fp8) ref_enable_fp8(m.ref, o.fp8_wgrad);
     if (use_gpu) model_to_gpu(m, o.batch_size, o.seq_len, false, dist);
     std::string device_desc = use_gpu ? strfmt("gpu (%.1f MiB of device memory)", model_gpu_bytes(m) / 1048576.0)

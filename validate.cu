@@ -7,6 +7,9 @@
 //   ./validate --model runs/default --data data/default/val.bin
 //   loss 1.143516593 over 32899 predictions (seq_len 64, the training length; cpu)
 //
+// With the MTP module it adds the module's loss and how often its drafts would be accepted in self-speculative
+// decoding (model.h MtpEval), the numbers `generate` gets from the module.
+//
 // Integration checks (everything else; the seed's checks) on a checkpoint or on fresh random weights of a
 // preset; one function each, returning a CheckResult:
 //   1. forward          logits have shape [B, T, V] and are all finite
@@ -54,7 +57,8 @@ static const char* USAGE =
     "\n"
     "With --model and --data: prints the mean next-token loss over the token file\n"
     "(consecutive non-overlapping windows of --seq-len tokens; the last, partial window\n"
-    "is used as it is). Otherwise runs the integration checks (forward, gradient flow,\n"
+    "is used as it is), and for a model with the MTP module its loss and the share of its\n"
+    "drafts the main model would accept. Otherwise runs the integration checks (forward, gradient flow,\n"
     "expert utilisation, memory, and on a GPU the GPU path against the CPU reference),\n"
     "prints each result, then 'passed x of y' and the issues found, and exits non-zero\n"
     "when a check finds one.\n"
@@ -109,17 +113,27 @@ static int run_loss(Model& m, const std::string& data_path, int seq_len, const s
     std::vector<int> tokens = read_token_file(data_path, m.ref.cfg.vocab_size);
     if (tokens.size() < 2) fail("%s: needs at least 2 tokens to predict one, has %zu", data_path.c_str(), tokens.size());
     if (use_gpu) model_to_gpu(m, batch_size, seq_len);
-    double loss = model_eval_loss(m, tokens, seq_len, batch_size);
+    MtpEval mtp;
+    const bool has_mtp = m.ref.cfg.num_nextn_predict_layers > 0;
+    double loss = model_eval_loss(m, tokens, seq_len, batch_size, &mtp);
     size_t predictions = tokens.size() - 1;
     const char* device = use_gpu ? "gpu" : "cpu";
-    if (json)
-        printf("{\"loss\": %.17g, \"predictions\": %zu, \"seq_len\": %d, \"seq_len_from\": %s, \"device\": \"%s\"}\n", loss,
-               predictions, seq_len, json_quote(seq_len_from).c_str(), device);
-    else
+    if (json) {
+        std::string mtp_json = has_mtp ? strfmt(", \"mtp_loss\": %.17g, \"mtp_predictions\": %lld, \"mtp_accepted_sampled\": %.17g, "
+                                                "\"mtp_accepted_greedy\": %.17g", mtp.loss, mtp.predictions, mtp.accepted_sampled, mtp.accepted_greedy)
+                                       : "";
+        printf("{\"loss\": %.17g, \"predictions\": %zu, \"seq_len\": %d, \"seq_len_from\": %s, \"device\": \"%s\"%s}\n", loss,
+               predictions, seq_len, json_quote(seq_len_from).c_str(), device, mtp_json.c_str());
+    } else {
         printf("loss %s over %zu predictions (seq_len %d, %s; %s)\n", fixed_significant(loss, 10).c_str(), predictions, seq_len,
                seq_len_from.c_str(), device);
+        if (has_mtp)
+            printf("mtp loss %s over %lld predictions (the token after next); drafts accepted: %.2f%% sampled (temperature 1), "
+                   "%.2f%% greedy\n", fixed_significant(mtp.loss, 10).c_str(), mtp.predictions, 100 * mtp.accepted_sampled,
+                   100 * mtp.accepted_greedy);
+    }
     model_free_gpu(m);
-    return std::isfinite(loss) ? 0 : 1;
+    return std::isfinite(loss) && (!has_mtp || std::isfinite(mtp.loss)) ? 0 : 1;
 }
 
 // ----------------------------------------------------------------------------

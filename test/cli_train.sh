@@ -285,26 +285,28 @@ expect_error "a missing --config before the --out check" "nonexistent.json" ./tr
 expect_error "a mistyped --data before the --out check" "no such directory" ./train --data "$T/dta" --out "$K"
 
 # ---------------------------------------------------------------------------
-# the multi-token-prediction module: trains on the CPU, its checkpoint has it, generate runs the main model
+# the multi-token-prediction module: trains (on the GPU when there is one), its checkpoint has it, generate runs it
 M="$T/mtp"
-if ./train "${SMALL[@]}" --mtp --mtp-lambda 0.5 --steps 3 --val-every 0 --sample-every 0 --device cpu --out "$M" >"$T/mtp.log" 2>&1 &&
+if ./train "${SMALL[@]}" --mtp --mtp-lambda 0.5 --steps 3 --val-every 0 --sample-every 0 --out "$M" >"$T/mtp.log" 2>&1 &&
     grep -q '^step  *3/3 | loss [0-9.]* | mtp [0-9.]* | ' "$T/mtp.log" && grep -q 'MTP module (lambda 0.5)' "$T/mtp.log" &&
     grep -q '"num_nextn_predict_layers": 1,' "$M/checkpoint/config.json" && grep -q '"mtp_lambda": 0.5,' "$M/checkpoint/trainer_state.json" &&
     grep -q 'model.layers.3.eh_proj.weight' "$M/checkpoint/model.safetensors"; then
-    pass "--mtp trains the MTP module on the CPU and saves it"
+    pass "--mtp trains the MTP module and saves it"
 else
-    fail "--mtp trains the MTP module on the CPU and saves it" "$(tail -3 "$T/mtp.log")"
+    fail "--mtp trains the MTP module and saves it" "$(tail -3 "$T/mtp.log")"
 fi
 if ./generate --model "$M" --prompt "the quick" --max-new-tokens 8 --device cpu --quiet >"$T/mtp_gen" 2>&1 && [ -s "$T/mtp_gen" ]; then
     pass "generate loads an MTP checkpoint and runs its main model"
 else
     fail "generate loads an MTP checkpoint and runs its main model" "$(tail -3 "$T/mtp_gen")"
 fi
-expect_error "--mtp-lambda out of range" "--mtp-lambda" ./train --mtp-lambda -1
-if nvidia-smi -L >/dev/null 2>&1; then
-    expect_error "--mtp on the GPU stops at the start" "--device gpu does not run the MTP module yet; use --device cpu" \
-        ./train "${SMALL[@]}" --mtp --steps 1 --device gpu --out "$T/mtp_gpu"
+if ./validate --model "$M" --data "$D/val.bin" --seq-len 32 >"$T/mtp_val" 2>&1 &&
+    grep -q '^mtp loss [0-9.]* over [0-9]* predictions (the token after next); drafts accepted: [0-9.]*% sampled' "$T/mtp_val"; then
+    pass "validate reports the MTP module's loss and its drafts' acceptance"
+else
+    fail "validate reports the MTP module's loss and its drafts' acceptance" "$(tail -3 "$T/mtp_val")"
 fi
+expect_error "--mtp-lambda out of range" "--mtp-lambda" ./train --mtp-lambda -1
 
 # ---------------------------------------------------------------------------
 if [ "$failures" -ne 0 ]; then

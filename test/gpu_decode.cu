@@ -2,7 +2,9 @@
 // step-by-step decode logits against the CPU full forward and the GPU full forward
 // at every position, the flash-decoding kernel against a double-precision
 // reference over a long cache split across blocks, the sampling rules (greedy,
-// top-k, top-p, seed), and the CUDA-graph step against the plain one.
+// top-k, top-p, seed), the CUDA-graph step against the plain one, and self-speculative
+// decoding with the MTP module: greedy output equal to plain greedy's, sampled output
+// following the main model's distribution (chi-square against the CPU reference).
 // Random non-zero inputs; outputs poisoned (NaN) before each kernel runs.
 #include <doctest/doctest.h>
 
@@ -152,7 +154,7 @@ TEST_CASE("GPU decode: flash decoding over a long cache split across blocks equa
     for (int splits : {1, 7, 16}) {
         CAPTURE(splits);
         CUDA_CHECK(cudaMemset(d_out, 0xFF, ref.size() * sizeof(float)));
-        flash_decode_gpu(d_out, d_acc, d_ml, d_q, d_cache, d_pos, B, H, dc, dr, max_len, splits, scale, 0);
+        flash_decode_gpu(d_out, d_acc, d_ml, d_q, d_cache, d_pos, B, B, H, dc, dr, max_len, splits, scale, 0);
         std::vector<float> out = to_host(d_out, ref.size());
         const double err = rel_error(out.data(), ref32.data(), out.size());
         MESSAGE("flash decoding, " << splits << " splits: relative error " << err);
@@ -304,4 +306,137 @@ TEST_CASE("GPU decode: the CUDA-graph step equals the plain step, with sparse ro
     }
     CHECK(out[0] == out[1]);
     for (int b = 0; b < 3; b++) CHECK(out[0][b].size() == 12 + 2 * (size_t)b);
+}
+
+namespace {
+
+// n tokens per prompt from a decoder on the GPU (graph steps), plain or speculative; stats counts the drafts
+std::vector<std::vector<int>> gpu_generate(Model& m, const std::vector<std::vector<int>>& prompts, int n, const SamplingOptions& so,
+                                           uint64_t seed, bool speculative, SpeculativeStats& stats) {
+    const int B = (int)prompts.size();
+    size_t longest = 0;
+    for (const std::vector<int>& p : prompts) longest = std::max(longest, p.size());
+    GpuDecoder* d = decoder_create(m, B, (int)longest + n, (int)longest, speculative);
+    decoder_prefill(*d, prompts);
+    decoder_sample(*d, so, seed);
+    std::vector<std::vector<int>> out(B);
+    const int* tok = decoder_tokens(*d);
+    for (int b = 0; b < B; b++) out[b].push_back(tok[b]);
+    for (;;) {
+        bool more = false;
+        for (int b = 0; b < B; b++) {
+            if ((int)out[b].size() >= n) decoder_set_active(*d, b, false);
+            more |= (int)out[b].size() < n;
+        }
+        if (!more) break;
+        decoder_step(*d, so, seed, true);
+        if (!speculative) {
+            tok = decoder_tokens(*d);
+            for (int b = 0; b < B; b++)
+                if ((int)out[b].size() < n) out[b].push_back(tok[b]);
+            continue;
+        }
+        const int* count = nullptr;
+        tok = decoder_speculative_tokens(*d, &count);
+        for (int b = 0; b < B; b++) {
+            if ((int)out[b].size() >= n) continue;
+            stats.drafted++;
+            stats.accepted += count[b] == 2;
+            for (int k = 0; k < count[b]; k++) out[b].push_back(tok[2 * b + k]);
+        }
+    }
+    decoder_free(d);
+    for (std::vector<int>& o : out) o.resize(n);
+    return out;
+}
+
+}  // namespace
+
+TEST_CASE("GPU speculative decoding: greedy gives plain greedy's tokens, in a batch and alone, up to a full cache") {
+    // a vocabulary of 5, so that the random MTP module's drafts are accepted often enough to take both branches;
+    // prompts of 1 token (both MTP rows at position 0) to 10, and caches just long enough (the last steps clamp)
+    SamplingOptions greedy;
+    greedy.temperature = 0;
+    SpeculativeStats stats;
+    for (int variant = 0; variant < 3; variant++) {
+        CAPTURE(variant);
+        Model m;
+        model_create(m, tiny_mtp(variant, 5), 1);
+        randomise_weights(m.ref, 300 + variant, true);
+        std::vector<std::vector<int>> prompts;
+        for (int k = 0; k < 4; k++) {
+            prompts.push_back({});
+            for (int t = 0; t < 1 + 3 * k; t++) prompts.back().push_back((int)(rng_hash(50 + k, t) % 5));
+        }
+        SpeculativeStats unused;
+        const std::vector<std::vector<int>> plain = gpu_generate(m, prompts, 30, greedy, 1, false, unused);
+        CHECK(gpu_generate(m, prompts, 30, greedy, 1, true, stats) == plain);
+        for (int k = 0; k < 4; k++) CHECK(gpu_generate(m, {prompts[k]}, 30, greedy, 1, true, stats)[0] == plain[k]);
+        model_free_gpu(m);
+    }
+    MESSAGE("greedy on the GPU: " << stats.accepted << " of " << stats.drafted << " drafts accepted");
+    CHECK(stats.accepted > 0);
+    CHECK(stats.accepted < stats.drafted);
+}
+
+TEST_CASE("GPU speculative sampling follows the main model's distribution") {
+    // As test_decode.cpp's CPU test: the exact distribution of the first three tokens after a prompt under plain
+    // sampling, from the CPU reference, against N speculative samples drawn on the GPU, a batch of sequences with
+    // one prompt and seeds of their own. Pearson's chi-square over the V^3 = 125 cells; 4.8 sd above its mean is a
+    // chance well under 1e-4 for a correct sampler, while always taking the draft gives a chi-square in the
+    // thousands. bf16 moves the probabilities by about 1%, which adds about N * 1e-4 = 2 to the chi-square.
+    const int V = 5, N = 20000, batch = 2000;
+    Model m;
+    model_create(m, tiny_mtp(0, V), 1);
+    randomise_weights(m.ref, 400, true);
+    const std::vector<int> prompt = {1, 4, 2};
+    for (const SamplingOptions& so : {SamplingOptions{1.0f, 0, 1.0f}, SamplingOptions{0.7f, 4, 0.9f}}) {
+        CAPTURE(so.temperature);
+        std::vector<double> exact((size_t)V * V * V, 0), p1, p2, p3;
+        DecodeState<float> s;
+        decode_init(s, m.ref.cfg, (int)prompt.size() + 3);
+        for (int id : prompt) decode_step(m.ref, s, id);
+        sampling_probs(p1, s.logits.data(), V, so);
+        for (int a = 0; a < V; a++) {
+            if (p1[a] == 0) continue;
+            s.len = (int)prompt.size();
+            sampling_probs(p2, decode_step(m.ref, s, a).data(), V, so);
+            for (int b = 0; b < V; b++) {
+                if (p2[b] == 0) continue;
+                s.len = (int)prompt.size() + 1;
+                sampling_probs(p3, decode_step(m.ref, s, b).data(), V, so);
+                for (int c = 0; c < V; c++) exact[((size_t)a * V + b) * V + c] = p1[a] * p2[b] * p3[c];
+            }
+        }
+        std::vector<double> count(exact.size(), 0);
+        SpeculativeStats stats;
+        for (int round = 0; round < N / batch; round++) {
+            const std::vector<std::vector<int>> t =
+                gpu_generate(m, std::vector<std::vector<int>>(batch, prompt), 3, so, 100000 * (uint64_t)(round + 1), true, stats);
+            for (const std::vector<int>& x : t) count[((size_t)x[0] * V + x[1]) * V + x[2]]++;
+        }
+        double chi2 = 0, pooled_count = 0, pooled_exact = 0;
+        int cells = 0;
+        for (size_t k = 0; k < exact.size(); k++) {
+            if (exact[k] == 0) {
+                CHECK(count[k] == 0);  // no token outside top-k / top-p
+            } else if (N * exact[k] < 5) {  // pooled, as the chi-square approximation asks
+                pooled_count += count[k];
+                pooled_exact += exact[k];
+            } else {
+                chi2 += (count[k] - N * exact[k]) * (count[k] - N * exact[k]) / (N * exact[k]);
+                cells++;
+            }
+        }
+        if (pooled_exact > 0) {
+            chi2 += (pooled_count - N * pooled_exact) * (pooled_count - N * pooled_exact) / (N * pooled_exact);
+            cells++;
+        }
+        MESSAGE("GPU, temperature " << so.temperature << ": chi-square " << chi2 << " over " << cells << " cells, " << stats.accepted << " of "
+                                    << stats.drafted << " drafts accepted");
+        CHECK(stats.accepted > 0);
+        CHECK(stats.accepted < stats.drafted);
+        CHECK(chi2 < cells - 1 + 4.8 * std::sqrt(2.0 * (cells - 1)));
+    }
+    model_free_gpu(m);
 }

@@ -74,18 +74,22 @@ std::vector<float> shaken_gradients(const Config& c, const std::vector<float>& p
 
 // One step on both paths for each run. Runs 0-2: the config variants with dropout,
 // balance loss and gradient accumulation; runs 3-4: variant 0 with those turned off
-// in turn. check_gradients compares every gradient; otherwise the loss and the
-// updated weights.
+// in turn; runs 5-6: with the MTP module, an MoE block in variant 0, a dense one in
+// variant 1 (every block dense, MTP weight 0.5). check_gradients compares every
+// gradient; otherwise the loss and the updated weights.
 void compare_one_step(bool check_gradients) {
     std::string dir = temp_dir("step");
-    for (int run = 0; run < 5; run++) {
-        const int variant = run < 3 ? run : 0;
+    for (int run = 0; run < 7; run++) {
+        const int variant = run < 3 ? run : run == 6 ? 1 : 0;
         CAPTURE(run);
         Config c = dense_routing(tiny_variant(variant, 96));
+        if (run >= 5) c.num_nextn_predict_layers = 1;
+        if (run == 6) c.first_k_dense_replace = c.total_layers();
         std::string data = token_file(dir, 5000, c.vocab_size);
         TrainOptions o = test_options();
         if (run == 3) o.dropout = 0;
         if (run == 4) o.grad_accum = 1, o.balance_alpha = 0, o.dropout = 0;
+        if (run == 6) o.mtp_lambda = 0.5f;
         Model cpu, gpu;
         model_create(cpu, c, 5);
         randomise_weights(cpu.ref, 100 + variant, true);
@@ -129,9 +133,12 @@ void compare_one_step(bool check_gradients) {
             model_free_gpu(gpu);
             continue;
         }
-        MESSAGE("run ", run, ": loss cpu ", sc.loss, " gpu ", sg.loss, ", balance cpu ", sc.balance_loss, " gpu ", sg.balance_loss);
+        MESSAGE("run ", run, ": loss cpu ", sc.loss, " gpu ", sg.loss, ", balance cpu ", sc.balance_loss, " gpu ", sg.balance_loss, ", mtp cpu ",
+                sc.mtp_loss, " gpu ", sg.mtp_loss);
         CHECK(std::fabs(sg.loss - sc.loss) / sc.loss < 2e-2);
-        if (o.balance_alpha > 0) CHECK(std::fabs(sg.balance_loss - sc.balance_loss) / sc.balance_loss < 2e-2);
+        if (c.num_nextn_predict_layers) CHECK(std::fabs(sg.mtp_loss - sc.mtp_loss) / sc.mtp_loss < 2e-2);
+        if (o.balance_alpha > 0 && c.first_k_dense_replace < c.total_layers())
+            CHECK(std::fabs(sg.balance_loss - sc.balance_loss) / sc.balance_loss < 2e-2);
         std::vector<float> dcpu(before.size()), dgpu(before.size());
         for (size_t i = 0; i < before.size(); i++) {
             dcpu[i] = cpu.ref.params[i] - before[i];
@@ -228,39 +235,45 @@ TEST_CASE("with sparse routing the GPU step's losses match the CPU reference") {
 // replaying must compute exactly what launching the kernels one by one does. Two
 // micro-batches per step with the balance loss on exercise the accumulators the
 // graph adds into.
-TEST_CASE("CUDA-graph training steps equal kernel-by-kernel steps bit for bit") {
+TEST_CASE("CUDA-graph training steps equal kernel-by-kernel steps bit for bit, with and without the MTP module") {
     REQUIRE(gpu_available());
     std::string dir = temp_dir("graph");
-    Config c = gpu_sparse_config();
-    std::string data = token_file(dir, 5000, c.vocab_size);
-    TrainOptions o = test_options();
-    o.dropout = 0;
-    o.optim.eps = 1e-8f;
-    Model eager, graphed;
-    DataLoader de, dg;
-    for (Model* m : {&eager, &graphed}) {
-        model_create(*m, c, 11);
-        randomise_weights(m->ref, 300, true);
-        model_to_gpu(*m, o.batch_size, o.seq_len);
+    for (int mtp : {0, 1}) {
+        CAPTURE(mtp);
+        Config c = gpu_sparse_config();
+        c.num_nextn_predict_layers = mtp;
+        std::string data = token_file(dir, 5000, c.vocab_size);
+        TrainOptions o = test_options();
+        o.dropout = 0;
+        o.optim.eps = 1e-8f;
+        Model eager, graphed;
+        DataLoader de, dg;
+        for (Model* m : {&eager, &graphed}) {
+            model_create(*m, c, 11);
+            randomise_weights(m->ref, 300, true);
+            model_to_gpu(*m, o.batch_size, o.seq_len);
+        }
+        dataloader_open(de, data, o.batch_size, o.seq_len, c.vocab_size);
+        dataloader_open(dg, data, o.batch_size, o.seq_len, c.vocab_size);
+        TrainOptions eager_options = o;
+        eager_options.cuda_graph = false;
+        for (int step = 0; step < 5; step++) {
+            CAPTURE(step);
+            StepStats se = model_train_step(eager, de, eager_options, step), sg = model_train_step(graphed, dg, o, step);
+            CHECK(se.loss == sg.loss);
+            CHECK(se.mtp_loss == sg.mtp_loss);
+            CHECK((se.mtp_loss > 0) == (mtp == 1));
+            CHECK(se.balance_loss == sg.balance_loss);
+            CHECK(se.balance_loss > 0);
+            CHECK(se.grad_norm == sg.grad_norm);
+        }
+        model_sync_host(eager);
+        model_sync_host(graphed);
+        CHECK(eager.ref.params == graphed.ref.params);
+        CHECK(eager.expert_load == graphed.expert_load);
+        model_free_gpu(eager);
+        model_free_gpu(graphed);
     }
-    dataloader_open(de, data, o.batch_size, o.seq_len, c.vocab_size);
-    dataloader_open(dg, data, o.batch_size, o.seq_len, c.vocab_size);
-    TrainOptions eager_options = o;
-    eager_options.cuda_graph = false;
-    for (int step = 0; step < 5; step++) {
-        CAPTURE(step);
-        StepStats se = model_train_step(eager, de, eager_options, step), sg = model_train_step(graphed, dg, o, step);
-        CHECK(se.loss == sg.loss);
-        CHECK(se.balance_loss == sg.balance_loss);
-        CHECK(se.balance_loss > 0);
-        CHECK(se.grad_norm == sg.grad_norm);
-    }
-    model_sync_host(eager);
-    model_sync_host(graphed);
-    CHECK(eager.ref.params == graphed.ref.params);
-    CHECK(eager.expert_load == graphed.expert_load);
-    model_free_gpu(eager);
-    model_free_gpu(graphed);
     remove_tree(dir);
 }
 
@@ -354,28 +367,53 @@ TEST_CASE("a GPU step whose gradient is not finite leaves the weights, AdamW's m
     remove_tree(dir);
 }
 
-// The CUDA path has no MTP kernels yet: a model with the module evaluates its main model on the GPU (what
-// generate and validate run) and stops, with one line, when asked to train there
-TEST_CASE("a model with the MTP module: the GPU evaluates its main model as the CPU does, and refuses to train it") {
+// With sparse routing (the tiny preset's top-3 of 8 experts), as the other sparse test: the MTP module's
+// block is an MoE block whose routing counts and balance loss join the step's; and the GPU evaluates the
+// main model of such a checkpoint (what validate runs) as the CPU does
+TEST_CASE("a model with the MTP module: sparse GPU steps match the CPU's, and the GPU evaluates its main model") {
     REQUIRE(gpu_available());
     std::string dir = temp_dir("mtp");
     Config c = gpu_sparse_config();
     c.num_nextn_predict_layers = 1;
     std::string data = token_file(dir, 5000, c.vocab_size);
     TrainOptions o = test_options();
-    Model m;
-    model_create(m, c, 8);
-    randomise_weights(m.ref, 210, true);
+    Model cpu, gpu;
+    model_create(cpu, c, 8);
+    randomise_weights(cpu.ref, 210, true);
+    model_create(gpu, c, 8);
+    gpu.ref.params = cpu.ref.params;
     std::vector<int> tokens(2 * o.seq_len + 1);
     for (size_t i = 0; i < tokens.size(); i++) tokens[i] = (int)(rng_hash(211, i) % c.vocab_size);
-    const double cpu_loss = model_eval_loss(m, tokens, o.seq_len, 2);
-    model_to_gpu(m, o.batch_size, o.seq_len);
-    const double gpu_loss = model_eval_loss(m, tokens, o.seq_len, 2);
-    MESSAGE("main-model loss with an MTP module: cpu ", cpu_loss, " gpu ", gpu_loss);
-    CHECK(std::fabs(gpu_loss - cpu_loss) / cpu_loss < 2e-2);
-    DataLoader dl;
-    dataloader_open(dl, data, o.batch_size, o.seq_len, c.vocab_size);
-    CHECK_THROWS_WITH_AS(model_train_step(m, dl, o, 0), doctest::Contains(MTP_GPU_UNSUPPORTED), std::runtime_error);
-    model_free_gpu(m);
+    MtpEval cpu_mtp, gpu_mtp;
+    const double cpu_eval = model_eval_loss(cpu, tokens, o.seq_len, 2, &cpu_mtp);
+    model_to_gpu(gpu, o.batch_size, o.seq_len);
+    const double gpu_eval = model_eval_loss(gpu, tokens, o.seq_len, 2, &gpu_mtp);
+    MESSAGE("main-model loss with an MTP module: cpu ", cpu_eval, " gpu ", gpu_eval, "; mtp loss cpu ", cpu_mtp.loss, " gpu ", gpu_mtp.loss,
+            ", accepted sampled cpu ", cpu_mtp.accepted_sampled, " gpu ", gpu_mtp.accepted_sampled, ", greedy cpu ", cpu_mtp.accepted_greedy,
+            " gpu ", gpu_mtp.accepted_greedy);
+    CHECK(std::fabs(gpu_eval - cpu_eval) / cpu_eval < 2e-2);
+    // validate's MTP numbers (model.h MtpEval): the loss and the sampled acceptance to bf16 resolution; a greedy
+    // acceptance can flip where the two arg-maxes nearly tie, so within 2 of the 46 positions
+    CHECK(gpu_mtp.predictions == 2 * (o.seq_len - 1));
+    CHECK(gpu_mtp.predictions == cpu_mtp.predictions);
+    CHECK(std::fabs(gpu_mtp.loss - cpu_mtp.loss) / cpu_mtp.loss < 2e-2);
+    CHECK(std::fabs(gpu_mtp.accepted_sampled - cpu_mtp.accepted_sampled) < 2e-2 * cpu_mtp.accepted_sampled);
+    CHECK(std::fabs(gpu_mtp.accepted_greedy - cpu_mtp.accepted_greedy) * gpu_mtp.predictions <= 2);
+    DataLoader dl_cpu, dl_gpu;
+    dataloader_open(dl_cpu, data, o.batch_size, o.seq_len, c.vocab_size);
+    dataloader_open(dl_gpu, data, o.batch_size, o.seq_len, c.vocab_size);
+    for (int step = 0; step < 3; step++) {
+        StepStats sc = model_train_step(cpu, dl_cpu, o, step), sg = model_train_step(gpu, dl_gpu, o, step);
+        MESSAGE("sparse MTP step ", step, ": loss cpu ", sc.loss, " gpu ", sg.loss, ", mtp cpu ", sc.mtp_loss, " gpu ", sg.mtp_loss);
+        CHECK(std::fabs(sg.loss - sc.loss) / sc.loss < 2e-2);
+        CHECK(std::fabs(sg.mtp_loss - sc.mtp_loss) / sc.mtp_loss < 2e-2);
+        CHECK(std::fabs(sg.balance_loss - sc.balance_loss) / sc.balance_loss < 2e-2);
+    }
+    // the MTP block's routing was counted: every token routed top-k
+    const int mtp_block = c.num_hidden_layers;
+    int64_t routed = 0;
+    for (int64_t n : gpu.expert_load[mtp_block]) routed += n;
+    CHECK(routed == 3 * (int64_t)o.grad_accum * o.batch_size * o.seq_len * c.num_experts_per_tok);
+    model_free_gpu(gpu);
     remove_tree(dir);
 }

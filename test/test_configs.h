@@ -33,6 +33,13 @@ inline Config tiny_variant(int variant, int vocab_size) {
     return c;
 }
 
+// a tiny variant with the MTP module
+inline Config tiny_mtp(int variant, int vocab_size) {
+    Config c = tiny_variant(variant, vocab_size);
+    c.num_nextn_predict_layers = 1;
+    return c;
+}
+
 // Every expert chosen for every token (4 experts, 2 groups where there are groups).
 // bf16 router logits move near-tie choices of sparse routing, a jump no tolerance
 // can bound; routed densely, the model is continuous in its inputs, yet every MoE

@@ -115,12 +115,6 @@ TEST_CASE("decode: refuses a full cache, a bad token and a cache beyond the cont
 }
 
 // the tiny variant with the MTP module
-static Config tiny_mtp(int variant, int vocab_size) {
-    Config c = tiny_variant(variant, vocab_size);
-    c.num_nextn_predict_layers = 1;
-    return c;
-}
-
 TEST_CASE("decode: step-by-step MTP logits equal mtp_forward at every position") {
     for (int variant = 0; variant < 3; variant++) {
         CAPTURE(variant);
@@ -145,6 +139,65 @@ TEST_CASE("decode: step-by-step MTP logits equal mtp_forward at every position")
         MESSAGE("variant " << variant << ": worst relative error of the MTP logits over " << T - 1 << " positions " << worst);
         CHECK(worst < 1e-5);
     }
+}
+
+TEST_CASE("decode: the MTP acceptance model_eval_loss reports is what the decoders see, position by position") {
+    // at each position the decoder's draft distribution q (mtp_decode_step) and the main model's next one p
+    // (decode_step): sum_x min(p, q) and the agreement of their arg-maxes, averaged, against MtpEval over the
+    // same tokens as one window (two rows, so the rows' ends are skipped)
+    const int V = 7, T = 24;
+    Model m;
+    model_create(m, tiny_mtp(0, V), 1);
+    randomise_weights(m.ref, 500, false);
+    std::vector<int> tokens(2 * T + 1);
+    for (size_t i = 0; i < tokens.size(); i++) tokens[i] = (int)(rng_hash(501, i) % V);
+    MtpEval eval;
+    const double loss = model_eval_loss(m, tokens, T, 2, &eval);
+    double sampled = 0, greedy = 0, mtp_loss = 0;
+    int count = 0;
+    for (int row = 0; row < 2; row++) {
+        DecodeState<float> s;
+        decode_init(s, m.ref.cfg, T);
+        std::vector<float> q(V), p(V);
+        for (int t = 0; t < T; t++) {
+            const int* in = tokens.data() + row * T;
+            const std::vector<float> main = decode_step(m.ref, s, in[t]);
+            if (t > 0) {  // q (from position t - 1) against p at t
+                for (int i = 0; i < V; i++) p[i] = main[i];
+                std::vector<double> pp, qq;
+                sampling_probs(pp, p.data(), V, SamplingOptions{1.0f, 0, 1.0f});
+                sampling_probs(qq, q.data(), V, SamplingOptions{1.0f, 0, 1.0f});
+                for (int i = 0; i < V; i++) sampled += std::min(pp[i], qq[i]);
+                greedy += std::max_element(p.begin(), p.end()) - p.begin() == std::max_element(q.begin(), q.end()) - q.begin();
+                mtp_loss -= std::log(qq[in[t + 1]]);
+                count++;
+            }
+            if (t + 1 < T) q = mtp_decode_step(m.ref, s, s.hn.data(), in[t + 1]);
+        }
+    }
+    MESSAGE("loss " << loss << ", mtp loss " << eval.loss << " (decoders " << mtp_loss / count << "), accepted sampled " << eval.accepted_sampled
+                    << " (" << sampled / count << "), greedy " << eval.accepted_greedy << " (" << greedy / count << ")");
+    CHECK(eval.predictions == count);
+    CHECK(count == 2 * (T - 1));
+    CHECK(std::fabs(eval.loss - mtp_loss / count) < 1e-5 * eval.loss);
+    CHECK(std::fabs(eval.accepted_sampled - sampled / count) < 1e-5);
+    CHECK(eval.accepted_greedy == greedy / count);
+    CHECK(eval.accepted_sampled > 0);
+    CHECK(eval.accepted_sampled < 1);
+}
+
+TEST_CASE("mtp_acceptance: the overlap of two distributions and the agreement of their arg-maxes, by hand") {
+    // a row of 3 positions, V = 3: position 0 drafts against the main model at 1, position 1 against 2; position 2
+    // has no target. Softmaxes given directly (probs) beside logits whose arg-maxes are the same.
+    const float probs[9] = {0.2f, 0.5f, 0.3f, 0.6f, 0.3f, 0.1f, 0.1f, 0.1f, 0.8f};
+    const float mtp_probs[9] = {0.7f, 0.2f, 0.1f, 0.3f, 0.3f, 0.4f, 1, 0, 0};
+    const int mtp_targets[3] = {2, 0, -1};
+    double sampled = 0, greedy = 0;
+    const int n = mtp_acceptance(probs, mtp_probs, probs, mtp_probs, mtp_targets, 3, 3, sampled, greedy);
+    CHECK(n == 2);
+    // min(p1, q0) = 0.6 + 0.2 + 0.1; min(p2, q1) = 0.1 + 0.1 + 0.4
+    CHECK(sampled == doctest::Approx(0.9 + 0.6).epsilon(1e-6));
+    CHECK(greedy == 2);  // argmax q0 = 0 = argmax p1; argmax q1 = 2 = argmax p2
 }
 
 // plain decoding: prompt, then n tokens sampled from the main model with sample_token

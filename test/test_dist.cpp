@@ -80,8 +80,10 @@ void check_plan(const ParamLayout& L, int layers, int world, size_t target) {
 
 }  // namespace
 
-TEST_CASE("grad_ready_point follows the GPU backward: head, layers from the top, embedding") {
+TEST_CASE("grad_ready_point follows the GPU backward: head and MTP module, layers from the top, embedding") {
     CHECK(grad_ready_point("lm_head.weight", 3) == 0);
+    CHECK(grad_ready_point("model.layers.3.eh_proj.weight", 3) == 0);  // the MTP module runs before the final norm's backward
+    CHECK(grad_ready_point("model.layers.3.mlp.experts.1.down_proj.weight", 3) == 0);
     CHECK(grad_ready_point("model.norm.weight", 3) == 0);
     CHECK(grad_ready_point("model.layers.2.self_attn.o_proj.weight", 3) == 1);
     CHECK(grad_ready_point("model.layers.0.mlp.experts.5.up_proj.weight", 3) == 3);
@@ -116,23 +118,26 @@ TEST_CASE("zero_plan on a hand-made layout: exact buckets, slices and state offs
     CHECK(got == want);
 }
 
-TEST_CASE("zero_plan on the presets' layouts: buckets tile the gradient in backward order, aligned") {
-    for (const char* preset : {"tiny", "mini", "small"}) {
-        const Config c = config_preset(preset);
-        const ParamLayout L = param_layout(c);
-        for (int world : {1, 2, 3, 8})
-            for (size_t target : {(size_t)1000, (size_t)65536, ZERO_BUCKET}) {
-                CAPTURE(preset);
-                CAPTURE(world);
-                CAPTURE(target);
-                check_plan(L, c.num_hidden_layers, world, target);
-            }
-        // with buckets of the default size, every layer of the small model is at least one bucket of its own
-        const ZeroPlan p = zero_plan(L, c.num_hidden_layers, 2);
-        std::map<int, int> per_point;
-        for (const GradBucket& b : p.buckets) per_point[b.ready]++;
-        CHECK((int)per_point.size() == c.num_hidden_layers + 2);
-    }
+TEST_CASE("zero_plan on the presets' layouts, with and without the MTP module: buckets tile the gradient in backward order, aligned") {
+    for (const char* preset : {"tiny", "mini", "small"})
+        for (int mtp : {0, 1}) {
+            Config c = config_preset(preset);
+            c.num_nextn_predict_layers = mtp;
+            CAPTURE(mtp);
+            const ParamLayout L = param_layout(c);
+            for (int world : {1, 2, 3, 8})
+                for (size_t target : {(size_t)1000, (size_t)65536, ZERO_BUCKET}) {
+                    CAPTURE(preset);
+                    CAPTURE(world);
+                    CAPTURE(target);
+                    check_plan(L, c.num_hidden_layers, world, target);
+                }
+            // with buckets of the default size, every layer of the small model is at least one bucket of its own
+            const ZeroPlan p = zero_plan(L, c.num_hidden_layers, 2);
+            std::map<int, int> per_point;
+            for (const GradBucket& b : p.buckets) per_point[b.ready]++;
+            CHECK((int)per_point.size() == c.num_hidden_layers + 2);
+        }
 }
 
 TEST_CASE("ZeRO-1 shards: every trained element belongs to exactly one rank, its moments at a unique place") {
