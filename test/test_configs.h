@@ -7,6 +7,7 @@
 #include <cmath>
 
 #include "config.h"
+#include "decode.h"
 #include "reference.h"
 
 // 0: q_lora, sigmoid scores in 4 groups (top-3 within 2 groups), norm_topk_prob;
@@ -96,4 +97,51 @@ double rel_error(const T* a, const T* b, size_t n) {
     }
     if (!std::isfinite(diff)) return INFINITY;
     return ref > 0 ? std::sqrt(diff / ref) : std::sqrt(diff);
+}
+
+// The exact distribution of the first three tokens after a prompt under plain sampling, p(t1) p(t2|t1)
+// p(t3|t1,t2), over the V^3 cells (t1 * V + t2) * V + t3, from the CPU reference's decoder
+inline std::vector<double> three_token_distribution(RefModel<float>& m, const std::vector<int>& prompt, const SamplingOptions& so) {
+    const int V = m.cfg.vocab_size, L = (int)prompt.size();
+    std::vector<double> exact((size_t)V * V * V, 0), p1, p2, p3;
+    DecodeState<float> s;
+    decode_init(s, m.cfg, L + 3);
+    for (int id : prompt) decode_step(m, s, id);
+    sampling_probs(p1, s.logits.data(), V, so);
+    for (int a = 0; a < V; a++) {
+        if (p1[a] == 0) continue;
+        s.len = L;
+        sampling_probs(p2, decode_step(m, s, a).data(), V, so);
+        for (int b = 0; b < V; b++) {
+            if (p2[b] == 0) continue;
+            s.len = L + 1;
+            sampling_probs(p3, decode_step(m, s, b).data(), V, so);
+            for (int c = 0; c < V; c++) exact[((size_t)a * V + b) * V + c] = p1[a] * p2[b] * p3[c];
+        }
+    }
+    return exact;
+}
+
+// Pearson's chi-square of counts (N draws) against N * exact; cells expected fewer than 5 times are pooled
+// into one, as the approximation asks. cells: the cells it sums; impossible: draws in cells of probability 0.
+inline double chi_square(const std::vector<double>& count, const std::vector<double>& exact, int N, int& cells, double& impossible) {
+    double chi2 = 0, pooled_count = 0, pooled_exact = 0;
+    cells = 0;
+    impossible = 0;
+    for (size_t k = 0; k < exact.size(); k++) {
+        if (exact[k] == 0) {
+            impossible += count[k];
+        } else if (N * exact[k] < 5) {
+            pooled_count += count[k];
+            pooled_exact += exact[k];
+        } else {
+            chi2 += (count[k] - N * exact[k]) * (count[k] - N * exact[k]) / (N * exact[k]);
+            cells++;
+        }
+    }
+    if (pooled_exact > 0) {
+        chi2 += (pooled_count - N * pooled_exact) * (pooled_count - N * pooled_exact) / (N * pooled_exact);
+        cells++;
+    }
+    return chi2;
 }

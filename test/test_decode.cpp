@@ -269,22 +269,7 @@ TEST_CASE("decode: speculative sampling follows the main model's distribution") 
     const std::vector<int> prompt = {1, 4, 2};
     for (const SamplingOptions& so : {SamplingOptions{1.0f, 0, 1.0f}, SamplingOptions{0.7f, 4, 0.9f}}) {
         CAPTURE(so.temperature);
-        std::vector<double> exact((size_t)V * V * V, 0), p1, p2, p3;
-        DecodeState<float> s;
-        decode_init(s, m.cfg, (int)prompt.size() + 3);
-        for (int id : prompt) decode_step(m, s, id);
-        sampling_probs(p1, s.logits.data(), V, so);
-        for (int a = 0; a < V; a++) {
-            if (p1[a] == 0) continue;
-            s.len = (int)prompt.size();
-            sampling_probs(p2, decode_step(m, s, a).data(), V, so);
-            for (int b = 0; b < V; b++) {
-                if (p2[b] == 0) continue;
-                s.len = (int)prompt.size() + 1;
-                sampling_probs(p3, decode_step(m, s, b).data(), V, so);
-                for (int c = 0; c < V; c++) exact[((size_t)a * V + b) * V + c] = p1[a] * p2[b] * p3[c];
-            }
-        }
+        const std::vector<double> exact = three_token_distribution(m, prompt, so);
         DecodeState<float> pre;
         decode_init(pre, m.cfg, (int)prompt.size() + 4);
         speculative_prefill(m, pre, prompt);
@@ -294,25 +279,11 @@ TEST_CASE("decode: speculative sampling follows the main model's distribution") 
             const std::vector<int> t = speculative_generate(m, pre, 3, so, Rng{7, (uint64_t)i * 16}, stats);
             count[((size_t)t[0] * V + t[1]) * V + t[2]]++;
         }
-        // cells expected fewer than 5 times are pooled into one, as the chi-square approximation asks
-        double chi2 = 0, tv = 0, pooled_count = 0, pooled_exact = 0;
         int cells = 0;
-        for (size_t k = 0; k < exact.size(); k++) {
-            tv += 0.5 * std::fabs(count[k] / N - exact[k]);
-            if (exact[k] == 0) {
-                CHECK(count[k] == 0);  // no token outside top-k / top-p
-            } else if (N * exact[k] < 5) {
-                pooled_count += count[k];
-                pooled_exact += exact[k];
-            } else {
-                chi2 += (count[k] - N * exact[k]) * (count[k] - N * exact[k]) / (N * exact[k]);
-                cells++;
-            }
-        }
-        if (pooled_exact > 0) {
-            chi2 += (pooled_count - N * pooled_exact) * (pooled_count - N * pooled_exact) / (N * pooled_exact);
-            cells++;
-        }
+        double impossible = 0, tv = 0;
+        const double chi2 = chi_square(count, exact, N, cells, impossible);
+        for (size_t k = 0; k < exact.size(); k++) tv += 0.5 * std::fabs(count[k] / N - exact[k]);
+        CHECK(impossible == 0);  // no token outside top-k / top-p
         MESSAGE("temperature " << so.temperature << ": chi-square " << chi2 << " over " << cells << " cells, total variation " << tv
                                << ", " << stats.accepted << " of " << stats.drafted << " drafts accepted");
         CHECK(stats.accepted > 0);
