@@ -11,7 +11,7 @@
 #                                    bench/out/; default 2000 steps on data/default)
 #   bash bench/mtp.sh decode [runs] [data] [prompt]   the --mtp model of `loss` (trained
 #                                    here when bench/out has none): ./generate at batch 1,
-#                                    500 new tokens, self-speculative and plain, greedy and
+#                                    1,000 new tokens, self-speculative and plain, greedy and
 #                                    sampled (0.8, top-p 0.95): median tokens/s (prefill
 #                                    included) and the drafts' acceptance
 set -euo pipefail
@@ -44,14 +44,19 @@ elif [ "$mode" = decode ]; then
         --device gpu --sample-every 0 --save-every 0 --val-every 0 --overwrite --out "$ckpt" > "$ckpt.log"
     for temperature in 0 0.8; do
         for flag in --speculative --no-speculative; do
-            speeds=() accepted=""
+            speeds=() decode=() accepted=""
             for run in $(seq "$runs"); do
-                ./generate --model "$ckpt" --prompt "$prompt" --max-new-tokens 500 --temperature "$temperature" --seed "$run" $flag \
+                ./generate --model "$ckpt" --prompt "$prompt" --max-new-tokens 1000 --temperature "$temperature" --seed "$run" $flag \
                     --device gpu > /dev/null 2> /tmp/mtp_generate.err
                 speeds+=("$(grep -o '[0-9.]* tokens/s' /tmp/mtp_generate.err | awk '{ print $1 }')")
+                # after the first token: (tokens - 1) / (elapsed - time to first token)
+                decode+=("$(grep -o 'generated.*' /tmp/mtp_generate.err |
+                    awk '{ for (i = 1; i <= NF; i++) if ($i == "first") t = $(i + 2); printf "%.1f", ($2 - 1) / ($5 - t) }')")
                 accepted+="$(grep -o '[0-9.]*% of [0-9]* drafts' /tmp/mtp_generate.err | awk '{ print $1 }') "
             done
-            echo "batch 1, temperature $temperature, $flag: $(printf '%s\n' "${speeds[@]}" | median) tokens/s (runs: ${speeds[*]}) accepted: ${accepted:-n/a}"
+            echo "batch 1, temperature $temperature, $flag: $(printf '%s\n' "${speeds[@]}" | median) tokens/s with the prefill" \
+                "(runs: ${speeds[*]}), $(printf '%s\n' "${decode[@]}" | median) after the first token (runs: ${decode[*]});" \
+                "accepted: ${accepted:-n/a}"
         done
     done
 else
