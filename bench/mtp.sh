@@ -52,7 +52,9 @@ elif [ "$mode" = decode ]; then
                 # after the first token: (tokens - 1) / (elapsed - time to first token)
                 decode+=("$(grep -o 'generated.*' /tmp/mtp_generate.err |
                     awk '{ for (i = 1; i <= NF; i++) if ($i == "first") t = $(i + 2); printf "%.1f", ($2 - 1) / ($5 - t) }')")
-                accepted+="$(grep -o '[0-9.]*% of [0-9]* drafts' /tmp/mtp_generate.err | awk '{ print $1 }') "
+                # (awk, not grep: a plain run has no such line, and grep's status would stop this script)
+                accepted+="$(awk 'match($0, /[0-9.]+% of [0-9]+ drafts/) { split(substr($0, RSTART, RLENGTH), a, " "); print a[1] }' \
+                    /tmp/mtp_generate.err) "
             done
             echo "batch 1, temperature $temperature, $flag: $(printf '%s\n' "${speeds[@]}" | median) tokens/s with the prefill" \
                 "(runs: ${speeds[*]}), $(printf '%s\n' "${decode[@]}" | median) after the first token (runs: ${decode[*]});" \
