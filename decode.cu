@@ -1,6 +1,7 @@
 // decode.cu — the GPU decoder of decode.h (kernels in decode.cuh): prefill through the training forward (gpu_forward),
 // then one token per sequence per step with the absorbed MLA form over the bf16 latent cache, GPU sampling, and the
-// step captured in a CUDA graph (it is launch-bound: ~20 kernels and GEMMs per layer for a handful of rows).
+// step captured in a CUDA graph (it is launch-bound: ~20 kernels and GEMMs per layer for a handful of rows). With the
+// MTP module a speculative step drafts a token per sequence and verifies it in the same pass as the last one.
 #include "decode.cuh"
 
 #include <algorithm>
