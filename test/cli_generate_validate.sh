@@ -7,13 +7,7 @@
 # after the build (make test); needs ./train and ./data/prepare too. No Python.
 set -euo pipefail
 
-TMP=$(mktemp -d)
-trap 'rm -rf "$TMP"' EXIT
-
-passed=0
-failed=0
-pass() { echo "PASS: $1"; passed=$((passed + 1)); }
-fail() { echo "FAIL: $1"; failed=$((failed + 1)); }
+source "$(dirname "$0")/cli_lib.bash"
 
 for bin in ./generate ./validate ./train ./data/prepare; do
     if [ ! -x "$bin" ]; then
@@ -22,57 +16,39 @@ for bin in ./generate ./validate ./train ./data/prepare; do
     fi
 done
 
-# runs "$@" and expects a non-zero exit with exactly one stderr line "error: ..."
-# that contains $2 (may be empty)
-expect_error() {
-    local desc=$1 want=$2
-    shift 2
-    if "$@" >"$TMP/out" 2>"$TMP/err" </dev/null; then
-        fail "$desc: exit status 0"
-        return
-    fi
-    local lines
-    lines=$(wc -l <"$TMP/err")
-    if [ "$lines" -eq 1 ] && grep -q '^error: ' "$TMP/err" && grep -qF -- "$want" "$TMP/err"; then
-        pass "$desc ($(cat "$TMP/err"))"
-    else
-        fail "$desc: expected one 'error:' line containing '$want', stderr was: $(cat "$TMP/err")"
-    fi
-}
-
 # runs "$@" and expects exit status 0
 expect_ok() {
     local desc=$1
     shift
-    if "$@" >"$TMP/out" 2>"$TMP/err" </dev/null; then
+    if "$@" >"$T/out" 2>"$T/err" </dev/null; then
         pass "$desc"
     else
-        fail "$desc: exit status $?, stderr: $(tail -n 3 "$TMP/err")"
+        fail "$desc: exit status $?, stderr: $(tail -n 3 "$T/err")"
     fi
 }
 
 # ---------------------------------------------------------------------------
 # a tiny checkpoint: bytes dataset from the repo's own sources, 3 training steps
-cat common.h cli.h config.h >"$TMP/text.txt"
-./data/prepare --input "$TMP/text.txt" --out "$TMP/data" --vocab 256 >/dev/null
-./train --preset tiny --steps 3 --seq-len 16 --batch-size 2 --out "$TMP/run" --data "$TMP/data" >"$TMP/train.log" 2>&1 ||
-    { echo "FAIL: ./train could not make the test checkpoint:"; tail -n 5 "$TMP/train.log"; exit 1; }
-RUN=$TMP/run        # a run directory: the binaries find RUN/checkpoint
-CKPT=$TMP/run/checkpoint
+cat common.h cli.h config.h >"$T/text.txt"
+./data/prepare --input "$T/text.txt" --out "$T/data" --vocab 256 >/dev/null
+./train --preset tiny --steps 3 --seq-len 16 --batch-size 2 --out "$T/run" --data "$T/data" >"$T/train.log" 2>&1 ||
+    { echo "FAIL: ./train could not make the test checkpoint:"; tail -n 5 "$T/train.log"; exit 1; }
+RUN=$T/run        # a run directory: the binaries find RUN/checkpoint
+CKPT=$T/run/checkpoint
 CONTEXT=64          # the tiny preset's max_position_embeddings
 GEN=(./generate --model "$RUN" --max-new-tokens 12 --quiet)
 
 # ---------------------------------------------------------------------------
 # help and bad command lines
 expect_ok "generate --help exits 0" ./generate --help
-grep -q -- "--max-new-tokens" "$TMP/out" && pass "generate --help lists the options" || fail "generate --help lists the options"
+grep -q -- "--max-new-tokens" "$T/out" && pass "generate --help lists the options" || fail "generate --help lists the options"
 expect_ok "validate --help exits 0" ./validate --help
-grep -q -- "--preset" "$TMP/out" && pass "validate --help lists the options" || fail "validate --help lists the options"
+grep -q -- "--preset" "$T/out" && pass "validate --help lists the options" || fail "validate --help lists the options"
 
 expect_error "generate: unknown flag" "--bogus" ./generate --model "$RUN" --bogus
 expect_error "validate: unknown flag" "--bogus" ./validate --model "$RUN" --bogus
-expect_error "generate: missing model dir" "does not exist" ./generate --model "$TMP/nowhere" --prompt hi
-expect_error "validate: missing model dir" "does not exist" ./validate --model "$TMP/nowhere"
+expect_error "generate: missing model dir" "does not exist" ./generate --model "$T/nowhere" --prompt hi
+expect_error "validate: missing model dir" "does not exist" ./validate --model "$T/nowhere"
 expect_error "generate: bad number" "not an integer" ./generate --model "$RUN" --max-new-tokens 12x
 expect_error "generate: bad float" "not a number" ./generate --model "$RUN" --temperature hot
 expect_error "generate: top-p out of range" "outside" ./generate --model "$RUN" --top-p 2
@@ -84,9 +60,9 @@ if ! nvidia-smi -L >/dev/null 2>&1; then
     expect_error "generate: --device gpu without a GPU" "no CUDA device" ./generate --model "$RUN" --device gpu --prompt hi
 fi
 expect_error "generate: --prompt with --prompts-file" "give one of" ./generate --model "$RUN" --prompt hi --prompts-file x
-expect_error "generate: missing prompts file" "x_missing" ./generate --model "$RUN" --prompts-file "$TMP/x_missing"
-: >"$TMP/empty_prompts.txt"
-expect_error "generate: empty prompts file" "no prompts" ./generate --model "$RUN" --prompts-file "$TMP/empty_prompts.txt"
+expect_error "generate: missing prompts file" "x_missing" ./generate --model "$RUN" --prompts-file "$T/x_missing"
+: >"$T/empty_prompts.txt"
+expect_error "generate: empty prompts file" "no prompts" ./generate --model "$RUN" --prompts-file "$T/empty_prompts.txt"
 expect_error "generate: --tokens id >= vocab" "outside the model's vocabulary" "${GEN[@]}" --tokens "1 2 256"
 expect_error "generate: --tokens not a number" "not a token id" "${GEN[@]}" --tokens "1 two"
 LONG=$(printf 'a%.0s' $(seq 1 100))
@@ -95,9 +71,9 @@ expect_error "generate: prompt longer than the context" "prompt is 100 tokens bu
 
 # damaged checkpoints: each one is refused by both binaries
 damaged() {  # damaged NAME: a copy of the checkpoint to break
-    rm -rf "${TMP:?}/$1"
-    cp -r "$CKPT" "$TMP/$1"
-    echo "$TMP/$1"
+    rm -rf "${T:?}/$1"
+    cp -r "$CKPT" "$T/$1"
+    echo "$T/$1"
 }
 D=$(damaged truncated)
 size=$(wc -c <"$D/model.safetensors")
@@ -123,63 +99,63 @@ expect_error "validate: config.json that is not JSON" "config.json" ./validate -
 
 # ---------------------------------------------------------------------------
 # sampling
-"${GEN[@]}" --prompt "int main" --seed 5 >"$TMP/a.txt" || fail "generate exited with status $? (line 118)"
-"${GEN[@]}" --prompt "int main" --seed 5 >"$TMP/b.txt" || fail "generate exited with status $? (line 119)"
-cmp -s "$TMP/a.txt" "$TMP/b.txt" && pass "generate: the same seed gives the same output" ||
+"${GEN[@]}" --prompt "int main" --seed 5 >"$T/a.txt" || fail "generate exited with status $? (line 118)"
+"${GEN[@]}" --prompt "int main" --seed 5 >"$T/b.txt" || fail "generate exited with status $? (line 119)"
+cmp -s "$T/a.txt" "$T/b.txt" && pass "generate: the same seed gives the same output" ||
     fail "generate: the same seed gives different outputs"
-head -c 8 "$TMP/a.txt" | grep -q "^int main" && pass "generate: the prompt is printed first" ||
+head -c 8 "$T/a.txt" | grep -q "^int main" && pass "generate: the prompt is printed first" ||
     fail "generate: output does not start with the prompt"
-printf 'int main' | "${GEN[@]}" --seed 5 >"$TMP/c.txt" || fail "generate exited with status $? (line 124)"
-cmp -s "$TMP/a.txt" "$TMP/c.txt" && pass "generate: a prompt on stdin equals --prompt" ||
+printf 'int main' | "${GEN[@]}" --seed 5 >"$T/c.txt" || fail "generate exited with status $? (line 124)"
+cmp -s "$T/a.txt" "$T/c.txt" && pass "generate: a prompt on stdin equals --prompt" ||
     fail "generate: a prompt on stdin differs from --prompt"
-"${GEN[@]}" --prompt "int main" --temperature 0 --seed 1 >"$TMP/g1.txt" || fail "generate exited with status $? (line 127)"
-"${GEN[@]}" --prompt "int main" --temperature 0 --seed 2 >"$TMP/g2.txt" || fail "generate exited with status $? (line 128)"
-cmp -s "$TMP/g1.txt" "$TMP/g2.txt" && pass "generate: --temperature 0 is the same for every seed" ||
+"${GEN[@]}" --prompt "int main" --temperature 0 --seed 1 >"$T/g1.txt" || fail "generate exited with status $? (line 127)"
+"${GEN[@]}" --prompt "int main" --temperature 0 --seed 2 >"$T/g2.txt" || fail "generate exited with status $? (line 128)"
+cmp -s "$T/g1.txt" "$T/g2.txt" && pass "generate: --temperature 0 is the same for every seed" ||
     fail "generate: --temperature 0 depends on the seed"
-"${GEN[@]}" --tokens "105 110 116 32" --seed 3 >"$TMP/t.txt" || fail "generate exited with status $? (line 131)"
-if grep -Eq '^[0-9]+( [0-9]+)*$' "$TMP/t.txt" && [ "$(wc -l <"$TMP/t.txt")" -eq 1 ] &&
-    [ "$(wc -w <"$TMP/t.txt")" -eq 16 ]; then
-    pass "generate --tokens prints only integers (4 prompt ids + 12 new): $(cat "$TMP/t.txt")"
+"${GEN[@]}" --tokens "105 110 116 32" --seed 3 >"$T/t.txt" || fail "generate exited with status $? (line 131)"
+if grep -Eq '^[0-9]+( [0-9]+)*$' "$T/t.txt" && [ "$(wc -l <"$T/t.txt")" -eq 1 ] &&
+    [ "$(wc -w <"$T/t.txt")" -eq 16 ]; then
+    pass "generate --tokens prints only integers (4 prompt ids + 12 new): $(cat "$T/t.txt")"
 else
-    fail "generate --tokens output is not 16 integers on one line: $(cat "$TMP/t.txt")"
+    fail "generate --tokens output is not 16 integers on one line: $(cat "$T/t.txt")"
 fi
-"${GEN[@]}" --tokens "" --seed 3 >"$TMP/e.txt" || fail "generate exited with status $? (line 138)"
-[ "$(wc -w <"$TMP/e.txt")" -eq 12 ] && pass "generate: an empty prompt starts from '\\n' and generates" ||
-    fail "generate: empty prompt output: $(cat "$TMP/e.txt")"
-./generate --model "$RUN" --prompt "int main" --max-new-tokens 1000 >"$TMP/full.txt" 2>"$TMP/full.err" || fail "generate exited with status $? (line 141)"
-grep -q "context is full" "$TMP/full.err" && grep -q "tokens/s" "$TMP/full.err" &&
-    grep -q "time to first token" "$TMP/full.err" &&
+"${GEN[@]}" --tokens "" --seed 3 >"$T/e.txt" || fail "generate exited with status $? (line 138)"
+[ "$(wc -w <"$T/e.txt")" -eq 12 ] && pass "generate: an empty prompt starts from '\\n' and generates" ||
+    fail "generate: empty prompt output: $(cat "$T/e.txt")"
+./generate --model "$RUN" --prompt "int main" --max-new-tokens 1000 >"$T/full.txt" 2>"$T/full.err" || fail "generate exited with status $? (line 141)"
+grep -q "context is full" "$T/full.err" && grep -q "tokens/s" "$T/full.err" &&
+    grep -q "time to first token" "$T/full.err" &&
     pass "generate: stops at a full context and reports tokens/s and time to first token" ||
-    fail "generate: stderr was: $(cat "$TMP/full.err")"
+    fail "generate: stderr was: $(cat "$T/full.err")"
 
 # without a GPU generate says once on stderr that it is on the slow CPU path (not with --quiet)
-./generate --model "$RUN" --prompt "int" --max-new-tokens 2 >/dev/null 2>"$TMP/note.err" || fail "generate exited with status $? (note)"
-./generate --model "$RUN" --prompt "int" --max-new-tokens 2 --quiet >/dev/null 2>"$TMP/quiet.err" || fail "generate exited with status $? (quiet)"
+./generate --model "$RUN" --prompt "int" --max-new-tokens 2 >/dev/null 2>"$T/note.err" || fail "generate exited with status $? (note)"
+./generate --model "$RUN" --prompt "int" --max-new-tokens 2 --quiet >/dev/null 2>"$T/quiet.err" || fail "generate exited with status $? (quiet)"
 if nvidia-smi -L >/dev/null 2>&1; then want=0; else want=1; fi
-[ "$(grep -c '^note: no GPU found, so this is the slow CPU reference path' "$TMP/note.err")" -eq "$want" ] && [ ! -s "$TMP/quiet.err" ] &&
+[ "$(grep -c '^note: no GPU found, so this is the slow CPU reference path' "$T/note.err")" -eq "$want" ] && [ ! -s "$T/quiet.err" ] &&
     pass "generate: the CPU-path note is printed $want time(s), and not with --quiet" ||
-    fail "generate: CPU note: '$(cat "$TMP/note.err")', with --quiet: '$(cat "$TMP/quiet.err")'"
+    fail "generate: CPU note: '$(cat "$T/note.err")', with --quiet: '$(cat "$T/quiet.err")'"
 
 # batch generation from a prompts file
-printf 'int main\nstatic\n\n' >"$TMP/prompts.txt"
-"${GEN[@]}" --prompts-file "$TMP/prompts.txt" --seed 5 >"$TMP/batch1.txt" || fail "generate exited with status $? (batch)"
-"${GEN[@]}" --prompts-file "$TMP/prompts.txt" --seed 5 >"$TMP/batch2.txt" || fail "generate exited with status $? (batch)"
-if [ "$(grep -c '^\[[0-2]\] ' "$TMP/batch1.txt")" -ge 3 ] && grep -q '^\[0\] int main' "$TMP/batch1.txt" &&
-    grep -q '^\[1\] static' "$TMP/batch1.txt"; then
+printf 'int main\nstatic\n\n' >"$T/prompts.txt"
+"${GEN[@]}" --prompts-file "$T/prompts.txt" --seed 5 >"$T/batch1.txt" || fail "generate exited with status $? (batch)"
+"${GEN[@]}" --prompts-file "$T/prompts.txt" --seed 5 >"$T/batch2.txt" || fail "generate exited with status $? (batch)"
+if [ "$(grep -c '^\[[0-2]\] ' "$T/batch1.txt")" -ge 3 ] && grep -q '^\[0\] int main' "$T/batch1.txt" &&
+    grep -q '^\[1\] static' "$T/batch1.txt"; then
     pass "generate --prompts-file prints each output with its index"
 else
-    fail "generate --prompts-file output: $(cat "$TMP/batch1.txt")"
+    fail "generate --prompts-file output: $(cat "$T/batch1.txt")"
 fi
-cmp -s "$TMP/batch1.txt" "$TMP/batch2.txt" && pass "generate --prompts-file: the same seed gives the same outputs" ||
+cmp -s "$T/batch1.txt" "$T/batch2.txt" && pass "generate --prompts-file: the same seed gives the same outputs" ||
     fail "generate --prompts-file: the same seed gives different outputs"
 # prompt 0 of a batch draws the coins of a single run with the same seed (on the CPU,
 # where a batch row computes exactly what a single sequence does; GPU GEMMs may
 # round differently for another batch size)
-"${GEN[@]}" --device cpu --prompt "int main" --seed 5 >"$TMP/a_cpu.txt" || fail "generate exited with status $? (cpu)"
-"${GEN[@]}" --device cpu --prompts-file "$TMP/prompts.txt" --seed 5 >"$TMP/batch_cpu.txt" || fail "generate exited with status $? (cpu)"
-head -c "$(wc -c <"$TMP/a_cpu.txt")" < <(sed -n '1s/^\[0\] //p' "$TMP/batch_cpu.txt") | cmp -s - "$TMP/a_cpu.txt" &&
+"${GEN[@]}" --device cpu --prompt "int main" --seed 5 >"$T/a_cpu.txt" || fail "generate exited with status $? (cpu)"
+"${GEN[@]}" --device cpu --prompts-file "$T/prompts.txt" --seed 5 >"$T/batch_cpu.txt" || fail "generate exited with status $? (cpu)"
+head -c "$(wc -c <"$T/a_cpu.txt")" < <(sed -n '1s/^\[0\] //p' "$T/batch_cpu.txt") | cmp -s - "$T/a_cpu.txt" &&
     pass "generate: prompt 0 of a batch equals the single-prompt run" ||
-    fail "generate: batch prompt 0 '$(head -1 "$TMP/batch_cpu.txt")' differs from '$(cat "$TMP/a_cpu.txt")'"
+    fail "generate: batch prompt 0 '$(head -1 "$T/batch_cpu.txt")' differs from '$(cat "$T/a_cpu.txt")'"
 
 # --jsonl: one JSON object per prompt per line, parseable although continuations hold
 # newlines. JSON_LINE is the whole line's grammar (strings as RFC 8259 has them);
@@ -189,16 +165,16 @@ head -c "$(wc -c <"$TMP/a_cpu.txt")" < <(sed -n '1s/^\[0\] //p' "$TMP/batch_cpu.
 STR='"([^"\\[:cntrl:]]|\\["\\/bfnrt]|\\u[0-9a-fA-F]{4})*"'
 NUM='[0-9]+\.[0-9]+'
 JSON_LINE="^\{\"index\": [0-9]+, \"prompt\": $STR, \"completion\": $STR, \"prompt_tokens\": [0-9]+, \"completion_tokens\": [0-9]+, \"stop\": \"(max_new_tokens|end_of_text|context_full)\", \"elapsed_s\": $NUM, \"time_to_first_token_s\": $NUM\}\$"
-printf 'int main\nsay "hi"\tto a\\b\n\nint \xff\xe2\x82 main\n' >"$TMP/jsonl_prompts.txt"
-"${GEN[@]}" --prompts-file "$TMP/jsonl_prompts.txt" --seed 5 --jsonl >"$TMP/batch.jsonl" || fail "generate --jsonl exited with status $?"
-if [ "$(wc -l <"$TMP/batch.jsonl")" -eq 4 ] && [ "$(LC_ALL=C grep -Ecv "$JSON_LINE" "$TMP/batch.jsonl")" -eq 0 ] &&
-    iconv -f UTF-8 -t UTF-8 "$TMP/batch.jsonl" >/dev/null 2>&1; then
+printf 'int main\nsay "hi"\tto a\\b\n\nint \xff\xe2\x82 main\n' >"$T/jsonl_prompts.txt"
+"${GEN[@]}" --prompts-file "$T/jsonl_prompts.txt" --seed 5 --jsonl >"$T/batch.jsonl" || fail "generate --jsonl exited with status $?"
+if [ "$(wc -l <"$T/batch.jsonl")" -eq 4 ] && [ "$(LC_ALL=C grep -Ecv "$JSON_LINE" "$T/batch.jsonl")" -eq 0 ] &&
+    iconv -f UTF-8 -t UTF-8 "$T/batch.jsonl" >/dev/null 2>&1; then
     pass "generate --jsonl: 4 prompts give 4 lines, each one JSON object of valid UTF-8"
 else
-    fail "generate --jsonl output: $(cat -v "$TMP/batch.jsonl")"
+    fail "generate --jsonl output: $(cat -v "$T/batch.jsonl")"
 fi
-field() { sed -n "$(($1 + 1))s/.*\"$2\": \([^,}]*\).*/\1/p" "$TMP/batch.jsonl"; }  # field LINE KEY (no commas in it)
-bytes=$(while IFS= read -r line; do printf '%s ' "$(printf '%s' "$line" | wc -c)"; done <"$TMP/jsonl_prompts.txt")
+field() { sed -n "$(($1 + 1))s/.*\"$2\": \([^,}]*\).*/\1/p" "$T/batch.jsonl"; }  # field LINE KEY (no commas in it)
+bytes=$(while IFS= read -r line; do printf '%s ' "$(printf '%s' "$line" | wc -c)"; done <"$T/jsonl_prompts.txt")
 if [ "$(field 0 index) $(field 1 index) $(field 2 index) $(field 3 index)" = "0 1 2 3" ] &&
     [ "$(field 0 prompt)" = '"int main"' ] && [ "$(field 1 prompt)" = '"say \"hi\"\tto a\\b"' ] && [ "$(field 2 prompt)" = '""' ] &&
     [ "$(field 3 prompt)" = "$(printf '"int \xef\xbf\xbd\xef\xbf\xbd main"')" ] &&
@@ -206,17 +182,17 @@ if [ "$(field 0 index) $(field 1 index) $(field 2 index) $(field 3 index)" = "0 
     [ "$(field 0 completion_tokens) $(field 2 completion_tokens)" = "12 12" ] && [ "$(field 0 stop)" = '"max_new_tokens"' ]; then
     pass "generate --jsonl: index, escaped prompt (invalid UTF-8 replaced), token counts and stop per prompt"
 else
-    fail "generate --jsonl fields (prompt bytes $bytes): $(cat -v "$TMP/batch.jsonl")"
+    fail "generate --jsonl fields (prompt bytes $bytes): $(cat -v "$T/batch.jsonl")"
 fi
 # with --tokens the prompt and completion are id arrays: the same ids as the plain run
-"${GEN[@]}" --tokens "105 110 116 32" --seed 3 --jsonl >"$TMP/t.jsonl" || fail "generate --tokens --jsonl exited with status $?"
-ids=$(sed -n 's/.*"prompt": \[\([0-9, ]*\)\], "completion": \[\([0-9, ]*\)\].*/\1, \2/p' "$TMP/t.jsonl" | tr -d ,)
-[ -n "$ids" ] && [ "$ids" = "$(cat "$TMP/t.txt")" ] && pass "generate --tokens --jsonl: the ids of the plain run ($ids)" ||
-    fail "generate --tokens --jsonl: '$(cat "$TMP/t.jsonl")' vs '$(cat "$TMP/t.txt")'"
+"${GEN[@]}" --tokens "105 110 116 32" --seed 3 --jsonl >"$T/t.jsonl" || fail "generate --tokens --jsonl exited with status $?"
+ids=$(sed -n 's/.*"prompt": \[\([0-9, ]*\)\], "completion": \[\([0-9, ]*\)\].*/\1, \2/p' "$T/t.jsonl" | tr -d ,)
+[ -n "$ids" ] && [ "$ids" = "$(cat "$T/t.txt")" ] && pass "generate --tokens --jsonl: the ids of the plain run ($ids)" ||
+    fail "generate --tokens --jsonl: '$(cat "$T/t.jsonl")' vs '$(cat "$T/t.txt")'"
 
-printf 'ok\n%s\n' "$LONG" >"$TMP/long_prompts.txt"
+printf 'ok\n%s\n' "$LONG" >"$T/long_prompts.txt"
 expect_error "generate: a prompts-file line longer than the context" "line 2: prompt is 100 tokens but the model's context is $CONTEXT" \
-    "${GEN[@]}" --prompts-file "$TMP/long_prompts.txt"
+    "${GEN[@]}" --prompts-file "$T/long_prompts.txt"
 
 # ---------------------------------------------------------------------------
 # integration checks
@@ -232,106 +208,106 @@ memory_column() {
 json_number() { grep -o "\"$2\": [-0-9.e+]*" "$1" | head -n 1 | sed 's/.*: //'; }
 
 expect_ok "validate: integration checks pass on the checkpoint" ./validate --model "$RUN"
-read -r x y < <(summary "$TMP/out") || true
-if [ -n "${y:-}" ] && [ "$y" -ge 4 ] && [ "$x" = "$y" ] && [ "$(grep -c ' PASS$' "$TMP/out")" -eq "$y" ] &&
-    grep -q "^no issues found$" "$TMP/out"; then
+read -r x y < <(summary "$T/out") || true
+if [ -n "${y:-}" ] && [ "$y" -ge 4 ] && [ "$x" = "$y" ] && [ "$(grep -c ' PASS$' "$T/out")" -eq "$y" ] &&
+    grep -q "^no issues found$" "$T/out"; then
     pass "validate: the table says passed $x of $y checks, no issues"
 else
-    fail "validate: table output: $(cat "$TMP/out")"
+    fail "validate: table output: $(cat "$T/out")"
 fi
-[ "$(grep -c '^validate: [1-5]/5 ' "$TMP/err")" -eq 5 ] && pass "validate: each of the 5 checks says on stderr when it starts" ||
-    fail "validate: progress lines on stderr: $(cat "$TMP/err")"
+[ "$(grep -c '^validate: [1-5]/5 ' "$T/err")" -eq 5 ] && pass "validate: each of the 5 checks says on stderr when it starts" ||
+    fail "validate: progress lines on stderr: $(cat "$T/err")"
 
 expect_ok "validate: integration checks pass on --preset tiny" ./validate --preset tiny --batches 4
 # tiny: context 64 (under 512, so its 1/8, 1/4, 1/2 and whole), kv_lora_rank 12, rope 4, 3 layers, 2 heads, nope 8, v 6
-lengths=$(memory_column "$TMP/out" seq_len | tr '\n' ' ')
-growth=$(memory_column "$TMP/out" cpu_growth | tail -n +2)
+lengths=$(memory_column "$T/out" seq_len | tr '\n' ' ')
+growth=$(memory_column "$T/out" cpu_growth | tail -n +2)
 if [ "$lengths" = "8 16 32 64 " ] && [ "$(echo "$growth" | wc -l)" -eq 3 ] &&
     echo "$growth" | awk '!($1 > 0 && $1 < 1.5) { bad = 1 } END { exit bad }' &&
-    memory_column "$TMP/out" cpu_bytes | awk 'NR > 1 && $1 <= prev { bad = 1 } { prev = $1 } END { exit bad }'; then
+    memory_column "$T/out" cpu_bytes | awk 'NR > 1 && $1 <= prev { bad = 1 } { prev = $1 } END { exit bad }'; then
     pass "validate: the CPU decoder's memory grows with the length, each ratio < 1.5: $(echo $growth)"
 else
-    fail "validate: memory table: lengths '$lengths', growth '$(echo $growth)': $(cat "$TMP/out")"
+    fail "validate: memory table: lengths '$lengths', growth '$(echo $growth)': $(cat "$T/out")"
 fi
 
 expect_ok "validate --json runs" ./validate --preset tiny --batches 2 --json
-names=$(grep -o '"name": "[a-z_]*", "passed": [a-z]*' "$TMP/out" | sed 's/"name": "\([a-z_]*\)".*/\1/' | tr '\n' ' ')
-if [ "$(wc -l <"$TMP/out")" -eq 1 ] && [ "$names" = "forward gradient_flow expert_utilisation memory gpu_vs_cpu " ] &&
-    grep -Eq '"summary": \{"passed": ([45]), "of": \1, "all_passed": true' "$TMP/out" &&
-    [ "$(grep -c '^validate: [1-5]/5 ' "$TMP/err")" -eq 5 ]; then
+names=$(grep -o '"name": "[a-z_]*", "passed": [a-z]*' "$T/out" | sed 's/"name": "\([a-z_]*\)".*/\1/' | tr '\n' ' ')
+if [ "$(wc -l <"$T/out")" -eq 1 ] && [ "$names" = "forward gradient_flow expert_utilisation memory gpu_vs_cpu " ] &&
+    grep -Eq '"summary": \{"passed": ([45]), "of": \1, "all_passed": true' "$T/out" &&
+    [ "$(grep -c '^validate: [1-5]/5 ' "$T/err")" -eq 5 ]; then
     pass "validate --json prints one object with a record per check and the summary (progress on stderr)"
 else
-    fail "validate --json output: names '$names': $(cat "$TMP/out")"
+    fail "validate --json output: names '$names': $(cat "$T/out")"
 fi
-tensors=$(grep -o '"tensor": "[^"]*", "shape": \[[0-9, ]*\], "grad_norm": [0-9.e+-]*, "nan": false, "inf": false' "$TMP/out" || true)
+tensors=$(grep -o '"tensor": "[^"]*", "shape": \[[0-9, ]*\], "grad_norm": [0-9.e+-]*, "nan": false, "inf": false' "$T/out" || true)
 if [ "$(echo "$tensors" | wc -l)" -eq 10 ] && echo "$tensors" | head -n 1 | grep -q '"model.embed_tokens.weight", "shape": \[61, 32\]' &&
     echo "$tensors" | sed 's/.*"grad_norm": \([^,]*\),.*/\1/' | awk '!($1 > 0) { bad = 1 } END { exit bad }'; then
     pass "validate --json: gradient flow lists 10 tensors with shape, a non-zero norm and NaN/inf flags"
 else
     fail "validate --json gradient table: $tensors"
 fi
-[ "$(json_number "$TMP/out" mla_cache_bytes_per_token)" = $((2 * (12 + 4) * 3)) ] &&
-    [ "$(json_number "$TMP/out" mha_cache_bytes_per_token)" = $((2 * (2 * (8 + 4) + 2 * 6) * 3)) ] &&
-    [ "$(json_number "$TMP/out" cpu_cache_bytes_per_token)" = $((4 * (12 + 4) * 3)) ] &&
+[ "$(json_number "$T/out" mla_cache_bytes_per_token)" = $((2 * (12 + 4) * 3)) ] &&
+    [ "$(json_number "$T/out" mha_cache_bytes_per_token)" = $((2 * (2 * (8 + 4) + 2 * 6) * 3)) ] &&
+    [ "$(json_number "$T/out" cpu_cache_bytes_per_token)" = $((4 * (12 + 4) * 3)) ] &&
     pass "validate --json: the latent cache's bytes per token (measured and formula) and the MHA cache's" ||
-    fail "validate --json memory numbers: $(grep -o '"name": "memory".*' "$TMP/out")"
+    fail "validate --json memory numbers: $(grep -o '"name": "memory".*' "$T/out")"
 
 # 2 tokens, top-3 of 8 experts: at least 2 experts get none, an unbalanced load (max/min inf)
-if ./validate --preset tiny --batches 1 --batch-size 1 --seq-len 2 >"$TMP/out" 2>"$TMP/err"; then
+if ./validate --preset tiny --batches 1 --batch-size 1 --seq-len 2 >"$T/out" 2>"$T/err"; then
     fail "validate: an unbalanced expert load exits 0"
 else
-    read -r x y < <(summary "$TMP/out") || true
-    if [ -n "${y:-}" ] && [ "$x" -eq $((y - $(grep -c ' FAIL$' "$TMP/out"))) ] && [ "$x" -lt "$y" ] &&
-        grep -q '^3\. expert utilisation .*FAIL$' "$TMP/out" && grep -q '^issues found:$' "$TMP/out" &&
-        grep -q '^  expert utilisation: unbalanced expert load in layer [0-9]*: max/min ratio inf >= 5 (loads 0.00% .. [0-9.]*% over 2 tokens, [2-8] idle)$' "$TMP/out"; then
+    read -r x y < <(summary "$T/out") || true
+    if [ -n "${y:-}" ] && [ "$x" -eq $((y - $(grep -c ' FAIL$' "$T/out"))) ] && [ "$x" -lt "$y" ] &&
+        grep -q '^3\. expert utilisation .*FAIL$' "$T/out" && grep -q '^issues found:$' "$T/out" &&
+        grep -q '^  expert utilisation: unbalanced expert load in layer [0-9]*: max/min ratio inf >= 5 (loads 0.00% .. [0-9.]*% over 2 tokens, [2-8] idle)$' "$T/out"; then
         pass "validate: an unbalanced expert load is an issue with its numbers (passed $x of $y, exit 1)"
     else
-        fail "validate: unbalanced expert load output: $(cat "$TMP/out")"
+        fail "validate: unbalanced expert load output: $(cat "$T/out")"
     fi
 fi
-./validate --preset tiny --batches 1 --batch-size 1 --seq-len 2 --json >"$TMP/out" 2>/dev/null && fail "validate --json: unbalanced load exits 0"
-grep -q '"name": "expert_utilisation", "passed": false' "$TMP/out" && grep -q '"all_passed": false, .*"issues": \[.*"expert utilisation: unbalanced' "$TMP/out" &&
+./validate --preset tiny --batches 1 --batch-size 1 --seq-len 2 --json >"$T/out" 2>/dev/null && fail "validate --json: unbalanced load exits 0"
+grep -q '"name": "expert_utilisation", "passed": false' "$T/out" && grep -q '"all_passed": false, .*"issues": \[.*"expert utilisation: unbalanced' "$T/out" &&
     pass "validate --json: the unbalanced load fails its check and is listed in the summary's issues" ||
-    fail "validate --json unbalanced load: $(cat "$TMP/out")"
+    fail "validate --json unbalanced load: $(cat "$T/out")"
 
-expect_ok "validate --checks on the checkpoint with --data" ./validate --model "$RUN" --data "$TMP/data/val.bin" --checks --json
-grep -q '"name": "gradient_flow", "passed": true' "$TMP/out" && pass "validate --checks: gradient flow passes on real data" ||
-    fail "validate --checks output: $(cat "$TMP/out")"
-LOSS_DATA=$(json_number "$TMP/out" loss)
+expect_ok "validate --checks on the checkpoint with --data" ./validate --model "$RUN" --data "$T/data/val.bin" --checks --json
+grep -q '"name": "gradient_flow", "passed": true' "$T/out" && pass "validate --checks: gradient flow passes on real data" ||
+    fail "validate --checks output: $(cat "$T/out")"
+LOSS_DATA=$(json_number "$T/out" loss)
 # a training run's checks, without --data, use data/default/val.bin (from the working directory, as
 # ./train does) when that dataset's tokenizer is the model's, and say so; else random tokens
-mkdir -p "$TMP/cwd_same/data" "$TMP/cwd_other/data"
-ln -s "$TMP/data" "$TMP/cwd_same/data/default"
-./data/prepare --input "$TMP/text.txt" --out "$TMP/cwd_other/data/default" --vocab 300 >/dev/null
-(cd "$TMP/cwd_same" && "$VALIDATE" --model "$RUN" --json) >"$TMP/out" 2>"$TMP/err" || fail "validate in cwd_same exited with status $?"
-grep -q '"data": "data/default/val.bin (the default dataset, whose tokenizer is the model' "$TMP/out" &&
-    [ "$(json_number "$TMP/out" loss)" = "$LOSS_DATA" ] && grep -q '"all_passed": true' "$TMP/out" &&
+mkdir -p "$T/cwd_same/data" "$T/cwd_other/data"
+ln -s "$T/data" "$T/cwd_same/data/default"
+./data/prepare --input "$T/text.txt" --out "$T/cwd_other/data/default" --vocab 300 >/dev/null
+(cd "$T/cwd_same" && "$VALIDATE" --model "$RUN" --json) >"$T/out" 2>"$T/err" || fail "validate in cwd_same exited with status $?"
+grep -q '"data": "data/default/val.bin (the default dataset, whose tokenizer is the model' "$T/out" &&
+    [ "$(json_number "$T/out" loss)" = "$LOSS_DATA" ] && grep -q '"all_passed": true' "$T/out" &&
     pass "validate: a run's checks use data/default/val.bin when its tokenizer is the model's (loss $LOSS_DATA as with --data) and pass" ||
-    fail "validate: run data ($LOSS_DATA with --data): $(cat "$TMP/out")"
-(cd "$TMP/cwd_other" && "$VALIDATE" --model "$RUN" --batches 2) >"$TMP/out" 2>"$TMP/err" || fail "validate in cwd_other exited with status $?"
-grep -q "from random tokens (seed 1337): the run does not record its data, and data/default/val.bin is missing or has another tokenizer" "$TMP/out" &&
-    pass "validate: a dataset of another tokenizer is not used, and the output says so" || fail "validate: other tokenizer: $(cat "$TMP/out")"
+    fail "validate: run data ($LOSS_DATA with --data): $(cat "$T/out")"
+(cd "$T/cwd_other" && "$VALIDATE" --model "$RUN" --batches 2) >"$T/out" 2>"$T/err" || fail "validate in cwd_other exited with status $?"
+grep -q "from random tokens (seed 1337): the run does not record its data, and data/default/val.bin is missing or has another tokenizer" "$T/out" &&
+    pass "validate: a dataset of another tokenizer is not used, and the output says so" || fail "validate: other tokenizer: $(cat "$T/out")"
 
 expect_ok "validate --device cpu" ./validate --preset tiny --batches 1 --device cpu
-grep -q "^5. GPU vs CPU .*SKIPPED" "$TMP/out" && grep -q "GPU decoder: skipped (--device cpu)" "$TMP/out" &&
-    grep -q "(skipped: GPU vs CPU: --device cpu)" "$TMP/out" &&
-    pass "validate --device cpu reports the GPU checks as skipped" || fail "validate --device cpu output: $(cat "$TMP/out")"
+grep -q "^5. GPU vs CPU .*SKIPPED" "$T/out" && grep -q "GPU decoder: skipped (--device cpu)" "$T/out" &&
+    grep -q "(skipped: GPU vs CPU: --device cpu)" "$T/out" &&
+    pass "validate --device cpu reports the GPU checks as skipped" || fail "validate --device cpu output: $(cat "$T/out")"
 if nvidia-smi -L >/dev/null 2>&1; then
     expect_ok "validate: the GPU checks pass on the checkpoint" ./validate --model "$RUN" --device gpu --json
-    grep -q '"name": "memory", "passed": true' "$TMP/out" && grep -q '"gpu_growth": ' "$TMP/out" &&
-        grep -q '"name": "gpu_vs_cpu", "passed": true' "$TMP/out" && grep -q '"summary": {"passed": 5, "of": 5' "$TMP/out" &&
-        pass "validate --json: the GPU decoder's memory and GPU vs CPU pass" || fail "validate --device gpu output: $(cat "$TMP/out")"
+    grep -q '"name": "memory", "passed": true' "$T/out" && grep -q '"gpu_growth": ' "$T/out" &&
+        grep -q '"name": "gpu_vs_cpu", "passed": true' "$T/out" && grep -q '"summary": {"passed": 5, "of": 5' "$T/out" &&
+        pass "validate --json: the GPU decoder's memory and GPU vs CPU pass" || fail "validate --device gpu output: $(cat "$T/out")"
 else
     expect_ok "validate without a GPU" ./validate --preset tiny --batches 1 --json
-    grep -q '"name": "gpu_vs_cpu", "passed": null, "skipped": "no CUDA device"' "$TMP/out" &&
-        pass "validate without a GPU reports the GPU checks as skipped" || fail "validate without a GPU: $(cat "$TMP/out")"
+    grep -q '"name": "gpu_vs_cpu", "passed": null, "skipped": "no CUDA device"' "$T/out" &&
+        pass "validate without a GPU reports the GPU checks as skipped" || fail "validate without a GPU: $(cat "$T/out")"
     expect_error "validate: --device gpu without a GPU" "no CUDA device" ./validate --model "$RUN" --device gpu
 fi
 
 # ---------------------------------------------------------------------------
 # loss mode: the window defaults to the run's training seq_len (16 here), else the context
-expect_ok "validate: loss mode" ./validate --model "$RUN" --data "$TMP/data/val.bin"
-LOSS1=$(cat "$TMP/out")
+expect_ok "validate: loss mode" ./validate --model "$RUN" --data "$T/data/val.bin"
+LOSS1=$(cat "$T/out")
 if [[ $LOSS1 =~ ^loss\ ([0-9.]+)\ over\ ([0-9]+)\ predictions\ \(seq_len\ 16,\ the\ training\ length\;\ (cpu|gpu)\)$ ]]; then
     digits=$(echo "${BASH_REMATCH[1]}" | tr -d '.' | sed 's/^0*//')
     [ "${#digits}" -ge 7 ] && pass "validate: loss printed with ${#digits} significant digits ($LOSS1)" ||
@@ -339,21 +315,21 @@ if [[ $LOSS1 =~ ^loss\ ([0-9.]+)\ over\ ([0-9]+)\ predictions\ \(seq_len\ 16,\ t
 else
     fail "validate: loss line has the wrong form: $LOSS1"
 fi
-./validate --model "$RUN" --data "$TMP/data/val.bin" >"$TMP/loss2.txt" || fail "validate exited with status $? (loss twice)"
-[ "$LOSS1" = "$(cat "$TMP/loss2.txt")" ] && pass "validate: the loss is the same when run twice" ||
-    fail "validate: losses differ: $LOSS1 vs $(cat "$TMP/loss2.txt")"
-./validate --model "$RUN" --data "$TMP/data/val.bin" --json >"$TMP/loss.json" || fail "validate exited with status $? (loss json)"
-grep -Eq '^\{"loss": [0-9.e+-]+, "predictions": [0-9]+, "seq_len": 16, "seq_len_from": "the training length", "device": "(cpu|gpu)"\}$' "$TMP/loss.json" &&
-    pass "validate --json loss mode: $(cat "$TMP/loss.json")" || fail "validate --json loss mode: $(cat "$TMP/loss.json")"
-./validate --model "$RUN" --data "$TMP/data/val.bin" --seq-len 8 --batch-size 3 >"$TMP/loss8.txt" || fail "validate exited with status $? (seq-len 8)"
-grep -q "(seq_len 8, --seq-len; " "$TMP/loss8.txt" && [ "$(cat "$TMP/loss8.txt")" != "$LOSS1" ] &&
-    pass "validate: --seq-len sets the window ($(cat "$TMP/loss8.txt"))" || fail "validate --seq-len 8: $(cat "$TMP/loss8.txt")"
-cp -r "$CKPT" "$TMP/weights_only"
-rm "$TMP/weights_only/trainer_state.json" "$TMP/weights_only/optimizer.safetensors"
-./validate --model "$TMP/weights_only" --data "$TMP/data/val.bin" >"$TMP/loss_ctx.txt" || fail "validate exited with status $? (weights only)"
-grep -q "(seq_len $CONTEXT, the context; " "$TMP/loss_ctx.txt" &&
-    pass "validate: without a training state the window is the context ($(cat "$TMP/loss_ctx.txt"))" ||
-    fail "validate: weights-only loss: $(cat "$TMP/loss_ctx.txt")"
+./validate --model "$RUN" --data "$T/data/val.bin" >"$T/loss2.txt" || fail "validate exited with status $? (loss twice)"
+[ "$LOSS1" = "$(cat "$T/loss2.txt")" ] && pass "validate: the loss is the same when run twice" ||
+    fail "validate: losses differ: $LOSS1 vs $(cat "$T/loss2.txt")"
+./validate --model "$RUN" --data "$T/data/val.bin" --json >"$T/loss.json" || fail "validate exited with status $? (loss json)"
+grep -Eq '^\{"loss": [0-9.e+-]+, "predictions": [0-9]+, "seq_len": 16, "seq_len_from": "the training length", "device": "(cpu|gpu)"\}$' "$T/loss.json" &&
+    pass "validate --json loss mode: $(cat "$T/loss.json")" || fail "validate --json loss mode: $(cat "$T/loss.json")"
+./validate --model "$RUN" --data "$T/data/val.bin" --seq-len 8 --batch-size 3 >"$T/loss8.txt" || fail "validate exited with status $? (seq-len 8)"
+grep -q "(seq_len 8, --seq-len; " "$T/loss8.txt" && [ "$(cat "$T/loss8.txt")" != "$LOSS1" ] &&
+    pass "validate: --seq-len sets the window ($(cat "$T/loss8.txt"))" || fail "validate --seq-len 8: $(cat "$T/loss8.txt")"
+cp -r "$CKPT" "$T/weights_only"
+rm "$T/weights_only/trainer_state.json" "$T/weights_only/optimizer.safetensors"
+./validate --model "$T/weights_only" --data "$T/data/val.bin" >"$T/loss_ctx.txt" || fail "validate exited with status $? (weights only)"
+grep -q "(seq_len $CONTEXT, the context; " "$T/loss_ctx.txt" &&
+    pass "validate: without a training state the window is the context ($(cat "$T/loss_ctx.txt"))" ||
+    fail "validate: weights-only loss: $(cat "$T/loss_ctx.txt")"
 
 # an llm.c token file (magic 20240520, version 1, uint16) whose third token, 300, is >= vocab 256
 le32() { printf "\\x$(printf %02x $(($1 & 255)))\\x$(printf %02x $(($1 >> 8 & 255)))\\x$(printf %02x $(($1 >> 16 & 255)))\\x$(printf %02x $(($1 >> 24 & 255)))"; }
@@ -363,67 +339,66 @@ le32() { printf "\\x$(printf %02x $(($1 & 255)))\\x$(printf %02x $(($1 >> 8 & 25
     le32 4
     head -c $((253 * 4)) /dev/zero
     printf '\x41\x00\x42\x00\x2c\x01\x43\x00'
-} >"$TMP/bad_vocab.bin"
+} >"$T/bad_vocab.bin"
 expect_error "validate: loss on a token file with a token >= vocab" "token 300 at position 2 is >= vocab_size 256" \
-    ./validate --model "$RUN" --data "$TMP/bad_vocab.bin"
-head -c 2000 "$TMP/data/val.bin" >"$TMP/truncated.bin"
-expect_error "validate: truncated token file" "truncated: header says" ./validate --model "$RUN" --data "$TMP/truncated.bin"
+    ./validate --model "$RUN" --data "$T/bad_vocab.bin"
+head -c 2000 "$T/data/val.bin" >"$T/truncated.bin"
+expect_error "validate: truncated token file" "truncated: header says" ./validate --model "$RUN" --data "$T/truncated.bin"
 {
     le32 12345
     le32 1
     le32 0
     head -c $((253 * 4)) /dev/zero
-} >"$TMP/bad_magic.bin"
-expect_error "validate: token file with a wrong magic" "bad magic" ./validate --model "$RUN" --data "$TMP/bad_magic.bin"
-expect_error "validate: missing token file" "cannot open" ./validate --model "$RUN" --data "$TMP/nothing.bin"
+} >"$T/bad_magic.bin"
+expect_error "validate: token file with a wrong magic" "bad magic" ./validate --model "$RUN" --data "$T/bad_magic.bin"
+expect_error "validate: missing token file" "cannot open" ./validate --model "$RUN" --data "$T/nothing.bin"
 
 # a batch whose latent caches cannot fit in memory is refused by its size before anything is allocated
 # (issue 10: 20,000 prompts x 2,000 new tokens ended in bad_alloc): mini caches 1.5 KiB a token, so 200,000
 # prompts of 1,024 tokens need 293 GiB
-./train --preset mini --steps 1 --seq-len 16 --batch-size 1 --device cpu --out "$TMP/mini" --data "$TMP/data" >/dev/null 2>&1
-awk 'BEGIN { for (i = 0; i < 200000; i++) print "a" }' >"$TMP/many_prompts.txt"
-expect_error "generate: a batch too large for memory" "GiB of latent cache" ./generate --model "$TMP/mini" --prompts-file "$TMP/many_prompts.txt" \
+./train --preset mini --steps 1 --seq-len 16 --batch-size 1 --device cpu --out "$T/mini" --data "$T/data" >/dev/null 2>&1
+awk 'BEGIN { for (i = 0; i < 200000; i++) print "a" }' >"$T/many_prompts.txt"
+expect_error "generate: a batch too large for memory" "GiB of latent cache" ./generate --model "$T/mini" --prompts-file "$T/many_prompts.txt" \
     --max-new-tokens 2000 --device cpu
 
 # ---------------------------------------------------------------------------
 # FP8: training with the emulated FP8 GEMMs (the CPU), kept on --resume, saved in
 # DeepSeek-V3's FP8 checkpoint format, which generate and validate load
-FP8=$TMP/fp8run
+FP8=$T/fp8run
 expect_ok "train --fp8 on the CPU, saved as FP8" ./train --preset tiny --steps 2 --seq-len 16 --batch-size 2 --fp8 --save-dtype fp8 \
-    --device cpu --out "$FP8" --data "$TMP/data"
+    --device cpu --out "$FP8" --data "$T/data"
 grep -q '"fp8": true' "$FP8/checkpoint/trainer_state.json" && pass "trainer_state.json records fp8" ||
     fail "trainer_state.json records fp8: $(grep fp8 "$FP8/checkpoint/trainer_state.json")"
 grep -q '"quant_method": "fp8"' "$FP8/checkpoint/config.json" && pass "config.json has DeepSeek's quantization_config" ||
     fail "config.json has no quantization_config"
-expect_ok "train --resume of an FP8 run" ./train --resume --steps 3 --device cpu --save-dtype fp8 --out "$FP8" --data "$TMP/data"
+expect_ok "train --resume of an FP8 run" ./train --resume --steps 3 --device cpu --save-dtype fp8 --out "$FP8" --data "$T/data"
 grep -q '"fp8": true' "$FP8/checkpoint/trainer_state.json" && pass "the resumed run is still FP8" || fail "the resumed run lost --fp8"
 expect_ok "generate from an FP8 checkpoint" ./generate --model "$FP8" --prompt hi --max-new-tokens 8 --quiet --device cpu
-expect_ok "validate an FP8 checkpoint" ./validate --model "$FP8" --data "$TMP/data/val.bin" --device cpu
-expect_ok "validate --fp8: the loss with the FP8 GEMMs" ./validate --model "$FP8" --data "$TMP/data/val.bin" --device cpu --fp8
+expect_ok "validate an FP8 checkpoint" ./validate --model "$FP8" --data "$T/data/val.bin" --device cpu
+expect_ok "validate --fp8: the loss with the FP8 GEMMs" ./validate --model "$FP8" --data "$T/data/val.bin" --device cpu --fp8
 expect_ok "validate --fp8: the checks, FP8 among them, pass" ./validate --preset tiny --fp8 --device cpu --json
-grep -q '"name": "fp8", "passed": true' "$TMP/out" && pass "validate --fp8 reports the FP8 check" ||
-    fail "validate --fp8 reports the FP8 check: $(head -c 300 "$TMP/out")"
+grep -q '"name": "fp8", "passed": true' "$T/out" && pass "validate --fp8 reports the FP8 check" ||
+    fail "validate --fp8 reports the FP8 check: $(head -c 300 "$T/out")"
 
 # ---------------------------------------------------------------------------
 # self-speculative decoding with the MTP module (CPU): greedy gives plain greedy's tokens, alone and in a batch
-MTP=$TMP/mtprun
-expect_ok "train --mtp on the CPU" ./train --preset tiny --mtp --steps 3 --seq-len 16 --batch-size 2 --device cpu --out "$MTP" --data "$TMP/data"
-./generate --model "$MTP" --tokens "1 2 3" --max-new-tokens 24 --temperature 0 --device cpu --no-speculative >"$TMP/plain" 2>/dev/null
-if ./generate --model "$MTP" --tokens "1 2 3" --max-new-tokens 24 --temperature 0 --device cpu >"$TMP/spec" 2>"$TMP/spec_err" &&
-    cmp -s "$TMP/plain" "$TMP/spec" && grep -q 'speculative: [0-9.]*% of [0-9]* drafts accepted' "$TMP/spec_err"; then
-    pass "generate: speculative greedy (the default with an MTP module) equals plain greedy ($(grep -o 'speculative: .*' "$TMP/spec_err"))"
+MTP=$T/mtprun
+expect_ok "train --mtp on the CPU" ./train --preset tiny --mtp --steps 3 --seq-len 16 --batch-size 2 --device cpu --out "$MTP" --data "$T/data"
+./generate --model "$MTP" --tokens "1 2 3" --max-new-tokens 24 --temperature 0 --device cpu --no-speculative >"$T/plain" 2>/dev/null
+if ./generate --model "$MTP" --tokens "1 2 3" --max-new-tokens 24 --temperature 0 --device cpu >"$T/spec" 2>"$T/spec_err" &&
+    cmp -s "$T/plain" "$T/spec" && grep -q 'speculative: [0-9.]*% of [0-9]* drafts accepted' "$T/spec_err"; then
+    pass "generate: speculative greedy (the default with an MTP module) equals plain greedy ($(grep -o 'speculative: .*' "$T/spec_err"))"
 else
-    fail "generate: speculative greedy equals plain greedy: $(cat "$TMP/plain") vs $(cat "$TMP/spec") $(tail -n 2 "$TMP/spec_err")"
+    fail "generate: speculative greedy equals plain greedy: $(cat "$T/plain") vs $(cat "$T/spec") $(tail -n 2 "$T/spec_err")"
 fi
-printf 'the\nto be or\n\nq\n' >"$TMP/mtp_prompts.txt"
-./generate --model "$MTP" --prompts-file "$TMP/mtp_prompts.txt" --max-new-tokens 20 --temperature 0 --device cpu --no-speculative \
-    >"$TMP/plain" 2>/dev/null
-./generate --model "$MTP" --prompts-file "$TMP/mtp_prompts.txt" --max-new-tokens 20 --temperature 0 --device cpu --speculative \
-    >"$TMP/spec" 2>/dev/null
-cmp -s "$TMP/plain" "$TMP/spec" && pass "generate: speculative greedy equals plain greedy in a batch" ||
-    fail "generate: speculative greedy equals plain greedy in a batch: $(head -c 300 "$TMP/spec")"
+printf 'the\nto be or\n\nq\n' >"$T/mtp_prompts.txt"
+./generate --model "$MTP" --prompts-file "$T/mtp_prompts.txt" --max-new-tokens 20 --temperature 0 --device cpu --no-speculative \
+    >"$T/plain" 2>/dev/null
+./generate --model "$MTP" --prompts-file "$T/mtp_prompts.txt" --max-new-tokens 20 --temperature 0 --device cpu --speculative \
+    >"$T/spec" 2>/dev/null
+cmp -s "$T/plain" "$T/spec" && pass "generate: speculative greedy equals plain greedy in a batch" ||
+    fail "generate: speculative greedy equals plain greedy in a batch: $(head -c 300 "$T/spec")"
 expect_ok "generate: speculative sampling" ./generate --model "$MTP" --prompt hi --max-new-tokens 16 --device cpu --speculative
-expect_error "generate --speculative without an MTP module" "no MTP module" ./generate --model "$TMP/run" --prompt hi --device cpu --speculative
+expect_error "generate --speculative without an MTP module" "no MTP module" ./generate --model "$T/run" --prompt hi --device cpu --speculative
 
-echo "cli_generate_validate: $passed passed, $failed failed"
-[ "$failed" -eq 0 ]
+finish

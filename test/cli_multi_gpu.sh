@@ -16,15 +16,7 @@ if [ "${gpus:-0}" -lt 2 ]; then
     exit 0
 fi
 
-T=$(mktemp -d /tmp/cli_multi_gpu.XXXXXX)
-trap 'rm -rf "$T"' EXIT
-failures=0
-pass() { printf 'PASS  %s\n' "$1"; }
-fail() {
-    printf 'FAIL  %s\n' "$1"
-    [ $# -gt 1 ] && printf '      %s\n' "$2"
-    failures=$((failures + 1))
-}
+source "$(dirname "$0")/cli_lib.bash"
 
 # the largest relative difference of the loss (column 2) of two runs over steps FROM..TO; "missing" when a
 # step is absent from either
@@ -172,8 +164,4 @@ else
     fail "--num-processes 2 run reaches step 3" "$(tail -3 "$T/kill0.err")"
 fi
 
-if [ $failures -ne 0 ]; then
-    echo "$failures multi-GPU check(s) failed"
-    exit 1
-fi
-echo "all multi-GPU checks passed"
+finish

@@ -8,31 +8,7 @@ set -euo pipefail
 # the tiny model dozens of times slower. Passive waiting changes no result.
 export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-passive}
 
-T=$(mktemp -d /tmp/cli_train.XXXXXX)
-trap 'rm -rf "$T"' EXIT
-failures=0
-
-pass() { printf 'PASS  %s\n' "$1"; }
-fail() {
-    printf 'FAIL  %s\n' "$1"
-    [ $# -gt 1 ] && printf '      %s\n' "$2"
-    failures=$((failures + 1))
-}
-
-# expect_error NAME WANT CMD... : CMD exits non-zero with exactly one stderr line,
-# "error: ...", that contains WANT (the flag or file at fault)
-expect_error() {
-    local name=$1 want=$2 rc=0
-    shift 2
-    "$@" >"$T/stdout" 2>"$T/stderr" || rc=$?
-    local lines
-    lines=$(wc -l <"$T/stderr")
-    if [ "$rc" -ne 0 ] && [ "$lines" -eq 1 ] && grep -q '^error: ' "$T/stderr" && grep -qF -- "$want" "$T/stderr"; then
-        pass "$name"
-    else
-        fail "$name" "exit $rc, $lines stderr line(s), wanted one 'error: ...' naming '$want': $(head -c 300 "$T/stderr")"
-    fi
-}
+source "$(dirname "$0")/cli_lib.bash"
 
 # le32 N: N as 4 little-endian bytes; le16 N: 2 bytes
 le32() { printf "\\x$(printf %02x $(($1 & 255)))\\x$(printf %02x $((($1 >> 8) & 255)))\\x$(printf %02x $((($1 >> 16) & 255)))\\x$(printf %02x $((($1 >> 24) & 255)))"; }
@@ -309,8 +285,4 @@ fi
 expect_error "--mtp-lambda out of range" "--mtp-lambda" ./train --mtp-lambda -1
 
 # ---------------------------------------------------------------------------
-if [ "$failures" -ne 0 ]; then
-    echo "cli_train.sh: $failures check(s) failed"
-    exit 1
-fi
-echo "cli_train.sh: all checks passed"
+finish
