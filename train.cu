@@ -117,7 +117,8 @@ static const char* USAGE =
     "Logging and checkpoints\n"
     "  --val-every N           val loss and expert load every N steps and at the end;\n"
     "                          0 = only at the end (default 50)\n"
-    "  --val-tokens N          at most N val tokens are evaluated (default 8192)\n"
+    "  --val-tokens N          evaluate the first N tokens of the validation split only\n"
+    "                          (default 0: all of it; the val loss is over the whole split)\n"
     "  --save-every N          checkpoint every N steps and at the end; 0 = only at the\n"
     "                          end (default 100)\n"
     "  --sample-every N        print a sample every N steps and at the end; 0 = off\n"
@@ -169,7 +170,7 @@ struct Args {
     bool steps_given = false;
     TrainOptions opt;
     int val_every = 50;
-    int val_tokens = 8192;
+    int val_tokens = 0;  // 0: the whole validation split
     int save_every = 100;
     int sample_every = 100;
     int sample_tokens = 48;
@@ -285,7 +286,8 @@ static bool parse_args(int argc, char** argv, Args& a) {
             a.val_every = (int)cli_int(cli, 0, BIG);
             fixed = false;
         } else if (n == "--val-tokens") {
-            a.val_tokens = (int)cli_int(cli, 2, INT32_MAX);
+            a.val_tokens = (int)cli_int(cli, 0, INT32_MAX);
+            if (a.val_tokens == 1) fail("--val-tokens: 1 token predicts nothing; give 0 (all) or at least 2");
             fixed = false;
         } else if (n == "--save-every") {
             a.save_every = (int)cli_int(cli, 0, BIG);
@@ -686,7 +688,8 @@ static int train(Args& a) {
                     "models or data (every rank must read the same checkpoint and token files)");
     std::vector<int> val_tokens;
     uint64_t val_total = 0;
-    if (!val_pattern.empty()) val_tokens = read_val_tokens(val_pattern, c.vocab_size, (size_t)a.val_tokens, &val_total);
+    if (!val_pattern.empty())
+        val_tokens = read_val_tokens(val_pattern, c.vocab_size, a.val_tokens > 0 ? (size_t)a.val_tokens : SIZE_MAX, &val_total);
 
     // the header
     size_t params = 0, inactive = 0;
@@ -712,7 +715,12 @@ static int train(Args& a) {
            fmt_count((double)params).c_str(), fmt_count((double)(params - inactive)).c_str());
     printf("data: train %s (%s tokens)", train_pattern.c_str(), fmt_count((double)loader.total).c_str());
     if (val_tokens.empty()) printf(" | no validation data\n");
-    else printf(" | val %s (%s tokens, %zu evaluated)\n", val_pattern.c_str(), fmt_count((double)val_total).c_str(), val_tokens.size());
+    else if (val_tokens.size() < val_total)
+        printf(" | val %s (%s tokens; the first %zu evaluated, --val-tokens)\n", val_pattern.c_str(), fmt_count((double)val_total).c_str(),
+               val_tokens.size());
+    else printf(" | val %s (%s tokens, all evaluated)\n", val_pattern.c_str(), fmt_count((double)val_total).c_str());
+    // a val loss over part of the split says so wherever it is printed
+    const std::string val_name = val_tokens.size() < val_total ? strfmt("val loss (first %zu tokens)", val_tokens.size()) : "val loss";
     printf("training: %d steps of %s%d x %d x %d = %lld tokens | lr %g, warmup %d, cosine to %g | device %s\n", a.steps,
            dist.world > 1 ? strfmt("%d x ", dist.world).c_str() : "", o.batch_size, o.seq_len, o.grad_accum, tokens_per_step, o.optim.lr,
            o.optim.warmup_steps,
@@ -800,7 +808,7 @@ static int train(Args& a) {
             dist_heartbeat();
             last_val = val;
             if (val < st.best_val_loss) st.best_val_loss = val;
-            printf("val loss %.4f (best %.4f)\n", val, st.best_val_loss);
+            printf("%s %.4f (best %.4f)\n", val_name.c_str(), val, st.best_val_loss);
             // expert utilisation since the last report: the fraction of tokens routed to each expert
             if (moe_blocks) {
                 printf("expert load (fraction of tokens per expert; balanced = %.3f):\n",
@@ -850,7 +858,7 @@ static int train(Args& a) {
     }
 
     printf("done: %d steps in %s", a.steps - first, fmt_duration(now_seconds() - t_begin).c_str());
-    if (!val_tokens.empty()) printf(" | final val loss %.4f, best %.4f", last_val, st.best_val_loss);
+    if (!val_tokens.empty()) printf(" | final %s %.4f, best %.4f", val_name.c_str(), last_val, st.best_val_loss);
     printf(" | checkpoint %s | metrics %s | curve %s\n", ckpt.c_str(), metrics_path.c_str(), svg_path.c_str());
     model_free_gpu(m);
     return 0;

@@ -98,6 +98,21 @@ if [ "$(awk -F, 'NR > 1 && $3 != ""' "$R/metrics.csv" | wc -l)" -eq 3 ]; then
 else
     fail "val loss logged at steps 4, 8, 12" "$(cat "$R/metrics.csv")"
 fi
+# a val loss over part of the split names the sample; without --val-tokens the whole split is evaluated
+if ./train "${SMALL[@]}" --val-tokens 100 --steps 1 --sample-every 0 --out "$T/part" >"$T/part.log" 2>&1 &&
+    grep -q 'the first 100 evaluated, --val-tokens' "$T/part.log" && grep -q '^val loss (first 100 tokens) [0-9.]* (best ' "$T/part.log" &&
+    grep -q 'final val loss (first 100 tokens) ' "$T/part.log"; then
+    pass "a capped val loss names its sample"
+else
+    fail "a capped val loss names its sample" "$(grep -i val "$T/part.log" | head -3)"
+fi
+if ./train --data "$D" --preset tiny --batch-size 4 --seq-len 32 --steps 1 --sample-every 0 --out "$T/whole" >"$T/whole.log" 2>&1 &&
+    grep -q 'tokens, all evaluated)' "$T/whole.log" && grep -q '^val loss [0-9.]* (best ' "$T/whole.log"; then
+    pass "by default the whole validation split is evaluated"
+else
+    fail "by default the whole validation split is evaluated" "$(grep -i val "$T/whole.log" | head -3)"
+fi
+expect_error "--val-tokens 1" "--val-tokens" ./train --val-tokens 1
 if grep -q '<svg' "$R/loss.svg" && grep -q '</svg>' "$R/loss.svg" && grep -q 'polyline' "$R/loss.svg"; then
     pass "loss.svg is an SVG with a curve"
 else
