@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# bench/run.sh — the training benchmarks of issue 3 in one process, on the device
-# machine: throughput and device memory of ./train against the PyTorch peer
-# (bench/pytorch_train.py, eager and torch.compile) for the mini and small presets,
-# then the time from process start to validation loss <= 1.47 on tinyshakespeare.
+# bench/run.sh — the training benchmarks in one process, on the device machine:
+# throughput and device memory of ./train against the PyTorch peer
+# (bench/pytorch_train.py, eager and torch.compile) for the mini and small presets at
+# 8 x 256 and at the shapes people train with (small 16 x 1024, mini 64 x 512), our
+# MFU by the peer's FLOP count and peak, then the time from process start to a
+# whole-split validation loss <= 1.47 on tinyshakespeare.
 # Prints one line per measurement; the PyTorch results also go to $OUT (or bench/out).
 #
 #   bash bench/run.sh [runs] [tinyshakespeare.txt]     (default 5 runs of each of ours)
@@ -32,10 +34,23 @@ ours() {  # preset batch seq steps vocab
         all+=("$(awk -F, 'NR > 11 { print $6 }' "/tmp/bench_$preset/metrics.csv" | median)")
     done
     printf '%s\n' "${all[@]}" | sort -g | awk -v p="$preset" -v b="$b" -v t="$t" '{ a[NR] = $1 } END { printf "ours %s B=%d T=%d: %.0f tok/s (median of %d runs: %s)\n", p, b, t, a[int((NR + 1) / 2)], NR, a[1] "-" a[NR] }'
+    printf '%s\n' "${all[@]}" | median > "$out/ours_${preset}_${b}x${t}.txt"
 }
 peer() {  # preset batch seq mode
     PYTHONUNBUFFERED=1 python3 bench/pytorch_train.py --preset "$1" --batch-size "$2" --seq-len "$3" --mode "$4" --steps 30 \
-        --quiet --json "$out/pytorch_$1_$4.json" 2>/dev/null | grep RESULT || echo "pytorch $1 $4: failed"
+        --quiet --json "$out/pytorch_$1_$2x$3_$4.json" 2>/dev/null | grep RESULT || echo "pytorch $1 B=$2 T=$3 $4: failed"
+}
+# our MFU with the peer's analytic FLOP count and peak (bench/pytorch_train.py), and ours over the peer
+mfu() {  # preset batch seq mode
+    local json="$out/pytorch_$1_$2x$3_$4.json"
+    [ -f "$json" ] || { echo "mfu $1 B=$2 T=$3: no peer result"; return; }
+    python3 - "$json" "$(cat "$out/ours_$1_$2x$3.txt")" "$1 B=$2 T=$3" "$4" <<'PY'
+import json, sys
+r, ours, what, mode = json.load(open(sys.argv[1])), float(sys.argv[2]), sys.argv[3], sys.argv[4]
+flops, peak = r["flops_per_token"], r["peak_tflops"]
+print(f"mfu {what}: ours {100 * ours * flops / (peak * 1e12):.1f}%, peer ({mode}) {100 * r['mfu']:.1f}% "
+      f"({flops / 1e6:.1f} MFLOP/token, peak {peak:g} TFLOP/s); ours / peer {ours / r['tokens_per_sec_median']:.2f}x")
+PY
 }
 # bytes, first 90% train / last 10% val; the mini preset, batch 32 x 256, 2000 steps
 shakespeare() {
@@ -56,8 +71,12 @@ shakespeare() {
 }
 ours mini 8 256 60 1024
 ours small 8 256 40 32768
-peer mini 8 256 eager
-peer small 8 256 eager
-peer mini 8 256 compile
-peer small 8 256 compile
+ours small 16 1024 30 32768
+ours mini 64 512 60 1024
+for shape in "mini 8 256" "small 8 256" "small 16 1024" "mini 64 512"; do
+    for mode in eager compile; do
+        peer $shape $mode
+        mfu $shape $mode
+    done
+done
 if [ -f "$text" ]; then shakespeare; else echo "tinyshakespeare: skipped ($text not found)"; fi
