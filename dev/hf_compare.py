@@ -264,8 +264,8 @@ def compare_hf_to_ours(label, extra, rope, seed, work):
 
 def compare_ours_to_hf(work, mtp=False):
     """Train a few steps with our binary, then load the checkpoint in transformers. With mtp the
-    checkpoint holds the MTP module (trained on the CPU: the GPU path has no MTP kernels yet), which
-    transformers leaves unused: the main model must load and match all the same."""
+    checkpoint holds the MTP module, which transformers leaves unused: the main model must load and
+    match all the same."""
     text = os.path.join(work, "text.txt")
     with open(text, "w") as f:
         f.write(word_text(5, 20000))
@@ -275,7 +275,7 @@ def compare_ours_to_hf(work, mtp=False):
         subprocess.run(["./data/prepare", "--input", text, "--out", data, "--vocab", "256"], check=True, stdout=subprocess.DEVNULL)
     subprocess.run(["./train", "--preset", "tiny", "--vocab-size", "256", "--steps", "6", "--seq-len", "16", "--batch-size", "4",
                     "--data", data, "--out", run_dir, "--val-every", "0", "--sample-every", "0"]
-                   + (["--mtp", "--device", "cpu"] if mtp else []), check=True, stdout=subprocess.DEVNULL)
+                   + (["--mtp"] if mtp else []), check=True, stdout=subprocess.DEVNULL)
     ckpt = os.path.join(run_dir, "checkpoint")
     model = DeepseekV3ForCausalLM.from_pretrained(ckpt, attn_implementation="eager").float()
     bias = [b for n, b in model.named_buffers() if n.endswith("e_score_correction_bias")]
