@@ -67,7 +67,7 @@ static const char* USAGE =
     "  --mtp                   add DeepSeek-V3's multi-token-prediction module to the preset\n"
     "                          or config (num_nextn_predict_layers 1): one more block that\n"
     "                          predicts the token after next from the main model's output\n"
-    "                          and the next token's embedding (CPU only so far)\n"
+    "                          and the next token's embedding; generate drafts with it\n"
     "\n"
     "Run directory\n"
     "  --out DIR               default runs/default; holds checkpoint/ (config.json,\n"
