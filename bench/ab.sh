@@ -8,12 +8,12 @@
 #   bash bench/ab.sh OLD [runs]            (default 5 runs per side and shape)
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source bench/lib.bash
 old=$1
 runs=${2:-5}
 (make -j16 train data/prepare >/dev/null) & (make -C "$old" -j16 train >/dev/null) & wait
 [ -f data/default/train.bin ] || ./data/prepare --default --out data/default --vocab 1024 >/dev/null
 echo "card: $(nvidia-smi --query-gpu=name --format=csv,noheader | head -1), $(date -u +%Y-%m-%d)"
-median() { sort -g | awk '{ a[NR] = $1 } END { print a[int((NR + 1) / 2)] }'; }
 tokens_per_s() {  # dir preset batch seq steps vocab: median tok/s over steps 11..
     (cd "$1" && ./train --data "$OLDPWD/data/default" --preset "$2" --vocab-size "$6" --batch-size "$3" --seq-len "$4" --steps "$5" \
         --device gpu --val-every 0 --sample-every 0 --save-every 0 --overwrite --out /tmp/ab_run > /tmp/ab_run.log)

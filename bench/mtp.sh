@@ -16,29 +16,13 @@
 #                                    included) and the drafts' acceptance
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source bench/lib.bash
 mode=${1:-speed}
-make -j16 train data/prepare >/dev/null
-[ -f data/default/train.bin ] || ./data/prepare --default --out data/default --vocab 1024 >/dev/null
-echo "card: $(nvidia-smi --query-gpu=name --format=csv,noheader | head -1), $(date -u +%Y-%m-%d)"
-median() { sort -g | awk '{ a[NR] = $1 } END { print a[int((NR + 1) / 2)] }'; }
+bench_setup train data/prepare generate
 if [ "$mode" = speed ]; then
-    runs=${2:-3}
-    plain=() mtp=()
-    for _ in $(seq "$runs"); do
-        for flags in "" --mtp; do
-            ./train --data data/default --preset small --vocab-size 32768 --batch-size 16 --seq-len 1024 --steps 25 $flags \
-                --device gpu --sample-every 0 --save-every 0 --val-every 0 --val-tokens 2 --overwrite --out /tmp/mtp_run > /tmp/mtp_run.log
-            tps=$(awk -F, 'NR > 6 { print $6 }' /tmp/mtp_run/metrics.csv | median)
-            mem=$(grep -o 'gpu ([0-9.]* MiB' /tmp/mtp_run.log | tr -d '(' | awk '{ print $2 }')
-            if [ -z "$flags" ]; then plain+=("$tps"); mem_plain=$mem; else mtp+=("$tps"); mem_mtp=$mem; fi
-        done
-    done
-    a=$(printf '%s\n' "${plain[@]}" | median)
-    b=$(printf '%s\n' "${mtp[@]}" | median)
-    echo "small B=16 T=1024: without $a tok/s ($mem_plain MiB), --mtp $b tok/s ($mem_mtp MiB), step time +$(awk -v a="$a" -v b="$b" 'BEGIN { printf "%.1f", (a / b - 1) * 100 }')% (runs: ${plain[*]} / ${mtp[*]})"
+    flag_speed --mtp small 16 1024 25 "${2:-3}"
 elif [ "$mode" = decode ]; then
     runs=${2:-3} data=${3:-data/default} prompt=${4:-"The "}
-    make -j16 generate >/dev/null
     ckpt=bench/out/mtp_loss_$(basename "$data")_mtp
     [ -f "$ckpt/checkpoint/config.json" ] || ./train --data "$data" --preset small --batch-size 8 --seq-len 256 --steps 2000 --mtp \
         --device gpu --sample-every 0 --save-every 0 --val-every 0 --overwrite --out "$ckpt" > "$ckpt.log"
@@ -62,13 +46,5 @@ elif [ "$mode" = decode ]; then
         done
     done
 else
-    steps=${2:-2000} data=${3:-data/default}
-    mkdir -p bench/out
-    for flags in "" --mtp; do
-        name=bench/out/mtp_loss_$(basename "$data")_${flags:-plain}
-        name=${name//--/}
-        ./train --data "$data" --preset small --batch-size 8 --seq-len 256 --steps "$steps" $flags --device gpu --sample-every 0 \
-            --save-every 0 --val-every 250 --val-tokens 100000000 --overwrite --out "$name" > "$name.log"
-        echo "small 8x256 ${flags:-plain} on $data: step,loss,val_loss at the end: $(tail -1 "$name/metrics.csv" | cut -d, -f1-3)"
-    done
+    flag_loss --mtp "${2:-2000}" "${3:-data/default}"
 fi

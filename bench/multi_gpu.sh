@@ -6,6 +6,7 @@
 #   bash bench/multi_gpu.sh [runs] [steps]      (default 3 runs of 30 steps each)
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source bench/lib.bash
 # NVLink multicast (NVLS) stays off: on the shared device machines a program using it can take the GPUs out of
 # service; the plain NVLink ring and tree are what this measures
 export NCCL_NVLS_ENABLE=0
@@ -14,8 +15,6 @@ steps=${2:-30}
 make -j16 train data/prepare >/dev/null
 [ -f data/default/train.bin ] || ./data/prepare --default --out data/default --vocab 1024 >/dev/null
 echo "cards: $(nvidia-smi --query-gpu=name --format=csv,noheader | sort | uniq -c | xargs), $(date -u +%Y-%m-%d)"
-
-median() { sort -g | awk '{ a[NR] = $1 } END { print a[int((NR + 1) / 2)] }'; }
 
 # tokens/s (all ranks' tokens) of one configuration: the median over runs
 measure() {  # name, then train's extra options

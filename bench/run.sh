@@ -13,16 +13,12 @@
 # committed; copy it into an ignored folder and pass its path).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source bench/lib.bash
 runs=${1:-5}
 text=${2:-.bench_data/tinyshakespeare.txt}
 out=${OUT:-bench/out}
 mkdir -p "$out"
-make -j16 train data/prepare >/dev/null
-[ -f data/default/train.bin ] || ./data/prepare --default --out data/default --vocab 1024 >/dev/null
-card=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)
-echo "card: $card, $(date -u +%Y-%m-%d)"
-
-median() { sort -g | awk '{ a[NR] = $1 } END { print a[int((NR + 1) / 2)] }'; }
+bench_setup train data/prepare
 
 # ours: median tokens/s over steps 11.. of each run, then the median over runs
 ours() {  # preset batch seq steps vocab

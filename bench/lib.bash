@@ -1,0 +1,50 @@
+# bench/lib.bash — what the benchmark scripts (bench/*.sh) share, sourced from the repository root after their
+# `set -euo pipefail`: the median, the setup every run starts with, and the with/without comparisons of one
+# ./train flag that fp8.sh and mtp.sh make.
+
+median() { sort -g | awk '{ a[NR] = $1 } END { print a[int((NR + 1) / 2)] }'; }
+
+# bench_setup TARGET...: builds them, writes the default dataset when it is missing, names the card and the date
+bench_setup() {
+    make -j16 "$@" >/dev/null
+    [ -f data/default/train.bin ] || ./data/prepare --default --out data/default --vocab 1024 >/dev/null
+    echo "card: $(nvidia-smi --query-gpu=name --format=csv,noheader | head -1), $(date -u +%Y-%m-%d)"
+}
+
+# flag_speed FLAG PRESET BATCH SEQ STEPS RUNS: ./train on the default data without and with FLAG, alternated so
+# that drift of the card hits both alike. Each run's median tokens/s over the steps after the sixth, then the
+# median over the runs; the device memory train reports; the ratio and the step-time change.
+flag_speed() {
+    local flag=$1 preset=$2 b=$3 t=$4 steps=$5 runs=$6 without=() with=() mem_without mem_with
+    for _ in $(seq "$runs"); do
+        for flags in "" "$flag"; do
+            ./train --data data/default --preset "$preset" --vocab-size 32768 --batch-size "$b" --seq-len "$t" --steps "$steps" $flags \
+                --device gpu --sample-every 0 --save-every 0 --val-every 0 --val-tokens 2 --overwrite --out /tmp/flag_run > /tmp/flag_run.log
+            local tps mem
+            tps=$(awk -F, 'NR > 6 { print $6 }' /tmp/flag_run/metrics.csv | median)
+            mem=$(grep -o 'gpu ([0-9.]* MiB' /tmp/flag_run.log | tr -d '(' | awk '{ print $2 }')
+            if [ -z "$flags" ]; then without+=("$tps"); mem_without=$mem; else with+=("$tps"); mem_with=$mem; fi
+        done
+    done
+    local a b_
+    a=$(printf '%s\n' "${without[@]}" | median)
+    b_=$(printf '%s\n' "${with[@]}" | median)
+    echo "$preset B=$b T=$t: without $a tok/s ($mem_without MiB), $flag $b_ tok/s ($mem_with MiB):" \
+        "$(awk -v a="$a" -v b="$b_" 'BEGIN { printf "%.3fx the tokens/s, step time %+.1f%%", b / a, (a / b - 1) * 100 }')" \
+        "(runs: ${without[*]} / ${with[*]})"
+}
+
+# flag_loss FLAG STEPS DATA: small at 8 x 256 without and with FLAG, from the same seed and data order, the
+# validation loss over the whole split every 250 steps; each run's log and metrics.csv under
+# bench/out/<flag>_loss_<data>_{plain,<flag>}
+flag_loss() {
+    local flag=$1 steps=$2 data=$3 name
+    mkdir -p bench/out
+    for flags in "" "$flag"; do
+        name=bench/out/${flag#--}_loss_$(basename "$data")_${flags:-plain}
+        name=${name//--/}
+        ./train --data "$data" --preset small --batch-size 8 --seq-len 256 --steps "$steps" $flags --device gpu --sample-every 0 \
+            --save-every 0 --val-every 250 --overwrite --out "$name" > "$name.log"
+        echo "small 8x256 ${flags:-plain} on $data: step,loss,val_loss at the end: $(tail -1 "$name/metrics.csv" | cut -d, -f1-3)"
+    done
+}
