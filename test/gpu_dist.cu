@@ -20,20 +20,6 @@ int gpu_count() {
     return cudaGetDeviceCount(&count) == cudaSuccess ? count : 0;
 }
 
-std::string temp_dir(const char* name) {
-    std::string d = strfmt("/tmp/dsv3_gpu_dist_%d_%s", (int)getpid(), name);
-    remove_tree(d);
-    make_dirs(d);
-    return d;
-}
-
-std::string token_file(const std::string& dir, int n, int vocab) {
-    std::vector<int> t(n);
-    for (int i = 0; i < n; i++) t[i] = (i % 5 == 2) ? (int)(rng_hash(41, i) % vocab) : (i * 7) % 13 + 3;
-    std::string path = dir + "/tokens.bin";
-    write_token_file(path, t, 1);
-    return path;
-}
 
 // what a run leaves: per step loss, balance loss and gradient norm; then the gathered state
 struct RunResult {
@@ -93,10 +79,10 @@ TEST_CASE("ZeRO-1 on 2 GPUs: the steps of 1 GPU with the same micro-batches accu
         MESSAGE("skipped: needs 2 GPUs, this machine has ", gpu_count());
         return;
     }
-    std::string dir = temp_dir("zero");
+    std::string dir = test_dir("gpu_dist", "zero");
     Config c = tiny_variant(0, 96);
     c.moe_intermediate_size = 16;  // 8 experts, top-3 within 2 of 4 groups: sparse routing, loads to reduce
-    const std::string data = token_file(dir, 20000, c.vocab_size);
+    const std::string data = patterned_token_file(dir, 20000, c.vocab_size, 41);
     TrainOptions o;
     o.batch_size = 3;
     o.seq_len = 24;

@@ -22,13 +22,7 @@ Config gpu_sparse_config() {
     return c;
 }
 
-std::string token_file(const std::string& dir, int n, int vocab) {
-    std::vector<int> t(n);
-    for (int i = 0; i < n; i++) t[i] = (i % 5 == 2) ? (int)(rng_hash(31, i) % vocab) : (i * 7) % 13 + 3;
-    std::string path = dir + "/tokens.bin";
-    write_token_file(path, t, 1);
-    return path;
-}
+std::string token_file(const std::string& dir, int n, int vocab) { return patterned_token_file(dir, n, vocab, 31); }
 
 TrainOptions test_options() {
     TrainOptions o;
@@ -46,12 +40,7 @@ TrainOptions test_options() {
     return o;
 }
 
-std::string temp_dir(const char* name) {
-    std::string d = strfmt("/tmp/dsv3_gpu_model_%d_%s", (int)getpid(), name);
-    remove_tree(d);
-    make_dirs(d);
-    return d;
-}
+std::string temp_dir(const char* name) { return test_dir("gpu_model", name); }
 
 }  // namespace
 

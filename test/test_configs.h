@@ -1,13 +1,18 @@
 // test_configs.h — what the model-level test suites share: the tiny preset in
 // three variants that between them take every MLA and routing branch, the
 // dense-routing form the GPU-vs-CPU comparisons of whole models use, the random
-// weights they run on, and the relative error they measure.
+// weights they run on, the relative error they measure, their temporary files,
+// and the statistics of the sampling tests.
 #pragma once
+
+#include <unistd.h>
 
 #include <cmath>
 
 #include "config.h"
+#include "dataloader.h"
 #include "decode.h"
+#include "fileutil.h"
 #include "reference.h"
 
 // 0: q_lora, sigmoid scores in 4 groups (top-3 within 2 groups), norm_topk_prob;
@@ -144,4 +149,22 @@ inline double chi_square(const std::vector<double>& count, const std::vector<dou
         cells++;
     }
     return chi2;
+}
+
+// an empty directory /tmp/dsv3_<suite>_<pid>_<name> for one test's files (remove_tree it at the end)
+inline std::string test_dir(const char* suite, const char* name) {
+    std::string d = strfmt("/tmp/dsv3_%s_%d_%s", suite, (int)getpid(), name);
+    remove_tree(d);
+    make_dirs(d);
+    return d;
+}
+
+// dir/tokens.bin, n tokens below vocab: a short repeating pattern, every fifth token random (from key), so a
+// model has something to learn in a few steps
+inline std::string patterned_token_file(const std::string& dir, int n, int vocab, uint64_t key) {
+    std::vector<int> t(n);
+    for (int i = 0; i < n; i++) t[i] = (i % 5 == 2) ? (int)(rng_hash(key, i) % vocab) : (i * 7) % 13 + 3;
+    std::string path = dir + "/tokens.bin";
+    write_token_file(path, t, 1);
+    return path;
 }

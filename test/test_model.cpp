@@ -11,15 +11,11 @@
 #include "fileutil.h"
 #include "model.h"
 #include "safetensors.h"
+#include "test_configs.h"
 
 namespace {
 
-std::string temp_dir(const char* name) {
-    std::string d = strfmt("/tmp/dsv3_test_model_%d_%s", (int)getpid(), name);
-    remove_tree(d);
-    make_dirs(d);
-    return d;
-}
+std::string temp_dir(const char* name) { return test_dir("test_model", name); }
 
 // a token file of n tokens with some structure (a repeating phrase plus noise)
 std::string structured_tokens(const std::string& dir, int n, int vocab) {
