@@ -731,7 +731,7 @@ static int train(Args& a) {
                m.ref.fp8.size(), o.fp8_wgrad ? "E4M3 too" : "bf16");
     if (a.resume) printf("resuming from %s at step %d\n", ckpt.c_str(), st.step);
     if (!use_gpu && a.device == "auto")
-        printf("note: no GPU found, so this is the slow CPU reference path (the default run takes about 4.5 minutes on 2 "
+        printf("note: no GPU found, so this is the slow CPU reference path (the default run takes about 3.5 minutes on 2 "
                "cores; each step line's eta is this run's estimate)\n");
     fflush(stdout);
 
