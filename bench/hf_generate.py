@@ -99,7 +99,7 @@ def main():
         "prefill_tok_s": args.batch * args.prompt_len / statistics.median(prefill),
         "ttft_s": statistics.median(ttft),
         "decode_tok_s": args.batch * (args.new_tokens - 1) / decode_s if args.new_tokens > 1 else 0.0,
-        "decode_step_ms": 1e3 * decode_s / max(1, args.new_tokens - 1),
+        "decode_token_ms": 1e3 * decode_s / max(1, args.new_tokens - 1),
         "kv_bytes_per_token": kv,
     }))
 

@@ -13,12 +13,14 @@
 #                                    here when bench/out has none): ./generate at batch 1,
 #                                    1,000 new tokens, self-speculative and plain, greedy and
 #                                    sampled (0.8, top-p 0.95): median tokens/s (prefill
-#                                    included) and the drafts' acceptance
+#                                    included) and the drafts' acceptance; then
+#                                    bench/decode_bench at batch 1 and 32 (random prompts,
+#                                    greedy), decode alone, both ways
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source bench/lib.bash
 mode=${1:-speed}
-bench_setup train data/prepare generate
+bench_setup train data/prepare generate bench/decode_bench
 if [ "$mode" = speed ]; then
     flag_speed --mtp small 16 1024 25 "${2:-3}"
 elif [ "$mode" = decode ]; then
@@ -43,6 +45,11 @@ elif [ "$mode" = decode ]; then
             echo "batch 1, temperature $temperature, $flag: $(printf '%s\n' "${speeds[@]}" | median) tokens/s with the prefill" \
                 "(runs: ${speeds[*]}), $(printf '%s\n' "${decode[@]}" | median) after the first token (runs: ${decode[*]});" \
                 "accepted: ${accepted:-n/a}"
+        done
+    done
+    for batch in 1 32; do
+        for flag in --speculative ""; do
+            ./bench/decode_bench --model "$ckpt" --batch "$batch" --prompt-len 64 --new-tokens 256 --runs "$runs" $flag
         done
     done
 else
