@@ -65,13 +65,6 @@ StepStats model_train_step(Model& m, DataLoader& loader, const TrainOptions& o, 
     return s;
 }
 
-// the MTP module's positions in a window: those whose next position has a target
-static long long mtp_predictions(const std::vector<int>& targets, int len) {
-    long long n = 0;
-    for (size_t i = 0; i + 1 < targets.size(); i++) n += targets[i] >= 0 && (int)(i % len) < len - 1 && targets[i + 1] >= 0;
-    return n;
-}
-
 double model_eval_loss(Model& m, const std::vector<int>& tokens, int seq_len, int batch_size, MtpEval* mtp) {
     if (m.ref.cfg.num_nextn_predict_layers == 0) mtp = nullptr;
     if (mtp) *mtp = MtpEval{};
@@ -805,7 +798,8 @@ static double gpu_eval_window(Model& m, const std::vector<int>& inputs, const st
     CUDA_CHECK(cudaMemcpyAsync(&loss, gpu.step_loss, sizeof(float), cudaMemcpyDeviceToHost, st));
     CUDA_CHECK(cudaStreamSynchronize(st));
     if (mtp) {
-        const long long n = mtp_predictions(targets, len);
+        const std::vector<int> shifted = mtp_targets(targets.data(), rows * len, len);  // the rows mean_loss_gpu averaged over
+        const long long n = std::count_if(shifted.begin(), shifted.end(), [](int t) { return t >= 0; });
         mtp->loss += (double)stats[0] * n;
         mtp->accepted_sampled += (double)stats[1] * n;
         mtp->accepted_greedy += (double)stats[2] * n;

@@ -1156,6 +1156,14 @@ inline std::vector<int> mtp_embedding_ids(const std::vector<int>& tokens) {
     return ids;
 }
 
+// the module's targets for rows of Tlen: position n predicts t_{n+2}, the main model's target at n + 1 in the same
+// row, where the module's input t_{n+1} (the main target at n) is known; else -1 (mtp_inputs_kernel on the GPU)
+inline std::vector<int> mtp_targets(const int* targets, int N, int Tlen) {
+    std::vector<int> out(N);
+    for (int n = 0; n < N; n++) out[n] = targets[n] >= 0 && n % Tlen < Tlen - 1 ? targets[n + 1] : -1;
+    return out;
+}
+
 // h [N, D]: the main model's normed output; targets [N]: its targets. Returns loss + balance.
 template <typename T>
 T mtp_forward(const Config& c, const ModelWeights<T>& w, const RopeTable& rope, const T* h, const int* targets, int B, int Tlen,
@@ -1163,8 +1171,7 @@ T mtp_forward(const Config& c, const ModelWeights<T>& w, const RopeTable& rope, 
     const int N = B * Tlen, D = c.hidden_size, V = c.vocab_size, layer = c.num_hidden_layers;
     const size_t ND = (size_t)N * D;
     a.tokens.assign(targets, targets + N);
-    a.targets.resize(N);
-    for (int n = 0; n < N; n++) a.targets[n] = targets[n] >= 0 && n % Tlen < Tlen - 1 ? targets[n + 1] : -1;
+    a.targets = mtp_targets(targets, N, Tlen);
     a.emb.resize(ND);
     embedding_forward(a.emb.data(), mtp_embedding_ids(a.tokens).data(), w.embed, N, D);
     for (int n = 0; n < N; n++)

@@ -85,7 +85,10 @@ static int run(int argc, char** argv) {
             for (int b = 0; b < batch; b++) {
                 if (have[b] >= new_tokens) continue;
                 const int took = count ? count[b] : 1;
-                if (r > 0 && count) drafted++, accepted += took == 2;
+                if (r > 0 && count) {  // the timed runs' drafts
+                    drafted++;
+                    accepted += took == 2;
+                }
                 have[b] += took;
                 if (have[b] >= new_tokens) decoder_set_active(*d, b, false);
                 else more = true;

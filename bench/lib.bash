@@ -26,11 +26,11 @@ flag_speed() {
             if [ -z "$flags" ]; then without+=("$tps"); mem_without=$mem; else with+=("$tps"); mem_with=$mem; fi
         done
     done
-    local a b_
-    a=$(printf '%s\n' "${without[@]}" | median)
-    b_=$(printf '%s\n' "${with[@]}" | median)
-    echo "$preset B=$b T=$t: without $a tok/s ($mem_without MiB), $flag $b_ tok/s ($mem_with MiB):" \
-        "$(awk -v a="$a" -v b="$b_" 'BEGIN { printf "%.3fx the tokens/s, step time %+.1f%%", b / a, (a / b - 1) * 100 }')" \
+    local tps_without tps_with
+    tps_without=$(printf '%s\n' "${without[@]}" | median)
+    tps_with=$(printf '%s\n' "${with[@]}" | median)
+    echo "$preset B=$b T=$t: without $tps_without tok/s ($mem_without MiB), $flag $tps_with tok/s ($mem_with MiB):" \
+        "$(awk -v a="$tps_without" -v b="$tps_with" 'BEGIN { printf "%.3fx the tokens/s, step time %+.1f%%", b / a, (a / b - 1) * 100 }')" \
         "(runs: ${without[*]} / ${with[*]})"
 }
 
