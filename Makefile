@@ -15,6 +15,10 @@ GPU_ARCH ?= 90a
 NVCC_FLAGS ?= -O3
 FLAGS = -std=c++17 $(NVCC_FLAGS) -gencode=arch=compute_$(GPU_ARCH),code=sm_$(GPU_ARCH) -Xcompiler -fopenmp,-Wall -I.
 LIBS = -lcublasLt -lnccl -lgomp
+# Hopper's own instructions (wgmma: moe.cuh's grouped expert GEMM) exist only in the sm_90a target
+ifeq ($(GPU_ARCH),90a)
+    FLAGS += -DHOPPER_WGMMA
+endif
 # NCCL comes with the CUDA toolkit (lib64/libnccl.so); MPI only launches the ranks and hands out the NCCL id
 ifeq ($(USE_MPI),1)
     MPI_HOME ?= /usr/lib/x86_64-linux-gnu/openmpi

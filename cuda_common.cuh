@@ -289,3 +289,60 @@ template <int N>
 __device__ inline void cp_async_wait() {
     asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
 }
+
+// ----------------------------------------------------------------------------
+// Hopper's warpgroup MMA (wgmma, sm_90a only: built when GPU_ARCH=90a defines HOPPER_WGMMA). Four consecutive warps
+// issue it together; both operands come from shared memory, each described by a 64-bit descriptor, and the
+// accumulators stay in registers. The tiles here use the 128-byte swizzle: an atom is 8 rows of 128 bytes (1024
+// bytes, 1024-aligned), and the 16-byte chunk c of row r sits at chunk c ^ (r % 8), so the 8 rows of a column of
+// chunks fall in distinct banks. A K-major operand is rows of 64 k (one atom wide; the next 8 rows are `sbo` bytes on);
+// an M- or N-major one is rows of 64 m (or n) per k, the next 8 k at `sbo`, the next 64 m at `lbo`.
+
+// byte offset of 16-byte chunk `chunk` of row `row` in a 128-byte-swizzled tile
+__host__ __device__ constexpr int swizzle128(int row, int chunk) { return row * 128 + ((chunk ^ (row % 8)) * 16); }
+
+__device__ inline uint64_t wgmma_desc(uint32_t smem_addr, uint32_t lbo_bytes, uint32_t sbo_bytes) {
+    return (uint64_t)((smem_addr & 0x3FFFF) >> 4) | (uint64_t)(lbo_bytes >> 4) << 16 | (uint64_t)(sbo_bytes >> 4) << 32 |
+           1ull << 62;  // 62-63: the 128-byte swizzle
+}
+
+#ifdef HOPPER_WGMMA
+// d[64 x 128] += a[64 x 16] b[16 x 128] in fp32; TRANS_A: a is M-major in smem (else K-major); TRANS_B: b is N-major.
+// Thread t of the warpgroup holds d's rows 16*(t/32) + (t%32)/4 (+8) at columns 8*i + 2*(t%4) (+1): d[4i..4i+3].
+template <int TRANS_A, int TRANS_B>
+__device__ inline void wgmma_m64n128k16(float (&d)[64], uint64_t desc_a, uint64_t desc_b) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {"
+        "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+        "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
+        "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
+        "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63},"
+        " %64, %65, p, 1, 1, %67, %68;\n}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+          "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+          "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+          "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
+          "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
+          "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
+          "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
+          "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+        : "l"(desc_a), "l"(desc_b), "r"(1), "n"(TRANS_A), "n"(TRANS_B));
+}
+
+// orders the registers' earlier writes (and reads) before the next wgmma
+__device__ inline void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
+__device__ inline void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
+template <int N>
+__device__ inline void wgmma_wait() {
+    asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
+}
+// after wgmma_wait: the accumulators are final here, so the compiler must not read them earlier
+__device__ inline void wgmma_fence_operands(float (&d)[64]) {
+#pragma unroll
+    for (int i = 0; i < 64; i++) asm volatile("" : "+f"(d[i])::"memory");
+}
+#endif
+
+// makes this thread's shared-memory writes (cp.async's included) visible to the async proxy that wgmma reads through
+__device__ inline void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }

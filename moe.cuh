@@ -715,6 +715,33 @@ __device__ inline void moe_gemm_load_tile(bf16* smem, const bf16* base, int ld, 
 // MOE_GEMM_FWD: bf16 out, m runs over the expert's rows. MOE_GEMM_WGRAD: fp32 dW +=.
 enum { MOE_GEMM_FWD = 0, MOE_GEMM_WGRAD = 1 };
 
+// The row tiles of all experts, numbered in expert order (expert e has ceil(rows_e / BM) of them): which expert owns
+// tile t, and which of its tiles it is. A warp-wide scan of the tile counts, run by every warp of the block; -1 past
+// the last tile (the grid is sized for the worst case, ceil(S / BM) + E tiles).
+__device__ inline int moe_find_row_tile(const int* offsets, int E, int BM, int t, int& tile_in) {
+    const int lane = threadIdx.x % 32;
+    int before = 0;
+    for (int e0 = 0; e0 < E; e0 += 32) {
+        const int ee = e0 + lane;
+        const int cnt = ee < E ? offsets[ee + 1] - offsets[ee] : 0;
+        const int tiles = (cnt + BM - 1) / BM;
+        int incl = tiles;
+        for (int off = 1; off < 32; off <<= 1) {
+            int v = __shfl_up_sync(0xffffffffu, incl, off);
+            if (lane >= off) incl += v;
+        }
+        const int excl = incl - tiles;
+        const unsigned hit = __ballot_sync(0xffffffffu, t >= before + excl && t < before + incl);
+        if (hit) {
+            const int l = __ffs(hit) - 1;
+            tile_in = t - before - __shfl_sync(0xffffffffu, excl, l);
+            return e0 + l;
+        }
+        before += __shfl_sync(0xffffffffu, incl, 31);
+    }
+    return -1;
+}
+
 // Forward / backward-input (MOE_GEMM_FWD): A is the [S, lda] activations (K-major), B is W_e = Bw + e * b_stride
 // (K-major for forward, N-major for backward input), out [S, N]. Backward weight (MOE_GEMM_WGRAD): M = OC, N = C,
 // K = the expert's rows; A = dout [S, OC] (M-major), B = x [S, C] (N-major), dw + e * dw_stride [OC, C] fp32 +=.
@@ -739,29 +766,8 @@ static __global__ void __launch_bounds__(MOE_GEMM_THREADS, 2)
     int m_end, n_end, k_end, e;
     int row0 = 0;  // MOE_GEMM_FWD: first output row of this tile
     if (MODE == MOE_GEMM_FWD) {
-        // which expert and which of its row tiles: a warp-wide scan of the tile counts
-        const int t = blockIdx.y;
-        e = -1;
-        int tile_in = 0, before = 0;
-        for (int e0 = 0; e0 < E; e0 += 32) {
-            const int ee = e0 + lane;
-            const int cnt = ee < E ? offsets[ee + 1] - offsets[ee] : 0;
-            const int tiles = (cnt + BM - 1) / BM;
-            int incl = tiles;
-            for (int off = 1; off < 32; off <<= 1) {
-                int v = __shfl_up_sync(0xffffffffu, incl, off);
-                if (lane >= off) incl += v;
-            }
-            const int excl = incl - tiles;
-            const unsigned hit = __ballot_sync(0xffffffffu, t >= before + excl && t < before + incl);
-            if (hit) {
-                const int l = __ffs(hit) - 1;
-                e = e0 + l;
-                tile_in = t - before - __shfl_sync(0xffffffffu, excl, l);
-                break;
-            }
-            before += __shfl_sync(0xffffffffu, incl, 31);
-        }
+        int tile_in;
+        e = moe_find_row_tile(offsets, E, BM, blockIdx.y, tile_in);
         if (e < 0) return;  // surplus CTA of the worst-case grid (uniform over the block)
         row0 = offsets[e] + tile_in * BM;
         m_end = min(BM, offsets[e + 1] - row0);
@@ -861,24 +867,188 @@ static __global__ void __launch_bounds__(MOE_GEMM_THREADS, 2)
             }
 }
 
-// vec: the 16-byte path (grouped_gemm_vec)
-template <int MODE, bool B_KMAJOR, int BN, int BK, int STAGES>
-static inline void grouped_gemm_launch(bool vec, dim3 grid, cudaStream_t stream, bf16* out, float* dw, size_t dw_stride, const bf16* A,
-                                       int lda, const bf16* B, size_t b_stride, int ldb, const int* offsets, int E, int M, int N, int K) {
-    constexpr int smem = moe_gemm_smem_bytes<MODE, B_KMAJOR, BN, BK, STAGES>();
-    auto kernel = vec ? grouped_gemm_kernel<MODE, B_KMAJOR, true, BN, BK, STAGES> : grouped_gemm_kernel<MODE, B_KMAJOR, false, BN, BK, STAGES>;
-    // the > 48 KiB shared-memory opt-in, once per kernel and device (the attribute is the current device's;
-    // a process may drive several, as test/gpu_dist.cu does); the launcher is static like the kernel, so every
-    // translation unit opts its own copy in
-    static bool configured[MAX_DEVICES][2] = {};
+#ifdef HOPPER_WGMMA
+// ----------------------------------------------------------------------------
+// The same three products on Hopper's wgmma: a 128 x 128 tile per CTA, each of its two warpgroups computing 64 x 128
+// with m64n128k16, fed by an STAGES-deep cp.async pipeline of 64-wide k slices in 128-byte-swizzled smem (see
+// cuda_common.cuh). wgmma reads either major-ness from smem, so here too nothing is transposed in memory:
+//   forward          A = x (K-major),    B = W_e (K-major)
+//   backward input   A = dout (K-major), B = W_e (N-major)
+//   backward weight  A = dout (M-major), B = x (N-major)
+// Tiles are assigned as in the mma.sync kernel above, and each output element still sums its expert's k in ascending
+// 16-wide steps, so results are bit-identical run to run. The 16-byte path only: the kernel above covers other sizes
+// and builds for GPUs before Hopper.
+
+constexpr int MOE_WG_BN = 128, MOE_WG_BK = 64;
+constexpr int MOE_WG_TILE_BYTES = MOE_GEMM_BM * MOE_WG_BK * 2;  // one operand's stage: 128 rows x 64 k of bf16
+
+template <int STAGES>
+constexpr int moe_wgmma_smem_bytes() {
+    return STAGES * 2 * MOE_WG_TILE_BYTES + 1024;  // + slack to align the tiles to 1024 bytes, as the swizzle needs
+}
+
+// Loads one 64-wide k slice of a 128-row operand tile into swizzled smem at `smem` (1024-aligned). KMAJOR: element
+// (row, k) is base[row * ld + k], and smem holds 128 rows of 64 k; else it is base[k * ld + row], and smem holds two
+// atoms of 64 rows (8 KiB each) of 64 k. Rows >= row_end and k >= k_end are zero-filled.
+template <bool KMAJOR>
+__device__ inline void moe_wgmma_load_tile(uint32_t smem, const bf16* base, int ld, int row_end, int k0, int k_end) {
+    constexpr int CHUNKS = MOE_GEMM_BM * MOE_WG_BK / 8;  // of 16 bytes
+#pragma unroll
+    for (int it = 0; it < CHUNKS / MOE_GEMM_THREADS; it++) {
+        const int idx = threadIdx.x + it * MOE_GEMM_THREADS;
+        int row, k;  // first element of the chunk; the chunk runs along the contiguous dimension
+        uint32_t dst;
+        if (KMAJOR) {
+            row = idx / 8;
+            k = (idx % 8) * 8;
+            dst = smem + swizzle128(row, idx % 8);
+        } else {
+            k = idx / 16;
+            row = (idx % 16) * 8;
+            dst = smem + (row / 64) * (MOE_WG_BK * 128) + swizzle128(k, (row % 64) / 8);
+        }
+        const int kk = k0 + k;
+        const bf16* src = KMAJOR ? base + (size_t)row * ld + kk : base + (size_t)kk * ld + row;
+        const bool valid = row < row_end && kk < k_end;
+        cp_async16(dst, valid ? src : base, valid ? 16 : 0);
+    }
+}
+
+// Arguments as grouped_gemm_kernel's.
+template <int MODE, bool B_KMAJOR, int STAGES>
+static __global__ void __launch_bounds__(MOE_GEMM_THREADS, STAGES <= 3 ? 2 : 1)
+    grouped_gemm_wgmma_kernel(bf16* out, float* dw, size_t dw_stride, const bf16* A, int lda, const bf16* Bw, size_t b_stride,
+                              int ldb, const int* offsets, int E, int M, int N, int K) {
+    constexpr bool A_KMAJOR = MODE == MOE_GEMM_FWD;
+    constexpr int BM = MOE_GEMM_BM, BN = MOE_WG_BN, BK = MOE_WG_BK, TILE = MOE_WG_TILE_BYTES;
+    extern __shared__ __align__(16) unsigned char moe_gemm_smem[];
+    const uint32_t As = (smem_u32(moe_gemm_smem) + 1023) & ~1023u;
+    const uint32_t Bs = As + STAGES * TILE;
+
+    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+    const int wg = warp / 4;  // the warpgroup's rows of the tile: 64 * wg ..
+    const int n0 = blockIdx.x * BN;
+
+    const bf16 *a_base, *b_base;
+    int m_end, n_end, k_end, e;
+    int row0 = 0;  // MOE_GEMM_FWD: first output row of this tile
+    if (MODE == MOE_GEMM_FWD) {
+        int tile_in;
+        e = moe_find_row_tile(offsets, E, BM, blockIdx.y, tile_in);
+        if (e < 0) return;  // surplus CTA of the worst-case grid (uniform over the block)
+        row0 = offsets[e] + tile_in * BM;
+        m_end = min(BM, offsets[e + 1] - row0);
+        a_base = A + (size_t)row0 * lda;
+        b_base = Bw + (size_t)e * b_stride + (B_KMAJOR ? (size_t)n0 * ldb : (size_t)n0);
+        n_end = N - n0;
+        k_end = K;
+    } else {
+        e = blockIdx.z;
+        const int r0 = offsets[e], rows = offsets[e + 1] - r0;
+        if (rows == 0) return;  // dW_e += 0
+        const int m0 = blockIdx.y * BM;
+        a_base = A + (size_t)r0 * lda + m0;  // element (m, k) at [k * lda + m]
+        b_base = Bw + (size_t)r0 * ldb + n0;
+        m_end = M - m0;
+        n_end = N - n0;
+        k_end = rows;
+    }
+
+    float acc[64];
+#pragma unroll
+    for (int i = 0; i < 64; i++) acc[i] = 0.0f;
+
+    const int KT = (k_end + BK - 1) / BK;
+    auto load_stage = [&](int stage, int kt) {
+        moe_wgmma_load_tile<A_KMAJOR>(As + stage * TILE, a_base, lda, m_end, kt * BK, k_end);
+        moe_wgmma_load_tile<B_KMAJOR>(Bs + stage * TILE, b_base, ldb, n_end, kt * BK, k_end);
+    };
+#pragma unroll
+    for (int s = 0; s < STAGES - 1; s++) {
+        if (s < KT) load_stage(s, s);
+        cp_async_commit();
+    }
+    for (int kt = 0; kt < KT; kt++) {
+        cp_async_wait<STAGES - 2>();
+        fence_proxy_async();
+        __syncthreads();  // slice kt is in smem for both warpgroups, and both have finished reading slice kt-1
+        if (kt + STAGES - 1 < KT) load_stage((kt + STAGES - 1) % STAGES, kt + STAGES - 1);
+        cp_async_commit();
+        // this warpgroup's 64 rows start 8 KiB into the A tile either way: 64 rows of 128 bytes (K-major) or the
+        // second 64-row atom (M-major); a 16-wide k step is 32 bytes along a K-major row, or 16 rows of an atom
+        const uint32_t as = As + (kt % STAGES) * TILE + wg * 8192, bs = Bs + (kt % STAGES) * TILE;
+        wgmma_fence();
+#pragma unroll
+        for (int j = 0; j < BK / 16; j++) {
+            const uint64_t da = A_KMAJOR ? wgmma_desc(as + j * 32, 16, 1024) : wgmma_desc(as + j * 2048, 8192, 1024);
+            const uint64_t db = B_KMAJOR ? wgmma_desc(bs + j * 32, 16, 1024) : wgmma_desc(bs + j * 2048, 8192, 1024);
+            wgmma_m64n128k16<!A_KMAJOR, !B_KMAJOR>(acc, da, db);
+        }
+        wgmma_commit();
+        wgmma_wait<0>();
+    }
+    wgmma_fence_operands(acc);
+    cp_async_wait<0>();
+
+    // epilogue: the thread holds rows (warp % 4) * 16 + lane / 4 (+8) of its warpgroup's 64, columns 8i + 2 (lane % 4) (+1)
+#pragma unroll
+    for (int i = 0; i < BN / 8; i++)
+#pragma unroll
+        for (int h = 0; h < 2; h++) {
+            const int m = wg * 64 + (warp % 4) * 16 + lane / 4 + h * 8;
+            const int n = i * 8 + (lane % 4) * 2;
+            const float v0 = acc[4 * i + 2 * h], v1 = acc[4 * i + 2 * h + 1];
+            if (m >= m_end || n >= n_end) continue;
+            if (MODE == MOE_GEMM_FWD) {
+                *(__nv_bfloat162*)(out + (size_t)(row0 + m) * N + n0 + n) = __floats2bfloat162_rn(v0, v1);
+            } else {
+                float* o = dw + (size_t)e * dw_stride + (size_t)(blockIdx.y * BM + m) * N + n0 + n;
+                const float2 old = *(float2*)o;
+                *(float2*)o = make_float2(old.x + v0, old.y + v1);
+            }
+        }
+}
+#endif
+
+// Launches one grouped GEMM kernel, with the > 48 KiB shared-memory opt-in once per kernel and device (the attribute
+// is the current device's; a process may drive several, as test/gpu_dist.cu does). The launcher is static like the
+// kernels, so every translation unit opts its own copy in.
+template <auto KERNEL>
+static inline void moe_gemm_run(int smem, dim3 grid, cudaStream_t stream, bf16* out, float* dw, size_t dw_stride, const bf16* A, int lda,
+                                const bf16* B, size_t b_stride, int ldb, const int* offsets, int E, int M, int N, int K) {
+    static bool configured[MAX_DEVICES] = {};
     int dev = 0;
     CUDA_CHECK(cudaGetDevice(&dev));
-    if (dev >= MAX_DEVICES || !configured[dev][vec]) {
-        CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
-        if (dev < MAX_DEVICES) configured[dev][vec] = true;
+    if (dev >= MAX_DEVICES || !configured[dev]) {
+        CUDA_CHECK(cudaFuncSetAttribute(KERNEL, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+        if (dev < MAX_DEVICES) configured[dev] = true;
     }
-    kernel<<<grid, MOE_GEMM_THREADS, smem, stream>>>(out, dw, dw_stride, A, lda, B, b_stride, ldb, offsets, E, M, N, K);
+    KERNEL<<<grid, MOE_GEMM_THREADS, smem, stream>>>(out, dw, dw_stride, A, lda, B, b_stride, ldb, offsets, E, M, N, K);
     CUDA_LAUNCH_CHECK();
+}
+
+// vec: the 16-byte path (grouped_gemm_vec). wgmma: Hopper's kernel where the build has it and vec holds (it keeps
+// STAGES and its own 128 x 128 tile; BN and BK are the mma.sync kernel's).
+template <int MODE, bool B_KMAJOR, int BN, int BK, int STAGES>
+static inline void grouped_gemm_launch(bool vec, bool wgmma, dim3 grid, cudaStream_t stream, bf16* out, float* dw, size_t dw_stride,
+                                       const bf16* A, int lda, const bf16* B, size_t b_stride, int ldb, const int* offsets, int E, int M,
+                                       int N, int K) {
+#ifdef HOPPER_WGMMA
+    if (vec && wgmma) {
+        grid.x = ceil_div(N, MOE_WG_BN);
+        moe_gemm_run<grouped_gemm_wgmma_kernel<MODE, B_KMAJOR, STAGES>>(moe_wgmma_smem_bytes<STAGES>(), grid, stream, out, dw, dw_stride, A,
+                                                                        lda, B, b_stride, ldb, offsets, E, M, N, K);
+        return;
+    }
+#endif
+    (void)wgmma;
+    constexpr int smem = moe_gemm_smem_bytes<MODE, B_KMAJOR, BN, BK, STAGES>();
+    if (vec)
+        moe_gemm_run<grouped_gemm_kernel<MODE, B_KMAJOR, true, BN, BK, STAGES>>(smem, grid, stream, out, dw, dw_stride, A, lda, B, b_stride,
+                                                                              ldb, offsets, E, M, N, K);
+    else
+        moe_gemm_run<grouped_gemm_kernel<MODE, B_KMAJOR, false, BN, BK, STAGES>>(smem, grid, stream, out, dw, dw_stride, A, lda, B, b_stride,
+                                                                               ldb, offsets, E, M, N, K);
 }
 
 inline void grouped_gemm_check(const char* what, int S, int E, int C, int OC) {
@@ -895,27 +1065,29 @@ inline bool grouped_gemm_vec(int C, int OC, size_t stride, std::initializer_list
 // The tile config (BN in {64, 128}, BK in {32, 64}, STAGES) is a template argument; the default, BN=128, BK=64, 3
 // stages (110.6 KB of shared memory, 2 CTAs per SM), measured fastest of {128,32,4}, {128,64,3}, {128,64,4}, {64,64,4},
 // {64,32,4} for all three products at rows=32768, C=768, OC=768/1536, E=8 (test/gpu_moe.cu's "moe timing" case).
+// The wgmma kernel takes STAGES only; 3 (97 KB, 2 CTAs per SM) beat 4 (1 CTA) there too. On an H200 at those shapes it
+// ran 290-420 TFLOP/s against the mma.sync kernel's 190-285 (cuBLASLt, one launch per expert: 340-560).
 
 // out [S, OC] = x [S, C] @ W_e^T for the rows offsets[e]..offsets[e+1]-1 of each expert e; W_e = w + e * w_stride is
 // [OC, C]. S = N*K is the total row count (offsets[E] must equal it; the host uses it only to size the grid).
 template <int BN = 128, int BK = 64, int STAGES = 3>
 inline void grouped_gemm_forward_gpu(bf16* out, const bf16* x, const bf16* w, size_t w_stride, const int* offsets, int S, int E,
-                                     int C, int OC, cudaStream_t stream) {
+                                     int C, int OC, cudaStream_t stream, bool allow_wgmma = true) {
     grouped_gemm_check("grouped_gemm_forward", S, E, C, OC);
     if (S == 0) return;
     dim3 grid(ceil_div(OC, BN), ceil_div(S, MOE_GEMM_BM) + E);
-    grouped_gemm_launch<MOE_GEMM_FWD, true, BN, BK, STAGES>(grouped_gemm_vec(C, OC, w_stride, {out, x, w}), grid, stream, out, nullptr, 0,
+    grouped_gemm_launch<MOE_GEMM_FWD, true, BN, BK, STAGES>(grouped_gemm_vec(C, OC, w_stride, {out, x, w}), allow_wgmma, grid, stream, out, nullptr, 0,
                                                             x, C, w, w_stride, C, offsets, E, S, OC, C);
 }
 
 // dx [S, C] = dout [S, OC] @ W_e for each expert's rows (written)
 template <int BN = 128, int BK = 64, int STAGES = 3>
 inline void grouped_gemm_backward_input_gpu(bf16* dx, const bf16* dout, const bf16* w, size_t w_stride, const int* offsets, int S,
-                                            int E, int C, int OC, cudaStream_t stream) {
+                                            int E, int C, int OC, cudaStream_t stream, bool allow_wgmma = true) {
     grouped_gemm_check("grouped_gemm_backward_input", S, E, C, OC);
     if (S == 0) return;
     dim3 grid(ceil_div(C, BN), ceil_div(S, MOE_GEMM_BM) + E);
-    grouped_gemm_launch<MOE_GEMM_FWD, false, BN, BK, STAGES>(grouped_gemm_vec(C, OC, w_stride, {dx, dout, w}), grid, stream, dx, nullptr, 0,
+    grouped_gemm_launch<MOE_GEMM_FWD, false, BN, BK, STAGES>(grouped_gemm_vec(C, OC, w_stride, {dx, dout, w}), allow_wgmma, grid, stream, dx, nullptr, 0,
                                                              dout, OC, w, w_stride, C, offsets, E, S, C, OC);
 }
 
@@ -923,11 +1095,11 @@ inline void grouped_gemm_backward_input_gpu(bf16* dx, const bf16* dout, const bf
 // each element sums its expert's rows in a fixed order (deterministic, no atomics)
 template <int BN = 128, int BK = 64, int STAGES = 3>
 inline void grouped_gemm_backward_weight_gpu(float* dw, size_t dw_stride, const bf16* dout, const bf16* x, const int* offsets, int S,
-                                             int E, int C, int OC, cudaStream_t stream) {
+                                             int E, int C, int OC, cudaStream_t stream, bool allow_wgmma = true) {
     grouped_gemm_check("grouped_gemm_backward_weight", S, E, C, OC);
     if (S == 0) return;
     dim3 grid(ceil_div(C, BN), ceil_div(OC, MOE_GEMM_BM), E);
-    grouped_gemm_launch<MOE_GEMM_WGRAD, false, BN, BK, STAGES>(grouped_gemm_vec(C, OC, dw_stride, {dw, dout, x}), grid, stream, nullptr, dw,
+    grouped_gemm_launch<MOE_GEMM_WGRAD, false, BN, BK, STAGES>(grouped_gemm_vec(C, OC, dw_stride, {dw, dout, x}), allow_wgmma, grid, stream, nullptr, dw,
                                                                dw_stride, dout, OC, x, 0, C, offsets, E, OC, C, 0);
 }
 

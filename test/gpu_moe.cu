@@ -433,47 +433,51 @@ void check_grouped_gemm(const std::vector<int>& counts, int C, int OC, size_t w_
     d_dout.upload(dout);
     d_offsets.upload(offsets);
 
-    GemmResult runs[2];
-    for (int rep = 0; rep < 2; rep++) {
-        d_out.poison();
-        d_dx.poison();
-        d_dw.upload(dw0);
-        grouped_gemm_forward_gpu(d_out, d_x, d_w, w_stride, d_offsets, S, E, C, OC, 0);
-        grouped_gemm_backward_input_gpu(d_dx, d_dout, d_w, w_stride, d_offsets, S, E, C, OC, 0);
-        grouped_gemm_backward_weight_gpu(d_dw, dw_stride, d_dout, d_x, d_offsets, S, E, C, OC, 0);
-        CUDA_CHECK(cudaDeviceSynchronize());
-        runs[rep] = {d_out.download(), d_dx.download(), d_dw.download()};
-    }
-    const GemmResult& g = runs[0];
-    CHECK(all_finite(g.out));
-    CHECK(all_finite(g.dx));
-    CHECK(bit_equal(runs[0].dw, runs[1].dw));
-    CHECK(bit_equal(runs[0].dx, runs[1].dx));
-    CHECK(bit_equal(runs[0].out, runs[1].out));
-
-    // dW: compare the increment over the matrices; elements outside them (the
-    // stride gap) and the matrices of experts with no rows must be untouched
-    std::vector<float> inc;
-    std::vector<double> inc_ref;
-    bool untouched = true;
-    for (int e = 0; e < E; e++)
-        for (size_t i = 0; i < dw_stride; i++) {
-            const size_t j = (size_t)e * dw_stride + i;
-            if (i < (size_t)OC * C && counts[e] > 0) {
-                inc.push_back((float)((double)g.dw[j] - dw0[j]));
-                inc_ref.push_back(dw_inc[j]);
-            } else if (g.dw[j] != (float)dw0[j]) {
-                untouched = false;
-            }
+    // Hopper's wgmma kernel where the build has it (the default), and the mma.sync kernel
+    for (bool wgmma : {true, false}) {
+        GemmResult runs[2];
+        for (int rep = 0; rep < 2; rep++) {
+            d_out.poison();
+            d_dx.poison();
+            d_dw.upload(dw0);
+            grouped_gemm_forward_gpu(d_out, d_x, d_w, w_stride, d_offsets, S, E, C, OC, 0, wgmma);
+            grouped_gemm_backward_input_gpu(d_dx, d_dout, d_w, w_stride, d_offsets, S, E, C, OC, 0, wgmma);
+            grouped_gemm_backward_weight_gpu(d_dw, dw_stride, d_dout, d_x, d_offsets, S, E, C, OC, 0, wgmma);
+            CUDA_CHECK(cudaDeviceSynchronize());
+            runs[rep] = {d_out.download(), d_dx.download(), d_dw.download()};
         }
-    CHECK(untouched);
-    const double eo = rel_err(g.out, out_ref), ex = rel_err(g.dx, dx_ref), ew = rel_err(inc, inc_ref);
-    CHECK(eo < 2e-2);
-    CHECK(ex < 2e-2);
-    CHECK(ew < 1e-5);  // fp32 output of exact bf16 products
-    std::string cs;
-    for (int cnt : counts) cs += strfmt("%d ", cnt);
-    report(strfmt("grouped GEMM C=%d OC=%d rows [%s]: out %.2e dx %.2e dW %.2e (fp32)", C, OC, cs.c_str(), eo, ex, ew));
+        const GemmResult& g = runs[0];
+        CHECK(all_finite(g.out));
+        CHECK(all_finite(g.dx));
+        CHECK(bit_equal(runs[0].dw, runs[1].dw));
+        CHECK(bit_equal(runs[0].dx, runs[1].dx));
+        CHECK(bit_equal(runs[0].out, runs[1].out));
+
+        // dW: compare the increment over the matrices; elements outside them (the
+        // stride gap) and the matrices of experts with no rows must be untouched
+        std::vector<float> inc;
+        std::vector<double> inc_ref;
+        bool untouched = true;
+        for (int e = 0; e < E; e++)
+            for (size_t i = 0; i < dw_stride; i++) {
+                const size_t j = (size_t)e * dw_stride + i;
+                if (i < (size_t)OC * C && counts[e] > 0) {
+                    inc.push_back((float)((double)g.dw[j] - dw0[j]));
+                    inc_ref.push_back(dw_inc[j]);
+                } else if (g.dw[j] != (float)dw0[j]) {
+                    untouched = false;
+                }
+            }
+        CHECK(untouched);
+        const double eo = rel_err(g.out, out_ref), ex = rel_err(g.dx, dx_ref), ew = rel_err(inc, inc_ref);
+        CHECK(eo < 2e-2);
+        CHECK(ex < 2e-2);
+        CHECK(ew < 1e-5);  // fp32 output of exact bf16 products
+        std::string cs;
+        for (int cnt : counts) cs += strfmt("%d ", cnt);
+        report(strfmt("grouped GEMM (%s) C=%d OC=%d rows [%s]: out %.2e dx %.2e dW %.2e (fp32)", wgmma ? "wgmma where built" : "mma.sync", C,
+                      OC, cs.c_str(), eo, ex, ew));
+    }
 }
 }  // namespace
 
@@ -484,6 +488,7 @@ TEST_CASE("moe grouped GEMM forward/backward match a per-expert matmul") {
     check_grouped_gemm(counts, 264, 136, 264 * 136, 264 * 136, 53);       // several tiles in C and OC
     check_grouped_gemm({1}, 32, 8, 32 * 8, 32 * 8, 54);                   // one row, one expert
     check_grouped_gemm({0, 0, 250, 0}, 40, 24, 40 * 24 + 3, 40 * 24, 55);  // odd stride: scalar path
+    check_grouped_gemm({300, 0, 77, 129, 1, 640}, 192, 264, 192 * 264, 192 * 264, 56);  // several 64-wide k slices
 }
 
 // ----------------------------------------------------------------------------
@@ -708,21 +713,31 @@ struct GemmBench {
     Dev<int>& offsets;
     Dev<bf16>&x, &w, &out, &dout, &dx;
     Dev<float>& dw;
-    std::vector<float> ref_out, ref_dx, ref_dw;  // from the default config
+    GemmResult ref[2];  // each kernel's default config: [0] mma.sync, [1] wgmma
 };
 
-// times one tile config and checks it is bit-identical to the default config
-template <int BN, int BK, int ST>
-void bench_config(Timer& timer, GemmBench& b) {
-    const double fl = 2.0 * b.S * b.C * b.OC;
-    const std::string cfg = strfmt("BN=%d BK=%d stages=%d", BN, BK, ST);
-    timer.time("fwd   " + cfg, fl, [&] { grouped_gemm_forward_gpu<BN, BK, ST>(b.out, b.x, b.w, (size_t)b.OC * b.C, b.offsets, b.S, b.E, b.C, b.OC, 0); });
-    timer.time("dgrad " + cfg, fl, [&] { grouped_gemm_backward_input_gpu<BN, BK, ST>(b.dx, b.dout, b.w, (size_t)b.OC * b.C, b.offsets, b.S, b.E, b.C, b.OC, 0); });
-    timer.time("wgrad " + cfg, fl, [&] { grouped_gemm_backward_weight_gpu<BN, BK, ST>(b.dw, (size_t)b.OC * b.C, b.dout, b.x, b.offsets, b.S, b.E, b.C, b.OC, 0); });
+GemmResult run_grouped_gemm(GemmBench& b, bool wgmma) {
     b.dw.zero();
-    grouped_gemm_backward_weight_gpu<BN, BK, ST>(b.dw, (size_t)b.OC * b.C, b.dout, b.x, b.offsets, b.S, b.E, b.C, b.OC, 0);
+    grouped_gemm_forward_gpu(b.out, b.x, b.w, (size_t)b.OC * b.C, b.offsets, b.S, b.E, b.C, b.OC, 0, wgmma);
+    grouped_gemm_backward_input_gpu(b.dx, b.dout, b.w, (size_t)b.OC * b.C, b.offsets, b.S, b.E, b.C, b.OC, 0, wgmma);
+    grouped_gemm_backward_weight_gpu(b.dw, (size_t)b.OC * b.C, b.dout, b.x, b.offsets, b.S, b.E, b.C, b.OC, 0, wgmma);
     CUDA_CHECK(cudaDeviceSynchronize());
-    const bool same = bit_equal(b.out.download(), b.ref_out) && bit_equal(b.dx.download(), b.ref_dx) && bit_equal(b.dw.download(), b.ref_dw);
+    return {b.out.download(), b.dx.download(), b.dw.download()};
+}
+
+// times one tile config of one kernel and checks it is bit-identical to that kernel's default config
+template <int BN, int BK, int ST>
+void bench_config(Timer& timer, GemmBench& b, bool wgmma) {
+    const double fl = 2.0 * b.S * b.C * b.OC;
+    const std::string cfg = wgmma ? strfmt("wgmma stages=%d", ST) : strfmt("mma.sync BN=%d BK=%d stages=%d", BN, BK, ST);
+    timer.time("fwd   " + cfg, fl, [&] { grouped_gemm_forward_gpu<BN, BK, ST>(b.out, b.x, b.w, (size_t)b.OC * b.C, b.offsets, b.S, b.E, b.C, b.OC, 0, wgmma); });
+    timer.time("dgrad " + cfg, fl, [&] { grouped_gemm_backward_input_gpu<BN, BK, ST>(b.dx, b.dout, b.w, (size_t)b.OC * b.C, b.offsets, b.S, b.E, b.C, b.OC, 0, wgmma); });
+    timer.time("wgrad " + cfg, fl, [&] { grouped_gemm_backward_weight_gpu<BN, BK, ST>(b.dw, (size_t)b.OC * b.C, b.dout, b.x, b.offsets, b.S, b.E, b.C, b.OC, 0, wgmma); });
+    b.dw.zero();
+    grouped_gemm_backward_weight_gpu<BN, BK, ST>(b.dw, (size_t)b.OC * b.C, b.dout, b.x, b.offsets, b.S, b.E, b.C, b.OC, 0, wgmma);
+    CUDA_CHECK(cudaDeviceSynchronize());
+    const GemmResult& ref = b.ref[wgmma];
+    const bool same = bit_equal(b.out.download(), ref.out) && bit_equal(b.dx.download(), ref.dx) && bit_equal(b.dw.download(), ref.dw);
     CHECK(same);
     if (!same) printf("  config %s differs from the default\n", cfg.c_str());
 }
@@ -738,20 +753,22 @@ void bench_grouped_gemm(Timer& timer, int S, int C, int OC, int E) {
     d_x.upload(round_bf16(randn((size_t)S * C, 71)));
     d_w.upload(round_bf16(randn((size_t)E * OC * C, 72, 0.03)));
     d_dout.upload(round_bf16(randn((size_t)S * OC, 73)));
-    GemmBench b{S, C, OC, E, d_offsets, d_x, d_w, d_out, d_dout, d_dx, d_dw, {}, {}, {}};
-    d_dw.zero();
-    grouped_gemm_forward_gpu(d_out, d_x, d_w, (size_t)OC * C, d_offsets, S, E, C, OC, 0);
-    grouped_gemm_backward_input_gpu(d_dx, d_dout, d_w, (size_t)OC * C, d_offsets, S, E, C, OC, 0);
-    grouped_gemm_backward_weight_gpu(d_dw, (size_t)OC * C, d_dout, d_x, d_offsets, S, E, C, OC, 0);
-    CUDA_CHECK(cudaDeviceSynchronize());
-    b.ref_out = d_out.download();
-    b.ref_dx = d_dx.download();
-    b.ref_dw = d_dw.download();
-    bench_config<128, 32, 4>(timer, b);
-    bench_config<128, 64, 3>(timer, b);
-    bench_config<128, 64, 4>(timer, b);
-    bench_config<64, 64, 4>(timer, b);
-    bench_config<64, 32, 4>(timer, b);
+    GemmBench b{S, C, OC, E, d_offsets, d_x, d_w, d_out, d_dout, d_dx, d_dw, {}};
+    b.ref[0] = run_grouped_gemm(b, false);
+    b.ref[1] = run_grouped_gemm(b, true);
+    // the two kernels agree to bf16 rounding of the outputs (their k16 sums round differently)
+    auto widen = [](const std::vector<float>& v) { return std::vector<double>(v.begin(), v.end()); };
+    const double eo = rel_err(b.ref[1].out, widen(b.ref[0].out)), ew = rel_err(b.ref[1].dw, widen(b.ref[0].dw));
+    printf("wgmma vs mma.sync: out %.2e dW %.2e\n", eo, ew);
+    CHECK(eo < 1e-2);
+    CHECK(ew < 1e-5);
+    bench_config<128, 32, 4>(timer, b, false);
+    bench_config<128, 64, 3>(timer, b, false);
+    bench_config<128, 64, 4>(timer, b, false);
+    bench_config<64, 64, 4>(timer, b, false);
+    bench_config<64, 32, 4>(timer, b, false);
+    bench_config<128, 64, 3>(timer, b, true);
+    bench_config<128, 64, 4>(timer, b, true);
     // peers: cuBLASLt, one dense GEMM of the same size and one launch per expert
     Matmul mm;
     matmul_init(mm);
