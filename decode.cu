@@ -37,7 +37,7 @@ GpuDecoder* decoder_create(Model& m, int batch, int max_len, int max_prompt, boo
     }
     CUDA_CHECK(cudaMallocHost(&d.tokens_host, batch * sizeof(int)));
     if (speculative) {
-        for (int** state : {&d.rows_tokens, &d.rows_pos, &d.mtp_tokens, &d.mtp_pos}) {
+        for (int** state : {&d.rows_tokens, &d.mtp_tokens}) {
             *state = arena_alloc<int>(d.arena, B, "decode state");
             CUDA_CHECK(cudaMemset(*state, 0, B * sizeof(int)));
         }
@@ -89,10 +89,9 @@ void decoder_free(GpuDecoder* d) {
 size_t decoder_cache_bytes_per_token(const GpuDecoder& d) { return d.cache_bytes / ((size_t)d.batch * d.max_len); }
 
 // The speculative state after the prefill of sequences b0 .. b0 + r - 1 (rows of T tokens in gpu_forward's batch):
-// the MTP module's cache from its prefill, its two rows at the prompt's last two positions (both at 0 after a
-// one-token prompt), x's row at len and the draft's at len + 1 (clamped as speculative_accept_kernel does).
-static void speculative_prefill(GpuDecoder& d, const std::vector<std::vector<int>>& prompts, int b0, int r, int T,
-                                std::vector<int>& rows_pos, std::vector<int>& mtp_pos, std::vector<int>& mtp_tokens) {
+// the MTP module's cache from its prefill, and its two rows' inputs at the prompt's last two positions (both at 0
+// after a one-token prompt; the rows' positions follow from pos = len, decode.cuh DecodeRows).
+static void speculative_prefill(GpuDecoder& d, const std::vector<std::vector<int>>& prompts, int b0, int r, int T, std::vector<int>& mtp_tokens) {
     Model& m = *d.m;
     GpuModel& gpu = *m.gpu;
     const Config& c = m.ref.cfg;
@@ -100,7 +99,6 @@ static void speculative_prefill(GpuDecoder& d, const std::vector<std::vector<int
     gpu_mtp_prefill(m, r, T);
     bf16* cache_mtp = d.cache + (size_t)L * B * d.max_len * (dc + dr);
     prefill_cache_gpu(cache_mtp, gpu.layers[L].attn.c_norm, gpu.layers[L].attn.kv_a, r * T, T, b0, dc, dr, d.max_len, gpu.ctx.stream);
-    auto clamp = [&](int pos) { return std::max(0, std::min(pos, d.max_len - 1)); };
     for (int i = 0; i < r; i++) {
         const int b = b0 + i, len = (int)prompts[b].size(), first = std::max(len - 2, 0);
         for (int k : {0, 1}) {
@@ -108,11 +106,7 @@ static void speculative_prefill(GpuDecoder& d, const std::vector<std::vector<int
             CUDA_CHECK(cudaMemcpyAsync(d.mtp_h + (size_t)(k * B + b) * D, gpu.hn + ((size_t)i * T + at) * D, (size_t)D * sizeof(bf16),
                                        cudaMemcpyDeviceToDevice, gpu.ctx.stream));
         }
-        mtp_pos[b] = first;
-        mtp_pos[B + b] = len - 1;
         mtp_tokens[b] = prompts[b][len - 1];  // speculative_inputs_kernel replaces it when both rows are at 0
-        rows_pos[b] = clamp(len);
-        rows_pos[B + b] = clamp(len + 1);
     }
 }
 
@@ -135,7 +129,7 @@ void decoder_prefill(GpuDecoder& d, const std::vector<std::vector<int>>& prompts
     // right padding: causal attention never lets a real position see the padding,
     // and decode overwrites the padded cache rows before it attends to them
     const int rows = std::max(1, std::min(n, gpu.N / T));
-    std::vector<int> pos(d.batch, 0), active(d.batch, 0), rows_pos(2 * d.batch, 0), mtp_pos(2 * d.batch, 0), mtp_tokens(2 * d.batch, 0);
+    std::vector<int> pos(d.batch, 0), active(d.batch, 0), mtp_tokens(2 * d.batch, 0);
     for (int b0 = 0; b0 < n; b0 += rows) {
         const int r = std::min(rows, n - b0);
         std::vector<int> tokens((size_t)r * T, 0), targets((size_t)r * T, -1);
@@ -152,7 +146,7 @@ void decoder_prefill(GpuDecoder& d, const std::vector<std::vector<int>>& prompts
             bf16* cache_l = d.cache + (size_t)l * d.batch * d.max_len * (dc + dr);
             prefill_cache_gpu(cache_l, gpu.layers[l].attn.c_norm, gpu.layers[l].attn.kv_a, r * T, T, b0, dc, dr, d.max_len, gpu.ctx.stream);
         }
-        if (d.speculative) speculative_prefill(d, prompts, b0, r, T, rows_pos, mtp_pos, mtp_tokens);
+        if (d.speculative) speculative_prefill(d, prompts, b0, r, T, mtp_tokens);
         for (int i = 0; i < r; i++) {
             const int b = b0 + i, len = (int)prompts[b].size();
             CUDA_CHECK(cudaMemcpyAsync(d.logits + (size_t)b * V, gpu.logits + ((size_t)i * T + len - 1) * V, (size_t)V * sizeof(bf16),
@@ -167,17 +161,16 @@ void decoder_prefill(GpuDecoder& d, const std::vector<std::vector<int>>& prompts
     CUDA_CHECK(cudaMemcpyAsync(d.active, active.data(), d.batch * sizeof(int), cudaMemcpyHostToDevice, gpu.ctx.stream));
     CUDA_CHECK(cudaMemsetAsync(d.gen, 0, d.batch * sizeof(int), gpu.ctx.stream));
     if (d.speculative)
-        for (auto [dst, src] : {std::make_pair(d.rows_pos, &rows_pos), std::make_pair(d.mtp_pos, &mtp_pos), std::make_pair(d.mtp_tokens, &mtp_tokens)})
-            CUDA_CHECK(cudaMemcpyAsync(dst, src->data(), src->size() * sizeof(int), cudaMemcpyHostToDevice, gpu.ctx.stream));
+        CUDA_CHECK(cudaMemcpyAsync(d.mtp_tokens, mtp_tokens.data(), mtp_tokens.size() * sizeof(int), cudaMemcpyHostToDevice, gpu.ctx.stream));
     CUDA_CHECK(cudaStreamSynchronize(gpu.ctx.stream));
 }
 
-// The absorbed MLA of the step's R rows (x [R, D], row b at position pos[b] of sequence b % batch; decode.cuh), the
-// GPU twin of decode.h's mla_decode_forward: appends each row's latent to cache_l [batch, max_len, dc+dr] and
-// writes out [R, D].
+// The absorbed MLA of the step's R rows (x [R, D], row b at rows' position of sequence b % batch; decode.cuh
+// DecodeRows), the GPU twin of decode.h's mla_decode_forward: appends each row's latent to cache_l [batch, max_len,
+// dc+dr] and writes out [R, D].
 static void mla_decode_forward_gpu(const Config& c, const MlaWeights<bf16>& w, const RopeGpu& rope, bf16* out, const bf16* x,
-                                   bf16* cache_l, int R, const int* pos, GpuDecoder& d, GpuContext& ctx) {
-    const int B = d.batch, H = c.num_attention_heads, qr = c.q_lora_rank, dc = c.kv_lora_rank, dr = c.qk_rope_head_dim;
+                                   bf16* cache_l, int R, const DecodeRows& rows, GpuDecoder& d, GpuContext& ctx) {
+    const int H = c.num_attention_heads, qr = c.q_lora_rank, dc = c.kv_lora_rank, dr = c.qk_rope_head_dim;
     const int dn = c.qk_nope_head_dim, dv = c.v_head_dim;
     cudaStream_t st = ctx.stream;
     if (qr > 0) {
@@ -188,17 +181,17 @@ static void mla_decode_forward_gpu(const Config& c, const MlaWeights<bf16>& w, c
         linear_forward_gpu(d.q, x, w.q_proj, R, ctx);
     }
     linear_forward_gpu(d.kv, x, w.kv_a, R, ctx);
-    decode_cache_write_gpu(cache_l, d.kv, w.kv_a_norm, rope, pos, R, B, dc, dr, d.max_len, c.rms_norm_eps, st);
-    decode_absorb_query_gpu(d.qlat, d.q, w.kv_b.w, rope, pos, R, H, dn, dr, dv, dc, st);
-    flash_decode_gpu(d.o_lat, d.part_acc, d.part_ml, d.qlat, cache_l, pos, R, B, H, dc, dr, d.max_len, d.splits, rope.softmax_scale, st);
+    decode_cache_write_gpu(cache_l, d.kv, w.kv_a_norm, rope, rows, R, dc, dr, c.rms_norm_eps, st);
+    decode_absorb_query_gpu(d.qlat, d.q, w.kv_b.w, rope, rows, R, H, dn, dr, dv, dc, st);
+    flash_decode_gpu(d.o_lat, d.part_acc, d.part_ml, d.qlat, cache_l, rows, R, H, dc, dr, d.splits, rope.softmax_scale, st);
     decode_value_up_gpu(d.o, d.o_lat, w.kv_b.w, R, H, dn, dv, dc, st);
     linear_forward_gpu(out, d.o, w.o_proj, R, ctx);
 }
 
-// Block l (a main layer, or the MTP module's) on the step's R rows at pos: the fp32 residual stream d.res takes
-// branch (the first block: d.res = branch; then d.res += the previous block's FFN output), then the attention
-// and the FFN, whose output stays in d.ffn_out for the next add.
-static void block_decode_forward_gpu(GpuDecoder& d, int l, const bf16* branch, bool first, int R, const int* pos) {
+// Block l (a main layer, or the MTP module's) on the step's R rows at the sequences' positions plus shift (decode.cuh
+// DecodeRows): the fp32 residual stream d.res takes branch (the first block: d.res = branch; then d.res += the
+// previous block's FFN output), then the attention and the FFN, whose output stays in d.ffn_out for the next add.
+static void block_decode_forward_gpu(GpuDecoder& d, int l, const bf16* branch, bool first, int R, int shift) {
     GpuModel& gpu = *d.m->gpu;
     GpuContext& ctx = gpu.ctx;
     const Config& c = d.m->ref.cfg;
@@ -207,34 +200,35 @@ static void block_decode_forward_gpu(GpuDecoder& d, int l, const bf16* branch, b
     const LayerWeights<bf16>& w = block_weights(gpu.w, l);
     cudaStream_t st = ctx.stream;
     rmsnorm_residual_forward_gpu<float>(d.res, d.xn, nullptr, first ? nullptr : d.res, branch, w.input_norm, R, D, eps, st);
-    mla_decode_forward_gpu(c, w.attn, gpu.rope, d.attn_out, d.xn, d.cache + (size_t)l * d.batch * d.max_len * width, R, pos, d, ctx);
+    mla_decode_forward_gpu(c, w.attn, gpu.rope, d.attn_out, d.xn, d.cache + (size_t)l * d.batch * d.max_len * width, R,
+                           DecodeRows{d.pos, d.batch, shift, d.max_len}, d, ctx);
     rmsnorm_residual_forward_gpu<float>(d.res, d.xn, nullptr, d.res, d.attn_out, w.post_norm, R, D, eps, st);
     if (c.is_moe_layer(l)) moe_forward_gpu(c, w.moe, block_weights(gpu.master, l).moe.bias, d.ffn_out, d.xn, R, d.moe, nullptr, ctx);
     else ffn_forward_gpu(w.ffn, d.ffn_out, d.xn, R, d.ffn, ctx);
 }
 
-// The main model on the step's R rows (tokens and pos [R]): d.xn [R, D] ends as its normed output, d.logits
-// [R, V] as the head's.
-static void main_decode_forward_gpu(GpuDecoder& d, int R, const int* tokens, const int* pos) {
+// The main model on the step's R rows (tokens [R], at the sequences' positions): d.xn [R, D] ends as its normed
+// output, d.logits [R, V] as the head's.
+static void main_decode_forward_gpu(GpuDecoder& d, int R, const int* tokens) {
     GpuModel& gpu = *d.m->gpu;
     const Config& c = d.m->ref.cfg;
     const int D = c.hidden_size;
     cudaStream_t st = gpu.ctx.stream;
     embedding_forward_gpu(d.emb, tokens, gpu.w.embed, R, D, st);
-    for (int l = 0; l < c.num_hidden_layers; l++) block_decode_forward_gpu(d, l, l == 0 ? d.emb : d.ffn_out, l == 0, R, pos);
+    for (int l = 0; l < c.num_hidden_layers; l++) block_decode_forward_gpu(d, l, l == 0 ? d.emb : d.ffn_out, l == 0, R, 0);
     rmsnorm_residual_forward_gpu<float>(d.res, d.xn, nullptr, d.res, d.ffn_out, gpu.w.final_norm, R, D, c.rms_norm_eps, st);
     linear_forward_gpu(d.logits, d.xn, gpu.w.lm_head, R, gpu.ctx);
 }
 
 void decoder_forward(GpuDecoder& d) {
     if (d.speculative) fail("internal: decoder_forward on a speculative decoder");
-    main_decode_forward_gpu(d, d.batch, d.tokens, d.pos);
+    main_decode_forward_gpu(d, d.batch, d.tokens);
     decode_advance_kernel<<<ceil_div(d.batch, 256), 256, 0, d.m->gpu->ctx.stream>>>(d.pos, d.active, d.batch, d.max_len);
     CUDA_LAUNCH_CHECK();
 }
 
-// The MTP module on the step's 2 x batch rows (decode.h mtp_decode_step): d.logits [batch, V] ends as its head's
-// output at the second rows, the drafts' logits.
+// The MTP module on the step's 2 x batch rows (decode.h mtp_decode_step), two positions behind the main model's:
+// d.logits [batch, V] ends as its head's output at the second rows, the drafts' logits.
 static void mtp_decode_forward_gpu(GpuDecoder& d) {
     GpuModel& gpu = *d.m->gpu;
     const Config& c = d.m->ref.cfg;
@@ -249,7 +243,7 @@ static void mtp_decode_forward_gpu(GpuDecoder& d) {
     rmsnorm_residual_forward_gpu<bf16>(nullptr, d.xn, nullptr, d.mtp_h, nullptr, w.hnorm, R, D, eps, st);
     CUDA_CHECK(cudaMemcpy2DAsync(d.mtp_cat + D, 2 * row, d.xn, row, row, R, cudaMemcpyDeviceToDevice, st));
     linear_forward_gpu(d.emb, d.mtp_cat, w.eh_proj, R, gpu.ctx);
-    block_decode_forward_gpu(d, c.num_hidden_layers, d.emb, true, R, d.mtp_pos);
+    block_decode_forward_gpu(d, c.num_hidden_layers, d.emb, true, R, -2);
     rmsnorm_residual_forward_gpu<float>(d.res, d.xn, nullptr, d.res, d.ffn_out, w.head_norm, R, D, eps, st);
     linear_forward_gpu(d.logits, d.xn + (size_t)B * D, gpu.w.lm_head, B, gpu.ctx);
 }
@@ -261,15 +255,15 @@ static void speculative_forward_sample(GpuDecoder& d, const SamplingOptions& so,
     GpuModel& gpu = *d.m->gpu;
     const int B = d.batch, V = d.m->ref.cfg.vocab_size, D = d.m->ref.cfg.hidden_size;
     cudaStream_t st = gpu.ctx.stream;
-    speculative_inputs_kernel<<<ceil_div(B, 256), 256, 0, st>>>(d.rows_tokens, d.mtp_tokens, d.tokens, d.mtp_pos, B);
+    speculative_inputs_kernel<<<ceil_div(B, 256), 256, 0, st>>>(d.rows_tokens, d.mtp_tokens, d.tokens, d.pos, B, d.max_len);
     CUDA_LAUNCH_CHECK();
     mtp_decode_forward_gpu(d);
     sample_gpu(d.rows_tokens + B, d.gen, d.draft_probs, d.logits, d.active, B, V, so, seed, st);
-    main_decode_forward_gpu(d, d.rows, d.rows_tokens, d.rows_pos);
+    main_decode_forward_gpu(d, d.rows, d.rows_tokens);
     sample_gpu(d.next, d.gen, d.main_probs, d.logits, d.active, B, V, so, seed, st);  // its token is overwritten next
     sample_gpu(d.next, d.gen, nullptr, d.logits + (size_t)B * V, d.active, B, V, so, seed, st);
-    speculative_accept_kernel<<<B, SAMPLE_THREADS, 0, st>>>(d.out, d.count, d.tokens, d.rows_tokens, d.rows_pos, d.mtp_tokens, d.mtp_pos,
-                                                            d.mtp_h, d.gen, d.main_probs, d.draft_probs, d.next, d.xn, d.active, B, V, D, d.max_len, seed);
+    speculative_accept_kernel<<<B, SAMPLE_THREADS, 0, st>>>(d.out, d.count, d.tokens, d.pos, d.rows_tokens, d.mtp_tokens, d.mtp_h, d.gen,
+                                                            d.main_probs, d.draft_probs, d.next, d.xn, d.active, B, V, D, d.max_len, seed);
     CUDA_LAUNCH_CHECK();
 }
 

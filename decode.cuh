@@ -21,17 +21,29 @@
 #include "gpu_model.cuh"
 
 // ----------------------------------------------------------------------------
-// A step's rows: row b of B is a token of sequence b % seqs at position pos[b] (B = seqs: one token per sequence;
-// self-speculative decoding runs B = 2 seqs, rows b and seqs + b being two consecutive positions of sequence b).
-//
-// The new cache row of each step row: cache_s[pos[b]] = [w * RMSNorm(kv[b, :dc]); rope(kv[b, dc:], pos[b])], s = b % seqs.
-// kv [B, dc+dr] bf16 (the W_kv_a GEMM), weight [dc], cache [seqs, max_len, dc+dr]. One block per row; fp32
-// math, one rounding, as the training kernels (RMSNorm of the bf16 c, RoPE of the bf16 k_pe).
-static __global__ void decode_cache_write_kernel(bf16* cache, const bf16* kv, const bf16* weight, const float2* rope_cs, const int* pos,
-                                                 int seqs, int dc, int dr, int max_len, float eps) {
-    const int b = blockIdx.x, width = dc + dr, p = pos[b];
+// A step's rows, from the sequences' positions: row b of B is a token of sequence s = b % seqs at position
+// pos[s] + b / seqs + shift (B = seqs: one token per sequence, at pos[s]; self-speculative decoding runs B = 2 seqs,
+// rows s and seqs + s being two consecutive positions of sequence s: the main model's at pos[s] and pos[s] + 1, the
+// MTP module's two positions before, shift -2). Positions are clamped to the sequence's cache rows 0..max_len-1: a
+// speculative sequence can step past its last row and a prompt can fill the cache (the host stops such a sequence,
+// but its rows still run), and the MTP module's first row is before position 0 after a one-token prompt.
+struct DecodeRows {
+    const int* pos;  // [seqs] the sequences' positions (GpuDecoder's pos)
+    int seqs, shift, max_len;
+};
+
+__device__ inline int row_position(const DecodeRows& r, int b) {
+    return max(0, min(r.pos[b % r.seqs] + b / r.seqs + r.shift, r.max_len - 1));
+}
+
+// The new cache row of each step row: cache_s[p] = [w * RMSNorm(kv[b, :dc]); rope(kv[b, dc:], p)], s = b % seqs,
+// p = row_position(b). kv [B, dc+dr] bf16 (the W_kv_a GEMM), weight [dc], cache [seqs, max_len, dc+dr]. One block
+// per row; fp32 math, one rounding, as the training kernels (RMSNorm of the bf16 c, RoPE of the bf16 k_pe).
+static __global__ void decode_cache_write_kernel(bf16* cache, const bf16* kv, const bf16* weight, const float2* rope_cs, DecodeRows rows,
+                                                 int dc, int dr, float eps) {
+    const int b = blockIdx.x, width = dc + dr, p = row_position(rows, b);
     const bf16* x = kv + (size_t)b * width;
-    bf16* row = cache + ((size_t)(b % seqs) * max_len + p) * width;
+    bf16* row = cache + ((size_t)(b % rows.seqs) * rows.max_len + p) * width;
     float ss = 0;
     for (int j = threadIdx.x; j < dc; j += blockDim.x) {
         const float v = __bfloat162float(x[j]);
@@ -49,22 +61,22 @@ static __global__ void decode_cache_write_kernel(bf16* cache, const bf16* kv, co
     }
 }
 
-inline void decode_cache_write_gpu(bf16* cache, const bf16* kv, const bf16* weight, const RopeGpu& rope, const int* pos, int B, int seqs,
-                                   int dc, int dr, int max_len, float eps, cudaStream_t stream) {
-    decode_cache_write_kernel<<<B, 128, 0, stream>>>(cache, kv, weight, rope.cs, pos, seqs, dc, dr, max_len, eps);
+inline void decode_cache_write_gpu(bf16* cache, const bf16* kv, const bf16* weight, const RopeGpu& rope, const DecodeRows& rows, int B,
+                                   int dc, int dr, float eps, cudaStream_t stream) {
+    decode_cache_write_kernel<<<B, 128, 0, stream>>>(cache, kv, weight, rope.cs, rows, dc, dr, eps);
     CUDA_LAUNCH_CHECK();
 }
 
 // ----------------------------------------------------------------------------
-// Absorbed query: qlat[b, h] = [W_UK_h^T q_nope[b, h] (dc); rope(q_pe[b, h], pos[b]) (dr)] in fp32, with W_UK_h = rows
-// h*(dn+dv) .. h*(dn+dv)+dn-1 of kv_b [H*(dn+dv), dc]. Grid (H, ceil(dc / 64), ceil(B / DECODE_SEQS)), 256 threads: 64
-// latent columns (coalesced rows of W_UK_h) by 4 groups that each sum every 4th of the dn rows, for DECODE_SEQS
-// sequences at once so W_UK_h is read once per DECODE_SEQS; the 4 partial sums are added in group order. Many small
-// blocks: at batch 1 this is a latency-bound product, and one block per head would serialise its loads.
+// Absorbed query: qlat[b, h] = [W_UK_h^T q_nope[b, h] (dc); rope(q_pe[b, h], row_position(b)) (dr)] in fp32, with
+// W_UK_h = rows h*(dn+dv) .. h*(dn+dv)+dn-1 of kv_b [H*(dn+dv), dc]. Grid (H, ceil(dc / 64), ceil(B / DECODE_SEQS)),
+// 256 threads: 64 latent columns (coalesced rows of W_UK_h) by 4 groups that each sum every 4th of the dn rows, for
+// DECODE_SEQS sequences at once so W_UK_h is read once per DECODE_SEQS; the 4 partial sums are added in group order.
+// Many small blocks: at batch 1 this is a latency-bound product, and one block per head would serialise its loads.
 constexpr int DECODE_SEQS = 8;
 
 static __global__ void __launch_bounds__(256)
-    decode_absorb_query_kernel(float* qlat, const bf16* q, const bf16* kv_b, const float2* rope_cs, const int* pos, int B, int H, int dn,
+    decode_absorb_query_kernel(float* qlat, const bf16* q, const bf16* kv_b, const float2* rope_cs, DecodeRows rows, int B, int H, int dn,
                                int dr, int dv, int dc) {
     extern __shared__ float q_nope[];                // [DECODE_SEQS, dn]
     __shared__ float partial[4][DECODE_SEQS][64];
@@ -93,7 +105,7 @@ static __global__ void __launch_bounds__(256)
     const int half = dr / 2;
     for (int k = threadIdx.x; k < nb * half; k += blockDim.x) {
         const int s = k / half, i = k % half, b = b0 + s;
-        const float2 r = rope_cs[(size_t)pos[b] * half + i];
+        const float2 r = rope_cs[(size_t)row_position(rows, b) * half + i];
         const bf16* pe = q + ((size_t)b * H + h) * dqk + dn;
         const float x0 = __bfloat162float(pe[2 * i]), x1 = __bfloat162float(pe[2 * i + 1]);
         float* out = qlat + ((size_t)b * H + h) * width + dc;
@@ -102,15 +114,15 @@ static __global__ void __launch_bounds__(256)
     }
 }
 
-inline void decode_absorb_query_gpu(float* qlat, const bf16* q, const bf16* kv_b, const RopeGpu& rope, const int* pos, int B, int H, int dn,
-                                    int dr, int dv, int dc, cudaStream_t stream) {
+inline void decode_absorb_query_gpu(float* qlat, const bf16* q, const bf16* kv_b, const RopeGpu& rope, const DecodeRows& rows, int B, int H,
+                                    int dn, int dr, int dv, int dc, cudaStream_t stream) {
     dim3 grid(H, ceil_div(dc, 64), ceil_div(B, DECODE_SEQS));
-    decode_absorb_query_kernel<<<grid, 256, DECODE_SEQS * dn * sizeof(float), stream>>>(qlat, q, kv_b, rope.cs, pos, B, H, dn, dr, dv, dc);
+    decode_absorb_query_kernel<<<grid, 256, DECODE_SEQS * dn * sizeof(float), stream>>>(qlat, q, kv_b, rope.cs, rows, B, H, dn, dr, dv, dc);
     CUDA_LAUNCH_CHECK();
 }
 
 // ----------------------------------------------------------------------------
-// Flash decoding: one query per (row, head) over its sequence's cache rows 0..pos[b]. A single query is too
+// Flash decoding: one query per (row, head) over its sequence's cache rows 0..row_position(b). A single query is too
 // little work for one block per (b, h) when the batch is small, so the rows are split into `splits` contiguous ranges,
 // one block each (grid (splits, H, B)); every block writes a partial (max, sum, unnormalised output) in the log2
 // domain, and a combine kernel merges the splits with their log-sum-exp weights in split order (deterministic). Keys
@@ -122,21 +134,21 @@ constexpr int FLASH_DECODE_WARPS = 4;
 
 template <int DCL>  // latent columns per lane: dc <= 32 * DCL
 static __global__ void __launch_bounds__(FLASH_DECODE_WARPS * 32)
-    flash_decode_partial_kernel(float* part_acc, float2* part_ml, const float* qlat, const bf16* cache, const int* pos, int seqs, int H,
-                                int dc, int dr, int max_len, float scale_log2) {
+    flash_decode_partial_kernel(float* part_acc, float2* part_ml, const float* qlat, const bf16* cache, DecodeRows rows, int H, int dc,
+                                int dr, float scale_log2) {
     extern __shared__ float smem[];
     const int width = dc + dr, splits = gridDim.x, s = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
     const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
     float* q_s = smem;                          // [width], pre-scaled by scale * log2(e)
     float* acc_s = smem + width;                // [WARPS, dc]
     float2* ml_s = (float2*)(acc_s + FLASH_DECODE_WARPS * dc);  // [WARPS]
-    const int len = pos[b] + 1, chunk = (len + splits - 1) / splits, t0 = s * chunk, t1 = min(len, t0 + chunk);
+    const int len = row_position(rows, b) + 1, chunk = (len + splits - 1) / splits, t0 = s * chunk, t1 = min(len, t0 + chunk);
     for (int j = threadIdx.x; j < width; j += blockDim.x) q_s[j] = qlat[((size_t)b * H + h) * width + j] * scale_log2;
     __syncthreads();
     float m = -INFINITY, l = 0, acc[DCL] = {};
-    const bf16* rows = cache + (size_t)(b % seqs) * max_len * width;
+    const bf16* seq = cache + (size_t)(b % rows.seqs) * rows.max_len * width;
     for (int t = t0 + warp; t < t1; t += FLASH_DECODE_WARPS) {
-        const bf16* row = rows + (size_t)t * width;
+        const bf16* row = seq + (size_t)t * width;
         float d = 0;
         for (int j = lane; j < width; j += 32) d += q_s[j] * __bfloat162float(row[j]);
         const float score = warp_sum(d);
@@ -188,10 +200,11 @@ inline int flash_decode_splits(int B, int H, int max_len, int sms) {
     return std::max(1, std::min(want, ceil_div(max_len, 16)));
 }
 
-// o_lat [B, H, dc] fp32 from qlat [B, H, dc+dr] fp32 and cache [seqs, max_len, dc+dr] (rows 0..pos[b] of sequence
-// b % seqs); scale = the softmax scale (RopeTable's); part_acc [B, H, splits, dc] and part_ml [B, H, splits] are scratch.
-inline void flash_decode_gpu(float* o_lat, float* part_acc, float2* part_ml, const float* qlat, const bf16* cache, const int* pos, int B,
-                             int seqs, int H, int dc, int dr, int max_len, int splits, float scale, cudaStream_t stream) {
+// o_lat [B, H, dc] fp32 from qlat [B, H, dc+dr] fp32 and cache [seqs, max_len, dc+dr] (rows 0..row_position(b) of
+// sequence b % seqs); scale = the softmax scale (RopeTable's); part_acc [B, H, splits, dc] and part_ml [B, H, splits]
+// are scratch.
+inline void flash_decode_gpu(float* o_lat, float* part_acc, float2* part_ml, const float* qlat, const bf16* cache, const DecodeRows& rows,
+                             int B, int H, int dc, int dr, int splits, float scale, cudaStream_t stream) {
     if (dc > 32 * 32) fail("flash_decode: kv_lora_rank %d exceeds the supported 1024", dc);
     const int dcl = ceil_div(dc, 32);
     auto kernel = dcl <= 1 ? flash_decode_partial_kernel<1> : dcl <= 2 ? flash_decode_partial_kernel<2>
@@ -199,7 +212,7 @@ inline void flash_decode_gpu(float* o_lat, float* part_acc, float2* part_ml, con
                 : dcl <= 16 ? flash_decode_partial_kernel<16> : flash_decode_partial_kernel<32>;
     const size_t smem = ((size_t)(dc + dr) + FLASH_DECODE_WARPS * dc + 2 * FLASH_DECODE_WARPS) * sizeof(float);
     if (smem > 48 * 1024) fail("flash_decode: %zu bytes of shared memory for kv_lora_rank %d exceed 48 KiB", smem, dc);
-    kernel<<<dim3(splits, H, B), FLASH_DECODE_WARPS * 32, smem, stream>>>(part_acc, part_ml, qlat, cache, pos, seqs, H, dc, dr, max_len,
+    kernel<<<dim3(splits, H, B), FLASH_DECODE_WARPS * 32, smem, stream>>>(part_acc, part_ml, qlat, cache, rows, H, dc, dr,
                                                                          scale * 1.4426950408889634f);
     CUDA_LAUNCH_CHECK();
     flash_decode_combine_kernel<<<dim3(H, B), 128, 0, stream>>>(o_lat, part_acc, part_ml, splits, dc);
@@ -323,6 +336,34 @@ __device__ inline unsigned long long block_max_u64(unsigned long long v) {
     return r;
 }
 
+// The draw both samplers make: the token at coin * (total weight) of the running sum in id order, every thread
+// getting it. walk(visit) calls visit(i, w) for each id i of this thread's range, in order, with its weight w >= 0
+// (thread ranges in id order); it runs twice. *total receives the total weight.
+template <typename Walk>
+__device__ inline int block_pick(Walk walk, float coin, float* total) {
+    float mine = 0;
+    int last = -1;
+    walk([&](int i, float w) {
+        mine += w;
+        if (w > 0) last = i;
+    });
+    const float before = block_exclusive_scan(mine, total);
+    const float goal = coin * *total;
+    __shared__ int chosen;
+    if (threadIdx.x == 0) chosen = INT_MAX;
+    __syncthreads();
+    float run = before;
+    walk([&](int i, float w) {
+        // rounding between thread ranges could let two tokens cross: the lowest wins
+        if (w > 0 && goal < run + w && run <= goal) atomicMin(&chosen, i);
+        run += w;
+    });
+    // rounding can leave goal at or past the last running sum: take the last token with weight
+    const int last_kept = (int)(block_max_u64(last >= 0 ? (unsigned long long)last + 1 : 0) - 1);
+    __syncthreads();
+    return chosen != INT_MAX ? chosen : last_kept;
+}
+
 // tokens[b] (written for active sequences), gen[b] += 1; kept [B, V] (may be
 // null) receives each token's final probability (0 = not kept), for the tests.
 static __global__ void __launch_bounds__(SAMPLE_THREADS)
@@ -428,40 +469,17 @@ static __global__ void __launch_bounds__(SAMPLE_THREADS)
         }
         return w;
     };
-    float mine = 0;
-    int last = -1;
-    {
+    // a pass over this thread's tokens with their final weights
+    auto walk = [&](auto visit) {
         int eq = 0;
         float eq_mass = 0;
-        for (int i = i0; i < i1; i++) {
-            const float w = weight(i, eq, eq_mass);
-            mine += w;
-            if (w > 0) last = i;
-        }
-    }
+        for (int i = i0; i < i1; i++) visit(i, weight(i, eq, eq_mass));
+    };
     float total;
-    const float before = block_exclusive_scan(mine, &total);
-    const float coin = rng_uniform(seed + b, (uint64_t)gen[b]);
-    const float goal = coin * total;
-    __shared__ int chosen;
-    if (threadIdx.x == 0) chosen = INT_MAX;
-    __syncthreads();
-    {
-        int eq = 0;
-        float eq_mass = 0, run = before;
-        for (int i = i0; i < i1; i++) {
-            const float w = weight(i, eq, eq_mass);
-            if (kept) kept[(size_t)b * V + i] = w / total;
-            // rounding between thread ranges could let two tokens cross: the lowest wins
-            if (w > 0 && goal < run + w && run <= goal) atomicMin(&chosen, i);
-            run += w;
-        }
-    }
-    // rounding can leave goal at or past the last running sum: take the last kept token
-    const int last_kept = (int)(block_max_u64(last >= 0 ? (unsigned long long)last + 1 : 0) - 1);
-    __syncthreads();
+    const int token = block_pick(walk, rng_uniform(seed + b, (uint64_t)gen[b]), &total);
+    if (kept) walk([&](int i, float w) { kept[(size_t)b * V + i] = w / total; });
     if (threadIdx.x == 0) {
-        tokens[b] = chosen != INT_MAX ? chosen : last_kept;
+        tokens[b] = token;
         gen[b]++;
     }
 }
@@ -476,63 +494,47 @@ inline void sample_gpu(int* tokens, int* gen, float* kept, const bf16* logits, c
 
 // ----------------------------------------------------------------------------
 // Self-speculative decoding on the GPU (decode.h speculative_step), B sequences, a step of 2B rows. Between steps
-// sequence b holds: x = tokens[b], the last token taken, at position L = rows_pos[b], not yet in a cache; the main
-// cache at L positions; the MTP module's two rows for the next step, at positions L-2 and L-1 (mtp_pos) with the
-// main model's normed outputs there (mtp_h) and tokens t_{L-1}, t_L (mtp_tokens). The module's row at L-2 repeats
-// the previous step's row at L-1 (the same values, written again) unless the last draft was accepted, when it is
-// the row the step skipped; after a one-token prompt both rows are at position 0 with the same input.
+// sequence b holds: x = tokens[b], the last token taken, at position L = pos[b] (clamped, as the positions of all
+// the step's rows are: DecodeRows), not yet in a cache; the main cache at L positions; the MTP module's two rows for
+// the next step, at positions L-2 and L-1 (shift -2) with the main model's normed outputs there (mtp_h) and tokens
+// t_{L-1}, t_L (mtp_tokens). The module's row at L-2 repeats the previous step's row at L-1 (the same values,
+// written again) unless the last draft was accepted, when it is the row the step skipped; after a one-token prompt
+// both rows are at position 0 with the same input. The main model's rows are x's and the draft's, at L and L+1.
 
 // a step's first kernel: x into the main step's first row and the MTP module's second (and first, when both
-// rows are at one position)
-static __global__ void speculative_inputs_kernel(int* rows_tokens, int* mtp_tokens, const int* tokens, const int* mtp_pos, int B) {
+// rows are at one position); pos [B] the sequences' positions
+static __global__ void speculative_inputs_kernel(int* rows_tokens, int* mtp_tokens, const int* tokens, const int* pos, int B, int max_len) {
     const int b = blockIdx.x * blockDim.x + threadIdx.x;
     if (b >= B) return;
+    const DecodeRows mtp{pos, B, -2, max_len};
     rows_tokens[b] = tokens[b];
     mtp_tokens[B + b] = tokens[b];
-    if (mtp_pos[b] == mtp_pos[B + b]) mtp_tokens[b] = tokens[b];
+    if (row_position(mtp, b) == row_position(mtp, B + b)) mtp_tokens[b] = tokens[b];
 }
 
 // The verdict, one block per active sequence b: the draft d = rows_tokens[B + b], drawn from q [B, V] (the MTP
 // module's sampling distribution), is accepted with probability min(1, p[d] / q[d]), p [B, V] the main model's at
 // x's position; the step then takes d and next[b] (drawn at d's position, which the main model read d for), or
 // else one draw from normalize(max(0, p - q)). out [B, 2] and count [B] say what it took; the state moves on,
-// from hn [2B, D], the main model's normed outputs at x's and d's positions. Positions are clamped to the
-// cache's max_len rows: a sequence that reaches its last row is stopped by the host, but its rows still run.
+// from hn [2B, D], the main model's normed outputs at x's and d's positions, and pos [B] to the next x's position,
+// L + 2 or L + 1 (the next step's rows clamp it).
 static __global__ void __launch_bounds__(SAMPLE_THREADS)
-    speculative_accept_kernel(int* out, int* count, int* tokens, int* rows_tokens, int* rows_pos, int* mtp_tokens, int* mtp_pos, bf16* mtp_h,
-                              int* gen, const float* p, const float* q, const int* next, const bf16* hn, const int* active, int B, int V,
-                              int D, int max_len, unsigned long long seed) {
+    speculative_accept_kernel(int* out, int* count, int* tokens, int* pos, const int* rows_tokens, int* mtp_tokens, bf16* mtp_h, int* gen,
+                              const float* p, const float* q, const int* next, const bf16* hn, const int* active, int B, int V, int D,
+                              int max_len, unsigned long long seed) {
     const int b = blockIdx.x;
     if (!active[b]) return;
     const float *pb = p + (size_t)b * V, *qb = q + (size_t)b * V;
-    const int x = rows_tokens[b], d = rows_tokens[B + b], L = rows_pos[b];
+    const int x = rows_tokens[b], d = rows_tokens[B + b];
     const bool accept = rng_uniform(seed + b, (uint64_t)gen[b]) * qb[d] < pb[d];  // q[d] > 0: d was drawn from q
     int taken = d;
     if (!accept) {  // the block agrees on accept, so every thread is here; p(d) < q(d) leaves max(0, p - q) mass
         const int per = (V + blockDim.x - 1) / blockDim.x, i0 = min(V, threadIdx.x * per), i1 = min(V, i0 + per);
-        float mine = 0;
-        int last = -1;
-        for (int i = i0; i < i1; i++) {
-            const float w = fmaxf(0.0f, pb[i] - qb[i]);
-            mine += w;
-            if (w > 0) last = i;
-        }
+        auto walk = [&](auto visit) {
+            for (int i = i0; i < i1; i++) visit(i, fmaxf(0.0f, pb[i] - qb[i]));
+        };
         float total;
-        const float before = block_exclusive_scan(mine, &total);
-        const float goal = rng_uniform(seed + b, (uint64_t)gen[b] + 1) * total;
-        __shared__ int chosen;
-        if (threadIdx.x == 0) chosen = INT_MAX;
-        __syncthreads();
-        float run = before;
-        for (int i = i0; i < i1; i++) {
-            const float w = fmaxf(0.0f, pb[i] - qb[i]);
-            if (w > 0 && goal < run + w && run <= goal) atomicMin(&chosen, i);
-            run += w;
-        }
-        // rounding can leave goal at or past the last running sum: the last token with mass
-        const int last_kept = (int)(block_max_u64(last >= 0 ? (unsigned long long)last + 1 : 0) - 1);
-        __syncthreads();
-        taken = chosen != INT_MAX ? chosen : last_kept;
+        taken = block_pick(walk, rng_uniform(seed + b, (uint64_t)gen[b] + 1), &total);
     }
     // the MTP module's rows: after an acceptance the outputs at x's and d's positions, else the old second row and x's
     for (int j = threadIdx.x; j < D; j += blockDim.x) {
@@ -541,17 +543,12 @@ static __global__ void __launch_bounds__(SAMPLE_THREADS)
         mtp_h[(size_t)b * D + j] = first;
     }
     if (threadIdx.x != 0) return;
-    const int x_next = accept ? next[b] : taken, L_next = L + (accept ? 2 : 1);
-    auto clamp = [&](int pos) { return max(0, min(pos, max_len - 1)); };
     out[2 * b] = taken;
     out[2 * b + 1] = next[b];
     count[b] = accept ? 2 : 1;
-    tokens[b] = x_next;
+    tokens[b] = accept ? next[b] : taken;
+    pos[b] = row_position(DecodeRows{pos, B, 0, max_len}, b) + (accept ? 2 : 1);  // on from x's row's (clamped) position
     mtp_tokens[b] = accept ? d : x;
-    rows_pos[b] = clamp(L_next);
-    rows_pos[B + b] = clamp(L_next + 1);
-    mtp_pos[b] = clamp(L_next - 2);
-    mtp_pos[B + b] = clamp(L_next - 1);
     gen[b] += 2;
 }
 
@@ -567,7 +564,7 @@ struct GpuDecoder {
     int rows;                           // the step's rows: batch, or 2 x batch when speculative
     bf16* cache;                        // [layers (+ the MTP module's when speculative), batch, max_len, dc+dr]
     size_t cache_bytes;                 // its allocation
-    int *tokens, *pos, *gen, *active;   // [batch]: next input, its position, draws, still generating
+    int *tokens, *pos, *gen, *active;   // [batch]: next input, its position (DecodeRows), draws, still generating
     int* tokens_host;                   // pinned copy of tokens
     float* res;                         // [rows, D] the residual stream (fp32, as in gpu_forward)
     bf16 *emb, *xn, *qa, *qa_norm, *q, *kv, *o, *attn_out, *ffn_out, *logits;  // [rows, *]
@@ -576,8 +573,8 @@ struct GpuDecoder {
     FfnActsGpu ffn;                     // the dense FFN's buffers, shared by its layers
     MoeActsGpu moe;                     // the MoE's, shared by its layers
     // speculative decoding's state and buffers (decode.cuh's comment above speculative_inputs_kernel)
-    int *rows_tokens, *rows_pos;        // [2 batch] the main step's rows: x then the draft, at L and L + 1
-    int *mtp_tokens, *mtp_pos;          // [2 batch] the MTP module's rows
+    int* rows_tokens;                   // [2 batch] the main step's rows: x then the draft, at L and L + 1
+    int* mtp_tokens;                    // [2 batch] the MTP module's rows, at L - 2 and L - 1
     bf16* mtp_h;                        // [2 batch, D] their main-model outputs
     bf16* mtp_cat;                      // [2 batch, 2D] eh_proj's input
     float *main_probs, *draft_probs;    // [batch, V] the main model's and the draft's sampling distributions

@@ -65,6 +65,22 @@ StepStats model_train_step(Model& m, DataLoader& loader, const TrainOptions& o, 
     return s;
 }
 
+// mean loss of rows x len tokens on the CPU reference; mtp: the module's means over the window (MtpEval), as
+// gpu_eval_window's
+static double ref_eval_window(RefModel<float>& r, const std::vector<int>& inputs, const std::vector<int>& targets, int rows, int len,
+                              MtpEval* mtp) {
+    const double loss = ref_forward(r, inputs.data(), targets.data(), rows, len, StepOptions{});
+    if (mtp) {  // the reference ran the module too (ref_forward with targets)
+        *mtp = MtpEval{};
+        mtp->predictions = mtp_acceptance(r.probs.data(), r.mtp.probs.data(), r.logits.data(), r.mtp.logits.data(), r.mtp.targets.data(), rows * len,
+                                          r.cfg.vocab_size, mtp->accepted_sampled, mtp->accepted_greedy);
+        mtp->loss = r.mtp_loss;
+        if (mtp->predictions > 0)
+            for (double* x : {&mtp->accepted_sampled, &mtp->accepted_greedy}) *x /= (double)mtp->predictions;
+    }
+    return loss;
+}
+
 double model_eval_loss(Model& m, const std::vector<int>& tokens, int seq_len, int batch_size, MtpEval* mtp) {
     if (m.ref.cfg.num_nextn_predict_layers == 0) mtp = nullptr;
     if (mtp) *mtp = MtpEval{};
@@ -81,16 +97,17 @@ double model_eval_loss(Model& m, const std::vector<int>& tokens, int seq_len, in
             while (rows < batch_size && start + (size_t)(rows + 1) * seq_len <= predictions) rows++;
         inputs.assign(tokens.begin() + start, tokens.begin() + start + rows * len);
         targets.assign(tokens.begin() + start + 1, tokens.begin() + start + 1 + rows * len);
-        double mean = m.gpu ? gpu_eval_window(m, inputs, targets, rows, (int)len, mtp)
-                            : ref_forward(m.ref, inputs.data(), targets.data(), rows, (int)len, StepOptions{});
-        if (mtp && !m.gpu) {  // the reference ran the module too (ref_forward with targets)
-            const RefModel<float>& r = m.ref;
-            const int n = mtp_acceptance(r.probs.data(), r.mtp.probs.data(), r.logits.data(), r.mtp.logits.data(), r.mtp.targets.data(),
-                                         rows * (int)len, r.cfg.vocab_size, mtp->accepted_sampled, mtp->accepted_greedy);
-            mtp->loss += (double)r.mtp_loss * n;
-            mtp->predictions += n;
-        }
+        MtpEval window;
+        const double mean = m.gpu ? gpu_eval_window(m, inputs, targets, rows, (int)len, mtp ? &window : nullptr)
+                                  : ref_eval_window(m.ref, inputs, targets, rows, (int)len, mtp ? &window : nullptr);
         total += mean * (double)(rows * len);
+        if (mtp) {  // the windows' means, weighted by their predictions
+            const double n = (double)window.predictions;
+            mtp->loss += window.loss * n;
+            mtp->accepted_sampled += window.accepted_sampled * n;
+            mtp->accepted_greedy += window.accepted_greedy * n;
+            mtp->predictions += window.predictions;
+        }
         start += rows * len;
     }
     if (mtp && mtp->predictions > 0)
@@ -545,17 +562,24 @@ static void mtp_trunk_forward_gpu(GpuModel& gpu, const Config& c, int B, int T, 
     block_forward_gpu(gpu, c, L, nullptr, mtp.h, B, T, opt, train, balance_scale, gpu.moe_layers - c.is_moe_layer(L));
 }
 
+// The MTP module's head after mtp_trunk_forward_gpu, the twin of the end of reference.h mtp_forward: the block's
+// output into mtp.h_final [N, D], shared_head.norm of it into mtp.z, and the shared lm_head's logits [N, V].
+static void mtp_head_forward_gpu(GpuModel& gpu, const Config& c, bf16* logits, int N) {
+    MtpGpu& mtp = gpu.mtp;
+    rmsnorm_residual_forward_gpu(mtp.h_final, mtp.z, mtp.z_rstd, gpu.layers[c.num_hidden_layers].res_mid, gpu.branch, gpu.w.mtp.head_norm,
+                                 N, c.hidden_size, c.rms_norm_eps, gpu.ctx.stream);
+    linear_forward_gpu(logits, mtp.z, gpu.w.lm_head, N, gpu.ctx);
+}
+
 // The MTP module's forward in training, the twin of reference.h mtp_forward: its loss, times dloss / (targets)
 // into the step's MTP loss, and the gradient of mtp_lambda times it in gpu.logits (which the main head's
 // backward has finished reading).
 static void mtp_forward_gpu(GpuModel& gpu, const Config& c, int B, int T, const StepOptions& opt, float dloss) {
     MtpGpu& mtp = gpu.mtp;
-    const int N = B * T, D = c.hidden_size, V = c.vocab_size;
+    const int N = B * T, V = c.vocab_size;
     cudaStream_t st = gpu.ctx.stream;
     mtp_trunk_forward_gpu(gpu, c, B, T, opt, true, dloss * opt.mtp_lambda);
-    rmsnorm_residual_forward_gpu(mtp.h_final, mtp.z, mtp.z_rstd, gpu.layers[c.num_hidden_layers].res_mid, gpu.branch, gpu.w.mtp.head_norm,
-                                 N, D, c.rms_norm_eps, st);
-    linear_forward_gpu(gpu.logits, mtp.z, gpu.w.lm_head, N, gpu.ctx);
+    mtp_head_forward_gpu(gpu, c, gpu.logits, N);
     crossentropy_scale_gpu(mtp.ce_scale, mtp.targets, N, 1.0f, st);
     crossentropy_forward_backward_gpu(mtp.losses, gpu.logits, mtp.targets, N, V, dloss * opt.mtp_lambda, mtp.ce_scale, st);
     mean_loss_gpu(mtp.step_loss, mtp.losses, mtp.targets, N, dloss, true, st);
@@ -767,11 +791,11 @@ static StepStats gpu_train_step(Model& m, DataLoader& loader, const TrainOptions
     return s;
 }
 
-// mean loss of rows x len tokens on the GPU (forward only); mtp: the module's sums added (MtpEval)
+// mean loss of rows x len tokens on the GPU (forward only); mtp: the module's means over the window (MtpEval)
 static double gpu_eval_window(Model& m, const std::vector<int>& inputs, const std::vector<int>& targets, int rows, int len, MtpEval* mtp) {
     GpuModel& gpu = *m.gpu;
     const Config& c = m.ref.cfg;
-    const int N = rows * len, D = c.hidden_size, V = c.vocab_size;
+    const int N = rows * len, V = c.vocab_size;
     cudaStream_t st = gpu.ctx.stream;
     gpu_upload_batch(gpu, inputs, targets);
     gpu_forward(m, rows, len, StepOptions{}, false, 1.0f);
@@ -784,9 +808,7 @@ static double gpu_eval_window(Model& m, const std::vector<int>& inputs, const st
             a.eval_stats = arena_alloc<float>(gpu.arena, 3, "scalars");
         }
         mtp_trunk_forward_gpu(gpu, c, rows, len, StepOptions{}, false, 0.0f);
-        rmsnorm_residual_forward_gpu(a.h_final, a.z, a.z_rstd, gpu.layers[c.num_hidden_layers].res_mid, gpu.branch, gpu.w.mtp.head_norm, N, D,
-                                     c.rms_norm_eps, st);
-        linear_forward_gpu(a.eval_logits, a.z, gpu.w.lm_head, N, gpu.ctx);
+        mtp_head_forward_gpu(gpu, c, a.eval_logits, N);
         crossentropy_forward_gpu(a.losses, a.eval_logits, a.targets, N, V, st);
         mean_loss_gpu(a.eval_stats, a.losses, a.targets, N, 1.0f, false, st);
         // the per-row acceptances overwrite the two per-row loss buffers, both reduced by now
@@ -798,12 +820,8 @@ static double gpu_eval_window(Model& m, const std::vector<int>& inputs, const st
     CUDA_CHECK(cudaMemcpyAsync(&loss, gpu.step_loss, sizeof(float), cudaMemcpyDeviceToHost, st));
     CUDA_CHECK(cudaStreamSynchronize(st));
     if (mtp) {
-        const std::vector<int> shifted = mtp_targets(targets.data(), rows * len, len);  // the rows mean_loss_gpu averaged over
-        const long long n = std::count_if(shifted.begin(), shifted.end(), [](int t) { return t >= 0; });
-        mtp->loss += (double)stats[0] * n;
-        mtp->accepted_sampled += (double)stats[1] * n;
-        mtp->accepted_greedy += (double)stats[2] * n;
-        mtp->predictions += n;
+        const std::vector<int> shifted = mtp_targets(targets.data(), N, len);  // the rows mean_loss_gpu averaged over
+        *mtp = MtpEval{stats[0], stats[1], stats[2], std::count_if(shifted.begin(), shifted.end(), [](int t) { return t >= 0; })};
     }
     return loss;
 }

@@ -154,7 +154,7 @@ TEST_CASE("GPU decode: flash decoding over a long cache split across blocks equa
     for (int splits : {1, 7, 16}) {
         CAPTURE(splits);
         CUDA_CHECK(cudaMemset(d_out, 0xFF, ref.size() * sizeof(float)));
-        flash_decode_gpu(d_out, d_acc, d_ml, d_q, d_cache, d_pos, B, B, H, dc, dr, max_len, splits, scale, 0);
+        flash_decode_gpu(d_out, d_acc, d_ml, d_q, d_cache, DecodeRows{d_pos, B, 0, max_len}, B, H, dc, dr, splits, scale, 0);
         std::vector<float> out = to_host(d_out, ref.size());
         const double err = rel_error(out.data(), ref32.data(), out.size());
         MESSAGE("flash decoding, " << splits << " splits: relative error " << err);
@@ -320,29 +320,29 @@ std::vector<std::vector<int>> gpu_generate(Model& m, const std::vector<std::vect
     decoder_prefill(*d, prompts);
     decoder_sample(*d, so, seed);
     std::vector<std::vector<int>> out(B);
+    int running = B;
+    // sequence b takes k tokens; once it has n, it stops
+    auto take = [&](int b, const int* t, int k) {
+        out[b].insert(out[b].end(), t, t + k);
+        if ((int)out[b].size() < n) return;
+        decoder_set_active(*d, b, false);
+        running--;
+    };
     const int* tok = decoder_tokens(*d);
-    for (int b = 0; b < B; b++) out[b].push_back(tok[b]);
-    for (;;) {
-        bool more = false;
-        for (int b = 0; b < B; b++) {
-            if ((int)out[b].size() >= n) decoder_set_active(*d, b, false);
-            more |= (int)out[b].size() < n;
-        }
-        if (!more) break;
+    for (int b = 0; b < B; b++) take(b, tok + b, 1);
+    while (running > 0) {
         decoder_step(*d, so, seed, true);
-        if (!speculative) {
-            tok = decoder_tokens(*d);
-            for (int b = 0; b < B; b++)
-                if ((int)out[b].size() < n) out[b].push_back(tok[b]);
-            continue;
-        }
         const int* count = nullptr;
-        tok = decoder_speculative_tokens(*d, &count);
+        tok = speculative ? decoder_speculative_tokens(*d, &count) : decoder_tokens(*d);
         for (int b = 0; b < B; b++) {
             if ((int)out[b].size() >= n) continue;
+            if (!speculative) {
+                take(b, tok + b, 1);
+                continue;
+            }
             stats.drafted++;
             stats.accepted += count[b] == 2;
-            for (int k = 0; k < count[b]; k++) out[b].push_back(tok[2 * b + k]);
+            take(b, tok + 2 * b, count[b]);
         }
     }
     decoder_free(d);
