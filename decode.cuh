@@ -542,6 +542,7 @@ static __global__ void __launch_bounds__(SAMPLE_THREADS)
         mtp_h[(size_t)(B + b) * D + j] = accept ? hn[(size_t)(B + b) * D + j] : hn[(size_t)b * D + j];
         mtp_h[(size_t)b * D + j] = first;
     }
+    __syncthreads();  // every thread has read gen[b] for its verdict before thread 0 moves it on
     if (threadIdx.x != 0) return;
     out[2 * b] = taken;
     out[2 * b + 1] = next[b];

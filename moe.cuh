@@ -742,6 +742,68 @@ __device__ inline int moe_find_row_tile(const int* offsets, int E, int BM, int t
     return -1;
 }
 
+// What one CTA of a grouped GEMM kernel computes: rows row0.. (m_end of them) and columns n0.. (n_end) of expert e's
+// output, over k_end k. FWD: the rows are the expert's slots, out's rows row0..; a = the A rows (K-major), b = W_e's
+// columns n0... WGRAD: the rows are dW_e's (output channels) row0..; a and b start at the expert's first slot, k runs
+// over its slots.
+struct MoeGemmTile {
+    const bf16 *a, *b;
+    int e, row0, n0, m_end, n_end, k_end;
+};
+
+// false when the CTA has nothing to do (a surplus CTA of the worst-case grid, or dW_e += 0); uniform over the block
+template <int MODE, bool B_KMAJOR>
+__device__ inline bool moe_gemm_tile(MoeGemmTile& t, int BM, int BN, const bf16* A, int lda, const bf16* Bw, size_t b_stride, int ldb,
+                                     const int* offsets, int E, int M, int N, int K) {
+    t.n0 = blockIdx.x * BN;
+    t.n_end = N - t.n0;
+    if (MODE == MOE_GEMM_FWD) {
+        int tile_in;
+        t.e = moe_find_row_tile(offsets, E, BM, blockIdx.y, tile_in);
+        if (t.e < 0) return false;
+        t.row0 = offsets[t.e] + tile_in * BM;
+        t.m_end = min(BM, offsets[t.e + 1] - t.row0);
+        t.a = A + (size_t)t.row0 * lda;
+        t.b = Bw + (size_t)t.e * b_stride + (B_KMAJOR ? (size_t)t.n0 * ldb : (size_t)t.n0);
+        t.k_end = K;
+    } else {
+        t.e = blockIdx.z;
+        const int r0 = offsets[t.e];
+        t.k_end = offsets[t.e + 1] - r0;
+        if (t.k_end == 0) return false;
+        t.row0 = blockIdx.y * BM;
+        t.m_end = M - t.row0;
+        t.a = A + (size_t)r0 * lda + t.row0;  // element (m, k) at [k * lda + m]
+        t.b = Bw + (size_t)r0 * ldb + t.n0;
+    }
+    return true;
+}
+
+// stores outputs (m, n) and (m, n + 1) of the tile: bf16 to out [., N], or fp32 added to dW_e [M, N]
+template <int MODE, bool VEC>
+__device__ inline void moe_gemm_store_pair(bf16* out, float* dw, size_t dw_stride, const MoeGemmTile& t, int N, int m, int n, float v0,
+                                           float v1) {
+    if (m >= t.m_end || n >= t.n_end) return;
+    if (MODE == MOE_GEMM_FWD) {
+        bf16* o = out + (size_t)(t.row0 + m) * N + t.n0 + n;
+        if (VEC) {
+            *(__nv_bfloat162*)o = __floats2bfloat162_rn(v0, v1);
+        } else {
+            o[0] = __float2bfloat16(v0);
+            if (n + 1 < t.n_end) o[1] = __float2bfloat16(v1);
+        }
+    } else {
+        float* o = dw + (size_t)t.e * dw_stride + (size_t)(t.row0 + m) * N + t.n0 + n;
+        if (VEC) {
+            const float2 old = *(float2*)o;
+            *(float2*)o = make_float2(old.x + v0, old.y + v1);
+        } else {
+            o[0] += v0;
+            if (n + 1 < t.n_end) o[1] += v1;
+        }
+    }
+}
+
 // Forward / backward-input (MOE_GEMM_FWD): A is the [S, lda] activations (K-major), B is W_e = Bw + e * b_stride
 // (K-major for forward, N-major for backward input), out [S, N]. Backward weight (MOE_GEMM_WGRAD): M = OC, N = C,
 // K = the expert's rows; A = dout [S, OC] (M-major), B = x [S, C] (N-major), dw + e * dw_stride [OC, C] fp32 +=.
@@ -758,41 +820,17 @@ static __global__ void __launch_bounds__(MOE_GEMM_THREADS, 2)
     bf16* As = (bf16*)moe_gemm_smem;
     bf16* Bs = As + STAGES * A_ELEMS;
 
+    MoeGemmTile t;
+    if (!moe_gemm_tile<MODE, B_KMAJOR>(t, BM, BN, A, lda, Bw, b_stride, ldb, offsets, E, M, N, K)) return;
     const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
     const int warp_m = warp / 4, warp_n = warp % 4;
-    const int n0 = blockIdx.x * BN;
-
-    const bf16 *a_base, *b_base;
-    int m_end, n_end, k_end, e;
-    int row0 = 0;  // MOE_GEMM_FWD: first output row of this tile
-    if (MODE == MOE_GEMM_FWD) {
-        int tile_in;
-        e = moe_find_row_tile(offsets, E, BM, blockIdx.y, tile_in);
-        if (e < 0) return;  // surplus CTA of the worst-case grid (uniform over the block)
-        row0 = offsets[e] + tile_in * BM;
-        m_end = min(BM, offsets[e + 1] - row0);
-        a_base = A + (size_t)row0 * lda;
-        b_base = Bw + (size_t)e * b_stride + (B_KMAJOR ? (size_t)n0 * ldb : (size_t)n0);
-        n_end = N - n0;
-        k_end = K;
-    } else {
-        e = blockIdx.z;
-        const int r0 = offsets[e], rows = offsets[e + 1] - r0;
-        if (rows == 0) return;  // dW_e += 0
-        const int m0 = blockIdx.y * BM;
-        a_base = A + (size_t)r0 * lda + m0;  // element (m, k) at [k * lda + m]
-        b_base = Bw + (size_t)r0 * ldb + n0;
-        m_end = M - m0;
-        n_end = N - n0;
-        k_end = rows;
-    }
 
     float acc[4][NI][4] = {};
 
-    const int KT = (k_end + BK - 1) / BK;
+    const int KT = (t.k_end + BK - 1) / BK;
     auto load_stage = [&](int stage, int kt) {
-        moe_gemm_load_tile<A_KMAJOR, VEC, BM, BK>(As + stage * A_ELEMS, a_base, lda, m_end, kt * BK, k_end);
-        moe_gemm_load_tile<B_KMAJOR, VEC, BN, BK>(Bs + stage * B_ELEMS, b_base, ldb, n_end, kt * BK, k_end);
+        moe_gemm_load_tile<A_KMAJOR, VEC, BM, BK>(As + stage * A_ELEMS, t.a, lda, t.m_end, kt * BK, t.k_end);
+        moe_gemm_load_tile<B_KMAJOR, VEC, BN, BK>(Bs + stage * B_ELEMS, t.b, ldb, t.n_end, kt * BK, t.k_end);
     };
 #pragma unroll
     for (int s = 0; s < STAGES - 1; s++) {
@@ -844,26 +882,7 @@ static __global__ void __launch_bounds__(MOE_GEMM_THREADS, 2)
             for (int h = 0; h < 2; h++) {
                 const int m = warp_m * 64 + mi * 16 + lane / 4 + h * 8;
                 const int n = warp_n * WN + ni * 8 + (lane % 4) * 2;
-                const float v0 = acc[mi][ni][2 * h], v1 = acc[mi][ni][2 * h + 1];
-                if (m >= m_end || n >= n_end) continue;
-                if (MODE == MOE_GEMM_FWD) {
-                    bf16* o = out + (size_t)(row0 + m) * N + n0 + n;
-                    if (VEC) {
-                        *(__nv_bfloat162*)o = __floats2bfloat162_rn(v0, v1);
-                    } else {
-                        o[0] = __float2bfloat16(v0);
-                        if (n + 1 < n_end) o[1] = __float2bfloat16(v1);
-                    }
-                } else {
-                    float* o = dw + (size_t)e * dw_stride + (size_t)(blockIdx.y * BM + m) * N + n0 + n;
-                    if (VEC) {
-                        float2 old = *(float2*)o;
-                        *(float2*)o = make_float2(old.x + v0, old.y + v1);
-                    } else {
-                        o[0] += v0;
-                        if (n + 1 < n_end) o[1] += v1;
-                    }
-                }
+                moe_gemm_store_pair<MODE, VEC>(out, dw, dw_stride, t, N, m, n, acc[mi][ni][2 * h], acc[mi][ni][2 * h + 1]);
             }
 }
 
@@ -887,15 +906,17 @@ constexpr int moe_wgmma_smem_bytes() {
     return STAGES * 2 * MOE_WG_TILE_BYTES + 1024;  // + slack to align the tiles to 1024 bytes, as the swizzle needs
 }
 
-// Loads one 64-wide k slice of a 128-row operand tile into swizzled smem at `smem` (1024-aligned). KMAJOR: element
-// (row, k) is base[row * ld + k], and smem holds 128 rows of 64 k; else it is base[k * ld + row], and smem holds two
-// atoms of 64 rows (8 KiB each) of 64 k. Rows >= row_end and k >= k_end are zero-filled.
-template <bool KMAJOR>
-__device__ inline void moe_wgmma_load_tile(uint32_t smem, const bf16* base, int ld, int row_end, int k0, int k_end) {
-    constexpr int CHUNKS = MOE_GEMM_BM * MOE_WG_BK / 8;  // of 16 bytes
+// Loads one 64-wide k slice of a ROWS-row operand tile into swizzled smem at `smem` (1024-aligned), the THREADS
+// loading threads numbered by tid. KMAJOR: element (row, k) is base[row * ld + k], and smem holds ROWS rows of 64 k;
+// else it is base[k * ld + row], and smem holds atoms of 64 rows (8 KiB each) of 64 k. Rows >= row_end and
+// k >= k_end are zero-filled.
+template <bool KMAJOR, int ROWS, int THREADS>
+__device__ inline void moe_wgmma_load_tile(uint32_t smem, const bf16* base, int ld, int row_end, int k0, int k_end, int tid) {
+    constexpr int CHUNKS = ROWS * MOE_WG_BK / 8;  // of 16 bytes
+    static_assert(CHUNKS % THREADS == 0, "tile chunks must divide among the threads");
 #pragma unroll
-    for (int it = 0; it < CHUNKS / MOE_GEMM_THREADS; it++) {
-        const int idx = threadIdx.x + it * MOE_GEMM_THREADS;
+    for (int it = 0; it < CHUNKS / THREADS; it++) {
+        const int idx = tid + it * THREADS;
         int row, k;  // first element of the chunk; the chunk runs along the contiguous dimension
         uint32_t dst;
         if (KMAJOR) {
@@ -903,8 +924,8 @@ __device__ inline void moe_wgmma_load_tile(uint32_t smem, const bf16* base, int 
             k = (idx % 8) * 8;
             dst = smem + swizzle128(row, idx % 8);
         } else {
-            k = idx / 16;
-            row = (idx % 16) * 8;
+            k = idx / (ROWS / 8);
+            row = (idx % (ROWS / 8)) * 8;
             dst = smem + (row / 64) * (MOE_WG_BK * 128) + swizzle128(k, (row % 64) / 8);
         }
         const int kk = k0 + k;
@@ -925,43 +946,19 @@ static __global__ void __launch_bounds__(MOE_GEMM_THREADS, STAGES <= 3 ? 2 : 1)
     const uint32_t As = (smem_u32(moe_gemm_smem) + 1023) & ~1023u;
     const uint32_t Bs = As + STAGES * TILE;
 
+    MoeGemmTile t;
+    if (!moe_gemm_tile<MODE, B_KMAJOR>(t, BM, BN, A, lda, Bw, b_stride, ldb, offsets, E, M, N, K)) return;
     const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
     const int wg = warp / 4;  // the warpgroup's rows of the tile: 64 * wg ..
-    const int n0 = blockIdx.x * BN;
-
-    const bf16 *a_base, *b_base;
-    int m_end, n_end, k_end, e;
-    int row0 = 0;  // MOE_GEMM_FWD: first output row of this tile
-    if (MODE == MOE_GEMM_FWD) {
-        int tile_in;
-        e = moe_find_row_tile(offsets, E, BM, blockIdx.y, tile_in);
-        if (e < 0) return;  // surplus CTA of the worst-case grid (uniform over the block)
-        row0 = offsets[e] + tile_in * BM;
-        m_end = min(BM, offsets[e + 1] - row0);
-        a_base = A + (size_t)row0 * lda;
-        b_base = Bw + (size_t)e * b_stride + (B_KMAJOR ? (size_t)n0 * ldb : (size_t)n0);
-        n_end = N - n0;
-        k_end = K;
-    } else {
-        e = blockIdx.z;
-        const int r0 = offsets[e], rows = offsets[e + 1] - r0;
-        if (rows == 0) return;  // dW_e += 0
-        const int m0 = blockIdx.y * BM;
-        a_base = A + (size_t)r0 * lda + m0;  // element (m, k) at [k * lda + m]
-        b_base = Bw + (size_t)r0 * ldb + n0;
-        m_end = M - m0;
-        n_end = N - n0;
-        k_end = rows;
-    }
 
     float acc[64];
 #pragma unroll
     for (int i = 0; i < 64; i++) acc[i] = 0.0f;
 
-    const int KT = (k_end + BK - 1) / BK;
+    const int KT = (t.k_end + BK - 1) / BK;
     auto load_stage = [&](int stage, int kt) {
-        moe_wgmma_load_tile<A_KMAJOR>(As + stage * TILE, a_base, lda, m_end, kt * BK, k_end);
-        moe_wgmma_load_tile<B_KMAJOR>(Bs + stage * TILE, b_base, ldb, n_end, kt * BK, k_end);
+        moe_wgmma_load_tile<A_KMAJOR, BM, MOE_GEMM_THREADS>(As + stage * TILE, t.a, lda, t.m_end, kt * BK, t.k_end, threadIdx.x);
+        moe_wgmma_load_tile<B_KMAJOR, BN, MOE_GEMM_THREADS>(Bs + stage * TILE, t.b, ldb, t.n_end, kt * BK, t.k_end, threadIdx.x);
     };
 #pragma unroll
     for (int s = 0; s < STAGES - 1; s++) {
@@ -997,15 +994,7 @@ static __global__ void __launch_bounds__(MOE_GEMM_THREADS, STAGES <= 3 ? 2 : 1)
         for (int h = 0; h < 2; h++) {
             const int m = wg * 64 + (warp % 4) * 16 + lane / 4 + h * 8;
             const int n = i * 8 + (lane % 4) * 2;
-            const float v0 = acc[4 * i + 2 * h], v1 = acc[4 * i + 2 * h + 1];
-            if (m >= m_end || n >= n_end) continue;
-            if (MODE == MOE_GEMM_FWD) {
-                *(__nv_bfloat162*)(out + (size_t)(row0 + m) * N + n0 + n) = __floats2bfloat162_rn(v0, v1);
-            } else {
-                float* o = dw + (size_t)e * dw_stride + (size_t)(blockIdx.y * BM + m) * N + n0 + n;
-                const float2 old = *(float2*)o;
-                *(float2*)o = make_float2(old.x + v0, old.y + v1);
-            }
+            moe_gemm_store_pair<MODE, true>(out, dw, dw_stride, t, N, m, n, acc[4 * i + 2 * h], acc[4 * i + 2 * h + 1]);
         }
 }
 #endif
@@ -1066,7 +1055,10 @@ inline bool grouped_gemm_vec(int C, int OC, size_t stride, std::initializer_list
 // stages (110.6 KB of shared memory, 2 CTAs per SM), measured fastest of {128,32,4}, {128,64,3}, {128,64,4}, {64,64,4},
 // {64,32,4} for all three products at rows=32768, C=768, OC=768/1536, E=8 (test/gpu_moe.cu's "moe timing" case).
 // The wgmma kernel takes STAGES only; 3 (97 KB, 2 CTAs per SM) beat 4 (1 CTA) there too. On an H200 at those shapes it
-// ran 290-420 TFLOP/s against the mma.sync kernel's 190-285 (cuBLASLt, one launch per expert: 340-560).
+// ran 290-420 TFLOP/s against the mma.sync kernel's 190-285 (cuBLASLt, one launch per expert: 340-560). A
+// warp-specialised form (one warpgroup loading through mbarrier-handed stages, two multiplying 64 x 256 or 64 x 192
+// with a wgmma group kept in flight, 1 CTA per SM) measured no faster forward and backward-input, and 25-30% slower
+// backward-weight, so the simpler kernel stays.
 
 // out [S, OC] = x [S, C] @ W_e^T for the rows offsets[e]..offsets[e+1]-1 of each expert e; W_e = w + e * w_stride is
 // [OC, C]. S = N*K is the total row count (offsets[E] must equal it; the host uses it only to size the grid).
