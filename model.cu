@@ -264,9 +264,6 @@ void model_to_gpu(Model& m, int B, int T, bool inference, const DistGroup& dist)
         bind_fp8_weights(gpu.w, gpu.fp8, arena_alloc<uint8_t>(arena, codes, "FP8 weights"), arena_alloc<float>(arena, scales, "FP8 weights"),
                          &codes, &scales, wgrad);
         for (const Fp8Weight& q : gpu.fp8) scratch = std::max(scratch, fp8_linear_scratch_bytes(N, q.w.cols, q.w.rows, wgrad));
-        for (const LayerWeights<bf16>& l : gpu.w.layers)  // the routed experts quantize all N * K slots at once
-            if (l.moe.experts.gate.fp8 || l.moe.experts.down.fp8)
-                scratch = std::max(scratch, experts_fp8_scratch_bytes(N * c.num_experts_per_tok, std::max(c.hidden_size, 2 * c.moe_intermediate_size)));
         std::vector<Fp8WeightJob> jobs;
         for_each_fp8_linear(gpu.w, [&](const Linear<bf16>& l, const Fp8Weight* q) { jobs.push_back({*q, l.w, 0}); });
         gpu.fp8_job_count = (int)jobs.size();

@@ -14,12 +14,12 @@
 //   router_forward_gpu      -> scores [N,E], expert [N,K], gate [N,K], load [E]
 //   moe_permute_gpu         -> offsets [E+1], slot_row [S], row_slot [S]
 //   moe_gather_gpu          -> x_sorted [S,D]   (rows grouped by expert)
-//   experts_forward_gpu     (W = gate_proj|up_proj, OC = 2I) -> gu [S,2I]   (grouped GEMM, bf16 or FP8)
+//   grouped_gemm_forward_gpu (W = gate_proj|up_proj, OC = 2I) -> gu [S,2I]
 //   SwiGLU                  -> h [S,I]   (kernels.cuh's swiglu_*_fused_gpu read this [S,2I] layout)
-//   experts_forward_gpu     (W = down_proj, OC = D) -> y_sorted [S,D]
+//   grouped_gemm_forward_gpu (W = down_proj, OC = D) -> y_sorted [S,D]
 //   ffn_forward_gpu         -> the shared experts' output [N,D]
 //   moe_combine_forward_gpu -> out [N,D] = sum_k gate * y (+ shared expert output)
-// and moe_backward_gpu in reverse: moe_combine_backward_gpu (dy_sorted, dgate), experts_backward_input_gpu, grouped_gemm_backward_weight_gpu,
+// and moe_backward_gpu in reverse: moe_combine_backward_gpu (dy_sorted, dgate), grouped_gemm_backward_input/weight_gpu,
 // moe_scatter_backward_gpu (du), router_backward_gpu (dlogits), with balance_loss_backward_gpu feeding its
 // dscores_extra.
 //
@@ -1096,294 +1096,6 @@ inline void grouped_gemm_backward_weight_gpu(float* dw, size_t dw_stride, const 
 }
 
 // ----------------------------------------------------------------------------
-// The grouped GEMM in FP8, for the routed experts under --fp8 (fp8.cuh's recipe): out [S, OC] (bf16) =
-// dequant(x) @ dequant(W_e)^T per expert's rows, x in 1 x 128 tiles, each W_e in 128 x 128 blocks. Forward
-// (W_e) and backward-input (W_e^T's copy) both read K-contiguous operands, so one kernel serves both.
-//
-// It is the bf16 kernel's forward with bytes for elements: a 128-code k slice is 64 b16 columns, and
-// mma.sync's E4M3 form (m16n8k32) takes its fragments from the same ldmatrix loads, so the tile loads and
-// the fragment addressing are the bf16 kernel's with BK = 64. Measured on an H200, mma.sync runs E4M3 at
-// 2.4x bf16's rate (1544 vs 645 TFLOP/s, both from registers). Each 128-wide k slice is one scale block of
-// both operands: its products sum into a fresh fp32 `partial`, which is then scaled by the row's x scale
-// and the expert block's W scale and added to the fp32 total, as fp8_matmul_host does (and DeepSeek-V3's
-// promotion to CUDA cores every 128 values). The second accumulator costs registers: at BN = 64 two CTAs fit
-// an SM without spilling (at 128, one CTA, and ptxas spills).
-
-// the FP8 copies of E experts' weights, expert e's at e * stride from expert 0's (bind_fp8_weights keeps
-// one expert's records after the other's)
-struct Fp8Experts {
-    const uint8_t* codes;
-    const float* scales;
-    size_t codes_stride, scales_stride;
-    int rows, cols;  // each expert's matrix
-};
-
-// w_first: expert 0's record; transposed: W^T (backward input) rather than W (forward)
-inline Fp8Experts fp8_experts(const Fp8Weight* w_first, int E, bool transposed) {
-    const Fp8Matrix& m = transposed ? w_first->wt : w_first->w;
-    const Fp8Matrix& next = E > 1 ? (transposed ? w_first[1].wt : w_first[1].w) : m;
-    return {m.codes, m.scales, (size_t)(next.codes - m.codes), (size_t)(next.scales - m.scales), m.rows, m.cols};
-}
-
-constexpr int MOE_FP8_BK = 64;  // b16 columns of a stage: 128 codes, one scale block
-
-template <int BN, int STAGES>
-static __global__ void __launch_bounds__(MOE_GEMM_THREADS, BN == 64 ? 2 : 1)
-    grouped_gemm_fp8_kernel(bf16* out, Fp8Matrix x, Fp8Experts w, const int* offsets, int E) {
-    constexpr int BM = MOE_GEMM_BM, BK = MOE_FP8_BK;
-    constexpr int A_ELEMS = moe_gemm_tile_elems<true, BK>(BM), B_ELEMS = moe_gemm_tile_elems<true, BK>(BN);
-    constexpr int WN = BN / 4, NI = WN / 8;
-    static_assert(NI % 2 == 0 && BN <= FP8_TILE, "B fragments load in pairs; a tile's columns share one weight block row");
-    extern __shared__ __align__(16) unsigned char moe_gemm_smem[];
-    bf16* As = (bf16*)moe_gemm_smem;
-    bf16* Bs = As + STAGES * A_ELEMS;
-    const int N = w.rows, K = x.cols, S4 = (x.rows + 3) / 4 * 4;
-    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, warp_m = warp / 4, warp_n = warp % 4, n0 = blockIdx.x * BN;
-
-    // which expert and which of its row tiles, as in grouped_gemm_kernel
-    const int t = blockIdx.y;
-    int e = -1, tile_in = 0, before = 0;
-    for (int e0 = 0; e0 < E; e0 += 32) {
-        const int ee = e0 + lane;
-        const int tiles = ee < E ? (offsets[ee + 1] - offsets[ee] + BM - 1) / BM : 0;
-        int incl = tiles;
-        for (int off = 1; off < 32; off <<= 1) {
-            const int v = __shfl_up_sync(0xffffffffu, incl, off);
-            if (lane >= off) incl += v;
-        }
-        const int excl = incl - tiles;
-        const unsigned hit = __ballot_sync(0xffffffffu, t >= before + excl && t < before + incl);
-        if (hit) {
-            const int l = __ffs(hit) - 1;
-            e = e0 + l;
-            tile_in = t - before - __shfl_sync(0xffffffffu, excl, l);
-            break;
-        }
-        before += __shfl_sync(0xffffffffu, incl, 31);
-    }
-    if (e < 0) return;
-    const int row0 = offsets[e] + tile_in * BM, m_end = min(BM, offsets[e + 1] - row0), n_end = N - n0;
-    const bf16* a_base = (const bf16*)(x.codes + (size_t)row0 * K);  // codes as b16 pairs: row pitch K / 2
-    const bf16* b_base = (const bf16*)(w.codes + e * w.codes_stride + (size_t)n0 * K);
-    const float* w_scales = w.scales + e * w.scales_stride + (size_t)(n0 / FP8_TILE) * fp8_scale_pitch(K);
-
-    // the x scales of this thread's 8 rows (zero past the expert's end: those rows are not stored)
-    int rows[4][2];
-#pragma unroll
-    for (int mi = 0; mi < 4; mi++)
-#pragma unroll
-        for (int h = 0; h < 2; h++) rows[mi][h] = warp_m * 64 + mi * 16 + lane / 4 + h * 8;
-
-    float acc[4][NI][4] = {};
-    const int KT = (K / 2 + BK - 1) / BK;
-    auto load_stage = [&](int stage, int kt) {
-        moe_gemm_load_tile<true, true, BM, BK>(As + stage * A_ELEMS, a_base, K / 2, m_end, kt * BK, K / 2);
-        moe_gemm_load_tile<true, true, BN, BK>(Bs + stage * B_ELEMS, b_base, K / 2, n_end, kt * BK, K / 2);
-    };
-#pragma unroll
-    for (int st = 0; st < STAGES - 1; st++) {
-        if (st < KT) load_stage(st, st);
-        cp_async_commit();
-    }
-    for (int kt = 0; kt < KT; kt++) {
-        cp_async_wait<STAGES - 2>();
-        __syncthreads();
-        if (kt + STAGES - 1 < KT) load_stage((kt + STAGES - 1) % STAGES, kt + STAGES - 1);
-        cp_async_commit();
-        const bf16* as = As + (kt % STAGES) * A_ELEMS;
-        const bf16* bs = Bs + (kt % STAGES) * B_ELEMS;
-        // the slice's B fragments for all four k32 steps, then one m16 row block at a time, so that
-        // only one block's partial sums are live beside the totals
-        unsigned bfr[BK / 16][NI][2];
-        const int mat = lane / 8, r8 = lane % 8;
-#pragma unroll
-        for (int kk = 0; kk < BK / 16; kk++)
-#pragma unroll
-            for (int p = 0; p < NI / 2; p++) {
-                unsigned r[4];
-                ldsm_x4(r, smem_u32(bs + (warp_n * WN + p * 16 + r8 + (mat / 2) * 8) * (BK + MOE_GEMM_PAD) + kk * 16 + (mat % 2) * 8));
-                bfr[kk][2 * p][0] = r[0];
-                bfr[kk][2 * p][1] = r[1];
-                bfr[kk][2 * p + 1][0] = r[2];
-                bfr[kk][2 * p + 1][1] = r[3];
-            }
-        const float sw = w_scales[kt];
-#pragma unroll
-        for (int mi = 0; mi < 4; mi++) {
-            float partial[NI][4] = {};
-#pragma unroll
-            for (int kk = 0; kk < BK / 16; kk++) {
-                unsigned af[4];
-                ldsm_x4(af, smem_u32(as + (warp_m * 64 + mi * 16 + lane % 16) * (BK + MOE_GEMM_PAD) + kk * 16 + (lane / 16) * 8));
-#pragma unroll
-                for (int ni = 0; ni < NI; ni++) mma16832_e4m3(partial[ni], af, bfr[kk][ni][0], bfr[kk][ni][1]);
-            }
-#pragma unroll
-            for (int h = 0; h < 2; h++) {
-                const int m = rows[mi][h];
-                const float s = m < m_end ? x.scales[(size_t)kt * S4 + row0 + m] * sw : 0.0f;
-#pragma unroll
-                for (int ni = 0; ni < NI; ni++) {
-                    acc[mi][ni][2 * h] += partial[ni][2 * h] * s;
-                    acc[mi][ni][2 * h + 1] += partial[ni][2 * h + 1] * s;
-                }
-            }
-        }
-    }
-    cp_async_wait<0>();
-#pragma unroll
-    for (int mi = 0; mi < 4; mi++)
-#pragma unroll
-        for (int ni = 0; ni < NI; ni++)
-#pragma unroll
-            for (int h = 0; h < 2; h++) {
-                const int m = rows[mi][h], n = warp_n * WN + ni * 8 + (lane % 4) * 2;
-                if (m < m_end && n < n_end)
-                    *(__nv_bfloat162*)(out + (size_t)(row0 + m) * N + n0 + n) = __floats2bfloat162_rn(acc[mi][ni][2 * h], acc[mi][ni][2 * h + 1]);
-            }
-}
-
-#ifdef HOPPER_WGMMA
-// The same on Hopper's wgmma (E4M3 m64nNk32), laid out as the bf16 wgmma kernel: two warpgroups of 64 rows, a
-// 128-code k slice per stage (one 128-byte swizzle row of codes, one scale block), loaded as b16 pairs by the same
-// tile loader. Each slice's four k32 steps go into a fresh `partial` (the first overwrites it), which is then scaled
-// by the row's x scale and the block's W scale into the fp32 total.
-template <int BN, int STAGES>
-static __global__ void __launch_bounds__(MOE_GEMM_THREADS, BN == 64 ? 2 : 1)
-    grouped_gemm_fp8_wgmma_kernel(bf16* out, Fp8Matrix x, Fp8Experts w, const int* offsets, int E) {
-    constexpr int BM = MOE_GEMM_BM, A_BYTES = BM * 128, B_BYTES = BN * 128, NR = BN / 2;  // NR: accumulators a thread
-    extern __shared__ __align__(16) unsigned char moe_gemm_smem[];
-    const uint32_t As = (smem_u32(moe_gemm_smem) + 1023) & ~1023u, Bs = As + STAGES * A_BYTES;
-    const int N = w.rows, K = x.cols, S4 = (x.rows + 3) / 4 * 4;
-    MoeGemmTile t;  // in b16 pairs of codes: a row of K codes is K / 2 of them
-    if (!moe_gemm_tile<MOE_GEMM_FWD, true>(t, BM, BN, (const bf16*)x.codes, K / 2, (const bf16*)w.codes, w.codes_stride / 2, K / 2, offsets,
-                                           E, 0, N, K / 2))
-        return;
-    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, wg = warp / 4;
-    const int m_a = wg * 64 + (warp % 4) * 16 + lane / 4, m_b = m_a + 8;  // this thread's two rows of the tile
-    const float* w_scales = w.scales + t.e * w.scales_stride + (size_t)(t.n0 / FP8_TILE) * fp8_scale_pitch(K);
-    const float* x_scales = x.scales + t.row0;  // slice kt's at [kt * S4 + m]
-
-    float acc[NR], partial[NR];
-#pragma unroll
-    for (int i = 0; i < NR; i++) acc[i] = partial[i] = 0.0f;
-    const int KT = (K + 127) / 128;
-    auto load_stage = [&](int stage, int kt) {
-        moe_wgmma_load_tile<true, BM, MOE_GEMM_THREADS>(As + stage * A_BYTES, t.a, K / 2, t.m_end, kt * 64, K / 2, threadIdx.x);
-        moe_wgmma_load_tile<true, BN, MOE_GEMM_THREADS>(Bs + stage * B_BYTES, t.b, K / 2, t.n_end, kt * 64, K / 2, threadIdx.x);
-    };
-#pragma unroll
-    for (int s = 0; s < STAGES - 1; s++) {
-        if (s < KT) load_stage(s, s);
-        cp_async_commit();
-    }
-    for (int kt = 0; kt < KT; kt++) {
-        cp_async_wait<STAGES - 2>();
-        fence_proxy_async();
-        __syncthreads();  // slice kt is in smem for both warpgroups, and both have finished reading slice kt-1
-        if (kt + STAGES - 1 < KT) load_stage((kt + STAGES - 1) % STAGES, kt + STAGES - 1);
-        cp_async_commit();
-        const float sw = w_scales[kt];  // rows past the expert's end get scale 0: they are not stored
-        const float sa = m_a < t.m_end ? x_scales[(size_t)kt * S4 + m_a] * sw : 0.0f;
-        const float sb = m_b < t.m_end ? x_scales[(size_t)kt * S4 + m_b] * sw : 0.0f;
-        const uint32_t as = As + (kt % STAGES) * A_BYTES + wg * 8192, bs = Bs + (kt % STAGES) * B_BYTES;
-        wgmma_fence();
-#pragma unroll
-        for (int j = 0; j < 4; j++) {
-            const uint64_t da = wgmma_desc(as + j * 32, 16, 1024), db = wgmma_desc(bs + j * 32, 16, 1024);
-            if constexpr (BN == 128) wgmma_m64n128k32_e4m3(partial, da, db, j);
-            else wgmma_m64n64k32_e4m3(partial, da, db, j);
-        }
-        wgmma_commit();
-        wgmma_wait<0>();
-        wgmma_fence_operands(partial);
-#pragma unroll
-        for (int i = 0; i < NR; i += 4) {
-            acc[i] += partial[i] * sa;
-            acc[i + 1] += partial[i + 1] * sa;
-            acc[i + 2] += partial[i + 2] * sb;
-            acc[i + 3] += partial[i + 3] * sb;
-        }
-    }
-    cp_async_wait<0>();
-#pragma unroll
-    for (int i = 0; i < BN / 8; i++)
-#pragma unroll
-        for (int h = 0; h < 2; h++)
-            moe_gemm_store_pair<MOE_GEMM_FWD, true>(out, nullptr, 0, t, N, m_a + 8 * h, i * 8 + (lane % 4) * 2, acc[4 * i + 2 * h],
-                                                   acc[4 * i + 2 * h + 1]);
-}
-#endif
-
-// out [S, w.rows] = x [S, w.cols] (quantized, 1 x 128 tiles) @ W_e^T per expert's rows offsets[e]..offsets[e+1]-1.
-// The codes' rows must be whole 16-byte chunks: K a multiple of 16 and N of 8 (for_each_fp8_linear's rule).
-// wgmma: Hopper's kernel (BN 64 or 128) where the build has it, else the mma.sync one.
-template <int BN = 64, int STAGES = 4>
-inline void grouped_gemm_fp8_gpu(bf16* out, const Fp8Matrix& x, const Fp8Experts& w, const int* offsets, int E, cudaStream_t stream,
-                                 bool wgmma = true) {
-    const int S = x.rows;
-    grouped_gemm_check("grouped_gemm_fp8", S, E, w.cols, w.rows);
-    if (x.cols != w.cols || x.cols % 16 || w.rows % 8 || w.codes_stride % 16 || !kdetail::aligned16({out, x.codes, w.codes}))
-        fail("grouped_gemm_fp8: x [%d, %d] by experts' W [%d, %d] need K a multiple of 16, N of 8, 16-byte aligned codes", S, x.cols, w.rows,
-             w.cols);
-    if (S == 0) return;
-    const dim3 grid(ceil_div(w.rows, BN), ceil_div(S, MOE_GEMM_BM) + E);
-#ifdef HOPPER_WGMMA
-    if (wgmma) {
-        constexpr int smem = STAGES * (MOE_GEMM_BM + BN) * 128 + 1024;
-        static bool configured = false;  // the > 48 KiB shared-memory opt-in, once (see moe_gemm_run)
-        if (!configured) {
-            CUDA_CHECK(cudaFuncSetAttribute(grouped_gemm_fp8_wgmma_kernel<BN, STAGES>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
-            configured = true;
-        }
-        grouped_gemm_fp8_wgmma_kernel<BN, STAGES><<<grid, MOE_GEMM_THREADS, smem, stream>>>(out, x, w, offsets, E);
-        CUDA_LAUNCH_CHECK();
-        return;
-    }
-#endif
-    (void)wgmma;
-    constexpr int smem = STAGES * 2 * (moe_gemm_tile_elems<true, MOE_FP8_BK>(MOE_GEMM_BM) + moe_gemm_tile_elems<true, MOE_FP8_BK>(BN));
-    static bool configured = false;  // the > 48 KiB shared-memory opt-in, once (see grouped_gemm_launch)
-    if (!configured) {
-        CUDA_CHECK(cudaFuncSetAttribute(grouped_gemm_fp8_kernel<BN, STAGES>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
-        configured = true;
-    }
-    grouped_gemm_fp8_kernel<BN, STAGES><<<grid, MOE_GEMM_THREADS, smem, stream>>>(out, x, w, offsets, E);
-    CUDA_LAUNCH_CHECK();
-}
-
-// The routed experts' two GEMMs that --fp8 runs in E4M3, the twins of linear_forward_gpu and Dgrad's half of
-// linear_backward_gpu for E experts at once: w0 is expert 0's Linear; where it has an FP8 copy, the activation
-// (or gradient) is quantized into ctx.scratch first (experts_fp8_scratch_bytes), else the bf16 GEMM runs.
-inline size_t experts_fp8_scratch_bytes(int S, int widest) {
-    kdetail::Carver c{nullptr};
-    kdetail::fp8_take(c, S, widest);
-    return c.used + 256;
-}
-
-// out [S, w0.out] = x [S, w0.in] @ W_e^T per expert's rows
-inline void experts_forward_gpu(bf16* out, const bf16* x, const Linear<bf16>& w0, size_t stride, const int* offsets, int S, int E,
-                                GpuContext& ctx) {
-    if (!w0.fp8) return grouped_gemm_forward_gpu(out, x, w0.w, stride, offsets, S, E, w0.in, w0.out, ctx.stream);
-    kdetail::check_scratch(ctx.scratch_bytes, experts_fp8_scratch_bytes(S, w0.in), "the FP8 experts");
-    kdetail::Carver c{(char*)ctx.scratch};
-    const Fp8Matrix xq = kdetail::fp8_take(c, S, w0.in);
-    fp8_quantize_gpu(xq, x, w0.in, ctx.stream);
-    grouped_gemm_fp8_gpu(out, xq, fp8_experts(w0.fp8, E, false), offsets, E, ctx.stream);
-}
-
-// dx [S, w0.in] = dout [S, w0.out] @ W_e per expert's rows (written)
-inline void experts_backward_input_gpu(bf16* dx, const bf16* dout, const Linear<bf16>& w0, size_t stride, const int* offsets, int S,
-                                       int E, GpuContext& ctx) {
-    if (!w0.fp8) return grouped_gemm_backward_input_gpu(dx, dout, w0.w, stride, offsets, S, E, w0.in, w0.out, ctx.stream);
-    kdetail::check_scratch(ctx.scratch_bytes, experts_fp8_scratch_bytes(S, w0.out), "the FP8 experts");
-    kdetail::Carver c{(char*)ctx.scratch};
-    const Fp8Matrix dq = kdetail::fp8_take(c, S, w0.out);
-    fp8_quantize_gpu(dq, dout, w0.out, ctx.stream);
-    grouped_gemm_fp8_gpu(dx, dq, fp8_experts(w0.fp8, E, true), offsets, E, ctx.stream);
-}
-
-// ----------------------------------------------------------------------------
 // The SwiGLU FFN and the MoE layer on the GPU, the twins of reference.h's ffn_forward / ffn_backward and
 // moe_forward / moe_backward (same arguments in the same order, the GpuContext last). Dense layers and the
 // shared experts run the FFN; the routed experts run the grouped GEMMs above on the same weights' layout.
@@ -1484,9 +1196,9 @@ inline void moe_forward_gpu(const Config& c, const MoeWeights<bf16>& w, const fl
     router_forward_gpu(a.scores, a.expert, a.gate, load, a.router_logits, bias, c, N, st);
     moe_permute_gpu(a.offsets, a.slot_row, a.row_slot, a.permute_scratch, a.expert, S, E, st);
     moe_gather_gpu(a.x_sorted, u, a.row_slot, N, K, D, st);
-    experts_forward_gpu(a.gu_sorted, a.x_sorted, gate_up(w.experts), w.expert_stride, a.offsets, S, E, ctx);
+    grouped_gemm_forward_gpu(a.gu_sorted, a.x_sorted, gate_up(w.experts).w, w.expert_stride, a.offsets, S, E, D, 2 * I, st);
     swiglu_forward_fused_gpu(a.hidden, a.gu_sorted, S, I, st);
-    experts_forward_gpu(a.y_sorted, a.hidden, w.experts.down, w.expert_stride, a.offsets, S, E, ctx);
+    grouped_gemm_forward_gpu(a.y_sorted, a.hidden, w.experts.down.w, w.expert_stride, a.offsets, S, E, I, D, st);
     if (shared) ffn_forward_gpu(w.shared, a.shared_out, u, N, a.shared, ctx);
     moe_combine_forward_gpu(out, a.y_sorted, a.gate, a.slot_row, shared ? a.shared_out : nullptr, N, K, D, st);
 }
@@ -1499,11 +1211,11 @@ inline void moe_backward_gpu(const Config& c, const MoeWeights<bf16>& w, const M
     const size_t stride = w.expert_stride;
     cudaStream_t st = ctx.stream;
     moe_combine_backward_gpu(a.dy_sorted, a.dgate, dout, a.y_sorted, a.gate, a.slot_row, N, K, D, st);
-    experts_backward_input_gpu(a.dh_sorted, a.dy_sorted, w.experts.down, stride, a.offsets, S, E, ctx);
+    grouped_gemm_backward_input_gpu(a.dh_sorted, a.dy_sorted, w.experts.down.w, stride, a.offsets, S, E, I, D, st);
     swiglu_forward_fused_gpu(a.hidden, a.gu_sorted, S, I, st);
     grouped_gemm_backward_weight_gpu(dw.experts.down.w, stride, a.dy_sorted, a.hidden, a.offsets, S, E, I, D, st);
     swiglu_backward_fused_gpu(a.dgu_sorted, a.dh_sorted, a.gu_sorted, S, I, st);
-    experts_backward_input_gpu(a.dx_sorted, a.dgu_sorted, gate_up(w.experts), stride, a.offsets, S, E, ctx);
+    grouped_gemm_backward_input_gpu(a.dx_sorted, a.dgu_sorted, gate_up(w.experts).w, stride, a.offsets, S, E, D, 2 * I, st);
     moe_gather_gpu(a.x_sorted, u, a.row_slot, N, K, D, st);
     grouped_gemm_backward_weight_gpu(gate_up(dw.experts).w, stride, a.dgu_sorted, a.x_sorted, a.offsets, S, E, D, 2 * I, st);
     moe_scatter_backward_gpu(du, a.dx_sorted, a.slot_row, N, K, D, false, st);

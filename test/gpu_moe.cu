@@ -11,7 +11,6 @@
 #include <algorithm>
 #include <cstring>
 #include <functional>
-#include <memory>
 #include <type_traits>
 
 #include "moe.cuh"
@@ -492,94 +491,6 @@ TEST_CASE("moe grouped GEMM forward/backward match a per-expert matmul") {
     check_grouped_gemm({300, 0, 77, 129, 1, 640}, 192, 264, 192 * 264, 192 * 264, 56);  // several 64-wide k slices
 }
 
-namespace {
-// E experts' FP8 copies (W_e and W_e^T in 128 x 128 blocks, one expert's record after the other's, as
-// bind_fp8_weights lays them out) of bf16 weights w [E, OC, C], made by the weight-quantization kernel
-struct ExpertCopies {
-    std::unique_ptr<Dev<uint8_t>> codes;
-    std::unique_ptr<Dev<float>> scales;
-    std::vector<Fp8Weight> records;
-    ExpertCopies(const bf16* w, int E, int OC, int C) {
-        size_t codes_n = 0, scales_n = 0;
-        for (int pass = 0; pass < 2; pass++) {  // count, then cut
-            if (pass) {
-                codes = std::make_unique<Dev<uint8_t>>(codes_n);
-                scales = std::make_unique<Dev<float>>(scales_n);
-            }
-            uint8_t* c = pass ? codes->p : nullptr;
-            float* s = pass ? scales->p : nullptr;
-            codes_n = scales_n = 0;
-            records.clear();
-            for (int e = 0; e < E; e++) {
-                const Fp8Matrix q = fp8_matrix_at(c, s, &codes_n, &scales_n, OC, C, 128);
-                records.push_back({q, fp8_matrix_at(c, s, &codes_n, &scales_n, C, OC, 128)});
-            }
-        }
-        std::vector<Fp8WeightJob> jobs;
-        for (int e = 0; e < E; e++) jobs.push_back({records[e], w + (size_t)e * OC * C, 0});
-        int blocks = 0;
-        Fp8WeightJob* d_jobs = fp8_weight_jobs_upload(jobs, &blocks);
-        fp8_quantize_weights_gpu(d_jobs, E, blocks, 0);
-        CUDA_CHECK(cudaFree(d_jobs));
-    }
-};
-}  // namespace
-
-// The FP8 grouped GEMM against fp8_matmul_host run expert by expert: the forward (W_e's blocks) and the
-// backward input (W_e^T's), with the weights' copies made by the weight-quantization kernel as training
-// makes them, one record per expert in a row (bind_fp8_weights' layout).
-TEST_CASE("moe grouped FP8 GEMM forward/backward-input match the emulated GEMM per expert") {
-    const std::vector<int> counts = {0, 1, 37, 128, 300, 129, 0, 5};
-    const int E = (int)counts.size(), C = 160, OC = 144;  // partial 128-wide blocks on both sides
-    std::vector<int> offsets(E + 1, 0);
-    for (int e = 0; e < E; e++) offsets[e + 1] = offsets[e] + counts[e];
-    const int S = offsets[E];
-    const std::vector<double> x = round_bf16(randn((size_t)S * C, 61)), dout = round_bf16(randn((size_t)S * OC, 62));
-    const std::vector<double> w = round_bf16(randn((size_t)E * OC * C, 63, 0.05));
-    Dev<bf16> d_w(w.size());
-    d_w.upload(w);
-    const ExpertCopies copies(d_w, E, OC, C);
-    Dev<int> d_offsets(E + 1);
-    d_offsets.upload(offsets);
-    for (int pass = 0; pass < 2; pass++) {  // 0: forward, x against W_e; 1: backward input, dout against W_e^T
-        CAPTURE(pass);
-        const int K = pass ? OC : C, M = pass ? C : OC;
-        const std::vector<double>& in = pass ? dout : x;
-        // the host: each expert's rows quantized by themselves (1 x 128 tiles are per row, so as all at once)
-        std::vector<double> want((size_t)S * M);
-        for (int e = 0; e < E; e++) {
-            if (counts[e] == 0) continue;
-            std::vector<float> rows(in.begin() + (size_t)offsets[e] * K, in.begin() + (size_t)offsets[e + 1] * K), we((size_t)OC * C);
-            for (size_t i = 0; i < we.size(); i++) we[i] = (float)w[(size_t)e * OC * C + i];
-            Fp8HostMatrix q(counts[e], K, 1), wq(M, K, 128);
-            fp8_quantize_host(q.m, rows.data());
-            if (pass) fp8_quantize_transposed_host(wq.m, we.data());
-            else fp8_quantize_host(wq.m, we.data());
-            fp8_matmul_host(want.data() + (size_t)offsets[e] * M, q.m, wq.m, false);
-        }
-        // the device: all rows quantized at once, one launch for every expert
-        Dev<bf16> d_in(in.size()), d_out((size_t)S * M);
-        d_in.upload(in);
-        d_out.poison();
-        Dev<uint8_t> d_qc((size_t)S * K);
-        Dev<float> d_qs(fp8_scale_count(S, K, 1));
-        const Fp8Matrix dq{d_qc, d_qs, S, K, 1};
-        fp8_quantize_gpu(dq, d_in.p, K, 0);
-        for (bool wgmma : {true, false})
-            for (int wide = 0; wide < 2; wide++) {  // BN 64 (the default) and 128
-                const Fp8Experts we = fp8_experts(copies.records.data(), E, pass == 1);
-                d_out.poison();
-                if (wide) grouped_gemm_fp8_gpu<128, 3>(d_out, dq, we, d_offsets, E, 0, wgmma);
-                else grouped_gemm_fp8_gpu(d_out, dq, we, d_offsets, E, 0, wgmma);
-                const double rel = rel_err(d_out.download(), want);
-                const std::string what = std::string(pass ? "backward input" : "forward") + (wide ? ", BN 128" : ", BN 64") +
-                                         (wgmma ? ", wgmma" : ", mma.sync");
-                report(strfmt("grouped FP8 GEMM %s: relative error %.2e", what.c_str(), rel));
-                CHECK(rel < 4e-3);  // the bf16 output's rounding, as fp8_matmul's test
-            }
-    }
-}
-
 // ----------------------------------------------------------------------------
 // a whole MoE layer, moe_forward_gpu / moe_backward_gpu (the kernels above plus
 // cuBLASLt for the shared expert and the router projection), against moe_forward /
@@ -858,28 +769,10 @@ void bench_grouped_gemm(Timer& timer, int S, int C, int OC, int E) {
     bench_config<64, 32, 4>(timer, b, false);
     bench_config<128, 64, 3>(timer, b, true);
     bench_config<128, 64, 4>(timer, b, true);
-    // FP8 (--fp8's routed experts): the GEMM alone, each tile width, and with its input's quantization
-    const double fl = 2.0 * S * C * OC;
-    const ExpertCopies copies(d_w, E, OC, C);
-    Dev<uint8_t> d_xc((size_t)S * C);
-    Dev<float> d_xs(fp8_scale_count(S, C, 1));
-    const Fp8Matrix xq{d_xc, d_xs, S, C, 1};
-    fp8_quantize_gpu(xq, d_x.p, C, 0);
-    const Fp8Experts we = fp8_experts(copies.records.data(), E, false);
-    for (bool wgmma : {false, true}) {
-        const std::string k = wgmma ? "wgmma" : "mma.sync";
-        timer.time("fp8 fwd " + k + " BN=128 stages=3", fl, [&] { grouped_gemm_fp8_gpu<128, 3>(d_out, xq, we, d_offsets, E, 0, wgmma); });
-        timer.time("fp8 fwd " + k + " BN=128 stages=4", fl, [&] { grouped_gemm_fp8_gpu<128, 4>(d_out, xq, we, d_offsets, E, 0, wgmma); });
-        timer.time("fp8 fwd " + k + " BN=64 stages=3", fl, [&] { grouped_gemm_fp8_gpu<64, 3>(d_out, xq, we, d_offsets, E, 0, wgmma); });
-        timer.time("fp8 fwd " + k + " BN=64 stages=4", fl, [&] { grouped_gemm_fp8_gpu<64, 4>(d_out, xq, we, d_offsets, E, 0, wgmma); });
-    }
-    timer.time("fp8 fwd wgmma BN=64 stages=4 + quantizing x", fl, [&] {
-        fp8_quantize_gpu(xq, d_x.p, C, 0);
-        grouped_gemm_fp8_gpu<64, 4>(d_out, xq, we, d_offsets, E, 0);
-    });
     // peers: cuBLASLt, one dense GEMM of the same size and one launch per expert
     Matmul mm;
     matmul_init(mm);
+    const double fl = 2.0 * S * C * OC;
     const int R = S / E;
     timer.time("cuBLASLt one dense GEMM [rows,C] x [OC,C]^T", fl, [&] { matmul(mm, d_out, d_x, d_w, S, OC, C, false, true, 0.0f, false, 0); });
     timer.time("cuBLASLt fwd, one launch per expert", fl, [&] {

@@ -65,7 +65,6 @@ inline Config fp8_test_config(int vocab_size) {
     Config c = dense_routing(tiny_variant(0, vocab_size));
     c.hidden_size = 160;
     c.intermediate_size = 144;
-    c.moe_intermediate_size = 32;  // the routed experts in FP8 too
     c.q_lora_rank = 48;
     c.kv_lora_rank = 32;
     c.qk_nope_head_dim = 16;

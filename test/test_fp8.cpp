@@ -236,20 +236,8 @@ TEST_CASE("FP8 training on the CPU: the emulated step's loss and gradients follo
     ref_enable_fp8(fp8.ref);
     ref_enable_fp8(whole.ref, true);
     CHECK(fp8.ref.w.layers[0].attn.kv_a.fp8 != nullptr);
-    CHECK(fp8.ref.w.layers[1].moe.router.fp8 == nullptr);  // the router and the head stay in fp32
+    CHECK(fp8.ref.w.layers[1].moe.router.fp8 == nullptr);  // the router, head and routed experts stay in fp32
     CHECK(fp8.ref.w.lm_head.fp8 == nullptr);
-    // the routed experts: each its own copy, expert e's e records after expert 0's
-    const MoeWeights<float>& moe = fp8.ref.w.layers[1].moe;
-    REQUIRE(moe.experts.gate.fp8 != nullptr);
-    REQUIRE(moe.experts.down.fp8 != nullptr);
-    for (int e = 0; e < c.n_routed_experts; e++) {
-        const FfnWeights<float> f = moe_expert(moe, e);
-        Fp8HostMatrix want(f.down.out, f.down.in, 128);
-        fp8_quantize_host(want.m, f.down.w);
-        CHECK(f.down.fp8 == moe.experts.down.fp8 + e);
-        CHECK(std::equal(want.codes.begin(), want.codes.end(), f.down.fp8->w.codes));
-        CHECK(f.gate.fp8->w.rows == 2 * c.moe_intermediate_size);
-    }
     DataLoader a, b;
     dataloader_open(a, path, o.batch_size, o.seq_len, c.vocab_size);
     dataloader_open(b, path, o.batch_size, o.seq_len, c.vocab_size);
@@ -285,8 +273,6 @@ TEST_CASE("FP8 training: a projection whose sides are not multiples of 16 stays 
     CHECK(a.o_proj.fp8 == nullptr);  // 2 x 6 -> 32
     CHECK(m.ref.w.layers[0].ffn.gate.fp8 != nullptr);  // 32 -> 2 x 48
     CHECK(m.ref.w.layers[0].ffn.down.fp8 != nullptr);  // 48 -> 32
-    CHECK(m.ref.w.layers[1].moe.experts.gate.fp8 == nullptr);  // 32 -> 2 x 12
-    CHECK(m.ref.w.layers[1].moe.experts.down.fp8 == nullptr);  // 12 -> 32
     size_t visited = 0;
     for_each_fp8_linear(m.ref.w, [&](const Linear<float>& l, const Fp8Weight* q) {
         CHECK(q != nullptr);
