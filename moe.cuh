@@ -1,7 +1,8 @@
 // moe.cuh — the DeepSeekMoE layer on the GPU, forward and backward: the router (sigmoid/softmax scores, correction
 // bias, group-limited top-k, gate normalisation and scaling, expert-load counters), the sequence-wise balance loss, the
 // deterministic permutation of token slots by expert, gather / weighted combine / scatter, and a tensor-core grouped
-// GEMM whose per-expert row counts stay on the device (no host sync anywhere in the layer).
+// GEMM (wgmma on Hopper, mma.sync elsewhere) whose per-expert row counts stay on the device (no host sync anywhere in
+// the layer).
 //
 // The CPU reference is reference.h (router_forward/backward, balance_loss_forward/backward, moe_forward/backward);
 // every kernel here computes the same thing, in the same summation order where the order is ours to choose. Router math
@@ -1057,7 +1058,7 @@ inline bool grouped_gemm_vec(int C, int OC, size_t stride, std::initializer_list
 // The wgmma kernel takes STAGES only; 3 (97 KB, 2 CTAs per SM) beat 4 (1 CTA) there too. On an H200 at those shapes it
 // ran 290-420 TFLOP/s against the mma.sync kernel's 190-285 (cuBLASLt, one launch per expert: 340-560). A
 // warp-specialised form (one warpgroup loading through mbarrier-handed stages, two multiplying 64 x 256 or 64 x 192
-// with a wgmma group kept in flight, 1 CTA per SM) measured no faster forward and backward-input, and 25-30% slower
+// with a wgmma group kept in flight, 1 CTA per SM) measured no faster forward and backward-input, and 7-30% slower
 // backward-weight, so the simpler kernel stays.
 
 // out [S, OC] = x [S, C] @ W_e^T for the rows offsets[e]..offsets[e+1]-1 of each expert e; W_e = w + e * w_stride is
