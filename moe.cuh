@@ -805,6 +805,17 @@ __device__ inline void moe_gemm_store_pair(bf16* out, float* dw, size_t dw_strid
     }
 }
 
+// Starts a STAGES-deep cp.async pipeline over KT k slices: slices 0..STAGES-2 into stages of the same number, one
+// commit group each (empty past the last slice, so that the main loop's wait counts hold)
+template <int STAGES, typename Load>
+__device__ inline void moe_gemm_prologue(int KT, Load load_stage) {
+#pragma unroll
+    for (int s = 0; s < STAGES - 1; s++) {
+        if (s < KT) load_stage(s, s);
+        cp_async_commit();
+    }
+}
+
 // Forward / backward-input (MOE_GEMM_FWD): A is the [S, lda] activations (K-major), B is W_e = Bw + e * b_stride
 // (K-major for forward, N-major for backward input), out [S, N]. Backward weight (MOE_GEMM_WGRAD): M = OC, N = C,
 // K = the expert's rows; A = dout [S, OC] (M-major), B = x [S, C] (N-major), dw + e * dw_stride [OC, C] fp32 +=.
@@ -833,11 +844,7 @@ static __global__ void __launch_bounds__(MOE_GEMM_THREADS, 2)
         moe_gemm_load_tile<A_KMAJOR, VEC, BM, BK>(As + stage * A_ELEMS, t.a, lda, t.m_end, kt * BK, t.k_end);
         moe_gemm_load_tile<B_KMAJOR, VEC, BN, BK>(Bs + stage * B_ELEMS, t.b, ldb, t.n_end, kt * BK, t.k_end);
     };
-#pragma unroll
-    for (int s = 0; s < STAGES - 1; s++) {
-        if (s < KT) load_stage(s, s);
-        cp_async_commit();
-    }
+    moe_gemm_prologue<STAGES>(KT, load_stage);
     for (int kt = 0; kt < KT; kt++) {
         cp_async_wait<STAGES - 2>();
         __syncthreads();  // slice kt is in smem for everyone; slice kt-1's stage is free again
@@ -961,11 +968,7 @@ static __global__ void __launch_bounds__(MOE_GEMM_THREADS, STAGES <= 3 ? 2 : 1)
         moe_wgmma_load_tile<A_KMAJOR, BM, MOE_GEMM_THREADS>(As + stage * TILE, t.a, lda, t.m_end, kt * BK, t.k_end, threadIdx.x);
         moe_wgmma_load_tile<B_KMAJOR, BN, MOE_GEMM_THREADS>(Bs + stage * TILE, t.b, ldb, t.n_end, kt * BK, t.k_end, threadIdx.x);
     };
-#pragma unroll
-    for (int s = 0; s < STAGES - 1; s++) {
-        if (s < KT) load_stage(s, s);
-        cp_async_commit();
-    }
+    moe_gemm_prologue<STAGES>(KT, load_stage);
     for (int kt = 0; kt < KT; kt++) {
         cp_async_wait<STAGES - 2>();
         fence_proxy_async();
