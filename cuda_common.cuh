@@ -342,7 +342,6 @@ __device__ inline void wgmma_fence_operands(float (&d)[64]) {
 #pragma unroll
     for (int i = 0; i < 64; i++) asm volatile("" : "+f"(d[i])::"memory");
 }
-#endif
-
 // makes this thread's shared-memory writes (cp.async's included) visible to the async proxy that wgmma reads through
 __device__ inline void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
+#endif
