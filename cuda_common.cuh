@@ -63,18 +63,37 @@ T* device_alloc(size_t count, const char* what) {
 }
 
 // Device buffers allocated together at start-up and freed together; bytes counts
-// what they hold (the memory a model or decoder reports).
+// what they hold (the memory a model or decoder reports). A planning arena only
+// counts: its allocations return null, so that the same code that allocates a
+// model's buffers first sizes them, before anything is allocated.
 struct DeviceArena {
     std::vector<void*> buffers;
     size_t bytes = 0;
+    bool plan = false;
 };
 
 template <typename T>
 T* arena_alloc(DeviceArena& a, size_t count, const char* what) {
+    if (a.plan) {
+        a.bytes += count * sizeof(T);
+        return nullptr;
+    }
     T* p = device_alloc<T>(count, what);
     a.buffers.push_back(p);
     a.bytes += count * sizeof(T);
     return p;
+}
+
+// Refuses, before anything is allocated, a model whose weights and optimizer state (state_bytes) and
+// a step's buffers for B sequences of T tokens (step_bytes) do not fit the GPU's free memory
+inline void gpu_memory_check(size_t state_bytes, size_t step_bytes, int B, int T) {
+    size_t free_bytes = 0, total_bytes = 0;
+    CUDA_CHECK(cudaMemGetInfo(&free_bytes, &total_bytes));
+    const double GiB = 1 << 30;
+    if (state_bytes + step_bytes > free_bytes)
+        fail("the model needs %.2f GiB of GPU memory at %d x %d tokens (%.2f GiB of weights and optimizer state, %.2f GiB of "
+             "activations and workspace); the GPU has %.2f GiB free of %.2f GiB (use a smaller batch or shorter sequences)",
+             (state_bytes + step_bytes) / GiB, B, T, state_bytes / GiB, step_bytes / GiB, free_bytes / GiB, total_bytes / GiB);
 }
 
 inline void arena_free(DeviceArena& a) {
@@ -127,10 +146,13 @@ struct MatmulKey {
     }
 };
 
+// cuBLASLt's workspace, shared by every GEMM
+constexpr size_t MATMUL_WORKSPACE_BYTES = 32u << 20;
+
 struct Matmul {
     cublasLtHandle_t handle = nullptr;
     void* workspace = nullptr;
-    size_t workspace_bytes = 32u << 20;
+    size_t workspace_bytes = MATMUL_WORKSPACE_BYTES;
     std::map<MatmulKey, MatmulPlan> plans;
 };
 

@@ -214,100 +214,16 @@ bool gpu_available() {
     return cudaGetDeviceCount(&count) == cudaSuccess && count > 0;
 }
 
-void model_to_gpu(Model& m, int B, int T, bool inference, const DistGroup& dist) {
-    const Config& c = m.ref.cfg;
-    if (c.n_routed_experts > 0) router_check(c);
-    if (!gpu_available()) fail("--device gpu: no CUDA device is available");
-    GpuModel* gp = new GpuModel();
-    GpuModel& gpu = *gp;
-    gpu.B = B;
-    gpu.T = T;
-    gpu.N = B * T;
-    const int N = gpu.N, D = c.hidden_size, H = c.num_attention_heads, qr = c.q_lora_rank, dc = c.kv_lora_rank, V = c.vocab_size;
+// The activations, temporaries and scratch of a step over B sequences of T tokens
+// (training: their gradients too), in gpu.arena; with a planning arena, their size.
+static void gpu_alloc_step_buffers(GpuModel& gpu, const Config& c, int B, int T, bool inference, size_t scratch) {
+    const int N = B * T, D = c.hidden_size, H = c.num_attention_heads, qr = c.q_lora_rank, dc = c.kv_lora_rank, V = c.vocab_size;
     const int E = c.n_routed_experts, K = c.num_experts_per_tok, I = c.intermediate_size, MI = c.moe_intermediate_size;
     const int SI = c.n_shared_experts * MI, S = N * K;
-    const size_t P = m.ref.layout.total;
-    const bool zero = dist.world > 1 && !inference;
-    if (zero) {
-        gpu.dist = dist;
-        gpu.zero = zero_plan(m.ref.layout, c.num_hidden_layers, dist.world);
-    }
-    gpu.flat = zero ? gpu.zero.padded : P;
-    const size_t moments = zero ? gpu.zero.shard : P;
     DeviceArena& arena = gpu.arena;
     auto acts = [&](size_t n) { return arena_alloc<bf16>(arena, n, "activations"); };
     auto acts32 = [&](size_t n) { return arena_alloc<float>(arena, n, "activations"); };
     auto grads = [&](size_t n) { return inference ? nullptr : arena_alloc<bf16>(arena, n, "gradients"); };
-    CUDA_CHECK(cudaStreamCreate(&gpu.ctx.stream));
-    matmul_init(gpu.ctx.mm);
-    gpu.rope = rope_table_upload(m.ref.rope);
-    gpu.params32 = arena_alloc<float>(arena, gpu.flat, "fp32 master weights");
-    gpu.params16 = arena_alloc<bf16>(arena, gpu.flat, "bf16 weights");
-    if (zero) CUDA_CHECK(cudaMemset(gpu.params32, 0, gpu.flat * sizeof(float)));  // the padding
-    CUDA_CHECK(cudaMemcpy(gpu.params32, m.ref.params.data(), P * sizeof(float), cudaMemcpyHostToDevice));
-    float_to_bf16_gpu(gpu.params16, gpu.params32, gpu.flat, gpu.ctx.stream);
-    gpu.w = bind_weights(c, m.ref.layout, gpu.params16);
-    gpu.master = bind_weights(c, m.ref.layout, gpu.params32);
-    size_t scratch = 0;
-    if (!m.ref.fp8.empty()) {  // FP8 (ref_enable_fp8): the E4M3 copies of w, made here and after each optimizer step
-        const bool wgrad = m.ref.fp8[0].wgrad;  // cuBLASLt's FP8 GEMM takes rows in fours (the forward pads) and
-        if (!inference && N % (wgrad ? 16 : 4))   // K in sixteens: Dgrad reads dout as it is, FP8 Wgrad contracts over N
-            fail("--fp8%s: batch size x sequence length (%d) must be a multiple of %d", wgrad ? "-wgrad" : "", N, wgrad ? 16 : 4);
-        int device = 0;
-        cudaDeviceProp prop;
-        CUDA_CHECK(cudaGetDevice(&device));
-        CUDA_CHECK(cudaGetDeviceProperties(&prop, device));
-        if (prop.major < 9)  // cuBLASLt's block-scaled FP8 GEMM runs on Hopper and newer
-            fail("--fp8 needs a GPU of compute capability 9.0 or newer; this %s is %d.%d", prop.name, prop.major, prop.minor);
-        size_t codes = 0, scales = 0;
-        bind_fp8_weights(gpu.w, gpu.fp8, nullptr, nullptr, &codes, &scales, wgrad);
-        bind_fp8_weights(gpu.w, gpu.fp8, arena_alloc<uint8_t>(arena, codes, "FP8 weights"), arena_alloc<float>(arena, scales, "FP8 weights"),
-                         &codes, &scales, wgrad);
-        for (const Fp8Weight& q : gpu.fp8) scratch = std::max(scratch, fp8_linear_scratch_bytes(N, q.w.cols, q.w.rows, wgrad));
-        std::vector<Fp8WeightJob> jobs;
-        for_each_fp8_linear(gpu.w, [&](const Linear<bf16>& l, const Fp8Weight* q) { jobs.push_back({*q, l.w, 0}); });
-        gpu.fp8_job_count = (int)jobs.size();
-        gpu.fp8_jobs = fp8_weight_jobs_upload(jobs, &gpu.fp8_blocks);
-        arena.buffers.push_back(gpu.fp8_jobs);
-        fp8_quantize_weights_gpu(gpu.fp8_jobs, gpu.fp8_job_count, gpu.fp8_blocks, gpu.ctx.stream);
-    }
-    if (!inference) {
-        gpu.grads = arena_alloc<float>(arena, gpu.flat, "gradients");
-        gpu.adam_m = arena_alloc<float>(arena, moments, "AdamW first moments");
-        gpu.adam_v = arena_alloc<float>(arena, moments, "AdamW second moments");
-        CUDA_CHECK(cudaMemset(gpu.grads, 0, gpu.flat * sizeof(float)));
-        gpu.grad = bind_weights(c, m.ref.layout, gpu.grads);
-        if (zero) {  // this rank's slices of the moments (none past P: the padding starts at zero)
-            CUDA_CHECK(cudaMemset(gpu.adam_m, 0, moments * sizeof(float)));
-            CUDA_CHECK(cudaMemset(gpu.adam_v, 0, moments * sizeof(float)));
-            for (const GradBucket& b : gpu.zero.buckets) {
-                const size_t slice = b.len / dist.world, lo = b.begin + dist.rank * slice, n = lo < P ? std::min(slice, P - lo) : 0;
-                if (m.adam_m.size() != P || n == 0) continue;
-                CUDA_CHECK(cudaMemcpy(gpu.adam_m + b.state, m.adam_m.data() + lo, n * sizeof(float), cudaMemcpyHostToDevice));
-                CUDA_CHECK(cudaMemcpy(gpu.adam_v + b.state, m.adam_v.data() + lo, n * sizeof(float), cudaMemcpyHostToDevice));
-            }
-        } else if (m.adam_m.size() == P) {
-            CUDA_CHECK(cudaMemcpy(gpu.adam_m, m.adam_m.data(), P * sizeof(float), cudaMemcpyHostToDevice));
-            CUDA_CHECK(cudaMemcpy(gpu.adam_v, m.adam_v.data(), P * sizeof(float), cudaMemcpyHostToDevice));
-        } else {  // weights without a training state: the optimizer starts afresh
-            CUDA_CHECK(cudaMemset(gpu.adam_m, 0, P * sizeof(float)));
-            CUDA_CHECK(cudaMemset(gpu.adam_v, 0, P * sizeof(float)));
-        }
-    }
-    std::vector<ParamChunk> chunks = param_chunks(m.ref.layout);
-    if (zero) chunks = zero_rank_chunks(chunks, gpu.zero, dist.rank);
-    gpu.chunks = param_chunks_upload(chunks);
-    arena.buffers.push_back(gpu.chunks);
-    gpu.num_chunks = (int)chunks.size();
-
-    // the MTP module's block, when the model has one, is one more layer (decoding's prefill runs it too)
-    const int blocks = c.total_layers();
-    std::vector<size_t> bias_offsets;
-    for (int l = 0; l < blocks; l++)
-        if (c.is_moe_layer(l)) bias_offsets.push_back(block_weights(gpu.master, l).moe.bias - gpu.params32);
-    gpu.moe_layers = (int)bias_offsets.size();
-    gpu.bias_offsets = arena_alloc<size_t>(arena, bias_offsets.size(), "expert bias offsets");
-    CUDA_CHECK(cudaMemcpy(gpu.bias_offsets, bias_offsets.data(), bias_offsets.size() * sizeof(size_t), cudaMemcpyHostToDevice));
     gpu.load = arena_alloc<int>(arena, (size_t)std::max(1, gpu.moe_layers) * std::max(1, E), "expert loads");
 
     // the temporaries every layer shares; the SwiGLU buffers serve the dense FFN
@@ -318,6 +234,8 @@ void model_to_gpu(Model& m, int B, int T, bool inference, const DistGroup& dist)
     const MlaActsGpu mla = mla_shared_alloc(arena, c, N, !inference);
     const MoeActsGpu moe = E > 0 ? moe_shared_alloc(arena, c, N, ffn, !inference) : MoeActsGpu{};
     if (E > 0 && !inference) gpu.dscores = arena_alloc<float>(arena, (size_t)N * E, "gradients");
+    // the MTP module's block, when the model has one, is one more layer (decoding's prefill runs it too)
+    const int blocks = c.total_layers();
     gpu.layers.resize(blocks);
     for (int l = 0; l < blocks; l++) {
         GpuLayer& a = gpu.layers[l];
@@ -376,6 +294,111 @@ void model_to_gpu(Model& m, int B, int T, bool inference, const DistGroup& dist)
     ctx.scratch_bytes = std::max({scratch, embedding_backward_scratch_bytes(N, D, V), rmsnorm_backward_scratch_bytes(N, std::max({D, dc, qr})),
                                   grad_norm_scratch_bytes(gpu.num_chunks), attention_backward_scratch_floats(B, T, H) * sizeof(float)});
     ctx.scratch = arena_alloc<char>(arena, ctx.scratch_bytes, "scratch");
+}
+
+void model_to_gpu(Model& m, int B, int T, bool inference, const DistGroup& dist) {
+    const Config& c = m.ref.cfg;
+    if (c.n_routed_experts > 0) router_check(c);
+    if (!gpu_available()) fail("--device gpu: no CUDA device is available");
+    const bool fp8 = !m.ref.fp8.empty();  // FP8 (ref_enable_fp8): the E4M3 copies of w, made here and after each optimizer step
+    const bool wgrad = fp8 && m.ref.fp8[0].wgrad;
+    if (fp8) {                                 // cuBLASLt's FP8 GEMM takes rows in fours (the forward pads) and
+        if (!inference && B * T % (wgrad ? 16 : 4))  // K in sixteens: Dgrad reads dout as it is, FP8 Wgrad contracts over N
+            fail("--fp8%s: batch size x sequence length (%d) must be a multiple of %d", wgrad ? "-wgrad" : "", B * T, wgrad ? 16 : 4);
+        int device = 0;
+        cudaDeviceProp prop;
+        CUDA_CHECK(cudaGetDevice(&device));
+        CUDA_CHECK(cudaGetDeviceProperties(&prop, device));
+        if (prop.major < 9)  // cuBLASLt's block-scaled FP8 GEMM runs on Hopper and newer
+            fail("--fp8 needs a GPU of compute capability 9.0 or newer; this %s is %d.%d", prop.name, prop.major, prop.minor);
+    }
+    const size_t P = m.ref.layout.total;
+    const bool zero = dist.world > 1 && !inference;
+    const ZeroPlan zero_layout = zero ? zero_plan(m.ref.layout, c.num_hidden_layers, dist.world) : ZeroPlan{};
+    const size_t flat = zero ? zero_layout.padded : P, moments = zero ? zero_layout.shard : P;
+    std::vector<ParamChunk> chunks = param_chunks(m.ref.layout);
+    if (zero) chunks = zero_rank_chunks(chunks, zero_layout, dist.rank);
+    int moe_layers = 0;
+    for (int l = 0; l < c.total_layers(); l++) moe_layers += c.is_moe_layer(l);
+    size_t scratch = 0;
+    for (const Fp8Weight& q : m.ref.fp8) scratch = std::max(scratch, fp8_linear_scratch_bytes(B * T, q.w.cols, q.w.rows, wgrad));
+
+    // the whole model's device memory, sized before anything is allocated: a model or batch
+    // that cannot fit is refused with its sizes, not at whichever allocation fails first
+    const size_t state = flat * (sizeof(float) + sizeof(bf16)) + m.ref.fp8_codes.size() + m.ref.fp8_scales.size() * sizeof(float) +
+                         (inference ? 0 : (flat + 2 * moments) * sizeof(float));
+    GpuModel plan;
+    plan.arena.plan = true;
+    plan.moe_layers = moe_layers;
+    plan.num_chunks = (int)chunks.size();
+    gpu_alloc_step_buffers(plan, c, B, T, inference, scratch);
+    gpu_memory_check(state, plan.arena.bytes + MATMUL_WORKSPACE_BYTES, B, T);
+
+    GpuModel* gp = new GpuModel();
+    GpuModel& gpu = *gp;
+    gpu.B = B;
+    gpu.T = T;
+    gpu.N = B * T;
+    if (zero) {
+        gpu.dist = dist;
+        gpu.zero = zero_layout;
+    }
+    gpu.flat = flat;
+    gpu.num_chunks = (int)chunks.size();
+    gpu.moe_layers = moe_layers;
+    DeviceArena& arena = gpu.arena;
+    CUDA_CHECK(cudaStreamCreate(&gpu.ctx.stream));
+    matmul_init(gpu.ctx.mm);
+    gpu.rope = rope_table_upload(m.ref.rope);
+    gpu.params32 = arena_alloc<float>(arena, gpu.flat, "fp32 master weights");
+    gpu.params16 = arena_alloc<bf16>(arena, gpu.flat, "bf16 weights");
+    if (zero) CUDA_CHECK(cudaMemset(gpu.params32, 0, gpu.flat * sizeof(float)));  // the padding
+    CUDA_CHECK(cudaMemcpy(gpu.params32, m.ref.params.data(), P * sizeof(float), cudaMemcpyHostToDevice));
+    float_to_bf16_gpu(gpu.params16, gpu.params32, gpu.flat, gpu.ctx.stream);
+    gpu.w = bind_weights(c, m.ref.layout, gpu.params16);
+    gpu.master = bind_weights(c, m.ref.layout, gpu.params32);
+    if (fp8) {
+        size_t codes = 0, scales = 0;
+        bind_fp8_weights(gpu.w, gpu.fp8, arena_alloc<uint8_t>(arena, m.ref.fp8_codes.size(), "FP8 weights"),
+                         arena_alloc<float>(arena, m.ref.fp8_scales.size(), "FP8 weights"), &codes, &scales, wgrad);
+        std::vector<Fp8WeightJob> jobs;
+        for_each_fp8_linear(gpu.w, [&](const Linear<bf16>& l, const Fp8Weight* q) { jobs.push_back({*q, l.w, 0}); });
+        gpu.fp8_job_count = (int)jobs.size();
+        gpu.fp8_jobs = fp8_weight_jobs_upload(jobs, &gpu.fp8_blocks);
+        arena.buffers.push_back(gpu.fp8_jobs);
+        fp8_quantize_weights_gpu(gpu.fp8_jobs, gpu.fp8_job_count, gpu.fp8_blocks, gpu.ctx.stream);
+    }
+    if (!inference) {
+        gpu.grads = arena_alloc<float>(arena, gpu.flat, "gradients");
+        gpu.adam_m = arena_alloc<float>(arena, moments, "AdamW first moments");
+        gpu.adam_v = arena_alloc<float>(arena, moments, "AdamW second moments");
+        CUDA_CHECK(cudaMemset(gpu.grads, 0, gpu.flat * sizeof(float)));
+        gpu.grad = bind_weights(c, m.ref.layout, gpu.grads);
+        if (zero) {  // this rank's slices of the moments (none past P: the padding starts at zero)
+            CUDA_CHECK(cudaMemset(gpu.adam_m, 0, moments * sizeof(float)));
+            CUDA_CHECK(cudaMemset(gpu.adam_v, 0, moments * sizeof(float)));
+            for (const GradBucket& b : gpu.zero.buckets) {
+                const size_t slice = b.len / dist.world, lo = b.begin + dist.rank * slice, n = lo < P ? std::min(slice, P - lo) : 0;
+                if (m.adam_m.size() != P || n == 0) continue;
+                CUDA_CHECK(cudaMemcpy(gpu.adam_m + b.state, m.adam_m.data() + lo, n * sizeof(float), cudaMemcpyHostToDevice));
+                CUDA_CHECK(cudaMemcpy(gpu.adam_v + b.state, m.adam_v.data() + lo, n * sizeof(float), cudaMemcpyHostToDevice));
+            }
+        } else if (m.adam_m.size() == P) {
+            CUDA_CHECK(cudaMemcpy(gpu.adam_m, m.adam_m.data(), P * sizeof(float), cudaMemcpyHostToDevice));
+            CUDA_CHECK(cudaMemcpy(gpu.adam_v, m.adam_v.data(), P * sizeof(float), cudaMemcpyHostToDevice));
+        } else {  // weights without a training state: the optimizer starts afresh
+            CUDA_CHECK(cudaMemset(gpu.adam_m, 0, P * sizeof(float)));
+            CUDA_CHECK(cudaMemset(gpu.adam_v, 0, P * sizeof(float)));
+        }
+    }
+    gpu.chunks = param_chunks_upload(chunks);
+    arena.buffers.push_back(gpu.chunks);
+    std::vector<size_t> bias_offsets;
+    for (int l = 0; l < c.total_layers(); l++)
+        if (c.is_moe_layer(l)) bias_offsets.push_back(block_weights(gpu.master, l).moe.bias - gpu.params32);
+    gpu.bias_offsets = arena_alloc<size_t>(arena, bias_offsets.size(), "expert bias offsets");
+    CUDA_CHECK(cudaMemcpy(gpu.bias_offsets, bias_offsets.data(), bias_offsets.size() * sizeof(size_t), cudaMemcpyHostToDevice));
+    gpu_alloc_step_buffers(gpu, c, B, T, inference, scratch);
     if (zero) {
         // the reduce-scatters' stream gets the higher priority, so that a bucket leaves as soon as it is ready
         int least = 0, greatest = 0;
@@ -385,7 +408,7 @@ void model_to_gpu(Model& m, int B, int T, bool inference, const DistGroup& dist)
         for (cudaEvent_t& e : gpu.point_done) CUDA_CHECK(cudaEventCreateWithFlags(&e, cudaEventDisableTiming));
         CUDA_CHECK(cudaEventCreateWithFlags(&gpu.comm_done, cudaEventDisableTiming));
     }
-    CUDA_CHECK(cudaStreamSynchronize(ctx.stream));
+    CUDA_CHECK(cudaStreamSynchronize(gpu.ctx.stream));
     m.gpu = gp;
 }
 

@@ -356,6 +356,48 @@ TEST_CASE("a GPU step whose gradient is not finite leaves the weights, AdamW's m
     remove_tree(dir);
 }
 
+// The device memory of a model and batch is counted before anything is allocated (issue 10): with the GPU's free
+// memory cut by a ballast allocation to just under what the model holds, model_to_gpu refuses with the sizes and
+// allocates nothing; with what the model took the first time free (and a little over), it runs. For training and
+// for inference, with the MTP module's buffers among those counted.
+TEST_CASE("model_to_gpu refuses, before allocating anything, a model and batch that do not fit the free device memory") {
+    Config c = gpu_sparse_config();
+    c.num_nextn_predict_layers = 1;
+    const int B = 64, T = 48;
+    const size_t MiB = 1 << 20;
+    Model m;
+    model_create(m, c, 7);
+    auto free_bytes = [] {
+        size_t free = 0, total = 0;
+        CUDA_CHECK(cudaMemGetInfo(&free, &total));
+        return free;
+    };
+    for (bool inference : {false, true}) {
+        CAPTURE(inference);
+        const size_t start = free_bytes();
+        model_to_gpu(m, B, T, inference);
+        const size_t holds = model_gpu_bytes(m), took = start - free_bytes();
+        model_free_gpu(m);
+        MESSAGE("inference " << inference << ": the model holds " << holds / MiB << " MiB; free memory fell by " << took / MiB << " MiB");
+        CHECK(took >= holds);
+        CHECK(took <= holds + holds / 4 + 64 * MiB);  // allocation granularity, cuBLASLt's handle, the stream
+
+        void* ballast = nullptr;
+        CUDA_CHECK(cudaMalloc(&ballast, free_bytes() - (holds - 8 * MiB)));
+        const size_t before = free_bytes();
+        CHECK_THROWS_WITH(model_to_gpu(m, B, T, inference), doctest::Contains("of GPU memory at 64 x 48 tokens"));
+        CHECK(m.gpu == nullptr);
+        CHECK(free_bytes() == before);
+        CUDA_CHECK(cudaFree(ballast));
+
+        CUDA_CHECK(cudaMalloc(&ballast, free_bytes() - (took + 16 * MiB)));
+        model_to_gpu(m, B, T, inference);
+        CHECK(m.gpu != nullptr);
+        model_free_gpu(m);
+        CUDA_CHECK(cudaFree(ballast));
+    }
+}
+
 // With sparse routing (the tiny preset's top-3 of 8 experts), as the other sparse test: the MTP module's
 // block is an MoE block whose routing counts and balance loss join the step's; and the GPU evaluates the
 // main model of such a checkpoint (what validate runs) as the CPU does
