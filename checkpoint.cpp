@@ -56,7 +56,7 @@ static std::string state_to_json(const TrainState& st) {
                 o.batch_size, o.seq_len, o.grad_accum);
     s += strfmt("  \"dropout\": %.9g,\n  \"balance_alpha\": %.9g,\n  \"fp8\": %s,\n  \"fp8_wgrad\": %s,\n", o.dropout, o.balance_alpha,
                 o.fp8 ? "true" : "false", o.fp8_wgrad ? "true" : "false");
-    s += strfmt("  \"mtp_lambda\": %.9g,\n", o.mtp_lambda);
+    s += strfmt("  \"mtp_lambda\": %.9g,\n  \"shuffle\": %s,\n", o.mtp_lambda, o.shuffle ? "true" : "false");
     s += strfmt("  \"lr\": %.9g,\n  \"min_lr_fraction\": %.9g,\n  \"warmup_steps\": %d,\n  \"total_steps\": %d,\n", o.optim.lr,
                 o.optim.min_lr_fraction, o.optim.warmup_steps, o.optim.total_steps);
     s += strfmt("  \"beta1\": %.9g,\n  \"beta2\": %.9g,\n  \"eps\": %.9g,\n  \"weight_decay\": %.9g,\n", o.optim.beta1, o.optim.beta2,
@@ -118,6 +118,7 @@ static TrainState state_from_json(const std::string& text, const std::string& wh
     o.fp8 = flag("fp8");
     o.fp8_wgrad = flag("fp8_wgrad");
     if (o.fp8_wgrad && !o.fp8) fail("%s: \"fp8_wgrad\" is true but \"fp8\" is not", where.c_str());
+    o.shuffle = flag("shuffle");
     if (root.get("mtp_lambda")) o.mtp_lambda = (float)in("mtp_lambda", 0, 10);  // absent in checkpoints from before MTP
     o.optim.lr = (float)in("lr", 0, 10);
     o.optim.min_lr_fraction = (float)in("min_lr_fraction", 0, 1);

@@ -128,10 +128,16 @@ struct DataLoader {
     std::vector<std::string> files;
     std::vector<uint64_t> starts;  // stream offset of each file's first token, then the total
     uint64_t total = 0;
-    uint64_t pos = 0;              // stream offset of the next batch
+    uint64_t pos = 0;              // stream offset of the next batch (shuffled: tokens read, never wrapped, so
+                                   // that no batch repeats; the stream offset is pos % total)
     int loaded = -1;               // which file `tokens` holds
     std::vector<int> tokens;
-    std::vector<int> window;       // the B*T+1 tokens of the current batch
+    std::vector<int> window;       // the B*T+1 tokens of the current batch (shuffled: of one row)
+    // false: each batch the next B*T tokens of the stream, as llm.c reads them. true: each row a window of T+1
+    // tokens at a random offset in the file that holds pos (nanoGPT's sampling, kept within a shard so that a
+    // glob of shards is still read one file at a time), drawn from (shuffle_key, pos, row): exact on resume.
+    bool shuffle = false;
+    uint64_t shuffle_key = 0;
 };
 
 inline void dataloader_load_file(DataLoader& dl, int file) {
@@ -174,29 +180,48 @@ inline void dataloader_open(DataLoader& dl, const std::string& pattern, int B, i
     dataloader_load_file(dl, 0);  // surface bad ids in a single-file dataset at once
 }
 
-// Fills B*T inputs and their B*T next-token targets, then advances.
-inline void dataloader_next(DataLoader& dl, std::vector<int>& inputs, std::vector<int>& targets) {
-    size_t n = (size_t)dl.B * dl.T;
-    dl.window.resize(n + 1);
-    uint64_t at = (dl.pos + (uint64_t)dl.rank * n) % dl.total;
+// copies count tokens of the stream from offset at, wrapping at its end, into out
+inline void dataloader_copy(DataLoader& dl, uint64_t at, size_t count, int* out) {
     size_t filled = 0;
-    while (filled < n + 1) {
+    while (filled < count) {
         int file = (int)(std::upper_bound(dl.starts.begin(), dl.starts.end(), at) - dl.starts.begin()) - 1;
         dataloader_load_file(dl, file);
-        uint64_t take = std::min<uint64_t>(n + 1 - filled, dl.starts[file + 1] - at);
-        memcpy(dl.window.data() + filled, dl.tokens.data() + (at - dl.starts[file]), take * sizeof(int));
+        uint64_t take = std::min<uint64_t>(count - filled, dl.starts[file + 1] - at);
+        memcpy(out + filled, dl.tokens.data() + (at - dl.starts[file]), take * sizeof(int));
         filled += take;
         at = (at + take) % dl.total;
     }
-    inputs.assign(dl.window.begin(), dl.window.end() - 1);
-    targets.assign(dl.window.begin() + 1, dl.window.end());
-    dl.pos = (dl.pos + (uint64_t)dl.world * n) % dl.total;
+}
+
+// Fills B*T inputs and their B*T next-token targets, then advances.
+inline void dataloader_next(DataLoader& dl, std::vector<int>& inputs, std::vector<int>& targets) {
+    const size_t n = (size_t)dl.B * dl.T;
+    if (!dl.shuffle) {
+        dl.window.resize(n + 1);
+        dataloader_copy(dl, (dl.pos + (uint64_t)dl.rank * n) % dl.total, n + 1, dl.window.data());
+        inputs.assign(dl.window.begin(), dl.window.end() - 1);
+        targets.assign(dl.window.begin() + 1, dl.window.end());
+    } else {
+        const int file = (int)(std::upper_bound(dl.starts.begin(), dl.starts.end(), dl.pos % dl.total) - dl.starts.begin()) - 1;
+        const uint64_t first = dl.starts[file], len = dl.starts[file + 1] - first;
+        inputs.resize(n);
+        targets.resize(n);
+        dl.window.resize(dl.T + 1);
+        for (int b = 0; b < dl.B; b++) {
+            // a file shorter than a row starts it at the file's start, running on into the stream
+            const uint64_t row = (uint64_t)dl.rank * dl.B + b, draw = rng_hash(dl.shuffle_key ^ mix64(dl.pos), row);
+            dataloader_copy(dl, first + (len > (uint64_t)dl.T ? draw % (len - dl.T) : 0), dl.T + 1, dl.window.data());
+            std::copy(dl.window.begin(), dl.window.end() - 1, inputs.begin() + (size_t)b * dl.T);
+            std::copy(dl.window.begin() + 1, dl.window.end(), targets.begin() + (size_t)b * dl.T);
+        }
+    }
+    dl.pos = dl.shuffle ? dl.pos + (uint64_t)dl.world * n : (dl.pos + (uint64_t)dl.world * n) % dl.total;
 }
 
 inline uint64_t dataloader_position(const DataLoader& dl) { return dl.pos; }
 
 inline void dataloader_seek(DataLoader& dl, uint64_t pos) {
-    if (pos >= dl.total)
+    if (!dl.shuffle && pos >= dl.total)
         fail("%s: data position %llu is past the end of its %llu tokens (a different dataset?)",
              dl.files.empty() ? "dataloader" : dl.files[0].c_str(), (unsigned long long)pos,
              (unsigned long long)dl.total);

@@ -24,7 +24,8 @@ struct TrainOptions {
     bool fp8 = false;            // DeepSeek-V3's FP8 GEMMs (fp8.cuh; the CPU emulates them)
     bool fp8_wgrad = false;      // with fp8, the weight gradients' GEMMs in FP8 too
     float mtp_lambda = 0.3f;     // loss = main + mtp_lambda * MTP loss, when the config has the module (DeepSeek-V3's value
-                                 // for most of its run); only the CPU path runs the module so far
+                                 // for most of its run)
+    bool shuffle = false;        // training rows at random offsets (DataLoader::shuffle_key), not in order
 };
 
 // What exact resume needs beyond the weights (the optimizer moments live in optimizer.safetensors). Dropout

@@ -102,6 +102,10 @@ static const char* USAGE =
     "  --grad-clip X           global gradient-norm clip, 0 = off (default 1.0)\n"
     "  --beta1 X, --beta2 X    AdamW betas (default 0.9, 0.95)\n"
     "  --dropout P             after the embedding, attention and FFN outputs (default 0)\n"
+    "  --shuffle               each sequence of a batch a window at a random offset (as\n"
+    "                          nanoGPT samples; drawn from the seed and the step, within\n"
+    "                          the shard being read); default: consecutive windows in\n"
+    "                          order, as llm.c reads them\n"
     "  --balance-alpha X       sequence-wise MoE balance loss weight, 0 = off (default 1e-4)\n"
     "  --bias-update-speed X   aux-loss-free expert-bias step gamma, 0 = off (default 1e-3)\n"
     "  --mtp-lambda X          weight of the MTP module's loss when the model has one:\n"
@@ -268,6 +272,9 @@ static bool parse_args(int argc, char** argv, Args& a) {
             a.opt.optim.beta2 = (float)cli_float(cli, 0, 0.99999);
         } else if (n == "--dropout") {
             a.opt.dropout = (float)cli_float(cli, 0, 0.99);
+        } else if (n == "--shuffle") {
+            cli_flag(cli);
+            a.opt.shuffle = true;
         } else if (n == "--fp8") {
             cli_flag(cli);
             a.opt.fp8 = true;
@@ -680,6 +687,8 @@ static int train(Args& a) {
 
     DataLoader loader;
     dataloader_open(loader, train_pattern, o.batch_size, o.seq_len, c.vocab_size, dist.rank, dist.world);
+    loader.shuffle = o.shuffle;
+    loader.shuffle_key = mix64(o.seed ^ 0x73687566666c65ull);
     if (a.resume) dataloader_seek(loader, st.data_position);
     // ranks that read different checkpoints or data (an --out or a data path that is not on a file system every
     // node sees) would train different models
@@ -721,8 +730,9 @@ static int train(Args& a) {
     else printf(" | val %s (%s tokens, all evaluated)\n", val_pattern.c_str(), fmt_count((double)val_total).c_str());
     // a val loss over part of the split says so wherever it is printed
     const std::string val_name = val_tokens.size() < val_total ? strfmt("val loss (first %zu tokens)", val_tokens.size()) : "val loss";
-    printf("training: %d steps of %s%d x %d x %d = %lld tokens | lr %g, warmup %d, cosine to %g | device %s\n", a.steps,
-           dist.world > 1 ? strfmt("%d x ", dist.world).c_str() : "", o.batch_size, o.seq_len, o.grad_accum, tokens_per_step, o.optim.lr,
+    printf("training: %d steps of %s%d x %d x %d = %lld tokens%s | lr %g, warmup %d, cosine to %g | device %s\n", a.steps,
+           dist.world > 1 ? strfmt("%d x ", dist.world).c_str() : "", o.batch_size, o.seq_len, o.grad_accum, tokens_per_step,
+           o.shuffle ? " (windows at random offsets)" : "", o.optim.lr,
            o.optim.warmup_steps,
            o.optim.lr * o.optim.min_lr_fraction,
            device_desc.c_str());

@@ -165,6 +165,17 @@ if grep -q 'resuming from .* at step 3' "$T/resume.log" && [ "$(losses "$T/strai
 else
     fail "exact resume: identical losses at steps 4..6" "straight: $(losses "$T/straight" 4 6 | tr '\n' ' ') resumed: $(losses "$T/resumed" 4 6 | tr '\n' ' ')"
 fi
+# the same with --shuffle, recorded in the checkpoint: the windows come from the seed and the data position
+./train "${EXACT[@]}" --shuffle --steps 6 --out "$T/straight_shuffled" >/dev/null
+./train "${EXACT[@]}" --shuffle --steps 3 --out "$T/resumed_shuffled" >/dev/null
+./train --data "$D" --out "$T/resumed_shuffled" --resume --steps 6 >"$T/resume_shuffled.log"
+if grep -q '"shuffle": true' "$T/resumed_shuffled/checkpoint/trainer_state.json" && grep -q 'random offsets' "$T/resume_shuffled.log" &&
+    [ "$(losses "$T/straight_shuffled" 4 6)" = "$(losses "$T/resumed_shuffled" 4 6)" ] &&
+    [ "$(losses "$T/straight_shuffled" 1 6)" != "$(losses "$T/straight" 1 6)" ]; then
+    pass "--shuffle: other batches than in order, and exact resume"
+else
+    fail "--shuffle: other batches than in order, and exact resume" "straight: $(losses "$T/straight_shuffled" 4 6 | tr '\n' ' ') resumed: $(losses "$T/resumed_shuffled" 4 6 | tr '\n' ' ')"
+fi
 if [ "$(awk -F, 'NR > 1 { print $1 }' "$T/resumed/metrics.csv" | tr '\n' ' ')" = "1 2 3 4 5 6 " ]; then
     pass "resumed metrics.csv has each step once"
 else

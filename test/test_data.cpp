@@ -6,6 +6,7 @@
 
 #include <filesystem>
 #include <functional>
+#include <set>
 #include <string>
 #include <vector>
 
@@ -379,6 +380,61 @@ TEST_CASE("DataLoader walks a glob of shards as one stream") {
         dataloader_next(r1, in, tg);
         check_batch(all, (uint64_t)(20 * k + 10) % 73, in, tg);
     }
+}
+
+// --shuffle: each row T+1 consecutive tokens of the shard that holds the position, at offsets that vary from row
+// to row and step to step; the same key and position give the same batch (resume), another key or rank another
+TEST_CASE("a shuffled DataLoader reads each row at a random offset within the shard being read, exactly again on resume") {
+    const int B = 4, T = 10;
+    std::vector<std::vector<int>> shards = {test_tokens(300, 1), test_tokens(200, 3)};
+    std::string dir = scratch("shuffled");
+    make_dirs(dir);
+    write_token_file(dir + "/part_000.bin", shards[0], 7);
+    write_token_file(dir + "/part_001.bin", shards[1], 1);
+    auto open = [&](uint64_t key, int rank) {
+        DataLoader dl;
+        dataloader_open(dl, dir + "/part_*.bin", B, T, 1000, rank, 2);
+        dl.shuffle = true;
+        dl.shuffle_key = key;
+        return dl;
+    };
+    DataLoader dl = open(99, 0);
+    std::set<std::pair<int, int>> offsets;  // (shard, offset) of every row read
+    std::vector<int> in, tg;
+    for (int k = 0; k < 40; k++) {
+        const int shard = dataloader_position(dl) % 500 < 300 ? 0 : 1;
+        dataloader_next(dl, in, tg);
+        REQUIRE(in.size() == (size_t)B * T);
+        REQUIRE(tg.size() == (size_t)B * T);
+        const std::vector<int>& all = shards[shard];
+        for (int b = 0; b < B; b++) {
+            // the shard's tokens are distinct, so the row's first token says where it starts
+            const int at = (int)(std::find(all.begin(), all.end(), in[b * T]) - all.begin());
+            REQUIRE(at + T < (int)all.size());
+            for (int t = 0; t < T; t++) {
+                REQUIRE(in[b * T + t] == all[at + t]);
+                REQUIRE(tg[b * T + t] == all[at + t + 1]);
+            }
+            offsets.insert({shard, at});
+        }
+    }
+    // 160 rows over the 290 + 190 possible starts (the 40 positions repeat after 25 steps, the draws do not)
+    CHECK(offsets.size() > 110);
+    CHECK(offsets.begin()->first == 0);
+    CHECK(offsets.rbegin()->first == 1);
+
+    const uint64_t pos = dataloader_position(dl);
+    DataLoader again = open(99, 0), other_key = open(100, 0), rank1 = open(99, 1);
+    for (DataLoader* d : {&again, &other_key, &rank1}) dataloader_seek(*d, pos);
+    std::vector<int> in2, tg2;
+    dataloader_next(dl, in, tg);
+    dataloader_next(again, in2, tg2);
+    CHECK(in == in2);
+    CHECK(tg == tg2);
+    dataloader_next(other_key, in2, tg2);
+    CHECK(in != in2);
+    dataloader_next(rank1, in2, tg2);
+    CHECK(in != in2);
 }
 
 TEST_CASE("DataLoader refuses what it cannot serve") {
