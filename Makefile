@@ -4,6 +4,7 @@
 #   make              build everything
 #   make test         CPU doctest suite + command-line checks (no GPU needed)
 #   make test-gpu     GPU-vs-reference checks (needs a GPU)
+#   make test-gpu-sanitize  test-gpu under compute-sanitizer's memcheck, racecheck, initcheck and synccheck
 #   make fuzz         fuzz every parser (clang libFuzzer, ASan, UBSan); FUZZ_SECONDS=N each for a short run
 #   make test-asan    the CPU tests under AddressSanitizer and UBSan
 #   make data         write the generated default dataset to data/default
@@ -30,7 +31,7 @@ HEADERS = common.h cli.h config.h json.h fileutil.h safetensors.h tokenizer.h da
 BINARIES = train generate validate data/prepare
 TEST_SOURCES = $(wildcard test/test_*.cpp)
 
-.PHONY: all test test-gpu test-asan fuzz data clean
+.PHONY: all test test-gpu test-gpu-sanitize test-asan fuzz data clean
 
 all: $(BINARIES)
 
@@ -103,6 +104,10 @@ test/test_gpu: test/test_main.o $(GPU_TEST_SOURCES:.cu=.o) $(MODEL) decode.o
 test-gpu: test/test_gpu
 	./test/test_gpu
 
+# each case in its own process, 16 at a time, at most 900 s each (test/sanitize_gpu.sh)
+test-gpu-sanitize: test/test_gpu
+	bash test/sanitize_gpu.sh
+
 # Fuzzing every parser of untrusted input (test/fuzz/fuzz.cpp) with clang's libFuzzer, ASan and UBSan, from
 # seeds the project's writers make: FUZZ_RUNS executions each (default a million), or FUZZ_SECONDS each
 FUZZ_PARSERS = json config safetensors tokens tokenizer
@@ -129,4 +134,4 @@ data: data/prepare
 
 clean:
 	rm -f $(BINARIES) dev/ref_dump bench/decode_bench bench/fp8_gemm $(MODEL) decode.o test/*.o test/test_cpu test/test_gpu test/test_asan
-	rm -rf test/fuzz/corpus test/fuzz/*.log test/fuzz/make_seeds $(FUZZ_PARSERS:%=test/fuzz/fuzz_%)
+	rm -rf test/sanitize test/fuzz/corpus test/fuzz/*.log test/fuzz/make_seeds $(FUZZ_PARSERS:%=test/fuzz/fuzz_%)

@@ -37,6 +37,22 @@ inline size_t kv_mha_bytes_per_token(const Config& c, size_t bytes_per_value = 2
     return bytes_per_value * (size_t)c.num_attention_heads * (c.qk_head_dim() + c.v_head_dim) * c.num_hidden_layers;
 }
 
+// The bytes a plain decode step over `batch` sequences, each with cache_len tokens cached, has to read from device
+// memory: every bf16 weight of the main model once (of the embedding only the batch's rows; of a MoE layer's
+// routed experts the min(E, batch x K) that its rows reach, exact at batch 1 and an upper bound beyond) and each
+// sequence's latent cache. decode_bench divides it by the step's time: the bandwidth a step achieves.
+inline double decode_step_bytes(const Config& c, const ParamLayout& L, int batch, double cache_len) {
+    const double reach = c.n_routed_experts ? std::min(1.0, (double)batch * c.num_experts_per_tok / c.n_routed_experts) : 1.0;
+    const std::string mtp = strfmt("model.layers.%d.", c.num_hidden_layers);
+    double weights = 0;
+    for (const TensorSpec& t : L.tensors) {
+        if (t.kind == TENSOR_BUFFER || t.name.compare(0, mtp.size(), mtp) == 0) continue;  // fp32 routing biases; the MTP module
+        if (t.name == "model.embed_tokens.weight") weights += (double)batch * c.hidden_size;
+        else weights += (t.name.find(".mlp.experts.") != std::string::npos ? reach : 1.0) * t.numel;
+    }
+    return 2 * weights + batch * cache_len * kv_latent_bytes_per_token(c);
+}
+
 // ----------------------------------------------------------------------------
 // Absorbed attention of one query over a latent cache:
 //   q [H, dn+dr] (q_pe already roped), cache [len, dc+dr] (RMSNorm(c), roped k_pe),

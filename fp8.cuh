@@ -446,6 +446,7 @@ inline void fp8_matmul(Matmul& mm, void* out, bool out_fp32, const Fp8Matrix& x,
     CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(p.desc, CUBLASLT_MATMUL_DESC_A_SCALE_POINTER, &w.scales, sizeof(w.scales)));
     CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(p.desc, CUBLASLT_MATMUL_DESC_B_SCALE_POINTER, &x.scales, sizeof(x.scales)));
     const float alpha = 1.0f, beta = accumulate ? 1.0f : 0.0f;
+    matmul_zero_output(mm, out, N, OC, OC, out_fp32 ? 4 : 2, beta, stream);
     CUBLAS_CHECK(cublasLtMatmul(mm.handle, p.desc, &alpha, w.codes, p.lb, x.codes, p.la, &beta, out, p.lc, out, p.lc, &p.algo, mm.workspace,
                                 mm.workspace_bytes, stream));
 }

@@ -7,7 +7,7 @@
 // as one JSON line. bench/generate_bench.sh runs it beside bench/hf_generate.py.
 // With --speculative (a checkpoint with the MTP module) the steps are self-speculative
 // ones, which take one or two tokens per sequence, and the drafts' acceptance is
-// printed too.
+// printed too; otherwise the bytes a step must read (decode_step_bytes) and the bandwidth that achieves.
 //
 //   bench/decode_bench --model DIR --batch 1 --prompt-len 128 --new-tokens 128 --runs 5
 #include <algorithm>
@@ -103,13 +103,17 @@ static int run(int argc, char** argv) {
     cudaDeviceProp prop;
     CUDA_CHECK(cudaGetDeviceProperties(&prop, 0));
     const double decode_tok_s = new_tokens > 1 ? (double)batch * (new_tokens - 1) / median(decode_s) : 0;
+    // a plain step's bytes at the run's mean cache length over its time: the bandwidth decode achieves
+    // (decode_step_bytes; a speculative step runs two rows a sequence and the MTP block, so it reports acceptance instead)
+    const double step_s = median(decode_s) / std::max(1, new_tokens - 1);
+    const double step_bytes = decode_step_bytes(c, m.ref.layout, batch, prompt_len + new_tokens / 2.0);
     const std::string spec = speculative ? strfmt(", \"speculative\": true, \"drafts_accepted\": %.4f", drafted ? (double)accepted / drafted : 0.0)
-                                         : "";
+                                         : strfmt(", \"step_bytes\": %.0f, \"achieved_gb_s\": %.1f", step_bytes, step_bytes / step_s / 1e9);
     printf("{\"card\": \"%s\", \"batch\": %d, \"prompt_len\": %d, \"new_tokens\": %d, \"graph\": %s, \"runs\": %d, "
            "\"prefill_tok_s\": %.1f, \"ttft_s\": %.6f, \"decode_tok_s\": %.1f, \"decode_token_ms\": %.4f, "
            "\"kv_bytes_per_token\": %zu, \"kv_bytes_per_token_formula\": %zu, \"mha_bytes_per_token\": %zu%s}\n",
            prop.name, batch, prompt_len, new_tokens, graph ? "true" : "false", runs, (double)batch * prompt_len / median(prefill_s),
-           median(ttft_s), decode_tok_s, 1e3 * median(decode_s) / std::max(1, new_tokens - 1), decoder_cache_bytes_per_token(*d),
+           median(ttft_s), decode_tok_s, 1e3 * step_s, decoder_cache_bytes_per_token(*d),
            kv_latent_bytes_per_token(c), kv_mha_bytes_per_token(c), spec.c_str());
     decoder_free(d);
     return 0;

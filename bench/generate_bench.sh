@@ -47,15 +47,16 @@ def load(name):
         return json.load(open(p))
     except Exception:
         return None
-print("| case | ours decode tok/s | HF decode tok/s | ratio | ours prefill tok/s | HF prefill tok/s | ours TTFT ms | HF TTFT ms | ours KV B/token | HF KV B/token |")
-print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+print("| case | ours decode tok/s | HF decode tok/s | ratio | ours decode GB/s | ours prefill tok/s | HF prefill tok/s | ours TTFT ms "
+      "| HF TTFT ms | ours KV B/token | HF KV B/token |")
+print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
 for case in ["b1", "b32", "p1024", "b1_nograph"]:
     o, h = load("ours_" + case), load("hf_" + case)
     if not o:
         continue
     hd = h["decode_tok_s"] if h else float("nan")
     print(f"| {case} (B={o['batch']}, prompt {o['prompt_len']}, {o['new_tokens']} new{'' if o['graph'] else ', no graph'}) "
-          f"| {o['decode_tok_s']:,.0f} | {hd:,.0f} | {o['decode_tok_s'] / hd:.1f}x "
+          f"| {o['decode_tok_s']:,.0f} | {hd:,.0f} | {o['decode_tok_s'] / hd:.1f}x | {o['achieved_gb_s']:,.0f} "
           f"| {o['prefill_tok_s']:,.0f} | {h['prefill_tok_s'] if h else float('nan'):,.0f} "
           f"| {1e3 * o['ttft_s']:.2f} | {1e3 * h['ttft_s'] if h else float('nan'):.2f} "
           f"| {o['kv_bytes_per_token']} | {h['kv_bytes_per_token'] if h else float('nan'):.0f} |")

@@ -78,6 +78,29 @@ TEST_CASE("decode: KV-cache bytes per token") {
     CHECK(decode_cache_bytes_per_token(s) == kv_latent_bytes_per_token(t, sizeof(float)));
 }
 
+// decode_step_bytes against counts made from the config: the routed experts a batch reaches, the embedding rows,
+// the cache, and the MTP module left out (the layout of the same model without it)
+TEST_CASE("decode: the bytes a plain decode step reads") {
+    Config c = config_preset("small");
+    c.num_nextn_predict_layers = 1;
+    const ParamLayout L = param_layout(c);
+    Config main = c;
+    main.num_nextn_predict_layers = 0;
+    double main_params = 0;
+    for (const TensorSpec& t : param_layout(main).tensors)
+        if (t.kind != TENSOR_BUFFER) main_params += t.numel;
+    const int E = c.n_routed_experts, K = c.num_experts_per_tok, D = c.hidden_size;
+    const double experts = (double)(c.num_hidden_layers - c.first_k_dense_replace) * E * 3 * D * c.moe_intermediate_size;
+    // batch E / K = 4 rows reach every expert: each main-model weight once, the embedding's 4 rows
+    const double all = decode_step_bytes(c, L, E / K, 0);
+    CHECK(all == 2 * (main_params - (double)(c.vocab_size - E / K) * D));
+    CHECK(decode_step_bytes(c, L, 64, 0) == all + 2.0 * (64 - E / K) * D);
+    // one row reaches K of the E experts of each MoE layer
+    CHECK(decode_step_bytes(c, L, 1, 0) == doctest::Approx(all - 2 * (1 - (double)K / E) * experts - 2.0 * (E / K - 1) * D).epsilon(1e-12));
+    // and each sequence reads its latent cache: 2 bytes x (512 + 32) x 12 layers a token
+    CHECK(decode_step_bytes(c, L, 3, 100) - decode_step_bytes(c, L, 3, 0) == 3 * 100.0 * 2 * (512 + 32) * 12);
+}
+
 TEST_CASE("decode: greedy generation from the cache equals argmax of the full forward") {
     RefModel<float> m;
     ref_init(m, tiny_variant(0, 80));
