@@ -84,14 +84,14 @@ T* arena_alloc(DeviceArena& a, size_t count, const char* what) {
     return p;
 }
 
-// Refuses, before anything is allocated, a model whose weights and optimizer state (state_bytes) and
+// Refuses, before anything is allocated, a model whose parameters and training state (state_bytes) and
 // a step's buffers for B sequences of T tokens (step_bytes) do not fit the GPU's free memory
 inline void gpu_memory_check(size_t state_bytes, size_t step_bytes, int B, int T) {
     size_t free_bytes = 0, total_bytes = 0;
     CUDA_CHECK(cudaMemGetInfo(&free_bytes, &total_bytes));
     const double GiB = 1 << 30;
     if (state_bytes + step_bytes > free_bytes)
-        fail("the model needs %.2f GiB of GPU memory at %d x %d tokens (%.2f GiB of weights and optimizer state, %.2f GiB of "
+        fail("the model needs %.2f GiB of GPU memory at %d x %d tokens (%.2f GiB of parameters and their training state, %.2f GiB of "
              "activations and workspace); the GPU has %.2f GiB free of %.2f GiB (use a smaller batch or shorter sequences)",
              (state_bytes + step_bytes) / GiB, B, T, state_bytes / GiB, step_bytes / GiB, free_bytes / GiB, total_bytes / GiB);
 }
