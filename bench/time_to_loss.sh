@@ -4,6 +4,7 @@
 # evaluation samples the whole split too, ends at 1.4697).
 #
 #   bash bench/time_to_loss.sh TEXT [runs]
+#   NANOGPT=DIR bash bench/time_to_loss.sh TEXT [runs]     with nanoGPT's run beside ours (below)
 #
 # First each candidate below trains once, evaluating the whole split every 100 steps, every line
 # of its log stamped with the seconds since the process started; a run stops at its first
@@ -80,6 +81,29 @@ for entry in "${candidates[@]}"; do
     echo "$name: $([ -n "$hit" ] && echo "val <= $target at step $step, ${hit}s from start" || echo "not reached (last val $last)"), $tps tok/s | $flags"
     if [ -n "$hit" ] && awk -v a="$hit" -v b="$best_s" 'BEGIN { exit !(a < b) }'; then best=$entry best_s=$hit best_step=$step; fi
 done
+# nanoGPT beside ours when NANOGPT names a checkout of it (github.com/karpathy/nanoGPT; it needs torch and numpy):
+# its train_shakespeare_char as published, on the text split as its prepare.py splits it (its character
+# vocabulary, the first 90% / the last 10%), its log stamped the same way. Its val loss is an estimate from 200
+# random batches of the split, every 250 steps.
+if [ -n "${NANOGPT:-}" ]; then
+    mkdir -p "$NANOGPT/data/shakespeare_char"
+    python3 - "$text" "$NANOGPT/data/shakespeare_char" <<'PY'
+import numpy as np, os, pickle, sys
+text = open(sys.argv[1]).read()
+chars = sorted(set(text))
+stoi = {c: i for i, c in enumerate(chars)}
+n = int(len(text) * 0.9)
+for name, part in (("train", text[:n]), ("val", text[n:])):
+    np.array([stoi[c] for c in part], dtype=np.uint16).tofile(os.path.join(sys.argv[2], name + ".bin"))
+with open(os.path.join(sys.argv[2], "meta.pkl"), "wb") as f:
+    pickle.dump({"vocab_size": len(chars), "itos": dict(enumerate(chars)), "stoi": stoi}, f)
+PY
+    (cd "$NANOGPT" && PYTHONUNBUFFERED=1 stamped python3 train.py config/train_shakespeare_char.py) > "$out/nanogpt.log"
+    hit=$(awk -v t=$target '$2 == "step" && $NF <= t { sub(":", "", $3); print "val <= " t " at step " $3 ", " $1 "s from start"; exit }' "$out/nanogpt.log")
+    last=$(awk '$2 == "step" { v = $NF; at = $1 } END { print "last val " v " at " at "s" }' "$out/nanogpt.log")
+    echo "nanoGPT train_shakespeare_char: ${hit:-not reached}; $last; ended at $(tail -1 "$out/nanogpt.log" | awk '{ print $1 }')s"
+fi
+
 [ -n "$best" ] || { echo "no candidate reached $target"; exit 0; }
 
 name=${best%%|*} flags=${best#*|}
