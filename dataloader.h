@@ -180,11 +180,16 @@ inline void dataloader_open(DataLoader& dl, const std::string& pattern, int B, i
     dataloader_load_file(dl, 0);  // surface bad ids in a single-file dataset at once
 }
 
+// the file that holds stream offset at (< total)
+inline int dataloader_file_at(const DataLoader& dl, uint64_t at) {
+    return (int)(std::upper_bound(dl.starts.begin(), dl.starts.end(), at) - dl.starts.begin()) - 1;
+}
+
 // copies count tokens of the stream from offset at, wrapping at its end, into out
 inline void dataloader_copy(DataLoader& dl, uint64_t at, size_t count, int* out) {
     size_t filled = 0;
     while (filled < count) {
-        int file = (int)(std::upper_bound(dl.starts.begin(), dl.starts.end(), at) - dl.starts.begin()) - 1;
+        const int file = dataloader_file_at(dl, at);
         dataloader_load_file(dl, file);
         uint64_t take = std::min<uint64_t>(count - filled, dl.starts[file + 1] - at);
         memcpy(out + filled, dl.tokens.data() + (at - dl.starts[file]), take * sizeof(int));
@@ -202,7 +207,7 @@ inline void dataloader_next(DataLoader& dl, std::vector<int>& inputs, std::vecto
         inputs.assign(dl.window.begin(), dl.window.end() - 1);
         targets.assign(dl.window.begin() + 1, dl.window.end());
     } else {
-        const int file = (int)(std::upper_bound(dl.starts.begin(), dl.starts.end(), dl.pos % dl.total) - dl.starts.begin()) - 1;
+        const int file = dataloader_file_at(dl, dl.pos % dl.total);
         const uint64_t first = dl.starts[file], len = dl.starts[file + 1] - first;
         inputs.resize(n);
         targets.resize(n);
