@@ -36,21 +36,19 @@ for kv in sys.argv[3:]:
 json.dump(c, open(sys.argv[2], "w"), indent=2)
 EOF
 }
-config "$out/w384l6.json" hidden_size=384 num_hidden_layers=6 num_attention_heads=6 intermediate_size=1536 moe_intermediate_size=384
 config "$out/w384l6_dense.json" hidden_size=384 num_hidden_layers=6 num_attention_heads=6 intermediate_size=1536 n_routed_experts=0 \
-    n_shared_experts=0
-config "$out/w512l6_dense.json" hidden_size=512 num_hidden_layers=6 num_attention_heads=8 intermediate_size=2048 n_routed_experts=0 \
     n_shared_experts=0
 
 # name|flags beyond the data, the sequence length, warm-up and logging, --steps last: the last round of
 # the sweep in bench/RESULTS.md, its best first and that run reading the data in order last
 candidates=(
     "w384l6_dense_d0.2_1000|--config $out/w384l6_dense.json --batch-size 64 --lr 1.5e-3 --dropout 0.2 --shuffle --steps 1000"
-    "w384l6_dense_d0.2_1200|--config $out/w384l6_dense.json --batch-size 64 --lr 1.5e-3 --dropout 0.2 --shuffle --steps 1200"
-    "w384l6_dense_d0.3_1200|--config $out/w384l6_dense.json --batch-size 64 --lr 1.5e-3 --dropout 0.3 --shuffle --steps 1200"
-    "w512l6_dense_d0.3_1000|--config $out/w512l6_dense.json --batch-size 64 --lr 1e-3 --dropout 0.3 --shuffle --steps 1000"
-    "w384l6_d0.2_1000|--config $out/w384l6.json --batch-size 64 --lr 2e-3 --dropout 0.2 --shuffle --steps 1000"
-    "mini_d0.2_1200|--preset mini --vocab-size 256 --batch-size 64 --lr 3e-3 --dropout 0.2 --shuffle --steps 1200"
+    "w384l6_dense_d0.2_900|--config $out/w384l6_dense.json --batch-size 64 --lr 1.5e-3 --dropout 0.2 --shuffle --steps 900"
+    "w384l6_dense_d0.25_1000|--config $out/w384l6_dense.json --batch-size 64 --lr 1.5e-3 --dropout 0.25 --shuffle --steps 1000"
+    "w384l6_dense_d0.2_wd0.3_1000|--config $out/w384l6_dense.json --batch-size 64 --lr 1.5e-3 --dropout 0.2 --weight-decay 0.3 --shuffle --steps 1000"
+    "w384l6_dense_d0.25_wd0.3_1200|--config $out/w384l6_dense.json --batch-size 64 --lr 1.5e-3 --dropout 0.25 --weight-decay 0.3 --shuffle --steps 1200"
+    "w384l6_dense_d0.2_lr1e-3_1500|--config $out/w384l6_dense.json --batch-size 64 --lr 1e-3 --dropout 0.2 --shuffle --steps 1500"
+    "w384l6_dense_d0.2_lr2e-3_800|--config $out/w384l6_dense.json --batch-size 64 --lr 2e-3 --dropout 0.2 --shuffle --steps 800"
     "w384l6_dense_d0.2_1000_inorder|--config $out/w384l6_dense.json --batch-size 64 --lr 1.5e-3 --dropout 0.2 --steps 1000"
 )
 

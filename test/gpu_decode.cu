@@ -251,22 +251,28 @@ TEST_CASE("GPU sampling: greedy, top-k, top-p and a fixed seed") {
     std::vector<int> a = run(so, 42, kept), a2 = run(so, 42, kept), c = run(so, 43, kept);
     CHECK(a == a2);
     CHECK(a != c);
-    // the draws follow the probabilities: 4000 draws of row 0 at top-k 3
+    // the draws follow the probabilities: row 0 at top-k 3, drawn by 4000 rows of one launch (each row's own
+    // random stream), a launch rather than 4000 so that the sanitizers get through it
     so.top_k = 3;
     run(so, 9, kept);
+    const int draws = 4000;
+    std::vector<bf16> rows((size_t)draws * V);
+    for (int r = 0; r < draws; r++) std::copy(z16.begin(), z16.begin() + V, rows.begin() + (size_t)r * V);
+    bf16* d_rows = device_alloc<bf16>(rows.size(), "test");
+    int *d_draws = device_alloc<int>(draws, "test"), *d_draws_gen = device_alloc<int>(draws, "test");
+    CUDA_CHECK(cudaMemcpy(d_rows, rows.data(), rows.size() * sizeof(bf16), cudaMemcpyHostToDevice));
+    CUDA_CHECK(cudaMemset(d_draws_gen, 0, draws * sizeof(int)));
+    sample_gpu(d_draws, d_draws_gen, nullptr, d_rows, nullptr, draws, V, so, 9, 0);
     std::map<int, int> count;
-    CUDA_CHECK(cudaMemset(d_gen, 0, B * sizeof(int)));
-    for (int i = 0; i < 4000; i++) {
-        sample_gpu(d_tok, d_gen, nullptr, d_z, nullptr, 1, V, so, 9, 0);
-        int t;
-        CUDA_CHECK(cudaMemcpy(&t, d_tok, sizeof(int), cudaMemcpyDeviceToHost));
-        count[t]++;
-    }
+    for (float t : to_host(d_draws, draws)) count[(int)t]++;
     CHECK(count.size() == 3);
     for (auto& kv : count) {
         CAPTURE(kv.first);
-        CHECK(std::fabs(kv.second / 4000.0 - kept[kv.first]) < 0.03);
+        CHECK(std::fabs(kv.second / (double)draws - kept[kv.first]) < 0.03);
     }
+    cudaFree(d_rows);
+    cudaFree(d_draws);
+    cudaFree(d_draws_gen);
     cudaFree(d_z);
     cudaFree(d_tok);
     cudaFree(d_gen);
@@ -385,7 +391,7 @@ TEST_CASE("GPU speculative sampling follows the main model's distribution") {
     // one prompt and seeds of their own. Pearson's chi-square over the V^3 = 125 cells; 4.8 sd above its mean is a
     // chance well under 1e-4 for a correct sampler, while always taking the draft gives a chi-square in the
     // thousands. bf16 moves the probabilities by about 1%, which adds about N * 1e-4 = 2 to the chi-square.
-    const int V = 5, N = 20000, batch = 2000;
+    const int V = 5, N = 20000, batch = 10000;
     Model m;
     model_create(m, tiny_mtp(0, V), 1);
     randomise_weights(m.ref, 400, true);

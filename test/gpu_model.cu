@@ -359,8 +359,10 @@ TEST_CASE("a GPU step whose gradient is not finite leaves the weights, AdamW's m
 // The device memory of a model and batch is counted before anything is allocated (issue 10): with the GPU's free
 // memory cut by a ballast allocation to just under what the model holds, model_to_gpu refuses with the sizes and
 // allocates nothing; with what the model took the first time free (and a little over), it runs. For training and
-// for inference, with the MTP module's buffers among those counted.
-TEST_CASE("model_to_gpu refuses, before allocating anything, a model and batch that do not fit the free device memory") {
+// for inference, with the MTP module's buffers among those counted. It reads the whole device's free memory, so it
+// must have the device to itself (the suite "alone": test/sanitize_gpu.sh runs it after the others).
+TEST_CASE("model_to_gpu refuses, before allocating anything, a model and batch that do not fit the free device memory" *
+          doctest::test_suite("alone")) {
     Config c = gpu_sparse_config();
     c.num_nextn_predict_layers = 1;
     const int B = 64, T = 48;

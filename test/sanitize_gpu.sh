@@ -3,8 +3,8 @@
 # checking, racecheck, initcheck and synccheck. A sanitized kernel runs 10-100x slower, so each test case
 # runs in its own process, JOBS at a time, each given at most LIMIT seconds. initcheck runs with
 # DSV3_INITCHECK set (cuda_common.cuh matmul_zero_output: it cannot see cuBLASLt write a GEMM's output).
-# Prints per tool the errors found and the cases that passed (a case cut off by LIMIT did not); exits 1
-# on any error or any case that did not pass.
+# Prints per tool the errors found, the cases that passed (a case cut off by LIMIT did not) and the
+# slowest cases; exits 1 on any error or any case that did not pass. CASES="3 29" runs only those cases.
 #
 #   bash test/sanitize_gpu.sh [tools] [limit_s] [jobs]    (default "memcheck racecheck initcheck synccheck" 900 16)
 set -euo pipefail
@@ -12,39 +12,53 @@ cd "$(dirname "$0")/.."
 tools=${1:-memcheck racecheck initcheck synccheck} limit=${2:-900} jobs=${3:-16}
 logs=test/sanitize
 mkdir -p "$logs"
-cases=$(./test/test_gpu --list-test-cases | grep -o 'passing the current filters: [0-9]*' | grep -o '[0-9]*$')
+# The cases that must have the device to themselves (doctest suite "alone") run after the others, one at a
+# time. Case i is the i-th of test_gpu --test-suite-exclude=alone, then, past those, of --test-suite=alone.
+count_of() { ./test/test_gpu --list-test-cases "$1" | grep -o 'passing the current filters: [0-9]*' | grep -o '[0-9]*$'; }
+shared_count=$(count_of --test-suite-exclude=alone) alone_count=$(count_of --test-suite=alone)
+cases=${CASES:-$(seq $((shared_count + alone_count)))}
 
 # one case under one tool: its log is $logs/TOOL.CASE.log
 sanitize_case() {
-    local tool=$1 i=$2 options=()
+    local tool=$1 i=$2 options=() filter=(--test-suite-exclude=alone) n=$2
     case $tool in
         memcheck) options=(--leak-check full) ;;
+        # NVIDIA's cuBLASLt kernels (nvjet, cutlass) are left out of racecheck: their shared memory is the library's
+        racecheck) options=(--kernel-name-exclude regex=nvjet --kernel-name-exclude regex=cutlass) ;;
     esac
+    if [ "$i" -gt "$shared_count" ]; then filter=(--test-suite=alone) n=$((i - shared_count)); fi
     if [ "$tool" = initcheck ]; then export DSV3_INITCHECK=1; fi
-    timeout "$limit" compute-sanitizer --tool "$tool" "${options[@]}" --print-limit 100 ./test/test_gpu --first="$i" --last="$i" \
-        > "$logs/$tool.$i.log" 2>&1 || true
+    SECONDS=0
+    timeout "$limit" compute-sanitizer --tool "$tool" "${options[@]}" --print-limit 100 ./test/test_gpu "${filter[@]}" --first="$n" \
+        --last="$n" > "$logs/$tool.$i.log" 2>&1 || true
+    echo "$SECONDS" > "$logs/$tool.$i.seconds"
 }
 export -f sanitize_case
-export logs limit
+export logs limit shared_count
 
 for tool in $tools; do
-    for i in $(seq "$cases"); do echo "$tool $i"; done
+    for i in $cases; do if [ "$i" -le "$shared_count" ]; then echo "$tool $i"; fi; done
 done | xargs -P "$jobs" -n 2 bash -c 'sanitize_case "$0" "$1"'
+for tool in $tools; do
+    for i in $cases; do if [ "$i" -gt "$shared_count" ]; then sanitize_case "$tool" "$i"; fi; done
+done
 
 status=0
 for tool in $tools; do
-    errors=0 passed=0 unfinished=()
-    for i in $(seq "$cases"); do
+    errors=0 passed=0 unfinished=() total=0
+    for i in $cases; do
+        total=$((total + 1))
         log=$logs/$tool.$i.log
         if grep -q '\[doctest\] Status: SUCCESS' "$log"; then passed=$((passed + 1)); else unfinished+=("$i"); fi
         n=$(grep -o 'ERROR SUMMARY: [0-9]* error\|([0-9]* errors' "$log" | grep -o '[0-9]*' | head -1 || true)
         errors=$((errors + ${n:-0}))
     done
-    echo "$tool: $errors errors; $passed of $cases cases passed${unfinished:+ (not: ${unfinished[*]})}"
+    slowest=$(for i in $cases; do echo "$(cat "$logs/$tool.$i.seconds") s case $i"; done | sort -rn | head -3 | paste -sd, -)
+    echo "$tool: $errors errors; $passed of $total cases passed${unfinished:+ (not: ${unfinished[*]})}; slowest: $slowest"
     if [ "$errors" -gt 0 ] || [ "${#unfinished[@]}" -gt 0 ]; then status=1; fi
     if [ "$errors" -gt 0 ]; then
         echo "  kernels in the reports:"
-        grep -h -o '=========     at [^(]*' "$logs/$tool".*.log | sed 's/=========     at //' | sort | uniq -c | sort -rn | head -10
+        grep -h -o '=========     at [^(]*' "$logs/$tool".*.log | sed 's/=========     at //' | sort | uniq -c | sort -rn | head -10 || true
     fi
 done
 exit $status
