@@ -36,6 +36,8 @@ GpuDecoder* decoder_create(Model& m, int batch, int max_len, int max_prompt, boo
         CUDA_CHECK(cudaMemset(*state, 0, batch * sizeof(int)));
     }
     CUDA_CHECK(cudaMallocHost(&d.tokens_host, batch * sizeof(int)));
+    d.active_host.assign(batch, 0);
+    d.prefill_rows = arena_alloc<int>(d.arena, 3 * (size_t)batch, "decode state");
     if (speculative) {
         for (int** state : {&d.rows_tokens, &d.mtp_tokens}) {
             *state = arena_alloc<int>(d.arena, B, "decode state");
@@ -54,6 +56,9 @@ GpuDecoder* decoder_create(Model& m, int batch, int max_len, int max_prompt, boo
     d.emb = arena_alloc<bf16>(d.arena, (size_t)B * D, "decode activations");
     d.res = arena_alloc<float>(d.arena, (size_t)B * D, "decode activations");
     d.xn = arena_alloc<bf16>(d.arena, (size_t)B * D, "decode activations");
+    // every step writes d.xn before reading it; zeroed here because compute-sanitizer's initcheck checks the sources
+    // of a graph's copies (speculative_forward_sample's) when the graph is launched, before its kernels have run
+    CUDA_CHECK(cudaMemset(d.xn, 0, (size_t)B * D * sizeof(bf16)));
     if (qr > 0) {
         d.qa = arena_alloc<bf16>(d.arena, (size_t)B * qr, "decode activations");
         d.qa_norm = arena_alloc<bf16>(d.arena, (size_t)B * qr, "decode activations");
@@ -90,7 +95,8 @@ size_t decoder_cache_bytes_per_token(const GpuDecoder& d) { return d.cache_bytes
 
 // The speculative state after the prefill of sequences b0 .. b0 + r - 1 (rows of T tokens in gpu_forward's batch):
 // the MTP module's cache from its prefill, and its two rows' inputs at the prompt's last two positions (both at 0
-// after a one-token prompt; the rows' positions follow from pos = len, decode.cuh DecodeRows).
+// after a one-token prompt; the rows' positions follow from pos = len, decode.cuh DecodeRows), gathered from the
+// rows d.prefill_rows[r .. 3r) that decoder_prefill uploaded.
 static void speculative_prefill(GpuDecoder& d, const std::vector<std::vector<int>>& prompts, int b0, int r, int T, std::vector<int>& mtp_tokens) {
     Model& m = *d.m;
     GpuModel& gpu = *m.gpu;
@@ -99,15 +105,8 @@ static void speculative_prefill(GpuDecoder& d, const std::vector<std::vector<int
     gpu_mtp_prefill(m, r, T);
     bf16* cache_mtp = d.cache + (size_t)L * B * d.max_len * (dc + dr);
     prefill_cache_gpu(cache_mtp, gpu.layers[L].attn.c_norm, gpu.layers[L].attn.kv_a, r * T, T, b0, dc, dr, d.max_len, gpu.ctx.stream);
-    for (int i = 0; i < r; i++) {
-        const int b = b0 + i, len = (int)prompts[b].size(), first = std::max(len - 2, 0);
-        for (int k : {0, 1}) {
-            const int at = k == 0 ? first : len - 1;
-            CUDA_CHECK(cudaMemcpyAsync(d.mtp_h + (size_t)(k * B + b) * D, gpu.hn + ((size_t)i * T + at) * D, (size_t)D * sizeof(bf16),
-                                       cudaMemcpyDeviceToDevice, gpu.ctx.stream));
-        }
-        mtp_tokens[b] = prompts[b][len - 1];  // speculative_inputs_kernel replaces it when both rows are at 0
-    }
+    for (int k : {0, 1}) moe_gather_gpu(d.mtp_h + (size_t)(k * B + b0) * D, gpu.hn, d.prefill_rows + (size_t)(k + 1) * r, r, 1, D, gpu.ctx.stream);
+    for (int b = b0; b < b0 + r; b++) mtp_tokens[b] = prompts[b].back();  // speculative_inputs_kernel replaces it when both rows are at 0
 }
 
 size_t decoder_device_bytes(const GpuDecoder& d) { return d.arena.bytes; }
@@ -132,26 +131,30 @@ void decoder_prefill(GpuDecoder& d, const std::vector<std::vector<int>>& prompts
     std::vector<int> pos(d.batch, 0), active(d.batch, 0), mtp_tokens(2 * d.batch, 0);
     for (int b0 = 0; b0 < n; b0 += rows) {
         const int r = std::min(rows, n - b0);
-        std::vector<int> tokens((size_t)r * T, 0), targets((size_t)r * T, -1);
+        // gathered rows of the chunk's output, one copy for all of them: each prompt's last (its logits), then the
+        // MTP module's two (speculative_prefill)
+        std::vector<int> tokens((size_t)r * T, 0), targets((size_t)r * T, -1), gather(3 * (size_t)r);
         for (int i = 0; i < r; i++) {
             const std::vector<int>& p = prompts[b0 + i];
+            const int len = (int)p.size();
             std::copy(p.begin(), p.end(), tokens.begin() + (size_t)i * T);
             if (d.speculative)  // the MTP module's prefill reads the next tokens as targets
                 std::copy(p.begin() + 1, p.end(), targets.begin() + (size_t)i * T);
+            gather[i] = gather[2 * r + i] = i * T + len - 1;
+            gather[r + i] = i * T + std::max(len - 2, 0);
         }
         CUDA_CHECK(cudaMemcpyAsync(gpu.tokens, tokens.data(), tokens.size() * sizeof(int), cudaMemcpyHostToDevice, gpu.ctx.stream));
         CUDA_CHECK(cudaMemcpyAsync(gpu.targets, targets.data(), targets.size() * sizeof(int), cudaMemcpyHostToDevice, gpu.ctx.stream));
+        CUDA_CHECK(cudaMemcpyAsync(d.prefill_rows, gather.data(), gather.size() * sizeof(int), cudaMemcpyHostToDevice, gpu.ctx.stream));
         gpu_forward(m, r, T, StepOptions{}, false, 1.0f);
         for (int l = 0; l < c.num_hidden_layers; l++) {
             bf16* cache_l = d.cache + (size_t)l * d.batch * d.max_len * (dc + dr);
             prefill_cache_gpu(cache_l, gpu.layers[l].attn.c_norm, gpu.layers[l].attn.kv_a, r * T, T, b0, dc, dr, d.max_len, gpu.ctx.stream);
         }
         if (d.speculative) speculative_prefill(d, prompts, b0, r, T, mtp_tokens);
-        for (int i = 0; i < r; i++) {
-            const int b = b0 + i, len = (int)prompts[b].size();
-            CUDA_CHECK(cudaMemcpyAsync(d.logits + (size_t)b * V, gpu.logits + ((size_t)i * T + len - 1) * V, (size_t)V * sizeof(bf16),
-                                       cudaMemcpyDeviceToDevice, gpu.ctx.stream));
-            pos[b] = len;
+        moe_gather_gpu(d.logits + (size_t)b0 * V, gpu.logits, d.prefill_rows, r, 1, V, gpu.ctx.stream);
+        for (int b = b0; b < b0 + r; b++) {
+            pos[b] = (int)prompts[b].size();
             active[b] = 1;
         }
         // the host vectors above are reused next round: wait until they are copied
@@ -159,6 +162,8 @@ void decoder_prefill(GpuDecoder& d, const std::vector<std::vector<int>>& prompts
     }
     CUDA_CHECK(cudaMemcpyAsync(d.pos, pos.data(), d.batch * sizeof(int), cudaMemcpyHostToDevice, gpu.ctx.stream));
     CUDA_CHECK(cudaMemcpyAsync(d.active, active.data(), d.batch * sizeof(int), cudaMemcpyHostToDevice, gpu.ctx.stream));
+    d.active_host = active;
+    d.active_changed = false;
     CUDA_CHECK(cudaMemsetAsync(d.gen, 0, d.batch * sizeof(int), gpu.ctx.stream));
     if (d.speculative)
         CUDA_CHECK(cudaMemcpyAsync(d.mtp_tokens, mtp_tokens.data(), mtp_tokens.size() * sizeof(int), cudaMemcpyHostToDevice, gpu.ctx.stream));
@@ -220,7 +225,16 @@ static void main_decode_forward_gpu(GpuDecoder& d, int R, const int* tokens) {
     linear_forward_gpu(d.logits, d.xn, gpu.w.lm_head, R, gpu.ctx);
 }
 
+// uploads what decoder_set_active changed since the last upload: one copy, however many sequences stopped
+static void upload_active(GpuDecoder& d) {
+    if (!d.active_changed) return;
+    // pageable source: the copy is staged before this returns, and the stream orders it
+    CUDA_CHECK(cudaMemcpyAsync(d.active, d.active_host.data(), d.batch * sizeof(int), cudaMemcpyHostToDevice, d.m->gpu->ctx.stream));
+    d.active_changed = false;
+}
+
 void decoder_forward(GpuDecoder& d) {
+    upload_active(d);  // nothing, inside decoder_step's capture: it uploaded first
     if (d.speculative) fail("internal: decoder_forward on a speculative decoder");
     main_decode_forward_gpu(d, d.batch, d.tokens);
     decode_advance_kernel<<<ceil_div(d.batch, 256), 256, 0, d.m->gpu->ctx.stream>>>(d.pos, d.active, d.batch, d.max_len);
@@ -267,19 +281,25 @@ static void speculative_forward_sample(GpuDecoder& d, const SamplingOptions& so,
     CUDA_LAUNCH_CHECK();
 }
 
-void decoder_sample(GpuDecoder& d, const SamplingOptions& sampling, uint64_t seed) {
+static void sample_launch(GpuDecoder& d, const SamplingOptions& sampling, uint64_t seed) {
     sample_gpu(d.tokens, d.gen, nullptr, d.logits, d.active, d.batch, d.m->ref.cfg.vocab_size, sampling, seed, d.m->gpu->ctx.stream);
 }
 
-// a plain step (decoder_forward + decoder_sample) or a speculative one
+void decoder_sample(GpuDecoder& d, const SamplingOptions& sampling, uint64_t seed) {
+    upload_active(d);
+    sample_launch(d, sampling, seed);
+}
+
+// a plain step (decoder_forward + sampling) or a speculative one
 static void step_launch(GpuDecoder& d, const SamplingOptions& sampling, uint64_t seed) {
     if (d.speculative) return speculative_forward_sample(d, sampling, seed);
     decoder_forward(d);
-    decoder_sample(d, sampling, seed);
+    sample_launch(d, sampling, seed);
 }
 
 void decoder_step(GpuDecoder& d, const SamplingOptions& sampling, uint64_t seed, bool use_graph) {
     cudaStream_t st = d.m->gpu->ctx.stream;
+    upload_active(d);
     if (!use_graph) return step_launch(d, sampling, seed);
     const bool same = d.graph && d.graph_seed == seed && d.graph_sampling.temperature == sampling.temperature && d.graph_sampling.top_k == sampling.top_k &&
                       d.graph_sampling.top_p == sampling.top_p;
@@ -316,7 +336,6 @@ const int* decoder_tokens(GpuDecoder& d) {
 
 void decoder_set_active(GpuDecoder& d, int b, bool active) {
     if (b < 0 || b >= d.batch) fail("decode: sequence %d is outside the batch of %d", b, d.batch);
-    const int v = active;
-    // pageable source: the copy is staged before this returns, and the stream orders it
-    CUDA_CHECK(cudaMemcpyAsync(d.active + b, &v, sizeof(int), cudaMemcpyHostToDevice, d.m->gpu->ctx.stream));
+    d.active_host[b] = active;
+    d.active_changed = true;
 }

@@ -567,6 +567,9 @@ struct GpuDecoder {
     size_t cache_bytes;                 // its allocation
     int *tokens, *pos, *gen, *active;   // [batch]: next input, its position (DecodeRows), draws, still generating
     int* tokens_host;                   // pinned copy of tokens
+    std::vector<int> active_host;       // active as decoder_set_active left it, uploaded by the next sample or step
+    bool active_changed = false;
+    int* prefill_rows;                  // [3 batch] the rows of a prefill chunk that decoder_prefill gathers
     float* res;                         // [rows, D] the residual stream (fp32, as in gpu_forward)
     bf16 *emb, *xn, *qa, *qa_norm, *q, *kv, *o, *attn_out, *ffn_out, *logits;  // [rows, *]
     float *qlat, *o_lat, *part_acc;

@@ -320,7 +320,8 @@ const int* decoder_tokens(GpuDecoder& d);
 // when (*count)[b] is 2.
 const int* decoder_speculative_tokens(GpuDecoder& d, const int** count);
 
-// stops (or restarts) sequence b: an inactive sequence keeps its cache and position
+// stops (or restarts) sequence b: an inactive sequence keeps its cache and position. Host-side until the next
+// decoder_forward, decoder_sample or decoder_step uploads every change at once.
 void decoder_set_active(GpuDecoder& d, int b, bool active);
 
 // the cache's allocated device bytes per token of one sequence (its capacity is batch * max_len tokens)

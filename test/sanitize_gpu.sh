@@ -23,8 +23,6 @@ sanitize_case() {
     local tool=$1 i=$2 options=() filter=(--test-suite-exclude=alone) n=$2
     case $tool in
         memcheck) options=(--leak-check full) ;;
-        # NVIDIA's cuBLASLt kernels (nvjet, cutlass) are left out of racecheck: their shared memory is the library's
-        racecheck) options=(--kernel-name-exclude regex=nvjet --kernel-name-exclude regex=cutlass) ;;
     esac
     if [ "$i" -gt "$shared_count" ]; then filter=(--test-suite=alone) n=$((i - shared_count)); fi
     if [ "$tool" = initcheck ]; then export DSV3_INITCHECK=1; fi
@@ -38,7 +36,7 @@ export logs limit shared_count
 
 for tool in $tools; do
     for i in $cases; do if [ "$i" -le "$shared_count" ]; then echo "$tool $i"; fi; done
-done | xargs -P "$jobs" -n 2 bash -c 'sanitize_case "$0" "$1"'
+done | xargs -r -P "$jobs" -n 2 bash -c 'sanitize_case "$0" "$1"'
 for tool in $tools; do
     for i in $cases; do if [ "$i" -gt "$shared_count" ]; then sanitize_case "$tool" "$i"; fi; done
 done
