@@ -206,6 +206,10 @@ inline void mla_assemble_kv_backward_gpu(bf16* dkv_b, bf16* dkv_a, const bf16* d
 //   (warps tiled 4 x 2 over the tile) into shared memory; phase 2 multiplies them
 //   (warps tiled 4 row groups x 2 column halves of the head dim), which keeps the
 //   per-thread accumulators at (d/2)/8*4 floats even for d = 256.
+// Dropout on the probabilities (reference.h AttentionDropout; a DROPOUT instantiation of each kernel): every kernel
+// draws the mask of the (query, key) pairs it touches from the counter RNG, so no mask is stored. The forward's
+// row sums l stay undropped and P V takes the dropped P; the backward's dV takes the dropped P and
+// dS = P (m dP - D), D = rowsum(dO O) being the same sum with O the dropped output.
 
 namespace mla_detail {
 
@@ -331,15 +335,31 @@ inline void with_bucket(int d, F f) {
     else f(std::integral_constant<int, 256>{});
 }
 
+// the dropout mask m of (query, key) in head bh: 0 or scale (1 / (1 - p)), as reference.h attention_dropout_mask
+__device__ __forceinline__ float dropout_mask(uint64_t key, float p, float scale, int bh, int T, int query, int k) {
+    return rng_uniform(key, ((uint64_t)bh * T + query) * T + k) < p ? 0.0f : scale;
+}
+
+// the kernels' dropout arguments: key, probability and 1 / (1 - p)
+struct DropoutArgs {
+    uint64_t key;
+    float p, scale;
+};
+
+inline DropoutArgs dropout_args(const AttentionDropout& drop) {
+    return DropoutArgs{drop.key, drop.p, drop.p > 0 ? (float)(1.0 / (1.0 - drop.p)) : 1.0f};
+}
+
 }  // namespace mla_detail
 
 // out [B, T, H, dv], lse [B, H, T] from q, k [B, T, H, dqk], v [B, T, H, dv]. grid (ceil(T/64), B*H), 128
 // threads; query blocks run last-first so the longest (most keys) start first.
-template <int DV_MAX>
+template <int DV_MAX, bool DROPOUT>
 __global__ void __launch_bounds__(128) attention_forward_kernel(bf16* __restrict__ out, float* __restrict__ lse,
                                                                 const bf16* __restrict__ q, const bf16* __restrict__ k,
                                                                 const bf16* __restrict__ v, int T, int H, int dqk, int dv,
-                                                                float scale_log2, bool vec_qk, bool vec_v, bool vec_out) {
+                                                                float scale_log2, bool vec_qk, bool vec_v, bool vec_out,
+                                                                mla_detail::DropoutArgs drop) {
     using namespace mla_detail;
     extern __shared__ __align__(16) unsigned char smem_raw[];
     const int dqp = pad32(dqk), dvp = pad32(dv), ldq = dqp + 8, ldv = dvp + 8;
@@ -412,6 +432,13 @@ __global__ void __launch_bounds__(128) attention_forward_kernel(bf16* __restrict
         }
         l_a = l_a * al_a + sum_a;  // per-thread partial sums; the quad is summed at the end
         l_b = l_b * al_b + sum_b;
+        if constexpr (DROPOUT) {
+#pragma unroll
+            for (int nt = 0; nt < 8; nt++)
+#pragma unroll
+                for (int e = 0; e < 4; e++)
+                    s[nt][e] *= dropout_mask(drop.key, drop.p, drop.scale, bh, T, e < 2 ? row_a : row_b, j * TILE + nt * 8 + 2 * t4 + (e & 1));
+        }
 #pragma unroll
         for (int i = 0; i < DV_MAX / 8; i++) {
             o[i][0] *= al_a;
@@ -465,13 +492,14 @@ static __global__ void attention_backward_preprocess_kernel(float* __restrict__ 
 
 // dk [B, T, H, dqk], dv [B, T, H, dv]; grid (ceil(T/64), B*H), 256 threads; block x
 // owns keys 64x..64x+63 and visits query blocks x..end (double-buffered Q/dO).
-template <int DQK_MAX, int DV_MAX>
+template <int DQK_MAX, int DV_MAX, bool DROPOUT>
 __global__ void __launch_bounds__(256) attention_backward_dkdv_kernel(bf16* __restrict__ dk, bf16* __restrict__ dvalue,
                                                                       const bf16* __restrict__ q, const bf16* __restrict__ k,
                                                                       const bf16* __restrict__ v, const bf16* __restrict__ dout,
                                                                       const float* __restrict__ lse, const float* __restrict__ D,
                                                                       int T, int H, int dqk, int dv, float scale, float scale_log2,
-                                                                      bool vec_qk, bool vec_v, bool vec_out_k, bool vec_out_v) {
+                                                                      bool vec_qk, bool vec_v, bool vec_out_k, bool vec_out_v,
+                                                                      mla_detail::DropoutArgs drop) {
     using namespace mla_detail;
     extern __shared__ __align__(16) unsigned char smem_raw[];
     const int dqp = pad32(dqk), dvp = pad32(dv), ldq = dqp + 8, ldv = dvp + 8;
@@ -546,7 +574,13 @@ __global__ void __launch_bounds__(256) attention_backward_dkdv_kernel(bf16* __re
                     const int qq = q0 + ql + e;
                     pr[e] = ex2(fmaf(st[nt][2 * hi + e], scale_log2, -cL[ql + e] * LOG2E));
                     if (masked && !(qq < T && key <= qq)) pr[e] = 0.0f;
-                    ds[e] = pr[e] * (dpt[nt][2 * hi + e] - cD[ql + e]);
+                    if constexpr (DROPOUT) {
+                        const float m = dropout_mask(drop.key, drop.p, drop.scale, bh, T, qq, key);
+                        ds[e] = pr[e] * (m * dpt[nt][2 * hi + e] - cD[ql + e]);
+                        pr[e] *= m;
+                    } else {
+                        ds[e] = pr[e] * (dpt[nt][2 * hi + e] - cD[ql + e]);
+                    }
                 }
                 *reinterpret_cast<uint32_t*>(sP + kl * LDP + ql) = pack_bf16(pr[0], pr[1]);
                 *reinterpret_cast<uint32_t*>(sdS + kl * LDP + ql) = pack_bf16(ds[0], ds[1]);
@@ -572,13 +606,13 @@ __global__ void __launch_bounds__(256) attention_backward_dkdv_kernel(bf16* __re
 
 // dq [B, T, H, dqk]; grid (ceil(T/64), B*H), 256 threads; block x owns query block
 // nqb-1-x (longest first) and visits key blocks 0..diagonal (double-buffered K/V).
-template <int DQK_MAX>
+template <int DQK_MAX, bool DROPOUT>
 __global__ void __launch_bounds__(256) attention_backward_dq_kernel(bf16* __restrict__ dq, const bf16* __restrict__ q,
                                                                     const bf16* __restrict__ k, const bf16* __restrict__ v,
                                                                     const bf16* __restrict__ dout, const float* __restrict__ lse,
                                                                     const float* __restrict__ D, int T, int H, int dqk, int dv,
                                                                     float scale, float scale_log2, bool vec_qk, bool vec_v,
-                                                                    bool vec_out) {
+                                                                    bool vec_out, mla_detail::DropoutArgs drop) {
     using namespace mla_detail;
     extern __shared__ __align__(16) unsigned char smem_raw[];
     const int dqp = pad32(dqk), dvp = pad32(dv), ldq = dqp + 8, ldv = dvp + 8;
@@ -650,7 +684,9 @@ __global__ void __launch_bounds__(256) attention_backward_dq_kernel(bf16* __rest
                     // so only the causal mask of the diagonal block is needed
                     float pr = ex2(fmaf(s[nt][2 * hi + e], scale_log2, -lrow));
                     if (j == qb && k0 + kl + e > row) pr = 0.0f;
-                    ds[e] = pr * (dp[nt][2 * hi + e] - Drow);
+                    float m = 1.0f;
+                    if constexpr (DROPOUT) m = dropout_mask(drop.key, drop.p, drop.scale, bh, T, row, k0 + kl + e);
+                    ds[e] = pr * (m * dp[nt][2 * hi + e] - Drow);
                 }
                 *reinterpret_cast<uint32_t*>(sdS + ql * LDP + kl) = pack_bf16(ds[0], ds[1]);
             }
@@ -697,85 +733,105 @@ inline void set_smem(K kernel, size_t bytes, size_t (&done)[MAX_DEVICES]) {
 inline bool vec16(const void* p, int d, int H) { return d % 8 == 0 && aligned(p, 16) && ((long long)H * d) % 8 == 0; }
 inline bool vec4(const void* p, int d) { return d % 2 == 0 && aligned(p, 4); }
 
-template <int DV_MAX>
+template <int DV_MAX, bool DROPOUT>
 static void launch_forward(bf16* out, float* lse, const bf16* q, const bf16* k, const bf16* v, int B, int T, int H, int dqk, int dv,
-                    float scale, cudaStream_t stream) {
+                    float scale, DropoutArgs drop, cudaStream_t stream) {
     const int ldq = pad32(dqk) + 8, ldv = pad32(dv) + 8;
     const size_t smem = (size_t)(2 * TILE * ldq + TILE * ldv) * sizeof(bf16);
     static size_t done[MAX_DEVICES] = {};
-    set_smem(attention_forward_kernel<DV_MAX>, smem, done);
+    set_smem(attention_forward_kernel<DV_MAX, DROPOUT>, smem, done);
     dim3 grid(ceil_div(T, TILE), B * H);
-    attention_forward_kernel<DV_MAX><<<grid, 128, smem, stream>>>(out, lse, q, k, v, T, H, dqk, dv, scale * LOG2E,
-                                                                  vec16(q, dqk, H) && vec16(k, dqk, H), vec16(v, dv, H), vec4(out, dv));
+    attention_forward_kernel<DV_MAX, DROPOUT><<<grid, 128, smem, stream>>>(
+        out, lse, q, k, v, T, H, dqk, dv, scale * LOG2E, vec16(q, dqk, H) && vec16(k, dqk, H), vec16(v, dv, H), vec4(out, dv), drop);
     CUDA_LAUNCH_CHECK();
 }
 
-template <int DQK_MAX, int DV_MAX>
+template <int DQK_MAX, int DV_MAX, bool DROPOUT>
 static void launch_dkdv(bf16* dk, bf16* dvalue, const bf16* q, const bf16* k, const bf16* v, const bf16* dout, const float* lse,
-                 const float* D, int B, int T, int H, int dqk, int dv, float scale, cudaStream_t stream) {
+                 const float* D, int B, int T, int H, int dqk, int dv, float scale, DropoutArgs drop, cudaStream_t stream) {
     const int ldq = pad32(dqk) + 8, ldv = pad32(dv) + 8;
     const size_t smem = (size_t)(3 * TILE * ldq + 3 * TILE * ldv + 2 * TILE * LDP) * sizeof(bf16) + 4 * TILE * sizeof(float);
     static size_t done[MAX_DEVICES] = {};
-    set_smem(attention_backward_dkdv_kernel<DQK_MAX, DV_MAX>, smem, done);
+    set_smem(attention_backward_dkdv_kernel<DQK_MAX, DV_MAX, DROPOUT>, smem, done);
     dim3 grid(ceil_div(T, TILE), B * H);
-    attention_backward_dkdv_kernel<DQK_MAX, DV_MAX><<<grid, 256, smem, stream>>>(
+    attention_backward_dkdv_kernel<DQK_MAX, DV_MAX, DROPOUT><<<grid, 256, smem, stream>>>(
         dk, dvalue, q, k, v, dout, lse, D, T, H, dqk, dv, scale, scale * LOG2E, vec16(q, dqk, H) && vec16(k, dqk, H),
-        vec16(v, dv, H) && vec16(dout, dv, H), vec4(dk, dqk), vec4(dvalue, dv));
+        vec16(v, dv, H) && vec16(dout, dv, H), vec4(dk, dqk), vec4(dvalue, dv), drop);
     CUDA_LAUNCH_CHECK();
 }
 
-template <int DQK_MAX>
+template <int DQK_MAX, bool DROPOUT>
 static void launch_dq(bf16* dq, const bf16* q, const bf16* k, const bf16* v, const bf16* dout, const float* lse, const float* D, int B,
-               int T, int H, int dqk, int dv, float scale, cudaStream_t stream) {
+               int T, int H, int dqk, int dv, float scale, DropoutArgs drop, cudaStream_t stream) {
     const int ldq = pad32(dqk) + 8, ldv = pad32(dv) + 8;
     const size_t smem = (size_t)(3 * TILE * ldq + 3 * TILE * ldv + TILE * LDP) * sizeof(bf16) + 2 * TILE * sizeof(float);
     static size_t done[MAX_DEVICES] = {};
-    set_smem(attention_backward_dq_kernel<DQK_MAX>, smem, done);
+    set_smem(attention_backward_dq_kernel<DQK_MAX, DROPOUT>, smem, done);
     dim3 grid(ceil_div(T, TILE), B * H);
-    attention_backward_dq_kernel<DQK_MAX><<<grid, 256, smem, stream>>>(dq, q, k, v, dout, lse, D, T, H, dqk, dv, scale,
-                                                                       scale * LOG2E, vec16(q, dqk, H) && vec16(k, dqk, H),
-                                                                       vec16(v, dv, H) && vec16(dout, dv, H), vec4(dq, dqk));
+    attention_backward_dq_kernel<DQK_MAX, DROPOUT><<<grid, 256, smem, stream>>>(
+        dq, q, k, v, dout, lse, D, T, H, dqk, dv, scale, scale * LOG2E, vec16(q, dqk, H) && vec16(k, dqk, H),
+        vec16(v, dv, H) && vec16(dout, dv, H), vec4(dq, dqk), drop);
     CUDA_LAUNCH_CHECK();
+}
+
+// f(std::bool_constant<DROPOUT>{}): each kernel has an instantiation without dropout, which draws nothing
+template <typename F>
+inline void with_dropout(const DropoutArgs& drop, F f) {
+    if (drop.p > 0) f(std::true_type{});
+    else f(std::false_type{});
 }
 
 // the backward's two main kernels, each instantiated for the buckets of dqk and dv
 inline void backward_dkdv(bf16* dk, bf16* dvalue, const bf16* q, const bf16* k, const bf16* v, const bf16* dout, const float* lse,
-                          const float* D, int B, int T, int H, int dqk, int dv, float scale, cudaStream_t stream) {
+                          const float* D, int B, int T, int H, int dqk, int dv, float scale, DropoutArgs drop, cudaStream_t stream) {
     with_bucket(dqk, [&](auto qb) {
         with_bucket(dv, [&](auto vb) {
-            launch_dkdv<decltype(qb)::value, decltype(vb)::value>(dk, dvalue, q, k, v, dout, lse, D, B, T, H, dqk, dv, scale, stream);
+            with_dropout(drop, [&](auto on) {
+                launch_dkdv<decltype(qb)::value, decltype(vb)::value, decltype(on)::value>(dk, dvalue, q, k, v, dout, lse, D, B, T, H, dqk,
+                                                                                           dv, scale, drop, stream);
+            });
         });
     });
 }
 
 inline void backward_dq(bf16* dq, const bf16* q, const bf16* k, const bf16* v, const bf16* dout, const float* lse, const float* D, int B,
-                        int T, int H, int dqk, int dv, float scale, cudaStream_t stream) {
-    with_bucket(dqk, [&](auto qb) { launch_dq<decltype(qb)::value>(dq, q, k, v, dout, lse, D, B, T, H, dqk, dv, scale, stream); });
+                        int T, int H, int dqk, int dv, float scale, DropoutArgs drop, cudaStream_t stream) {
+    with_bucket(dqk, [&](auto qb) {
+        with_dropout(drop, [&](auto on) {
+            launch_dq<decltype(qb)::value, decltype(on)::value>(dq, q, k, v, dout, lse, D, B, T, H, dqk, dv, scale, drop, stream);
+        });
+    });
 }
 
 }  // namespace mla_detail
 
 // Causal attention forward. out [B, T, H, dv] (bf16), lse [B, H, T] (fp32, logsumexp of the scaled scores,
-// kept for backward); q, k [B, T, H, dqk], v [B, T, H, dv]; scale = RopeTable::softmax_scale. Head sizes
-// 1..256 (multiples of 8 take the fast 16-byte load path). Graph capture: run each head-size combination once
-// outside capture first (the shared-memory opt-in happens then).
+// kept for backward); q, k [B, T, H, dqk], v [B, T, H, dv]; scale = RopeTable::softmax_scale; drop: dropout on
+// the probabilities, as reference.h attention_forward. Head sizes 1..256 (multiples of 8 take the fast 16-byte
+// load path). Graph capture: run each head-size combination once outside capture first (the shared-memory
+// opt-in happens then).
 inline void attention_forward_gpu(bf16* out, float* lse, const bf16* q, const bf16* k, const bf16* v, int B, int T, int H, int dqk,
-                                  int dv, float scale, cudaStream_t stream) {
+                                  int dv, float scale, cudaStream_t stream, AttentionDropout drop = {}) {
     using namespace mla_detail;
     check_attention_shape(B, T, H, dqk, dv);
     if (B == 0 || T == 0) return;
-    with_bucket(dv, [&](auto vb) { launch_forward<decltype(vb)::value>(out, lse, q, k, v, B, T, H, dqk, dv, scale, stream); });
+    const DropoutArgs args = dropout_args(drop);
+    with_bucket(dv, [&](auto vb) {
+        with_dropout(args, [&](auto on) {
+            launch_forward<decltype(vb)::value, decltype(on)::value>(out, lse, q, k, v, B, T, H, dqk, dv, scale, args, stream);
+        });
+    });
 }
 
 // floats of scratch attention_backward_gpu needs (D = rowsum(dout * out), [B, H, T])
 inline size_t attention_backward_scratch_floats(int B, int T, int H) { return (size_t)B * H * T; }
 
 // Causal attention backward: writes dq, dk [B, T, H, dqk] and dvalue [B, T, H, dv] from dout [B, T, H, dv]
-// and the forward's out and lse. Deterministic: every output element is written by exactly one thread after a
-// fixed-order reduction. scratch: attention_backward_scratch_floats(B, T, H) floats.
+// and the forward's out and lse (and its drop). Deterministic: every output element is written by exactly one
+// thread after a fixed-order reduction. scratch: attention_backward_scratch_floats(B, T, H) floats.
 inline void attention_backward_gpu(bf16* dq, bf16* dk, bf16* dvalue, const bf16* dout, const bf16* out, const float* lse, const bf16* q,
                                    const bf16* k, const bf16* v, int B, int T, int H, int dqk, int dvd, float scale, float* scratch,
-                                   cudaStream_t stream) {
+                                   cudaStream_t stream, AttentionDropout drop = {}) {
     using namespace mla_detail;
     check_attention_shape(B, T, H, dqk, dvd);
     if (B == 0 || T == 0) return;
@@ -783,8 +839,9 @@ inline void attention_backward_gpu(bf16* dq, bf16* dk, bf16* dvalue, const bf16*
     const long long rows = (long long)B * T * H;
     attention_backward_preprocess_kernel<<<(int)((rows + 7) / 8), 256, 0, stream>>>(D, dout, out, B, T, H, dvd);
     CUDA_LAUNCH_CHECK();
-    backward_dkdv(dk, dvalue, q, k, v, dout, lse, D, B, T, H, dqk, dvd, scale, stream);
-    backward_dq(dq, q, k, v, dout, lse, D, B, T, H, dqk, dvd, scale, stream);
+    const DropoutArgs args = dropout_args(drop);
+    backward_dkdv(dk, dvalue, q, k, v, dout, lse, D, B, T, H, dqk, dvd, scale, args, stream);
+    backward_dq(dq, q, k, v, dout, lse, D, B, T, H, dqk, dvd, scale, args, stream);
 }
 
 // ----------------------------------------------------------------------------
@@ -799,6 +856,7 @@ struct MlaActsGpu {
     bf16* kv_a;              // [N, dc+dr]: only the roped k_pe columns are written and read
     bf16 *k, *v, *o;         // [N, H*dqk], [N, H*dv], [N, H*dv]
     float *qa_rstd, *c_rstd, *lse;  // [N], [N], [N, H]
+    AttentionDropout dropout;       // the forward's, which the backward redraws
     // temporaries, one set shared by every layer
     bf16* kv_b;              // [N, H*(dn+dv)], read only inside the forward
     bf16 *d_o, *dq, *dk, *dvalue, *dkv_b, *dkv_a, *dc_norm, *dc, *dqa_norm, *dqa;  // the backward's, shaped as above
@@ -852,7 +910,7 @@ inline MlaActsGpu mla_layer_alloc(DeviceArena& arena, const Config& c, int N, co
 
 // out [N, D] = MLA(x [N, D]) over B sequences of T tokens
 inline void mla_forward_gpu(const Config& c, const MlaWeights<bf16>& w, const RopeGpu& rope, bf16* out, const bf16* x, int B, int T,
-                            MlaActsGpu& a, GpuContext& ctx) {
+                            MlaActsGpu& a, GpuContext& ctx, AttentionDropout drop = {}) {
     const int N = B * T, H = c.num_attention_heads, qr = c.q_lora_rank, dc = c.kv_lora_rank;
     const int dn = c.qk_nope_head_dim, dr = c.qk_rope_head_dim, dv = c.v_head_dim;
     const float eps = c.rms_norm_eps;
@@ -872,7 +930,8 @@ inline void mla_forward_gpu(const Config& c, const MlaWeights<bf16>& w, const Ro
     linear_forward_gpu(a.kv_b, a.c_norm, w.kv_b, N, ctx);
     rope_forward_gpu(a.q, a.kv_a, rope, N, T, H, dn, dc, 0, st);
     mla_assemble_kv_gpu(a.k, a.v, a.kv_b, a.kv_a, N, H, dn, dr, dv, dc, st);
-    attention_forward_gpu(a.o, a.lse, a.q, a.k, a.v, B, T, H, dn + dr, dv, rope.softmax_scale, st);
+    a.dropout = drop;
+    attention_forward_gpu(a.o, a.lse, a.q, a.k, a.v, B, T, H, dn + dr, dv, rope.softmax_scale, st, drop);
     linear_forward_gpu(out, a.o, w.o_proj, N, ctx);
 }
 
@@ -886,7 +945,7 @@ inline void mla_backward_gpu(const Config& c, const MlaWeights<bf16>& w, const M
     kdetail::check_scratch(ctx.scratch_bytes, attention_backward_scratch_floats(B, T, H) * sizeof(float), "attention_backward_gpu");
     linear_backward_gpu(a.d_o, dw.o_proj, dout, a.o, w.o_proj, N, false, ctx);
     attention_backward_gpu(a.dq, a.dk, a.dvalue, a.d_o, a.o, a.lse, a.q, a.k, a.v, B, T, H, dn + dr, dv, rope.softmax_scale,
-                           (float*)ctx.scratch, st);
+                           (float*)ctx.scratch, st, a.dropout);
     mla_assemble_kv_backward_gpu(a.dkv_b, a.dkv_a, a.dk, a.dvalue, N, H, dn, dr, dv, dc, st);
     rope_backward_gpu(a.dq, a.dkv_a, rope, N, T, H, dn, dc, 0, st);
     linear_backward_gpu(a.dc_norm, dw.kv_b, a.dkv_b, a.c_norm, w.kv_b, N, false, ctx);

@@ -28,6 +28,7 @@ void model_create(Model& m, const Config& c, uint64_t seed) {
 static StepOptions micro_step_options(const TrainOptions& o, int step, const DataLoader& loader, int micro) {
     StepOptions opt;
     opt.dropout = o.dropout;
+    opt.attn_dropout = o.attn_dropout;
     opt.balance_alpha = o.balance_alpha;
     opt.mtp_lambda = o.mtp_lambda;
     const uint64_t per_step = (uint64_t)o.grad_accum * loader.world, index = (uint64_t)micro * loader.world + loader.rank;
@@ -491,7 +492,8 @@ static void block_forward_gpu(GpuModel& gpu, const Config& c, int l, const float
     // dropout sites as reference.h numbers them: 1 is the embedding's, then two per block
     const uint64_t attn_site = 2 + 2 * (uint64_t)l, ffn_site = attn_site + 1;
     rmsnorm_residual_forward_gpu<float>(a.res_in, a.xn, a.rstd1, res, branch, w.input_norm, N, D, eps, st);
-    mla_forward_gpu(c, w.attn, gpu.rope, gpu.branch, a.xn, B, T, a.attn, ctx);
+    const AttentionDropout attn_drop{train ? opt.attn_dropout : 0.0f, attention_dropout_key(dropout_site_key(opt.dropout_key, attn_site))};
+    mla_forward_gpu(c, w.attn, gpu.rope, gpu.branch, a.xn, B, T, a.attn, ctx, attn_drop);
     if (p > 0) dropout_forward_gpu(gpu.branch, (size_t)N * D, p, dropout_site_key(opt.dropout_key, attn_site), st);
     rmsnorm_residual_forward_gpu(a.res_mid, a.xn2, a.rstd2, a.res_in, gpu.branch, w.post_norm, N, D, eps, st);
     if (c.is_moe_layer(l)) {
@@ -708,7 +710,7 @@ static void gpu_forward_backward(Model& m, const TrainOptions& o, const StepOpti
     };
     const GraphKey key{o.batch_size, o.seq_len, dloss, opt.balance_alpha, opt.mtp_lambda};
     // the micro-step that communicates runs eagerly: its NCCL calls and cross-stream events stay out of the graph
-    if (!o.cuda_graph || opt.dropout > 0 || gpu.communicate) return launch();
+    if (!o.cuda_graph || opt.dropout > 0 || opt.attn_dropout > 0 || gpu.communicate) return launch();
     if (!(key == gpu.graph_key)) {
         if (gpu.graph) CUDA_CHECK(cudaGraphExecDestroy(gpu.graph));
         gpu.graph = nullptr;

@@ -18,6 +18,7 @@ struct TrainOptions {
     int seq_len = 256;
     int grad_accum = 1;          // micro-batches per optimizer step
     float dropout = 0;           // after the embedding, attention output and FFN output
+    float attn_dropout = 0;      // on the attention probabilities (nanoGPT's attn_dropout)
     float balance_alpha = 1e-4f; // sequence-wise balance loss weight (0 = off)
     uint64_t seed = 1337;
     bool cuda_graph = true;      // GPU: replay each micro-step as a CUDA graph when it can

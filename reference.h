@@ -539,9 +539,27 @@ void rope_backward(T* dx, int pos, const RopeTable& r) {
 // Causal attention, expanded form (each head has its own K and V):
 // q, k [B, T, H, dqk], v [B, T, H, dv] -> out [B, T, H, dv]; att [B, H, T, T] keeps
 // the probabilities for backward (zero above the diagonal).
+//
+// Dropout on the probabilities (nanoGPT's attn_dropout), inverted: out_t = sum_j
+// p_tj m_tj v_j with m_tj = 0 or 1/(1-p) drawn as dropout_forward draws, counter
+// (b, h, t, j) -> ((b H + h) T + t) T + j. No mask is stored: backward redraws it,
+// as the GPU's flash attention does.
+
+struct AttentionDropout {
+    float p = 0;       // probability; 0 = off
+    uint64_t key = 0;  // the layer's key within the micro-step (attention_dropout_key)
+};
+
+// m_tj of AttentionDropout at counter i
+template <typename T>
+inline T attention_dropout_mask(const AttentionDropout& drop, uint64_t i) {
+    if (drop.p <= 0) return (T)1;
+    return rng_uniform(drop.key, i) < drop.p ? (T)0 : (T)(1.0 / (1.0 - drop.p));
+}
 
 template <typename T>
-void attention_forward(T* out, T* att, const T* q, const T* k, const T* v, int B, int Tlen, int H, int dqk, int dv, double scale) {
+void attention_forward(T* out, T* att, const T* q, const T* k, const T* v, int B, int Tlen, int H, int dqk, int dv, double scale,
+                       AttentionDropout drop = {}) {
 #pragma omp parallel for collapse(2) schedule(static)
     for (int b = 0; b < B; b++)
         for (int h = 0; h < H; h++)
@@ -559,17 +577,19 @@ void attention_forward(T* out, T* att, const T* q, const T* k, const T* v, int B
                 for (int j = t + 1; j < Tlen; j++) p[j] = 0;
                 T* o = out + (((size_t)b * Tlen + t) * H + h) * dv;
                 for (int i = 0; i < dv; i++) o[i] = 0;
+                const uint64_t row = (((uint64_t)b * H + h) * Tlen + t) * Tlen;
                 for (int j = 0; j <= t; j++) {
                     const T* vj = v + (((size_t)b * Tlen + j) * H + h) * dv;
-                    for (int i = 0; i < dv; i++) o[i] += p[j] * vj[i];
+                    const T pm = p[j] * attention_dropout_mask<T>(drop, row + j);
+                    for (int i = 0; i < dv; i++) o[i] += pm * vj[i];
                 }
             }
 }
 
-// dscore_tj = p_tj (dp_tj - sum_j' p_tj' dp_tj'), dp_tj = dout_t . v_j
+// dscore_tj = p_tj (dp_tj - sum_j' p_tj' dp_tj'), dp_tj = m_tj dout_t . v_j (m_tj = 1 without dropout)
 template <typename T>
 void attention_backward(T* dq, T* dk, T* dvalue, const T* dout, const T* att, const T* q, const T* k, const T* v, int B, int Tlen,
-                        int H, int dqk, int dv, double scale) {
+                        int H, int dqk, int dv, double scale, AttentionDropout drop = {}) {
     std::fill(dq, dq + (size_t)B * Tlen * H * dqk, (T)0);
     std::fill(dk, dk + (size_t)B * Tlen * H * dqk, (T)0);
     std::fill(dvalue, dvalue + (size_t)B * Tlen * H * dv, (T)0);
@@ -581,11 +601,13 @@ void attention_backward(T* dq, T* dk, T* dvalue, const T* dout, const T* att, co
                 const T* p = att + (((size_t)b * H + h) * Tlen + t) * Tlen;
                 const T* dot_ = dout + (((size_t)b * Tlen + t) * H + h) * dv;
                 T sum = 0;
+                const uint64_t row = (((uint64_t)b * H + h) * Tlen + t) * Tlen;
                 for (int j = 0; j <= t; j++) {
-                    dp[j] = dot(dot_, v + (((size_t)b * Tlen + j) * H + h) * dv, dv);
+                    const T m = attention_dropout_mask<T>(drop, row + j);
+                    dp[j] = m * dot(dot_, v + (((size_t)b * Tlen + j) * H + h) * dv, dv);
                     sum += p[j] * dp[j];
                     T* dvj = dvalue + (((size_t)b * Tlen + j) * H + h) * dv;
-                    for (int i = 0; i < dv; i++) dvj[i] += p[j] * dot_[i];
+                    for (int i = 0; i < dv; i++) dvj[i] += p[j] * m * dot_[i];
                 }
                 const T* qt = q + (((size_t)b * Tlen + t) * H + h) * dqk;
                 T* dqt = dq + (((size_t)b * Tlen + t) * H + h) * dqk;
@@ -618,11 +640,13 @@ struct MlaActs {
     std::vector<T> kv_b;                  // [N, H, dn + dv]
     std::vector<T> k, v;                  // [N, H, dqk], [N, H, dv]
     std::vector<T> att;                   // [B, H, T, T]
+    AttentionDropout dropout;             // the forward's, which the backward redraws
     std::vector<T> o;                     // [N, H, dv]
 };
 
 template <typename T>
-void mla_forward(const Config& c, const MlaWeights<T>& w, const RopeTable& rope, T* out, const T* x, int B, int Tlen, MlaActs<T>& a) {
+void mla_forward(const Config& c, const MlaWeights<T>& w, const RopeTable& rope, T* out, const T* x, int B, int Tlen, MlaActs<T>& a,
+                 AttentionDropout drop = {}) {
     const int N = B * Tlen, H = c.num_attention_heads, qr = c.q_lora_rank, dc = c.kv_lora_rank;
     const int dn = c.qk_nope_head_dim, dr = c.qk_rope_head_dim, dv = c.v_head_dim, dqk = dn + dr;
     a.q.resize((size_t)N * H * dqk);
@@ -662,7 +686,8 @@ void mla_forward(const Config& c, const MlaWeights<T>& w, const RopeTable& rope,
     }
     a.att.resize((size_t)B * H * Tlen * Tlen);
     a.o.resize((size_t)N * H * dv);
-    attention_forward(a.o.data(), a.att.data(), a.q.data(), a.k.data(), a.v.data(), B, Tlen, H, dqk, dv, rope.softmax_scale);
+    a.dropout = drop;
+    attention_forward(a.o.data(), a.att.data(), a.q.data(), a.k.data(), a.v.data(), B, Tlen, H, dqk, dv, rope.softmax_scale, drop);
     linear_forward(out, a.o.data(), w.o_proj, N);
 }
 
@@ -675,7 +700,7 @@ void mla_backward(const Config& c, const MlaWeights<T>& w, const MlaWeights<T>& 
     linear_backward(d_o.data(), dw.o_proj, dout, a.o.data(), w.o_proj, N, false);
     std::vector<T> dq((size_t)N * H * dqk, 0), dk((size_t)N * H * dqk, 0), dvalue((size_t)N * H * dv, 0);
     attention_backward(dq.data(), dk.data(), dvalue.data(), d_o.data(), a.att.data(), a.q.data(), a.k.data(), a.v.data(), B, Tlen, H,
-                       dqk, dv, rope.softmax_scale);
+                       dqk, dv, rope.softmax_scale, a.dropout);
     // split dK, dV back into d kv_b and the shared d k_pe, then undo the rotations
     std::vector<T> dkv_b((size_t)N * H * (dn + dv)), dkv_a((size_t)N * (dc + dr), 0);
     for (int n = 0; n < N; n++) {
@@ -1034,6 +1059,7 @@ void dropout_forward(T* x, T* mask, size_t n, float p, uint64_t key) {
 
 struct StepOptions {
     float dropout = 0;          // probability; 0 = off
+    float attn_dropout = 0;     // on the attention probabilities (AttentionDropout); 0 = off
     float balance_alpha = 0;    // sequence-wise balance loss weight; 0 = off
     float mtp_lambda = 0;       // weight of the MTP module's loss (num_nextn_predict_layers = 1)
     uint64_t dropout_key = 0;   // varies per micro-step so every step draws new masks
@@ -1044,10 +1070,14 @@ struct StepOptions {
 // masks with the same keys
 inline uint64_t dropout_site_key(uint64_t step_key, uint64_t site) { return mix64(step_key ^ mix64(site)); }
 
+// the key of a block's attention-probability dropout, drawn from its attention site's key
+inline uint64_t attention_dropout_key(uint64_t attn_site_key) { return dropout_site_key(attn_site_key, 0); }
+
 // ----------------------------------------------------------------------------
 // One transformer block on the residual stream h [N, D], in place:
 //   h += MLA(RMSNorm(h)),  h += FFN(RMSNorm(h))   (FFN = MoE or dense SwiGLU)
-// with dropout p on each branch's output (keys: the two sites' dropout_site_key).
+// with dropout p on each branch's output (keys: the two sites' dropout_site_key) and
+// attn_p on the attention probabilities (key: attention_dropout_key of the first).
 
 template <typename T>
 struct LayerActs {
@@ -1063,7 +1093,7 @@ struct LayerActs {
 
 template <typename T>
 void block_forward(const Config& c, const LayerWeights<T>& w, bool moe, const RopeTable& rope, T* h, int B, int Tlen, LayerActs<T>& a,
-                   float p, uint64_t attn_key, uint64_t ffn_key) {
+                   float p, uint64_t attn_key, uint64_t ffn_key, float attn_p) {
     const int N = B * Tlen, D = c.hidden_size;
     const size_t ND = (size_t)N * D;
     a.h_in.assign(h, h + ND);
@@ -1071,7 +1101,7 @@ void block_forward(const Config& c, const LayerWeights<T>& w, bool moe, const Ro
     a.xn_rstd.resize(N);
     rmsnorm_forward(a.xn.data(), a.xn_rstd.data(), h, w.input_norm, N, D, c.rms_norm_eps);
     a.attn_out.resize(ND);
-    mla_forward(c, w.attn, rope, a.attn_out.data(), a.xn.data(), B, Tlen, a.mla);
+    mla_forward(c, w.attn, rope, a.attn_out.data(), a.xn.data(), B, Tlen, a.mla, AttentionDropout{attn_p, attention_dropout_key(attn_key)});
     if (p > 0) {
         a.attn_mask.resize(ND);
         dropout_forward(a.attn_out.data(), a.attn_mask.data(), ND, p, attn_key);
@@ -1191,7 +1221,7 @@ T mtp_forward(const Config& c, const ModelWeights<T>& w, const RopeTable& rope, 
     linear_forward(a.h.data(), a.cat.data(), w.mtp.eh_proj, N);
     const uint64_t site = 2 + 2 * (uint64_t)layer;  // after the embedding's and the main layers' sites
     block_forward(c, w.mtp.block, c.is_moe_layer(layer), rope, a.h.data(), B, Tlen, a.block, opt.dropout,
-                  dropout_site_key(opt.dropout_key, site), dropout_site_key(opt.dropout_key, site + 1));
+                  dropout_site_key(opt.dropout_key, site), dropout_site_key(opt.dropout_key, site + 1), opt.attn_dropout);
     a.z.resize(ND);
     a.z_rstd.resize(N);
     rmsnorm_forward(a.z.data(), a.z_rstd.data(), a.h.data(), w.mtp.head_norm, N, D, c.rms_norm_eps);
@@ -1365,7 +1395,8 @@ T ref_forward(RefModel<T>& m, const int* inputs, const int* targets, int B, int 
     }
     for (int l = 0; l < c.num_hidden_layers; l++) {
         const uint64_t attn_key = dropout_key(), ffn_key = dropout_key();
-        block_forward(c, m.w.layers[l], c.is_moe_layer(l), m.rope, h.data(), B, Tlen, m.layers[l], opt.dropout, attn_key, ffn_key);
+        block_forward(c, m.w.layers[l], c.is_moe_layer(l), m.rope, h.data(), B, Tlen, m.layers[l], opt.dropout, attn_key, ffn_key,
+                      opt.attn_dropout);
         count_load(l, m.layers[l]);
     }
     m.h_final = h;

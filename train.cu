@@ -102,6 +102,8 @@ static const char* USAGE =
     "  --grad-clip X           global gradient-norm clip, 0 = off (default 1.0)\n"
     "  --beta1 X, --beta2 X    AdamW betas (default 0.9, 0.95)\n"
     "  --dropout P             after the embedding, attention and FFN outputs (default 0)\n"
+    "  --attn-dropout P        on the attention probabilities, as nanoGPT's attn_dropout\n"
+    "                          (default 0)\n"
     "  --shuffle               each sequence of a batch a window at a random offset (as\n"
     "                          nanoGPT samples; drawn from the seed and the step, within\n"
     "                          the shard being read); default: consecutive windows in\n"
@@ -272,6 +274,8 @@ static bool parse_args(int argc, char** argv, Args& a) {
             a.opt.optim.beta2 = (float)cli_float(cli, 0, 0.99999);
         } else if (n == "--dropout") {
             a.opt.dropout = (float)cli_float(cli, 0, 0.99);
+        } else if (n == "--attn-dropout") {
+            a.opt.attn_dropout = (float)cli_float(cli, 0, 0.99);
         } else if (n == "--shuffle") {
             cli_flag(cli);
             a.opt.shuffle = true;

@@ -49,6 +49,8 @@ candidates=(
     "w384l6_dense_d0.25_wd0.3_1200|--config $out/w384l6_dense.json --batch-size 64 --lr 1.5e-3 --dropout 0.25 --weight-decay 0.3 --shuffle --steps 1200"
     "w384l6_dense_d0.2_lr1e-3_1500|--config $out/w384l6_dense.json --batch-size 64 --lr 1e-3 --dropout 0.2 --shuffle --steps 1500"
     "w384l6_dense_d0.2_lr2e-3_800|--config $out/w384l6_dense.json --batch-size 64 --lr 2e-3 --dropout 0.2 --shuffle --steps 800"
+    "w384l6_dense_d0.2_ad0.2_1500|--config $out/w384l6_dense.json --batch-size 64 --lr 1.5e-3 --dropout 0.2 --attn-dropout 0.2 --shuffle --steps 1500"
+    "w384l6_dense_d0.2_ad0.2_lr1e-3_2000|--config $out/w384l6_dense.json --batch-size 64 --lr 1e-3 --dropout 0.2 --attn-dropout 0.2 --shuffle --steps 2000"
     "w384l6_dense_d0.2_1000_inorder|--config $out/w384l6_dense.json --batch-size 64 --lr 1.5e-3 --dropout 0.2 --steps 1000"
 )
 

@@ -155,7 +155,7 @@ fi
 # ---------------------------------------------------------------------------
 # exact resume: steps 1..6 straight vs 1..3 then --resume to 6 (within the warmup,
 # so the first leg's shorter schedule does not change its learning rates)
-EXACT=("${SMALL[@]}" --warmup 10 --dropout 0.1 --val-every 2 --sample-every 0)
+EXACT=("${SMALL[@]}" --warmup 10 --dropout 0.1 --attn-dropout 0.1 --val-every 2 --sample-every 0)
 ./train "${EXACT[@]}" --steps 6 --out "$T/straight" >/dev/null
 ./train "${EXACT[@]}" --steps 3 --out "$T/resumed" >/dev/null
 ./train --data "$D" --out "$T/resumed" --resume --steps 6 >"$T/resume.log"

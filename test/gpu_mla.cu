@@ -97,12 +97,12 @@ struct AttRef {
 };
 
 AttRef attention_reference(const std::vector<double>& q, const std::vector<double>& k, const std::vector<double>& v,
-                           const std::vector<double>& dout, int B, int T, int H, int dqk, int dv, double scale) {
+                           const std::vector<double>& dout, int B, int T, int H, int dqk, int dv, double scale, AttentionDropout drop) {
     AttRef r;
     const size_t N = (size_t)B * T;
     std::vector<double> att((size_t)B * H * T * T);
     r.out.resize(N * H * dv);
-    attention_forward(r.out.data(), att.data(), q.data(), k.data(), v.data(), B, T, H, dqk, dv, scale);
+    attention_forward(r.out.data(), att.data(), q.data(), k.data(), v.data(), B, T, H, dqk, dv, scale, drop);
     r.lse.resize((size_t)B * H * T);
     for (int b = 0; b < B; b++)
         for (int h = 0; h < H; h++)
@@ -121,7 +121,7 @@ AttRef attention_reference(const std::vector<double>& q, const std::vector<doubl
     r.dk.assign(N * H * dqk, 0.0);
     r.dv.assign(N * H * dv, 0.0);
     attention_backward(r.dq.data(), r.dk.data(), r.dv.data(), dout.data(), att.data(), q.data(), k.data(), v.data(), B, T, H, dqk,
-                       dv, scale);
+                       dv, scale, drop);
     return r;
 }
 
@@ -238,7 +238,7 @@ TEST_CASE("GPU MLA K/V assembly forward and backward match the reference") {
     }
 }
 
-TEST_CASE("GPU flash attention forward and backward match the reference") {
+TEST_CASE("GPU flash attention forward and backward match the reference, with and without dropout on the probabilities") {
     struct Shape {
         int B, T, H, dqk, dv;
     };
@@ -254,95 +254,98 @@ TEST_CASE("GPU flash attention forward and backward match the reference") {
         {1, 513, 2, 96, 64},   // many tiles: the prefetch pipelines run 9 deep, 1-row tail
         {2, 300, 4, 192, 128}, // DeepSeek-V3's head sizes, more tiles
     };
-    for (const Shape& s : shapes) {
-        const int B = s.B, T = s.T, H = s.H, dqk = s.dqk, dv = s.dv;
-        CAPTURE(B);
-        CAPTURE(T);
-        CAPTURE(H);
-        CAPTURE(dqk);
-        CAPTURE(dv);
-        const size_t N = (size_t)B * T;
-        const double scale = 1.0 / std::sqrt((double)dqk);
-        auto q = random_bf16(N * H * dqk, 11, 2.0f), k = random_bf16(N * H * dqk, 12, 2.0f), v = random_bf16(N * H * dv, 13);
-        auto dout = random_bf16(N * H * dv, 14);
-        DeviceBuffer<bf16> d_q(q.size()), d_k(k.size()), d_v(v.size()), d_dout(dout.size());
-        DeviceBuffer<bf16> d_out(N * H * dv), d_dq(q.size()), d_dk(k.size()), d_dv(v.size());
-        DeviceBuffer<float> d_lse((size_t)B * H * T), d_scratch(attention_backward_scratch_floats(B, T, H));
-        d_q.upload(q);
-        d_k.upload(k);
-        d_v.upload(v);
-        d_dout.upload(dout);
-        d_out.poison();
-        d_lse.poison();
-        d_dq.poison();
-        d_dk.poison();
-        d_dv.poison();
-        d_scratch.poison();
-        attention_forward_gpu(d_out.p, d_lse.p, d_q.p, d_k.p, d_v.p, B, T, H, dqk, dv, (float)scale, 0);
-        attention_backward_gpu(d_dq.p, d_dk.p, d_dv.p, d_dout.p, d_out.p, d_lse.p, d_q.p, d_k.p, d_v.p, B, T, H, dqk, dv, (float)scale,
-                               d_scratch.p, 0);
-        auto out = d_out.download(), lse = d_lse.download(), dq = d_dq.download(), dk = d_dk.download(), dvv = d_dv.download();
-        CHECK(count_nonfinite(out) == 0);
-        CHECK(count_nonfinite(lse) == 0);
-        CHECK(count_nonfinite(dq) == 0);
-        CHECK(count_nonfinite(dk) == 0);
-        CHECK(count_nonfinite(dvv) == 0);
+    for (const AttentionDropout drop : {AttentionDropout{}, AttentionDropout{0.2f, 1234}}) {
+        for (const Shape& s : shapes) {
+            CAPTURE(drop.p);
+            const int B = s.B, T = s.T, H = s.H, dqk = s.dqk, dv = s.dv;
+            CAPTURE(B);
+            CAPTURE(T);
+            CAPTURE(H);
+            CAPTURE(dqk);
+            CAPTURE(dv);
+            const size_t N = (size_t)B * T;
+            const double scale = 1.0 / std::sqrt((double)dqk);
+            auto q = random_bf16(N * H * dqk, 11, 2.0f), k = random_bf16(N * H * dqk, 12, 2.0f), v = random_bf16(N * H * dv, 13);
+            auto dout = random_bf16(N * H * dv, 14);
+            DeviceBuffer<bf16> d_q(q.size()), d_k(k.size()), d_v(v.size()), d_dout(dout.size());
+            DeviceBuffer<bf16> d_out(N * H * dv), d_dq(q.size()), d_dk(k.size()), d_dv(v.size());
+            DeviceBuffer<float> d_lse((size_t)B * H * T), d_scratch(attention_backward_scratch_floats(B, T, H));
+            d_q.upload(q);
+            d_k.upload(k);
+            d_v.upload(v);
+            d_dout.upload(dout);
+            d_out.poison();
+            d_lse.poison();
+            d_dq.poison();
+            d_dk.poison();
+            d_dv.poison();
+            d_scratch.poison();
+            attention_forward_gpu(d_out.p, d_lse.p, d_q.p, d_k.p, d_v.p, B, T, H, dqk, dv, (float)scale, 0, drop);
+            attention_backward_gpu(d_dq.p, d_dk.p, d_dv.p, d_dout.p, d_out.p, d_lse.p, d_q.p, d_k.p, d_v.p, B, T, H, dqk, dv, (float)scale,
+                                   d_scratch.p, 0, drop);
+            auto out = d_out.download(), lse = d_lse.download(), dq = d_dq.download(), dk = d_dk.download(), dvv = d_dv.download();
+            CHECK(count_nonfinite(out) == 0);
+            CHECK(count_nonfinite(lse) == 0);
+            CHECK(count_nonfinite(dq) == 0);
+            CHECK(count_nonfinite(dk) == 0);
+            CHECK(count_nonfinite(dvv) == 0);
 
-        AttRef ref = attention_reference(to_double(q), to_double(k), to_double(v), to_double(dout), B, T, H, dqk, dv, scale);
-        const double e_out = rel_error(out, ref.out), e_lse = rel_error(lse, ref.lse), e_dq = rel_error(dq, ref.dq),
-                     e_dk = rel_error(dk, ref.dk), e_dv = rel_error(dvv, ref.dv);
-        printf("attention B=%d T=%d H=%d dqk=%d dv=%d: rel err out %.2e lse %.2e dq %.2e dk %.2e dv %.2e\n", B, T, H, dqk, dv, e_out,
-               e_lse, e_dq, e_dk, e_dv);
-        CHECK(e_out < 2e-2);
-        CHECK(e_lse < 1e-5);  // fp32 path
-        CHECK(e_dq < 2e-2);
-        CHECK(e_dk < 2e-2);
-        CHECK(e_dv < 2e-2);
+            AttRef ref = attention_reference(to_double(q), to_double(k), to_double(v), to_double(dout), B, T, H, dqk, dv, scale, drop);
+            const double e_out = rel_error(out, ref.out), e_lse = rel_error(lse, ref.lse), e_dq = rel_error(dq, ref.dq),
+                         e_dk = rel_error(dk, ref.dk), e_dv = rel_error(dvv, ref.dv);
+            printf("attention B=%d T=%d H=%d dqk=%d dv=%d dropout %g: rel err out %.2e lse %.2e dq %.2e dk %.2e dv %.2e\n", B, T, H,
+                   dqk, dv, drop.p, e_out, e_lse, e_dq, e_dk, e_dv);
+            CHECK(e_out < 2e-2);
+            CHECK(e_lse < 1e-5);  // fp32 path
+            CHECK(e_dq < 2e-2);
+            CHECK(e_dk < 2e-2);
+            CHECK(e_dv < 2e-2);
 
-        // determinism: a second forward and backward (into re-poisoned buffers) are bit-identical
-        auto out_bytes = d_out.bytes(), lse_bytes = d_lse.bytes(), dq_bytes = d_dq.bytes(), dk_bytes = d_dk.bytes(),
-             dv_bytes = d_dv.bytes();
-        d_out.poison();
-        d_lse.poison();
-        d_dq.poison();
-        d_dk.poison();
-        d_dv.poison();
-        attention_forward_gpu(d_out.p, d_lse.p, d_q.p, d_k.p, d_v.p, B, T, H, dqk, dv, (float)scale, 0);
-        attention_backward_gpu(d_dq.p, d_dk.p, d_dv.p, d_dout.p, d_out.p, d_lse.p, d_q.p, d_k.p, d_v.p, B, T, H, dqk, dv, (float)scale,
-                               d_scratch.p, 0);
-        CHECK(d_out.bytes() == out_bytes);
-        CHECK(d_lse.bytes() == lse_bytes);
-        CHECK(d_dq.bytes() == dq_bytes);
-        CHECK(d_dk.bytes() == dk_bytes);
-        CHECK(d_dv.bytes() == dv_bytes);
+            // determinism: a second forward and backward (into re-poisoned buffers) are bit-identical
+            auto out_bytes = d_out.bytes(), lse_bytes = d_lse.bytes(), dq_bytes = d_dq.bytes(), dk_bytes = d_dk.bytes(),
+                 dv_bytes = d_dv.bytes();
+            d_out.poison();
+            d_lse.poison();
+            d_dq.poison();
+            d_dk.poison();
+            d_dv.poison();
+            attention_forward_gpu(d_out.p, d_lse.p, d_q.p, d_k.p, d_v.p, B, T, H, dqk, dv, (float)scale, 0, drop);
+            attention_backward_gpu(d_dq.p, d_dk.p, d_dv.p, d_dout.p, d_out.p, d_lse.p, d_q.p, d_k.p, d_v.p, B, T, H, dqk, dv, (float)scale,
+                                   d_scratch.p, 0, drop);
+            CHECK(d_out.bytes() == out_bytes);
+            CHECK(d_lse.bytes() == lse_bytes);
+            CHECK(d_dq.bytes() == dq_bytes);
+            CHECK(d_dk.bytes() == dk_bytes);
+            CHECK(d_dv.bytes() == dv_bytes);
 
-        // the same calls captured into a CUDA graph and replayed give the same bits
-        cudaStream_t stream;
-        CUDA_CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
-        cudaGraph_t graph;
-        cudaGraphExec_t exec;
-        CUDA_CHECK(cudaStreamBeginCapture(stream, cudaStreamCaptureModeGlobal));
-        attention_forward_gpu(d_out.p, d_lse.p, d_q.p, d_k.p, d_v.p, B, T, H, dqk, dv, (float)scale, stream);
-        attention_backward_gpu(d_dq.p, d_dk.p, d_dv.p, d_dout.p, d_out.p, d_lse.p, d_q.p, d_k.p, d_v.p, B, T, H, dqk, dv, (float)scale,
-                               d_scratch.p, stream);
-        CUDA_CHECK(cudaStreamEndCapture(stream, &graph));
-        CUDA_CHECK(cudaGraphInstantiate(&exec, graph, 0));
-        d_out.poison();
-        d_lse.poison();
-        d_dq.poison();
-        d_dk.poison();
-        d_dv.poison();
-        CUDA_CHECK(cudaDeviceSynchronize());  // the poisoning ran on the legacy stream, which `stream` does not wait for
-        CUDA_CHECK(cudaGraphLaunch(exec, stream));
-        CUDA_CHECK(cudaStreamSynchronize(stream));
-        CHECK(d_out.bytes() == out_bytes);
-        CHECK(d_lse.bytes() == lse_bytes);
-        CHECK(d_dq.bytes() == dq_bytes);
-        CHECK(d_dk.bytes() == dk_bytes);
-        CHECK(d_dv.bytes() == dv_bytes);
-        CUDA_CHECK(cudaGraphExecDestroy(exec));
-        CUDA_CHECK(cudaGraphDestroy(graph));
-        CUDA_CHECK(cudaStreamDestroy(stream));
+            // the same calls captured into a CUDA graph and replayed give the same bits
+            cudaStream_t stream;
+            CUDA_CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+            cudaGraph_t graph;
+            cudaGraphExec_t exec;
+            CUDA_CHECK(cudaStreamBeginCapture(stream, cudaStreamCaptureModeGlobal));
+            attention_forward_gpu(d_out.p, d_lse.p, d_q.p, d_k.p, d_v.p, B, T, H, dqk, dv, (float)scale, stream, drop);
+            attention_backward_gpu(d_dq.p, d_dk.p, d_dv.p, d_dout.p, d_out.p, d_lse.p, d_q.p, d_k.p, d_v.p, B, T, H, dqk, dv, (float)scale,
+                                   d_scratch.p, stream, drop);
+            CUDA_CHECK(cudaStreamEndCapture(stream, &graph));
+            CUDA_CHECK(cudaGraphInstantiate(&exec, graph, 0));
+            d_out.poison();
+            d_lse.poison();
+            d_dq.poison();
+            d_dk.poison();
+            d_dv.poison();
+            CUDA_CHECK(cudaDeviceSynchronize());  // the poisoning ran on the legacy stream, which `stream` does not wait for
+            CUDA_CHECK(cudaGraphLaunch(exec, stream));
+            CUDA_CHECK(cudaStreamSynchronize(stream));
+            CHECK(d_out.bytes() == out_bytes);
+            CHECK(d_lse.bytes() == lse_bytes);
+            CHECK(d_dq.bytes() == dq_bytes);
+            CHECK(d_dk.bytes() == dk_bytes);
+            CHECK(d_dv.bytes() == dv_bytes);
+            CUDA_CHECK(cudaGraphExecDestroy(exec));
+            CUDA_CHECK(cudaGraphDestroy(graph));
+            CUDA_CHECK(cudaStreamDestroy(stream));
+        }
     }
 }
 
@@ -397,7 +400,7 @@ namespace {
 // One MLA layer, mla_forward_gpu / mla_backward_gpu as the model runs them, against
 // mla_forward / mla_backward in double on the same bf16 weights (layer 0 of a
 // model with randomised weights) and inputs: out, dx and every weight gradient.
-void check_mla_layer(const Config& c, int B, int T, uint64_t seed) {
+void check_mla_layer(const Config& c, int B, int T, uint64_t seed, AttentionDropout drop = {}) {
     const int N = B * T, D = c.hidden_size, H = c.num_attention_heads, qr = c.q_lora_rank, dc = c.kv_lora_rank;
     const int dn = c.qk_nope_head_dim, dr = c.qk_rope_head_dim, dv = c.v_head_dim;
     RefModel<double> m;
@@ -406,7 +409,7 @@ void check_mla_layer(const Config& c, int B, int T, uint64_t seed) {
     auto x = random_bf16((size_t)N * D, seed + 1, 1.5f), dout = random_bf16((size_t)N * D, seed + 2);
     MlaActs<double> acts;
     std::vector<double> out_ref((size_t)N * D), dx_ref((size_t)N * D, 0.0);
-    mla_forward(c, m.w.layers[0].attn, m.rope, out_ref.data(), to_double(x).data(), B, T, acts);
+    mla_forward(c, m.w.layers[0].attn, m.rope, out_ref.data(), to_double(x).data(), B, T, acts, drop);
     mla_backward(c, m.w.layers[0].attn, m.g.layers[0].attn, m.rope, dx_ref.data(), to_double(dout).data(), to_double(x).data(), B, T, acts);
 
     const size_t P = m.layout.total;
@@ -427,15 +430,15 @@ void check_mla_layer(const Config& c, int B, int T, uint64_t seed) {
     ctx.scratch_bytes = std::max(attention_backward_scratch_floats(B, T, H) * sizeof(float), rmsnorm_backward_scratch_bytes(N, std::max(dc, qr)));
     ctx.scratch = arena_alloc<char>(arena, ctx.scratch_bytes, "test scratch");
     RopeGpu rope = rope_table_upload(m.rope);
-    mla_forward_gpu(c, w, rope, d_out.p, d_x.p, B, T, a, ctx);
+    mla_forward_gpu(c, w, rope, d_out.p, d_x.p, B, T, a, ctx, drop);
     mla_backward_gpu(c, w, dw, rope, d_dx.p, d_dout.p, d_x.p, B, T, a, ctx);
     auto out = d_out.download(), dx = d_dx.download(), grads = d_grads.download();
 
     CHECK(count_nonfinite(out) == 0);
     CHECK(count_nonfinite(dx) == 0);
     const double e_out = rel_error(out, out_ref), e_dx = rel_error(dx, dx_ref);
-    std::string line = strfmt("MLA layer q_lora=%d yarn=%d B=%d T=%d H=%d dn=%d dr=%d dv=%d dc=%d: out %.2e dx %.2e", qr, (int)c.yarn, B,
-                              T, H, dn, dr, dv, dc, e_out, e_dx);
+    std::string line = strfmt("MLA layer q_lora=%d yarn=%d B=%d T=%d H=%d dn=%d dr=%d dv=%d dc=%d dropout %g: out %.2e dx %.2e", qr,
+                              (int)c.yarn, B, T, H, dn, dr, dv, dc, drop.p, e_out, e_dx);
     CHECK(e_out < 2e-2);
     CHECK(e_dx < 2e-2);
     for (const TensorSpec& s : m.layout.tensors) {
@@ -458,6 +461,7 @@ void check_mla_layer(const Config& c, int B, int T, uint64_t seed) {
 
 TEST_CASE("GPU MLA layer (mla_forward_gpu / mla_backward_gpu) matches mla_forward / mla_backward") {
     check_mla_layer(tiny_variant(2, 61), 2, 40, 31);  // q_lora and YaRN
+    check_mla_layer(tiny_variant(2, 61), 2, 70, 34, AttentionDropout{0.3f, 7});  // dropout on the probabilities, 2 tiles
     check_mla_layer(tiny_variant(1, 61), 3, 33, 32);  // plain q_proj
     Config wide = tiny_variant(0, 61);                // 16-byte paths: every width a multiple of 8
     wide.hidden_size = 64;
@@ -510,10 +514,12 @@ TEST_CASE("GPU flash attention timing" * doctest::skip()) {
         });
         // the backward's two main kernels on their own (D from the run above stays in scratch)
         const double t_dkdv = median_ms([&] {
-            mla_detail::backward_dkdv(d_dk.p, d_dv.p, d_q.p, d_k.p, d_v.p, d_dout.p, d_lse.p, d_scratch.p, B, T, H, dqk, dv, scale, 0);
+            mla_detail::backward_dkdv(d_dk.p, d_dv.p, d_q.p, d_k.p, d_v.p, d_dout.p, d_lse.p, d_scratch.p, B, T, H, dqk, dv, scale,
+                                      mla_detail::dropout_args({}), 0);
         });
         const double t_dq = median_ms([&] {
-            mla_detail::backward_dq(d_dq.p, d_q.p, d_k.p, d_v.p, d_dout.p, d_lse.p, d_scratch.p, B, T, H, dqk, dv, scale, 0);
+            mla_detail::backward_dq(d_dq.p, d_q.p, d_k.p, d_v.p, d_dout.p, d_lse.p, d_scratch.p, B, T, H, dqk, dv, scale,
+                                    mla_detail::dropout_args({}), 0);
         });
         printf("  backward split: dK/dV kernel %.3f ms, dQ kernel %.3f ms\n", t_dkdv, t_dq);
         // causal FLOPs: pairs (t, j <= t); forward QK^T + PV, backward QK^T + dO V^T + P^T dO + dS^T Q + dS K

@@ -62,10 +62,11 @@ std::vector<float> shaken_gradients(const Config& c, const std::vector<float>& p
 }
 
 // One step on both paths for each run. Runs 0-2: the config variants with dropout,
-// balance loss and gradient accumulation; runs 3-4: variant 0 with those turned off
-// in turn; runs 5-6: with the MTP module, an MoE block in variant 0, a dense one in
-// variant 1 (every block dense, MTP weight 0.5). check_gradients compares every
-// gradient; otherwise the loss and the updated weights.
+// balance loss and gradient accumulation (runs 1 and 5 with dropout on the attention
+// probabilities too); runs 3-4: variant 0 with those turned off in turn; runs 5-6:
+// with the MTP module, an MoE block in variant 0, a dense one in variant 1 (every
+// block dense, MTP weight 0.5). check_gradients compares every gradient; otherwise
+// the loss and the updated weights.
 void compare_one_step(bool check_gradients) {
     std::string dir = temp_dir("step");
     for (int run = 0; run < 7; run++) {
@@ -79,6 +80,7 @@ void compare_one_step(bool check_gradients) {
         if (run == 3) o.dropout = 0;
         if (run == 4) o.grad_accum = 1, o.balance_alpha = 0, o.dropout = 0;
         if (run == 6) o.mtp_lambda = 0.5f;
+        if (run == 1 || run == 5) o.attn_dropout = 0.15f;
         Model cpu, gpu;
         model_create(cpu, c, 5);
         randomise_weights(cpu.ref, 100 + variant, true);

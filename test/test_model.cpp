@@ -58,6 +58,7 @@ TEST_CASE("checkpoint round trip is bit-exact, including the optimizer state") {
     st.best_val_loss = 1.25;
     st.options = tiny_options();
     st.options.seed = (1ull << 62) + 1;
+    st.options.attn_dropout = 0.05f;
     model_save(m, dir + "/ckpt", &st, "F32");
     Model back;
     TrainState st2;
@@ -100,6 +101,7 @@ TEST_CASE("checkpoint round trip is bit-exact, including the optimizer state") {
     CHECK(st2.best_val_loss == 1.25);
     CHECK(st2.options.grad_accum == 2);
     CHECK(st2.options.dropout == doctest::Approx(0.1f));
+    CHECK(st2.options.attn_dropout == doctest::Approx(0.05f));
     CHECK(config_to_json(back.ref.cfg) == config_to_json(c));
 
     // bf16 weights round to bf16, except the routing bias, which stays fp32

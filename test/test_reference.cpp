@@ -146,20 +146,55 @@ TEST_CASE("rope: rotation preserves norms, relative positions, and its backward 
     }
 }
 
-TEST_CASE("causal attention backward matches finite differences") {
+TEST_CASE("causal attention backward matches finite differences, with and without dropout on the probabilities") {
     const int B = 2, T = 5, H = 3, dqk = 6, dv = 4;
-    auto q = random_vector(B * T * H * dqk, 12), k = random_vector(B * T * H * dqk, 13), v = random_vector(B * T * H * dv, 14);
-    auto dout = random_vector(B * T * H * dv, 15);
-    std::vector<double> out(B * T * H * dv), att(B * H * T * T), dq(q.size(), 0), dk(k.size(), 0), dvv(v.size(), 0);
-    auto loss = [&]() {
-        attention_forward(out.data(), att.data(), q.data(), k.data(), v.data(), B, T, H, dqk, dv, 0.37);
-        return weighted_sum(out, dout);
-    };
-    loss();
-    attention_backward(dq.data(), dk.data(), dvv.data(), dout.data(), att.data(), q.data(), k.data(), v.data(), B, T, H, dqk, dv, 0.37);
-    CHECK(gradient_error(loss, q.data(), dq.data(), q.size()) < 1e-6);
-    CHECK(gradient_error(loss, k.data(), dk.data(), k.size()) < 1e-6);
-    CHECK(gradient_error(loss, v.data(), dvv.data(), v.size()) < 1e-6);
+    for (AttentionDropout drop : {AttentionDropout{}, AttentionDropout{0.3f, 91}}) {
+        CAPTURE(drop.p);
+        auto q = random_vector(B * T * H * dqk, 12), k = random_vector(B * T * H * dqk, 13), v = random_vector(B * T * H * dv, 14);
+        auto dout = random_vector(B * T * H * dv, 15);
+        std::vector<double> out(B * T * H * dv), att(B * H * T * T), dq(q.size(), 0), dk(k.size(), 0), dvv(v.size(), 0);
+        auto loss = [&]() {
+            attention_forward(out.data(), att.data(), q.data(), k.data(), v.data(), B, T, H, dqk, dv, 0.37, drop);
+            return weighted_sum(out, dout);
+        };
+        loss();
+        attention_backward(dq.data(), dk.data(), dvv.data(), dout.data(), att.data(), q.data(), k.data(), v.data(), B, T, H, dqk, dv, 0.37,
+                           drop);
+        CHECK(gradient_error(loss, q.data(), dq.data(), q.size()) < 1e-6);
+        CHECK(gradient_error(loss, k.data(), dk.data(), k.size()) < 1e-6);
+        CHECK(gradient_error(loss, v.data(), dvv.data(), v.size()) < 1e-6);
+    }
+}
+
+TEST_CASE("attention dropout drops a share p of each query's probabilities and scales the rest by 1/(1-p)") {
+    // v_j = the one-hot e_j (dv = T) makes out_t the row of dropped probabilities itself: out_tj = p_tj m_tj
+    const int B = 2, T = 64, H = 2, dqk = 8;
+    const float p = 0.25f;
+    auto q = random_vector(B * T * H * dqk, 16), k = random_vector(B * T * H * dqk, 17);
+    std::vector<double> v((size_t)B * T * H * T, 0.0), out(v.size()), plain(v.size()), att((size_t)B * H * T * T);
+    for (int b = 0; b < B; b++)
+        for (int j = 0; j < T; j++)
+            for (int h = 0; h < H; h++) v[(((size_t)b * T + j) * H + h) * T + j] = 1.0;
+    attention_forward(plain.data(), att.data(), q.data(), k.data(), v.data(), B, T, H, dqk, T, 0.4);
+    attention_forward(out.data(), att.data(), q.data(), k.data(), v.data(), B, T, H, dqk, T, 0.4, AttentionDropout{p, 5});
+    int dropped = 0, kept = 0, wrong = 0;
+    for (size_t i = 0; i < out.size(); i++) {
+        const size_t t = i / T / H % T, j = i % T;
+        if (j > t) continue;  // causal: no probability there
+        if (out[i] == 0) {
+            dropped++;
+        } else {
+            kept++;
+            wrong += std::fabs(out[i] - plain[i] / (1.0 - p)) > 1e-12 * plain[i] / (1.0 - p);
+        }
+    }
+    CHECK(wrong == 0);
+    // 4160 pairs: a binomial share with sd 0.0067
+    CHECK(std::fabs((double)dropped / (dropped + kept) - p) < 0.03);
+    // another key draws another mask
+    std::vector<double> other(v.size());
+    attention_forward(other.data(), att.data(), q.data(), k.data(), v.data(), B, T, H, dqk, T, 0.4, AttentionDropout{p, 6});
+    CHECK(other != out);
 }
 
 // the model's parameters and gradients for one config, with a random init that
@@ -329,8 +364,9 @@ TEST_CASE("whole model backward matches finite differences") {
         bool yarn;
         float dropout, alpha;
         int first_dense;
+        float attn_dropout;
     };
-    const Variant variants[] = {{16, false, 0, 0, 1}, {0, true, 0.25f, 0.1f, 1}, {16, false, 0, 0.2f, 0}};
+    const Variant variants[] = {{16, false, 0, 0, 1, 0}, {0, true, 0.25f, 0.1f, 1, 0}, {16, false, 0, 0.2f, 0, 0}, {16, false, 0.1f, 0, 1, 0.3f}};
     int index = 0;
     for (const Variant& v : variants) {
         CAPTURE(index);
@@ -353,6 +389,7 @@ TEST_CASE("whole model backward matches finite differences") {
         }
         StepOptions opt;
         opt.dropout = v.dropout;
+        opt.attn_dropout = v.attn_dropout;
         opt.balance_alpha = v.alpha;
         opt.dropout_key = 77;
         auto loss = [&]() { return (double)ref_forward(m, inputs.data(), targets.data(), B, T, opt); };
@@ -522,9 +559,9 @@ TEST_CASE("MTP module backward matches finite differences: its every tensor, the
 TEST_CASE("whole model with the MTP module backward matches finite differences") {
     struct Variant {
         bool moe;
-        float dropout, alpha, lambda;
+        float dropout, alpha, lambda, attn_dropout;
     };
-    const Variant variants[] = {{true, 0.25f, 0.1f, 0.3f}, {false, 0, 0, 0.7f}};
+    const Variant variants[] = {{true, 0.25f, 0.1f, 0.3f, 0.2f}, {false, 0, 0, 0.7f, 0}};
     int index = 0;
     for (const Variant& v : variants) {
         CAPTURE(index);
@@ -538,6 +575,7 @@ TEST_CASE("whole model with the MTP module backward matches finite differences")
         }
         StepOptions opt;
         opt.dropout = v.dropout;
+        opt.attn_dropout = v.attn_dropout;
         opt.balance_alpha = v.alpha;
         opt.mtp_lambda = v.lambda;
         opt.dropout_key = 78;
