@@ -105,7 +105,9 @@ static void speculative_prefill(GpuDecoder& d, const std::vector<std::vector<int
     gpu_mtp_prefill(m, r, T);
     bf16* cache_mtp = d.cache + (size_t)L * B * d.max_len * (dc + dr);
     prefill_cache_gpu(cache_mtp, gpu.layers[L].attn.c_norm, gpu.layers[L].attn.kv_a, r * T, T, b0, dc, dr, d.max_len, gpu.ctx.stream);
-    for (int k : {0, 1}) moe_gather_gpu(d.mtp_h + (size_t)(k * B + b0) * D, gpu.hn, d.prefill_rows + (size_t)(k + 1) * r, r, 1, D, gpu.ctx.stream);
+    // moe.cuh's row gather with K = 1: row i of the destination is row prefill_rows[i] of hn
+    for (int k : {0, 1})
+        moe_gather_gpu(d.mtp_h + (size_t)(k * B + b0) * D, gpu.hn, d.prefill_rows + (size_t)(k + 1) * r, r, 1, D, gpu.ctx.stream);
     for (int b = b0; b < b0 + r; b++) mtp_tokens[b] = prompts[b].back();  // speculative_inputs_kernel replaces it when both rows are at 0
 }
 

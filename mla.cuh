@@ -436,8 +436,10 @@ __global__ void __launch_bounds__(128) attention_forward_kernel(bf16* __restrict
 #pragma unroll
             for (int nt = 0; nt < 8; nt++)
 #pragma unroll
-                for (int e = 0; e < 4; e++)
-                    s[nt][e] *= dropout_mask(drop.key, drop.p, drop.scale, bh, T, e < 2 ? row_a : row_b, j * TILE + nt * 8 + 2 * t4 + (e & 1));
+                for (int e = 0; e < 4; e++) {
+                    const int query = e < 2 ? row_a : row_b, key = j * TILE + nt * 8 + 2 * t4 + (e & 1);
+                    s[nt][e] *= dropout_mask(drop.key, drop.p, drop.scale, bh, T, query, key);
+                }
         }
 #pragma unroll
         for (int i = 0; i < DV_MAX / 8; i++) {
