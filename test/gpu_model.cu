@@ -225,48 +225,50 @@ TEST_CASE("with sparse routing the GPU step's losses match the CPU reference") {
 // Without dropout each micro-step is captured once as a CUDA graph and replayed;
 // replaying must compute exactly what launching the kernels one by one does. Two
 // micro-batches per step with the balance loss on exercise the accumulators the
-// graph adds into.
-TEST_CASE("CUDA-graph training steps equal kernel-by-kernel steps bit for bit, with and without the MTP module") {
+// graph adds into. (One test case for each model, so that test/sanitize_gpu.sh runs
+// them side by side.)
+static void check_graph_steps(int mtp) {
     REQUIRE(gpu_available());
     std::string dir = temp_dir("graph");
-    for (int mtp : {0, 1}) {
-        CAPTURE(mtp);
-        Config c = gpu_sparse_config();
-        c.num_nextn_predict_layers = mtp;
-        std::string data = token_file(dir, 5000, c.vocab_size);
-        TrainOptions o = test_options();
-        o.dropout = 0;
-        o.optim.eps = 1e-8f;
-        Model eager, graphed;
-        DataLoader de, dg;
-        for (Model* m : {&eager, &graphed}) {
-            model_create(*m, c, 11);
-            randomise_weights(m->ref, 300, true);
-            model_to_gpu(*m, o.batch_size, o.seq_len);
-        }
-        dataloader_open(de, data, o.batch_size, o.seq_len, c.vocab_size);
-        dataloader_open(dg, data, o.batch_size, o.seq_len, c.vocab_size);
-        TrainOptions eager_options = o;
-        eager_options.cuda_graph = false;
-        for (int step = 0; step < 5; step++) {
-            CAPTURE(step);
-            StepStats se = model_train_step(eager, de, eager_options, step), sg = model_train_step(graphed, dg, o, step);
-            CHECK(se.loss == sg.loss);
-            CHECK(se.mtp_loss == sg.mtp_loss);
-            CHECK((se.mtp_loss > 0) == (mtp == 1));
-            CHECK(se.balance_loss == sg.balance_loss);
-            CHECK(se.balance_loss > 0);
-            CHECK(se.grad_norm == sg.grad_norm);
-        }
-        model_sync_host(eager);
-        model_sync_host(graphed);
-        CHECK(eager.ref.params == graphed.ref.params);
-        CHECK(eager.expert_load == graphed.expert_load);
-        model_free_gpu(eager);
-        model_free_gpu(graphed);
+    Config c = gpu_sparse_config();
+    c.num_nextn_predict_layers = mtp;
+    std::string data = token_file(dir, 5000, c.vocab_size);
+    TrainOptions o = test_options();
+    o.dropout = 0;
+    o.optim.eps = 1e-8f;
+    Model eager, graphed;
+    DataLoader de, dg;
+    for (Model* m : {&eager, &graphed}) {
+        model_create(*m, c, 11);
+        randomise_weights(m->ref, 300, true);
+        model_to_gpu(*m, o.batch_size, o.seq_len);
     }
+    dataloader_open(de, data, o.batch_size, o.seq_len, c.vocab_size);
+    dataloader_open(dg, data, o.batch_size, o.seq_len, c.vocab_size);
+    TrainOptions eager_options = o;
+    eager_options.cuda_graph = false;
+    for (int step = 0; step < 5; step++) {
+        CAPTURE(step);
+        StepStats se = model_train_step(eager, de, eager_options, step), sg = model_train_step(graphed, dg, o, step);
+        CHECK(se.loss == sg.loss);
+        CHECK(se.mtp_loss == sg.mtp_loss);
+        CHECK((se.mtp_loss > 0) == (mtp == 1));
+        CHECK(se.balance_loss == sg.balance_loss);
+        CHECK(se.balance_loss > 0);
+        CHECK(se.grad_norm == sg.grad_norm);
+    }
+    model_sync_host(eager);
+    model_sync_host(graphed);
+    CHECK(eager.ref.params == graphed.ref.params);
+    CHECK(eager.expert_load == graphed.expert_load);
+    model_free_gpu(eager);
+    model_free_gpu(graphed);
     remove_tree(dir);
 }
+
+TEST_CASE("CUDA-graph training steps equal kernel-by-kernel steps bit for bit") { check_graph_steps(0); }
+
+TEST_CASE("CUDA-graph training steps equal kernel-by-kernel steps bit for bit, with the MTP module") { check_graph_steps(1); }
 
 TEST_CASE("GPU training is deterministic, resumes exactly, and its checkpoints load on the CPU") {
     REQUIRE(gpu_available());
