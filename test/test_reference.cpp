@@ -189,7 +189,7 @@ TEST_CASE("attention dropout drops a share p of each query's probabilities and s
         }
     }
     CHECK(wrong == 0);
-    // 4160 pairs: a binomial share with sd 0.0067
+    // 8320 pairs: a binomial share with sd 0.0047
     CHECK(std::fabs((double)dropped / (dropped + kept) - p) < 0.03);
     // another key draws another mask
     std::vector<double> other(v.size());
