@@ -72,7 +72,7 @@ dev/ref_dump: dev/ref_dump.cu $(MODEL) $(HEADERS)
 	$(NVCC) $(FLAGS) $< $(MODEL) -o $@ $(LIBS)
 
 # a kernel candidate measured against the one it would replace (scratch work; its header says what it tries)
-dev/rmsnorm_bench dev/fp8_fused_bench: dev/%: dev/%.cu $(HEADERS) cuda_common.cuh kernels.cuh
+dev/rmsnorm_bench dev/fp8_fused_bench: dev/%: dev/%.cu dev/timing.cuh $(HEADERS) cuda_common.cuh kernels.cuh
 	$(NVCC) $(FLAGS) $< -o $@ $(LIBS)
 
 test/%.o: test/%.cpp $(HEADERS) test/test_configs.h

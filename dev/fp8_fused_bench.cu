@@ -17,6 +17,7 @@
 #include <cstdio>
 #include <cstring>
 
+#include "dev/timing.cuh"
 #include "kernels.cuh"
 
 namespace {
@@ -98,23 +99,6 @@ __global__ void swiglu_fp8_forward_kernel(bf16* hidden, Fp8Matrix q, const bf16*
         }
         quantize_tile8(q, (int)row, (int)col, h, active);
     }
-}
-
-template <typename F>
-float time_us(F f, int reps = 50) {
-    cudaEvent_t a, b;
-    cudaEventCreate(&a);
-    cudaEventCreate(&b);
-    f();
-    cudaEventRecord(a);
-    for (int i = 0; i < reps; i++) f();
-    cudaEventRecord(b);
-    cudaEventSynchronize(b);
-    float ms = 0;
-    cudaEventElapsedTime(&ms, a, b);
-    cudaEventDestroy(a);
-    cudaEventDestroy(b);
-    return 1e3f * ms / reps;
 }
 
 template <typename T>

@@ -15,6 +15,7 @@
 // kernels' times and the bandwidth they reach.
 #include <cstdio>
 
+#include "dev/timing.cuh"
 #include "kernels.cuh"
 
 namespace {
@@ -136,23 +137,6 @@ void backward_candidate(float* dinp, float* dweight, float* partial, const float
     CUDA_LAUNCH_CHECK();
     rmsnorm_dweight_reduce_kernel<<<ceil_div(C, 32), dim3(32, 32)>>>(dweight, partial, blocks, C);
     CUDA_LAUNCH_CHECK();
-}
-
-template <typename F>
-float time_us(F f, int reps = 50) {
-    cudaEvent_t a, b;
-    cudaEventCreate(&a);
-    cudaEventCreate(&b);
-    f();
-    cudaEventRecord(a);
-    for (int i = 0; i < reps; i++) f();
-    cudaEventRecord(b);
-    cudaEventSynchronize(b);
-    float ms = 0;
-    cudaEventElapsedTime(&ms, a, b);
-    cudaEventDestroy(a);
-    cudaEventDestroy(b);
-    return 1e3f * ms / reps;
 }
 
 // the largest difference of two device arrays, relative to the largest magnitude of the first
