@@ -56,7 +56,9 @@ for tool in $tools; do
     if [ "$errors" -gt 0 ] || [ "${#unfinished[@]}" -gt 0 ]; then status=1; fi
     if [ "$errors" -gt 0 ]; then
         echo "  kernels in the reports:"
-        grep -h -o '=========     at [^(]*' "$logs/$tool".*.log | sed 's/=========     at //' | sort | uniq -c | sort -rn | head -10 || true
+        # memcheck, initcheck and synccheck name the kernel after "at", racecheck after "access at" (then +offset)
+        grep -h -o '=========     at [^(]*\|access at [^+ ]*' "$logs/$tool".*.log | sed 's/=========     at //; s/access at //' | sort |
+            uniq -c | sort -rn | head -10 || true
     fi
 done
 exit $status
