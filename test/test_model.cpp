@@ -294,6 +294,26 @@ TEST_CASE("training: the loss falls, and a resumed run repeats the uninterrupted
     remove_tree(dir);
 }
 
+TEST_CASE("training: attention dropout reaches the step, another loss than without it and the same on a rerun") {
+    std::string dir = temp_dir("attn_dropout");
+    Config c = config_preset("tiny");
+    std::string data = structured_tokens(dir, 4000, c.vocab_size);
+    auto first_loss = [&](float attn_dropout) {
+        TrainOptions o = tiny_options();
+        o.dropout = 0;
+        o.attn_dropout = attn_dropout;
+        Model m;
+        model_create(m, c, 7);
+        DataLoader dl;
+        dataloader_open(dl, data, o.batch_size, o.seq_len, c.vocab_size);
+        return model_train_step(m, dl, o, 0).loss;
+    };
+    const float plain = first_loss(0), dropped = first_loss(0.3f);
+    CHECK(dropped != plain);
+    CHECK(first_loss(0.3f) == dropped);
+    remove_tree(dir);
+}
+
 TEST_CASE("training: a step whose gradient is not finite leaves the weights and AdamW's moments as they were") {
     std::string dir = temp_dir("nan");
     Config c = config_preset("tiny");
