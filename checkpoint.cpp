@@ -54,9 +54,8 @@ static std::string state_to_json(const TrainState& st) {
     s += std::isfinite(st.best_val_loss) ? strfmt("  \"best_val_loss\": %.17g,\n", st.best_val_loss) : "  \"best_val_loss\": null,\n";
     s += strfmt("  \"seed\": %llu,\n  \"batch_size\": %d,\n  \"seq_len\": %d,\n  \"grad_accum\": %d,\n", (unsigned long long)o.seed,
                 o.batch_size, o.seq_len, o.grad_accum);
-    s += strfmt("  \"attn_dropout\": %.9g,\n", o.attn_dropout);
-    s += strfmt("  \"dropout\": %.9g,\n  \"balance_alpha\": %.9g,\n  \"fp8\": %s,\n  \"fp8_wgrad\": %s,\n", o.dropout, o.balance_alpha,
-                o.fp8 ? "true" : "false", o.fp8_wgrad ? "true" : "false");
+    s += strfmt("  \"dropout\": %.9g,\n  \"attn_dropout\": %.9g,\n  \"balance_alpha\": %.9g,\n  \"fp8\": %s,\n  \"fp8_wgrad\": %s,\n",
+                o.dropout, o.attn_dropout, o.balance_alpha, o.fp8 ? "true" : "false", o.fp8_wgrad ? "true" : "false");
     s += strfmt("  \"mtp_lambda\": %.9g,\n  \"shuffle\": %s,\n", o.mtp_lambda, o.shuffle ? "true" : "false");
     s += strfmt("  \"lr\": %.9g,\n  \"min_lr_fraction\": %.9g,\n  \"warmup_steps\": %d,\n  \"total_steps\": %d,\n", o.optim.lr,
                 o.optim.min_lr_fraction, o.optim.warmup_steps, o.optim.total_steps);
@@ -110,7 +109,7 @@ static TrainState state_from_json(const std::string& text, const std::string& wh
     o.seq_len = whole_in("seq_len", 1, 1 << 20);
     o.grad_accum = whole_in("grad_accum", 1, 1 << 16);
     o.dropout = (float)in("dropout", 0, 0.99);
-    o.attn_dropout = root.get("attn_dropout") ? (float)in("attn_dropout", 0, 0.99) : 0.0f;  // absent before the option: off
+    if (root.get("attn_dropout")) o.attn_dropout = (float)in("attn_dropout", 0, 0.99);  // absent in checkpoints from before it: off
     o.balance_alpha = (float)in("balance_alpha", 0, 10);
     auto flag = [&](const char* key) {  // absent in checkpoints from before the option: false
         const JsonValue* v = root.get(key);

@@ -491,10 +491,11 @@ static void block_forward_gpu(GpuModel& gpu, const Config& c, int l, const float
     cudaStream_t st = ctx.stream;
     // dropout sites as reference.h numbers them: 1 is the embedding's, then two per block
     const uint64_t attn_site = 2 + 2 * (uint64_t)l, ffn_site = attn_site + 1;
+    const uint64_t attn_key = dropout_site_key(opt.dropout_key, attn_site);
     rmsnorm_residual_forward_gpu<float>(a.res_in, a.xn, a.rstd1, res, branch, w.input_norm, N, D, eps, st);
-    const AttentionDropout attn_drop{train ? opt.attn_dropout : 0.0f, attention_dropout_key(dropout_site_key(opt.dropout_key, attn_site))};
+    const AttentionDropout attn_drop{train ? opt.attn_dropout : 0.0f, attention_dropout_key(attn_key)};
     mla_forward_gpu(c, w.attn, gpu.rope, gpu.branch, a.xn, B, T, a.attn, ctx, attn_drop);
-    if (p > 0) dropout_forward_gpu(gpu.branch, (size_t)N * D, p, dropout_site_key(opt.dropout_key, attn_site), st);
+    if (p > 0) dropout_forward_gpu(gpu.branch, (size_t)N * D, p, attn_key, st);
     rmsnorm_residual_forward_gpu(a.res_mid, a.xn2, a.rstd2, a.res_in, gpu.branch, w.post_norm, N, D, eps, st);
     if (c.is_moe_layer(l)) {
         int* load = train ? gpu.load + (size_t)moe_index * E : nullptr;
