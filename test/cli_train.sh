@@ -309,6 +309,7 @@ else
     fail "validate reports the MTP module's loss and its drafts' acceptance" "$(tail -3 "$T/mtp_val")"
 fi
 expect_error "--mtp-lambda out of range" "--mtp-lambda" ./train --mtp-lambda -1
+expect_error "--attn-dropout out of range" "--attn-dropout" ./train --attn-dropout 1.5
 
 # ---------------------------------------------------------------------------
 finish

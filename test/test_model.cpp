@@ -86,6 +86,7 @@ TEST_CASE("checkpoint round trip is bit-exact, including the optimizer state") {
         const char *field, *value, *want;
     };
     for (Edit e : {Edit{"lr", "-1", "\"lr\" is -1, outside [0, 10]"}, Edit{"dropout", "5", "\"dropout\" is 5, outside [0, 0.99]"},
+                   Edit{"attn_dropout", "5", "\"attn_dropout\" is 5, outside [0, 0.99]"},
                    Edit{"grad_accum", "2147483647", "\"grad_accum\" is 2147483647, outside [1, 65536]"},
                    Edit{"step", "1.5", "\"step\" must be a whole number, got 1.5"}, Edit{"eps", "0", "\"eps\" is 0, outside"},
                    Edit{"fp8_wgrad", "true", "\"fp8_wgrad\" is true but \"fp8\" is not"}}) {
