@@ -105,8 +105,10 @@ test/gpu_%.o: test/gpu_%.cu $(HEADERS) test/test_configs.h $(wildcard *.cuh)
 test/test_gpu: test/test_main.o $(GPU_TEST_SOURCES:.cu=.o) $(MODEL) decode.o
 	$(NVCC) $(FLAGS) $^ -o $@ $(LIBS)
 
+# the suite "alone" reads the whole device's free memory, so it runs after the others in a process of its own
 test-gpu: test/test_gpu
-	./test/test_gpu
+	./test/test_gpu --test-suite-exclude=alone
+	./test/test_gpu --test-suite=alone
 
 # each case in its own process, 16 at a time, at most 900 s each (test/sanitize_gpu.sh)
 test-gpu-sanitize: test/test_gpu

@@ -358,39 +358,49 @@ std::vector<std::vector<int>> gpu_generate(Model& m, const std::vector<std::vect
 
 }  // namespace
 
-TEST_CASE("GPU speculative decoding: greedy gives plain greedy's tokens, in a batch and alone, up to a full cache") {
-    // a vocabulary of 5, so that the random MTP module's drafts are accepted often enough to take both branches;
-    // prompts of 1 token (both MTP rows at position 0) to 10, and caches just long enough (the last steps clamp)
+// A vocabulary of 5, so that the random MTP module's drafts are accepted often enough to take both branches;
+// prompts of 1 token (both MTP rows at position 0) to 10, and caches just long enough (the last steps clamp). One
+// test case per model variant, so that test/sanitize_gpu.sh runs them side by side.
+static void check_speculative_greedy(int variant) {
     SamplingOptions greedy;
     greedy.temperature = 0;
-    SpeculativeStats stats;
-    for (int variant = 0; variant < 3; variant++) {
-        CAPTURE(variant);
-        Model m;
-        model_create(m, tiny_mtp(variant, 5), 1);
-        randomise_weights(m.ref, 300 + variant, true);
-        std::vector<std::vector<int>> prompts;
-        for (int k = 0; k < 4; k++) {
-            prompts.push_back({});
-            for (int t = 0; t < 1 + 3 * k; t++) prompts.back().push_back((int)(rng_hash(50 + k, t) % 5));
-        }
-        SpeculativeStats unused;
-        const std::vector<std::vector<int>> plain = gpu_generate(m, prompts, 30, greedy, 1, false, unused);
-        CHECK(gpu_generate(m, prompts, 30, greedy, 1, true, stats) == plain);
-        for (int k = 0; k < 4; k++) CHECK(gpu_generate(m, {prompts[k]}, 30, greedy, 1, true, stats)[0] == plain[k]);
-        model_free_gpu(m);
+    Model m;
+    model_create(m, tiny_mtp(variant, 5), 1);
+    randomise_weights(m.ref, 300 + variant, true);
+    std::vector<std::vector<int>> prompts;
+    for (int k = 0; k < 4; k++) {
+        prompts.push_back({});
+        for (int t = 0; t < 1 + 3 * k; t++) prompts.back().push_back((int)(rng_hash(50 + k, t) % 5));
     }
-    MESSAGE("greedy on the GPU: " << stats.accepted << " of " << stats.drafted << " drafts accepted");
+    SpeculativeStats stats, unused;
+    const std::vector<std::vector<int>> plain = gpu_generate(m, prompts, 30, greedy, 1, false, unused);
+    CHECK(gpu_generate(m, prompts, 30, greedy, 1, true, stats) == plain);
+    for (int k = 0; k < 4; k++) CHECK(gpu_generate(m, {prompts[k]}, 30, greedy, 1, true, stats)[0] == plain[k]);
+    model_free_gpu(m);
+    MESSAGE("greedy on the GPU, variant " << variant << ": " << stats.accepted << " of " << stats.drafted << " drafts accepted");
     CHECK(stats.accepted > 0);
     CHECK(stats.accepted < stats.drafted);
+}
+
+TEST_CASE("GPU speculative decoding, q_lora, sigmoid groups: greedy gives plain greedy's tokens, batched and alone, to a full cache") {
+    check_speculative_greedy(0);
+}
+
+TEST_CASE("GPU speculative decoding, q_proj, softmax: greedy gives plain greedy's tokens, batched and alone, to a full cache") {
+    check_speculative_greedy(1);
+}
+
+TEST_CASE("GPU speculative decoding, YaRN: greedy gives plain greedy's tokens, batched and alone, to a full cache") {
+    check_speculative_greedy(2);
 }
 
 // As test_decode.cpp's CPU test: the exact distribution of the first three tokens after a prompt under plain
 // sampling, from the CPU reference, against N speculative samples drawn on the GPU, a batch of sequences with
 // one prompt and seeds of their own. Pearson's chi-square over the V^3 = 125 cells; 4.8 sd above its mean is a
 // chance well under 1e-4 for a correct sampler, while always taking the draft gives a chi-square in the
-// thousands. bf16 moves the probabilities by about 1%, which adds about N * 1e-4 = 2 to the chi-square. (One test
-// case per sampling setting, so that test/sanitize_gpu.sh runs them side by side.)
+// thousands. bf16 moves the probabilities by about 1%, which adds about N * 1e-4 = 2 to the chi-square. Their
+// 20000 draws take too long under compute-sanitizer, which runs the next test case's small batch instead
+// (test/sanitize_gpu.sh skips the suite "statistical").
 static void check_speculative_distribution(const SamplingOptions& so) {
     const int V = 5, N = 20000, batch = 10000;
     Model m;
@@ -417,10 +427,33 @@ static void check_speculative_distribution(const SamplingOptions& so) {
     model_free_gpu(m);
 }
 
-TEST_CASE("GPU speculative sampling follows the main model's distribution (temperature 1)") {
+TEST_CASE("GPU speculative sampling follows the main model's distribution (temperature 1)" * doctest::test_suite("statistical")) {
     check_speculative_distribution(SamplingOptions{1.0f, 0, 1.0f});
 }
 
-TEST_CASE("GPU speculative sampling follows the main model's distribution (temperature 0.7, top-k 4, top-p 0.9)") {
+TEST_CASE("GPU speculative sampling follows the main model's distribution (temperature 0.7, top-k 4, top-p 0.9)" *
+          doctest::test_suite("statistical")) {
     check_speculative_distribution(SamplingOptions{0.7f, 4, 0.9f});
+}
+
+// The same kernels at a sanitizer's size: 64 sequences, every token inside top-k / top-p, and the same tokens
+// again from the same seed
+TEST_CASE("GPU speculative sampling of a small batch: tokens within top-k and top-p, the same from the same seed") {
+    const int V = 5, batch = 64;
+    const SamplingOptions so{0.7f, 4, 0.9f};
+    Model m;
+    model_create(m, tiny_mtp(0, V), 1);
+    randomise_weights(m.ref, 400, true);
+    const std::vector<int> prompt = {1, 4, 2};
+    const std::vector<double> exact = three_token_distribution(m.ref, prompt, so);
+    SpeculativeStats stats, again;
+    const std::vector<std::vector<int>> t = gpu_generate(m, std::vector<std::vector<int>>(batch, prompt), 3, so, 11, true, stats);
+    CHECK(gpu_generate(m, std::vector<std::vector<int>>(batch, prompt), 3, so, 11, true, again) == t);
+    int outside = 0;
+    for (const std::vector<int>& x : t) outside += exact[((size_t)x[0] * V + x[1]) * V + x[2]] == 0;
+    CHECK(outside == 0);
+    MESSAGE("a small batch: " << stats.accepted << " of " << stats.drafted << " drafts accepted");
+    CHECK(stats.accepted > 0);
+    CHECK(stats.accepted < stats.drafted);
+    model_free_gpu(m);
 }
