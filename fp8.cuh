@@ -257,6 +257,30 @@ void fp8_linear_backward_weight_host(T* dw, const T* dout, const T* x, const Fp8
 //
 // The quantization kernels, each the twin of a host function above.
 
+// The 1 x 128 tile of row r that 16 consecutive lanes hold, 8 values each (the
+// half-warp's first lane at the tile's first column; lane k at column c = that
+// + 8k): its amax across the half-warp, then the lane's codes and, from the first
+// lane, the tile's scale. A lane with active false (or c past the row's end) takes
+// part with zeros and writes nothing; all 32 lanes of the warp must call it. The
+// quantizer below and the kernels that write an FP8 Linear's input (RMSNorm,
+// SwiGLU: kernels.cuh) share it, so their codes are the same.
+__device__ inline void fp8_quantize_tile8(const Fp8Matrix& q, int r, int c, const float (&v)[8], bool active) {
+    float amax = 0;
+    for (int i = 0; i < 8; i++) amax = fmaxf(amax, fabsf(v[i]));
+    for (int o = 8; o > 0; o /= 2) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
+    if (!active) return;
+    const float scale = amax / FP8_E4M3_MAX;
+    uint8_t* out = q.codes + (size_t)r * q.cols + c;
+    if (c + 8 <= q.cols && q.cols % 8 == 0) {
+        uint32_t lo = 0, hi = 0;
+        for (int i = 0; i < 4; i++) lo |= (uint32_t)fp8_quantize(v[i], scale) << 8 * i, hi |= (uint32_t)fp8_quantize(v[i + 4], scale) << 8 * i;
+        *(uint2*)out = make_uint2(lo, hi);
+    } else {
+        for (int i = 0; i < 8 && c + i < q.cols; i++) out[i] = fp8_quantize(v[i], scale);
+    }
+    if (threadIdx.x % 16 == 0) q.scales[fp8_scale_index(r, c / FP8_TILE, q.rows, q.cols, 1)] = scale;
+}
+
 // 1 x 128 tiles: half a warp per tile, 8 values (16 bytes) per lane, so a warp
 // takes two tiles; x [q.rows, q.cols] with row pitch ld
 template <typename T>
@@ -266,7 +290,7 @@ static __global__ void fp8_quantize_rows_kernel(Fp8Matrix q, const T* x, int ld)
     const bool inside = tile < (size_t)q.rows * tiles_per_row;  // whole half-warps leave together: no early return before the shuffles
     const int r = inside ? (int)(tile / tiles_per_row) : 0, t = (int)(tile % tiles_per_row), c0 = t * FP8_TILE + lane * 8;
     const T* src = x + (size_t)r * ld + c0;
-    float v[8], amax = 0;
+    float v[8];
     if (inside && sizeof(T) == 2 && c0 + 8 <= q.cols && ld % 8 == 0 && ((uintptr_t)x & 15) == 0) {
         bf16 h[8];
         *(int4*)h = *(const int4*)src;
@@ -274,19 +298,7 @@ static __global__ void fp8_quantize_rows_kernel(Fp8Matrix q, const T* x, int ld)
     } else {
         for (int i = 0; i < 8; i++) v[i] = inside && c0 + i < q.cols ? (float)src[i] : 0.0f;
     }
-    for (int i = 0; i < 8; i++) amax = fmaxf(amax, fabsf(v[i]));
-    for (int o = 8; o > 0; o /= 2) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
-    if (!inside) return;
-    const float scale = amax / FP8_E4M3_MAX;
-    uint8_t* out = q.codes + (size_t)r * q.cols + c0;
-    if (c0 + 8 <= q.cols && q.cols % 8 == 0) {
-        uint32_t lo = 0, hi = 0;
-        for (int i = 0; i < 4; i++) lo |= (uint32_t)fp8_quantize(v[i], scale) << 8 * i, hi |= (uint32_t)fp8_quantize(v[i + 4], scale) << 8 * i;
-        *(uint2*)out = make_uint2(lo, hi);
-    } else {
-        for (int i = 0; i < 8 && c0 + i < q.cols; i++) out[i] = fp8_quantize(v[i], scale);
-    }
-    if (lane == 0) q.scales[fp8_scale_index(r, t, q.rows, q.cols, 1)] = scale;
+    fp8_quantize_tile8(q, r, c0, v, inside);
 }
 
 // x [rows, cols] (row pitch ld; rows = q.rows) -> q in 1 x 128 tiles

@@ -2,7 +2,9 @@
 // the hand-written CUDA kernels shared by every layer that is not attention or MoE
 // routing: embedding, RMSNorm fused with the residual add, SwiGLU, dropout, fused
 // softmax + cross-entropy + dlogits, and the optimizer (global grad norm, AdamW,
-// the aux-loss-free expert-bias update, fp32 -> bf16).
+// the aux-loss-free expert-bias update, fp32 -> bf16). In FP8 training the RMSNorm
+// and SwiGLU kernels also write the FP8 copy of their output that the next Linear
+// reads (fp8_copy), as the FP8 normalisation of DeepSeek-V3's design does.
 // Each *_kernel has a host launcher *_gpu(..., stream) that checks the launch, and
 // each matches the function of the same name in reference.h (read that first: the
 // math here is the same, line for line, in fp32).
@@ -178,7 +180,25 @@ struct GpuContext {
     Matmul mm;
     void* scratch = nullptr;
     size_t scratch_bytes = 0;
+    // FP8 training: the FP8 copy of the next FP8 Linear's input (or of gate_up's output
+    // gradient) that the RMSNorm or SwiGLU making it writes beside its bf16 output, so
+    // that the Linear skips its own quantization pass (fp8_copy); null: none are written
+    uint8_t* fp8_codes = nullptr;
+    float* fp8_scales = nullptr;
+    size_t fp8_code_bytes = 0, fp8_scale_floats = 0;
 };
+
+// ctx's FP8 copy of a [rows, cols] tensor in 1 x 128 tiles, with the rows the FP8
+// forward pads to (fours); none ({}) where not wanted (the Linear reading it runs in
+// bf16) or ctx holds no room for it (inference, the decoder's rows: the Linear then
+// quantizes its input itself, to the same codes)
+inline Fp8Matrix fp8_copy(const GpuContext& ctx, bool wanted, int rows, int cols) {
+    if (!wanted || (size_t)(rows + 3) / 4 * 4 * cols > ctx.fp8_code_bytes || fp8_scale_count(rows, cols, 1) > ctx.fp8_scale_floats) return {};
+    return {ctx.fp8_codes, ctx.fp8_scales, rows, cols, 1};
+}
+
+// the copy of an FP8 Linear's input, for the kernel that makes that input
+inline Fp8Matrix fp8_input_copy(const GpuContext& ctx, const Linear<bf16>& w, int rows) { return fp8_copy(ctx, w.fp8, rows, w.in); }
 
 // nn.Linear on cuBLASLt, the twins of reference.h's linear_forward / linear_backward:
 // in bf16, or where W has an FP8 copy, its output and input gradient in E4M3 with
@@ -187,6 +207,10 @@ struct GpuContext {
 // (fp8_linear_scratch_bytes).
 
 namespace kdetail {
+inline void check_fp8_copy(const Fp8Matrix& q, int rows, int cols) {
+    if (q.codes && (q.rows != rows || q.cols != cols || q.tile_rows != 1))
+        fail("an FP8 linear: the given FP8 copy is %d x %d, not %d x %d", q.rows, q.cols, rows, cols);
+}
 inline Fp8Matrix fp8_take(Carver& c, int rows, int cols) {
     return {c.take<uint8_t>((size_t)rows * cols), c.take<float>(fp8_scale_count(rows, cols, 1)), rows, cols, 1};
 }
@@ -205,41 +229,48 @@ inline size_t fp8_linear_scratch_bytes(int N, int in, int out, bool wgrad) {
     return std::max(forward.used, backward.used) + 256;
 }
 
-// out [N, W.out] = x [N, W.in] @ W^T
-inline void linear_forward_gpu(bf16* out, const bf16* x, const Linear<bf16>& w, int N, GpuContext& ctx) {
+// out [N, W.out] = x [N, W.in] @ W^T; x_fp8: x's FP8 copy (fp8_copy), if its maker wrote one
+inline void linear_forward_gpu(bf16* out, const bf16* x, const Linear<bf16>& w, int N, GpuContext& ctx, const Fp8Matrix& x_fp8 = {}) {
     if (!w.fp8) return matmul(ctx.mm, out, x, w.w, N, w.out, w.in, false, true, 0.0f, false, ctx.stream);
     kdetail::check_scratch(ctx.scratch_bytes, fp8_linear_scratch_bytes(N, w.in, w.out, false), "an FP8 linear");
+    kdetail::check_fp8_copy(x_fp8, N, w.in);
     // cuBLASLt's block-scaled GEMM takes rows in multiples of 4: an evaluation's last,
     // partial window computes up to 3 rows more in scratch and keeps N of them
     const int padded = (N + 3) / 4 * 4;
     kdetail::Carver c{(char*)ctx.scratch};
-    Fp8Matrix xq = kdetail::fp8_take(c, padded, w.in);
-    xq.rows = N;
-    fp8_quantize_gpu(xq, x, w.in, ctx.stream);
+    Fp8Matrix xq = x_fp8;
+    if (!xq.codes) {
+        xq = kdetail::fp8_take(c, padded, w.in);
+        xq.rows = N;
+        fp8_quantize_gpu(xq, x, w.in, ctx.stream);
+    }
     xq.rows = padded;  // the scales' layout is the same: its pitch is N rounded up to 4
     bf16* y = padded == N ? out : c.take<bf16>((size_t)padded * w.out);
     fp8_matmul(ctx.mm, y, false, xq, w.fp8->w, false, ctx.stream);
     if (y != out) CUDA_CHECK(cudaMemcpyAsync(out, y, (size_t)N * w.out * sizeof(bf16), cudaMemcpyDeviceToDevice, ctx.stream));
 }
 
-// dx [N, W.in] = dout @ W (+= when accumulate; null: not wanted); dW += dout^T @ x in fp32
+// dx [N, W.in] = dout @ W (+= when accumulate; null: not wanted); dW += dout^T @ x in fp32;
+// dout_fp8: dout's FP8 copy (fp8_copy), if its maker wrote one
 inline void linear_backward_gpu(bf16* dx, const Linear<float>& dw, const bf16* dout, const bf16* x, const Linear<bf16>& w, int N,
-                                bool accumulate, GpuContext& ctx) {
+                                bool accumulate, GpuContext& ctx, const Fp8Matrix& dout_fp8 = {}) {
     if (!w.fp8) {
         if (dx) matmul(ctx.mm, dx, dout, w.w, N, w.in, w.out, false, false, accumulate ? 1.0f : 0.0f, false, ctx.stream);
         return matmul(ctx.mm, dw.w, dout, x, w.out, w.in, N, true, false, 1.0f, true, ctx.stream);
     }
-    const bool wgrad = w.fp8->wgrad;
+    const bool wgrad = w.fp8->wgrad, given = dout_fp8.codes;
     kdetail::check_scratch(ctx.scratch_bytes, fp8_linear_scratch_bytes(N, w.in, w.out, wgrad), "an FP8 linear");
+    kdetail::check_fp8_copy(dout_fp8, N, w.out);
     kdetail::Carver c{(char*)ctx.scratch};
-    const Fp8Matrix dq = kdetail::fp8_take(c, N, w.out);
+    const Fp8Matrix dq = given ? dout_fp8 : kdetail::fp8_take(c, N, w.out);
+    const Fp8Matrix make_dq = dx && !given ? dq : Fp8Matrix{};  // Dgrad's operand, where no kernel wrote it
     if (wgrad) {  // dout read once for both its tilings: Dgrad's 1 x 128 tiles, and Wgrad's, transposed along the tokens
         const Fp8Matrix dt = kdetail::fp8_take(c, w.out, N), xt = kdetail::fp8_take(c, w.in, N);
-        fp8_quantize_both_gpu(dx ? dq : Fp8Matrix{}, dt, dout, w.out, ctx.stream);
+        fp8_quantize_both_gpu(make_dq, dt, dout, w.out, ctx.stream);
         fp8_quantize_both_gpu(Fp8Matrix{}, xt, x, w.in, ctx.stream);
         fp8_matmul(ctx.mm, dw.w, true, dt, xt, true, ctx.stream);
     } else {
-        if (dx) fp8_quantize_gpu(dq, dout, w.out, ctx.stream);
+        if (make_dq.codes) fp8_quantize_gpu(make_dq, dout, w.out, ctx.stream);
         matmul(ctx.mm, dw.w, dout, x, w.out, w.in, N, true, false, 1.0f, true, ctx.stream);
     }
     if (dx) fp8_matmul(ctx.mm, dx, false, dq, w.fp8->wt, accumulate, ctx.stream);  // Dgrad: against W^T's blocks
@@ -479,10 +510,12 @@ inline void zero_unknown_rows_gpu(bf16* x, const int* tokens, int N, int D, cuda
 // norm is taken of the same tensor the backward reads.
 
 // one block per row; the row lives in shared memory between the two passes because
-// residual_out may overwrite residual_in in place
-template <int VEC, typename R>
-static __global__ void rmsnorm_residual_forward_kernel(R* residual_out, bf16* out, float* rstd, const R* residual_in, const bf16* branch,
-                                                       const bf16* weight, int C, float eps) {
+// residual_out may overwrite residual_in in place. FP8 (VEC 8): out's FP8 copy q too,
+// each half-warp quantizing the 1 x 128 tile it just wrote (fp8_quantize_tile8), so
+// every round of the output loop runs on whole warps.
+template <int VEC, typename R, bool FP8>
+static __global__ void rmsnorm_residual_forward_kernel(R* residual_out, bf16* out, Fp8Matrix q, float* rstd, const R* residual_in,
+                                                       const bf16* branch, const bf16* weight, int C, float eps) {
     extern __shared__ float xs[];  // [C]
     const size_t base = (size_t)blockIdx.x * C;
     float ss = 0.0f;
@@ -508,12 +541,17 @@ static __global__ void rmsnorm_residual_forward_kernel(R* residual_out, bf16* ou
     ss = block_sum(ss);
     const float r = 1.0f / sqrtf(ss / C + eps);
     if (rstd && threadIdx.x == 0) rstd[blockIdx.x] = r;
-    for (int i = threadIdx.x * VEC; i < C; i += blockDim.x * VEC) {
-        float w[VEC], y[VEC];
-        kdetail::load_bf16<VEC>(w, weight + i);
+    for (int i0 = 0; i0 < C; i0 += blockDim.x * VEC) {
+        const int i = i0 + threadIdx.x * VEC;
+        float y[VEC] = {};
+        if (i < C) {
+            float w[VEC];
+            kdetail::load_bf16<VEC>(w, weight + i);
 #pragma unroll
-        for (int k = 0; k < VEC; k++) y[k] = w[k] * (xs[i + k] * r);
-        kdetail::store_bf16<VEC>(out + base + i, y);
+            for (int k = 0; k < VEC; k++) y[k] = __bfloat162float(__float2bfloat16(w[k] * (xs[i + k] * r)));  // out's value
+            kdetail::store_bf16<VEC>(out + base + i, y);
+        }
+        if constexpr (FP8) fp8_quantize_tile8(q, blockIdx.x, i, y, i < C);
     }
 }
 
@@ -521,22 +559,31 @@ constexpr int RMSNORM_MAX_C = 12288;  // the row in 48 KiB of shared memory
 
 // residual_out[N, C] (may be null; may alias residual_in), out[N, C], rstd[N] (may be
 // null: inference), residual_in[N, C] (null: zero, so residual_out = branch),
-// branch[N, C] (null: a plain RMSNorm of residual_in), weight[C]. R is bf16 or float;
-// name it (rmsnorm_residual_forward_gpu<float>) when residual_in is null.
+// branch[N, C] (null: a plain RMSNorm of residual_in), weight[C]; out_fp8: out's FP8
+// copy (fp8_copy), written too where it has codes. R is bf16 or float; name it
+// (rmsnorm_residual_forward_gpu<float>) when residual_in is null.
 template <typename R>
 inline void rmsnorm_residual_forward_gpu(typename kdetail::same_type<R>::type* residual_out, bf16* out, float* rstd, const R* residual_in,
-                                         const bf16* branch, const bf16* weight, int N, int C, float eps, cudaStream_t stream) {
+                                         const bf16* branch, const bf16* weight, int N, int C, float eps, cudaStream_t stream,
+                                         const Fp8Matrix& out_fp8 = {}) {
     if (N == 0) return;
     if (C <= 0 || C > RMSNORM_MAX_C) fail("rmsnorm_residual_forward_gpu: width %d is outside 1..%d", C, RMSNORM_MAX_C);
     const size_t shmem = (size_t)C * sizeof(float);
     if (C % 8 == 0 && kdetail::aligned16({residual_out, out, residual_in, branch, weight})) {
-        rmsnorm_residual_forward_kernel<8, R><<<N, kdetail::row_threads(C / 8, 512), shmem, stream>>>(residual_out, out, rstd, residual_in,
-                                                                                                      branch, weight, C, eps);
-    } else {
-        rmsnorm_residual_forward_kernel<1, R><<<N, kdetail::row_threads(C, 512), shmem, stream>>>(residual_out, out, rstd, residual_in,
-                                                                                                  branch, weight, C, eps);
+        const int threads = kdetail::row_threads(C / 8, 512);
+        if (out_fp8.codes)
+            rmsnorm_residual_forward_kernel<8, R, true><<<N, threads, shmem, stream>>>(residual_out, out, out_fp8, rstd, residual_in, branch,
+                                                                                       weight, C, eps);
+        else
+            rmsnorm_residual_forward_kernel<8, R, false><<<N, threads, shmem, stream>>>(residual_out, out, out_fp8, rstd, residual_in, branch,
+                                                                                        weight, C, eps);
+        CUDA_LAUNCH_CHECK();
+        return;
     }
+    rmsnorm_residual_forward_kernel<1, R, false><<<N, kdetail::row_threads(C, 512), shmem, stream>>>(residual_out, out, out_fp8, rstd,
+                                                                                                    residual_in, branch, weight, C, eps);
     CUDA_LAUNCH_CHECK();
+    if (out_fp8.codes) fp8_quantize_gpu(out_fp8, out, C, stream);
 }
 
 // Backward (reference.h rmsnorm_backward, with the residual gradient folded in):
@@ -655,77 +702,113 @@ inline void rmsnorm_backward_gpu(G* dinp, float* dweight, const typename kdetail
 // SwiGLU: hidden = silu(gate) * up = gate * sigmoid(gate) * up
 // backward: dup = dh * gate * s, dgate = dh * up * (s + gate * s * (1 - s))
 //
-// One kernel serves the separate layout (gate, up dense [count]) and the fused one
-// (gate_up [n, 2I] from one GEMM: gate in columns 0..I-1, up in I..2I-1): element e
-// of hidden (row e / I, column e % I) reads gate[row * ld + col] and up[row * ld + col]
-// with ld = 2I (fused) or ld = I (separate, where the index is simply e).
+// On gate_up [n, 2I] from one GEMM (gate in columns 0..I-1, up in I..2I-1): element e
+// of hidden (row e / I, column e % I) reads gate[row * ld + col] and up[row * ld + col],
+// ld = 2I.
 
 __device__ inline float swiglu_sigmoid(float x) { return 1.0f / (1.0f + expf(-x)); }
 
-template <int VEC>
-static __global__ void swiglu_forward_kernel(bf16* hidden, const bf16* gate, const bf16* up, size_t packs, long long I, long long ld) {
-    for (size_t p = (size_t)blockIdx.x * blockDim.x + threadIdx.x; p < packs; p += (size_t)gridDim.x * blockDim.x) {
-        const size_t e = p * VEC, row = e / I, col = e % I, in = row * ld + col;
-        float g[VEC], u[VEC], h[VEC];
-        kdetail::load_bf16<VEC>(g, gate + in);
-        kdetail::load_bf16<VEC>(u, up + in);
+// FP8 (VEC 8, I % 128 == 0): the FP8 copy q of what the kernel writes (forward:
+// hidden [n, I]; backward: dgate_up [n, 2I]) too. 16 consecutive packs are then one
+// 1 x 128 tile of one row, quantized by the half-warp that wrote it
+// (fp8_quantize_tile8), so every round of the loop runs on whole warps.
+template <int VEC, bool FP8>
+static __global__ void swiglu_forward_kernel(bf16* hidden, Fp8Matrix q, const bf16* gate, const bf16* up, size_t packs, long long I,
+                                             long long ld) {
+    for (size_t p0 = (size_t)blockIdx.x * blockDim.x; p0 < packs; p0 += (size_t)gridDim.x * blockDim.x) {
+        const size_t p = p0 + threadIdx.x, e = p < packs ? p * VEC : 0, row = e / I, col = e % I, in = row * ld + col;
+        float h[VEC] = {};
+        if (p < packs) {
+            float g[VEC], u[VEC];
+            kdetail::load_bf16<VEC>(g, gate + in);
+            kdetail::load_bf16<VEC>(u, up + in);
 #pragma unroll
-        for (int k = 0; k < VEC; k++) h[k] = g[k] * swiglu_sigmoid(g[k]) * u[k];
-        kdetail::store_bf16<VEC>(hidden + e, h);
+            for (int k = 0; k < VEC; k++) h[k] = __bfloat162float(__float2bfloat16(g[k] * swiglu_sigmoid(g[k]) * u[k]));  // hidden's value
+            kdetail::store_bf16<VEC>(hidden + e, h);
+        }
+        if constexpr (FP8) fp8_quantize_tile8(q, (int)row, (int)col, h, p < packs);
     }
 }
 
 // dgate/dup may alias gate/up (each thread reads its elements before writing them)
-template <int VEC>
-static __global__ void swiglu_backward_kernel(bf16* dgate, bf16* dup, const bf16* dhidden, const bf16* gate, const bf16* up, size_t packs,
-                                       long long I, long long ld) {
-    for (size_t p = (size_t)blockIdx.x * blockDim.x + threadIdx.x; p < packs; p += (size_t)gridDim.x * blockDim.x) {
-        const size_t e = p * VEC, row = e / I, col = e % I, in = row * ld + col;
-        float g[VEC], u[VEC], dh[VEC], dg[VEC], du[VEC];
-        kdetail::load_bf16<VEC>(g, gate + in);
-        kdetail::load_bf16<VEC>(u, up + in);
-        kdetail::load_bf16<VEC>(dh, dhidden + e);
+template <int VEC, bool FP8>
+static __global__ void swiglu_backward_kernel(bf16* dgate, bf16* dup, Fp8Matrix q, const bf16* dhidden, const bf16* gate, const bf16* up,
+                                              size_t packs, long long I, long long ld) {
+    for (size_t p0 = (size_t)blockIdx.x * blockDim.x; p0 < packs; p0 += (size_t)gridDim.x * blockDim.x) {
+        const size_t p = p0 + threadIdx.x, e = p < packs ? p * VEC : 0, row = e / I, col = e % I, in = row * ld + col;
+        float dg[VEC] = {}, du[VEC] = {};
+        if (p < packs) {
+            float g[VEC], u[VEC], dh[VEC];
+            kdetail::load_bf16<VEC>(g, gate + in);
+            kdetail::load_bf16<VEC>(u, up + in);
+            kdetail::load_bf16<VEC>(dh, dhidden + e);
 #pragma unroll
-        for (int k = 0; k < VEC; k++) {
-            const float s = swiglu_sigmoid(g[k]);
-            du[k] = dh[k] * g[k] * s;
-            dg[k] = dh[k] * u[k] * (s + g[k] * s * (1.0f - s));
+            for (int k = 0; k < VEC; k++) {
+                const float s = swiglu_sigmoid(g[k]);
+                du[k] = __bfloat162float(__float2bfloat16(dh[k] * g[k] * s));
+                dg[k] = __bfloat162float(__float2bfloat16(dh[k] * u[k] * (s + g[k] * s * (1.0f - s))));
+            }
+            kdetail::store_bf16<VEC>(dgate + in, dg);
+            kdetail::store_bf16<VEC>(dup + in, du);
         }
-        kdetail::store_bf16<VEC>(dgate + in, dg);
-        kdetail::store_bf16<VEC>(dup + in, du);
+        if constexpr (FP8) {
+            fp8_quantize_tile8(q, (int)row, (int)col, dg, p < packs);
+            fp8_quantize_tile8(q, (int)row, (int)(I + col), du, p < packs);
+        }
     }
 }
 
 namespace kdetail {
-inline void swiglu_forward_launch(bf16* hidden, const bf16* gate, const bf16* up, size_t count, long long I, long long ld, cudaStream_t stream) {
-    if (count == 0) return;
-    if (count % 8 == 0 && I % 8 == 0 && ld % 8 == 0 && aligned16({hidden, gate, up})) {
-        swiglu_forward_kernel<8><<<elementwise_blocks(count / 8, 256), 256, 0, stream>>>(hidden, gate, up, count / 8, I, ld);
-    } else {
-        swiglu_forward_kernel<1><<<elementwise_blocks(count, 256), 256, 0, stream>>>(hidden, gate, up, count, I, ld);
-    }
-    CUDA_LAUNCH_CHECK();
-}
-inline void swiglu_backward_launch(bf16* dgate, bf16* dup, const bf16* dhidden, const bf16* gate, const bf16* up, size_t count, long long I,
-                                   long long ld, cudaStream_t stream) {
-    if (count == 0) return;
-    if (count % 8 == 0 && I % 8 == 0 && ld % 8 == 0 && aligned16({dgate, dup, dhidden, gate, up})) {
-        swiglu_backward_kernel<8><<<elementwise_blocks(count / 8, 256), 256, 0, stream>>>(dgate, dup, dhidden, gate, up, count / 8, I, ld);
-    } else {
-        swiglu_backward_kernel<1><<<elementwise_blocks(count, 256), 256, 0, stream>>>(dgate, dup, dhidden, gate, up, count, I, ld);
-    }
-    CUDA_LAUNCH_CHECK();
+// the FP8 copy in the kernel where its tiles line up with the packs, else a pass after it
+inline bool swiglu_vec8(size_t count, long long I, long long ld, std::initializer_list<const void*> ptrs) {
+    return count % 8 == 0 && I % 8 == 0 && ld % 8 == 0 && aligned16(ptrs);
 }
 }  // namespace kdetail
 
-// hidden[n, I], gate_up[n, 2I] (gate = columns 0..I-1, up = columns I..2I-1)
-inline void swiglu_forward_fused_gpu(bf16* hidden, const bf16* gate_up, int n, int I, cudaStream_t stream) {
-    kdetail::swiglu_forward_launch(hidden, gate_up, gate_up + I, (size_t)n * I, I, 2ll * I, stream);
+// hidden[n, I], gate_up[n, 2I] (gate = columns 0..I-1, up = columns I..2I-1);
+// hidden_fp8: hidden's FP8 copy (fp8_copy), written too where it has codes
+inline void swiglu_forward_fused_gpu(bf16* hidden, const bf16* gate_up, int n, int I, cudaStream_t stream, const Fp8Matrix& hidden_fp8 = {}) {
+    const size_t count = (size_t)n * I;
+    if (count == 0) return;
+    const bf16 *gate = gate_up, *up = gate_up + I;
+    if (kdetail::swiglu_vec8(count, I, 2ll * I, {hidden, gate, up})) {
+        const int blocks = kdetail::elementwise_blocks(count / 8, 256);
+        if (hidden_fp8.codes && I % FP8_TILE == 0) {
+            swiglu_forward_kernel<8, true><<<blocks, 256, 0, stream>>>(hidden, hidden_fp8, gate, up, count / 8, I, 2ll * I);
+            CUDA_LAUNCH_CHECK();
+            return;
+        }
+        swiglu_forward_kernel<8, false><<<blocks, 256, 0, stream>>>(hidden, hidden_fp8, gate, up, count / 8, I, 2ll * I);
+    } else {
+        swiglu_forward_kernel<1, false><<<kdetail::elementwise_blocks(count, 256), 256, 0, stream>>>(hidden, hidden_fp8, gate, up, count, I, 2ll * I);
+    }
+    CUDA_LAUNCH_CHECK();
+    if (hidden_fp8.codes) fp8_quantize_gpu(hidden_fp8, hidden, I, stream);
 }
 
-// dgate_up[n, 2I] (written; may alias gate_up), dhidden[n, I], gate_up[n, 2I]
-inline void swiglu_backward_fused_gpu(bf16* dgate_up, const bf16* dhidden, const bf16* gate_up, int n, int I, cudaStream_t stream) {
-    kdetail::swiglu_backward_launch(dgate_up, dgate_up + I, dhidden, gate_up, gate_up + I, (size_t)n * I, I, 2ll * I, stream);
+// dgate_up[n, 2I] (written; may alias gate_up), dhidden[n, I], gate_up[n, 2I];
+// dgate_up_fp8: dgate_up's FP8 copy (fp8_copy), written too where it has codes
+inline void swiglu_backward_fused_gpu(bf16* dgate_up, const bf16* dhidden, const bf16* gate_up, int n, int I, cudaStream_t stream,
+                                      const Fp8Matrix& dgate_up_fp8 = {}) {
+    const size_t count = (size_t)n * I;
+    if (count == 0) return;
+    bf16 *dgate = dgate_up, *dup = dgate_up + I;
+    const bf16 *gate = gate_up, *up = gate_up + I;
+    const Fp8Matrix& q = dgate_up_fp8;
+    if (kdetail::swiglu_vec8(count, I, 2ll * I, {dgate, dup, dhidden, gate, up})) {
+        const int blocks = kdetail::elementwise_blocks(count / 8, 256);
+        if (q.codes && I % FP8_TILE == 0) {
+            swiglu_backward_kernel<8, true><<<blocks, 256, 0, stream>>>(dgate, dup, q, dhidden, gate, up, count / 8, I, 2ll * I);
+            CUDA_LAUNCH_CHECK();
+            return;
+        }
+        swiglu_backward_kernel<8, false><<<blocks, 256, 0, stream>>>(dgate, dup, q, dhidden, gate, up, count / 8, I, 2ll * I);
+    } else {
+        swiglu_backward_kernel<1, false><<<kdetail::elementwise_blocks(count, 256), 256, 0, stream>>>(dgate, dup, q, dhidden, gate, up, count,
+                                                                                                      I, 2ll * I);
+    }
+    CUDA_LAUNCH_CHECK();
+    if (q.codes) fp8_quantize_gpu(q, dgate_up, 2 * I, stream);
 }
 
 // ----------------------------------------------------------------------------

@@ -910,26 +910,28 @@ inline MlaActsGpu mla_layer_alloc(DeviceArena& arena, const Config& c, int N, co
     return a;
 }
 
-// out [N, D] = MLA(x [N, D]) over B sequences of T tokens
+// out [N, D] = MLA(x [N, D]) over B sequences of T tokens; x_fp8: x's FP8 copy (fp8_copy),
+// if the norm that made x wrote one
 inline void mla_forward_gpu(const Config& c, const MlaWeights<bf16>& w, const RopeGpu& rope, bf16* out, const bf16* x, int B, int T,
-                            MlaActsGpu& a, GpuContext& ctx, AttentionDropout drop = {}) {
+                            MlaActsGpu& a, GpuContext& ctx, AttentionDropout drop = {}, const Fp8Matrix& x_fp8 = {}) {
     const int N = B * T, H = c.num_attention_heads, qr = c.q_lora_rank, dc = c.kv_lora_rank;
     const int dn = c.qk_nope_head_dim, dr = c.qk_rope_head_dim, dv = c.v_head_dim;
     const float eps = c.rms_norm_eps;
     cudaStream_t st = ctx.stream;
-    if (qr > 0) {
-        linear_forward_gpu(a.qa, x, w.q_a, N, ctx);
-        rmsnorm_residual_forward_gpu(nullptr, a.qa_norm, a.qa_rstd, a.qa, nullptr, w.q_a_norm, N, qr, eps, st);
-        linear_forward_gpu(a.q, a.qa_norm, w.q_b, N, ctx);
-    } else {
-        linear_forward_gpu(a.q, x, w.q_proj, N, ctx);
-    }
-    // one GEMM (its FP8 blocks span both parts); RMSNorm reads the latent as dense rows
+    // both projections of x first, so that the latents' norms may then write their FP8 copies over x's.
+    // kv_a is one GEMM (its FP8 blocks span both parts); RMSNorm reads the latent as dense rows
     // of dc, RoPE and the K assembly read k_pe in place in kv_a's last dr columns
-    linear_forward_gpu(a.kv_a, x, w.kv_a, N, ctx);
+    linear_forward_gpu(qr > 0 ? a.qa : a.q, x, qr > 0 ? w.q_a : w.q_proj, N, ctx, x_fp8);
+    linear_forward_gpu(a.kv_a, x, w.kv_a, N, ctx, x_fp8);
+    if (qr > 0) {
+        const Fp8Matrix qa_fp8 = fp8_input_copy(ctx, w.q_b, N);
+        rmsnorm_residual_forward_gpu(nullptr, a.qa_norm, a.qa_rstd, a.qa, nullptr, w.q_a_norm, N, qr, eps, st, qa_fp8);
+        linear_forward_gpu(a.q, a.qa_norm, w.q_b, N, ctx, qa_fp8);
+    }
     CUDA_CHECK(cudaMemcpy2DAsync(a.c, dc * sizeof(bf16), a.kv_a, (dc + dr) * sizeof(bf16), dc * sizeof(bf16), N, cudaMemcpyDeviceToDevice, st));
-    rmsnorm_residual_forward_gpu(nullptr, a.c_norm, a.c_rstd, a.c, nullptr, w.kv_a_norm, N, dc, eps, st);
-    linear_forward_gpu(a.kv_b, a.c_norm, w.kv_b, N, ctx);
+    const Fp8Matrix c_fp8 = fp8_input_copy(ctx, w.kv_b, N);
+    rmsnorm_residual_forward_gpu(nullptr, a.c_norm, a.c_rstd, a.c, nullptr, w.kv_a_norm, N, dc, eps, st, c_fp8);
+    linear_forward_gpu(a.kv_b, a.c_norm, w.kv_b, N, ctx, c_fp8);
     rope_forward_gpu(a.q, a.kv_a, rope, N, T, H, dn, dc, 0, st);
     mla_assemble_kv_gpu(a.k, a.v, a.kv_b, a.kv_a, N, H, dn, dr, dv, dc, st);
     a.dropout = drop;

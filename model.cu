@@ -217,7 +217,8 @@ bool gpu_available() {
 
 // The activations, temporaries and scratch of a step over B sequences of T tokens
 // (training: their gradients too), in gpu.arena; with a planning arena, their size.
-static void gpu_alloc_step_buffers(GpuModel& gpu, const Config& c, int B, int T, bool inference, size_t scratch) {
+// fp8_width > 0: room for the FP8 copies (GpuContext::fp8_codes) of rows that wide.
+static void gpu_alloc_step_buffers(GpuModel& gpu, const Config& c, int B, int T, bool inference, size_t scratch, int fp8_width) {
     const int N = B * T, D = c.hidden_size, H = c.num_attention_heads, qr = c.q_lora_rank, dc = c.kv_lora_rank, V = c.vocab_size;
     const int E = c.n_routed_experts, K = c.num_experts_per_tok, I = c.intermediate_size, MI = c.moe_intermediate_size;
     const int SI = c.n_shared_experts * MI, S = N * K;
@@ -295,6 +296,12 @@ static void gpu_alloc_step_buffers(GpuModel& gpu, const Config& c, int B, int T,
     ctx.scratch_bytes = std::max({scratch, embedding_backward_scratch_bytes(N, D, V), rmsnorm_backward_scratch_bytes(N, std::max({D, dc, qr})),
                                   grad_norm_scratch_bytes(gpu.num_chunks), attention_backward_scratch_floats(B, T, H) * sizeof(float)});
     ctx.scratch = arena_alloc<char>(arena, ctx.scratch_bytes, "scratch");
+    if (fp8_width > 0) {
+        ctx.fp8_code_bytes = (size_t)(N + 3) / 4 * 4 * fp8_width;
+        ctx.fp8_scale_floats = fp8_scale_count(N, fp8_width, 1);
+        ctx.fp8_codes = arena_alloc<uint8_t>(arena, ctx.fp8_code_bytes, "FP8 activations");
+        ctx.fp8_scales = arena_alloc<float>(arena, ctx.fp8_scale_floats, "FP8 activations");
+    }
 }
 
 void model_to_gpu(Model& m, int B, int T, bool inference, const DistGroup& dist) {
@@ -322,7 +329,11 @@ void model_to_gpu(Model& m, int B, int T, bool inference, const DistGroup& dist)
     int moe_layers = 0;
     for (int l = 0; l < c.total_layers(); l++) moe_layers += c.is_moe_layer(l);
     size_t scratch = 0;
-    for (const Fp8Weight& q : m.ref.fp8) scratch = std::max(scratch, fp8_linear_scratch_bytes(B * T, q.w.cols, q.w.rows, wgrad));
+    int fp8_width = 0;  // training: the widest FP8 Linear input or output gradient (gate_up's) a kernel copies to FP8
+    for (const Fp8Weight& q : m.ref.fp8) {
+        scratch = std::max(scratch, fp8_linear_scratch_bytes(B * T, q.w.cols, q.w.rows, wgrad));
+        if (!inference) fp8_width = std::max({fp8_width, q.w.cols, q.w.rows});
+    }
 
     // the whole model's device memory, sized before anything is allocated: a model or batch
     // that cannot fit is refused with its sizes, not at whichever allocation fails first
@@ -332,7 +343,7 @@ void model_to_gpu(Model& m, int B, int T, bool inference, const DistGroup& dist)
     plan.arena.plan = true;
     plan.moe_layers = moe_layers;
     plan.num_chunks = (int)chunks.size();
-    gpu_alloc_step_buffers(plan, c, B, T, inference, scratch);
+    gpu_alloc_step_buffers(plan, c, B, T, inference, scratch, fp8_width);
     gpu_memory_check(state, plan.arena.bytes + MATMUL_WORKSPACE_BYTES, B, T);
 
     GpuModel* gp = new GpuModel();
@@ -399,7 +410,7 @@ void model_to_gpu(Model& m, int B, int T, bool inference, const DistGroup& dist)
         if (c.is_moe_layer(l)) bias_offsets.push_back(block_weights(gpu.master, l).moe.bias - gpu.params32);
     gpu.bias_offsets = arena_alloc<size_t>(arena, bias_offsets.size(), "expert bias offsets");
     CUDA_CHECK(cudaMemcpy(gpu.bias_offsets, bias_offsets.data(), bias_offsets.size() * sizeof(size_t), cudaMemcpyHostToDevice));
-    gpu_alloc_step_buffers(gpu, c, B, T, inference, scratch);
+    gpu_alloc_step_buffers(gpu, c, B, T, inference, scratch, fp8_width);
     if (zero) {
         // the reduce-scatters' stream gets the higher priority, so that a bucket leaves as soon as it is ready
         int least = 0, greatest = 0;
@@ -492,19 +503,23 @@ static void block_forward_gpu(GpuModel& gpu, const Config& c, int l, const float
     // dropout sites as reference.h numbers them: 1 is the embedding's, then two per block
     const uint64_t attn_site = 2 + 2 * (uint64_t)l, ffn_site = attn_site + 1;
     const uint64_t attn_key = dropout_site_key(opt.dropout_key, attn_site);
-    rmsnorm_residual_forward_gpu<float>(a.res_in, a.xn, a.rstd1, res, branch, w.input_norm, N, D, eps, st);
+    // each norm writes its output's FP8 copy too where a Linear reading it runs in FP8 (fp8_copy)
+    const Fp8Matrix xn_fp8 = fp8_copy(ctx, w.attn.q_proj.fp8 || w.attn.q_a.fp8 || w.attn.kv_a.fp8, N, D);
+    rmsnorm_residual_forward_gpu<float>(a.res_in, a.xn, a.rstd1, res, branch, w.input_norm, N, D, eps, st, xn_fp8);
     const AttentionDropout attn_drop{train ? opt.attn_dropout : 0.0f, attention_dropout_key(attn_key)};
-    mla_forward_gpu(c, w.attn, gpu.rope, gpu.branch, a.xn, B, T, a.attn, ctx, attn_drop);
+    mla_forward_gpu(c, w.attn, gpu.rope, gpu.branch, a.xn, B, T, a.attn, ctx, attn_drop, xn_fp8);
     if (p > 0) dropout_forward_gpu(gpu.branch, (size_t)N * D, p, attn_key, st);
-    rmsnorm_residual_forward_gpu(a.res_mid, a.xn2, a.rstd2, a.res_in, gpu.branch, w.post_norm, N, D, eps, st);
-    if (c.is_moe_layer(l)) {
+    const bool moe = c.is_moe_layer(l);
+    const Fp8Matrix xn2_fp8 = fp8_copy(ctx, (moe ? w.moe.shared : w.ffn).gate.fp8, N, D);
+    rmsnorm_residual_forward_gpu(a.res_mid, a.xn2, a.rstd2, a.res_in, gpu.branch, w.post_norm, N, D, eps, st, xn2_fp8);
+    if (moe) {
         int* load = train ? gpu.load + (size_t)moe_index * E : nullptr;
-        moe_forward_gpu(c, w.moe, block_weights(gpu.master, l).moe.bias, gpu.branch, a.xn2, N, a.moe, load, ctx);
+        moe_forward_gpu(c, w.moe, block_weights(gpu.master, l).moe.bias, gpu.branch, a.xn2, N, a.moe, load, ctx, xn2_fp8);
         if (train && opt.balance_alpha > 0)
             balance_loss_forward_gpu(gpu.balance_loss + moe_index, a.moe.frac, a.moe.seq_loss, a.moe.scores, a.moe.expert, B, T, E, K,
                                      opt.balance_alpha * balance_scale, true, st);
     } else {
-        ffn_forward_gpu(w.ffn, gpu.branch, a.xn2, N, a.ffn, ctx);
+        ffn_forward_gpu(w.ffn, gpu.branch, a.xn2, N, a.ffn, ctx, xn2_fp8);
     }
     if (p > 0) dropout_forward_gpu(gpu.branch, (size_t)N * D, p, dropout_site_key(opt.dropout_key, ffn_site), st);
 }

@@ -1111,11 +1111,14 @@ struct FfnActsGpu {
     bf16 *dgate_up, *dhidden;  // the backward's, shaped as above
 };
 
-// out [n, D] = down(silu(gate x) * up x), gate and up as one [2I, D] GEMM
-inline void ffn_forward_gpu(const FfnWeights<bf16>& w, bf16* out, const bf16* x, int n, FfnActsGpu& a, GpuContext& ctx) {
-    linear_forward_gpu(a.gate_up, x, gate_up(w), n, ctx);
-    swiglu_forward_fused_gpu(a.hidden, a.gate_up, n, w.gate.out, ctx.stream);
-    linear_forward_gpu(out, a.hidden, w.down, n, ctx);
+// out [n, D] = down(silu(gate x) * up x), gate and up as one [2I, D] GEMM; x_fp8: x's
+// FP8 copy (fp8_copy), if the norm that made x wrote one
+inline void ffn_forward_gpu(const FfnWeights<bf16>& w, bf16* out, const bf16* x, int n, FfnActsGpu& a, GpuContext& ctx,
+                            const Fp8Matrix& x_fp8 = {}) {
+    linear_forward_gpu(a.gate_up, x, gate_up(w), n, ctx, x_fp8);
+    const Fp8Matrix hidden_fp8 = fp8_input_copy(ctx, w.down, n);
+    swiglu_forward_fused_gpu(a.hidden, a.gate_up, n, w.gate.out, ctx.stream, hidden_fp8);
+    linear_forward_gpu(out, a.hidden, w.down, n, ctx, hidden_fp8);
 }
 
 // dx [n, D] written, or added to when accumulate (the shared experts add theirs to
@@ -1125,8 +1128,9 @@ inline void ffn_backward_gpu(const FfnWeights<bf16>& w, const FfnWeights<float>&
     const int I = w.gate.out;
     swiglu_forward_fused_gpu(a.hidden, a.gate_up, n, I, ctx.stream);
     linear_backward_gpu(a.dhidden, dw.down, dout, a.hidden, w.down, n, false, ctx);
-    swiglu_backward_fused_gpu(a.dgate_up, a.dhidden, a.gate_up, n, I, ctx.stream);
-    linear_backward_gpu(dx, gate_up(dw), a.dgate_up, x, gate_up(w), n, accumulate, ctx);
+    const Fp8Matrix dgate_up_fp8 = fp8_copy(ctx, gate_up(w).fp8, n, 2 * I);  // Dgrad's operand
+    swiglu_backward_fused_gpu(a.dgate_up, a.dhidden, a.gate_up, n, I, ctx.stream, dgate_up_fp8);
+    linear_backward_gpu(dx, gate_up(dw), a.dgate_up, x, gate_up(w), n, accumulate, ctx, dgate_up_fp8);
 }
 
 struct MoeActsGpu {
@@ -1189,9 +1193,10 @@ inline MoeActsGpu moe_layer_alloc(DeviceArena& arena, const Config& c, int B, in
 }
 
 // out [N, D] = sum_k gate_k E_k(u) + Shared(u) for u [N, D]. The router reads the fp32 master bias (a bf16
-// copy would round its small steps away) and adds each token's choices to load [E] when not null.
+// copy would round its small steps away) and adds each token's choices to load [E] when not null. u_fp8:
+// u's FP8 copy (fp8_copy) for the shared experts, if the norm that made u wrote one.
 inline void moe_forward_gpu(const Config& c, const MoeWeights<bf16>& w, const float* bias, bf16* out, const bf16* u, int N,
-                            MoeActsGpu& a, int* load, GpuContext& ctx) {
+                            MoeActsGpu& a, int* load, GpuContext& ctx, const Fp8Matrix& u_fp8 = {}) {
     const int D = c.hidden_size, E = c.n_routed_experts, K = c.num_experts_per_tok, I = c.moe_intermediate_size, S = N * K;
     const bool shared = c.n_shared_experts > 0;
     cudaStream_t st = ctx.stream;
@@ -1203,7 +1208,7 @@ inline void moe_forward_gpu(const Config& c, const MoeWeights<bf16>& w, const fl
     grouped_gemm_forward_gpu(a.gu_sorted, a.x_sorted, gate_up(w.experts).w, w.expert_stride, a.offsets, S, E, D, 2 * I, st);
     swiglu_forward_fused_gpu(a.hidden, a.gu_sorted, S, I, st);
     grouped_gemm_forward_gpu(a.y_sorted, a.hidden, w.experts.down.w, w.expert_stride, a.offsets, S, E, I, D, st);
-    if (shared) ffn_forward_gpu(w.shared, a.shared_out, u, N, a.shared, ctx);
+    if (shared) ffn_forward_gpu(w.shared, a.shared_out, u, N, a.shared, ctx, u_fp8);
     moe_combine_forward_gpu(out, a.y_sorted, a.gate, a.slot_row, shared ? a.shared_out : nullptr, N, K, D, st);
 }
 

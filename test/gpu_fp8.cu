@@ -3,7 +3,8 @@
 // value, the ties between codes, the specials and millions of random floats; its
 // decoder gives the host's values for all 256 codes. Every quantization kernel
 // against its host twin (bit for bit), the cuBLASLt FP8 GEMM in each of its three
-// pairings against the emulated GEMM, and the FP8 Linear against reference.h's.
+// pairings against the emulated GEMM, the FP8 Linear against reference.h's, and the
+// FP8 copies RMSNorm and SwiGLU write beside their outputs against the quantizer.
 #include <doctest/doctest.h>
 
 #include <cuda_fp8.h>
@@ -107,6 +108,20 @@ struct DevFp8 {
     }
 };
 
+// two device copies' codes and scales equal, bit for bit
+bool same_fp8(const Fp8Matrix& a, const Fp8Matrix& b) {
+    const size_t scales = fp8_scale_count(a.rows, a.cols, a.tile_rows);
+    const std::vector<float> sa = download(a.scales, scales), sb = download(b.scales, scales);
+    return download(a.codes, (size_t)a.rows * a.cols) == download(b.codes, (size_t)b.rows * b.cols) &&
+           memcmp(sa.data(), sb.data(), scales * 4) == 0;
+}
+
+template <typename T>
+bool same_bytes(const T* a, const T* b, size_t n) {
+    const std::vector<T> x = download(a, n), y = download(b, n);
+    return memcmp(x.data(), y.data(), n * sizeof(T)) == 0;
+}
+
 // x [rows, cols] over several decades; bf16 values, so the device reads what the host does
 std::vector<float> test_values(int rows, int cols, uint64_t seed) {
     std::vector<float> x((size_t)rows * cols);
@@ -192,6 +207,64 @@ TEST_CASE("fp8 quantization kernels: codes and scales bit-identical to the host'
         CUDA_CHECK(cudaFree(weights[i]));
     }
     CUDA_CHECK(cudaFree(d_jobs));
+}
+
+// The FP8 copies that the kernels making an FP8 Linear's input write beside their bf16 output (kernels.cuh:
+// RMSNorm, SwiGLU forward, and SwiGLU backward's dgate_up for gate_up's Dgrad): their codes and scales equal
+// fp8_quantize_gpu's of that output bit for bit, and the output is the one they write without a copy. Widths with
+// whole and partial 1 x 128 tiles, and ones that take the separate pass (not a multiple of 8; SwiGLU's I not a
+// multiple of 128); 37 rows, so that the scales' pitch is padded.
+TEST_CASE("fp8 copies written by RMSNorm and SwiGLU equal fp8_quantize_gpu's of their outputs, bit for bit") {
+    const int N = 37;
+    for (int C : {160, 256, 768, 100}) {
+        CAPTURE(C);
+        const size_t n = (size_t)N * C;
+        const std::vector<float> res = test_values(N, C, 41), branch = test_values(N, C, 42), weight = test_values(1, C, 43);
+        float *d_res = device_alloc<float>(n, "test buffer"), *d_res_out = device_alloc<float>(n, "test buffer");
+        float* d_rstd = device_alloc<float>(N, "test buffer");
+        bf16 *d_branch = device_alloc<bf16>(n, "test buffer"), *d_w = device_alloc<bf16>(C, "test buffer");
+        bf16 *d_out = device_alloc<bf16>(n, "test buffer"), *d_plain = device_alloc<bf16>(n, "test buffer");
+        CUDA_CHECK(cudaMemcpy(d_res, res.data(), n * sizeof(float), cudaMemcpyHostToDevice));
+        to_device(d_branch, branch.data(), n);
+        to_device(d_w, weight.data(), C);
+        DevFp8 fused(N, C, 1), separate(N, C, 1);
+        rmsnorm_residual_forward_gpu<float>(d_res_out, d_out, d_rstd, d_res, d_branch, d_w, N, C, 1e-6f, 0, fused.m);
+        rmsnorm_residual_forward_gpu<float>(d_res_out, d_plain, d_rstd, d_res, d_branch, d_w, N, C, 1e-6f, 0);
+        fp8_quantize_gpu(separate.m, d_plain, C, 0);
+        CHECK(same_bytes(d_out, d_plain, n));
+        CHECK(same_fp8(fused.m, separate.m));
+        // the latents' norm: a bf16 input, no residual
+        DevFp8 fused16(N, C, 1), separate16(N, C, 1);
+        rmsnorm_residual_forward_gpu(nullptr, d_out, d_rstd, d_branch, nullptr, d_w, N, C, 1e-6f, 0, fused16.m);
+        rmsnorm_residual_forward_gpu(nullptr, d_plain, d_rstd, d_branch, nullptr, d_w, N, C, 1e-6f, 0);
+        fp8_quantize_gpu(separate16.m, d_plain, C, 0);
+        CHECK(same_bytes(d_out, d_plain, n));
+        CHECK(same_fp8(fused16.m, separate16.m));
+        for (void* p : {(void*)d_res, (void*)d_res_out, (void*)d_rstd, (void*)d_branch, (void*)d_w, (void*)d_out, (void*)d_plain})
+            CUDA_CHECK(cudaFree(p));
+    }
+    for (int I : {128, 384, 144, 100}) {
+        CAPTURE(I);
+        const size_t n = (size_t)N * I;
+        const std::vector<float> gate_up = test_values(N, 2 * I, 44), dhidden = test_values(N, I, 45);
+        bf16 *d_gu = device_alloc<bf16>(2 * n, "test buffer"), *d_dh = device_alloc<bf16>(n, "test buffer");
+        bf16 *d_h = device_alloc<bf16>(n, "test buffer"), *d_h_plain = device_alloc<bf16>(n, "test buffer");
+        bf16 *d_dgu = device_alloc<bf16>(2 * n, "test buffer"), *d_dgu_plain = device_alloc<bf16>(2 * n, "test buffer");
+        to_device(d_gu, gate_up.data(), 2 * n);
+        to_device(d_dh, dhidden.data(), n);
+        DevFp8 h_fused(N, I, 1), h_separate(N, I, 1), dgu_fused(N, 2 * I, 1), dgu_separate(N, 2 * I, 1);
+        swiglu_forward_fused_gpu(d_h, d_gu, N, I, 0, h_fused.m);
+        swiglu_forward_fused_gpu(d_h_plain, d_gu, N, I, 0);
+        fp8_quantize_gpu(h_separate.m, d_h_plain, I, 0);
+        swiglu_backward_fused_gpu(d_dgu, d_dh, d_gu, N, I, 0, dgu_fused.m);
+        swiglu_backward_fused_gpu(d_dgu_plain, d_dh, d_gu, N, I, 0);
+        fp8_quantize_gpu(dgu_separate.m, d_dgu_plain, 2 * I, 0);
+        CHECK(same_bytes(d_h, d_h_plain, n));
+        CHECK(same_fp8(h_fused.m, h_separate.m));
+        CHECK(same_bytes(d_dgu, d_dgu_plain, 2 * n));
+        CHECK(same_fp8(dgu_fused.m, dgu_separate.m));
+        for (void* p : {(void*)d_gu, (void*)d_dh, (void*)d_h, (void*)d_h_plain, (void*)d_dgu, (void*)d_dgu_plain}) CUDA_CHECK(cudaFree(p));
+    }
 }
 
 TEST_CASE("fp8_matmul (cuBLASLt, block-scaled) equals the emulated GEMM: Fprop, Dgrad (accumulating) and Wgrad (fp32) pairings") {
@@ -287,7 +360,26 @@ TEST_CASE("an FP8 Linear on the GPU (linear_forward_gpu / linear_backward_gpu) e
         // FP8 Wgrad: fp32 out, the tensor cores' ~14-bit sums (see the GEMM test); bf16 Wgrad:
         // bf16-exact values, summed in fp32 on both sides
         CHECK(e_dw < (wgrad ? 3e-4 : 1e-5));
-        for (void* p : {(void*)d_w, (void*)d_x, (void*)d_dout, (void*)d_out, (void*)d_dx, (void*)d_dw, (void*)jobs, ctx.scratch}) CUDA_CHECK(cudaFree(p));
+        // given the FP8 copies of x and dout that a norm or SwiGLU would have written (rows padded to fours, as
+        // fp8_copy leaves room for): the same bits as when the Linear quantizes them itself
+        const int padded = (N + 3) / 4 * 4;
+        DevFp8 x_copy(padded, in, 1), dout_copy(padded, out, 1);
+        x_copy.m.rows = dout_copy.m.rows = N;
+        fp8_quantize_gpu(x_copy.m, d_x, in, 0);
+        fp8_quantize_gpu(dout_copy.m, d_dout, out, 0);
+        bf16* d_again = device_alloc<bf16>(out_cpu.size(), "test buffer");
+        linear_forward_gpu(d_again, d_x, lin_gpu, N, ctx, x_copy.m);
+        CHECK(same_bytes(d_again, d_out, out_cpu.size()));
+        if (backward) {
+            const std::vector<float> dx1 = to_host(d_dx, dx0.size()), dw1 = to_host(d_dw, dw0.size());
+            to_device(d_dx, dx0.data(), dx0.size());
+            to_device(d_dw, dw0.data(), dw0.size());
+            linear_backward_gpu(d_dx, Linear<float>{d_dw, out, in}, d_dout, d_x, lin_gpu, N, true, ctx, dout_copy.m);
+            CHECK(to_host(d_dx, dx0.size()) == dx1);
+            CHECK(to_host(d_dw, dw0.size()) == dw1);
+        }
+        for (void* p : {(void*)d_w, (void*)d_x, (void*)d_dout, (void*)d_out, (void*)d_again, (void*)d_dx, (void*)d_dw, (void*)jobs, ctx.scratch})
+            CUDA_CHECK(cudaFree(p));
         matmul_free(ctx.mm);
     }
 }
