@@ -1,6 +1,7 @@
 // dist.h — the host side of multi-GPU training (data parallel with ZeRO-1), free of CUDA so that the CPU tests
 // check it: which process this is (DistGroup), how the flat gradient is cut into buckets that the backward
-// hands to NCCL as they become final and how each bucket is split among the ranks (ZeroPlan), the rank-0
+// hands to NCCL as they become final and how each bucket is split among the ranks (ZeroPlan), expert
+// parallelism's groups and the all-to-all exchange of an MoE layer's rows (EpGroup, EpExchange), the rank-0
 // hand-off of the NCCL id through a shared directory, and the --gpus launcher that forks one process per GPU.
 // The NCCL calls are in dist.cu (joining the group, the watchdog, small host collectives) and model.cu (the
 // training step's reduce-scatters and all-gathers).
@@ -134,6 +135,73 @@ std::vector<Chunk> zero_rank_chunks(const std::vector<Chunk>& all, const ZeroPla
         }
     }
     return out;
+}
+
+// ----------------------------------------------------------------------------
+// Expert parallelism (issue 11: --expert-parallel P), its host side: world = DP x P. The ranks g P .. g P + P - 1
+// form an expert-parallel group; rank g P + i holds the routed experts [i E/P, (i + 1) E/P) of every MoE layer,
+// and the ranks that hold the same experts (i, P + i, 2P + i, ...) average those experts' gradients among
+// themselves. In each MoE layer every rank sorts its slots by expert, as moe_permute does, so the rows bound for
+// each peer are one contiguous range; an all-to-all sends them, each receiver regroups what arrived by expert
+// (a grouped GEMM wants each expert's rows together), runs its experts, and the same exchange reversed returns
+// each output to the slot it came from. The backward sends the output gradients the same way. Every size comes
+// from the group's per-expert row counts, exchanged first.
+
+struct EpGroup {
+    int size = 1;                    // P
+    int index = 0;                   // this rank's place in its group
+    int first_expert = 0, experts = 0;  // the routed experts it holds
+};
+
+inline EpGroup ep_group(int world, int rank, int P, int E) {
+    if (P < 1 || world % P) fail("--expert-parallel %d: the number of processes (%d) must be a multiple of it", P, world);
+    if (E % P) fail("--expert-parallel %d: the %d routed experts must split evenly among its ranks", P, E);
+    EpGroup g;
+    g.size = P;
+    g.index = rank % P;
+    g.experts = E / P;
+    g.first_expert = g.index * g.experts;
+    return g;
+}
+
+// One MoE layer's exchange, for one rank of a group
+struct EpExchange {
+    std::vector<size_t> send_offset, send_count;  // [P] this rank's expert-sorted rows bound for each peer
+    std::vector<size_t> recv_offset, recv_count;  // [P] the rows arriving from each peer, peer after peer
+    std::vector<size_t> expert_offsets;           // [experts + 1] the arrived rows regrouped by expert
+    std::vector<size_t> regrouped;                // [arrived] where each arrived row goes in that grouping: its
+                                                  // expert's rows from peer 0, then from peer 1, ..., each peer's in
+                                                  // the order it sent them
+};
+
+// counts [P][E]: the rows that each rank of the group routes to each expert (the same table on every rank)
+inline EpExchange ep_exchange(const EpGroup& g, const std::vector<int>& counts, int E) {
+    const int P = g.size, me = g.index, first = g.first_expert, Ep = g.experts;
+    if (counts.size() != (size_t)P * E) fail("internal: ep_exchange with %zu counts for %d ranks x %d experts", counts.size(), P, E);
+    auto count = [&](int rank, int e) { return (size_t)counts[(size_t)rank * E + e]; };
+    EpExchange x;
+    x.send_offset.assign(P, 0);
+    x.send_count.assign(P, 0);
+    x.recv_offset.assign(P, 0);
+    x.recv_count.assign(P, 0);
+    x.expert_offsets.assign(Ep + 1, 0);
+    for (int p = 0; p < P; p++) {
+        for (int j = 0; j < Ep; j++) {
+            x.send_count[p] += count(me, p * Ep + j);
+            x.recv_count[p] += count(p, first + j);
+            x.expert_offsets[j + 1] += count(p, first + j);
+        }
+        if (p > 0) {
+            x.send_offset[p] = x.send_offset[p - 1] + x.send_count[p - 1];
+            x.recv_offset[p] = x.recv_offset[p - 1] + x.recv_count[p - 1];
+        }
+    }
+    for (int j = 0; j < Ep; j++) x.expert_offsets[j + 1] += x.expert_offsets[j];
+    std::vector<size_t> next(x.expert_offsets.begin(), x.expert_offsets.end() - 1);  // per expert: its next free row
+    for (int p = 0; p < P; p++)
+        for (int j = 0; j < Ep; j++)
+            for (size_t i = 0; i < count(p, first + j); i++) x.regrouped.push_back(next[j]++);
+    return x;
 }
 
 // ----------------------------------------------------------------------------

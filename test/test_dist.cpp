@@ -1,5 +1,6 @@
 // test_dist.cpp — tests for dist.h, the host side of multi-GPU training: gradient buckets and ZeRO-1 shards
-// over the real parameter layouts (every element once, equal aligned slices, backward order), the
+// over the real parameter layouts (every element once, equal aligned slices, backward order), expert
+// parallelism's groups and row exchange (against every rank's own MoE layer, emulated on the CPU), the
 // DataLoader's split of a step among ranks (2 ranks read what 1 rank reads with --grad-accum 2), the
 // NCCL-id hand-off through a directory between processes, the options hash, and the --gpus launcher's
 // handling of a rank that fails.
@@ -16,6 +17,7 @@
 #include "dataloader.h"
 #include "dist.h"
 #include "kernels.cuh"
+#include "test_configs.h"
 
 namespace {
 
@@ -180,6 +182,127 @@ TEST_CASE("ZeRO-1 shards: every trained element belongs to exactly one rank, its
         size_t want = 0;
         for (const ParamChunk& ch : all) want += ch.len;
         CHECK(trained == want);
+    }
+}
+
+TEST_CASE("ep_group: expert-parallel groups of consecutive ranks, each holding an equal share of the experts") {
+    const EpGroup g = ep_group(8, 5, 4, 16);  // DP 2 x EP 4: rank 5 is the second of the second group
+    CHECK(g.size == 4);
+    CHECK(g.index == 1);
+    CHECK(g.first_expert == 4);
+    CHECK(g.experts == 4);
+    CHECK_THROWS_WITH(ep_group(6, 0, 4, 16), doctest::Contains("must be a multiple of it"));
+    CHECK_THROWS_WITH(ep_group(6, 0, 3, 16), doctest::Contains("must split evenly"));
+}
+
+TEST_CASE("ep_exchange on a hand-made table: offsets, counts and the regrouping by expert") {
+    // 2 ranks, 4 experts (0 and 1 on rank 0, 2 and 3 on rank 1); rows routed to each expert by each rank
+    const std::vector<int> counts = {2, 0, 1, 3,   // rank 0
+                                     1, 2, 2, 1};  // rank 1
+    using V = std::vector<size_t>;
+    const EpExchange a = ep_exchange(ep_group(2, 0, 2, 4), counts, 4), b = ep_exchange(ep_group(2, 1, 2, 4), counts, 4);
+    CHECK(a.send_count == V{2, 4});
+    CHECK(a.send_offset == V{0, 2});
+    CHECK(a.recv_count == V{2, 3});
+    CHECK(a.recv_offset == V{0, 2});
+    CHECK(a.expert_offsets == V{0, 3, 5});
+    CHECK(a.regrouped == V{0, 1, 2, 3, 4});
+    CHECK(b.send_count == V{3, 3});
+    CHECK(b.send_offset == V{0, 3});
+    CHECK(b.recv_count == V{4, 3});
+    CHECK(b.recv_offset == V{0, 4});
+    CHECK(b.expert_offsets == V{0, 3, 7});
+    // arrived: rank 0's row for expert 2, its 3 for expert 3, then rank 1's 2 for expert 2 and 1 for expert 3
+    CHECK(b.regrouped == V{0, 3, 4, 5, 1, 2, 6});
+}
+
+// Expert parallelism emulated on the CPU: P ranks, each with tokens of its own and the same weights, send their
+// expert-sorted rows as ep_exchange says (the all-to-all done by copies); each runs only its own experts, over
+// the rows that arrived, grouped by expert. Each slot's expert output and input gradient equal, bit for bit, what
+// the rank's own MoE layer computes (a row's FFN does not depend on the rows beside it); each expert's weight
+// gradient equals the sum over the ranks of theirs (what data parallelism all-reduces), to rounding.
+TEST_CASE("expert parallelism emulated on the CPU: the rows ep_exchange routes through each rank's experts give every rank's own MoE layer") {
+    const Config c = tiny_variant(0, 61);  // 8 experts, each token's top 3
+    RefModel<double> m;
+    ref_init(m, c);
+    randomise_weights(m, 5, false);
+    const MoeWeights<double>& w = m.w.layers[1].moe;
+    const int D = c.hidden_size, E = c.n_routed_experts, K = c.num_experts_per_tok, N = 24;
+    for (int P : {2, 4}) {
+        CAPTURE(P);
+        std::vector<double> grad_dp(m.layout.total, 0), grad_ep(m.layout.total, 0);
+        const MoeWeights<double> dw_dp = bind_weights(c, m.layout, grad_dp.data()).layers[1].moe;
+        const MoeWeights<double> dw_ep = bind_weights(c, m.layout, grad_ep.data()).layers[1].moe;
+        // every rank on its own: routing, expert outputs, and the experts' input gradients for an output gradient
+        std::vector<std::vector<double>> u(P), dout(P);
+        std::vector<MoeActs<double>> acts(P);
+        std::vector<std::vector<std::vector<double>>> dx_own(P, std::vector<std::vector<double>>(E));
+        std::vector<std::vector<int>> sorted(P);  // a rank's slots sorted by expert, stably (moe_permute's order)
+        std::vector<int> counts((size_t)P * E);
+        for (int q = 0; q < P; q++) {
+            for (size_t i = 0; i < (size_t)N * D; i++) {
+                u[q].push_back(4 * rng_uniform(100 + q, i) - 2);
+                dout[q].push_back(2 * rng_uniform(200 + q, i) - 1);
+            }
+            std::vector<double> out((size_t)N * D);
+            moe_forward(c, w, out.data(), u[q].data(), N, acts[q]);
+            for (int e = 0; e < E; e++) {
+                const std::vector<int>& rows = acts[q].rows[e];
+                sorted[q].insert(sorted[q].end(), rows.begin(), rows.end());
+                counts[(size_t)q * E + e] = (int)rows.size();
+                std::vector<double> dy;
+                for (int slot : rows)
+                    for (int i = 0; i < D; i++) dy.push_back(acts[q].router.gate[slot] * dout[q][(size_t)(slot / K) * D + i]);
+                dx_own[q][e].assign(dy.size(), 0);
+                if (!rows.empty())
+                    ffn_backward(moe_expert(w, e), moe_expert(dw_dp, e), dx_own[q][e].data(), dy.data(), acts[q].x[e].data(), (int)rows.size(),
+                                 acts[q].ffn[e], false);
+            }
+        }
+        std::vector<EpExchange> x;
+        for (int r = 0; r < P; r++) x.push_back(ep_exchange(ep_group(P, r, P, E), counts, E));
+        size_t arrived_all = 0;
+        for (int me = 0; me < P; me++) {
+            const EpGroup g = ep_group(P, me, P, E);
+            for (int q = 0; q < P; q++) CHECK(x[q].send_count[me] == x[me].recv_count[q]);
+            // what arrives at rank me, regrouped: each row as (its rank, its slot)
+            const size_t arrived = x[me].expert_offsets.back();
+            std::vector<std::pair<int, int>> grouped(arrived, {-1, -1});
+            for (int q = 0; q < P; q++)
+                for (size_t i = 0; i < x[me].recv_count[q]; i++)
+                    grouped.at(x[me].regrouped.at(x[me].recv_offset[q] + i)) = {q, sorted[q][x[q].send_offset[me] + i]};
+            arrived_all += arrived;
+            for (int j = 0; j < g.experts; j++) {
+                const int e = g.first_expert + j;
+                const size_t r0 = x[me].expert_offsets[j], rows = x[me].expert_offsets[j + 1] - r0;
+                std::vector<double> in, dy;
+                for (size_t r = r0; r < r0 + rows; r++) {
+                    const auto [q, slot] = grouped[r];
+                    REQUIRE(q >= 0);
+                    CHECK(acts[q].router.expert[slot] == e);
+                    for (int i = 0; i < D; i++) {
+                        in.push_back(u[q][(size_t)(slot / K) * D + i]);
+                        dy.push_back(acts[q].router.gate[slot] * dout[q][(size_t)(slot / K) * D + i]);
+                    }
+                }
+                if (rows == 0) continue;
+                std::vector<double> y(rows * D), dx(rows * D, 0);
+                FfnActs<double> fa;
+                ffn_forward(moe_expert(w, e), y.data(), in.data(), (int)rows, fa);
+                ffn_backward(moe_expert(w, e), moe_expert(dw_ep, e), dx.data(), dy.data(), in.data(), (int)rows, fa, false);
+                int same_y = 0, same_dx = 0;
+                for (size_t r = 0; r < rows; r++) {
+                    const auto [q, slot] = grouped[r0 + r];
+                    const int own = acts[q].slot[slot].second;  // its row in the rank's own batch for expert e
+                    same_y += memcmp(&y[r * D], &acts[q].y[e][(size_t)own * D], D * sizeof(double)) == 0;
+                    same_dx += memcmp(&dx[r * D], &dx_own[q][e][(size_t)own * D], D * sizeof(double)) == 0;
+                }
+                CHECK(same_y == (int)rows);
+                CHECK(same_dx == (int)rows);
+            }
+        }
+        CHECK(arrived_all == (size_t)P * N * K);  // every slot of every rank, once
+        CHECK(rel_error(grad_ep.data(), grad_dp.data(), grad_dp.size()) < 1e-13);
     }
 }
 
