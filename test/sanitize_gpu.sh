@@ -4,7 +4,8 @@
 # runs in its own process, JOBS at a time, each given at most LIMIT seconds. initcheck runs with
 # DSV3_INITCHECK set (cuda_common.cuh matmul_zero_output: it cannot see cuBLASLt write a GEMM's output).
 # Prints per tool the errors found, the cases that passed (a case cut off by LIMIT did not) and the
-# slowest cases; exits 1 on any error or any case that did not pass. CASES="3 29" runs only those cases.
+# slowest cases; exits 1 on any error or any case that did not pass. CASES="3 29" runs only those cases;
+# MATCH="speculative decoding,|flash attention" those whose names match that extended regular expression.
 #
 # Two kinds of test case are left out or set apart. The suite "statistical" (20000 speculative samples for a
 # chi-square) is skipped: its kernels run under the sanitizers in a small-batch case of their own. racecheck
@@ -24,6 +25,13 @@ mkdir -p "$logs"
 count_of() { ./test/test_gpu --list-test-cases "$1" | grep -o 'passing the current filters: [0-9]*' | grep -o '[0-9]*$'; }
 shared_count=$(count_of --test-suite-exclude=alone,statistical) alone_count=$(count_of --test-suite=alone)
 cases=${CASES:-$(seq $((shared_count + alone_count)))}
+if [ -n "${MATCH:-}" ]; then
+    cases=$(for filter in --test-suite-exclude=alone,statistical --test-suite=alone; do
+        ./test/test_gpu --list-test-cases "$filter" | grep -v '^\[doctest\]\|^====='
+    done | grep -n -E "$MATCH" | cut -d: -f1 | paste -sd' ' || true)
+    [ -n "$cases" ] || { echo "MATCH=$MATCH: no test case of test_gpu has such a name" >&2; exit 2; }
+    echo "cases matching $MATCH: $cases"
+fi
 
 # one case under one tool: its log is $logs/TOOL.CASE.log
 sanitize_case() {
