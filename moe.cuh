@@ -1101,8 +1101,9 @@ inline void grouped_gemm_backward_weight_gpu(float* dw, size_t dw_stride, const 
 
 // ----------------------------------------------------------------------------
 // The SwiGLU FFN and the MoE layer on the GPU, the twins of reference.h's ffn_forward / ffn_backward and
-// moe_forward / moe_backward (same arguments in the same order, the GpuContext last). Dense layers and the
-// shared experts run the FFN; the routed experts run the grouped GEMMs above on the same weights' layout.
+// moe_forward / moe_backward (same arguments in the same order, then the GpuContext, then in the forwards an
+// optional FP8 copy of the input). Dense layers and the shared experts run the FFN; the routed experts run the
+// grouped GEMMs above on the same weights' layout.
 
 struct FfnActsGpu {
     bf16* gate_up;             // [n, 2I] one layer's, kept from forward to backward
