@@ -62,14 +62,6 @@ MoeWeights<T> bind_moe(T* router, T* experts, int E, int D, int I) {
     return w;
 }
 
-std::vector<float> download(const bf16* p, size_t n) { return to_host(p, n); }
-
-std::vector<float> download(const float* p, size_t n) {
-    std::vector<float> h(n);
-    CUDA_CHECK(cudaMemcpy(h.data(), p, n * sizeof(float), cudaMemcpyDeviceToHost));
-    return h;
-}
-
 double rel_error(const std::vector<float>& a, const std::vector<float>& b) {
     double diff = 0, ref = 0;
     for (size_t i = 0; i < a.size(); i++) diff += ((double)a[i] - b[i]) * ((double)a[i] - b[i]), ref += (double)b[i] * b[i];
@@ -225,8 +217,8 @@ bool check(int P, const Config& c, int N, uint64_t seed) {
     size_t arrived_rows = 0;
     for (int q = 0; q < P; q++) {
         arrived_rows += r[q].x.expert_offsets.back();
-        const std::vector<float> o1 = download(out_ep[q], (size_t)N * D), o0 = download(out_plain[q], (size_t)N * D);
-        const std::vector<float> d1 = download(du_ep[q], (size_t)N * D), d0 = download(du_plain[q], (size_t)N * D);
+        const std::vector<float> o1 = to_host(out_ep[q], (size_t)N * D), o0 = to_host(out_plain[q], (size_t)N * D);
+        const std::vector<float> d1 = to_host(du_ep[q], (size_t)N * D), d0 = to_host(du_plain[q], (size_t)N * D);
         const bool same_out = memcmp(o1.data(), o0.data(), o0.size() * 4) == 0, same_du = memcmp(d1.data(), d0.data(), d0.size() * 4) == 0;
         const double e_out = rel_error(o1, o0), e_du = rel_error(d1, d0);
         printf("P %d rank %d: %zu rows arrived; out %s (rel %.2e), du %s (rel %.2e)\n", P, q, r[q].x.expert_offsets.back(),
@@ -234,7 +226,7 @@ bool check(int P, const Config& c, int N, uint64_t seed) {
         ok &= e_out < 1e-2 && e_du < 1e-2;
     }
     const size_t G = (size_t)E * D + E * XS;
-    const double e_grad = rel_error(download(g_ep, G), download(g_plain, G));
+    const double e_grad = rel_error(to_host(g_ep, G), to_host(g_plain, G));
     printf("P %d: %zu rows arrived over the ranks (want %d); weight gradients summed over the ranks: rel %.2e\n", P, arrived_rows, P * S,
            e_grad);
     ok &= arrived_rows == (size_t)P * S && e_grad < 1e-5;

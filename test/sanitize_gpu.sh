@@ -22,11 +22,12 @@ mkdir -p "$logs"
 # The cases that must have the device to themselves (doctest suite "alone") run after the others, one at a
 # time. Case i is the i-th of test_gpu --test-suite-exclude=alone,statistical, then, past those, of
 # --test-suite=alone.
+shared=--test-suite-exclude=alone,statistical alone=--test-suite=alone
 count_of() { ./test/test_gpu --list-test-cases "$1" | grep -o 'passing the current filters: [0-9]*' | grep -o '[0-9]*$'; }
-shared_count=$(count_of --test-suite-exclude=alone,statistical) alone_count=$(count_of --test-suite=alone)
+shared_count=$(count_of $shared) alone_count=$(count_of $alone)
 cases=${CASES:-$(seq $((shared_count + alone_count)))}
 if [ -n "${MATCH:-}" ]; then
-    cases=$(for filter in --test-suite-exclude=alone,statistical --test-suite=alone; do
+    cases=$(for filter in $shared $alone; do
         ./test/test_gpu --list-test-cases "$filter" | grep -v '^\[doctest\]\|^====='
     done | grep -n -E "$MATCH" | cut -d: -f1 | paste -sd' ' || true)
     [ -n "$cases" ] || { echo "MATCH=$MATCH: no test case of test_gpu has such a name" >&2; exit 2; }
@@ -35,19 +36,19 @@ fi
 
 # one case under one tool: its log is $logs/TOOL.CASE.log
 sanitize_case() {
-    local tool=$1 i=$2 options=() filter=(--test-suite-exclude=alone,statistical) n=$2
+    local tool=$1 i=$2 options=() filter=$shared n=$2
     case $tool in
         memcheck) options=(--leak-check full) ;;
     esac
-    if [ "$i" -gt "$shared_count" ]; then filter=(--test-suite=alone) n=$((i - shared_count)); fi
+    if [ "$i" -gt "$shared_count" ]; then filter=$alone n=$((i - shared_count)); fi
     if [ "$tool" = initcheck ]; then export DSV3_INITCHECK=1; fi
     SECONDS=0
-    timeout "$limit" compute-sanitizer --tool "$tool" "${options[@]}" --print-limit 100 ./test/test_gpu "${filter[@]}" --first="$n" \
+    timeout "$limit" compute-sanitizer --tool "$tool" "${options[@]}" --print-limit 100 ./test/test_gpu "$filter" --first="$n" \
         --last="$n" > "$logs/$tool.$i.log" 2>&1 || true
     echo "$SECONDS" > "$logs/$tool.$i.seconds"
 }
 export -f sanitize_case
-export logs limit shared_count
+export logs limit shared_count shared alone
 
 for tool in $tools; do
     for i in $cases; do if [ "$i" -le "$shared_count" ]; then echo "$tool $i"; fi; done
