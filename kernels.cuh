@@ -220,7 +220,7 @@ inline Fp8Matrix fp8_take(Carver& c, int rows, int cols) {
 inline size_t fp8_linear_scratch_bytes(int N, int in, int out, bool wgrad) {
     kdetail::Carver forward{nullptr}, backward{nullptr};
     kdetail::fp8_take(forward, (N + 3) / 4 * 4, in);
-    forward.take<bf16>((size_t)(N + 3) / 4 * 4 * out);
+    if (N % 4) forward.take<bf16>((size_t)(N + 3) / 4 * 4 * out);  // the padded output (linear_forward_gpu)
     kdetail::fp8_take(backward, N, out);
     if (wgrad) {
         kdetail::fp8_take(backward, out, N);

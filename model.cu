@@ -328,10 +328,19 @@ void model_to_gpu(Model& m, int B, int T, bool inference, const DistGroup& dist)
     if (zero) chunks = zero_rank_chunks(chunks, zero_layout, dist.rank);
     int moe_layers = 0;
     for (int l = 0; l < c.total_layers(); l++) moe_layers += c.is_moe_layer(l);
+    // The FP8 Linears' scratch at every row count this model runs, since a count that is not a multiple of 4 takes
+    // room for a padded output too: a step's B x T, an evaluation's windows (r x T for r <= B, and a last one
+    // shorter than T), or for decoding any count up to B x T (the largest of either residue mod 4 is the worst)
+    std::vector<int> row_counts = {B * T, B * T - 1, B * T - 2};
+    if (!inference) {
+        row_counts = {T - 1, T - 2};
+        for (int r = 1; r <= B; r++) row_counts.push_back(r * T);
+    }
     size_t scratch = 0;
     int fp8_width = 0;  // training: the widest FP8 Linear input or output gradient (gate_up's) a kernel copies to FP8
     for (const Fp8Weight& q : m.ref.fp8) {
-        scratch = std::max(scratch, fp8_linear_scratch_bytes(B * T, q.w.cols, q.w.rows, wgrad));
+        for (int rows : row_counts)
+            if (rows > 0) scratch = std::max(scratch, fp8_linear_scratch_bytes(rows, q.w.cols, q.w.rows, wgrad));
         if (!inference) fp8_width = std::max({fp8_width, q.w.cols, q.w.rows});
     }
 

@@ -6,10 +6,12 @@
 #                                    medium, then ./train with and without --fp8,
 #                                    alternated so that drift of the card hits both
 #                                    alike: median tokens/s and device memory (default 3 runs)
-#   bash bench/fp8.sh loss [steps] [data]   small at 8 x 256, both ways from the same seed:
+#   bash bench/fp8.sh loss [steps] [data] [preset batch seq every]   small at 8 x 256 (or
+#                                    the preset and batch given), both ways from the same seed:
 #                                    the loss curves (metrics.csv of each, under bench/out/),
-#                                    validation over the whole split every 250 steps (default
-#                                    2000 steps on data/default; data: a data/prepare folder)
+#                                    validation over the whole split every 250 steps (or
+#                                    `every`; default 2000 steps on data/default; data: a
+#                                    data/prepare folder)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source bench/lib.bash
@@ -22,5 +24,5 @@ if [ "$mode" = speed ]; then
     flag_speed --fp8 small 16 1024 25 "$runs"
     flag_speed --fp8 medium 8 1024 15 1  # medium: one run each, its setup takes a while
 else
-    flag_loss --fp8 "${2:-2000}" "${3:-data/default}"
+    flag_loss --fp8 "${2:-2000}" "${3:-data/default}" "${@:4}"
 fi

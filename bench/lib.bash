@@ -34,17 +34,19 @@ flag_speed() {
         "(runs: ${without[*]} / ${with[*]})"
 }
 
-# flag_loss FLAG STEPS DATA: small at 8 x 256 without and with FLAG, from the same seed and data order, the
-# validation loss over the whole split every 250 steps; each run's log and metrics.csv under
-# bench/out/<flag>_loss_<data>_{plain,<flag>}
+# flag_loss FLAG STEPS DATA [PRESET BATCH SEQ EVERY]: PRESET (default small) at BATCH x SEQ (8 x 256) without and
+# with FLAG, from the same seed and data order, the validation loss over the whole split every EVERY steps (250);
+# each run's log and metrics.csv under bench/out/<flag>_loss_<data>_{plain,<flag>} (small) or
+# bench/out/<flag>_loss_<preset>_<data>_{plain,<flag>}
 flag_loss() {
-    local flag=$1 steps=$2 data=$3 name
+    local flag=$1 steps=$2 data=$3 preset=${4:-small} b=${5:-8} t=${6:-256} every=${7:-250} name tag
+    tag=$([ "$preset" = small ] && echo "" || echo "${preset}_")
     mkdir -p bench/out
     for flags in "" "$flag"; do
-        name=bench/out/${flag#--}_loss_$(basename "$data")_${flags:-plain}
+        name=bench/out/${flag#--}_loss_${tag}$(basename "$data")_${flags:-plain}
         name=${name//--/}
-        ./train --data "$data" --preset small --batch-size 8 --seq-len 256 --steps "$steps" $flags --device gpu --sample-every 0 \
-            --save-every 0 --val-every 250 --overwrite --out "$name" > "$name.log"
-        echo "small 8x256 ${flags:-plain} on $data: step,loss,val_loss at the end: $(tail -1 "$name/metrics.csv" | cut -d, -f1-3)"
+        ./train --data "$data" --preset "$preset" --batch-size "$b" --seq-len "$t" --steps "$steps" $flags --device gpu \
+            --sample-every 0 --save-every 0 --val-every "$every" --overwrite --out "$name" > "$name.log"
+        echo "$preset ${b}x$t ${flags:-plain} on $data: step,loss,val_loss at the end: $(tail -1 "$name/metrics.csv" | cut -d, -f1-3)"
     done
 }

@@ -197,6 +197,28 @@ TEST_CASE("an FP8 GPU step follows the emulated FP8 step of the CPU more closely
     remove_tree(dir);
 }
 
+// cuBLASLt's FP8 GEMM takes rows in fours: an evaluation's windows of other row counts (here 30 rows, and a last
+// window of 17) run padded in scratch, which model_to_gpu sizes for every count it will see
+TEST_CASE("an FP8 model evaluates windows of any row count as the CPU's emulation does") {
+    REQUIRE(gpu_available());
+    const Config c = fp8_test_config(96);
+    const int B = 2, T = 30;
+    Model cpu8, gpu8;
+    for (Model* m : {&cpu8, &gpu8}) {
+        model_create(*m, c, 5);
+        for (float& v : m->ref.params) v = bf16_to_float(float_to_bf16(v));
+        ref_enable_fp8(m->ref, false);
+    }
+    model_to_gpu(gpu8, B, T);
+    std::vector<int> tokens(B * T + T + 17 + 1);  // windows of 2 x 30, 1 x 30 and 1 x 17 tokens
+    uint32_t state = 12345;
+    for (int& t : tokens) t = (int)((state = state * 1664525u + 1013904223u) >> 8) % c.vocab_size;
+    const double gpu_loss = model_eval_loss(gpu8, tokens, T, B), cpu_loss = model_eval_loss(cpu8, tokens, T, B);
+    MESSAGE("FP8 evaluation: loss gpu ", gpu_loss, " cpu (emulated) ", cpu_loss);
+    CHECK(std::fabs(gpu_loss - cpu_loss) / cpu_loss < 2e-2);
+    model_free_gpu(gpu8);
+}
+
 TEST_CASE("with sparse routing the GPU step's losses match the CPU reference") {
     REQUIRE(gpu_available());
     std::string dir = temp_dir("sparse");
