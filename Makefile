@@ -64,7 +64,7 @@ bench/decode_bench: bench/decode_bench.cu $(MODEL) decode.o $(HEADERS)
 	$(NVCC) $(FLAGS) $< $(MODEL) decode.o -o $@ $(LIBS)
 
 # where FP8 pays, GEMM by GEMM (bench/fp8.sh runs it on the device machine)
-bench/fp8_gemm: bench/fp8_gemm.cu $(HEADERS) cuda_common.cuh kernels.cuh
+bench/fp8_gemm: bench/fp8_gemm.cu $(HEADERS) cuda_common.cuh kernels.cuh moe.cuh
 	$(NVCC) $(FLAGS) $< -o $@ $(LIBS)
 
 # dev tools for the PyTorch comparisons (dev/*.py run them on the device machine)

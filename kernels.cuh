@@ -703,8 +703,8 @@ inline void rmsnorm_backward_gpu(G* dinp, float* dweight, const typename kdetail
 // backward: dup = dh * gate * s, dgate = dh * up * (s + gate * s * (1 - s))
 //
 // On gate_up [n, 2I] from one GEMM (gate in columns 0..I-1, up in I..2I-1): element e
-// of hidden (row e / I, column e % I) reads gate[row * ld + col] and up[row * ld + col],
-// ld = 2I.
+// of hidden (row e / I, column e % I) reads gate_up[row * 2I + col] and the up beside it,
+// I further on.
 
 __device__ inline float swiglu_sigmoid(float x) { return 1.0f / (1.0f + expf(-x)); }
 
@@ -713,15 +713,14 @@ __device__ inline float swiglu_sigmoid(float x) { return 1.0f / (1.0f + expf(-x)
 // 1 x 128 tile of one row, quantized by the half-warp that wrote it
 // (fp8_quantize_tile8), so every round of the loop runs on whole warps.
 template <int VEC, bool FP8>
-static __global__ void swiglu_forward_kernel(bf16* hidden, Fp8Matrix q, const bf16* gate, const bf16* up, size_t packs, long long I,
-                                             long long ld) {
+static __global__ void swiglu_forward_kernel(bf16* hidden, Fp8Matrix q, const bf16* gate_up, size_t packs, long long I) {
     for (size_t p0 = (size_t)blockIdx.x * blockDim.x; p0 < packs; p0 += (size_t)gridDim.x * blockDim.x) {
-        const size_t p = p0 + threadIdx.x, e = p < packs ? p * VEC : 0, row = e / I, col = e % I, in = row * ld + col;
+        const size_t p = p0 + threadIdx.x, e = p < packs ? p * VEC : 0, row = e / I, col = e % I, in = row * 2 * I + col;
         float h[VEC] = {};
         if (p < packs) {
             float g[VEC], u[VEC];
-            kdetail::load_bf16<VEC>(g, gate + in);
-            kdetail::load_bf16<VEC>(u, up + in);
+            kdetail::load_bf16<VEC>(g, gate_up + in);
+            kdetail::load_bf16<VEC>(u, gate_up + in + I);
 #pragma unroll
             for (int k = 0; k < VEC; k++) h[k] = __bfloat162float(__float2bfloat16(g[k] * swiglu_sigmoid(g[k]) * u[k]));  // hidden's value
             kdetail::store_bf16<VEC>(hidden + e, h);
@@ -730,17 +729,16 @@ static __global__ void swiglu_forward_kernel(bf16* hidden, Fp8Matrix q, const bf
     }
 }
 
-// dgate/dup may alias gate/up (each thread reads its elements before writing them)
+// dgate_up may alias gate_up (each thread reads its elements before writing them)
 template <int VEC, bool FP8>
-static __global__ void swiglu_backward_kernel(bf16* dgate, bf16* dup, Fp8Matrix q, const bf16* dhidden, const bf16* gate, const bf16* up,
-                                              size_t packs, long long I, long long ld) {
+static __global__ void swiglu_backward_kernel(bf16* dgate_up, Fp8Matrix q, const bf16* dhidden, const bf16* gate_up, size_t packs, long long I) {
     for (size_t p0 = (size_t)blockIdx.x * blockDim.x; p0 < packs; p0 += (size_t)gridDim.x * blockDim.x) {
-        const size_t p = p0 + threadIdx.x, e = p < packs ? p * VEC : 0, row = e / I, col = e % I, in = row * ld + col;
+        const size_t p = p0 + threadIdx.x, e = p < packs ? p * VEC : 0, row = e / I, col = e % I, in = row * 2 * I + col;
         float dg[VEC] = {}, du[VEC] = {};
         if (p < packs) {
             float g[VEC], u[VEC], dh[VEC];
-            kdetail::load_bf16<VEC>(g, gate + in);
-            kdetail::load_bf16<VEC>(u, up + in);
+            kdetail::load_bf16<VEC>(g, gate_up + in);
+            kdetail::load_bf16<VEC>(u, gate_up + in + I);
             kdetail::load_bf16<VEC>(dh, dhidden + e);
 #pragma unroll
             for (int k = 0; k < VEC; k++) {
@@ -748,8 +746,8 @@ static __global__ void swiglu_backward_kernel(bf16* dgate, bf16* dup, Fp8Matrix 
                 du[k] = __bfloat162float(__float2bfloat16(dh[k] * g[k] * s));
                 dg[k] = __bfloat162float(__float2bfloat16(dh[k] * u[k] * (s + g[k] * s * (1.0f - s))));
             }
-            kdetail::store_bf16<VEC>(dgate + in, dg);
-            kdetail::store_bf16<VEC>(dup + in, du);
+            kdetail::store_bf16<VEC>(dgate_up + in, dg);
+            kdetail::store_bf16<VEC>(dgate_up + in + I, du);
         }
         if constexpr (FP8) {
             fp8_quantize_tile8(q, (int)row, (int)col, dg, p < packs);
@@ -758,29 +756,21 @@ static __global__ void swiglu_backward_kernel(bf16* dgate, bf16* dup, Fp8Matrix 
     }
 }
 
-namespace kdetail {
-// the FP8 copy in the kernel where its tiles line up with the packs, else a pass after it
-inline bool swiglu_vec8(size_t count, long long I, long long ld, std::initializer_list<const void*> ptrs) {
-    return count % 8 == 0 && I % 8 == 0 && ld % 8 == 0 && aligned16(ptrs);
-}
-}  // namespace kdetail
-
 // hidden[n, I], gate_up[n, 2I] (gate = columns 0..I-1, up = columns I..2I-1);
 // hidden_fp8: hidden's FP8 copy (fp8_copy), written too where it has codes
 inline void swiglu_forward_fused_gpu(bf16* hidden, const bf16* gate_up, int n, int I, cudaStream_t stream, const Fp8Matrix& hidden_fp8 = {}) {
     const size_t count = (size_t)n * I;
     if (count == 0) return;
-    const bf16 *gate = gate_up, *up = gate_up + I;
-    if (kdetail::swiglu_vec8(count, I, 2ll * I, {hidden, gate, up})) {
+    if (I % 8 == 0 && kdetail::aligned16({hidden, gate_up})) {
         const int blocks = kdetail::elementwise_blocks(count / 8, 256);
-        if (hidden_fp8.codes && I % FP8_TILE == 0) {
-            swiglu_forward_kernel<8, true><<<blocks, 256, 0, stream>>>(hidden, hidden_fp8, gate, up, count / 8, I, 2ll * I);
+        if (hidden_fp8.codes && I % FP8_TILE == 0) {  // the copy in the kernel where its tiles line up with the packs
+            swiglu_forward_kernel<8, true><<<blocks, 256, 0, stream>>>(hidden, hidden_fp8, gate_up, count / 8, I);
             CUDA_LAUNCH_CHECK();
             return;
         }
-        swiglu_forward_kernel<8, false><<<blocks, 256, 0, stream>>>(hidden, hidden_fp8, gate, up, count / 8, I, 2ll * I);
+        swiglu_forward_kernel<8, false><<<blocks, 256, 0, stream>>>(hidden, hidden_fp8, gate_up, count / 8, I);
     } else {
-        swiglu_forward_kernel<1, false><<<kdetail::elementwise_blocks(count, 256), 256, 0, stream>>>(hidden, hidden_fp8, gate, up, count, I, 2ll * I);
+        swiglu_forward_kernel<1, false><<<kdetail::elementwise_blocks(count, 256), 256, 0, stream>>>(hidden, hidden_fp8, gate_up, count, I);
     }
     CUDA_LAUNCH_CHECK();
     if (hidden_fp8.codes) fp8_quantize_gpu(hidden_fp8, hidden, I, stream);
@@ -792,20 +782,17 @@ inline void swiglu_backward_fused_gpu(bf16* dgate_up, const bf16* dhidden, const
                                       const Fp8Matrix& dgate_up_fp8 = {}) {
     const size_t count = (size_t)n * I;
     if (count == 0) return;
-    bf16 *dgate = dgate_up, *dup = dgate_up + I;
-    const bf16 *gate = gate_up, *up = gate_up + I;
     const Fp8Matrix& q = dgate_up_fp8;
-    if (kdetail::swiglu_vec8(count, I, 2ll * I, {dgate, dup, dhidden, gate, up})) {
+    if (I % 8 == 0 && kdetail::aligned16({dgate_up, dhidden, gate_up})) {
         const int blocks = kdetail::elementwise_blocks(count / 8, 256);
-        if (q.codes && I % FP8_TILE == 0) {
-            swiglu_backward_kernel<8, true><<<blocks, 256, 0, stream>>>(dgate, dup, q, dhidden, gate, up, count / 8, I, 2ll * I);
+        if (q.codes && I % FP8_TILE == 0) {  // the copy in the kernel where its tiles line up with the packs
+            swiglu_backward_kernel<8, true><<<blocks, 256, 0, stream>>>(dgate_up, q, dhidden, gate_up, count / 8, I);
             CUDA_LAUNCH_CHECK();
             return;
         }
-        swiglu_backward_kernel<8, false><<<blocks, 256, 0, stream>>>(dgate, dup, q, dhidden, gate, up, count / 8, I, 2ll * I);
+        swiglu_backward_kernel<8, false><<<blocks, 256, 0, stream>>>(dgate_up, q, dhidden, gate_up, count / 8, I);
     } else {
-        swiglu_backward_kernel<1, false><<<kdetail::elementwise_blocks(count, 256), 256, 0, stream>>>(dgate, dup, q, dhidden, gate, up, count,
-                                                                                                      I, 2ll * I);
+        swiglu_backward_kernel<1, false><<<kdetail::elementwise_blocks(count, 256), 256, 0, stream>>>(dgate_up, q, dhidden, gate_up, count, I);
     }
     CUDA_LAUNCH_CHECK();
     if (q.codes) fp8_quantize_gpu(q, dgate_up, 2 * I, stream);

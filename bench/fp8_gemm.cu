@@ -3,7 +3,10 @@
 // Fprop, Dgrad and Wgrad GEMMs of each, the FP8 path's quantization kernels, and the
 // whole linear_forward_gpu + linear_backward_gpu of each (FP8 with Wgrad in bf16, and
 // with --fp8-wgrad's). Medians over --runs, timed with CUDA events; one line per
-// Linear, in microseconds.
+// Linear, in microseconds. Then the routed experts' forward GEMMs (gate_up and down),
+// the two ways the FP8 issue names: our grouped kernel (moe.cuh, bf16) against one
+// cuBLASLt call per expert, in bf16 and block-scaled FP8, at N x top-k rows split
+// evenly over the experts (the per-expert calls' best case: one shape, known on the host).
 //
 //   bench/fp8_gemm [--preset small] [--tokens 16384] [--runs 20]
 #include <algorithm>
@@ -12,6 +15,7 @@
 
 #include "cli.h"
 #include "kernels.cuh"
+#include "moe.cuh"
 
 static const char* USAGE =
     "usage: bench/fp8_gemm [--preset NAME] [--tokens N] [--runs R]\n"
@@ -45,6 +49,54 @@ static double time_us(cudaStream_t st, int runs, const std::function<void()>& fn
 static Fp8Matrix fp8_alloc(int rows, int cols, int tile_rows) {
     return {device_alloc<uint8_t>((size_t)rows * cols, "bench"), device_alloc<float>(fp8_scale_count(rows, cols, tile_rows), "bench"), rows, cols,
             tile_rows};
+}
+
+// the routed experts' forward GEMM out [S, OC] = x [S, C] @ W_e^T, S = N x top-k rows in E equal groups: our grouped
+// kernel, and E cuBLASLt calls in bf16 and in FP8 (x quantized per expert beforehand, its pass timed apart)
+static void time_experts(const char* name, int S, int E, int C, int OC, int runs, GpuContext& ctx) {
+    cudaStream_t st = ctx.stream;
+    const int rows = S / E / 4 * 4;  // FP8's GEMM takes rows in fours
+    S = rows * E;
+    bf16 *x = device_alloc<bf16>((size_t)S * C, "bench"), *w = device_alloc<bf16>((size_t)E * OC * C, "bench");
+    bf16* y = device_alloc<bf16>((size_t)S * OC, "bench");
+    std::vector<float> h((size_t)std::max(S, E * OC) * C);
+    for (size_t i = 0; i < h.size(); i++) h[i] = 2 * rng_uniform(2, i) - 1;
+    to_device(x, h.data(), (size_t)S * C);
+    to_device(w, h.data(), (size_t)E * OC * C);
+    std::vector<int> offsets(E + 1);
+    for (int e = 0; e <= E; e++) offsets[e] = e * rows;
+    int* d_offsets = device_alloc<int>(E + 1, "bench");
+    to_device(d_offsets, offsets.data(), E + 1);
+    std::vector<Fp8Matrix> xq(E);
+    std::vector<Fp8WeightJob> jobs;
+    for (int e = 0; e < E; e++) {
+        xq[e] = fp8_alloc(rows, C, 1);
+        jobs.push_back({{fp8_alloc(OC, C, 128), fp8_alloc(C, OC, 128)}, w + (size_t)e * OC * C, 0});
+    }
+    int blocks = 0;
+    Fp8WeightJob* d_jobs = fp8_weight_jobs_upload(jobs, &blocks);
+    fp8_quantize_weights_gpu(d_jobs, E, blocks, st);
+    auto t = [&](const std::function<void()>& fn) { return time_us(st, runs, fn); };
+    const double ours = t([&] { grouped_gemm_forward_gpu(y, x, w, (size_t)OC * C, d_offsets, S, E, C, OC, st); });
+    const double bf16_each = t([&] {
+        for (int e = 0; e < E; e++)
+            matmul(ctx.mm, y + (size_t)e * rows * OC, x + (size_t)e * rows * C, w + (size_t)e * OC * C, rows, OC, C, false, true, 0.0f, false, st);
+    });
+    const double quant = t([&] {
+        for (int e = 0; e < E; e++) fp8_quantize_gpu(xq[e], x + (size_t)e * rows * C, C, st);
+    });
+    const double fp8_each = t([&] {
+        for (int e = 0; e < E; e++) fp8_matmul(ctx.mm, y + (size_t)e * rows * OC, false, xq[e], jobs[e].q.w, false, st);
+    });
+    const double tflop = 2.0 * S * C * OC / 1e12;
+    printf("%-15s %5d %5d %6d x %2d | %7.0f (%4.0f) | %7.0f (%4.0f) | %7.0f (%4.0f) + %5.0f\n", name, C, OC, rows, E, ours, tflop / ours * 1e6,
+           bf16_each, tflop / bf16_each * 1e6, fp8_each, tflop / fp8_each * 1e6, quant);
+    for (void* p : {(void*)x, (void*)w, (void*)y, (void*)d_offsets, (void*)d_jobs}) CUDA_CHECK(cudaFree(p));
+    for (int e = 0; e < E; e++)
+        for (const Fp8Matrix& m : {xq[e], jobs[e].q.w, jobs[e].q.wt}) {
+            CUDA_CHECK(cudaFree(m.codes));
+            CUDA_CHECK(cudaFree(m.scales));
+        }
 }
 
 static int run(int argc, char** argv) {
@@ -143,6 +195,14 @@ static int run(int argc, char** argv) {
             CUDA_CHECK(cudaFree(m.codes));
             CUDA_CHECK(cudaFree(m.scales));
         }
+    }
+    if (c.n_routed_experts > 0) {
+        const int S = N * c.num_experts_per_tok, E = c.n_routed_experts, MI = c.moe_intermediate_size;
+        printf("\nrouted experts, forward, microseconds (TFLOP/s): our grouped kernel (bf16) | cuBLASLt per expert, bf16 | cuBLASLt per "
+               "expert, FP8 + quantizing x\n");
+        printf("%-15s %5s %5s %11s | %-14s | %-14s | %s\n", "GEMM", "in", "out", "rows x E", "grouped bf16", "per-expert bf16", "per-expert FP8");
+        time_experts("expert gate_up", S, E, D, 2 * MI, runs, ctx);
+        time_experts("expert down", S, E, MI, D, runs, ctx);
     }
     matmul_free(ctx.mm);
     return 0;
