@@ -7,7 +7,7 @@ the GPU time they add up to, and a table of the kernels that take the most time.
 Compare the GPU time with the step's wall time (from tokens/s) to see how
 launch-bound a preset is.
 
-    python3 dev/profile_step.py --preset mini --batch-size 8 --seq-len 256 [--vocab-size 1024]
+    python3 dev/profile_step.py --preset mini --batch-size 8 --seq-len 256 [--vocab-size 1024] [--flags "--mtp"]
 
 Needs a GPU, ncu on PATH, and a built ./train and data/default.
 """
@@ -35,12 +35,13 @@ def main():
     ap.add_argument("--vocab-size", type=int, default=1024)
     ap.add_argument("--skip", type=int, default=4000, help="kernel launches to skip (warm-up)")
     ap.add_argument("--count", type=int, default=4000, help="kernel launches to time")
+    ap.add_argument("--flags", default="", help="more ./train options, e.g. \"--mtp\" or \"--fp8\"")
     a = ap.parse_args()
     cmd = ["ncu", "--clock-control", "none", "--metrics", "gpu__time_duration.sum", "--csv", "--print-units", "base",
            "--launch-skip", str(a.skip), "--launch-count", str(a.count),
            "./train", "--preset", a.preset, "--vocab-size", str(a.vocab_size), "--batch-size", str(a.batch_size),
            "--seq-len", str(a.seq_len), "--steps", "200", "--device", "gpu", "--val-every", "0", "--sample-every", "0",
-           "--save-every", "0", "--overwrite", "--out", "/tmp/profile_run"]
+           "--save-every", "0", "--overwrite", "--out", "/tmp/profile_run"] + a.flags.split()
     out = subprocess.run(cmd, capture_output=True, text=True).stdout
     rows = [r for r in csv.DictReader(io.StringIO(out[out.index('"ID"'):])) if r.get("Metric Name") == "gpu__time_duration.sum"]
     kernels = [(short_name(r["Kernel Name"]), float(r["Metric Value"].replace(",", "")) / 1e3) for r in rows]  # ns -> us
@@ -50,7 +51,7 @@ def main():
     steps = [kernels[ends[i] + 1: ends[i + 1] + 1] for i in range(len(ends) - 1)]
     per_step = steps[-1]
     total = sum(t for _, t in per_step)
-    print(f"{a.preset} B={a.batch_size} T={a.seq_len}: {len(per_step)} kernels per step, {total / 1e3:.3f} ms of GPU time "
+    print(f"{a.preset} B={a.batch_size} T={a.seq_len} {a.flags}: {len(per_step)} kernels per step, {total / 1e3:.3f} ms of GPU time "
           f"per step ({len(steps)} whole steps seen)")
     by_name = collections.defaultdict(lambda: [0, 0.0])
     for n, t in per_step:
