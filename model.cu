@@ -329,8 +329,9 @@ void model_to_gpu(Model& m, int B, int T, bool inference, const DistGroup& dist)
     int moe_layers = 0;
     for (int l = 0; l < c.total_layers(); l++) moe_layers += c.is_moe_layer(l);
     // The FP8 Linears' scratch at every row count this model runs, since a count that is not a multiple of 4 takes
-    // room for a padded output too: a step's B x T, an evaluation's windows (r x T for r <= B, and a last one
-    // shorter than T), or for decoding any count up to B x T (the largest of either residue mod 4 is the worst)
+    // room for a padded output too: a step's B x T, an evaluation's windows and a sample's context (r x T for r <= B,
+    // or one row shorter than T), or for decoding any count up to B x T. The need grows with the count among the
+    // multiples of 4 and among the others, so the largest of each kind is the one to size for.
     std::vector<int> row_counts = {B * T, B * T - 1, B * T - 2};
     if (!inference) {
         row_counts = {T - 1, T - 2};
