@@ -34,19 +34,40 @@ flag_speed() {
         "(runs: ${without[*]} / ${with[*]})"
 }
 
-# flag_loss FLAG STEPS DATA [PRESET BATCH SEQ EVERY]: PRESET (default small) at BATCH x SEQ (8 x 256) without and
-# with FLAG, from the same seed and data order, the validation loss over the whole split every EVERY steps (250);
-# each run's log and metrics.csv under bench/out/<flag>_loss_<data>_{plain,<flag>} (small) or
-# bench/out/<flag>_loss_<preset>_<data>_{plain,<flag>}
+# flag_loss FLAG STEPS DATA [PRESET BATCH SEQ EVERY SEED]: PRESET (default small) at BATCH x SEQ (8 x 256) without
+# and with FLAG, from the same seed (./train's default, or SEED) and data order, the validation loss over the whole
+# split every EVERY steps (250); each run's log and metrics.csv under
+# bench/out/<flag>_loss_[<preset>_]<data>[_seed<SEED>]_{plain,<flag>} (the preset named unless small)
 flag_loss() {
-    local flag=$1 steps=$2 data=$3 preset=${4:-small} b=${5:-8} t=${6:-256} every=${7:-250} name tag
-    tag=$([ "$preset" = small ] && echo "" || echo "${preset}_")
+    local flag=$1 steps=$2 data=$3 preset=${4:-small} b=${5:-8} t=${6:-256} every=${7:-250} seed=${8:-} name tag seeded=()
+    tag=$([ "$preset" = small ] && echo "" || echo "${preset}_")$(basename "$data")
+    if [ -n "$seed" ]; then tag+=_seed$seed seeded=(--seed "$seed"); fi
     mkdir -p bench/out
     for flags in "" "$flag"; do
-        name=bench/out/${flag#--}_loss_${tag}$(basename "$data")_${flags:-plain}
+        name=bench/out/${flag#--}_loss_${tag}_${flags:-plain}
         name=${name//--/}
-        ./train --data "$data" --preset "$preset" --batch-size "$b" --seq-len "$t" --steps "$steps" $flags --device gpu \
+        ./train --data "$data" --preset "$preset" --batch-size "$b" --seq-len "$t" --steps "$steps" $flags "${seeded[@]}" --device gpu \
             --sample-every 0 --save-every 0 --val-every "$every" --overwrite --out "$name" > "$name.log"
-        echo "$preset ${b}x$t ${flags:-plain} on $data: step,loss,val_loss at the end: $(tail -1 "$name/metrics.csv" | cut -d, -f1-3)"
+        echo "$preset ${b}x$t ${flags:-plain}${seed:+ seed $seed} on $data: step,loss,val_loss at the end: $(tail -1 "$name/metrics.csv" | cut -d, -f1-3)"
     done
+}
+
+# flag_seeds FLAG STEPS DATA COUNT: flag_loss on small at 8 x 256 for seeds 1..COUNT, then each side's final
+# validation losses, their mean and spread (sample standard deviation), and the mean difference in per cent:
+# the noise a single pair of runs has to be read against
+flag_seeds() {
+    local flag=$1 steps=$2 data=$3 count=$4 seed side means=()
+    for seed in $(seq "$count"); do flag_loss "$flag" "$steps" "$data" small 8 256 250 "$seed"; done
+    for side in plain "${flag#--}"; do
+        local losses=()
+        for seed in $(seq "$count"); do
+            losses+=("$(tail -1 "bench/out/${flag#--}_loss_$(basename "$data")_seed${seed}_$side/metrics.csv" | cut -d, -f3)")
+        done
+        means+=("$(printf '%s\n' "${losses[@]}" | awk '{ s += $1 } END { print s / NR }')")
+        printf '%s\n' "${losses[@]}" | awk -v side="$side" -v m="${means[-1]}" '{ v[NR] = $1; d += ($1 - m) ^ 2 } END {
+            sd = sqrt(d / (NR > 1 ? NR - 1 : 1)); printf "%s: final val losses", side
+            for (i = 1; i <= NR; i++) printf " %.4f", v[i]
+            printf "; mean %.4f, spread %.4f (%.2f%%)\n", m, sd, 100 * sd / m }'
+    done
+    awk -v a="${means[0]}" -v b="${means[1]}" -v f="$flag" 'BEGIN { printf "%s against plain, mean final val loss: %+.2f%%\n", f, 100 * (b / a - 1) }'
 }
