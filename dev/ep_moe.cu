@@ -11,7 +11,11 @@
 // The design this checks: the weights and gradients keep today's layout on every rank (ZeRO-1 already shards the
 // optimizer state over the world; a rank's gradient for another rank's experts stays zero, so the reduce-scatter's
 // sum is the data-parallel one), and the arrived rows of a layer are kept for its backward, in buffers sized for
-// the worst case of P x S rows.
+// the worst case of P x S rows. Run on an H200 (session 11): every rank's output and input gradient bit-identical
+// for P = 2 and 4, the summed weight gradients within 1e-6. But with every expert on every rank a rank does the
+// same GEMM work as under data parallelism and holds the same memory, so the real thing should give each rank only
+// its experts' weights, gradients and optimizer state (reduced over the ranks that hold the same experts); the
+// exchange and the regrouping checked here are the same either way.
 //
 //   make dev/ep_moe && ./dev/ep_moe      (on the device machine; exits 1 on a mismatch)
 //
