@@ -16,6 +16,12 @@
 #                                    included) and the drafts' acceptance; then
 #                                    bench/decode_bench at batch 1 and 32 (random prompts,
 #                                    greedy), decode alone, both ways
+#   bash bench/mtp.sh seeds [steps] [data] [count]   the `loss` pair for seeds 1..count (default
+#                                    2000 steps, data/default, 3 seeds): each side's final main-model
+#                                    validation losses, their mean and seed-to-seed spread
+#   bash bench/mtp.sh lambdas [steps] [data] [list]   `loss`'s --mtp run at each --mtp-lambda of
+#                                    the list (default "0.1 0.3 1"): the main model's final
+#                                    validation loss, and the module's training loss at the last step
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source bench/lib.bash
@@ -51,6 +57,18 @@ elif [ "$mode" = decode ]; then
         for flag in --speculative ""; do
             ./bench/decode_bench --model "$ckpt" --batch "$batch" --prompt-len 64 --new-tokens 256 --runs "$runs" $flag
         done
+    done
+elif [ "$mode" = seeds ]; then
+    flag_seeds --mtp "${2:-2000}" "${3:-data/default}" "${4:-3}"
+elif [ "$mode" = lambdas ]; then
+    steps=${2:-2000} data=${3:-data/default}
+    mkdir -p bench/out
+    for lambda in ${4:-0.1 0.3 1}; do
+        out=bench/out/mtp_lambda_${lambda}_$(basename "$data")
+        ./train --data "$data" --preset small --batch-size 8 --seq-len 256 --steps "$steps" --mtp --mtp-lambda "$lambda" --device gpu \
+            --sample-every 0 --save-every 0 --val-every 250 --overwrite --out "$out" > "$out.log"
+        echo "--mtp-lambda $lambda on $data: step,loss,val_loss at the end: $(tail -1 "$out/metrics.csv" | cut -d, -f1-3);" \
+            "the module's training loss at the last step: $(grep -o '| mtp [0-9.]*' "$out.log" | tail -1 | cut -c7-)"
     done
 else
     flag_loss --mtp "${2:-2000}" "${3:-data/default}"
