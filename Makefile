@@ -75,7 +75,7 @@ dev/ref_dump: dev/ref_dump.cu $(MODEL) $(HEADERS)
 dev/rmsnorm_bench dev/ep_moe dev/crossentropy_bench: dev/%: dev/%.cu dev/timing.cuh $(HEADERS) cuda_common.cuh kernels.cuh moe.cuh
 	$(NVCC) $(FLAGS) $< -o $@ $(LIBS)
 
-test/%.o: test/%.cpp $(HEADERS) test/test_configs.h
+test/%.o: test/%.cpp $(HEADERS) test/test_configs.h cuda_common.cuh kernels.cuh
 	$(NVCC) $(FLAGS) -x cu -c $< -o $@
 
 test/test_cpu: $(TEST_SOURCES:.cpp=.o) $(MODEL)

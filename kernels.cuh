@@ -229,6 +229,23 @@ inline size_t fp8_linear_scratch_bytes(int N, int in, int out, bool wgrad) {
     return std::max(forward.used, backward.used) + 256;
 }
 
+// The scratch a model's FP8 Linears take at every row count a model built for B x T runs, since a count that is not
+// a multiple of 4 takes room for a padded output too: a step's B x T, an evaluation's windows and a sample's context
+// (r x T for r <= B, or one row shorter than T), or when decoding (inference) any count up to B x T. The need grows
+// with the count among the multiples of 4 and among the others, so the largest of each kind is the one to size for.
+inline size_t fp8_model_scratch_bytes(const std::vector<Fp8Weight>& linears, int B, int T, bool inference, bool wgrad) {
+    std::vector<int> row_counts = {B * T, B * T - 1, B * T - 2};
+    if (!inference) {
+        row_counts = {T - 1, T - 2};
+        for (int r = 1; r <= B; r++) row_counts.push_back(r * T);
+    }
+    size_t scratch = 0;
+    for (const Fp8Weight& q : linears)
+        for (int rows : row_counts)
+            if (rows > 0) scratch = std::max(scratch, fp8_linear_scratch_bytes(rows, q.w.cols, q.w.rows, wgrad));
+    return scratch;
+}
+
 // out [N, W.out] = x [N, W.in] @ W^T; x_fp8: x's FP8 copy (fp8_copy), if its maker wrote one
 inline void linear_forward_gpu(bf16* out, const bf16* x, const Linear<bf16>& w, int N, GpuContext& ctx, const Fp8Matrix& x_fp8 = {}) {
     if (!w.fp8) return matmul(ctx.mm, out, x, w.w, N, w.out, w.in, false, true, 0.0f, false, ctx.stream);

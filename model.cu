@@ -328,22 +328,10 @@ void model_to_gpu(Model& m, int B, int T, bool inference, const DistGroup& dist)
     if (zero) chunks = zero_rank_chunks(chunks, zero_layout, dist.rank);
     int moe_layers = 0;
     for (int l = 0; l < c.total_layers(); l++) moe_layers += c.is_moe_layer(l);
-    // The FP8 Linears' scratch at every row count this model runs, since a count that is not a multiple of 4 takes
-    // room for a padded output too: a step's B x T, an evaluation's windows and a sample's context (r x T for r <= B,
-    // or one row shorter than T), or for decoding any count up to B x T. The need grows with the count among the
-    // multiples of 4 and among the others, so the largest of each kind is the one to size for.
-    std::vector<int> row_counts = {B * T, B * T - 1, B * T - 2};
-    if (!inference) {
-        row_counts = {T - 1, T - 2};
-        for (int r = 1; r <= B; r++) row_counts.push_back(r * T);
-    }
-    size_t scratch = 0;
+    const size_t scratch = fp8_model_scratch_bytes(m.ref.fp8, B, T, inference, wgrad);
     int fp8_width = 0;  // training: the widest FP8 Linear input or output gradient (gate_up's) a kernel copies to FP8
-    for (const Fp8Weight& q : m.ref.fp8) {
-        for (int rows : row_counts)
-            if (rows > 0) scratch = std::max(scratch, fp8_linear_scratch_bytes(rows, q.w.cols, q.w.rows, wgrad));
-        if (!inference) fp8_width = std::max({fp8_width, q.w.cols, q.w.rows});
-    }
+    if (!inference)
+        for (const Fp8Weight& q : m.ref.fp8) fp8_width = std::max({fp8_width, q.w.cols, q.w.rows});
 
     // the whole model's device memory, sized before anything is allocated: a model or batch
     // that cannot fit is refused with its sizes, not at whichever allocation fails first

@@ -18,6 +18,7 @@
 
 #include "common.h"
 #include "fp8.cuh"
+#include "kernels.cuh"
 #include "model.h"
 #include "test_configs.h"
 
@@ -163,6 +164,37 @@ TEST_CASE("fp8_matmul refuses shapes it was not checked for, before touching the
         const Fp8Matrix x{nullptr, nullptr, N, K, 1}, w{nullptr, nullptr, 128, K, 128};
         CHECK_THROWS_WITH_AS(fp8_matmul(mm, nullptr, false, x, w, false, 0), doctest::Contains("must be a multiple of 16"), std::runtime_error);
     }
+}
+
+// model_to_gpu sizes the FP8 Linears' scratch once; a row count it did not foresee would stop a run midway
+TEST_CASE("fp8_model_scratch_bytes covers every row count a model runs, and pads only where counts need it") {
+    std::vector<Fp8Weight> linears(3);
+    const int shapes[3][2] = {{6144, 768}, {768, 3072}, {384, 768}};  // out x in: small's dense gate_up, down, q_a
+    for (int i = 0; i < 3; i++) linears[i].w = {nullptr, nullptr, shapes[i][0], shapes[i][1], 128};
+    auto need = [&](int rows) {
+        size_t most = 0;
+        for (const Fp8Weight& q : linears) most = std::max(most, fp8_linear_scratch_bytes(rows, q.w.cols, q.w.rows, false));
+        return most;
+    };
+    for (const std::pair<int, int>& shape : {std::pair{2, 30}, std::pair{3, 7}, std::pair{1, 5}, std::pair{1, 64}, std::pair{4, 64}, std::pair{1, 1}})
+        for (bool inference : {false, true}) {
+            const int B = shape.first, T = shape.second;
+            CAPTURE(B);
+            CAPTURE(T);
+            CAPTURE(inference);
+            // training and evaluation: steps and full windows of r x T rows, a last window or a sample shorter than T;
+            // decoding: any count up to B x T
+            std::vector<int> counts;
+            for (int n = 1; n <= B * T; n++)
+                if (inference || n % T == 0 || n < T) counts.push_back(n);
+            const size_t sized = fp8_model_scratch_bytes(linears, B, T, inference, false);
+            int unforeseen = 0;
+            for (int n : counts) unforeseen += need(n) > sized;
+            CHECK(unforeseen == 0);
+        }
+    // a step of 4 x 64 rows needs no padded output, and the sizing does not reserve the batch-wide one
+    CHECK(fp8_model_scratch_bytes(linears, 4, 64, false, false) < need(4 * 64 - 1));
+    CHECK(fp8_model_scratch_bytes(linears, 4, 64, false, false) == need(4 * 64));
 }
 
 // x [rows, cols]: tiles of very different magnitudes, so that a scale applied to the
