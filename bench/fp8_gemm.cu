@@ -51,6 +51,11 @@ static Fp8Matrix fp8_alloc(int rows, int cols, int tile_rows) {
             tile_rows};
 }
 
+static void fp8_free(const Fp8Matrix& m) {
+    CUDA_CHECK(cudaFree(m.codes));
+    CUDA_CHECK(cudaFree(m.scales));
+}
+
 // the routed experts' forward GEMM out [S, OC] = x [S, C] @ W_e^T, S = N x top-k rows in E equal groups: our grouped
 // kernel, and E cuBLASLt calls in bf16 and in FP8 (x quantized per expert beforehand, its pass timed apart)
 static void time_experts(const char* name, int S, int E, int C, int OC, int runs, GpuContext& ctx) {
@@ -93,10 +98,7 @@ static void time_experts(const char* name, int S, int E, int C, int OC, int runs
            bf16_each, tflop / bf16_each * 1e6, fp8_each, tflop / fp8_each * 1e6, quant);
     for (void* p : {(void*)x, (void*)w, (void*)y, (void*)d_offsets, (void*)d_jobs}) CUDA_CHECK(cudaFree(p));
     for (int e = 0; e < E; e++)
-        for (const Fp8Matrix& m : {xq[e], jobs[e].q.w, jobs[e].q.wt}) {
-            CUDA_CHECK(cudaFree(m.codes));
-            CUDA_CHECK(cudaFree(m.scales));
-        }
+        for (const Fp8Matrix& m : {xq[e], jobs[e].q.w, jobs[e].q.wt}) fp8_free(m);
 }
 
 static int run(int argc, char** argv) {
@@ -188,13 +190,8 @@ static int run(int argc, char** argv) {
         });
         printf("%-15s %5d %5d | %6.0f %6.0f %6.0f | %6.0f %6.0f %6.0f | %5.0f %5.0f %5.0f %5.0f | %9.0f %9.0f %6.3f %9.0f %6.3f\n", s.name, K, OC,
                bf, bd, bw, ff, fd, fw, qx, qd, qw, qt, all16, all8, all16 / all8, all8w, all16 / all8w);
-        for (void* p : {(void*)x, (void*)w, (void*)dout, (void*)y, (void*)dx, (void*)dw, ctx.scratch, (void*)q.w.codes, (void*)q.w.scales,
-                        (void*)q.wt.codes, (void*)q.wt.scales, (void*)job})
-            CUDA_CHECK(cudaFree(p));
-        for (const Fp8Matrix& m : {xq, dq, dt, xt}) {
-            CUDA_CHECK(cudaFree(m.codes));
-            CUDA_CHECK(cudaFree(m.scales));
-        }
+        for (void* p : {(void*)x, (void*)w, (void*)dout, (void*)y, (void*)dx, (void*)dw, ctx.scratch, (void*)job}) CUDA_CHECK(cudaFree(p));
+        for (const Fp8Matrix& m : {q.w, q.wt, xq, dq, dt, xt}) fp8_free(m);
     }
     if (c.n_routed_experts > 0) {
         const int S = N * c.num_experts_per_tok, E = c.n_routed_experts, MI = c.moe_intermediate_size;

@@ -34,17 +34,22 @@ flag_speed() {
         "(runs: ${without[*]} / ${with[*]})"
 }
 
+# loss_run_dir FLAG DATA PRESET SEED SIDE: where flag_loss leaves one run (SIDE: plain or the flag's name)
+loss_run_dir() {
+    local flag=$1 data=$2 preset=$3 seed=$4 side=$5
+    echo "bench/out/${flag#--}_loss_$([ "$preset" = small ] || echo "${preset}_")$(basename "$data")${seed:+_seed$seed}_$side"
+}
+
 # flag_loss FLAG STEPS DATA [PRESET BATCH SEQ EVERY SEED]: PRESET (default small) at BATCH x SEQ (8 x 256) without
 # and with FLAG, from the same seed (./train's default, or SEED) and data order, the validation loss over the whole
 # split every EVERY steps (250); each run's log and metrics.csv under
 # bench/out/<flag>_loss_[<preset>_]<data>[_seed<SEED>]_{plain,<flag>} (the preset named unless small)
 flag_loss() {
-    local flag=$1 steps=$2 data=$3 preset=${4:-small} b=${5:-8} t=${6:-256} every=${7:-250} seed=${8:-} name tag seeded=()
-    tag=$([ "$preset" = small ] && echo "" || echo "${preset}_")$(basename "$data")
-    if [ -n "$seed" ]; then tag+=_seed$seed seeded=(--seed "$seed"); fi
+    local flag=$1 steps=$2 data=$3 preset=${4:-small} b=${5:-8} t=${6:-256} every=${7:-250} seed=${8:-} name flags seeded=()
+    if [ -n "$seed" ]; then seeded=(--seed "$seed"); fi
     mkdir -p bench/out
     for flags in "" "$flag"; do
-        name=bench/out/${flag#--}_loss_${tag}_${flags:-plain}
+        name=$(loss_run_dir "$flag" "$data" "$preset" "$seed" "${flags:-plain}")
         name=${name//--/}
         ./train --data "$data" --preset "$preset" --batch-size "$b" --seq-len "$t" --steps "$steps" $flags "${seeded[@]}" --device gpu \
             --sample-every 0 --save-every 0 --val-every "$every" --overwrite --out "$name" > "$name.log"
@@ -61,7 +66,7 @@ flag_seeds() {
     for side in plain "${flag#--}"; do
         local losses=()
         for seed in $(seq "$count"); do
-            losses+=("$(tail -1 "bench/out/${flag#--}_loss_$(basename "$data")_seed${seed}_$side/metrics.csv" | cut -d, -f3)")
+            losses+=("$(tail -1 "$(loss_run_dir "$flag" "$data" small "$seed" "$side")/metrics.csv" | cut -d, -f3)")
         done
         means+=("$(printf '%s\n' "${losses[@]}" | awk '{ s += $1 } END { print s / NR }')")
         printf '%s\n' "${losses[@]}" | awk -v side="$side" -v m="${means[-1]}" '{ v[NR] = $1; d += ($1 - m) ^ 2 } END {

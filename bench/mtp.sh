@@ -31,7 +31,7 @@ if [ "$mode" = speed ]; then
     flag_speed --mtp small 16 1024 25 "${2:-3}"
 elif [ "$mode" = decode ]; then
     runs=${2:-3} data=${3:-data/default} prompt=${4:-"The "}
-    ckpt=bench/out/mtp_loss_$(basename "$data")_mtp
+    ckpt=$(loss_run_dir --mtp "$data" small "" mtp)
     [ -f "$ckpt/checkpoint/config.json" ] || ./train --data "$data" --preset small --batch-size 8 --seq-len 256 --steps 2000 --mtp \
         --device gpu --sample-every 0 --save-every 0 --val-every 0 --overwrite --out "$ckpt" > "$ckpt.log"
     for temperature in 0 0.8; do
