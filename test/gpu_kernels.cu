@@ -238,7 +238,10 @@ TEST_CASE("gpu: rmsnorm backward matches the reference; dweight and dinp are det
     require_gpu();
     Stream st;
     const float eps = 1e-6f;
-    for (auto sh : {std::pair{13, 37}, std::pair{4500, 40}, std::pair{64, 1024}, std::pair{600, 8192}, std::pair{9, 8191}}) {
+    // widths for each of the warp kernel's register chunks (40, 384, 520, 1024; 9 rows a block at N = 4500 and
+    // 5000, more than a block's warps), and the block kernel's (37, 8191: element loads; 8192: 16-byte packs)
+    for (auto sh : {std::pair{13, 37}, std::pair{4500, 40}, std::pair{700, 384}, std::pair{5000, 520}, std::pair{64, 1024},
+                    std::pair{600, 8192}, std::pair{9, 8191}}) {
         const int N = sh.first, C = sh.second;
         CAPTURE(N);
         CAPTURE(C);

@@ -211,8 +211,7 @@ TEST_CASE("an FP8 model evaluates windows of any row count as the CPU's emulatio
     }
     model_to_gpu(gpu8, B, T);
     std::vector<int> tokens(B * T + T + 17 + 1);  // windows of 2 x 30, 1 x 30 and 1 x 17 tokens
-    uint32_t state = 12345;
-    for (int& t : tokens) t = (int)((state = state * 1664525u + 1013904223u) >> 8) % c.vocab_size;
+    for (size_t i = 0; i < tokens.size(); i++) tokens[i] = (int)(rng_hash(12345, i) % c.vocab_size);
     const double gpu_loss = model_eval_loss(gpu8, tokens, T, B), cpu_loss = model_eval_loss(cpu8, tokens, T, B);
     MESSAGE("FP8 evaluation: loss gpu ", gpu_loss, " cpu (emulated) ", cpu_loss);
     CHECK(std::fabs(gpu_loss - cpu_loss) / cpu_loss < 2e-2);
