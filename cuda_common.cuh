@@ -132,25 +132,18 @@ struct MatmulPlan {
     cublasLtMatmulAlgo_t algo;
 };
 
-// a batch of equally shaped GEMMs, operand i starting stride_* elements after operand i-1
-struct MatmulBatch {
-    int count = 1;
-    long long stride_a = 0, stride_b = 0, stride_c = 0;
-};
-
 // what a plan depends on: sizes, transposes, output type, leading dimensions,
-// operand alignments, the batch, and for FP8 (fp8.cuh) B's tile height: 128 (a weight's blocks) or 1
+// operand alignments, and for FP8 (fp8.cuh) B's tile height: 128 (a weight's blocks) or 1
 struct MatmulKey {
     int m, n, k, lda, ldb, ldc;
     uint32_t align_a, align_b, align_c;
     bool trans_a, trans_b, out_fp32;
     int fp8_b_tile_rows = 0;  // 0: a bf16 GEMM
-    MatmulBatch batch = {};
-    auto tie() const {
-        return std::tie(m, n, k, lda, ldb, ldc, align_a, align_b, align_c, trans_a, trans_b, out_fp32, fp8_b_tile_rows, batch.count,
-                        batch.stride_a, batch.stride_b, batch.stride_c);
+    bool operator<(const MatmulKey& o) const {
+        return std::tie(m, n, k, lda, ldb, ldc, align_a, align_b, align_c, trans_a, trans_b, out_fp32, fp8_b_tile_rows) <
+               std::tie(o.m, o.n, o.k, o.lda, o.ldb, o.ldc, o.align_a, o.align_b, o.align_c, o.trans_a, o.trans_b, o.out_fp32,
+                        o.fp8_b_tile_rows);
     }
-    bool operator<(const MatmulKey& o) const { return tie() < o.tie(); }
 };
 
 // cuBLASLt's workspace, shared by every GEMM
@@ -219,15 +212,6 @@ inline MatmulPlan matmul_plan(Matmul& mm, const MatmulKey& key) {
     CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&p.lb, in_type, key.trans_b ? K : N, key.trans_b ? N : K, key.ldb));
     CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&p.la, in_type, key.trans_a ? M : K, key.trans_a ? K : M, key.lda));
     CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&p.lc, key.out_fp32 ? CUDA_R_32F : CUDA_R_16BF, N, M, key.ldc));
-    if (key.batch.count > 1) {
-        const std::pair<cublasLtMatrixLayout_t, long long> strided[] = {
-            {p.la, key.batch.stride_a}, {p.lb, key.batch.stride_b}, {p.lc, key.batch.stride_c}};
-        const int count = key.batch.count;
-        for (const auto& [layout, stride] : strided) {
-            CUBLAS_CHECK(cublasLtMatrixLayoutSetAttribute(layout, CUBLASLT_MATRIX_LAYOUT_BATCH_COUNT, &count, sizeof(count)));
-            CUBLAS_CHECK(cublasLtMatrixLayoutSetAttribute(layout, CUBLASLT_MATRIX_LAYOUT_STRIDED_BATCH_OFFSET, &stride, sizeof(stride)));
-        }
-    }
     cublasLtMatmulPreference_t pref;
     CUBLAS_CHECK(cublasLtMatmulPreferenceCreate(&pref));
     CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &mm.workspace_bytes,
@@ -254,21 +238,18 @@ inline const MatmulPlan& matmul_plan_cached(Matmul& mm, const MatmulKey& key) {
 }
 
 // trans_a: A is stored [K, M]; trans_b: B is stored [N, K]. out_fp32 selects the
-// output type. Leading dimensions are the dense ones unless given. batch: that many
-// GEMMs of this shape at once; out = alpha A B + beta out.
+// output type. Leading dimensions are the dense ones unless given.
 inline void matmul(Matmul& mm, void* out, const bf16* A, const bf16* B, int M, int N, int K, bool trans_a, bool trans_b,
-                   float beta, bool out_fp32, cudaStream_t stream, int lda = 0, int ldb = 0, int ldc = 0, MatmulBatch batch = {},
-                   float alpha = 1.0f) {
-    if (M == 0 || N == 0 || batch.count == 0) return;
+                   float beta, bool out_fp32, cudaStream_t stream, int lda = 0, int ldb = 0, int ldc = 0) {
+    if (M == 0 || N == 0) return;
     if (!lda) lda = trans_a ? M : K;
     if (!ldb) ldb = trans_b ? K : N;
     if (!ldc) ldc = N;
-    const size_t out_elem = out_fp32 ? 4 : 2;
     MatmulKey key{M, N, K, lda, ldb, ldc, alignment_bytes(A, (size_t)lda * 2), alignment_bytes(B, (size_t)ldb * 2),
-                  alignment_bytes(out, (size_t)ldc * out_elem), trans_a, trans_b, out_fp32, 0, batch};
+                  alignment_bytes(out, (size_t)ldc * (out_fp32 ? 4 : 2)), trans_a, trans_b, out_fp32};
     const MatmulPlan& p = matmul_plan_cached(mm, key);
-    for (int i = 0; i < batch.count; i++)
-        matmul_zero_output(mm, (char*)out + i * batch.stride_c * out_elem, M, N, ldc, out_elem, beta, stream);
+    const float alpha = 1.0f;
+    matmul_zero_output(mm, out, M, N, ldc, out_fp32 ? 4 : 2, beta, stream);
     CUBLAS_CHECK(cublasLtMatmul(mm.handle, p.desc, &alpha, B, p.lb, A, p.la, &beta, out, p.lc, out, p.lc, &p.algo, mm.workspace,
                                 mm.workspace_bytes, stream));
 }

@@ -493,11 +493,9 @@ static __global__ void attention_backward_preprocess_kernel(float* __restrict__ 
 }
 
 // dk [B, T, H, dqk], dv [B, T, H, dv]; grid (ceil(T/64), B*H), 256 threads; block x
-// owns keys 64x..64x+63 and visits query blocks x..end (double-buffered Q/dO). ds_out
-// (null: not kept): the dS^T tiles it computes, [B*H][Tp keys][Tp queries], for the dQ GEMM.
+// owns keys 64x..64x+63 and visits query blocks x..end (double-buffered Q/dO).
 template <int DQK_MAX, int DV_MAX, bool DROPOUT>
 __global__ void __launch_bounds__(256) attention_backward_dkdv_kernel(bf16* __restrict__ dk, bf16* __restrict__ dvalue,
-                                                                      bf16* __restrict__ ds_out, int Tp,
                                                                       const bf16* __restrict__ q, const bf16* __restrict__ k,
                                                                       const bf16* __restrict__ v, const bf16* __restrict__ dout,
                                                                       const float* __restrict__ lse, const float* __restrict__ D,
@@ -590,13 +588,6 @@ __global__ void __launch_bounds__(256) attention_backward_dkdv_kernel(bf16* __re
                 *reinterpret_cast<uint32_t*>(sdS + kl * LDP + ql) = pack_bf16(ds[0], ds[1]);
             }
         __syncthreads();
-        if (ds_out) {  // 16-byte rows of the tile; phase 2 only reads sdS, so this overlaps it
-            bf16* dst = ds_out + ((long long)bh * Tp + k0) * Tp + q0;
-            for (int e = threadIdx.x; e < TILE * TILE / 8; e += 256) {
-                const int r = e / (TILE / 8), col = e % (TILE / 8) * 8;
-                *reinterpret_cast<uint4*>(dst + (long long)r * Tp + col) = *reinterpret_cast<const uint4*>(sdS + r * LDP + col);
-            }
-        }
 
         // phase 2: dV += P^T dO, dK += dS^T Q over this warp's 16 keys x head-dim half
 #pragma unroll
@@ -758,7 +749,7 @@ static void launch_forward(bf16* out, float* lse, const bf16* q, const bf16* k, 
 }
 
 template <int DQK_MAX, int DV_MAX, bool DROPOUT>
-static void launch_dkdv(bf16* dk, bf16* dvalue, bf16* ds, const bf16* q, const bf16* k, const bf16* v, const bf16* dout, const float* lse,
+static void launch_dkdv(bf16* dk, bf16* dvalue, const bf16* q, const bf16* k, const bf16* v, const bf16* dout, const float* lse,
                  const float* D, int B, int T, int H, int dqk, int dv, float scale, DropoutArgs drop, cudaStream_t stream) {
     const int ldq = pad32(dqk) + 8, ldv = pad32(dv) + 8;
     const size_t smem = (size_t)(3 * TILE * ldq + 3 * TILE * ldv + 2 * TILE * LDP) * sizeof(bf16) + 4 * TILE * sizeof(float);
@@ -766,8 +757,8 @@ static void launch_dkdv(bf16* dk, bf16* dvalue, bf16* ds, const bf16* q, const b
     set_smem(attention_backward_dkdv_kernel<DQK_MAX, DV_MAX, DROPOUT>, smem, done);
     dim3 grid(ceil_div(T, TILE), B * H);
     attention_backward_dkdv_kernel<DQK_MAX, DV_MAX, DROPOUT><<<grid, 256, smem, stream>>>(
-        dk, dvalue, ds, ceil_div(T, TILE) * TILE, q, k, v, dout, lse, D, T, H, dqk, dv, scale, scale * LOG2E,
-        vec16(q, dqk, H) && vec16(k, dqk, H), vec16(v, dv, H) && vec16(dout, dv, H), vec4(dk, dqk), vec4(dvalue, dv), drop);
+        dk, dvalue, q, k, v, dout, lse, D, T, H, dqk, dv, scale, scale * LOG2E, vec16(q, dqk, H) && vec16(k, dqk, H),
+        vec16(v, dv, H) && vec16(dout, dv, H), vec4(dk, dqk), vec4(dvalue, dv), drop);
     CUDA_LAUNCH_CHECK();
 }
 
@@ -793,14 +784,13 @@ inline void with_dropout(const DropoutArgs& drop, F f) {
 }
 
 // the backward's two main kernels, each instantiated for the buckets of dqk and dv
-inline void backward_dkdv(bf16* dk, bf16* dvalue, bf16* ds, const bf16* q, const bf16* k, const bf16* v, const bf16* dout,
-                          const float* lse, const float* D, int B, int T, int H, int dqk, int dv, float scale, DropoutArgs drop,
-                          cudaStream_t stream) {
+inline void backward_dkdv(bf16* dk, bf16* dvalue, const bf16* q, const bf16* k, const bf16* v, const bf16* dout, const float* lse,
+                          const float* D, int B, int T, int H, int dqk, int dv, float scale, DropoutArgs drop, cudaStream_t stream) {
     with_bucket(dqk, [&](auto qb) {
         with_bucket(dv, [&](auto vb) {
             with_dropout(drop, [&](auto on) {
-                launch_dkdv<decltype(qb)::value, decltype(vb)::value, decltype(on)::value>(dk, dvalue, ds, q, k, v, dout, lse, D, B, T, H,
-                                                                                           dqk, dv, scale, drop, stream);
+                launch_dkdv<decltype(qb)::value, decltype(vb)::value, decltype(on)::value>(dk, dvalue, q, k, v, dout, lse, D, B, T, H, dqk,
+                                                                                           dv, scale, drop, stream);
             });
         });
     });
@@ -838,36 +828,12 @@ inline void attention_forward_gpu(bf16* out, float* lse, const bf16* q, const bf
 // floats of scratch attention_backward_gpu needs (D = rowsum(dout * out), [B, H, T])
 inline size_t attention_backward_scratch_floats(int B, int T, int H) { return (size_t)B * H * T; }
 
-// dQ as a GEMM. The dq kernel recomputes S, P and dP to get dS, three tile products for the one it needs; the
-// dkdv kernel has dS already and can keep it, so that dQ = scale dS K runs as a cuBLASLt GEMM instead. The dS^T
-// buffer, [B*H][Tp][Tp] bf16 (Tp: T rounded up to the 64 tile), is zeroed once: the dkdv kernel writes the tiles
-// on and below the diagonal, the causal mask's zeros included, and nothing writes the ones above. It grows as T^2,
-// so past ATTENTION_DS_MAX_BYTES (long sequences) the dq kernel runs instead.
-constexpr size_t ATTENTION_DS_MAX_BYTES = size_t(1) << 30;
-
-// elements of the dS^T buffer for B sequences of T tokens and H heads; 0 where it would exceed the limit
-inline size_t attention_ds_elements(int B, int T, int H) {
-    const size_t Tp = (size_t)ceil_div(T, mla_detail::TILE) * mla_detail::TILE, n = (size_t)B * H * Tp * Tp;
-    return n * sizeof(bf16) <= ATTENTION_DS_MAX_BYTES ? n : 0;
-}
-
-// dq [B, T, H, dqk] = scale dS K. The heads of a sequence interleave their rows in dq and k, so each sequence is
-// one GEMM batched over its heads.
-inline void attention_dq_matmul(Matmul& mm, bf16* dq, const bf16* ds, const bf16* k, int B, int T, int H, int dqk, float scale,
-                                cudaStream_t stream) {
-    const long long Tp = ceil_div(T, mla_detail::TILE) * mla_detail::TILE, seq = (long long)T * H * dqk;
-    for (int b = 0; b < B; b++)
-        matmul(mm, dq + b * seq, ds + b * H * Tp * Tp, k + b * seq, T, dqk, T, true, false, 0.0f, false, stream, (int)Tp, H * dqk,
-               H * dqk, MatmulBatch{H, Tp * Tp, dqk, dqk}, scale);
-}
-
 // Causal attention backward: writes dq, dk [B, T, H, dqk] and dvalue [B, T, H, dv] from dout [B, T, H, dv]
 // and the forward's out and lse (and its drop). Deterministic: every output element is written by exactly one
-// thread after a fixed-order reduction. scratch: attention_backward_scratch_floats(B, T, H) floats. ds: a
-// zeroed buffer of attention_ds_elements(B, T, H) to take dQ as a GEMM with mm, or null for the dq kernel.
+// thread after a fixed-order reduction. scratch: attention_backward_scratch_floats(B, T, H) floats.
 inline void attention_backward_gpu(bf16* dq, bf16* dk, bf16* dvalue, const bf16* dout, const bf16* out, const float* lse, const bf16* q,
                                    const bf16* k, const bf16* v, int B, int T, int H, int dqk, int dvd, float scale, float* scratch,
-                                   cudaStream_t stream, AttentionDropout drop = {}, bf16* ds = nullptr, Matmul* mm = nullptr) {
+                                   cudaStream_t stream, AttentionDropout drop = {}) {
     using namespace mla_detail;
     check_attention_shape(B, T, H, dqk, dvd);
     if (B == 0 || T == 0) return;
@@ -876,9 +842,8 @@ inline void attention_backward_gpu(bf16* dq, bf16* dk, bf16* dvalue, const bf16*
     attention_backward_preprocess_kernel<<<(int)((rows + 7) / 8), 256, 0, stream>>>(D, dout, out, B, T, H, dvd);
     CUDA_LAUNCH_CHECK();
     const DropoutArgs args = dropout_args(drop);
-    backward_dkdv(dk, dvalue, ds, q, k, v, dout, lse, D, B, T, H, dqk, dvd, scale, args, stream);
-    if (ds) attention_dq_matmul(*mm, dq, ds, k, B, T, H, dqk, scale, stream);
-    else backward_dq(dq, q, k, v, dout, lse, D, B, T, H, dqk, dvd, scale, args, stream);
+    backward_dkdv(dk, dvalue, q, k, v, dout, lse, D, B, T, H, dqk, dvd, scale, args, stream);
+    backward_dq(dq, q, k, v, dout, lse, D, B, T, H, dqk, dvd, scale, args, stream);
 }
 
 // ----------------------------------------------------------------------------
@@ -897,12 +862,11 @@ struct MlaActsGpu {
     // temporaries, one set shared by every layer
     bf16* kv_b;              // [N, H*(dn+dv)], read only inside the forward
     bf16 *d_o, *dq, *dk, *dvalue, *dkv_b, *dkv_a, *dc_norm, *dc, *dqa_norm, *dqa;  // the backward's, shaped as above
-    bf16* ds;                // the dQ GEMM's dS^T (attention_ds_elements; zeroed once), null past its limit
 };
 
-// the temporaries every layer shares, for B sequences of T tokens (backward: its gradients too)
-inline MlaActsGpu mla_shared_alloc(DeviceArena& arena, const Config& c, int B, int T, bool backward) {
-    const int N = B * T, H = c.num_attention_heads, qr = c.q_lora_rank, dc = c.kv_lora_rank;
+// the temporaries every layer shares, for N tokens (backward: its gradients too)
+inline MlaActsGpu mla_shared_alloc(DeviceArena& arena, const Config& c, int N, bool backward) {
+    const int H = c.num_attention_heads, qr = c.q_lora_rank, dc = c.kv_lora_rank;
     const int dn = c.qk_nope_head_dim, dr = c.qk_rope_head_dim, dv = c.v_head_dim;
     auto grads = [&](size_t n) { return backward ? arena_alloc<bf16>(arena, (size_t)N * n, "gradients") : nullptr; };
     MlaActsGpu a{};
@@ -918,11 +882,6 @@ inline MlaActsGpu mla_shared_alloc(DeviceArena& arena, const Config& c, int B, i
     if (qr > 0) {
         a.dqa_norm = grads(qr);
         a.dqa = grads(qr);
-    }
-    const size_t ds = backward ? attention_ds_elements(B, T, H) : 0;
-    if (ds > 0) {
-        a.ds = arena_alloc<bf16>(arena, ds, "gradients");
-        if (a.ds) CUDA_CHECK(cudaMemset(a.ds, 0, ds * sizeof(bf16)));
     }
     return a;
 }
@@ -990,7 +949,7 @@ inline void mla_backward_gpu(const Config& c, const MlaWeights<bf16>& w, const M
     kdetail::check_scratch(ctx.scratch_bytes, attention_backward_scratch_floats(B, T, H) * sizeof(float), "attention_backward_gpu");
     linear_backward_gpu(a.d_o, dw.o_proj, dout, a.o, w.o_proj, N, false, ctx);
     attention_backward_gpu(a.dq, a.dk, a.dvalue, a.d_o, a.o, a.lse, a.q, a.k, a.v, B, T, H, dn + dr, dv, rope.softmax_scale,
-                           (float*)ctx.scratch, st, a.dropout, a.ds, &ctx.mm);
+                           (float*)ctx.scratch, st, a.dropout);
     mla_assemble_kv_backward_gpu(a.dkv_b, a.dkv_a, a.dk, a.dvalue, N, H, dn, dr, dv, dc, st);
     rope_backward_gpu(a.dq, a.dkv_a, rope, N, T, H, dn, dc, 0, st);
     linear_backward_gpu(a.dc_norm, dw.kv_b, a.dkv_b, a.c_norm, w.kv_b, N, false, ctx);

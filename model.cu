@@ -233,7 +233,7 @@ static void gpu_alloc_step_buffers(GpuModel& gpu, const Config& c, int B, int T,
     const size_t hidden = std::max({(size_t)N * I, (size_t)S * MI, (size_t)N * SI});
     const size_t gate_up = std::max({(size_t)N * 2 * I, (size_t)S * 2 * MI, (size_t)N * 2 * SI});
     const FfnActsGpu ffn{nullptr, acts(hidden), grads(gate_up), grads(hidden)};
-    const MlaActsGpu mla = mla_shared_alloc(arena, c, B, T, !inference);
+    const MlaActsGpu mla = mla_shared_alloc(arena, c, N, !inference);
     const MoeActsGpu moe = E > 0 ? moe_shared_alloc(arena, c, N, ffn, !inference) : MoeActsGpu{};
     if (E > 0 && !inference) gpu.dscores = arena_alloc<float>(arena, (size_t)N * E, "gradients");
     // the MTP module's block, when the model has one, is one more layer (decoding's prefill runs it too)

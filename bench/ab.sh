@@ -5,12 +5,14 @@
 # hits both alike. Prints the median tokens/s of each side per shape.
 #
 #   git archive REV | tar -x -C OLD        (here, into an ignored folder; carry it)
-#   bash bench/ab.sh OLD [runs]            (default 5 runs per side and shape)
+#   bash bench/ab.sh OLD [runs] [shapes]   (default 5 runs per side and shape; shapes: a
+#                                          list of "preset batch seq steps vocab", default the three below)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source bench/lib.bash
 old=$1
 runs=${2:-5}
+shapes=${3:-"mini 8 256 60 1024,small 8 256 40 32768,small 16 1024 20 32768"}
 (make -j16 train data/prepare >/dev/null) & (make -C "$old" -j16 train >/dev/null) & wait
 [ -f data/default/train.bin ] || ./data/prepare --default --out data/default --vocab 1024 >/dev/null
 echo "card: $(nvidia-smi --query-gpu=name --format=csv,noheader | head -1), $(date -u +%Y-%m-%d)"
@@ -25,7 +27,8 @@ report() {  # side values...: the median and the range of the runs
     printf '%s\n' "$@" | sort -g | awk -v s="$side" -v p="$preset" -v b="$b" -v t="$t" \
         '{ a[NR] = $1 } END { printf "%s %s B=%d T=%d: %.0f tok/s (runs %s-%s)\n", s, p, b, t, a[int((NR + 1) / 2)], a[1], a[NR] }'
 }
-for shape in "mini 8 256 60 1024" "small 8 256 40 32768" "small 16 1024 20 32768"; do
+IFS=, read -r -a shape_list <<< "$shapes"
+for shape in "${shape_list[@]}"; do
     read -r preset b t _ _ <<< "$shape"
     before=() after=()
     for _ in $(seq "$runs"); do

@@ -238,7 +238,6 @@ TEST_CASE("GPU MLA K/V assembly forward and backward match the reference") {
     }
 }
 
-// dq_gemm: dQ as a cuBLASLt GEMM over the dS the dkdv kernel keeps (what training runs), else the dq kernel
 TEST_CASE("GPU flash attention forward and backward match the reference, with and without dropout on the probabilities") {
     struct Shape {
         int B, T, H, dqk, dv;
@@ -255,109 +254,99 @@ TEST_CASE("GPU flash attention forward and backward match the reference, with an
         {1, 513, 2, 96, 64},   // many tiles: the prefetch pipelines run 9 deep, 1-row tail
         {2, 300, 4, 192, 128}, // DeepSeek-V3's head sizes, more tiles
     };
-    Matmul mm;
-    matmul_init(mm);
-    for (const bool dq_gemm : {false, true}) {
-        for (const AttentionDropout drop : {AttentionDropout{}, AttentionDropout{0.2f, 1234}}) {
-            for (const Shape& s : shapes) {
-                CAPTURE(dq_gemm);
-                CAPTURE(drop.p);
-                const int B = s.B, T = s.T, H = s.H, dqk = s.dqk, dv = s.dv;
-                CAPTURE(B);
-                CAPTURE(T);
-                CAPTURE(H);
-                CAPTURE(dqk);
-                CAPTURE(dv);
-                const size_t N = (size_t)B * T;
-                const double scale = 1.0 / std::sqrt((double)dqk);
-                auto q = random_bf16(N * H * dqk, 11, 2.0f), k = random_bf16(N * H * dqk, 12, 2.0f), v = random_bf16(N * H * dv, 13);
-                auto dout = random_bf16(N * H * dv, 14);
-                DeviceBuffer<bf16> d_q(q.size()), d_k(k.size()), d_v(v.size()), d_dout(dout.size());
-                DeviceBuffer<bf16> d_out(N * H * dv), d_dq(q.size()), d_dk(k.size()), d_dv(v.size());
-                DeviceBuffer<float> d_lse((size_t)B * H * T), d_scratch(attention_backward_scratch_floats(B, T, H));
-                const size_t ds_elements = dq_gemm ? attention_ds_elements(B, T, H) : 0;
-                DeviceBuffer<bf16> d_ds(std::max<size_t>(ds_elements, 1));
-                if (dq_gemm) CUDA_CHECK(cudaMemset(d_ds.p, 0, ds_elements * sizeof(bf16)));
-                bf16* ds = dq_gemm ? d_ds.p : nullptr;
-                d_q.upload(q);
-                d_k.upload(k);
-                d_v.upload(v);
-                d_dout.upload(dout);
-                d_out.poison();
-                d_lse.poison();
-                d_dq.poison();
-                d_dk.poison();
-                d_dv.poison();
-                d_scratch.poison();
-                attention_forward_gpu(d_out.p, d_lse.p, d_q.p, d_k.p, d_v.p, B, T, H, dqk, dv, (float)scale, 0, drop);
-                attention_backward_gpu(d_dq.p, d_dk.p, d_dv.p, d_dout.p, d_out.p, d_lse.p, d_q.p, d_k.p, d_v.p, B, T, H, dqk, dv,
-                                       (float)scale, d_scratch.p, 0, drop, ds, &mm);
-                auto out = d_out.download(), lse = d_lse.download(), dq = d_dq.download(), dk = d_dk.download(), dvv = d_dv.download();
-                CHECK(count_nonfinite(out) == 0);
-                CHECK(count_nonfinite(lse) == 0);
-                CHECK(count_nonfinite(dq) == 0);
-                CHECK(count_nonfinite(dk) == 0);
-                CHECK(count_nonfinite(dvv) == 0);
+    for (const AttentionDropout drop : {AttentionDropout{}, AttentionDropout{0.2f, 1234}}) {
+        for (const Shape& s : shapes) {
+            CAPTURE(drop.p);
+            const int B = s.B, T = s.T, H = s.H, dqk = s.dqk, dv = s.dv;
+            CAPTURE(B);
+            CAPTURE(T);
+            CAPTURE(H);
+            CAPTURE(dqk);
+            CAPTURE(dv);
+            const size_t N = (size_t)B * T;
+            const double scale = 1.0 / std::sqrt((double)dqk);
+            auto q = random_bf16(N * H * dqk, 11, 2.0f), k = random_bf16(N * H * dqk, 12, 2.0f), v = random_bf16(N * H * dv, 13);
+            auto dout = random_bf16(N * H * dv, 14);
+            DeviceBuffer<bf16> d_q(q.size()), d_k(k.size()), d_v(v.size()), d_dout(dout.size());
+            DeviceBuffer<bf16> d_out(N * H * dv), d_dq(q.size()), d_dk(k.size()), d_dv(v.size());
+            DeviceBuffer<float> d_lse((size_t)B * H * T), d_scratch(attention_backward_scratch_floats(B, T, H));
+            d_q.upload(q);
+            d_k.upload(k);
+            d_v.upload(v);
+            d_dout.upload(dout);
+            d_out.poison();
+            d_lse.poison();
+            d_dq.poison();
+            d_dk.poison();
+            d_dv.poison();
+            d_scratch.poison();
+            attention_forward_gpu(d_out.p, d_lse.p, d_q.p, d_k.p, d_v.p, B, T, H, dqk, dv, (float)scale, 0, drop);
+            attention_backward_gpu(d_dq.p, d_dk.p, d_dv.p, d_dout.p, d_out.p, d_lse.p, d_q.p, d_k.p, d_v.p, B, T, H, dqk, dv, (float)scale,
+                                   d_scratch.p, 0, drop);
+            auto out = d_out.download(), lse = d_lse.download(), dq = d_dq.download(), dk = d_dk.download(), dvv = d_dv.download();
+            CHECK(count_nonfinite(out) == 0);
+            CHECK(count_nonfinite(lse) == 0);
+            CHECK(count_nonfinite(dq) == 0);
+            CHECK(count_nonfinite(dk) == 0);
+            CHECK(count_nonfinite(dvv) == 0);
 
-                AttRef ref = attention_reference(to_double(q), to_double(k), to_double(v), to_double(dout), B, T, H, dqk, dv, scale, drop);
-                const double e_out = rel_error(out, ref.out), e_lse = rel_error(lse, ref.lse), e_dq = rel_error(dq, ref.dq),
-                             e_dk = rel_error(dk, ref.dk), e_dv = rel_error(dvv, ref.dv);
-                printf("attention B=%d T=%d H=%d dqk=%d dv=%d dropout %g dq %s: rel err out %.2e lse %.2e dq %.2e dk %.2e dv %.2e\n", B,
-                       T, H, dqk, dv, drop.p, dq_gemm ? "GEMM" : "kernel", e_out, e_lse, e_dq, e_dk, e_dv);
-                CHECK(e_out < 2e-2);
-                CHECK(e_lse < 1e-5);  // fp32 path
-                CHECK(e_dq < 2e-2);
-                CHECK(e_dk < 2e-2);
-                CHECK(e_dv < 2e-2);
+            AttRef ref = attention_reference(to_double(q), to_double(k), to_double(v), to_double(dout), B, T, H, dqk, dv, scale, drop);
+            const double e_out = rel_error(out, ref.out), e_lse = rel_error(lse, ref.lse), e_dq = rel_error(dq, ref.dq),
+                         e_dk = rel_error(dk, ref.dk), e_dv = rel_error(dvv, ref.dv);
+            printf("attention B=%d T=%d H=%d dqk=%d dv=%d dropout %g: rel err out %.2e lse %.2e dq %.2e dk %.2e dv %.2e\n", B, T, H,
+                   dqk, dv, drop.p, e_out, e_lse, e_dq, e_dk, e_dv);
+            CHECK(e_out < 2e-2);
+            CHECK(e_lse < 1e-5);  // fp32 path
+            CHECK(e_dq < 2e-2);
+            CHECK(e_dk < 2e-2);
+            CHECK(e_dv < 2e-2);
 
-                // determinism: a second forward and backward (into re-poisoned buffers) are bit-identical
-                auto out_bytes = d_out.bytes(), lse_bytes = d_lse.bytes(), dq_bytes = d_dq.bytes(), dk_bytes = d_dk.bytes(),
-                     dv_bytes = d_dv.bytes();
-                d_out.poison();
-                d_lse.poison();
-                d_dq.poison();
-                d_dk.poison();
-                d_dv.poison();
-                attention_forward_gpu(d_out.p, d_lse.p, d_q.p, d_k.p, d_v.p, B, T, H, dqk, dv, (float)scale, 0, drop);
-                attention_backward_gpu(d_dq.p, d_dk.p, d_dv.p, d_dout.p, d_out.p, d_lse.p, d_q.p, d_k.p, d_v.p, B, T, H, dqk, dv,
-                                       (float)scale, d_scratch.p, 0, drop, ds, &mm);
-                CHECK(d_out.bytes() == out_bytes);
-                CHECK(d_lse.bytes() == lse_bytes);
-                CHECK(d_dq.bytes() == dq_bytes);
-                CHECK(d_dk.bytes() == dk_bytes);
-                CHECK(d_dv.bytes() == dv_bytes);
+            // determinism: a second forward and backward (into re-poisoned buffers) are bit-identical
+            auto out_bytes = d_out.bytes(), lse_bytes = d_lse.bytes(), dq_bytes = d_dq.bytes(), dk_bytes = d_dk.bytes(),
+                 dv_bytes = d_dv.bytes();
+            d_out.poison();
+            d_lse.poison();
+            d_dq.poison();
+            d_dk.poison();
+            d_dv.poison();
+            attention_forward_gpu(d_out.p, d_lse.p, d_q.p, d_k.p, d_v.p, B, T, H, dqk, dv, (float)scale, 0, drop);
+            attention_backward_gpu(d_dq.p, d_dk.p, d_dv.p, d_dout.p, d_out.p, d_lse.p, d_q.p, d_k.p, d_v.p, B, T, H, dqk, dv, (float)scale,
+                                   d_scratch.p, 0, drop);
+            CHECK(d_out.bytes() == out_bytes);
+            CHECK(d_lse.bytes() == lse_bytes);
+            CHECK(d_dq.bytes() == dq_bytes);
+            CHECK(d_dk.bytes() == dk_bytes);
+            CHECK(d_dv.bytes() == dv_bytes);
 
-                // the same calls captured into a CUDA graph and replayed give the same bits
-                cudaStream_t stream;
-                CUDA_CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
-                cudaGraph_t graph;
-                cudaGraphExec_t exec;
-                CUDA_CHECK(cudaStreamBeginCapture(stream, cudaStreamCaptureModeGlobal));
-                attention_forward_gpu(d_out.p, d_lse.p, d_q.p, d_k.p, d_v.p, B, T, H, dqk, dv, (float)scale, stream, drop);
-                attention_backward_gpu(d_dq.p, d_dk.p, d_dv.p, d_dout.p, d_out.p, d_lse.p, d_q.p, d_k.p, d_v.p, B, T, H, dqk, dv,
-                                       (float)scale, d_scratch.p, stream, drop, ds, &mm);
-                CUDA_CHECK(cudaStreamEndCapture(stream, &graph));
-                CUDA_CHECK(cudaGraphInstantiate(&exec, graph, 0));
-                d_out.poison();
-                d_lse.poison();
-                d_dq.poison();
-                d_dk.poison();
-                d_dv.poison();
-                CUDA_CHECK(cudaDeviceSynchronize());  // the poisoning ran on the legacy stream, which `stream` does not wait for
-                CUDA_CHECK(cudaGraphLaunch(exec, stream));
-                CUDA_CHECK(cudaStreamSynchronize(stream));
-                CHECK(d_out.bytes() == out_bytes);
-                CHECK(d_lse.bytes() == lse_bytes);
-                CHECK(d_dq.bytes() == dq_bytes);
-                CHECK(d_dk.bytes() == dk_bytes);
-                CHECK(d_dv.bytes() == dv_bytes);
-                CUDA_CHECK(cudaGraphExecDestroy(exec));
-                CUDA_CHECK(cudaGraphDestroy(graph));
-                CUDA_CHECK(cudaStreamDestroy(stream));
-            }
+            // the same calls captured into a CUDA graph and replayed give the same bits
+            cudaStream_t stream;
+            CUDA_CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+            cudaGraph_t graph;
+            cudaGraphExec_t exec;
+            CUDA_CHECK(cudaStreamBeginCapture(stream, cudaStreamCaptureModeGlobal));
+            attention_forward_gpu(d_out.p, d_lse.p, d_q.p, d_k.p, d_v.p, B, T, H, dqk, dv, (float)scale, stream, drop);
+            attention_backward_gpu(d_dq.p, d_dk.p, d_dv.p, d_dout.p, d_out.p, d_lse.p, d_q.p, d_k.p, d_v.p, B, T, H, dqk, dv, (float)scale,
+                                   d_scratch.p, stream, drop);
+            CUDA_CHECK(cudaStreamEndCapture(stream, &graph));
+            CUDA_CHECK(cudaGraphInstantiate(&exec, graph, 0));
+            d_out.poison();
+            d_lse.poison();
+            d_dq.poison();
+            d_dk.poison();
+            d_dv.poison();
+            CUDA_CHECK(cudaDeviceSynchronize());  // the poisoning ran on the legacy stream, which `stream` does not wait for
+            CUDA_CHECK(cudaGraphLaunch(exec, stream));
+            CUDA_CHECK(cudaStreamSynchronize(stream));
+            CHECK(d_out.bytes() == out_bytes);
+            CHECK(d_lse.bytes() == lse_bytes);
+            CHECK(d_dq.bytes() == dq_bytes);
+            CHECK(d_dk.bytes() == dk_bytes);
+            CHECK(d_dv.bytes() == dv_bytes);
+            CUDA_CHECK(cudaGraphExecDestroy(exec));
+            CUDA_CHECK(cudaGraphDestroy(graph));
+            CUDA_CHECK(cudaStreamDestroy(stream));
         }
     }
-    matmul_free(mm);
 }
 
 TEST_CASE("GPU flash attention is causal") {
@@ -435,7 +424,7 @@ void check_mla_layer(const Config& c, int B, int T, uint64_t seed, AttentionDrop
     const MlaWeights<bf16> w = bind_weights(c, m.layout, d_params.p).layers[0].attn;
     const MlaWeights<float> dw = bind_weights(c, m.layout, d_grads.p).layers[0].attn;
     DeviceArena arena;
-    MlaActsGpu a = mla_layer_alloc(arena, c, N, mla_shared_alloc(arena, c, B, T, true));
+    MlaActsGpu a = mla_layer_alloc(arena, c, N, mla_shared_alloc(arena, c, N, true));
     GpuContext ctx;
     matmul_init(ctx.mm);
     ctx.scratch_bytes = std::max(attention_backward_scratch_floats(B, T, H) * sizeof(float), rmsnorm_backward_scratch_bytes(N, std::max(dc, qr)));
@@ -525,35 +514,21 @@ TEST_CASE("GPU flash attention timing" * doctest::skip()) {
             attention_backward_gpu(d_dq.p, d_dk.p, d_dv.p, d_dout.p, d_out.p, d_lse.p, d_q.p, d_k.p, d_v.p, B, T, H, dqk, dv, scale,
                                    d_scratch.p, 0);
         });
-        // with dQ as a GEMM over the kept dS, as training runs it
-        Matmul mm;
-        matmul_init(mm);
-        DeviceBuffer<bf16> d_ds(attention_ds_elements(B, T, H));
-        CUDA_CHECK(cudaMemset(d_ds.p, 0, d_ds.n * sizeof(bf16)));
-        const double bwd_gemm = median_ms([&] {
-            attention_backward_gpu(d_dq.p, d_dk.p, d_dv.p, d_dout.p, d_out.p, d_lse.p, d_q.p, d_k.p, d_v.p, B, T, H, dqk, dv, scale,
-                                   d_scratch.p, 0, {}, d_ds.p, &mm);
-        });
-        // the backward's main parts on their own (D from the runs above stays in scratch)
-        auto dkdv = [&](bf16* ds) {
-            mla_detail::backward_dkdv(d_dk.p, d_dv.p, ds, d_q.p, d_k.p, d_v.p, d_dout.p, d_lse.p, d_scratch.p, B, T, H, dqk, dv, scale,
+        // the backward's two main kernels on their own (D from the run above stays in scratch)
+        const double t_dkdv = median_ms([&] {
+            mla_detail::backward_dkdv(d_dk.p, d_dv.p, d_q.p, d_k.p, d_v.p, d_dout.p, d_lse.p, d_scratch.p, B, T, H, dqk, dv, scale,
                                       mla_detail::dropout_args({}), 0);
-        };
-        const double t_dkdv = median_ms([&] { dkdv(nullptr); }), t_dkdv_ds = median_ms([&] { dkdv(d_ds.p); });
+        });
         const double t_dq = median_ms([&] {
             mla_detail::backward_dq(d_dq.p, d_q.p, d_k.p, d_v.p, d_dout.p, d_lse.p, d_scratch.p, B, T, H, dqk, dv, scale,
                                     mla_detail::dropout_args({}), 0);
         });
-        const double t_dq_gemm = median_ms([&] { attention_dq_matmul(mm, d_dq.p, d_ds.p, d_k.p, B, T, H, dqk, scale, 0); });
-        printf("  backward split: dK/dV kernel %.3f ms (keeping dS %.3f ms), dQ kernel %.3f ms, dQ GEMM %.3f ms\n", t_dkdv, t_dkdv_ds,
-               t_dq, t_dq_gemm);
-        matmul_free(mm);
+        printf("  backward split: dK/dV kernel %.3f ms, dQ kernel %.3f ms\n", t_dkdv, t_dq);
         // causal FLOPs: pairs (t, j <= t); forward QK^T + PV, backward QK^T + dO V^T + P^T dO + dS^T Q + dS K
         const double pairs = (double)B * H * T * (T + 1) / 2;
         const double f_fwd = 2 * pairs * (dqk + dv), f_bwd = 2 * pairs * (3 * dqk + 2 * dv);
-        printf("attention timing B=%d T=%d H=%d dqk=%d dv=%d: forward %.3f ms (%.1f TFLOP/s), backward %.3f ms (%.1f TFLOP/s), "
-               "with the dQ GEMM %.3f ms (%.1f TFLOP/s)\n",
-               B, T, H, dqk, dv, fwd, f_fwd / fwd * 1e-9, bwd, f_bwd / bwd * 1e-9, bwd_gemm, f_bwd / bwd_gemm * 1e-9);
+        printf("attention timing B=%d T=%d H=%d dqk=%d dv=%d: forward %.3f ms (%.1f TFLOP/s), backward %.3f ms (%.1f TFLOP/s)\n", B, T,
+               H, dqk, dv, fwd, f_fwd / fwd * 1e-9, bwd, f_bwd / bwd * 1e-9);
         CUDA_CHECK(cudaEventDestroy(e0));
         CUDA_CHECK(cudaEventDestroy(e1));
     }
