@@ -7,7 +7,8 @@
 # whole-split validation loss <= 1.47 on tinyshakespeare.
 # Prints one line per measurement; the PyTorch results also go to $OUT (or bench/out).
 #
-#   bash bench/run.sh [runs] [tinyshakespeare.txt]     (default 5 runs of each of ours)
+#   bash bench/run.sh [runs] [tinyshakespeare.txt] [shapes]     (default 5 runs of each of ours;
+#                                    shapes: "preset batch seq" list, default all four below)
 #
 # The tinyshakespeare part is skipped when the text file is missing (it is never
 # committed; copy it into an ignored folder and pass its path).
@@ -16,6 +17,7 @@ cd "$(dirname "$0")/.."
 source bench/lib.bash
 runs=${1:-5}
 text=${2:-.bench_data/tinyshakespeare.txt}
+shapes=${3:-"mini 8 256,small 8 256,small 16 1024,mini 64 512"}
 out=${OUT:-bench/out}
 mkdir -p "$out"
 bench_setup train data/prepare
@@ -65,11 +67,12 @@ shakespeare() {
     done
     printf '%s\n' "${times[@]}" | median | awk '{ printf "tinyshakespeare: median %.2f s from process start to exit\n", $1 }'
 }
-ours mini 8 256 60 1024
-ours small 8 256 40 32768
-ours small 16 1024 30 32768
-ours mini 64 512 60 1024
-for shape in "mini 8 256" "small 8 256" "small 16 1024" "mini 64 512"; do
+IFS=, read -r -a shape_list <<< "$shapes"
+for shape in "${shape_list[@]}"; do
+    read -r preset _ _ <<< "$shape"
+    if [ "$preset" = mini ]; then ours $shape 60 1024; else ours $shape 40 32768; fi
+done
+for shape in "${shape_list[@]}"; do
     for mode in eager compile; do
         peer $shape $mode
         mfu $shape $mode
