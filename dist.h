@@ -1,8 +1,9 @@
 // dist.h — the host side of multi-GPU training (data parallel with ZeRO-1), free of CUDA so that the CPU tests
 // check it: which process this is (DistGroup), how the flat gradient is cut into buckets that the backward
 // hands to NCCL as they become final and how each bucket is split among the ranks (ZeroPlan), expert
-// parallelism's groups and the all-to-all exchange of an MoE layer's rows (EpGroup, EpExchange), the rank-0
-// hand-off of the NCCL id through a shared directory, and the --gpus launcher that forks one process per GPU.
+// parallelism's groups, the experts each rank holds (ep_shard) and the all-to-all exchange of an MoE layer's
+// rows (EpGroup, EpExchange), the rank-0 hand-off of the NCCL id through a shared directory, and the --gpus
+// launcher that forks one process per GPU.
 // The NCCL calls are in dist.cu (joining the group, the watchdog, small host collectives) and model.cu (the
 // training step's reduce-scatters and all-gathers).
 //
@@ -13,9 +14,16 @@
 // weights. A rank's optimizer state is the concatenation of its slices, bucket by bucket. The fp32 master
 // weights stay whole-length on every rank (the forward reads the expert biases there, which every rank
 // updates alike from the global loads); their other slices go stale until a checkpoint gathers them.
+//
+// Under expert parallelism a rank lays out only the routed experts it holds (param_layout with ep_shard), so
+// its weights, gradients and master weights hold 1/P of the experts; the experts' buckets are split among the
+// world / P ranks holding the same experts instead of the whole world (ZeroPlan::ep). The training step does
+// not use this yet: it needs the expert-parallel MoE layer and a second communicator, and a machine with
+// several GPUs to check them on.
 #pragma once
 
 #include <algorithm>
+#include <numeric>
 #include <cerrno>
 #include <csignal>
 #include <cstdint>
@@ -56,15 +64,24 @@ struct GradBucket {
     size_t begin, len;  // elements of the flat vector; len is a multiple of world * ZERO_ALIGN
     int ready;          // the backward point (grad_ready_point) after which all its gradients are final
     size_t state;       // where each rank's slice starts in that rank's optimizer state
+    bool experts = false;  // routed experts' gradients under expert parallelism: shared by the world / ep ranks
+                           // that hold the same experts (bucket_ranks), not by the whole world
 };
 
 struct ZeroPlan {
-    int world = 1;
+    int world = 1, ep = 1;  // ep: the expert-parallel group's size (1: none)
     size_t padded = 0;  // the flat vector's length rounded up to a multiple of world * ZERO_ALIGN: the GPU
                         // allocates the weights and gradients this long so that every bucket splits evenly
-    size_t shard = 0;   // elements of optimizer state per rank: padded / world
+    size_t shard = 0;   // elements of optimizer state per rank: the sum of its slices
     std::vector<GradBucket> buckets;  // in the order the backward finishes them; they tile [0, padded)
 };
+
+// how many ranks split a bucket's gradient, and which of them a rank is: the world, or under expert parallelism
+// for the experts' buckets the ranks at the same place in their groups (rank i, ep + i, 2 ep + i, ...)
+inline int bucket_ranks(const ZeroPlan& p, const GradBucket& b) { return b.experts ? p.world / p.ep : p.world; }
+inline int bucket_rank(const ZeroPlan& p, const GradBucket& b, int rank) { return b.experts ? rank / p.ep : rank; }
+
+inline bool is_routed_expert(const std::string& name) { return name.find(".mlp.experts.") != std::string::npos; }
 
 // The point in the GPU backward (model.cu gpu_backward) after which a tensor's gradient is final: 0 after the
 // head and the final norm, 1 + (layers - 1 - l) after layer l, layers + 1 after the embedding.
@@ -80,22 +97,31 @@ inline size_t round_up(size_t x, size_t unit) { return (x + unit - 1) / unit * u
 // Cuts [0, padded) into buckets of at most `target` elements (rounded to the alignment unit), never mixing two
 // backward points in a bucket but for the few elements that rounding a boundary up to the unit moves across
 // (such a bucket waits for the later point). Buckets come out in backward order, top of the layout first.
-inline ZeroPlan zero_plan(const ParamLayout& L, int layers, int world, size_t target = ZERO_BUCKET) {
-    if (world < 1) fail("internal: zero_plan for %d ranks", world);
+// ep > 1: L is a rank's layout under expert parallelism (param_layout with ep_shard), whose routed experts
+// are cut into buckets of their own exactly (ep_shard aligns them to the unit), since those are shared by
+// fewer ranks.
+inline ZeroPlan zero_plan(const ParamLayout& L, int layers, int world, size_t target = ZERO_BUCKET, int ep = 1) {
+    if (world < 1 || ep < 1 || world % ep) fail("internal: zero_plan for %d ranks in expert-parallel groups of %d", world, ep);
     ZeroPlan p;
     p.world = world;
+    p.ep = ep;
     const size_t unit = ZERO_ALIGN * world;
     p.padded = round_up(std::max<size_t>(L.total, 1), unit);
-    p.shard = p.padded / world;
     target = round_up(std::max<size_t>(target, 1), unit);
     std::vector<const TensorSpec*> order;
     for (const TensorSpec& t : L.tensors) order.push_back(&t);
     std::sort(order.begin(), order.end(), [](const TensorSpec* a, const TensorSpec* b) { return a->offset < b->offset; });
-    // cuts where the ready point changes, rounded up to the unit
+    // cuts where the ready point changes, rounded up to the unit, and where the experts start and end
     std::vector<size_t> cuts = {0, p.padded};
-    for (size_t i = 1; i < order.size(); i++)
-        if (grad_ready_point(order[i]->name, layers) != grad_ready_point(order[i - 1]->name, layers))
-            cuts.push_back(round_up(order[i]->offset, unit));
+    for (size_t i = 1; i < order.size(); i++) {
+        const TensorSpec &t = *order[i], &before = *order[i - 1];
+        if (grad_ready_point(t.name, layers) != grad_ready_point(before.name, layers)) cuts.push_back(round_up(t.offset, unit));
+        if (ep > 1 && is_routed_expert(t.name) != is_routed_expert(before.name)) {
+            const size_t at = is_routed_expert(t.name) ? t.offset : round_up(before.offset + before.numel, unit);
+            if (at % unit || at > t.offset) fail("internal: zero_plan: the experts before %s are not aligned to %zu", t.name.c_str(), unit);
+            cuts.push_back(at);
+        }
+    }
     std::sort(cuts.begin(), cuts.end());
     cuts.erase(std::unique(cuts.begin(), cuts.end()), cuts.end());
     for (size_t k = cuts.size() - 1; k > 0; k--)
@@ -106,13 +132,14 @@ inline ZeroPlan zero_plan(const ParamLayout& L, int layers, int world, size_t ta
         }
     for (GradBucket& b : p.buckets)
         for (const TensorSpec* t : order)
-            if (t->offset < b.begin + b.len && t->offset + t->numel > b.begin)
+            if (t->offset < b.begin + b.len && t->offset + t->numel > b.begin) {
                 b.ready = std::max(b.ready, grad_ready_point(t->name, layers));
+                b.experts = ep > 1 && is_routed_expert(t->name);
+            }
     std::stable_sort(p.buckets.begin(), p.buckets.end(), [](const GradBucket& a, const GradBucket& b) { return a.ready < b.ready; });
-    size_t state = 0;
     for (GradBucket& b : p.buckets) {
-        b.state = state;
-        state += b.len / world;
+        b.state = p.shard;
+        p.shard += b.len / bucket_ranks(p, b);
     }
     return p;
 }
@@ -123,7 +150,7 @@ template <typename Chunk>
 std::vector<Chunk> zero_rank_chunks(const std::vector<Chunk>& all, const ZeroPlan& p, int rank) {
     std::vector<Chunk> out;
     for (const GradBucket& b : p.buckets) {
-        const size_t slice = b.len / p.world, lo = b.begin + rank * slice, hi = lo + slice;
+        const size_t slice = b.len / bucket_ranks(p, b), lo = b.begin + bucket_rank(p, b, rank) * slice, hi = lo + slice;
         for (const Chunk& c : all) {
             const size_t s = std::max<size_t>(lo, c.begin), e = std::min<size_t>(hi, c.begin + c.len);
             if (s >= e) continue;
@@ -162,6 +189,12 @@ inline EpGroup ep_group(int world, int rank, int P, int E) {
     g.experts = E / P;
     g.first_expert = g.index * g.experts;
     return g;
+}
+
+// The experts a rank of the group holds, for param_layout: aligned so that zero_plan can give them buckets of
+// their own for a world of that many ranks
+inline ExpertShard ep_shard(const EpGroup& g, int world) {
+    return {g.first_expert, g.experts, std::lcm(PARAM_ALIGN, ZERO_ALIGN * (size_t)world)};
 }
 
 // One MoE layer's exchange, for one rank of a group

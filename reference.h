@@ -66,14 +66,31 @@ struct ParamLayout {
 // GEMMs step from expert to expert).
 constexpr size_t PARAM_ALIGN = 64;
 
-inline ParamLayout param_layout(const Config& c) {
+// The routed experts a process holds: [first, first + count) of every MoE layer. Under expert parallelism
+// (dist.h ep_group, ep_shard) each rank holds its group's share; everything else, the router and the shared experts
+// included, every rank holds whole. count -1: all of them (one process, or data parallelism alone).
+struct ExpertShard {
+    int first = 0, count = -1;
+    size_t align = PARAM_ALIGN;  // elements, a multiple of PARAM_ALIGN: where the held experts start, and the
+                                 // tensor after them (dist.h cuts gradient buckets there)
+};
+
+// The flat layout of the parameters a process holds. A shard's experts keep their global names (a checkpoint
+// gathers them by name), and every rank of an expert-parallel group gets the same offsets, tensor for tensor,
+// its own experts standing where the others' stand on theirs.
+inline ParamLayout param_layout(const Config& c, ExpertShard shard = {}) {
+    const int first_expert = shard.first, held_experts = shard.count < 0 ? c.n_routed_experts : shard.count;
+    if (first_expert < 0 || held_experts < 0 || first_expert + held_experts > c.n_routed_experts || shard.align % PARAM_ALIGN)
+        fail("internal: experts [%d, %d) of %d, aligned to %zu", first_expert, first_expert + held_experts, c.n_routed_experts, shard.align);
     ParamLayout L;
+    auto align_to = [&](size_t unit) { L.total = (L.total + unit - 1) / unit * unit; };
     auto add = [&](const std::string& name, std::vector<int64_t> shape, int kind) {
         size_t n = 1;
         for (int64_t s : shape) n *= (size_t)s;
         bool follows = ends_with(name, "up_proj.weight") || ends_with(name, "down_proj.weight") ||
-                       (name.find(".mlp.experts.") != std::string::npos && name.find(".experts.0.gate_proj") == std::string::npos);
-        if (!follows) L.total = (L.total + PARAM_ALIGN - 1) / PARAM_ALIGN * PARAM_ALIGN;
+                       (name.find(".mlp.experts.") != std::string::npos &&
+                        name.find(strfmt(".experts.%d.gate_proj", first_expert)) == std::string::npos);
+        if (!follows) align_to(PARAM_ALIGN);
         L.index[name] = L.tensors.size();
         L.tensors.push_back({name, shape, L.total, n, kind});
         L.total += n;
@@ -103,12 +120,14 @@ inline ParamLayout param_layout(const Config& c) {
         const int I = c.moe_intermediate_size;
         add(p + "mlp.gate.weight", {c.n_routed_experts, D}, TENSOR_DECAY);
         add(p + "mlp.gate.e_score_correction_bias", {c.n_routed_experts}, TENSOR_BUFFER);
-        for (int e = 0; e < c.n_routed_experts; e++) {
+        align_to(shard.align);
+        for (int e = first_expert; e < first_expert + held_experts; e++) {
             std::string q = p + strfmt("mlp.experts.%d.", e);
             add(q + "gate_proj.weight", {I, D}, TENSOR_DECAY);
             add(q + "up_proj.weight", {I, D}, TENSOR_DECAY);
             add(q + "down_proj.weight", {D, I}, TENSOR_DECAY);
         }
+        align_to(shard.align);
         if (c.n_shared_experts > 0) {
             const int S = c.n_shared_experts * I;
             add(p + "mlp.shared_experts.gate_proj.weight", {S, D}, TENSOR_DECAY);

@@ -1,6 +1,7 @@
 // test_dist.cpp — tests for dist.h, the host side of multi-GPU training: gradient buckets and ZeRO-1 shards
 // over the real parameter layouts (every element once, equal aligned slices, backward order), expert
-// parallelism's groups and row exchange (against every rank's own MoE layer, emulated on the CPU), the
+// parallelism's groups, its ranks' layouts and plans (each expert held once, its moments on one rank of those
+// holding it), and its row exchange (against every rank's own MoE layer, emulated on the CPU), the
 // DataLoader's split of a step among ranks (2 ranks read what 1 rank reads with --grad-accum 2), the
 // NCCL-id hand-off through a directory between processes, the options hash, and the --gpus launcher's
 // handling of a rank that fails.
@@ -39,14 +40,14 @@ ParamLayout hand_layout(const std::vector<std::pair<std::string, size_t>>& tenso
     return L;
 }
 
-// The properties every plan must have, for any layout, world and bucket size.
-void check_plan(const ParamLayout& L, int layers, int world, size_t target) {
-    const ZeroPlan p = zero_plan(L, layers, world, target);
+// The properties every plan must have, for any layout, world, bucket size and expert-parallel group.
+void check_plan(const ParamLayout& L, int layers, int world, size_t target, int ep = 1) {
+    const ZeroPlan p = zero_plan(L, layers, world, target, ep);
     const size_t unit = ZERO_ALIGN * world;
     CHECK(p.padded % unit == 0);
     CHECK(p.padded >= L.total);
     CHECK(p.padded - L.total < unit);
-    CHECK(p.shard * world == p.padded);
+    if (ep == 1) CHECK(p.shard * world == p.padded);
     // the buckets tile [0, padded), each an even split into aligned slices, no larger than the target allows
     std::vector<GradBucket> by_offset = p.buckets;
     std::sort(by_offset.begin(), by_offset.end(), [](const GradBucket& a, const GradBucket& b) { return a.begin < b.begin; });
@@ -66,11 +67,12 @@ void check_plan(const ParamLayout& L, int layers, int world, size_t target) {
         const GradBucket& b = p.buckets[k];
         if (k > 0) CHECK(p.buckets[k - 1].ready <= b.ready);
         CHECK(b.state == state);
-        state += b.len / world;
+        state += b.len / bucket_ranks(p, b);
         size_t early = 0;
         for (const TensorSpec& t : L.tensors) {
             const size_t lo = std::max(t.offset, b.begin), hi = std::min(t.offset + t.numel, b.begin + b.len);
             if (lo >= hi) continue;
+            CHECK(b.experts == (ep > 1 && is_routed_expert(t.name)));  // never an expert beside a shared tensor
             const int point = grad_ready_point(t.name, layers);
             CHECK(point <= b.ready);
             if (point < b.ready) early += hi - lo;
@@ -193,6 +195,101 @@ TEST_CASE("ep_group: expert-parallel groups of consecutive ranks, each holding a
     CHECK(g.experts == 4);
     CHECK_THROWS_WITH(ep_group(6, 0, 4, 16), doctest::Contains("must be a multiple of it"));
     CHECK_THROWS_WITH(ep_group(6, 0, 3, 16), doctest::Contains("must split evenly"));
+}
+
+// Expert parallelism's sharded state: each rank of a group lays out only its experts (param_layout with
+// ep_shard), the same offsets on every rank; the experts' gradients are split among the ranks holding the same
+// experts, everything else among the whole world.
+TEST_CASE("param_layout of an expert shard: the group's layouts share their offsets and hold every expert once") {
+    for (const char* preset : {"tiny", "mini", "small"})
+        for (int P : {2, 4})
+            for (int world : {P, 2 * P, 3 * P}) {
+                const Config c = config_preset(preset);
+                CAPTURE(preset);
+                CAPTURE(P);
+                CAPTURE(world);
+                const ParamLayout whole = param_layout(c);
+                std::map<std::string, int> held;  // each expert tensor: how many ranks of a group hold it
+                std::vector<ParamLayout> group;
+                for (int i = 0; i < P; i++) {
+                    const EpGroup g = ep_group(world, i, P, c.n_routed_experts);
+                    group.push_back(param_layout(c, ep_shard(g, world)));
+                    // the held experts follow one another at the grouped GEMM's fixed stride
+                    const size_t stride = (size_t)3 * c.moe_intermediate_size * c.hidden_size;
+                    for (int l = c.first_k_dense_replace; l < c.num_hidden_layers; l++) {
+                        auto gate = [&](int e) { return group.back().offset_of(strfmt("model.layers.%d.mlp.experts.%d.gate_proj.weight", l, e)); };
+                        for (int j = 1; j < g.experts; j++) CHECK(gate(g.first_expert + j) - gate(g.first_expert) == j * stride);
+                    }
+                }
+                size_t expert_numel = 0, shared_numel = 0;
+                for (const TensorSpec& t : whole.tensors) (is_routed_expert(t.name) ? expert_numel : shared_numel) += t.numel;
+                for (const ParamLayout& L : group) {
+                    REQUIRE(L.tensors.size() == group[0].tensors.size());
+                    size_t experts = 0;
+                    for (size_t k = 0; k < L.tensors.size(); k++) {
+                        const TensorSpec &t = L.tensors[k], &t0 = group[0].tensors[k];
+                        CHECK(t.offset == t0.offset);
+                        CHECK(t.shape == t0.shape);
+                        CHECK(t.kind == t0.kind);
+                        CHECK(is_routed_expert(t.name) == is_routed_expert(t0.name));
+                        REQUIRE(whole.index.count(t.name) == 1);  // the global name, with the global shape
+                        CHECK(whole.tensors[whole.index.at(t.name)].shape == t.shape);
+                        if (is_routed_expert(t.name)) held[t.name]++, experts += t.numel;
+                        else CHECK(t.name == whole.tensors[whole.index.at(t.name)].name);
+                    }
+                    CHECK(experts * P == expert_numel);
+                    CHECK(L.total >= shared_numel + experts);
+                }
+                size_t expert_tensors = 0;
+                for (const TensorSpec& t : whole.tensors) expert_tensors += is_routed_expert(t.name);
+                CHECK(held.size() == expert_tensors);
+                for (const auto& [name, ranks] : held) CHECK(ranks == 1);
+            }
+}
+
+TEST_CASE("zero_plan under expert parallelism: experts in buckets of their own, each element's moments on one rank of those sharing it") {
+    const Config c = config_preset("tiny");  // 8 routed experts
+    for (int P : {2, 4})
+        for (int world : {P, 2 * P, 3 * P}) {
+            CAPTURE(P);
+            CAPTURE(world);
+            for (size_t target : {(size_t)1000, (size_t)4096, ZERO_BUCKET})
+                for (int i = 0; i < P; i++)
+                    check_plan(param_layout(c, ep_shard(ep_group(world, i, P, c.n_routed_experts), world)), c.num_hidden_layers, world, target, P);
+            // owners[g][x]: how many ranks at place g of their groups keep the moments of element x of the layout
+            // (the same offsets on every rank); an expert element is theirs alone, any other the world's
+            const ParamLayout L0 = param_layout(c, ep_shard(ep_group(world, 0, P, c.n_routed_experts), world));
+            const ZeroPlan p = zero_plan(L0, c.num_hidden_layers, world, 4096, P);
+            std::vector<std::vector<int>> owners(P, std::vector<int>(p.padded, 0));
+            for (int r = 0; r < world; r++) {
+                const ParamLayout L = param_layout(c, ep_shard(ep_group(world, r, P, c.n_routed_experts), world));
+                const ZeroPlan pr = zero_plan(L, c.num_hidden_layers, world, 4096, P);
+                REQUIRE(pr.padded == p.padded);
+                CHECK(pr.shard == p.shard);
+                std::vector<char> state_used(p.shard, 0);
+                for (const ParamChunk& ch : zero_rank_chunks(param_chunks(L, 1000), pr, r))
+                    for (int j = 0; j < ch.len; j++) {
+                        owners[r % P][ch.begin + j]++;
+                        REQUIRE(ch.state + j < p.shard);
+                        CHECK(!state_used[ch.state + j]);
+                        state_used[ch.state + j] = 1;
+                    }
+            }
+            size_t expert_elements = 0;
+            for (const TensorSpec& t : L0.tensors) {
+                if (t.kind == TENSOR_BUFFER) continue;
+                for (size_t x = t.offset; x < t.offset + t.numel; x++) {
+                    int total = 0;
+                    for (int g = 0; g < P; g++) {
+                        if (is_routed_expert(t.name)) CHECK(owners[g][x] == 1);
+                        total += owners[g][x];
+                    }
+                    if (is_routed_expert(t.name)) expert_elements++;
+                    else CHECK(total == 1);
+                }
+            }
+            CHECK(expert_elements > 0);
+        }
 }
 
 TEST_CASE("ep_exchange on a hand-made table: offsets, counts and the regrouping by expert") {
