@@ -17,7 +17,9 @@
 //
 // Under expert parallelism a rank lays out only the routed experts it holds (param_layout with ep_shard), so
 // its weights, gradients and master weights hold 1/P of the experts; the experts' buckets are split among the
-// world / P ranks holding the same experts instead of the whole world (ZeroPlan::ep). The training step does
+// world / P ranks holding the same experts instead of the whole world (ZeroPlan::ep). Their sum is still divided
+// by the world: a holder's gradient already sums the P ranks of its group, whose rows the all-to-all brought it
+// (test_dist.cpp checks the result against data parallelism's average). The training step does
 // not use this yet: it needs the expert-parallel MoE layer and a second communicator, and a machine with
 // several GPUs to check them on.
 #pragma once

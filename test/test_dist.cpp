@@ -292,6 +292,76 @@ TEST_CASE("zero_plan under expert parallelism: experts in buckets of their own, 
         }
 }
 
+// The plan's arithmetic, emulated on the CPU with 4 ranks in 2 expert-parallel groups of 2. Each rank's
+// gradient of its own batch is the reference's. Before the reduce-scatter, a rank holds its own gradient of
+// the shared tensors, and for its experts the sum of its group's gradients (the all-to-all brings it every
+// row its group routes there). Summing each bucket over the ranks sharing it and dividing by the world, as
+// for every bucket, must give each rank's slices of what data parallelism averages.
+TEST_CASE("expert parallelism's plan, emulated: each rank's slices of the split gradient are data parallelism's average") {
+    const Config c = tiny_variant(0, 61);  // 8 routed experts
+    const int world = 4, P = 2, B = 2, T = 8, E = c.n_routed_experts;
+    StepOptions opt;
+    opt.balance_alpha = 0.01f;
+    RefModel<double> m;
+    ref_init(m, c);
+    randomise_weights(m, 7, false);
+    const ParamLayout& whole = m.layout;
+    std::vector<std::vector<double>> grad(world);
+    std::vector<double> mean(whole.total, 0.0);
+    for (int r = 0; r < world; r++) {
+        std::vector<int> inputs(B * T), targets(B * T);
+        for (int i = 0; i < B * T; i++) {
+            inputs[i] = (int)(rng_hash(300 + r, i) % c.vocab_size);
+            targets[i] = (int)(rng_hash(400 + r, i) % c.vocab_size);
+        }
+        std::fill(m.grads.begin(), m.grads.end(), 0.0);
+        ref_forward(m, inputs.data(), targets.data(), B, T, opt);
+        ref_backward(m);
+        grad[r] = m.grads;
+        for (size_t x = 0; x < whole.total; x++) mean[x] += m.grads[x] / world;
+    }
+    // rank q's gradient before the reduce-scatter, in its own layout
+    std::vector<ParamLayout> layouts;
+    std::vector<std::vector<double>> held(world);
+    for (int q = 0; q < world; q++) {
+        layouts.push_back(param_layout(c, ep_shard(ep_group(world, q, P, E), world)));
+        held[q].assign(layouts[q].total, 0.0);
+        for (const TensorSpec& t : layouts[q].tensors) {
+            const size_t from = whole.offset_of(t.name);
+            for (int peer = q / P * P; peer < q / P * P + P; peer++) {
+                if (!is_routed_expert(t.name) && peer != q) continue;
+                for (size_t j = 0; j < t.numel; j++) held[q][t.offset + j] += grad[peer][from + j];
+            }
+        }
+    }
+    double worst = 0, largest = 0;
+    size_t checked = 0;
+    for (int r = 0; r < world; r++) {
+        const ZeroPlan p = zero_plan(layouts[r], c.num_hidden_layers, world, 4096, P);
+        for (const GradBucket& b : p.buckets) {
+            const size_t slice = b.len / bucket_ranks(p, b), lo = b.begin + bucket_rank(p, b, r) * slice;
+            for (const TensorSpec& t : layouts[r].tensors) {
+                const size_t s = std::max(lo, t.offset), e = std::min(lo + slice, t.offset + t.numel);
+                for (size_t x = s; x < e; x++) {
+                    double sum = 0;
+                    for (int q = 0; q < world; q++)
+                        if (!b.experts || q % P == r % P) sum += held[q][x];
+                    const double want = mean[whole.offset_of(t.name) + (x - t.offset)];
+                    worst = std::max(worst, std::fabs(sum / world - want));
+                    largest = std::max(largest, std::fabs(want));
+                    checked++;
+                }
+            }
+        }
+    }
+    // every element of the model, the buffers (expert biases) included, is in one rank's slice
+    size_t elements = 0;
+    for (const TensorSpec& t : whole.tensors) elements += t.numel;
+    CHECK(checked == elements);
+    CHECK(largest > 0);
+    CHECK(worst <= 1e-12 * largest);
+}
+
 TEST_CASE("ep_exchange on a hand-made table: offsets, counts and the regrouping by expert") {
     // 2 ranks, 4 experts (0 and 1 on rank 0, 2 and 3 on rank 1); rows routed to each expert by each rank
     const std::vector<int> counts = {2, 0, 1, 3,   // rank 0
