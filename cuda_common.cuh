@@ -10,6 +10,7 @@
 #include <cuda_runtime.h>
 #include <nccl.h>
 
+#include <algorithm>
 #include <map>
 #include <tuple>
 #include <vector>
@@ -252,6 +253,39 @@ inline void matmul(Matmul& mm, void* out, const bf16* A, const bf16* B, int M, i
     matmul_zero_output(mm, out, M, N, ldc, out_fp32 ? 4 : 2, beta, stream);
     CUBLAS_CHECK(cublasLtMatmul(mm.handle, p.desc, &alpha, B, p.lb, A, p.la, &beta, out, p.lc, out, p.lc, &p.algo, mm.workspace,
                                 mm.workspace_bytes, stream));
+}
+
+// ----------------------------------------------------------------------------
+// Timing, for the benchmarks and the timing test cases. A card that has been idle runs below its clocks for a
+// while, so a kernel timed at once reads slow (bench/RESULTS.md, session 12): f is first called for 0.2 s.
+
+template <typename F>
+void gpu_warm_up(F f) {
+    for (const double start = now_seconds(); now_seconds() - start < 0.2;) {
+        for (int i = 0; i < 10; i++) f();
+        CUDA_CHECK(cudaDeviceSynchronize());
+    }
+}
+
+// the median milliseconds of one call of f (work queued on stream), over runs calls each timed alone
+template <typename F>
+float gpu_median_ms(F f, int runs = 10, cudaStream_t stream = 0) {
+    gpu_warm_up(f);
+    cudaEvent_t start, stop;
+    CUDA_CHECK(cudaEventCreate(&start));
+    CUDA_CHECK(cudaEventCreate(&stop));
+    std::vector<float> ms(runs);
+    for (float& m : ms) {
+        CUDA_CHECK(cudaEventRecord(start, stream));
+        f();
+        CUDA_CHECK(cudaEventRecord(stop, stream));
+        CUDA_CHECK(cudaEventSynchronize(stop));
+        CUDA_CHECK(cudaEventElapsedTime(&m, start, stop));
+    }
+    CUDA_CHECK(cudaEventDestroy(start));
+    CUDA_CHECK(cudaEventDestroy(stop));
+    std::sort(ms.begin(), ms.end());
+    return runs % 2 ? ms[runs / 2] : 0.5f * (ms[runs / 2 - 1] + ms[runs / 2]);
 }
 
 // ----------------------------------------------------------------------------

@@ -24,27 +24,8 @@ static const char* USAGE =
     "quantization kernels, and the whole Linear forward + backward), medians of R runs.\n"
     "  defaults: --preset small --tokens 16384 --runs 20\n";
 
-// median microseconds of fn over runs, after one untimed call
-static double time_us(cudaStream_t st, int runs, const std::function<void()>& fn) {
-    cudaEvent_t start, stop;
-    CUDA_CHECK(cudaEventCreate(&start));
-    CUDA_CHECK(cudaEventCreate(&stop));
-    fn();
-    std::vector<double> t;
-    for (int r = 0; r < runs; r++) {
-        CUDA_CHECK(cudaEventRecord(start, st));
-        fn();
-        CUDA_CHECK(cudaEventRecord(stop, st));
-        CUDA_CHECK(cudaEventSynchronize(stop));
-        float ms = 0;
-        CUDA_CHECK(cudaEventElapsedTime(&ms, start, stop));
-        t.push_back(ms * 1000.0);
-    }
-    cudaEventDestroy(start);
-    cudaEventDestroy(stop);
-    std::sort(t.begin(), t.end());
-    return t[t.size() / 2];
-}
+// median microseconds of fn over runs (cuda_common.cuh gpu_median_ms)
+static double time_us(cudaStream_t st, int runs, const std::function<void()>& fn) { return 1000.0 * gpu_median_ms(fn, runs, st); }
 
 static Fp8Matrix fp8_alloc(int rows, int cols, int tile_rows) {
     return {device_alloc<uint8_t>((size_t)rows * cols, "bench"), device_alloc<float>(fp8_scale_count(rows, cols, tile_rows), "bench"), rows, cols,

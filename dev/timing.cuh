@@ -4,17 +4,13 @@
 
 #include "cuda_common.cuh"
 
-// microseconds per call of f over reps calls, after calling it for 0.2 s: a card that has been idle runs
-// below its clocks for a while, and a short kernel timed at once reads slow (bench/RESULTS.md, session 12)
+// microseconds per call of f over reps calls, after the warm-up (cuda_common.cuh gpu_warm_up)
 template <typename F>
 float time_us(F f, int reps = 50) {
     cudaEvent_t a, b;
     CUDA_CHECK(cudaEventCreate(&a));
     CUDA_CHECK(cudaEventCreate(&b));
-    for (const double start = now_seconds(); now_seconds() - start < 0.2;) {
-        for (int i = 0; i < 10; i++) f();
-        CUDA_CHECK(cudaDeviceSynchronize());
-    }
+    gpu_warm_up(f);
     CUDA_CHECK(cudaEventRecord(a));
     for (int i = 0; i < reps; i++) f();
     CUDA_CHECK(cudaEventRecord(b));

@@ -493,22 +493,7 @@ TEST_CASE("GPU flash attention timing" * doctest::skip()) {
         d_v.upload(random_bf16(d_v.n, 43));
         d_dout.upload(random_bf16(d_dout.n, 44));
         const float scale = 1.0f / std::sqrt((float)dqk);
-        cudaEvent_t e0, e1;
-        CUDA_CHECK(cudaEventCreate(&e0));
-        CUDA_CHECK(cudaEventCreate(&e1));
-        auto median_ms = [&](auto&& fn) {
-            fn();
-            std::vector<float> ms(10);
-            for (float& m : ms) {
-                CUDA_CHECK(cudaEventRecord(e0));
-                fn();
-                CUDA_CHECK(cudaEventRecord(e1));
-                CUDA_CHECK(cudaEventSynchronize(e1));
-                CUDA_CHECK(cudaEventElapsedTime(&m, e0, e1));
-            }
-            std::sort(ms.begin(), ms.end());
-            return 0.5 * (ms[4] + ms[5]);
-        };
+        auto median_ms = [](auto&& fn) { return (double)gpu_median_ms(fn); };
         const double fwd = median_ms([&] { attention_forward_gpu(d_out.p, d_lse.p, d_q.p, d_k.p, d_v.p, B, T, H, dqk, dv, scale, 0); });
         const double bwd = median_ms([&] {
             attention_backward_gpu(d_dq.p, d_dk.p, d_dv.p, d_dout.p, d_out.p, d_lse.p, d_q.p, d_k.p, d_v.p, B, T, H, dqk, dv, scale,
@@ -529,7 +514,5 @@ TEST_CASE("GPU flash attention timing" * doctest::skip()) {
         const double f_fwd = 2 * pairs * (dqk + dv), f_bwd = 2 * pairs * (3 * dqk + 2 * dv);
         printf("attention timing B=%d T=%d H=%d dqk=%d dv=%d: forward %.3f ms (%.1f TFLOP/s), backward %.3f ms (%.1f TFLOP/s)\n", B, T,
                H, dqk, dv, fwd, f_fwd / fwd * 1e-9, bwd, f_bwd / bwd * 1e-9);
-        CUDA_CHECK(cudaEventDestroy(e0));
-        CUDA_CHECK(cudaEventDestroy(e1));
     }
 }

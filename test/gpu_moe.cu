@@ -676,31 +676,9 @@ TEST_CASE("moe layer forward/backward (kernels + cuBLASLt) match moe_forward/moe
 
 namespace {
 struct Timer {
-    cudaEvent_t t0, t1;
-    Timer() {
-        CUDA_CHECK(cudaEventCreate(&t0));
-        CUDA_CHECK(cudaEventCreate(&t1));
-    }
-    ~Timer() {
-        cudaEventDestroy(t0);
-        cudaEventDestroy(t1);
-    }
-    // median of 10 timed runs after a warm-up, printed with TFLOP/s when flops > 0
+    // the median of 10 timed runs (cuda_common.cuh gpu_median_ms), printed with TFLOP/s when flops > 0
     float time(const std::string& name, double flops, const std::function<void()>& f) {
-        f();
-        CUDA_CHECK(cudaDeviceSynchronize());
-        std::vector<float> ms;
-        for (int i = 0; i < 10; i++) {
-            CUDA_CHECK(cudaEventRecord(t0));
-            f();
-            CUDA_CHECK(cudaEventRecord(t1));
-            CUDA_CHECK(cudaEventSynchronize(t1));
-            float m = 0;
-            CUDA_CHECK(cudaEventElapsedTime(&m, t0, t1));
-            ms.push_back(m);
-        }
-        std::sort(ms.begin(), ms.end());
-        const float med = (ms[4] + ms[5]) / 2;
+        const float med = gpu_median_ms(f);
         if (flops > 0) printf("timing %-60s %8.3f ms %7.1f TFLOP/s\n", name.c_str(), med, flops / (med * 1e-3) / 1e12);
         else printf("timing %-60s %8.3f ms\n", name.c_str(), med);
         fflush(stdout);
