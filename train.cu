@@ -95,7 +95,7 @@ static const char* USAGE =
     "  --batch-size B          sequences per micro-batch (default 8)\n"
     "  --seq-len T             tokens per sequence, <= max_position_embeddings (default 64)\n"
     "  --grad-accum K          micro-batches per step; tokens/step = B*T*K (default 1)\n"
-    "  --lr X                  peak learning rate (default 3e-3)\n"
+    "  --lr X                  peak learning rate (default 3e-3; 1e-3 for the medium preset)\n"
     "  --min-lr-fraction F     cosine decays to lr*F (default 0.1)\n"
     "  --warmup N              linear warmup steps (default 20)\n"
     "  --weight-decay X        AdamW decay of the matrices, not the norms (default 0.1)\n"
@@ -183,7 +183,7 @@ struct Args {
     std::string save_dtype = "fp32";  // as --save-dtype names it
     std::string device = "auto";
     bool cuda_graph = true;
-    bool grad_accum_given = false;
+    bool grad_accum_given = false, lr_given = false;
     int gpus = 0;     // --gpus: fork this many ranks
     DistGroup dist;   // --num-processes, --process-rank, --init-dir, --nccl-timeout
     std::vector<std::string> fixed_on_resume;  // options given that a resumed run takes from its checkpoint
@@ -196,7 +196,7 @@ static bool parse_args(int argc, char** argv, Args& a) {
     a.opt.dropout = 0;
     a.opt.balance_alpha = 1e-4f;
     a.opt.seed = 1337;
-    a.opt.optim.lr = 3e-3f;
+    a.opt.optim.lr = DEFAULT_LEARNING_RATE;  // a preset's own below, once the preset is known
     a.opt.optim.min_lr_fraction = 0.1f;
     a.opt.optim.warmup_steps = 20;
     a.opt.optim.weight_decay = 0.1f;
@@ -260,6 +260,7 @@ static bool parse_args(int argc, char** argv, Args& a) {
             fixed = false;  // a resumed run may change it, to keep processes x grad-accum on another GPU count
         } else if (n == "--lr") {
             a.opt.optim.lr = (float)cli_float(cli, 0, 10);
+            a.lr_given = true;
         } else if (n == "--min-lr-fraction") {
             a.opt.optim.min_lr_fraction = (float)cli_float(cli, 0, 1);
         } else if (n == "--warmup") {
@@ -343,6 +344,7 @@ static bool parse_args(int argc, char** argv, Args& a) {
     }
     if (!cli.positional.empty()) fail("unexpected argument '%s' (options are --long-names; see --help)", cli.positional[0].c_str());
     if (a.preset_given && !a.config_path.empty()) fail("give --preset or --config, not both");
+    if (!a.lr_given && a.config_path.empty()) a.opt.optim.lr = preset_learning_rate(a.preset);
     if (a.resume && a.overwrite) fail("--resume and --overwrite contradict each other");
     if (a.opt.fp8_wgrad && !a.opt.fp8) fail("--fp8-wgrad needs --fp8");
     if (a.gpus > 0 && a.dist.world > 1) fail("give --gpus or --num-processes, not both");

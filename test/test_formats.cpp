@@ -466,6 +466,12 @@ TEST_CASE("config: presets and a yarn config survive config.json") {
     CHECK(contains(error_of([] { config_preset("huge"); }), "unknown preset 'huge'"));
 }
 
+TEST_CASE("config: the presets' default learning rates, ./train's when --lr is not given") {
+    for (const char* name : {"tiny", "mini", "small"}) CHECK(preset_learning_rate(name) == DEFAULT_LEARNING_RATE);
+    CHECK(DEFAULT_LEARNING_RATE == 3e-3f);
+    CHECK(preset_learning_rate("medium") == 1e-3f);  // bench/RESULTS.md: 3e-3 spikes and ends 50% higher at 300 steps
+}
+
 TEST_CASE("config: transformers 5 rope_parameters and 4.x rope_scaling") {
     const std::string base = R"("vocab_size": 1000, "hidden_size": 64, "intermediate_size": 128,
         "moe_intermediate_size": 32, "num_hidden_layers": 3, "num_attention_heads": 4, "q_lora_rank": 48,
