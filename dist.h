@@ -1,9 +1,9 @@
 // dist.h — the host side of multi-GPU training (data parallel with ZeRO-1), free of CUDA so that the CPU tests
 // check it: which process this is (DistGroup), how the flat gradient is cut into buckets that the backward
 // hands to NCCL as they become final and how each bucket is split among the ranks (ZeroPlan), expert
-// parallelism's groups, the experts each rank holds (ep_shard) and the all-to-all exchange of an MoE layer's
-// rows (EpGroup, EpExchange), the rank-0 hand-off of the NCCL id through a shared directory, and the --gpus
-// launcher that forks one process per GPU.
+// parallelism's groups, the experts each rank holds (ep_shard, layout_pieces) and the all-to-all exchange of an
+// MoE layer's rows (EpGroup, EpExchange), the rank-0 hand-off of the NCCL id through a shared directory, and the
+// --gpus launcher that forks one process per GPU.
 // The NCCL calls are in dist.cu (joining the group, the watchdog, small host collectives) and model.cu (the
 // training step's reduce-scatters and all-gathers).
 //
@@ -197,6 +197,18 @@ inline EpGroup ep_group(int world, int rank, int P, int E) {
 // their own for a world of that many ranks
 inline ExpertShard ep_shard(const EpGroup& g, int world) {
     return {g.first_expert, g.experts, std::lcm(PARAM_ALIGN, ZERO_ALIGN * (size_t)world)};
+}
+
+// A rank's tensors in the whole model's layout, matched by name: what a checkpoint gathers from each rank
+// (its experts; the shared tensors from any) and what loading scatters back
+struct LayoutPiece {
+    size_t local, whole, numel;  // offsets in the rank's layout and in the whole model's
+};
+
+inline std::vector<LayoutPiece> layout_pieces(const ParamLayout& local, const ParamLayout& whole) {
+    std::vector<LayoutPiece> pieces;
+    for (const TensorSpec& t : local.tensors) pieces.push_back({t.offset, whole.offset_of(t.name), t.numel});
+    return pieces;
 }
 
 // One MoE layer's exchange, for one rank of a group

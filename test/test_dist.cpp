@@ -1,7 +1,7 @@
 // test_dist.cpp — tests for dist.h, the host side of multi-GPU training: gradient buckets and ZeRO-1 shards
 // over the real parameter layouts (every element once, equal aligned slices, backward order), expert
-// parallelism's groups, its ranks' layouts and plans (each expert held once, its moments on one rank of those
-// holding it), and its row exchange (against every rank's own MoE layer, emulated on the CPU), the
+// parallelism's groups, its ranks' layouts (each expert held once, gathered into the whole model's by name) and
+// plans (its moments on one rank of those holding it), and its row exchange (against every rank's own MoE layer, emulated on the CPU), the
 // DataLoader's split of a step among ranks (2 ranks read what 1 rank reads with --grad-accum 2), the
 // NCCL-id hand-off through a directory between processes, the options hash, and the --gpus launcher's
 // handling of a rank that fails.
@@ -245,6 +245,40 @@ TEST_CASE("param_layout of an expert shard: the group's layouts share their offs
                 CHECK(held.size() == expert_tensors);
                 for (const auto& [name, ranks] : held) CHECK(ranks == 1);
             }
+}
+
+TEST_CASE("layout_pieces: a group's sharded parameters gather into the whole model's, and scatter back") {
+    const Config c = config_preset("mini");  // 4 routed experts
+    const ParamLayout whole = param_layout(c);
+    std::vector<float> model(whole.total);
+    for (size_t i = 0; i < whole.total; i++) model[i] = rng_uniform(9, i);
+    for (int P : {2, 4}) {
+        CAPTURE(P);
+        const int world = 2 * P;
+        std::vector<float> gathered(whole.total, -1.0f);
+        std::vector<int> writes(whole.total, 0);
+        for (int i = 0; i < P; i++) {
+            const ParamLayout local = param_layout(c, ep_shard(ep_group(world, i, P, c.n_routed_experts), world));
+            std::vector<float> mine(local.total, 0.0f);
+            for (const LayoutPiece& p : layout_pieces(local, whole))  // loading: the rank takes its tensors
+                std::copy(model.begin() + p.whole, model.begin() + p.whole + p.numel, mine.begin() + p.local);
+            for (const LayoutPiece& p : layout_pieces(local, whole))  // saving: rank 0 gathers them back
+                for (size_t j = 0; j < p.numel; j++) {
+                    gathered[p.whole + j] = mine[p.local + j];
+                    writes[p.whole + j]++;
+                }
+        }
+        for (const TensorSpec& t : whole.tensors) {
+            bool exact = true, counted = true;
+            for (size_t j = t.offset; j < t.offset + t.numel; j++) {
+                exact = exact && gathered[j] == model[j];
+                counted = counted && writes[j] == (is_routed_expert(t.name) ? 1 : P);  // an expert from its holder alone
+            }
+            CAPTURE(t.name);
+            CHECK(exact);
+            CHECK(counted);
+        }
+    }
 }
 
 TEST_CASE("zero_plan under expert parallelism: experts in buckets of their own, each element's moments on one rank of those sharing it") {
