@@ -19,17 +19,17 @@
 // its weights, gradients and master weights hold 1/P of the experts; the experts' buckets are split among the
 // world / P ranks holding the same experts instead of the whole world (ZeroPlan::ep). Their sum is still divided
 // by the world: a holder's gradient already sums the P ranks of its group, whose rows the all-to-all brought it
-// (test_dist.cpp checks the result against data parallelism's average). The training step does
-// not use this yet: it needs the expert-parallel MoE layer and a second communicator, and a machine with
-// several GPUs to check them on.
+// (test_dist.cpp checks the result against data parallelism's average). The training step does not use this
+// yet: it needs the expert-parallel MoE layer and a second communicator, and a machine with several GPUs to
+// check them on.
 #pragma once
 
 #include <algorithm>
-#include <numeric>
 #include <cerrno>
 #include <csignal>
 #include <cstdint>
 #include <cstdio>
+#include <numeric>
 #include <string>
 #include <vector>
 
@@ -120,7 +120,8 @@ inline ZeroPlan zero_plan(const ParamLayout& L, int layers, int world, size_t ta
         if (grad_ready_point(t.name, layers) != grad_ready_point(before.name, layers)) cuts.push_back(round_up(t.offset, unit));
         if (ep > 1 && is_routed_expert(t.name) != is_routed_expert(before.name)) {
             const size_t at = is_routed_expert(t.name) ? t.offset : round_up(before.offset + before.numel, unit);
-            if (at % unit || at > t.offset) fail("internal: zero_plan: the experts before %s are not aligned to %zu", t.name.c_str(), unit);
+            if (at % unit || at > t.offset)
+                fail("internal: zero_plan: the experts before %s are not aligned to %zu", t.name.c_str(), unit);
             cuts.push_back(at);
         }
     }

@@ -67,8 +67,8 @@ struct ParamLayout {
 constexpr size_t PARAM_ALIGN = 64;
 
 // The routed experts a process holds: [first, first + count) of every MoE layer. Under expert parallelism
-// (dist.h ep_group, ep_shard) each rank holds its group's share; everything else, the router and the shared experts
-// included, every rank holds whole. count -1: all of them (one process, or data parallelism alone).
+// (dist.h ep_group, ep_shard) each rank holds its group's share; everything else, the router and the shared
+// experts included, every rank holds whole. count -1: all of them (one process, or data parallelism alone).
 struct ExpertShard {
     int first = 0, count = -1;
     size_t align = PARAM_ALIGN;  // elements, a multiple of PARAM_ALIGN: where the held experts start, and the
@@ -81,7 +81,8 @@ struct ExpertShard {
 inline ParamLayout param_layout(const Config& c, ExpertShard shard = {}) {
     const int first_expert = shard.first, held_experts = shard.count < 0 ? c.n_routed_experts : shard.count;
     if (first_expert < 0 || held_experts < 0 || first_expert + held_experts > c.n_routed_experts || shard.align % PARAM_ALIGN)
-        fail("internal: experts [%d, %d) of %d, aligned to %zu", first_expert, first_expert + held_experts, c.n_routed_experts, shard.align);
+        fail("internal: experts [%d, %d) of %d, aligned to %zu", first_expert, first_expert + held_experts, c.n_routed_experts,
+             shard.align);
     ParamLayout L;
     auto align_to = [&](size_t unit) { L.total = (L.total + unit - 1) / unit * unit; };
     auto add = [&](const std::string& name, std::vector<int64_t> shape, int kind) {

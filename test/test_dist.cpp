@@ -217,7 +217,9 @@ TEST_CASE("param_layout of an expert shard: the group's layouts share their offs
                     // the held experts follow one another at the grouped GEMM's fixed stride
                     const size_t stride = (size_t)3 * c.moe_intermediate_size * c.hidden_size;
                     for (int l = c.first_k_dense_replace; l < c.num_hidden_layers; l++) {
-                        auto gate = [&](int e) { return group.back().offset_of(strfmt("model.layers.%d.mlp.experts.%d.gate_proj.weight", l, e)); };
+                        auto gate = [&](int e) {
+                            return group.back().offset_of(strfmt("model.layers.%d.mlp.experts.%d.gate_proj.weight", l, e));
+                        };
                         for (int j = 1; j < g.experts; j++) CHECK(gate(g.first_expert + j) - gate(g.first_expert) == j * stride);
                     }
                 }
@@ -289,7 +291,8 @@ TEST_CASE("zero_plan under expert parallelism: experts in buckets of their own, 
             CAPTURE(world);
             for (size_t target : {(size_t)1000, (size_t)4096, ZERO_BUCKET})
                 for (int i = 0; i < P; i++)
-                    check_plan(param_layout(c, ep_shard(ep_group(world, i, P, c.n_routed_experts), world)), c.num_hidden_layers, world, target, P);
+                    check_plan(param_layout(c, ep_shard(ep_group(world, i, P, c.n_routed_experts), world)), c.num_hidden_layers, world,
+                               target, P);
             // owners[g][x]: how many ranks at place g of their groups keep the moments of element x of the layout
             // (the same offsets on every rank); an expert element is theirs alone, any other the world's
             const ParamLayout L0 = param_layout(c, ep_shard(ep_group(world, 0, P, c.n_routed_experts), world));
