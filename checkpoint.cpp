@@ -146,9 +146,9 @@ static void write_checkpoint(Model& m, const std::string& tmp, const TrainState*
     c.fp8_weights = std::string(dtype) == "F8_E4M3";
     write_file_atomic(tmp + "/config.json", config_to_json(c));
     std::vector<SafeTensor> weights = tensors_of(m.ref.layout, m.ref.params.data(), "", dtype);
-    for (const auto& [copy, shared] : mtp_shared_tensors(c)) {
-        SafeTensor t = *std::find_if(weights.begin(), weights.end(), [&](const SafeTensor& x) { return x.name == shared; });
-        t.name = copy;
+    for (const auto& link : mtp_shared_tensors(c)) {  // {the copy's name, the parameter's}
+        SafeTensor t = *std::find_if(weights.begin(), weights.end(), [&](const SafeTensor& x) { return x.name == link.second; });
+        t.name = link.first;
         weights.push_back(std::move(t));
     }
     safetensors_write(tmp + "/model.safetensors", weights, {{"format", "pt"}});
