@@ -83,8 +83,6 @@ struct ZeroPlan {
 inline int bucket_ranks(const ZeroPlan& p, const GradBucket& b) { return b.experts ? p.world / p.ep : p.world; }
 inline int bucket_rank(const ZeroPlan& p, const GradBucket& b, int rank) { return b.experts ? rank / p.ep : rank; }
 
-inline bool is_routed_expert(const std::string& name) { return name.find(".mlp.experts.") != std::string::npos; }
-
 // The point in the GPU backward (model.cu gpu_backward) after which a tensor's gradient is final: 0 after the
 // head and the final norm, 1 + (layers - 1 - l) after layer l, layers + 1 after the embedding.
 inline int grad_ready_point(const std::string& name, int layers) {

@@ -66,6 +66,8 @@ struct ParamLayout {
 // GEMMs step from expert to expert).
 constexpr size_t PARAM_ALIGN = 64;
 
+inline bool is_routed_expert(const std::string& name) { return name.find(".mlp.experts.") != std::string::npos; }
+
 // The routed experts a process holds: [first, first + count) of every MoE layer. Under expert parallelism
 // (dist.h ep_group, ep_shard) each rank holds its group's share; everything else, the router and the shared
 // experts included, every rank holds whole. count -1: all of them (one process, or data parallelism alone).
@@ -89,8 +91,7 @@ inline ParamLayout param_layout(const Config& c, ExpertShard shard = {}) {
         size_t n = 1;
         for (int64_t s : shape) n *= (size_t)s;
         bool follows = ends_with(name, "up_proj.weight") || ends_with(name, "down_proj.weight") ||
-                       (name.find(".mlp.experts.") != std::string::npos &&
-                        name.find(strfmt(".experts.%d.gate_proj", first_expert)) == std::string::npos);
+                       (is_routed_expert(name) && name.find(strfmt(".experts.%d.gate_proj", first_expert)) == std::string::npos);
         if (!follows) align_to(PARAM_ALIGN);
         L.index[name] = L.tensors.size();
         L.tensors.push_back({name, shape, L.total, n, kind});

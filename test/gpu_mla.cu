@@ -493,18 +493,17 @@ TEST_CASE("GPU flash attention timing" * doctest::skip()) {
         d_v.upload(random_bf16(d_v.n, 43));
         d_dout.upload(random_bf16(d_dout.n, 44));
         const float scale = 1.0f / std::sqrt((float)dqk);
-        auto median_ms = [](auto&& fn) { return (double)gpu_median_ms(fn); };
-        const double fwd = median_ms([&] { attention_forward_gpu(d_out.p, d_lse.p, d_q.p, d_k.p, d_v.p, B, T, H, dqk, dv, scale, 0); });
-        const double bwd = median_ms([&] {
+        const double fwd = gpu_median_ms([&] { attention_forward_gpu(d_out.p, d_lse.p, d_q.p, d_k.p, d_v.p, B, T, H, dqk, dv, scale, 0); });
+        const double bwd = gpu_median_ms([&] {
             attention_backward_gpu(d_dq.p, d_dk.p, d_dv.p, d_dout.p, d_out.p, d_lse.p, d_q.p, d_k.p, d_v.p, B, T, H, dqk, dv, scale,
                                    d_scratch.p, 0);
         });
         // the backward's two main kernels on their own (D from the run above stays in scratch)
-        const double t_dkdv = median_ms([&] {
+        const double t_dkdv = gpu_median_ms([&] {
             mla_detail::backward_dkdv(d_dk.p, d_dv.p, d_q.p, d_k.p, d_v.p, d_dout.p, d_lse.p, d_scratch.p, B, T, H, dqk, dv, scale,
                                       mla_detail::dropout_args({}), 0);
         });
-        const double t_dq = median_ms([&] {
+        const double t_dq = gpu_median_ms([&] {
             mla_detail::backward_dq(d_dq.p, d_q.p, d_k.p, d_v.p, d_dout.p, d_lse.p, d_scratch.p, B, T, H, dqk, dv, scale,
                                     mla_detail::dropout_args({}), 0);
         });
