@@ -80,15 +80,47 @@ static __global__ void rope_kernel(bf16* q, bf16* kv_a, const float2* __restrict
     }
 }
 
+// The same rotation where every piece (dn, dr, dc) starts on 8 elements: one thread per 16-byte pack of 4 pairs,
+// items (token n, head h of H + 1 with h = H the shared k_pe, pack p). rope_kernel's 2-byte accesses and 64-bit
+// index math ran it at a fifth of HBM speed (bench/RESULTS.md, session 13).
+template <bool BACKWARD>
+static __global__ void rope_pack_kernel(bf16* q, bf16* kv_a, const float2* __restrict__ cs, int N, int T, int H, int dn, int dr, int dc,
+                                        int pos0) {
+    const int packs = dr / 8, per_token = (H + 1) * packs;
+    const int idx = blockIdx.x * blockDim.x + threadIdx.x;
+    if (idx >= N * per_token) return;
+    const int n = idx / per_token, h = idx % per_token / packs, p = idx % packs;
+    bf16* x = h < H ? (q ? q + ((size_t)n * H + h) * (dn + dr) + dn : nullptr) : (kv_a ? kv_a + (size_t)n * (dc + dr) + dc : nullptr);
+    if (!x) return;
+    x += p * 8;
+    float v[8];
+    kdetail::load_bf16<8>(v, x);
+    const float2* r = cs + (size_t)(pos0 + n % T) * (dr / 2) + p * 4;
+#pragma unroll
+    for (int k = 0; k < 4; k++) {
+        const float c = r[k].x, s = BACKWARD ? -r[k].y : r[k].y, x0 = v[2 * k], x1 = v[2 * k + 1];
+        v[2 * k] = x0 * c - x1 * s;
+        v[2 * k + 1] = x1 * c + x0 * s;
+    }
+    kdetail::store_bf16<8>(x, v);
+}
+
 inline void rope_launch(bf16* q, bf16* kv_a, const RopeGpu& rope, int N, int T, int H, int dn, int dc, int pos0, int backward,
                         cudaStream_t stream) {
     if (N <= 0) return;
     if (!rope.cs || rope.dim <= 0 || rope.dim % 2) fail("RoPE: the table is not uploaded or its dimension is odd");
     if (T <= 0 || pos0 < 0 || pos0 + std::min(T, N) > rope.max_len)
         fail("RoPE: positions up to %d exceed the table's %d (max_position_embeddings)", pos0 + std::min(T, N), rope.max_len);
-    const long long total = (long long)N * (H + 1) * (rope.dim / 2);
-    const int threads = 256, blocks = (int)std::min<long long>((total + threads - 1) / threads, 1 << 20);
-    rope_kernel<<<blocks, threads, 0, stream>>>(q, kv_a, rope.cs, N, T, H, dn, rope.dim, dc, pos0, backward);
+    const int threads = 256, dr = rope.dim;
+    const long long packs = (long long)N * (H + 1) * (dr / 8);
+    if (dn % 8 == 0 && dr % 8 == 0 && dc % 8 == 0 && kdetail::aligned16({q, kv_a}) && packs < INT_MAX) {
+        auto kernel = backward ? rope_pack_kernel<true> : rope_pack_kernel<false>;
+        kernel<<<(int)ceil_div(packs, (long long)threads), threads, 0, stream>>>(q, kv_a, rope.cs, N, T, H, dn, dr, dc, pos0);
+    } else {
+        const long long total = (long long)N * (H + 1) * (dr / 2);
+        const int blocks = (int)std::min<long long>((total + threads - 1) / threads, 1 << 20);
+        rope_kernel<<<blocks, threads, 0, stream>>>(q, kv_a, rope.cs, N, T, H, dn, dr, dc, pos0, backward);
+    }
     CUDA_LAUNCH_CHECK();
 }
 
@@ -475,7 +507,7 @@ __global__ void __launch_bounds__(128) attention_forward_kernel(bf16* __restrict
     }
 }
 
-// D [B, H, T] = rowsum(dout * out) in fp32 (one warp per row, fixed-order sum)
+// D [B, H, T] = rowsum(dout * out) in fp32 (one warp per row, fixed-order sum); for any dv
 static __global__ void attention_backward_preprocess_kernel(float* __restrict__ D, const bf16* __restrict__ dout,
                                                             const bf16* __restrict__ out, int B, int T, int H, int dv) {
     const long long row = (long long)blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;  // (b, t, h)
@@ -485,6 +517,31 @@ static __global__ void attention_backward_preprocess_kernel(float* __restrict__ 
     for (int i = lane; i < dv; i += 32) s += __bfloat162float(dout[row * dv + i]) * __bfloat162float(out[row * dv + i]);
     s = warp_sum(s);
     if (lane == 0) {
+        const int h = (int)(row % H);
+        const long long bt = row / H;
+        const int t = (int)(bt % T), b = (int)(bt / T);
+        D[((long long)b * H + h) * T + t] = s;
+    }
+}
+
+// The same for dv a multiple of 8 and 16-byte aligned rows: 8 lanes a row with 16-byte loads, each summing its
+// packs, then a fixed shuffle tree over the 8. A warp a row left most lanes idle on two 2-byte loads each (about a
+// fifth of HBM speed, bench/RESULTS.md session 13).
+static __global__ void attention_backward_preprocess_pack_kernel(float* __restrict__ D, const bf16* __restrict__ dout,
+                                                                 const bf16* __restrict__ out, int B, int T, int H, int dv) {
+    const long long rows = (long long)B * T * H, row = ((long long)blockIdx.x * blockDim.x + threadIdx.x) / 8;
+    const int lane = threadIdx.x % 8;
+    float s = 0.0f;
+    if (row < rows)
+        for (int i = lane * 8; i < dv; i += 64) {
+            float a[8], b[8];
+            kdetail::load_bf16<8>(a, dout + row * dv + i);
+            kdetail::load_bf16<8>(b, out + row * dv + i);
+#pragma unroll
+            for (int k = 0; k < 8; k++) s += a[k] * b[k];
+        }
+    for (int offset = 4; offset > 0; offset /= 2) s += __shfl_xor_sync(0xffffffffu, s, offset);  // every lane takes part
+    if (lane == 0 && row < rows) {
         const int h = (int)(row % H);
         const long long bt = row / H;
         const int t = (int)(bt % T), b = (int)(bt / T);
@@ -839,7 +896,10 @@ inline void attention_backward_gpu(bf16* dq, bf16* dk, bf16* dvalue, const bf16*
     if (B == 0 || T == 0) return;
     float* D = scratch;
     const long long rows = (long long)B * T * H;
-    attention_backward_preprocess_kernel<<<(int)((rows + 7) / 8), 256, 0, stream>>>(D, dout, out, B, T, H, dvd);
+    if (dvd % 8 == 0 && kdetail::aligned16({dout, out}))
+        attention_backward_preprocess_pack_kernel<<<ceil_div(rows * 8, 256), 256, 0, stream>>>(D, dout, out, B, T, H, dvd);
+    else
+        attention_backward_preprocess_kernel<<<(int)((rows + 7) / 8), 256, 0, stream>>>(D, dout, out, B, T, H, dvd);
     CUDA_LAUNCH_CHECK();
     const DropoutArgs args = dropout_args(drop);
     backward_dkdv(dk, dvalue, q, k, v, dout, lse, D, B, T, H, dqk, dvd, scale, args, stream);
