@@ -68,6 +68,8 @@ GpuDecoder* decoder_create(Model& m, int batch, int max_len, int max_prompt, boo
     d.qlat = arena_alloc<float>(d.arena, (size_t)B * H * width, "decode activations");
     d.part_acc = arena_alloc<float>(d.arena, (size_t)B * H * d.splits * dc, "decode activations");
     d.part_ml = arena_alloc<float2>(d.arena, (size_t)B * H * d.splits, "decode activations");
+    d.flash_done = arena_alloc<int>(d.arena, (size_t)B * H, "decode state");
+    CUDA_CHECK(cudaMemset(d.flash_done, 0, (size_t)B * H * sizeof(int)));
     d.o_lat = arena_alloc<float>(d.arena, (size_t)B * H * dc, "decode activations");
     d.o = arena_alloc<bf16>(d.arena, (size_t)B * H * dv, "decode activations");
     d.attn_out = arena_alloc<bf16>(d.arena, (size_t)B * D, "decode activations");
@@ -77,6 +79,7 @@ GpuDecoder* decoder_create(Model& m, int batch, int max_len, int max_prompt, boo
     bf16* hidden = acts(std::max({(size_t)B * I, (size_t)S * MI, (size_t)B * SI}));
     if (c.first_k_dense_replace > 0 || E == 0) d.ffn = FfnActsGpu{acts((size_t)B * 2 * I), hidden, nullptr, nullptr};
     if (E > 0) d.moe = moe_layer_alloc(d.arena, c, B, 1, moe_shared_alloc(d.arena, c, B, FfnActsGpu{nullptr, hidden, nullptr, nullptr}, false));
+    if (E > 0 && B <= GEMV_MAX_ROWS) d.moe_hidden = acts((size_t)B * (K * MI + SI));
 
     return dp;
 }
@@ -175,24 +178,30 @@ void decoder_prefill(GpuDecoder& d, const std::vector<std::vector<int>>& prompts
 // The absorbed MLA of the step's R rows (x [R, D], row b at rows' position of sequence b % batch; decode.cuh
 // DecodeRows), the GPU twin of decode.h's mla_decode_forward: appends each row's latent to cache_l [batch, max_len,
 // dc+dr] and writes out [R, D].
+// A Linear of the step's R rows: gemv_forward_gpu for a decoding step's few rows on bf16 weights, else as in training
+static void decode_linear_gpu(bf16* out, const bf16* x, const Linear<bf16>& w, int R, GpuContext& ctx) {
+    if (R <= GEMV_MAX_ROWS && !w.fp8) gemv_forward_gpu(out, x, w.w, R, w.in, w.out, ctx.stream);
+    else linear_forward_gpu(out, x, w, R, ctx);
+}
+
 static void mla_decode_forward_gpu(const Config& c, const MlaWeights<bf16>& w, const RopeGpu& rope, bf16* out, const bf16* x,
                                    bf16* cache_l, int R, const DecodeRows& rows, GpuDecoder& d, GpuContext& ctx) {
     const int H = c.num_attention_heads, qr = c.q_lora_rank, dc = c.kv_lora_rank, dr = c.qk_rope_head_dim;
     const int dn = c.qk_nope_head_dim, dv = c.v_head_dim;
     cudaStream_t st = ctx.stream;
     if (qr > 0) {
-        linear_forward_gpu(d.qa, x, w.q_a, R, ctx);
+        decode_linear_gpu(d.qa, x, w.q_a, R, ctx);
         rmsnorm_residual_forward_gpu(nullptr, d.qa_norm, nullptr, d.qa, nullptr, w.q_a_norm, R, qr, c.rms_norm_eps, st);
-        linear_forward_gpu(d.q, d.qa_norm, w.q_b, R, ctx);
+        decode_linear_gpu(d.q, d.qa_norm, w.q_b, R, ctx);
     } else {
-        linear_forward_gpu(d.q, x, w.q_proj, R, ctx);
+        decode_linear_gpu(d.q, x, w.q_proj, R, ctx);
     }
-    linear_forward_gpu(d.kv, x, w.kv_a, R, ctx);
+    decode_linear_gpu(d.kv, x, w.kv_a, R, ctx);
     decode_cache_write_gpu(cache_l, d.kv, w.kv_a_norm, rope, rows, R, dc, dr, c.rms_norm_eps, st);
     decode_absorb_query_gpu(d.qlat, d.q, w.kv_b.w, rope, rows, R, H, dn, dr, dv, dc, st);
-    flash_decode_gpu(d.o_lat, d.part_acc, d.part_ml, d.qlat, cache_l, rows, R, H, dc, dr, d.splits, rope.softmax_scale, st);
+    flash_decode_gpu(d.o_lat, d.part_acc, d.part_ml, d.flash_done, d.qlat, cache_l, rows, R, H, dc, dr, d.splits, rope.softmax_scale, st);
     decode_value_up_gpu(d.o, d.o_lat, w.kv_b.w, R, H, dn, dv, dc, st);
-    linear_forward_gpu(out, d.o, w.o_proj, R, ctx);
+    decode_linear_gpu(out, d.o, w.o_proj, R, ctx);
 }
 
 // Block l (a main layer, or the MTP module's) on the step's R rows at the sequences' positions plus shift (decode.cuh
@@ -210,8 +219,18 @@ static void block_decode_forward_gpu(GpuDecoder& d, int l, const bf16* branch, b
     mla_decode_forward_gpu(c, w.attn, gpu.rope, d.attn_out, d.xn, d.cache + (size_t)l * d.batch * d.max_len * width, R,
                            DecodeRows{d.pos, d.batch, shift, d.max_len}, d, ctx);
     rmsnorm_residual_forward_gpu<float>(d.res, d.xn, nullptr, d.res, d.attn_out, w.post_norm, R, D, eps, st);
-    if (c.is_moe_layer(l)) moe_forward_gpu(c, w.moe, block_weights(gpu.master, l).moe.bias, d.ffn_out, d.xn, R, d.moe, nullptr, ctx);
-    else ffn_forward_gpu(w.ffn, d.ffn_out, d.xn, R, d.ffn, ctx);
+    const float* bias = block_weights(gpu.master, l).moe.bias;
+    const int I = w.ffn.gate.out;
+    if (c.is_moe_layer(l)) {  // an FP8 shared expert keeps the training form, as the Linears do
+        if (d.moe_hidden && !w.moe.shared.gate.fp8) moe_decode_forward_gpu(c, w.moe, bias, d.ffn_out, d.xn, R, d.moe, d.moe_hidden, ctx);
+        else moe_forward_gpu(c, w.moe, bias, d.ffn_out, d.xn, R, d.moe, nullptr, ctx);
+    } else if (R <= GEMV_MAX_ROWS && !w.ffn.gate.fp8) {  // ffn_forward_gpu on gemv_forward_gpu
+        gemv_forward_gpu(d.ffn.gate_up, d.xn, gate_up(w.ffn).w, R, D, 2 * I, st);
+        swiglu_forward_fused_gpu(d.ffn.hidden, d.ffn.gate_up, R, I, st);
+        gemv_forward_gpu(d.ffn_out, d.ffn.hidden, w.ffn.down.w, R, I, D, st);
+    } else {
+        ffn_forward_gpu(w.ffn, d.ffn_out, d.xn, R, d.ffn, ctx);
+    }
 }
 
 // The main model on the step's R rows (tokens [R], at the sequences' positions): d.xn [R, D] ends as its normed
@@ -224,7 +243,7 @@ static void main_decode_forward_gpu(GpuDecoder& d, int R, const int* tokens) {
     embedding_forward_gpu(d.emb, tokens, gpu.w.embed, R, D, st);
     for (int l = 0; l < c.num_hidden_layers; l++) block_decode_forward_gpu(d, l, l == 0 ? d.emb : d.ffn_out, l == 0, R, 0);
     rmsnorm_residual_forward_gpu<float>(d.res, d.xn, nullptr, d.res, d.ffn_out, gpu.w.final_norm, R, D, c.rms_norm_eps, st);
-    linear_forward_gpu(d.logits, d.xn, gpu.w.lm_head, R, gpu.ctx);
+    decode_linear_gpu(d.logits, d.xn, gpu.w.lm_head, R, gpu.ctx);
 }
 
 // uploads what decoder_set_active changed since the last upload: one copy, however many sequences stopped
@@ -258,10 +277,10 @@ static void mtp_decode_forward_gpu(GpuDecoder& d) {
     CUDA_CHECK(cudaMemcpy2DAsync(d.mtp_cat, 2 * row, d.xn, row, row, R, cudaMemcpyDeviceToDevice, st));
     rmsnorm_residual_forward_gpu<bf16>(nullptr, d.xn, nullptr, d.mtp_h, nullptr, w.hnorm, R, D, eps, st);
     CUDA_CHECK(cudaMemcpy2DAsync(d.mtp_cat + D, 2 * row, d.xn, row, row, R, cudaMemcpyDeviceToDevice, st));
-    linear_forward_gpu(d.emb, d.mtp_cat, w.eh_proj, R, gpu.ctx);
+    decode_linear_gpu(d.emb, d.mtp_cat, w.eh_proj, R, gpu.ctx);
     block_decode_forward_gpu(d, c.num_hidden_layers, d.emb, true, R, -2);
     rmsnorm_residual_forward_gpu<float>(d.res, d.xn, nullptr, d.res, d.ffn_out, w.head_norm, R, D, eps, st);
-    linear_forward_gpu(d.logits, d.xn + (size_t)B * D, gpu.w.lm_head, B, gpu.ctx);
+    decode_linear_gpu(d.logits, d.xn + (size_t)B * D, gpu.w.lm_head, B, gpu.ctx);
 }
 
 // One speculative step (decode.cuh, speculative_accept_kernel): draft, verify x and the draft in one pass of the

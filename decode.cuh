@@ -125,8 +125,10 @@ inline void decode_absorb_query_gpu(float* qlat, const bf16* q, const bf16* kv_b
 // Flash decoding: one query per (row, head) over its sequence's cache rows 0..row_position(b). A single query is too
 // little work for one block per (b, h) when the batch is small, so the rows are split into `splits` contiguous ranges,
 // one block each (grid (splits, H, B)); every block writes a partial (max, sum, unnormalised output) in the log2
-// domain, and a combine kernel merges the splits with their log-sum-exp weights in split order (deterministic). Keys
-// are the whole cache row (dc+dr), values its first dc columns: all heads share them (the absorbed form).
+// domain, and the last block of a (b, h) to finish (a counter per (b, h), reset by that block for the next step) merges
+// the splits with their log-sum-exp weights in split order, so the result is deterministic and the merge needs no
+// launch of its own. Keys are the whole cache row (dc+dr), values its first dc columns: all heads share them (the
+// absorbed form).
 //
 // Inside a block each warp takes every NWARPS-th row: the lanes split the row's dot product (warp_sum), then each lane
 // updates its dc/32 output accumulators with the online softmax; the warps' states merge in shared memory at the end.
@@ -134,14 +136,14 @@ constexpr int FLASH_DECODE_WARPS = 4;
 
 template <int DCL>  // latent columns per lane: dc <= 32 * DCL
 static __global__ void __launch_bounds__(FLASH_DECODE_WARPS * 32)
-    flash_decode_partial_kernel(float* part_acc, float2* part_ml, const float* qlat, const bf16* cache, DecodeRows rows, int H, int dc,
-                                int dr, float scale_log2) {
+    flash_decode_kernel(float* o_lat, float* part_acc, float2* part_ml, int* done, const float* qlat, const bf16* cache, DecodeRows rows,
+                        int H, int dc, int dr, float scale_log2) {
     extern __shared__ float smem[];
     const int width = dc + dr, splits = gridDim.x, s = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
     const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
     float* q_s = smem;                          // [width], pre-scaled by scale * log2(e)
     float* acc_s = smem + width;                // [WARPS, dc]
-    float2* ml_s = (float2*)(acc_s + FLASH_DECODE_WARPS * dc);  // [WARPS]
+    float2* ml_s = (float2*)(acc_s + FLASH_DECODE_WARPS * dc);  // [WARPS]; then the splits' weights in the merge
     const int len = row_position(rows, b) + 1, chunk = (len + splits - 1) / splits, t0 = s * chunk, t1 = min(len, t0 + chunk);
     for (int j = threadIdx.x; j < width; j += blockDim.x) q_s[j] = qlat[((size_t)b * H + h) * width + j] * scale_log2;
     __syncthreads();
@@ -171,26 +173,41 @@ static __global__ void __launch_bounds__(FLASH_DECODE_WARPS * 32)
     for (int w = 0; w < FLASH_DECODE_WARPS; w++) M = fmaxf(M, ml_s[w].x);
     float L = 0;
     for (int w = 0; w < FLASH_DECODE_WARPS; w++) L += M == -INFINITY ? 0.0f : ml_s[w].y * exp2f(ml_s[w].x - M);
-    const size_t part = ((size_t)b * H + h) * splits + s;
+    const size_t bh = (size_t)b * H + h, part = bh * splits + s;
     for (int j = threadIdx.x; j < dc; j += blockDim.x) {
         float o = 0;
         for (int w = 0; w < FLASH_DECODE_WARPS; w++) o += M == -INFINITY ? 0.0f : acc_s[w * dc + j] * exp2f(ml_s[w].x - M);
         part_acc[part * dc + j] = o;
     }
     if (threadIdx.x == 0) part_ml[part] = make_float2(M, L);
-}
 
-// o_lat [B, H, dc] = sum_s acc_s 2^(m_s - M) / sum_s l_s 2^(m_s - M), splits in order
-static __global__ void flash_decode_combine_kernel(float* o_lat, const float* part_acc, const float2* part_ml, int splits, int dc) {
-    const size_t bh = (size_t)blockIdx.y * gridDim.x + blockIdx.x;
-    const float2* ml = part_ml + bh * splits;
-    float M = -INFINITY, L = 0;
-    for (int s = 0; s < splits; s++) M = fmaxf(M, ml[s].x);
-    for (int s = 0; s < splits; s++) L += ml[s].x == -INFINITY ? 0.0f : ml[s].y * exp2f(ml[s].x - M);
+    // the last block of (b, h): o_lat = sum_s acc_s 2^(m_s - M) / sum_s l_s 2^(m_s - M), splits in order. The fence
+    // makes this block's partial visible before its count; the last block reads the others' past L1 (__ldcg).
+    __shared__ bool last;
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x == 0) last = atomicAdd(&done[bh], 1) == splits - 1;
+    __syncthreads();
+    if (!last) return;
+    float* weight_s = acc_s;  // [splits], this block's acc_s is spent
+    if (threadIdx.x == 0) {
+        const float2* ml = part_ml + bh * splits;
+        float M_all = -INFINITY, L_all = 0;
+        for (int k = 0; k < splits; k++) M_all = fmaxf(M_all, __ldcg(&ml[k]).x);
+        for (int k = 0; k < splits; k++) {
+            const float2 v = __ldcg(&ml[k]);
+            weight_s[k] = v.x == -INFINITY ? 0.0f : exp2f(v.x - M_all);
+            L_all += v.y * weight_s[k];
+        }
+        ml_s[0].x = L_all;
+        done[bh] = 0;  // ready for the next step
+    }
+    __syncthreads();
+    const float L_all = ml_s[0].x;
     for (int j = threadIdx.x; j < dc; j += blockDim.x) {
         float o = 0;
-        for (int s = 0; s < splits; s++) o += ml[s].x == -INFINITY ? 0.0f : part_acc[(bh * splits + s) * dc + j] * exp2f(ml[s].x - M);
-        o_lat[bh * dc + j] = o / L;
+        for (int k = 0; k < splits; k++) o += weight_s[k] == 0.0f ? 0.0f : __ldcg(&part_acc[(bh * splits + k) * dc + j]) * weight_s[k];
+        o_lat[bh * dc + j] = o / L_all;
     }
 }
 
@@ -202,20 +219,19 @@ inline int flash_decode_splits(int B, int H, int max_len, int sms) {
 
 // o_lat [B, H, dc] fp32 from qlat [B, H, dc+dr] fp32 and cache [seqs, max_len, dc+dr] (rows 0..row_position(b) of
 // sequence b % seqs); scale = the softmax scale (RopeTable's); part_acc [B, H, splits, dc] and part_ml [B, H, splits]
-// are scratch.
-inline void flash_decode_gpu(float* o_lat, float* part_acc, float2* part_ml, const float* qlat, const bf16* cache, const DecodeRows& rows,
-                             int B, int H, int dc, int dr, int splits, float scale, cudaStream_t stream) {
+// are scratch; done [B, H] are the merge's counters, zero before the first call (each call leaves them zero).
+inline void flash_decode_gpu(float* o_lat, float* part_acc, float2* part_ml, int* done, const float* qlat, const bf16* cache,
+                             const DecodeRows& rows, int B, int H, int dc, int dr, int splits, float scale, cudaStream_t stream) {
     if (dc > 32 * 32) fail("flash_decode: kv_lora_rank %d exceeds the supported 1024", dc);
+    if (splits > FLASH_DECODE_WARPS * dc) fail("flash_decode: %d splits exceed the merge's %d weights", splits, FLASH_DECODE_WARPS * dc);
     const int dcl = ceil_div(dc, 32);
-    auto kernel = dcl <= 1 ? flash_decode_partial_kernel<1> : dcl <= 2 ? flash_decode_partial_kernel<2>
-                : dcl <= 4 ? flash_decode_partial_kernel<4> : dcl <= 8 ? flash_decode_partial_kernel<8>
-                : dcl <= 16 ? flash_decode_partial_kernel<16> : flash_decode_partial_kernel<32>;
+    auto kernel = dcl <= 1 ? flash_decode_kernel<1> : dcl <= 2 ? flash_decode_kernel<2>
+                : dcl <= 4 ? flash_decode_kernel<4> : dcl <= 8 ? flash_decode_kernel<8>
+                : dcl <= 16 ? flash_decode_kernel<16> : flash_decode_kernel<32>;
     const size_t smem = ((size_t)(dc + dr) + FLASH_DECODE_WARPS * dc + 2 * FLASH_DECODE_WARPS) * sizeof(float);
     if (smem > 48 * 1024) fail("flash_decode: %zu bytes of shared memory for kv_lora_rank %d exceed 48 KiB", smem, dc);
-    kernel<<<dim3(splits, H, B), FLASH_DECODE_WARPS * 32, smem, stream>>>(part_acc, part_ml, qlat, cache, rows, H, dc, dr,
+    kernel<<<dim3(splits, H, B), FLASH_DECODE_WARPS * 32, smem, stream>>>(o_lat, part_acc, part_ml, done, qlat, cache, rows, H, dc, dr,
                                                                          scale * 1.4426950408889634f);
-    CUDA_LAUNCH_CHECK();
-    flash_decode_combine_kernel<<<dim3(H, B), 128, 0, stream>>>(o_lat, part_acc, part_ml, splits, dc);
     CUDA_LAUNCH_CHECK();
 }
 
@@ -574,8 +590,10 @@ struct GpuDecoder {
     bf16 *emb, *xn, *qa, *qa_norm, *q, *kv, *o, *attn_out, *ffn_out, *logits;  // [rows, *]
     float *qlat, *o_lat, *part_acc;
     float2* part_ml;
+    int* flash_done;                    // [rows, H] flash_decode_gpu's counters
     FfnActsGpu ffn;                     // the dense FFN's buffers, shared by its layers
     MoeActsGpu moe;                     // the MoE's, shared by its layers
+    bf16* moe_hidden;                   // [rows, K*I + SI] moe_decode_forward_gpu's, when rows <= GEMV_MAX_ROWS
     // speculative decoding's state and buffers (decode.cuh's comment above speculative_inputs_kernel)
     int* rows_tokens;                   // [2 batch] the main step's rows: x then the draft, at L and L + 1
     int* mtp_tokens;                    // [2 batch] the MTP module's rows, at L - 2 and L - 1

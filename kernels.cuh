@@ -267,6 +267,47 @@ inline void linear_forward_gpu(bf16* out, const bf16* x, const Linear<bf16>& w, 
     if (y != out) CUDA_CHECK(cudaMemcpyAsync(out, y, (size_t)N * w.out * sizeof(bf16), cudaMemcpyDeviceToDevice, ctx.stream));
 }
 
+// out [R, OUT] = x [R, IN] @ W^T for the few rows of a decoding step (R <= GEMV_MAX_ROWS), W [OUT, IN] bf16, fp32
+// sums: one warp per output column reads its weight row once for all R rows. cuBLASLt's GEMMs at R = 1 took about 5 us
+// each, 80 of them a step (bench/RESULTS.md, decoding at batch 1). A row's result does not depend on R or on the rows
+// beside it, so a sequence decodes to the same bits alone and in a batch, one token a step or two.
+constexpr int GEMV_MAX_ROWS = 8;
+template <bool VEC, typename Out>
+static __global__ void __launch_bounds__(256) gemv_kernel(Out* out, const bf16* x, const bf16* w, int R, int IN, int OUT) {
+    const int c = (int)(((long long)blockIdx.x * blockDim.x + threadIdx.x) / 32), lane = threadIdx.x % 32;
+    if (c >= OUT) return;
+    const bf16* wc = w + (size_t)c * IN;
+    float acc[GEMV_MAX_ROWS] = {};
+    constexpr int STEP = VEC ? 8 : 1;
+    for (int i = lane * STEP; i < IN; i += 32 * STEP) {
+        float wv[STEP];
+        kdetail::load_bf16<STEP>(wv, wc + i);
+#pragma unroll
+        for (int r = 0; r < GEMV_MAX_ROWS; r++) {
+            if (r >= R) break;
+            float xv[STEP];
+            kdetail::load_bf16<STEP>(xv, x + (size_t)r * IN + i);
+#pragma unroll
+            for (int k = 0; k < STEP; k++) acc[r] += wv[k] * xv[k];
+        }
+    }
+#pragma unroll
+    for (int r = 0; r < GEMV_MAX_ROWS; r++) {
+        if (r >= R) break;
+        const float sum = warp_sum(acc[r]);
+        if (lane == 0) out[(size_t)r * OUT + c] = (Out)sum;
+    }
+}
+
+template <typename Out>
+inline void gemv_forward_gpu(Out* out, const bf16* x, const bf16* w, int R, int IN, int OUT, cudaStream_t stream) {
+    if (R < 1 || R > GEMV_MAX_ROWS) fail("internal: gemv_forward_gpu takes 1..%d rows, not %d", GEMV_MAX_ROWS, R);
+    const int blocks = ceil_div((long long)OUT * 32, 256);
+    if (IN % 8 == 0 && kdetail::aligned16({x, w})) gemv_kernel<true, Out><<<blocks, 256, 0, stream>>>(out, x, w, R, IN, OUT);
+    else gemv_kernel<false, Out><<<blocks, 256, 0, stream>>>(out, x, w, R, IN, OUT);
+    CUDA_LAUNCH_CHECK();
+}
+
 // dx [N, W.in] = dout @ W (+= when accumulate; null: not wanted); dW += dout^T @ x in fp32;
 // dout_fp8: dout's FP8 copy (fp8_copy), if its maker wrote one
 inline void linear_backward_gpu(bf16* dx, const Linear<float>& dw, const bf16* dout, const bf16* x, const Linear<bf16>& w, int N,

@@ -22,7 +22,8 @@
 //   moe_combine_forward_gpu -> out [N,D] = sum_k gate * y (+ shared expert output)
 // and moe_backward_gpu in reverse: moe_combine_backward_gpu (dy_sorted, dgate), grouped_gemm_backward_input/weight_gpu,
 // moe_scatter_backward_gpu (du), router_backward_gpu (dlogits), with balance_loss_backward_gpu feeding its
-// dscores_extra.
+// dscores_extra. A decoding step of a few tokens takes moe_decode_forward_gpu instead: the same router, then two
+// kernels of one warp per output for the experts, the shared expert and the combine.
 //
 // Expert weights: the grouped GEMMs take a base pointer and an expert stride in elements, W_e = w + e * w_stride, each
 // W_e [OC, C] row-major. The model stores experts in Hugging Face order (per expert gate_proj [I,D], up_proj [I,D],
@@ -1211,6 +1212,88 @@ inline void moe_forward_gpu(const Config& c, const MoeWeights<bf16>& w, const fl
     grouped_gemm_forward_gpu(a.y_sorted, a.hidden, w.experts.down.w, w.expert_stride, a.offsets, S, E, I, D, st);
     if (shared) ffn_forward_gpu(w.shared, a.shared_out, u, N, a.shared, ctx, u_fp8);
     moe_combine_forward_gpu(out, a.y_sorted, a.gate, a.slot_row, shared ? a.shared_out : nullptr, N, K, D, st);
+}
+
+// The MoE layer of a decoding step's few rows (R <= GEMV_MAX_ROWS, kernels.cuh). moe_forward_gpu permutes the slots by expert and
+// runs grouped GEMMs whose 128-row tiles are almost empty here: 13 launches a layer at batch 1, two of them 10 us
+// grouped GEMMs (decoding at batch 1, bench/RESULTS.md). After the same router, two kernels do the rest, every output one warp's
+// dot products over a weight row: gate_up and SwiGLU for each token's K experts and the shared expert, then each
+// expert's down projection and the gated sum. Values are rounded where moe_forward_gpu rounds them (gate_up, hidden
+// and each expert's output to bf16, the gated sum in fp32, in the same order), so the two differ only in the order
+// of each dot product's fp32 terms.
+// a . b over n bf16 by one warp (16-byte loads where both are aligned and n % 8 == 0); every lane gets the sum
+__device__ inline float warp_dot_bf16(const bf16* a, const bf16* b, int n) {
+    const int lane = threadIdx.x % 32;
+    float s = 0;
+    if (n % 8 == 0 && (((uintptr_t)a | (uintptr_t)b) & 15) == 0) {
+        for (int i = lane * 8; i < n; i += 32 * 8) {
+            float x[8], y[8];
+            kdetail::load_bf16<8>(x, a + i);
+            kdetail::load_bf16<8>(y, b + i);
+#pragma unroll
+            for (int k = 0; k < 8; k++) s += x[k] * y[k];
+        }
+    } else {
+        for (int i = lane; i < n; i += 32) s += __bfloat162float(a[i]) * __bfloat162float(b[i]);
+    }
+    return warp_sum(s);
+}
+
+__device__ inline float rounded_bf16(float x) { return __bfloat162float(__float2bfloat16(x)); }
+
+// hidden [R, K*I + SI]: row n's K routed experts' SwiGLU outputs (I each, in choice order), then the shared
+// expert's (SI). One warp per output column: silu(x . W_gate[c]) * (x . W_up[c]) with W_gate = rows 0..I-1 and
+// W_up = rows I..2I-1 of the expert's gate_up [2I, D] (expert e's at experts_gu + e * stride).
+static __global__ void __launch_bounds__(256)
+    moe_decode_up_kernel(bf16* hidden, const bf16* x, const int* expert, const bf16* experts_gu, size_t stride, const bf16* shared_gu,
+                         int R, int K, int D, int I, int SI) {
+    const int width = K * I + SI;
+    const long long w = ((long long)blockIdx.x * blockDim.x + threadIdx.x) / 32;
+    if (w >= (long long)R * width) return;
+    const int n = (int)(w / width), r = (int)(w % width);
+    const bool routed = r < K * I;
+    const int c = routed ? r % I : r - K * I, rows = routed ? I : SI;
+    const bf16* W = routed ? experts_gu + (size_t)expert[(size_t)n * K + r / I] * stride : shared_gu;
+    const float g = rounded_bf16(warp_dot_bf16(x + (size_t)n * D, W + (size_t)c * D, D));
+    const float u = rounded_bf16(warp_dot_bf16(x + (size_t)n * D, W + (size_t)(rows + c) * D, D));
+    if (threadIdx.x % 32 == 0) hidden[w] = __float2bfloat16(g * swiglu_sigmoid(g) * u);
+}
+
+// out [R, D] = sum over k of gate[n, k] * (hidden_k . W_down_e[d]) + hidden_shared . W_shared_down[d], each expert's
+// output rounded to bf16 before the sum (down [D, I] at experts_down + e * stride; the shared one's [D, SI]). One warp
+// per output element.
+static __global__ void __launch_bounds__(256)
+    moe_decode_down_kernel(bf16* out, const bf16* hidden, const int* expert, const float* gate, const bf16* experts_down, size_t stride,
+                           const bf16* shared_down, int R, int K, int D, int I, int SI) {
+    const long long w = ((long long)blockIdx.x * blockDim.x + threadIdx.x) / 32;
+    if (w >= (long long)R * D) return;
+    const int n = (int)(w / D), d = (int)(w % D);
+    const bf16* h = hidden + (size_t)n * (K * I + SI);
+    float acc = 0;
+    for (int k = 0; k < K; k++) {
+        const bf16* W = experts_down + (size_t)expert[(size_t)n * K + k] * stride + (size_t)d * I;
+        acc += gate[(size_t)n * K + k] * rounded_bf16(warp_dot_bf16(h + (size_t)k * I, W, I));
+    }
+    if (SI > 0) acc += rounded_bf16(warp_dot_bf16(h + (size_t)K * I, shared_down + (size_t)d * SI, SI));
+    if (threadIdx.x % 32 == 0) out[w] = __float2bfloat16(acc);
+}
+
+// out [R, D] from u [R, D], as moe_forward_gpu (no expert loads counted); hidden [R, K*I + SI] is scratch
+inline void moe_decode_forward_gpu(const Config& c, const MoeWeights<bf16>& w, const float* bias, bf16* out, const bf16* u, int R,
+                                   MoeActsGpu& a, bf16* hidden, GpuContext& ctx) {
+    const int D = c.hidden_size, E = c.n_routed_experts, K = c.num_experts_per_tok, I = c.moe_intermediate_size;
+    const int SI = c.n_shared_experts > 0 ? w.shared.gate.out : 0;
+    cudaStream_t st = ctx.stream;
+    gemv_forward_gpu(a.router_logits, u, w.router.w, R, D, E, st);  // fp32 logits, as moe_forward_gpu
+    router_forward_gpu(a.scores, a.expert, a.gate, nullptr, a.router_logits, bias, c, R, st);
+    const bf16* shared_gu = SI > 0 ? gate_up(w.shared).w : nullptr;
+    const bf16* shared_down = SI > 0 ? w.shared.down.w : nullptr;
+    moe_decode_up_kernel<<<ceil_div((long long)R * (K * I + SI) * 32, 256), 256, 0, st>>>(hidden, u, a.expert, gate_up(w.experts).w,
+                                                                                         w.expert_stride, shared_gu, R, K, D, I, SI);
+    CUDA_LAUNCH_CHECK();
+    moe_decode_down_kernel<<<ceil_div((long long)R * D * 32, 256), 256, 0, st>>>(out, hidden, a.expert, a.gate, w.experts.down.w,
+                                                                                w.expert_stride, shared_down, R, K, D, I, SI);
+    CUDA_LAUNCH_CHECK();
 }
 
 // du [N, D] written from dout [N, D]; weight gradients added into dw;

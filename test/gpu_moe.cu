@@ -616,6 +616,27 @@ void check_layer(Config c, int B, int T, float balance_alpha, uint64_t seed) {
         return r;
     };
     LayerGpuResult r1 = run(), r2 = run();
+
+    // the decoding form on the first R tokens: the same router and roundings, so the outputs equal moe_forward_gpu's
+    // but where a dot product's fp32 order flips a bf16 rounding
+    std::vector<double> decode_errors;
+    for (int R : {1, std::min(N, GEMV_MAX_ROWS)}) {
+        Dev<bf16> d_hidden((size_t)R * (K * I + SI)), d_dec((size_t)R * D);
+        d_hidden.poison();
+        d_dec.poison();
+        d_expert.poison();
+        moe_decode_forward_gpu(c, w16, d_bias, d_dec, d_u, R, a, d_hidden, ctx);
+        CUDA_CHECK(cudaDeviceSynchronize());
+        const std::vector<float> dec = d_dec.download();
+        const std::vector<float> full(r1.out.begin(), r1.out.begin() + (size_t)R * D);
+        const std::vector<double> ref(out_ref.begin(), out_ref.begin() + (size_t)R * D);
+        CHECK(all_finite(dec));
+        CHECK(download_ints(d_expert, R * K) == std::vector<int>(acts.router.expert.begin(), acts.router.expert.begin() + R * K));
+        const double e_full = rel_err(dec, std::vector<double>(full.begin(), full.end())), e_ref = rel_err(dec, ref);
+        CHECK(e_full < 4e-3);  // a bf16 rounding (2^-8) at most, over the whole output
+        CHECK(e_ref < 2e-2);
+        decode_errors.push_back(e_full);
+    }
     matmul_free(ctx.mm);
 
     CHECK(r1.expert == acts.router.expert);
@@ -645,6 +666,8 @@ void check_layer(Config c, int B, int T, float balance_alpha, uint64_t seed) {
                    "dW_experts %.2e dW_router %.2e dW_shared %.2e",
                    D, E, K, I, c.n_group, c.topk_group, c.scoring_func == SCORING_SOFTMAX ? "softmax" : "sigmoid",
                    (int)c.norm_topk_prob, balance_alpha, N, e_scores, e_gate, eo, edu, eex, er, esh));
+    report(strfmt("MoE decoding form, 1 and %d tokens: out against moe_forward_gpu's %.2e, %.2e", std::min(N, GEMV_MAX_ROWS),
+                  decode_errors[0], decode_errors[1]));
 }
 }  // namespace
 
