@@ -189,15 +189,17 @@ static __global__ void __launch_bounds__(FLASH_DECODE_WARPS * 32)
     if (threadIdx.x == 0) last = atomicAdd(&done[bh], 1) == splits - 1;
     __syncthreads();
     if (!last) return;
-    float* weight_s = acc_s;  // [splits], this block's acc_s is spent
+    // acc_s is spent: the splits' (m, l) in its first 2 * splits floats, then their weights
+    float2* ml_all = (float2*)acc_s;
+    float* weight_s = acc_s + 2 * splits;
+    for (int k = threadIdx.x; k < splits; k += blockDim.x) ml_all[k] = __ldcg(&part_ml[bh * splits + k]);
+    __syncthreads();
     if (threadIdx.x == 0) {
-        const float2* ml = part_ml + bh * splits;
         float M_all = -INFINITY, L_all = 0;
-        for (int k = 0; k < splits; k++) M_all = fmaxf(M_all, __ldcg(&ml[k]).x);
+        for (int k = 0; k < splits; k++) M_all = fmaxf(M_all, ml_all[k].x);
         for (int k = 0; k < splits; k++) {
-            const float2 v = __ldcg(&ml[k]);
-            weight_s[k] = v.x == -INFINITY ? 0.0f : exp2f(v.x - M_all);
-            L_all += v.y * weight_s[k];
+            weight_s[k] = ml_all[k].x == -INFINITY ? 0.0f : exp2f(ml_all[k].x - M_all);
+            L_all += ml_all[k].y * weight_s[k];
         }
         ml_s[0].x = L_all;
         done[bh] = 0;  // ready for the next step
@@ -206,6 +208,7 @@ static __global__ void __launch_bounds__(FLASH_DECODE_WARPS * 32)
     const float L_all = ml_s[0].x;
     for (int j = threadIdx.x; j < dc; j += blockDim.x) {
         float o = 0;
+#pragma unroll 8
         for (int k = 0; k < splits; k++) o += weight_s[k] == 0.0f ? 0.0f : __ldcg(&part_acc[(bh * splits + k) * dc + j]) * weight_s[k];
         o_lat[bh * dc + j] = o / L_all;
     }
@@ -223,7 +226,7 @@ inline int flash_decode_splits(int B, int H, int max_len, int sms) {
 inline void flash_decode_gpu(float* o_lat, float* part_acc, float2* part_ml, int* done, const float* qlat, const bf16* cache,
                              const DecodeRows& rows, int B, int H, int dc, int dr, int splits, float scale, cudaStream_t stream) {
     if (dc > 32 * 32) fail("flash_decode: kv_lora_rank %d exceeds the supported 1024", dc);
-    if (splits > FLASH_DECODE_WARPS * dc) fail("flash_decode: %d splits exceed the merge's %d weights", splits, FLASH_DECODE_WARPS * dc);
+    if (3 * splits > FLASH_DECODE_WARPS * dc) fail("flash_decode: %d splits exceed the merge's room for %d", splits, FLASH_DECODE_WARPS * dc / 3);
     const int dcl = ceil_div(dc, 32);
     auto kernel = dcl <= 1 ? flash_decode_kernel<1> : dcl <= 2 ? flash_decode_kernel<2>
                 : dcl <= 4 ? flash_decode_kernel<4> : dcl <= 8 ? flash_decode_kernel<8>

@@ -1221,61 +1221,82 @@ inline void moe_forward_gpu(const Config& c, const MoeWeights<bf16>& w, const fl
 // expert's down projection and the gated sum. Values are rounded where moe_forward_gpu rounds them (gate_up, hidden
 // and each expert's output to bf16, the gated sum in fp32, in the same order), so the two differ only in the order
 // of each dot product's fp32 terms.
-// a . b over n bf16 by one warp (16-byte loads where both are aligned and n % 8 == 0); every lane gets the sum
-__device__ inline float warp_dot_bf16(const bf16* a, const bf16* b, int n) {
-    const int lane = threadIdx.x % 32;
-    float s = 0;
-    if (n % 8 == 0 && (((uintptr_t)a | (uintptr_t)b) & 15) == 0) {
-        for (int i = lane * 8; i < n; i += 32 * 8) {
-            float x[8], y[8];
-            kdetail::load_bf16<8>(x, a + i);
-            kdetail::load_bf16<8>(y, b + i);
-#pragma unroll
-            for (int k = 0; k < 8; k++) s += x[k] * y[k];
-        }
-    } else {
-        for (int i = lane; i < n; i += 32) s += __bfloat162float(a[i]) * __bfloat162float(b[i]);
-    }
-    return warp_sum(s);
-}
-
 __device__ inline float rounded_bf16(float x) { return __bfloat162float(__float2bfloat16(x)); }
 
 // hidden [R, K*I + SI]: row n's K routed experts' SwiGLU outputs (I each, in choice order), then the shared
 // expert's (SI). One warp per output column: silu(x . W_gate[c]) * (x . W_up[c]) with W_gate = rows 0..I-1 and
-// W_up = rows I..2I-1 of the expert's gate_up [2I, D] (expert e's at experts_gu + e * stride).
+// W_up = rows I..2I-1 of the expert's gate_up [2I, D] (expert e's at experts_gu + e * stride). The lanes take STEP
+// columns at a time (8: 16-byte loads), the gate's and the up's in one loop so that their loads are in flight together.
+template <int STEP>
 static __global__ void __launch_bounds__(256)
     moe_decode_up_kernel(bf16* hidden, const bf16* x, const int* expert, const bf16* experts_gu, size_t stride, const bf16* shared_gu,
                          int R, int K, int D, int I, int SI) {
-    const int width = K * I + SI;
+    const int width = K * I + SI, lane = threadIdx.x % 32;
     const long long w = ((long long)blockIdx.x * blockDim.x + threadIdx.x) / 32;
     if (w >= (long long)R * width) return;
     const int n = (int)(w / width), r = (int)(w % width);
     const bool routed = r < K * I;
     const int c = routed ? r % I : r - K * I, rows = routed ? I : SI;
     const bf16* W = routed ? experts_gu + (size_t)expert[(size_t)n * K + r / I] * stride : shared_gu;
-    const float g = rounded_bf16(warp_dot_bf16(x + (size_t)n * D, W + (size_t)c * D, D));
-    const float u = rounded_bf16(warp_dot_bf16(x + (size_t)n * D, W + (size_t)(rows + c) * D, D));
-    if (threadIdx.x % 32 == 0) hidden[w] = __float2bfloat16(g * swiglu_sigmoid(g) * u);
+    const bf16 *xn = x + (size_t)n * D, *wg = W + (size_t)c * D, *wu = W + (size_t)(rows + c) * D;
+    float g = 0, u = 0;
+    for (int i = lane * STEP; i < D; i += 32 * STEP) {
+        float xv[STEP], gv[STEP], uv[STEP];
+        kdetail::load_bf16<STEP>(xv, xn + i);
+        kdetail::load_bf16<STEP>(gv, wg + i);
+        kdetail::load_bf16<STEP>(uv, wu + i);
+#pragma unroll
+        for (int k = 0; k < STEP; k++) {
+            g += xv[k] * gv[k];
+            u += xv[k] * uv[k];
+        }
+    }
+    g = rounded_bf16(warp_sum(g));
+    u = rounded_bf16(warp_sum(u));
+    if (lane == 0) hidden[w] = __float2bfloat16(g * swiglu_sigmoid(g) * u);
 }
 
 // out [R, D] = sum over k of gate[n, k] * (hidden_k . W_down_e[d]) + hidden_shared . W_shared_down[d], each expert's
 // output rounded to bf16 before the sum (down [D, I] at experts_down + e * stride; the shared one's [D, SI]). One warp
-// per output element.
+// per output element; the K routed products share one loop, so that their loads are in flight together.
+template <int STEP>
 static __global__ void __launch_bounds__(256)
     moe_decode_down_kernel(bf16* out, const bf16* hidden, const int* expert, const float* gate, const bf16* experts_down, size_t stride,
                            const bf16* shared_down, int R, int K, int D, int I, int SI) {
+    const int lane = threadIdx.x % 32;
     const long long w = ((long long)blockIdx.x * blockDim.x + threadIdx.x) / 32;
     if (w >= (long long)R * D) return;
     const int n = (int)(w / D), d = (int)(w % D);
     const bf16* h = hidden + (size_t)n * (K * I + SI);
-    float acc = 0;
-    for (int k = 0; k < K; k++) {
-        const bf16* W = experts_down + (size_t)expert[(size_t)n * K + k] * stride + (size_t)d * I;
-        acc += gate[(size_t)n * K + k] * rounded_bf16(warp_dot_bf16(h + (size_t)k * I, W, I));
+    const bf16* W[MOE_MAX_TOPK] = {};
+    float part[MOE_MAX_TOPK] = {}, shared = 0;
+#pragma unroll
+    for (int k = 0; k < MOE_MAX_TOPK; k++)
+        if (k < K) W[k] = experts_down + (size_t)expert[(size_t)n * K + k] * stride + (size_t)d * I;
+    for (int i = lane * STEP; i < I; i += 32 * STEP) {
+#pragma unroll
+        for (int k = 0; k < MOE_MAX_TOPK; k++) {
+            if (k >= K) break;
+            float hv[STEP], wv[STEP];
+            kdetail::load_bf16<STEP>(hv, h + (size_t)k * I + i);
+            kdetail::load_bf16<STEP>(wv, W[k] + i);
+#pragma unroll
+            for (int j = 0; j < STEP; j++) part[k] += hv[j] * wv[j];
+        }
     }
-    if (SI > 0) acc += rounded_bf16(warp_dot_bf16(h + (size_t)K * I, shared_down + (size_t)d * SI, SI));
-    if (threadIdx.x % 32 == 0) out[w] = __float2bfloat16(acc);
+    for (int i = lane * STEP; i < SI; i += 32 * STEP) {
+        float hv[STEP], wv[STEP];
+        kdetail::load_bf16<STEP>(hv, h + (size_t)K * I + i);
+        kdetail::load_bf16<STEP>(wv, shared_down + (size_t)d * SI + i);
+#pragma unroll
+        for (int j = 0; j < STEP; j++) shared += hv[j] * wv[j];
+    }
+    float acc = 0;
+#pragma unroll
+    for (int k = 0; k < MOE_MAX_TOPK; k++)
+        if (k < K) acc += gate[(size_t)n * K + k] * rounded_bf16(warp_sum(part[k]));
+    if (SI > 0) acc += rounded_bf16(warp_sum(shared));
+    if (lane == 0) out[w] = __float2bfloat16(acc);
 }
 
 // out [R, D] from u [R, D], as moe_forward_gpu (no expert loads counted); hidden [R, K*I + SI] is scratch
@@ -1288,11 +1309,15 @@ inline void moe_decode_forward_gpu(const Config& c, const MoeWeights<bf16>& w, c
     router_forward_gpu(a.scores, a.expert, a.gate, nullptr, a.router_logits, bias, c, R, st);
     const bf16* shared_gu = SI > 0 ? gate_up(w.shared).w : nullptr;
     const bf16* shared_down = SI > 0 ? w.shared.down.w : nullptr;
-    moe_decode_up_kernel<<<ceil_div((long long)R * (K * I + SI) * 32, 256), 256, 0, st>>>(hidden, u, a.expert, gate_up(w.experts).w,
-                                                                                         w.expert_stride, shared_gu, R, K, D, I, SI);
+    // 16-byte loads where every row of x, the weights and hidden starts on 8 elements
+    const bool vec = D % 8 == 0 && I % 8 == 0 && SI % 8 == 0 && w.expert_stride % 8 == 0 &&
+                     kdetail::aligned16({u, hidden, gate_up(w.experts).w, w.experts.down.w, shared_gu, shared_down});
+    const int up_blocks = ceil_div((long long)R * (K * I + SI) * 32, 256), down_blocks = ceil_div((long long)R * D * 32, 256);
+    auto up = vec ? moe_decode_up_kernel<8> : moe_decode_up_kernel<1>;
+    auto down = vec ? moe_decode_down_kernel<8> : moe_decode_down_kernel<1>;
+    up<<<up_blocks, 256, 0, st>>>(hidden, u, a.expert, gate_up(w.experts).w, w.expert_stride, shared_gu, R, K, D, I, SI);
     CUDA_LAUNCH_CHECK();
-    moe_decode_down_kernel<<<ceil_div((long long)R * D * 32, 256), 256, 0, st>>>(out, hidden, a.expert, a.gate, w.experts.down.w,
-                                                                                w.expert_stride, shared_down, R, K, D, I, SI);
+    down<<<down_blocks, 256, 0, st>>>(out, hidden, a.expert, a.gate, w.experts.down.w, w.expert_stride, shared_down, R, K, D, I, SI);
     CUDA_LAUNCH_CHECK();
 }
 

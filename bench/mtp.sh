@@ -27,6 +27,7 @@ cd "$(dirname "$0")/.."
 source bench/lib.bash
 mode=${1:-speed}
 bench_setup train data/prepare generate bench/decode_bench
+mkdir -p bench/out
 if [ "$mode" = speed ]; then
     flag_speed --mtp small 16 1024 25 "${2:-3}"
 elif [ "$mode" = decode ]; then
@@ -62,7 +63,6 @@ elif [ "$mode" = seeds ]; then
     flag_seeds --mtp "${2:-2000}" "${3:-data/default}" "${4:-3}"
 elif [ "$mode" = lambdas ]; then
     steps=${2:-2000} data=${3:-data/default}
-    mkdir -p bench/out
     for lambda in ${4:-0.1 0.3 1}; do
         out=bench/out/mtp_lambda_${lambda}_$(basename "$data")
         ./train --data "$data" --preset small --batch-size 8 --seq-len 256 --steps "$steps" --mtp --mtp-lambda "$lambda" --device gpu \
