@@ -175,15 +175,15 @@ void decoder_prefill(GpuDecoder& d, const std::vector<std::vector<int>>& prompts
     CUDA_CHECK(cudaStreamSynchronize(gpu.ctx.stream));
 }
 
-// The absorbed MLA of the step's R rows (x [R, D], row b at rows' position of sequence b % batch; decode.cuh
-// DecodeRows), the GPU twin of decode.h's mla_decode_forward: appends each row's latent to cache_l [batch, max_len,
-// dc+dr] and writes out [R, D].
 // A Linear of the step's R rows: gemv_forward_gpu for a decoding step's few rows on bf16 weights, else as in training
 static void decode_linear_gpu(bf16* out, const bf16* x, const Linear<bf16>& w, int R, GpuContext& ctx) {
     if (R <= GEMV_MAX_ROWS && !w.fp8) gemv_forward_gpu(out, x, w.w, R, w.in, w.out, ctx.stream);
     else linear_forward_gpu(out, x, w, R, ctx);
 }
 
+// The absorbed MLA of the step's R rows (x [R, D], row b at rows' position of sequence b % batch; decode.cuh
+// DecodeRows), the GPU twin of decode.h's mla_decode_forward: appends each row's latent to cache_l [batch, max_len,
+// dc+dr] and writes out [R, D].
 static void mla_decode_forward_gpu(const Config& c, const MlaWeights<bf16>& w, const RopeGpu& rope, bf16* out, const bf16* x,
                                    bf16* cache_l, int R, const DecodeRows& rows, GpuDecoder& d, GpuContext& ctx) {
     const int H = c.num_attention_heads, qr = c.q_lora_rank, dc = c.kv_lora_rank, dr = c.qk_rope_head_dim;
@@ -219,12 +219,12 @@ static void block_decode_forward_gpu(GpuDecoder& d, int l, const bf16* branch, b
     mla_decode_forward_gpu(c, w.attn, gpu.rope, d.attn_out, d.xn, d.cache + (size_t)l * d.batch * d.max_len * width, R,
                            DecodeRows{d.pos, d.batch, shift, d.max_len}, d, ctx);
     rmsnorm_residual_forward_gpu<float>(d.res, d.xn, nullptr, d.res, d.attn_out, w.post_norm, R, D, eps, st);
-    const float* bias = block_weights(gpu.master, l).moe.bias;
-    const int I = w.ffn.gate.out;
     if (c.is_moe_layer(l)) {  // an FP8 shared expert keeps the training form, as the Linears do
+        const float* bias = block_weights(gpu.master, l).moe.bias;
         if (d.moe_hidden && !w.moe.shared.gate.fp8) moe_decode_forward_gpu(c, w.moe, bias, d.ffn_out, d.xn, R, d.moe, d.moe_hidden, ctx);
         else moe_forward_gpu(c, w.moe, bias, d.ffn_out, d.xn, R, d.moe, nullptr, ctx);
     } else if (R <= GEMV_MAX_ROWS && !w.ffn.gate.fp8) {  // ffn_forward_gpu on gemv_forward_gpu
+        const int I = w.ffn.gate.out;
         gemv_forward_gpu(d.ffn.gate_up, d.xn, gate_up(w.ffn).w, R, D, 2 * I, st);
         swiglu_forward_fused_gpu(d.ffn.hidden, d.ffn.gate_up, R, I, st);
         gemv_forward_gpu(d.ffn_out, d.ffn.hidden, w.ffn.down.w, R, I, D, st);

@@ -10,9 +10,10 @@
 //                                            = [W_UK_h^T q_nope; rope(q_pe)]
 //   flash_decode_gpu: o_lat [B, H, dc] fp32 = softmax(qlat . cache[0..pos]) @ cache[:, :dc]
 //   decode_value_up_gpu: o [B, H*dv] bf16 = W_UV_h o_lat
-// then o_proj, the FFN/MoE (moe.cuh's ffn_forward_gpu / moe_forward_gpu, as in training), the head, and sample_gpu
-// picks the next tokens. Every kernel reads the positions and flags from device memory, so one captured CUDA graph
-// replays every step.
+// then o_proj, the FFN/MoE, the head, and sample_gpu picks the next tokens. A step of up to GEMV_MAX_ROWS rows runs
+// its Linears on kernels.cuh's gemv_forward_gpu and its MoE layers on moe.cuh's moe_decode_forward_gpu (cuBLASLt's
+// GEMMs and the grouped expert GEMM are built for many rows); larger steps run them as training does. Every kernel
+// reads the positions and flags from device memory, so one captured CUDA graph replays every step.
 #pragma once
 
 #include <climits>
@@ -143,7 +144,7 @@ static __global__ void __launch_bounds__(FLASH_DECODE_WARPS * 32)
     const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
     float* q_s = smem;                          // [width], pre-scaled by scale * log2(e)
     float* acc_s = smem + width;                // [WARPS, dc]
-    float2* ml_s = (float2*)(acc_s + FLASH_DECODE_WARPS * dc);  // [WARPS]; then the splits' weights in the merge
+    float2* ml_s = (float2*)(acc_s + FLASH_DECODE_WARPS * dc);  // [WARPS]; in the merge, ml_s[0].x carries the total l
     const int len = row_position(rows, b) + 1, chunk = (len + splits - 1) / splits, t0 = s * chunk, t1 = min(len, t0 + chunk);
     for (int j = threadIdx.x; j < width; j += blockDim.x) q_s[j] = qlat[((size_t)b * H + h) * width + j] * scale_log2;
     __syncthreads();
