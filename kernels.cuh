@@ -269,7 +269,7 @@ inline void linear_forward_gpu(bf16* out, const bf16* x, const Linear<bf16>& w, 
 
 // out [R, OUT] = x [R, IN] @ W^T for the few rows of a decoding step (R <= GEMV_MAX_ROWS), W [OUT, IN] bf16, fp32
 // sums: one warp per output column reads its weight row once for all R rows. cuBLASLt's GEMMs at R = 1 took about 5 us
-// each, 80 of them a step (bench/RESULTS.md, decoding at batch 1). A row's result does not depend on R or on the rows
+// each, 84 of them a step (bench/RESULTS.md, batch-1 decoding). A row's result does not depend on R or on the rows
 // beside it, so a sequence decodes to the same bits alone and in a batch, one token a step or two.
 constexpr int GEMV_MAX_ROWS = 8;
 template <bool VEC, typename Out>

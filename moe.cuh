@@ -1214,13 +1214,13 @@ inline void moe_forward_gpu(const Config& c, const MoeWeights<bf16>& w, const fl
     moe_combine_forward_gpu(out, a.y_sorted, a.gate, a.slot_row, shared ? a.shared_out : nullptr, N, K, D, st);
 }
 
-// The MoE layer of a decoding step's few rows (R <= GEMV_MAX_ROWS, kernels.cuh). moe_forward_gpu permutes the slots by expert and
-// runs grouped GEMMs whose 128-row tiles are almost empty here: 13 launches a layer at batch 1, two of them 10 us
-// grouped GEMMs (decoding at batch 1, bench/RESULTS.md). After the same router, two kernels do the rest, every output one warp's
-// dot products over a weight row: gate_up and SwiGLU for each token's K experts and the shared expert, then each
-// expert's down projection and the gated sum. Values are rounded where moe_forward_gpu rounds them (gate_up, hidden
-// and each expert's output to bf16, the gated sum in fp32, in the same order), so the two differ only in the order
-// of each dot product's fp32 terms.
+// The MoE layer of a decoding step's few rows (R <= GEMV_MAX_ROWS, kernels.cuh). moe_forward_gpu permutes the slots
+// by expert and runs grouped GEMMs whose 128-row tiles are almost empty here: 13 launches a layer at batch 1, two of
+// them 10 us grouped GEMMs (bench/RESULTS.md, batch-1 decoding). After the same router, two kernels do the rest, every
+// output one warp's dot products over a weight row: gate_up and SwiGLU for each token's K experts and the shared
+// expert, then each expert's down projection and the gated sum. Values are rounded where moe_forward_gpu rounds them
+// (gate_up, hidden and each expert's output to bf16, the gated sum in fp32, in the same order), so the two differ
+// only in the order of each dot product's fp32 terms.
 __device__ inline float rounded_bf16(float x) { return __bfloat162float(__float2bfloat16(x)); }
 
 // hidden [R, K*I + SI]: row n's K routed experts' SwiGLU outputs (I each, in choice order), then the shared
