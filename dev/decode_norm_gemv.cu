@@ -9,6 +9,9 @@
 //   gemv_residual: the GEMV whose output joins the fp32 residual stream, res += bf16(x @ W^T). Each warp owns its
 //     (row, column), so the add needs no pass of its own and the next norm_gemv reads res as it is.
 //
+// Both repeat gemv_kernel's loop (kernels.cuh) with a prologue or an epilogue of their own, to be measured apart from
+// it; if they pay, they go in as those options of gemv_kernel, not as kernels beside it.
+//
 // In the step they would take out a MoE layer's three RMSNorm launches and the q_a/kv_a pair's second GEMV: 4 of its
 // 15 launches, 48 a step (moe_decode_up_kernel would fold the post-attention norm in the same way as the router's
 // GEMV here). Prediction: 0.12-0.15 ms of the 0.867 ms step, if a launch in the graph costs about 3 us.
