@@ -181,56 +181,106 @@ static void decode_linear_gpu(bf16* out, const bf16* x, const Linear<bf16>& w, i
     else linear_forward_gpu(out, x, w, R, ctx);
 }
 
-// The absorbed MLA of the step's R rows (x [R, D], row b at rows' position of sequence b % batch; decode.cuh
-// DecodeRows), the GPU twin of decode.h's mla_decode_forward: appends each row's latent to cache_l [batch, max_len,
-// dc+dr] and writes out [R, D].
-static void mla_decode_forward_gpu(const Config& c, const MlaWeights<bf16>& w, const RopeGpu& rope, bf16* out, const bf16* x,
-                                   bf16* cache_l, int R, const DecodeRows& rows, GpuDecoder& d, GpuContext& ctx) {
-    const int H = c.num_attention_heads, qr = c.q_lora_rank, dc = c.kv_lora_rank, dr = c.qk_rope_head_dim;
-    const int dn = c.qk_nope_head_dim, dv = c.v_head_dim;
-    cudaStream_t st = ctx.stream;
-    if (qr > 0) {
-        decode_linear_gpu(d.qa, x, w.q_a, R, ctx);
-        rmsnorm_residual_forward_gpu(nullptr, d.qa_norm, nullptr, d.qa, nullptr, w.q_a_norm, R, qr, c.rms_norm_eps, st);
-        decode_linear_gpu(d.q, d.qa_norm, w.q_b, R, ctx);
-    } else {
-        decode_linear_gpu(d.q, x, w.q_proj, R, ctx);
-    }
-    decode_linear_gpu(d.kv, x, w.kv_a, R, ctx);
+// The step takes its fused form when its rows fit the GEMVs and its weights are bf16 (an FP8 model's Linears keep the
+// training form): each norm that only GEMVs read is folded into them (gemv_forward_gpu's GemvExtra), q_a and kv_a run
+// in one launch, and o_proj and the FFN's last GEMV add their outputs into the residual stream themselves. At batch 1
+// that takes 4 of a MoE layer's 15 launches (bench/RESULTS.md, batch-1 decoding). Up to 4 rows: at 8 each GEMV's
+// norm pass over the rows cost more than the launches it saved (1.79 against 1.76 ms a step at batch 8).
+constexpr int DECODE_FUSED_MAX_ROWS = 4;
+static bool decode_fused(const GpuDecoder& d, int R) {
+    return R <= DECODE_FUSED_MAX_ROWS && d.m->gpu->fp8.empty() && (d.m->ref.cfg.n_routed_experts == 0 || d.moe_hidden);
+}
+
+// The absorbed MLA's core on the step's R rows (d.q [R, H*(dn+dr)] and d.kv [R, dc+dr], the input projections'
+// outputs; row b at rows' position of sequence b % batch, decode.cuh DecodeRows), the GPU twin of decode.h's
+// mla_decode_forward: appends each row's latent to cache_l [batch, max_len, dc+dr] and writes d.o [R, H*dv], o_proj's
+// input.
+static void mla_decode_attention_gpu(const Config& c, const MlaWeights<bf16>& w, const RopeGpu& rope, bf16* cache_l, int R,
+                                     const DecodeRows& rows, GpuDecoder& d, cudaStream_t st) {
+    const int H = c.num_attention_heads, dc = c.kv_lora_rank, dr = c.qk_rope_head_dim, dn = c.qk_nope_head_dim, dv = c.v_head_dim;
     decode_cache_write_gpu(cache_l, d.kv, w.kv_a_norm, rope, rows, R, dc, dr, c.rms_norm_eps, st);
     decode_absorb_query_gpu(d.qlat, d.q, w.kv_b.w, rope, rows, R, H, dn, dr, dv, dc, st);
     flash_decode_gpu(d.o_lat, d.part_acc, d.part_ml, d.flash_done, d.qlat, cache_l, rows, R, H, dc, dr, d.splits, rope.softmax_scale, st);
     decode_value_up_gpu(d.o, d.o_lat, w.kv_b.w, R, H, dn, dv, dc, st);
-    decode_linear_gpu(out, d.o, w.o_proj, R, ctx);
 }
 
 // Block l (a main layer, or the MTP module's) on the step's R rows at the sequences' positions plus shift (decode.cuh
-// DecodeRows): the fp32 residual stream d.res takes branch (the first block: d.res = branch; then d.res += the
-// previous block's FFN output), then the attention and the FFN, whose output stays in d.ffn_out for the next add.
-static void block_decode_forward_gpu(GpuDecoder& d, int l, const bf16* branch, bool first, int R, int shift) {
+// DecodeRows). On entry the fp32 residual stream d.res holds everything before the block but pending (the first
+// block: d.res = pending; null: nothing). Returns what the stream has still to take after the block: the FFN's output
+// d.ffn_out, or null where the FFN added it itself.
+static const bf16* block_decode_forward_gpu(GpuDecoder& d, int l, const bf16* pending, bool first, int R, int shift) {
     GpuModel& gpu = *d.m->gpu;
     GpuContext& ctx = gpu.ctx;
     const Config& c = d.m->ref.cfg;
-    const int D = c.hidden_size, width = c.kv_lora_rank + c.qk_rope_head_dim;
+    const int D = c.hidden_size, qr = c.q_lora_rank, width = c.kv_lora_rank + c.qk_rope_head_dim;
     const float eps = c.rms_norm_eps;
     const LayerWeights<bf16>& w = block_weights(gpu.w, l);
+    const MlaWeights<bf16>& a = w.attn;
+    const bool fused = decode_fused(d, R);
     cudaStream_t st = ctx.stream;
-    rmsnorm_residual_forward_gpu<float>(d.res, d.xn, nullptr, first ? nullptr : d.res, branch, w.input_norm, R, D, eps, st);
-    mla_decode_forward_gpu(c, w.attn, gpu.rope, d.attn_out, d.xn, d.cache + (size_t)l * d.batch * d.max_len * width, R,
-                           DecodeRows{d.pos, d.batch, shift, d.max_len}, d, ctx);
-    rmsnorm_residual_forward_gpu<float>(d.res, d.xn, nullptr, d.res, d.attn_out, w.post_norm, R, D, eps, st);
+    // where the stream has a branch to take (or the step is not fused) the norm kernel takes it and writes d.xn
+    const bool normed = pending || !fused;
+    if (normed) rmsnorm_residual_forward_gpu<float>(d.res, d.xn, nullptr, first ? nullptr : d.res, pending, w.input_norm, R, D, eps, st);
+
+    // attention's input projections: d.q and d.kv
+    if (fused) {
+        const Linear<bf16>& q_in = qr > 0 ? a.q_a : a.q_proj;
+        GemvExtra<bf16> e;
+        e.out2 = d.kv;
+        e.w2 = a.kv_a.w;
+        e.out2_cols = width;
+        if (normed) {
+            gemv_forward_gpu(qr > 0 ? d.qa : d.q, d.xn, q_in.w, R, D, q_in.out, st, e);
+        } else {
+            e.norm = w.input_norm;
+            e.eps = eps;
+            gemv_forward_gpu(qr > 0 ? d.qa : d.q, d.res, q_in.w, R, D, q_in.out, st, e);
+        }
+        if (qr > 0) {
+            GemvExtra<bf16> qn;
+            qn.norm = a.q_a_norm;
+            qn.eps = eps;
+            gemv_forward_gpu(d.q, d.qa, a.q_b.w, R, qr, a.q_b.out, st, qn);
+        }
+    } else {
+        if (qr > 0) {
+            decode_linear_gpu(d.qa, d.xn, a.q_a, R, ctx);
+            rmsnorm_residual_forward_gpu(nullptr, d.qa_norm, nullptr, d.qa, nullptr, a.q_a_norm, R, qr, eps, st);
+            decode_linear_gpu(d.q, d.qa_norm, a.q_b, R, ctx);
+        } else {
+            decode_linear_gpu(d.q, d.xn, a.q_proj, R, ctx);
+        }
+        decode_linear_gpu(d.kv, d.xn, a.kv_a, R, ctx);
+    }
+    mla_decode_attention_gpu(c, a, gpu.rope, d.cache + (size_t)l * d.batch * d.max_len * width, R, DecodeRows{d.pos, d.batch, shift, d.max_len},
+                             d, st);
+    if (fused) {
+        gemv_residual_add_gpu(d.res, d.o, a.o_proj.w, R, a.o_proj.in, D, st);
+    } else {
+        decode_linear_gpu(d.attn_out, d.o, a.o_proj, R, ctx);
+        rmsnorm_residual_forward_gpu<float>(d.res, d.xn, nullptr, d.res, d.attn_out, w.post_norm, R, D, eps, st);
+    }
+
     if (c.is_moe_layer(l)) {  // an FP8 shared expert keeps the training form, as the Linears do
         const float* bias = block_weights(gpu.master, l).moe.bias;
-        if (d.moe_hidden && !w.moe.shared.gate.fp8) moe_decode_forward_gpu(c, w.moe, bias, d.ffn_out, d.xn, R, d.moe, d.moe_hidden, ctx);
-        else moe_forward_gpu(c, w.moe, bias, d.ffn_out, d.xn, R, d.moe, nullptr, ctx);
-    } else if (R <= GEMV_MAX_ROWS && !w.ffn.gate.fp8) {  // ffn_forward_gpu on gemv_forward_gpu
+        if (d.moe_hidden && !w.moe.shared.gate.fp8) {
+            moe_decode_forward_gpu(c, w.moe, bias, d.res, d.xn, fused ? w.post_norm : nullptr, R, d.moe, d.moe_hidden, ctx);
+            return nullptr;
+        }
+        moe_forward_gpu(c, w.moe, bias, d.ffn_out, d.xn, R, d.moe, nullptr, ctx);
+    } else if (fused) {  // ffn_forward_gpu on gemv_forward_gpu, the post-attention norm folded into gate_up
         const int I = w.ffn.gate.out;
-        gemv_forward_gpu(d.ffn.gate_up, d.xn, gate_up(w.ffn).w, R, D, 2 * I, st);
+        GemvExtra<bf16> e;
+        e.norm = w.post_norm;
+        e.eps = eps;
+        gemv_forward_gpu(d.ffn.gate_up, d.res, gate_up(w.ffn).w, R, D, 2 * I, st, e);
         swiglu_forward_fused_gpu(d.ffn.hidden, d.ffn.gate_up, R, I, st);
-        gemv_forward_gpu(d.ffn_out, d.ffn.hidden, w.ffn.down.w, R, I, D, st);
+        gemv_residual_add_gpu(d.res, d.ffn.hidden, w.ffn.down.w, R, I, D, st);
+        return nullptr;
     } else {
         ffn_forward_gpu(w.ffn, d.ffn_out, d.xn, R, d.ffn, ctx);
     }
+    return d.ffn_out;
 }
 
 // The main model on the step's R rows (tokens [R], at the sequences' positions): d.xn [R, D] ends as its normed
@@ -241,8 +291,9 @@ static void main_decode_forward_gpu(GpuDecoder& d, int R, const int* tokens) {
     const int D = c.hidden_size;
     cudaStream_t st = gpu.ctx.stream;
     embedding_forward_gpu(d.emb, tokens, gpu.w.embed, R, D, st);
-    for (int l = 0; l < c.num_hidden_layers; l++) block_decode_forward_gpu(d, l, l == 0 ? d.emb : d.ffn_out, l == 0, R, 0);
-    rmsnorm_residual_forward_gpu<float>(d.res, d.xn, nullptr, d.res, d.ffn_out, gpu.w.final_norm, R, D, c.rms_norm_eps, st);
+    const bf16* pending = d.emb;
+    for (int l = 0; l < c.num_hidden_layers; l++) pending = block_decode_forward_gpu(d, l, pending, l == 0, R, 0);
+    rmsnorm_residual_forward_gpu<float>(d.res, d.xn, nullptr, d.res, pending, gpu.w.final_norm, R, D, c.rms_norm_eps, st);
     decode_linear_gpu(d.logits, d.xn, gpu.w.lm_head, R, gpu.ctx);
 }
 
@@ -278,8 +329,8 @@ static void mtp_decode_forward_gpu(GpuDecoder& d) {
     rmsnorm_residual_forward_gpu<bf16>(nullptr, d.xn, nullptr, d.mtp_h, nullptr, w.hnorm, R, D, eps, st);
     CUDA_CHECK(cudaMemcpy2DAsync(d.mtp_cat + D, 2 * row, d.xn, row, row, R, cudaMemcpyDeviceToDevice, st));
     decode_linear_gpu(d.emb, d.mtp_cat, w.eh_proj, R, gpu.ctx);
-    block_decode_forward_gpu(d, c.num_hidden_layers, d.emb, true, R, -2);
-    rmsnorm_residual_forward_gpu<float>(d.res, d.xn, nullptr, d.res, d.ffn_out, w.head_norm, R, D, eps, st);
+    const bf16* pending = block_decode_forward_gpu(d, c.num_hidden_layers, d.emb, true, R, -2);
+    rmsnorm_residual_forward_gpu<float>(d.res, d.xn, nullptr, d.res, pending, w.head_norm, R, D, eps, st);
     decode_linear_gpu(d.logits, d.xn + (size_t)B * D, gpu.w.lm_head, B, gpu.ctx);
 }
 

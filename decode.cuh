@@ -12,7 +12,8 @@
 //   decode_value_up_gpu: o [B, H*dv] bf16 = W_UV_h o_lat
 // then o_proj, the FFN/MoE, the head, and sample_gpu picks the next tokens. A step of up to GEMV_MAX_ROWS rows runs
 // its Linears on kernels.cuh's gemv_forward_gpu and its MoE layers on moe.cuh's moe_decode_forward_gpu (cuBLASLt's
-// GEMMs and the grouped expert GEMM are built for many rows); larger steps run them as training does. Every kernel
+// GEMMs and the grouped expert GEMM are built for many rows), with the norms folded into the GEMVs that read them
+// (decode.cu, decode_fused); larger steps run them as training does. Every kernel
 // reads the positions and flags from device memory, so one captured CUDA graph replays every step.
 #pragma once
 
@@ -207,11 +208,26 @@ static __global__ void __launch_bounds__(FLASH_DECODE_WARPS * 32)
     }
     __syncthreads();
     const float L_all = ml_s[0].x;
-    for (int j = threadIdx.x; j < dc; j += blockDim.x) {
-        float o = 0;
+    // four columns a thread where they pack into float4s: the splits' loads are the merge's latency, and this puts
+    // them all in flight in one pass over the columns instead of four (the same sums, column by column)
+    const bool packed = dc % 4 == 0;
+    const int cols = packed ? 4 : 1;
+    for (int j = cols * threadIdx.x; j < dc; j += cols * blockDim.x) {
+        float o[4] = {};
 #pragma unroll 8
-        for (int k = 0; k < splits; k++) o += weight_s[k] == 0.0f ? 0.0f : __ldcg(&part_acc[(bh * splits + k) * dc + j]) * weight_s[k];
-        o_lat[bh * dc + j] = o / L_all;
+        for (int k = 0; k < splits; k++) {
+            const float* p = &part_acc[(bh * splits + k) * dc + j];
+            float v[4] = {};
+            if (packed) {
+                const float4 q = __ldcg(reinterpret_cast<const float4*>(p));
+                v[0] = q.x, v[1] = q.y, v[2] = q.z, v[3] = q.w;
+            } else {
+                v[0] = __ldcg(p);
+            }
+#pragma unroll
+            for (int i = 0; i < 4; i++) o[i] += weight_s[k] == 0.0f ? 0.0f : v[i] * weight_s[k];
+        }
+        for (int i = 0; i < cols; i++) o_lat[bh * dc + j + i] = o[i] / L_all;
     }
 }
 

@@ -272,40 +272,117 @@ inline void linear_forward_gpu(bf16* out, const bf16* x, const Linear<bf16>& w, 
 // each, 84 of them a step (bench/RESULTS.md, batch-1 decoding). A row's result does not depend on R or on the rows
 // beside it, so a sequence decodes to the same bits alone and in a batch, one token a step or two.
 constexpr int GEMV_MAX_ROWS = 8;
-template <bool VEC, typename Out>
-static __global__ void __launch_bounds__(256) gemv_kernel(Out* out, const bf16* x, const bf16* w, int R, int IN, int OUT) {
-    const int c = (int)(((long long)blockIdx.x * blockDim.x + threadIdx.x) / 32), lane = threadIdx.x % 32;
-    if (c >= OUT) return;
-    const bf16* wc = w + (size_t)c * IN;
+
+__device__ inline float rounded_bf16(float x) { return __bfloat162float(__float2bfloat16(x)); }
+
+// What a decoding GEMV does besides out = x @ W^T, each in place of a launch of its own (a step is launch-bound):
+//   norm: x is the fp32 residual stream (or a bf16 tensor) and the GEMV reads its RMSNorm with this weight instead,
+//     each normed element rounded to bf16 as rmsnorm_residual_forward_kernel's output is; each block computes the
+//     rows' rstd itself, warp r row r's (the rows are a few KB, read from L2), so a row's rstd does not depend on R.
+//     normed: where wanted, that normed input [R, IN].
+//   out2 = x @ W2^T [R, OUT2]: a second Linear on the same input (q_a and kv_a) in the same launch.
+//   add: out is the fp32 residual stream and takes the output, out += bf16(x @ W^T), the add that
+//     rmsnorm_residual_forward_kernel would make; each warp owns its (row, column), so nothing else touches it.
+template <typename Out>
+struct GemvExtra {
+    const bf16* norm = nullptr;
+    float eps = 0;
+    bf16* normed = nullptr;
+    Out* out2 = nullptr;
+    const bf16* w2 = nullptr;
+    int out2_cols = 0;
+    bool add = false;
+};
+
+// A lane keeps GEMV_WEIGHT_LOADS weight loads in flight (rows up to 1024 wide in one round at 16 bytes a load): the
+// step is latency-bound, and a loop of one load at a time waited on HBM once per 256 columns. The first round is
+// issued before the norm's pass over x, which it does not need.
+constexpr int GEMV_WEIGHT_LOADS = 4;
+static_assert(GEMV_MAX_ROWS <= 256 / 32, "gemv_kernel's norm takes a warp of its 256 threads per row");
+
+template <bool VEC, bool NORM, typename X, typename Out>
+static __global__ void __launch_bounds__(256) gemv_kernel(Out* out, const X* x, const bf16* w, int R, int IN, int OUT, GemvExtra<Out> e) {
+    const int c = (int)(((long long)blockIdx.x * blockDim.x + threadIdx.x) / 32), lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+    constexpr int STEP = VEC ? 8 : 1, LOADS = GEMV_WEIGHT_LOADS, ROUND = 32 * STEP * LOADS;
+    const bool active = c < OUT + e.out2_cols, second = c >= OUT;
+    const bf16* wc = !active ? nullptr : second ? e.w2 + (size_t)(c - OUT) * IN : w + (size_t)c * IN;
+    float wv[LOADS][STEP];
+    auto load_weights = [&](int i0) {
+#pragma unroll
+        for (int p = 0; p < LOADS; p++)
+            if (active && i0 + p * 32 * STEP < IN) kdetail::load_bf16<STEP>(wv[p], wc + i0 + p * 32 * STEP);
+    };
+    load_weights(lane * STEP);
+    __shared__ float rstd[GEMV_MAX_ROWS];
+    if constexpr (NORM) {
+        if (warp < R) {
+            float ss = 0;
+            for (int i = lane * STEP; i < IN; i += 32 * STEP) {
+                float xv[STEP];
+                kdetail::load_bf16<STEP>(xv, x + (size_t)warp * IN + i);
+#pragma unroll
+                for (int k = 0; k < STEP; k++) ss += xv[k] * xv[k];
+            }
+            ss = warp_sum(ss);
+            if (lane == 0) rstd[warp] = 1.0f / sqrtf(ss / IN + e.eps);
+        }
+        __syncthreads();
+    }
+    if (!active) return;
+    const bool write_normed = NORM && e.normed && c == 0;
     float acc[GEMV_MAX_ROWS] = {};
-    constexpr int STEP = VEC ? 8 : 1;
-    for (int i = lane * STEP; i < IN; i += 32 * STEP) {
-        float wv[STEP];
-        kdetail::load_bf16<STEP>(wv, wc + i);
+    for (int i0 = lane * STEP; i0 < IN; i0 += ROUND) {
+        if (i0 != lane * STEP) load_weights(i0);
 #pragma unroll
-        for (int r = 0; r < GEMV_MAX_ROWS; r++) {
-            if (r >= R) break;
-            float xv[STEP];
-            kdetail::load_bf16<STEP>(xv, x + (size_t)r * IN + i);
+        for (int p = 0; p < LOADS; p++) {
+            const int i = i0 + p * 32 * STEP;
+            if (i >= IN) break;
+            float gv[STEP];
+            if constexpr (NORM) kdetail::load_bf16<STEP>(gv, e.norm + i);
 #pragma unroll
-            for (int k = 0; k < STEP; k++) acc[r] += wv[k] * xv[k];
+            for (int r = 0; r < GEMV_MAX_ROWS; r++) {
+                if (r >= R) break;
+                float xv[STEP];
+                kdetail::load_bf16<STEP>(xv, x + (size_t)r * IN + i);
+                if constexpr (NORM) {
+#pragma unroll
+                    for (int k = 0; k < STEP; k++) xv[k] = rounded_bf16(gv[k] * (xv[k] * rstd[r]));
+                    if (write_normed) kdetail::store_bf16<STEP>(e.normed + (size_t)r * IN + i, xv);
+                }
+#pragma unroll
+                for (int k = 0; k < STEP; k++) acc[r] += wv[p][k] * xv[k];
+            }
         }
     }
 #pragma unroll
     for (int r = 0; r < GEMV_MAX_ROWS; r++) {
         if (r >= R) break;
         const float sum = warp_sum(acc[r]);
-        if (lane == 0) out[(size_t)r * OUT + c] = (Out)sum;
+        if (lane != 0) continue;
+        Out* o = second ? e.out2 + (size_t)r * e.out2_cols + c - OUT : out + (size_t)r * OUT + c;
+        if constexpr (std::is_same<Out, float>::value) *o = e.add ? *o + rounded_bf16(sum) : sum;
+        else *o = (Out)sum;
     }
 }
 
-template <typename Out>
-inline void gemv_forward_gpu(Out* out, const bf16* x, const bf16* w, int R, int IN, int OUT, cudaStream_t stream) {
+// X: bf16, or float (the residual stream) with e.norm set
+template <typename X, typename Out>
+inline void gemv_forward_gpu(Out* out, const X* x, const bf16* w, int R, int IN, int OUT, cudaStream_t stream, const GemvExtra<Out>& e = {}) {
     if (R < 1 || R > GEMV_MAX_ROWS) fail("internal: gemv_forward_gpu takes 1..%d rows, not %d", GEMV_MAX_ROWS, R);
-    const int blocks = ceil_div((long long)OUT * 32, 256);
-    if (IN % 8 == 0 && kdetail::aligned16({x, w})) gemv_kernel<true, Out><<<blocks, 256, 0, stream>>>(out, x, w, R, IN, OUT);
-    else gemv_kernel<false, Out><<<blocks, 256, 0, stream>>>(out, x, w, R, IN, OUT);
+    if (!e.norm && !std::is_same<X, bf16>::value) fail("internal: gemv_forward_gpu reads fp32 inputs only through their norm");
+    const int blocks = ceil_div((long long)(OUT + e.out2_cols) * 32, 256);
+    const bool vec = IN % 8 == 0 && kdetail::aligned16({(const void*)x, w, e.norm, e.normed, e.w2});
+    auto kernel = e.norm ? (vec ? gemv_kernel<true, true, X, Out> : gemv_kernel<false, true, X, Out>)
+                         : (vec ? gemv_kernel<true, false, X, Out> : gemv_kernel<false, false, X, Out>);
+    kernel<<<blocks, 256, 0, stream>>>(out, x, w, R, IN, OUT, e);
     CUDA_LAUNCH_CHECK();
+}
+
+// res [R, OUT] (the fp32 residual stream) += bf16(x [R, IN] @ W^T)
+inline void gemv_residual_add_gpu(float* res, const bf16* x, const bf16* w, int R, int IN, int OUT, cudaStream_t stream) {
+    GemvExtra<float> e;
+    e.add = true;
+    gemv_forward_gpu(res, x, w, R, IN, OUT, stream, e);
 }
 
 // dx [N, W.in] = dout @ W (+= when accumulate; null: not wanted); dW += dout^T @ x in fp32;

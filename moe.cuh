@@ -22,8 +22,9 @@
 //   moe_combine_forward_gpu -> out [N,D] = sum_k gate * y (+ shared expert output)
 // and moe_backward_gpu in reverse: moe_combine_backward_gpu (dy_sorted, dgate), grouped_gemm_backward_input/weight_gpu,
 // moe_scatter_backward_gpu (du), router_backward_gpu (dlogits), with balance_loss_backward_gpu feeding its
-// dscores_extra. A decoding step of a few tokens takes moe_decode_forward_gpu instead: the same router, then two
-// kernels of one warp per output for the experts, the shared expert and the combine.
+// dscores_extra. A decoding step of a few tokens takes moe_decode_forward_gpu instead: the same router (its GEMV can
+// take the layer's norm from the residual stream), then two kernels of one warp per output for the experts, the shared
+// expert and the combine, the last adding the layer's output into the residual stream.
 //
 // Expert weights: the grouped GEMMs take a base pointer and an expert stride in elements, W_e = w + e * w_stride, each
 // W_e [OC, C] row-major. The model stores experts in Hugging Face order (per expert gate_proj [I,D], up_proj [I,D],
@@ -1221,7 +1222,6 @@ inline void moe_forward_gpu(const Config& c, const MoeWeights<bf16>& w, const fl
 // expert, then each expert's down projection and the gated sum. Values are rounded where moe_forward_gpu rounds them
 // (gate_up, hidden and each expert's output to bf16, the gated sum in fp32, in the same order), so the two differ
 // only in the order of each dot product's fp32 terms.
-__device__ inline float rounded_bf16(float x) { return __bfloat162float(__float2bfloat16(x)); }
 
 // hidden [R, K*I + SI]: row n's K routed experts' SwiGLU outputs (I each, in choice order), then the shared
 // expert's (SI). One warp per output column: silu(x . W_gate[c]) * (x . W_up[c]) with W_gate = rows 0..I-1 and
@@ -1240,6 +1240,7 @@ static __global__ void __launch_bounds__(256)
     const bf16* W = routed ? experts_gu + (size_t)expert[(size_t)n * K + r / I] * stride : shared_gu;
     const bf16 *xn = x + (size_t)n * D, *wg = W + (size_t)c * D, *wu = W + (size_t)(rows + c) * D;
     float g = 0, u = 0;
+#pragma unroll 4  // the rounds' loads in flight together: the step is latency-bound
     for (int i = lane * STEP; i < D; i += 32 * STEP) {
         float xv[STEP], gv[STEP], uv[STEP];
         kdetail::load_bf16<STEP>(xv, xn + i);
@@ -1256,12 +1257,13 @@ static __global__ void __launch_bounds__(256)
     if (lane == 0) hidden[w] = __float2bfloat16(g * swiglu_sigmoid(g) * u);
 }
 
-// out [R, D] = sum over k of gate[n, k] * (hidden_k . W_down_e[d]) + hidden_shared . W_shared_down[d], each expert's
-// output rounded to bf16 before the sum (down [D, I] at experts_down + e * stride; the shared one's [D, SI]). One warp
-// per output element; the K routed products share one loop, so that their loads are in flight together.
+// res [R, D] += sum over k of gate[n, k] * (hidden_k . W_down_e[d]) + hidden_shared . W_shared_down[d], each expert's
+// output rounded to bf16 before the sum (down [D, I] at experts_down + e * stride; the shared one's [D, SI]), the sum
+// rounded to bf16 before it joins the fp32 residual stream. One warp per output element; the K routed products share
+// one loop, so that their loads are in flight together.
 template <int STEP>
 static __global__ void __launch_bounds__(256)
-    moe_decode_down_kernel(bf16* out, const bf16* hidden, const int* expert, const float* gate, const bf16* experts_down, size_t stride,
+    moe_decode_down_kernel(float* res, const bf16* hidden, const int* expert, const float* gate, const bf16* experts_down, size_t stride,
                            const bf16* shared_down, int R, int K, int D, int I, int SI) {
     const int lane = threadIdx.x % 32;
     const long long w = ((long long)blockIdx.x * blockDim.x + threadIdx.x) / 32;
@@ -1273,6 +1275,7 @@ static __global__ void __launch_bounds__(256)
 #pragma unroll
     for (int k = 0; k < MOE_MAX_TOPK; k++)
         if (k < K) W[k] = experts_down + (size_t)expert[(size_t)n * K + k] * stride + (size_t)d * I;
+#pragma unroll 2
     for (int i = lane * STEP; i < I; i += 32 * STEP) {
 #pragma unroll
         for (int k = 0; k < MOE_MAX_TOPK; k++) {
@@ -1296,16 +1299,20 @@ static __global__ void __launch_bounds__(256)
     for (int k = 0; k < MOE_MAX_TOPK; k++)
         if (k < K) acc += gate[(size_t)n * K + k] * rounded_bf16(warp_sum(part[k]));
     if (SI > 0) acc += rounded_bf16(warp_sum(shared));
-    if (lane == 0) out[w] = __float2bfloat16(acc);
+    if (lane == 0) res[w] += rounded_bf16(acc);
 }
 
-// out [R, D] from u [R, D], as moe_forward_gpu (no expert loads counted); hidden [R, K*I + SI] is scratch
-inline void moe_decode_forward_gpu(const Config& c, const MoeWeights<bf16>& w, const float* bias, bf16* out, const bf16* u, int R,
-                                   MoeActsGpu& a, bf16* hidden, GpuContext& ctx) {
+// The layer on the fp32 residual stream res [R, D]: res += the output moe_forward_gpu would give for u [R, D] (no
+// expert loads counted). With norm, u is RMSNorm(res) with that weight, written on the way by the router's GEMV; without
+// it, u is given. hidden [R, K*I + SI] is scratch.
+inline void moe_decode_forward_gpu(const Config& c, const MoeWeights<bf16>& w, const float* bias, float* res, bf16* u, const bf16* norm,
+                                   int R, MoeActsGpu& a, bf16* hidden, GpuContext& ctx) {
     const int D = c.hidden_size, E = c.n_routed_experts, K = c.num_experts_per_tok, I = c.moe_intermediate_size;
     const int SI = c.n_shared_experts > 0 ? w.shared.gate.out : 0;
     cudaStream_t st = ctx.stream;
-    gemv_forward_gpu(a.router_logits, u, w.router.w, R, D, E, st);  // fp32 logits, as moe_forward_gpu
+    // fp32 logits, as moe_forward_gpu
+    if (norm) gemv_forward_gpu(a.router_logits, res, w.router.w, R, D, E, st, GemvExtra<float>{norm, c.rms_norm_eps, u});
+    else gemv_forward_gpu(a.router_logits, u, w.router.w, R, D, E, st);
     router_forward_gpu(a.scores, a.expert, a.gate, nullptr, a.router_logits, bias, c, R, st);
     const bf16* shared_gu = SI > 0 ? gate_up(w.shared).w : nullptr;
     const bf16* shared_down = SI > 0 ? w.shared.down.w : nullptr;
@@ -1317,7 +1324,7 @@ inline void moe_decode_forward_gpu(const Config& c, const MoeWeights<bf16>& w, c
     auto down = vec ? moe_decode_down_kernel<8> : moe_decode_down_kernel<1>;
     up<<<up_blocks, 256, 0, st>>>(hidden, u, a.expert, gate_up(w.experts).w, w.expert_stride, shared_gu, R, K, D, I, SI);
     CUDA_LAUNCH_CHECK();
-    down<<<down_blocks, 256, 0, st>>>(out, hidden, a.expert, a.gate, w.experts.down.w, w.expert_stride, shared_down, R, K, D, I, SI);
+    down<<<down_blocks, 256, 0, st>>>(res, hidden, a.expert, a.gate, w.experts.down.w, w.expert_stride, shared_down, R, K, D, I, SI);
     CUDA_LAUNCH_CHECK();
 }
 

@@ -811,3 +811,99 @@ TEST_CASE("gpu: the decoding step's GEMV matches the reference, and a row's resu
         }
     }
 }
+
+// how many elements of got lie further than a bf16 rounding (2^-8 relative, either way) from want
+size_t beyond_a_rounding(const std::vector<float>& got, const std::vector<float>& want) {
+    size_t n = 0;
+    for (size_t i = 0; i < want.size(); i++) n += std::fabs(got[i] - want[i]) > std::ldexp(std::fabs(want[i]), -7);
+    return n;
+}
+
+TEST_CASE("gpu: the decoding GEMV's folded norm, second weight and residual add match the kernels they replace") {
+    require_gpu();
+    Stream st;
+    const float eps = 1e-6f;
+    for (auto sh : {std::pair{768, 44}, std::pair{37, 29}}) {
+        const int IN = sh.first, OUT = sh.second, OUT2 = 13;
+        CAPTURE(IN);
+        const uint64_t key = 9100 + IN;
+        const std::vector<float> res = rand_f32((size_t)GEMV_MAX_ROWS * IN, key, 3.0f), xb = rand_bf16((size_t)GEMV_MAX_ROWS * IN, key + 1, 2.0f);
+        const std::vector<float> g = rand_bf16(IN, key + 2, 0.3f, 1.0f), w = rand_bf16((size_t)OUT * IN, key + 3, 0.1f);
+        const std::vector<float> w2 = rand_bf16((size_t)OUT2 * IN, key + 4, 0.1f);
+        Dev<float> d_res(res.size()), d_sum(res.size()), d_res_out((size_t)GEMV_MAX_ROWS * OUT), d_alone(OUT);
+        Dev<bf16> d_xb(xb.size()), d_g(IN), d_w(w.size()), d_w2(w2.size()), d_xn(res.size()), d_normed(res.size());
+        Dev<bf16> d_out((size_t)GEMV_MAX_ROWS * OUT), d_out2((size_t)GEMV_MAX_ROWS * OUT2), d_ref((size_t)GEMV_MAX_ROWS * OUT);
+        Dev<bf16> d_ref2((size_t)GEMV_MAX_ROWS * OUT2);
+        d_res.set(res);
+        d_xb.set(xb);
+        d_g.set(g);
+        d_w.set(w);
+        d_w2.set(w2);
+        for (int R : {1, 3, GEMV_MAX_ROWS}) {
+            CAPTURE(R);
+            const size_t n = (size_t)R * IN;
+            // the norm of the fp32 residual stream, two Linears on it in one launch: the normed input within a rounding
+            // of the norm kernel's (its rstd sums the squares in another order), and each output the plain GEMV's bits
+            // on that input
+            for (bool from_bf16 : {false, true}) {
+                CAPTURE(from_bf16);
+                d_normed.poison();
+                d_out.poison();
+                d_out2.poison();
+                GemvExtra<bf16> e;
+                e.norm = d_g.p;
+                e.eps = eps;
+                e.normed = d_normed.p;
+                if (!from_bf16) {
+                    e.out2 = d_out2.p;
+                    e.w2 = d_w2.p;
+                    e.out2_cols = OUT2;
+                    gemv_forward_gpu(d_out.p, d_res.p, d_w.p, R, IN, OUT, st.s, e);
+                    rmsnorm_residual_forward_gpu<float>(nullptr, d_xn.p, nullptr, d_res.p, nullptr, d_g.p, R, IN, eps, st.s);
+                } else {
+                    gemv_forward_gpu(d_out.p, d_xb.p, d_w.p, R, IN, OUT, st.s, e);
+                    rmsnorm_residual_forward_gpu<bf16>(nullptr, d_xn.p, nullptr, d_xb.p, nullptr, d_g.p, R, IN, eps, st.s);
+                }
+                gemv_forward_gpu(d_ref.p, d_normed.p, d_w.p, R, IN, OUT, st.s);
+                gemv_forward_gpu(d_ref2.p, d_normed.p, d_w2.p, R, IN, OUT2, st.s);
+                st.sync();
+                std::vector<float> normed = d_normed.get(), xn = d_xn.get(), out = d_out.get(), ref = d_ref.get();
+                normed.resize(n);
+                xn.resize(n);
+                out.resize((size_t)R * OUT);
+                ref.resize((size_t)R * OUT);
+                CHECK(all_finite(normed));
+                CHECK(beyond_a_rounding(normed, xn) == 0);
+                CHECK(same_bits(out, ref));
+                if (!from_bf16) {
+                    std::vector<float> out2 = d_out2.get(), ref2 = d_ref2.get();
+                    out2.resize((size_t)R * OUT2);
+                    ref2.resize((size_t)R * OUT2);
+                    CHECK(same_bits(out2, ref2));
+                }
+            }
+            // each row's norm alone gives the same bits as in the batch
+            GemvExtra<float> e32;
+            e32.norm = d_g.p;
+            e32.eps = eps;
+            gemv_forward_gpu(d_res_out.p, d_res.p, d_w.p, R, IN, OUT, st.s, e32);
+            st.sync();
+            const std::vector<float> batch = d_res_out.get();
+            for (int r = 0; r < R; r++) {
+                gemv_forward_gpu(d_alone.p, d_res.p + (size_t)r * IN, d_w.p, 1, IN, OUT, st.s, e32);
+                st.sync();
+                CHECK(same_bits(d_alone.get(), std::vector<float>(batch.begin() + (size_t)r * OUT, batch.begin() + (size_t)(r + 1) * OUT)));
+            }
+            // the residual add: res + bf16(x @ W^T), as the norm kernel's add of the bf16 output would make it
+            d_sum.set(res);
+            gemv_residual_add_gpu(d_sum.p, d_xb.p, d_w.p, R, IN, OUT, st.s);
+            gemv_forward_gpu(d_ref.p, d_xb.p, d_w.p, R, IN, OUT, st.s);
+            st.sync();
+            const std::vector<float> sum = d_sum.get(), plain = d_ref.get();
+            size_t differ = 0;
+            for (int r = 0; r < R; r++)
+                for (int c = 0; c < OUT; c++) differ += sum[(size_t)r * OUT + c] != res[(size_t)r * OUT + c] + plain[(size_t)r * OUT + c];
+            CHECK(differ == 0);
+        }
+    }
+}

@@ -616,18 +616,24 @@ void check_layer(Config c, int B, int T, float balance_alpha, uint64_t seed) {
         return r;
     };
     LayerGpuResult r1 = run(), r2 = run();
+    // (the decoding form below writes the router's buffers again)
+    const double e_scores = rel_err(d_scores.download(), acts.router.scores);
+    const double e_gate = rel_err(d_gate.download(), acts.router.gate);
 
     // the decoding form on the first R tokens: the same router and roundings, so the outputs equal moe_forward_gpu's
-    // but where a dot product's fp32 order flips a bf16 rounding
+    // but where a dot product's fp32 order flips a bf16 rounding. It adds the output into a residual stream: from zero
+    // first, so the stream is the output; then from a random stream whose RMSNorm it takes as u itself, checked
+    // against the norm kernel and then, bit for bit, against the same layer fed that u.
     std::vector<double> decode_errors;
     for (int R : {1, std::min(N, GEMV_MAX_ROWS)}) {
-        Dev<bf16> d_hidden((size_t)R * (K * I + SI)), d_dec((size_t)R * D);
+        Dev<bf16> d_hidden((size_t)R * (K * I + SI)), d_un((size_t)R * D), d_un_ref((size_t)R * D), d_norm(D);
+        Dev<float> d_res((size_t)R * D), d_res2((size_t)R * D), d_res0((size_t)R * D);
         d_hidden.poison();
-        d_dec.poison();
         d_expert.poison();
-        moe_decode_forward_gpu(c, w16, d_bias, d_dec, d_u, R, a, d_hidden, ctx);
+        d_res.zero();
+        moe_decode_forward_gpu(c, w16, d_bias, d_res, d_u, nullptr, R, a, d_hidden, ctx);
         CUDA_CHECK(cudaDeviceSynchronize());
-        const std::vector<float> dec = d_dec.download();
+        const std::vector<float> dec = d_res.download();
         const std::vector<float> full(r1.out.begin(), r1.out.begin() + (size_t)R * D);
         const std::vector<double> ref(out_ref.begin(), out_ref.begin() + (size_t)R * D);
         CHECK(all_finite(dec));
@@ -636,6 +642,25 @@ void check_layer(Config c, int B, int T, float balance_alpha, uint64_t seed) {
         CHECK(e_full < 4e-3);  // a bf16 rounding (2^-8) at most, over the whole output
         CHECK(e_ref < 2e-2);
         decode_errors.push_back(e_full);
+
+        const std::vector<double> res0 = round_f32(randn((size_t)R * D, seed + 40 + R, 3.0));
+        std::vector<double> norm = randn(D, seed + 50, 0.3);
+        for (double& g : norm) g += 1.0;
+        d_res0.upload(res0);
+        d_res.upload(res0);
+        d_norm.upload(round_bf16(norm));
+        rmsnorm_residual_forward_gpu<float>(nullptr, d_un_ref, nullptr, d_res0, nullptr, d_norm, R, D, c.rms_norm_eps, 0);
+        moe_decode_forward_gpu(c, w16, d_bias, d_res, d_un, d_norm, R, a, d_hidden, ctx);
+        d_res2.zero();
+        moe_decode_forward_gpu(c, w16, d_bias, d_res2, d_un, nullptr, R, a, d_hidden, ctx);
+        CUDA_CHECK(cudaDeviceSynchronize());
+        const std::vector<float> un = d_un.download(), un_ref = d_un_ref.download(), res = d_res.download(), out = d_res2.download();
+        size_t beyond = 0;  // its rstd sums the squares in another order: a normed element may round the other way
+        for (size_t i = 0; i < un.size(); i++) beyond += std::fabs(un[i] - un_ref[i]) > std::ldexp(std::fabs(un_ref[i]), -7);
+        CHECK(beyond == 0);
+        size_t differ = 0;
+        for (size_t i = 0; i < res.size(); i++) differ += res[i] != (float)res0[i] + out[i];
+        CHECK(differ == 0);
     }
     matmul_free(ctx.mm);
 
@@ -644,8 +669,6 @@ void check_layer(Config c, int B, int T, float balance_alpha, uint64_t seed) {
     std::vector<int> want_load(E, 0);
     for (int x : acts.router.expert) want_load[x]++;
     CHECK(load == want_load);
-    const double e_scores = rel_err(d_scores.download(), acts.router.scores);
-    const double e_gate = rel_err(d_gate.download(), acts.router.gate);
     CHECK(e_scores < 1e-5);
     CHECK(e_gate < 1e-5);
     for (auto* v : {&r1.out, &r1.du, &r1.dexperts, &r1.drouter, &r1.dshared}) CHECK(all_finite(*v));
