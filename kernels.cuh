@@ -294,9 +294,10 @@ struct GemvExtra {
     bool add = false;
 };
 
-// A lane keeps GEMV_WEIGHT_LOADS weight loads in flight (rows up to 1024 wide in one round at 16 bytes a load): the
-// step is latency-bound, and a loop of one load at a time waited on HBM once per 256 columns. The first round is
-// issued before the norm's pass over x, which it does not need.
+// A lane keeps GEMV_WEIGHT_LOADS weight loads in flight (rows up to 1024 wide in one round at 16 bytes a load), the
+// first round issued before the norm's pass over x, which it does not need. Measured with the block's shared rstd,
+// the step's GEMV time moved within noise (262 -> 253 us, bench/RESULTS.md, session 14): the HBM wait is not where
+// its 4-7 us a launch go.
 constexpr int GEMV_WEIGHT_LOADS = 4;
 static_assert(GEMV_MAX_ROWS <= 256 / 32, "gemv_kernel's norm takes a warp of its 256 threads per row");
 
