@@ -78,7 +78,7 @@ GpuDecoder* decoder_create(Model& m, int batch, int max_len, int max_prompt, boo
     auto acts = [&](size_t n) { return arena_alloc<bf16>(d.arena, n, "decode activations"); };
     bf16* hidden = acts(std::max({(size_t)B * I, (size_t)S * MI, (size_t)B * SI}));
     if (c.first_k_dense_replace > 0 || E == 0) d.ffn = FfnActsGpu{acts((size_t)B * 2 * I), hidden, nullptr, nullptr};
-    if (E > 0) d.moe = moe_layer_alloc(d.arena, c, B, 1, moe_shared_alloc(d.arena, c, B, FfnActsGpu{nullptr, hidden, nullptr, nullptr}, false));
+    if (E > 0) d.moe = moe_layer_alloc(d.arena, c, B, 1, moe_shared_alloc(d.arena, c, B, FfnActsGpu{nullptr, hidden, nullptr, nullptr}, false), false);
     if (E > 0 && B <= GEMV_MAX_ROWS) d.moe_hidden = acts((size_t)B * (K * MI + SI));
 
     return dp;

@@ -125,6 +125,16 @@ HD inline uint8_t fp8_quantize(float x, float scale) {
 #endif
 }
 
+// the value an E4M3 code stands for in a tile of this scale, decode(code) * scale; the device decodes with the
+// hardware's conversion to half, exact for every E4M3 value
+HD inline float fp8_dequantize(uint8_t code, float scale) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 890
+    return __half2float(__half(__nv_cvt_fp8_to_halfraw(code, __NV_E4M3))) * scale;
+#else
+    return fp8_decode(code, FP8_E4M3) * scale;
+#endif
+}
+
 // One operand of an FP8 GEMM: E4M3 codes [rows, cols], row-major, and one scale per
 // tile (tile_rows 1: 1 x 128 tiles; 128: 128 x 128 blocks) laid out as above.
 struct Fp8Matrix {
@@ -215,7 +225,17 @@ struct Fp8HostMatrix {
         : codes((size_t)rows * cols), scales(fp8_scale_count(rows, cols, tile_rows)), m{codes.data(), scales.data(), rows, cols, tile_rows} {}
 };
 
-// The FP8 Linear, emulated (the twin of fp8_linear_forward_gpu): out [N, OC] =
+// x [rows, cols] in place -> what its E4M3 copy in 1 x 128 tiles holds: the SwiGLU input that FP8 training keeps
+// for the backward (reference.h's FfnActs::fp8; kernels.cuh keeps the codes)
+template <typename T>
+void fp8_round_trip_host(T* x, int rows, int cols) {
+    Fp8HostMatrix q(rows, cols, 1);
+    fp8_quantize_host(q.m, x);
+    for (int r = 0; r < rows; r++)
+        for (int c = 0; c < cols; c++) x[(size_t)r * cols + c] = (T)fp8_dequantize(q.codes[(size_t)r * cols + c], fp8_scale_of(q.m, r, c));
+}
+
+// The FP8 Linear, emulated (the twin of kernels.cuh's linear_forward_gpu): out [N, OC] =
 // x [N, K] @ W^T, x quantized in 1 x 128 tiles along K
 template <typename T>
 void fp8_linear_forward_host(T* out, const T* x, const Fp8Weight& w, int N) {

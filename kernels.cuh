@@ -182,7 +182,8 @@ struct GpuContext {
     size_t scratch_bytes = 0;
     // FP8 training: the FP8 copy of the next FP8 Linear's input (or of gate_up's output
     // gradient) that the RMSNorm or SwiGLU making it writes beside its bf16 output, so
-    // that the Linear skips its own quantization pass (fp8_copy); null: none are written
+    // that the Linear skips its own quantization pass (fp8_copy); a Linear whose operand
+    // no kernel copied quantizes it here itself. null: none are written (inference)
     uint8_t* fp8_codes = nullptr;
     float* fp8_scales = nullptr;
     size_t fp8_code_bytes = 0, fp8_scale_floats = 0;
@@ -190,11 +191,17 @@ struct GpuContext {
 
 // ctx's FP8 copy of a [rows, cols] tensor in 1 x 128 tiles, with the rows the FP8
 // forward pads to (fours); none ({}) where not wanted (the Linear reading it runs in
-// bf16) or ctx holds no room for it (inference, the decoder's rows: the Linear then
-// quantizes its input itself, to the same codes)
+// bf16) or ctx holds no room for it (inference: the Linear then quantizes its input
+// itself, in scratch, to the same codes)
 inline Fp8Matrix fp8_copy(const GpuContext& ctx, bool wanted, int rows, int cols) {
     if (!wanted || (size_t)(rows + 3) / 4 * 4 * cols > ctx.fp8_code_bytes || fp8_scale_count(rows, cols, 1) > ctx.fp8_scale_floats) return {};
     return {ctx.fp8_codes, ctx.fp8_scales, rows, cols, 1};
+}
+
+// an Fp8Matrix [rows, cols] in 1 x 128 tiles from the arena
+inline Fp8Matrix fp8_arena_alloc(DeviceArena& arena, int rows, int cols) {
+    return {arena_alloc<uint8_t>(arena, (size_t)rows * cols, "FP8 activations"), arena_alloc<float>(arena, fp8_scale_count(rows, cols, 1), "FP8 activations"),
+            rows, cols, 1};
 }
 
 // the copy of an FP8 Linear's input, for the kernel that makes that input
@@ -216,12 +223,15 @@ inline Fp8Matrix fp8_take(Carver& c, int rows, int cols) {
 }
 }  // namespace kdetail
 
-// the scratch bytes an FP8 Linear of `in` -> `out` features takes for N rows
-inline size_t fp8_linear_scratch_bytes(int N, int in, int out, bool wgrad) {
+// the scratch bytes an FP8 Linear of `in` -> `out` features takes for N rows. copies: its context has room for the
+// FP8 copies (training, GpuContext::fp8_codes), where the Linear quantizes the operands no kernel copied for it (that
+// room is free between a copy's maker and its Linear), so that scratch holds only a padded output and --fp8-wgrad's
+// transposed operands; sized as scratch, those copies took another 99 MiB at small's 16 x 1024 (gate_up's dout)
+inline size_t fp8_linear_scratch_bytes(int N, int in, int out, bool wgrad, bool copies) {
     kdetail::Carver forward{nullptr}, backward{nullptr};
-    kdetail::fp8_take(forward, (N + 3) / 4 * 4, in);
+    if (!copies) kdetail::fp8_take(forward, (N + 3) / 4 * 4, in);
     if (N % 4) forward.take<bf16>((size_t)(N + 3) / 4 * 4 * out);  // the padded output (linear_forward_gpu)
-    kdetail::fp8_take(backward, N, out);
+    if (!copies) kdetail::fp8_take(backward, N, out);
     if (wgrad) {
         kdetail::fp8_take(backward, out, N);
         kdetail::fp8_take(backward, in, N);
@@ -234,6 +244,7 @@ inline size_t fp8_linear_scratch_bytes(int N, int in, int out, bool wgrad) {
 // (r x T for r <= B, or one row shorter than T), or when decoding (inference) any count up to B x T. The need grows
 // with the count among the multiples of 4 and among the others, so the largest of each kind is the one to size for.
 inline size_t fp8_model_scratch_bytes(const std::vector<Fp8Weight>& linears, int B, int T, bool inference, bool wgrad) {
+    const bool copies = !inference;  // model_to_gpu gives training and evaluation room for the copies (fp8_copy)
     std::vector<int> row_counts = {B * T, B * T - 1, B * T - 2};
     if (!inference) {
         row_counts = {T - 1, T - 2};
@@ -242,22 +253,23 @@ inline size_t fp8_model_scratch_bytes(const std::vector<Fp8Weight>& linears, int
     size_t scratch = 0;
     for (const Fp8Weight& q : linears)
         for (int rows : row_counts)
-            if (rows > 0) scratch = std::max(scratch, fp8_linear_scratch_bytes(rows, q.w.cols, q.w.rows, wgrad));
+            if (rows > 0) scratch = std::max(scratch, fp8_linear_scratch_bytes(rows, q.w.cols, q.w.rows, wgrad, copies));
     return scratch;
 }
 
 // out [N, W.out] = x [N, W.in] @ W^T; x_fp8: x's FP8 copy (fp8_copy), if its maker wrote one
 inline void linear_forward_gpu(bf16* out, const bf16* x, const Linear<bf16>& w, int N, GpuContext& ctx, const Fp8Matrix& x_fp8 = {}) {
     if (!w.fp8) return matmul(ctx.mm, out, x, w.w, N, w.out, w.in, false, true, 0.0f, false, ctx.stream);
-    kdetail::check_scratch(ctx.scratch_bytes, fp8_linear_scratch_bytes(N, w.in, w.out, false), "an FP8 linear");
     kdetail::check_fp8_copy(x_fp8, N, w.in);
+    const Fp8Matrix room = fp8_copy(ctx, !x_fp8.codes, N, w.in);  // where to quantize x if no kernel did
+    kdetail::check_scratch(ctx.scratch_bytes, fp8_linear_scratch_bytes(N, w.in, w.out, false, x_fp8.codes || room.codes), "an FP8 linear");
     // cuBLASLt's block-scaled GEMM takes rows in multiples of 4: an evaluation's last,
     // partial window computes up to 3 rows more in scratch and keeps N of them
     const int padded = (N + 3) / 4 * 4;
     kdetail::Carver c{(char*)ctx.scratch};
     Fp8Matrix xq = x_fp8;
     if (!xq.codes) {
-        xq = kdetail::fp8_take(c, padded, w.in);
+        xq = room.codes ? room : kdetail::fp8_take(c, padded, w.in);
         xq.rows = N;
         fp8_quantize_gpu(xq, x, w.in, ctx.stream);
     }
@@ -395,10 +407,11 @@ inline void linear_backward_gpu(bf16* dx, const Linear<float>& dw, const bf16* d
         return matmul(ctx.mm, dw.w, dout, x, w.out, w.in, N, true, false, 1.0f, true, ctx.stream);
     }
     const bool wgrad = w.fp8->wgrad, given = dout_fp8.codes;
-    kdetail::check_scratch(ctx.scratch_bytes, fp8_linear_scratch_bytes(N, w.in, w.out, wgrad), "an FP8 linear");
     kdetail::check_fp8_copy(dout_fp8, N, w.out);
+    const Fp8Matrix room = fp8_copy(ctx, !given, N, w.out);  // where to quantize dout if no kernel did
+    kdetail::check_scratch(ctx.scratch_bytes, fp8_linear_scratch_bytes(N, w.in, w.out, wgrad, given || room.codes), "an FP8 linear");
     kdetail::Carver c{(char*)ctx.scratch};
-    const Fp8Matrix dq = given ? dout_fp8 : kdetail::fp8_take(c, N, w.out);
+    const Fp8Matrix dq = given ? dout_fp8 : room.codes ? room : kdetail::fp8_take(c, N, w.out);
     const Fp8Matrix make_dq = dx && !given ? dq : Fp8Matrix{};  // Dgrad's operand, where no kernel wrote it
     if (wgrad) {  // dout read once for both its tilings: Dgrad's 1 x 128 tiles, and Wgrad's, transposed along the tokens
         const Fp8Matrix dt = kdetail::fp8_take(c, w.out, N), xt = kdetail::fp8_take(c, w.in, N);
@@ -910,37 +923,62 @@ inline void rmsnorm_backward_gpu(G* dinp, float* dweight, const typename kdetail
 
 __device__ inline float swiglu_sigmoid(float x) { return 1.0f / (1.0f + expf(-x)); }
 
-// FP8 (VEC 8, I % 128 == 0): the FP8 copy q of what the kernel writes (forward:
+// In FP8 training a layer keeps gate_up for its backward as an E4M3 copy in 1 x 128 tiles (`cache`), half the bytes
+// of bf16, as DeepSeek-V3 caches its SwiGLU inputs in FP8 (§3.3.3); the backward reads the copy back, recomputing
+// the output from it. The forward's own SwiGLU reads the exact bf16 GEMM output.
+namespace kdetail {
+// VEC values of gate_up [n, 2I] at (row, col): from the bf16 tensor, or where it is null from its E4M3 copy (a pack
+// of VEC never crosses a 128-column tile: col is a multiple of VEC)
+template <int VEC>
+__device__ inline void load_gate_up(float* v, const bf16* gate_up, const Fp8Matrix& cache, size_t row, size_t col) {
+    const size_t at = row * cache.cols + col;
+    if (gate_up) return load_bf16<VEC>(v, gate_up + at);
+    const float scale = cache.scales[fp8_scale_index((int)row, (int)(col / FP8_TILE), cache.rows, cache.cols, 1)];
+    uint8_t codes[VEC];
+    if constexpr (VEC == 8) *(uint2*)codes = *(const uint2*)(cache.codes + at);
+    else for (int k = 0; k < VEC; k++) codes[k] = cache.codes[at + k];
+#pragma unroll
+    for (int k = 0; k < VEC; k++) v[k] = fp8_dequantize(codes[k], scale);
+}
+}  // namespace kdetail
+
+// COPY (VEC 8, I % 128 == 0): the FP8 copy `copy` of what the kernel writes (forward:
 // hidden [n, I]; backward: dgate_up [n, 2I]) too. 16 consecutive packs are then one
 // 1 x 128 tile of one row, quantized by the half-warp that wrote it
-// (fp8_quantize_tile8), so every round of the loop runs on whole warps.
-template <int VEC, bool FP8>
-static __global__ void swiglu_forward_kernel(bf16* hidden, Fp8Matrix q, const bf16* gate_up, size_t packs, long long I) {
+// (fp8_quantize_tile8), so every round of the loop runs on whole warps. CACHE (the same
+// conditions): the forward writes gate_up's E4M3 copy `cache` from what it read.
+// cache.cols is 2I in every case.
+template <int VEC, bool COPY, bool CACHE>
+static __global__ void swiglu_forward_kernel(bf16* hidden, Fp8Matrix copy, Fp8Matrix cache, const bf16* gate_up, size_t packs, long long I) {
     for (size_t p0 = (size_t)blockIdx.x * blockDim.x; p0 < packs; p0 += (size_t)gridDim.x * blockDim.x) {
-        const size_t p = p0 + threadIdx.x, e = p < packs ? p * VEC : 0, row = e / I, col = e % I, in = row * 2 * I + col;
-        float h[VEC] = {};
+        const size_t p = p0 + threadIdx.x, e = p < packs ? p * VEC : 0, row = e / I, col = e % I;
+        float g[VEC] = {}, u[VEC] = {}, h[VEC] = {};
         if (p < packs) {
-            float g[VEC], u[VEC];
-            kdetail::load_bf16<VEC>(g, gate_up + in);
-            kdetail::load_bf16<VEC>(u, gate_up + in + I);
+            kdetail::load_gate_up<VEC>(g, gate_up, cache, row, col);
+            kdetail::load_gate_up<VEC>(u, gate_up, cache, row, I + col);
 #pragma unroll
             for (int k = 0; k < VEC; k++) h[k] = __bfloat162float(__float2bfloat16(g[k] * swiglu_sigmoid(g[k]) * u[k]));  // hidden's value
             kdetail::store_bf16<VEC>(hidden + e, h);
         }
-        if constexpr (FP8) fp8_quantize_tile8(q, (int)row, (int)col, h, p < packs);
+        if constexpr (COPY) fp8_quantize_tile8(copy, (int)row, (int)col, h, p < packs);
+        if constexpr (CACHE) {
+            fp8_quantize_tile8(cache, (int)row, (int)col, g, p < packs);
+            fp8_quantize_tile8(cache, (int)row, (int)(I + col), u, p < packs);
+        }
     }
 }
 
 // dgate_up may alias gate_up (each thread reads its elements before writing them)
-template <int VEC, bool FP8>
-static __global__ void swiglu_backward_kernel(bf16* dgate_up, Fp8Matrix q, const bf16* dhidden, const bf16* gate_up, size_t packs, long long I) {
+template <int VEC, bool COPY>
+static __global__ void swiglu_backward_kernel(bf16* dgate_up, Fp8Matrix copy, Fp8Matrix cache, const bf16* dhidden, const bf16* gate_up,
+                                              size_t packs, long long I) {
     for (size_t p0 = (size_t)blockIdx.x * blockDim.x; p0 < packs; p0 += (size_t)gridDim.x * blockDim.x) {
         const size_t p = p0 + threadIdx.x, e = p < packs ? p * VEC : 0, row = e / I, col = e % I, in = row * 2 * I + col;
         float dg[VEC] = {}, du[VEC] = {};
         if (p < packs) {
             float g[VEC], u[VEC], dh[VEC];
-            kdetail::load_bf16<VEC>(g, gate_up + in);
-            kdetail::load_bf16<VEC>(u, gate_up + in + I);
+            kdetail::load_gate_up<VEC>(g, gate_up, cache, row, col);
+            kdetail::load_gate_up<VEC>(u, gate_up, cache, row, I + col);
             kdetail::load_bf16<VEC>(dh, dhidden + e);
 #pragma unroll
             for (int k = 0; k < VEC; k++) {
@@ -951,50 +989,76 @@ static __global__ void swiglu_backward_kernel(bf16* dgate_up, Fp8Matrix q, const
             kdetail::store_bf16<VEC>(dgate_up + in, dg);
             kdetail::store_bf16<VEC>(dgate_up + in + I, du);
         }
-        if constexpr (FP8) {
-            fp8_quantize_tile8(q, (int)row, (int)col, dg, p < packs);
-            fp8_quantize_tile8(q, (int)row, (int)(I + col), du, p < packs);
+        if constexpr (COPY) {
+            fp8_quantize_tile8(copy, (int)row, (int)col, dg, p < packs);
+            fp8_quantize_tile8(copy, (int)row, (int)(I + col), du, p < packs);
         }
     }
 }
 
-// hidden[n, I], gate_up[n, 2I] (gate = columns 0..I-1, up = columns I..2I-1);
+namespace kdetail {
+// gate_up's E4M3 copy laid out for n rows (a layer's is allocated for the most it runs), or none
+inline Fp8Matrix swiglu_cache(const Fp8Matrix& cache, int n, int I) {
+    if (!cache.codes) return {};
+    if (cache.cols != 2 * I || cache.tile_rows != 1 || n > cache.rows)
+        fail("swiglu: the FP8 copy of gate_up is %d x %d, not %d x %d", cache.rows, cache.cols, n, 2 * I);
+    return {cache.codes, cache.scales, n, 2 * I, 1};
+}
+}  // namespace kdetail
+
+// hidden[n, I] from gate_up[n, 2I] (gate = columns 0..I-1, up = columns I..2I-1), or where
+// gate_up is null from `cache`, its E4M3 copy (the backward's recomputation in FP8 training).
+// Where both are given, gate_up's copy is written into cache (the forward in FP8 training).
 // hidden_fp8: hidden's FP8 copy (fp8_copy), written too where it has codes
-inline void swiglu_forward_fused_gpu(bf16* hidden, const bf16* gate_up, int n, int I, cudaStream_t stream, const Fp8Matrix& hidden_fp8 = {}) {
+inline void swiglu_forward_fused_gpu(bf16* hidden, const bf16* gate_up, int n, int I, cudaStream_t stream, const Fp8Matrix& hidden_fp8 = {},
+                                     const Fp8Matrix& cache = {}) {
     const size_t count = (size_t)n * I;
     if (count == 0) return;
+    const Fp8Matrix kept = kdetail::swiglu_cache(cache, n, I), read = gate_up ? Fp8Matrix{nullptr, nullptr, n, 2 * I, 1} : kept;
+    const bool write = gate_up && kept.codes;
+    bool copied = !hidden_fp8.codes, cached = !write;  // what the kernel wrote: the rest gets its own pass below
     if (I % 8 == 0 && kdetail::aligned16({hidden, gate_up})) {
         const int blocks = kdetail::elementwise_blocks(count / 8, 256);
-        if (hidden_fp8.codes && I % FP8_TILE == 0) {  // the copy in the kernel where its tiles line up with the packs
-            swiglu_forward_kernel<8, true><<<blocks, 256, 0, stream>>>(hidden, hidden_fp8, gate_up, count / 8, I);
-            CUDA_LAUNCH_CHECK();
-            return;
-        }
-        swiglu_forward_kernel<8, false><<<blocks, 256, 0, stream>>>(hidden, hidden_fp8, gate_up, count / 8, I);
+        const bool tiles = I % FP8_TILE == 0;  // the copies in the kernel where their tiles line up with the packs
+        copied |= tiles;
+        cached |= tiles;
+        if (tiles && hidden_fp8.codes && write)
+            swiglu_forward_kernel<8, true, true><<<blocks, 256, 0, stream>>>(hidden, hidden_fp8, kept, gate_up, count / 8, I);
+        else if (tiles && hidden_fp8.codes)
+            swiglu_forward_kernel<8, true, false><<<blocks, 256, 0, stream>>>(hidden, hidden_fp8, read, gate_up, count / 8, I);
+        else if (tiles && write)
+            swiglu_forward_kernel<8, false, true><<<blocks, 256, 0, stream>>>(hidden, hidden_fp8, kept, gate_up, count / 8, I);
+        else
+            swiglu_forward_kernel<8, false, false><<<blocks, 256, 0, stream>>>(hidden, hidden_fp8, read, gate_up, count / 8, I);
     } else {
-        swiglu_forward_kernel<1, false><<<kdetail::elementwise_blocks(count, 256), 256, 0, stream>>>(hidden, hidden_fp8, gate_up, count, I);
+        swiglu_forward_kernel<1, false, false><<<kdetail::elementwise_blocks(count, 256), 256, 0, stream>>>(hidden, hidden_fp8, read, gate_up,
+                                                                                                              count, I);
     }
     CUDA_LAUNCH_CHECK();
-    if (hidden_fp8.codes) fp8_quantize_gpu(hidden_fp8, hidden, I, stream);
+    if (!copied) fp8_quantize_gpu(hidden_fp8, hidden, I, stream);
+    if (!cached) fp8_quantize_gpu(kept, gate_up, 2 * I, stream);
 }
 
-// dgate_up[n, 2I] (written; may alias gate_up), dhidden[n, I], gate_up[n, 2I];
-// dgate_up_fp8: dgate_up's FP8 copy (fp8_copy), written too where it has codes
+// dgate_up[n, 2I] (written; may alias gate_up), dhidden[n, I], gate_up[n, 2I] or, where
+// null, its E4M3 copy `cache` (FP8 training); dgate_up_fp8: dgate_up's FP8 copy
+// (fp8_copy), written too where it has codes
 inline void swiglu_backward_fused_gpu(bf16* dgate_up, const bf16* dhidden, const bf16* gate_up, int n, int I, cudaStream_t stream,
-                                      const Fp8Matrix& dgate_up_fp8 = {}) {
+                                      const Fp8Matrix& dgate_up_fp8 = {}, const Fp8Matrix& cache = {}) {
     const size_t count = (size_t)n * I;
     if (count == 0) return;
     const Fp8Matrix& q = dgate_up_fp8;
+    const Fp8Matrix read = gate_up ? Fp8Matrix{nullptr, nullptr, n, 2 * I, 1} : kdetail::swiglu_cache(cache, n, I);
+    if (!gate_up && !read.codes) fail("swiglu_backward_fused_gpu: neither gate_up nor its FP8 copy is given");
     if (I % 8 == 0 && kdetail::aligned16({dgate_up, dhidden, gate_up})) {
         const int blocks = kdetail::elementwise_blocks(count / 8, 256);
         if (q.codes && I % FP8_TILE == 0) {  // the copy in the kernel where its tiles line up with the packs
-            swiglu_backward_kernel<8, true><<<blocks, 256, 0, stream>>>(dgate_up, q, dhidden, gate_up, count / 8, I);
+            swiglu_backward_kernel<8, true><<<blocks, 256, 0, stream>>>(dgate_up, q, read, dhidden, gate_up, count / 8, I);
             CUDA_LAUNCH_CHECK();
             return;
         }
-        swiglu_backward_kernel<8, false><<<blocks, 256, 0, stream>>>(dgate_up, q, dhidden, gate_up, count / 8, I);
+        swiglu_backward_kernel<8, false><<<blocks, 256, 0, stream>>>(dgate_up, q, read, dhidden, gate_up, count / 8, I);
     } else {
-        swiglu_backward_kernel<1, false><<<kdetail::elementwise_blocks(count, 256), 256, 0, stream>>>(dgate_up, q, dhidden, gate_up, count, I);
+        swiglu_backward_kernel<1, false><<<kdetail::elementwise_blocks(count, 256), 256, 0, stream>>>(dgate_up, q, read, dhidden, gate_up, count, I);
     }
     CUDA_LAUNCH_CHECK();
     if (q.codes) fp8_quantize_gpu(q, dgate_up, 2 * I, stream);

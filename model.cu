@@ -217,7 +217,9 @@ bool gpu_available() {
 
 // The activations, temporaries and scratch of a step over B sequences of T tokens
 // (training: their gradients too), in gpu.arena; with a planning arena, their size.
-// fp8_width > 0: room for the FP8 copies (GpuContext::fp8_codes) of rows that wide.
+// fp8_width > 0 (FP8 training): room for the FP8 copies (GpuContext::fp8_codes) of rows that wide, and each layer
+// keeps its SwiGLU inputs as E4M3 copies (FfnActsGpu::gate_up_fp8), their bf16 forms passing through the backward's
+// buffers, which the forward leaves free.
 static void gpu_alloc_step_buffers(GpuModel& gpu, const Config& c, int B, int T, bool inference, size_t scratch, int fp8_width) {
     const int N = B * T, D = c.hidden_size, H = c.num_attention_heads, qr = c.q_lora_rank, dc = c.kv_lora_rank, V = c.vocab_size;
     const int E = c.n_routed_experts, K = c.num_experts_per_tok, I = c.intermediate_size, MI = c.moe_intermediate_size;
@@ -250,10 +252,15 @@ static void gpu_alloc_step_buffers(GpuModel& gpu, const Config& c, int B, int T,
         a.attn = mla_layer_alloc(arena, c, N, mla);
         if (!c.is_moe_layer(l)) {
             a.ffn = ffn;
-            a.ffn.gate_up = acts((size_t)N * 2 * I);
+            if (fp8_width > 0) {
+                a.ffn.gate_up = ffn.dgate_up;
+                a.ffn.gate_up_fp8 = fp8_arena_alloc(arena, N, 2 * I);
+            } else {
+                a.ffn.gate_up = acts((size_t)N * 2 * I);
+            }
             continue;
         }
-        a.moe = moe_layer_alloc(arena, c, B, T, moe);
+        a.moe = moe_layer_alloc(arena, c, B, T, moe, fp8_width > 0);
     }
     gpu.tokens = arena_alloc<int>(arena, N, "tokens");
     gpu.targets = arena_alloc<int>(arena, N, "targets");

@@ -1108,10 +1108,11 @@ inline void grouped_gemm_backward_weight_gpu(float* dw, size_t dw_stride, const 
 // grouped GEMMs above on the same weights' layout.
 
 struct FfnActsGpu {
-    bf16* gate_up;             // [n, 2I] one layer's, kept from forward to backward
+    bf16* gate_up;             // [n, 2I] one layer's, kept from forward to backward; in FP8 training a temporary
     // temporaries shared by every layer
     bf16* hidden;              // [n, I] the SwiGLU output, rebuilt by the backward
     bf16 *dgate_up, *dhidden;  // the backward's, shaped as above
+    Fp8Matrix gate_up_fp8;     // FP8 training: the layer's E4M3 copy of gate_up, kept instead (kernels.cuh's SwiGLU)
 };
 
 // out [n, D] = down(silu(gate x) * up x), gate and up as one [2I, D] GEMM; x_fp8: x's
@@ -1120,7 +1121,7 @@ inline void ffn_forward_gpu(const FfnWeights<bf16>& w, bf16* out, const bf16* x,
                             const Fp8Matrix& x_fp8 = {}) {
     linear_forward_gpu(a.gate_up, x, gate_up(w), n, ctx, x_fp8);
     const Fp8Matrix hidden_fp8 = fp8_input_copy(ctx, w.down, n);
-    swiglu_forward_fused_gpu(a.hidden, a.gate_up, n, w.gate.out, ctx.stream, hidden_fp8);
+    swiglu_forward_fused_gpu(a.hidden, a.gate_up, n, w.gate.out, ctx.stream, hidden_fp8, a.gate_up_fp8);
     linear_forward_gpu(out, a.hidden, w.down, n, ctx, hidden_fp8);
 }
 
@@ -1129,10 +1130,11 @@ inline void ffn_forward_gpu(const FfnWeights<bf16>& w, bf16* out, const bf16* x,
 inline void ffn_backward_gpu(const FfnWeights<bf16>& w, const FfnWeights<float>& dw, bf16* dx, const bf16* dout, const bf16* x, int n,
                              const FfnActsGpu& a, bool accumulate, GpuContext& ctx) {
     const int I = w.gate.out;
-    swiglu_forward_fused_gpu(a.hidden, a.gate_up, n, I, ctx.stream);
+    const bf16* kept = a.gate_up_fp8.codes ? nullptr : a.gate_up;  // null: gate_up's FP8 copy
+    swiglu_forward_fused_gpu(a.hidden, kept, n, I, ctx.stream, {}, a.gate_up_fp8);
     linear_backward_gpu(a.dhidden, dw.down, dout, a.hidden, w.down, n, false, ctx);
     const Fp8Matrix dgate_up_fp8 = fp8_copy(ctx, gate_up(w).fp8, n, 2 * I);  // Dgrad's operand
-    swiglu_backward_fused_gpu(a.dgate_up, a.dhidden, a.gate_up, n, I, ctx.stream, dgate_up_fp8);
+    swiglu_backward_fused_gpu(a.dgate_up, a.dhidden, kept, n, I, ctx.stream, dgate_up_fp8, a.gate_up_fp8);
     linear_backward_gpu(dx, gate_up(dw), a.dgate_up, x, gate_up(w), n, accumulate, ctx, dgate_up_fp8);
 }
 
@@ -1140,7 +1142,8 @@ struct MoeActsGpu {
     // one layer's, kept from forward to backward (N tokens, S = N*K slots)
     float *router_logits, *scores, *gate;       // [N, E], [N, E], [N, K]
     int *expert, *offsets, *slot_row, *row_slot;  // [N, K], [E+1], [S], [S]
-    bf16 *gu_sorted, *y_sorted;                 // [S, 2I], [S, D] by expert
+    bf16 *gu_sorted, *y_sorted;                 // [S, 2I], [S, D] by expert (gu_sorted a temporary in FP8 training,
+    Fp8Matrix gu_fp8;                           // which keeps its E4M3 copy instead, as FfnActsGpu's gate_up)
     float *frac, *seq_loss;                     // the balance loss's [B, E], [B] (training only)
     FfnActsGpu shared;                          // the shared experts (their gate_up is per layer)
     // temporaries shared by every layer
@@ -1173,8 +1176,9 @@ inline MoeActsGpu moe_shared_alloc(DeviceArena& arena, const Config& c, int N, c
     return a;
 }
 
-// one layer's own tensors for B sequences of T tokens, beside the shared ones
-inline MoeActsGpu moe_layer_alloc(DeviceArena& arena, const Config& c, int B, int T, const MoeActsGpu& shared) {
+// one layer's own tensors for B sequences of T tokens, beside the shared ones; fp8: FP8 training, where the layer
+// keeps its SwiGLU inputs as E4M3 copies and their bf16 forms go through the backward's buffers, free in the forward
+inline MoeActsGpu moe_layer_alloc(DeviceArena& arena, const Config& c, int B, int T, const MoeActsGpu& shared, bool fp8) {
     const int N = B * T, D = c.hidden_size, E = c.n_routed_experts, K = c.num_experts_per_tok, I = c.moe_intermediate_size, S = N * K;
     auto acts = [&](size_t n) { return arena_alloc<bf16>(arena, n, "activations"); };
     auto acts32 = [&](size_t n) { return arena_alloc<float>(arena, n, "activations"); };
@@ -1189,9 +1193,19 @@ inline MoeActsGpu moe_layer_alloc(DeviceArena& arena, const Config& c, int B, in
     a.offsets = ints(E + 1);
     a.slot_row = ints(S);
     a.row_slot = ints(S);
-    a.gu_sorted = acts((size_t)S * 2 * I);
     a.y_sorted = acts((size_t)S * D);
-    if (c.n_shared_experts > 0) a.shared.gate_up = acts((size_t)N * 2 * c.n_shared_experts * I);
+    const int SI = c.n_shared_experts * I;
+    if (fp8) {
+        a.gu_sorted = a.dgu_sorted;
+        a.gu_fp8 = fp8_arena_alloc(arena, S, 2 * I);
+        if (SI > 0) {
+            a.shared.gate_up = a.shared.dgate_up;
+            a.shared.gate_up_fp8 = fp8_arena_alloc(arena, N, 2 * SI);
+        }
+        return a;
+    }
+    a.gu_sorted = acts((size_t)S * 2 * I);
+    if (SI > 0) a.shared.gate_up = acts((size_t)N * 2 * SI);
     return a;
 }
 
@@ -1209,7 +1223,7 @@ inline void moe_forward_gpu(const Config& c, const MoeWeights<bf16>& w, const fl
     moe_permute_gpu(a.offsets, a.slot_row, a.row_slot, a.permute_scratch, a.expert, S, E, st);
     moe_gather_gpu(a.x_sorted, u, a.row_slot, N, K, D, st);
     grouped_gemm_forward_gpu(a.gu_sorted, a.x_sorted, gate_up(w.experts).w, w.expert_stride, a.offsets, S, E, D, 2 * I, st);
-    swiglu_forward_fused_gpu(a.hidden, a.gu_sorted, S, I, st);
+    swiglu_forward_fused_gpu(a.hidden, a.gu_sorted, S, I, st, {}, a.gu_fp8);
     grouped_gemm_forward_gpu(a.y_sorted, a.hidden, w.experts.down.w, w.expert_stride, a.offsets, S, E, I, D, st);
     if (shared) ffn_forward_gpu(w.shared, a.shared_out, u, N, a.shared, ctx, u_fp8);
     moe_combine_forward_gpu(out, a.y_sorted, a.gate, a.slot_row, shared ? a.shared_out : nullptr, N, K, D, st);
@@ -1337,9 +1351,10 @@ inline void moe_backward_gpu(const Config& c, const MoeWeights<bf16>& w, const M
     cudaStream_t st = ctx.stream;
     moe_combine_backward_gpu(a.dy_sorted, a.dgate, dout, a.y_sorted, a.gate, a.slot_row, N, K, D, st);
     grouped_gemm_backward_input_gpu(a.dh_sorted, a.dy_sorted, w.experts.down.w, stride, a.offsets, S, E, I, D, st);
-    swiglu_forward_fused_gpu(a.hidden, a.gu_sorted, S, I, st);
+    const bf16* kept = a.gu_fp8.codes ? nullptr : a.gu_sorted;  // null: its FP8 copy
+    swiglu_forward_fused_gpu(a.hidden, kept, S, I, st, {}, a.gu_fp8);
     grouped_gemm_backward_weight_gpu(dw.experts.down.w, stride, a.dy_sorted, a.hidden, a.offsets, S, E, I, D, st);
-    swiglu_backward_fused_gpu(a.dgu_sorted, a.dh_sorted, a.gu_sorted, S, I, st);
+    swiglu_backward_fused_gpu(a.dgu_sorted, a.dh_sorted, kept, S, I, st, {}, a.gu_fp8);
     grouped_gemm_backward_input_gpu(a.dx_sorted, a.dgu_sorted, gate_up(w.experts).w, stride, a.offsets, S, E, D, 2 * I, st);
     moe_gather_gpu(a.x_sorted, u, a.row_slot, N, K, D, st);
     grouped_gemm_backward_weight_gpu(gate_up(dw.experts).w, stride, a.dgu_sorted, a.x_sorted, a.offsets, S, E, D, 2 * I, st);

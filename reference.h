@@ -760,6 +760,9 @@ void mla_backward(const Config& c, const MlaWeights<T>& w, const MlaWeights<T>& 
 template <typename T>
 struct FfnActs {
     std::vector<T> gate_up, hidden;  // [n, 2I] (gate, then up), [n, I]
+    // FP8 training: the forward keeps gate_up as what its E4M3 copy in 1 x 128 tiles holds (fp8_round_trip_host), as
+    // DeepSeek-V3 caches its SwiGLU inputs (§3.3.3), and the backward recomputes hidden from that
+    bool fp8 = false;
 };
 
 template <typename T>
@@ -779,6 +782,7 @@ void ffn_forward(const FfnWeights<T>& w, T* out, const T* x, int n, FfnActs<T>& 
             a.hidden[r * I + i] = g * sigmoid(g) * u;
         }
     linear_forward(out, a.hidden.data(), w.down, n);
+    if (a.fp8) fp8_round_trip_host(a.gate_up.data(), n, 2 * I);
 }
 
 // silu'(g) = s + g s (1 - s), s = sigmoid(g); dx += when accumulate (the shared
@@ -787,8 +791,16 @@ template <typename T>
 void ffn_backward(const FfnWeights<T>& w, const FfnWeights<T>& dw, T* dx, const T* dout, const T* x, int n, const FfnActs<T>& a,
                   bool accumulate) {
     const int I = w.gate.out;
-    std::vector<T> dhidden((size_t)n * I), dgate_up((size_t)n * 2 * I);
-    linear_backward(dhidden.data(), dw.down, dout, a.hidden.data(), w.down, n, false);
+    std::vector<T> dhidden((size_t)n * I), dgate_up((size_t)n * 2 * I), rebuilt;
+    if (a.fp8) {  // hidden from the kept copy of gate_up, as the backward reads it
+        rebuilt.resize((size_t)n * I);
+        for (size_t r = 0; r < (size_t)n; r++)
+            for (int i = 0; i < I; i++) {
+                const T g = a.gate_up[r * 2 * I + i], u = a.gate_up[r * 2 * I + I + i];
+                rebuilt[r * I + i] = g * sigmoid(g) * u;
+            }
+    }
+    linear_backward(dhidden.data(), dw.down, dout, a.fp8 ? rebuilt.data() : a.hidden.data(), w.down, n, false);
     for (size_t r = 0; r < (size_t)n; r++)
         for (int i = 0; i < I; i++) {
             const T g = a.gate_up[r * 2 * I + i], u = a.gate_up[r * 2 * I + I + i], s = sigmoid(g), dh = dhidden[r * I + i];
@@ -953,6 +965,7 @@ struct MoeActs {
     std::vector<FfnActs<T>> ffn;           // per expert
     FfnActs<T> shared;
     std::vector<T> shared_out;             // [N, D]
+    bool fp8 = false;                      // FP8 training: every FFN's FfnActs::fp8
 };
 
 template <typename T>
@@ -966,6 +979,8 @@ void moe_forward(const Config& c, const MoeWeights<T>& w, T* out, const T* u, in
     a.x.resize(E);
     a.y.resize(E);
     a.ffn.resize(E);
+    for (FfnActs<T>& f : a.ffn) f.fp8 = a.fp8;
+    a.shared.fp8 = a.fp8;
     std::fill(out, out + (size_t)N * D, (T)0);
     for (int e = 0; e < E; e++) {
         const int m = (int)a.rows[e].size();
@@ -1110,6 +1125,7 @@ struct LayerActs {
     MoeActs<T> moe;                      // MoE layers
     std::vector<T> ffn_out;              // [N, D]
     std::vector<T> attn_mask, ffn_mask;  // dropout masks
+    bool fp8 = false;                    // FP8 training: the FFN keeps its SwiGLU input in E4M3 (FfnActs::fp8)
 };
 
 template <typename T>
@@ -1133,6 +1149,7 @@ void block_forward(const Config& c, const LayerWeights<T>& w, bool moe, const Ro
     a.xn2_rstd.resize(N);
     rmsnorm_forward(a.xn2.data(), a.xn2_rstd.data(), h, w.post_norm, N, D, c.rms_norm_eps);
     a.ffn_out.resize(ND);
+    a.ffn.fp8 = a.moe.fp8 = a.fp8;
     if (moe) moe_forward(c, w.moe, a.ffn_out.data(), a.xn2.data(), N, a.moe);
     else ffn_forward(w.ffn, a.ffn_out.data(), a.xn2.data(), N, a.ffn);
     if (p > 0) {
@@ -1416,6 +1433,7 @@ T ref_forward(RefModel<T>& m, const int* inputs, const int* targets, int B, int 
     }
     for (int l = 0; l < c.num_hidden_layers; l++) {
         const uint64_t attn_key = dropout_key(), ffn_key = dropout_key();
+        m.layers[l].fp8 = !m.fp8.empty();
         block_forward(c, m.w.layers[l], c.is_moe_layer(l), m.rope, h.data(), B, Tlen, m.layers[l], opt.dropout, attn_key, ffn_key,
                       opt.attn_dropout);
         count_load(l, m.layers[l]);
@@ -1435,6 +1453,7 @@ T ref_forward(RefModel<T>& m, const int* inputs, const int* targets, int B, int 
         for (int l = 0; l < c.num_hidden_layers; l++)
             if (c.is_moe_layer(l)) m.balance_loss += balance_loss_forward(c, m.layers[l].moe.router, B, Tlen, opt.balance_alpha);
     if (c.num_nextn_predict_layers > 0) {
+        m.mtp.block.fp8 = !m.fp8.empty();
         mtp_forward(c, m.w, m.rope, m.hn.data(), targets, B, Tlen, opt, m.mtp);
         count_load(c.num_hidden_layers, m.mtp.block);
         m.mtp_loss = m.mtp.loss;

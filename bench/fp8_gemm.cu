@@ -137,7 +137,7 @@ static int run(int argc, char** argv) {
         fp8_quantize_gpu(dq, dout, OC, st);
         fp8_quantize_both_gpu(dq, dt, dout, OC, st);
         fp8_quantize_both_gpu(Fp8Matrix{}, xt, x, K, st);
-        ctx.scratch_bytes = fp8_linear_scratch_bytes(N, K, OC, true);
+        ctx.scratch_bytes = fp8_linear_scratch_bytes(N, K, OC, true, false);
         ctx.scratch = device_alloc<char>(ctx.scratch_bytes, "bench");
         Fp8Weight qw8 = q;
         qw8.wgrad = true;

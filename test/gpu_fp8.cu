@@ -22,11 +22,12 @@
 
 namespace {
 
-__global__ void fp8_convert_kernel(uint8_t* ours, uint8_t* hardware, float* decoded, const float* x, size_t n, Fp8Format f) {
+__global__ void fp8_convert_kernel(uint8_t* ours, uint8_t* hardware, float* decoded, float* dequantized, const float* x, size_t n, Fp8Format f) {
     for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
         ours[i] = fp8_encode(x[i], f);
         hardware[i] = (uint8_t)__nv_cvt_float_to_fp8(x[i], __NV_SATFINITE, f == FP8_E4M3 ? __NV_E4M3 : __NV_E5M2);
         if (i < 256) decoded[i] = fp8_decode((uint8_t)i, f);
+        if (i < 256) dequantized[i] = fp8_dequantize((uint8_t)i, 0.375f);  // E4M3 through the hardware's conversion
     }
 }
 
@@ -58,12 +59,13 @@ TEST_CASE("fp8 on the device: the host's codes and the hardware conversion's, an
         }
         const size_t n = x.size();
         float *d_x = device_alloc<float>(n, "test buffer"), *d_decoded = device_alloc<float>(256, "test buffer");
+        float* d_dequantized = device_alloc<float>(256, "test buffer");
         uint8_t *d_ours = device_alloc<uint8_t>(n, "test buffer"), *d_hw = device_alloc<uint8_t>(n, "test buffer");
         CUDA_CHECK(cudaMemcpy(d_x, x.data(), n * sizeof(float), cudaMemcpyHostToDevice));
-        fp8_convert_kernel<<<1024, 256>>>(d_ours, d_hw, d_decoded, d_x, n, f);
+        fp8_convert_kernel<<<1024, 256>>>(d_ours, d_hw, d_decoded, d_dequantized, d_x, n, f);
         CUDA_LAUNCH_CHECK();
         const std::vector<uint8_t> ours = download(d_ours, n), hw = download(d_hw, n);
-        const std::vector<float> decoded = download(d_decoded, 256);
+        const std::vector<float> decoded = download(d_decoded, 256), dequantized = download(d_dequantized, 256);
         size_t vs_host = 0, vs_hardware = 0, values = 0;
         for (size_t i = 0; i < n; i++) {
             vs_host += ours[i] != fp8_encode(x[i], f);
@@ -72,13 +74,15 @@ TEST_CASE("fp8 on the device: the host's codes and the hardware conversion's, an
         for (int c = 0; c < 256; c++) {
             const float h = fp8_decode((uint8_t)c, f);
             values += !((std::isnan(h) && std::isnan(decoded[c])) || memcmp(&h, &decoded[c], 4) == 0);
+            const float q = fp8_dequantize((uint8_t)c, 0.375f);
+            if (f == FP8_E4M3) values += !((std::isnan(q) && std::isnan(dequantized[c])) || memcmp(&q, &dequantized[c], 4) == 0);
         }
-        printf("fp8 format %d on the device: %zu floats, %zu codes differ from the host's, %zu from the hardware's; %zu of 256 "
-               "values differ\n", (int)f, n, vs_host, vs_hardware, values);
+        printf("fp8 format %d on the device: %zu floats, %zu codes differ from the host's, %zu from the hardware's; %zu "
+               "values differ (E4M3: decoded and dequantized)\n", (int)f, n, vs_host, vs_hardware, values);
         CHECK(vs_host == 0);
         CHECK(vs_hardware == 0);
         CHECK(values == 0);
-        for (void* p : {(void*)d_x, (void*)d_decoded, (void*)d_ours, (void*)d_hw}) CUDA_CHECK(cudaFree(p));
+        for (void* p : {(void*)d_x, (void*)d_decoded, (void*)d_dequantized, (void*)d_ours, (void*)d_hw}) CUDA_CHECK(cudaFree(p));
     }
 }
 
@@ -267,6 +271,62 @@ TEST_CASE("fp8 copies written by RMSNorm and SwiGLU equal fp8_quantize_gpu's of 
     }
 }
 
+// FP8 training keeps each layer's gate_up as an E4M3 copy for the backward (FfnActsGpu::gate_up_fp8). I 128 and
+// 384 write it in the forward kernel, beside hidden's copy; 144, 100 and 12 take the separate pass. The copy is
+// allocated for more rows than the call runs, as a layer's is for an evaluation's shorter windows.
+TEST_CASE("SwiGLU's E4M3 copy of gate_up: written as fp8_quantize_gpu's, and read back by the backward as its values") {
+    const int N = 37;
+    for (int I : {128, 384, 144, 100, 12}) {
+        CAPTURE(I);
+        const size_t n = (size_t)N * I;
+        const std::vector<float> gate_up = test_values(N, 2 * I, 46), dhidden = test_values(N, I, 47);
+        bf16 *d_gu = device_alloc<bf16>(2 * n, "test buffer"), *d_dh = device_alloc<bf16>(n, "test buffer");
+        bf16 *d_h = device_alloc<bf16>(n, "test buffer"), *d_h_plain = device_alloc<bf16>(n, "test buffer");
+        bf16 *d_dgu = device_alloc<bf16>(2 * n, "test buffer"), *d_dgu_copied = device_alloc<bf16>(2 * n, "test buffer");
+        to_device(d_gu, gate_up.data(), 2 * n);
+        to_device(d_dh, dhidden.data(), n);
+        DevFp8 cache(N + 8, 2 * I, 1), separate(N, 2 * I, 1), h_copy(N, I, 1), h_separate(N, I, 1), dgu_copy(N, 2 * I, 1);
+        swiglu_forward_fused_gpu(d_h, d_gu, N, I, 0, h_copy.m, cache.m);
+        swiglu_forward_fused_gpu(d_h_plain, d_gu, N, I, 0);
+        fp8_quantize_gpu(separate.m, d_gu, 2 * I, 0);
+        fp8_quantize_gpu(h_separate.m, d_h_plain, I, 0);
+        const Fp8Matrix kept{cache.m.codes, cache.m.scales, N, 2 * I, 1};  // laid out for the N rows run
+        CHECK(same_fp8(kept, separate.m));
+        CHECK(same_bytes(d_h, d_h_plain, n));
+        CHECK(same_fp8(h_copy.m, h_separate.m));
+
+        // the host: gate_up's values as the copy holds them, and hidden and dgate_up from those
+        const std::vector<uint8_t> codes = download(kept.codes, (size_t)N * 2 * I);
+        const std::vector<float> scales = download(kept.scales, fp8_scale_count(N, 2 * I, 1));
+        const Fp8Matrix host{(uint8_t*)codes.data(), (float*)scales.data(), N, 2 * I, 1};
+        std::vector<float> h_want(n), dgu_want(2 * n);
+        double moved = 0;  // how far the copy's values are from gate_up's
+        for (int r = 0; r < N; r++)
+            for (int i = 0; i < I; i++) {
+                const size_t gi = (size_t)r * 2 * I + i, ui = gi + I;
+                const float g = fp8_dequantize(codes[gi], fp8_scale_of(host, r, i)), u = fp8_dequantize(codes[ui], fp8_scale_of(host, r, I + i));
+                const float s = 1.0f / (1.0f + expf(-g)), dh = dhidden[(size_t)r * I + i];
+                moved = std::max(moved, (double)fabsf(g - gate_up[gi]) / (fabsf(gate_up[gi]) + 1e-3));
+                h_want[(size_t)r * I + i] = bf16_to_float(float_to_bf16(g * s * u));
+                dgu_want[gi] = bf16_to_float(float_to_bf16(dh * u * (s + g * s * (1.0f - s))));
+                dgu_want[ui] = bf16_to_float(float_to_bf16(dh * g * s));
+            }
+        CHECK(moved > 1e-3);  // E4M3 keeps 3 mantissa bits: the backward sees other values than the forward did
+        swiglu_forward_fused_gpu(d_h, nullptr, N, I, 0, {}, cache.m);
+        swiglu_backward_fused_gpu(d_dgu, d_dh, nullptr, N, I, 0, {}, cache.m);
+        swiglu_backward_fused_gpu(d_dgu_copied, d_dh, nullptr, N, I, 0, dgu_copy.m, cache.m);
+        const std::vector<float> h_got = to_host(d_h, n), dgu_got = to_host(d_dgu, 2 * n);
+        const double e_h = rel_error(h_got.data(), h_want.data(), n), e_dgu = rel_error(dgu_got.data(), dgu_want.data(), 2 * n);
+        MESSAGE("SwiGLU from the E4M3 copy, I ", I, ": hidden ", e_h, ", dgate_up ", e_dgu, " from the host's");
+        CHECK(e_h < 1e-3);  // the device's expf against the host's: a bf16 rounding apart at most, here and there
+        CHECK(e_dgu < 1e-3);
+        CHECK(same_bytes(d_dgu_copied, d_dgu, 2 * n));
+        fp8_quantize_gpu(separate.m, d_dgu, 2 * I, 0);
+        CHECK(same_fp8(dgu_copy.m, separate.m));
+        for (void* p : {(void*)d_gu, (void*)d_dh, (void*)d_h, (void*)d_h_plain, (void*)d_dgu, (void*)d_dgu_copied}) CUDA_CHECK(cudaFree(p));
+    }
+}
+
 TEST_CASE("fp8_matmul (cuBLASLt, block-scaled) equals the emulated GEMM: Fprop, Dgrad (accumulating) and Wgrad (fp32) pairings") {
     struct Shape {
         int N, K, OC;
@@ -330,7 +390,7 @@ TEST_CASE("an FP8 Linear on the GPU (linear_forward_gpu / linear_backward_gpu) e
         // the GPU: the copy made from the bf16 weight by the kernel
         GpuContext ctx;
         matmul_init(ctx.mm);
-        ctx.scratch_bytes = fp8_linear_scratch_bytes(N, in, out, wgrad);
+        ctx.scratch_bytes = fp8_linear_scratch_bytes(N, in, out, wgrad, false);
         ctx.scratch = device_alloc<char>(ctx.scratch_bytes, "test buffer");
         DevFp8 dq(out, in, 128), dqt(in, out, 128);
         const Fp8Weight dev_copy{dq.m, dqt.m, wgrad};
@@ -378,7 +438,29 @@ TEST_CASE("an FP8 Linear on the GPU (linear_forward_gpu / linear_backward_gpu) e
             CHECK(to_host(d_dx, dx0.size()) == dx1);
             CHECK(to_host(d_dw, dw0.size()) == dw1);
         }
-        for (void* p : {(void*)d_w, (void*)d_x, (void*)d_dout, (void*)d_out, (void*)d_again, (void*)d_dx, (void*)d_dw, (void*)jobs, ctx.scratch})
+        // a training context: room for the copies, where the Linear quantizes x and dout itself, and only the scratch
+        // that fp8_linear_scratch_bytes then asks for (none at all unless padding or FP8 Wgrad): the same bits
+        GpuContext train = ctx;
+        DevFp8 room(padded, std::max(in, out), 1);
+        train.fp8_codes = room.m.codes;
+        train.fp8_scales = room.m.scales;
+        train.fp8_code_bytes = (size_t)padded * std::max(in, out);
+        train.fp8_scale_floats = fp8_scale_count(padded, std::max(in, out), 1);
+        train.scratch_bytes = fp8_linear_scratch_bytes(N, in, out, wgrad, true);
+        train.scratch = train.scratch_bytes ? device_alloc<char>(train.scratch_bytes, "test buffer") : nullptr;
+        CHECK(train.scratch_bytes < ctx.scratch_bytes);
+        linear_forward_gpu(d_again, d_x, lin_gpu, N, train);
+        CHECK(same_bytes(d_again, d_out, out_cpu.size()));
+        if (backward) {
+            const std::vector<float> dx1 = to_host(d_dx, dx0.size()), dw1 = to_host(d_dw, dw0.size());
+            to_device(d_dx, dx0.data(), dx0.size());
+            to_device(d_dw, dw0.data(), dw0.size());
+            linear_backward_gpu(d_dx, Linear<float>{d_dw, out, in}, d_dout, d_x, lin_gpu, N, true, train);
+            CHECK(to_host(d_dx, dx0.size()) == dx1);
+            CHECK(to_host(d_dw, dw0.size()) == dw1);
+        }
+        for (void* p : {(void*)d_w, (void*)d_x, (void*)d_dout, (void*)d_out, (void*)d_again, (void*)d_dx, (void*)d_dw, (void*)jobs, ctx.scratch,
+                        train.scratch})
             CUDA_CHECK(cudaFree(p));
         matmul_free(ctx.mm);
     }

@@ -171,9 +171,9 @@ TEST_CASE("fp8_model_scratch_bytes covers every row count a model runs, and pads
     std::vector<Fp8Weight> linears(3);
     const int shapes[3][2] = {{6144, 768}, {768, 3072}, {384, 768}};  // out x in: small's dense gate_up, down, q_a
     for (int i = 0; i < 3; i++) linears[i].w = {nullptr, nullptr, shapes[i][0], shapes[i][1], 128};
-    auto need = [&](int rows) {
+    auto need = [&](int rows, bool copies) {
         size_t most = 0;
-        for (const Fp8Weight& q : linears) most = std::max(most, fp8_linear_scratch_bytes(rows, q.w.cols, q.w.rows, false));
+        for (const Fp8Weight& q : linears) most = std::max(most, fp8_linear_scratch_bytes(rows, q.w.cols, q.w.rows, false, copies));
         return most;
     };
     for (const std::pair<int, int>& shape : {std::pair{2, 30}, std::pair{3, 7}, std::pair{1, 5}, std::pair{1, 64}, std::pair{4, 64}, std::pair{1, 1}})
@@ -189,12 +189,17 @@ TEST_CASE("fp8_model_scratch_bytes covers every row count a model runs, and pads
                 if (inference || n % T == 0 || n < T) counts.push_back(n);
             const size_t sized = fp8_model_scratch_bytes(linears, B, T, inference, false);
             int unforeseen = 0;
-            for (int n : counts) unforeseen += need(n) > sized;
+            for (int n : counts) unforeseen += need(n, !inference) > sized;
             CHECK(unforeseen == 0);
         }
     // a step of 4 x 64 rows needs no padded output, and the sizing does not reserve the batch-wide one
-    CHECK(fp8_model_scratch_bytes(linears, 4, 64, false, false) < need(4 * 64 - 1));
-    CHECK(fp8_model_scratch_bytes(linears, 4, 64, false, false) == need(4 * 64));
+    // training quantizes the operands no kernel copied into the copies' room, so its scratch holds no codes at all,
+    // only the padded output of an evaluation's last window (63 rows); an inference model's holds its widest operand's
+    const size_t training = fp8_model_scratch_bytes(linears, 4, 64, false, false);
+    CHECK(training < need(4 * 64 - 1, true));
+    CHECK(training == need(64 - 1, true));
+    CHECK(training == (size_t)64 * 6144 * sizeof(bf16) + 256);
+    CHECK(fp8_model_scratch_bytes(linears, 4, 64, true, false) >= (size_t)4 * 64 * 6144);
 }
 
 // x [rows, cols]: tiles of very different magnitudes, so that a scale applied to the
@@ -250,6 +255,68 @@ static std::string random_token_file(const char* name, uint64_t seed, int vocab)
     const std::string path = strfmt("/tmp/dsv3_test_%s_%d.bin", name, (int)getpid());
     write_token_file(path, tokens, 1);
     return path;
+}
+
+// FP8 training keeps the SwiGLU input in E4M3 for the backward (DeepSeek-V3 §3.3.3): the emulation's FFN backward
+// must be the fp32 backward of gate_up's round trip, with hidden rebuilt from it, and its forward unchanged
+TEST_CASE("FP8 training's FFN keeps gate_up as its E4M3 copy holds it: the backward reads that, the forward does not") {
+    const int n = 6, D = 16, I = 136;  // a row of gate_up: two whole 1 x 128 tiles and a partial one
+    std::vector<double> weights((size_t)3 * I * D), x((size_t)n * D), dout((size_t)n * D);
+    for (size_t i = 0; i < weights.size(); i++) weights[i] = (rng_uniform(71, i) * 2 - 1) * 0.3;
+    for (size_t i = 0; i < x.size(); i++) x[i] = (rng_uniform(72, i) * 2 - 1) * (i % 7 + 1);
+    for (size_t i = 0; i < dout.size(); i++) dout[i] = rng_uniform(73, i) * 2 - 1;
+    const FfnWeights<double> w{{weights.data(), I, D}, {weights.data() + (size_t)I * D, I, D}, {weights.data() + (size_t)2 * I * D, D, I}};
+    struct Run {
+        std::vector<double> out, dx, grads;
+        FfnActs<double> acts;
+    };
+    auto backward = [&](Run& r) {
+        r.dx.assign((size_t)n * D, 0);
+        r.grads.assign(weights.size(), 0);
+        const FfnWeights<double> g{{r.grads.data(), I, D}, {r.grads.data() + (size_t)I * D, I, D}, {r.grads.data() + (size_t)2 * I * D, D, I}};
+        ffn_backward(w, g, r.dx.data(), dout.data(), x.data(), n, r.acts, false);
+    };
+    Run plain, fp8, by_hand;
+    for (Run* r : {&plain, &fp8}) {
+        r->acts.fp8 = r == &fp8;
+        r->out.resize((size_t)n * D);
+        ffn_forward(w, r->out.data(), x.data(), n, r->acts);
+        backward(*r);
+    }
+    CHECK(fp8.out == plain.out);
+    // the round trip: each value within E4M3's step of its tile's scale
+    const std::vector<double>& exact = plain.acts.gate_up;
+    int outside = 0, moved = 0;
+    for (int r = 0; r < n; r++)
+        for (int c0 = 0; c0 < 2 * I; c0 += FP8_TILE) {
+            double amax = 0;
+            for (int c = c0; c < std::min(c0 + FP8_TILE, 2 * I); c++) amax = std::max(amax, fabs(exact[(size_t)r * 2 * I + c]));
+            for (int c = c0; c < std::min(c0 + FP8_TILE, 2 * I); c++) {
+                const double v = exact[(size_t)r * 2 * I + c], kept = fp8.acts.gate_up[(size_t)r * 2 * I + c];
+                outside += fabs(kept - v) > std::max(fabs(v) / 16, amax / 448 / 512) * 1.0001;
+                moved += kept != v;
+            }
+        }
+    CHECK(outside == 0);
+    CHECK(moved > n * I);
+    // by hand: the plain backward on the round trip and the hidden it gives
+    by_hand.acts = plain.acts;
+    fp8_round_trip_host(by_hand.acts.gate_up.data(), n, 2 * I);
+    for (size_t r = 0; r < (size_t)n; r++)
+        for (int i = 0; i < I; i++) {
+            const double g = by_hand.acts.gate_up[r * 2 * I + i], u = by_hand.acts.gate_up[r * 2 * I + I + i];
+            by_hand.acts.hidden[r * I + i] = g * sigmoid(g) * u;
+        }
+    backward(by_hand);
+    CHECK(fp8.acts.gate_up == by_hand.acts.gate_up);
+    CHECK(fp8.dx == by_hand.dx);
+    CHECK(fp8.grads == by_hand.grads);
+    const double e_dx = rel_error(fp8.dx.data(), plain.dx.data(), plain.dx.size());
+    const double e_grads = rel_error(fp8.grads.data(), plain.grads.data(), plain.grads.size());
+    MESSAGE("FFN backward from gate_up's E4M3 copy vs exact: dx ", e_dx, ", weight gradients ", e_grads);
+    CHECK(e_dx > 1e-4);  // it did read the copy
+    CHECK(e_dx < 0.05);
+    CHECK(e_grads < 0.05);
 }
 
 TEST_CASE("FP8 training on the CPU: the emulated step's loss and gradients follow the fp32 model's within FP8's error") {
