@@ -72,7 +72,7 @@ dev/ref_dump: dev/ref_dump.cu $(MODEL) $(HEADERS)
 	$(NVCC) $(FLAGS) $< $(MODEL) -o $@ $(LIBS)
 
 # candidates checked against the code they would replace or extend (scratch work; each header says what it tries)
-dev/ep_moe: dev/%: dev/%.cu $(HEADERS) cuda_common.cuh kernels.cuh moe.cuh mla.cuh
+dev/ep_moe dev/swiglu_fp8_bench: dev/%: dev/%.cu $(HEADERS) cuda_common.cuh kernels.cuh moe.cuh mla.cuh
 	$(NVCC) $(FLAGS) $< -o $@ $(LIBS)
 
 test/%.o: test/%.cpp $(HEADERS) test/test_configs.h cuda_common.cuh kernels.cuh
