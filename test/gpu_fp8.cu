@@ -146,6 +146,27 @@ bf16* upload_pitched(const std::vector<float>& x, int rows, int cols, int ld) {
     return d;
 }
 
+// SwiGLU's tensors for N rows of width I: gate_up [N, 2I] and dhidden [N, I] (test_values from seed and seed + 1),
+// on the host and the device, and two of each output on the device, to compare
+struct SwigluBuffers {
+    size_t n;
+    std::vector<float> gate_up, dhidden;
+    bf16 *gu, *dh, *h, *h2, *dgu, *dgu2;
+    SwigluBuffers(int N, int I, uint64_t seed) : n((size_t)N * I), gate_up(test_values(N, 2 * I, seed)), dhidden(test_values(N, I, seed + 1)) {
+        gu = device_alloc<bf16>(2 * n, "test buffer");
+        dh = device_alloc<bf16>(n, "test buffer");
+        h = device_alloc<bf16>(n, "test buffer");
+        h2 = device_alloc<bf16>(n, "test buffer");
+        dgu = device_alloc<bf16>(2 * n, "test buffer");
+        dgu2 = device_alloc<bf16>(2 * n, "test buffer");
+        to_device(gu, gate_up.data(), 2 * n);
+        to_device(dh, dhidden.data(), n);
+    }
+    ~SwigluBuffers() {
+        for (bf16* p : {gu, dh, h, h2, dgu, dgu2}) cudaFree(p);
+    }
+};
+
 }  // namespace
 
 TEST_CASE("fp8 quantization kernels: codes and scales bit-identical to the host's, for every tiling") {
@@ -249,25 +270,18 @@ TEST_CASE("fp8 copies written by RMSNorm and SwiGLU equal fp8_quantize_gpu's of 
     }
     for (int I : {128, 384, 144, 100}) {
         CAPTURE(I);
-        const size_t n = (size_t)N * I;
-        const std::vector<float> gate_up = test_values(N, 2 * I, 44), dhidden = test_values(N, I, 45);
-        bf16 *d_gu = device_alloc<bf16>(2 * n, "test buffer"), *d_dh = device_alloc<bf16>(n, "test buffer");
-        bf16 *d_h = device_alloc<bf16>(n, "test buffer"), *d_h_plain = device_alloc<bf16>(n, "test buffer");
-        bf16 *d_dgu = device_alloc<bf16>(2 * n, "test buffer"), *d_dgu_plain = device_alloc<bf16>(2 * n, "test buffer");
-        to_device(d_gu, gate_up.data(), 2 * n);
-        to_device(d_dh, dhidden.data(), n);
+        SwigluBuffers b(N, I, 44);
         DevFp8 h_fused(N, I, 1), h_separate(N, I, 1), dgu_fused(N, 2 * I, 1), dgu_separate(N, 2 * I, 1);
-        swiglu_forward_fused_gpu(d_h, d_gu, N, I, 0, h_fused.m);
-        swiglu_forward_fused_gpu(d_h_plain, d_gu, N, I, 0);
-        fp8_quantize_gpu(h_separate.m, d_h_plain, I, 0);
-        swiglu_backward_fused_gpu(d_dgu, d_dh, d_gu, N, I, 0, dgu_fused.m);
-        swiglu_backward_fused_gpu(d_dgu_plain, d_dh, d_gu, N, I, 0);
-        fp8_quantize_gpu(dgu_separate.m, d_dgu_plain, 2 * I, 0);
-        CHECK(same_bytes(d_h, d_h_plain, n));
+        swiglu_forward_fused_gpu(b.h, b.gu, N, I, 0, h_fused.m);
+        swiglu_forward_fused_gpu(b.h2, b.gu, N, I, 0);
+        fp8_quantize_gpu(h_separate.m, b.h2, I, 0);
+        swiglu_backward_fused_gpu(b.dgu, b.dh, b.gu, N, I, 0, dgu_fused.m);
+        swiglu_backward_fused_gpu(b.dgu2, b.dh, b.gu, N, I, 0);
+        fp8_quantize_gpu(dgu_separate.m, b.dgu2, 2 * I, 0);
+        CHECK(same_bytes(b.h, b.h2, b.n));
         CHECK(same_fp8(h_fused.m, h_separate.m));
-        CHECK(same_bytes(d_dgu, d_dgu_plain, 2 * n));
+        CHECK(same_bytes(b.dgu, b.dgu2, 2 * b.n));
         CHECK(same_fp8(dgu_fused.m, dgu_separate.m));
-        for (void* p : {(void*)d_gu, (void*)d_dh, (void*)d_h, (void*)d_h_plain, (void*)d_dgu, (void*)d_dgu_plain}) CUDA_CHECK(cudaFree(p));
     }
 }
 
@@ -278,21 +292,16 @@ TEST_CASE("SwiGLU's E4M3 copy of gate_up: written as fp8_quantize_gpu's, and rea
     const int N = 37;
     for (int I : {128, 384, 144, 100, 12}) {
         CAPTURE(I);
-        const size_t n = (size_t)N * I;
-        const std::vector<float> gate_up = test_values(N, 2 * I, 46), dhidden = test_values(N, I, 47);
-        bf16 *d_gu = device_alloc<bf16>(2 * n, "test buffer"), *d_dh = device_alloc<bf16>(n, "test buffer");
-        bf16 *d_h = device_alloc<bf16>(n, "test buffer"), *d_h_plain = device_alloc<bf16>(n, "test buffer");
-        bf16 *d_dgu = device_alloc<bf16>(2 * n, "test buffer"), *d_dgu_copied = device_alloc<bf16>(2 * n, "test buffer");
-        to_device(d_gu, gate_up.data(), 2 * n);
-        to_device(d_dh, dhidden.data(), n);
+        SwigluBuffers b(N, I, 46);
+        const size_t n = b.n;
         DevFp8 cache(N + 8, 2 * I, 1), separate(N, 2 * I, 1), h_copy(N, I, 1), h_separate(N, I, 1), dgu_copy(N, 2 * I, 1);
-        swiglu_forward_fused_gpu(d_h, d_gu, N, I, 0, h_copy.m, cache.m);
-        swiglu_forward_fused_gpu(d_h_plain, d_gu, N, I, 0);
-        fp8_quantize_gpu(separate.m, d_gu, 2 * I, 0);
-        fp8_quantize_gpu(h_separate.m, d_h_plain, I, 0);
+        swiglu_forward_fused_gpu(b.h, b.gu, N, I, 0, h_copy.m, cache.m);
+        swiglu_forward_fused_gpu(b.h2, b.gu, N, I, 0);
+        fp8_quantize_gpu(separate.m, b.gu, 2 * I, 0);
+        fp8_quantize_gpu(h_separate.m, b.h2, I, 0);
         const Fp8Matrix kept{cache.m.codes, cache.m.scales, N, 2 * I, 1};  // laid out for the N rows run
         CHECK(same_fp8(kept, separate.m));
-        CHECK(same_bytes(d_h, d_h_plain, n));
+        CHECK(same_bytes(b.h, b.h2, n));
         CHECK(same_fp8(h_copy.m, h_separate.m));
 
         // the host: gate_up's values as the copy holds them, and hidden and dgate_up from those
@@ -305,25 +314,24 @@ TEST_CASE("SwiGLU's E4M3 copy of gate_up: written as fp8_quantize_gpu's, and rea
             for (int i = 0; i < I; i++) {
                 const size_t gi = (size_t)r * 2 * I + i, ui = gi + I;
                 const float g = fp8_dequantize(codes[gi], fp8_scale_of(host, r, i)), u = fp8_dequantize(codes[ui], fp8_scale_of(host, r, I + i));
-                const float s = 1.0f / (1.0f + expf(-g)), dh = dhidden[(size_t)r * I + i];
-                moved = std::max(moved, (double)fabsf(g - gate_up[gi]) / (fabsf(gate_up[gi]) + 1e-3));
+                const float s = 1.0f / (1.0f + expf(-g)), dh = b.dhidden[(size_t)r * I + i];
+                moved = std::max(moved, (double)fabsf(g - b.gate_up[gi]) / (fabsf(b.gate_up[gi]) + 1e-3));
                 h_want[(size_t)r * I + i] = bf16_to_float(float_to_bf16(g * s * u));
                 dgu_want[gi] = bf16_to_float(float_to_bf16(dh * u * (s + g * s * (1.0f - s))));
                 dgu_want[ui] = bf16_to_float(float_to_bf16(dh * g * s));
             }
         CHECK(moved > 1e-3);  // E4M3 keeps 3 mantissa bits: the backward sees other values than the forward did
-        swiglu_forward_fused_gpu(d_h, nullptr, N, I, 0, {}, cache.m);
-        swiglu_backward_fused_gpu(d_dgu, d_dh, nullptr, N, I, 0, {}, cache.m);
-        swiglu_backward_fused_gpu(d_dgu_copied, d_dh, nullptr, N, I, 0, dgu_copy.m, cache.m);
-        const std::vector<float> h_got = to_host(d_h, n), dgu_got = to_host(d_dgu, 2 * n);
+        swiglu_forward_fused_gpu(b.h, nullptr, N, I, 0, {}, cache.m);
+        swiglu_backward_fused_gpu(b.dgu, b.dh, nullptr, N, I, 0, {}, cache.m);
+        swiglu_backward_fused_gpu(b.dgu2, b.dh, nullptr, N, I, 0, dgu_copy.m, cache.m);
+        const std::vector<float> h_got = to_host(b.h, n), dgu_got = to_host(b.dgu, 2 * n);
         const double e_h = rel_error(h_got.data(), h_want.data(), n), e_dgu = rel_error(dgu_got.data(), dgu_want.data(), 2 * n);
         MESSAGE("SwiGLU from the E4M3 copy, I ", I, ": hidden ", e_h, ", dgate_up ", e_dgu, " from the host's");
         CHECK(e_h < 1e-3);  // the device's expf against the host's: a bf16 rounding apart at most, here and there
         CHECK(e_dgu < 1e-3);
-        CHECK(same_bytes(d_dgu_copied, d_dgu, 2 * n));
-        fp8_quantize_gpu(separate.m, d_dgu, 2 * I, 0);
+        CHECK(same_bytes(b.dgu2, b.dgu, 2 * n));
+        fp8_quantize_gpu(separate.m, b.dgu, 2 * I, 0);
         CHECK(same_fp8(dgu_copy.m, separate.m));
-        for (void* p : {(void*)d_gu, (void*)d_dh, (void*)d_h, (void*)d_h_plain, (void*)d_dgu, (void*)d_dgu_copied}) CUDA_CHECK(cudaFree(p));
     }
 }
 
