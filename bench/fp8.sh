@@ -12,9 +12,10 @@
 #                                    validation over the whole split every 250 steps (or
 #                                    `every`; default 2000 steps on data/default; data: a
 #                                    data/prepare folder)
-#   bash bench/fp8.sh seeds [steps] [data] [count]   the `loss` pair for seeds 1..count (default
-#                                    2000 steps, data/default, 3 seeds): each side's final
-#                                    validation losses, their mean and seed-to-seed spread
+#   bash bench/fp8.sh seeds [steps] [data] [count] [preset batch seq]   the `loss` pair for
+#                                    seeds 1..count (default 2000 steps, data/default, 3 seeds,
+#                                    small at 8 x 256): each side's final validation losses,
+#                                    their mean and seed-to-seed spread
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source bench/lib.bash
@@ -27,7 +28,7 @@ if [ "$mode" = speed ]; then
     flag_speed --fp8 small 16 1024 25 "$runs"
     flag_speed --fp8 medium 8 1024 15 1  # medium: one run each, its setup takes a while
 elif [ "$mode" = seeds ]; then
-    flag_seeds --fp8 "${2:-2000}" "${3:-data/default}" "${4:-3}"
+    flag_seeds --fp8 "${2:-2000}" "${3:-data/default}" "${4:-3}" "${@:5}"
 else
     flag_loss --fp8 "${2:-2000}" "${3:-data/default}" "${@:4}"
 fi

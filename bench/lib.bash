@@ -57,16 +57,16 @@ flag_loss() {
     done
 }
 
-# flag_seeds FLAG STEPS DATA COUNT: flag_loss on small at 8 x 256 for seeds 1..COUNT, then each side's final
-# validation losses, their mean and spread (sample standard deviation), and the mean difference in per cent:
-# the noise a single pair of runs has to be read against
+# flag_seeds FLAG STEPS DATA COUNT [PRESET BATCH SEQ]: flag_loss on PRESET (default small) at BATCH x SEQ (8 x 256)
+# for seeds 1..COUNT, then each side's final validation losses, their mean and spread (sample standard deviation),
+# and the mean difference in per cent: the noise a single pair of runs has to be read against
 flag_seeds() {
-    local flag=$1 steps=$2 data=$3 count=$4 seed side means=()
-    for seed in $(seq "$count"); do flag_loss "$flag" "$steps" "$data" small 8 256 250 "$seed"; done
+    local flag=$1 steps=$2 data=$3 count=$4 preset=${5:-small} b=${6:-8} t=${7:-256} seed side means=()
+    for seed in $(seq "$count"); do flag_loss "$flag" "$steps" "$data" "$preset" "$b" "$t" 250 "$seed"; done
     for side in plain "${flag#--}"; do
         local losses=()
         for seed in $(seq "$count"); do
-            losses+=("$(tail -1 "$(loss_run_dir "$flag" "$data" small "$seed" "$side")/metrics.csv" | cut -d, -f3)")
+            losses+=("$(tail -1 "$(loss_run_dir "$flag" "$data" "$preset" "$seed" "$side")/metrics.csv" | cut -d, -f3)")
         done
         means+=("$(printf '%s\n' "${losses[@]}" | awk '{ s += $1 } END { print s / NR }')")
         printf '%s\n' "${losses[@]}" | awk -v side="$side" -v m="${means[-1]}" '{ v[NR] = $1; d += ($1 - m) ^ 2 } END {
