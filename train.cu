@@ -116,7 +116,8 @@ static const char* USAGE =
     "  --fp8                   DeepSeek-V3's FP8 training: the attention and FFN GEMMs in\n"
     "                          E4M3 with 1x128 / 128x128 scales (GPU: sm_90, CUDA 12.9+;\n"
     "                          the CPU emulates it, slowly); forward and input gradients,\n"
-    "                          the weight gradients and routed experts stay bf16\n"
+    "                          the weight gradients and routed experts stay bf16; every\n"
+    "                          SwiGLU input is kept for the backward in E4M3\n"
     "  --fp8-wgrad             with --fp8, the weight gradients in E4M3 too: DeepSeek-V3's\n"
     "                          whole recipe, slower here (bench/RESULTS.md)\n"
     "\n"
@@ -743,8 +744,8 @@ static int train(Args& a) {
            o.optim.lr * o.optim.min_lr_fraction,
            device_desc.c_str());
     if (o.fp8)  // a projection with a side not a multiple of 16 stays in bf16 (for_each_fp8_linear)
-        printf("fp8: %zu projections run their forward and input-gradient GEMMs in E4M3, their weight gradients in %s\n",
-               m.ref.fp8.size(), o.fp8_wgrad ? "E4M3 too" : "bf16");
+        printf("fp8: %zu projections run their forward and input-gradient GEMMs in E4M3, their weight gradients in %s%s\n",
+               m.ref.fp8.size(), o.fp8_wgrad ? "E4M3 too" : "bf16", m.ref.fp8.empty() ? "" : "; the SwiGLU inputs are kept in E4M3");
     if (a.resume) printf("resuming from %s at step %d\n", ckpt.c_str(), st.step);
     if (!use_gpu && a.device == "auto")
         printf("note: no GPU found, so this is the slow CPU reference path (the default run takes about 3.5 minutes on 2 "
