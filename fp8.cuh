@@ -87,7 +87,7 @@ HD inline float fp8_decode(uint8_t c, Fp8Format f) {
 // ----------------------------------------------------------------------------
 // Fine-grained quantization (DeepSeek-V3 §3.3.2): each tile of 128 values along a
 // row (activations, 1 x 128) or each 128 x 128 block (weights) gets its own fp32
-// scale s = amax / 448, and its values are stored as E4M3 codes of x / s, so an
+// scale s = amax / 448, and its values are stored as E4M3 codes of x · (1 / s), so an
 // outlier costs precision only in its own tile. x ~ decode(code) * s; s is what
 // DeepSeek's checkpoints call weight_scale_inv. An all-zero tile gets s = 0 and
 // zero codes. The host and the device run the same element function, so their
@@ -114,14 +114,21 @@ inline size_t fp8_scale_count(int rows, int cols, int tile_rows) {
                           : (size_t)(rows + FP8_TILE - 1) / FP8_TILE * fp8_scale_pitch(cols);
 }
 
+// A tile's values are encoded as x * (1 / s), one division a tile and a multiplication a
+// value, as DeepGEMM's casts multiply by 448 / amax: the division a value cost the SwiGLU
+// forward 1.3-1.4x its time (bench/RESULTS.md, session 15). The product can differ from
+// x / s by an ulp, so a code could differ from a division's at a rounding boundary: none
+// did in 176 million measured. 0 for a tile of zeros (s = 0, or s not finite).
+HD inline float fp8_inverse_scale(float scale) { return scale > 0 && scale < INFINITY ? 1.0f / scale : 0.0f; }
+
 // On sm_89+ the device encodes with the hardware's cvt.rn.satfinite, one instruction
 // for fp8_encode's many: the same code for every float (gpu_fp8.cu checks that).
-HD inline uint8_t fp8_quantize(float x, float scale) {
-    if (!(scale > 0)) return 0;
+HD inline uint8_t fp8_quantize(float x, float inverse_scale) {
+    if (!(inverse_scale > 0)) return 0;
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 890
-    return (uint8_t)__nv_cvt_float_to_fp8(x / scale, __NV_SATFINITE, __NV_E4M3);
+    return (uint8_t)__nv_cvt_float_to_fp8(x * inverse_scale, __NV_SATFINITE, __NV_E4M3);
 #else
-    return fp8_encode(x / scale, FP8_E4M3);
+    return fp8_encode(x * inverse_scale, FP8_E4M3);
 #endif
 }
 
@@ -175,10 +182,10 @@ void fp8_quantize_host(const Fp8Matrix& q, const T* x) {
             float amax = 0;
             for (int r = r0; r < r1; r++)
                 for (int c = c0; c < c1; c++) amax = fmaxf(amax, fabsf((float)x[(size_t)r * q.cols + c]));
-            const float scale = amax / FP8_E4M3_MAX;
+            const float scale = amax / FP8_E4M3_MAX, inverse = fp8_inverse_scale(scale);
             q.scales[fp8_scale_index(r0 / q.tile_rows, c0 / FP8_TILE, q.rows, q.cols, q.tile_rows)] = scale;
             for (int r = r0; r < r1; r++)
-                for (int c = c0; c < c1; c++) q.codes[(size_t)r * q.cols + c] = fp8_quantize((float)x[(size_t)r * q.cols + c], scale);
+                for (int c = c0; c < c1; c++) q.codes[(size_t)r * q.cols + c] = fp8_quantize((float)x[(size_t)r * q.cols + c], inverse);
         }
 }
 
@@ -289,14 +296,14 @@ __device__ inline void fp8_quantize_tile8(const Fp8Matrix& q, int r, int c, cons
     for (int i = 0; i < 8; i++) amax = fmaxf(amax, fabsf(v[i]));
     for (int o = 8; o > 0; o /= 2) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
     if (!active) return;
-    const float scale = amax / FP8_E4M3_MAX;
+    const float scale = amax / FP8_E4M3_MAX, inverse = fp8_inverse_scale(scale);
     uint8_t* out = q.codes + (size_t)r * q.cols + c;
     if (c + 8 <= q.cols && q.cols % 8 == 0) {
         uint32_t lo = 0, hi = 0;
-        for (int i = 0; i < 4; i++) lo |= (uint32_t)fp8_quantize(v[i], scale) << 8 * i, hi |= (uint32_t)fp8_quantize(v[i + 4], scale) << 8 * i;
+        for (int i = 0; i < 4; i++) lo |= (uint32_t)fp8_quantize(v[i], inverse) << 8 * i, hi |= (uint32_t)fp8_quantize(v[i + 4], inverse) << 8 * i;
         *(uint2*)out = make_uint2(lo, hi);
     } else {
-        for (int i = 0; i < 8 && c + i < q.cols; i++) out[i] = fp8_quantize(v[i], scale);
+        for (int i = 0; i < 8 && c + i < q.cols; i++) out[i] = fp8_quantize(v[i], inverse);
     }
     if (threadIdx.x % 16 == 0) q.scales[fp8_scale_index(r, c / FP8_TILE, q.rows, q.cols, 1)] = scale;
 }
@@ -360,8 +367,9 @@ static __global__ void fp8_quantize_both_kernel(Fp8Matrix q, Fp8Matrix qt, const
             for (int i = 0; i < 4; i++) v[i] = (float)tile[k][lane * 4 + i];
             const float scale = warp_max(fmaxf(fmaxf(fabsf(v[0]), fabsf(v[1])), fmaxf(fabsf(v[2]), fabsf(v[3])))) / FP8_E4M3_MAX;
             uint8_t* out = q.codes + (size_t)(r0 + k) * cols + c0 + lane * 4;
+            const float inverse = fp8_inverse_scale(scale);
             for (int i = 0; i < 4; i++)
-                if (c0 + lane * 4 + i < cols) out[i] = fp8_quantize(v[i], scale);
+                if (c0 + lane * 4 + i < cols) out[i] = fp8_quantize(v[i], inverse);
             if (lane == 0) q.scales[fp8_scale_index(r0 + k, blockIdx.x, rows, cols, 1)] = scale;
         }
         if (c0 + k < cols) {  // column k: a tile of 128 rows of x, a row of x^T; lane i takes rows i + 32j
@@ -369,8 +377,9 @@ static __global__ void fp8_quantize_both_kernel(Fp8Matrix q, Fp8Matrix qt, const
             for (int i = 0; i < 4; i++) amax = fmaxf(amax, fabsf(v[i] = (float)tile[lane + 32 * i][k]));
             const float scale = warp_max(amax) / FP8_E4M3_MAX;
             uint8_t* out = qt.codes + (size_t)(c0 + k) * rows + r0;
+            const float inverse = fp8_inverse_scale(scale);
             for (int i = 0; i < 4; i++)
-                if (r0 + lane + 32 * i < rows) out[lane + 32 * i] = fp8_quantize(v[i], scale);
+                if (r0 + lane + 32 * i < rows) out[lane + 32 * i] = fp8_quantize(v[i], inverse);
             if (lane == 0) qt.scales[fp8_scale_index(c0 + k, blockIdx.y, cols, rows, 1)] = scale;
         }
     }
@@ -421,11 +430,11 @@ static __global__ void fp8_quantize_weights_kernel(const Fp8WeightJob* jobs, int
         }
         for (int k = 0; k < 8; k++) amax = fmaxf(amax, fabsf(v[i][k]));
     }
-    const float scale = block_max(amax) / FP8_E4M3_MAX;
+    const float scale = block_max(amax) / FP8_E4M3_MAX, inverse = fp8_inverse_scale(scale);
     for (int i = 0; i < 8; i++) {
         const int r = row + 16 * i;
         uint8_t c[8];
-        for (int k = 0; k < 8; k++) tile[r][col + k] = c[k] = fp8_quantize(v[i][k], scale);
+        for (int k = 0; k < 8; k++) tile[r][col + k] = c[k] = fp8_quantize(v[i][k], inverse);
         uint8_t* dst = q.codes + (size_t)(r0 + r) * q.cols + c0 + col;
         if (whole) *(uint2*)dst = *(uint2*)c;
         else
