@@ -997,10 +997,10 @@ static __global__ void swiglu_backward_kernel(bf16* dgate_up, Fp8Matrix copy, Fp
 }
 
 namespace kdetail {
-// gate_up's E4M3 copy laid out for n rows (a layer's is allocated for the most it runs), or none
+// gate_up's E4M3 copy laid out for n rows (a layer's is allocated for the most it runs); without one, only that
+// layout, by which the kernels also index the bf16 gate_up
 inline Fp8Matrix swiglu_cache(const Fp8Matrix& cache, int n, int I) {
-    if (!cache.codes) return {};
-    if (cache.cols != 2 * I || cache.tile_rows != 1 || n > cache.rows)
+    if (cache.codes && (cache.cols != 2 * I || cache.tile_rows != 1 || n > cache.rows))
         fail("swiglu: the FP8 copy of gate_up is %d x %d, not %d x %d", cache.rows, cache.cols, n, 2 * I);
     return {cache.codes, cache.scales, n, 2 * I, 1};
 }
@@ -1014,29 +1014,18 @@ inline void swiglu_forward_fused_gpu(bf16* hidden, const bf16* gate_up, int n, i
                                      const Fp8Matrix& cache = {}) {
     const size_t count = (size_t)n * I;
     if (count == 0) return;
-    const Fp8Matrix kept = kdetail::swiglu_cache(cache, n, I), read = gate_up ? Fp8Matrix{nullptr, nullptr, n, 2 * I, 1} : kept;
-    const bool write = gate_up && kept.codes;
-    bool copied = !hidden_fp8.codes, cached = !write;  // what the kernel wrote: the rest gets its own pass below
-    if (I % 8 == 0 && kdetail::aligned16({hidden, gate_up})) {
-        const int blocks = kdetail::elementwise_blocks(count / 8, 256);
-        const bool tiles = I % FP8_TILE == 0;  // the copies in the kernel where their tiles line up with the packs
-        copied |= tiles;
-        cached |= tiles;
-        if (tiles && hidden_fp8.codes && write)
-            swiglu_forward_kernel<8, true, true><<<blocks, 256, 0, stream>>>(hidden, hidden_fp8, kept, gate_up, count / 8, I);
-        else if (tiles && hidden_fp8.codes)
-            swiglu_forward_kernel<8, true, false><<<blocks, 256, 0, stream>>>(hidden, hidden_fp8, read, gate_up, count / 8, I);
-        else if (tiles && write)
-            swiglu_forward_kernel<8, false, true><<<blocks, 256, 0, stream>>>(hidden, hidden_fp8, kept, gate_up, count / 8, I);
-        else
-            swiglu_forward_kernel<8, false, false><<<blocks, 256, 0, stream>>>(hidden, hidden_fp8, read, gate_up, count / 8, I);
-    } else {
-        swiglu_forward_kernel<1, false, false><<<kdetail::elementwise_blocks(count, 256), 256, 0, stream>>>(hidden, hidden_fp8, read, gate_up,
-                                                                                                              count, I);
-    }
+    const Fp8Matrix kept = kdetail::swiglu_cache(cache, n, I);
+    const bool write = gate_up && kept.codes, vec = I % 8 == 0 && kdetail::aligned16({hidden, gate_up});
+    const bool tiles = vec && I % FP8_TILE == 0;  // the copies in the kernel where their tiles line up with the packs
+    const bool copy_here = tiles && hidden_fp8.codes, write_here = tiles && write;
+    auto kernel = !vec        ? swiglu_forward_kernel<1, false, false>
+                  : copy_here ? (write_here ? swiglu_forward_kernel<8, true, true> : swiglu_forward_kernel<8, true, false>)
+                              : (write_here ? swiglu_forward_kernel<8, false, true> : swiglu_forward_kernel<8, false, false>);
+    const size_t packs = vec ? count / 8 : count;
+    kernel<<<kdetail::elementwise_blocks(packs, 256), 256, 0, stream>>>(hidden, hidden_fp8, kept, gate_up, packs, I);
     CUDA_LAUNCH_CHECK();
-    if (!copied) fp8_quantize_gpu(hidden_fp8, hidden, I, stream);
-    if (!cached) fp8_quantize_gpu(kept, gate_up, 2 * I, stream);
+    if (hidden_fp8.codes && !copy_here) fp8_quantize_gpu(hidden_fp8, hidden, I, stream);
+    if (write && !write_here) fp8_quantize_gpu(kept, gate_up, 2 * I, stream);
 }
 
 // dgate_up[n, 2I] (written; may alias gate_up), dhidden[n, I], gate_up[n, 2I] or, where
@@ -1047,21 +1036,15 @@ inline void swiglu_backward_fused_gpu(bf16* dgate_up, const bf16* dhidden, const
     const size_t count = (size_t)n * I;
     if (count == 0) return;
     const Fp8Matrix& q = dgate_up_fp8;
-    const Fp8Matrix read = gate_up ? Fp8Matrix{nullptr, nullptr, n, 2 * I, 1} : kdetail::swiglu_cache(cache, n, I);
-    if (!gate_up && !read.codes) fail("swiglu_backward_fused_gpu: neither gate_up nor its FP8 copy is given");
-    if (I % 8 == 0 && kdetail::aligned16({dgate_up, dhidden, gate_up})) {
-        const int blocks = kdetail::elementwise_blocks(count / 8, 256);
-        if (q.codes && I % FP8_TILE == 0) {  // the copy in the kernel where its tiles line up with the packs
-            swiglu_backward_kernel<8, true><<<blocks, 256, 0, stream>>>(dgate_up, q, read, dhidden, gate_up, count / 8, I);
-            CUDA_LAUNCH_CHECK();
-            return;
-        }
-        swiglu_backward_kernel<8, false><<<blocks, 256, 0, stream>>>(dgate_up, q, read, dhidden, gate_up, count / 8, I);
-    } else {
-        swiglu_backward_kernel<1, false><<<kdetail::elementwise_blocks(count, 256), 256, 0, stream>>>(dgate_up, q, read, dhidden, gate_up, count, I);
-    }
+    const Fp8Matrix kept = kdetail::swiglu_cache(cache, n, I);
+    if (!gate_up && !kept.codes) fail("swiglu_backward_fused_gpu: neither gate_up nor its FP8 copy is given");
+    const bool vec = I % 8 == 0 && kdetail::aligned16({dgate_up, dhidden, gate_up});
+    const bool copy_here = vec && q.codes && I % FP8_TILE == 0;  // the copy in the kernel where its tiles line up with the packs
+    auto kernel = !vec ? swiglu_backward_kernel<1, false> : copy_here ? swiglu_backward_kernel<8, true> : swiglu_backward_kernel<8, false>;
+    const size_t packs = vec ? count / 8 : count;
+    kernel<<<kdetail::elementwise_blocks(packs, 256), 256, 0, stream>>>(dgate_up, q, kept, dhidden, gate_up, packs, I);
     CUDA_LAUNCH_CHECK();
-    if (q.codes) fp8_quantize_gpu(q, dgate_up, 2 * I, stream);
+    if (q.codes && !copy_here) fp8_quantize_gpu(q, dgate_up, 2 * I, stream);
 }
 
 // ----------------------------------------------------------------------------

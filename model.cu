@@ -252,12 +252,7 @@ static void gpu_alloc_step_buffers(GpuModel& gpu, const Config& c, int B, int T,
         a.attn = mla_layer_alloc(arena, c, N, mla);
         if (!c.is_moe_layer(l)) {
             a.ffn = ffn;
-            if (fp8_width > 0) {
-                a.ffn.gate_up = ffn.dgate_up;
-                a.ffn.gate_up_fp8 = fp8_arena_alloc(arena, N, 2 * I);
-            } else {
-                a.ffn.gate_up = acts((size_t)N * 2 * I);
-            }
+            gate_up_alloc(arena, &a.ffn.gate_up, &a.ffn.gate_up_fp8, ffn.dgate_up, N, 2 * I, fp8_width > 0);
             continue;
         }
         a.moe = moe_layer_alloc(arena, c, B, T, moe, fp8_width > 0);

@@ -1176,8 +1176,19 @@ inline MoeActsGpu moe_shared_alloc(DeviceArena& arena, const Config& c, int N, c
     return a;
 }
 
-// one layer's own tensors for B sequences of T tokens, beside the shared ones; fp8: FP8 training, where the layer
-// keeps its SwiGLU inputs as E4M3 copies and their bf16 forms go through the backward's buffers, free in the forward
+// Where a layer keeps a SwiGLU input gate_up [rows, cols] for its backward: a bf16 tensor of its own, or in FP8
+// training (fp8) an E4M3 copy, the GEMM's bf16 output then passing through `temporary` (the backward's buffer of that
+// shape, which the forward leaves free)
+inline void gate_up_alloc(DeviceArena& arena, bf16** gate_up, Fp8Matrix* copy, bf16* temporary, int rows, int cols, bool fp8) {
+    if (!fp8) {
+        *gate_up = arena_alloc<bf16>(arena, (size_t)rows * cols, "activations");
+        return;
+    }
+    *gate_up = temporary;
+    *copy = fp8_arena_alloc(arena, rows, cols);
+}
+
+// one layer's own tensors for B sequences of T tokens, beside the shared ones; fp8: FP8 training (gate_up_alloc)
 inline MoeActsGpu moe_layer_alloc(DeviceArena& arena, const Config& c, int B, int T, const MoeActsGpu& shared, bool fp8) {
     const int N = B * T, D = c.hidden_size, E = c.n_routed_experts, K = c.num_experts_per_tok, I = c.moe_intermediate_size, S = N * K;
     auto acts = [&](size_t n) { return arena_alloc<bf16>(arena, n, "activations"); };
@@ -1194,18 +1205,9 @@ inline MoeActsGpu moe_layer_alloc(DeviceArena& arena, const Config& c, int B, in
     a.slot_row = ints(S);
     a.row_slot = ints(S);
     a.y_sorted = acts((size_t)S * D);
-    const int SI = c.n_shared_experts * I;
-    if (fp8) {
-        a.gu_sorted = a.dgu_sorted;
-        a.gu_fp8 = fp8_arena_alloc(arena, S, 2 * I);
-        if (SI > 0) {
-            a.shared.gate_up = a.shared.dgate_up;
-            a.shared.gate_up_fp8 = fp8_arena_alloc(arena, N, 2 * SI);
-        }
-        return a;
-    }
-    a.gu_sorted = acts((size_t)S * 2 * I);
-    if (SI > 0) a.shared.gate_up = acts((size_t)N * 2 * SI);
+    gate_up_alloc(arena, &a.gu_sorted, &a.gu_fp8, a.dgu_sorted, S, 2 * I, fp8);
+    if (c.n_shared_experts > 0)
+        gate_up_alloc(arena, &a.shared.gate_up, &a.shared.gate_up_fp8, a.shared.dgate_up, N, 2 * c.n_shared_experts * I, fp8);
     return a;
 }
 
