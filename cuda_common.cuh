@@ -289,6 +289,41 @@ float gpu_median_ms(F f, int runs = 10, cudaStream_t stream = 0) {
 }
 
 // ----------------------------------------------------------------------------
+// Programmatic dependent launch (Hopper): a kernel launched by launch_programmatic may start while the kernel ahead
+// of it on the stream (or in the graph captured from it) is still running, so that its launch and its prologue (a
+// GEMV's weight loads) overlap that kernel's tail. Before it reads anything an earlier kernel wrote, or writes
+// anything one may still read, it calls grid_dependency_wait(), which returns once the kernel ahead has finished and
+// its writes are visible; grid_dependents_launch() then lets the kernel behind it start early in turn. In a kernel
+// launched plainly both are no-ops.
+
+__device__ inline void grid_dependency_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
+__device__ inline void grid_dependents_launch() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;" :::);
+#endif
+}
+
+template <typename... Params, typename... Args>
+inline void launch_programmatic(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream, Args... args) {
+    cudaLaunchAttribute attribute[1];
+    attribute[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attribute[0].val.programmaticStreamSerializationAllowed = 1;
+    cudaLaunchConfig_t config = {};
+    config.gridDim = grid;
+    config.blockDim = block;
+    config.dynamicSmemBytes = smem;
+    config.stream = stream;
+    config.attrs = attribute;
+    config.numAttrs = 1;
+    CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, args...));
+}
+
+// ----------------------------------------------------------------------------
 // device helpers
 
 __device__ inline float warp_sum(float v) {

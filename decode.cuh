@@ -43,6 +43,8 @@ __device__ inline int row_position(const DecodeRows& r, int b) {
 // per row; fp32 math, one rounding, as the training kernels (RMSNorm of the bf16 c, RoPE of the bf16 k_pe).
 static __global__ void decode_cache_write_kernel(bf16* cache, const bf16* kv, const bf16* weight, const float2* rope_cs, DecodeRows rows,
                                                  int dc, int dr, float eps) {
+    grid_dependency_wait();  // launched early (launch_programmatic): everything it reads but the weights comes from the kernels ahead
+    grid_dependents_launch();
     const int b = blockIdx.x, width = dc + dr, p = row_position(rows, b);
     const bf16* x = kv + (size_t)b * width;
     bf16* row = cache + ((size_t)(b % rows.seqs) * rows.max_len + p) * width;
@@ -65,8 +67,7 @@ static __global__ void decode_cache_write_kernel(bf16* cache, const bf16* kv, co
 
 inline void decode_cache_write_gpu(bf16* cache, const bf16* kv, const bf16* weight, const RopeGpu& rope, const DecodeRows& rows, int B,
                                    int dc, int dr, float eps, cudaStream_t stream) {
-    decode_cache_write_kernel<<<B, 128, 0, stream>>>(cache, kv, weight, rope.cs, rows, dc, dr, eps);
-    CUDA_LAUNCH_CHECK();
+    launch_programmatic(decode_cache_write_kernel, dim3(B), dim3(128), 0, stream, cache, kv, weight, rope.cs, rows, dc, dr, eps);
 }
 
 // ----------------------------------------------------------------------------
@@ -80,6 +81,8 @@ constexpr int DECODE_SEQS = 8;
 static __global__ void __launch_bounds__(256)
     decode_absorb_query_kernel(float* qlat, const bf16* q, const bf16* kv_b, const float2* rope_cs, DecodeRows rows, int B, int H, int dn,
                                int dr, int dv, int dc) {
+    grid_dependency_wait();  // launched early (launch_programmatic): everything it reads but the weights comes from the kernels ahead
+    grid_dependents_launch();
     extern __shared__ float q_nope[];                // [DECODE_SEQS, dn]
     __shared__ float partial[4][DECODE_SEQS][64];
     const int h = blockIdx.x, b0 = blockIdx.z * DECODE_SEQS, nb = min(DECODE_SEQS, B - b0), dqk = dn + dr, width = dc + dr;
@@ -119,8 +122,8 @@ static __global__ void __launch_bounds__(256)
 inline void decode_absorb_query_gpu(float* qlat, const bf16* q, const bf16* kv_b, const RopeGpu& rope, const DecodeRows& rows, int B, int H,
                                     int dn, int dr, int dv, int dc, cudaStream_t stream) {
     dim3 grid(H, ceil_div(dc, 64), ceil_div(B, DECODE_SEQS));
-    decode_absorb_query_kernel<<<grid, 256, DECODE_SEQS * dn * sizeof(float), stream>>>(qlat, q, kv_b, rope.cs, rows, B, H, dn, dr, dv, dc);
-    CUDA_LAUNCH_CHECK();
+    launch_programmatic(decode_absorb_query_kernel, grid, dim3(256), DECODE_SEQS * dn * sizeof(float), stream, qlat, q, kv_b, rope.cs, rows, B, H,
+                        dn, dr, dv, dc);
 }
 
 // ----------------------------------------------------------------------------
@@ -140,6 +143,8 @@ template <int DCL>  // latent columns per lane: dc <= 32 * DCL
 static __global__ void __launch_bounds__(FLASH_DECODE_WARPS * 32)
     flash_decode_kernel(float* o_lat, float* part_acc, float2* part_ml, int* done, const float* qlat, const bf16* cache, DecodeRows rows,
                         int H, int dc, int dr, float scale_log2) {
+    grid_dependency_wait();  // launched early (launch_programmatic): everything it reads but the weights comes from the kernels ahead
+    grid_dependents_launch();
     extern __shared__ float smem[];
     const int width = dc + dr, splits = gridDim.x, s = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
     const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
@@ -250,9 +255,8 @@ inline void flash_decode_gpu(float* o_lat, float* part_acc, float2* part_ml, int
                 : dcl <= 16 ? flash_decode_kernel<16> : flash_decode_kernel<32>;
     const size_t smem = ((size_t)(dc + dr) + FLASH_DECODE_WARPS * dc + 2 * FLASH_DECODE_WARPS) * sizeof(float);
     if (smem > 48 * 1024) fail("flash_decode: %zu bytes of shared memory for kv_lora_rank %d exceed 48 KiB", smem, dc);
-    kernel<<<dim3(splits, H, B), FLASH_DECODE_WARPS * 32, smem, stream>>>(o_lat, part_acc, part_ml, done, qlat, cache, rows, H, dc, dr,
-                                                                         scale * 1.4426950408889634f);
-    CUDA_LAUNCH_CHECK();
+    launch_programmatic(kernel, dim3(splits, H, B), dim3(FLASH_DECODE_WARPS * 32), smem, stream, o_lat, part_acc, part_ml, done, qlat, cache, rows,
+                        H, dc, dr, scale * 1.4426950408889634f);
 }
 
 // ----------------------------------------------------------------------------
@@ -261,6 +265,8 @@ inline void flash_decode_gpu(float* o_lat, float* part_acc, float2* part_ml, int
 // v = 8 * blockIdx.y + w and reads W_UV_h[v] once for DECODE_SEQS sequences (lanes split the dc columns).
 static __global__ void __launch_bounds__(256)
     decode_value_up_kernel(bf16* o, const float* o_lat, const bf16* kv_b, int B, int H, int dn, int dv, int dc) {
+    grid_dependency_wait();  // launched early (launch_programmatic): everything it reads but the weights comes from the kernels ahead
+    grid_dependents_launch();
     extern __shared__ float lat[];  // [DECODE_SEQS, dc]
     const int h = blockIdx.x, b0 = blockIdx.z * DECODE_SEQS, nb = min(DECODE_SEQS, B - b0);
     for (int i = threadIdx.x; i < nb * dc; i += blockDim.x) lat[i] = o_lat[((size_t)(b0 + i / dc) * H + h) * dc + i % dc];
@@ -283,8 +289,7 @@ static __global__ void __launch_bounds__(256)
 
 inline void decode_value_up_gpu(bf16* o, const float* o_lat, const bf16* kv_b, int B, int H, int dn, int dv, int dc, cudaStream_t stream) {
     dim3 grid(H, ceil_div(dv, 8), ceil_div(B, DECODE_SEQS));
-    decode_value_up_kernel<<<grid, 256, DECODE_SEQS * dc * sizeof(float), stream>>>(o, o_lat, kv_b, B, H, dn, dv, dc);
-    CUDA_LAUNCH_CHECK();
+    launch_programmatic(decode_value_up_kernel, grid, dim3(256), DECODE_SEQS * dc * sizeof(float), stream, o, o_lat, kv_b, B, H, dn, dv, dc);
 }
 
 // ----------------------------------------------------------------------------

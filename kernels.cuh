@@ -307,7 +307,8 @@ struct GemvExtra {
 };
 
 // A lane keeps GEMV_WEIGHT_LOADS weight loads in flight (rows up to 1024 wide in one round at 16 bytes a load), the
-// first round issued before the norm's pass over x, which it does not need. Measured with the block's shared rstd,
+// first round issued before the kernel waits for the one ahead of it (launch_programmatic) and before the norm's pass
+// over x, neither of which it needs. Measured with the block's shared rstd,
 // the step's GEMV time moved within noise (262 -> 253 us, bench/RESULTS.md, session 14): the HBM wait is not where
 // its 4-7 us a launch go.
 constexpr int GEMV_WEIGHT_LOADS = 4;
@@ -326,6 +327,8 @@ static __global__ void __launch_bounds__(256) gemv_kernel(Out* out, const X* x, 
             if (active && i0 + p * 32 * STEP < IN) kdetail::load_bf16<STEP>(wv[p], wc + i0 + p * 32 * STEP);
     };
     load_weights(lane * STEP);
+    grid_dependency_wait();  // x and out belong to the kernels around this one (gemv_forward_gpu launches it early)
+    grid_dependents_launch();
     __shared__ float rstd[GEMV_MAX_ROWS];
     if constexpr (NORM) {
         if (warp < R) {
@@ -387,8 +390,7 @@ inline void gemv_forward_gpu(Out* out, const X* x, const bf16* w, int R, int IN,
     const bool vec = IN % 8 == 0 && kdetail::aligned16({(const void*)x, w, e.norm, e.normed, e.w2});
     auto kernel = e.norm ? (vec ? gemv_kernel<true, true, X, Out> : gemv_kernel<false, true, X, Out>)
                          : (vec ? gemv_kernel<true, false, X, Out> : gemv_kernel<false, false, X, Out>);
-    kernel<<<blocks, 256, 0, stream>>>(out, x, w, R, IN, OUT, e);
-    CUDA_LAUNCH_CHECK();
+    launch_programmatic(kernel, dim3(blocks), dim3(256), 0, stream, out, x, w, R, IN, OUT, e);
 }
 
 // res [R, OUT] (the fp32 residual stream) += bf16(x [R, IN] @ W^T)

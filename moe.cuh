@@ -1247,6 +1247,8 @@ template <int STEP>
 static __global__ void __launch_bounds__(256)
     moe_decode_up_kernel(bf16* hidden, const bf16* x, const int* expert, const bf16* experts_gu, size_t stride, const bf16* shared_gu,
                          int R, int K, int D, int I, int SI) {
+    grid_dependency_wait();  // launched early (launch_programmatic): everything it reads but the weights comes from the kernels ahead
+    grid_dependents_launch();
     const int width = K * I + SI, lane = threadIdx.x % 32;
     const long long w = ((long long)blockIdx.x * blockDim.x + threadIdx.x) / 32;
     if (w >= (long long)R * width) return;
@@ -1281,6 +1283,8 @@ template <int STEP>
 static __global__ void __launch_bounds__(256)
     moe_decode_down_kernel(float* res, const bf16* hidden, const int* expert, const float* gate, const bf16* experts_down, size_t stride,
                            const bf16* shared_down, int R, int K, int D, int I, int SI) {
+    grid_dependency_wait();  // launched early (launch_programmatic): everything it reads but the weights comes from the kernels ahead
+    grid_dependents_launch();
     const int lane = threadIdx.x % 32;
     const long long w = ((long long)blockIdx.x * blockDim.x + threadIdx.x) / 32;
     if (w >= (long long)R * D) return;
@@ -1338,10 +1342,10 @@ inline void moe_decode_forward_gpu(const Config& c, const MoeWeights<bf16>& w, c
     const int up_blocks = ceil_div((long long)R * (K * I + SI) * 32, 256), down_blocks = ceil_div((long long)R * D * 32, 256);
     auto up = vec ? moe_decode_up_kernel<8> : moe_decode_up_kernel<1>;
     auto down = vec ? moe_decode_down_kernel<8> : moe_decode_down_kernel<1>;
-    up<<<up_blocks, 256, 0, st>>>(hidden, u, a.expert, gate_up(w.experts).w, w.expert_stride, shared_gu, R, K, D, I, SI);
-    CUDA_LAUNCH_CHECK();
-    down<<<down_blocks, 256, 0, st>>>(res, hidden, a.expert, a.gate, w.experts.down.w, w.expert_stride, shared_down, R, K, D, I, SI);
-    CUDA_LAUNCH_CHECK();
+    launch_programmatic(up, dim3(up_blocks), dim3(256), 0, st, hidden, u, a.expert, gate_up(w.experts).w, w.expert_stride, shared_gu, R, K, D,
+                        I, SI);
+    launch_programmatic(down, dim3(down_blocks), dim3(256), 0, st, res, hidden, a.expert, a.gate, w.experts.down.w, w.expert_stride,
+                        shared_down, R, K, D, I, SI);
 }
 
 // du [N, D] written from dout [N, D]; weight gradients added into dw;
