@@ -198,8 +198,7 @@ static bool decode_fused(const GpuDecoder& d, int R) {
 static void mla_decode_attention_gpu(const Config& c, const MlaWeights<bf16>& w, const RopeGpu& rope, bf16* cache_l, int R,
                                      const DecodeRows& rows, GpuDecoder& d, cudaStream_t st) {
     const int H = c.num_attention_heads, dc = c.kv_lora_rank, dr = c.qk_rope_head_dim, dn = c.qk_nope_head_dim, dv = c.v_head_dim;
-    decode_cache_write_gpu(cache_l, d.kv, w.kv_a_norm, rope, rows, R, dc, dr, c.rms_norm_eps, st);
-    decode_absorb_query_gpu(d.qlat, d.q, w.kv_b.w, rope, rows, R, H, dn, dr, dv, dc, st);
+    decode_attention_inputs_gpu(cache_l, d.qlat, d.kv, w.kv_a_norm, d.q, w.kv_b.w, rope, rows, R, H, dn, dr, dv, dc, c.rms_norm_eps, st);
     flash_decode_gpu(d.o_lat, d.part_acc, d.part_ml, d.flash_done, d.qlat, cache_l, rows, R, H, dc, dr, d.splits, rope.softmax_scale, st);
     decode_value_up_gpu(d.o, d.o_lat, w.kv_b.w, R, H, dn, dv, dc, st);
 }

@@ -5,9 +5,8 @@
 //
 // The cache: bf16 [layers][batch][max_len][dc + dr], row t of sequence b holding [RMSNorm(c_t) (dc); roped k_pe_t (dr)]
 // of layer l. Per step, for B sequences (one token each, at position pos[b]) and each layer:
-//   kv [B, dc+dr] = xn @ W_kv_a^T         -> decode_cache_write_gpu (RMSNorm, RoPE, row pos[b])
-//   q  [B, H, dn+dr]                      -> decode_absorb_query_gpu: qlat [B, H, dc+dr] fp32
-//                                            = [W_UK_h^T q_nope; rope(q_pe)]
+//   kv [B, dc+dr] = xn @ W_kv_a^T         -> decode_attention_inputs_gpu: the cache's row pos[b] (RMSNorm, RoPE)
+//   q  [B, H, dn+dr]                      -> and qlat [B, H, dc+dr] fp32 = [W_UK_h^T q_nope; rope(q_pe)]
 //   flash_decode_gpu: o_lat [B, H, dc] fp32 = softmax(qlat . cache[0..pos]) @ cache[:, :dc]
 //   decode_value_up_gpu: o [B, H*dv] bf16 = W_UV_h o_lat
 // then o_proj, the FFN/MoE, the head, and sample_gpu picks the next tokens. A step of up to GEMV_MAX_ROWS rows runs
@@ -38,14 +37,15 @@ __device__ inline int row_position(const DecodeRows& r, int b) {
     return max(0, min(r.pos[b % r.seqs] + b / r.seqs + r.shift, r.max_len - 1));
 }
 
+// The attention inputs of a step, in one launch (at batch 1 each launch costs more than its work): blocks 0..B-1 write
+// the new cache rows, the rest the absorbed queries.
+//
 // The new cache row of each step row: cache_s[p] = [w * RMSNorm(kv[b, :dc]); rope(kv[b, dc:], p)], s = b % seqs,
 // p = row_position(b). kv [B, dc+dr] bf16 (the W_kv_a GEMM), weight [dc], cache [seqs, max_len, dc+dr]. One block
 // per row; fp32 math, one rounding, as the training kernels (RMSNorm of the bf16 c, RoPE of the bf16 k_pe).
-static __global__ void decode_cache_write_kernel(bf16* cache, const bf16* kv, const bf16* weight, const float2* rope_cs, DecodeRows rows,
-                                                 int dc, int dr, float eps) {
-    grid_dependency_wait();  // launched early (launch_programmatic): everything it reads but the weights comes from the kernels ahead
-    grid_dependents_launch();
-    const int b = blockIdx.x, width = dc + dr, p = row_position(rows, b);
+__device__ inline void decode_cache_write_row(bf16* cache, const bf16* kv, const bf16* weight, const float2* rope_cs, const DecodeRows& rows,
+                                              int b, int dc, int dr, float eps) {
+    const int width = dc + dr, p = row_position(rows, b);
     const bf16* x = kv + (size_t)b * width;
     bf16* row = cache + ((size_t)(b % rows.seqs) * rows.max_len + p) * width;
     float ss = 0;
@@ -65,28 +65,20 @@ static __global__ void decode_cache_write_kernel(bf16* cache, const bf16* kv, co
     }
 }
 
-inline void decode_cache_write_gpu(bf16* cache, const bf16* kv, const bf16* weight, const RopeGpu& rope, const DecodeRows& rows, int B,
-                                   int dc, int dr, float eps, cudaStream_t stream) {
-    launch_programmatic(decode_cache_write_kernel, dim3(B), dim3(128), 0, stream, cache, kv, weight, rope.cs, rows, dc, dr, eps);
-}
-
-// ----------------------------------------------------------------------------
 // Absorbed query: qlat[b, h] = [W_UK_h^T q_nope[b, h] (dc); rope(q_pe[b, h], row_position(b)) (dr)] in fp32, with
-// W_UK_h = rows h*(dn+dv) .. h*(dn+dv)+dn-1 of kv_b [H*(dn+dv), dc]. Grid (H, ceil(dc / 64), ceil(B / DECODE_SEQS)),
-// 256 threads: 64 latent columns (coalesced rows of W_UK_h) by 4 groups that each sum every 4th of the dn rows, for
-// DECODE_SEQS sequences at once so W_UK_h is read once per DECODE_SEQS; the 4 partial sums are added in group order.
-// Many small blocks: at batch 1 this is a latency-bound product, and one block per head would serialise its loads.
+// W_UK_h = rows h*(dn+dv) .. h*(dn+dv)+dn-1 of kv_b [H*(dn+dv), dc]. A block per (head h, 64 latent columns `tile`,
+// DECODE_SEQS sequences from b0), 256 threads: 64 latent columns (coalesced rows of W_UK_h) by 4 groups that each sum
+// every 4th of the dn rows, for DECODE_SEQS sequences at once so W_UK_h is read once per DECODE_SEQS; the 4 partial
+// sums are added in group order. Many small blocks: at batch 1 this is a latency-bound product, and one block per head
+// would serialise its loads.
 constexpr int DECODE_SEQS = 8;
 
-static __global__ void __launch_bounds__(256)
-    decode_absorb_query_kernel(float* qlat, const bf16* q, const bf16* kv_b, const float2* rope_cs, DecodeRows rows, int B, int H, int dn,
-                               int dr, int dv, int dc) {
-    grid_dependency_wait();  // launched early (launch_programmatic): everything it reads but the weights comes from the kernels ahead
-    grid_dependents_launch();
+__device__ inline void decode_absorb_query_tile(float* qlat, const bf16* q, const bf16* kv_b, const float2* rope_cs, const DecodeRows& rows,
+                                                int h, int tile, int b0, int B, int H, int dn, int dr, int dv, int dc) {
     extern __shared__ float q_nope[];                // [DECODE_SEQS, dn]
     __shared__ float partial[4][DECODE_SEQS][64];
-    const int h = blockIdx.x, b0 = blockIdx.z * DECODE_SEQS, nb = min(DECODE_SEQS, B - b0), dqk = dn + dr, width = dc + dr;
-    const int col = threadIdx.x % 64, group = threadIdx.x / 64, j = blockIdx.y * 64 + col;
+    const int nb = min(DECODE_SEQS, B - b0), dqk = dn + dr, width = dc + dr;
+    const int col = threadIdx.x % 64, group = threadIdx.x / 64, j = tile * 64 + col;
     for (int i = threadIdx.x; i < nb * dn; i += blockDim.x)
         q_nope[i] = __bfloat162float(q[((size_t)(b0 + i / dn) * H + h) * dqk + i % dn]);
     __syncthreads();
@@ -106,7 +98,7 @@ static __global__ void __launch_bounds__(256)
     if (group == 0 && j < dc)
         for (int s = 0; s < nb; s++)
             qlat[((size_t)(b0 + s) * H + h) * width + j] = ((partial[0][s][col] + partial[1][s][col]) + partial[2][s][col]) + partial[3][s][col];
-    if (blockIdx.y > 0) return;
+    if (tile > 0) return;
     const int half = dr / 2;
     for (int k = threadIdx.x; k < nb * half; k += blockDim.x) {
         const int s = k / half, i = k % half, b = b0 + s;
@@ -119,11 +111,27 @@ static __global__ void __launch_bounds__(256)
     }
 }
 
-inline void decode_absorb_query_gpu(float* qlat, const bf16* q, const bf16* kv_b, const RopeGpu& rope, const DecodeRows& rows, int B, int H,
-                                    int dn, int dr, int dv, int dc, cudaStream_t stream) {
-    dim3 grid(H, ceil_div(dc, 64), ceil_div(B, DECODE_SEQS));
-    launch_programmatic(decode_absorb_query_kernel, grid, dim3(256), DECODE_SEQS * dn * sizeof(float), stream, qlat, q, kv_b, rope.cs, rows, B, H,
-                        dn, dr, dv, dc);
+static __global__ void __launch_bounds__(256)
+    decode_attention_inputs_kernel(bf16* cache, float* qlat, const bf16* kv, const bf16* kv_a_norm, const bf16* q, const bf16* kv_b,
+                                   const float2* rope_cs, DecodeRows rows, int B, int H, int dn, int dr, int dv, int dc, float eps) {
+    grid_dependency_wait();  // launched early (launch_programmatic): everything it reads but the weights comes from the kernels ahead
+    grid_dependents_launch();
+    if ((int)blockIdx.x < B) {
+        decode_cache_write_row(cache, kv, kv_a_norm, rope_cs, rows, blockIdx.x, dc, dr, eps);
+        return;
+    }
+    const int i = blockIdx.x - B, tiles = (dc + 63) / 64;
+    decode_absorb_query_tile(qlat, q, kv_b, rope_cs, rows, i % H, i / H % tiles, i / (H * tiles) * DECODE_SEQS, B, H, dn, dr, dv, dc);
+}
+
+// cache [seqs, max_len, dc+dr] takes the rows of kv [B, dc+dr] (W_kv_a's output; kv_a_norm its norm's weight [dc]) and
+// qlat [B, H, dc+dr] fp32 the absorbed queries of q [B, H, dn+dr]; kv_b [H*(dn+dv), dc]
+inline void decode_attention_inputs_gpu(bf16* cache, float* qlat, const bf16* kv, const bf16* kv_a_norm, const bf16* q, const bf16* kv_b,
+                                        const RopeGpu& rope, const DecodeRows& rows, int B, int H, int dn, int dr, int dv, int dc, float eps,
+                                        cudaStream_t stream) {
+    const int blocks = B + H * ceil_div(dc, 64) * ceil_div(B, DECODE_SEQS);
+    launch_programmatic(decode_attention_inputs_kernel, dim3(blocks), dim3(256), DECODE_SEQS * dn * sizeof(float), stream, cache, qlat, kv,
+                        kv_a_norm, q, kv_b, rope.cs, rows, B, H, dn, dr, dv, dc, eps);
 }
 
 // ----------------------------------------------------------------------------

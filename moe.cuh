@@ -22,9 +22,9 @@
 //   moe_combine_forward_gpu -> out [N,D] = sum_k gate * y (+ shared expert output)
 // and moe_backward_gpu in reverse: moe_combine_backward_gpu (dy_sorted, dgate), grouped_gemm_backward_input/weight_gpu,
 // moe_scatter_backward_gpu (du), router_backward_gpu (dlogits), with balance_loss_backward_gpu feeding its
-// dscores_extra. A decoding step of a few tokens takes moe_decode_forward_gpu instead: the same router (its GEMV can
-// take the layer's norm from the residual stream), then two kernels of one warp per output for the experts, the shared
-// expert and the combine, the last adding the layer's output into the residual stream.
+// dscores_extra. A decoding step of a few tokens takes moe_decode_forward_gpu instead: the same router's GEMV (it can
+// take the layer's norm from the residual stream), then two kernels of one warp per output for the selection, the
+// experts, the shared expert and the combine, the last adding the layer's output into the residual stream.
 //
 // Expert weights: the grouped GEMMs take a base pointer and an expert stride in elements, W_e = w + e * w_stride, each
 // W_e [OC, C] row-major. The model stores experts in Hugging Face order (per expert gate_proj [I,D], up_proj [I,D],
@@ -48,6 +48,17 @@ constexpr int MOE_MAX_TOPK = 8;
 constexpr int MOE_MAX_GROUPS = 8;
 
 // ----------------------------------------------------------------------------
+// What routing needs of the Config, passed to the kernels as one value
+struct RouterShape {
+    int E, K, G, topk_group, softmax, norm_topk;
+    float rsf;  // routed_scaling_factor
+};
+
+inline RouterShape router_shape(const Config& c) {
+    return {c.n_routed_experts, c.num_experts_per_tok, c.n_group, c.topk_group, c.scoring_func == SCORING_SOFTMAX, c.norm_topk_prob,
+            c.routed_scaling_factor};
+}
+
 // Router forward. One warp per token; lane l holds experts l, l+32, ... in registers (J of them, a template argument,
 // so small E costs little). Selection runs on biased = s + bias; the group step keeps the topk_group groups with the
 // largest sum of their two best biased scores (ties to the lower group index, like the reference's stable sort), masks
@@ -57,147 +68,152 @@ constexpr int MOE_MAX_GROUPS = 8;
 // scores [N,E] fp32, expert [N,K] int, gate [N,K] fp32, load [E] int (+=, may be null), logits [N,E] fp32, bias [E]
 // fp32.
 
+// One warp routes one token: z [E] its logits; writes scores_row [E] (unless null), expert_row [K], gate_row [K], and
+// counts the choices into hist [E] (unless null). Every lane of the warp calls it.
 template <int J>  // experts per lane: E <= 32 * J
-static __global__ void router_forward_kernel(float* scores, int* expert, float* gate, int* load, const float* logits,
-                                             const float* bias, int N, int E, int K, int G, int topk_group, int softmax,
-                                             int norm_topk, float rsf) {
-    __shared__ int hist[MOE_MAX_EXPERTS];  // this block's expert counts: one global atomic per expert per block
-    if (load)
-        for (int e = threadIdx.x; e < E; e += blockDim.x) hist[e] = 0;
-    __syncthreads();
-
-    const int lane = threadIdx.x % 32;
-    const int n = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
-    if (n < N) {  // no early return: the block syncs again below
-        const float* z = logits + (size_t)n * E;
-        float s[J], b[J];
-        // scores
-        float mx = -INFINITY;
+__device__ inline void router_route_token(float* scores_row, int* expert_row, float* gate_row, int* hist, const float* z, const float* bias,
+                                          const RouterShape& r) {
+    const int lane = threadIdx.x % 32, E = r.E, K = r.K, G = r.G;
+    float s[J], b[J];
+    // scores
+    float mx = -INFINITY;
 #pragma unroll
-        for (int j = 0; j < J; j++) {
-            int e = j * 32 + lane;
-            s[j] = e < E ? z[e] : -INFINITY;
-            mx = fmaxf(mx, s[j]);
-        }
-        if (softmax) {
-            mx = warp_max(mx);
-            float sum = 0;
-#pragma unroll
-            for (int j = 0; j < J; j++) {
-                int e = j * 32 + lane;
-                s[j] = e < E ? expf(s[j] - mx) : 0.0f;
-                sum += s[j];
-            }
-            sum = warp_sum(sum);
-#pragma unroll
-            for (int j = 0; j < J; j++) s[j] /= sum;
-        } else {
-#pragma unroll
-            for (int j = 0; j < J; j++) s[j] = 1.0f / (1.0f + expf(-s[j]));
-        }
-#pragma unroll
-        for (int j = 0; j < J; j++) {
-            int e = j * 32 + lane;
-            if (e < E) scores[(size_t)n * E + e] = s[j];
-            b[j] = e < E ? s[j] + bias[e] : -INFINITY;
-        }
-        // group-limited routing
-        if (G > 1) {
-            const int per_group = E / G;
-            int gid[J];  // group of each held expert (G for none): one division each, not one per group
-#pragma unroll
-            for (int j = 0; j < J; j++) gid[j] = j * 32 + lane < E ? (j * 32 + lane) / per_group : G;
-            float gs[MOE_MAX_GROUPS];
-#pragma unroll
-            for (int g = 0; g < MOE_MAX_GROUPS; g++) {
-                gs[g] = -INFINITY;
-                if (g >= G) continue;
-                float m1 = -INFINITY, m2 = -INFINITY;  // this lane's two best in group g
-#pragma unroll
-                for (int j = 0; j < J; j++) {
-                    if (gid[j] == g) {
-                        float v = b[j];
-                        if (v > m1) { m2 = m1; m1 = v; }
-                        else if (v > m2) m2 = v;
-                    }
-                }
-                // merge the lanes' pairs: the two best of four values
-                for (int off = 16; off > 0; off >>= 1) {
-                    float o1 = __shfl_xor_sync(0xffffffffu, m1, off), o2 = __shfl_xor_sync(0xffffffffu, m2, off);
-                    float hi = fmaxf(m1, o1), lo = fmaxf(fminf(m1, o1), fmaxf(m2, o2));
-                    m1 = hi;
-                    m2 = lo;
-                }
-                gs[g] = m1 + m2;
-            }
-            // group g survives when fewer than topk_group groups rank before it
-            unsigned keep = 0;
-#pragma unroll
-            for (int g = 0; g < MOE_MAX_GROUPS; g++) {
-                if (g >= G) continue;
-                int rank = 0;
-#pragma unroll
-                for (int h = 0; h < MOE_MAX_GROUPS; h++)
-                    if (h < G && (gs[h] > gs[g] || (gs[h] == gs[g] && h < g))) rank++;
-                if (rank < topk_group) keep |= 1u << g;
-            }
-#pragma unroll
-            for (int j = 0; j < J; j++) {
-                if (gid[j] < G && !((keep >> gid[j]) & 1u)) b[j] = -INFINITY;
-            }
-        }
-        // top-k by repeated warp arg-max; `taken` marks this lane's chosen experts
-        unsigned taken = 0;
-        int sel_e[MOE_MAX_TOPK];
-        float sel_s[MOE_MAX_TOPK];
-#pragma unroll
-        for (int k = 0; k < MOE_MAX_TOPK; k++) {
-            sel_e[k] = 0;
-            sel_s[k] = 0;
-            if (k >= K) continue;
-            float bv = -INFINITY, bs = 0;
-            int bi = INT_MAX;
-#pragma unroll
-            for (int j = 0; j < J; j++) {
-                int e = j * 32 + lane;
-                // e ascends with j, so `>` keeps the lower index on ties (but a
-                // first valid candidate always replaces the INT_MAX sentinel)
-                if (e < E && !((taken >> j) & 1u) && (b[j] > bv || bi == INT_MAX)) {
-                    bv = b[j];
-                    bi = e;
-                    bs = s[j];
-                }
-            }
-            for (int off = 16; off > 0; off >>= 1) {
-                float ov = __shfl_xor_sync(0xffffffffu, bv, off), os = __shfl_xor_sync(0xffffffffu, bs, off);
-                int oi = __shfl_xor_sync(0xffffffffu, bi, off);
-                if (oi != INT_MAX && (bi == INT_MAX || ov > bv || (ov == bv && oi < bi))) {
-                    bv = ov;
-                    bi = oi;
-                    bs = os;
-                }
-            }
-            if (bi % 32 == lane) taken |= 1u << (bi / 32);
-            sel_e[k] = bi;
-            sel_s[k] = bs;
-        }
+    for (int j = 0; j < J; j++) {
+        int e = j * 32 + lane;
+        s[j] = e < E ? z[e] : -INFINITY;
+        mx = fmaxf(mx, s[j]);
+    }
+    if (r.softmax) {
+        mx = warp_max(mx);
         float sum = 0;
 #pragma unroll
-        for (int k = 0; k < MOE_MAX_TOPK; k++)
-            if (k < K) sum += sel_s[k];
-        const float scale = norm_topk ? 1.0f / (sum + 1e-20f) : 1.0f;
+        for (int j = 0; j < J; j++) {
+            int e = j * 32 + lane;
+            s[j] = e < E ? expf(s[j] - mx) : 0.0f;
+            sum += s[j];
+        }
+        sum = warp_sum(sum);
 #pragma unroll
-        for (int k = 0; k < MOE_MAX_TOPK; k++) {
-            if (k < K && lane == k) {
-                expert[(size_t)n * K + k] = sel_e[k];
-                gate[(size_t)n * K + k] = sel_s[k] * scale * rsf;
-                if (load) atomicAdd(&hist[sel_e[k]], 1);
+        for (int j = 0; j < J; j++) s[j] /= sum;
+    } else {
+#pragma unroll
+        for (int j = 0; j < J; j++) s[j] = 1.0f / (1.0f + expf(-s[j]));
+    }
+#pragma unroll
+    for (int j = 0; j < J; j++) {
+        int e = j * 32 + lane;
+        if (e < E && scores_row) scores_row[e] = s[j];
+        b[j] = e < E ? s[j] + bias[e] : -INFINITY;
+    }
+    // group-limited routing
+    if (G > 1) {
+        const int per_group = E / G;
+        int gid[J];  // group of each held expert (G for none): one division each, not one per group
+#pragma unroll
+        for (int j = 0; j < J; j++) gid[j] = j * 32 + lane < E ? (j * 32 + lane) / per_group : G;
+        float gs[MOE_MAX_GROUPS];
+#pragma unroll
+        for (int g = 0; g < MOE_MAX_GROUPS; g++) {
+            gs[g] = -INFINITY;
+            if (g >= G) continue;
+            float m1 = -INFINITY, m2 = -INFINITY;  // this lane's two best in group g
+#pragma unroll
+            for (int j = 0; j < J; j++) {
+                if (gid[j] == g) {
+                    float v = b[j];
+                    if (v > m1) { m2 = m1; m1 = v; }
+                    else if (v > m2) m2 = v;
+                }
             }
+            // merge the lanes' pairs: the two best of four values
+            for (int off = 16; off > 0; off >>= 1) {
+                float o1 = __shfl_xor_sync(0xffffffffu, m1, off), o2 = __shfl_xor_sync(0xffffffffu, m2, off);
+                float hi = fmaxf(m1, o1), lo = fmaxf(fminf(m1, o1), fmaxf(m2, o2));
+                m1 = hi;
+                m2 = lo;
+            }
+            gs[g] = m1 + m2;
+        }
+        // group g survives when fewer than topk_group groups rank before it
+        unsigned keep = 0;
+#pragma unroll
+        for (int g = 0; g < MOE_MAX_GROUPS; g++) {
+            if (g >= G) continue;
+            int rank = 0;
+#pragma unroll
+            for (int h = 0; h < MOE_MAX_GROUPS; h++)
+                if (h < G && (gs[h] > gs[g] || (gs[h] == gs[g] && h < g))) rank++;
+            if (rank < r.topk_group) keep |= 1u << g;
+        }
+#pragma unroll
+        for (int j = 0; j < J; j++) {
+            if (gid[j] < G && !((keep >> gid[j]) & 1u)) b[j] = -INFINITY;
         }
     }
+    // top-k by repeated warp arg-max; `taken` marks this lane's chosen experts
+    unsigned taken = 0;
+    int sel_e[MOE_MAX_TOPK];
+    float sel_s[MOE_MAX_TOPK];
+#pragma unroll
+    for (int k = 0; k < MOE_MAX_TOPK; k++) {
+        sel_e[k] = 0;
+        sel_s[k] = 0;
+        if (k >= K) continue;
+        float bv = -INFINITY, bs = 0;
+        int bi = INT_MAX;
+#pragma unroll
+        for (int j = 0; j < J; j++) {
+            int e = j * 32 + lane;
+            // e ascends with j, so `>` keeps the lower index on ties (but a
+            // first valid candidate always replaces the INT_MAX sentinel)
+            if (e < E && !((taken >> j) & 1u) && (b[j] > bv || bi == INT_MAX)) {
+                bv = b[j];
+                bi = e;
+                bs = s[j];
+            }
+        }
+        for (int off = 16; off > 0; off >>= 1) {
+            float ov = __shfl_xor_sync(0xffffffffu, bv, off), os = __shfl_xor_sync(0xffffffffu, bs, off);
+            int oi = __shfl_xor_sync(0xffffffffu, bi, off);
+            if (oi != INT_MAX && (bi == INT_MAX || ov > bv || (ov == bv && oi < bi))) {
+                bv = ov;
+                bi = oi;
+                bs = os;
+            }
+        }
+        if (bi % 32 == lane) taken |= 1u << (bi / 32);
+        sel_e[k] = bi;
+        sel_s[k] = bs;
+    }
+    float sum = 0;
+#pragma unroll
+    for (int k = 0; k < MOE_MAX_TOPK; k++)
+        if (k < K) sum += sel_s[k];
+    const float scale = r.norm_topk ? 1.0f / (sum + 1e-20f) : 1.0f;
+#pragma unroll
+    for (int k = 0; k < MOE_MAX_TOPK; k++) {
+        if (k < K && lane == k) {
+            expert_row[k] = sel_e[k];
+            gate_row[k] = sel_s[k] * scale * r.rsf;
+            if (hist) atomicAdd(&hist[sel_e[k]], 1);
+        }
+    }
+}
+
+template <int J>
+static __global__ void router_forward_kernel(float* scores, int* expert, float* gate, int* load, const float* logits,
+                                             const float* bias, int N, RouterShape r) {
+    __shared__ int hist[MOE_MAX_EXPERTS];  // this block's expert counts: one global atomic per expert per block
+    if (load)
+        for (int e = threadIdx.x; e < r.E; e += blockDim.x) hist[e] = 0;
+    __syncthreads();
+    const int n = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
+    if (n < N)  // no early return: the block syncs again below
+        router_route_token<J>(scores + (size_t)n * r.E, expert + (size_t)n * r.K, gate + (size_t)n * r.K, load ? hist : nullptr,
+                              logits + (size_t)n * r.E, bias, r);
     if (load) {
         __syncthreads();
-        for (int e = threadIdx.x; e < E; e += blockDim.x)
+        for (int e = threadIdx.x; e < r.E; e += blockDim.x)
             if (hist[e]) atomicAdd(&load[e], hist[e]);
     }
 }
@@ -216,9 +232,7 @@ inline void router_forward_gpu(float* scores, int* expert, float* gate, int* loa
     const int warps = 8, E = c.n_routed_experts;
     auto kernel = E <= 32 ? router_forward_kernel<1> : E <= 64 ? router_forward_kernel<2> : E <= 128 ? router_forward_kernel<4>
                                                                                                    : router_forward_kernel<8>;
-    kernel<<<ceil_div(N, warps), warps * 32, 0, stream>>>(scores, expert, gate, load, logits, bias, N, E, c.num_experts_per_tok,
-                                                          c.n_group, c.topk_group, c.scoring_func == SCORING_SOFTMAX,
-                                                          c.norm_topk_prob, c.routed_scaling_factor);
+    kernel<<<ceil_div(N, warps), warps * 32, 0, stream>>>(scores, expert, gate, load, logits, bias, N, router_shape(c));
     CUDA_LAUNCH_CHECK();
 }
 
@@ -1233,9 +1247,9 @@ inline void moe_forward_gpu(const Config& c, const MoeWeights<bf16>& w, const fl
 
 // The MoE layer of a decoding step's few rows (R <= GEMV_MAX_ROWS, kernels.cuh). moe_forward_gpu permutes the slots
 // by expert and runs grouped GEMMs whose 128-row tiles are almost empty here: 13 launches a layer at batch 1, two of
-// them 10 us grouped GEMMs (bench/RESULTS.md, batch-1 decoding). After the same router, two kernels do the rest, every
-// output one warp's dot products over a weight row: gate_up and SwiGLU for each token's K experts and the shared
-// expert, then each expert's down projection and the gated sum. Values are rounded where moe_forward_gpu rounds them
+// them 10 us grouped GEMMs (bench/RESULTS.md, batch-1 decoding). After the same router GEMV, two kernels do the rest, every
+// output one warp's dot products over a weight row: the selection (router_route_token), gate_up and SwiGLU for each
+// token's K experts and the shared expert, then each expert's down projection and the gated sum. Values are rounded where moe_forward_gpu rounds them
 // (gate_up, hidden and each expert's output to bf16, the gated sum in fp32, in the same order), so the two differ
 // only in the order of each dot product's fp32 terms.
 
@@ -1243,19 +1257,32 @@ inline void moe_forward_gpu(const Config& c, const MoeWeights<bf16>& w, const fl
 // expert's (SI). One warp per output column: silu(x . W_gate[c]) * (x . W_up[c]) with W_gate = rows 0..I-1 and
 // W_up = rows I..2I-1 of the expert's gate_up [2I, D] (expert e's at experts_gu + e * stride). The lanes take STEP
 // columns at a time (8: 16-byte loads), the gate's and the up's in one loop so that their loads are in flight together.
-template <int STEP>
+// The router's selection runs here, not in a launch of its own: every block routes the R rows from the router's
+// logits [R, E] (warp n row n, as router_forward_gpu), and block 0 writes expert [R, K] and gate [R, K] for the down
+// kernel.
+template <int STEP, int J>
 static __global__ void __launch_bounds__(256)
-    moe_decode_up_kernel(bf16* hidden, const bf16* x, const int* expert, const bf16* experts_gu, size_t stride, const bf16* shared_gu,
-                         int R, int K, int D, int I, int SI) {
+    moe_decode_up_kernel(bf16* hidden, int* expert, float* gate, const float* logits, const float* bias, RouterShape route, const bf16* x,
+                         const bf16* experts_gu, size_t stride, const bf16* shared_gu, int R, int D, int I, int SI) {
     grid_dependency_wait();  // launched early (launch_programmatic): everything it reads but the weights comes from the kernels ahead
     grid_dependents_launch();
-    const int width = K * I + SI, lane = threadIdx.x % 32;
+    static_assert(GEMV_MAX_ROWS <= 256 / 32, "a warp of the block routes each row");
+    __shared__ int expert_s[GEMV_MAX_ROWS * MOE_MAX_TOPK];
+    __shared__ float gate_s[GEMV_MAX_ROWS * MOE_MAX_TOPK];
+    const int K = route.K, width = K * I + SI, lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+    if (warp < R) router_route_token<J>(nullptr, expert_s + warp * K, gate_s + warp * K, nullptr, logits + (size_t)warp * route.E, bias, route);
+    __syncthreads();
+    if (blockIdx.x == 0)
+        for (int i = threadIdx.x; i < R * K; i += blockDim.x) {
+            expert[i] = expert_s[i];
+            gate[i] = gate_s[i];
+        }
     const long long w = ((long long)blockIdx.x * blockDim.x + threadIdx.x) / 32;
     if (w >= (long long)R * width) return;
     const int n = (int)(w / width), r = (int)(w % width);
     const bool routed = r < K * I;
     const int c = routed ? r % I : r - K * I, rows = routed ? I : SI;
-    const bf16* W = routed ? experts_gu + (size_t)expert[(size_t)n * K + r / I] * stride : shared_gu;
+    const bf16* W = routed ? experts_gu + (size_t)expert_s[n * K + r / I] * stride : shared_gu;
     const bf16 *xn = x + (size_t)n * D, *wg = W + (size_t)c * D, *wu = W + (size_t)(rows + c) * D;
     float g = 0, u = 0;
 #pragma unroll 4  // the rounds' loads in flight together: the step is latency-bound
@@ -1273,6 +1300,13 @@ static __global__ void __launch_bounds__(256)
     g = rounded_bf16(warp_sum(g));
     u = rounded_bf16(warp_sum(u));
     if (lane == 0) hidden[w] = __float2bfloat16(g * swiglu_sigmoid(g) * u);
+}
+
+// the up kernel for E experts (J = E / 32 per lane, rounded up as router_forward_gpu does)
+template <int STEP>
+static auto moe_decode_up_for(int E) {
+    return E <= 32 ? moe_decode_up_kernel<STEP, 1> : E <= 64 ? moe_decode_up_kernel<STEP, 2> : E <= 128 ? moe_decode_up_kernel<STEP, 4>
+                                                                                                    : moe_decode_up_kernel<STEP, 8>;
 }
 
 // res [R, D] += sum over k of gate[n, k] * (hidden_k . W_down_e[d]) + hidden_shared . W_shared_down[d], each expert's
@@ -1333,17 +1367,18 @@ inline void moe_decode_forward_gpu(const Config& c, const MoeWeights<bf16>& w, c
     // fp32 logits, as moe_forward_gpu
     if (norm) gemv_forward_gpu(a.router_logits, res, w.router.w, R, D, E, st, GemvExtra<float>{norm, c.rms_norm_eps, u});
     else gemv_forward_gpu(a.router_logits, u, w.router.w, R, D, E, st);
-    router_forward_gpu(a.scores, a.expert, a.gate, nullptr, a.router_logits, bias, c, R, st);
+    router_check(c);
+    if (R > GEMV_MAX_ROWS) fail("internal: moe_decode_forward_gpu on %d rows (at most %d)", R, GEMV_MAX_ROWS);
     const bf16* shared_gu = SI > 0 ? gate_up(w.shared).w : nullptr;
     const bf16* shared_down = SI > 0 ? w.shared.down.w : nullptr;
     // 16-byte loads where every row of x, the weights and hidden starts on 8 elements
     const bool vec = D % 8 == 0 && I % 8 == 0 && SI % 8 == 0 && w.expert_stride % 8 == 0 &&
                      kdetail::aligned16({u, hidden, gate_up(w.experts).w, w.experts.down.w, shared_gu, shared_down});
     const int up_blocks = ceil_div((long long)R * (K * I + SI) * 32, 256), down_blocks = ceil_div((long long)R * D * 32, 256);
-    auto up = vec ? moe_decode_up_kernel<8> : moe_decode_up_kernel<1>;
+    auto up = vec ? moe_decode_up_for<8>(E) : moe_decode_up_for<1>(E);
     auto down = vec ? moe_decode_down_kernel<8> : moe_decode_down_kernel<1>;
-    launch_programmatic(up, dim3(up_blocks), dim3(256), 0, st, hidden, u, a.expert, gate_up(w.experts).w, w.expert_stride, shared_gu, R, K, D,
-                        I, SI);
+    launch_programmatic(up, dim3(up_blocks), dim3(256), 0, st, hidden, a.expert, a.gate, a.router_logits, bias, router_shape(c), u,
+                        gate_up(w.experts).w, w.expert_stride, shared_gu, R, D, I, SI);
     launch_programmatic(down, dim3(down_blocks), dim3(256), 0, st, res, hidden, a.expert, a.gate, w.experts.down.w, w.expert_stride,
                         shared_down, R, K, D, I, SI);
 }
