@@ -90,7 +90,7 @@ HD inline float fp8_decode(uint8_t c, Fp8Format f) {
 // scale s = amax / 448, and its values are stored as E4M3 codes of x · (1 / s), so an
 // outlier costs precision only in its own tile. x ~ decode(code) * s; s is what
 // DeepSeek's checkpoints call weight_scale_inv. An all-zero tile gets s = 0 and
-// zero codes. The host and the device run the same element function, so their
+// zero codes, and so does a tile of values under about 1e-36 (fp8_inverse_scale). The host and the device run the same element function, so their
 // codes and scales are bit-identical.
 
 constexpr int FP8_TILE = 128;
@@ -118,8 +118,14 @@ inline size_t fp8_scale_count(int rows, int cols, int tile_rows) {
 // value, as DeepGEMM's casts multiply by 448 / amax: the division a value cost the SwiGLU
 // forward 1.3-1.4x its time (bench/RESULTS.md, session 15). The product can differ from
 // x / s by an ulp, so a code could differ from a division's at a rounding boundary: none
-// did in 176 million measured. 0 for a tile of zeros (s = 0, or s not finite).
-HD inline float fp8_inverse_scale(float scale) { return scale > 0 && scale < INFINITY ? 1.0f / scale : 0.0f; }
+// did in 176 million measured. 0 for a tile of zeros (s = 0, or s not finite), and for a
+// tile so small that 1 / s overflows (amax under 448 * 2^-128, about 1.3e-36): its codes
+// are then all zero, where an infinite inverse would make 0 * inf a NaN code (a NaN
+// gradient in FP8 training, bench/RESULTS.md, session 16).
+HD inline float fp8_inverse_scale(float scale) {
+    const float inverse = scale > 0 ? 1.0f / scale : 0.0f;
+    return inverse < INFINITY ? inverse : 0.0f;
+}
 
 // On sm_89+ the device encodes with the hardware's cvt.rn.satfinite, one instruction
 // for fp8_encode's many: the same code for every float (gpu_fp8.cu checks that).

@@ -157,6 +157,32 @@ TEST_CASE("fp8: 1x128 and 128x128 quantization: scale amax/448 per tile, the til
     }
 }
 
+TEST_CASE("fp8: a tile too small for its scale to have a finite inverse gets zero codes, not NaN") {
+    // one row of two tiles: the first's values near 2^-130, zeros among them (amax / 448 below 2^-128, so
+    // 1 / s overflows), the second's ordinary
+    std::vector<float> x(256);
+    for (int c = 0; c < 256; c++) {
+        const float u = rng_uniform(8, c) * 2 - 1;
+        x[c] = c < 128 ? (c % 5 ? ldexpf(u, -128) : 0.0f) : u;
+    }
+    std::vector<uint8_t> codes(x.size(), 0x7f);
+    std::vector<float> scales(fp8_scale_count(1, 256, 1));
+    fp8_quantize_host(Fp8Matrix{codes.data(), scales.data(), 1, 256, 1}, x.data());
+    float amax = 0;
+    for (int c = 0; c < 128; c++) amax = fmaxf(amax, fabsf(x[c]));
+    const size_t first = fp8_scale_index(0, 0, 1, 256, 1), second = fp8_scale_index(0, 1, 1, 256, 1);
+    CHECK(amax > 0);
+    CHECK(scales[first] == amax / 448.0f);
+    CHECK(std::isinf(1.0f / scales[first]));
+    CHECK(fp8_inverse_scale(scales[first]) == 0.0f);
+    size_t nonzero = 0, off = 0;
+    for (int c = 0; c < 128; c++) nonzero += codes[c] != 0;
+    for (int c = 128; c < 256; c++) off += !(fabsf(fp8_decode(codes[c], FP8_E4M3) * scales[second] - x[c]) <= fmaxf(fabsf(x[c]) * 0.0625f, ldexpf(scales[second], -10)));
+    CHECK(nonzero == 0);
+    CHECK(off == 0);
+    CHECK(fp8_quantize(0.0f, fp8_inverse_scale(scales[first])) == 0);
+}
+
 TEST_CASE("fp8_matmul refuses shapes it was not checked for, before touching the GPU") {
     Matmul mm;  // never initialised: the shape check comes first
     for (int bad : {0, 1}) {
