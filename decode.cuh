@@ -143,9 +143,12 @@ inline void decode_attention_inputs_gpu(bf16* cache, float* qlat, const bf16* kv
 // launch of its own. Keys are the whole cache row (dc+dr), values its first dc columns: all heads share them (the
 // absorbed form).
 //
-// Inside a block each warp takes every NWARPS-th row: the lanes split the row's dot product (warp_sum), then each lane
-// updates its dc/32 output accumulators with the online softmax; the warps' states merge in shared memory at the end.
+// Inside a block each warp takes every NWARPS-th row, FLASH_DECODE_ROWS of them at a time: the lanes split the rows' dot
+// products (warp_sum), then each lane updates its dc/32 output accumulators with the online softmax, once for the
+// group. A warp's rows are few (about 3 at batch 1 and 256 cached rows), so their loads in flight together, not one
+// row's after another's, are what sets the kernel's time. The warps' states merge in shared memory at the end.
 constexpr int FLASH_DECODE_WARPS = 4;
+constexpr int FLASH_DECODE_ROWS = 4;
 
 template <int DCL>  // latent columns per lane: dc <= 32 * DCL
 static __global__ void __launch_bounds__(FLASH_DECODE_WARPS * 32)
@@ -164,17 +167,39 @@ static __global__ void __launch_bounds__(FLASH_DECODE_WARPS * 32)
     __syncthreads();
     float m = -INFINITY, l = 0, acc[DCL] = {};
     const bf16* seq = cache + (size_t)(b % rows.seqs) * rows.max_len * width;
-    for (int t = t0 + warp; t < t1; t += FLASH_DECODE_WARPS) {
-        const bf16* row = seq + (size_t)t * width;
-        float d = 0;
-        for (int j = lane; j < width; j += 32) d += q_s[j] * __bfloat162float(row[j]);
-        const float score = warp_sum(d);
-        const float m_new = fmaxf(m, score), corr = exp2f(m - m_new), p = exp2f(score - m_new);
-        l = l * corr + p;
+    constexpr int W = FLASH_DECODE_WARPS, G = FLASH_DECODE_ROWS;
+    for (int t = t0 + warp; t < t1; t += W * G) {
+        // rows t, t + W, ..., t + (G - 1) W of this warp; a row past t1 repeats row t with no weight
+        const bf16* row[G];
+        float d[G] = {};
+#pragma unroll
+        for (int g = 0; g < G; g++) row[g] = seq + (size_t)(t + g * W < t1 ? t + g * W : t) * width;
+        for (int j = lane; j < width; j += 32) {
+            const float qj = q_s[j];
+#pragma unroll
+            for (int g = 0; g < G; g++) d[g] += qj * __bfloat162float(row[g][j]);
+        }
+        float m_new = m, p[G];
+#pragma unroll
+        for (int g = 0; g < G; g++) {
+            d[g] = warp_sum(d[g]);
+            if (t + g * W < t1) m_new = fmaxf(m_new, d[g]);
+        }
+        const float corr = exp2f(m - m_new);
+        l *= corr;
+#pragma unroll
+        for (int g = 0; g < G; g++) {
+            p[g] = t + g * W < t1 ? exp2f(d[g] - m_new) : 0.0f;
+            l += p[g];
+        }
 #pragma unroll
         for (int i = 0; i < DCL; i++) {
             const int j = lane + 32 * i;
-            if (j < dc) acc[i] = acc[i] * corr + p * __bfloat162float(row[j]);
+            if (j >= dc) continue;
+            float a = acc[i] * corr;
+#pragma unroll
+            for (int g = 0; g < G; g++) a += p[g] * __bfloat162float(row[g][j]);
+            acc[i] = a;
         }
         m = m_new;
     }
