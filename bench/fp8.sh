@@ -15,7 +15,8 @@
 #   bash bench/fp8.sh seeds [steps] [data] [count] [preset batch seq]   the `loss` pair for
 #                                    seeds 1..count (default 2000 steps, data/default, 3 seeds,
 #                                    small at 8 x 256): each side's final validation losses,
-#                                    their mean and seed-to-seed spread
+#                                    their mean and seed-to-seed spread, and each seed's
+#                                    FP8 - BF16 difference with their mean and spread
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source bench/lib.bash

@@ -40,6 +40,9 @@ loss_run_dir() {
     echo "bench/out/${flag#--}_loss_$([ "$preset" = small ] || echo "${preset}_")$(basename "$data")${seed:+_seed$seed}_$side"
 }
 
+# final_val_loss FLAG DATA PRESET SEED SIDE: the last validation loss of that run
+final_val_loss() { tail -1 "$(loss_run_dir "$@")/metrics.csv" | cut -d, -f3; }
+
 # flag_loss FLAG STEPS DATA [PRESET BATCH SEQ EVERY SEED]: PRESET (default small) at BATCH x SEQ (8 x 256) without
 # and with FLAG, from the same seed (./train's default, or SEED) and data order, the validation loss over the whole
 # split every EVERY steps (250); each run's log and metrics.csv under
@@ -58,15 +61,22 @@ flag_loss() {
 }
 
 # flag_seeds FLAG STEPS DATA COUNT [PRESET BATCH SEQ]: flag_loss on PRESET (default small) at BATCH x SEQ (8 x 256)
-# for seeds 1..COUNT, then each side's final validation losses, their mean and spread (sample standard deviation),
-# and the mean difference in per cent: the noise a single pair of runs has to be read against
+# for seeds 1..COUNT, then seeds_summary
 flag_seeds() {
-    local flag=$1 steps=$2 data=$3 count=$4 preset=${5:-small} b=${6:-8} t=${7:-256} seed side means=()
+    local flag=$1 steps=$2 data=$3 count=$4 preset=${5:-small} b=${6:-8} t=${7:-256} seed
     for seed in $(seq "$count"); do flag_loss "$flag" "$steps" "$data" "$preset" "$b" "$t" 250 "$seed"; done
+    seeds_summary "$flag" "$data" "$count" "$preset"
+}
+
+# seeds_summary FLAG DATA COUNT PRESET: of flag_seeds' runs, each side's final validation losses, their mean and
+# spread (sample standard deviation), the mean difference in per cent (the noise a single pair of runs has to be
+# read against), and each seed's paired difference with their mean and spread
+seeds_summary() {
+    local flag=$1 data=$2 count=$3 preset=$4 seed side means=() final=()
     for side in plain "${flag#--}"; do
         local losses=()
         for seed in $(seq "$count"); do
-            losses+=("$(tail -1 "$(loss_run_dir "$flag" "$data" "$preset" "$seed" "$side")/metrics.csv" | cut -d, -f3)")
+            losses+=("$(final_val_loss "$flag" "$data" "$preset" "$seed" "$side")")
         done
         means+=("$(printf '%s\n' "${losses[@]}" | awk '{ s += $1 } END { print s / NR }')")
         printf '%s\n' "${losses[@]}" | awk -v side="$side" -v m="${means[-1]}" '{ v[NR] = $1; d += ($1 - m) ^ 2 } END {
@@ -75,4 +85,11 @@ flag_seeds() {
             printf "; mean %.4f, spread %.4f (%.2f%%)\n", m, sd, 100 * sd / m }'
     done
     awk -v a="${means[0]}" -v b="${means[1]}" -v f="$flag" 'BEGIN { printf "%s against plain, mean final val loss: %+.2f%%\n", f, 100 * (b / a - 1) }'
+    for seed in $(seq "$count"); do
+        for side in plain "${flag#--}"; do final+=("$(final_val_loss "$flag" "$data" "$preset" "$seed" "$side")"); done
+    done
+    printf '%s %s\n' "${final[@]}" | awk -v f="$flag" '{ d[NR] = 100 * ($2 / $1 - 1); s += d[NR] } END {
+        m = s / NR; printf "%s against plain, paired by seed:", f
+        for (i = 1; i <= NR; i++) { printf " %+.2f%%", d[i]; v += (d[i] - m) ^ 2 }
+        printf "; mean %+.2f%%, spread %.2f%%\n", m, sqrt(v / (NR > 1 ? NR - 1 : 1)) }'
 }
