@@ -90,8 +90,9 @@ HD inline float fp8_decode(uint8_t c, Fp8Format f) {
 // scale s = amax / 448, and its values are stored as E4M3 codes of x · (1 / s), so an
 // outlier costs precision only in its own tile. x ~ decode(code) * s; s is what
 // DeepSeek's checkpoints call weight_scale_inv. An all-zero tile gets s = 0 and
-// zero codes, and so does a tile of values under about 1e-36 (fp8_inverse_scale). The host and the device run the same element function, so their
-// codes and scales are bit-identical.
+// zero codes, and so does a tile of values under about 1e-36 (fp8_inverse_scale).
+// The host and the device run the same element function, so their codes and scales
+// are bit-identical.
 
 constexpr int FP8_TILE = 128;
 constexpr float FP8_E4M3_MAX = 448.0f;
