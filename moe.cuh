@@ -1247,11 +1247,11 @@ inline void moe_forward_gpu(const Config& c, const MoeWeights<bf16>& w, const fl
 
 // The MoE layer of a decoding step's few rows (R <= GEMV_MAX_ROWS, kernels.cuh). moe_forward_gpu permutes the slots
 // by expert and runs grouped GEMMs whose 128-row tiles are almost empty here: 13 launches a layer at batch 1, two of
-// them 10 us grouped GEMMs (bench/RESULTS.md, batch-1 decoding). After the same router GEMV, two kernels do the rest, every
-// output one warp's dot products over a weight row: the selection (router_route_token), gate_up and SwiGLU for each
-// token's K experts and the shared expert, then each expert's down projection and the gated sum. Values are rounded where moe_forward_gpu rounds them
-// (gate_up, hidden and each expert's output to bf16, the gated sum in fp32, in the same order), so the two differ
-// only in the order of each dot product's fp32 terms.
+// them 10 us grouped GEMMs (bench/RESULTS.md, batch-1 decoding). After the same router GEMV, two kernels do the rest,
+// every output one warp's dot products over a weight row: the selection (router_route_token), gate_up and SwiGLU for
+// each token's K experts and the shared expert, then each expert's down projection and the gated sum. Values are
+// rounded where moe_forward_gpu rounds them (gate_up, hidden and each expert's output to bf16, the gated sum in fp32,
+// in the same order), so the two differ only in the order of each dot product's fp32 terms.
 
 // hidden [R, K*I + SI]: row n's K routed experts' SwiGLU outputs (I each, in choice order), then the shared
 // expert's (SI). One warp per output column: silu(x . W_gate[c]) * (x . W_up[c]) with W_gate = rows 0..I-1 and
@@ -1270,7 +1270,8 @@ static __global__ void __launch_bounds__(256)
     __shared__ int expert_s[GEMV_MAX_ROWS * MOE_MAX_TOPK];
     __shared__ float gate_s[GEMV_MAX_ROWS * MOE_MAX_TOPK];
     const int K = route.K, width = K * I + SI, lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-    if (warp < R) router_route_token<J>(nullptr, expert_s + warp * K, gate_s + warp * K, nullptr, logits + (size_t)warp * route.E, bias, route);
+    if (warp < R)
+        router_route_token<J>(nullptr, expert_s + warp * K, gate_s + warp * K, nullptr, logits + (size_t)warp * route.E, bias, route);
     __syncthreads();
     if (blockIdx.x == 0)
         for (int i = threadIdx.x; i < R * K; i += blockDim.x) {

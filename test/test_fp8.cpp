@@ -177,7 +177,10 @@ TEST_CASE("fp8: a tile too small for its scale to have a finite inverse gets zer
     CHECK(fp8_inverse_scale(scales[first]) == 0.0f);
     size_t nonzero = 0, off = 0;
     for (int c = 0; c < 128; c++) nonzero += codes[c] != 0;
-    for (int c = 128; c < 256; c++) off += !(fabsf(fp8_decode(codes[c], FP8_E4M3) * scales[second] - x[c]) <= fmaxf(fabsf(x[c]) * 0.0625f, ldexpf(scales[second], -10)));
+    for (int c = 128; c < 256; c++) {
+        const float back = fp8_decode(codes[c], FP8_E4M3) * scales[second];
+        off += !(fabsf(back - x[c]) <= fmaxf(fabsf(x[c]) * 0.0625f, ldexpf(scales[second], -10)));
+    }
     CHECK(nonzero == 0);
     CHECK(off == 0);
     CHECK(fp8_quantize(0.0f, fp8_inverse_scale(scales[first])) == 0);
