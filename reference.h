@@ -770,17 +770,23 @@ inline T sigmoid(T x) {
     return 1 / (1 + std::exp(-x));
 }
 
+// hidden [n, I] = silu(gate) * up, from gate_up [n, 2I] (gate, then up)
+template <typename T>
+void swiglu_forward(T* hidden, const T* gate_up, int n, int I) {
+    for (size_t r = 0; r < (size_t)n; r++)
+        for (int i = 0; i < I; i++) {
+            const T g = gate_up[r * 2 * I + i], u = gate_up[r * 2 * I + I + i];
+            hidden[r * I + i] = g * sigmoid(g) * u;
+        }
+}
+
 template <typename T>
 void ffn_forward(const FfnWeights<T>& w, T* out, const T* x, int n, FfnActs<T>& a) {
     const int I = w.gate.out;
     a.gate_up.resize((size_t)n * 2 * I);
     a.hidden.resize((size_t)n * I);
     linear_forward(a.gate_up.data(), x, gate_up(w), n);
-    for (size_t r = 0; r < (size_t)n; r++)
-        for (int i = 0; i < I; i++) {
-            const T g = a.gate_up[r * 2 * I + i], u = a.gate_up[r * 2 * I + I + i];
-            a.hidden[r * I + i] = g * sigmoid(g) * u;
-        }
+    swiglu_forward(a.hidden.data(), a.gate_up.data(), n, I);
     linear_forward(out, a.hidden.data(), w.down, n);
     if (a.fp8) fp8_round_trip_host(a.gate_up.data(), n, 2 * I);
 }
@@ -794,11 +800,7 @@ void ffn_backward(const FfnWeights<T>& w, const FfnWeights<T>& dw, T* dx, const 
     std::vector<T> dhidden((size_t)n * I), dgate_up((size_t)n * 2 * I), rebuilt;
     if (a.fp8) {  // hidden from the kept copy of gate_up, as the backward reads it
         rebuilt.resize((size_t)n * I);
-        for (size_t r = 0; r < (size_t)n; r++)
-            for (int i = 0; i < I; i++) {
-                const T g = a.gate_up[r * 2 * I + i], u = a.gate_up[r * 2 * I + I + i];
-                rebuilt[r * I + i] = g * sigmoid(g) * u;
-            }
+        swiglu_forward(rebuilt.data(), a.gate_up.data(), n, I);
     }
     linear_backward(dhidden.data(), dw.down, dout, a.fp8 ? rebuilt.data() : a.hidden.data(), w.down, n, false);
     for (size_t r = 0; r < (size_t)n; r++)
