@@ -15,7 +15,7 @@ runs=${2:-5}
 shapes=${3:-"mini 8 256 60 1024,small 8 256 40 32768,small 16 1024 20 32768"}
 (make -j16 train data/prepare >/dev/null) & (make -C "$old" -j16 train >/dev/null) & wait
 [ -f data/default/train.bin ] || ./data/prepare --default --out data/default --vocab 1024 >/dev/null
-echo "card: $(nvidia-smi --query-gpu=name --format=csv,noheader | head -1), $(date -u +%Y-%m-%d)"
+card_line
 tokens_per_s() {  # dir preset batch seq steps vocab: median tok/s over steps 11..
     (cd "$1" && ./train --data "$OLDPWD/data/default" --preset "$2" --vocab-size "$6" --batch-size "$3" --seq-len "$4" --steps "$5" \
         --device gpu --val-every 0 --sample-every 0 --save-every 0 --overwrite --out /tmp/ab_run > /tmp/ab_run.log)

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # bench/decode_ab.sh — GPU decoding speed of an older tree against this one, in one call on the device machine:
 # builds bench/decode_bench in both, trains the one-step `small` checkpoint that generate_bench.sh decodes with
-# (decoding speed does not depend on the weights' values), then alternates the two trees' runs per case, so that
-# drift of the card hits both alike. Prints each side's median ms a token per case and the speed-up.
+# (lib.bash decode_checkpoint), then alternates the two trees' runs per case, so that drift of the card hits both
+# alike. Prints each side's median ms a token per case and the speed-up.
 #
 #   git archive REV | tar -x -C OLD             (here, into an ignored folder; carry it)
 #   bash bench/decode_ab.sh OLD [runs] [cases]  (default 3 runs a side; cases: a list of "batch prompt_len new_tokens",
@@ -14,10 +14,9 @@ old=$1
 runs=${2:-3}
 cases=${3:-"1 128 128,4 128 128,32 128 128,1 1024 32"}
 (make -j16 train data/prepare bench/decode_bench >/dev/null) & (make -C "$old" -j16 bench/decode_bench >/dev/null) & wait
-echo "card: $(nvidia-smi --query-gpu=name --format=csv,noheader | head -1), $(date -u +%Y-%m-%d)"
+card_line
 ckpt=/tmp/decode_ab_small
-./train --preset small --vocab-size 32768 --steps 1 --warmup 1 --batch-size 1 --seq-len 64 --device gpu --val-every 0 \
-    --sample-every 0 --save-every 0 --overwrite --out "$ckpt" >/tmp/decode_ab_train.log 2>&1
+decode_checkpoint "$ckpt" /tmp/decode_ab_train.log
 ms_per_token() {  # dir batch prompt_len new_tokens: the median over 3 timed generations, from decode_bench's JSON
     (cd "$1" && ./bench/decode_bench --model "$ckpt" --batch "$2" --prompt-len "$3" --new-tokens "$4" --runs 3) |
         tail -1 | grep -o '"decode_token_ms": [0-9.]*' | awk '{ print $2 }'

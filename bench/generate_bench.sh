@@ -11,6 +11,7 @@
 #   cases: b1 b32 p1024 b1_nograph)
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source bench/lib.bash
 runs=${1:-5}
 shift || true
 only=" $* "
@@ -19,9 +20,8 @@ mkdir -p "$out"
 for bin in train data/prepare bench/decode_bench; do [ -x "$bin" ] || make -j16 "$bin" >/dev/null; done
 [ -f data/default/train.bin ] || ./data/prepare --default --out data/default --vocab 1024 >/dev/null
 ckpt=/tmp/generate_bench_small
-./train --preset small --vocab-size 32768 --steps 1 --warmup 1 --batch-size 1 --seq-len 64 --device gpu --val-every 0 \
-    --sample-every 0 --save-every 0 --overwrite --out "$ckpt" >"$out/generate_bench_train.log" 2>&1
-echo "card: $(nvidia-smi --query-gpu=name --format=csv,noheader | head -1), $(date -u +%Y-%m-%d)"
+decode_checkpoint "$ckpt" "$out/generate_bench_train.log"
+card_line
 
 # name batch prompt_len new_tokens [--no-graph]
 cases=("b1 1 128 128" "b32 32 128 128" "p1024 1 1024 32" "b1_nograph 1 128 128 --no-graph")

@@ -4,11 +4,21 @@
 
 median() { sort -g | awk '{ a[NR] = $1 } END { print a[int((NR + 1) / 2)] }'; }
 
+# card_line: the card and the date, the line every benchmark's output starts with
+card_line() { echo "card: $(nvidia-smi --query-gpu=name --format=csv,noheader | head -1), $(date -u +%Y-%m-%d)"; }
+
 # bench_setup TARGET...: builds them, writes the default dataset when it is missing, names the card and the date
 bench_setup() {
     make -j16 "$@" >/dev/null
     [ -f data/default/train.bin ] || ./data/prepare --default --out data/default --vocab 1024 >/dev/null
-    echo "card: $(nvidia-smi --query-gpu=name --format=csv,noheader | head -1), $(date -u +%Y-%m-%d)"
+    card_line
+}
+
+# decode_checkpoint DIR LOG: `small` (vocabulary 32,768) after one training step, the checkpoint the decoding
+# benchmarks time (decoding speed does not depend on the weights' values), written to DIR, ./train's output to LOG
+decode_checkpoint() {
+    ./train --preset small --vocab-size 32768 --steps 1 --warmup 1 --batch-size 1 --seq-len 64 --device gpu --val-every 0 \
+        --sample-every 0 --save-every 0 --overwrite --out "$1" >"$2" 2>&1
 }
 
 # flag_speed FLAG PRESET BATCH SEQ STEPS RUNS: ./train on the default data without and with FLAG, alternated so
