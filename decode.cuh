@@ -135,13 +135,13 @@ inline void decode_attention_inputs_gpu(bf16* cache, float* qlat, const bf16* kv
 }
 
 // ----------------------------------------------------------------------------
-// Flash decoding: one query per (row, head) over its sequence's cache rows 0..row_position(b). A single query is too
-// little work for one block per (b, h) when the batch is small, so the rows are split into `splits` contiguous ranges,
-// one block each (grid (splits, H, B)); every block writes a partial (max, sum, unnormalised output) in the log2
-// domain, and the last block of a (b, h) to finish (a counter per (b, h), reset by that block for the next step) merges
-// the splits with their log-sum-exp weights in split order, so the result is deterministic and the merge needs no
-// launch of its own. Keys are the whole cache row (dc+dr), values its first dc columns: all heads share them (the
-// absorbed form).
+// Flash decoding, one head a block: one query per (row, head) over its sequence's cache rows 0..row_position(b). A
+// single query is too little work for one block per (b, h) when the batch is small, so the rows are split into `splits`
+// contiguous ranges, one block each (grid (splits, H, B)); every block writes a partial (max, sum, unnormalised output)
+// in the log2 domain, and the last block of a (b, h) to finish (a counter per (b, h), reset by that block for the next
+// step) merges the splits with their log-sum-exp weights in split order, so the result is deterministic and the merge
+// needs no launch of its own. Keys are the whole cache row (dc+dr), values its first dc columns: all heads share them
+// (the absorbed form).
 //
 // Inside a block each warp takes every NWARPS-th row, FLASH_DECODE_ROWS of them at a time: the lanes split the rows' dot
 // products (warp_sum), then each lane updates its dc/32 output accumulators with the online softmax, once for the
@@ -152,8 +152,8 @@ constexpr int FLASH_DECODE_ROWS = 4;
 
 template <int DCL>  // latent columns per lane: dc <= 32 * DCL
 static __global__ void __launch_bounds__(FLASH_DECODE_WARPS * 32)
-    flash_decode_kernel(float* o_lat, float* part_acc, float2* part_ml, int* done, const float* qlat, const bf16* cache, DecodeRows rows,
-                        int H, int dc, int dr, float scale_log2) {
+    flash_decode_head_kernel(float* o_lat, float* part_acc, float2* part_ml, int* done, const float* qlat, const bf16* cache,
+                             DecodeRows rows, int H, int dc, int dr, float scale_log2) {
     grid_dependency_wait();  // launched early (launch_programmatic): everything it reads but the weights comes from the kernels ahead
     grid_dependents_launch();
     extern __shared__ float smem[];
@@ -269,10 +269,342 @@ static __global__ void __launch_bounds__(FLASH_DECODE_WARPS * 32)
     }
 }
 
-// splits that give the GPU about two blocks per SM for B*H queries, at least 16 rows each for a cache of max_len rows
+// flash_decode_gpu (at the end of this section), one (row, head) a block
+inline void flash_decode_head_gpu(float* o_lat, float* part_acc, float2* part_ml, int* done, const float* qlat, const bf16* cache,
+                                  const DecodeRows& rows, int B, int H, int dc, int dr, int splits, float scale, cudaStream_t stream) {
+    if (dc > 32 * 32) fail("flash_decode: kv_lora_rank %d exceeds the supported 1024", dc);
+    if (3 * splits > FLASH_DECODE_WARPS * dc) fail("flash_decode: %d splits exceed the merge's room for %d", splits, FLASH_DECODE_WARPS * dc / 3);
+    const int dcl = ceil_div(dc, 32);
+    auto kernel = dcl <= 1 ? flash_decode_head_kernel<1> : dcl <= 2 ? flash_decode_head_kernel<2>
+                : dcl <= 4 ? flash_decode_head_kernel<4> : dcl <= 8 ? flash_decode_head_kernel<8>
+                : dcl <= 16 ? flash_decode_head_kernel<16> : flash_decode_head_kernel<32>;
+    const size_t smem = ((size_t)(dc + dr) + FLASH_DECODE_WARPS * dc + 2 * FLASH_DECODE_WARPS) * sizeof(float);
+    if (smem > 48 * 1024) fail("flash_decode: %zu bytes of shared memory for kv_lora_rank %d exceed 48 KiB", smem, dc);
+    launch_programmatic(kernel, dim3(splits, H, B), dim3(FLASH_DECODE_WARPS * 32), smem, stream, o_lat, part_acc, part_ml, done, qlat, cache, rows,
+                        H, dc, dr, scale * 1.4426950408889634f);
+}
+
+// ----------------------------------------------------------------------------
+// Flash decoding, 16 heads a block: the same queries, split and merge as above, but in the absorbed form every head's
+// keys and values are the same cache rows, so a block takes 16 heads at once and reads each cache row once for all of
+// them: the heads are the 16 rows of mma.sync m16n8k16 tiles, S = Q K^T and O += P V on tensor cores, as in FlashMLA.
+// Grid (splits, head groups, B); a split is at least FLASH_DECODE_MIN_KEYS rows, and the blocks past a sequence's
+// length exit. The last block of a (b, head group) merges the group's 16 heads.
+//
+// The operands are fp32 (the absorbed queries, the probabilities) times bf16 (the cache). Each fp32 operand goes in as
+// two bf16 terms, hi = bf16(x) and lo = bf16(x - hi), so the products carry 16 bits of its mantissa and the result is
+// as close to the fp32 computation as the fp32 accumulation allows: the tensor cores' speed without bf16's rounding.
+//
+// A block is 4 warps. Per tile of FLASH_DECODE_KEYS cache rows (cp.async into shared memory, the next tile's loads in
+// flight during this one's math; rows padded to 8 more than pad32(dc+dr) so that ldmatrix is conflict free and the
+// padding columns are zero): warp w scores keys 8w..8w+7 for the 16 heads; the tile's max per head goes through
+// shared memory, so every warp applies the same running max; the probabilities go to shared memory as hi and lo; then
+// warp w adds P V into its quarter of the dc output columns.
+constexpr int FLASH_DECODE_HEADS = 16;  // the mma's rows
+constexpr int FLASH_DECODE_KEYS = 32;   // cache rows a tile: 8 per warp
+constexpr int FLASH_DECODE_MIN_KEYS = 64;  // a split's rows at least: the merge reads 16 heads' partials of each split
+
+__host__ __device__ inline int flash_decode_ld(int dc, int dr) { return mla_detail::pad32(dc + dr) + 8; }
+
+// the tiles, the queries, the probabilities and the max and sum of each warp; the merge's weights take their place
+inline size_t flash_decode_smem_bytes(int dc, int dr, int splits) {
+    const int ld = flash_decode_ld(dc, dr), HEADS = FLASH_DECODE_HEADS, KEYS = FLASH_DECODE_KEYS;
+    const size_t tiles = ((size_t)2 * KEYS * ld + 2 * HEADS * ld + 2 * HEADS * (KEYS + 8)) * sizeof(bf16) +
+                         2 * FLASH_DECODE_WARPS * HEADS * sizeof(float);
+    return std::max(tiles, ((size_t)HEADS * splits + HEADS) * sizeof(float));
+}
+
+// x as hi + lo, two bf16 (see above), packed in pairs
+__device__ inline void split_bf16_pair(uint32_t& hi, uint32_t& lo, float x0, float x1) {
+    const __nv_bfloat162 h = __floats2bfloat162_rn(x0, x1);
+    hi = *reinterpret_cast<const uint32_t*>(&h);
+    lo = mla_detail::pack_bf16(x0 - __low2float(h), x1 - __high2float(h));
+}
+
+// rows t .. t+KEYS-1 of a sequence's cache (those < t1; columns < width) into k_s [KEYS, ld], zero elsewhere. A thread
+// steps through the 16-byte chunks blockDim.x apart by adding, not dividing: the loop runs every tile, and a division
+// a chunk was most of its instructions.
+__device__ inline void flash_decode_load_keys(bf16* k_s, int ld, const bf16* seq, int width, int t, int t1, bool vec) {
+    const int chunks = (ld - 8) / 8, row_step = blockDim.x / chunks, col_step = blockDim.x % chunks * 8;
+    int r = threadIdx.x / chunks, col = threadIdx.x % chunks * 8;
+    while (r < FLASH_DECODE_KEYS) {
+        bf16* dst = k_s + r * ld + col;
+        if (vec) {
+            const bool ok = t + r < t1 && col < width;
+            cp_async16(smem_u32(dst), ok ? (const void*)(seq + (size_t)(t + r) * width + col) : (const void*)seq, ok ? 16 : 0);
+        } else {
+#pragma unroll
+            for (int e = 0; e < 8; e++)
+                dst[e] = t + r < t1 && col + e < width ? seq[(size_t)(t + r) * width + col + e] : __float2bfloat16(0.0f);
+        }
+        r += row_step, col += col_step;
+        if (col >= 8 * chunks) r++, col -= 8 * chunks;
+    }
+}
+
+// the 16 heads' queries, times scale_log2, as hi and lo [HEADS, ld] (zero past H and past width). A thread's loads of
+// four float4s go out before their stores: one after another, each waited for the last one's store, and this loop
+// was a third of the kernel's time.
+__device__ inline void flash_decode_load_queries(bf16* qhi_s, bf16* qlo_s, int ld, const float* qlat, int b, int h0, int H, int width,
+                                                 float scale_log2) {
+    const int quads = (ld - 8) / 4, n = FLASH_DECODE_HEADS * quads;
+    const bool vec = width % 4 == 0;
+    for (int base = threadIdx.x; base < n; base += 4 * blockDim.x) {
+        float4 v[4];
+#pragma unroll
+        for (int u = 0; u < 4; u++) {
+            const int i = base + u * blockDim.x, r = i / quads, j = i % quads * 4;
+            const float* q = qlat + ((size_t)b * H + h0 + r) * width + j;
+            float x[4] = {};
+            if (i < n && h0 + r < H) {
+                if (vec) {
+                    if (j < width) {
+                        const float4 w = *reinterpret_cast<const float4*>(q);
+                        x[0] = w.x, x[1] = w.y, x[2] = w.z, x[3] = w.w;
+                    }
+                } else {
+#pragma unroll
+                    for (int e = 0; e < 4; e++) x[e] = j + e < width ? q[e] : 0.0f;
+                }
+            }
+            v[u] = make_float4(x[0] * scale_log2, x[1] * scale_log2, x[2] * scale_log2, x[3] * scale_log2);
+        }
+#pragma unroll
+        for (int u = 0; u < 4; u++) {
+            const int i = base + u * blockDim.x, r = i / quads, j = i % quads * 4;
+            if (i >= n) break;
+            uint32_t* hi = reinterpret_cast<uint32_t*>(qhi_s + r * ld + j);
+            uint32_t* lo = reinterpret_cast<uint32_t*>(qlo_s + r * ld + j);
+            split_bf16_pair(hi[0], lo[0], v[u].x, v[u].y);
+            split_bf16_pair(hi[1], lo[1], v[u].z, v[u].w);
+        }
+    }
+}
+
+template <int NT>  // n8 tiles of output columns a warp: dc <= FLASH_DECODE_WARPS * 8 * NT
+static __global__ void __launch_bounds__(FLASH_DECODE_WARPS * 32)
+    flash_decode_group_kernel(float* o_lat, float* part_acc, float2* part_ml, int* done, const float* qlat, const bf16* cache,
+                              DecodeRows rows, int H, int dc, int dr, float scale_log2, bool vec) {
+    constexpr int HEADS = FLASH_DECODE_HEADS, KEYS = FLASH_DECODE_KEYS, W = FLASH_DECODE_WARPS, LDP = KEYS + 8;
+    grid_dependency_wait();  // launched early (launch_programmatic): everything it reads comes from the kernels ahead
+    grid_dependents_launch();
+    extern __shared__ __align__(16) unsigned char flash_smem[];
+    const int width = dc + dr, ld = flash_decode_ld(dc, dr), wp = ld - 8;
+    const int splits = gridDim.x, s = blockIdx.x, h0 = blockIdx.y * HEADS, b = blockIdx.z;
+    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, g = lane / 4, t4 = lane % 4;
+    bf16* k_s = (bf16*)flash_smem;      // [2][KEYS, ld]: tiles i and i + 1
+    bf16* qhi_s = k_s + 2 * KEYS * ld;  // [HEADS, ld], pre-scaled by scale * log2(e)
+    bf16* qlo_s = qhi_s + HEADS * ld;
+    bf16* phi_s = qlo_s + HEADS * ld;  // [HEADS, LDP]
+    bf16* plo_s = phi_s + HEADS * LDP;
+    float* max_s = (float*)(plo_s + HEADS * LDP);  // [W, HEADS]
+    float* l_s = max_s + W * HEADS;                // [W, HEADS]
+
+    const int len = row_position(rows, b) + 1;
+    const int chunk = (max((len + splits - 1) / splits, FLASH_DECODE_MIN_KEYS) + KEYS - 1) / KEYS * KEYS, used = (len + chunk - 1) / chunk;
+    if (s >= used) return;
+    const int t0 = s * chunk, t1 = min(len, t0 + chunk);
+    const bf16* seq = cache + (size_t)(b % rows.seqs) * rows.max_len * width;
+    flash_decode_load_keys(k_s, ld, seq, width, t0, t1, vec);
+    cp_async_commit();
+    if (t0 + KEYS < t1) flash_decode_load_keys(k_s + KEYS * ld, ld, seq, width, t0 + KEYS, t1, vec);
+    cp_async_commit();  // (an empty group when there is no second tile: one group is always in flight behind the tile)
+    flash_decode_load_queries(qhi_s, qlo_s, ld, qlat, b, h0, H, width, scale_log2);
+
+    // this thread's rows of the tiles: heads g and g + 8; its output columns c0 + 8 nt + 2 t4 (+1)
+    float acc[NT][4] = {}, m[2] = {-INFINITY, -INFINITY}, l[2] = {0, 0};
+    const int c0 = warp * 8 * NT, pairs = max(0, min(NT / 2, (dc - c0 + 15) / 16));
+    for (int t = t0; t < t1; t += KEYS) {
+        const bf16* tile = k_s + ((t - t0) / KEYS % 2) * KEYS * ld;
+        cp_async_wait<1>();
+        __syncthreads();  // the tile (and at the first, the queries) in shared memory
+        // S [16 heads, keys 8 warp ..] = Q K^T, two 16-wide steps of k per ldmatrix of the keys. hi and lo, and the
+        // two steps, in four accumulators: four chains of dependent mma a quarter as long as one
+        float part[4][4] = {};
+        for (int kk = 0; kk < wp / 16; kk += 2) {
+            uint32_t kb[4];
+            ldsm_x4(kb, smem_u32(tile + (8 * warp + (lane & 7)) * ld + kk * 16 + (lane >> 3) * 8));
+#pragma unroll
+            for (int u = 0; u < 2; u++) {
+                uint32_t a[4];
+                const int off = (lane & 15) * ld + (kk + u) * 16 + (lane >> 4) * 8;
+                ldsm_x4(a, smem_u32(qhi_s + off));
+                mma16816(part[u], a, kb[2 * u], kb[2 * u + 1]);
+                ldsm_x4(a, smem_u32(qlo_s + off));
+                mma16816(part[2 + u], a, kb[2 * u], kb[2 * u + 1]);
+            }
+        }
+        float sc[4];
+#pragma unroll
+        for (int i = 0; i < 4; i++) sc[i] = (part[0][i] + part[1][i]) + (part[2][i] + part[3][i]);
+        const int key = t + 8 * warp + 2 * t4;
+        if (key >= t1) sc[0] = sc[2] = -INFINITY;
+        if (key + 1 >= t1) sc[1] = sc[3] = -INFINITY;
+        float mx[2] = {fmaxf(sc[0], sc[1]), fmaxf(sc[2], sc[3])};
+#pragma unroll
+        for (int r = 0; r < 2; r++) {
+            mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));
+            mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
+            if (t4 == 0) max_s[warp * HEADS + g + 8 * r] = mx[r];
+        }
+        __syncthreads();
+        float corr[2], p[4];
+#pragma unroll
+        for (int r = 0; r < 2; r++) {
+            float m_new = m[r];
+#pragma unroll
+            for (int w = 0; w < W; w++) m_new = fmaxf(m_new, max_s[w * HEADS + g + 8 * r]);
+            corr[r] = exp2f(m[r] - m_new);  // the tile has a valid key: m_new is finite
+            p[2 * r] = exp2f(sc[2 * r] - m_new);
+            p[2 * r + 1] = exp2f(sc[2 * r + 1] - m_new);
+            l[r] = l[r] * corr[r] + p[2 * r] + p[2 * r + 1];
+            m[r] = m_new;
+            split_bf16_pair(*(uint32_t*)&phi_s[(g + 8 * r) * LDP + 8 * warp + 2 * t4], *(uint32_t*)&plo_s[(g + 8 * r) * LDP + 8 * warp + 2 * t4],
+                            p[2 * r], p[2 * r + 1]);
+        }
+#pragma unroll
+        for (int nt = 0; nt < NT; nt++) {
+            acc[nt][0] *= corr[0], acc[nt][1] *= corr[0];
+            acc[nt][2] *= corr[1], acc[nt][3] *= corr[1];
+        }
+        __syncthreads();  // the probabilities in shared memory
+        // O [16 heads, this warp's columns] += P V, V = the tile's first dc columns
+#pragma unroll
+        for (int kk = 0; kk < KEYS / 16; kk++) {
+            uint32_t a[4];
+            const int off = (lane & 15) * LDP + kk * 16 + (lane >> 4) * 8;
+            ldsm_x4(a, smem_u32(phi_s + off));
+            mla_detail::mma_rows16_trans<NT / 2>(acc, a, tile, ld, kk, c0, pairs, lane);
+            ldsm_x4(a, smem_u32(plo_s + off));
+            mla_detail::mma_rows16_trans<NT / 2>(acc, a, tile, ld, kk, c0, pairs, lane);
+        }
+        __syncthreads();  // every warp is done with the tile and the probabilities: the tile after next takes its place
+        if (t + 2 * KEYS < t1) flash_decode_load_keys((bf16*)tile, ld, seq, width, t + 2 * KEYS, t1, vec);
+        cp_async_commit();
+    }
+
+    // the split's partial: l summed over the quad's lanes and the warps (each summed its own keys); every warp holds
+    // the same running max, so warp 0's goes to max_s
+#pragma unroll
+    for (int r = 0; r < 2; r++) {
+        l[r] += __shfl_xor_sync(0xffffffffu, l[r], 1);
+        l[r] += __shfl_xor_sync(0xffffffffu, l[r], 2);
+        if (t4 == 0) l_s[warp * HEADS + g + 8 * r] = l[r];
+        if (t4 == 0 && warp == 0) max_s[g + 8 * r] = m[r];
+    }
+#pragma unroll
+    for (int r = 0; r < 2; r++) {
+        const int h = h0 + g + 8 * r;
+        if (h >= H) continue;
+        float* out = part_acc + (((size_t)b * H + h) * splits + s) * dc;
+#pragma unroll
+        for (int nt = 0; nt < NT; nt++) {
+            const int col = c0 + 8 * nt + 2 * t4;
+            if (col < dc) out[col] = acc[nt][2 * r];
+            if (col + 1 < dc) out[col + 1] = acc[nt][2 * r + 1];
+        }
+    }
+    __syncthreads();
+    if (threadIdx.x < HEADS && h0 + threadIdx.x < H) {
+        float sum = 0;
+        for (int w = 0; w < W; w++) sum += l_s[w * HEADS + threadIdx.x];
+        part_ml[((size_t)b * H + h0 + threadIdx.x) * splits + s] = make_float2(max_s[threadIdx.x], sum);
+    }
+
+    // the last block of (b, head group): o_lat = sum_s acc_s 2^(m_s - M) / sum_s l_s 2^(m_s - M), splits in order. The
+    // fence makes this block's partial visible before its count; the last block reads the others' past L1 (__ldcg).
+    __shared__ bool last;
+    __threadfence();
+    __syncthreads();
+    const size_t group = (size_t)b * gridDim.y + blockIdx.y;
+    if (threadIdx.x == 0) last = atomicAdd(&done[group], 1) == used - 1;
+    __syncthreads();
+    if (!last) return;
+    float* weight_s = (float*)flash_smem;  // [HEADS, used], over the spent tiles (flash_decode_smem_bytes); then L [HEADS]
+    float* L_s = weight_s + HEADS * used;
+    if (threadIdx.x < HEADS && h0 + threadIdx.x < H) {
+        const float2* ml = part_ml + ((size_t)b * H + h0 + threadIdx.x) * splits;
+        float M = -INFINITY, L = 0;
+        for (int k = 0; k < used; k++) M = fmaxf(M, __ldcg(&ml[k]).x);
+        for (int k = 0; k < used; k++) {
+            const float2 v = __ldcg(&ml[k]);
+            weight_s[threadIdx.x * used + k] = exp2f(v.x - M);
+            L += v.y * weight_s[threadIdx.x * used + k];
+        }
+        L_s[threadIdx.x] = L;
+    }
+    if (threadIdx.x == 0) done[group] = 0;  // ready for the next step
+    __syncthreads();
+    // a thread takes four columns (where they pack into float4s) of all the group's heads, and the group's loads of a
+    // split in flight together: written as one loop over (head, column), each element's loads waited for the last
+    // element's store, and the merge took most of the kernel's time
+    const int heads = min(HEADS, H - h0), cols = dc % 4 == 0 ? 4 : 1;
+    for (int j = cols * threadIdx.x; j < dc; j += cols * blockDim.x) {
+        float o[HEADS][4] = {};
+        for (int k = 0; k < used; k++)
+#pragma unroll
+            for (int r = 0; r < HEADS; r++) {
+                if (r >= heads) break;
+                const float* part = part_acc + (((size_t)b * H + h0 + r) * splits + k) * dc + j;
+                float v[4] = {};
+                if (cols == 4) {
+                    const float4 q = __ldcg(reinterpret_cast<const float4*>(part));
+                    v[0] = q.x, v[1] = q.y, v[2] = q.z, v[3] = q.w;
+                } else {
+                    v[0] = __ldcg(part);
+                }
+                const float w = weight_s[r * used + k];
+#pragma unroll
+                for (int i = 0; i < 4; i++) o[r][i] += v[i] * w;
+            }
+        for (int r = 0; r < heads; r++)
+            for (int i = 0; i < cols; i++) o_lat[((size_t)b * H + h0 + r) * dc + j + i] = o[r][i] / L_s[r];
+    }
+}
+
+// flash_decode_gpu (at the end of this section), 16 heads a block
+inline void flash_decode_group_gpu(float* o_lat, float* part_acc, float2* part_ml, int* done, const float* qlat, const bf16* cache,
+                                   const DecodeRows& rows, int B, int H, int dc, int dr, int splits, float scale, cudaStream_t stream) {
+    constexpr int COLS = FLASH_DECODE_WARPS * 8;  // output columns of one n8 tile in every warp
+    if (dc > 32 * COLS) fail("flash_decode: kv_lora_rank %d exceeds the supported %d", dc, 32 * COLS);
+    const int nt = ceil_div(dc, COLS), which = nt <= 2 ? 0 : nt <= 4 ? 1 : nt <= 8 ? 2 : nt <= 16 ? 3 : 4;
+    auto kernel = which == 0 ? flash_decode_group_kernel<2> : which == 1 ? flash_decode_group_kernel<4>
+                : which == 2 ? flash_decode_group_kernel<8> : which == 3 ? flash_decode_group_kernel<16>
+                : flash_decode_group_kernel<32>;
+    // the opt-in past 48 KiB, per kernel and device, raised when a call needs more than the last
+    static size_t optin[MAX_DEVICES][5] = {};
+    const size_t smem = flash_decode_smem_bytes(dc, dr, splits);
+    int dev = 0;
+    CUDA_CHECK(cudaGetDevice(&dev));
+    if (dev >= MAX_DEVICES || smem > optin[dev][which]) {
+        int limit = 0;
+        cudaFuncAttributes attr;
+        CUDA_CHECK(cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
+        CUDA_CHECK(cudaFuncGetAttributes(&attr, kernel));
+        if (smem + attr.sharedSizeBytes > (size_t)limit)
+            fail("flash_decode: %zu bytes of shared memory (kv_lora_rank %d, %d splits) exceed the GPU's %d", smem, dc, splits, limit);
+        CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
+        if (dev < MAX_DEVICES) optin[dev][which] = smem;
+    }
+    const bool vec = (dc + dr) % 8 == 0 && (uintptr_t)cache % 16 == 0;
+    launch_programmatic(kernel, dim3(splits, ceil_div(H, FLASH_DECODE_HEADS), B), dim3(FLASH_DECODE_WARPS * 32), smem, stream, o_lat, part_acc,
+                        part_ml, done, qlat, cache, rows, H, dc, dr, scale * 1.4426950408889634f, vec);
+}
+
+// ----------------------------------------------------------------------------
+// Which flash decoding a step takes. One head a block reads its sequence's cache once per head, 16 heads a block once per
+// 16: the second wins when the cache reads are the step's work (many rows), the first when few blocks would leave the
+// GPU idle and each block's fixed latency (queries, tiles, merge) is the step's time (bench/RESULTS.md, session 18).
+constexpr int FLASH_DECODE_GROUP_MIN_ROWS = 16;
+
+inline bool flash_decode_by_group(int B) { return B >= FLASH_DECODE_GROUP_MIN_ROWS; }
+
+// splits for the kernel that B rows take: about two blocks per SM, each at least 16 (one head a block) or
+// FLASH_DECODE_MIN_KEYS (16 heads a block) rows of a cache of max_len rows
 inline int flash_decode_splits(int B, int H, int max_len, int sms) {
-    const int want = ceil_div(2LL * sms, (long long)B * H);
-    return std::max(1, std::min(want, ceil_div(max_len, 16)));
+    const bool group = flash_decode_by_group(B);
+    const int want = ceil_div(2LL * sms, (long long)B * (group ? ceil_div(H, FLASH_DECODE_HEADS) : H));
+    return std::max(1, std::min(want, ceil_div(max_len, group ? FLASH_DECODE_MIN_KEYS : 16)));
 }
 
 // o_lat [B, H, dc] fp32 from qlat [B, H, dc+dr] fp32 and cache [seqs, max_len, dc+dr] (rows 0..row_position(b) of
@@ -280,16 +612,8 @@ inline int flash_decode_splits(int B, int H, int max_len, int sms) {
 // are scratch; done [B, H] are the merge's counters, zero before the first call (each call leaves them zero).
 inline void flash_decode_gpu(float* o_lat, float* part_acc, float2* part_ml, int* done, const float* qlat, const bf16* cache,
                              const DecodeRows& rows, int B, int H, int dc, int dr, int splits, float scale, cudaStream_t stream) {
-    if (dc > 32 * 32) fail("flash_decode: kv_lora_rank %d exceeds the supported 1024", dc);
-    if (3 * splits > FLASH_DECODE_WARPS * dc) fail("flash_decode: %d splits exceed the merge's room for %d", splits, FLASH_DECODE_WARPS * dc / 3);
-    const int dcl = ceil_div(dc, 32);
-    auto kernel = dcl <= 1 ? flash_decode_kernel<1> : dcl <= 2 ? flash_decode_kernel<2>
-                : dcl <= 4 ? flash_decode_kernel<4> : dcl <= 8 ? flash_decode_kernel<8>
-                : dcl <= 16 ? flash_decode_kernel<16> : flash_decode_kernel<32>;
-    const size_t smem = ((size_t)(dc + dr) + FLASH_DECODE_WARPS * dc + 2 * FLASH_DECODE_WARPS) * sizeof(float);
-    if (smem > 48 * 1024) fail("flash_decode: %zu bytes of shared memory for kv_lora_rank %d exceed 48 KiB", smem, dc);
-    launch_programmatic(kernel, dim3(splits, H, B), dim3(FLASH_DECODE_WARPS * 32), smem, stream, o_lat, part_acc, part_ml, done, qlat, cache, rows,
-                        H, dc, dr, scale * 1.4426950408889634f);
+    (flash_decode_by_group(B) ? flash_decode_group_gpu : flash_decode_head_gpu)(o_lat, part_acc, part_ml, done, qlat, cache, rows, B, H, dc, dr,
+                                                                                splits, scale, stream);
 }
 
 // ----------------------------------------------------------------------------

@@ -113,9 +113,17 @@ TEST_CASE("GPU decode: prefill + step-by-step logits equal the CPU full forward 
     }
 }
 
-TEST_CASE("GPU decode: flash decoding over a long cache split across blocks equals the reference") {
-    const int B = 3, H = 5, dc = 512, dr = 64, width = dc + dr, max_len = 1100;
-    const int last[B] = {1099, 517, 0};  // query positions: keys 0..last[b]
+namespace {
+
+using FlashDecode = void (*)(float*, float*, float2*, int*, const float*, const bf16*, const DecodeRows&, int, int, int, int, int, float,
+                            cudaStream_t);
+
+// Flash decoding (one of decode.cuh's two kernels) of B rows of H heads (latent dc, rope dr) over caches of max_len
+// rows, the rows' last positions `last`, against a double-precision reference, split `splits` ways; a second call must
+// give the same bits.
+void check_flash_decode(FlashDecode flash_decode, const char* name, int B, int H, int dc, int dr, int max_len, const std::vector<int>& last,
+                        std::initializer_list<int> split_counts) {
+    const int width = dc + dr;
     const float scale = 0.11f;
     std::vector<float> qlat = random_values((size_t)B * H * width, 1, 1.0f, false);
     std::vector<float> cache = random_values((size_t)B * max_len * width, 2, 1.0f, true);
@@ -137,29 +145,25 @@ TEST_CASE("GPU decode: flash decoding over a long cache split across blocks equa
             for (int t = 0; t <= last[b]; t++)
                 for (int j = 0; j < dc; j++) ref[((size_t)b * H + h) * dc + j] += p[t] / sum * cache[((size_t)b * max_len + t) * width + j];
         }
-    float *d_q, *d_out, *d_acc;
-    float2* d_ml;
-    bf16* d_cache;
-    int* d_pos;
-    const int max_splits = 16;
-    d_q = device_alloc<float>(qlat.size(), "test");
-    d_out = device_alloc<float>(ref.size(), "test");
-    d_acc = device_alloc<float>((size_t)B * H * max_splits * dc, "test");
-    d_ml = device_alloc<float2>((size_t)B * H * max_splits, "test");
-    d_cache = device_alloc<bf16>(cache16.size(), "test");
-    d_pos = device_alloc<int>(B, "test");
+    const int max_splits = std::max(split_counts);
+    float* d_q = device_alloc<float>(qlat.size(), "test");
+    float* d_out = device_alloc<float>(ref.size(), "test");
+    float* d_acc = device_alloc<float>((size_t)B * H * max_splits * dc, "test");
+    float2* d_ml = device_alloc<float2>((size_t)B * H * max_splits, "test");
+    bf16* d_cache = device_alloc<bf16>(cache16.size(), "test");
+    int* d_pos = device_alloc<int>(B, "test");
     int* d_done = device_alloc<int>((size_t)B * H, "test");
     CUDA_CHECK(cudaMemset(d_done, 0, (size_t)B * H * sizeof(int)));
     CUDA_CHECK(cudaMemcpy(d_q, qlat.data(), qlat.size() * sizeof(float), cudaMemcpyHostToDevice));
     CUDA_CHECK(cudaMemcpy(d_cache, cache16.data(), cache16.size() * sizeof(bf16), cudaMemcpyHostToDevice));
-    CUDA_CHECK(cudaMemcpy(d_pos, last, B * sizeof(int), cudaMemcpyHostToDevice));
+    CUDA_CHECK(cudaMemcpy(d_pos, last.data(), B * sizeof(int), cudaMemcpyHostToDevice));
     std::vector<float> ref32(ref.begin(), ref.end());
-    for (int splits : {1, 7, 16}) {
+    for (int splits : split_counts) {
         CAPTURE(splits);
         std::vector<float> first;
         for (int call = 0; call < 2; call++) {  // the second call finds the merge's counters as the first left them
             CUDA_CHECK(cudaMemset(d_out, 0xFF, ref.size() * sizeof(float)));
-            flash_decode_gpu(d_out, d_acc, d_ml, d_done, d_q, d_cache, DecodeRows{d_pos, B, 0, max_len}, B, H, dc, dr, splits, scale, 0);
+            flash_decode(d_out, d_acc, d_ml, d_done, d_q, d_cache, DecodeRows{d_pos, B, 0, max_len}, B, H, dc, dr, splits, scale, 0);
             std::vector<float> out = to_host(d_out, ref.size());
             if (call == 1) {
                 CHECK(memcmp(out.data(), first.data(), out.size() * sizeof(float)) == 0);
@@ -167,17 +171,23 @@ TEST_CASE("GPU decode: flash decoding over a long cache split across blocks equa
             }
             first = out;
             const double err = rel_error(out.data(), ref32.data(), out.size());
-            MESSAGE("flash decoding, " << splits << " splits: relative error " << err);
+            MESSAGE("flash decoding, " << std::string(name) << ", " << H << " heads, dc " << dc << ", dr " << dr << ", " << splits << " splits: relative error " << err);
             CHECK(err < 1e-5);
         }
     }
-    cudaFree(d_done);
-    cudaFree(d_q);
-    cudaFree(d_out);
-    cudaFree(d_acc);
-    cudaFree(d_ml);
-    cudaFree(d_cache);
-    cudaFree(d_pos);
+    for (void* p : std::initializer_list<void*>{d_done, d_q, d_out, d_acc, d_ml, d_cache, d_pos}) cudaFree(p);
+}
+
+}  // namespace
+
+// Both kernels, to fp32 accuracy: 16 heads a block runs on tensor cores with each fp32 operand as two bf16 terms.
+TEST_CASE("GPU decode: flash decoding over a long cache split across blocks equals the reference") {
+    for (auto [flash_decode, name] : {std::pair<FlashDecode, const char*>{flash_decode_head_gpu, "one head a block"},
+                                      {flash_decode_group_gpu, "16 heads a block"}}) {
+        check_flash_decode(flash_decode, name, 3, 5, 512, 64, 1100, {1099, 517, 0}, {1, 7, 16});
+        // (16 heads a block: two head groups, the second partial; rows of 42 elements, not a multiple of 16 bytes)
+        check_flash_decode(flash_decode, name, 2, 20, 36, 6, 300, {299, 70}, {1, 3});
+    }
 }
 
 TEST_CASE("GPU sampling: greedy, top-k, top-p and a fixed seed") {
