@@ -323,7 +323,7 @@ __device__ inline void split_bf16_pair(uint32_t& hi, uint32_t& lo, float x0, flo
 
 // rows t .. t+KEYS-1 of a sequence's cache (those < t1; columns < width) into k_s [KEYS, ld], zero elsewhere. A thread
 // steps through the 16-byte chunks blockDim.x apart by adding, not dividing: the loop runs every tile, and a division
-// a chunk was most of its instructions.
+// a chunk was about half of its instructions.
 __device__ inline void flash_decode_load_keys(bf16* k_s, int ld, const bf16* seq, int width, int t, int t1, bool vec) {
     const int chunks = (ld - 8) / 8, row_step = blockDim.x / chunks, col_step = blockDim.x % chunks * 8;
     int r = threadIdx.x / chunks, col = threadIdx.x % chunks * 8;
