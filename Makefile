@@ -72,7 +72,7 @@ dev/ref_dump: dev/ref_dump.cu $(MODEL) $(HEADERS)
 	$(NVCC) $(FLAGS) $< $(MODEL) -o $@ $(LIBS)
 
 # candidates checked against the code they would replace or extend (scratch work; each header says what it tries)
-dev/ep_moe dev/swiglu_fp8_bench: dev/%: dev/%.cu $(HEADERS) cuda_common.cuh kernels.cuh moe.cuh mla.cuh
+dev/ep_moe dev/swiglu_fp8_bench dev/persistent_gemv_bench: dev/%: dev/%.cu $(HEADERS) cuda_common.cuh kernels.cuh moe.cuh mla.cuh
 	$(NVCC) $(FLAGS) $< -o $@ $(LIBS)
 
 test/%.o: test/%.cpp $(HEADERS) test/test_configs.h cuda_common.cuh kernels.cuh
@@ -139,5 +139,5 @@ data: data/prepare
 	./data/prepare --default --out data/default --vocab 1024
 
 clean:
-	rm -f $(BINARIES) dev/ref_dump dev/ep_moe bench/decode_bench bench/fp8_gemm $(MODEL) decode.o test/*.o test/test_cpu test/test_gpu test/test_asan
+	rm -f $(BINARIES) dev/ref_dump dev/ep_moe dev/swiglu_fp8_bench dev/persistent_gemv_bench bench/decode_bench bench/fp8_gemm $(MODEL) decode.o test/*.o test/test_cpu test/test_gpu test/test_asan
 	rm -rf test/sanitize test/fuzz/corpus test/fuzz/*.log test/fuzz/make_seeds $(FUZZ_PARSERS:%=test/fuzz/fuzz_%)
