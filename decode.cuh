@@ -1,7 +1,7 @@
-// decode.cuh — generation on the GPU: the absorbed-MLA decode kernels, a flash-decoding attention kernel over the
-// latent cache, GPU sampling, self-speculative decoding's verdict, and the GpuDecoder that strings them into
-// prefill + one-token-per-sequence (or speculative) steps (implemented in decode.cu). decode.h is the CPU version
-// of the same math; read its header comment first.
+// decode.cuh — generation on the GPU: the absorbed-MLA decode kernels, flash-decoding attention over the latent cache
+// (one head a block, or from 16 rows 16 heads a block on tensor cores), GPU sampling, self-speculative decoding's
+// verdict, and the GpuDecoder that strings them into prefill + one-token-per-sequence (or speculative) steps
+// (implemented in decode.cu). decode.h is the CPU version of the same math; read its header comment first.
 //
 // The cache: bf16 [layers][batch][max_len][dc + dr], row t of sequence b holding [RMSNorm(c_t) (dc); roped k_pe_t (dr)]
 // of layer l. Per step, for B sequences (one token each, at position pos[b]) and each layer:
