@@ -11,10 +11,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 source bench/lib.bash
 old=${1:?usage: bash bench/ab.sh OLD [runs] [shapes]}
-[ -f "$old/Makefile" ] || { echo "$0: $old is not a source tree (git archive REV | tar -x -C $old)" >&2; exit 1; }
 runs=${2:-5}
 shapes=${3:-"mini 8 256 60 1024,small 8 256 40 32768,small 16 1024 20 32768"}
-(make -j16 train data/prepare >/dev/null) & (make -C "$old" -j16 train >/dev/null) & wait
+ab_build "$old" "train data/prepare" train
 [ -f data/default/train.bin ] || ./data/prepare --default --out data/default --vocab 1024 >/dev/null
 card_line
 tokens_per_s() {  # dir preset batch seq steps vocab: median tok/s over steps 11..

@@ -11,10 +11,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 source bench/lib.bash
 old=${1:?usage: bash bench/decode_ab.sh OLD [runs] [cases]}
-[ -f "$old/Makefile" ] || { echo "$0: $old is not a source tree (git archive REV | tar -x -C $old)" >&2; exit 1; }
 runs=${2:-3}
 cases=${3:-"1 128 128,4 128 128,32 128 128,1 1024 32"}
-(make -j16 train data/prepare bench/decode_bench >/dev/null) & (make -C "$old" -j16 bench/decode_bench >/dev/null) & wait
+ab_build "$old" "train data/prepare bench/decode_bench" bench/decode_bench
 card_line
 ckpt=/tmp/decode_ab_small
 decode_checkpoint "$ckpt" /tmp/decode_ab_train.log

@@ -14,6 +14,15 @@ bench_setup() {
     card_line
 }
 
+# ab_build OLD "TARGETS HERE" TARGETS IN OLD...: what ab.sh and decode_ab.sh do first, refusing an OLD that is not a
+# source tree in one line, then building both trees at once
+ab_build() {
+    local old=$1 here=$2
+    shift 2
+    [ -f "$old/Makefile" ] || { echo "$0: $old is not a source tree (git archive REV | tar -x -C $old)" >&2; exit 1; }
+    (make -j16 $here >/dev/null) & (make -C "$old" -j16 "$@" >/dev/null) & wait
+}
+
 # decode_checkpoint DIR LOG: `small` (vocabulary 32,768) after one training step, the checkpoint the decoding
 # benchmarks time (decoding speed does not depend on the weights' values), written to DIR, ./train's output to LOG
 decode_checkpoint() {
