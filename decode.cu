@@ -9,6 +9,13 @@
 // prompt tokens the prefill runs at once at most (bounds its activation memory)
 constexpr long long PREFILL_TOKENS = 16384;
 
+// A step of up to this many rows runs its bf16 Linears on gemv_forward_gpu and its MoE layers on
+// moe_decode_forward_gpu, with the norms folded in (decode_fused); more rows take the training form (cuBLASLt,
+// moe_forward_gpu). The kernels take up to GEMV_MAX_ROWS, but at 8 rows the GEMVs cost more than cuBLASLt's GEMMs
+// (1.438 against 1.252 ms a step) and at 6 a little (1.214 against 1.187; bench/RESULTS.md, session 18).
+constexpr int DECODE_GEMV_MAX_ROWS = 4;
+static_assert(DECODE_GEMV_MAX_ROWS <= GEMV_MAX_ROWS, "the GEMV and MoE decoding kernels' rows");
+
 GpuDecoder* decoder_create(Model& m, int batch, int max_len, int max_prompt, bool speculative) {
     const Config& c = m.ref.cfg;
     if (batch < 1) fail("decode: batch %d must be positive", batch);
@@ -79,7 +86,7 @@ GpuDecoder* decoder_create(Model& m, int batch, int max_len, int max_prompt, boo
     bf16* hidden = acts(std::max({(size_t)B * I, (size_t)S * MI, (size_t)B * SI}));
     if (c.first_k_dense_replace > 0 || E == 0) d.ffn = FfnActsGpu{acts((size_t)B * 2 * I), hidden, nullptr, nullptr};
     if (E > 0) d.moe = moe_layer_alloc(d.arena, c, B, 1, moe_shared_alloc(d.arena, c, B, FfnActsGpu{nullptr, hidden, nullptr, nullptr}, false), false);
-    if (E > 0 && B <= GEMV_MAX_ROWS) d.moe_hidden = acts((size_t)B * (K * MI + SI));
+    if (E > 0 && B <= DECODE_GEMV_MAX_ROWS) d.moe_hidden = acts((size_t)B * (K * MI + SI));
 
     return dp;
 }
@@ -177,18 +184,16 @@ void decoder_prefill(GpuDecoder& d, const std::vector<std::vector<int>>& prompts
 
 // A Linear of the step's R rows: gemv_forward_gpu for a decoding step's few rows on bf16 weights, else as in training
 static void decode_linear_gpu(bf16* out, const bf16* x, const Linear<bf16>& w, int R, GpuContext& ctx) {
-    if (R <= GEMV_MAX_ROWS && !w.fp8) gemv_forward_gpu(out, x, w.w, R, w.in, w.out, ctx.stream);
+    if (R <= DECODE_GEMV_MAX_ROWS && !w.fp8) gemv_forward_gpu(out, x, w.w, R, w.in, w.out, ctx.stream);
     else linear_forward_gpu(out, x, w, R, ctx);
 }
 
 // The step takes its fused form when its rows fit the GEMVs and its weights are bf16 (an FP8 model's Linears keep the
 // training form): each norm that only GEMVs read is folded into them (gemv_forward_gpu's GemvExtra), q_a and kv_a run
 // in one launch, and o_proj and the FFN's last GEMV add their outputs into the residual stream themselves. At batch 1
-// that takes 4 of a MoE layer's 15 launches (bench/RESULTS.md, batch-1 decoding). Up to 4 rows: at 8 each GEMV's
-// norm pass over the rows cost more than the launches it saved (1.79 against 1.76 ms a step at batch 8).
-constexpr int DECODE_FUSED_MAX_ROWS = 4;
+// that takes 4 of a MoE layer's 15 launches (bench/RESULTS.md, batch-1 decoding).
 static bool decode_fused(const GpuDecoder& d, int R) {
-    return R <= DECODE_FUSED_MAX_ROWS && d.m->gpu->fp8.empty() && (d.m->ref.cfg.n_routed_experts == 0 || d.moe_hidden);
+    return R <= DECODE_GEMV_MAX_ROWS && d.m->gpu->fp8.empty() && (d.m->ref.cfg.n_routed_experts == 0 || d.moe_hidden);
 }
 
 // The absorbed MLA's core on the step's R rows (d.q [R, H*(dn+dr)] and d.kv [R, dc+dr], the input projections'

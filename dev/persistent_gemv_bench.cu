@@ -14,6 +14,8 @@
 // dense FFN's 768 -> 3072 -> 768. Predicted, before any run: about 4 us a GEMV launched (the decoder's GEMVs took
 // 262 us for 50 at batch 1, profiled), 1.5-2 with cg sync and 1-1.5 with the flag; below 2, a step of about 100
 // phases in one kernel would take about 0.2 ms plus its HBM time, under the issue's 0.4 ms.
+// Measured (H200, 2026-12-04, bench/RESULTS.md): 1.79 / 2.11 / 2.78 / 3.57 us a GEMV at 768 x 768, so launches with
+// programmatic dependent launch beat both barriers and a persistent step would not pay.
 //
 //   make dev/persistent_gemv_bench && ./dev/persistent_gemv_bench      (on the device machine)
 #include <algorithm>
