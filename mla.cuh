@@ -223,8 +223,9 @@ inline void mla_assemble_kv_backward_gpu(bf16* dkv_b, bf16* dkv_a, const bf16* d
 //
 // Tiles: 64 queries x 64 keys. A (64 x d) tile lives in shared memory with rows padded to d_p + 8 elements (d_p = d
 // rounded up to 32, zero-filled), so ldmatrix reads are bank-conflict free and any head size <= 256 works (the padding
-// columns contribute zeros). Accumulators are register arrays sized by a compile-time bucket (64/128/256) of the head
-// size; loops past the real size are predicated off, so only 3 (forward, dQ) or 9 (dK/dV) instantiations exist.
+// columns contribute zeros). Accumulators are register arrays sized at compile time: by the exact head sizes for the
+// presets' (96/64, 192/128; with_head_sizes), otherwise by a bucket (64/128/256) of the head size, with the loops
+// past the real size predicated off, so only 3 (forward, dQ) or 9 (dK/dV) generic instantiations exist.
 //
 // forward: 4 warps, each owns 16 query rows; S = Q K^T and P stay in registers
 //   (the S accumulator layout equals the A-operand layout of P V). K and V tiles
@@ -289,11 +290,16 @@ __device__ inline uint32_t pack_bf16(float lo, float hi) {
 // Loads rows row0..row0+63 of one head into a [64][ld] shared tile, columns [0, dp): g points at (t = 0) of
 // the head, consecutive t are gstride elements apart. Rows >= T and columns >= d are zero. vec: 16-byte
 // cp.async (d % 8 == 0, gstride % 8 == 0, g 16-byte aligned); otherwise element loads (odd head sizes).
+// The loop counts rounds of NTHREADS chunks, so that with d known at compile time its trip count and the division
+// by chunks are constants.
 template <int NTHREADS>
 __device__ inline void load_tile(bf16* s, int ld, const bf16* __restrict__ g, long long gstride, int row0, int T, int d, int dp,
                                  bool vec) {
-    const int chunks = dp / 8;
-    for (int c = threadIdx.x; c < TILE * chunks; c += NTHREADS) {
+    const int chunks = dp / 8, rounds = (TILE * chunks + NTHREADS - 1) / NTHREADS;
+#pragma unroll
+    for (int i = 0; i < rounds; i++) {
+        const int c = i * NTHREADS + threadIdx.x;
+        if (c >= TILE * chunks) break;
         const int r = c / chunks, col = (c % chunks) * 8, t = row0 + r;
         bf16* dst = s + r * ld + col;
         if (vec) {
@@ -367,6 +373,27 @@ inline void with_bucket(int d, F f) {
     else f(std::integral_constant<int, 256>{});
 }
 
+// f(DQK_MAX, DV_MAX, EXACT) as integral constants. The presets' head sizes (dqk 96 and dv 64 of small, 192 and 128 of
+// medium and DeepSeek-V3) get kernels compiled for exactly those sizes (EXACT: dqk == DQK_MAX, dv == DV_MAX), where
+// every tile loop, index and bound is a constant (with sizes read at run time the forward issued 1,164 instructions
+// per warp per 64-key tile, 80 of them mma; bench/RESULTS.md). Other sizes take the kernels of their buckets and read the sizes at run time. A kernel whose registers
+// do not depend on one of the sizes passes false for it (USE_QK, USE_V) and gets the one bucket 256 there, which
+// keeps the number of instantiations down.
+template <bool USE_QK, bool USE_V, typename F>
+inline void with_head_sizes(int dqk, int dv, F f) {
+    using std::integral_constant;
+    if (dqk == 96 && dv == 64) f(integral_constant<int, 96>{}, integral_constant<int, 64>{}, std::true_type{});
+    else if (dqk == 192 && dv == 128) f(integral_constant<int, 192>{}, integral_constant<int, 128>{}, std::true_type{});
+    else {
+        auto generic = [&](auto qb) {
+            if constexpr (USE_V) with_bucket(dv, [&](auto vb) { f(qb, vb, std::false_type{}); });
+            else f(qb, integral_constant<int, 256>{}, std::false_type{});
+        };
+        if constexpr (USE_QK) with_bucket(dqk, generic);
+        else generic(integral_constant<int, 256>{});
+    }
+}
+
 // the dropout mask m of (query, key) in head bh: 0 or scale (1 / (1 - p)), as reference.h attention_dropout_mask
 __device__ __forceinline__ float dropout_mask(uint64_t key, float p, float scale, int bh, int T, int query, int k) {
     return rng_uniform(key, ((uint64_t)bh * T + query) * T + k) < p ? 0.0f : scale;
@@ -385,14 +412,17 @@ inline DropoutArgs dropout_args(const AttentionDropout& drop) {
 }  // namespace mla_detail
 
 // out [B, T, H, dv], lse [B, H, T] from q, k [B, T, H, dqk], v [B, T, H, dv]. grid (ceil(T/64), B*H), 128
-// threads; query blocks run last-first so the longest (most keys) start first.
-template <int DV_MAX, bool DROPOUT>
-__global__ void __launch_bounds__(128) attention_forward_kernel(bf16* __restrict__ out, float* __restrict__ lse,
+// threads; query blocks run last-first so the longest (most keys) start first. The register bound keeps the exact
+// dv-64 kernel at 4 blocks per SM, as the generic one has: left free, it spends 160 registers on hoisted tile
+// addresses and loses a block. (0 sets no minimum: the other kernels keep the registers ptxas picks.)
+template <int DQK_MAX, int DV_MAX, bool EXACT, bool DROPOUT>
+__global__ void __launch_bounds__(128, EXACT && DV_MAX <= 64 ? 4 : 0) attention_forward_kernel(bf16* __restrict__ out, float* __restrict__ lse,
                                                                 const bf16* __restrict__ q, const bf16* __restrict__ k,
                                                                 const bf16* __restrict__ v, int T, int H, int dqk, int dv,
                                                                 float scale_log2, bool vec_qk, bool vec_v, bool vec_out,
                                                                 mla_detail::DropoutArgs drop) {
     using namespace mla_detail;
+    if constexpr (EXACT) dqk = DQK_MAX, dv = DV_MAX;
     extern __shared__ __align__(16) unsigned char smem_raw[];
     const int dqp = pad32(dqk), dvp = pad32(dv), ldq = dqp + 8, ldv = dvp + 8;
     bf16* sQ = reinterpret_cast<bf16*>(smem_raw);
@@ -551,7 +581,7 @@ static __global__ void attention_backward_preprocess_pack_kernel(float* __restri
 
 // dk [B, T, H, dqk], dv [B, T, H, dv]; grid (ceil(T/64), B*H), 256 threads; block x
 // owns keys 64x..64x+63 and visits query blocks x..end (double-buffered Q/dO).
-template <int DQK_MAX, int DV_MAX, bool DROPOUT>
+template <int DQK_MAX, int DV_MAX, bool EXACT, bool DROPOUT>
 __global__ void __launch_bounds__(256) attention_backward_dkdv_kernel(bf16* __restrict__ dk, bf16* __restrict__ dvalue,
                                                                       const bf16* __restrict__ q, const bf16* __restrict__ k,
                                                                       const bf16* __restrict__ v, const bf16* __restrict__ dout,
@@ -560,6 +590,7 @@ __global__ void __launch_bounds__(256) attention_backward_dkdv_kernel(bf16* __re
                                                                       bool vec_qk, bool vec_v, bool vec_out_k, bool vec_out_v,
                                                                       mla_detail::DropoutArgs drop) {
     using namespace mla_detail;
+    if constexpr (EXACT) dqk = DQK_MAX, dv = DV_MAX;
     extern __shared__ __align__(16) unsigned char smem_raw[];
     const int dqp = pad32(dqk), dvp = pad32(dv), ldq = dqp + 8, ldv = dvp + 8;
     bf16* sK = reinterpret_cast<bf16*>(smem_raw);
@@ -665,7 +696,7 @@ __global__ void __launch_bounds__(256) attention_backward_dkdv_kernel(bf16* __re
 
 // dq [B, T, H, dqk]; grid (ceil(T/64), B*H), 256 threads; block x owns query block
 // nqb-1-x (longest first) and visits key blocks 0..diagonal (double-buffered K/V).
-template <int DQK_MAX, bool DROPOUT>
+template <int DQK_MAX, int DV_MAX, bool EXACT, bool DROPOUT>
 __global__ void __launch_bounds__(256) attention_backward_dq_kernel(bf16* __restrict__ dq, const bf16* __restrict__ q,
                                                                     const bf16* __restrict__ k, const bf16* __restrict__ v,
                                                                     const bf16* __restrict__ dout, const float* __restrict__ lse,
@@ -673,6 +704,7 @@ __global__ void __launch_bounds__(256) attention_backward_dq_kernel(bf16* __rest
                                                                     float scale, float scale_log2, bool vec_qk, bool vec_v,
                                                                     bool vec_out, mla_detail::DropoutArgs drop) {
     using namespace mla_detail;
+    if constexpr (EXACT) dqk = DQK_MAX, dv = DV_MAX;
     extern __shared__ __align__(16) unsigned char smem_raw[];
     const int dqp = pad32(dqk), dvp = pad32(dv), ldq = dqp + 8, ldv = dvp + 8;
     bf16* sQ = reinterpret_cast<bf16*>(smem_raw);
@@ -792,42 +824,42 @@ inline void set_smem(K kernel, size_t bytes, size_t (&done)[MAX_DEVICES]) {
 inline bool vec16(const void* p, int d, int H) { return d % 8 == 0 && aligned(p, 16) && ((long long)H * d) % 8 == 0; }
 inline bool vec4(const void* p, int d) { return d % 2 == 0 && aligned(p, 4); }
 
-template <int DV_MAX, bool DROPOUT>
+template <int DQK_MAX, int DV_MAX, bool EXACT, bool DROPOUT>
 static void launch_forward(bf16* out, float* lse, const bf16* q, const bf16* k, const bf16* v, int B, int T, int H, int dqk, int dv,
                     float scale, DropoutArgs drop, cudaStream_t stream) {
     const int ldq = pad32(dqk) + 8, ldv = pad32(dv) + 8;
     const size_t smem = (size_t)(2 * TILE * ldq + TILE * ldv) * sizeof(bf16);
     static size_t done[MAX_DEVICES] = {};
-    set_smem(attention_forward_kernel<DV_MAX, DROPOUT>, smem, done);
+    set_smem(attention_forward_kernel<DQK_MAX, DV_MAX, EXACT, DROPOUT>, smem, done);
     dim3 grid(ceil_div(T, TILE), B * H);
-    attention_forward_kernel<DV_MAX, DROPOUT><<<grid, 128, smem, stream>>>(
+    attention_forward_kernel<DQK_MAX, DV_MAX, EXACT, DROPOUT><<<grid, 128, smem, stream>>>(
         out, lse, q, k, v, T, H, dqk, dv, scale * LOG2E, vec16(q, dqk, H) && vec16(k, dqk, H), vec16(v, dv, H), vec4(out, dv), drop);
     CUDA_LAUNCH_CHECK();
 }
 
-template <int DQK_MAX, int DV_MAX, bool DROPOUT>
+template <int DQK_MAX, int DV_MAX, bool EXACT, bool DROPOUT>
 static void launch_dkdv(bf16* dk, bf16* dvalue, const bf16* q, const bf16* k, const bf16* v, const bf16* dout, const float* lse,
                  const float* D, int B, int T, int H, int dqk, int dv, float scale, DropoutArgs drop, cudaStream_t stream) {
     const int ldq = pad32(dqk) + 8, ldv = pad32(dv) + 8;
     const size_t smem = (size_t)(3 * TILE * ldq + 3 * TILE * ldv + 2 * TILE * LDP) * sizeof(bf16) + 4 * TILE * sizeof(float);
     static size_t done[MAX_DEVICES] = {};
-    set_smem(attention_backward_dkdv_kernel<DQK_MAX, DV_MAX, DROPOUT>, smem, done);
+    set_smem(attention_backward_dkdv_kernel<DQK_MAX, DV_MAX, EXACT, DROPOUT>, smem, done);
     dim3 grid(ceil_div(T, TILE), B * H);
-    attention_backward_dkdv_kernel<DQK_MAX, DV_MAX, DROPOUT><<<grid, 256, smem, stream>>>(
+    attention_backward_dkdv_kernel<DQK_MAX, DV_MAX, EXACT, DROPOUT><<<grid, 256, smem, stream>>>(
         dk, dvalue, q, k, v, dout, lse, D, T, H, dqk, dv, scale, scale * LOG2E, vec16(q, dqk, H) && vec16(k, dqk, H),
         vec16(v, dv, H) && vec16(dout, dv, H), vec4(dk, dqk), vec4(dvalue, dv), drop);
     CUDA_LAUNCH_CHECK();
 }
 
-template <int DQK_MAX, bool DROPOUT>
+template <int DQK_MAX, int DV_MAX, bool EXACT, bool DROPOUT>
 static void launch_dq(bf16* dq, const bf16* q, const bf16* k, const bf16* v, const bf16* dout, const float* lse, const float* D, int B,
                int T, int H, int dqk, int dv, float scale, DropoutArgs drop, cudaStream_t stream) {
     const int ldq = pad32(dqk) + 8, ldv = pad32(dv) + 8;
     const size_t smem = (size_t)(3 * TILE * ldq + 3 * TILE * ldv + TILE * LDP) * sizeof(bf16) + 2 * TILE * sizeof(float);
     static size_t done[MAX_DEVICES] = {};
-    set_smem(attention_backward_dq_kernel<DQK_MAX, DROPOUT>, smem, done);
+    set_smem(attention_backward_dq_kernel<DQK_MAX, DV_MAX, EXACT, DROPOUT>, smem, done);
     dim3 grid(ceil_div(T, TILE), B * H);
-    attention_backward_dq_kernel<DQK_MAX, DROPOUT><<<grid, 256, smem, stream>>>(
+    attention_backward_dq_kernel<DQK_MAX, DV_MAX, EXACT, DROPOUT><<<grid, 256, smem, stream>>>(
         dq, q, k, v, dout, lse, D, T, H, dqk, dv, scale, scale * LOG2E, vec16(q, dqk, H) && vec16(k, dqk, H),
         vec16(v, dv, H) && vec16(dout, dv, H), vec4(dq, dqk), drop);
     CUDA_LAUNCH_CHECK();
@@ -840,24 +872,22 @@ inline void with_dropout(const DropoutArgs& drop, F f) {
     else f(std::false_type{});
 }
 
-// the backward's two main kernels, each instantiated for the buckets of dqk and dv
+// the backward's two main kernels, each instantiated for the presets' head sizes and for the buckets of dqk (and of
+// dv, for dkdv's dV accumulator)
 inline void backward_dkdv(bf16* dk, bf16* dvalue, const bf16* q, const bf16* k, const bf16* v, const bf16* dout, const float* lse,
                           const float* D, int B, int T, int H, int dqk, int dv, float scale, DropoutArgs drop, cudaStream_t stream) {
-    with_bucket(dqk, [&](auto qb) {
-        with_bucket(dv, [&](auto vb) {
-            with_dropout(drop, [&](auto on) {
-                launch_dkdv<decltype(qb)::value, decltype(vb)::value, decltype(on)::value>(dk, dvalue, q, k, v, dout, lse, D, B, T, H, dqk,
-                                                                                           dv, scale, drop, stream);
-            });
+    with_head_sizes<true, true>(dqk, dv, [&](auto qmax, auto vmax, auto exact) {
+        with_dropout(drop, [&](auto on) {
+            launch_dkdv<qmax, vmax, exact, on>(dk, dvalue, q, k, v, dout, lse, D, B, T, H, dqk, dv, scale, drop, stream);
         });
     });
 }
 
 inline void backward_dq(bf16* dq, const bf16* q, const bf16* k, const bf16* v, const bf16* dout, const float* lse, const float* D, int B,
                         int T, int H, int dqk, int dv, float scale, DropoutArgs drop, cudaStream_t stream) {
-    with_bucket(dqk, [&](auto qb) {
+    with_head_sizes<true, false>(dqk, dv, [&](auto qmax, auto vmax, auto exact) {
         with_dropout(drop, [&](auto on) {
-            launch_dq<decltype(qb)::value, decltype(on)::value>(dq, q, k, v, dout, lse, D, B, T, H, dqk, dv, scale, drop, stream);
+            launch_dq<qmax, vmax, exact, on>(dq, q, k, v, dout, lse, D, B, T, H, dqk, dv, scale, drop, stream);
         });
     });
 }
@@ -875,9 +905,9 @@ inline void attention_forward_gpu(bf16* out, float* lse, const bf16* q, const bf
     check_attention_shape(B, T, H, dqk, dv);
     if (B == 0 || T == 0) return;
     const DropoutArgs args = dropout_args(drop);
-    with_bucket(dv, [&](auto vb) {
+    with_head_sizes<false, true>(dqk, dv, [&](auto qmax, auto vmax, auto exact) {
         with_dropout(args, [&](auto on) {
-            launch_forward<decltype(vb)::value, decltype(on)::value>(out, lse, q, k, v, B, T, H, dqk, dv, scale, args, stream);
+            launch_forward<qmax, vmax, exact, on>(out, lse, q, k, v, B, T, H, dqk, dv, scale, args, stream);
         });
     });
 }

@@ -247,6 +247,7 @@ TEST_CASE("GPU flash attention forward and backward match the reference, with an
         {2, 77, 3, 24, 16},    // T not a multiple of the tile, B > 1
         {1, 64, 2, 32, 32},    // exactly one tile
         {1, 130, 2, 96, 64},   // the presets' head sizes, 3 tiles with a ragged tail
+        {1, 130, 2, 80, 48},   // sizes off the exact-size kernels, in the 128 and 64 buckets
         {2, 100, 2, 192, 128}, // DeepSeek-V3's head sizes
         {1, 150, 1, 256, 256}, // the largest head sizes
         {1, 65, 1, 40, 72},    // dv > dqk, sizes not multiples of 32
