@@ -234,7 +234,8 @@ inline void mla_assemble_kv_backward_gpu(bf16* dkv_b, bf16* dkv_a, const bf16* d
 //   dkdv: one block per 64-key block, loops over the query blocks at or after it;
 //         dV += P^T dO, dK += dS^T Q (scaled), P recomputed from lse.
 //   dq:   one block per 64-query block, loops over key blocks up to the diagonal;
-//         dQ += dS K (scaled).
+//         dQ += dS K (scaled). Up to T = ATTENTION_KEEP_DS_MAX_T, dkdv keeps its dS tiles in the scratch and
+//         dq reads them (one matmul a tile); past it, dq recomputes S and dP as dkdv did.
 //   Both use 8 warps in two phases: phase 1 computes the 64x64 P and dS tiles
 //   (warps tiled 4 x 2 over the tile) into shared memory; phase 2 multiplies them
 //   (warps tiled 4 row groups x 2 column halves of the head dim), which keeps the
@@ -252,6 +253,11 @@ constexpr float LOG2E = 1.4426950408889634f;
 constexpr float LN2 = 0.6931471805599453f;
 
 __host__ __device__ inline int pad32(int d) { return (d + 31) / 32 * 32; }
+
+// The causal 64 x 64 tiles of one head, query block i >= key block j, in the order (0,0) (1,0) (1,1) (2,0)...: a
+// query block's tiles lie together, in the order the dQ kernel reads them.
+__host__ __device__ inline long long ds_tiles(int nqb) { return (long long)nqb * (nqb + 1) / 2; }
+__host__ __device__ inline long long ds_tile_index(int i, int j) { return (long long)i * (i + 1) / 2 + j; }
 
 // acc[2*NB][4] += A B^T over ksteps steps of 16: A is 16 rows (row stride lda) and B is NB*16 rows (row stride ldb) of
 // bf16 in shared memory, both read along the head dimension; the warp's fragments are laid out as mma16816 expects. Two
@@ -580,9 +586,11 @@ static __global__ void attention_backward_preprocess_pack_kernel(float* __restri
 }
 
 // dk [B, T, H, dqk], dv [B, T, H, dv]; grid (ceil(T/64), B*H), 256 threads; block x
-// owns keys 64x..64x+63 and visits query blocks x..end (double-buffered Q/dO).
+// owns keys 64x..64x+63 and visits query blocks x..end (double-buffered Q/dO). ds_out (null: not kept): the dS^T
+// tiles, [B*H][causal tile (i, j), ds_tile_index][64 keys][64 queries], for the dQ kernel that reads them.
 template <int DQK_MAX, int DV_MAX, bool EXACT, bool DROPOUT>
 __global__ void __launch_bounds__(256) attention_backward_dkdv_kernel(bf16* __restrict__ dk, bf16* __restrict__ dvalue,
+                                                                      bf16* __restrict__ ds_out,
                                                                       const bf16* __restrict__ q, const bf16* __restrict__ k,
                                                                       const bf16* __restrict__ v, const bf16* __restrict__ dout,
                                                                       const float* __restrict__ lse, const float* __restrict__ D,
@@ -676,6 +684,14 @@ __global__ void __launch_bounds__(256) attention_backward_dkdv_kernel(bf16* __re
                 *reinterpret_cast<uint32_t*>(sdS + kl * LDP + ql) = pack_bf16(ds[0], ds[1]);
             }
         __syncthreads();
+        if (ds_out) {  // the 8 KB tile in 16-byte pieces, two a thread; the stores drain while phase 2 runs
+            bf16* g = ds_out + ((long long)bh * ds_tiles(nqb) + ds_tile_index(i, kb)) * TILE * TILE;
+#pragma unroll
+            for (int u = 0; u < TILE * TILE / 8 / 256; u++) {
+                const int c = u * 256 + threadIdx.x, r = c / (TILE / 8), col = c % (TILE / 8) * 8;
+                *reinterpret_cast<uint4*>(g + r * TILE + col) = *reinterpret_cast<const uint4*>(sdS + r * LDP + col);
+            }
+        }
 
         // phase 2: dV += P^T dO, dK += dS^T Q over this warp's 16 keys x head-dim half
 #pragma unroll
@@ -796,6 +812,65 @@ __global__ void __launch_bounds__(256) attention_backward_dq_kernel(bf16* __rest
     store_acc(dq + ((long long)b * T * H + h) * dqk, sqk, acc, row_a, T, cq0, 2 * pq, dqk, scale, scale, vec_out, t4);
 }
 
+// dq [B, T, H, dqk] = scale dS K from the dS^T tiles the dK/dV kernel kept (ds: its ds_out), so that S and dP
+// are not computed a second time; grid (ceil(T/64), B*H), 256 threads; block x owns query block nqb-1-x and
+// reads its tiles and the key blocks 0..diagonal (double-buffered). The 8 warps tile the 64 queries x head dim
+// as the recomputing kernel's phase 2 does; dS comes in as the A operand through a transposing ldmatrix.
+template <int DQK_MAX, int DV_MAX, bool EXACT>
+__global__ void __launch_bounds__(256) attention_backward_dq_from_ds_kernel(bf16* __restrict__ dq, const bf16* __restrict__ ds,
+                                                                            const bf16* __restrict__ k, int T, int H, int dqk,
+                                                                            float scale, bool vec_qk, bool vec_out) {
+    using namespace mla_detail;
+    if constexpr (EXACT) dqk = DQK_MAX;
+    extern __shared__ __align__(16) unsigned char smem_raw[];
+    const int dqp = pad32(dqk), ldq = dqp + 8;
+    bf16* sK = reinterpret_cast<bf16*>(smem_raw);  // [2][64][ldq]
+    bf16* sdS = sK + 2 * TILE * ldq;                // [2][64 keys][LDP]
+
+    const int nqb = (T + TILE - 1) / TILE, qb = nqb - 1 - blockIdx.x, q0 = qb * TILE;
+    const int bh = blockIdx.y, b = bh / H, h = bh % H;
+    const long long sqk = (long long)H * dqk;
+    const bf16* kg = k + ((long long)b * T * H + h) * dqk;
+    const bf16* dsg = ds + ((long long)bh * ds_tiles(nqb) + ds_tile_index(qb, 0)) * TILE * TILE;  // the tiles (qb, 0..qb)
+    auto load_ds = [&](bf16* s, int j) {
+#pragma unroll
+        for (int u = 0; u < TILE * TILE / 8 / 256; u++) {
+            const int c = u * 256 + threadIdx.x, r = c / (TILE / 8), col = c % (TILE / 8) * 8;
+            cp_async16(smem_u32(s + r * LDP + col), dsg + (long long)j * TILE * TILE + r * TILE + col, 16);
+        }
+    };
+    load_tile<256>(sK, ldq, kg, sqk, 0, T, dqk, dqp, vec_qk);
+    load_ds(sdS, 0);
+    cp_async_commit();
+
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane >> 2, t4 = lane & 3;
+    const int rg = warp & 3, half = warp >> 2;  // 16-query row group; head-dim half
+    const int pq = dqp / 32, cq0 = half * (dqp / 2);
+    float acc[DQK_MAX / 16][4] = {};
+
+    for (int j = 0; j <= qb; j++) {
+        const int buf = j & 1;
+        const bf16* cK = sK + buf * TILE * ldq;
+        const bf16* cdS = sdS + buf * TILE * LDP;
+        cp_async_wait<0>();
+        __syncthreads();  // tiles of block j landed; every warp is done with block j-1
+        if (j < qb) {
+            load_tile<256>(sK + (buf ^ 1) * TILE * ldq, ldq, kg, sqk, (j + 1) * TILE, T, dqk, dqp, vec_qk);
+            load_ds(sdS + (buf ^ 1) * TILE * LDP, j + 1);
+        }
+        cp_async_commit();
+#pragma unroll
+        for (int kk = 0; kk < 4; kk++) {
+            uint32_t a[4];  // dS rows rg*16.., keys kk*16.., from the [key][query] tile
+            ldsm_x4_trans(a, smem_u32(cdS + (kk * 16 + (lane & 7) + (lane >> 4) * 8) * LDP + rg * 16 + ((lane >> 3) & 1) * 8));
+            mma_rows16_trans<DQK_MAX / 32>(acc, a, cK, ldq, kk, cq0, pq, lane);
+        }
+    }
+    cp_async_wait<0>();
+
+    store_acc(dq + ((long long)b * T * H + h) * dqk, sqk, acc, q0 + rg * 16 + g, T, cq0, 2 * pq, dqk, scale, scale, vec_out, t4);
+}
+
 namespace mla_detail {
 
 inline void check_attention_shape(int B, int T, int H, int dqk, int dv) {
@@ -838,15 +913,16 @@ static void launch_forward(bf16* out, float* lse, const bf16* q, const bf16* k, 
 }
 
 template <int DQK_MAX, int DV_MAX, bool EXACT, bool DROPOUT>
-static void launch_dkdv(bf16* dk, bf16* dvalue, const bf16* q, const bf16* k, const bf16* v, const bf16* dout, const float* lse,
-                 const float* D, int B, int T, int H, int dqk, int dv, float scale, DropoutArgs drop, cudaStream_t stream) {
+static void launch_dkdv(bf16* dk, bf16* dvalue, bf16* ds_out, const bf16* q, const bf16* k, const bf16* v, const bf16* dout,
+                        const float* lse, const float* D, int B, int T, int H, int dqk, int dv, float scale, DropoutArgs drop,
+                        cudaStream_t stream) {
     const int ldq = pad32(dqk) + 8, ldv = pad32(dv) + 8;
     const size_t smem = (size_t)(3 * TILE * ldq + 3 * TILE * ldv + 2 * TILE * LDP) * sizeof(bf16) + 4 * TILE * sizeof(float);
     static size_t done[MAX_DEVICES] = {};
     set_smem(attention_backward_dkdv_kernel<DQK_MAX, DV_MAX, EXACT, DROPOUT>, smem, done);
     dim3 grid(ceil_div(T, TILE), B * H);
     attention_backward_dkdv_kernel<DQK_MAX, DV_MAX, EXACT, DROPOUT><<<grid, 256, smem, stream>>>(
-        dk, dvalue, q, k, v, dout, lse, D, T, H, dqk, dv, scale, scale * LOG2E, vec16(q, dqk, H) && vec16(k, dqk, H),
+        dk, dvalue, ds_out, q, k, v, dout, lse, D, T, H, dqk, dv, scale, scale * LOG2E, vec16(q, dqk, H) && vec16(k, dqk, H),
         vec16(v, dv, H) && vec16(dout, dv, H), vec4(dk, dqk), vec4(dvalue, dv), drop);
     CUDA_LAUNCH_CHECK();
 }
@@ -865,6 +941,18 @@ static void launch_dq(bf16* dq, const bf16* q, const bf16* k, const bf16* v, con
     CUDA_LAUNCH_CHECK();
 }
 
+template <int DQK_MAX, int DV_MAX, bool EXACT>
+static void launch_dq_from_ds(bf16* dq, const bf16* ds, const bf16* k, int B, int T, int H, int dqk, float scale, cudaStream_t stream) {
+    const int ldq = pad32(dqk) + 8;
+    const size_t smem = (size_t)(2 * TILE * ldq + 2 * TILE * LDP) * sizeof(bf16);
+    static size_t done[MAX_DEVICES] = {};
+    set_smem(attention_backward_dq_from_ds_kernel<DQK_MAX, DV_MAX, EXACT>, smem, done);
+    dim3 grid(ceil_div(T, TILE), B * H);
+    attention_backward_dq_from_ds_kernel<DQK_MAX, DV_MAX, EXACT><<<grid, 256, smem, stream>>>(dq, ds, k, T, H, dqk, scale, vec16(k, dqk, H),
+                                                                                             vec4(dq, dqk));
+    CUDA_LAUNCH_CHECK();
+}
+
 // f(std::bool_constant<DROPOUT>{}): each kernel has an instantiation without dropout, which draws nothing
 template <typename F>
 inline void with_dropout(const DropoutArgs& drop, F f) {
@@ -872,16 +960,31 @@ inline void with_dropout(const DropoutArgs& drop, F f) {
     else f(std::false_type{});
 }
 
-// the backward's two main kernels, each instantiated for the presets' head sizes and for the buckets of dqk (and of
-// dv, for dkdv's dV accumulator)
-inline void backward_dkdv(bf16* dk, bf16* dvalue, const bf16* q, const bf16* k, const bf16* v, const bf16* dout, const float* lse,
-                          const float* D, int B, int T, int H, int dqk, int dv, float scale, DropoutArgs drop, cudaStream_t stream) {
+// the backward's main kernels, each instantiated for the presets' head sizes and for the buckets of dqk (and of
+// dv, for dkdv's dV accumulator). ds_out: where dkdv keeps the dS^T tiles (null: nowhere).
+inline void backward_dkdv(bf16* dk, bf16* dvalue, bf16* ds_out, const bf16* q, const bf16* k, const bf16* v, const bf16* dout,
+                          const float* lse, const float* D, int B, int T, int H, int dqk, int dv, float scale, DropoutArgs drop,
+                          cudaStream_t stream) {
     with_head_sizes<true, true>(dqk, dv, [&](auto qmax, auto vmax, auto exact) {
         with_dropout(drop, [&](auto on) {
-            launch_dkdv<qmax, vmax, exact, on>(dk, dvalue, q, k, v, dout, lse, D, B, T, H, dqk, dv, scale, drop, stream);
+            launch_dkdv<qmax, vmax, exact, on>(dk, dvalue, ds_out, q, k, v, dout, lse, D, B, T, H, dqk, dv, scale, drop, stream);
         });
     });
 }
+
+inline void backward_dq_from_ds(bf16* dq, const bf16* ds, const bf16* k, int B, int T, int H, int dqk, int dv, float scale,
+                                cudaStream_t stream) {
+    with_head_sizes<true, false>(dqk, dv, [&](auto qmax, auto vmax, auto exact) {
+        launch_dq_from_ds<qmax, vmax, exact>(dq, ds, k, B, T, H, dqk, scale, stream);
+    });
+}
+
+// Up to this length the backward keeps the dS tiles (B*H*T^2 bytes, about: 0.2 GB for small at 16 x 1024) and
+// computes dQ from them; longer sequences recompute S and dP in the dQ kernel, keeping memory linear in T.
+constexpr int ATTENTION_KEEP_DS_MAX_T = 2048;
+
+// the scratch floats D takes, rounded up to 16 bytes: the dS tiles follow
+inline size_t d_floats(int B, int T, int H) { return ((size_t)B * H * T + 3) / 4 * 4; }
 
 inline void backward_dq(bf16* dq, const bf16* q, const bf16* k, const bf16* v, const bf16* dout, const float* lse, const float* D, int B,
                         int T, int H, int dqk, int dv, float scale, DropoutArgs drop, cudaStream_t stream) {
@@ -912,8 +1015,13 @@ inline void attention_forward_gpu(bf16* out, float* lse, const bf16* q, const bf
     });
 }
 
-// floats of scratch attention_backward_gpu needs (D = rowsum(dout * out), [B, H, T])
-inline size_t attention_backward_scratch_floats(int B, int T, int H) { return (size_t)B * H * T; }
+// floats of scratch attention_backward_gpu needs: D = rowsum(dout * out), [B, H, T], then, up to
+// ATTENTION_KEEP_DS_MAX_T, the bf16 dS^T tiles (dkdv's ds_out), 16-byte aligned
+inline size_t attention_backward_scratch_floats(int B, int T, int H) {
+    using namespace mla_detail;
+    if (T > ATTENTION_KEEP_DS_MAX_T) return d_floats(B, T, H);
+    return d_floats(B, T, H) + (size_t)B * H * ds_tiles(ceil_div(T, TILE)) * TILE * TILE / 2;
+}
 
 // Causal attention backward: writes dq, dk [B, T, H, dqk] and dvalue [B, T, H, dv] from dout [B, T, H, dv]
 // and the forward's out and lse (and its drop). Deterministic: every output element is written by exactly one
@@ -932,8 +1040,14 @@ inline void attention_backward_gpu(bf16* dq, bf16* dk, bf16* dvalue, const bf16*
         attention_backward_preprocess_kernel<<<(int)((rows + 7) / 8), 256, 0, stream>>>(D, dout, out, B, T, H, dvd);
     CUDA_LAUNCH_CHECK();
     const DropoutArgs args = dropout_args(drop);
-    backward_dkdv(dk, dvalue, q, k, v, dout, lse, D, B, T, H, dqk, dvd, scale, args, stream);
-    backward_dq(dq, q, k, v, dout, lse, D, B, T, H, dqk, dvd, scale, args, stream);
+    if (T <= ATTENTION_KEEP_DS_MAX_T) {
+        bf16* ds = reinterpret_cast<bf16*>(scratch + d_floats(B, T, H));
+        backward_dkdv(dk, dvalue, ds, q, k, v, dout, lse, D, B, T, H, dqk, dvd, scale, args, stream);
+        backward_dq_from_ds(dq, ds, k, B, T, H, dqk, dvd, scale, stream);
+    } else {
+        backward_dkdv(dk, dvalue, nullptr, q, k, v, dout, lse, D, B, T, H, dqk, dvd, scale, args, stream);
+        backward_dq(dq, q, k, v, dout, lse, D, B, T, H, dqk, dvd, scale, args, stream);
+    }
 }
 
 // ----------------------------------------------------------------------------

@@ -254,7 +254,9 @@ TEST_CASE("GPU flash attention forward and backward match the reference, with an
         {1, 70, 2, 12, 6},     // the tiny preset: sizes not multiples of 8 (element-load path)
         {1, 513, 2, 96, 64},   // many tiles: the prefetch pipelines run 9 deep, 1-row tail
         {2, 300, 4, 192, 128}, // DeepSeek-V3's head sizes, more tiles
+        {1, 2100, 1, 96, 64},  // past ATTENTION_KEEP_DS_MAX_T: dQ recomputes S and dP instead of reading the kept dS
     };
+    static_assert(2100 > mla_detail::ATTENTION_KEEP_DS_MAX_T, "a shape must take the recomputing dQ kernel");
     for (const AttentionDropout drop : {AttentionDropout{}, AttentionDropout{0.2f, 1234}}) {
         for (const Shape& s : shapes) {
             CAPTURE(drop.p);
@@ -499,16 +501,24 @@ TEST_CASE("GPU flash attention timing" * doctest::skip()) {
             attention_backward_gpu(d_dq.p, d_dk.p, d_dv.p, d_dout.p, d_out.p, d_lse.p, d_q.p, d_k.p, d_v.p, B, T, H, dqk, dv, scale,
                                    d_scratch.p, 0);
         });
-        // the backward's two main kernels on their own (D from the run above stays in scratch)
+        // the backward's main kernels on their own (D from the run above stays in scratch): dK/dV without and with
+        // keeping dS, dQ recomputing S and dP, dQ from the kept dS
+        bf16* ds = reinterpret_cast<bf16*>(d_scratch.p + mla_detail::d_floats(B, T, H));
         const double t_dkdv = gpu_median_ms([&] {
-            mla_detail::backward_dkdv(d_dk.p, d_dv.p, d_q.p, d_k.p, d_v.p, d_dout.p, d_lse.p, d_scratch.p, B, T, H, dqk, dv, scale,
+            mla_detail::backward_dkdv(d_dk.p, d_dv.p, nullptr, d_q.p, d_k.p, d_v.p, d_dout.p, d_lse.p, d_scratch.p, B, T, H, dqk, dv, scale,
+                                      mla_detail::dropout_args({}), 0);
+        });
+        const double t_dkdv_ds = gpu_median_ms([&] {
+            mla_detail::backward_dkdv(d_dk.p, d_dv.p, ds, d_q.p, d_k.p, d_v.p, d_dout.p, d_lse.p, d_scratch.p, B, T, H, dqk, dv, scale,
                                       mla_detail::dropout_args({}), 0);
         });
         const double t_dq = gpu_median_ms([&] {
             mla_detail::backward_dq(d_dq.p, d_q.p, d_k.p, d_v.p, d_dout.p, d_lse.p, d_scratch.p, B, T, H, dqk, dv, scale,
                                     mla_detail::dropout_args({}), 0);
         });
-        printf("  backward split: dK/dV kernel %.3f ms, dQ kernel %.3f ms\n", t_dkdv, t_dq);
+        const double t_dq_ds = gpu_median_ms([&] { mla_detail::backward_dq_from_ds(d_dq.p, ds, d_k.p, B, T, H, dqk, dv, scale, 0); });
+        printf("  backward split: dK/dV kernel %.3f ms (keeping dS %.3f), dQ kernel recomputing %.3f ms, from dS %.3f ms\n", t_dkdv,
+               t_dkdv_ds, t_dq, t_dq_ds);
         // causal FLOPs: pairs (t, j <= t); forward QK^T + PV, backward QK^T + dO V^T + P^T dO + dS^T Q + dS K
         const double pairs = (double)B * H * T * (T + 1) / 2;
         const double f_fwd = 2 * pairs * (dqk + dv), f_bwd = 2 * pairs * (3 * dqk + 2 * dv);
