@@ -379,12 +379,12 @@ inline void with_bucket(int d, F f) {
     else f(std::integral_constant<int, 256>{});
 }
 
-// f(DQK_MAX, DV_MAX, EXACT) as integral constants. The presets' head sizes (dqk 96 and dv 64 of small, 192 and 128 of
-// medium and DeepSeek-V3) get kernels compiled for exactly those sizes (EXACT: dqk == DQK_MAX, dv == DV_MAX), where
-// every tile loop, index and bound is a constant (with sizes read at run time the forward issued 1,164 instructions
-// per warp per 64-key tile, 80 of them mma; bench/RESULTS.md). Other sizes take the kernels of their buckets and read the sizes at run time. A kernel whose registers
-// do not depend on one of the sizes passes false for it (USE_QK, USE_V) and gets the one bucket 256 there, which
-// keeps the number of instantiations down.
+// f(DQK_MAX, DV_MAX, EXACT) as integral constants. The presets' head sizes (dqk 96 and dv 64 of small, 192 and 128
+// of medium and DeepSeek-V3) get kernels compiled for exactly those sizes (EXACT: dqk == DQK_MAX, dv == DV_MAX),
+// where every tile loop, index and bound is a constant (with the sizes read at run time, the forward issued 1,164
+// instructions per warp per 64-key tile, 80 of them mma; bench/RESULTS.md). Other sizes take the kernels of their
+// buckets and read the sizes at run time. A kernel whose registers do not depend on one of the sizes passes false
+// for it (USE_QK, USE_V) and gets the one bucket 256 there, which keeps the number of instantiations down.
 template <bool USE_QK, bool USE_V, typename F>
 inline void with_head_sizes(int dqk, int dv, F f) {
     using std::integral_constant;
@@ -422,11 +422,10 @@ inline DropoutArgs dropout_args(const AttentionDropout& drop) {
 // dv-64 kernel at 4 blocks per SM, as the generic one has: left free, it spends 160 registers on hoisted tile
 // addresses and loses a block. (0 sets no minimum: the other kernels keep the registers ptxas picks.)
 template <int DQK_MAX, int DV_MAX, bool EXACT, bool DROPOUT>
-__global__ void __launch_bounds__(128, EXACT && DV_MAX <= 64 ? 4 : 0) attention_forward_kernel(bf16* __restrict__ out, float* __restrict__ lse,
-                                                                const bf16* __restrict__ q, const bf16* __restrict__ k,
-                                                                const bf16* __restrict__ v, int T, int H, int dqk, int dv,
-                                                                float scale_log2, bool vec_qk, bool vec_v, bool vec_out,
-                                                                mla_detail::DropoutArgs drop) {
+__global__ void __launch_bounds__(128, EXACT && DV_MAX <= 64 ? 4 : 0)
+    attention_forward_kernel(bf16* __restrict__ out, float* __restrict__ lse, const bf16* __restrict__ q, const bf16* __restrict__ k,
+                             const bf16* __restrict__ v, int T, int H, int dqk, int dv, float scale_log2, bool vec_qk, bool vec_v,
+                             bool vec_out, mla_detail::DropoutArgs drop) {
     using namespace mla_detail;
     if constexpr (EXACT) dqk = DQK_MAX, dv = DV_MAX;
     extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -816,7 +815,7 @@ __global__ void __launch_bounds__(256) attention_backward_dq_kernel(bf16* __rest
 // are not computed a second time; grid (ceil(T/64), B*H), 256 threads; block x owns query block nqb-1-x and
 // reads its tiles and the key blocks 0..diagonal (double-buffered). The 8 warps tile the 64 queries x head dim
 // as the recomputing kernel's phase 2 does; dS comes in as the A operand through a transposing ldmatrix.
-template <int DQK_MAX, int DV_MAX, bool EXACT>
+template <int DQK_MAX, bool EXACT>
 __global__ void __launch_bounds__(256) attention_backward_dq_from_ds_kernel(bf16* __restrict__ dq, const bf16* __restrict__ ds,
                                                                             const bf16* __restrict__ k, int T, int H, int dqk,
                                                                             float scale, bool vec_qk, bool vec_out) {
@@ -941,15 +940,15 @@ static void launch_dq(bf16* dq, const bf16* q, const bf16* k, const bf16* v, con
     CUDA_LAUNCH_CHECK();
 }
 
-template <int DQK_MAX, int DV_MAX, bool EXACT>
+template <int DQK_MAX, bool EXACT>
 static void launch_dq_from_ds(bf16* dq, const bf16* ds, const bf16* k, int B, int T, int H, int dqk, float scale, cudaStream_t stream) {
     const int ldq = pad32(dqk) + 8;
     const size_t smem = (size_t)(2 * TILE * ldq + 2 * TILE * LDP) * sizeof(bf16);
     static size_t done[MAX_DEVICES] = {};
-    set_smem(attention_backward_dq_from_ds_kernel<DQK_MAX, DV_MAX, EXACT>, smem, done);
+    set_smem(attention_backward_dq_from_ds_kernel<DQK_MAX, EXACT>, smem, done);
     dim3 grid(ceil_div(T, TILE), B * H);
-    attention_backward_dq_from_ds_kernel<DQK_MAX, DV_MAX, EXACT><<<grid, 256, smem, stream>>>(dq, ds, k, T, H, dqk, scale, vec16(k, dqk, H),
-                                                                                             vec4(dq, dqk));
+    attention_backward_dq_from_ds_kernel<DQK_MAX, EXACT><<<grid, 256, smem, stream>>>(dq, ds, k, T, H, dqk, scale, vec16(k, dqk, H),
+                                                                                     vec4(dq, dqk));
     CUDA_LAUNCH_CHECK();
 }
 
@@ -974,8 +973,8 @@ inline void backward_dkdv(bf16* dk, bf16* dvalue, bf16* ds_out, const bf16* q, c
 
 inline void backward_dq_from_ds(bf16* dq, const bf16* ds, const bf16* k, int B, int T, int H, int dqk, int dv, float scale,
                                 cudaStream_t stream) {
-    with_head_sizes<true, false>(dqk, dv, [&](auto qmax, auto vmax, auto exact) {
-        launch_dq_from_ds<qmax, vmax, exact>(dq, ds, k, B, T, H, dqk, scale, stream);
+    with_head_sizes<true, false>(dqk, dv, [&](auto qmax, auto, auto exact) {
+        launch_dq_from_ds<qmax, exact>(dq, ds, k, B, T, H, dqk, scale, stream);
     });
 }
 
