@@ -1,7 +1,8 @@
 // mla.cuh — the GPU kernels of Multi-head Latent Attention, forward and backward: RoPE on q_pe and the shared
 // k_pe (with the YaRN table built on the host), the assembly of per-head K = [k_nope; k_pe] and V from kv_b
-// and kv_a, and a flash-style causal attention (tensor cores, online softmax, no T x T matrix in device
-// memory) whose backward is deterministic (no atomics).
+// and kv_a, and a flash-style causal attention (tensor cores, online softmax; the forward keeps no T x T matrix in
+// device memory, the backward keeps the causal half of dS, in bf16, only up to T 2,048) whose backward is
+// deterministic (no atomics).
 //
 // Shapes follow reference.h (N = B*T token rows, row-major):
 //   q     [N, H, dqk]    per head [q_nope (dn); q_pe (dr)], dqk = dn + dr
