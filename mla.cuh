@@ -259,6 +259,10 @@ __host__ __device__ inline int pad32(int d) { return (d + 31) / 32 * 32; }
 // query block's tiles lie together, in the order the dQ kernel reads them.
 __host__ __device__ inline long long ds_tiles(int nqb) { return (long long)nqb * (nqb + 1) / 2; }
 __host__ __device__ inline long long ds_tile_index(int i, int j) { return (long long)i * (i + 1) / 2 + j; }
+// where tile (i, j) of head bh starts in the kept dS, in elements
+__host__ __device__ inline long long ds_tile_offset(int bh, int nqb, int i, int j) {
+    return ((long long)bh * ds_tiles(nqb) + ds_tile_index(i, j)) * TILE * TILE;
+}
 
 // acc[2*NB][4] += A B^T over ksteps steps of 16: A is 16 rows (row stride lda) and B is NB*16 rows (row stride ldb) of
 // bf16 in shared memory, both read along the head dimension; the warp's fragments are laid out as mma16816 expects. Two
@@ -685,7 +689,7 @@ __global__ void __launch_bounds__(256) attention_backward_dkdv_kernel(bf16* __re
             }
         __syncthreads();
         if (ds_out) {  // the 8 KB tile in 16-byte pieces, two a thread; the stores drain while phase 2 runs
-            bf16* g = ds_out + ((long long)bh * ds_tiles(nqb) + ds_tile_index(i, kb)) * TILE * TILE;
+            bf16* g = ds_out + ds_tile_offset(bh, nqb, i, kb);
 #pragma unroll
             for (int u = 0; u < TILE * TILE / 8 / 256; u++) {
                 const int c = u * 256 + threadIdx.x, r = c / (TILE / 8), col = c % (TILE / 8) * 8;
@@ -831,7 +835,7 @@ __global__ void __launch_bounds__(256) attention_backward_dq_from_ds_kernel(bf16
     const int bh = blockIdx.y, b = bh / H, h = bh % H;
     const long long sqk = (long long)H * dqk;
     const bf16* kg = k + ((long long)b * T * H + h) * dqk;
-    const bf16* dsg = ds + ((long long)bh * ds_tiles(nqb) + ds_tile_index(qb, 0)) * TILE * TILE;  // the tiles (qb, 0..qb)
+    const bf16* dsg = ds + ds_tile_offset(bh, nqb, qb, 0);  // the tiles (qb, 0..qb)
     auto load_ds = [&](bf16* s, int j) {
 #pragma unroll
         for (int u = 0; u < TILE * TILE / 8 / 256; u++) {
@@ -982,6 +986,7 @@ inline void backward_dq_from_ds(bf16* dq, const bf16* ds, const bf16* k, int B, 
 // Up to this length the backward keeps the dS tiles (B*H*T^2 bytes, about: 0.2 GB for small at 16 x 1024) and
 // computes dQ from them; longer sequences recompute S and dP in the dQ kernel, keeping memory linear in T.
 constexpr int ATTENTION_KEEP_DS_MAX_T = 2048;
+inline bool attention_keeps_ds(int T) { return T <= ATTENTION_KEEP_DS_MAX_T; }
 
 // the scratch floats D takes, rounded up to 16 bytes: the dS tiles follow
 inline size_t d_floats(int B, int T, int H) { return ((size_t)B * H * T + 3) / 4 * 4; }
@@ -1019,7 +1024,7 @@ inline void attention_forward_gpu(bf16* out, float* lse, const bf16* q, const bf
 // ATTENTION_KEEP_DS_MAX_T, the bf16 dS^T tiles (dkdv's ds_out), 16-byte aligned
 inline size_t attention_backward_scratch_floats(int B, int T, int H) {
     using namespace mla_detail;
-    if (T > ATTENTION_KEEP_DS_MAX_T) return d_floats(B, T, H);
+    if (!attention_keeps_ds(T)) return d_floats(B, T, H);
     return d_floats(B, T, H) + (size_t)B * H * ds_tiles(ceil_div(T, TILE)) * TILE * TILE / 2;
 }
 
@@ -1040,7 +1045,7 @@ inline void attention_backward_gpu(bf16* dq, bf16* dk, bf16* dvalue, const bf16*
         attention_backward_preprocess_kernel<<<(int)((rows + 7) / 8), 256, 0, stream>>>(D, dout, out, B, T, H, dvd);
     CUDA_LAUNCH_CHECK();
     const DropoutArgs args = dropout_args(drop);
-    if (T <= ATTENTION_KEEP_DS_MAX_T) {
+    if (attention_keeps_ds(T)) {
         bf16* ds = reinterpret_cast<bf16*>(scratch + d_floats(B, T, H));
         backward_dkdv(dk, dvalue, ds, q, k, v, dout, lse, D, B, T, H, dqk, dvd, scale, args, stream);
         backward_dq_from_ds(dq, ds, k, B, T, H, dqk, dvd, scale, stream);
