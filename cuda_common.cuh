@@ -289,6 +289,19 @@ float gpu_median_ms(F f, int runs = 10, cudaStream_t stream = 0) {
 }
 
 // ----------------------------------------------------------------------------
+// Softmax exponentials as 2^(x log2 e - max log2 e): one FMA and one MUFU op
+
+constexpr float LOG2E = 1.4426950408889634f;
+
+// 2^x in one MUFU op (exp2f adds range handling we do not need: x <= 0 here, and
+// -inf must give 0, which ex2.approx does)
+__device__ inline float ex2(float x) {
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+    return y;
+}
+
+// ----------------------------------------------------------------------------
 // Programmatic dependent launch (Hopper): a kernel launched by launch_programmatic may start while the kernel ahead
 // of it on the stream (or in the graph captured from it) is still running, so that its launch and its prologue (a
 // GEMV's weight loads) overlap that kernel's tail. Before it reads anything an earlier kernel wrote, or writes

@@ -1101,6 +1101,9 @@ inline void dropout_to_bf16_gpu(bf16* out, const float* in, size_t n, float p, u
 //   ignored row), scale = dloss_scale (* *dloss_scale_dev when given), normally
 //   dloss / (number of targets >= 0): see crossentropy_scale_gpu.
 // The logits buffer [N, V] is overwritten with dlogits, so no second N x V buffer.
+// Each exp is one MUFU op (ex2 of x log2(e) - max log2(e), one FMA in), the max moves
+// once a pack, and pass 2 multiplies by scale / sum: expf and a division per element
+// kept the kernel issue-bound, well short of the two reads and one write it moves.
 
 template <int VEC, bool WRITE>
 static __global__ void __launch_bounds__(1024)
@@ -1115,25 +1118,31 @@ static __global__ void __launch_bounds__(1024)
     for (int i = threadIdx.x * VEC; i < V; i += blockDim.x * VEC) {
         float x[VEC];
         kdetail::load_bf16<VEC>(x, z + i);
+        float pack_max = x[0];
 #pragma unroll
-        for (int k = 0; k < VEC; k++) {
-            if (x[k] > ms.m) {
-                ms.s = ms.s * expf(ms.m - x[k]) + 1.0f;
-                ms.m = x[k];
-            } else {
-                ms.s += expf(x[k] - ms.m);
-            }
+        for (int k = 1; k < VEC; k++) pack_max = fmaxf(pack_max, x[k]);
+        if (pack_max > ms.m) {
+            ms.s *= ex2((ms.m - pack_max) * LOG2E);
+            ms.m = pack_max;
         }
+        const float m_log2 = ms.m * LOG2E;
+#pragma unroll
+        for (int k = 0; k < VEC; k++) ms.s += ex2(fmaf(x[k], LOG2E, -m_log2));
     }
     ms = kdetail::block_maxsum(ms);
     if (threadIdx.x == 0) losses[row] = target >= 0 ? -((zt - ms.m) - logf(ms.s)) : 0.0f;
     if constexpr (WRITE) {
         const float scale = target < 0 ? 0.0f : dloss_scale * (dloss_scale_dev ? *dloss_scale_dev : 1.0f);
+        const float m_log2 = ms.m * LOG2E, p_scale = scale / ms.s;
         for (int i = threadIdx.x * VEC; i < V; i += blockDim.x * VEC) {
             float x[VEC];
             kdetail::load_bf16<VEC>(x, z + i);
 #pragma unroll
-            for (int k = 0; k < VEC; k++) x[k] = scale * (expf(x[k] - ms.m) / ms.s - (i + k == target ? 1.0f : 0.0f));
+            for (int k = 0; k < VEC; k++) x[k] = ex2(fmaf(x[k], LOG2E, -m_log2)) * p_scale;
+            if ((unsigned)(target - i) < (unsigned)VEC)
+#pragma unroll
+                for (int k = 0; k < VEC; k++)
+                    if (i + k == target) x[k] -= scale;
             kdetail::store_bf16<VEC>(z + i, x);
         }
     }

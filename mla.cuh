@@ -250,7 +250,6 @@ namespace mla_detail {
 
 constexpr int TILE = 64;    // queries and keys per tile
 constexpr int LDP = 64 + 8;  // row stride of the 64x64 P / dS tiles in shared memory
-constexpr float LOG2E = 1.4426950408889634f;
 constexpr float LN2 = 0.6931471805599453f;
 
 __host__ __device__ inline int pad32(int d) { return (d + 31) / 32 * 32; }
@@ -283,14 +282,6 @@ __device__ inline void mma_rows16(float (&acc)[2 * NB][4], const bf16* A, int ld
                 mma16816(acc[2 * p + 1], a, bb[2], bb[3]);
             }
         }
-}
-
-// 2^x in one MUFU op (exp2f adds range handling we do not need: x <= 0 here, and
-// -inf must give 0, which ex2.approx does)
-__device__ inline float ex2(float x) {
-    float y;
-    asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
-    return y;
 }
 
 __device__ inline uint32_t pack_bf16(float lo, float hi) {

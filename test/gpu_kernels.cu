@@ -512,6 +512,32 @@ TEST_CASE("gpu: fused softmax cross-entropy matches the reference, with ignored 
     }
 }
 
+// Timing, not a check: skipped by default; run with  --no-skip -tc="*timing*". The logits become dlogits in place,
+// so the runs after the first read dlogits: the same traffic, and the same work but for the max's moves.
+TEST_CASE("gpu: cross-entropy timing" * doctest::skip()) {
+    require_gpu();
+    struct Shape {
+        int N, V;
+        const char* what;
+    };
+    for (const Shape& s : {Shape{16384, 32768, "small at 16 x 1024"}, Shape{32768, 1024, "mini at 64 x 512"},
+                           Shape{2048, 129280, "DeepSeek-V3's vocabulary"}}) {
+        Dev<bf16> d_logits((size_t)s.N * s.V);
+        Dev<int> d_targets(s.N);
+        Dev<float> d_losses(s.N);
+        d_logits.set(rand_bf16(d_logits.n, 7, 3.0f));
+        std::vector<int> targets(s.N);
+        for (int r = 0; r < s.N; r++) targets[r] = (int)(rng_hash(8, r) % s.V);
+        d_targets.set_raw(targets);
+        const float ms = gpu_median_ms([&] {
+            crossentropy_forward_backward_gpu(d_losses.p, d_logits.p, d_targets.p, s.N, s.V, 1.0f / s.N, nullptr, 0);
+        });
+        const double bytes = 2.0 * d_logits.n * sizeof(bf16);  // one read and one write of the logits
+        printf("cross-entropy timing N=%d V=%d (%s): %.3f ms (%.2f TB/s for one read and one write)\n", s.N, s.V, s.what, ms,
+               bytes / (ms * 1e-3) / 1e12);
+    }
+}
+
 TEST_CASE("gpu: grad norm skips buffers and is deterministic; AdamW matches the reference bit for bit") {
     require_gpu();
     Stream st;
