@@ -38,6 +38,8 @@
 #include <cstdint>
 #include <initializer_list>
 
+#include <cudaTypedefs.h>
+
 #include "config.h"
 #include "cuda_common.cuh"
 #include "kernels.cuh"
@@ -912,15 +914,17 @@ static __global__ void __launch_bounds__(MOE_GEMM_THREADS, 2)
 
 #ifdef HOPPER_WGMMA
 // ----------------------------------------------------------------------------
-// The same three products on Hopper's wgmma: a 128 x 128 tile per CTA, each of its two warpgroups computing 64 x 128
-// with m64n128k16, fed by an STAGES-deep cp.async pipeline of 64-wide k slices in 128-byte-swizzled smem (see
-// cuda_common.cuh). wgmma reads either major-ness from smem, so here too nothing is transposed in memory:
-//   forward          A = x (K-major),    B = W_e (K-major)
-//   backward input   A = dout (K-major), B = W_e (N-major)
-//   backward weight  A = dout (M-major), B = x (N-major)
-// Tiles are assigned as in the mma.sync kernel above, and each output element still sums its expert's k in ascending
-// 16-wide steps, so results are bit-identical run to run. The 16-byte path only: the kernel above covers other sizes
-// and builds for GPUs before Hopper.
+// The same three products on Hopper's wgmma: a 128 x 128 tile per CTA, each of two warpgroups computing 64 x 128 with
+// m64n128k16 from 64-wide k slices in 128-byte-swizzled smem (see cuda_common.cuh). wgmma reads either major-ness
+// from smem, so here too nothing is transposed in memory:
+//   forward          A = x (K-major),    B = W_e (K-major)     grouped_gemm_tma_kernel
+//   backward input   A = dout (K-major), B = W_e (N-major)     grouped_gemm_tma_kernel
+//   backward weight  A = dout (M-major), B = x (N-major)       grouped_gemm_wgrad_wgmma_kernel
+// The first two are fed by the tensor copy engine (TMA). The weight gradient's k is an expert's rows, which end
+// mid-slice; a TMA box cannot stop there (the next expert's rows would enter the sum), so its slices come through
+// cp.async, which zero-fills past the end. Tiles are assigned as in the mma.sync kernel above, and each output element
+// still sums its expert's k in ascending 16-wide steps, so the results are the mma.sync kernel's, bit for bit. The
+// 16-byte path only: the kernel above covers other sizes and builds for GPUs before Hopper.
 
 constexpr int MOE_WG_BN = 128, MOE_WG_BK = 64;
 constexpr int MOE_WG_TILE_BYTES = MOE_GEMM_BM * MOE_WG_BK * 2;  // one operand's stage: 128 rows x 64 k of bf16
@@ -930,48 +934,37 @@ constexpr int moe_wgmma_smem_bytes() {
     return STAGES * 2 * MOE_WG_TILE_BYTES + 1024;  // + slack to align the tiles to 1024 bytes, as the swizzle needs
 }
 
-// Loads one 64-wide k slice of a ROWS-row operand tile into swizzled smem at `smem` (1024-aligned), the THREADS
-// loading threads numbered by tid. KMAJOR: element (row, k) is base[row * ld + k], and smem holds ROWS rows of 64 k;
-// else it is base[k * ld + row], and smem holds atoms of 64 rows (8 KiB each) of 64 k. Rows >= row_end and
-// k >= k_end are zero-filled.
-template <bool KMAJOR, int ROWS, int THREADS>
+// Loads one 64-wide k slice of a ROWS-row M- or N-major operand tile (element (row, k) at base[k * ld + row]) into
+// swizzled smem at `smem` (1024-aligned) as atoms of 64 rows (8 KiB each) of 64 k, the THREADS loading threads
+// numbered by tid. Rows >= row_end and k >= k_end are zero-filled.
+template <int ROWS, int THREADS>
 __device__ inline void moe_wgmma_load_tile(uint32_t smem, const bf16* base, int ld, int row_end, int k0, int k_end, int tid) {
     constexpr int CHUNKS = ROWS * MOE_WG_BK / 8;  // of 16 bytes
     static_assert(CHUNKS % THREADS == 0, "tile chunks must divide among the threads");
 #pragma unroll
     for (int it = 0; it < CHUNKS / THREADS; it++) {
         const int idx = tid + it * THREADS;
-        int row, k;  // first element of the chunk; the chunk runs along the contiguous dimension
-        uint32_t dst;
-        if (KMAJOR) {
-            row = idx / 8;
-            k = (idx % 8) * 8;
-            dst = smem + swizzle128(row, idx % 8);
-        } else {
-            k = idx / (ROWS / 8);
-            row = (idx % (ROWS / 8)) * 8;
-            dst = smem + (row / 64) * (MOE_WG_BK * 128) + swizzle128(k, (row % 64) / 8);
-        }
+        const int k = idx / (ROWS / 8), row = (idx % (ROWS / 8)) * 8;  // the chunk's first element; it runs along rows
+        const uint32_t dst = smem + (row / 64) * (MOE_WG_BK * 128) + swizzle128(k, (row % 64) / 8);
         const int kk = k0 + k;
-        const bf16* src = KMAJOR ? base + (size_t)row * ld + kk : base + (size_t)kk * ld + row;
+        const bf16* src = base + (size_t)kk * ld + row;
         const bool valid = row < row_end && kk < k_end;
         cp_async16(dst, valid ? src : base, valid ? 16 : 0);
     }
 }
 
-// Arguments as grouped_gemm_kernel's.
-template <int MODE, bool B_KMAJOR, int STAGES>
+// The backward weight, STAGES slices deep; arguments as grouped_gemm_kernel's (out, b_stride and K unused).
+template <int STAGES>
 static __global__ void __launch_bounds__(MOE_GEMM_THREADS, STAGES <= 3 ? 2 : 1)
-    grouped_gemm_wgmma_kernel(bf16* out, float* dw, size_t dw_stride, const bf16* A, int lda, const bf16* Bw, size_t b_stride,
-                              int ldb, const int* offsets, int E, int M, int N, int K) {
-    constexpr bool A_KMAJOR = MODE == MOE_GEMM_FWD;
+    grouped_gemm_wgrad_wgmma_kernel(bf16* out, float* dw, size_t dw_stride, const bf16* A, int lda, const bf16* Bw, size_t b_stride,
+                                    int ldb, const int* offsets, int E, int M, int N, int K) {
     constexpr int BM = MOE_GEMM_BM, BN = MOE_WG_BN, BK = MOE_WG_BK, TILE = MOE_WG_TILE_BYTES;
     extern __shared__ __align__(16) unsigned char moe_gemm_smem[];
     const uint32_t As = (smem_u32(moe_gemm_smem) + 1023) & ~1023u;
     const uint32_t Bs = As + STAGES * TILE;
 
     MoeGemmTile t;
-    if (!moe_gemm_tile<MODE, B_KMAJOR>(t, BM, BN, A, lda, Bw, b_stride, ldb, offsets, E, M, N, K)) return;
+    if (!moe_gemm_tile<MOE_GEMM_WGRAD, false>(t, BM, BN, A, lda, Bw, b_stride, ldb, offsets, E, M, N, K)) return;
     const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
     const int wg = warp / 4;  // the warpgroup's rows of the tile: 64 * wg ..
 
@@ -981,8 +974,8 @@ static __global__ void __launch_bounds__(MOE_GEMM_THREADS, STAGES <= 3 ? 2 : 1)
 
     const int KT = (t.k_end + BK - 1) / BK;
     auto load_stage = [&](int stage, int kt) {
-        moe_wgmma_load_tile<A_KMAJOR, BM, MOE_GEMM_THREADS>(As + stage * TILE, t.a, lda, t.m_end, kt * BK, t.k_end, threadIdx.x);
-        moe_wgmma_load_tile<B_KMAJOR, BN, MOE_GEMM_THREADS>(Bs + stage * TILE, t.b, ldb, t.n_end, kt * BK, t.k_end, threadIdx.x);
+        moe_wgmma_load_tile<BM, MOE_GEMM_THREADS>(As + stage * TILE, t.a, lda, t.m_end, kt * BK, t.k_end, threadIdx.x);
+        moe_wgmma_load_tile<BN, MOE_GEMM_THREADS>(Bs + stage * TILE, t.b, ldb, t.n_end, kt * BK, t.k_end, threadIdx.x);
     };
     moe_gemm_prologue<STAGES>(KT, load_stage);
     for (int kt = 0; kt < KT; kt++) {
@@ -991,16 +984,12 @@ static __global__ void __launch_bounds__(MOE_GEMM_THREADS, STAGES <= 3 ? 2 : 1)
         __syncthreads();  // slice kt is in smem for both warpgroups, and both have finished reading slice kt-1
         if (kt + STAGES - 1 < KT) load_stage((kt + STAGES - 1) % STAGES, kt + STAGES - 1);
         cp_async_commit();
-        // this warpgroup's 64 rows start 8 KiB into the A tile either way: 64 rows of 128 bytes (K-major) or the
-        // second 64-row atom (M-major); a 16-wide k step is 32 bytes along a K-major row, or 16 rows of an atom
+        // this warpgroup's 64 rows are the A tile's second 64-row atom, 8 KiB on; a 16-wide k step is 16 rows of an atom
         const uint32_t as = As + (kt % STAGES) * TILE + wg * 8192, bs = Bs + (kt % STAGES) * TILE;
         wgmma_fence();
 #pragma unroll
-        for (int j = 0; j < BK / 16; j++) {
-            const uint64_t da = A_KMAJOR ? wgmma_desc(as + j * 32, 16, 1024) : wgmma_desc(as + j * 2048, 8192, 1024);
-            const uint64_t db = B_KMAJOR ? wgmma_desc(bs + j * 32, 16, 1024) : wgmma_desc(bs + j * 2048, 8192, 1024);
-            wgmma_m64n128k16<!A_KMAJOR, !B_KMAJOR>(acc, da, db);
-        }
+        for (int j = 0; j < BK / 16; j++)
+            wgmma_m64n128k16<true, true>(acc, wgmma_desc(as + j * 2048, 8192, 1024), wgmma_desc(bs + j * 2048, 8192, 1024));
         wgmma_commit();
         wgmma_wait<0>();
     }
@@ -1014,17 +1003,159 @@ static __global__ void __launch_bounds__(MOE_GEMM_THREADS, STAGES <= 3 ? 2 : 1)
         for (int h = 0; h < 2; h++) {
             const int m = wg * 64 + (warp % 4) * 16 + lane / 4 + h * 8;
             const int n = i * 8 + (lane % 4) * 2;
-            moe_gemm_store_pair<MODE, true>(out, dw, dw_stride, t, N, m, n, acc[4 * i + 2 * h], acc[4 * i + 2 * h + 1]);
+            moe_gemm_store_pair<MOE_GEMM_WGRAD, true>(out, dw, dw_stride, t, N, m, n, acc[4 * i + 2 * h], acc[4 * i + 2 * h + 1]);
         }
+}
+
+// ----------------------------------------------------------------------------
+// Forward and backward-input on wgmma, fed by the tensor copy engine (TMA) instead of the threads. Nine warps: warp 8's
+// first lane issues each stage's copies (A's 128 x 64 box, B's 128 x 64 or two 64 x 64) onto an mbarrier, and the two
+// warpgroups of warps 0..7 only wait on it and issue their m64n128k16s, keeping one wgmma group in flight; each warp
+// hands a stage back on a second mbarrier once the group that read it is retired. So no thread spends issue slots on
+// loads, and no barrier stops both warpgroups once a slice: 1.12-1.26x the same wgmma loop fed by 256 threads' cp.async
+// (H200, small's shapes). The copies land in the 128-byte-swizzled layout the descriptors expect; rows past an
+// expert's end are the next expert's (their outputs are never stored), and k or n past the tensor's end read as zeros.
+
+constexpr int MOE_TMA_STAGES = 3, MOE_TMA_THREADS = 288;
+
+__device__ inline void mbar_init(uint32_t bar, int count) { asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count)); }
+__device__ inline void mbar_expect_tx(uint32_t bar, uint32_t bytes) {
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes) : "memory");
+}
+__device__ inline void mbar_arrive(uint32_t bar) { asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory"); }
+// returns once the barrier's phase of this parity has completed
+__device__ inline void mbar_wait(uint32_t bar, int parity) {
+    asm volatile(
+        "{\n .reg .pred done;\n WAIT:\n mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n @!done bra WAIT;\n}\n" ::"r"(bar),
+        "r"(parity)
+        : "memory");
+}
+__device__ inline void tma_load_2d(uint32_t dst, const CUtensorMap* map, int c0, int c1, uint32_t bar) {
+    asm volatile("cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], [%4];\n" ::"r"(dst),
+                 "l"(map), "r"(c0), "r"(c1), "r"(bar)
+                 : "memory");
+}
+__device__ inline void tma_load_3d(uint32_t dst, const CUtensorMap* map, int c0, int c1, int c2, uint32_t bar) {
+    asm volatile("cp.async.bulk.tensor.3d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3, %4}], [%5];\n" ::"r"(dst),
+                 "l"(map), "r"(c0), "r"(c1), "r"(c2), "r"(bar)
+                 : "memory");
+}
+
+// out [S, N] as grouped_gemm_kernel<MOE_GEMM_FWD, B_KMAJOR>: map_a is A [S rows, K] (box 64 k x 128 rows); map_b
+// is W [E][N rows][K] (B_KMAJOR, box 64 x 128 x 1) or W [E][K rows][N] (box 64 n x 64 k x 1, two a stage)
+template <bool B_KMAJOR>
+static __global__ void __launch_bounds__(MOE_TMA_THREADS, 2)
+    grouped_gemm_tma_kernel(bf16* out, const __grid_constant__ CUtensorMap map_a, const __grid_constant__ CUtensorMap map_b,
+                            const int* offsets, int E, int N, int K) {
+    constexpr int BM = MOE_GEMM_BM, BN = MOE_WG_BN, BK = MOE_WG_BK, TILE = MOE_WG_TILE_BYTES, STAGES = MOE_TMA_STAGES;
+    extern __shared__ __align__(16) unsigned char moe_gemm_smem[];
+    const uint32_t As = (smem_u32(moe_gemm_smem) + 1023) & ~1023u;
+    const uint32_t Bs = As + STAGES * TILE;
+    const uint32_t full = Bs + STAGES * TILE;  // [STAGES] mbarriers: the stage's bytes have landed
+    const uint32_t empty = full + 8 * STAGES;  // [STAGES]: the 8 multiplying warps are done with the stage
+
+    MoeGemmTile t;
+    if (!moe_gemm_tile<MOE_GEMM_FWD, B_KMAJOR>(t, BM, BN, nullptr, 0, nullptr, 0, 0, offsets, E, 0, N, K)) return;
+    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+    if (threadIdx.x == 0) {
+        for (int s = 0; s < STAGES; s++) {
+            mbar_init(full + 8 * s, 1);
+            mbar_init(empty + 8 * s, 8);
+        }
+        asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+    }
+    __syncthreads();
+    const int KT = (K + BK - 1) / BK;
+
+    if (warp == 8) {  // the loader
+        if (lane == 0)
+            for (int kt = 0; kt < KT; kt++) {
+                const int s = kt % STAGES;
+                if (kt >= STAGES) mbar_wait(empty + 8 * s, (kt / STAGES - 1) & 1);
+                const uint32_t bar = full + 8 * s, a = As + s * TILE, b = Bs + s * TILE;
+                mbar_expect_tx(bar, 2 * TILE);
+                tma_load_2d(a, &map_a, kt * BK, t.row0, bar);
+                if (B_KMAJOR) {
+                    tma_load_3d(b, &map_b, kt * BK, t.n0, t.e, bar);
+                } else {
+                    tma_load_3d(b, &map_b, t.n0, kt * BK, t.e, bar);
+                    tma_load_3d(b + TILE / 2, &map_b, t.n0 + 64, kt * BK, t.e, bar);
+                }
+            }
+        return;
+    }
+
+    const int wg = warp / 4;
+    float acc[64];
+#pragma unroll
+    for (int i = 0; i < 64; i++) acc[i] = 0.0f;
+    for (int kt = 0; kt < KT; kt++) {
+        const int s = kt % STAGES;
+        mbar_wait(full + 8 * s, (kt / STAGES) & 1);
+        const uint32_t as = As + s * TILE + wg * 8192, bs = Bs + s * TILE;
+        wgmma_fence();
+#pragma unroll
+        for (int j = 0; j < BK / 16; j++) {
+            const uint64_t da = wgmma_desc(as + j * 32, 16, 1024);
+            const uint64_t db = B_KMAJOR ? wgmma_desc(bs + j * 32, 16, 1024) : wgmma_desc(bs + j * 2048, 8192, 1024);
+            wgmma_m64n128k16<false, !B_KMAJOR>(acc, da, db);
+        }
+        wgmma_commit();
+        wgmma_wait<1>();  // slice kt-1's group is retired: its stage can be loaded again
+        if (kt > 0 && lane == 0) mbar_arrive(empty + 8 * ((kt - 1) % STAGES));
+    }
+    wgmma_wait<0>();
+    wgmma_fence_operands(acc);
+#pragma unroll
+    for (int i = 0; i < BN / 8; i++)
+#pragma unroll
+        for (int h = 0; h < 2; h++) {
+            const int m = wg * 64 + (warp % 4) * 16 + lane / 4 + h * 8;
+            const int n = i * 8 + (lane % 4) * 2;
+            moe_gemm_store_pair<MOE_GEMM_FWD, true>(out, nullptr, 0, t, N, m, n, acc[4 * i + 2 * h], acc[4 * i + 2 * h + 1]);
+        }
+}
+
+constexpr int moe_tma_smem_bytes() { return 2 * MOE_TMA_STAGES * MOE_WG_TILE_BYTES + 16 * MOE_TMA_STAGES + 1024; }
+
+// cuTensorMapEncodeTiled from the driver, fetched once through the runtime (so the build needs no -lcuda)
+inline PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encoder() {
+    static PFN_cuTensorMapEncodeTiled_v12000 encode = [] {
+        void* fn = nullptr;
+        cudaDriverEntryPointQueryResult found;
+        CUDA_CHECK(cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &fn, 12000, cudaEnableDefault, &found));
+        if (found != cudaDriverEntryPointSuccess || !fn) fail("grouped GEMM: the driver has no cuTensorMapEncodeTiled");
+        return reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(fn);
+    }();
+    return encode;
+}
+
+// a bf16 tensor of RANK dims, dims[0] contiguous, strides[d] elements between steps of dims[d + 1]; copied in
+// boxes of box[] elements into the 128-byte swizzle (box[0] must be 64), zeros outside the tensor
+template <int RANK>
+inline CUtensorMap bf16_tensor_map(const bf16* base, const uint64_t (&dims)[RANK], const uint64_t (&strides)[RANK - 1],
+                                   const uint32_t (&box)[RANK]) {
+    cuuint64_t gdim[RANK], gstride[RANK - 1];
+    cuuint32_t bdim[RANK], elem_stride[RANK];
+    for (int d = 0; d < RANK; d++) {
+        gdim[d] = dims[d];
+        bdim[d] = box[d];
+        elem_stride[d] = 1;
+        if (d < RANK - 1) gstride[d] = strides[d] * sizeof(bf16);
+    }
+    CUtensorMap map;
+    const CUresult r = tensor_map_encoder()(&map, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, RANK, const_cast<bf16*>(base), gdim, gstride, bdim,
+                                            elem_stride, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
+                                            CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+    if (r != CUDA_SUCCESS) fail("grouped GEMM: cuTensorMapEncodeTiled failed (%d)", (int)r);
+    return map;
 }
 #endif
 
-// Launches one grouped GEMM kernel, with the > 48 KiB shared-memory opt-in once per kernel and device (the attribute
-// is the current device's; a process may drive several, as test/gpu_dist.cu does). The launcher is static like the
-// kernels, so every translation unit opts its own copy in.
+// The > 48 KiB shared-memory opt-in, once per kernel and device (the attribute is the current device's; a process may
+// drive several, as test/gpu_dist.cu does). Static like the kernels, so every translation unit opts its own copy in.
 template <auto KERNEL>
-static inline void moe_gemm_run(int smem, dim3 grid, cudaStream_t stream, bf16* out, float* dw, size_t dw_stride, const bf16* A, int lda,
-                                const bf16* B, size_t b_stride, int ldb, const int* offsets, int E, int M, int N, int K) {
+static inline void moe_gemm_opt_in(int smem) {
     static bool configured[MAX_DEVICES] = {};
     int dev = 0;
     CUDA_CHECK(cudaGetDevice(&dev));
@@ -1032,12 +1163,19 @@ static inline void moe_gemm_run(int smem, dim3 grid, cudaStream_t stream, bf16* 
         CUDA_CHECK(cudaFuncSetAttribute(KERNEL, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
         if (dev < MAX_DEVICES) configured[dev] = true;
     }
+}
+
+// Launches one grouped GEMM kernel of MOE_GEMM_THREADS threads
+template <auto KERNEL>
+static inline void moe_gemm_run(int smem, dim3 grid, cudaStream_t stream, bf16* out, float* dw, size_t dw_stride, const bf16* A, int lda,
+                                const bf16* B, size_t b_stride, int ldb, const int* offsets, int E, int M, int N, int K) {
+    moe_gemm_opt_in<KERNEL>(smem);
     KERNEL<<<grid, MOE_GEMM_THREADS, smem, stream>>>(out, dw, dw_stride, A, lda, B, b_stride, ldb, offsets, E, M, N, K);
     CUDA_LAUNCH_CHECK();
 }
 
-// vec: the 16-byte path (grouped_gemm_vec). wgmma: Hopper's kernel where the build has it and vec holds (it keeps
-// STAGES and its own 128 x 128 tile; BN and BK are the mma.sync kernel's).
+// vec: the 16-byte path (grouped_gemm_vec). wgmma: Hopper's kernels where the build has them and vec holds (their own
+// 128 x 128 tile; STAGES is the weight gradient's, BN and BK the mma.sync kernel's).
 template <int MODE, bool B_KMAJOR, int BN, int BK, int STAGES>
 static inline void grouped_gemm_launch(bool vec, bool wgmma, dim3 grid, cudaStream_t stream, bf16* out, float* dw, size_t dw_stride,
                                        const bf16* A, int lda, const bf16* B, size_t b_stride, int ldb, const int* offsets, int E, int M,
@@ -1045,8 +1183,20 @@ static inline void grouped_gemm_launch(bool vec, bool wgmma, dim3 grid, cudaStre
 #ifdef HOPPER_WGMMA
     if (vec && wgmma) {
         grid.x = ceil_div(N, MOE_WG_BN);
-        moe_gemm_run<grouped_gemm_wgmma_kernel<MODE, B_KMAJOR, STAGES>>(moe_wgmma_smem_bytes<STAGES>(), grid, stream, out, dw, dw_stride, A,
-                                                                        lda, B, b_stride, ldb, offsets, E, M, N, K);
+        if constexpr (MODE == MOE_GEMM_FWD) {
+            const uint64_t k = K, n = N, experts = E, b_ld = ldb;
+            const CUtensorMap map_a = bf16_tensor_map<2>(A, {k, (uint64_t)M}, {(uint64_t)lda}, {MOE_WG_BK, MOE_GEMM_BM});
+            const CUtensorMap map_b = B_KMAJOR ? bf16_tensor_map<3>(B, {k, n, experts}, {b_ld, b_stride}, {MOE_WG_BK, MOE_WG_BN, 1})
+                                               : bf16_tensor_map<3>(B, {n, k, experts}, {b_ld, b_stride}, {64, MOE_WG_BK, 1});
+            constexpr int smem = moe_tma_smem_bytes();
+            moe_gemm_opt_in<grouped_gemm_tma_kernel<B_KMAJOR>>(smem);
+            grouped_gemm_tma_kernel<B_KMAJOR><<<grid, MOE_TMA_THREADS, smem, stream>>>(out, map_a, map_b, offsets, E, N, K);
+            CUDA_LAUNCH_CHECK();
+        } else {
+            static_assert(!B_KMAJOR, "the weight gradient reads x N-major");
+            moe_gemm_run<grouped_gemm_wgrad_wgmma_kernel<STAGES>>(moe_wgmma_smem_bytes<STAGES>(), grid, stream, out, dw, dw_stride, A, lda, B,
+                                                                  b_stride, ldb, offsets, E, M, N, K);
+        }
         return;
     }
 #endif
@@ -1074,11 +1224,11 @@ inline bool grouped_gemm_vec(int C, int OC, size_t stride, std::initializer_list
 // The tile config (BN in {64, 128}, BK in {32, 64}, STAGES) is a template argument; the default, BN=128, BK=64, 3
 // stages (110.6 KB of shared memory, 2 CTAs per SM), measured fastest of {128,32,4}, {128,64,3}, {128,64,4}, {64,64,4},
 // {64,32,4} for all three products at rows=32768, C=768, OC=768/1536, E=8 (test/gpu_moe.cu's "moe timing" case).
-// The wgmma kernel takes STAGES only; 3 (97 KB, 2 CTAs per SM) beat 4 (1 CTA) there too. On an H200 at those shapes it
-// ran 290-420 TFLOP/s against the mma.sync kernel's 190-285 (cuBLASLt, one launch per expert: 340-560). A
-// warp-specialised form (one warpgroup loading through mbarrier-handed stages, two multiplying 64 x 256 or 64 x 192
-// with a wgmma group kept in flight, 1 CTA per SM) measured no faster forward and backward-input, and 7-30% slower
-// backward-weight, so the simpler kernel stays.
+// The wgmma weight-gradient kernel takes STAGES only; 3 (97 KB, 2 CTAs per SM) beat 4 (1 CTA) there too. On an H200 at
+// those shapes the cp.async wgmma kernel ran 290-420 TFLOP/s against the mma.sync kernel's 190-285 (cuBLASLt, one
+// launch per expert: 340-560), and the TMA kernel now runs forward and backward-input at 374-463. Session 7's
+// warp-specialised form (a loading warpgroup of cp.async, 1 CTA per SM) was no faster; what paid was the copy engine,
+// which frees the warps of loads, at 2 CTAs per SM.
 
 // out [S, OC] = x [S, C] @ W_e^T for the rows offsets[e]..offsets[e+1]-1 of each expert e; W_e = w + e * w_stride is
 // [OC, C]. S = N*K is the total row count (offsets[E] must equal it; the host uses it only to size the grid).

@@ -433,7 +433,8 @@ void check_grouped_gemm(const std::vector<int>& counts, int C, int OC, size_t w_
     d_dout.upload(dout);
     d_offsets.upload(offsets);
 
-    // Hopper's wgmma kernel where the build has it (the default), and the mma.sync kernel
+    // Hopper's wgmma kernels where the build has them (the default: forward and backward-input fed by TMA, the weight
+    // gradient by cp.async), and the mma.sync kernel
     for (bool wgmma : {true, false}) {
         GemmResult runs[2];
         for (int rep = 0; rep < 2; rep++) {
@@ -753,7 +754,8 @@ GemmResult run_grouped_gemm(GemmBench& b, bool wgmma) {
 template <int BN, int BK, int ST>
 void bench_config(Timer& timer, GemmBench& b, bool wgmma) {
     const double fl = 2.0 * b.S * b.C * b.OC;
-    const std::string cfg = wgmma ? strfmt("wgmma stages=%d", ST) : strfmt("mma.sync BN=%d BK=%d stages=%d", BN, BK, ST);
+    // wgmma: forward and backward-input run the TMA kernel whatever ST is; ST is the weight gradient's
+    const std::string cfg = wgmma ? strfmt("wgmma (fwd, dgrad on TMA) stages=%d", ST) : strfmt("mma.sync BN=%d BK=%d stages=%d", BN, BK, ST);
     timer.time("fwd   " + cfg, fl, [&] { grouped_gemm_forward_gpu<BN, BK, ST>(b.out, b.x, b.w, (size_t)b.OC * b.C, b.offsets, b.S, b.E, b.C, b.OC, 0, wgmma); });
     timer.time("dgrad " + cfg, fl, [&] { grouped_gemm_backward_input_gpu<BN, BK, ST>(b.dx, b.dout, b.w, (size_t)b.OC * b.C, b.offsets, b.S, b.E, b.C, b.OC, 0, wgmma); });
     timer.time("wgrad " + cfg, fl, [&] { grouped_gemm_backward_weight_gpu<BN, BK, ST>(b.dw, (size_t)b.OC * b.C, b.dout, b.x, b.offsets, b.S, b.E, b.C, b.OC, 0, wgmma); });
