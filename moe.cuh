@@ -953,6 +953,21 @@ __device__ inline void moe_wgmma_load_tile(uint32_t smem, const bf16* base, int 
     }
 }
 
+// a wgmma kernel's epilogue: the thread holds rows (warp % 4) * 16 + lane / 4 (+8) of its warpgroup's 64 of the 128 x 128
+// tile, columns 8i + 2 (lane % 4) (+1)
+template <int MODE>
+__device__ inline void moe_wgmma_store(bf16* out, float* dw, size_t dw_stride, const MoeGemmTile& t, int N, const float (&acc)[64]) {
+    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, wg = warp / 4;
+#pragma unroll
+    for (int i = 0; i < MOE_WG_BN / 8; i++)
+#pragma unroll
+        for (int h = 0; h < 2; h++) {
+            const int m = wg * 64 + (warp % 4) * 16 + lane / 4 + h * 8;
+            const int n = i * 8 + (lane % 4) * 2;
+            moe_gemm_store_pair<MODE, true>(out, dw, dw_stride, t, N, m, n, acc[4 * i + 2 * h], acc[4 * i + 2 * h + 1]);
+        }
+}
+
 // The backward weight, STAGES slices deep; arguments as grouped_gemm_kernel's (out, b_stride and K unused).
 template <int STAGES>
 static __global__ void __launch_bounds__(MOE_GEMM_THREADS, STAGES <= 3 ? 2 : 1)
@@ -965,8 +980,7 @@ static __global__ void __launch_bounds__(MOE_GEMM_THREADS, STAGES <= 3 ? 2 : 1)
 
     MoeGemmTile t;
     if (!moe_gemm_tile<MOE_GEMM_WGRAD, false>(t, BM, BN, A, lda, Bw, b_stride, ldb, offsets, E, M, N, K)) return;
-    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-    const int wg = warp / 4;  // the warpgroup's rows of the tile: 64 * wg ..
+    const int wg = threadIdx.x / 128;  // the warpgroup's rows of the tile: 64 * wg ..
 
     float acc[64];
 #pragma unroll
@@ -984,7 +998,7 @@ static __global__ void __launch_bounds__(MOE_GEMM_THREADS, STAGES <= 3 ? 2 : 1)
         __syncthreads();  // slice kt is in smem for both warpgroups, and both have finished reading slice kt-1
         if (kt + STAGES - 1 < KT) load_stage((kt + STAGES - 1) % STAGES, kt + STAGES - 1);
         cp_async_commit();
-        // this warpgroup's 64 rows are the A tile's second 64-row atom, 8 KiB on; a 16-wide k step is 16 rows of an atom
+        // this warpgroup's 64 rows are the A tile's 64-row atom wg (8 KiB each); a 16-wide k step is 16 rows of an atom
         const uint32_t as = As + (kt % STAGES) * TILE + wg * 8192, bs = Bs + (kt % STAGES) * TILE;
         wgmma_fence();
 #pragma unroll
@@ -996,15 +1010,7 @@ static __global__ void __launch_bounds__(MOE_GEMM_THREADS, STAGES <= 3 ? 2 : 1)
     wgmma_fence_operands(acc);
     cp_async_wait<0>();
 
-    // epilogue: the thread holds rows (warp % 4) * 16 + lane / 4 (+8) of its warpgroup's 64, columns 8i + 2 (lane % 4) (+1)
-#pragma unroll
-    for (int i = 0; i < BN / 8; i++)
-#pragma unroll
-        for (int h = 0; h < 2; h++) {
-            const int m = wg * 64 + (warp % 4) * 16 + lane / 4 + h * 8;
-            const int n = i * 8 + (lane % 4) * 2;
-            moe_gemm_store_pair<MOE_GEMM_WGRAD, true>(out, dw, dw_stride, t, N, m, n, acc[4 * i + 2 * h], acc[4 * i + 2 * h + 1]);
-        }
+    moe_wgmma_store<MOE_GEMM_WGRAD>(out, dw, dw_stride, t, N, acc);
 }
 
 // ----------------------------------------------------------------------------
@@ -1106,14 +1112,7 @@ static __global__ void __launch_bounds__(MOE_TMA_THREADS, 2)
     }
     wgmma_wait<0>();
     wgmma_fence_operands(acc);
-#pragma unroll
-    for (int i = 0; i < BN / 8; i++)
-#pragma unroll
-        for (int h = 0; h < 2; h++) {
-            const int m = wg * 64 + (warp % 4) * 16 + lane / 4 + h * 8;
-            const int n = i * 8 + (lane % 4) * 2;
-            moe_gemm_store_pair<MOE_GEMM_FWD, true>(out, nullptr, 0, t, N, m, n, acc[4 * i + 2 * h], acc[4 * i + 2 * h + 1]);
-        }
+    moe_wgmma_store<MOE_GEMM_FWD>(out, nullptr, 0, t, N, acc);
 }
 
 constexpr int moe_tma_smem_bytes() { return 2 * MOE_TMA_STAGES * MOE_WG_TILE_BYTES + 16 * MOE_TMA_STAGES + 1024; }
