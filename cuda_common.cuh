@@ -6,6 +6,7 @@
 #pragma once
 
 #include <cublasLt.h>
+#include <cudaTypedefs.h>
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 #include <nccl.h>
@@ -293,8 +294,8 @@ float gpu_median_ms(F f, int runs = 10, cudaStream_t stream = 0) {
 
 constexpr float LOG2E = 1.4426950408889634f;
 
-// 2^x in one MUFU op (exp2f adds range handling we do not need: x <= 0 here, and
-// -inf must give 0, which ex2.approx does)
+// 2^x in one MUFU op (exp2f adds range handling the softmax callers do not need: their x <= 0,
+// and -inf must give 0, which ex2.approx does)
 __device__ inline float ex2(float x) {
     float y;
     asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
@@ -460,4 +461,63 @@ __device__ inline void wgmma_fence_operands(float (&d)[64]) {
 }
 // makes this thread's shared-memory writes (cp.async's included) visible to the async proxy that wgmma reads through
 __device__ inline void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
+
+// The tensor copy engine (TMA, cp.async.bulk.tensor): one thread copies a box of a tensor described by a CUtensorMap
+// into shared memory, in the layout of the map's swizzle, and the copy's bytes complete a transaction count on an
+// mbarrier that the consumers wait on. Rows or columns outside the tensor land as zeros.
+__device__ inline void mbar_init(uint32_t bar, int count) { asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count)); }
+__device__ inline void mbar_expect_tx(uint32_t bar, uint32_t bytes) {
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes) : "memory");
+}
+__device__ inline void mbar_arrive(uint32_t bar) { asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory"); }
+// returns once the barrier's phase of this parity has completed
+__device__ inline void mbar_wait(uint32_t bar, int parity) {
+    asm volatile(
+        "{\n .reg .pred done;\n WAIT:\n mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n @!done bra WAIT;\n}\n" ::"r"(bar),
+        "r"(parity)
+        : "memory");
+}
+__device__ inline void tma_load_2d(uint32_t dst, const CUtensorMap* map, int c0, int c1, uint32_t bar) {
+    asm volatile("cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], [%4];\n" ::"r"(dst),
+                 "l"(map), "r"(c0), "r"(c1), "r"(bar)
+                 : "memory");
+}
+__device__ inline void tma_load_3d(uint32_t dst, const CUtensorMap* map, int c0, int c1, int c2, uint32_t bar) {
+    asm volatile("cp.async.bulk.tensor.3d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3, %4}], [%5];\n" ::"r"(dst),
+                 "l"(map), "r"(c0), "r"(c1), "r"(c2), "r"(bar)
+                 : "memory");
+}
+
+// cuTensorMapEncodeTiled from the driver, fetched once through the runtime (so the build needs no -lcuda)
+inline PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encoder() {
+    static PFN_cuTensorMapEncodeTiled_v12000 encode = [] {
+        void* fn = nullptr;
+        cudaDriverEntryPointQueryResult found;
+        CUDA_CHECK(cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &fn, 12000, cudaEnableDefault, &found));
+        if (found != cudaDriverEntryPointSuccess || !fn) fail("TMA: the driver has no cuTensorMapEncodeTiled");
+        return reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(fn);
+    }();
+    return encode;
+}
+
+// a bf16 tensor of RANK dims, dims[0] contiguous, strides[d] elements between steps of dims[d + 1]; copied in
+// boxes of box[] elements into the 128-byte swizzle (box[0] must be 64), zeros outside the tensor
+template <int RANK>
+inline CUtensorMap bf16_tensor_map(const bf16* base, const uint64_t (&dims)[RANK], const uint64_t (&strides)[RANK - 1],
+                                   const uint32_t (&box)[RANK]) {
+    cuuint64_t gdim[RANK], gstride[RANK - 1];
+    cuuint32_t bdim[RANK], elem_stride[RANK];
+    for (int d = 0; d < RANK; d++) {
+        gdim[d] = dims[d];
+        bdim[d] = box[d];
+        elem_stride[d] = 1;
+        if (d < RANK - 1) gstride[d] = strides[d] * sizeof(bf16);
+    }
+    CUtensorMap map;
+    const CUresult r = tensor_map_encoder()(&map, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, RANK, const_cast<bf16*>(base), gdim, gstride, bdim,
+                                            elem_stride, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
+                                            CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+    if (r != CUDA_SUCCESS) fail("TMA: cuTensorMapEncodeTiled failed (error %d)", (int)r);
+    return map;
+}
 #endif

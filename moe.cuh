@@ -38,8 +38,6 @@
 #include <cstdint>
 #include <initializer_list>
 
-#include <cudaTypedefs.h>
-
 #include "config.h"
 #include "cuda_common.cuh"
 #include "kernels.cuh"
@@ -1024,29 +1022,6 @@ static __global__ void __launch_bounds__(MOE_GEMM_THREADS, STAGES <= 3 ? 2 : 1)
 
 constexpr int MOE_TMA_STAGES = 3, MOE_TMA_THREADS = 288;
 
-__device__ inline void mbar_init(uint32_t bar, int count) { asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count)); }
-__device__ inline void mbar_expect_tx(uint32_t bar, uint32_t bytes) {
-    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes) : "memory");
-}
-__device__ inline void mbar_arrive(uint32_t bar) { asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory"); }
-// returns once the barrier's phase of this parity has completed
-__device__ inline void mbar_wait(uint32_t bar, int parity) {
-    asm volatile(
-        "{\n .reg .pred done;\n WAIT:\n mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n @!done bra WAIT;\n}\n" ::"r"(bar),
-        "r"(parity)
-        : "memory");
-}
-__device__ inline void tma_load_2d(uint32_t dst, const CUtensorMap* map, int c0, int c1, uint32_t bar) {
-    asm volatile("cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], [%4];\n" ::"r"(dst),
-                 "l"(map), "r"(c0), "r"(c1), "r"(bar)
-                 : "memory");
-}
-__device__ inline void tma_load_3d(uint32_t dst, const CUtensorMap* map, int c0, int c1, int c2, uint32_t bar) {
-    asm volatile("cp.async.bulk.tensor.3d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3, %4}], [%5];\n" ::"r"(dst),
-                 "l"(map), "r"(c0), "r"(c1), "r"(c2), "r"(bar)
-                 : "memory");
-}
-
 // out [S, N] as grouped_gemm_kernel<MOE_GEMM_FWD, B_KMAJOR>: map_a is A [S rows, K] (box 64 k x 128 rows); map_b
 // is W [E][N rows][K] (B_KMAJOR, box 64 x 128 x 1) or W [E][K rows][N] (box 64 n x 64 k x 1, two a stage)
 template <bool B_KMAJOR>
@@ -1117,38 +1092,6 @@ static __global__ void __launch_bounds__(MOE_TMA_THREADS, 2)
 
 constexpr int moe_tma_smem_bytes() { return 2 * MOE_TMA_STAGES * MOE_WG_TILE_BYTES + 16 * MOE_TMA_STAGES + 1024; }
 
-// cuTensorMapEncodeTiled from the driver, fetched once through the runtime (so the build needs no -lcuda)
-inline PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encoder() {
-    static PFN_cuTensorMapEncodeTiled_v12000 encode = [] {
-        void* fn = nullptr;
-        cudaDriverEntryPointQueryResult found;
-        CUDA_CHECK(cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &fn, 12000, cudaEnableDefault, &found));
-        if (found != cudaDriverEntryPointSuccess || !fn) fail("grouped GEMM: the driver has no cuTensorMapEncodeTiled");
-        return reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(fn);
-    }();
-    return encode;
-}
-
-// a bf16 tensor of RANK dims, dims[0] contiguous, strides[d] elements between steps of dims[d + 1]; copied in
-// boxes of box[] elements into the 128-byte swizzle (box[0] must be 64), zeros outside the tensor
-template <int RANK>
-inline CUtensorMap bf16_tensor_map(const bf16* base, const uint64_t (&dims)[RANK], const uint64_t (&strides)[RANK - 1],
-                                   const uint32_t (&box)[RANK]) {
-    cuuint64_t gdim[RANK], gstride[RANK - 1];
-    cuuint32_t bdim[RANK], elem_stride[RANK];
-    for (int d = 0; d < RANK; d++) {
-        gdim[d] = dims[d];
-        bdim[d] = box[d];
-        elem_stride[d] = 1;
-        if (d < RANK - 1) gstride[d] = strides[d] * sizeof(bf16);
-    }
-    CUtensorMap map;
-    const CUresult r = tensor_map_encoder()(&map, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, RANK, const_cast<bf16*>(base), gdim, gstride, bdim,
-                                            elem_stride, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
-                                            CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
-    if (r != CUDA_SUCCESS) fail("grouped GEMM: cuTensorMapEncodeTiled failed (%d)", (int)r);
-    return map;
-}
 #endif
 
 // The > 48 KiB shared-memory opt-in, once per kernel and device (the attribute is the current device's; a process may
